@@ -1,0 +1,133 @@
+"""`migrator.toml`: where the catalog lives and how tenants are keyed in the stamps' schema.
+
+Found via `--config PATH`, then `MIGRATOR_CONFIG`, then `./migrator.toml`; `MIGRATOR_CATALOG_URL`
+overrides `catalog_url`. Everything is validated here, before any connection is opened, so a
+typo fails with the key at fault rather than half-way through a move.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from migrator.errors import ConfigError
+
+DEFAULT_FILE = "migrator.toml"
+
+
+@dataclass(frozen=True)
+class Tenancy:
+    """How tenant rows are recognised in every stamp (`[tenancy]`)."""
+
+    column: str = "tenant_id"
+    root_table: str = "tenants"
+    root_column: str = "id"
+    db_schema: str = "public"
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; `path` is None when built from the environment alone."""
+
+    catalog_url: str
+    tenancy: Tenancy = field(default_factory=Tenancy)
+    script_location: Path = Path("schemas/stamp")
+    path: Path | None = None
+
+
+_TOP_KEYS = {"catalog_url", "tenancy", "schema"}
+_TENANCY_KEYS = {"column", "root_table", "root_column", "schema", "exclude"}
+_SCHEMA_KEYS = {"script_location"}
+
+
+def _check_keys(section: str, table: dict[str, Any], allowed: set[str], path: Path) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        where = f"[{section}] " if section else ""
+        raise ConfigError(f"{path}: unknown key {where}{unknown[0]!r} (expected one of {', '.join(sorted(allowed))})")
+
+
+def _string(table: dict[str, Any], key: str, default: str, section: str, path: Path) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}: [{section}] {key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def find_config_file(explicit: str | Path | None) -> Path:
+    """The file named by --config, else MIGRATOR_CONFIG, else ./migrator.toml."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("MIGRATOR_CONFIG")
+    if env:
+        return Path(env)
+    return Path.cwd() / DEFAULT_FILE
+
+
+def parse(text: str, path: Path) -> Config:
+    """Validate the TOML text of a config file; every error names the file and the line or key."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: malformed TOML: {exc}") from None
+    _check_keys("", raw, _TOP_KEYS, path)
+    tenancy_raw = raw.get("tenancy", {})
+    schema_raw = raw.get("schema", {})
+    if not isinstance(tenancy_raw, dict) or not isinstance(schema_raw, dict):
+        raise ConfigError(f"{path}: [tenancy] and [schema] must be tables")
+    _check_keys("tenancy", tenancy_raw, _TENANCY_KEYS, path)
+    _check_keys("schema", schema_raw, _SCHEMA_KEYS, path)
+    exclude = tenancy_raw.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(t, str) for t in exclude):
+        raise ConfigError(f"{path}: [tenancy] exclude must be a list of table names")
+    tenancy = Tenancy(
+        column=_string(tenancy_raw, "column", "tenant_id", "tenancy", path),
+        root_table=_string(tenancy_raw, "root_table", "tenants", "tenancy", path),
+        root_column=_string(tenancy_raw, "root_column", "id", "tenancy", path),
+        db_schema=_string(tenancy_raw, "schema", "public", "tenancy", path),
+        exclude=tuple(exclude),
+    )
+    catalog_url = os.environ.get("MIGRATOR_CATALOG_URL") or raw.get("catalog_url")
+    if not isinstance(catalog_url, str) or not catalog_url:
+        raise ConfigError(f"{path}: catalog_url is missing (or set MIGRATOR_CATALOG_URL)")
+    script = Path(_string(schema_raw, "script_location", "schemas/stamp", "schema", path))
+    if not script.is_absolute():
+        script = (path.parent / script) if (path.parent / script).exists() else _repo_relative(script)
+    return Config(catalog_url=catalog_url, tenancy=tenancy, script_location=script, path=path)
+
+
+def _repo_relative(script: Path) -> Path:
+    """Schema paths in the shipped config are relative to the repository when not found beside it."""
+    return Path(__file__).resolve().parent.parent / script
+
+
+def load(explicit: str | Path | None = None) -> Config:
+    """Load and validate the configuration the CLI and the engine run with."""
+    path = find_config_file(explicit)
+    if not path.is_file():
+        raise ConfigError(f"no configuration file at {path} (use --config, MIGRATOR_CONFIG or ./migrator.toml)")
+    return parse(path.read_text(encoding="utf-8"), path)
+
+
+def render(catalog_url: str, tenancy: Tenancy, script_location: Path) -> str:
+    """TOML text for a config file (written by `fleet up`); values quoted as TOML basic strings."""
+
+    def q(value: str) -> str:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    exclude = ", ".join(q(t) for t in tenancy.exclude)
+    return (
+        f"catalog_url = {q(catalog_url)}\n\n"
+        "[tenancy]\n"
+        f"column = {q(tenancy.column)}\n"
+        f"root_table = {q(tenancy.root_table)}\n"
+        f"root_column = {q(tenancy.root_column)}\n"
+        f"schema = {q(tenancy.db_schema)}\n"
+        f"exclude = [{exclude}]\n\n"
+        "[schema]\n"
+        f"script_location = {q(str(script_location))}\n"
+    )

@@ -1,0 +1,22 @@
+"""What every operation runs with: the validated configuration and the catalog it names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from migrator import config as configlib
+from migrator.catalog import Catalog
+from migrator.config import Config
+
+
+@dataclass(frozen=True)
+class Context:
+    config: Config
+    catalog: Catalog
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> Context:
+        """Validate the config (`--config`) before any connection is opened."""
+        cfg = configlib.load(path)
+        return cls(cfg, Catalog(cfg.catalog_url))

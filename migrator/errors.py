@@ -1,0 +1,35 @@
+"""One exception family, so the CLI can map every failure to one clear line and an exit code."""
+
+from __future__ import annotations
+
+
+class MigratorError(Exception):
+    """An operation failed for a reason the operator should read (exit code 1)."""
+
+    exit_code = 1
+
+
+class BadInput(MigratorError):
+    """The request itself is wrong: unknown names, malformed files, unsafe preconditions (exit 2)."""
+
+    exit_code = 2
+
+
+class ConfigError(BadInput):
+    """`migrator.toml` or the environment is missing or malformed."""
+
+
+class PreflightError(BadInput):
+    """A move would be unsafe; raised before anything is written."""
+
+
+class LockBusy(MigratorError):
+    """Another operator holds the lock for this tenant or stamp."""
+
+
+class VerifyMismatch(MigratorError):
+    """Source and target differ; the route is not flipped."""
+
+
+class RouteConflict(MigratorError):
+    """The route's compare-and-set lost: someone else changed it first."""
