@@ -1,0 +1,431 @@
+"""The routing catalog: the one shared piece (stamps, tenant routes, moves and their progress).
+
+Every change of a route goes through `flip`, a compare-and-set on (stamp, version), so two
+operators racing on one tenant cannot both win. A move's phase lives here too: `move status` and
+resume read the same truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import class_row
+
+from migrator import dsn as dsnlib
+from migrator.errors import BadInput, LockBusy, RouteConflict
+from migrator.retry import transient
+
+STAMP_STATES = ("active", "draining", "retired")
+# Phases of a move, in order; the last three are terminal (see moves_one_open_per_tenant).
+# Online moves pass through "synced" (caught up, untouched rows verified) and "cutover" (fenced).
+PHASES = ("created", "copying", "copied", "synced", "cutover", "verified", "flipped", "cleaned", "aborted")
+TERMINAL = ("flipped", "cleaned", "aborted")
+
+
+@dataclass(frozen=True)
+class Stamp:
+    name: str
+    dsn: str
+    region: str | None
+    capacity_rows: int | None
+    capacity_bytes: int | None
+    state: str
+
+    @property
+    def masked_dsn(self) -> str:
+        return dsnlib.mask(self.dsn)
+
+
+@dataclass(frozen=True)
+class Route:
+    tenant: str
+    stamp: str
+    version: int
+    state: str
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Move:
+    id: int
+    tenant: str
+    source: str
+    target: str
+    mode: str
+    phase: str
+    route_version: int
+    schema_revision: str | None
+    batch_rows: int
+    rows_total: int
+    rows_copied: int
+    source_checksum: str | None
+    target_checksum: str | None
+    freeze_ms: float | None
+    error: str | None
+    operator: str
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+    @property
+    def is_open(self) -> bool:
+        return self.phase not in TERMINAL
+
+
+@dataclass(frozen=True)
+class TableProgress:
+    move_id: int
+    table_name: str
+    position: int
+    rows_total: int
+    rows_copied: int
+    done: bool
+    source_checksum: str | None
+    target_checksum: str | None
+
+
+_MOVE_FIELDS = {
+    "phase",
+    "rows_total",
+    "rows_copied",
+    "source_checksum",
+    "target_checksum",
+    "freeze_ms",
+    "error",
+    "finished_at",
+}
+
+
+class Catalog:
+    """Access to the catalog database; short transactions, retried when the link flaps."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"Catalog({dsnlib.mask(self.url)})"
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        """One catalog transaction on a fresh connection, committed on success."""
+        with dsnlib.connect(self.url) as conn:
+            yield conn
+
+    # -- stamps -------------------------------------------------------------------------------
+
+    @transient()
+    def add_stamp(
+        self,
+        name: str,
+        dsn: str,
+        region: str | None = None,
+        capacity_rows: int | None = None,
+        capacity_bytes: int | None = None,
+    ) -> Stamp:
+        with self.transaction() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO stamps (name, dsn, region, capacity_rows, capacity_bytes) VALUES (%s, %s, %s, %s, %s)",
+                    (name, dsn, region, capacity_rows, capacity_bytes),
+                )
+            except psycopg.errors.UniqueViolation:
+                raise BadInput(f"stamp {name!r} already exists") from None
+        return self.stamp(name)
+
+    @transient()
+    def update_stamp(self, name: str, **fields: Any) -> Stamp:
+        allowed = {"dsn", "region", "capacity_rows", "capacity_bytes", "state"}
+        changes = {k: v for k, v in fields.items() if k in allowed and v is not None}
+        self.stamp(name)
+        if changes:
+            assignments = sql.SQL(", ").join(
+                sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder(k)) for k in changes
+            )
+            with self.transaction() as conn:
+                conn.execute(
+                    sql.SQL("UPDATE stamps SET {} WHERE name = %(name)s").format(assignments), {**changes, "name": name}
+                )
+        return self.stamp(name)
+
+    @transient()
+    def find_stamp(self, name: str) -> Stamp | None:
+        with self.transaction() as conn, conn.cursor(row_factory=class_row(Stamp)) as cur:
+            cur.execute(
+                "SELECT name, dsn, region, capacity_rows, capacity_bytes, state FROM stamps WHERE name = %s", (name,)
+            )
+            return cur.fetchone()
+
+    def stamp(self, name: str) -> Stamp:
+        """The stamp called `name`, or a clear error naming it."""
+        found = self.find_stamp(name)
+        if found is None:
+            raise BadInput(f"unknown stamp {name!r}")
+        return found
+
+    @transient()
+    def stamps(self) -> list[Stamp]:
+        with self.transaction() as conn, conn.cursor(row_factory=class_row(Stamp)) as cur:
+            cur.execute("SELECT name, dsn, region, capacity_rows, capacity_bytes, state FROM stamps ORDER BY name")
+            return cur.fetchall()
+
+    # -- routes -------------------------------------------------------------------------------
+
+    @transient()
+    def set_route(self, tenant: str, stamp: str) -> Route:
+        """Register a tenant's home; changing an existing route this way is refused (use a move)."""
+        self.stamp(stamp)
+        with self.transaction() as conn:
+            current = self._route(conn, tenant)
+            if current is not None and current.stamp != stamp:
+                raise BadInput(
+                    f"tenant {tenant} is already routed to {current.stamp}; use `migrator move` to change it"
+                )
+            if current is None:
+                conn.execute("INSERT INTO routes (tenant, stamp) VALUES (%s, %s)", (tenant, stamp))
+        return self.route(tenant)
+
+    @staticmethod
+    def _route(conn: psycopg.Connection[Any], tenant: str) -> Route | None:
+        with conn.cursor(row_factory=class_row(Route)) as cur:
+            cur.execute("SELECT tenant, stamp, version, state, updated_at FROM routes WHERE tenant = %s", (tenant,))
+            return cur.fetchone()
+
+    @transient()
+    def find_route(self, tenant: str) -> Route | None:
+        with self.transaction() as conn:
+            return self._route(conn, tenant)
+
+    def route(self, tenant: str) -> Route:
+        found = self.find_route(tenant)
+        if found is None:
+            raise BadInput(f"unknown tenant {tenant!r} (no route in the catalog)")
+        return found
+
+    @transient()
+    def routes(self, stamp: str | None = None) -> list[Route]:
+        with self.transaction() as conn, conn.cursor(row_factory=class_row(Route)) as cur:
+            cur.execute(
+                "SELECT tenant, stamp, version, state, updated_at FROM routes"
+                " WHERE %(stamp)s::text IS NULL OR stamp = %(stamp)s ORDER BY stamp, tenant",
+                {"stamp": stamp},
+            )
+            return cur.fetchall()
+
+    @transient()
+    def set_route_state(self, tenant: str, state: str) -> None:
+        """Mark a route fenced/active for the router's information; the database fence is the guard."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE routes SET state = %s, updated_at = now() WHERE tenant = %s", (state, tenant))
+
+    @transient()
+    def flip(self, move: Move, freeze_ms: float | None = None) -> Route:
+        """Compare-and-set the route from the move's source to its target, and mark the move flipped.
+
+        Both happen in one catalog transaction, so a crash leaves either the old route with the move
+        still open, or the new route with the move flipped.
+        """
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE routes SET stamp = %s, version = version + 1, state = 'active', updated_at = now()"
+                " WHERE tenant = %s AND stamp = %s AND version = %s",
+                (move.target, move.tenant, move.source, move.route_version),
+            )
+            if cur.rowcount != 1:
+                current = self._route(conn, move.tenant)
+                where = f"{current.stamp} v{current.version}" if current else "nowhere"
+                raise RouteConflict(
+                    f"route of tenant {move.tenant} changed under move {move.id}: expected {move.source} "
+                    f"v{move.route_version}, found {where}; not flipped"
+                )
+            conn.execute(
+                "UPDATE moves SET phase = 'flipped', updated_at = now(), finished_at = now(), error = NULL,"
+                " freeze_ms = coalesce(%s, freeze_ms) WHERE id = %s AND phase IN ('verified', 'cutover')",
+                (freeze_ms, move.id),
+            )
+            return self._route(conn, move.tenant)  # type: ignore[return-value]
+
+    # -- moves --------------------------------------------------------------------------------
+
+    _MOVE_COLUMNS = (
+        "id, tenant, source, target, mode, phase, route_version, schema_revision, batch_rows, rows_total, rows_copied,"
+        " source_checksum, target_checksum, freeze_ms, error, operator, created_at, updated_at, finished_at"
+    )
+
+    @transient()
+    def create_move(
+        self,
+        tenant: str,
+        source: str,
+        target: str,
+        mode: str,
+        route_version: int,
+        batch_rows: int,
+        schema_revision: str | None = None,
+    ) -> Move:
+        with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
+            try:
+                cur.execute(
+                    "INSERT INTO moves (tenant, source, target, mode, phase, route_version, batch_rows,"
+                    f" schema_revision) VALUES (%s, %s, %s, %s, 'created', %s, %s, %s) RETURNING {self._MOVE_COLUMNS}",
+                    (tenant, source, target, mode, route_version, batch_rows, schema_revision),
+                )
+            except psycopg.errors.UniqueViolation:
+                raise LockBusy(f"tenant {tenant} already has an unfinished move; see `migrator move status`") from None
+            move = cur.fetchone()
+            assert move is not None
+            return move
+
+    @transient()
+    def find_move(self, move_id: int) -> Move | None:
+        with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
+            cur.execute(f"SELECT {self._MOVE_COLUMNS} FROM moves WHERE id = %s", (move_id,))
+            return cur.fetchone()
+
+    def move(self, move_id: int) -> Move:
+        found = self.find_move(move_id)
+        if found is None:
+            raise BadInput(f"unknown move {move_id}")
+        return found
+
+    @transient()
+    def open_move(self, tenant: str) -> Move | None:
+        """The tenant's unfinished move, if any (there is at most one)."""
+        with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
+            cur.execute(
+                f"SELECT {self._MOVE_COLUMNS} FROM moves WHERE tenant = %s AND phase <> ALL(%s)",
+                (tenant, list(TERMINAL)),
+            )
+            return cur.fetchone()
+
+    @transient()
+    def moves(self, tenant: str | None = None, limit: int = 50) -> list[Move]:
+        with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
+            cur.execute(
+                f"SELECT {self._MOVE_COLUMNS} FROM moves WHERE %(t)s::text IS NULL OR tenant = %(t)s"
+                " ORDER BY id DESC LIMIT %(limit)s",
+                {"t": tenant, "limit": limit},
+            )
+            return cur.fetchall()
+
+    @transient()
+    def update_move(self, move_id: int, **fields: Any) -> Move:
+        """Record a phase change, counters, checksums or an error on the move."""
+        unknown = set(fields) - _MOVE_FIELDS
+        if unknown:
+            raise ValueError(f"not a move field: {sorted(unknown)}")
+        assignments = [sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder(k)) for k in fields]
+        assignments.append(sql.SQL("updated_at = now()"))
+        with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
+            cur.execute(
+                sql.SQL("UPDATE moves SET {} WHERE id = %(id)s RETURNING {}").format(
+                    sql.SQL(", ").join(assignments), sql.SQL(self._MOVE_COLUMNS)
+                ),
+                {**fields, "id": move_id},
+            )
+            move = cur.fetchone()
+            if move is None:
+                raise BadInput(f"unknown move {move_id}")
+            return move
+
+    @transient()
+    def save_tables(self, move_id: int, tables: list[TableProgress]) -> None:
+        """Upsert per-table progress (informational: the target holds the authoritative cursor)."""
+        with self.transaction() as conn, conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO move_tables (move_id, table_name, position, rows_total, rows_copied, done,"
+                " source_checksum, target_checksum) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (move_id, table_name) DO UPDATE SET position = EXCLUDED.position,"
+                " rows_total = EXCLUDED.rows_total, rows_copied = EXCLUDED.rows_copied, done = EXCLUDED.done,"
+                " source_checksum = EXCLUDED.source_checksum, target_checksum = EXCLUDED.target_checksum",
+                [
+                    (
+                        move_id,
+                        t.table_name,
+                        t.position,
+                        t.rows_total,
+                        t.rows_copied,
+                        t.done,
+                        t.source_checksum,
+                        t.target_checksum,
+                    )
+                    for t in tables
+                ],
+            )
+
+    @transient()
+    def tables(self, move_id: int) -> list[TableProgress]:
+        with self.transaction() as conn, conn.cursor(row_factory=class_row(TableProgress)) as cur:
+            cur.execute(
+                "SELECT move_id, table_name, position, rows_total, rows_copied, done, source_checksum,"
+                " target_checksum FROM move_tables WHERE move_id = %s ORDER BY position",
+                (move_id,),
+            )
+            return cur.fetchall()
+
+    # -- locks --------------------------------------------------------------------------------
+
+    def lock_tenant(self, tenant: str) -> TenantLock:
+        """Take the tenant's move lock or fail at once naming the holder; see TenantLock."""
+        return TenantLock(self, tenant)
+
+
+def _lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key for a name (hashtext differs across versions)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+class TenantLock:
+    """A session advisory lock in the catalog held for the whole run of a move.
+
+    The server releases it when the holder's connection dies (kill -9 included), so a crashed move
+    never blocks its own resume; a second live operator gets a clear error instead of a hang.
+    """
+
+    def __init__(self, catalog: Catalog, tenant: str) -> None:
+        self.catalog = catalog
+        self.tenant = tenant
+        self.key = _lock_key(f"migrator.move:{tenant}")
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def acquire(self) -> None:
+        conn = dsnlib.connect(self.catalog.url, autocommit=True)
+        got = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+        if not (got and got[0]):
+            conn.close()
+            holder = self.catalog.open_move(self.tenant)
+            which = (
+                f"move {holder.id} ({holder.source} -> {holder.target}, phase {holder.phase})" if holder else "a move"
+            )
+            raise LockBusy(f"tenant {self.tenant} is locked by another running migrator: {which}")
+        self._conn = conn
+
+    def check(self) -> None:
+        """Raise if the lock's session was lost (catalog restart): never act without holding it."""
+        try:
+            if self._conn is None or self._conn.closed:
+                raise psycopg.OperationalError("lock connection closed")
+            self._conn.execute("SELECT 1")
+        except psycopg.Error:
+            self.release()
+            self.acquire()
+
+    def release(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def __enter__(self) -> TenantLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
