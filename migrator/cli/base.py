@@ -1,0 +1,96 @@
+"""The root command group and what every command shares: error mapping, config loading, output.
+
+No logic lives here beyond presentation; every command maps `MigratorError` to one line on
+stderr and its exit code (1 operation failed, 2 bad input), and `--json` gives machine output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import psycopg
+
+from migrator import __version__, render
+from migrator.context import Context
+from migrator.errors import MigratorError
+
+JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+class Failure(click.ClickException):
+    """A failure shown as one masked line on stderr, with the engine's exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(render.mask_text(message))
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class MigratorGroup(click.Group):
+    """Maps engine and database errors of every sub-command to `Failure` (never a traceback)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MigratorError as exc:
+            raise Failure(str(exc), exc.exit_code) from None
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else "migrator"
+            raise Failure(f"{where}: {exc.format_message()}", exc.exit_code) from None
+        except psycopg.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise Failure(f"database error: {first}", 1) from None
+
+
+class DefaultGroup(click.Group):
+    """A group that runs its `run` sub-command when the first word is not a sub-command name.
+
+    So `migrator move 42 --to eu-2` moves, while `migrator move status` reports.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+def context_of(click_ctx: click.Context) -> Context:
+    obj = click_ctx.find_root().obj
+    if "context" not in obj:
+        obj["context"] = Context.load(obj["config"])
+    return obj["context"]
+
+
+def emit(as_json: bool, data: Any, text: str) -> None:
+    click.echo(render.to_json(data) if as_json else text)
+
+
+@click.group(cls=MigratorGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Path of migrator.toml (else $MIGRATOR_CONFIG, else ./migrator.toml).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log retries and phases to stderr.")
+@click.version_option(__version__, prog_name="migrator")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
+    """Move tenants between deployment stamps, drain and rebalance stamps, migrate every stamp's schema."""
+    render.setup_logging(verbose)
+    ctx.obj = {"config": config_path}
+
+
+def route_dict(route: Any) -> dict[str, Any]:
+    return {
+        "tenant": route.tenant,
+        "stamp": route.stamp,
+        "version": route.version,
+        "state": route.state,
+        "updated_at": route.updated_at,
+    }

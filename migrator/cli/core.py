@@ -1,0 +1,147 @@
+"""Catalog, stamp, route and tenant commands."""
+
+from __future__ import annotations
+
+import click
+
+from migrator import render
+from migrator.cli.base import JSON, cli, context_of, emit, route_dict
+
+# -- catalog ----------------------------------------------------------------------------------------------
+
+
+@cli.group("catalog")
+def catalog_group() -> None:
+    """The routing catalog database."""
+
+
+@catalog_group.command("init")
+@click.pass_context
+def catalog_init(ctx: click.Context) -> None:
+    """Create or upgrade the catalog's schema to the newest revision."""
+    from migrator import migrations
+
+    context = context_of(ctx)
+    migrations.upgrade(context.catalog.url, migrations.schema_path("catalog"))
+    click.echo(f"catalog at {migrations.current_revision(context.catalog.url)}")
+
+
+# -- stamps -----------------------------------------------------------------------------------------------
+
+
+@cli.group("stamp")
+def stamp_group() -> None:
+    """Register and list stamps."""
+
+
+@stamp_group.command("add")
+@click.argument("name")
+@click.option("--dsn", required=True, help="libpq URL, keyword string or service name of the stamp's database.")
+@click.option("--region", default=None, help="Region label, for placement and reports.")
+@click.option("--capacity-rows", type=click.IntRange(min=1), default=None, help="How many tenant rows it may hold.")
+@click.option("--capacity-bytes", type=click.IntRange(min=1), default=None, help="How many bytes of tenant data.")
+@click.pass_context
+def stamp_add(
+    ctx: click.Context, name: str, dsn: str, region: str | None, capacity_rows: int | None, capacity_bytes: int | None
+) -> None:
+    """Register a stamp in the catalog."""
+    stamp = context_of(ctx).catalog.add_stamp(name, dsn, region, capacity_rows, capacity_bytes)
+    click.echo(f"added stamp {stamp.name} ({stamp.masked_dsn})")
+
+
+@stamp_group.command("list")
+@JSON
+@click.pass_context
+def stamp_list(ctx: click.Context, as_json: bool) -> None:
+    """List stamps with their state and capacity (DSN passwords masked)."""
+    stamps = context_of(ctx).catalog.stamps()
+    data = [
+        {
+            "name": s.name,
+            "dsn": s.masked_dsn,
+            "region": s.region,
+            "state": s.state,
+            "capacity_rows": s.capacity_rows,
+            "capacity_bytes": s.capacity_bytes,
+        }
+        for s in stamps
+    ]
+    emit(
+        as_json,
+        data,
+        render.table(
+            ["stamp", "state", "region", "capacity rows", "dsn"],
+            [[d["name"], d["state"], d["region"], d["capacity_rows"], d["dsn"]] for d in data],
+        ),
+    )
+
+
+# -- routes -----------------------------------------------------------------------------------------------
+
+
+@cli.group("route")
+def route_group() -> None:
+    """The tenant -> stamp routing table."""
+
+
+@route_group.command("set")
+@click.argument("tenant")
+@click.argument("stamp")
+@click.pass_context
+def route_set(ctx: click.Context, tenant: str, stamp: str) -> None:
+    """Register a tenant's home stamp (moving it is `migrator move`)."""
+    route = context_of(ctx).catalog.set_route(tenant, stamp)
+    click.echo(f"tenant {route.tenant} -> {route.stamp} (version {route.version})")
+
+
+@route_group.command("get")
+@click.argument("tenant")
+@JSON
+@click.pass_context
+def route_get(ctx: click.Context, tenant: str, as_json: bool) -> None:
+    """Show where a tenant lives."""
+    route = context_of(ctx).catalog.route(tenant)
+    emit(as_json, route_dict(route), f"tenant {route.tenant} -> {route.stamp} (version {route.version}, {route.state})")
+
+
+@route_group.command("list")
+@click.option("--stamp", default=None, help="Only tenants routed to this stamp.")
+@JSON
+@click.pass_context
+def route_list(ctx: click.Context, stamp: str | None, as_json: bool) -> None:
+    """List every route."""
+    routes = context_of(ctx).catalog.routes(stamp)
+    emit(
+        as_json,
+        [route_dict(r) for r in routes],
+        render.table(
+            ["tenant", "stamp", "version", "state"], [[r.tenant, r.stamp, r.version, r.state] for r in routes]
+        ),
+    )
+
+
+# -- tenants ----------------------------------------------------------------------------------------------
+
+
+@cli.group("tenant")
+def tenant_group() -> None:
+    """Tenants as the stamps hold them."""
+
+
+@tenant_group.command("list")
+@click.option("--stamp", default=None, help="Only this stamp.")
+@JSON
+@click.pass_context
+def tenant_list(ctx: click.Context, stamp: str | None, as_json: bool) -> None:
+    """Tenants with row counts per stamp, and whether the catalog routes them there."""
+    from migrator.inventory import list_tenants
+
+    rows = list_tenants(context_of(ctx), stamp)
+    emit(
+        as_json,
+        rows,
+        render.table(
+            ["stamp", "tenant", "rows", "routed here"],
+            [[r["stamp"], r["tenant"], r["rows"], "yes" if r["routed"] else "NO"] for r in rows],
+        ),
+    )

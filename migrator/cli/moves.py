@@ -1,0 +1,255 @@
+"""Move, verify, cleanup and doctor commands."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from migrator import render
+from migrator.cli.base import JSON, DefaultGroup, cli, context_of, emit, route_dict
+from migrator.errors import MigratorError
+from migrator.progress import Progress, Silent
+
+# -- moves ------------------------------------------------------------------------------------------------
+
+
+@cli.group("move", cls=DefaultGroup)
+def move_group() -> None:
+    """Move a tenant: `migrator move TENANT --to STAMP`; also `move status`, `move abort`."""
+
+
+@move_group.command("run")
+@click.argument("tenant")
+@click.option("--to", "target", required=True, help="Target stamp.")
+@click.option(
+    "--batch-rows",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Rows per copy batch (each batch is one target transaction).",
+)
+@click.option("--rate-limit", type=click.FloatRange(min=1), default=None, help="Copy at most this many rows/s.")
+@click.option("--dry-run", is_flag=True, help="Run the preflight checks and show the plan; change nothing.")
+@click.option("--offline", is_flag=True, help="Fence the tenant for the whole copy instead of only the cutover.")
+@click.option(
+    "--cutover-backlog",
+    type=click.IntRange(min=0),
+    default=200,
+    show_default=True,
+    help="Online: enter the cutover once at most this many captured changes are pending.",
+)
+@click.option(
+    "--catchup-timeout",
+    type=click.FloatRange(min=1),
+    default=600,
+    show_default=True,
+    help="Online: seconds catch-up may take to reach the backlog before the move stops, resumable.",
+)
+@click.option(
+    "--max-freeze-ms",
+    type=click.FloatRange(min=1),
+    default=2000,
+    show_default=True,
+    help="Online: longest write freeze allowed; a longer cutover unfences, backs off and retries.",
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@JSON
+@click.pass_context
+def move_run(
+    ctx: click.Context,
+    tenant: str,
+    target: str,
+    batch_rows: int,
+    rate_limit: float | None,
+    dry_run: bool,
+    offline: bool,
+    cutover_backlog: int,
+    catchup_timeout: float,
+    max_freeze_ms: float,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Move TENANT to another stamp (online by default); re-running it resumes an interrupted move."""
+    from migrator.cutover import CutoverOptions
+    from migrator.move import MoveOptions, move_tenant
+
+    context = context_of(ctx)
+    if not (yes or dry_run):
+        route = context.catalog.route(tenant)
+        click.confirm(f"Move tenant {tenant} from {route.stamp} to {target}?", abort=True)
+    progress: Progress = Silent() if as_json else render.Bars()
+    try:
+        cutover = CutoverOptions(cutover_backlog, catchup_timeout, max_freeze_ms)
+        options = MoveOptions(batch_rows, rate_limit, dry_run, online=not offline, cutover=cutover)
+        outcome = move_tenant(context, tenant, target, options, progress)
+    finally:
+        if isinstance(progress, render.Bars):
+            progress.close()
+    if dry_run:
+        text = (
+            f"dry run: tenant {tenant} {outcome.source} -> {outcome.target}: preflight passed; would copy\n"
+            + render.table(["table", "rows"], sorted(outcome.tables.items()))
+        )
+        emit(
+            as_json,
+            {
+                "dry_run": True,
+                "tenant": tenant,
+                "source": outcome.source,
+                "target": outcome.target,
+                "tables": outcome.tables,
+                "resuming_move": outcome.move.id if outcome.move else None,
+            },
+            text,
+        )
+        return
+    assert outcome.move is not None and outcome.route is not None
+    emit(
+        as_json,
+        {"move": outcome.move, "route": route_dict(outcome.route), "resumed": outcome.resumed},
+        f"move {outcome.move.id}: tenant {tenant} now on {outcome.route.stamp} (route version "
+        f"{outcome.route.version}), {outcome.move.rows_copied} rows copied and verified",
+    )
+
+
+def _move_dict(move: Any) -> dict[str, Any]:
+    return {f.name: getattr(move, f.name) for f in move.__dataclass_fields__.values()}
+
+
+@move_group.command("status")
+@click.argument("move_id", type=int, required=False)
+@JSON
+@click.pass_context
+def move_status(ctx: click.Context, move_id: int | None, as_json: bool) -> None:
+    """Show one move with its per-table progress, or the latest moves."""
+    catalog = context_of(ctx).catalog
+    if move_id is not None:
+        move = catalog.move(move_id)
+        tables = catalog.tables(move_id)
+        data = {**_move_dict(move), "tables": tables}
+        text = "\n".join(
+            [
+                f"move {move.id}: tenant {move.tenant} {move.source} -> {move.target} [{move.mode}] phase {move.phase}",
+                f"rows {move.rows_copied}/{move.rows_total}"
+                + (f", freeze {move.freeze_ms:.0f} ms" if move.freeze_ms else ""),
+                *([f"error: {move.error}"] if move.error else []),
+                render.table(
+                    ["table", "copied", "total", "done"],
+                    [[t.table_name, t.rows_copied, t.rows_total, "yes" if t.done else ""] for t in tables],
+                ),
+            ]
+        )
+        emit(as_json, data, text)
+        return
+    moves = catalog.moves()
+    emit(
+        as_json,
+        [_move_dict(m) for m in moves],
+        render.table(
+            ["id", "tenant", "source", "target", "phase", "rows", "error"],
+            [
+                [m.id, m.tenant, m.source, m.target, m.phase, f"{m.rows_copied}/{m.rows_total}", (m.error or "")[:60]]
+                for m in moves
+            ],
+        ),
+    )
+
+
+@move_group.command("abort")
+@click.argument("move_id", type=int)
+@click.option(
+    "--batch-rows",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Rows per delete batch on the target.",
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def move_abort(ctx: click.Context, move_id: int, batch_rows: int, yes: bool) -> None:
+    """Abort an unfinished move: delete the partial copy on the target and lift the source's fence."""
+    from migrator.move import abort_move
+
+    context = context_of(ctx)
+    if not yes:
+        click.confirm(f"Abort move {move_id} and delete its partial copy?", abort=True)
+    move = abort_move(context, move_id, batch_rows, Silent())
+    click.echo(f"move {move.id} aborted: tenant {move.tenant} stays on {move.source}, writable")
+
+
+# -- verify, cleanup ---------------------------------------------------------------------------------------
+
+
+@cli.command("verify")
+@click.argument("tenant")
+@click.option("--source", required=True, help="Stamp holding the reference copy.")
+@click.option("--target", required=True, help="Stamp to compare against it.")
+@JSON
+@click.pass_context
+def verify_cmd(ctx: click.Context, tenant: str, source: str, target: str, as_json: bool) -> None:
+    """Compare a tenant's rows on two stamps (counts and checksums per table); exit 1 if they differ."""
+    from migrator.inventory import verify_between
+
+    report = verify_between(context_of(ctx), tenant, source, target)
+    data = {
+        "tenant": tenant,
+        "equal": report.equal,
+        "tables": [
+            {
+                "table": t.table,
+                "equal": t.equal,
+                "source_rows": t.source.rows,
+                "target_rows": t.target.rows,
+                "source_checksum": t.source.digest,
+                "target_checksum": t.target.digest,
+                "missing": t.missing,
+                "extra": t.extra,
+                "changed": t.changed,
+            }
+            for t in report.tables
+        ],
+    }
+    text = render.table(
+        ["table", "source rows", "target rows", "source sum", "target sum", "equal"],
+        [
+            [t.table, t.source.rows, t.target.rows, t.source.digest, t.target.digest, "yes" if t.equal else "NO"]
+            for t in report.tables
+        ],
+    )
+    emit(as_json, data, text + "\n" + report.summary())
+    if not report.equal:
+        raise MigratorError(report.summary())
+
+
+@cli.command("cleanup")
+@click.argument("tenant")
+@click.option("--stamp", required=True, help="The old stamp holding the moved tenant's leftover rows.")
+@click.option("--batch-rows", type=click.IntRange(min=1), default=10_000, show_default=True, help="Rows per delete.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def cleanup_cmd(ctx: click.Context, tenant: str, stamp: str, batch_rows: int, yes: bool) -> None:
+    """Delete a moved tenant's leftover rows from its old stamp, in batches, and lift the fence there."""
+    from migrator.cleanup import cleanup_tenant
+
+    context = context_of(ctx)
+    if not yes:
+        click.confirm(f"Delete every row of tenant {tenant} on {stamp}?", abort=True)
+    counts = cleanup_tenant(context, tenant, stamp, batch_rows, Silent())
+    click.echo(f"deleted {sum(counts.values())} rows of tenant {tenant} from {stamp}")
+
+
+@cli.command("doctor")
+@click.option("--stamp", default=None, help="Only this stamp.")
+@JSON
+@click.pass_context
+def doctor_cmd(ctx: click.Context, stamp: str | None, as_json: bool) -> None:
+    """List migrator's leftovers on stamps (fences, triggers, copy cursors); exit 1 if any."""
+    from migrator.inventory import leftovers
+
+    found = leftovers(context_of(ctx), stamp)
+    lines = [f"{name}: {item}" for name, items in found.items() for item in items]
+    emit(as_json, found, "\n".join(lines) if lines else "no leftovers")
+    if lines:
+        sys.exit(1)
