@@ -1,0 +1,56 @@
+"""The command line is honest: every command has help, bad configuration is one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from migrator.cli import cli
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
+    found = []
+    for name, command in group.commands.items():
+        found.append(((*prefix, name), command))
+        if isinstance(command, click.Group):
+            found.extend(_commands(command, (*prefix, name)))
+    return found
+
+
+@pytest.mark.parametrize(("path", "command"), _commands(cli), ids=lambda v: " ".join(v) if isinstance(v, tuple) else "")
+def test_every_command_has_help(path: tuple[str, ...], command: click.Command) -> None:
+    assert command.help and len(command.help.strip()) > 10, path
+    result = CliRunner().invoke(cli, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    for param in command.params:
+        if isinstance(param, click.Option) and not param.hidden and param.name not in ("help",):
+            assert param.help, (path, param.name)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("catalog_url = 'x'\n[tenancy\ncolumn = 'a'", "malformed TOML"),
+        ("catalog_url = 'x'\ncatalogue = 1\n", "unknown key 'catalogue'"),
+        ("catalog_url = 'x'\n[tenancy]\ncolum = 'a'\n", "unknown key [tenancy] 'colum'"),
+        ("[tenancy]\ncolumn = 'a'\n", "catalog_url is missing"),
+        ("catalog_url = 'x'\n[tenancy]\nexclude = 'audit'\n", "exclude must be a list"),
+    ],
+)
+def test_malformed_config_is_one_clear_line(tmp_path: Path, text: str, message: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MIGRATOR_CATALOG_URL", raising=False)
+    path = tmp_path / "migrator.toml"
+    path.write_text(text)
+    result = CliRunner().invoke(cli, ["--config", str(path), "stamp", "list"])
+    assert result.exit_code == 2
+    assert message in result.stderr and str(path) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_config_file_is_reported(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["--config", str(tmp_path / "none.toml"), "route", "list"])
+    assert result.exit_code == 2 and "no configuration file" in result.stderr

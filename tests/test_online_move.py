@@ -1,0 +1,182 @@
+"""Online moves: the tenant keeps writing during the copy; writes pause only for a short cutover."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import psycopg
+import pytest
+from conftest import Fleet, tenant_digest
+from workload import Workload
+
+from migrator import dsn as dsnlib
+from migrator.fence import FENCED_SQLSTATE
+
+HEAVY = 200_000
+
+
+def _phase(fleet: Fleet, tenant: str) -> str | None:
+    move = fleet.catalog.open_move(tenant)
+    return move.phase if move else None
+
+
+def _wait(predicate, what: str, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _tasks(dsn: str, tenant: int) -> dict[int, str]:
+    with dsnlib.connect(dsn, autocommit=True) as conn:
+        return dict(conn.execute("SELECT id, t::text FROM tasks t WHERE tenant_id = %s", (tenant,)).fetchall())
+
+
+def _assert_source_equals_target_but_post_flip_writes(fleet: Fleet, writer: Workload) -> None:
+    """The target holds the source's rows exactly, except the writes made on the target after the flip."""
+    layout = fleet.layout()
+    src, tgt = tenant_digest(fleet.dsn("eu-1"), layout, "7"), tenant_digest(fleet.dsn("eu-2"), layout, "7")
+    assert {k: v for k, v in src.items() if k != "tasks"} == {k: v for k, v in tgt.items() if k != "tasks"}
+    after_flip = {task for task, stamp in writer.touched_on.items() if stamp == "eu-2"}
+    src_tasks = {k: v for k, v in _tasks(fleet.dsn("eu-1"), 7).items() if k not in after_flip}
+    tgt_tasks = {k: v for k, v in _tasks(fleet.dsn("eu-2"), 7).items() if k not in after_flip}
+    assert src_tasks == tgt_tasks
+
+
+def _assert_source_fenced(fleet: Fleet) -> None:
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True, pinned=False) as conn:
+        with pytest.raises(psycopg.Error) as caught:
+            conn.execute("UPDATE tenants SET name = 'late write' WHERE id = 7")
+        assert caught.value.sqlstate == FENCED_SQLSTATE
+
+
+def _writers(fleet: Fleet) -> tuple[Workload, Workload]:
+    mover = Workload(fleet.catalog.url, fleet.stamps, 7, seed=7).start()
+    neighbour = Workload(fleet.catalog.url, fleet.stamps, 8, seed=8).start()
+    _wait(lambda: mover.acked > 100 and neighbour.acked > 100, "writers to start")
+    return mover, neighbour
+
+
+def _finish(fleet: Fleet, mover: Workload, neighbour: Workload) -> None:
+    _wait(lambda: "eu-2" in mover.touched_on.values(), "a write on the new stamp", timeout=30)
+    mover.stop()
+    neighbour.stop()
+    assert mover.errors == [] and neighbour.errors == []
+    assert neighbour.fenced_errors == 0
+    assert "eu-1" in mover.touched_on.values()
+    mover.assert_all_acknowledged_writes_on(fleet.dsn("eu-2"))
+    neighbour.assert_all_acknowledged_writes_on(fleet.dsn("eu-1"))
+    _assert_source_equals_target_but_post_flip_writes(fleet, mover)
+    _assert_source_fenced(fleet)
+    assert fleet.catalog.route("7").stamp == "eu-2"
+
+
+@pytest.fixture
+def busy(fleet: Fleet) -> Fleet:
+    fleet.seed("eu-1", 7, HEAVY)
+    fleet.seed("eu-1", 8, 2_000)
+    return fleet
+
+
+def test_online_move_keeps_every_acknowledged_write(busy: Fleet) -> None:
+    mover, neighbour = _writers(busy)
+    proc = busy.popen("move", "7", "--to", "eu-2", "--yes", "--json")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    move = json.loads(out)["move"]
+    assert move["mode"] == "online" and move["phase"] == "flipped"
+    assert 0 < move["freeze_ms"] < 2000
+    _finish(busy, mover, neighbour)
+    assert busy.run("move", "status", str(move["id"])).stdout.count("freeze") == 1
+
+
+def _captured_backlog(fleet: Fleet) -> int:
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
+        if not conn.execute("SELECT to_regclass('_migrator.changes') IS NOT NULL").fetchone()[0]:
+            return 0
+        return int(conn.execute("SELECT count(*) FROM _migrator.changes WHERE NOT applied").fetchone()[0])
+
+
+def _burst(fleet: Fleet) -> None:
+    """One large update of the tenant while capture runs: a long catch-up follows."""
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
+        conn.execute("UPDATE comments SET body = body || '.' WHERE tenant_id = 7")
+
+
+def test_kill_during_catch_up_then_resume_loses_nothing(busy: Fleet) -> None:
+    mover, neighbour = _writers(busy)
+    proc = busy.popen("move", "7", "--to", "eu-2", "--yes", "--rate-limit", "60000")
+    _wait(lambda: _phase(busy, "7") == "copying", "the copy")
+    _burst(busy)
+    _wait(lambda: _phase(busy, "7") == "copied" and _captured_backlog(busy) > 0, "catch-up to run")
+    proc.kill()
+    proc.wait()
+    assert _phase(busy, "7") == "copied" and _captured_backlog(busy) > 0
+    result = busy.run("-v", "move", "7", "--to", "eu-2", "--yes", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["resumed"] is True
+    _finish(busy, mover, neighbour)
+
+
+def test_kill_while_fenced_is_shown_and_resumes(busy: Fleet) -> None:
+    mover, neighbour = _writers(busy)
+    proc = busy.popen("move", "7", "--to", "eu-2", "--yes", "--max-freeze-ms", "60000")
+    _wait(lambda: _phase(busy, "7") == "copying", "capture to start")
+    held = dsnlib.connect(busy.dsn("eu-1"), pinned=False)  # an application transaction in flight at cutover
+    held.execute("UPDATE projects SET name = 'held write' WHERE tenant_id = 7 AND id = "
+                 "(SELECT min(id) FROM projects WHERE tenant_id = 7)")
+    _wait(lambda: _phase(busy, "7") == "cutover", "the cutover", timeout=240)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    held.commit()  # it started before the fence, so it is acknowledged and must reach the target
+    held.close()
+    status = busy.run("move", "status", "--json")
+    assert json.loads(status.stdout)[0]["phase"] == "cutover"
+    assert busy.run("doctor", "--stamp", "eu-1").stdout.count("fence") == 1
+    _assert_source_fenced(busy)
+    result = busy.run("move", "7", "--to", "eu-2", "--yes", "--json")
+    assert result.exit_code == 0, result.output
+    with dsnlib.connect(busy.dsn("eu-2"), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM projects WHERE tenant_id = 7 AND name = 'held write'"
+                            ).fetchone()[0] == 1
+    _finish(busy, mover, neighbour)
+
+
+def test_freeze_longer_than_allowed_unfences_and_backs_off(busy: Fleet) -> None:
+    proc = busy.popen("-v", "move", "7", "--to", "eu-2", "--yes", "--max-freeze-ms", "300")
+    _wait(lambda: _phase(busy, "7") == "copying", "capture to start")
+    held = dsnlib.connect(busy.dsn("eu-1"), pinned=False)  # a slow application transaction, open at cutover
+    held.execute("UPDATE tenants SET name = 'slow transaction' WHERE id = 7")
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:
+        held.commit()
+        held.close()
+    assert proc.returncode == 1, err
+    assert "did not fit in 300 ms" in err
+    assert _phase(busy, "7") == "synced"
+    assert busy.catalog.route("7").stamp == "eu-1"
+    with dsnlib.connect(busy.dsn("eu-1"), autocommit=True, pinned=False) as conn:
+        conn.execute("UPDATE tenants SET name = 'writable again' WHERE id = 7")
+    result = busy.run("move", "7", "--to", "eu-2", "--yes", "--max-freeze-ms", "5000", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["move"]["freeze_ms"] < 5000
+
+
+def test_catch_up_that_cannot_converge_stops_writable_and_resumable(busy: Fleet) -> None:
+    proc = busy.popen("move", "7", "--to", "eu-2", "--yes", "--cutover-backlog", "0", "--catchup-timeout", "1",
+                      "--rate-limit", "60000")
+    _wait(lambda: _phase(busy, "7") == "copying", "the copy")
+    _burst(busy)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 1
+    assert "did not converge" in err and "stays writable" in err
+    assert _phase(busy, "7") == "copied"
+    with dsnlib.connect(busy.dsn("eu-1"), autocommit=True, pinned=False) as conn:
+        conn.execute("UPDATE tenants SET name = 'still writable' WHERE id = 7")
+    before = tenant_digest(busy.dsn("eu-1"), busy.layout(), "7")
+    result = busy.run("move", "7", "--to", "eu-2", "--yes")
+    assert result.exit_code == 0, result.output
+    assert tenant_digest(busy.dsn("eu-2"), busy.layout(), "7") == before

@@ -1,0 +1,45 @@
+"""DSN passwords never reach any command's output, logs or error messages."""
+
+from __future__ import annotations
+
+from conftest import Fleet
+
+from migrator import dsn as dsnlib
+
+
+def _password(fleet: Fleet) -> str:
+    from psycopg import conninfo
+
+    password = conninfo.conninfo_to_dict(fleet.dsn("eu-1")).get("password")
+    assert password and len(str(password)) >= 8
+    return str(password)
+
+
+def test_no_command_prints_a_dsn_password(fleet: Fleet) -> None:
+    secret = _password(fleet)
+    fleet.seed("eu-1", 7, 300)
+    bad_dsn = fleet.dsn("eu-1").replace("127.0.0.1:", "127.0.0.1:1") + "_missing"
+    fleet.catalog.add_stamp("broken", bad_dsn)
+    outputs = []
+    for args in (
+        ["stamp", "list"], ["stamp", "list", "--json"], ["route", "list"], ["tenant", "list"],
+        ["tenant", "list", "--json"], ["move", "7", "--to", "eu-2", "--dry-run"],
+        ["-v", "move", "7", "--to", "eu-2", "--yes"], ["move", "status"], ["move", "status", "1", "--json"],
+        ["verify", "7", "--source", "eu-1", "--target", "eu-2"], ["doctor"],
+        ["move", "7", "--to", "broken", "--yes"], ["tenant", "list", "--stamp", "broken"],
+        ["stamp", "add", "x", "--dsn", f"postgresql://u:{secret}@127.0.0.1:1/db"],
+    ):
+        result = fleet.run(*args)
+        outputs.append((args, result.exit_code, result.output))
+    for args, _, text in outputs:
+        assert secret not in text, args
+    broken = [o for o in outputs if "broken" in o[0]]
+    assert all(code != 0 and "stamp broken" in text for _, code, text in broken), broken
+
+
+def test_masking_covers_urls_keyword_strings_and_services() -> None:
+    assert dsnlib.mask("postgresql://app:s3cr3t@db:5432/x?sslmode=require") == "postgresql://app:***@db:5432/x?sslmode=require"
+    assert dsnlib.mask("host=db password='a b\\'c' user=app") == "host=db password=*** user=app"
+    assert dsnlib.mask("postgresql://db/x?password=s3cr3t") == "postgresql://db/x?password=***"
+    assert dsnlib.mask("stamp_eu1") == "stamp_eu1"
+    assert dsnlib.normalize("stamp_eu1") == "service=stamp_eu1"

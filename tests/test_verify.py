@@ -1,0 +1,58 @@
+"""`verify` proves equality, names the table and key of a difference, and ignores server settings."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import Fleet
+from psycopg import sql
+
+from migrator import dsn as dsnlib
+from migrator.move import MoveOptions, move_tenant
+from migrator.progress import Silent
+
+
+def _moved(fleet: Fleet, rows: int = 6_000) -> None:
+    fleet.seed("eu-1", 7, rows)
+    move_tenant(fleet.ctx, "7", "eu-2", MoveOptions(batch_rows=1_000), Silent())
+
+
+def test_verify_names_table_and_key_of_altered_row(fleet: Fleet) -> None:
+    _moved(fleet)
+    with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
+        key = conn.execute("SELECT id FROM tasks WHERE tenant_id = 7 ORDER BY id OFFSET 2500 LIMIT 1").fetchone()[0]
+        conn.execute("UPDATE tasks SET estimate_hours = 0.01 WHERE tenant_id = 7 AND id = %s", (key,))
+    result = fleet.run("verify", "7", "--source", "eu-1", "--target", "eu-2", "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    bad = [t for t in report["tables"] if not t["equal"]]
+    assert [t["table"] for t in bad] == ["tasks"]
+    assert bad[0]["changed"] == [["7", str(key)]]
+    assert f"(7, {key})" in result.stderr
+
+
+def test_verify_names_table_and_key_of_missing_row(fleet: Fleet) -> None:
+    _moved(fleet)
+    with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
+        key = conn.execute("SELECT id FROM comments WHERE tenant_id = 7 ORDER BY id DESC LIMIT 1").fetchone()[0]
+        conn.execute("DELETE FROM comments WHERE tenant_id = 7 AND id = %s", (key,))
+    result = fleet.run("verify", "7", "--source", "eu-1", "--target", "eu-2", "--json")
+    assert result.exit_code == 1
+    bad = [t for t in json.loads(result.stdout)["tables"] if not t["equal"]]
+    assert [(t["table"], t["missing"], t["target_rows"] + 1 == t["source_rows"]) for t in bad] == [
+        ("comments", [["7", str(key)]], True)
+    ]
+
+
+def test_equal_data_verifies_equal_under_different_server_timezones(fleet: Fleet) -> None:
+    for stamp, zone in (("eu-1", "Pacific/Chatham"), ("eu-2", "America/St_Johns")):
+        with dsnlib.connect(fleet.server.dsn("postgres"), autocommit=True) as conn:
+            db = conn.execute("SELECT %s::text", (fleet.dsn(stamp).rsplit("/", 1)[1],)).fetchone()[0]
+            for setting, value in (("TimeZone", zone), ("DateStyle", "SQL, DMY"), ("extra_float_digits", "-3"),
+                                   ("bytea_output", "escape"), ("IntervalStyle", "iso_8601")):
+                conn.execute(sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                    sql.Identifier(db), sql.Identifier(setting), sql.Literal(value)))
+    _moved(fleet, rows=2_000)
+    result = fleet.run("verify", "7", "--source", "eu-1", "--target", "eu-2", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["equal"] is True
