@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,12 +258,6 @@ def drain(
 
 
 @transient()
-def replay_batch(source_dsn: str, target_dsn: str, layout: Layout, tenant: str, move_id: int, limit: int) -> Applied:
-    """One replay batch on fresh connections, retried on transient errors."""
-    with dsnlib.connect(source_dsn) as src, dsnlib.connect(target_dsn) as tgt:
-        return replay_once(src, tgt, layout, tenant, move_id, limit)
-
-
 def catch_up(
     source_dsn: str,
     target_dsn: str,
@@ -275,24 +268,24 @@ def catch_up(
     batch: int,
     until: int,
     timeout_s: float,
-    on_batch: Callable[[Applied, int], None] | None = None,
 ) -> int:
     """Replay until at most `until` changes are pending; returns the backlog left.
 
     Raises NotConverging after `timeout_s` if the backlog never gets that small, so a move never
-    forces a long freeze on a tenant that writes faster than the replay.
+    forces a long freeze on a tenant that writes faster than the replay. Connections stay open
+    across batches; a transient error reconnects and goes on (replay is idempotent).
     """
     deadline = time.monotonic() + timeout_s
-    while True:
-        with dsnlib.connect(source_dsn, autocommit=True) as src:
+    with dsnlib.connect(source_dsn) as src, dsnlib.connect(target_dsn) as tgt:
+        while True:
             pending = backlog(src, move_id)
-        if pending <= until:
-            return pending
-        if time.monotonic() > deadline:
-            raise NotConverging(
-                f"catch-up of move {move_id} did not converge in {timeout_s:.0f}s: {pending} changes still pending "
-                f"(the tenant writes faster than the replay); the tenant stays writable, re-run the move to continue"
-            )
-        applied = replay_batch(source_dsn, target_dsn, layout, tenant, move_id, batch)
-        if on_batch:
-            on_batch(applied, pending)
+            src.commit()
+            if pending <= until:
+                return pending
+            if time.monotonic() > deadline:
+                raise NotConverging(
+                    f"catch-up of move {move_id} did not converge in {timeout_s:.0f}s: {pending} changes still "
+                    "pending (the tenant writes faster than the replay); the tenant stays writable, re-run the move "
+                    "to continue"
+                )
+            replay_once(src, tgt, layout, tenant, move_id, batch)

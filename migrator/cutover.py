@@ -81,46 +81,56 @@ Hashes = dict[tuple[str, ...], str]
 
 
 def _both_sets(
-    conn: psycopg.Connection[Any], layout: Layout, tenant: str, keys: dict[str, list[list[str]]]
-) -> list[tuple[Checksum, Hashes]]:
-    """Per table, in the caller's transaction: checksum of rows outside `keys`, and row hashes of those in it."""
+    conn: psycopg.Connection[Any], layout: Layout, tenant: str, keys: dict[str, list[list[str]]], untouched: bool
+) -> list[tuple[Checksum | None, Hashes]]:
+    """Per table, in the caller's transaction: row hashes of the rows in `keys`, and (if asked) the
+    checksum of the rows outside them."""
     out = []
     for i, table in enumerate(layout.tables):
         capture.load_keys(conn, table, keys.get(table.name, []), capture.keys_table(i))
-        untouched = checksum(conn, table, tenant, where=in_keys(table, capture.keys_table(i), inside=False))
+        outside = (
+            checksum(conn, table, tenant, where=in_keys(table, capture.keys_table(i), inside=False))
+            if untouched
+            else None
+        )
         touched = (
             row_hashes(conn, table, tenant, where=in_keys(table, capture.keys_table(i))) if keys.get(table.name) else {}
         )
-        out.append((untouched, touched))
+        out.append((outside, touched))
     return out
 
 
 def _target_sets(
-    target: Stamp, layout: Layout, tenant: str, keys: dict[str, list[list[str]]]
-) -> list[tuple[Checksum, Hashes]]:
+    target: Stamp, layout: Layout, tenant: str, keys: dict[str, list[list[str]]], untouched: bool
+) -> list[tuple[Checksum | None, Hashes]]:
     with dsnlib.connect(target.dsn) as tgt, tgt.transaction(force_rollback=True):
-        return _both_sets(tgt, layout, tenant, keys)
+        return _both_sets(tgt, layout, tenant, keys, untouched)
 
 
-def verify_before_freeze(source: Stamp, target: Stamp, layout: Layout, move: Move) -> tuple[Report, int]:
+def verify_before_freeze(
+    source: Stamp, target: Stamp, layout: Layout, move: Move, incremental: bool = False
+) -> tuple[Report, int]:
     """Online, before the freeze: prove as much as possible while the application keeps writing.
 
     In one source snapshot, rows never written since capture began are compared by checksum, and
     rows of captured keys row by row. No replay runs meanwhile, so the target is static. Changes
     whose rows proved equal are marked; the freeze then re-checks only keys with unproven changes
     (written since, or still in flux). Returns the report of untouched rows and the unproven count.
+    `incremental` proves only keys with unproven changes (run again just before each freeze, so the
+    freeze itself has little left to check).
     """
     with dsnlib.connect(source.dsn) as src:
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        keys = capture.captured_keys(src, move.id)
+        keys = capture.captured_keys(src, move.id, unverified_only=incremental)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            target_future = pool.submit(_target_sets, target, layout, move.tenant, keys)
-            source_sets = _both_sets(src, layout, move.tenant, keys)
+            target_future = pool.submit(_target_sets, target, layout, move.tenant, keys, not incremental)
+            source_sets = _both_sets(src, layout, move.tenant, keys, not incremental)
             target_sets = target_future.result()
         results = []
         unproven: dict[str, list[list[str]]] = {}
         for table, (s_sum, s_rows), (t_sum, t_rows) in zip(layout.tables, source_sets, target_sets, strict=True):
-            results.append(TableResult(table.label, s_sum, t_sum))
+            if s_sum is not None and t_sum is not None:
+                results.append(TableResult(table.label, s_sum, t_sum))
             differ = [list(k) for k in set(s_rows) | set(t_rows) if s_rows.get(k) != t_rows.get(k)]
             if differ:
                 unproven[table.name] = differ
@@ -175,7 +185,8 @@ def online_cutover(
     pause; after the last attempt the move stops, unfenced and resumable.
     """
     last = ""
-    for attempt in range(1, options.attempts + 1):
+
+    def catch_up() -> None:
         capture.catch_up(
             source.dsn,
             target.dsn,
@@ -186,6 +197,11 @@ def online_cutover(
             until=options.cutover_backlog,
             timeout_s=options.catchup_timeout_s,
         )
+
+    for attempt in range(1, options.attempts + 1):
+        catch_up()
+        verify_before_freeze(source, target, layout, move, incremental=True)
+        catch_up()
         lock.check()
         try:
             return _freeze_and_flip(catalog, move, source, target, layout, lock, revision, options, progress)
