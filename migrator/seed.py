@@ -6,6 +6,8 @@ quotes, NULLs, numerics with decimals, microsecond timestamps, empty and large b
 values, multi-line and non-ASCII text. Parent ids are looked up through arrays built once per
 statement (an InitPlan), never through per-row joins whose plan depends on stale statistics.
 Every 7th task (with its comments and attachments) is deleted afterwards, so ids have gaps.
+Stamps at older schema revisions can be seeded too: `tasks.priority` (0003) and `task_watchers`
+(0005) are filled only where they exist.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from migrator import dsn as dsnlib
 from migrator.errors import BadInput
 
 # Shares of a tenant's rows per table; tasks dominate as in a real task tracker.
-SHARES = {"users": 0.05, "projects": 0.02, "tasks": 0.65, "comments": 0.20, "attachments": 0.08}
+SHARES = {"users": 0.05, "projects": 0.02, "tasks": 0.62, "comments": 0.20, "attachments": 0.08, "watchers": 0.03}
 GAP_EVERY = 7
 PLANS = ("free", "team", "enterprise")
-TENANT_TABLES = ("tenants", "users", "projects", "tasks", "comments", "attachments")
+TENANT_TABLES = ("tenants", "users", "projects", "tasks", "comments", "attachments", "task_watchers")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class _Plan:
     tasks: int
     comments: int
     attachments: int
+    watchers: int
 
     @classmethod
     def for_rows(cls, rows: int) -> _Plan:
@@ -57,6 +60,7 @@ class _Plan:
             tasks=max(1, round(rows * SHARES["tasks"] * refill)),
             comments=round(rows * SHARES["comments"] * refill),
             attachments=round(rows * SHARES["attachments"] * refill),
+            watchers=round(rows * SHARES["watchers"]),  # inserted after the gaps: no refill
         )
 
 
@@ -90,9 +94,8 @@ SELECT %(t)s,
 FROM generate_series(1, %(n)s::bigint) AS g
 """
 
-_TASKS = """
-INSERT INTO tasks (tenant_id, project_id, title, status, estimate_hours, due_at, labels, meta)
-SELECT %(t)s,
+_TASK_COLUMNS = "tenant_id, project_id, title, status, estimate_hours, due_at, labels, meta"
+_TASK_VALUES = """%(t)s,
        ((SELECT array_agg(id ORDER BY id) FROM projects WHERE tenant_id = %(t)s))[1 + (g - 1) * %(np)s / %(n)s],
        CASE mod(g, 13) WHEN 0 THEN 'Fix "quotes", \\backslashes\\ and ''apostrophes'' #' || g
                        WHEN 1 THEN 'Line one' || chr(10) || 'line two #' || g
@@ -111,9 +114,18 @@ SELECT %(t)s,
            || CASE WHEN mod(g, 3) = 0 THEN 'null' ELSE '"rev' || mod(g, 40) || '"' END
            || ', "checklist": [{"item": "step 1", "ok": true}, {"item": "naïve café", "ok": '
            || (mod(g, 2) = 1) || '}]}'
-       )::jsonb END
-FROM generate_series(1, %(n)s::bigint) AS g
-"""
+       )::jsonb END"""
+# Revision 0003's backfill rule on the labels above ('p1' -> 1, 'bug' -> 2, else 3); meta has no priority.
+_TASK_PRIORITY = "CASE mod(g, 6) WHEN 3 THEN 1 WHEN 2 THEN 2 ELSE 3 END"
+
+
+def _tasks_statement(with_priority: bool) -> str:
+    """The tasks INSERT, filling `priority` when the stamp's schema has it (revision 0003 on)."""
+    columns, values = _TASK_COLUMNS, _TASK_VALUES
+    if with_priority:
+        columns, values = f"{columns}, priority", f"{values},\n       {_TASK_PRIORITY}"
+    return f"INSERT INTO tasks ({columns})\nSELECT {values}\nFROM generate_series(1, %(n)s::bigint) AS g"
+
 
 _COMMENTS = """
 INSERT INTO comments (tenant_id, task_id, author_id, body, created_at)
@@ -145,6 +157,18 @@ SELECT %(t)s,
                       ELSE ('10.' || mod(g / 65536, 256) || '.' || mod(g / 256, 256) || '.' || mod(g, 256))::inet END,
        timestamptz '2025-02-01 00:00:00+00' + g * interval '7 minutes 0.5 seconds'
 FROM generate_series(1, %(n)s::bigint) AS g
+"""
+
+# After the gaps, so every watched task exists; each watcher row watches a different task.
+_WATCHERS = """
+INSERT INTO task_watchers (tenant_id, task_id, user_id, created_at)
+SELECT %(t)s,
+       t.ids[1 + (g - 1) * cardinality(t.ids) / %(n)s],
+       u.ids[1 + mod(g * 7, cardinality(u.ids))],
+       timestamptz '2025-04-01 00:00:00+00' + g * interval '11 minutes 0.123456 seconds'
+FROM (SELECT array_agg(id ORDER BY id) AS ids FROM tasks WHERE tenant_id = %(t)s) AS t,
+     (SELECT array_agg(id ORDER BY id) AS ids FROM users WHERE tenant_id = %(t)s) AS u,
+     generate_series(1, %(n)s::bigint) AS g
 """
 
 # Children first: a task may only go once nothing references it.
@@ -182,6 +206,16 @@ def seed_tenant(conn: psycopg.Connection[Any], spec: TenantSpec) -> int:
         raise
 
 
+def _has(conn: psycopg.Connection[Any], table: str, column: str | None = None) -> bool:
+    """Whether the stamp's schema has this table (or column): seeding works at any revision from 0002."""
+    row = conn.execute(
+        "SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema()"
+        " AND table_name = %s AND (%s::text IS NULL OR column_name = %s)",
+        (table, column, column),
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def _insert_tenant(conn: psycopg.Connection[Any], spec: TenantSpec, plan: _Plan) -> int:
     params: dict[str, Any] = {"t": spec.tenant_id}
     total = conn.execute(
@@ -196,14 +230,17 @@ def _insert_tenant(conn: psycopg.Connection[Any], spec: TenantSpec, plan: _Plan)
     ).rowcount
     nu = conn.execute(_USERS, {**params, "n": plan.users}).rowcount
     np = conn.execute(_PROJECTS, {**params, "n": plan.projects, "nu": nu}).rowcount
-    nt = conn.execute(_TASKS, {**params, "n": plan.tasks, "np": np}).rowcount
+    nt = conn.execute(_tasks_statement(_has(conn, "tasks", "priority")), {**params, "n": plan.tasks, "np": np}).rowcount
     total += nu + np + nt
     if plan.comments:
         total += conn.execute(_COMMENTS, {**params, "n": plan.comments, "nt": nt, "nu": nu}).rowcount
     if plan.attachments:
         total += conn.execute(_ATTACHMENTS, {**params, "n": plan.attachments, "nt": nt}).rowcount
-    for statement in _GAPS:
-        total -= conn.execute(statement, params).rowcount
+    removed = [conn.execute(statement, params).rowcount for statement in _GAPS]
+    total -= sum(removed)
+    watchers = min(plan.watchers, nt - removed[-1])  # at most one watcher per remaining task
+    if watchers > 0 and _has(conn, "task_watchers"):
+        total += conn.execute(_WATCHERS, {**params, "n": watchers}).rowcount
     return total
 
 
@@ -214,7 +251,8 @@ def seed_fleet_stamp(dsn: str, tenants: Sequence[TenantSpec]) -> dict[int, int]:
         for spec in tenants:
             counts[spec.tenant_id] = seed_tenant(conn, spec)
         # Fresh statistics, so the first move's queries are planned for the real table sizes.
-        conn.execute(sql.SQL("ANALYZE {}").format(sql.SQL(", ").join(map(sql.Identifier, TENANT_TABLES))))
+        tables = [table for table in TENANT_TABLES if _has(conn, table)]
+        conn.execute(sql.SQL("ANALYZE {}").format(sql.SQL(", ").join(map(sql.Identifier, tables))))
     return counts
 
 

@@ -170,3 +170,18 @@ def stamp_snapshot(dsn: str) -> dict[str, Any]:
         triggers = conn.execute("SELECT tgname, tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal"
                                 " ORDER BY 1, 2").fetchall()
     return {"tables": digest, "triggers": triggers}
+
+
+@pytest.fixture
+def fleet4(fleet: Fleet, templates: dict[str, str]) -> Fleet:
+    """`fleet` plus a fourth stamp, ap-1, at head on the same server: enough stamps for canary + waves.
+
+    Its database joins `fleet.databases`, so the `fleet` fixture drops it with the others.
+    """
+    db = fleet.databases[0].removesuffix("_catalog") + "_ap_1"
+    _admin(fleet.server, sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(db),
+                                                                           sql.Identifier(templates["stamp"])))
+    fleet.databases.append(db)
+    fleet.stamps["ap-1"] = fleet.server.dsn(db)
+    fleet.catalog.add_stamp("ap-1", fleet.stamps["ap-1"], region="ap")
+    return fleet

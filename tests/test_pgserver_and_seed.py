@@ -47,7 +47,7 @@ def test_stamp_schema_upgrades_to_head_and_downgrades_to_base(server: pgserver.L
     dsn = _new_database(server)
     assert migrations.current_revision(dsn) is None
     migrations.upgrade(dsn, STAMP)
-    assert migrations.current_revision(dsn) == migrations.head_revision(STAMP) == "0002_collaboration"
+    assert migrations.current_revision(dsn) == migrations.head_revision(STAMP) == "0005_task_watchers"
     assert set(TENANT_TABLES) | {"billing_plans", "feature_flags", "alembic_version"} == _tables(dsn)
 
     with dsnlib.engine(dsn).begin() as conn:

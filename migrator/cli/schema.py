@@ -1,0 +1,283 @@
+"""Fleet schema commands: status (drift), upgrade (canary, then waves), downgrade, history, log."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from migrator import render
+from migrator.cli.base import JSON, cli, context_of, emit
+
+DRIFT_EXIT = 3  # `schema status`: some active stamp is not at head (a pipeline gate)
+
+
+@cli.group("schema")
+def schema_group() -> None:
+    """One Alembic history applied uniformly to every stamp: drift, rollouts, their log."""
+
+
+@schema_group.command("status")
+@click.option(
+    "--active-only", is_flag=True, help="Only active stamps (draining and retired ones are shown by default)."
+)
+@JSON
+@click.pass_context
+def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> None:
+    """Each stamp's revision against head; exit 3 when an active stamp drifts (behind, ahead, unknown, unreachable)."""
+    from migrator.schema import schema_status
+
+    rows = schema_status(context_of(ctx), active_only)
+    drifting = [r for r in rows if r.drift]
+    gating = [r for r in drifting if r.stamp_state == "active"]
+    head = rows[0].target if rows else None
+    if drifting:
+        names = ", ".join(f"{r.stamp} ({r.state}{f' {len(r.pending)}' if r.pending else ''})" for r in drifting)
+        summary = f"{len(drifting)} of {len(rows)} stamps drift from head {head}: {names}"
+    else:
+        summary = f"all {len(rows)} stamps at head {head}"
+    text = render.table(
+        ["", "stamp", "state", "tenants", "revision", "head", "pending", "status", "error"],
+        [
+            [
+                "!!" if r.drift else "",
+                r.stamp,
+                r.stamp_state,
+                r.tenants,
+                r.current or "-",
+                r.target,
+                len(r.pending) if r.state in ("behind", "ahead") else "",
+                r.state.upper() if r.drift else r.state,
+                r.error,
+            ]
+            for r in rows
+        ],
+    )
+    data = {"head": head, "drift": bool(gating), "stamps": [{**_fields(r), "drift": r.drift} for r in rows]}
+    emit(as_json, data, f"{text}\n{summary}")
+    if gating:
+        ctx.exit(DRIFT_EXIT)
+
+
+@schema_group.command("upgrade")
+@click.argument("revision", default="head")
+@click.option(
+    "--canary", default=None, help="Stamp to upgrade first, alone (default: the active one with fewest tenants)."
+)
+@click.option(
+    "--parallel", type=click.IntRange(min=1), default=4, show_default=True, help="Stamps upgraded at once per wave."
+)
+@click.option(
+    "--continue-on-error",
+    is_flag=True,
+    help="Keep going with later waves when a stamp fails (a failing canary still stops the rollout).",
+)
+@click.option("--dry-run", is_flag=True, help="Print each stamp's pending revisions and their SQL; change nothing.")
+@click.option("--active-only", is_flag=True, help="Leave draining and retired stamps out.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@JSON
+@click.pass_context
+def schema_upgrade_cmd(
+    ctx: click.Context,
+    revision: str,
+    canary: str | None,
+    parallel: int,
+    continue_on_error: bool,
+    dry_run: bool,
+    active_only: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Upgrade every stamp to REVISION (default head): the canary first, then waves of --parallel stamps."""
+    from migrator.schema import upgrade_fleet
+
+    bars = _Bars(enabled=not as_json)
+    try:
+        rollout = upgrade_fleet(
+            context_of(ctx),
+            revision,
+            canary,
+            parallel,
+            continue_on_error,
+            dry_run,
+            active_only,
+            bars,
+            None if yes else _confirm,
+        )
+    finally:
+        bars.close()
+    _report(rollout, as_json)
+
+
+@schema_group.command("downgrade")
+@click.argument("revision")
+@click.option("--stamp", "names", multiple=True, help="A stamp to downgrade (repeatable; default: every stamp).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@JSON
+@click.pass_context
+def schema_downgrade_cmd(ctx: click.Context, revision: str, names: tuple[str, ...], yes: bool, as_json: bool) -> None:
+    """Downgrade stamps to REVISION (or base), canary first, with the same locks and log as upgrade."""
+    from migrator.schema import downgrade_stamps
+
+    bars = _Bars(enabled=not as_json)
+    try:
+        rollout = downgrade_stamps(context_of(ctx), revision, names, progress=bars, confirm=None if yes else _confirm)
+    finally:
+        bars.close()
+    _report(rollout, as_json)
+
+
+@schema_group.command("history")
+@JSON
+@click.pass_context
+def schema_history_cmd(ctx: click.Context, as_json: bool) -> None:
+    """The stamps' revisions with their messages, newest first; head marked."""
+    from migrator.schema import history
+
+    revisions = history(context_of(ctx))
+    emit(
+        as_json,
+        revisions,
+        render.table(
+            ["", "revision", "revises", "message"],
+            [["head" if r.is_head else "", r.revision, r.down_revision or "-", r.message] for r in revisions],
+        ),
+    )
+
+
+@schema_group.command("log")
+@click.option("--stamp", default=None, help="Only runs on this stamp.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="How many runs to show.")
+@JSON
+@click.pass_context
+def schema_log_cmd(ctx: click.Context, stamp: str | None, limit: int, as_json: bool) -> None:
+    """Recorded schema runs per stamp, newest first: who, when, from/to, result, error."""
+    from migrator.schema import runs
+
+    found = runs(context_of(ctx), stamp, limit)
+    emit(
+        as_json,
+        found,
+        render.table(
+            ["started", "run", "stamp", "direction", "from", "to", "result", "operator", "error"],
+            [
+                [
+                    f"{r.started_at:%Y-%m-%d %H:%M:%S}",
+                    r.run_id[:8],
+                    r.stamp,
+                    r.direction,
+                    r.from_revision or "-",
+                    r.to_revision or "base",
+                    r.result,
+                    r.operator,
+                    _short(r.error),
+                ]
+                for r in found
+            ],
+        ),
+    )
+
+
+# -- presentation ---------------------------------------------------------------------------------
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    return {name: getattr(value, name) for name in value.__dataclass_fields__}
+
+
+def _short(text: str | None, width: int = 100) -> str:
+    if not text:
+        return ""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _confirm(plan: Any) -> None:
+    """Show what will run and ask; declining aborts before any stamp is touched."""
+    if not plan.waves:
+        return
+    target = plan.target or "base"
+    stamps = sum(len(w) for w in plan.waves)
+    lead = f"canary {plan.canary}, then " if plan.canary else ""
+    rest = len(plan.waves) - (1 if plan.canary else 0)
+    click.echo(f"{plan.direction} {stamps} stamp(s) to {target}: {lead}{rest} wave(s)", err=True)
+    for number, wave in enumerate(plan.waves):
+        click.echo(f"  wave {number}: {', '.join(wave)}", err=True)
+    click.confirm(f"{plan.direction.capitalize()} {stamps} stamp(s) to {target}?", abort=True, err=True)
+
+
+def _report(rollout: Any, as_json: bool) -> None:
+    """The final table, then exit 1 naming the failed stamps (after rendering, like `verify`)."""
+    from migrator.schema import RolloutFailed
+
+    data = {
+        "run_id": rollout.run_id,
+        "direction": rollout.direction,
+        "target": rollout.target,
+        "canary": rollout.canary,
+        "dry_run": rollout.dry_run,
+        "stopped": rollout.stopped,
+        "stamps": [_fields(o) for o in rollout.outcomes],
+    }
+    table = render.table(
+        ["stamp", "wave", "from", "to", "now at", "result", "error"],
+        [
+            [
+                o.stamp,
+                "canary" if o.wave == 0 and rollout.canary == o.stamp else o.wave,
+                o.from_revision or "-",
+                o.to_revision or "base",
+                o.at_revision or "-",
+                o.result,
+                _short(o.error, 160),
+            ]
+            for o in rollout.outcomes
+        ],
+    )
+    parts = [_dry_run_text(rollout)] if rollout.dry_run else []
+    emit(as_json, data, "\n".join([*parts, table, rollout.summary()]))
+    if rollout.failed:
+        raise RolloutFailed(rollout.summary())
+
+
+def _dry_run_text(rollout: Any) -> str:
+    """Pending revisions and SQL, once per starting revision (stamps at the same one share it)."""
+    groups: dict[str | None, list[Any]] = {}
+    for outcome in rollout.outcomes:
+        if outcome.sql is not None:
+            groups.setdefault(outcome.from_revision, []).append(outcome)
+    blocks = []
+    for start, outcomes in groups.items():
+        names = ", ".join(sorted(o.stamp for o in outcomes))
+        pending = ", ".join(outcomes[0].pending)
+        blocks.append(f"-- {names}: {start or 'base'} -> {rollout.target} (pending: {pending})\n{outcomes[0].sql}")
+    return "\n".join(blocks) if blocks else "-- nothing to do"
+
+
+class _Bars:
+    """One tqdm bar per wave on stderr; a failing stamp gets its own line."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar: tqdm[Any] | None = None
+
+    def wave_started(self, number: int, waves: int, stamps: Sequence[str]) -> None:
+        if self.enabled:
+            desc = f"wave {number + 1}/{waves}"
+            self._bar = tqdm(total=len(stamps), desc=desc, unit="stamp", file=sys.stderr, leave=True)
+
+    def stamp_finished(self, outcome: Any) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            if outcome.result == "failed":
+                tqdm.write(render.mask_text(f"{outcome.stamp}: {outcome.error}"), file=sys.stderr)
+
+    def wave_finished(self, number: int) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

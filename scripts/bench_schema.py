@@ -1,0 +1,96 @@
+"""Benchmark: a fleet-wide schema upgrade of 20 stamps at --parallel 8 against the serial sum.
+
+Starts its own PostgreSQL server (migrator.pgserver), creates 20 stamp databases at the head of a
+temporary copy of the stamp history, adds one revision that sleeps 1 s (so the serial sum is 20 s
+and the rest is the rollout's overhead), registers the stamps in a temporary catalog and runs
+`upgrade_fleet` through the engine. The floor with a canary first is 1 s + ceil(19 / 8) waves x
+1 s = 4 s. Run with `scripts/bench schema`. Nothing is written to the repository.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from psycopg import sql
+
+from migrator import config as configlib
+from migrator import dsn as dsnlib
+from migrator import migrations, pgserver
+from migrator.catalog import Catalog
+from migrator.context import Context
+from migrator.schema import OK, upgrade_fleet
+
+STAMPS = 20
+PARALLEL = 8
+SLEEP_S = 1.0
+REVISION = "0006_bench_sleep"
+TARGET_WALL_S = 4.0
+
+
+def history_with_sleep(directory: Path) -> Path:
+    """A copy of schemas/stamp with one more revision on top of its head that sleeps SLEEP_S."""
+    env = directory / "stamp-env"
+    shutil.copytree(migrations.schema_path("stamp"), env, ignore=shutil.ignore_patterns("__pycache__"))
+    head = migrations.head_revision(env)
+    (env / "versions" / f"{REVISION}.py").write_text(
+        f'"""Benchmark only: one second of work."""\n\nfrom alembic import op\n\n'
+        f"revision = {REVISION!r}\ndown_revision = {head!r}\nbranch_labels = None\ndepends_on = None\n\n\n"
+        f"def upgrade() -> None:\n    op.execute('SELECT pg_sleep({SLEEP_S})')\n\n\n"
+        "def downgrade() -> None:\n    pass\n"
+    )
+    return env
+
+
+def create_fleet(server: pgserver.LocalServer, env: Path, directory: Path) -> Context:
+    """Catalog plus STAMPS stamp databases cloned from one template at the history's previous head."""
+    with dsnlib.connect(server.dsn(), autocommit=True) as conn:
+        for name in ("catalog", "stamp_template"):
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    migrations.upgrade(server.dsn("catalog"), migrations.schema_path("catalog"))
+    migrations.upgrade(server.dsn("stamp_template"), env, f"{REVISION}-1")
+    catalog = Catalog(server.dsn("catalog"))
+    with dsnlib.connect(server.dsn(), autocommit=True) as conn:
+        for n in range(1, STAMPS + 1):
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE stamp_template").format(sql.Identifier(f"stamp_{n:02d}")))
+    for n in range(1, STAMPS + 1):
+        catalog.add_stamp(f"bench-{n:02d}", server.dsn(f"stamp_{n:02d}"))
+    path = directory / "migrator.toml"
+    path.write_text(configlib.render(catalog.url, configlib.Tenancy(), env))
+    return Context.load(path)
+
+
+def main() -> int:
+    directory = Path(tempfile.mkdtemp(prefix="migrator-bench-schema-"))
+    directory.chmod(0o755)
+    server = pgserver.start_server(directory / "server", settings={"max_connections": "300"})
+    try:
+        env = history_with_sleep(directory)
+        ctx = create_fleet(server, env, directory)
+        started = time.perf_counter()
+        rollout = upgrade_fleet(ctx, REVISION, parallel=PARALLEL)
+        wall = time.perf_counter() - started
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+    bad = [o for o in rollout.outcomes if o.result != OK or o.at_revision != REVISION]
+    if bad:
+        print(f"FAILED: {len(bad)} stamp(s) not upgraded: {bad[0].stamp}: {bad[0].error}", file=sys.stderr)
+        return 1
+    serial = STAMPS * SLEEP_S
+    floor = SLEEP_S * (1 + math.ceil((STAMPS - 1) / PARALLEL))
+    waves = len({o.wave for o in rollout.outcomes})
+    print(f"schema upgrade of {STAMPS} stamps, one {SLEEP_S:.0f} s revision each, --parallel {PARALLEL}")
+    print(f"  waves: {waves} (canary {rollout.canary}, then up to {PARALLEL} stamps at once)")
+    print(f"  serial sum: {serial:.1f} s   wall: {wall:.2f} s   speed-up: {serial / wall:.1f}x")
+    print(f"  floor with a canary first: {floor:.1f} s; overhead over it: {wall - floor:.2f} s")
+    print(f"  target wall < {TARGET_WALL_S:.0f} s: {'met' if wall < TARGET_WALL_S else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

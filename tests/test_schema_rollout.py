@@ -1,0 +1,333 @@
+"""Fleet schema rollouts on real PostgreSQL: drift, canary first, failures, locks, dry runs, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from alembic import command
+from conftest import REPO, Fleet, stamp_snapshot
+
+from migrator import config as configlib
+from migrator import dsn as dsnlib
+from migrator import migrations, pgserver
+from migrator.context import Context
+from migrator.schema import FAILED, OK, SKIPPED, downgrade_stamps, schema_status, upgrade_fleet
+from migrator.schema_worker import LOCK_KEY
+
+STAMP_ENV = migrations.schema_path("stamp")
+HEAD = "0005_task_watchers"
+
+
+def put_at(fleet: Fleet, stamp: str, revision: str) -> None:
+    """Downgrade one stamp with Alembic directly (test setup independent of the engine)."""
+    engine = dsnlib.engine(fleet.dsn(stamp))
+    try:
+        with engine.connect() as conn:
+            command.downgrade(migrations.alembic_config(STAMP_ENV, conn), revision)
+    finally:
+        engine.dispose()
+
+
+def revisions(fleet: Fleet) -> dict[str, str | None]:
+    return {name: migrations.current_revision(fleet.dsn(name)) for name in sorted(fleet.stamps)}
+
+
+def schema_runs(fleet: Fleet) -> list[tuple[Any, ...]]:
+    with dsnlib.connect(fleet.catalog.url, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT stamp, result, from_revision, to_revision, error, started_at, finished_at, run_id::text"
+            " FROM schema_runs ORDER BY started_at, id"
+        ).fetchall()
+
+
+def context_with(fleet: Fleet, script_location: Path, tmp_path: Path) -> tuple[Context, Path]:
+    """A config for the same fleet pointing at another stamp history."""
+    path = tmp_path / "migrator-alt.toml"
+    path.write_text(configlib.render(fleet.catalog.url, configlib.Tenancy(), script_location))
+    return Context.load(path), path
+
+
+def history_plus(tmp_path: Path, revision: str, body: str) -> Path:
+    """A temporary copy of the stamp history with one more revision on top of head."""
+    env = tmp_path / "stamp-env"
+    shutil.copytree(STAMP_ENV, env, ignore=shutil.ignore_patterns("__pycache__"))
+    (env / "versions" / f"{revision}.py").write_text(
+        f'"""{revision}"""\nfrom alembic import op\n\nrevision = {revision!r}\ndown_revision = {HEAD!r}\n'
+        f"branch_labels = None\ndepends_on = None\n\n\ndef upgrade():\n    op.execute({body!r})\n\n\n"
+        "def downgrade():\n    pass\n"
+    )
+    return env
+
+
+def test_mixed_fleet_reaches_head_with_one_command_and_status_gates_on_drift(fleet4: Fleet) -> None:
+    fleet = fleet4
+    put_at(fleet, "eu-1", "0002_collaboration")
+    put_at(fleet, "eu-2", "0003_task_priority")
+    put_at(fleet, "ap-1", "0004_comments_search_index")
+    fleet.seed("eu-1", 1, 600)
+    fleet.seed("eu-1", 2, 300)
+    fleet.seed("eu-2", 3, 300)
+    fleet.seed("us-1", 4, 300)
+    fleet.catalog.update_stamp("us-1", state="draining")
+
+    before = fleet.run("schema", "status")
+    assert before.exit_code == 3, before.output
+    assert "eu-1 (behind 3)" in before.stdout and "eu-2 (behind 2)" in before.stdout
+    assert "ap-1 (behind 1)" in before.stdout and "us-1" not in before.stdout.splitlines()[-1]
+    data = json.loads(fleet.run("schema", "status", "--json").stdout)
+    assert data["drift"] is True and data["head"] == HEAD
+    assert {s["stamp"]: s["current"] for s in data["stamps"]}["eu-2"] == "0003_task_priority"
+
+    result = fleet.run("schema", "upgrade", "--yes", "--parallel", "2")
+    assert result.exit_code == 0, result.output
+    assert set(revisions(fleet).values()) == {HEAD}
+    after = fleet.run("schema", "status")
+    assert after.exit_code == 0, after.output
+    assert f"all 4 stamps at head {HEAD}" in after.stdout
+
+    runs = schema_runs(fleet)
+    assert [r[0] for r in runs if r[1] == OK][0] == "ap-1"  # canary: the active stamp with fewest tenants
+    assert {(r[0], r[1], r[2]) for r in runs} == {
+        ("ap-1", OK, "0004_comments_search_index"),
+        ("eu-2", OK, "0003_task_priority"),
+        ("eu-1", OK, "0002_collaboration"),
+        ("us-1", SKIPPED, HEAD),
+    }
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:  # backfilled from labels, as the seed does
+        wrong = conn.execute(
+            "SELECT count(*) FROM tasks WHERE priority <> CASE WHEN labels @> ARRAY['p1'] THEN 1"
+            " WHEN labels @> ARRAY['bug'] THEN 2 ELSE 3 END"
+        ).fetchone()
+        assert wrong == (0,)
+
+
+def test_failing_revision_keeps_stamp_at_previous_revision_and_stops_later_waves(fleet4: Fleet) -> None:
+    fleet = fleet4
+    for name in fleet.stamps:
+        put_at(fleet, name, "0002_collaboration")
+    fleet.seed("eu-1", 1, 300)
+    fleet.seed("eu-2", 2, 300)
+    fleet.seed("eu-2", 3, 300)
+    for tenant in (4, 5, 6):
+        fleet.seed("us-1", tenant, 200)
+    with dsnlib.connect(fleet.dsn("eu-2")) as conn:  # legacy data 0003 refuses to promote
+        conn.execute("UPDATE tasks SET meta = jsonb_build_object('priority', 9) WHERE tenant_id = 2 AND id % 5 = 1")
+
+    result = fleet.run("schema", "upgrade", "--yes", "--parallel", "1")
+    assert result.exit_code == 1
+    assert "eu-2" in result.stderr and "failed" in result.stderr
+    assert "0003_task_priority failed, stamp left at 0002_collaboration" in result.stdout
+    assert "tasks_priority_range" in result.stdout
+    assert revisions(fleet) == {
+        "ap-1": HEAD,
+        "eu-1": HEAD,
+        "eu-2": "0002_collaboration",
+        "us-1": "0002_collaboration",
+    }
+    with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:  # the whole revision rolled back
+        assert conn.execute("SELECT count(*) FROM information_schema.columns WHERE column_name = 'priority'"
+                            ).fetchone() == (0,)
+    runs = schema_runs(fleet)
+    assert [(r[0], r[1]) for r in runs] == [("ap-1", OK), ("eu-1", OK), ("eu-2", FAILED), ("us-1", SKIPPED)]
+    assert runs[0][6] <= runs[1][5] <= runs[1][6] <= runs[2][5]  # canary, then one wave after another
+    assert "not tried: stopped after wave 2 failed on eu-2" in runs[3][4]
+
+    # A failing canary stops the rollout even with --continue-on-error.
+    result = fleet.run("schema", "upgrade", "--yes", "--canary", "eu-2", "--continue-on-error")
+    assert result.exit_code == 1 and "stopped after the canary failed on eu-2" in result.stdout
+    assert revisions(fleet)["us-1"] == "0002_collaboration"
+
+    # Without the canary in the way, --continue-on-error upgrades the others past the failure.
+    rollout = upgrade_fleet(fleet.ctx, parallel=2, continue_on_error=True, canary="us-1")
+    assert [(o.stamp, o.result) for o in rollout.outcomes if o.wave is not None] == [("us-1", OK), ("eu-2", FAILED)]
+    assert rollout.stopped is None and revisions(fleet)["us-1"] == HEAD
+
+
+def test_second_upgrade_of_a_stamp_fails_fast_and_the_revision_applies_once(fleet: Fleet, tmp_path: Path) -> None:
+    body = "CREATE TABLE applied (at timestamptz DEFAULT now()); INSERT INTO applied DEFAULT VALUES; SELECT pg_sleep(3)"
+    env = history_plus(tmp_path, "0006_slow", body)
+    ctx, config = context_with(fleet, env, tmp_path)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "migrator", "--config", str(config), "schema", "upgrade", "--yes", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not [r for r in schema_runs(fleet) if r[1] == "running"]:
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        canary = [r for r in schema_runs(fleet) if r[1] == "running"][0][0]
+
+        started = time.monotonic()
+        second = upgrade_fleet(ctx, parallel=4)
+        assert time.monotonic() - started < 2.5 and first.poll() is None  # failed while the first still runs
+        assert [o.stamp for o in second.failed] == [canary]
+        assert f"stamp {canary} is being migrated by another migrator run (backend pid" in str(second.failed[0].error)
+        assert second.stopped == f"stopped after the canary failed on {canary}"
+    finally:
+        out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    assert all(s["result"] == OK for s in json.loads(out)["stamps"])
+    for name in fleet.stamps:
+        assert migrations.current_revision(fleet.dsn(name)) == "0006_slow"
+        with dsnlib.connect(fleet.dsn(name), autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM applied").fetchone() == (1,)
+    oks = [r[0] for r in schema_runs(fleet) if r[1] == OK and r[3] == "0006_slow"]
+    assert sorted(oks) == sorted(fleet.stamps)
+
+
+def test_held_lock_fails_that_stamp_in_a_parallel_wave_naming_it(fleet4: Fleet) -> None:
+    fleet = fleet4
+    for name in fleet.stamps:
+        put_at(fleet, name, "0004_comments_search_index")
+    with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        pid = holder.info.backend_pid
+        started = time.monotonic()
+        rollout = upgrade_fleet(fleet.ctx, parallel=3, continue_on_error=True)
+        assert time.monotonic() - started < 10
+    assert rollout.canary == "ap-1"
+    assert [(o.stamp, o.wave) for o in rollout.outcomes] == [("ap-1", 0), ("eu-1", 1), ("eu-2", 1), ("us-1", 1)]
+    [failed] = rollout.failed
+    assert failed.stamp == "eu-2" and failed.at_revision == "0004_comments_search_index"
+    assert f"stamp eu-2 is being migrated by another migrator run (backend pid {pid}" in str(failed.error)
+    assert revisions(fleet) == {"ap-1": HEAD, "eu-1": HEAD, "eu-2": "0004_comments_search_index", "us-1": HEAD}
+
+
+def test_dry_run_prints_sql_and_changes_nothing(fleet4: Fleet) -> None:
+    fleet = fleet4
+    put_at(fleet, "eu-1", "0002_collaboration")
+    put_at(fleet, "us-1", "0002_collaboration")
+    put_at(fleet, "ap-1", "0004_comments_search_index")
+    fleet.seed("eu-1", 1, 300)
+    before = revisions(fleet)
+    snapshots = {name: stamp_snapshot(fleet.dsn(name)) for name in fleet.stamps}
+
+    result = fleet.run("schema", "upgrade", "--dry-run")  # no --yes needed: nothing runs
+    assert result.exit_code == 0, result.output
+    assert "-- ap-1: 0004_comments_search_index -> 0005_task_watchers (pending: 0005_task_watchers)" in result.stdout
+    assert "-- eu-1, us-1: 0002_collaboration -> 0005_task_watchers" in result.stdout
+    assert "ALTER TABLE tasks ADD COLUMN priority smallint;" in result.stdout
+    assert "CREATE INDEX CONCURRENTLY comments_body_search" in result.stdout
+    assert "CREATE TABLE task_watchers" in result.stdout
+    assert revisions(fleet) == before
+    assert {name: stamp_snapshot(fleet.dsn(name)) for name in fleet.stamps} == snapshots
+    assert sorted((r[0], r[1]) for r in schema_runs(fleet)) == [
+        ("ap-1", "dry-run"), ("eu-1", "dry-run"), ("eu-2", SKIPPED), ("us-1", "dry-run")
+    ]
+    data = json.loads(fleet.run("schema", "upgrade", "--dry-run", "--json").stdout)
+    assert {s["stamp"]: s["pending"] for s in data["stamps"]}["eu-1"] == [
+        "0003_task_priority", "0004_comments_search_index", HEAD
+    ]
+
+
+def test_unreachable_stamp_is_reported_and_fails_the_rollout_without_its_password(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    server = pgserver.start_server(tmp_path / "second", backend="local")
+    try:
+        with dsnlib.connect(server.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE lost")
+        migrations.upgrade(server.dsn("lost"), STAMP_ENV, "0004_comments_search_index")
+        fleet.catalog.add_stamp("lost-1", server.dsn("lost"))
+    finally:
+        server.stop()
+    put_at(fleet, "eu-1", "0004_comments_search_index")
+
+    status = fleet.run("schema", "status")
+    assert status.exit_code == 3
+    line = next(line for line in status.stdout.splitlines() if "lost-1" in line)
+    assert "UNREACHABLE" in line and "cannot connect to stamp lost-1" in line and "***" in line
+    upgrade = fleet.run("schema", "upgrade", "--yes", "--continue-on-error")
+    assert upgrade.exit_code == 1
+    assert "lost-1" in upgrade.stderr and "failed" in upgrade.stderr
+    for text in (status.output, upgrade.output):
+        assert server.password not in text and fleet.server.password not in text
+    assert revisions(fleet)["eu-1"] == HEAD  # the healthy canary went first
+    rows = {r[0]: r for r in schema_runs(fleet)}
+    assert rows["lost-1"][1] == FAILED and "cannot connect" in rows["lost-1"][4]
+    assert server.password not in rows["lost-1"][4]
+
+
+def test_stamp_with_a_fenced_move_is_refused(fleet: Fleet) -> None:
+    fleet.seed("eu-1", 1, 200)
+    put_at(fleet, "us-1", "0004_comments_search_index")
+    route = fleet.catalog.route("1")
+    move = fleet.catalog.create_move("1", "eu-1", "us-1", "online", route.version, 1000)
+    fleet.catalog.update_move(move.id, phase="cutover")
+
+    result = fleet.run("schema", "upgrade", "--yes")
+    assert result.exit_code == 2
+    assert f"stamp us-1 has online move {move.id} (tenant 1, eu-1 -> us-1) in its fenced cutover phase" in result.stderr
+    assert revisions(fleet)["us-1"] == "0004_comments_search_index" and schema_runs(fleet) == []
+    assert fleet.run("schema", "status").exit_code == 3  # reading is never refused
+
+    fleet.catalog.update_move(move.id, phase="aborted")
+    offline = fleet.catalog.create_move("1", "eu-1", "eu-2", "offline", route.version, 1000)
+    fleet.catalog.update_move(offline.id, phase="copying")
+    result = fleet.run("schema", "downgrade", "0003_task_priority", "--stamp", "eu-2", "--yes")
+    assert result.exit_code == 2 and f"offline move {offline.id}" in result.stderr
+    fleet.catalog.update_move(offline.id, phase="aborted")
+    assert fleet.run("schema", "upgrade", "--yes").exit_code == 0
+    assert set(revisions(fleet).values()) == {HEAD}
+
+
+def test_downgrade_and_back_keeps_data_and_the_log_tells_who_did_what(fleet: Fleet) -> None:
+    fleet.seed("eu-1", 1, 400)
+    result = fleet.run("schema", "downgrade", "0002_collaboration", "--stamp", "eu-1", "--stamp", "us-1", "--yes")
+    assert result.exit_code == 0, result.output
+    assert revisions(fleet) == {"eu-1": "0002_collaboration", "eu-2": HEAD, "us-1": "0002_collaboration"}
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
+        assert conn.execute("SELECT to_regclass('task_watchers')").fetchone() == (None,)
+        tasks = conn.execute("SELECT count(*) FROM tasks").fetchone()
+    assert fleet.run("schema", "upgrade", "--yes").exit_code == 0
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM tasks WHERE priority BETWEEN 1 AND 3").fetchone() == tasks
+
+    log = json.loads(fleet.run("schema", "log", "--stamp", "eu-1", "--json").stdout)
+    assert [(r["direction"], r["from_revision"], r["to_revision"], r["result"]) for r in log] == [
+        ("upgrade", "0002_collaboration", HEAD, OK),
+        ("downgrade", HEAD, "0002_collaboration", OK),
+    ]
+    assert log[0]["operator"] and log[0]["finished_at"] >= log[0]["started_at"]
+    text = fleet.run("schema", "log", "--limit", "2")
+    assert text.exit_code == 0 and len(text.stdout.strip().splitlines()) == 3
+
+    history = json.loads(fleet.run("schema", "history", "--json").stdout)
+    assert [r["revision"] for r in history][:2] == [HEAD, "0004_comments_search_index"]
+    assert [r["is_head"] for r in history] == [True, False, False, False, False]
+    assert "head" in fleet.run("schema", "history").stdout.splitlines()[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("schema", "upgrade", "nosuchrev", "--yes"), "unknown revision 'nosuchrev'"),
+        (("schema", "upgrade", "--canary", "mars-1", "--yes"), "unknown stamp 'mars-1'"),
+        (("schema", "downgrade", "base", "--stamp", "mars-1", "--yes"), "unknown stamp 'mars-1'"),
+        (("schema", "log", "--stamp", "mars-1"), "unknown stamp 'mars-1'"),
+    ],
+)
+def test_bad_input_exits_2(fleet: Fleet, args: tuple[str, ...], message: str) -> None:
+    result = fleet.run(*args)
+    assert result.exit_code == 2 and message in result.stderr
+    assert schema_runs(fleet) == []
+
+
+def test_engine_status_reads_every_stamp(fleet: Fleet) -> None:
+    put_at(fleet, "eu-2", "0003_task_priority")
+    rows = {r.stamp: r for r in schema_status(fleet.ctx)}
+    assert rows["eu-2"].state == "behind" and rows["eu-2"].pending == ("0004_comments_search_index", HEAD)
+    assert rows["eu-1"].state == "up to date" and not rows["eu-1"].drift
+    rollout = downgrade_stamps(fleet.ctx, "0004_comments_search_index", ["eu-1", "eu-2"])
+    assert [(o.stamp, o.result) for o in rollout.outcomes] == [("eu-1", OK), ("eu-2", SKIPPED)]
+    with pytest.raises(psycopg.errors.UndefinedTable), dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
+        conn.execute("SELECT 1 FROM task_watchers")
