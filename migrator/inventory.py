@@ -8,11 +8,16 @@ from migrator import fence, stamps
 from migrator.context import Context
 from migrator.discovery import discover
 from migrator.errors import BadInput
+from migrator.sizes import measure
 from migrator.verify import Report, verify_tenant
 
 
-def list_tenants(ctx: Context, stamp_name: str | None = None) -> list[dict[str, Any]]:
-    """Every tenant found on the stamps with its row count, and whether the catalog routes it there."""
+def list_tenants(ctx: Context, stamp_name: str | None = None, sizes: bool = False) -> list[dict[str, Any]]:
+    """Every tenant found on the stamps with its row count, and whether the catalog routes it there.
+
+    With `sizes` (flag --sizes) also the payload bytes, total and per table: the sum of
+    `pg_column_size` over the tenant's rows (see `migrator.sizes`), which costs a scan per table.
+    """
     catalog = ctx.catalog
     chosen = [catalog.stamp(stamp_name)] if stamp_name else catalog.stamps()
     routes = {r.tenant: r.stamp for r in catalog.routes()}
@@ -20,17 +25,20 @@ def list_tenants(ctx: Context, stamp_name: str | None = None) -> list[dict[str, 
     for stamp in chosen:
         with stamps.connect(stamp) as conn:
             layout = discover(conn, ctx.config.tenancy)
-            counts = stamps.tenant_rows(conn, layout)
-        for tenant in sorted(counts, key=lambda t: (len(t), t)):
-            rows.append(
-                {
-                    "stamp": stamp.name,
-                    "tenant": tenant,
-                    "rows": sum(counts[tenant].values()),
-                    "tables": counts[tenant],
-                    "routed": routes.get(tenant) == stamp.name,
-                }
-            )
+            found = measure(conn, layout, stamp.name, with_bytes=sizes)
+        for tenant in sorted(found, key=lambda t: (len(t), t)):
+            size = found[tenant]
+            row: dict[str, Any] = {
+                "stamp": stamp.name,
+                "tenant": tenant,
+                "rows": size.rows,
+                "tables": {table: count for table, (count, _) in size.tables.items()},
+                "routed": routes.get(tenant) == stamp.name,
+            }
+            if sizes:
+                row["bytes"] = size.bytes
+                row["table_bytes"] = {table: nbytes for table, (_, nbytes) in size.tables.items()}
+            rows.append(row)
     return rows
 
 

@@ -130,18 +130,30 @@ def tenant_group() -> None:
 
 @tenant_group.command("list")
 @click.option("--stamp", default=None, help="Only this stamp.")
+@click.option("--sizes", is_flag=True, help="Also measure bytes (sum of pg_column_size of the rows; scans tables).")
 @JSON
 @click.pass_context
-def tenant_list(ctx: click.Context, stamp: str | None, as_json: bool) -> None:
-    """Tenants with row counts per stamp, and whether the catalog routes them there."""
+def tenant_list(ctx: click.Context, stamp: str | None, sizes: bool, as_json: bool) -> None:
+    """Tenants with row counts (and with --sizes, bytes) per stamp, and whether the catalog routes them there."""
     from migrator.inventory import list_tenants
+    from migrator.sizes import human_bytes
 
-    rows = list_tenants(context_of(ctx), stamp)
+    rows = list_tenants(context_of(ctx), stamp, sizes=sizes)
+    headers = ["stamp", "tenant", "rows", *(["bytes"] if sizes else []), "routed here"]
     emit(
         as_json,
         rows,
         render.table(
-            ["stamp", "tenant", "rows", "routed here"],
-            [[r["stamp"], r["tenant"], r["rows"], "yes" if r["routed"] else "NO"] for r in rows],
+            headers,
+            [
+                [
+                    r["stamp"],
+                    r["tenant"],
+                    r["rows"],
+                    *([human_bytes(r["bytes"])] if sizes else []),
+                    "yes" if r["routed"] else "NO",
+                ]
+                for r in rows
+            ],
         ),
     )

@@ -1,0 +1,402 @@
+"""Stamp lifecycle, plan and apply commands: `stamp set-state|update`, `plan drain|rebalance|isolate|show`, `apply`."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+from tqdm import tqdm
+
+from migrator import render
+from migrator.catalog import STAMP_STATES
+from migrator.cli.base import JSON, cli, context_of, emit
+from migrator.cli.core import stamp_group
+from migrator.errors import MigratorError
+
+if TYPE_CHECKING:  # the engine is imported inside each command, which keeps `migrator --help` fast
+    from migrator.apply import ApplyResult, Entry, EntryResult, Prepared
+    from migrator.plan import Plan
+
+OUTPUT = click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the plan (default under plans/).",
+)
+FORCE = click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
+
+# -- stamps -----------------------------------------------------------------------------------------------
+
+
+@stamp_group.command("set-state")
+@click.argument("name")
+@click.argument("state", type=click.Choice(STAMP_STATES))
+@click.pass_context
+def stamp_set_state(ctx: click.Context, name: str, state: str) -> None:
+    """Mark a stamp active, draining (receives no tenants) or retired (refused while it holds any)."""
+    from migrator.sizes import set_stamp_state
+
+    stamp = set_stamp_state(context_of(ctx), name, state)
+    click.echo(f"stamp {stamp.name} is {stamp.state}")
+
+
+@stamp_group.command("update")
+@click.argument("name")
+@click.option("--capacity-rows", type=click.IntRange(min=1), default=None, help="How many tenant rows it may hold.")
+@click.option("--capacity-bytes", type=click.IntRange(min=1), default=None, help="How many bytes of tenant rows.")
+@click.option("--region", default=None, help="Region label, for placement and reports.")
+@click.pass_context
+def stamp_update(
+    ctx: click.Context, name: str, capacity_rows: int | None, capacity_bytes: int | None, region: str | None
+) -> None:
+    """Change a stamp's capacity or region (used by `plan drain` and `plan rebalance`)."""
+    from migrator.sizes import update_stamp
+
+    stamp = update_stamp(context_of(ctx), name, capacity_rows, capacity_bytes, region)
+    click.echo(
+        f"stamp {stamp.name}: capacity {stamp.capacity_rows or 'unlimited'} rows, "
+        f"{stamp.capacity_bytes or 'unlimited'} bytes, region {stamp.region or '-'}"
+    )
+
+
+# -- plans ------------------------------------------------------------------------------------------------
+
+
+@cli.group("plan")
+def plan_group() -> None:
+    """Write reviewable plans (drain, rebalance, isolate) to plans/; run them with `migrator apply`."""
+
+
+def _written(as_json: bool, plan: Plan, path: Path) -> None:
+    emit(
+        as_json,
+        {"path": str(path), **_plan_dict(plan)},
+        f"{_plan_text(plan)}\n\nwrote {path}; review it, then run `migrator apply {path}`",
+    )
+
+
+@plan_group.command("drain")
+@click.argument("stamp")
+@click.option("--to", "to", default=None, help="Comma-separated stamps to drain onto (default: every active stamp).")
+@OUTPUT
+@FORCE
+@JSON
+@click.pass_context
+def plan_drain_cmd(
+    ctx: click.Context, stamp: str, to: str | None, output: Path | None, force: bool, as_json: bool
+) -> None:
+    """Plan moving every tenant off STAMP, largest first, onto the active stamp with most free capacity."""
+    from migrator.plan import plan_drain, write_plan
+
+    targets = [name.strip() for name in to.split(",") if name.strip()] if to else None
+    plan = plan_drain(context_of(ctx), stamp, targets)
+    path = write_plan(plan, output or Path("plans") / f"drain-{stamp.replace('/', '-')}.yaml", force)
+    _written(as_json, plan, path)
+
+
+@plan_group.command("rebalance")
+@click.option(
+    "--threshold",
+    type=click.FloatRange(min=0, max=1),
+    default=0.1,
+    show_default=True,
+    help="Every active stamp must end within this of the fleet's utilisation (rows / capacity_rows).",
+)
+@click.option("--max-moves", type=click.IntRange(min=1), default=None, help="Propose at most this many moves.")
+@OUTPUT
+@FORCE
+@JSON
+@click.pass_context
+def plan_rebalance_cmd(
+    ctx: click.Context, threshold: float, max_moves: int | None, output: Path | None, force: bool, as_json: bool
+) -> None:
+    """Plan the fewest moves (greedy) that bring every active stamp near the fleet's mean utilisation."""
+    from migrator.plan import plan_rebalance, write_plan
+
+    plan = plan_rebalance(context_of(ctx), threshold, max_moves)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    path = write_plan(plan, output or Path("plans") / f"rebalance-{stamp}.yaml", force)
+    _written(as_json, plan, path)
+
+
+@plan_group.command("isolate")
+@click.argument("tenant")
+@click.option("--to", "target", required=True, help="The empty stamp that becomes the tenant's own.")
+@OUTPUT
+@FORCE
+@JSON
+@click.pass_context
+def plan_isolate_cmd(
+    ctx: click.Context, tenant: str, target: str, output: Path | None, force: bool, as_json: bool
+) -> None:
+    """Plan moving one (heavy) tenant to a dedicated stamp that holds no tenant yet."""
+    from migrator.plan import plan_isolate, write_plan
+
+    plan = plan_isolate(context_of(ctx), tenant, target)
+    path = write_plan(plan, output or Path("plans") / f"isolate-{tenant.replace('/', '-')}.yaml", force)
+    _written(as_json, plan, path)
+
+
+@plan_group.command("show")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@JSON
+def plan_show_cmd(file: Path, as_json: bool) -> None:
+    """Show a plan file as tables: its moves and each stamp's utilisation before and after (offline)."""
+    from migrator.plan import load_plan
+
+    plan, _ = load_plan(file)
+    emit(as_json, _plan_dict(plan), _plan_text(plan))
+
+
+def _plan_dict(plan: Plan) -> dict[str, Any]:
+    from migrator.plan import plan_data
+
+    return plan_data(plan)
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _plan_text(plan: Plan) -> str:
+    from migrator.sizes import human_bytes
+
+    head = [
+        f"{plan.kind} plan, created {plan.created}, catalog {plan.catalog}, schema {plan.fleet_schema_revision}",
+        f"reason: {plan.reason}",
+        *(f"note: {note}" for note in plan.notes),
+    ]
+    moves = render.table(
+        ["#", "tenant", "from", "to", "rows", "bytes"],
+        [[i, m.tenant, m.source, m.target, f"{m.rows:,}", human_bytes(m.bytes)] for i, m in enumerate(plan.moves)],
+    )
+    use = render.table(
+        ["stamp", "before", "after", "change", "rows before", "rows after"],
+        [
+            [
+                name,
+                _fraction(u.before),
+                _fraction(u.after),
+                "-" if u.before is None or u.after is None else f"{u.after - u.before:+.1%}",
+                "" if u.rows_before is None else f"{u.rows_before:,}",
+                "" if u.rows_after is None else f"{u.rows_after:,}",
+            ]
+            for name, u in plan.utilisation.items()
+        ],
+    )
+    total = f"{len(plan.moves)} moves, {plan.rows:,} rows"
+    return "\n".join(
+        [*head, "", moves if plan.moves else "no moves", total, "", "utilisation (rows / capacity_rows):", use]
+    )
+
+
+# -- apply ------------------------------------------------------------------------------------------------
+
+
+class ApplyBars:
+    """An overall tqdm bar of rows on stderr, and one line per started and finished move."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bar: tqdm[Any] | None = None
+        self._count = 0
+        self._total = 0
+
+    def begin(self, prepared: Prepared) -> None:
+        todo = prepared.todo
+        self._total = len(todo)
+        self._bar = tqdm(
+            total=sum(e.move.rows for e in todo) or None,
+            desc=f"plan ({len(todo)} moves)",
+            unit="rows",
+            unit_scale=True,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        for entry in prepared.entries:
+            if entry.todo == "done":
+                self._line(f"skip    tenant {entry.move.tenant}: {entry.note}")
+
+    def started(self, entry: Entry) -> None:
+        what = entry.note if entry.resume else f"{entry.move.rows:,} rows"
+        self._line(f"start   tenant {entry.move.tenant} {entry.move.source} -> {entry.move.target} ({what})")
+
+    def rows(self, count: int) -> None:
+        with self._lock:
+            if self._bar is not None:
+                self._bar.update(count)
+
+    def finished(self, result: EntryResult) -> None:
+        with self._lock:
+            self._count += 1
+        where = f"tenant {result.tenant} {result.source} -> {result.target}"
+        if result.status == "done":
+            self._line(
+                f"done    {where} in {result.seconds:.1f} s (move {result.move_id}) [{self._count}/{self._total}]"
+            )
+        else:
+            self._line(f"FAILED  {where}: {result.reason} [{self._count}/{self._total}]")
+
+    def note(self, message: str) -> None:
+        self._line(message)
+
+    def _line(self, text: str) -> None:
+        with self._lock:
+            tqdm.write(render.mask_text(text), file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class _Quiet:
+    """The reporter of --json runs: says nothing until the result."""
+
+    def begin(self, prepared: Prepared) -> None:
+        pass
+
+    def started(self, entry: Entry) -> None:
+        pass
+
+    def rows(self, count: int) -> None:
+        pass
+
+    def finished(self, result: EntryResult) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+
+def _dry_run(as_json: bool, prepared: Prepared) -> None:
+    def action(entry: Entry) -> str:
+        return {"run": "would move", "resume": f"would {entry.note}"}.get(entry.todo, f"skip: {entry.note}")
+
+    data = {
+        "dry_run": True,
+        "path": prepared.path,
+        "digest": prepared.digest,
+        "entries": [
+            {
+                "position": e.position,
+                "tenant": e.move.tenant,
+                "from": e.move.source,
+                "to": e.move.target,
+                "rows": e.move.rows,
+                "action": action(e),
+            }
+            for e in prepared.entries
+        ],
+    }
+    text = render.table(
+        ["#", "tenant", "from", "to", "rows", "action"],
+        [
+            [e.position, e.move.tenant, e.move.source, e.move.target, f"{e.move.rows:,}", action(e)]
+            for e in prepared.entries
+        ],
+    )
+    emit(as_json, data, f"dry run of {prepared.path}: the plan is current\n{text}")
+
+
+def _summary(result: ApplyResult) -> str:
+    counts = ", ".join(f"{len(result.having(s))} {s}" for s in ("done", "failed", "skipped"))
+    table = render.table(
+        ["#", "tenant", "from", "to", "status", "move", "seconds", "reason"],
+        [
+            [
+                r.position,
+                r.tenant,
+                r.source,
+                r.target,
+                r.status,
+                r.move_id,
+                f"{r.seconds:.1f}" if r.seconds else "",
+                render.mask_text(r.reason),
+            ]
+            for r in result.results
+        ],
+    )
+    return f"{table}\nplan {result.path}: {result.status} ({counts})"
+
+
+@cli.command("apply")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--parallel",
+    type=click.IntRange(min=1, max=64),
+    default=1,
+    show_default=True,
+    help="Run at most this many moves at once.",
+)
+@click.option(
+    "--per-stamp",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Run at most this many moves at once into one target stamp.",
+)
+@click.option(
+    "--batch-rows",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Rows per copy batch of each move.",
+)
+@click.option("--stop-on-error", is_flag=True, help="Start no more moves once one has failed.")
+@click.option("--dry-run", is_flag=True, help="Check the plan is still current and show what would run.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@JSON
+@click.pass_context
+def apply_cmd(
+    ctx: click.Context,
+    file: Path,
+    parallel: int,
+    per_stamp: int,
+    batch_rows: int,
+    stop_on_error: bool,
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Carry out a plan file's moves; re-running it resumes where it stopped (Ctrl-C lets running moves end)."""
+    from migrator.apply import ApplyOptions, prepare, run
+
+    context = context_of(ctx)
+    prepared = prepare(context, file)
+    if dry_run:
+        _dry_run(as_json, prepared)
+        return
+    todo = prepared.todo
+    if not yes:
+        rows = sum(e.move.rows for e in todo)
+        click.confirm(f"Apply {file}: {len(todo)} moves ({rows:,} rows), {parallel} at a time?", abort=True)
+    reporter = _Quiet() if as_json else ApplyBars()
+    try:
+        result = run(context, prepared, ApplyOptions(parallel, per_stamp, stop_on_error, batch_rows), reporter)
+    finally:
+        if isinstance(reporter, ApplyBars):
+            reporter.close()
+    data = {
+        "path": result.path,
+        "digest": result.digest,
+        "status": result.status,
+        "interrupted": result.interrupted,
+        "results": list(result.results),
+    }
+    emit(as_json, data, _summary(result))
+    failed, skipped = result.having("failed"), [r for r in result.results if r.reason.startswith("not started")]
+    if failed:
+        raise MigratorError(
+            f"{len(failed)} of {len(result.results)} moves failed; fix the cause and re-run "
+            f"`migrator apply {file}` to retry them"
+        )
+    if result.interrupted or skipped:
+        raise MigratorError(
+            f"interrupted with {len(skipped)} moves not started; re-run `migrator apply {file}` "
+            "to continue where it stopped"
+        )
