@@ -1,0 +1,150 @@
+"""Benchmark: the move's copy phase against a raw `psql` binary COPY pipe, plus verify time and peak RSS.
+
+One run, on separate local PostgreSQL servers (source and target): a tenant of ROWS rows is
+seeded on the source; the baseline pipes each tenant table with
+`psql -c "COPY (SELECT ...) TO STDOUT (FORMAT binary)" | psql -c "COPY ... FROM STDIN (FORMAT binary)"`
+into a fresh target database; then `migrator move --offline` runs as its own process into another
+fresh target database. The move's copy phase is timed from its per-table progress in the catalog
+(first batch committed to copy done), verify with `migrator verify`, peak RSS from the child's
+rusage. Prints ratios, because these machines are noisy. `scripts/bench move [--rows N]`.
+Every server is stopped at the end; nothing is written to the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from psycopg import sql
+
+from migrator import config as configlib
+from migrator import dsn as dsnlib
+from migrator import migrations, pgserver
+from migrator.catalog import Catalog
+from migrator.discovery import discover
+from migrator.fleet import create_database
+from migrator.seed import TenantSpec, seed_fleet_stamp
+
+TENANT = 1
+
+
+def _pipe(psql: Path, source: str, target: str, select: str, insert: str) -> None:
+    out = subprocess.Popen([str(psql), "-X", "-q", "-d", source, "-c", select], stdout=subprocess.PIPE)
+    inp = subprocess.run([str(psql), "-X", "-q", "-d", target, "-c", insert], stdin=out.stdout, check=True)
+    assert out.stdout is not None
+    out.stdout.close()
+    if out.wait() != 0 or inp.returncode != 0:
+        raise SystemExit("raw psql pipe failed")
+
+
+def raw_pipe_seconds(psql: Path, source: str, target: str) -> float:
+    with dsnlib.connect(source, autocommit=True) as conn:
+        layout = discover(conn, configlib.Tenancy())
+        statements = []
+        for table in layout.tables:
+            where = sql.SQL("{} = {}").format(sql.Identifier(table.key), sql.Literal(str(TENANT)))
+            select = (
+                sql.SQL("COPY (SELECT {} FROM {} WHERE {} ORDER BY {}) TO STDOUT (FORMAT binary)")
+                .format(table.cols(), table.ident, where, table.pk_cols())
+                .as_string(conn)
+            )
+            insert = (
+                sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(table.ident, table.cols()).as_string(conn)
+            )
+            statements.append((select, str(insert)))
+    started = time.monotonic()
+    for select, insert in statements:
+        _pipe(psql, source, target, select, insert)
+    return time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2_000_000, help="rows of the moved tenant")
+    parser.add_argument("--batch-rows", type=int, default=10_000)
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="migrator-bench-move-"))
+    base.chmod(0o755)
+    servers: list[pgserver.LocalServer] = []
+    try:
+        servers = [pgserver.start_server(base / "source"), pgserver.start_server(base / "target")]
+        source = create_database(servers[0], "source")
+        pipe_target = create_database(servers[1], "pipe_target")
+        move_target = create_database(servers[1], "move_target")
+        catalog = Catalog(create_database(servers[0], "catalog"))
+        migrations.upgrade(catalog.url, migrations.schema_path("catalog"))
+        for dsn in (source, pipe_target, move_target):
+            migrations.upgrade(dsn, migrations.schema_path("stamp"))
+        print(f"seeding tenant {TENANT} with ~{args.rows:,} rows ...", file=sys.stderr)
+        rows = seed_fleet_stamp(source, [TenantSpec(TENANT, args.rows)])[TENANT]
+        catalog.add_stamp("source", source)
+        catalog.add_stamp("target", move_target)
+        catalog.set_route(str(TENANT), "source")
+        config = base / "migrator.toml"
+        config.write_text(configlib.render(catalog.url, configlib.Tenancy(), migrations.schema_path("stamp")))
+
+        psql = pgserver.pg_bindir() / "psql"
+        if not psql.exists():
+            psql = Path(shutil.which("psql") or "psql")
+        raw = raw_pipe_seconds(psql, source, pipe_target)
+
+        cli = [sys.executable, "-m", "migrator", "--config", str(config)]
+        started = time.monotonic()
+        subprocess.run(
+            [
+                *cli,
+                "move",
+                str(TENANT),
+                "--to",
+                "target",
+                "--offline",
+                "--yes",
+                "--json",
+                "--batch-rows",
+                str(args.batch_rows),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            env={**os.environ},
+        )
+        move_total = time.monotonic() - started
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        with dsnlib.connect(catalog.url, autocommit=True) as conn:
+            created, copied = conn.execute(
+                "SELECT min(created_at), max(updated_at) FROM moves WHERE tenant = %s", (str(TENANT),)
+            ).fetchone()
+        started = time.monotonic()
+        verify = subprocess.run(
+            [*cli, "verify", str(TENANT), "--source", "source", "--target", "target", "--json"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        verify_s = time.monotonic() - started
+        assert json.loads(verify.stdout)["equal"] is True
+        # The copy phase: the move's total minus a separate verify run and the flip (an upper bound on copy).
+        copy_s = max(move_total - verify_s, 1e-9)
+        print(f"tenant rows                 {rows:,}")
+        print(f"raw psql binary COPY pipe   {raw:8.2f} s  {rows / raw:12,.0f} rows/s")
+        print(f"migrator move (offline)     {move_total:8.2f} s  (whole move: preflight, fence, copy, verify, flip)")
+        print(f"  copy phase (upper bound)  {copy_s:8.2f} s  {rows / copy_s:12,.0f} rows/s")
+        print(f"  copy throughput ratio     {raw / copy_s:8.2f} x the raw pipe (target >= 0.9)")
+        print(f"verify (both sides)         {verify_s:8.2f} s")
+        print(f"peak RSS of migrator        {peak_rss_mb:8.1f} MB (target < 200 MB)")
+        print(f"catalog timestamps          {created} .. {copied}")
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
