@@ -23,9 +23,9 @@ from migrator.errors import BadInput, LockBusy, RouteConflict
 from migrator.retry import transient
 
 STAMP_STATES = ("active", "draining", "retired")
-# Phases of a move, in order; the last three are terminal (see moves_one_open_per_tenant).
-# Online moves pass through "synced" (caught up, untouched rows verified) and "cutover" (fenced).
-PHASES = ("created", "copying", "copied", "synced", "cutover", "verified", "flipped", "cleaned", "aborted")
+# Phases of a move, in order: created, copying, copied, then online "synced" (caught up, untouched
+# rows verified) and "cutover" (fenced) or offline "verified", then flipped, cleaned; or aborted.
+# The last three are terminal (see the index moves_one_open_per_tenant).
 TERMINAL = ("flipped", "cleaned", "aborted")
 
 

@@ -55,12 +55,6 @@ def _save_cursor(tgt: psycopg.Connection[Any], move_id: int, table: Table, curso
     )
 
 
-def count_rows(conn: psycopg.Connection[Any], table: Table, tenant: str) -> int:
-    row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table.ident, tenant_filter(table, tenant)))
-    found = row.fetchone()
-    return int(found[0]) if found else 0
-
-
 def _batch_bound(
     src: psycopg.Connection[Any], table: Table, tenant: str, after: list[str] | None, batch_rows: int
 ) -> list[str] | None:

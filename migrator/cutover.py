@@ -168,6 +168,20 @@ def _check_revisions(
         )
 
 
+def catch_up(source: Stamp, target: Stamp, layout: Layout, move: Move, options: CutoverOptions) -> int:
+    """Replay captured changes until the backlog is small enough to enter the cutover."""
+    return capture.catch_up(
+        source.dsn,
+        target.dsn,
+        layout,
+        move.tenant,
+        move.id,
+        batch=options.replay_batch,
+        until=options.cutover_backlog,
+        timeout_s=options.catchup_timeout_s,
+    )
+
+
 def online_cutover(
     catalog: Catalog,
     move: Move,
@@ -185,23 +199,10 @@ def online_cutover(
     pause; after the last attempt the move stops, unfenced and resumable.
     """
     last = ""
-
-    def catch_up() -> None:
-        capture.catch_up(
-            source.dsn,
-            target.dsn,
-            layout,
-            move.tenant,
-            move.id,
-            batch=options.replay_batch,
-            until=options.cutover_backlog,
-            timeout_s=options.catchup_timeout_s,
-        )
-
     for attempt in range(1, options.attempts + 1):
-        catch_up()
+        catch_up(source, target, layout, move, options)
         verify_before_freeze(source, target, layout, move, incremental=True)
-        catch_up()
+        catch_up(source, target, layout, move, options)
         lock.check()
         try:
             return _freeze_and_flip(catalog, move, source, target, layout, lock, revision, options, progress)

@@ -173,15 +173,6 @@ def unguard(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> None:
             conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRIGGER), table.ident))
 
 
-def is_fenced(conn: psycopg.Connection[Any], tenant: str) -> bool:
-    if not has_schema(conn):
-        return False
-    row = conn.execute(
-        sql.SQL("SELECT fenced FROM {}.guarded_tenants WHERE tenant = %s").format(sql.Identifier(SCHEMA)), (tenant,)
-    ).fetchone()
-    return bool(row and row[0])
-
-
 def bypass_for_cleanup(conn: psycopg.Connection[Any]) -> None:
     """Let this transaction delete a fenced tenant's leftovers (the fence stays for everyone else)."""
     conn.execute("SELECT set_config(%s, 'on', true)", (BYPASS_SETTING,))

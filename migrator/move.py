@@ -14,11 +14,11 @@ import contextlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from migrator import capture, copy, fence, stamps
+from migrator import copy, fence, stamps
 from migrator.catalog import Move, Route, Stamp, TableProgress, TenantLock
 from migrator.cleanup import delete_tenant, forget_progress
 from migrator.context import Context
-from migrator.cutover import CutoverOptions, flip, online_cutover, verify_before_freeze, verify_move
+from migrator.cutover import CutoverOptions, catch_up, flip, online_cutover, verify_before_freeze, verify_move
 from migrator.discovery import Layout
 from migrator.errors import MigratorError, PreflightError, VerifyMismatch
 from migrator.preflight import Checked, check_move
@@ -171,18 +171,8 @@ def _sync(
     ctx: Context, move: Move, source: Stamp, target: Stamp, layout: Layout, options: MoveOptions, progress: Progress
 ) -> tuple[Move, Report]:
     """Online: catch up, then verify every row the application has not touched, while it writes."""
-    cut = options.cutover
     progress.phase(f"catching up with tenant {move.tenant}'s writes on {source.name}")
-    capture.catch_up(
-        source.dsn,
-        target.dsn,
-        layout,
-        move.tenant,
-        move.id,
-        batch=cut.replay_batch,
-        until=cut.cutover_backlog,
-        timeout_s=cut.catchup_timeout_s,
-    )
+    catch_up(source, target, layout, move, options.cutover)
     progress.phase(f"verifying the bulk copy of tenant {move.tenant} (writes continue)")
     report, unproven = verify_before_freeze(source, target, layout, move)
     progress.phase(f"bulk copy verified; {unproven} keys in flux are checked again in the freeze")
