@@ -225,13 +225,14 @@ class Catalog:
             conn.execute("UPDATE routes SET state = %s, updated_at = now() WHERE tenant = %s", (state, tenant))
 
     @transient()
-    def flip(self, move: Move, freeze_ms: float | None = None) -> Route:
+    def flip(self, move: Move, conn: psycopg.Connection[Any], freeze_ms: float | None = None) -> Route:
         """Compare-and-set the route from the move's source to its target, and mark the move flipped.
 
-        Both happen in one catalog transaction, so a crash leaves either the old route with the move
-        still open, or the new route with the move flipped.
+        Both happen in one catalog transaction on `conn` (the tenant lock's own session, so no new
+        connection is opened while writes are frozen): a crash leaves either the old route with the
+        move still open, or the new route with the move flipped.
         """
-        with self.transaction() as conn:
+        with conn.transaction():
             cur = conn.execute(
                 "UPDATE routes SET stamp = %s, version = version + 1, state = 'active', updated_at = now()"
                 " WHERE tenant = %s AND stamp = %s AND version = %s",
@@ -406,8 +407,8 @@ class TenantLock:
             raise LockBusy(f"tenant {self.tenant} is locked by another running migrator: {which}")
         self._conn = conn
 
-    def check(self) -> None:
-        """Raise if the lock's session was lost (catalog restart): never act without holding it."""
+    def check(self) -> psycopg.Connection[Any]:
+        """The lock's live session, re-acquired if it was lost (catalog restart): never act without it."""
         try:
             if self._conn is None or self._conn.closed:
                 raise psycopg.OperationalError("lock connection closed")
@@ -415,6 +416,8 @@ class TenantLock:
         except psycopg.Error:
             self.release()
             self.acquire()
+        assert self._conn is not None
+        return self._conn
 
     def release(self) -> None:
         if self._conn is not None:

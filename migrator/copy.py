@@ -22,6 +22,8 @@ from migrator.fence import SCHEMA
 from migrator.progress import Progress
 from migrator.retry import transient
 
+CHUNK_BYTES = 64 * 1024
+
 
 @dataclass(frozen=True)
 class Cursor:
@@ -88,8 +90,17 @@ def _stream_batch(
     insert = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(table.ident, table.cols())
     with src.cursor() as scur, tgt.cursor() as tcur:
         with scur.copy(select) as out, tcur.copy(insert, writer=QueuedLibpqWriter(tcur)) as inp:
+            # Binary COPY sends one message per row: hand the writer thread ~64 KiB at a time, not rows.
+            chunk: list[bytes | bytearray | memoryview] = []
+            size = 0
             for block in out:
-                inp.write(block)
+                chunk.append(block)
+                size += len(block)
+                if size >= CHUNK_BYTES:
+                    inp.write(b"".join(chunk))
+                    chunk, size = [], 0
+            if chunk:
+                inp.write(b"".join(chunk))
         return max(tcur.rowcount, 0)
 
 
@@ -160,3 +171,27 @@ def advance_sequences(tgt: psycopg.Connection[Any], tables: tuple[Table, ...], t
             )
             advanced.append(column.sequence)
     return advanced
+
+
+def follow_source_sequences(
+    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], tables: tuple[Table, ...]
+) -> None:
+    """Inside the cutover's freeze: raise the target's sequences to at least the source's, O(1) each.
+
+    `advance_sequences` after the bulk copy scans the copied keys; every key the source's
+    sequences handed out since (rows captured during catch-up) is at most their last value, so
+    reading that is enough here and keeps a scan of the tenant's rows out of the write freeze.
+    """
+    names = sorted({c.sequence for t in tables for c in t.columns if c.sequence})
+    if not names:
+        return
+    rows = src.execute(
+        "SELECT s, pg_sequence_last_value(s::regclass) FROM unnest(%s::text[]) AS s", (names,)
+    ).fetchall()
+    known = [(name, value) for name, value in rows if value is not None]
+    if known:
+        tgt.execute(
+            "SELECT setval(s::regclass, greatest(v, coalesce(pg_sequence_last_value(s::regclass), v)))"
+            " FROM unnest(%s::text[], %s::bigint[]) AS u(s, v)",
+            ([n for n, _ in known], [v for _, v in known]),
+        )

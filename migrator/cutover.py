@@ -72,9 +72,8 @@ def verify_move(catalog: Catalog, move: Move, source: Stamp, target: Stamp, layo
 
 
 def flip(catalog: Catalog, move: Move, lock: TenantLock, freeze_ms: float | None = None) -> Route:
-    """Compare-and-set the route; only while still holding the tenant's lock."""
-    lock.check()
-    return catalog.flip(move, freeze_ms)
+    """Compare-and-set the route, on the session that holds the tenant's lock."""
+    return catalog.flip(move, lock.check(), freeze_ms)
 
 
 Hashes = dict[tuple[str, ...], str]
@@ -248,7 +247,7 @@ def _freeze_and_flip(
             drained = capture.drain(src, tgt, layout, move.tenant, move.id, options.replay_batch)
             log.info("move %s: drained %d changes at %.0f ms", move.id, drained, elapsed_ms())
             with tgt.transaction():
-                copy.advance_sequences(tgt, layout.tables, move.tenant)
+                copy.follow_source_sequences(src, tgt, layout.tables)
             report = _verify_captured(src, tgt, layout, move)
             log.info("move %s: verified captured keys at %.0f ms", move.id, elapsed_ms())
             if not report.equal:
@@ -266,7 +265,9 @@ def _freeze_and_flip(
             _unfence(src, move)
             raise
         route = flip(catalog, move, lock, freeze_ms=elapsed_ms())
-        progress.phase(f"flipped tenant {move.tenant} to {target.name}; writes were frozen {elapsed_ms():.0f} ms")
+        frozen_ms = elapsed_ms()  # fence to the flip's commit, which is when writers can go to the target
+        catalog.update_move(move.id, freeze_ms=frozen_ms)
+        progress.phase(f"flipped tenant {move.tenant} to {target.name}; writes were frozen {frozen_ms:.0f} ms")
         with src.transaction():
             fence.stop_capture(src, move.tenant)
         return route
