@@ -11,6 +11,8 @@ starting over. Every step is idempotent, which is what makes resume after kill -
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -49,6 +51,7 @@ class MoveOutcome:
     resumed: bool
     tables: dict[str, int] = field(default_factory=dict)
     report: Report | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, progress: Progress) -> MoveOutcome:
@@ -126,29 +129,36 @@ def _run(
 ) -> MoveOutcome:
     catalog = ctx.catalog
     report = None
+    timings: dict[str, float] = {}
     progress.begin(move.rows_total)
     try:
         if move.phase == "created":
-            move = _guard(ctx, move, source, target, layout)
+            with _timed(timings, "guard"):
+                move = _guard(ctx, move, source, target, layout)
         if move.phase == "copying":
-            move = _copy(ctx, move, source, target, layout, options, progress)
+            with _timed(timings, "copy"):
+                move = _copy(ctx, move, source, target, layout, options, progress)
         if move.mode == "offline":
             if move.phase == "copied":
                 lock.check()
                 progress.phase(f"verifying tenant {move.tenant} on {source.name} and {target.name}")
-                move, report = verify_move(catalog, move, source, target, layout)
+                with _timed(timings, "verify"):
+                    move, report = verify_move(catalog, move, source, target, layout)
             if move.phase == "verified":
                 progress.phase(f"flipping route of tenant {move.tenant} to {target.name}")
-                route = flip(catalog, move, lock)
-                return _finished(ctx, move, source, target, route, resumed, report)
+                with _timed(timings, "flip"):
+                    route = flip(catalog, move, lock)
+                return _finished(ctx, move, source, target, route, resumed, report, timings)
         else:
             if move.phase == "copied":
-                move, report = _sync(ctx, move, source, target, layout, options, progress)
+                with _timed(timings, "sync"):
+                    move, report = _sync(ctx, move, source, target, layout, options, progress)
             if move.phase in ("synced", "cutover"):
-                route = online_cutover(
-                    catalog, move, source, target, layout, lock, move.schema_revision, options.cutover, progress
-                )
-                return _finished(ctx, move, source, target, route, resumed, report)
+                with _timed(timings, "cutover"):
+                    route = online_cutover(
+                        catalog, move, source, target, layout, lock, move.schema_revision, options.cutover, progress
+                    )
+                return _finished(ctx, move, source, target, route, resumed, report, timings)
         raise MigratorError(f"move {move.id} is {move.phase}; nothing to run")
     except MigratorError as exc:
         _record_error(ctx, move, str(exc))
@@ -158,13 +168,30 @@ def _run(
         raise
 
 
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    """Seconds spent in each step by this invocation: shown in `--json`, read by `scripts/bench`."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        timings[step] = round(time.monotonic() - started, 3)
+
+
 def _finished(
-    ctx: Context, move: Move, source: Stamp, target: Stamp, route: Route, resumed: bool, report: Report | None
+    ctx: Context,
+    move: Move,
+    source: Stamp,
+    target: Stamp,
+    route: Route,
+    resumed: bool,
+    report: Report | None,
+    timings: dict[str, float],
 ) -> MoveOutcome:
     with stamps.connect(target) as tgt:
         forget_progress(tgt, move.id)
     move = ctx.catalog.move(move.id)
-    return MoveOutcome(move.tenant, source.name, target.name, move, route, resumed, report=report)
+    return MoveOutcome(move.tenant, source.name, target.name, move, route, resumed, report=report, timings=timings)
 
 
 def _sync(

@@ -1,5 +1,8 @@
 """A tenant's application, for online-move tests: writes through the routing catalog as fast as it can.
 
+`rate` (writes/s) paces it instead, for `scripts/bench online`, which also reads `longest_pause_s`:
+the longest wait between two acknowledged writes, i.e. the freeze as the application saw it.
+
 It inserts, updates (including primary-key changes) and deletes the tenant's tasks, one
 autocommit transaction each, and records every write the database acknowledged, with the stamp
 that took it. On the fence's SQLSTATE it re-reads the route and retries, like a real application.
@@ -25,12 +28,17 @@ class Workload:
     stamps: dict[str, str]
     tenant: int
     seed: int = 1
+    rate: float | None = None
     alive: dict[int, str] = field(default_factory=dict)  # task id -> title the last acknowledged write set
     deleted: set[int] = field(default_factory=set)
     acked: int = 0
     fenced_errors: int = 0
     errors: list[str] = field(default_factory=list)
     touched_on: dict[int, str] = field(default_factory=dict)  # task id -> stamp of its last write
+    longest_pause_s: float = 0.0
+    started_at: float = 0.0
+    stopped_at: float = 0.0
+    _last_ack: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -55,11 +63,16 @@ class Workload:
         rng = random.Random(self.seed)
         stamp = self.route()
         conn = dsnlib.connect(self.stamps[stamp], autocommit=True, pinned=False)
-        project = conn.execute("SELECT id FROM projects WHERE tenant_id = %s ORDER BY id LIMIT 1",
-                               (self.tenant,)).fetchone()[0]
+        project = conn.execute(
+            "SELECT id FROM projects WHERE tenant_id = %s ORDER BY id LIMIT 1", (self.tenant,)
+        ).fetchone()[0]
         n = 0
+        self.started_at = self._last_ack = due = time.monotonic()
         while not self._stop.is_set():
             n += 1
+            if self.rate:
+                due = max(due + 1 / self.rate, time.monotonic() - 0.1)
+                time.sleep(max(0.0, due - time.monotonic()))
             try:
                 self._one(conn, rng, project, n, stamp)
             except psycopg.Error as exc:
@@ -76,6 +89,7 @@ class Workload:
                     self.errors.append(f"{type(exc).__name__}: {exc}")
                     if conn.closed or conn.broken:
                         conn = dsnlib.connect(self.stamps[stamp], autocommit=True, pinned=False)
+        self.stopped_at = time.monotonic()
         conn.close()
 
     def _one(self, conn: psycopg.Connection[Any], rng: random.Random, project: int, n: int, stamp: str) -> None:
@@ -90,13 +104,18 @@ class Workload:
         elif op < 0.75:
             task = rng.choice(list(self.alive))
             title = f"u{self.tenant}-{n}"
-            if conn.execute("UPDATE tasks SET title = %s WHERE tenant_id = %s AND id = %s",
-                            (title, self.tenant, task)).rowcount == 1:
+            if (
+                conn.execute(
+                    "UPDATE tasks SET title = %s WHERE tenant_id = %s AND id = %s", (title, self.tenant, task)
+                ).rowcount
+                == 1
+            ):
                 self._ack(task, title, stamp)
         elif op < 0.85:
             task = rng.choice(list(self.alive))
-            row = conn.execute("UPDATE tasks SET id = DEFAULT WHERE tenant_id = %s AND id = %s RETURNING id",
-                               (self.tenant, task)).fetchone()
+            row = conn.execute(
+                "UPDATE tasks SET id = DEFAULT WHERE tenant_id = %s AND id = %s RETURNING id", (self.tenant, task)
+            ).fetchone()
             if row is not None:  # a primary-key change: the old key must vanish, the new one appear
                 title = self.alive.pop(task)
                 self.deleted.add(task)
@@ -108,12 +127,18 @@ class Workload:
                 del self.alive[task]
                 self.deleted.add(task)
                 self.touched_on[task] = stamp
-                self.acked += 1
+                self._acknowledged()
 
     def _ack(self, task: int, title: str, stamp: str) -> None:
         self.alive[task] = title
         self.deleted.discard(task)
         self.touched_on[task] = stamp
+        self._acknowledged()
+
+    def _acknowledged(self) -> None:
+        now = time.monotonic()
+        self.longest_pause_s = max(self.longest_pause_s, now - self._last_ack)
+        self._last_ack = now
         self.acked += 1
 
     def assert_all_acknowledged_writes_on(self, dsn: str) -> None:

@@ -108,7 +108,12 @@ def move_run(
     assert outcome.move is not None and outcome.route is not None
     emit(
         as_json,
-        {"move": outcome.move, "route": route_dict(outcome.route), "resumed": outcome.resumed},
+        {
+            "move": outcome.move,
+            "route": route_dict(outcome.route),
+            "resumed": outcome.resumed,
+            "seconds": outcome.timings,
+        },
         f"move {outcome.move.id}: tenant {tenant} now on {outcome.route.stamp} (route version "
         f"{outcome.route.version}), {outcome.move.rows_copied} rows copied and verified",
     )

@@ -1,0 +1,132 @@
+"""Benchmark: the write-freeze window of online moves while a writer keeps the tenant busy.
+
+One run, on two local PostgreSQL servers (stamp `a` with the catalog, stamp `b`): a tenant of ROWS
+rows is seeded on `a`, then moved `a -> b -> a -> ...` MOVES times with `migrator move` (online, its
+own process), each followed by `migrator cleanup` of the old stamp. During every move a writer
+(tests/workload.py, WRITERS threads) inserts, updates (primary-key changes included) and deletes the tenant's tasks
+at RATE writes/s through the routing catalog, retrying on the fence's SQLSTATE after re-reading
+the route, as an application would.
+
+Per move it prints the freeze the move measured (fence to flip, `freeze_ms`), the longest pause
+between two acknowledged writes as the writer saw it (the freeze plus the re-route), the writer's
+achieved rate, its fence rejections (inside the window by construction: the source rejects only
+while fenced) and its other errors (outside the window; the target is 0), and checks that every
+acknowledged write is on the new stamp. `scripts/bench online [--rows N] [--moves N] [--rate W]`.
+Every server is stopped at the end; nothing is written to the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from migrator import config as configlib
+from migrator import migrations, pgserver
+from migrator.catalog import Catalog
+from migrator.fleet import create_database
+from migrator.seed import TenantSpec, seed_fleet_stamp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from workload import Workload  # noqa: E402  (the online-move tests' application, shared)
+
+TENANT = 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2_000_000, help="rows of the moved tenant")
+    parser.add_argument("--moves", type=int, default=5)
+    parser.add_argument("--rate", type=float, default=600.0, help="writes/s on the moving tenant, all writers")
+    parser.add_argument("--writers", type=int, default=2, help="writer threads (connections) sharing --rate")
+    parser.add_argument("--max-freeze-ms", type=float, default=1000.0)
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="migrator-bench-online-"))
+    base.chmod(0o755)
+    servers: list[pgserver.LocalServer] = []
+    try:
+        servers = [pgserver.start_server(base / "a"), pgserver.start_server(base / "b")]
+        stamps = {"a": create_database(servers[0], "stamp_a"), "b": create_database(servers[1], "stamp_b")}
+        catalog = Catalog(create_database(servers[0], "catalog"))
+        migrations.upgrade(catalog.url, migrations.schema_path("catalog"))
+        for name, dsn in stamps.items():
+            migrations.upgrade(dsn, migrations.schema_path("stamp"))
+            catalog.add_stamp(name, dsn)
+        print(f"seeding tenant {TENANT} with ~{args.rows:,} rows ...", file=sys.stderr)
+        rows = seed_fleet_stamp(stamps["a"], [TenantSpec(TENANT, args.rows), TenantSpec(2, 1_000)])[TENANT]
+        for tenant in (TENANT, 2):
+            catalog.set_route(str(tenant), "a")
+        config = base / "migrator.toml"
+        config.write_text(configlib.render(catalog.url, configlib.Tenancy(), migrations.schema_path("stamp")))
+        cli = [sys.executable, "-m", "migrator", "--config", str(config)]
+
+        print(f"tenant rows {rows:,}; writer target {args.rate:.0f} writes/s; --max-freeze-ms {args.max_freeze_ms:.0f}")
+        header = f"{'move':>4} {'route':>6} {'freeze ms':>10} {'writer pause ms':>16} {'writes/s':>9}"
+        print(f"{header} {'fence rejections':>17} {'other errors':>13} {'move s':>7}")
+        freezes: list[float] = []
+        other_errors = 0
+        slowest_rate = float("inf")
+        source = "a"
+        for number in range(1, args.moves + 1):
+            target = "b" if source == "a" else "a"
+            writers = [
+                Workload(catalog.url, stamps, TENANT, seed=number * 100 + i, rate=args.rate / args.writers).start()
+                for i in range(args.writers)
+            ]
+            time.sleep(1.0)  # the writer is at speed before the move starts
+            started = time.monotonic()
+            moved = subprocess.run(
+                [
+                    *cli,
+                    "move",
+                    str(TENANT),
+                    "--to",
+                    target,
+                    "--yes",
+                    "--json",
+                    "--max-freeze-ms",
+                    str(args.max_freeze_ms),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            move_s = time.monotonic() - started
+            time.sleep(1.0)  # and keeps writing on the target afterwards
+            errors: list[str] = []
+            for writer in writers:
+                writer.stop()
+                writer.assert_all_acknowledged_writes_on(stamps[target])
+                errors += writer.errors
+            freeze_ms = float(json.loads(moved.stdout)["move"]["freeze_ms"])
+            freezes.append(freeze_ms)
+            rate = sum(w.acked / (w.stopped_at - w.started_at) for w in writers)
+            pause_ms = max(w.longest_pause_s for w in writers) * 1000
+            rejections = sum(w.fenced_errors for w in writers)
+            slowest_rate = min(slowest_rate, rate)
+            other_errors += len(errors)
+            print(
+                f"{number:>4} {source + '->' + target:>6} {freeze_ms:>10.1f} {pause_ms:>16.1f}"
+                f" {rate:>9.0f} {rejections:>17} {len(errors):>13} {move_s:>7.1f}",
+                flush=True,
+            )
+            for error in errors[:3]:
+                print(f"     writer error: {error}")
+            subprocess.run([*cli, "cleanup", str(TENANT), "--stamp", source, "--yes"], check=True, capture_output=True)
+            source = target
+        print(f"freeze window p50 {statistics.median(freezes):.1f} ms, max {max(freezes):.1f} ms (target < 1000 ms)")
+        print(f"writer: slowest move {slowest_rate:.0f} writes/s (target >= 500); errors outside it {other_errors}")
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
