@@ -8,8 +8,10 @@ resume read the same truth.
 from __future__ import annotations
 
 import hashlib
+import select
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -108,15 +110,49 @@ class Catalog:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self._local = threading.local()
+        self._sessions: list[psycopg.Connection[Any]] = []
+        self._sessions_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Catalog({dsnlib.mask(self.url)})"
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection[Any]]:
-        """One catalog transaction on a fresh connection, committed on success."""
-        with dsnlib.connect(self.url) as conn:
+        """One catalog transaction, committed on success, rolled back on error.
+
+        The session is kept per thread: a move makes dozens of short catalog calls, and opening a
+        session for each cost more than the calls. A broken session is dropped, so the retry of a
+        transient error (catalog restart) reconnects.
+        """
+        if getattr(self._local, "busy", False):  # nested: a transaction of its own, as before
+            with dsnlib.connect(self.url) as fresh:
+                yield fresh
+            return
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken or _hung_up(conn):
+            conn = self._local.conn = dsnlib.connect(self.url)
+            with self._sessions_lock:
+                self._sessions = [c for c in self._sessions if not c.closed] + [conn]
+        self._local.busy = True
+        try:
             yield conn
+            conn.commit()
+        except BaseException:
+            with suppress(psycopg.Error):  # a lost session cannot roll back; the original error says why
+                conn.rollback()
+            if conn.broken or conn.closed:
+                self._local.conn = None
+            raise
+        finally:
+            self._local.busy = False
+
+    def close(self) -> None:
+        """Close the sessions kept for every thread (at the end of a command)."""
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for conn in sessions:
+            conn.close()
 
     # -- stamps -------------------------------------------------------------------------------
 
@@ -380,6 +416,18 @@ class Catalog:
 def _lock_key(name: str) -> int:
     """A stable signed 64-bit advisory-lock key for a name (hashtext differs across versions)."""
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+def _hung_up(conn: psycopg.Connection[Any]) -> bool:
+    """An idle session whose socket is readable was ended by the server (terminated, restarted).
+
+    Checked without a round trip before reusing a kept session, so a catalog restart between two
+    calls costs a reconnect, not a failed call.
+    """
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable:
+        conn.close()
+    return bool(readable)
 
 
 class TenantLock:

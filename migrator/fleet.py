@@ -59,6 +59,7 @@ def fleet_up(directory: Path, stamps: int = 3, servers: int = 1) -> FleetInfo:
         migrations.upgrade(stamp_dsn, migrations.schema_path("stamp"))
         catalog.add_stamp(name, stamp_dsn, region="local")
         stamp_dsns[name] = stamp_dsn
+    catalog.close()
     config_path = directory / configlib.DEFAULT_FILE
     config_path.write_text(configlib.render(catalog_url, configlib.Tenancy(), migrations.schema_path("stamp")))
     config_path.chmod(0o600)

@@ -120,9 +120,12 @@ def fleet(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) -
         databases.append(db)
         stamps[name] = pg.dsn(db)
         catalog.add_stamp(name, stamps[name], region=name.split("-")[0])
+    catalog.close()
     config_path = tmp_path / "migrator.toml"
     config_path.write_text(configlib.render(catalog.url, configlib.Tenancy(), migrations.schema_path("stamp")))
-    yield Fleet(pg, config_path, Context.load(config_path), stamps, databases)
+    fleet = Fleet(pg, config_path, Context.load(config_path), stamps, databases)
+    yield fleet
+    fleet.catalog.close()
     for db in databases:
         _admin(pg, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
 

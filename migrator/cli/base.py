@@ -62,6 +62,7 @@ def context_of(click_ctx: click.Context) -> Context:
     obj = click_ctx.find_root().obj
     if "context" not in obj:
         obj["context"] = Context.load(obj["config"])
+        click_ctx.find_root().call_on_close(obj["context"].catalog.close)
     return obj["context"]
 
 
