@@ -54,8 +54,14 @@ def _check_keys(section: str, table: dict[str, Any], allowed: set[str], path: Pa
 def _string(table: dict[str, Any], key: str, default: str, section: str, path: Path) -> str:
     value = table.get(key, default)
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{path}: [{section}] {key} must be a non-empty string, got {value!r}")
+        raise ConfigError(f"{path}: [{section}] {key} must be a non-empty string, got {_shown(value)}")
     return value
+
+
+def _shown(value: Any) -> str:
+    """A wrong value for an error line: its repr on one line, cut short."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def find_config_file(explicit: str | Path | None) -> Path:
@@ -73,17 +79,21 @@ def parse(text: str, path: Path) -> Config:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: malformed TOML: {exc}") from None
+        message = str(exc)
+        if message.endswith("(at end of document)"):  # tomllib names no line there: it is the last one
+            message = message.replace("end of document", f"line {max(1, len(text.splitlines()))}, end of document")
+        raise ConfigError(f"{path}: malformed TOML: {message}") from None
     _check_keys("", raw, _TOP_KEYS, path)
     tenancy_raw = raw.get("tenancy", {})
     schema_raw = raw.get("schema", {})
-    if not isinstance(tenancy_raw, dict) or not isinstance(schema_raw, dict):
-        raise ConfigError(f"{path}: [tenancy] and [schema] must be tables")
+    for section, value in (("tenancy", tenancy_raw), ("schema", schema_raw)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {section} must be a table ([{section}]), got {value!r}")
     _check_keys("tenancy", tenancy_raw, _TENANCY_KEYS, path)
     _check_keys("schema", schema_raw, _SCHEMA_KEYS, path)
     exclude = tenancy_raw.get("exclude", [])
     if not isinstance(exclude, list) or not all(isinstance(t, str) for t in exclude):
-        raise ConfigError(f"{path}: [tenancy] exclude must be a list of table names")
+        raise ConfigError(f"{path}: [tenancy] exclude must be a list of table names, got {_shown(exclude)}")
     tenancy = Tenancy(
         column=_string(tenancy_raw, "column", "tenant_id", "tenancy", path),
         root_table=_string(tenancy_raw, "root_table", "tenants", "tenancy", path),
@@ -91,8 +101,11 @@ def parse(text: str, path: Path) -> Config:
         db_schema=_string(tenancy_raw, "schema", "public", "tenancy", path),
         exclude=tuple(exclude),
     )
-    catalog_url = os.environ.get("MIGRATOR_CATALOG_URL") or raw.get("catalog_url")
-    if not isinstance(catalog_url, str) or not catalog_url:
+    file_url = raw.get("catalog_url")
+    if file_url is not None and (not isinstance(file_url, str) or not file_url):
+        raise ConfigError(f"{path}: catalog_url must be a non-empty string, got {type(file_url).__name__}")
+    catalog_url = os.environ.get("MIGRATOR_CATALOG_URL") or file_url
+    if not catalog_url:
         raise ConfigError(f"{path}: catalog_url is missing (or set MIGRATOR_CATALOG_URL)")
     script = Path(_string(schema_raw, "script_location", "schemas/stamp", "schema", path))
     if not script.is_absolute():

@@ -17,6 +17,11 @@ from migrator.config import Tenancy
 from migrator.errors import PreflightError
 
 
+def _label(schema: str, name: str) -> str:
+    """A table's display name: only the public schema is left out (names are shown as stored)."""
+    return name if schema == "public" else f"{schema}.{name}"
+
+
 @dataclass(frozen=True)
 class Column:
     name: str
@@ -29,7 +34,11 @@ class Column:
 
 @dataclass(frozen=True)
 class Table:
-    """A table holding tenant rows; `key` is the tenant column (or the root column on the root table)."""
+    """A table holding tenant rows; `key` is the tenant column (or the root column on the root table).
+
+    `primary_key` is the row key every batch, cursor, replay and delete goes by: the primary key, or
+    when the table has none, the columns of a NOT NULL unique index (`key_index` names it; None for a PK).
+    """
 
     schema: str
     name: str
@@ -37,6 +46,7 @@ class Table:
     columns: tuple[Column, ...]
     primary_key: tuple[str, ...]
     parents: tuple[str, ...]
+    key_index: str | None = None
 
     @property
     def ident(self) -> sql.Identifier:
@@ -45,7 +55,7 @@ class Table:
     @property
     def label(self) -> str:
         """Qualified name for messages and progress (unquoted when plain)."""
-        return self.name if self.schema == "public" else f"{self.schema}.{self.name}"
+        return _label(self.schema, self.name)
 
     @property
     def copy_columns(self) -> tuple[str, ...]:
@@ -99,6 +109,22 @@ WHERE n.nspname = %s AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attrelid, a.attnum
 """
 
+# Unique indexes usable as a row key when a table has no primary key: immediate, not partial, no
+# expressions, every key column NOT NULL (so each row has exactly one key and ON CONFLICT can use it).
+_UNIQUE_KEYS = """
+SELECT i.indrelid, ic.relname, k.cols
+FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_namespace n ON n.oid = ic.relnamespace
+CROSS JOIN LATERAL (
+    SELECT array_agg(a.attname ORDER BY u.ord) AS cols, bool_and(a.attnotnull) AS notnull
+    FROM unnest(i.indkey) WITH ORDINALITY u(attnum, ord)
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = u.attnum
+    WHERE u.ord <= i.indnkeyatts
+) k
+WHERE n.nspname = %s AND i.indisunique AND i.indimmediate AND i.indisvalid AND i.indpred IS NULL
+  AND i.indexprs IS NULL AND k.notnull
+ORDER BY i.indrelid, i.indnkeyatts, ic.relname
+"""
+
 _CONSTRAINTS = """
 SELECT con.conrelid, con.contype, con.confrelid,
        ARRAY(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
@@ -144,9 +170,20 @@ def discover(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
         else:
             global_tables.append(name)
 
-    for oid, name in ((o, names[o]) for o in tenant_oids):
-        if oid not in pkeys:
-            raise PreflightError(f"table {name!r} has no primary key; a move needs one to copy in resumable batches")
+    unique_keys: dict[int, tuple[str, tuple[str, ...]]] = {}
+    for oid, index, cols in conn.execute(_UNIQUE_KEYS, (schema,)).fetchall():
+        unique_keys.setdefault(oid, (index, tuple(cols)))  # fewest columns first, then by name
+    key_index: dict[int, str | None] = {}
+    for oid in sorted(tenant_oids, key=lambda o: names[o]):
+        if oid in pkeys:
+            key_index[oid] = None
+        elif oid in unique_keys:
+            key_index[oid], pkeys[oid] = unique_keys[oid]
+        else:
+            raise PreflightError(
+                f"table {_label(schema, names[oid])} has no primary key and no unique index on NOT NULL columns; "
+                "a move needs one to copy in resumable batches"
+            )
 
     ordered = _parents_first(tenant_oids, parents, names)
     tables = tuple(
@@ -157,6 +194,7 @@ def discover(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
             columns=tuple(columns[oid]),
             primary_key=pkeys[oid],
             parents=tuple(sorted(names[p] for p in parents[oid] if p in tenant_oids)),
+            key_index=key_index[oid],
         )
         for oid in ordered
     )

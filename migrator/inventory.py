@@ -47,7 +47,8 @@ def verify_between(ctx: Context, tenant: str, source_name: str, target_name: str
     source, target = ctx.catalog.stamp(source_name), ctx.catalog.stamp(target_name)
     if source.name == target.name:
         raise BadInput("source and target are the same stamp")
-    layout = stamps.layout(source, ctx.config.tenancy)
+    with stamps.connect(source) as src, stamps.connect(target):  # an unreachable stamp is named, masked
+        layout = discover(src, ctx.config.tenancy)
     return verify_tenant(source.dsn, target.dsn, layout, tenant)
 
 

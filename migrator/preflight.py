@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -13,6 +14,8 @@ from migrator.catalog import Catalog, Route, Stamp
 from migrator.config import Tenancy
 from migrator.discovery import Layout, Table, discover, tenant_filter
 from migrator.errors import PreflightError
+
+log = logging.getLogger("migrator.preflight")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,8 @@ class Checked:
     layout: Layout
     revision: str | None
     rows: dict[str, int]
+    null_tenant_rows: dict[str, int] = field(default_factory=dict)
+    """Rows of nullable tenant columns holding NULL, per table: they belong to no tenant and stay put."""
 
     @property
     def total_rows(self) -> int:
@@ -49,23 +54,72 @@ def check_move(catalog: Catalog, tenancy: Tenancy, tenant: str, target_name: str
     route, source, target = resolve(catalog, tenant, target_name)
     with stamps.connect(source) as src, stamps.connect(target) as tgt:
         src_rev, tgt_rev = stamps.revision(src), stamps.revision(tgt)
-        if src_rev != tgt_rev:
+        if src_rev != tgt_rev:  # two stamps without Alembic (None) count as the same schema
             raise PreflightError(
-                f"schema revisions differ: {source.name} is at {src_rev}, {target.name} at {tgt_rev}; "
+                f"schema revisions differ: {source.name} is at {_rev(src_rev)}, {target.name} at {_rev(tgt_rev)}; "
                 "run `migrator schema upgrade` first"
             )
         layout = discover(src, tenancy)
         root = next(t for t in layout.tables if t.name == tenancy.root_table)
+        _check_spelling(src, root, tenant, source.name)
         rows = {table.label: _count(src, table, tenant) for table in layout.tables}
         if rows[root.label] == 0:
             raise PreflightError(f"tenant {tenant} has no row in {root.label} on its stamp {source.name}")
+        nulls = null_tenant_rows(src, layout)
+        for label, count in nulls.items():
+            key = layout.table(label).key
+            log.warning("table %s has %d rows with NULL %s; they are not moved", label, count, key)
         for table in layout.tables:
             if _count(tgt, table, tenant, limit=1):
                 raise PreflightError(f"target {target.name} already holds rows of tenant {tenant} in {table.label}")
         for table in layout.tables:
             if not table.pk_has_tenant and rows[table.label]:
                 _check_collisions(src, tgt, table, tenant, target.name)
-    return Checked(tenant, route, source, target, layout, src_rev, rows)
+    return Checked(tenant, route, source, target, layout, src_rev, rows, nulls)
+
+
+def _rev(revision: str | None) -> str:
+    return revision if revision is not None else "no Alembic revision"
+
+
+def _check_spelling(conn: psycopg.Connection[Any], root: Table, tenant: str, stamp: str) -> None:
+    """Refuse a tenant id spelled differently from its stored text form (`042` for 42, an upper-case uuid).
+
+    The rows would match by value, but the fence and capture trigger compare the stored key's text
+    with the guarded tenant's text: a different spelling would leave the tenant's writes unfenced.
+    """
+    query = sql.SQL(
+        "SELECT {k}::text, to_jsonb({k}) #>> '{{}}', pg_typeof({k})::text FROM {t} WHERE {f} LIMIT 1"
+    ).format(k=sql.Identifier(root.key), t=root.ident, f=tenant_filter(root, tenant))
+    try:
+        with conn.transaction():
+            row = conn.execute(query).fetchone()
+    except psycopg.errors.DataError:
+        raise PreflightError(f"tenant {tenant} is not a valid value of {root.label}.{root.key} on {stamp}") from None
+    if row and row[0] == tenant and row[1] != tenant:
+        raise PreflightError(
+            f"tenant keys of type {row[2]} are not supported: the fence reads {row[0]} as {row[1]} "
+            "(use a key type with one text form, such as bigint, uuid or text)"
+        )
+    if row and row[0] != tenant:
+        raise PreflightError(
+            f"tenant {tenant} is stored as {row[0]} in {root.label}.{root.key} on {stamp}; "
+            "route and move it by that exact spelling"
+        )
+
+
+def null_tenant_rows(conn: psycopg.Connection[Any], layout: Layout) -> dict[str, int]:
+    """Rows whose (nullable) tenant column is NULL, per table: no tenant owns them, so no move takes them."""
+    found = {}
+    for table in layout.tables:
+        if not any(c.name == table.key and c.nullable for c in table.columns):
+            continue
+        row = conn.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE {} IS NULL").format(table.ident, sql.Identifier(table.key))
+        ).fetchone()
+        if row and row[0]:
+            found[table.label] = int(row[0])
+    return found
 
 
 def _count(conn: psycopg.Connection[Any], table: Table, tenant: str, limit: int | None = None) -> int:
