@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import select
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ STAMP_STATES = ("active", "draining", "retired")
 # rows verified) and "cutover" (fenced) or offline "verified", then flipped, cleaned; or aborted.
 # The last three are terminal (see the index moves_one_open_per_tenant).
 TERMINAL = ("flipped", "cleaned", "aborted")
+# How long a refused operator waits for the lock holder's move to appear in the catalog, to name it.
+HOLDER_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -306,18 +309,22 @@ class Catalog:
         batch_rows: int,
         schema_revision: str | None = None,
     ) -> Move:
-        with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
-            try:
+        try:
+            with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
                 cur.execute(
                     "INSERT INTO moves (tenant, source, target, mode, phase, route_version, batch_rows,"
                     f" schema_revision) VALUES (%s, %s, %s, %s, 'created', %s, %s, %s) RETURNING {self._MOVE_COLUMNS}",
                     (tenant, source, target, mode, route_version, batch_rows, schema_revision),
                 )
-            except psycopg.errors.UniqueViolation:
-                raise LockBusy(f"tenant {tenant} already has an unfinished move; see `migrator move status`") from None
-            move = cur.fetchone()
-            assert move is not None
-            return move
+                move = cur.fetchone()
+                assert move is not None
+                return move
+        except psycopg.errors.UniqueViolation:
+            holder = self.open_move(tenant)
+            raise LockBusy(
+                f"tenant {tenant} already has an unfinished {describe_move(holder) if holder else 'move'}; "
+                f"see `migrator move status{f' {holder.id}' if holder else ''}`"
+            ) from None
 
     @transient()
     def find_move(self, move_id: int) -> Move | None:
@@ -406,11 +413,41 @@ class Catalog:
             )
             return cur.fetchall()
 
+    # -- access -------------------------------------------------------------------------------
+
+    @transient()
+    def grant_reader(self, role: str) -> str:
+        """Let an application role read routes, and nothing else: stamps' DSNs hold passwords.
+
+        Grants CONNECT on the catalog database, USAGE on the routes table's schema and SELECT on
+        routes; returns the schema-qualified routes table. Run it as the catalog's owner.
+        """
+        with self.transaction() as conn:
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
+                raise BadInput(f"role {role!r} does not exist; create it first (CREATE ROLE ... LOGIN PASSWORD ...)")
+            row = conn.execute(
+                "SELECT n.nspname::text, current_database()::text FROM pg_class c"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass('routes')"
+            ).fetchone()
+            if row is None:
+                raise BadInput("the catalog has no routes table; run `migrator catalog init` first")
+            schema, database = row
+            grantee = sql.Identifier(role)
+            conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), grantee))
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), grantee))
+            conn.execute(sql.SQL("GRANT SELECT ON TABLE {} TO {}").format(sql.Identifier(schema, "routes"), grantee))
+        return f"{schema}.routes"
+
     # -- locks --------------------------------------------------------------------------------
 
     def lock_tenant(self, tenant: str) -> TenantLock:
         """Take the tenant's move lock or fail at once naming the holder; see TenantLock."""
         return TenantLock(self, tenant)
+
+
+def describe_move(move: Move) -> str:
+    """How messages name a move, so an operator can find it in `migrator move status`."""
+    return f"move {move.id} of tenant {move.tenant} ({move.source} -> {move.target}, phase {move.phase})"
 
 
 def _lock_key(name: str) -> int:
@@ -448,12 +485,23 @@ class TenantLock:
         got = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
         if not (got and got[0]):
             conn.close()
-            holder = self.catalog.open_move(self.tenant)
-            which = (
-                f"move {holder.id} ({holder.source} -> {holder.target}, phase {holder.phase})" if holder else "a move"
-            )
-            raise LockBusy(f"tenant {self.tenant} is locked by another running migrator: {which}")
+            raise LockBusy(self._busy_message())
         self._conn = conn
+
+    def _busy_message(self) -> str:
+        """Name the holder's move; a holder still in preflight gets a moment to record it first."""
+        deadline = time.monotonic() + HOLDER_GRACE_S
+        while (holder := self.catalog.open_move(self.tenant)) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if holder is None:
+            return (
+                f"tenant {self.tenant} is locked by another running migrator (a move still in preflight, an abort or "
+                "a cleanup); try again when it has finished, `migrator move status` lists moves"
+            )
+        return (
+            f"tenant {self.tenant} is locked by another running migrator: {describe_move(holder)} is running; "
+            f"watch it with `migrator move status {holder.id}`"
+        )
 
     def check(self) -> psycopg.Connection[Any]:
         """The lock's live session, re-acquired if it was lost (catalog restart): never act without it."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from migrator import render
@@ -24,6 +26,15 @@ def catalog_init(ctx: click.Context) -> None:
     context = context_of(ctx)
     migrations.upgrade(context.catalog.url, migrations.schema_path("catalog"))
     click.echo(f"catalog at {migrations.current_revision(context.catalog.url)}")
+
+
+@catalog_group.command("grant-reader")
+@click.argument("role")
+@click.pass_context
+def catalog_grant_reader(ctx: click.Context, role: str) -> None:
+    """Let an application ROLE read tenant routes (SELECT on routes only; never stamps, whose DSNs hold passwords)."""
+    table = context_of(ctx).catalog.grant_reader(role)
+    click.echo(f"granted role {role} read access to {table} only (not stamps, moves or plans)")
 
 
 # -- stamps -----------------------------------------------------------------------------------------------
@@ -74,6 +85,39 @@ def stamp_list(ctx: click.Context, as_json: bool) -> None:
             [[d["name"], d["state"], d["region"], d["capacity_rows"], d["dsn"]] for d in data],
         ),
     )
+
+
+@stamp_group.command("check")
+@click.argument("name")
+@JSON
+@click.pass_context
+def stamp_check(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Check that the stamp's configured role has every privilege a move to or from it needs; exit 1 if not."""
+    from migrator import privileges, stamps
+
+    context = context_of(ctx)
+    stamp = context.catalog.stamp(name)
+    with stamps.connect(stamp) as conn:
+        result = privileges.check_stamp(conn, context.config.tenancy)
+    data = {
+        "stamp": stamp.name,
+        "role": result.role,
+        "database": result.database,
+        "ok": result.ok,
+        "missing": result.missing,
+    }
+    if result.ok:
+        text = f"stamp {stamp.name}: role {result.role} has every privilege a move needs"
+    else:
+        text = "\n".join(
+            [
+                f"stamp {stamp.name}: role {result.role} lacks {len(result.missing)} privileges a move needs",
+                *(m.line() for m in result.missing),
+            ]
+        )
+    emit(as_json, data, text)
+    if not result.ok:
+        sys.exit(1)
 
 
 # -- routes -----------------------------------------------------------------------------------------------
