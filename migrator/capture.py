@@ -19,14 +19,15 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from migrator import dsn as dsnlib
-from migrator.discovery import Layout, Table, tenant_filter
+from migrator.discovery import Layout, Table
 from migrator.errors import MigratorError
 from migrator.fence import SCHEMA
 from migrator.retry import transient
+from migrator.verify import by_key
 
-RAW = sql.Identifier("migrator_raw_keys")
 UNPROVEN = sql.Identifier("migrator_unproven_keys")
 
 
@@ -58,14 +59,25 @@ def captured_keys(
     With unverified_only, only keys with a change not yet proven equal before the freeze.
     """
     keys: dict[str, list[list[str]]] = defaultdict(list)
+    unverified = sql.SQL(" AND NOT verified" if unverified_only else "")  # served by the changes_unverified index
     for table_name, pk in src.execute(
-        sql.SQL("SELECT DISTINCT table_name, pk FROM {}.changes WHERE move_id = %s AND NOT (verified AND %s)").format(
-            sql.Identifier(SCHEMA)
+        sql.SQL("SELECT DISTINCT table_name, pk FROM {}.changes WHERE move_id = %s{}").format(
+            sql.Identifier(SCHEMA), unverified
         ),
-        (move_id, unverified_only),
+        (move_id,),
     ):
         keys[table_name].append(list(pk))
     return dict(keys)
+
+
+def vacuum_changes(source_dsn: str) -> None:
+    """Vacuum the change log before a freeze, outside it.
+
+    Replaying and verifying flag changes with UPDATEs; their dead index entries would otherwise be
+    walked by every query of the freeze while autovacuum lags behind a busy tenant.
+    """
+    with dsnlib.connect(source_dsn, autocommit=True) as src:
+        src.execute(sql.SQL("VACUUM (ANALYZE) {}.changes").format(sql.Identifier(SCHEMA)))
 
 
 def _take_batch(src: psycopg.Connection[Any], move_id: int, limit: int) -> list[tuple[int, str, list[str]]]:
@@ -108,29 +120,25 @@ def keys_table(index: int) -> sql.Identifier:
 def load_keys(conn: psycopg.Connection[Any], table: Table, keys: list[list[str]], name: sql.Identifier) -> None:
     """A temporary table `name`, typed like the table's key, holding the given text keys.
 
-    Keys are logged in their JSON text form; jsonb_populate_record parses them back with each
-    type's own input function, so every key type (bigint, uuid, text, timestamptz...) round-trips.
+    Keys are logged in their text form; jsonb_populate_recordset parses them back with each type's
+    own input function, so every key type (bigint, uuid, text, timestamptz...) round-trips. The
+    three statements go in one pipeline (one round trip: this runs inside the cutover's freeze).
     Lives until the caller's transaction ends.
     """
-    conn.execute(sql.SQL("CREATE TEMPORARY TABLE IF NOT EXISTS {} (k text[]) ON COMMIT DROP").format(RAW))
-    conn.execute(sql.SQL("TRUNCATE {}").format(RAW))
-    with conn.cursor() as cur:
-        with cur.copy(sql.SQL("COPY {} (k) FROM STDIN").format(RAW)) as copy:
-            for key in keys:
-                copy.write_row((key,))
-        cur.execute(
+    rows = Jsonb([dict(zip(table.primary_key, key, strict=True)) for key in keys])
+    with conn.pipeline():
+        conn.execute(
             sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
                 name, table.pk_cols(), table.ident
             )
         )
-        cur.execute(
-            sql.SQL(
-                "INSERT INTO {keys} SELECT p.* FROM (SELECT DISTINCT k FROM {raw}) r,"
-                " LATERAL jsonb_populate_record(NULL::{keys}, jsonb_object(%s::text[], r.k)) p"
-            ).format(keys=name, raw=RAW),
-            (list(table.primary_key),),
+        conn.execute(
+            sql.SQL("INSERT INTO {keys} SELECT DISTINCT * FROM jsonb_populate_recordset(NULL::{keys}, %s)").format(
+                keys=name
+            ),
+            (rows,),
         )
-        cur.execute(sql.SQL("ANALYZE {}").format(name))  # real row counts, so the planner hashes the keys
+        conn.execute(sql.SQL("ANALYZE {}").format(name))  # real row counts, so the planner hashes the keys
 
 
 def _using(table: Table) -> sql.Composed:
@@ -151,15 +159,8 @@ def _stage(
             stage, table.cols(), table.ident
         )
     )
-    out = sql.SQL("COPY (SELECT {} FROM {} JOIN {} {} WHERE {}) TO STDOUT (FORMAT BINARY)").format(
-        sql.SQL(", ").join(
-            sql.SQL("t.{}").format(sql.Identifier(c)) if c not in table.primary_key else sql.Identifier(c)
-            for c in table.copy_columns
-        ),
-        sql.SQL("{} t").format(table.ident),
-        keys,
-        _using(table),
-        tenant_filter(table, tenant),
+    out = sql.SQL("COPY (SELECT x.* FROM {}) TO STDOUT (FORMAT BINARY)").format(
+        by_key(table, keys, tenant, table.cols())
     )
     with src.cursor() as scur, tgt.cursor() as tcur:
         with (
@@ -191,13 +192,13 @@ def _upsert(tgt: psycopg.Connection[Any], table: Table, stage: sql.Identifier) -
 def _delete_gone(
     tgt: psycopg.Connection[Any], table: Table, tenant: str, keys: sql.Identifier, stage: sql.Identifier
 ) -> int:
-    """Delete keyed rows of the tenant that no longer exist on the source."""
-    match = sql.SQL(" AND ").join(sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in table.primary_key)
-    staged = sql.SQL(" AND ").join(sql.SQL("s.{c} = t.{c}").format(c=sql.Identifier(c)) for c in table.primary_key)
+    """Delete keyed rows of the tenant that no longer exist on the source (found by key, deleted by ctid)."""
+    staged = sql.SQL(" AND ").join(sql.SQL("s.{c} = k.{c}").format(c=sql.Identifier(c)) for c in table.primary_key)
     return tgt.execute(
-        sql.SQL("DELETE FROM {} t USING {} k WHERE {} AND t.{} AND NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(
-            table.ident, keys, match, tenant_filter(table, tenant), stage, staged
-        )
+        sql.SQL(
+            "DELETE FROM {} WHERE ctid = ANY (ARRAY(SELECT x.ctid FROM {}"
+            " WHERE NOT EXISTS (SELECT 1 FROM {} s WHERE {})))"
+        ).format(table.ident, by_key(table, keys, tenant, sql.SQL("ctid")), stage, staged)
     ).rowcount
 
 

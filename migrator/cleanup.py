@@ -84,7 +84,14 @@ def cleanup_tenant(ctx: Context, tenant: str, stamp_name: str, batch_rows: int, 
 
 
 def _mark_cleaned(ctx: Context, tenant: str, stamp_name: str) -> Move | None:
+    """Mark the flipped move from this stamp cleaned, after dropping its copy cursors on the target.
+
+    A move killed between its flip and its own final step leaves those cursors behind, and no
+    other command would remove them (abort refuses a flipped move).
+    """
     for move in ctx.catalog.moves(tenant):
         if move.source == stamp_name and move.phase == "flipped":
+            with stamps.connect(ctx.catalog.stamp(move.target)) as tgt:
+                forget_progress(tgt, move.id)
             return ctx.catalog.update_move(move.id, phase="cleaned")
     return None

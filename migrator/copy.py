@@ -23,6 +23,7 @@ from migrator.progress import Progress
 from migrator.retry import transient
 
 CHUNK_BYTES = 64 * 1024
+SEQUENCE_LOCK_CLASS = 0x6D73  # advisory lock class of sequence updates (fence's tenant locks use 0x6D67)
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def copy_table(
 
 def advance_sequences(tgt: psycopg.Connection[Any], tables: tuple[Table, ...], tenant: str) -> list[str]:
     """Move the target's sequences (serial and identity) past the copied keys; returns those advanced."""
-    advanced = []
+    tops: dict[str, int] = {}
     for table in tables:
         for column in table.columns:
             if column.sequence is None:
@@ -163,14 +164,10 @@ def advance_sequences(tgt: psycopg.Connection[Any], tables: tuple[Table, ...], t
                     sql.Identifier(column.name), table.ident, tenant_filter(table, tenant)
                 )
             ).fetchone()
-            if row is None or row[0] is None:
-                continue
-            tgt.execute(
-                "SELECT setval(%s::regclass, greatest(%s, coalesce(pg_sequence_last_value(%s::regclass), %s)))",
-                (column.sequence, row[0], column.sequence, row[0]),
-            )
-            advanced.append(column.sequence)
-    return advanced
+            if row is not None and row[0] is not None:
+                tops[column.sequence] = max(row[0], tops.get(column.sequence, row[0]))
+    _raise_sequences(tgt, tops)
+    return sorted(tops)
 
 
 def follow_source_sequences(
@@ -185,13 +182,23 @@ def follow_source_sequences(
     names = sorted({c.sequence for t in tables for c in t.columns if c.sequence})
     if not names:
         return
-    rows = src.execute(
-        "SELECT s, pg_sequence_last_value(s::regclass) FROM unnest(%s::text[]) AS s", (names,)
-    ).fetchall()
-    known = [(name, value) for name, value in rows if value is not None]
-    if known:
+    rows = src.execute("SELECT s, pg_sequence_last_value(s::regclass) FROM unnest(%s::text[]) AS s", (names,))
+    _raise_sequences(tgt, {name: value for name, value in rows.fetchall() if value is not None})
+
+
+def _raise_sequences(tgt: psycopg.Connection[Any], values: dict[str, int]) -> None:
+    """Set each sequence to at least its value, in the caller's transaction; never lower one.
+
+    Two moves into one target may raise a shared sequence at the same time: a transaction-scoped
+    advisory lock per sequence makes their read-then-set atomic between them (an application's
+    nextval only ever raises it further).
+    """
+    names = sorted(values)
+    for name in names:
+        tgt.execute("SELECT pg_advisory_xact_lock(%s, %s::regclass::oid::integer)", (SEQUENCE_LOCK_CLASS, name))
+    if names:
         tgt.execute(
-            "SELECT setval(s::regclass, greatest(v, coalesce(pg_sequence_last_value(s::regclass), v)))"
-            " FROM unnest(%s::text[], %s::bigint[]) AS u(s, v)",
-            ([n for n, _ in known], [v for _, v in known]),
+            "SELECT setval(s::regclass, v) FROM unnest(%s::text[], %s::bigint[]) AS u(s, v)"
+            " WHERE v > coalesce(pg_sequence_last_value(s::regclass), v - 1)",
+            (names, [values[n] for n in names]),
         )

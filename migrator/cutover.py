@@ -29,8 +29,8 @@ from migrator.verify import (
     TableResult,
     checksum,
     compare_hashes,
-    in_keys,
-    row_hashes,
+    keyed_row_hashes,
+    outside_keys,
     verify_tenant,
 )
 
@@ -87,14 +87,8 @@ def _both_sets(
     out = []
     for i, table in enumerate(layout.tables):
         capture.load_keys(conn, table, keys.get(table.name, []), capture.keys_table(i))
-        outside = (
-            checksum(conn, table, tenant, where=in_keys(table, capture.keys_table(i), inside=False))
-            if untouched
-            else None
-        )
-        touched = (
-            row_hashes(conn, table, tenant, where=in_keys(table, capture.keys_table(i))) if keys.get(table.name) else {}
-        )
+        outside = checksum(conn, table, tenant, where=outside_keys(table, capture.keys_table(i))) if untouched else None
+        touched = keyed_row_hashes(conn, table, tenant, capture.keys_table(i)) if keys.get(table.name) else {}
         out.append((outside, touched))
     return out
 
@@ -150,7 +144,7 @@ def _verify_captured(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any],
         for conn in (src, tgt):
             with conn.transaction(force_rollback=True):
                 capture.load_keys(conn, table, keys[table.name], capture.keys_table(i))
-                hashes.append(row_hashes(conn, table, move.tenant, where=in_keys(table, capture.keys_table(i))))
+                hashes.append(keyed_row_hashes(conn, table, move.tenant, capture.keys_table(i)))
         results.append(compare_hashes(table.label, hashes[0], hashes[1]))
     return Report(move.tenant, results)
 
@@ -201,6 +195,7 @@ def online_cutover(
     for attempt in range(1, options.attempts + 1):
         catch_up(source, target, layout, move, options)
         verify_before_freeze(source, target, layout, move, incremental=True)
+        capture.vacuum_changes(source.dsn)
         catch_up(source, target, layout, move, options)
         lock.check()
         try:

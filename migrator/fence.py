@@ -8,11 +8,16 @@ For every tenant listed in `_migrator.guarded_tenants` the trigger
 - while the move captures (online mode), logs the primary keys of the written rows (old and new)
   to `_migrator.changes`, which catch-up replays onto the target.
 Tenants not listed pay one index probe. The triggers stay only while some tenant is guarded.
+
+The function runs as its owner (SECURITY DEFINER, with a pinned search_path), so application roles
+need no right on `_migrator`: without it every write of every tenant on the stamp would fail with
+"permission denied for schema _migrator" while any move is in flight.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 import psycopg
@@ -29,7 +34,8 @@ BYPASS_SETTING = "migrator.cleanup_bypass_fence"
 
 _FUNCTION = sql.SQL(
     """
-CREATE OR REPLACE FUNCTION {schema}.guard() RETURNS trigger LANGUAGE plpgsql AS $fn$
+CREATE OR REPLACE FUNCTION {schema}.guard() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     new_row jsonb := CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END;
     old_row jsonb := CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END;
@@ -51,7 +57,10 @@ BEGIN
                       THEN ARRAY(SELECT old_row ->> c FROM unnest(TG_ARGV[1:]) WITH ORDINALITY u(c, i) ORDER BY i) END),
                 (CASE WHEN new_row ->> TG_ARGV[0] = g.tenant
                       THEN ARRAY(SELECT new_row ->> c FROM unnest(TG_ARGV[1:]) WITH ORDINALITY u(c, i) ORDER BY i) END)
-            ) v(k) WHERE k IS NOT NULL;
+            ) v(k) WHERE k IS NOT NULL
+              -- a fresh snapshot, after the lock: `unguard` may have lifted the guard meanwhile
+              AND EXISTS (SELECT 1 FROM {schema}.guarded_tenants x
+                          WHERE x.tenant = g.tenant AND x.move_id = g.move_id AND x.capture);
         END IF;
     END LOOP;
     RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
@@ -79,6 +88,7 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
         " move_id bigint NOT NULL, xid xid8 NOT NULL DEFAULT pg_current_xact_id(), table_name text NOT NULL,"
         " pk text[] NOT NULL, applied boolean NOT NULL DEFAULT false, verified boolean NOT NULL DEFAULT false)",
         "CREATE INDEX IF NOT EXISTS changes_pending ON {}.changes (move_id, id) WHERE NOT applied",
+        "CREATE INDEX IF NOT EXISTS changes_unverified ON {}.changes (move_id) WHERE NOT verified",
         "CREATE TABLE IF NOT EXISTS {}.copy_progress (move_id bigint NOT NULL, table_name text NOT NULL,"
         " cursor text[], rows_copied bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false,"
         " PRIMARY KEY (move_id, table_name))",
@@ -157,20 +167,58 @@ def wait_for_writers(conn: psycopg.Connection[Any], move_id: int, timeout_ms: in
 
 
 def unguard(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> None:
-    """Lift the tenant's guard and its captured changes; drop the triggers when no tenant is guarded."""
+    """Lift the tenant's guard and its captured changes; drop the triggers when no tenant is guarded.
+
+    Three short transactions of its own (what the caller has open is committed first): a write in
+    flight may still log a change after the guard is gone, so the log is deleted only once such
+    writes are over, and without holding the move's lock while dropping triggers (a writer waiting
+    for that lock while holding its table would deadlock with the DROP).
+    """
     if not has_schema(conn):
         return
-    _lock_stamp_ddl(conn)
+    conn.commit()
     schema = sql.Identifier(SCHEMA)
-    row = conn.execute(
-        sql.SQL("DELETE FROM {}.guarded_tenants WHERE tenant = %s RETURNING move_id").format(schema), (tenant,)
-    ).fetchone()
-    if row:
-        conn.execute(sql.SQL("DELETE FROM {}.changes WHERE move_id = %s").format(schema), (row[0],))
-    remaining = conn.execute(sql.SQL("SELECT count(*) FROM {}.guarded_tenants").format(schema)).fetchone()
-    if remaining and remaining[0] == 0:
-        for table in layout.tables:
-            conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRIGGER), table.ident))
+    with conn.transaction():
+        _lock_stamp_ddl(conn)
+        row = conn.execute(
+            sql.SQL("DELETE FROM {}.guarded_tenants WHERE tenant = %s RETURNING move_id").format(schema), (tenant,)
+        ).fetchone()
+    with conn.transaction():
+        if row:  # wait out writes past the guard's lock; later ones re-check the guard (see the trigger)
+            conn.execute("SELECT pg_advisory_xact_lock(%s, %s::integer)", (LOCK_CLASS, row[0]))
+        conn.execute(
+            sql.SQL(
+                "DELETE FROM {s}.changes c WHERE NOT EXISTS (SELECT 1 FROM {s}.guarded_tenants g"
+                " WHERE g.move_id = c.move_id)"
+            ).format(s=schema)
+        )
+    _drop_triggers_if_unused(conn, layout)
+
+
+def _drop_triggers_if_unused(conn: psycopg.Connection[Any], layout: Layout, attempts: int = 50) -> None:
+    """Drop the triggers once no tenant is guarded, yielding to the application on lock conflicts.
+
+    DROP TRIGGER locks each table in turn, so it can deadlock with a writer that holds one table
+    and needs another (a child row's foreign-key check locks its parent). A lock_timeout below
+    deadlock_timeout (1 s by default) makes this side give up and retry, never the application.
+    """
+    schema = sql.Identifier(SCHEMA)
+    for attempt in range(attempts):
+        try:
+            with conn.transaction():
+                conn.execute("SET LOCAL lock_timeout = '200ms'")
+                _lock_stamp_ddl(conn)
+                remaining = conn.execute(sql.SQL("SELECT count(*) FROM {}.guarded_tenants").format(schema)).fetchone()
+                if remaining and remaining[0] == 0:
+                    for table in layout.tables:
+                        conn.execute(
+                            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRIGGER), table.ident)
+                        )
+            return
+        except psycopg.errors.LockNotAvailable:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(min(1.0, 0.05 * (attempt + 1)))
 
 
 def bypass_for_cleanup(conn: psycopg.Connection[Any]) -> None:
