@@ -17,6 +17,7 @@ import argparse
 import json
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,7 +67,12 @@ def raw_pipe_seconds(psql: Path, source: str, target: str) -> float:
     return time.monotonic() - started
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)  # `kill` runs the finally below: servers stop
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000, help="rows of the moved tenant")
     parser.add_argument("--batch-rows", type=int, default=10_000)

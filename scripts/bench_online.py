@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +40,12 @@ from workload import Workload  # noqa: E402  (the online-move tests' application
 TENANT = 1
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)  # `kill` runs the finally below: servers stop
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000, help="rows of the moved tenant")
     parser.add_argument("--moves", type=int, default=5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -64,7 +65,12 @@ def create_fleet(server: pgserver.LocalServer, env: Path, directory: Path) -> Co
     return Context.load(path)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _terminated)  # `kill` runs the finally below: servers stop
     directory = Path(tempfile.mkdtemp(prefix="migrator-bench-schema-"))
     directory.chmod(0o755)
     server = pgserver.start_server(directory / "server", settings={"max_connections": "300"})
