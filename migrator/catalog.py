@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from datetime import datetime
 from typing import Any
 
@@ -293,10 +294,8 @@ class Catalog:
 
     # -- moves --------------------------------------------------------------------------------
 
-    _MOVE_COLUMNS = (
-        "id, tenant, source, target, mode, phase, route_version, schema_revision, batch_rows, rows_total, rows_copied,"
-        " source_checksum, target_checksum, freeze_ms, error, operator, created_at, updated_at, finished_at"
-    )
+    # Every column of `moves`, in the order of the Move dataclass that class_row builds from them.
+    _MOVE_COLUMNS = sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclass_fields(Move))
 
     @transient()
     def create_move(
@@ -312,8 +311,10 @@ class Catalog:
         try:
             with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
                 cur.execute(
-                    "INSERT INTO moves (tenant, source, target, mode, phase, route_version, batch_rows,"
-                    f" schema_revision) VALUES (%s, %s, %s, %s, 'created', %s, %s, %s) RETURNING {self._MOVE_COLUMNS}",
+                    sql.SQL(
+                        "INSERT INTO moves (tenant, source, target, mode, phase, route_version, batch_rows,"
+                        " schema_revision) VALUES (%s, %s, %s, %s, 'created', %s, %s, %s) RETURNING {}"
+                    ).format(self._MOVE_COLUMNS),
                     (tenant, source, target, mode, route_version, batch_rows, schema_revision),
                 )
                 move = cur.fetchone()
@@ -329,7 +330,7 @@ class Catalog:
     @transient()
     def find_move(self, move_id: int) -> Move | None:
         with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
-            cur.execute(f"SELECT {self._MOVE_COLUMNS} FROM moves WHERE id = %s", (move_id,))
+            cur.execute(sql.SQL("SELECT {} FROM moves WHERE id = %s").format(self._MOVE_COLUMNS), (move_id,))
             return cur.fetchone()
 
     def move(self, move_id: int) -> Move:
@@ -343,7 +344,7 @@ class Catalog:
         """The tenant's unfinished move, if any (there is at most one)."""
         with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
             cur.execute(
-                f"SELECT {self._MOVE_COLUMNS} FROM moves WHERE tenant = %s AND phase <> ALL(%s)",
+                sql.SQL("SELECT {} FROM moves WHERE tenant = %s AND phase <> ALL(%s)").format(self._MOVE_COLUMNS),
                 (tenant, list(TERMINAL)),
             )
             return cur.fetchone()
@@ -352,8 +353,9 @@ class Catalog:
     def moves(self, tenant: str | None = None, limit: int = 50) -> list[Move]:
         with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
             cur.execute(
-                f"SELECT {self._MOVE_COLUMNS} FROM moves WHERE %(t)s::text IS NULL OR tenant = %(t)s"
-                " ORDER BY id DESC LIMIT %(limit)s",
+                sql.SQL(
+                    "SELECT {} FROM moves WHERE %(t)s::text IS NULL OR tenant = %(t)s ORDER BY id DESC LIMIT %(limit)s"
+                ).format(self._MOVE_COLUMNS),
                 {"t": tenant, "limit": limit},
             )
             return cur.fetchall()
@@ -369,7 +371,7 @@ class Catalog:
         with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
             cur.execute(
                 sql.SQL("UPDATE moves SET {} WHERE id = %(id)s RETURNING {}").format(
-                    sql.SQL(", ").join(assignments), sql.SQL(self._MOVE_COLUMNS)
+                    sql.SQL(", ").join(assignments), self._MOVE_COLUMNS
                 ),
                 {**fields, "id": move_id},
             )

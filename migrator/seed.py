@@ -119,12 +119,15 @@ _TASK_VALUES = """%(t)s,
 _TASK_PRIORITY = "CASE mod(g, 6) WHEN 3 THEN 1 WHEN 2 THEN 2 ELSE 3 END"
 
 
-def _tasks_statement(with_priority: bool) -> str:
+def _tasks_statement(with_priority: bool) -> sql.Composed:
     """The tasks INSERT, filling `priority` when the stamp's schema has it (revision 0003 on)."""
-    columns, values = _TASK_COLUMNS, _TASK_VALUES
+    columns, values = [sql.SQL(_TASK_COLUMNS)], [sql.SQL(_TASK_VALUES)]
     if with_priority:
-        columns, values = f"{columns}, priority", f"{values},\n       {_TASK_PRIORITY}"
-    return f"INSERT INTO tasks ({columns})\nSELECT {values}\nFROM generate_series(1, %(n)s::bigint) AS g"
+        columns.append(sql.Identifier("priority"))
+        values.append(sql.SQL(_TASK_PRIORITY))
+    return sql.SQL("INSERT INTO tasks ({})\nSELECT {}\nFROM generate_series(1, %(n)s::bigint) AS g").format(
+        sql.SQL(", ").join(columns), sql.SQL(",\n       ").join(values)
+    )
 
 
 _COMMENTS = """
@@ -173,9 +176,9 @@ FROM (SELECT array_agg(id ORDER BY id) AS ids FROM tasks WHERE tenant_id = %(t)s
 
 # Children first: a task may only go once nothing references it.
 _GAPS = (
-    f"DELETE FROM comments WHERE tenant_id = %(t)s AND mod(task_id, {GAP_EVERY}) = 0",
-    f"DELETE FROM attachments WHERE tenant_id = %(t)s AND mod(task_id, {GAP_EVERY}) = 0",
-    f"DELETE FROM tasks WHERE tenant_id = %(t)s AND mod(id, {GAP_EVERY}) = 0",
+    "DELETE FROM comments WHERE tenant_id = %(t)s AND mod(task_id, %(gap)s) = 0",
+    "DELETE FROM attachments WHERE tenant_id = %(t)s AND mod(task_id, %(gap)s) = 0",
+    "DELETE FROM tasks WHERE tenant_id = %(t)s AND mod(id, %(gap)s) = 0",
 )
 
 
@@ -236,7 +239,7 @@ def _insert_tenant(conn: psycopg.Connection[Any], spec: TenantSpec, plan: _Plan)
         total += conn.execute(_COMMENTS, {**params, "n": plan.comments, "nt": nt, "nu": nu}).rowcount
     if plan.attachments:
         total += conn.execute(_ATTACHMENTS, {**params, "n": plan.attachments, "nt": nt}).rowcount
-    removed = [conn.execute(statement, params).rowcount for statement in _GAPS]
+    removed = [conn.execute(statement, {**params, "gap": GAP_EVERY}).rowcount for statement in _GAPS]
     total -= sum(removed)
     watchers = min(plan.watchers, nt - removed[-1])  # at most one watcher per remaining task
     if watchers > 0 and _has(conn, "task_watchers"):
