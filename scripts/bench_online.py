@@ -8,7 +8,8 @@ at RATE writes/s through the routing catalog, retrying on the fence's SQLSTATE a
 the route, as an application would.
 
 Per move it prints the freeze the move measured (fence to flip, `freeze_ms`), the longest pause
-between two acknowledged writes as the writer saw it (the freeze plus the re-route), the writer's
+between two acknowledged writes as the writer saw it (the freeze plus the re-route) and when it
+began relative to the fence (from the move's log; the machine's clock serves both), the writer's
 achieved rate, its fence rejections (inside the window by construction: the source rejects only
 while fenced) and its other errors (outside the window; the target is 0), and checks that every
 acknowledged write is on the new stamp. `scripts/bench online [--rows N] [--moves N] [--rate W]`.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import signal
 import statistics
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from migrator import config as configlib
@@ -42,6 +45,18 @@ TENANT = 1
 
 def _terminated(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def _fenced_at(log: str) -> float:
+    """Wall-clock time the last cutover attempt fenced the tenant, from the move's --verbose log."""
+    found = re.findall(
+        r"^(\S+ \S+) INFO migrator\.cutover: move \d+: fenced, in-flight writes done at (\d+) ms", log, re.M
+    )
+    if not found:
+        raise SystemExit("the move's log has no cutover line")
+    stamp, after_ms = found[-1]
+    logged = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=UTC).timestamp()
+    return logged - int(after_ms) / 1000
 
 
 def main() -> None:
@@ -73,7 +88,9 @@ def main() -> None:
         cli = [sys.executable, "-m", "migrator", "--config", str(config)]
 
         print(f"tenant rows {rows:,}; writer target {args.rate:.0f} writes/s; --max-freeze-ms {args.max_freeze_ms:.0f}")
-        header = f"{'move':>4} {'route':>6} {'freeze ms':>10} {'writer pause ms':>16} {'writes/s':>9}"
+        header = (
+            f"{'move':>4} {'route':>6} {'freeze ms':>10} {'writer pause ms':>16} {'from fence':>13} {'writes/s':>9}"
+        )
         print(f"{header} {'fence rejections':>17} {'other errors':>13} {'move s':>7}")
         freezes: list[float] = []
         other_errors = 0
@@ -90,6 +107,7 @@ def main() -> None:
             moved = subprocess.run(
                 [
                     *cli,
+                    "--verbose",
                     "move",
                     str(TENANT),
                     "--to",
@@ -113,13 +131,16 @@ def main() -> None:
             freeze_ms = float(json.loads(moved.stdout)["move"]["freeze_ms"])
             freezes.append(freeze_ms)
             rate = sum(w.acked / (w.stopped_at - w.started_at) for w in writers)
-            pause_ms = max(w.longest_pause_s for w in writers) * 1000
+            longest = max(writers, key=lambda w: w.longest_pause_s)
+            pause_ms = longest.longest_pause_s * 1000
+            fenced_at = _fenced_at(moved.stderr)
+            pause_from = (longest.longest_pause_ended - longest.longest_pause_s - fenced_at) * 1000
             rejections = sum(w.fenced_errors for w in writers)
             slowest_rate = min(slowest_rate, rate)
             other_errors += len(errors)
             print(
                 f"{number:>4} {source + '->' + target:>6} {freeze_ms:>10.1f} {pause_ms:>16.1f}"
-                f" {rate:>9.0f} {rejections:>17} {len(errors):>13} {move_s:>7.1f}",
+                f" {pause_from:>+13.0f} {rate:>9.0f} {rejections:>17} {len(errors):>13} {move_s:>7.1f}",
                 flush=True,
             )
             for error in errors[:3]:

@@ -36,6 +36,7 @@ class Workload:
     errors: list[str] = field(default_factory=list)
     touched_on: dict[int, str] = field(default_factory=dict)  # task id -> stamp of its last write
     longest_pause_s: float = 0.0
+    longest_pause_ended: float = 0.0  # wall clock, to place the pause in a log
     started_at: float = 0.0
     stopped_at: float = 0.0
     _last_ack: float = 0.0
@@ -137,7 +138,8 @@ class Workload:
 
     def _acknowledged(self) -> None:
         now = time.monotonic()
-        self.longest_pause_s = max(self.longest_pause_s, now - self._last_ack)
+        if now - self._last_ack > self.longest_pause_s:
+            self.longest_pause_s, self.longest_pause_ended = now - self._last_ack, time.time()
         self._last_ack = now
         self.acked += 1
 
