@@ -1,0 +1,855 @@
+"""Chaos run: many online moves under a live writer, each hit by one fault, recovered the operator's way.
+
+A local fleet (the catalog and each stamp on its own real PostgreSQL server) is seeded with small
+and medium tenants. A writer thread keeps writing to the tenants through the routing catalog and
+records every write the database acknowledged. Then N moves run one after another as separate
+`migrator move` processes; for each, the seed decides the tenant, the target, and whether and when
+(by the move's phase in the catalog) one fault strikes: kill -9 of the migrator, termination of its
+source, target or catalog connections, a restart of the target server, or the catalog server
+stopped for a few seconds around the flip. Recovery uses only documented commands: the same
+`migrator move` again (resume) or `migrator move abort ID`, then `migrator cleanup` after a flip.
+
+At the end an oracle independent of migrator's own verification (md5 of every row's text, taken
+before any move) and the writer's acknowledged writes are compared with the tenants' homes, route
+versions are checked (each flip adds exactly 1), and `migrator doctor` must find no leftovers.
+Every invariant counter must be 0; otherwise the exit code is 1 and the seed to reproduce is shown.
+
+    scripts/chaos [--moves N] [--seed S] [--keep]
+
+The fault schedule depends only on the seed; whether a fault lands in its phase depends on timing
+(a fault whose move finished first is counted as missed). Every server is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import conninfo, sql
+
+from migrator import config as configlib
+from migrator import dsn as dsnlib
+from migrator import fence, migrations, pgserver
+from migrator.catalog import Catalog, Move
+from migrator.discovery import Layout, discover
+from migrator.fleet import create_database
+from migrator.seed import TenantSpec, seed_fleet_stamp
+
+REPO = Path(__file__).resolve().parent.parent
+KINDS = ("kill9", "terminate_source", "terminate_target", "terminate_catalog", "restart_target", "stop_catalog")
+# The phases (moves.phase) at which each kind of fault may strike; "flipped" = right after the flip.
+PHASES: dict[str, tuple[str, ...]] = {
+    "kill9": ("copying", "copied", "synced", "cutover", "flipped"),
+    "terminate_source": ("copying", "copied", "synced", "cutover"),
+    "terminate_target": ("copying", "copied", "synced", "cutover"),
+    "terminate_catalog": ("copying", "synced", "cutover"),
+    "restart_target": ("copying", "copied", "synced", "cutover"),
+    "stop_catalog": ("cutover", "flipped"),
+}
+ORDER = ("created", "copying", "copied", "synced", "cutover", "flipped", "cleaned")
+MIGRATOR_APP = "migrator"  # application_name set by migrator.dsn.connect
+HARNESS_APP = "chaos"  # the harness's own connections, never a fault's victims
+WRITER_MARK = "chaos"  # key in tasks.meta of the writer's rows
+FAULT_PROBABILITY = 0.75
+ABORT_PROBABILITY = 0.3
+RECOVERY_ATTEMPTS = 4
+MOVE_TIMEOUT_S = 300.0
+MOVE_FLAGS = ("--batch-rows", "200", "--rate-limit", "4000")  # many short batches: a kill lands mid-copy
+
+
+def log(message: str) -> None:
+    print(f"[chaos {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _connect(dsn: str, app: str = HARNESS_APP) -> psycopg.Connection[Any]:
+    """Harness connections are named apart from migrator's, so faults aimed at migrator spare them."""
+    return dsnlib.connect(dsn, autocommit=True, application_name=app, connect_timeout=3)
+
+
+# --- the fleet ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fleet:
+    """The catalog and every stamp on separate servers, so one can be restarted or stopped alone."""
+
+    base: Path
+    catalog_server: pgserver.LocalServer
+    servers: dict[str, pgserver.LocalServer]
+    catalog_url: str
+    stamps: dict[str, str]
+    config: Path
+    tenants: dict[str, int] = field(default_factory=dict)  # tenant -> seeded rows
+
+    def all_servers(self) -> list[pgserver.LocalServer]:
+        return [self.catalog_server, *self.servers.values()]
+
+    def cli(self, *args: str, timeout: float = MOVE_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+        """One documented `migrator` command, as an operator would type it."""
+        return subprocess.run(
+            [sys.executable, "-m", "migrator", "--config", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=timeout,
+            check=False,
+        )
+
+    def popen(self, *args: str, out: Path) -> subprocess.Popen[bytes]:
+        with out.open("ab") as sink:
+            return subprocess.Popen(
+                [sys.executable, "-m", "migrator", "--config", str(self.config), *args],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+
+
+def build_fleet(base: Path, rng: random.Random, stamps: int, small: int, medium: int, started: list[Any]) -> Fleet:
+    """Start 1 + `stamps` servers, migrate, seed `small` tenants per stamp and `medium` in all."""
+    catalog_server = pgserver.start_server(base / "catalog", backend="local")
+    started.append(catalog_server)
+    servers = {}
+    for i in range(stamps):
+        name = f"s{i + 1}"
+        servers[name] = pgserver.start_server(base / name, backend="local")
+        started.append(servers[name])
+    catalog_url = create_database(catalog_server, "catalog")
+    migrations.upgrade(catalog_url, migrations.schema_path("catalog"))
+    catalog = Catalog(catalog_url)
+    dsns = {}
+    for name, server in servers.items():
+        dsns[name] = create_database(server, "stamp")
+        migrations.upgrade(dsns[name], migrations.schema_path("stamp"))
+        catalog.add_stamp(name, dsns[name], region="local")
+    config = base / "migrator.toml"
+    config.write_text(configlib.render(catalog_url, configlib.Tenancy(), migrations.schema_path("stamp")))
+    config.chmod(0o600)
+    fleet = Fleet(base, catalog_server, servers, catalog_url, dsns, config)
+    next_id = 1
+    for i, name in enumerate(servers):
+        specs = [TenantSpec(next_id + j, rng.randint(200, 900)) for j in range(small)]
+        next_id += small
+        specs += [TenantSpec(next_id + j, rng.randint(12_000, 25_000)) for j in range(medium) if j % stamps == i]
+        next_id += medium
+        for tenant, rows in seed_fleet_stamp(dsns[name], specs).items():
+            catalog.set_route(str(tenant), name)
+            fleet.tenants[str(tenant)] = rows
+    return fleet
+
+
+def _fast_shutdown(server: pgserver.LocalServer) -> None:
+    """SIGINT to the postmaster (a fast shutdown, at once: pg_ctl would take a while to start), then wait."""
+    pid_file = server.datadir / "postmaster.pid"
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int(pid_file.read_text().splitlines()[0]), signal.SIGINT)
+    server.stop("fast")
+
+
+# --- the oracle --------------------------------------------------------------------------------------------
+
+
+def _not_writer(table_name: str) -> sql.Composable:
+    """Seeded rows only: the writer's tasks are checked against its acknowledgements instead."""
+    if table_name != "tasks":
+        return sql.SQL("true")
+    return sql.SQL("NOT coalesce(t.meta ? {}, false)").format(sql.Literal(WRITER_MARK))
+
+
+def seeded_rows(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> dict[str, dict[str, str]]:
+    """Per table, primary key -> md5 of the row's text: the row oracle, independent of migrator.verify."""
+    out = {}
+    for table in layout.tables:
+        rows = conn.execute(
+            sql.SQL("SELECT ARRAY[{}]::text, md5(t::text) FROM {} t WHERE {} = {} AND {}").format(
+                table.pk_text(), table.ident, sql.Identifier(table.key), sql.Literal(tenant), _not_writer(table.name)
+            )
+        ).fetchall()
+        out[table.label] = dict(rows)
+    return out
+
+
+def tenant_row_count(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> int:
+    total = 0
+    for table in layout.tables:
+        row = conn.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE {} = {}").format(
+                table.ident, sql.Identifier(table.key), sql.Literal(tenant)
+            )
+        ).fetchone()
+        total += int(row[0]) if row else 0
+    return total
+
+
+def writer_rows(conn: psycopg.Connection[Any], tenant: str) -> dict[int, str]:
+    return dict(
+        conn.execute(
+            "SELECT id, title FROM tasks WHERE tenant_id = %s AND coalesce(meta ? %s, false)",
+            (int(tenant), WRITER_MARK),
+        ).fetchall()
+    )
+
+
+def compare_rows(before: dict[str, dict[str, str]], after: dict[str, dict[str, str]]) -> tuple[int, int]:
+    """(rows lost or changed, rows extra) of the seeded rows."""
+    lost = extra = 0
+    for table, rows in before.items():
+        now = after.get(table, {})
+        lost += sum(1 for key, digest in rows.items() if now.get(key) != digest)
+        extra += sum(1 for key in now if key not in rows)
+    return lost, extra
+
+
+# --- the writer --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Acked:
+    """One tenant's writes as the writer knows them: acknowledged, or in doubt (connection lost mid-write)."""
+
+    project: int
+    alive: dict[int, str] = field(default_factory=dict)  # task id -> title of its last acknowledged write
+    deleted: set[int] = field(default_factory=set)
+    doubt_keys: set[int] = field(default_factory=set)  # keys whose last write may or may not have committed
+    doubt_titles: set[str] = field(default_factory=set)  # titles of inserts / key changes in doubt
+
+
+def _lost_connection(exc: psycopg.Error) -> bool:
+    state = exc.sqlstate
+    if state is None:
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+    return state.startswith("08") or state in ("57P01", "57P02", "57P03")
+
+
+class Writer(threading.Thread):
+    """The tenants' application: writes via the catalog's routes, re-routes on the fence's SQLSTATE."""
+
+    def __init__(self, fleet: Fleet, projects: dict[str, int], seed: int, rate: float) -> None:
+        super().__init__(name="chaos-writer", daemon=True)
+        self.fleet = fleet
+        self.state = {tenant: Acked(project) for tenant, project in projects.items()}
+        self.rng = random.Random(seed)
+        self.rate = rate
+        self.focus: str | None = None
+        self.acked = self.fenced = self.in_doubt = 0
+        self.errors: list[str] = []
+        self.error_states: Counter[str] = Counter()
+        self._halt = threading.Event()
+        self._routes: dict[str, str] = {}
+        self._routes_at = 0.0
+        self._conns: dict[str, psycopg.Connection[Any]] = {}
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=30)
+        for conn in self._conns.values():
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _refresh_routes(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._routes_at < 0.2:
+            return
+        try:
+            with _connect(self.fleet.catalog_url, "chaos-writer") as conn:
+                self._routes = dict(conn.execute("SELECT tenant, stamp FROM routes").fetchall())
+            self._routes_at = time.monotonic()
+        except psycopg.Error:
+            pass  # catalog down: keep the routes last read, like an application's cache
+
+    def _conn(self, stamp: str) -> psycopg.Connection[Any] | None:
+        conn = self._conns.get(stamp)
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        try:
+            conn = dsnlib.connect(
+                self.fleet.stamps[stamp],
+                autocommit=True,
+                pinned=False,
+                application_name="chaos-writer",
+                connect_timeout=3,
+            )
+        except psycopg.Error:
+            return None
+        self._conns[stamp] = conn
+        return conn
+
+    def run(self) -> None:
+        n = 0
+        tenants = sorted(self.state)
+        while not self._halt.is_set():
+            n += 1
+            started = time.monotonic()
+            tenant = self.focus if self.focus and self.rng.random() < 0.7 else self.rng.choice(tenants)
+            self._refresh_routes()
+            stamp = self._routes.get(tenant)
+            conn = self._conn(stamp) if stamp else None
+            if conn is not None:
+                self._write(conn, stamp or "", tenant, n)
+            self._halt.wait(max(0.0, 1 / self.rate - (time.monotonic() - started)))
+
+    def _write(self, conn: psycopg.Connection[Any], stamp: str, tenant: str, n: int) -> None:
+        acked = self.state[tenant]
+        op = self.rng.random()
+        kinds = ((0.45, "insert"), (0.75, "update"), (0.85, "rekey"), (1.0, "delete"))
+        kind = "insert" if len(acked.alive) < 5 else next(name for limit, name in kinds if op < limit)
+        task = self.rng.choice(sorted(acked.alive)) if kind != "insert" else 0
+        title = f"{kind[0]}{tenant}-{n}" if kind in ("insert", "update") else acked.alive.get(task, "")
+        try:
+            if kind == "insert":
+                row = conn.execute(
+                    "INSERT INTO tasks (tenant_id, project_id, title, meta) VALUES (%s, %s, %s, %s) RETURNING id",
+                    (int(tenant), acked.project, title, json.dumps({WRITER_MARK: True})),
+                ).fetchone()
+                if row is not None:
+                    self._ack(acked, row[0], title)
+            elif kind == "update":
+                cur = conn.execute(
+                    "UPDATE tasks SET title = %s WHERE tenant_id = %s AND id = %s", (title, int(tenant), task)
+                )
+                if cur.rowcount == 1:
+                    self._ack(acked, task, title)
+            elif kind == "rekey":  # a primary-key change: the old key must vanish, the new one appear
+                row = conn.execute(
+                    "UPDATE tasks SET id = DEFAULT WHERE tenant_id = %s AND id = %s RETURNING id", (int(tenant), task)
+                ).fetchone()
+                if row is not None:
+                    del acked.alive[task]
+                    acked.deleted.add(task)
+                    self._ack(acked, row[0], title)
+            else:
+                if conn.execute("DELETE FROM tasks WHERE tenant_id = %s AND id = %s", (int(tenant), task)).rowcount:
+                    del acked.alive[task]
+                    acked.deleted.add(task)
+                    self.acked += 1
+        except psycopg.Error as exc:
+            if exc.sqlstate == fence.FENCED_SQLSTATE:
+                self.fenced += 1
+                self._refresh_routes(force=True)
+            elif _lost_connection(exc):
+                self.in_doubt += 1
+                if kind in ("insert", "rekey"):
+                    acked.doubt_titles.add(title)
+                if task:
+                    acked.alive.pop(task, None)
+                    acked.doubt_keys.add(task)
+                self._conns.pop(stamp, None)
+                with contextlib.suppress(Exception):
+                    conn.close()
+            else:  # a write refused for another reason: shown in the report (a deadlock would land here)
+                self.error_states[exc.sqlstate or "none"] += 1
+                self.errors.append(f"tenant {tenant} on {stamp}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+
+    def _ack(self, acked: Acked, task: int, title: str) -> None:
+        acked.alive[task] = title
+        acked.deleted.discard(task)
+        self.acked += 1
+
+
+def check_writes(acked: Acked, rows: dict[int, str]) -> tuple[int, int]:
+    """(acknowledged writes missing or undone, writer rows nobody acknowledged) on the tenant's home."""
+    missing = sum(1 for task, title in acked.alive.items() if rows.get(task) != title)
+    missing += sum(1 for task in acked.deleted if task in rows and task not in acked.doubt_keys)
+    unexpected = sum(
+        1
+        for task, title in rows.items()
+        if task not in acked.alive
+        and task not in acked.doubt_keys
+        and task not in acked.deleted
+        and title not in acked.doubt_titles
+    )
+    return missing, unexpected
+
+
+# --- the run -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """What happened, and the invariant counters that must all be 0."""
+
+    seed: int
+    moves: int = 0
+    flipped: int = 0
+    aborted: int = 0
+    resumed: int = 0
+    cleanups: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+    fault_phases: Counter[str] = field(default_factory=Counter)
+    missed: Counter[str] = field(default_factory=Counter)
+    tolerated: int = 0  # faults after which the move still finished by itself
+    writer_acked: int = 0
+    writer_fenced: int = 0
+    writer_in_doubt: int = 0
+    writer_errors: Counter[str] = field(default_factory=Counter)  # by SQLSTATE
+    seconds: float = 0.0
+    invariants: Counter[str] = field(default_factory=lambda: Counter({k: 0 for k in INVARIANTS}))
+    problems: list[str] = field(default_factory=list)
+
+    def violate(self, what: str, count: int, detail: str) -> None:
+        if count:
+            self.invariants[what] += count
+            self.problems.append(f"{what} +{count}: {detail}")
+            log(f"VIOLATION {what} +{count}: {detail}")
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.invariants.values())
+
+    def table(self) -> str:
+        lines = [
+            f"chaos run, seed {self.seed}: {self.moves} moves in {self.seconds:.0f} s",
+            f"  {'moves run':<34}{self.moves}",
+            f"  {'flipped':<34}{self.flipped}",
+            f"  {'aborted (operator abort)':<34}{self.aborted}",
+            f"  {'resumed (operator re-run)':<34}{self.resumed}",
+            f"  {'cleanups':<34}{self.cleanups}",
+            f"  {'faults injected':<34}{sum(self.faults.values())}"
+            f" (finished anyway: {self.tolerated}; missed, move done first: {sum(self.missed.values())})",
+            *(f"    {kind:<32}{self.faults[kind]}" for kind in KINDS),
+            "  faults by phase                  "
+            + ", ".join(f"{p} {self.fault_phases[p]}" for p in ORDER if self.fault_phases[p]),
+            f"  {'writer: acknowledged writes':<34}{self.writer_acked}"
+            f" (fenced retries {self.writer_fenced}, in doubt {self.writer_in_doubt})",
+            f"  {'writer: other refused writes':<34}{sum(self.writer_errors.values())}"
+            + (f" {dict(self.writer_errors)}" if self.writer_errors else ""),
+            "  invariants (all must be 0)",
+            *(f"    {name:<32}{self.invariants[name]}" for name in INVARIANTS),
+        ]
+        return "\n".join(lines)
+
+
+INVARIANTS = (
+    "rows lost",
+    "rows duplicated",
+    "acked writes missing",
+    "double flips",
+    "route version skips",
+    "stuck fences",
+    "capture leftovers",
+    "unrecovered moves",
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the seed decides for one move, drawn before it starts (timing cannot change it)."""
+
+    tenant: str
+    target: str
+    fault: str | None
+    phase: str | None
+    abort: bool
+    outage_s: float
+
+
+class Engine:
+    def __init__(self, fleet: Fleet, report: Report, seed: int) -> None:
+        self.fleet = fleet
+        self.report = report
+        self.seed = seed
+        self.catalog = Catalog(fleet.catalog_url)
+        self._poll: psycopg.Connection[Any] | None = None
+        with _connect(next(iter(fleet.stamps.values()))) as conn:
+            self.layout = discover(conn, configlib.Tenancy())
+        self.before: dict[str, dict[str, dict[str, str]]] = {}
+        self.versions: dict[str, list[int]] = {}
+        self.reported: set[tuple[str, str]] = set()
+        self.proc: subprocess.Popen[bytes] | None = None  # the running `migrator move`, ended on interrupt
+        self.logs = fleet.base / "logs"
+        self.logs.mkdir(exist_ok=True)
+
+    # -- reading the catalog, robust to the catalog's own outages --
+
+    def _query(self, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]] | None:
+        for _ in range(2):
+            try:
+                if self._poll is None or self._poll.closed or self._poll.broken:
+                    self._poll = _connect(self.fleet.catalog_url)
+                return self._poll.execute(query, params).fetchall()
+            except psycopg.Error:
+                if self._poll is not None:
+                    with contextlib.suppress(Exception):
+                        self._poll.close()
+                self._poll = None
+        return None
+
+    def route(self, tenant: str) -> tuple[str, int]:
+        rows = self._query("SELECT stamp, version FROM routes WHERE tenant = %s", (tenant,))
+        assert rows, f"no route for tenant {tenant}"
+        return str(rows[0][0]), int(rows[0][1])
+
+    def latest_move(self, tenant: str, after_id: int) -> Move | None:
+        found = [m for m in self.catalog.moves(tenant, limit=5) if m.id > after_id]
+        return found[0] if found else None
+
+    def last_move_id(self) -> int:
+        rows = self._query("SELECT coalesce(max(id), 0) FROM moves", ())
+        return int(rows[0][0]) if rows else 0
+
+    # -- the oracle's before picture --
+
+    def snapshot(self) -> dict[str, int]:
+        """Before any move or write: every tenant's seeded rows, and a project for the writer."""
+        projects = {}
+        for tenant in self.fleet.tenants:
+            stamp, version = self.route(tenant)
+            self.versions[tenant] = [version]
+            with _connect(self.fleet.stamps[stamp]) as conn:
+                self.before[tenant] = seeded_rows(conn, self.layout, tenant)
+                row = conn.execute("SELECT min(id) FROM projects WHERE tenant_id = %s", (int(tenant),)).fetchone()
+                projects[tenant] = int(row[0]) if row and row[0] is not None else 0
+        return projects
+
+    # -- one move --
+
+    def plan(self, index: int, forced: str | None) -> Plan:
+        rng = random.Random(self.seed * 1_000_003 + index)
+        tenants = sorted(self.fleet.tenants, key=int)
+        tenant = rng.choice(tenants)
+        source, _ = self.route(tenant)
+        target = rng.choice(sorted(s for s in self.fleet.stamps if s != source))
+        fault = forced or (rng.choice(KINDS) if rng.random() < FAULT_PROBABILITY else None)
+        phase = rng.choice(PHASES[fault]) if fault else None
+        return Plan(tenant, target, fault, phase, rng.random() < ABORT_PROBABILITY, rng.uniform(2.0, 4.0))
+
+    def run_move(self, index: int, plan: Plan, writer: Writer) -> None:
+        report = self.report
+        source, version = self.route(plan.tenant)
+        before_id = self.last_move_id()
+        writer.focus = plan.tenant
+        what = f"move #{index} tenant {plan.tenant} {source} -> {plan.target}"
+        log(f"{what}: fault {plan.fault or '-'} at {plan.phase or '-'}, recovery {'abort' if plan.abort else 'resume'}")
+        args = ("move", plan.tenant, "--to", plan.target, "--yes", "--json", *MOVE_FLAGS)
+        out = self.logs / f"move-{index:03d}.log"
+        proc = self.proc = self.fleet.popen(*args, out=out)
+        injected = None
+        if plan.fault and plan.phase:
+            injected = self.inject(proc, plan, source, before_id)
+            if injected:
+                report.faults[plan.fault] += 1
+                report.fault_phases[injected] += 1
+                log(f"{what}: injected {plan.fault} at phase {injected}")
+            else:
+                report.missed[plan.fault] += 1
+        code = self._wait(proc, what)
+        if injected and code == 0:
+            report.tolerated += 1
+        self.recover(plan, before_id, code, what, args)
+        report.moves += 1
+        self.check_move(plan, source, version, before_id, what)
+
+    def _wait(self, proc: subprocess.Popen[bytes], what: str) -> int:
+        try:
+            return proc.wait(timeout=MOVE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.report.violate("unrecovered moves", 1, f"{what}: migrator still running after {MOVE_TIMEOUT_S:.0f} s")
+            proc.kill()
+            return proc.wait()
+
+    def _await_phase(
+        self, proc: subprocess.Popen[bytes], tenant: str, wanted: str, after_id: int, source: str
+    ) -> str | None:
+        """Poll the catalog until the move reaches `wanted` (or a later phase) while migrator still runs.
+
+        The freeze lasts only tens of milliseconds, so for "cutover" the source's fence flag is polled
+        too: it is raised right after the catalog records the phase.
+        """
+        deadline = time.monotonic() + MOVE_TIMEOUT_S
+        fenced = sql.SQL("SELECT 1 FROM {}.guarded_tenants WHERE tenant = %s AND fenced").format(
+            sql.Identifier(fence.SCHEMA)
+        )
+        with _connect(self.fleet.stamps[source]) as src:
+            while proc.poll() is None and time.monotonic() < deadline:
+                rows = self._query(
+                    "SELECT phase FROM moves WHERE tenant = %s AND id > %s ORDER BY id DESC LIMIT 1", (tenant, after_id)
+                )
+                phase = rows[0][0] if rows else None
+                if phase in ORDER and ORDER.index(phase) >= ORDER.index(wanted):
+                    return str(phase) if proc.poll() is None else None
+                if wanted == "cutover" and phase == "synced":
+                    with contextlib.suppress(psycopg.Error):
+                        if src.execute(fenced, (tenant,)).fetchone():
+                            return "cutover"
+                time.sleep(0.002)
+        return None
+
+    def inject(self, proc: subprocess.Popen[bytes], plan: Plan, source: str, after_id: int) -> str | None:
+        """Strike once the move is at the planned phase; returns the phase hit, or None if it finished first."""
+        assert plan.fault and plan.phase
+        phase = self._await_phase(proc, plan.tenant, plan.phase, after_id, source)
+        if phase is None:
+            return None
+        fleet = self.fleet
+        if plan.fault == "kill9":
+            os.kill(proc.pid, signal.SIGKILL)
+        elif plan.fault.startswith("terminate_"):
+            which = plan.fault.removeprefix("terminate_")
+            if which == "catalog":
+                server, dsn = fleet.catalog_server, fleet.catalog_url
+            else:
+                name = source if which == "source" else plan.target
+                server, dsn = fleet.servers[name], fleet.stamps[name]
+            if not self._terminate(proc, server, dsn):
+                return None
+        elif plan.fault == "restart_target":
+            server = fleet.servers[plan.target]
+            _fast_shutdown(server)
+            server.start()
+        elif plan.fault == "stop_catalog":
+            _fast_shutdown(fleet.catalog_server)
+            time.sleep(plan.outage_s)
+            fleet.catalog_server.start()
+        return phase
+
+    def _terminate(self, proc: subprocess.Popen[bytes], server: pgserver.LocalServer, dsn: str) -> bool:
+        """pg_terminate_backend of migrator's sessions on that server's database (waits up to 2 s for one)."""
+        dbname = conninfo.conninfo_to_dict(dsn).get("dbname")
+        deadline = time.monotonic() + 2.0
+        with _connect(server.dsn("postgres")) as admin:
+            while proc.poll() is None and time.monotonic() < deadline:
+                killed = admin.execute(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE application_name = %s AND datname = %s AND pid <> pg_backend_pid()",
+                    (MIGRATOR_APP, dbname),
+                ).fetchone()
+                if killed and killed[0]:
+                    return True
+                time.sleep(0.005)
+        return False
+
+    def recover(self, plan: Plan, before_id: int, code: int, what: str, args: tuple[str, ...]) -> None:
+        """As an operator: read `move status`; resume or abort an unfinished move; clean up after a flip."""
+        report = self.report
+        for attempt in range(RECOVERY_ATTEMPTS + 1):
+            move = self.latest_move(plan.tenant, before_id)
+            if move is not None and move.phase in ("flipped", "cleaned"):
+                report.flipped += 1
+                self.cleanup(plan.tenant, move.source, what)
+                return
+            if move is not None and move.phase == "aborted":
+                report.aborted += 1
+                return
+            if attempt == RECOVERY_ATTEMPTS:
+                break
+            if move is not None and plan.abort:
+                log(f"{what}: move {move.id} stopped at {move.phase}; operator aborts it")
+                result = self.fleet.cli("move", "abort", str(move.id), "--yes")
+            else:
+                log(f"{what}: move stopped ({'no move recorded' if move is None else move.phase}); operator re-runs it")
+                report.resumed += 1
+                result = self.fleet.cli(*args)
+            if result.returncode != 0:
+                log(f"{what}: recovery attempt {attempt + 1} failed: {result.stderr.strip()[-400:]}")
+        move = self.latest_move(plan.tenant, before_id)
+        report.violate("unrecovered moves", 1, f"{what}: still {move.phase if move else 'not created'} after recovery")
+
+    def cleanup(self, tenant: str, old_stamp: str, what: str) -> None:
+        for _ in range(3):
+            result = self.fleet.cli("cleanup", tenant, "--stamp", old_stamp, "--yes")
+            if result.returncode == 0:
+                self.report.cleanups += 1
+                return
+            log(f"{what}: cleanup failed: {result.stderr.strip()[-400:]}")
+            time.sleep(1)
+        self.report.violate("capture leftovers", 1, f"{what}: cleanup of {old_stamp} never succeeded")
+
+    # -- invariants --
+
+    def check_move(self, plan: Plan, source: str, version: int, before_id: int, what: str) -> None:
+        """Right after a move: its route step, the tenant's rows where the route says, nothing left behind."""
+        move = self.latest_move(plan.tenant, before_id)
+        stamp, now = self.route(plan.tenant)
+        self.versions[plan.tenant].append(now)
+        flipped = move is not None and move.phase in ("flipped", "cleaned")
+        expected = (plan.target, version + 1) if flipped else (source, version)
+        if (stamp, now) != expected:
+            if stamp == source and now == version and flipped:
+                self.report.violate("double flips", 1, f"{what}: move says flipped, route still {stamp} v{now}")
+            elif now - version > 1:
+                self.report.violate("route version skips", now - version - 1, f"{what}: v{version} -> v{now}")
+            else:
+                self.report.violate(
+                    "double flips", 1, f"{what}: route {stamp} v{now}, expected {expected[0]} v{expected[1]}"
+                )
+        self.check_tenant(plan.tenant, what)
+        self.check_leftovers(what)
+
+    def check_tenant(self, tenant: str, what: str, writer: Writer | None = None) -> None:
+        home, _ = self.route(tenant)
+        for name, dsn in self.fleet.stamps.items():
+            with _connect(dsn) as conn:
+                if name == home:
+                    after = seeded_rows(conn, self.layout, tenant)
+                    lost, extra = compare_rows(self.before[tenant], after)
+                    self.report.violate("rows lost", lost, f"{what}: tenant {tenant} on its home {home}")
+                    self.report.violate("rows duplicated", extra, f"{what}: tenant {tenant}: unknown rows on {home}")
+                    if writer is not None:
+                        missing, unexpected = check_writes(writer.state[tenant], writer_rows(conn, tenant))
+                        self.report.violate("acked writes missing", missing, f"{what}: tenant {tenant} on {home}")
+                        self.report.violate(
+                            "rows duplicated", unexpected, f"{what}: tenant {tenant}: unacknowledged writer rows"
+                        )
+                    if not after.get("tenants"):
+                        self.report.violate("double flips", 1, f"{what}: tenant {tenant} routed to {home}, not there")
+                else:
+                    stray = tenant_row_count(conn, self.layout, tenant)
+                    self.report.violate("rows duplicated", stray, f"{what}: tenant {tenant} has rows on {name}")
+                    self.report.violate("double flips", int(stray > 0), f"{what}: tenant {tenant} on two stamps")
+
+    def check_leftovers(self, what: str) -> None:
+        """Between moves nothing of migrator may remain: no guard, trigger, change log or copy cursor."""
+        open_moves = (
+            self._query("SELECT id, tenant, phase FROM moves WHERE phase NOT IN ('flipped', 'cleaned', 'aborted')", ())
+            or []
+        )
+        for name, dsn in self.fleet.stamps.items():
+            with _connect(dsn) as conn:
+                items = [item for item in fence.leftovers(conn) if (name, item) not in self.reported]
+            self.reported.update((name, item) for item in items)  # each leftover counts once, when first seen
+            for item in items:
+                if item.startswith("fence") and not open_moves:
+                    self.report.violate("stuck fences", 1, f"{what}: {name}: {item} with no resumable move")
+                else:
+                    self.report.violate("capture leftovers", 1, f"{what}: {name}: {item}")
+
+    def final_checks(self, writer: Writer) -> None:
+        for tenant in sorted(self.fleet.tenants, key=int):
+            self.check_tenant(tenant, "final", writer)
+            seen = self.versions[tenant]
+            skips = sum(max(0, b - a - 1) for a, b in zip(seen, seen[1:], strict=False))
+            backwards = sum(1 for a, b in zip(seen, seen[1:], strict=False) if b < a)
+            self.report.violate("route version skips", skips + backwards, f"tenant {tenant}: versions {seen}")
+        doctor = self.fleet.cli("doctor", "--json")
+        if doctor.returncode != 0:
+            found = json.loads(doctor.stdout or "{}") or {"?": [doctor.stderr.strip()]}
+            items = [(name, item) for name, listed in found.items() for item in listed]
+            fences = sum(1 for _, item in items if item.startswith("fence"))
+            self.report.violate("stuck fences", fences, f"`migrator doctor` at the end: {found}")
+            self.report.violate("capture leftovers", len(items) - fences, f"`migrator doctor` at the end: {found}")
+
+
+def run(
+    moves: int = 50,
+    seed: int = 1,
+    *,
+    workdir: Path | None = None,
+    stamps: int = 3,
+    small: int = 5,
+    medium: int = 3,
+    cover_all: bool = False,
+    writer_rate: float = 60.0,
+) -> Report:
+    """Build a fleet, run `moves` faulted moves under the writer, check the invariants, stop every server.
+
+    `cover_all` forces the first moves' faults to be each kind once (in an order the seed shuffles),
+    so a short run exercises every fault.
+    """
+    report = Report(seed)
+    started_at = time.monotonic()
+    base = Path(tempfile.mkdtemp(prefix="migrator-chaos-", dir=workdir))
+    base.chmod(0o755)
+    servers: list[pgserver.LocalServer] = []
+    writer: Writer | None = None
+    engine: Engine | None = None
+    try:
+        rng = random.Random(seed)
+        log(f"starting {stamps + 1} servers in {base}, seed {seed}")
+        fleet = build_fleet(base, rng, stamps, small, medium, servers)
+        engine = Engine(fleet, report, seed)
+        log(f"seeded {len(fleet.tenants)} tenants, {sum(fleet.tenants.values()):,} rows")
+        writer = Writer(fleet, engine.snapshot(), seed, writer_rate)
+        writer.start()
+        uncovered = list(KINDS)
+        rng.shuffle(uncovered)
+        index = 0
+        # With cover_all, a forced fault that missed its phase is forced again on the next move, and
+        # the run goes on past `moves` (by at most 2 x the kinds) until every kind has struck once.
+        while index < moves or (cover_all and uncovered and index < moves + 2 * len(KINDS)):
+            index += 1
+            kind = uncovered[-1] if cover_all and uncovered else None
+            engine.run_move(index, engine.plan(index, kind), writer)
+            if kind and report.faults[kind]:
+                uncovered.pop()
+        time.sleep(0.5)  # let the writer touch the last moved tenant on its new home
+        writer.stop()
+        report.writer_acked, report.writer_fenced, report.writer_in_doubt = writer.acked, writer.fenced, writer.in_doubt
+        report.writer_errors = writer.error_states
+        for error in writer.errors[:5]:
+            log(f"writer error: {error}")
+        engine.final_checks(writer)
+        return report
+    finally:
+        if engine is not None and engine.proc is not None and engine.proc.poll() is None:
+            engine.proc.kill()
+            engine.proc.wait()
+        if writer is not None and writer.is_alive():
+            writer.stop()
+        for server in servers:
+            with contextlib.suppress(Exception):
+                server.stop("fast")
+        report.seconds = time.monotonic() - started_at
+        if os.environ.get("CHAOS_KEEP"):
+            log(f"kept {base} (CHAOS_KEEP)")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM takes the same path as Ctrl-C, so the finally block stops every server."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--moves", type=int, default=50, help="how many moves to run (default 50)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the schedule (default: random, printed)")
+    parser.add_argument("--small", type=int, default=5, help="small tenants per stamp")
+    parser.add_argument("--medium", type=int, default=3, help="medium tenants in all")
+    parser.add_argument("--cover-all", action="store_true", help="force each fault kind once in the first moves")
+    args = parser.parse_args()
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 1_000_000)
+    reproduce = f"reproduce: scripts/chaos --moves {args.moves} --seed {seed}"
+    try:
+        with _sigterm_as_interrupt():
+            report = run(args.moves, seed, small=args.small, medium=args.medium, cover_all=args.cover_all)
+    except KeyboardInterrupt:
+        print(f"interrupted; every server was stopped. {reproduce}", file=sys.stderr)
+        sys.exit(130)
+    print(report.table())
+    if report.ok:
+        print(f"all invariants hold ({reproduce})")
+        return
+    print("VIOLATIONS:")
+    for problem in report.problems:
+        print(f"  {problem}")
+    print(reproduce)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
