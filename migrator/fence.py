@@ -31,6 +31,7 @@ TRIGGER = "migrator_guard"
 LOCK_CLASS = 0x6D67  # advisory lock namespace (classid) of migrator's per-move locks
 # Set (transaction-locally) only by `cleanup`, which must delete the fenced tenant's leftovers.
 BYPASS_SETTING = "migrator.cleanup_bypass_fence"
+LOCK_ATTEMPTS = 50  # of DDL on the application's tables, each bounded by a 200 ms lock_timeout
 
 _FUNCTION = sql.SQL(
     """
@@ -102,9 +103,28 @@ def guard(
     """Install the triggers and set the tenant's guard, in the caller's transaction (commit to apply).
 
     Creating a trigger waits for in-flight writers of the table, so every write committed after
-    this transaction commits is fenced or captured.
+    this transaction commits is fenced or captured. Locking table after table can deadlock with an
+    application transaction that writes a child and then its parent: a lock_timeout below
+    deadlock_timeout makes this side back off (its savepoint releases the locks) and retry, never
+    the application.
     """
     ensure_schema(conn)
+    for attempt in range(LOCK_ATTEMPTS):
+        try:
+            with conn.transaction():
+                conn.execute("SET LOCAL lock_timeout = '200ms'")
+                _install(conn, layout, tenant, move_id, fenced=fenced, capture=capture)
+            break
+        except psycopg.errors.LockNotAvailable:
+            if attempt == LOCK_ATTEMPTS - 1:
+                raise
+            time.sleep(min(1.0, 0.05 * (attempt + 1)))
+    conn.execute("RESET lock_timeout")
+
+
+def _install(
+    conn: psycopg.Connection[Any], layout: Layout, tenant: str, move_id: int, *, fenced: bool, capture: bool
+) -> None:
     schema = sql.Identifier(SCHEMA)
     conn.execute(
         _FUNCTION.format(
@@ -195,7 +215,7 @@ def unguard(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> None:
     _drop_triggers_if_unused(conn, layout)
 
 
-def _drop_triggers_if_unused(conn: psycopg.Connection[Any], layout: Layout, attempts: int = 50) -> None:
+def _drop_triggers_if_unused(conn: psycopg.Connection[Any], layout: Layout) -> None:
     """Drop the triggers once no tenant is guarded, yielding to the application on lock conflicts.
 
     DROP TRIGGER locks each table in turn, so it can deadlock with a writer that holds one table
@@ -203,7 +223,7 @@ def _drop_triggers_if_unused(conn: psycopg.Connection[Any], layout: Layout, atte
     deadlock_timeout (1 s by default) makes this side give up and retry, never the application.
     """
     schema = sql.Identifier(SCHEMA)
-    for attempt in range(attempts):
+    for attempt in range(LOCK_ATTEMPTS):
         try:
             with conn.transaction():
                 conn.execute("SET LOCAL lock_timeout = '200ms'")
@@ -216,7 +236,7 @@ def _drop_triggers_if_unused(conn: psycopg.Connection[Any], layout: Layout, atte
                         )
             return
         except psycopg.errors.LockNotAvailable:
-            if attempt == attempts - 1:
+            if attempt == LOCK_ATTEMPTS - 1:
                 raise
             time.sleep(min(1.0, 0.05 * (attempt + 1)))
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import psycopg
 import pytest
 from conftest import Fleet
@@ -56,3 +59,34 @@ def test_unfencing_the_last_tenant_removes_the_triggers(fleet: Fleet) -> None:
     with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
         assert fence.leftovers(conn) == []
         conn.execute("UPDATE tasks SET title = 'writable again' WHERE tenant_id = 5")
+
+
+def test_guarding_backs_off_instead_of_deadlocking_an_application_transaction(fleet: Fleet) -> None:
+    """The app holds a child table and then needs its parent, which the guard locked first: the guard
+    must give way (and retry), not leave PostgreSQL to kill the application with a deadlock."""
+    fleet.seed("eu-1", 5, 400)
+    layout = fleet.layout()
+    order = [t.name for t in layout.tables]
+    assert order.index("tasks") < order.index("comments")  # the guard locks tasks before comments
+    guarded: list[BaseException | None] = []
+    with dsnlib.connect(fleet.dsn("eu-1"), pinned=False) as app:
+        app.execute("UPDATE comments SET body = body WHERE tenant_id = 5")  # holds comments
+
+        def install() -> None:
+            try:
+                with dsnlib.connect(fleet.dsn("eu-1")) as conn:
+                    fence.guard(conn, layout, "5", 1, fenced=False, capture=True)
+                guarded.append(None)
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                guarded.append(exc)
+
+        worker = threading.Thread(target=install)
+        worker.start()
+        time.sleep(0.5)  # the guard now holds tasks and waits for comments
+        app.execute("UPDATE tasks SET title = title WHERE tenant_id = 5")  # needs tasks: would deadlock
+        app.commit()
+        worker.join(timeout=30)
+    assert guarded == [None]
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
+        assert fence.has_schema(conn)
+        assert conn.execute("SELECT count(*) FROM _migrator.guarded_tenants").fetchone() == (1,)
