@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from migrator import copy, fence, stamps
@@ -52,6 +52,7 @@ class MoveOutcome:
     tables: dict[str, int] = field(default_factory=dict)
     report: Report | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    not_moved: dict[str, int] = field(default_factory=dict)  # per table, rows whose tenant key is NULL
 
 
 def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, progress: Progress) -> MoveOutcome:
@@ -73,7 +74,16 @@ def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, pr
             return _run(ctx, move, source, dest, layout, lock, options, progress, resumed=True)
         checked = check_move(catalog, ctx.config.tenancy, tenant, target)
         if options.dry_run:
-            return MoveOutcome(tenant, checked.source.name, checked.target.name, None, None, False, checked.rows)
+            return MoveOutcome(
+                tenant,
+                checked.source.name,
+                checked.target.name,
+                None,
+                None,
+                False,
+                checked.rows,
+                not_moved=checked.null_tenant_rows,
+            )
         mode = "online" if options.online else "offline"
         move = catalog.create_move(
             tenant,
@@ -90,7 +100,10 @@ def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, pr
             f"move {move.id}: tenant {tenant} {checked.source.name} -> {checked.target.name}, "
             f"{checked.total_rows} rows in {len(checked.layout.tables)} tables"
         )
-        return _run(ctx, move, checked.source, checked.target, checked.layout, lock, options, progress, resumed=False)
+        outcome = _run(
+            ctx, move, checked.source, checked.target, checked.layout, lock, options, progress, resumed=False
+        )
+        return replace(outcome, not_moved=checked.null_tenant_rows)
 
 
 def _resume_layout(ctx: Context, move: Move, source: Stamp, target: Stamp) -> Layout:

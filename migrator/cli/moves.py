@@ -100,6 +100,7 @@ def move_run(
                 "source": outcome.source,
                 "target": outcome.target,
                 "tables": outcome.tables,
+                "not_moved": outcome.not_moved,
                 "resuming_move": outcome.move.id if outcome.move else None,
             },
             text,
@@ -113,6 +114,7 @@ def move_run(
             "route": route_dict(outcome.route),
             "resumed": outcome.resumed,
             "seconds": outcome.timings,
+            "not_moved": outcome.not_moved,
         },
         f"move {outcome.move.id}: tenant {tenant} now on {outcome.route.stamp} (route version "
         f"{outcome.route.version}), {outcome.move.rows_copied} rows copied and verified",
