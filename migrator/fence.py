@@ -45,7 +45,9 @@ BEGIN
     FOR g IN SELECT * FROM {schema}.guarded_tenants
              WHERE tenant IN (new_row ->> TG_ARGV[0], old_row ->> TG_ARGV[0]) ORDER BY move_id LOOP
         PERFORM pg_advisory_xact_lock_shared({lock_class}, g.move_id::integer);
-        IF g.fenced AND coalesce(current_setting({bypass}, true), '') <> 'on' THEN
+        -- Only migrator's own role may bypass (cleanup): current_user is the owner here (SECURITY DEFINER).
+        IF g.fenced AND NOT (coalesce(current_setting({bypass}, true), '') = 'on'
+                             AND pg_has_role(session_user, current_user, 'MEMBER')) THEN
             RAISE EXCEPTION USING
                 ERRCODE = {state},
                 MESSAGE = format('tenant %s is fenced for a move: writes on this stamp are rejected', g.tenant),
@@ -242,7 +244,11 @@ def _drop_triggers_if_unused(conn: psycopg.Connection[Any], layout: Layout) -> N
 
 
 def bypass_for_cleanup(conn: psycopg.Connection[Any]) -> None:
-    """Let this transaction delete a fenced tenant's leftovers (the fence stays for everyone else)."""
+    """Let this transaction delete a fenced tenant's leftovers (the fence stays for everyone else).
+
+    The trigger honours the setting only for sessions of the role that owns it (migrator's), so an
+    application setting it still gets the fence.
+    """
     conn.execute("SELECT set_config(%s, 'on', true)", (BYPASS_SETTING,))
 
 

@@ -267,6 +267,21 @@ def test_application_role_writes_are_captured_during_an_online_move(fleet: Fleet
     assert tenant_digest(fleet.dsn("eu-2"), layout, "7") == tenant_digest(fleet.dsn("eu-1"), layout, "7")
 
 
+def test_application_role_cannot_bypass_the_fence_that_cleanup_uses(fleet: Fleet, roles: Roles) -> None:
+    fleet.seed("eu-1", 7, 50)
+    with psycopg.connect(roles.operator_dsn("eu-1")) as conn:
+        fence.fence(conn, fleet.layout(), "7", move_id=1)
+    bypass = "SELECT set_config('migrator.cleanup_bypass_fence', 'on', false)"
+    with psycopg.connect(roles.app_dsn("eu-1"), autocommit=True) as app:
+        app.execute(bypass)
+        with pytest.raises(psycopg.Error) as caught:
+            app.execute("UPDATE tenants SET name = 'sneaked past' WHERE id = 7")
+        assert caught.value.sqlstate == fence.FENCED_SQLSTATE
+    with psycopg.connect(roles.operator_dsn("eu-1"), autocommit=True) as operator:
+        operator.execute(bypass)
+        assert operator.execute("UPDATE tenants SET name = 'cleanup may' WHERE id = 7").rowcount == 1
+
+
 def test_stamp_check_names_each_missing_grant(fleet: Fleet, roles: Roles) -> None:
     fleet.seed("eu-1", 7, 50)
     partial = roles.owner.removesuffix("_app_owner") + "_partial"
