@@ -38,7 +38,7 @@ class ApplyOptions:
     parallel: int = 1
     per_stamp: int = 1
     stop_on_error: bool = False
-    batch_rows: int = 10_000
+    batch_rows: int = 50_000
 
 
 @dataclass(frozen=True)

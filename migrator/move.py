@@ -32,7 +32,7 @@ from migrator.verify import Report
 class MoveOptions:
     """Options of `migrator move` (flags --batch-rows, --rate-limit, --dry-run, --offline, cutover flags)."""
 
-    batch_rows: int = 10_000
+    batch_rows: int = 50_000
     rate_limit: float | None = None
     dry_run: bool = False
     online: bool = True

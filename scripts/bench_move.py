@@ -75,7 +75,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _terminated)  # `kill` runs the finally below: servers stop
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000, help="rows of the moved tenant")
-    parser.add_argument("--batch-rows", type=int, default=10_000)
+    parser.add_argument("--batch-rows", type=int, default=50_000, help="rows per copy batch (the tool's default)")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="migrator-bench-move-"))
     base.chmod(0o755)

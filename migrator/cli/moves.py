@@ -26,7 +26,7 @@ def move_group() -> None:
 @click.option(
     "--batch-rows",
     type=click.IntRange(min=1),
-    default=10_000,
+    default=50_000,
     show_default=True,
     help="Rows per copy batch (each batch is one target transaction).",
 )

@@ -343,7 +343,7 @@ def _summary(result: ApplyResult) -> str:
 @click.option(
     "--batch-rows",
     type=click.IntRange(min=1),
-    default=10_000,
+    default=50_000,
     show_default=True,
     help="Rows per copy batch of each move.",
 )
