@@ -149,7 +149,21 @@ def copy_table(
             progress.advance(table.label, rows)
             if rate_limit:
                 time.sleep(max(0.0, rows / rate_limit - (time.monotonic() - started)))
+        if copied:
+            _analyze(tgt, table)
         return copied
+
+
+def _analyze(tgt: psycopg.Connection[Any], table: Table) -> None:
+    """Give the target's planner the copied table's real size before its children are copied.
+
+    A table emptied by an earlier cleanup keeps statistics saying it is empty; the foreign-key
+    checks of the next table's COPY are then planned against that, and one plan seen here walked
+    the whole tenant's index for every child row (minutes per batch). Sampling costs a fraction
+    of a second. (A role that does not own the table gets a server warning and no statistics.)
+    """
+    with tgt.transaction():
+        tgt.execute(sql.SQL("ANALYZE {}").format(table.ident))
 
 
 def advance_sequences(tgt: psycopg.Connection[Any], tables: tuple[Table, ...], tenant: str) -> list[str]:
