@@ -124,8 +124,9 @@ def main() -> None:
             move_s = time.monotonic() - started
             time.sleep(1.0)  # and keeps writing on the target afterwards
             errors: list[str] = []
-            for writer in writers:
+            for writer in writers:  # all stopped before any check reads the tenant (that stalls the others)
                 writer.stop()
+            for writer in writers:
                 writer.assert_all_acknowledged_writes_on(stamps[target])
                 errors += writer.errors
             freeze_ms = float(json.loads(moved.stdout)["move"]["freeze_ms"])
