@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import benchlib  # scripts/, the directory of this script
 
 from migrator.apply import ApplyOptions, Entry, EntryResult, Prepared, prepare, run
 from migrator.context import Context
@@ -86,12 +87,8 @@ def drain_once(base: Path, label: str, args: argparse.Namespace, parallel: int, 
             fleet_down(directory)
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main() -> int:
-    signal.signal(signal.SIGTERM, _terminated)  # `kill` runs the finally below: servers stop
+    benchlib.stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tenants", type=int, default=50, help="tenants on the drained stamp")
     parser.add_argument("--rows", type=int, default=10_000, help="about this many rows per tenant")

@@ -17,21 +17,18 @@ import argparse
 import json
 import resource
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import benchlib  # scripts/, the directory of this script
 from psycopg import sql
 
 from migrator import config as configlib
 from migrator import dsn as dsnlib
-from migrator import migrations, pgserver
-from migrator.catalog import Catalog
+from migrator import pgserver
 from migrator.discovery import discover
-from migrator.fleet import create_database
 from migrator.seed import TenantSpec, seed_fleet_stamp
 
 TENANT = 1
@@ -67,35 +64,21 @@ def raw_pipe_seconds(psql: Path, source: str, target: str) -> float:
     return time.monotonic() - started
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminated)  # `kill` runs the finally below: servers stop
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000, help="rows of the moved tenant")
     parser.add_argument("--batch-rows", type=int, default=50_000, help="rows per copy batch (the tool's default)")
     args = parser.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="migrator-bench-move-"))
-    base.chmod(0o755)
-    servers: list[pgserver.LocalServer] = []
-    try:
-        servers = [pgserver.start_server(base / "source"), pgserver.start_server(base / "target")]
-        source = create_database(servers[0], "source")
-        pipe_targets = [create_database(servers[1], f"pipe_target_{i}") for i in (1, 2)]
-        move_target = create_database(servers[1], "move_target")
-        catalog = Catalog(create_database(servers[0], "catalog"))
-        migrations.upgrade(catalog.url, migrations.schema_path("catalog"))
-        for dsn in (source, *pipe_targets, move_target):
-            migrations.upgrade(dsn, migrations.schema_path("stamp"))
+    with benchlib.local_servers("migrator-bench-move-", ["source", "target"]) as (base, servers):
+        source = benchlib.stamp_database(servers[0], "source")
+        pipe_targets = [benchlib.stamp_database(servers[1], f"pipe_target_{i}") for i in (1, 2)]
+        move_target = benchlib.stamp_database(servers[1], "move_target")
+        catalog, config = benchlib.catalog_with_config(servers[0], base)
         print(f"seeding tenant {TENANT} with ~{args.rows:,} rows ...", file=sys.stderr)
         rows = seed_fleet_stamp(source, [TenantSpec(TENANT, args.rows)])[TENANT]
         catalog.add_stamp("source", source)
         catalog.add_stamp("target", move_target)
         catalog.set_route(str(TENANT), "source")
-        config = base / "migrator.toml"
-        config.write_text(configlib.render(catalog.url, configlib.Tenancy(), migrations.schema_path("stamp")))
 
         psql = pgserver.pg_bindir() / "psql"
         if not psql.exists():
@@ -147,10 +130,6 @@ def main() -> None:
         print(f"  verify inside the move    {seconds.get('verify', 0.0):8.2f} s")
         print(f"verify command (both sides) {verify_s:8.2f} s")
         print(f"peak RSS of migrator        {peak_rss_mb:8.1f} MB (target < 200 MB)")
-    finally:
-        for server in servers:
-            server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -21,30 +21,21 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from migrator import config as configlib
-from migrator import migrations, pgserver
-from migrator.catalog import Catalog
-from migrator.fleet import create_database
+import benchlib  # scripts/, the directory of this script
+
 from migrator.seed import TenantSpec, seed_fleet_stamp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from workload import Workload  # noqa: E402  (the online-move tests' application, shared)
 
 TENANT = 1
-
-
-def _terminated(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def _fenced_at(log: str) -> float:
@@ -60,7 +51,6 @@ def _fenced_at(log: str) -> float:
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminated)  # `kill` runs the finally below: servers stop
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000, help="rows of the moved tenant")
     parser.add_argument("--moves", type=int, default=5)
@@ -68,23 +58,18 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=2, help="writer threads (connections) sharing --rate")
     parser.add_argument("--max-freeze-ms", type=float, default=1000.0)
     args = parser.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="migrator-bench-online-"))
-    base.chmod(0o755)
-    servers: list[pgserver.LocalServer] = []
-    try:
-        servers = [pgserver.start_server(base / "a"), pgserver.start_server(base / "b")]
-        stamps = {"a": create_database(servers[0], "stamp_a"), "b": create_database(servers[1], "stamp_b")}
-        catalog = Catalog(create_database(servers[0], "catalog"))
-        migrations.upgrade(catalog.url, migrations.schema_path("catalog"))
+    with benchlib.local_servers("migrator-bench-online-", ["a", "b"]) as (base, servers):
+        stamps = {
+            "a": benchlib.stamp_database(servers[0], "stamp_a"),
+            "b": benchlib.stamp_database(servers[1], "stamp_b"),
+        }
+        catalog, config = benchlib.catalog_with_config(servers[0], base)
         for name, dsn in stamps.items():
-            migrations.upgrade(dsn, migrations.schema_path("stamp"))
             catalog.add_stamp(name, dsn)
         print(f"seeding tenant {TENANT} with ~{args.rows:,} rows ...", file=sys.stderr)
         rows = seed_fleet_stamp(stamps["a"], [TenantSpec(TENANT, args.rows), TenantSpec(2, 1_000)])[TENANT]
         for tenant in (TENANT, 2):
             catalog.set_route(str(tenant), "a")
-        config = base / "migrator.toml"
-        config.write_text(configlib.render(catalog.url, configlib.Tenancy(), migrations.schema_path("stamp")))
         cli = [sys.executable, "-m", "migrator", "--config", str(config)]
 
         print(f"tenant rows {rows:,}; writer target {args.rate:.0f} writes/s; --max-freeze-ms {args.max_freeze_ms:.0f}")
@@ -150,10 +135,6 @@ def main() -> None:
             source = target
         print(f"freeze window p50 {statistics.median(freezes):.1f} ms, max {max(freezes):.1f} ms (target < 1000 ms)")
         print(f"writer: slowest move {slowest_rate:.0f} writes/s (target >= 500); errors outside it {other_errors}")
-    finally:
-        for server in servers:
-            server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

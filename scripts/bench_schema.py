@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 import shutil
-import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import benchlib  # scripts/, the directory of this script
 from psycopg import sql
 
 from migrator import config as configlib
@@ -65,12 +65,8 @@ def create_fleet(server: pgserver.LocalServer, env: Path, directory: Path) -> Co
     return Context.load(path)
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main() -> int:
-    signal.signal(signal.SIGTERM, _terminated)  # `kill` runs the finally below: servers stop
+    benchlib.stop_on_sigterm()
     directory = Path(tempfile.mkdtemp(prefix="migrator-bench-schema-"))
     directory.chmod(0o755)
     server = pgserver.start_server(directory / "server", settings={"max_connections": "300"})
