@@ -253,7 +253,7 @@ class Catalog:
         with self.transaction() as conn, conn.cursor(row_factory=class_row(Route)) as cur:
             cur.execute(
                 "SELECT tenant, stamp, version, state, updated_at FROM routes"
-                " WHERE %(stamp)s::text IS NULL OR stamp = %(stamp)s ORDER BY stamp, tenant",
+                " WHERE %(stamp)s::text IS NULL OR stamp = %(stamp)s ORDER BY stamp, length(tenant), tenant",
                 {"stamp": stamp},
             )
             return cur.fetchall()
