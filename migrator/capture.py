@@ -141,10 +141,6 @@ def load_keys(conn: psycopg.Connection[Any], table: Table, keys: list[list[str]]
         conn.execute(sql.SQL("ANALYZE {}").format(name))  # real row counts, so the planner hashes the keys
 
 
-def _using(table: Table) -> sql.Composed:
-    return sql.SQL("USING ({})").format(table.pk_cols())
-
-
 def _stage(
     src: psycopg.Connection[Any],
     tgt: psycopg.Connection[Any],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -105,23 +106,31 @@ def guard(
     """Install the triggers and set the tenant's guard, in the caller's transaction (commit to apply).
 
     Creating a trigger waits for in-flight writers of the table, so every write committed after
-    this transaction commits is fenced or captured. Locking table after table can deadlock with an
-    application transaction that writes a child and then its parent: a lock_timeout below
-    deadlock_timeout makes this side back off (its savepoint releases the locks) and retry, never
-    the application.
+    this transaction commits is fenced or captured. The triggers go in a savepoint that yields to
+    application writers on lock conflicts (`_yielding_to_writers`).
     """
     ensure_schema(conn)
+    _yielding_to_writers(conn, lambda: _install(conn, layout, tenant, move_id, fenced=fenced, capture=capture))
+    conn.execute("RESET lock_timeout")
+
+
+def _yielding_to_writers(conn: psycopg.Connection[Any], ddl: Callable[[], None]) -> None:
+    """Run DDL on the application's tables in a (sub)transaction that gives way on lock conflicts.
+
+    Locking table after table can deadlock with an application transaction that holds one of them
+    and needs another. A lock_timeout below deadlock_timeout (1 s by default) makes this side roll
+    back (releasing its locks) and retry after a pause, so PostgreSQL never picks the application.
+    """
     for attempt in range(LOCK_ATTEMPTS):
         try:
             with conn.transaction():
                 conn.execute("SET LOCAL lock_timeout = '200ms'")
-                _install(conn, layout, tenant, move_id, fenced=fenced, capture=capture)
-            break
+                ddl()
+            return
         except psycopg.errors.LockNotAvailable:
             if attempt == LOCK_ATTEMPTS - 1:
                 raise
             time.sleep(min(1.0, 0.05 * (attempt + 1)))
-    conn.execute("RESET lock_timeout")
 
 
 def _install(
@@ -220,27 +229,18 @@ def unguard(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> None:
 def _drop_triggers_if_unused(conn: psycopg.Connection[Any], layout: Layout) -> None:
     """Drop the triggers once no tenant is guarded, yielding to the application on lock conflicts.
 
-    DROP TRIGGER locks each table in turn, so it can deadlock with a writer that holds one table
-    and needs another (a child row's foreign-key check locks its parent). A lock_timeout below
-    deadlock_timeout (1 s by default) makes this side give up and retry, never the application.
+    DROP TRIGGER locks each table in turn (a child row's foreign-key check holds its parent while
+    the writer holds the child), hence `_yielding_to_writers`.
     """
-    schema = sql.Identifier(SCHEMA)
-    for attempt in range(LOCK_ATTEMPTS):
-        try:
-            with conn.transaction():
-                conn.execute("SET LOCAL lock_timeout = '200ms'")
-                _lock_stamp_ddl(conn)
-                remaining = conn.execute(sql.SQL("SELECT count(*) FROM {}.guarded_tenants").format(schema)).fetchone()
-                if remaining and remaining[0] == 0:
-                    for table in layout.tables:
-                        conn.execute(
-                            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRIGGER), table.ident)
-                        )
-            return
-        except psycopg.errors.LockNotAvailable:
-            if attempt == LOCK_ATTEMPTS - 1:
-                raise
-            time.sleep(min(1.0, 0.05 * (attempt + 1)))
+
+    def drop() -> None:
+        _lock_stamp_ddl(conn)
+        remaining = conn.execute(sql.SQL("SELECT count(*) FROM {}.guarded_tenants").format(sql.Identifier(SCHEMA)))
+        if remaining.fetchone() == (0,):
+            for table in layout.tables:
+                conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRIGGER), table.ident))
+
+    _yielding_to_writers(conn, drop)
 
 
 def bypass_for_cleanup(conn: psycopg.Connection[Any]) -> None:
