@@ -35,8 +35,17 @@ class Config:
 
     catalog_url: str
     tenancy: Tenancy = field(default_factory=Tenancy)
-    script_location: Path = Path("schemas/stamp")
+    script_location: Path | None = None  # [schema]: the stamps' Alembic environment, if there is one
     path: Path | None = None
+
+    def schema_env(self) -> Path:
+        """The stamps' Alembic environment, for `migrator schema`; refused when none is configured."""
+        if self.script_location is None:
+            raise ConfigError(
+                f"{self.path or 'the configuration'}: no Alembic environment is configured for the stamps;"
+                ' add [schema] script_location = "DIR" (the directory holding env.py) to use `migrator schema`'
+            )
+        return self.script_location
 
 
 _TOP_KEYS = {"catalog_url", "tenancy", "schema"}
@@ -107,15 +116,19 @@ def parse(text: str, path: Path) -> Config:
     catalog_url = os.environ.get("MIGRATOR_CATALOG_URL") or file_url
     if not catalog_url:
         raise ConfigError(f"{path}: catalog_url is missing (or set MIGRATOR_CATALOG_URL)")
-    script = Path(_string(schema_raw, "script_location", "schemas/stamp", "schema", path))
-    if not script.is_absolute():
-        script = (path.parent / script) if (path.parent / script).exists() else _repo_relative(script)
+    script = None
+    if "script_location" in schema_raw:
+        script = _config_relative(Path(_string(schema_raw, "script_location", "", "schema", path)), path)
+        if not script.is_dir():
+            raise ConfigError(f"{path}: [schema] script_location: no such directory {script}")
     return Config(catalog_url=catalog_url, tenancy=tenancy, script_location=script, path=path)
 
 
-def _repo_relative(script: Path) -> Path:
-    """Schema paths in the shipped config are relative to the repository when not found beside it."""
-    return Path(__file__).resolve().parent.parent / script
+def _config_relative(value: Path, config_file: Path) -> Path:
+    """A path in the file is relative to the file's own directory (like Alembic's `%(here)s`),
+    never to the current directory or the install location."""
+    value = value.expanduser()
+    return value if value.is_absolute() else (config_file.absolute().parent / value)
 
 
 def load(explicit: str | Path | None = None) -> Config:
@@ -126,7 +139,7 @@ def load(explicit: str | Path | None = None) -> Config:
     return parse(path.read_text(encoding="utf-8"), path)
 
 
-def render(catalog_url: str, tenancy: Tenancy, script_location: Path) -> str:
+def render(catalog_url: str, tenancy: Tenancy, script_location: Path | None) -> str:
     """TOML text for a config file (written by `fleet up`); values quoted as TOML basic strings."""
 
     def q(value: str) -> str:
@@ -140,7 +153,6 @@ def render(catalog_url: str, tenancy: Tenancy, script_location: Path) -> str:
         f"root_table = {q(tenancy.root_table)}\n"
         f"root_column = {q(tenancy.root_column)}\n"
         f"schema = {q(tenancy.db_schema)}\n"
-        f"exclude = [{exclude}]\n\n"
-        "[schema]\n"
-        f"script_location = {q(str(script_location))}\n"
+        f"exclude = [{exclude}]\n"
+        + ("" if script_location is None else f"\n[schema]\nscript_location = {q(str(script_location))}\n")
     )

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import benchlib  # scripts/, the directory of this script
 
-from migrator.apply import ApplyOptions, Entry, EntryResult, Prepared, prepare, run
 from migrator.context import Context
-from migrator.fleet import STATE_FILE, fleet_down, fleet_up
-from migrator.plan import plan_drain, write_plan
-from migrator.seed import TenantSpec, seed_fleet_stamp
+from migrator.local.fleet import STATE_FILE, fleet_down, fleet_up
+from migrator.local.seed import TenantSpec, seed_fleet_stamp
+from migrator.plans.apply import ApplyOptions, Entry, EntryResult, Prepared, prepare, run
+from migrator.plans.planners import plan_drain, write_plan
 
 
 class Quiet:

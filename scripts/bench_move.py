@@ -26,10 +26,10 @@ import benchlib  # scripts/, the directory of this script
 from psycopg import sql
 
 from migrator import config as configlib
-from migrator import dsn as dsnlib
-from migrator import pgserver
-from migrator.discovery import discover
-from migrator.seed import TenantSpec, seed_fleet_stamp
+from migrator.db import dsn as dsnlib
+from migrator.local import pgserver, provision
+from migrator.local.seed import TenantSpec, seed_fleet_stamp
+from migrator.stamps.discovery import discover
 
 TENANT = 1
 
@@ -70,9 +70,9 @@ def main() -> None:
     parser.add_argument("--batch-rows", type=int, default=50_000, help="rows per copy batch (the tool's default)")
     args = parser.parse_args()
     with benchlib.local_servers("migrator-bench-move-", ["source", "target"]) as (base, servers):
-        source = benchlib.stamp_database(servers[0], "source")
-        pipe_targets = [benchlib.stamp_database(servers[1], f"pipe_target_{i}") for i in (1, 2)]
-        move_target = benchlib.stamp_database(servers[1], "move_target")
+        source = provision.stamp_database(servers[0], "source")
+        pipe_targets = [provision.stamp_database(servers[1], f"pipe_target_{i}") for i in (1, 2)]
+        move_target = provision.stamp_database(servers[1], "move_target")
         catalog, config = benchlib.catalog_with_config(servers[0], base)
         print(f"seeding tenant {TENANT} with ~{args.rows:,} rows ...", file=sys.stderr)
         rows = seed_fleet_stamp(source, [TenantSpec(TENANT, args.rows)])[TENANT]

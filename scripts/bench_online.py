@@ -30,7 +30,8 @@ from pathlib import Path
 
 import benchlib  # scripts/, the directory of this script
 
-from migrator.seed import TenantSpec, seed_fleet_stamp
+from migrator.local import provision
+from migrator.local.seed import TenantSpec, seed_fleet_stamp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from workload import Workload  # noqa: E402  (the online-move tests' application, shared)
@@ -60,8 +61,8 @@ def main() -> None:
     args = parser.parse_args()
     with benchlib.local_servers("migrator-bench-online-", ["a", "b"]) as (base, servers):
         stamps = {
-            "a": benchlib.stamp_database(servers[0], "stamp_a"),
-            "b": benchlib.stamp_database(servers[1], "stamp_b"),
+            "a": provision.stamp_database(servers[0], "stamp_a"),
+            "b": provision.stamp_database(servers[1], "stamp_b"),
         }
         catalog, config = benchlib.catalog_with_config(servers[0], base)
         for name, dsn in stamps.items():

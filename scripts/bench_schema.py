@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 
 import benchlib  # scripts/, the directory of this script
-from psycopg import sql
 
-from migrator import config as configlib
-from migrator import dsn as dsnlib
-from migrator import migrations, pgserver
 from migrator.catalog import Catalog
 from migrator.context import Context
-from migrator.schema import OK, upgrade_fleet
+from migrator.db import alembic as migrations
+from migrator.local import pgserver, provision
+from migrator.local.provision import sample_app_env
+from migrator.rollout.runner import OK, upgrade_fleet
 
 STAMPS = 20
 PARALLEL = 8
@@ -34,9 +33,9 @@ TARGET_WALL_S = 4.0
 
 
 def history_with_sleep(directory: Path) -> Path:
-    """A copy of schemas/stamp with one more revision on top of its head that sleeps SLEEP_S."""
+    """A copy of the sample application's environment with one more revision on top of its head that sleeps SLEEP_S."""
     env = directory / "stamp-env"
-    shutil.copytree(migrations.schema_path("stamp"), env, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(sample_app_env(), env, ignore=shutil.ignore_patterns("__pycache__"))
     head = migrations.head_revision(env)
     (env / "versions" / f"{REVISION}.py").write_text(
         f'"""Benchmark only: one second of work."""\n\nfrom alembic import op\n\n'
@@ -49,20 +48,12 @@ def history_with_sleep(directory: Path) -> Path:
 
 def create_fleet(server: pgserver.LocalServer, env: Path, directory: Path) -> Context:
     """Catalog plus STAMPS stamp databases cloned from one template at the history's previous head."""
-    with dsnlib.connect(server.dsn(), autocommit=True) as conn:
-        for name in ("catalog", "stamp_template"):
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    migrations.upgrade(server.dsn("catalog"), migrations.schema_path("catalog"))
-    migrations.upgrade(server.dsn("stamp_template"), env, f"{REVISION}-1")
-    catalog = Catalog(server.dsn("catalog"))
-    with dsnlib.connect(server.dsn(), autocommit=True) as conn:
-        for n in range(1, STAMPS + 1):
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE stamp_template").format(sql.Identifier(f"stamp_{n:02d}")))
+    catalog = Catalog(provision.catalog_database(server))
+    migrations.upgrade(provision.create_database(server, "stamp_template"), env, f"{REVISION}-1")
     for n in range(1, STAMPS + 1):
-        catalog.add_stamp(f"bench-{n:02d}", server.dsn(f"stamp_{n:02d}"))
-    path = directory / "migrator.toml"
-    path.write_text(configlib.render(catalog.url, configlib.Tenancy(), env))
-    return Context.load(path)
+        dsn = provision.create_database(server, f"stamp_{n:02d}", template="stamp_template")
+        catalog.add_stamp(f"bench-{n:02d}", dsn)
+    return Context.load(provision.write_config(directory / "migrator.toml", catalog.url, script_location=env))
 
 
 def main() -> int:

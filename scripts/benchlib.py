@@ -9,10 +9,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from migrator import config as configlib
-from migrator import migrations, pgserver
 from migrator.catalog import Catalog
-from migrator.fleet import create_database
+from migrator.local import pgserver, provision
 
 
 def _terminated(signum: int, frame: object) -> None:
@@ -41,17 +39,7 @@ def local_servers(prefix: str, names: Sequence[str]) -> Iterator[tuple[Path, lis
         shutil.rmtree(base, ignore_errors=True)
 
 
-def stamp_database(server: pgserver.LocalServer, name: str) -> str:
-    """A new database at the head of the sample stamp schema; returns its DSN."""
-    dsn = create_database(server, name)
-    migrations.upgrade(dsn, migrations.schema_path("stamp"))
-    return dsn
-
-
 def catalog_with_config(server: pgserver.LocalServer, base: Path) -> tuple[Catalog, Path]:
     """A migrated catalog database and a migrator.toml naming it, for the `migrator` processes."""
-    catalog = Catalog(create_database(server, "catalog"))
-    migrations.upgrade(catalog.url, migrations.schema_path("catalog"))
-    config = base / "migrator.toml"
-    config.write_text(configlib.render(catalog.url, configlib.Tenancy(), migrations.schema_path("stamp")))
-    return catalog, config
+    catalog = Catalog(provision.catalog_database(server))
+    return catalog, provision.write_config(base / "migrator.toml", catalog.url)

@@ -44,12 +44,12 @@ import psycopg
 from psycopg import conninfo, sql
 
 from migrator import config as configlib
-from migrator import dsn as dsnlib
-from migrator import fence, migrations, pgserver
 from migrator.catalog import Catalog, Move
-from migrator.discovery import Layout, discover
-from migrator.fleet import create_database
-from migrator.seed import TenantSpec, seed_fleet_stamp
+from migrator.db import dsn as dsnlib
+from migrator.local import pgserver, provision
+from migrator.local.seed import TenantSpec, seed_fleet_stamp
+from migrator.move import fence
+from migrator.stamps.discovery import Layout, discover
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("kill9", "terminate_source", "terminate_target", "terminate_catalog", "restart_target", "stop_catalog")
@@ -130,17 +130,13 @@ def build_fleet(base: Path, rng: random.Random, stamps: int, small: int, medium:
         name = f"s{i + 1}"
         servers[name] = pgserver.start_server(base / name, backend="local")
         started.append(servers[name])
-    catalog_url = create_database(catalog_server, "catalog")
-    migrations.upgrade(catalog_url, migrations.schema_path("catalog"))
+    catalog_url = provision.catalog_database(catalog_server)
     catalog = Catalog(catalog_url)
     dsns = {}
     for name, server in servers.items():
-        dsns[name] = create_database(server, "stamp")
-        migrations.upgrade(dsns[name], migrations.schema_path("stamp"))
+        dsns[name] = provision.stamp_database(server, "stamp")
         catalog.add_stamp(name, dsns[name], region="local")
-    config = base / "migrator.toml"
-    config.write_text(configlib.render(catalog_url, configlib.Tenancy(), migrations.schema_path("stamp")))
-    config.chmod(0o600)
+    config = provision.write_config(base / "migrator.toml", catalog_url)
     fleet = Fleet(base, catalog_server, servers, catalog_url, dsns, config)
     next_id = 1
     for i, name in enumerate(servers):

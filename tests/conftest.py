@@ -1,6 +1,6 @@
 """Shared fixtures: one real PostgreSQL server per test session, fresh databases per test.
 
-The server comes from `migrator.pgserver` (local binaries, run as the `postgres` OS user when the
+The server comes from `migrator.local.pgserver` (local binaries, run as the `postgres` OS user when the
 tests run as root; testcontainers where a Docker engine exists). If no server can be started the
 session fails loudly: these tests never skip and never mock the database.
 """
@@ -22,13 +22,12 @@ import pytest
 from click.testing import CliRunner, Result
 from psycopg import sql
 
-from migrator import config as configlib
-from migrator import dsn as dsnlib
-from migrator import migrations, pgserver
 from migrator.catalog import Catalog
 from migrator.context import Context
-from migrator.discovery import Layout, discover
-from migrator.seed import TenantSpec, seed_tenant
+from migrator.db import dsn as dsnlib
+from migrator.local import pgserver, provision
+from migrator.local.seed import TenantSpec, seed_tenant
+from migrator.stamps.discovery import Layout, discover
 
 REPO = Path(__file__).resolve().parent.parent
 STAMP_NAMES = ("eu-1", "eu-2", "us-1")
@@ -47,19 +46,12 @@ def pg() -> Iterator[pgserver.LocalServer]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _admin(server: pgserver.LocalServer, statement: sql.Composable) -> None:
-    with dsnlib.connect(server.dsn("postgres"), autocommit=True) as conn:
-        conn.execute(statement)
-
-
 @pytest.fixture(scope="session")
 def templates(pg: pgserver.LocalServer) -> dict[str, str]:
     """Template databases migrated to head once; each test clones them (fast) instead of migrating."""
-    names = {"catalog": "tpl_catalog", "stamp": "tpl_stamp"}
-    for schema, name in names.items():
-        _admin(pg, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        migrations.upgrade(pg.dsn(name), migrations.schema_path(schema))
-    return names
+    provision.catalog_database(pg, "tpl_catalog")
+    provision.stamp_database(pg, "tpl_stamp")
+    return {"catalog": "tpl_catalog", "stamp": "tpl_stamp"}
 
 
 @dataclass
@@ -108,26 +100,21 @@ class Fleet:
 def fleet(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) -> Iterator[Fleet]:
     n = next(_counter)
     catalog_db = f"t{n}_catalog"
-    _admin(pg, sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(catalog_db),
-                                                                  sql.Identifier(templates["catalog"])))
     databases = [catalog_db]
-    catalog = Catalog(pg.dsn(catalog_db))
+    catalog = Catalog(provision.create_database(pg, catalog_db, template=templates["catalog"]))
     stamps = {}
     for name in STAMP_NAMES:
         db = f"t{n}_{name.replace('-', '_')}"
-        _admin(pg, sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(db),
-                                                                      sql.Identifier(templates["stamp"])))
         databases.append(db)
-        stamps[name] = pg.dsn(db)
+        stamps[name] = provision.create_database(pg, db, template=templates["stamp"])
         catalog.add_stamp(name, stamps[name], region=name.split("-")[0])
     catalog.close()
-    config_path = tmp_path / "migrator.toml"
-    config_path.write_text(configlib.render(catalog.url, configlib.Tenancy(), migrations.schema_path("stamp")))
+    config_path = provision.write_config(tmp_path / "migrator.toml", catalog.url)
     fleet = Fleet(pg, config_path, Context.load(config_path), stamps, databases)
     yield fleet
     fleet.catalog.close()
     for db in databases:
-        _admin(pg, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
+        provision.drop_database(pg, db)
 
 
 def tenant_digest(dsn: str, layout: Layout, tenant: str) -> dict[str, tuple[int, str]]:
@@ -182,9 +169,7 @@ def fleet4(fleet: Fleet, templates: dict[str, str]) -> Fleet:
     Its database joins `fleet.databases`, so the `fleet` fixture drops it with the others.
     """
     db = fleet.databases[0].removesuffix("_catalog") + "_ap_1"
-    _admin(fleet.server, sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(db),
-                                                                           sql.Identifier(templates["stamp"])))
     fleet.databases.append(db)
-    fleet.stamps["ap-1"] = fleet.server.dsn(db)
+    fleet.stamps["ap-1"] = provision.create_database(fleet.server, db, template=templates["stamp"])
     fleet.catalog.add_stamp("ap-1", fleet.stamps["ap-1"], region="ap")
     return fleet

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from conftest import Fleet, catalog_snapshot, tenant_digest, tenant_row_count
 
-from migrator import dsn as dsnlib
+from migrator.db import dsn as dsnlib
 from migrator.errors import VerifyMismatch
-from migrator.fence import leftovers
 from migrator.move import MoveOptions, move_tenant
+from migrator.move.fence import leftovers
 from migrator.progress import Silent
 
 

@@ -6,7 +6,7 @@ import time
 
 from conftest import Fleet
 
-from migrator import dsn as dsnlib
+from migrator.db import dsn as dsnlib
 
 
 def _backend_pids(fleet: Fleet) -> set[int]:

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 
 from conftest import Fleet, tenant_digest, tenant_row_count
 
-from migrator import dsn as dsnlib
 from migrator.catalog import Move
+from migrator.db import dsn as dsnlib
 
 
 def _wait(predicate: Callable[[], bool], what: str, procs: list[subprocess.Popen[str]], timeout: float = 90) -> None:

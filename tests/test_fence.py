@@ -9,8 +9,8 @@ import psycopg
 import pytest
 from conftest import Fleet
 
-from migrator import dsn as dsnlib
-from migrator import fence
+from migrator.db import dsn as dsnlib
+from migrator.move import fence
 
 
 def _fence(fleet: Fleet, tenant: str) -> None:

@@ -9,8 +9,8 @@ import psycopg
 import pytest
 from conftest import Fleet, tenant_digest, tenant_row_count
 
-from migrator import dsn as dsnlib
 from migrator.catalog import Move, Route
+from migrator.db import dsn as dsnlib
 from migrator.errors import RouteConflict
 from migrator.move import MoveOptions, move_tenant
 from migrator.progress import Silent

@@ -26,10 +26,11 @@ from conftest import REPO, STAMP_NAMES, Fleet, tenant_digest, tenant_row_count
 from psycopg import sql
 
 from migrator import config as configlib
-from migrator import dsn as dsnlib
-from migrator import fence, migrations
 from migrator.cli import cli
-from migrator.fence import FENCED_SQLSTATE
+from migrator.db import dsn as dsnlib
+from migrator.local.provision import sample_app_env
+from migrator.move import fence
+from migrator.move.fence import FENCED_SQLSTATE
 
 CATALOG_TABLES = ("stamps", "routes", "moves", "move_tables", "plans", "plan_moves", "schema_runs")
 
@@ -135,7 +136,7 @@ def roles(fleet: Fleet, tmp_path: Path) -> Iterator[Roles]:
             fleet.catalog.update_stamp(name, dsn=created.operator_dsn(name))
         created.config_path.write_text(
             configlib.render(
-                created.url(operator, catalog_db), configlib.Tenancy(), migrations.schema_path("stamp")
+                created.url(operator, catalog_db), configlib.Tenancy(), sample_app_env()
             )
         )
         with dsnlib.connect(created.url(operator, catalog_db), autocommit=True) as conn:

@@ -7,9 +7,9 @@ import json
 from conftest import Fleet, tenant_digest, tenant_row_count
 from psycopg import sql
 
-from migrator import dsn as dsnlib
-from migrator.fence import leftovers
+from migrator.db import dsn as dsnlib
 from migrator.move import MoveOptions, move_tenant
+from migrator.move.fence import leftovers
 from migrator.progress import Silent
 
 

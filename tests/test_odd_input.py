@@ -20,17 +20,18 @@ from conftest import catalog_snapshot, stamp_snapshot, tenant_digest
 from psycopg import sql
 
 from migrator import config as configlib
-from migrator import dsn as dsnlib
-from migrator import migrations, pgserver
 from migrator.catalog import Catalog
 from migrator.cli import cli
 from migrator.context import Context
-from migrator.discovery import Layout, discover
+from migrator.db import dsn as dsnlib
 from migrator.errors import PreflightError
-from migrator.fence import leftovers
+from migrator.local import pgserver
+from migrator.local.provision import sample_app_env
 from migrator.move import MoveOptions, move_tenant
-from migrator.preflight import check_move
+from migrator.move.fence import leftovers
+from migrator.move.preflight import check_move
 from migrator.progress import Silent
+from migrator.stamps.discovery import Layout, discover
 
 # The tenant key column and the root table, as odd as identifiers get: quotes, spaces, mixed case.
 TENANCY = configlib.Tenancy(column='Tenant "Key"', root_table="Tenants", root_column="Id")
@@ -187,7 +188,7 @@ def odd_fleet_factory(pg: pgserver.LocalServer, templates: dict[str, str], tmp_p
             catalog.add_stamp(name, stamps[name], region="eu")
         config_path = tmp_path / f"migrator-{n}.toml"
         tenancy = replace(TENANCY, db_schema=db_schema)
-        config_path.write_text(configlib.render(catalog.url, tenancy, migrations.schema_path("stamp")))
+        config_path.write_text(configlib.render(catalog.url, tenancy, sample_app_env()))
         ctx = Context.load(config_path)
         catalogs.append(ctx.catalog)
         return OddFleet(pg, config_path, ctx, stamps, tenancy)

@@ -10,8 +10,8 @@ import pytest
 from conftest import Fleet, tenant_digest
 from workload import Workload
 
-from migrator import dsn as dsnlib
-from migrator.fence import FENCED_SQLSTATE
+from migrator.db import dsn as dsnlib
+from migrator.move.fence import FENCED_SQLSTATE
 
 HEAVY = 200_000
 

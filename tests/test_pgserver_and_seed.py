@@ -12,12 +12,14 @@ import pytest
 from alembic import command
 from psycopg import sql
 
-from migrator import dsn as dsnlib
-from migrator import migrations, pgserver
+from migrator.db import alembic as migrations
+from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput, MigratorError
-from migrator.seed import TENANT_TABLES, TenantSpec, demo_tenants, seed_fleet_stamp, seed_tenant
+from migrator.local import pgserver
+from migrator.local.provision import sample_app_env
+from migrator.local.seed import TENANT_TABLES, TenantSpec, demo_tenants, seed_fleet_stamp, seed_tenant
 
-STAMP = migrations.schema_path("stamp")
+STAMP = sample_app_env()
 _db_numbers = itertools.count(1)
 
 
@@ -54,7 +56,7 @@ def test_stamp_schema_upgrades_to_head_and_downgrades_to_base(server: pgserver.L
         command.downgrade(migrations.alembic_config(STAMP, conn), "base")
     assert migrations.current_revision(dsn) is None
     assert _tables(dsn) == {"alembic_version"}
-    migrations.upgrade(dsn, "schemas/stamp", "0001_core")  # relative to the repository root
+    migrations.upgrade(dsn, STAMP, "0001_core")
     assert migrations.current_revision(dsn) == "0001_core"
 
 

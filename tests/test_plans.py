@@ -15,8 +15,8 @@ import yaml
 from conftest import Fleet, catalog_snapshot, tenant_digest, tenant_row_count
 from psycopg import sql
 
-from migrator import dsn as dsnlib
-from migrator.plan import parse_plan
+from migrator.db import dsn as dsnlib
+from migrator.plans.planners import parse_plan
 
 
 def _seed_many(fleet: Fleet, stamp: str, sizes: dict[int, int]) -> dict[str, int]:
@@ -181,7 +181,7 @@ def test_stale_plan_is_refused_naming_the_entry(fleet: Fleet, tmp_path: Path) ->
 
 
 def test_failed_move_does_not_stop_the_others_and_rerun_retries_it(fleet: Fleet, tmp_path: Path) -> None:
-    from migrator.seed import TenantSpec, seed_tenant
+    from migrator.local.seed import TenantSpec, seed_tenant
 
     _seed_many(fleet, "eu-1", {1: 1_200, 2: 500, 3: 400})
     _plan(fleet, tmp_path, "drain", "eu-1", "--to", "eu-2")

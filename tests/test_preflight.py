@@ -8,17 +8,18 @@ import pytest
 from alembic import command
 from conftest import Fleet, catalog_snapshot, stamp_snapshot
 
-from migrator import dsn as dsnlib
-from migrator import migrations
+from migrator.db import alembic as migrations
+from migrator.db import dsn as dsnlib
+from migrator.local.provision import sample_app_env
 
 
 def _downgrade_eu2(fleet: Fleet) -> None:
     with dsnlib.engine(fleet.dsn("eu-2")).begin() as conn:
-        command.downgrade(migrations.alembic_config(migrations.schema_path("stamp"), conn), "-1")
+        command.downgrade(migrations.alembic_config(sample_app_env(), conn), "-1")
 
 
 def _same_tenant_on_target(fleet: Fleet) -> None:
-    from migrator.seed import TenantSpec, seed_tenant
+    from migrator.local.seed import TenantSpec, seed_tenant
 
     with dsnlib.connect(fleet.dsn("eu-2")) as conn:
         seed_tenant(conn, TenantSpec(7, 50))

@@ -9,7 +9,7 @@ import time
 from conftest import Fleet, tenant_digest
 from psycopg import sql
 
-from migrator import dsn as dsnlib
+from migrator.db import dsn as dsnlib
 
 ROWS = 60_000
 

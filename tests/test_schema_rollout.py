@@ -16,13 +16,15 @@ from alembic import command
 from conftest import REPO, Fleet, stamp_snapshot
 
 from migrator import config as configlib
-from migrator import dsn as dsnlib
-from migrator import migrations, pgserver
 from migrator.context import Context
-from migrator.schema import FAILED, OK, SKIPPED, downgrade_stamps, schema_status, upgrade_fleet
-from migrator.schema_worker import LOCK_KEY
+from migrator.db import alembic as migrations
+from migrator.db import dsn as dsnlib
+from migrator.local import pgserver
+from migrator.local.provision import sample_app_env
+from migrator.rollout.runner import FAILED, OK, SKIPPED, downgrade_stamps, schema_status, upgrade_fleet
+from migrator.rollout.worker import LOCK_KEY
 
-STAMP_ENV = migrations.schema_path("stamp")
+STAMP_ENV = sample_app_env()
 HEAD = "0005_task_watchers"
 
 

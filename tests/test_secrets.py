@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest import Fleet
 
-from migrator import dsn as dsnlib
+from migrator.db import dsn as dsnlib
 
 
 def _password(fleet: Fleet) -> str:

@@ -7,7 +7,7 @@ import json
 from conftest import Fleet
 from psycopg import sql
 
-from migrator import dsn as dsnlib
+from migrator.db import dsn as dsnlib
 from migrator.move import MoveOptions, move_tenant
 from migrator.progress import Silent
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import psycopg
 
-from migrator import dsn as dsnlib
-from migrator.fence import FENCED_SQLSTATE
+from migrator.db import dsn as dsnlib
+from migrator.move.fence import FENCED_SQLSTATE
 
 
 @dataclass

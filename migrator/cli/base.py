@@ -12,7 +12,8 @@ from typing import Any
 import click
 import psycopg
 
-from migrator import __version__, render
+from migrator import __version__
+from migrator.cli import render
 from migrator.context import Context
 from migrator.errors import MigratorError
 
@@ -24,7 +25,7 @@ class Failure(click.ClickException):
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(render.mask_text(message))
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # a ClassVar in click, read per instance
 
     def show(self, file: Any = None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)

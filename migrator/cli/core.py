@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from migrator import render
+from migrator.cli import render
 from migrator.cli.base import JSON, cli, context_of, emit, route_dict
 
 # -- catalog ----------------------------------------------------------------------------------------------
@@ -21,10 +21,10 @@ def catalog_group() -> None:
 @click.pass_context
 def catalog_init(ctx: click.Context) -> None:
     """Create or upgrade the catalog's schema to the newest revision."""
-    from migrator import migrations
+    from migrator.db import alembic as migrations
 
     context = context_of(ctx)
-    migrations.upgrade(context.catalog.url, migrations.schema_path("catalog"))
+    migrations.upgrade(context.catalog.url, migrations.catalog_env())
     click.echo(f"catalog at {migrations.current_revision(context.catalog.url)}")
 
 
@@ -93,7 +93,8 @@ def stamp_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def stamp_check(ctx: click.Context, name: str, as_json: bool) -> None:
     """Check that the stamp's configured role has every privilege a move to or from it needs; exit 1 if not."""
-    from migrator import privileges, stamps
+    from migrator import stamps
+    from migrator.stamps import privileges
 
     context = context_of(ctx)
     stamp = context.catalog.stamp(name)
@@ -179,8 +180,8 @@ def tenant_group() -> None:
 @click.pass_context
 def tenant_list(ctx: click.Context, stamp: str | None, sizes: bool, as_json: bool) -> None:
     """Tenants with row counts (and with --sizes, bytes) per stamp, and whether the catalog routes them there."""
-    from migrator.inventory import list_tenants
-    from migrator.sizes import human_bytes
+    from migrator.stamps.inventory import list_tenants
+    from migrator.stamps.sizes import human_bytes
 
     rows = list_tenants(context_of(ctx), stamp, sizes=sizes)
     headers = ["stamp", "tenant", "rows", *(["bytes"] if sizes else []), "routed here"]

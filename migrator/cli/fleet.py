@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from migrator import render
+from migrator.cli import render
 from migrator.cli.base import cli, context_of
 
 # -- local fleet ------------------------------------------------------------------------------------------
@@ -36,7 +36,7 @@ def fleet_group() -> None:
 )
 def fleet_up(directory: Path, stamps: int, servers: int) -> None:
     """Start local PostgreSQL, create the catalog and N stamps at head, write DIR/migrator.toml."""
-    from migrator.fleet import fleet_up as up
+    from migrator.local.fleet import fleet_up as up
 
     info = up(directory, stamps, servers)
     click.echo(f"fleet up: config {info.config_path}")
@@ -54,7 +54,7 @@ def fleet_up(directory: Path, stamps: int, servers: int) -> None:
 )
 def fleet_down(directory: Path) -> None:
     """Stop the local fleet's servers."""
-    from migrator.fleet import fleet_down as down
+    from migrator.local.fleet import fleet_down as down
 
     click.echo(f"stopped {down(directory)} server(s)")
 
@@ -73,7 +73,7 @@ def fleet_down(directory: Path) -> None:
 @click.pass_context
 def fleet_seed(ctx: click.Context, stamp: str, heavy_rows: int, small: int, first_id: int) -> None:
     """Fill a stamp with one heavy tenant and many small ones, and route them there."""
-    from migrator.fleet import seed_stamp
+    from migrator.local.fleet import seed_stamp
 
     counts = seed_stamp(context_of(ctx), stamp, heavy_rows, small, first_id)
     click.echo(f"seeded {len(counts)} tenants, {sum(counts.values())} rows on {stamp}")

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from migrator import render
+from migrator.cli import render
 from migrator.cli.base import JSON, DefaultGroup, cli, context_of, emit, route_dict
 from migrator.errors import MigratorError
 from migrator.progress import Progress, Silent
@@ -72,8 +72,8 @@ def move_run(
     as_json: bool,
 ) -> None:
     """Move TENANT to another stamp (online by default); re-running it resumes an interrupted move."""
-    from migrator.cutover import CutoverOptions
     from migrator.move import MoveOptions, move_tenant
+    from migrator.move.cutover import CutoverOptions
 
     context = context_of(ctx)
     if not (yes or dry_run):
@@ -197,7 +197,7 @@ def move_abort(ctx: click.Context, move_id: int, batch_rows: int, yes: bool) -> 
 @click.pass_context
 def verify_cmd(ctx: click.Context, tenant: str, source: str, target: str, as_json: bool) -> None:
     """Compare a tenant's rows on two stamps (counts and checksums per table); exit 1 if they differ."""
-    from migrator.inventory import verify_between
+    from migrator.move import verify_between
 
     report = verify_between(context_of(ctx), tenant, source, target)
     data = {
@@ -238,7 +238,7 @@ def verify_cmd(ctx: click.Context, tenant: str, source: str, target: str, as_jso
 @click.pass_context
 def cleanup_cmd(ctx: click.Context, tenant: str, stamp: str, batch_rows: int, yes: bool) -> None:
     """Delete a moved tenant's leftover rows from its old stamp, in batches, and lift the fence there."""
-    from migrator.cleanup import cleanup_tenant
+    from migrator.move.cleanup import cleanup_tenant
 
     context = context_of(ctx)
     if not yes:
@@ -253,7 +253,7 @@ def cleanup_cmd(ctx: click.Context, tenant: str, stamp: str, batch_rows: int, ye
 @click.pass_context
 def doctor_cmd(ctx: click.Context, stamp: str | None, as_json: bool) -> None:
     """List migrator's leftovers on stamps (fences, triggers, copy cursors); exit 1 if any."""
-    from migrator.inventory import leftovers
+    from migrator.move import leftovers
 
     found = leftovers(context_of(ctx), stamp)
     lines = [f"{name}: {item}" for name, items in found.items() for item in items]

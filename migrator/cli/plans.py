@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 import click
 from tqdm import tqdm
 
-from migrator import render
-from migrator.catalog import STAMP_STATES
+from migrator.catalog import StampState
+from migrator.cli import render
 from migrator.cli.base import JSON, cli, context_of, emit
 from migrator.cli.core import stamp_group
 from migrator.errors import MigratorError
 
 if TYPE_CHECKING:  # the engine is imported inside each command, which keeps `migrator --help` fast
-    from migrator.apply import ApplyResult, Entry, EntryResult, Prepared
-    from migrator.plan import Plan
+    from migrator.plans.apply import ApplyResult, Entry, EntryResult, Prepared
+    from migrator.plans.planners import Plan
 
 OUTPUT = click.option(
     "-o",
@@ -35,11 +35,11 @@ FORCE = click.option("--force", is_flag=True, help="Overwrite the output file if
 
 @stamp_group.command("set-state")
 @click.argument("name")
-@click.argument("state", type=click.Choice(STAMP_STATES))
+@click.argument("state", type=click.Choice([s.value for s in StampState]))
 @click.pass_context
 def stamp_set_state(ctx: click.Context, name: str, state: str) -> None:
     """Mark a stamp active, draining (receives no tenants) or retired (refused while it holds any)."""
-    from migrator.sizes import set_stamp_state
+    from migrator.plans.capacity import set_stamp_state
 
     stamp = set_stamp_state(context_of(ctx), name, state)
     click.echo(f"stamp {stamp.name} is {stamp.state}")
@@ -55,7 +55,7 @@ def stamp_update(
     ctx: click.Context, name: str, capacity_rows: int | None, capacity_bytes: int | None, region: str | None
 ) -> None:
     """Change a stamp's capacity or region (used by `plan drain` and `plan rebalance`)."""
-    from migrator.sizes import update_stamp
+    from migrator.plans.capacity import update_stamp
 
     stamp = update_stamp(context_of(ctx), name, capacity_rows, capacity_bytes, region)
     click.echo(
@@ -91,7 +91,7 @@ def plan_drain_cmd(
     ctx: click.Context, stamp: str, to: str | None, output: Path | None, force: bool, as_json: bool
 ) -> None:
     """Plan moving every tenant off STAMP, largest first, onto the active stamp with most free capacity."""
-    from migrator.plan import plan_drain, write_plan
+    from migrator.plans.planners import plan_drain, write_plan
 
     targets = [name.strip() for name in to.split(",") if name.strip()] if to else None
     plan = plan_drain(context_of(ctx), stamp, targets)
@@ -116,7 +116,7 @@ def plan_rebalance_cmd(
     ctx: click.Context, threshold: float, max_moves: int | None, output: Path | None, force: bool, as_json: bool
 ) -> None:
     """Plan the fewest moves (greedy) that bring every active stamp near the fleet's mean utilisation."""
-    from migrator.plan import plan_rebalance, write_plan
+    from migrator.plans.planners import plan_rebalance, write_plan
 
     plan = plan_rebalance(context_of(ctx), threshold, max_moves)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -135,7 +135,7 @@ def plan_isolate_cmd(
     ctx: click.Context, tenant: str, target: str, output: Path | None, force: bool, as_json: bool
 ) -> None:
     """Plan moving one (heavy) tenant to a dedicated stamp that holds no tenant yet."""
-    from migrator.plan import plan_isolate, write_plan
+    from migrator.plans.planners import plan_isolate, write_plan
 
     plan = plan_isolate(context_of(ctx), tenant, target)
     path = write_plan(plan, output or Path("plans") / f"isolate-{tenant.replace('/', '-')}.yaml", force)
@@ -147,14 +147,14 @@ def plan_isolate_cmd(
 @JSON
 def plan_show_cmd(file: Path, as_json: bool) -> None:
     """Show a plan file as tables: its moves and each stamp's utilisation before and after (offline)."""
-    from migrator.plan import load_plan
+    from migrator.plans.planners import load_plan
 
     plan, _ = load_plan(file)
     emit(as_json, _plan_dict(plan), _plan_text(plan))
 
 
 def _plan_dict(plan: Plan) -> dict[str, Any]:
-    from migrator.plan import plan_data
+    from migrator.plans.planners import plan_data
 
     return plan_data(plan)
 
@@ -164,7 +164,7 @@ def _fraction(value: float | None) -> str:
 
 
 def _plan_text(plan: Plan) -> str:
-    from migrator.sizes import human_bytes
+    from migrator.stamps.sizes import human_bytes
 
     head = [
         f"{plan.kind} plan, created {plan.created}, catalog {plan.catalog}, schema {plan.fleet_schema_revision}",
@@ -364,7 +364,7 @@ def apply_cmd(
     as_json: bool,
 ) -> None:
     """Carry out a plan file's moves; re-running it resumes where it stopped (Ctrl-C lets running moves end)."""
-    from migrator.apply import ApplyOptions, prepare, run
+    from migrator.plans.apply import ApplyOptions, prepare, run
 
     context = context_of(ctx)
     prepared = prepare(context, file)

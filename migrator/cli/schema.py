@@ -9,7 +9,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from migrator import render
+from migrator.cli import render
 from migrator.cli.base import JSON, cli, context_of, emit
 
 DRIFT_EXIT = 3  # `schema status`: some active stamp is not at head (a pipeline gate)
@@ -28,7 +28,7 @@ def schema_group() -> None:
 @click.pass_context
 def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> None:
     """Each stamp's revision against head; exit 3 when an active stamp drifts (behind, ahead, unknown, unreachable)."""
-    from migrator.schema import schema_status
+    from migrator.rollout.runner import schema_status
 
     rows = schema_status(context_of(ctx), active_only)
     drifting = [r for r in rows if r.drift]
@@ -92,7 +92,7 @@ def schema_upgrade_cmd(
     as_json: bool,
 ) -> None:
     """Upgrade every stamp to REVISION (default head): the canary first, then waves of --parallel stamps."""
-    from migrator.schema import upgrade_fleet
+    from migrator.rollout.runner import upgrade_fleet
 
     bars = _Bars(enabled=not as_json)
     try:
@@ -120,7 +120,7 @@ def schema_upgrade_cmd(
 @click.pass_context
 def schema_downgrade_cmd(ctx: click.Context, revision: str, names: tuple[str, ...], yes: bool, as_json: bool) -> None:
     """Downgrade stamps to REVISION (or base), canary first, with the same locks and log as upgrade."""
-    from migrator.schema import downgrade_stamps
+    from migrator.rollout.runner import downgrade_stamps
 
     bars = _Bars(enabled=not as_json)
     try:
@@ -135,7 +135,7 @@ def schema_downgrade_cmd(ctx: click.Context, revision: str, names: tuple[str, ..
 @click.pass_context
 def schema_history_cmd(ctx: click.Context, as_json: bool) -> None:
     """The stamps' revisions with their messages, newest first; head marked."""
-    from migrator.schema import history
+    from migrator.rollout.runner import history
 
     revisions = history(context_of(ctx))
     emit(
@@ -155,7 +155,7 @@ def schema_history_cmd(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def schema_log_cmd(ctx: click.Context, stamp: str | None, limit: int, as_json: bool) -> None:
     """Recorded schema runs per stamp, newest first: who, when, from/to, result, error."""
-    from migrator.schema import runs
+    from migrator.rollout.runner import runs
 
     found = runs(context_of(ctx), stamp, limit)
     emit(
@@ -210,7 +210,7 @@ def _confirm(plan: Any) -> None:
 
 def _report(rollout: Any, as_json: bool) -> None:
     """The final table, then exit 1 naming the failed stamps (after rendering, like `verify`)."""
-    from migrator.schema import RolloutFailed
+    from migrator.rollout.runner import RolloutFailed
 
     data = {
         "run_id": rollout.run_id,

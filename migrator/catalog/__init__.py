@@ -1,0 +1,23 @@
+"""The routing catalog, the one shared piece: what it stores (`models`), access to it (`store`),
+the tenant's move lock (`locks`), the records of rollouts (`schema_runs`) and its own Alembic
+migrations (`migrations/`, package data)."""
+
+from migrator.catalog.locks import TenantLock
+from migrator.catalog.models import (
+    FENCED_OFFLINE,
+    FLIPPED,
+    TERMINAL,
+    Move,
+    Phase,
+    Route,
+    Stamp,
+    StampState,
+    TableProgress,
+    describe_move,
+)
+from migrator.catalog.store import Catalog
+
+__all__ = [
+    "FENCED_OFFLINE", "FLIPPED", "TERMINAL", "Catalog", "Move", "Phase", "Route", "Stamp", "StampState",
+    "TableProgress", "TenantLock", "describe_move",
+]  # fmt: skip

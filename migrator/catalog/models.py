@@ -1,0 +1,132 @@
+"""What the routing catalog stores: stamps, routes, moves and their per-table progress.
+
+Plain frozen dataclasses built from catalog rows (psycopg's `class_row`), and the one enum of move
+phases with the sets of phases the rest of the code asks about.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+from migrator.db import dsn as dsnlib
+
+
+class StampState(StrEnum):
+    """`migrator stamp set-state`: draining stamps receive no tenants, retired ones hold none."""
+
+    ACTIVE = "active"
+    DRAINING = "draining"
+    RETIRED = "retired"
+
+
+class Phase(StrEnum):
+    """A move's phase as stored in `moves.phase`: the one truth that `move status` and resume read.
+
+    In order: created, copying, copied, then online `synced` (caught up, untouched rows verified) and
+    `cutover` (fenced), or offline `verified`; then flipped and cleaned; or aborted.
+    """
+
+    CREATED = "created"
+    COPYING = "copying"
+    COPIED = "copied"
+    SYNCED = "synced"
+    CUTOVER = "cutover"
+    VERIFIED = "verified"
+    FLIPPED = "flipped"
+    CLEANED = "cleaned"
+    ABORTED = "aborted"
+
+
+# A move in one of these is finished (see the index moves_one_open_per_tenant).
+TERMINAL: frozenset[Phase] = frozenset({Phase.FLIPPED, Phase.CLEANED, Phase.ABORTED})
+# The route points at the target from here on: abort is refused, cleanup may run.
+FLIPPED: frozenset[Phase] = frozenset({Phase.FLIPPED, Phase.CLEANED})
+# An offline move fences its source from its guard to its flip; an online one only in its cutover.
+FENCED_OFFLINE: frozenset[Phase] = frozenset({Phase.CREATED, Phase.COPYING, Phase.COPIED, Phase.VERIFIED})
+# The flip's compare-and-set accepts a move only in these phases.
+FLIPPABLE: frozenset[Phase] = frozenset({Phase.VERIFIED, Phase.CUTOVER})
+
+
+@dataclass(frozen=True)
+class Stamp:
+    name: str
+    dsn: str
+    region: str | None
+    capacity_rows: int | None
+    capacity_bytes: int | None
+    state: str
+
+    @property
+    def masked_dsn(self) -> str:
+        return dsnlib.mask(self.dsn)
+
+
+@dataclass(frozen=True)
+class Route:
+    tenant: str
+    stamp: str
+    version: int
+    state: str
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Move:
+    id: int
+    tenant: str
+    source: str
+    target: str
+    mode: str
+    phase: Phase
+    route_version: int
+    schema_revision: str | None
+    batch_rows: int
+    rows_total: int
+    rows_copied: int
+    source_checksum: str | None
+    target_checksum: str | None
+    freeze_ms: float | None
+    error: str | None
+    operator: str
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "phase", Phase(self.phase))  # rows come from the catalog as text
+
+    @property
+    def is_open(self) -> bool:
+        return self.phase not in TERMINAL
+
+
+@dataclass(frozen=True)
+class TableProgress:
+    move_id: int
+    table_name: str
+    position: int
+    rows_total: int
+    rows_copied: int
+    done: bool
+    source_checksum: str | None
+    target_checksum: str | None
+
+
+# The columns of `moves` that `Catalog.update_move` may change.
+MOVE_FIELDS = {
+    "phase",
+    "rows_total",
+    "rows_copied",
+    "source_checksum",
+    "target_checksum",
+    "freeze_ms",
+    "error",
+    "finished_at",
+}
+
+
+def describe_move(move: Move) -> str:
+    """How messages name a move, so an operator can find it in `migrator move status`."""
+    return f"move {move.id} of tenant {move.tenant} ({move.source} -> {move.target}, phase {move.phase})"

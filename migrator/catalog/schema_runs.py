@@ -1,0 +1,121 @@
+"""The catalog's record of schema rollouts (`schema_runs`): written per stamp as a rollout goes, read by `schema log`.
+
+Every stamp of every run gets a row: `running` while it migrates, then ok / failed, or skipped /
+dry-run when it was not migrated, with its from/to revisions and the error, so `migrator schema
+log` answers who changed which stamp when, and how it ended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg.rows import class_row
+
+from migrator.context import Context
+from migrator.db import dsn as dsnlib
+
+if TYPE_CHECKING:
+    from migrator.rollout.runner import StampOutcome, StampSchema
+
+
+@dataclass(frozen=True)
+class SchemaRun:
+    """A row of `schema_runs`: who ran what on which stamp, and how it ended."""
+
+    id: int
+    run_id: str
+    stamp: str
+    direction: str
+    from_revision: str | None
+    to_revision: str | None
+    result: str
+    error: str | None
+    operator: str
+    started_at: datetime
+    finished_at: datetime | None
+
+
+def runs(ctx: Context, stamp: str | None = None, limit: int = 50) -> list[SchemaRun]:
+    """Recorded per-stamp runs, newest first (`migrator schema log`)."""
+    if stamp is not None:
+        ctx.catalog.stamp(stamp)
+    with ctx.catalog.transaction() as conn, conn.cursor(row_factory=class_row(SchemaRun)) as cur:
+        cur.execute(
+            "SELECT id, run_id::text AS run_id, stamp, direction, from_revision, to_revision, result, error, operator,"
+            " started_at, finished_at FROM schema_runs WHERE %(stamp)s::text IS NULL OR stamp = %(stamp)s"
+            " ORDER BY started_at DESC, id DESC LIMIT %(limit)s",
+            {"stamp": stamp, "limit": limit},
+        )
+        return cur.fetchall()
+
+
+class RunLog:
+    """The rollout's rows in the catalog's `schema_runs`, one per stamp, `running` until it ends.
+
+    One catalog connection for the whole rollout (reopened once if it drops), and one INSERT per
+    wave, so recording stays cheap next to the migrations themselves.
+    """
+
+    def __init__(self, ctx: Context, run_id: str, direction: str, target: str | None) -> None:
+        self.ctx, self.run_id, self.direction, self.target = ctx, run_id, direction, target
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def _execute(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        for attempt in (1, 2):
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = dsnlib.connect(self.ctx.catalog.url, autocommit=True)
+                cursor = self._conn.execute(query, params)
+                return cursor.fetchall() if cursor.description else []
+            except psycopg.OperationalError:
+                self.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def start(self, rows: Sequence[StampSchema]) -> dict[str, int]:
+        """Rows `running` for a wave's stamps: stamp name -> row id."""
+        found = self._execute(
+            "INSERT INTO schema_runs (run_id, stamp, direction, from_revision, to_revision, result)"
+            " SELECT %s, u.stamp, %s, u.from_revision, %s, 'running'"
+            " FROM unnest(%s::text[], %s::text[]) AS u(stamp, from_revision) RETURNING stamp, id",
+            (
+                self.run_id,
+                self.direction,
+                self.target,
+                [r.stamp for r in rows],
+                [r.current for r in rows],
+            ),
+        )
+        return {stamp: int(row_id) for stamp, row_id in found}
+
+    def add(self, outcome: StampOutcome) -> None:
+        """A stamp that was not run (skipped, dry run, refused): recorded as finished at once."""
+        self._execute(
+            "INSERT INTO schema_runs (run_id, stamp, direction, from_revision, to_revision, result, error,"
+            " finished_at) VALUES (%s, %s, %s, %s, %s, %s, %s, now())",
+            (
+                self.run_id,
+                outcome.stamp,
+                self.direction,
+                outcome.from_revision,
+                self.target,
+                outcome.result,
+                outcome.error,
+            ),
+        )
+
+    def finish(self, row_id: int, outcome: StampOutcome) -> None:
+        self._execute(
+            "UPDATE schema_runs SET result = %s, error = %s, from_revision = %s, finished_at = now() WHERE id = %s",
+            (outcome.result, outcome.error, outcome.from_revision, row_id),
+        )
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -1,0 +1,387 @@
+"""The routing catalog: the one shared piece (stamps, tenant routes, moves and their progress).
+
+Every change of a route goes through `flip`, a compare-and-set on (stamp, version), so two
+operators racing on one tenant cannot both win. A move's phase lives here too: `move status` and
+resume read the same truth.
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import fields as dataclass_fields
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import class_row
+
+from migrator.catalog.locks import TenantLock
+from migrator.catalog.models import (
+    FLIPPABLE,
+    MOVE_FIELDS,
+    TERMINAL,
+    Move,
+    Phase,
+    Route,
+    Stamp,
+    TableProgress,
+    describe_move,
+)
+from migrator.db import dsn as dsnlib
+from migrator.db.retry import transient
+from migrator.errors import BadInput, LockBusy, RouteConflict
+
+
+class Catalog:
+    """Access to the catalog database; short transactions, retried when the link flaps."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._local = threading.local()
+        self._sessions: list[psycopg.Connection[Any]] = []
+        self._sessions_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Catalog({dsnlib.mask(self.url)})"
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        """One catalog transaction, committed on success, rolled back on error.
+
+        The session is kept per thread: a move makes dozens of short catalog calls, and opening a
+        session for each cost more than the calls. A broken session is dropped, so the retry of a
+        transient error (catalog restart) reconnects.
+        """
+        if getattr(self._local, "busy", False):  # nested: a transaction of its own, as before
+            with dsnlib.connect(self.url) as fresh:
+                yield fresh
+            return
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken or _hung_up(conn):
+            conn = self._local.conn = dsnlib.connect(self.url)
+            with self._sessions_lock:
+                self._sessions = [c for c in self._sessions if not c.closed] + [conn]
+        self._local.busy = True
+        try:
+            yield conn
+            conn.commit()
+        except BaseException:
+            with suppress(psycopg.Error):  # a lost session cannot roll back; the original error says why
+                conn.rollback()
+            if conn.broken or conn.closed:
+                self._local.conn = None
+            raise
+        finally:
+            self._local.busy = False
+
+    def close(self) -> None:
+        """Close the sessions kept for every thread (at the end of a command)."""
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for conn in sessions:
+            conn.close()
+
+    # -- stamps -------------------------------------------------------------------------------
+
+    @transient()
+    def add_stamp(
+        self,
+        name: str,
+        dsn: str,
+        region: str | None = None,
+        capacity_rows: int | None = None,
+        capacity_bytes: int | None = None,
+    ) -> Stamp:
+        with self.transaction() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO stamps (name, dsn, region, capacity_rows, capacity_bytes) VALUES (%s, %s, %s, %s, %s)",
+                    (name, dsn, region, capacity_rows, capacity_bytes),
+                )
+            except psycopg.errors.UniqueViolation:
+                raise BadInput(f"stamp {name!r} already exists") from None
+        return self.stamp(name)
+
+    @transient()
+    def update_stamp(self, name: str, **fields: Any) -> Stamp:
+        allowed = {"dsn", "region", "capacity_rows", "capacity_bytes", "state"}
+        changes = {k: v for k, v in fields.items() if k in allowed and v is not None}
+        self.stamp(name)
+        if changes:
+            assignments = sql.SQL(", ").join(
+                sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder(k)) for k in changes
+            )
+            with self.transaction() as conn:
+                conn.execute(
+                    sql.SQL("UPDATE stamps SET {} WHERE name = %(name)s").format(assignments), {**changes, "name": name}
+                )
+        return self.stamp(name)
+
+    @transient()
+    def find_stamp(self, name: str) -> Stamp | None:
+        with self.transaction() as conn, conn.cursor(row_factory=class_row(Stamp)) as cur:
+            cur.execute(
+                "SELECT name, dsn, region, capacity_rows, capacity_bytes, state FROM stamps WHERE name = %s", (name,)
+            )
+            return cur.fetchone()
+
+    def stamp(self, name: str) -> Stamp:
+        """The stamp called `name`, or a clear error naming it."""
+        found = self.find_stamp(name)
+        if found is None:
+            raise BadInput(f"unknown stamp {name!r}")
+        return found
+
+    @transient()
+    def stamps(self) -> list[Stamp]:
+        with self.transaction() as conn, conn.cursor(row_factory=class_row(Stamp)) as cur:
+            cur.execute("SELECT name, dsn, region, capacity_rows, capacity_bytes, state FROM stamps ORDER BY name")
+            return cur.fetchall()
+
+    # -- routes -------------------------------------------------------------------------------
+
+    @transient()
+    def set_route(self, tenant: str, stamp: str) -> Route:
+        """Register a tenant's home; changing an existing route this way is refused (use a move)."""
+        self.stamp(stamp)
+        with self.transaction() as conn:
+            current = self._route(conn, tenant)
+            if current is not None and current.stamp != stamp:
+                raise BadInput(
+                    f"tenant {tenant} is already routed to {current.stamp}; use `migrator move` to change it"
+                )
+            if current is None:
+                conn.execute("INSERT INTO routes (tenant, stamp) VALUES (%s, %s)", (tenant, stamp))
+        return self.route(tenant)
+
+    @staticmethod
+    def _route(conn: psycopg.Connection[Any], tenant: str) -> Route | None:
+        with conn.cursor(row_factory=class_row(Route)) as cur:
+            cur.execute("SELECT tenant, stamp, version, state, updated_at FROM routes WHERE tenant = %s", (tenant,))
+            return cur.fetchone()
+
+    @transient()
+    def find_route(self, tenant: str) -> Route | None:
+        with self.transaction() as conn:
+            return self._route(conn, tenant)
+
+    def route(self, tenant: str) -> Route:
+        found = self.find_route(tenant)
+        if found is None:
+            raise BadInput(f"unknown tenant {tenant!r} (no route in the catalog)")
+        return found
+
+    @transient()
+    def routes(self, stamp: str | None = None) -> list[Route]:
+        with self.transaction() as conn, conn.cursor(row_factory=class_row(Route)) as cur:
+            cur.execute(
+                "SELECT tenant, stamp, version, state, updated_at FROM routes"
+                " WHERE %(stamp)s::text IS NULL OR stamp = %(stamp)s ORDER BY stamp, length(tenant), tenant",
+                {"stamp": stamp},
+            )
+            return cur.fetchall()
+
+    @transient()
+    def set_route_state(self, tenant: str, state: str) -> None:
+        """Mark a route fenced/active for the router's information; the database fence is the guard."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE routes SET state = %s, updated_at = now() WHERE tenant = %s", (state, tenant))
+
+    @transient()
+    def flip(self, move: Move, conn: psycopg.Connection[Any], freeze_ms: float | None = None) -> Route:
+        """Compare-and-set the route from the move's source to its target, and mark the move flipped.
+
+        Both happen in one catalog transaction on `conn` (the tenant lock's own session, so no new
+        connection is opened while writes are frozen): a crash leaves either the old route with the
+        move still open, or the new route with the move flipped.
+        """
+        with conn.transaction():
+            cur = conn.execute(
+                "UPDATE routes SET stamp = %s, version = version + 1, state = 'active', updated_at = now()"
+                " WHERE tenant = %s AND stamp = %s AND version = %s",
+                (move.target, move.tenant, move.source, move.route_version),
+            )
+            if cur.rowcount != 1:
+                current = self._route(conn, move.tenant)
+                where = f"{current.stamp} v{current.version}" if current else "nowhere"
+                raise RouteConflict(
+                    f"route of tenant {move.tenant} changed under move {move.id}: expected {move.source} "
+                    f"v{move.route_version}, found {where}; not flipped"
+                )
+            conn.execute(
+                "UPDATE moves SET phase = %s, updated_at = now(), finished_at = now(), error = NULL,"
+                " freeze_ms = coalesce(%s, freeze_ms) WHERE id = %s AND phase = ANY(%s)",
+                (Phase.FLIPPED, freeze_ms, move.id, sorted(FLIPPABLE)),
+            )
+            return self._route(conn, move.tenant)  # type: ignore[return-value]
+
+    # -- moves --------------------------------------------------------------------------------
+
+    # Every column of `moves`, in the order of the Move dataclass that class_row builds from them.
+    _MOVE_COLUMNS = sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclass_fields(Move))
+
+    @transient()
+    def create_move(
+        self,
+        tenant: str,
+        source: str,
+        target: str,
+        mode: str,
+        route_version: int,
+        batch_rows: int,
+        schema_revision: str | None = None,
+    ) -> Move:
+        try:
+            with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
+                cur.execute(
+                    sql.SQL(
+                        "INSERT INTO moves (tenant, source, target, mode, phase, route_version, batch_rows,"
+                        " schema_revision) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING {}"
+                    ).format(self._MOVE_COLUMNS),
+                    (tenant, source, target, mode, Phase.CREATED, route_version, batch_rows, schema_revision),
+                )
+                move = cur.fetchone()
+                assert move is not None
+                return move
+        except psycopg.errors.UniqueViolation:
+            holder = self.open_move(tenant)
+            raise LockBusy(
+                f"tenant {tenant} already has an unfinished {describe_move(holder) if holder else 'move'}; "
+                f"see `migrator move status{f' {holder.id}' if holder else ''}`"
+            ) from None
+
+    @transient()
+    def find_move(self, move_id: int) -> Move | None:
+        with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
+            cur.execute(sql.SQL("SELECT {} FROM moves WHERE id = %s").format(self._MOVE_COLUMNS), (move_id,))
+            return cur.fetchone()
+
+    def move(self, move_id: int) -> Move:
+        found = self.find_move(move_id)
+        if found is None:
+            raise BadInput(f"unknown move {move_id}")
+        return found
+
+    @transient()
+    def open_move(self, tenant: str) -> Move | None:
+        """The tenant's unfinished move, if any (there is at most one)."""
+        with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
+            cur.execute(
+                sql.SQL("SELECT {} FROM moves WHERE tenant = %s AND phase <> ALL(%s)").format(self._MOVE_COLUMNS),
+                (tenant, sorted(TERMINAL)),
+            )
+            return cur.fetchone()
+
+    @transient()
+    def moves(self, tenant: str | None = None, limit: int = 50) -> list[Move]:
+        with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
+            cur.execute(
+                sql.SQL(
+                    "SELECT {} FROM moves WHERE %(t)s::text IS NULL OR tenant = %(t)s ORDER BY id DESC LIMIT %(limit)s"
+                ).format(self._MOVE_COLUMNS),
+                {"t": tenant, "limit": limit},
+            )
+            return cur.fetchall()
+
+    @transient()
+    def update_move(self, move_id: int, **fields: Any) -> Move:
+        """Record a phase change, counters, checksums or an error on the move."""
+        unknown = set(fields) - MOVE_FIELDS
+        if unknown:
+            raise ValueError(f"not a move field: {sorted(unknown)}")
+        assignments: list[sql.Composable] = [
+            sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder(k)) for k in fields
+        ]
+        assignments.append(sql.SQL("updated_at = now()"))
+        with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
+            cur.execute(
+                sql.SQL("UPDATE moves SET {} WHERE id = %(id)s RETURNING {}").format(
+                    sql.SQL(", ").join(assignments), self._MOVE_COLUMNS
+                ),
+                {**fields, "id": move_id},
+            )
+            move = cur.fetchone()
+            if move is None:
+                raise BadInput(f"unknown move {move_id}")
+            return move
+
+    @transient()
+    def save_tables(self, move_id: int, tables: list[TableProgress]) -> None:
+        """Upsert per-table progress (informational: the target holds the authoritative cursor)."""
+        with self.transaction() as conn, conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO move_tables (move_id, table_name, position, rows_total, rows_copied, done,"
+                " source_checksum, target_checksum) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (move_id, table_name) DO UPDATE SET position = EXCLUDED.position,"
+                " rows_total = EXCLUDED.rows_total, rows_copied = EXCLUDED.rows_copied, done = EXCLUDED.done,"
+                " source_checksum = EXCLUDED.source_checksum, target_checksum = EXCLUDED.target_checksum",
+                [
+                    (
+                        move_id,
+                        t.table_name,
+                        t.position,
+                        t.rows_total,
+                        t.rows_copied,
+                        t.done,
+                        t.source_checksum,
+                        t.target_checksum,
+                    )
+                    for t in tables
+                ],
+            )
+
+    @transient()
+    def tables(self, move_id: int) -> list[TableProgress]:
+        with self.transaction() as conn, conn.cursor(row_factory=class_row(TableProgress)) as cur:
+            cur.execute(
+                "SELECT move_id, table_name, position, rows_total, rows_copied, done, source_checksum,"
+                " target_checksum FROM move_tables WHERE move_id = %s ORDER BY position",
+                (move_id,),
+            )
+            return cur.fetchall()
+
+    # -- access -------------------------------------------------------------------------------
+
+    @transient()
+    def grant_reader(self, role: str) -> str:
+        """Let an application role read routes, and nothing else: stamps' DSNs hold passwords.
+
+        Grants CONNECT on the catalog database, USAGE on the routes table's schema and SELECT on
+        routes; returns the schema-qualified routes table. Run it as the catalog's owner.
+        """
+        with self.transaction() as conn:
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
+                raise BadInput(f"role {role!r} does not exist; create it first (CREATE ROLE ... LOGIN PASSWORD ...)")
+            row = conn.execute(
+                "SELECT n.nspname::text, current_database()::text FROM pg_class c"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass('routes')"
+            ).fetchone()
+            if row is None:
+                raise BadInput("the catalog has no routes table; run `migrator catalog init` first")
+            schema, database = row
+            grantee = sql.Identifier(role)
+            conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), grantee))
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), grantee))
+            conn.execute(sql.SQL("GRANT SELECT ON TABLE {} TO {}").format(sql.Identifier(schema, "routes"), grantee))
+        return f"{schema}.routes"
+
+    # -- locks --------------------------------------------------------------------------------
+
+    def lock_tenant(self, tenant: str) -> TenantLock:
+        """Take the tenant's move lock or fail at once naming the holder; see TenantLock."""
+        return TenantLock(self, tenant)
+
+
+def _hung_up(conn: psycopg.Connection[Any]) -> bool:
+    """An idle session whose socket is readable was ended by the server (terminated, restarted).
+
+    Checked without a round trip before reusing a kept session, so a catalog restart between two
+    calls costs a reconnect, not a failed call.
+    """
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable:
+        conn.close()
+    return bool(readable)

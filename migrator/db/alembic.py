@@ -1,0 +1,160 @@
+"""Alembic driven in-process: the catalog's and the stamps' environments, their revisions, and the
+`env.py` body of the environments migrator ships.
+
+Alembic runs on a connection from `migrator.db.dsn` handed over through `Config.attributes`, so
+DSNs of any form (URL, keywords, service name) work and no password is ever put on a command line.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from migrator.db import dsn as dsnlib
+from migrator.errors import BadInput, MigratorError
+
+
+def packaged_env(package: str, name: str) -> Path:
+    """An Alembic environment shipped inside the package as data (`importlib.resources`).
+
+    pip installs wheels unpacked, so the resource is a real directory Alembic can read.
+    """
+    return Path(str(resources.files(package) / name))
+
+
+def catalog_env() -> Path:
+    """The routing catalog's own migrations (`migrator catalog init`)."""
+    return packaged_env("migrator.catalog", "migrations")
+
+
+def alembic_config(script_location: Path | str, connection: Connection | None = None) -> Config:
+    """A file-less Alembic config; with `connection`, env.py migrates on it instead of connecting itself."""
+    location = Path(script_location)
+    if not (location / "env.py").is_file():
+        raise BadInput(f"{location} is not an Alembic environment (no env.py)")
+    config = Config()
+    # Config options go through ConfigParser interpolation: a literal % must be doubled.
+    config.set_main_option("script_location", str(location).replace("%", "%%"))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def upgrade(dsn: str, script_location: Path | str, revision: str = "head") -> None:
+    """Upgrade the database to `revision`; each revision commits on its own."""
+    config = alembic_config(script_location)
+    engine = dsnlib.engine(dsn)
+    try:
+        with engine.connect() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, revision)
+    except CommandError as exc:
+        raise BadInput(f"cannot upgrade {dsnlib.mask(dsn)} to {revision}: {exc}") from None
+    except (SQLAlchemyError, psycopg.Error) as exc:
+        message = dsnlib.scrub(str(getattr(exc, "orig", None) or exc), dsn).strip()
+        raise MigratorError(f"upgrade of {dsnlib.mask(dsn)} failed: {message}") from None
+    finally:
+        engine.dispose()
+
+
+def read_revision(conn: psycopg.Connection[Any]) -> str | None:
+    """The database's Alembic revision: the one way every job reads it.
+
+    The rows of `alembic_version`, as Alembic's `MigrationContext.get_current_heads()` reads them,
+    in one plain query (the cutover reads it inside the write freeze, where building a SQLAlchemy
+    connection would cost more than the query). Several heads (branches) are joined in order, so
+    they never match one known id; None when the database was never migrated.
+    """
+    found = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()
+    if not found or not found[0]:
+        return None
+    rows = conn.execute("SELECT version_num FROM alembic_version ORDER BY 1").fetchall()
+    return ",".join(str(row[0]) for row in rows) or None
+
+
+def current_revision(dsn: str) -> str | None:
+    """`read_revision` of the database at `dsn`, with a failure naming it (password masked)."""
+    try:
+        with dsnlib.connect(dsn, autocommit=True) as conn:
+            return read_revision(conn)
+    except psycopg.Error as exc:
+        message = dsnlib.scrub(str(exc), dsn).strip()
+        raise MigratorError(f"cannot read the schema revision of {dsnlib.mask(dsn)}: {message}") from None
+
+
+def head_revision(script_location: Path | str) -> str:
+    """The single head of the environment's revision graph."""
+    try:
+        head = ScriptDirectory.from_config(alembic_config(script_location)).get_current_head()
+    except CommandError as exc:
+        raise BadInput(f"{script_location}: {exc}") from None
+    if head is None:
+        raise BadInput(f"{script_location} has no revisions")
+    return head
+
+
+# -- the env.py body of migrator's own environments ------------------------------------------------
+
+
+def run_env(context: Any) -> None:
+    """Entry point for env.py: `run_env(alembic.context)`.
+
+    Online, it runs on the SQLAlchemy connection handed over in `config.attributes["connection"]`,
+    else on an engine built by `migrator.db.dsn.engine` from `-x dsn=...` or `sqlalchemy.url`, so
+    every connection gets the same pinned session settings. Each revision commits on its own: a
+    failing revision leaves the database at the previous one instead of rolling back the upgrade.
+    """
+    if context.is_offline_mode():
+        _run_offline(context)
+    else:
+        _run_online(context)
+
+
+def _run_offline(context: Any) -> None:
+    """`--sql`: emit a script with values inlined; no database is contacted, so only the dialect matters."""
+    context.configure(
+        dialect_name="postgresql",
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+        transaction_per_migration=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def _run_online(context: Any) -> None:
+    connection = context.config.attributes.get("connection")
+    if connection is not None:
+        _migrate(context, connection)
+        return
+    engine = dsnlib.engine(_target_dsn(context))
+    try:
+        with engine.connect() as conn:
+            _migrate(context, conn)
+    finally:
+        engine.dispose()
+
+
+def _migrate(context: Any, connection: Connection) -> None:
+    context.configure(connection=connection, target_metadata=None, transaction_per_migration=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def _target_dsn(context: Any) -> str:
+    """`-x dsn=...` wins over `sqlalchemy.url`; a SQLAlchemy URL loses its `+driver` to become a libpq URL."""
+    dsn = context.get_x_argument(as_dictionary=True).get("dsn") or context.config.get_main_option("sqlalchemy.url")
+    if not dsn:
+        raise BadInput("no database given: pass `-x dsn=...` or set sqlalchemy.url")
+    if "://" in dsn and "+" in dsn.split("://", 1)[0]:
+        dsn = make_url(dsn).set(drivername="postgresql").render_as_string(hide_password=False)
+    return str(dsn)

@@ -1,0 +1,75 @@
+"""A local fleet on real PostgreSQL servers: the catalog plus N stamps, for demos, tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from migrator import config as configlib
+from migrator.catalog import Catalog
+from migrator.context import Context
+from migrator.db import dsn as dsnlib
+from migrator.errors import BadInput
+from migrator.local import pgserver, provision
+from migrator.local.seed import demo_tenants, seed_fleet_stamp
+
+STATE_FILE = "fleet.json"
+
+
+@dataclass(frozen=True)
+class FleetInfo:
+    config_path: Path
+    catalog_url: str
+    stamps: dict[str, str]
+
+    @property
+    def masked_catalog(self) -> str:
+        return dsnlib.mask(self.catalog_url)
+
+    @property
+    def masked_stamps(self) -> list[list[str]]:
+        return [[name, dsnlib.mask(dsn)] for name, dsn in self.stamps.items()]
+
+
+def fleet_up(directory: Path, stamps: int = 3, servers: int = 1) -> FleetInfo:
+    """Start servers, create and migrate the catalog and stamps, register them, write migrator.toml."""
+    directory = directory.resolve()
+    if (directory / STATE_FILE).exists():
+        raise BadInput(f"a fleet already runs in {directory}; run `migrator fleet down --dir {directory}` first")
+    directory.mkdir(parents=True, exist_ok=True)
+    started = [pgserver.start_server(directory / f"server-{i + 1}") for i in range(servers)]
+    (directory / STATE_FILE).write_text(json.dumps({"servers": [str(s.datadir) for s in started]}))
+    catalog_url = provision.catalog_database(started[0])
+    catalog = Catalog(catalog_url)
+    stamp_dsns = {}
+    for i in range(stamps):
+        name = f"stamp-{i + 1}"
+        stamp_dsn = provision.stamp_database(started[i % servers], f"stamp_{i + 1}")
+        catalog.add_stamp(name, stamp_dsn, region="local")
+        stamp_dsns[name] = stamp_dsn
+    catalog.close()
+    config_path = provision.write_config(directory / configlib.DEFAULT_FILE, catalog_url)
+    return FleetInfo(config_path, catalog_url, stamp_dsns)
+
+
+def fleet_down(directory: Path) -> int:
+    """Stop every server of the fleet in `directory`; returns how many were stopped."""
+    state = directory / STATE_FILE
+    if not state.exists():
+        raise BadInput(f"no fleet in {directory}")
+    datadirs = json.loads(state.read_text())["servers"]
+    for datadir in datadirs:
+        pgserver.attach_server(Path(datadir)).stop()
+    state.unlink()
+    return len(datadirs)
+
+
+def seed_stamp(ctx: Context, stamp_name: str, heavy_rows: int, small: int, first_id: int) -> dict[int, int]:
+    """Seed a stamp with demo tenants and route each of them to it."""
+    stamp = ctx.catalog.stamp(stamp_name)
+    specs = demo_tenants(heavy_rows=heavy_rows, small=small, first_id=first_id)
+    counts = seed_fleet_stamp(stamp.dsn, specs)
+    for tenant in counts:
+        ctx.catalog.set_route(str(tenant), stamp.name)
+    return counts

@@ -1,0 +1,288 @@
+"""Catch-up: replay the changes captured on the source onto the target, by primary key.
+
+The guard trigger (see `fence`) logs the keys of every row the moving tenant writes to
+`_migrator.changes`. Replay never trusts logged values: it re-reads the current source row of
+each key and upserts it on the target, or deletes it there when it is gone. Replaying a key twice
+is harmless, which is what makes catch-up safe to interrupt and resume.
+
+Rows travel by binary COPY into a staging table, so values stay byte-exact. A batch holds whole
+source transactions (a cascaded delete is never split from its parent) read in one snapshot;
+upserts run parents first and deletes children first, so the target's foreign keys hold.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from migrator.db import dsn as dsnlib
+from migrator.db.retry import transient
+from migrator.errors import MigratorError
+from migrator.move.fence import SCHEMA
+from migrator.move.verify import by_key
+from migrator.stamps.discovery import Layout, Table
+
+UNPROVEN = sql.Identifier("migrator_unproven_keys")
+
+
+class NotConverging(MigratorError):
+    """The application writes faster than catch-up replays: stop rather than force a long freeze."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    changes: int
+    upserted: int
+    deleted: int
+
+
+def backlog(src: psycopg.Connection[Any], move_id: int) -> int:
+    """Captured changes of the move not yet replayed."""
+    row = src.execute(
+        sql.SQL("SELECT count(*) FROM {}.changes WHERE move_id = %s AND NOT applied").format(sql.Identifier(SCHEMA)),
+        (move_id,),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def captured_keys(
+    src: psycopg.Connection[Any], move_id: int, unverified_only: bool = False
+) -> dict[str, list[list[str]]]:
+    """Distinct keys the move captured so far (applied or not), by table name.
+
+    With unverified_only, only keys with a change not yet proven equal before the freeze.
+    """
+    keys: dict[str, list[list[str]]] = defaultdict(list)
+    unverified = sql.SQL(" AND NOT verified" if unverified_only else "")  # served by the changes_unverified index
+    for table_name, pk in src.execute(
+        sql.SQL("SELECT DISTINCT table_name, pk FROM {}.changes WHERE move_id = %s{}").format(
+            sql.Identifier(SCHEMA), unverified
+        ),
+        (move_id,),
+    ):
+        keys[table_name].append(list(pk))
+    return dict(keys)
+
+
+def vacuum_changes(source_dsn: str) -> None:
+    """Vacuum the change log before a freeze, outside it.
+
+    Replaying and verifying flag changes with UPDATEs; their dead index entries would otherwise be
+    walked by every query of the freeze while autovacuum lags behind a busy tenant.
+    """
+    with dsnlib.connect(source_dsn, autocommit=True) as src:
+        src.execute(sql.SQL("VACUUM (ANALYZE) {}.changes").format(sql.Identifier(SCHEMA)))
+
+
+def _take_batch(src: psycopg.Connection[Any], move_id: int, limit: int) -> list[tuple[int, str, list[str]]]:
+    """The oldest unapplied changes, extended to whole source transactions."""
+    return src.execute(
+        sql.SQL(
+            "WITH head AS (SELECT xid FROM {s}.changes WHERE move_id = %(m)s AND NOT applied ORDER BY id LIMIT %(n)s)"
+            " SELECT id, table_name, pk FROM {s}.changes WHERE move_id = %(m)s AND NOT applied"
+            " AND xid IN (SELECT xid FROM head) ORDER BY id"
+        ).format(s=sql.Identifier(SCHEMA)),
+        {"m": move_id, "n": limit},
+    ).fetchall()
+
+
+def mark_verified(src: psycopg.Connection[Any], move_id: int, unproven: dict[str, list[list[str]]]) -> None:
+    """Mark the changes visible to the caller's snapshot as proven, except those of `unproven` keys.
+
+    Runs in the snapshot the proof was made in, so a change committed later stays unproven and its
+    key is verified again in the freeze.
+    """
+    src.execute(sql.SQL("CREATE TEMPORARY TABLE IF NOT EXISTS {} (t text, k text[]) ON COMMIT DROP").format(UNPROVEN))
+    src.execute(sql.SQL("TRUNCATE {}").format(UNPROVEN))
+    with src.cursor().copy(sql.SQL("COPY {} (t, k) FROM STDIN").format(UNPROVEN)) as copy:
+        for table_name, keys in unproven.items():
+            for key in keys:
+                copy.write_row((table_name, key))
+    src.execute(
+        sql.SQL(
+            "UPDATE {s}.changes c SET verified = true WHERE move_id = %s AND NOT verified"
+            " AND NOT EXISTS (SELECT 1 FROM {raw} u WHERE u.t = c.table_name AND u.k = c.pk)"
+        ).format(s=sql.Identifier(SCHEMA), raw=UNPROVEN),
+        (move_id,),
+    )
+
+
+def keys_table(index: int) -> sql.Identifier:
+    return sql.Identifier(f"migrator_keys_{index}")
+
+
+def load_keys(conn: psycopg.Connection[Any], table: Table, keys: list[list[str]], name: sql.Identifier) -> None:
+    """A temporary table `name`, typed like the table's key, holding the given text keys.
+
+    Keys are logged in their text form; jsonb_populate_recordset parses them back with each type's
+    own input function, so every key type (bigint, uuid, text, timestamptz...) round-trips. The
+    three statements go in one pipeline (one round trip: this runs inside the cutover's freeze).
+    Lives until the caller's transaction ends.
+    """
+    rows = Jsonb([dict(zip(table.primary_key, key, strict=True)) for key in keys])
+    with conn.pipeline():
+        conn.execute(
+            sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+                name, table.pk_cols(), table.ident
+            )
+        )
+        conn.execute(
+            sql.SQL("INSERT INTO {keys} SELECT DISTINCT * FROM jsonb_populate_recordset(NULL::{keys}, %s)").format(
+                keys=name
+            ),
+            (rows,),
+        )
+        conn.execute(sql.SQL("ANALYZE {}").format(name))  # real row counts, so the planner hashes the keys
+
+
+def _stage(
+    src: psycopg.Connection[Any],
+    tgt: psycopg.Connection[Any],
+    table: Table,
+    tenant: str,
+    keys: sql.Identifier,
+    stage: sql.Identifier,
+) -> int:
+    """Copy the current source rows of the keyed rows into a staging table on the target."""
+    tgt.execute(
+        sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+            stage, table.cols(), table.ident
+        )
+    )
+    out = sql.SQL("COPY (SELECT x.* FROM {}) TO STDOUT (FORMAT BINARY)").format(
+        by_key(table, keys, tenant, table.cols())
+    )
+    with src.cursor() as scur, tgt.cursor() as tcur:
+        with (
+            scur.copy(out) as reader,
+            tcur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, table.cols())) as writer,
+        ):
+            for block in reader:
+                writer.write(block)
+        return max(tcur.rowcount, 0)
+
+
+def _upsert(tgt: psycopg.Connection[Any], table: Table, stage: sql.Identifier) -> int:
+    identity = {c.name for c in table.columns if c.identity}
+    updatable = [c for c in table.copy_columns if c not in table.primary_key and c not in identity]
+    action = (
+        sql.SQL("DO UPDATE SET {}").format(
+            sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in updatable)
+        )
+        if updatable
+        else sql.SQL("DO NOTHING")
+    )
+    return tgt.execute(
+        sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} ON CONFLICT ({}) {}").format(
+            table.ident, table.cols(), table.cols(), stage, table.pk_cols(), action
+        )
+    ).rowcount
+
+
+def _delete_gone(
+    tgt: psycopg.Connection[Any], table: Table, tenant: str, keys: sql.Identifier, stage: sql.Identifier
+) -> int:
+    """Delete keyed rows of the tenant that no longer exist on the source (found by key, deleted by ctid)."""
+    staged = sql.SQL(" AND ").join(sql.SQL("s.{c} = k.{c}").format(c=sql.Identifier(c)) for c in table.primary_key)
+    return tgt.execute(
+        sql.SQL(
+            "DELETE FROM {} WHERE ctid = ANY (ARRAY(SELECT x.ctid FROM {}"
+            " WHERE NOT EXISTS (SELECT 1 FROM {} s WHERE {})))"
+        ).format(table.ident, by_key(table, keys, tenant, sql.SQL("ctid")), stage, staged)
+    ).rowcount
+
+
+def apply_keys(
+    src: psycopg.Connection[Any],
+    tgt: psycopg.Connection[Any],
+    layout: Layout,
+    tenant: str,
+    keys: dict[str, list[list[str]]],
+) -> tuple[int, int]:
+    """Make the target's rows of these keys equal to the source's, inside both open transactions."""
+    tables = [(i, t) for i, t in enumerate(layout.tables) if keys.get(t.name)]
+    upserted = deleted = 0
+    for i, table in tables:
+        load_keys(src, table, keys[table.name], keys_table(i))
+        load_keys(tgt, table, keys[table.name], keys_table(i))
+        stage = sql.Identifier(f"migrator_stage_{i}")
+        _stage(src, tgt, table, tenant, keys_table(i), stage)
+        upserted += _upsert(tgt, table, stage)
+    for i, table in reversed(tables):
+        deleted += _delete_gone(tgt, table, tenant, keys_table(i), sql.Identifier(f"migrator_stage_{i}"))
+    return upserted, deleted
+
+
+def replay_once(
+    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], layout: Layout, tenant: str, move_id: int, limit: int
+) -> Applied:
+    """Replay one batch over open connections (idle, not in a transaction); commits on both.
+
+    A crash before the final mark on the source only causes a harmless second replay.
+    """
+    with src.transaction():
+        src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        batch = _take_batch(src, move_id, limit)
+        if not batch:
+            return Applied(0, 0, 0)
+        keys: dict[str, list[list[str]]] = defaultdict(list)
+        for _, table_name, pk in batch:
+            keys[table_name].append(list(pk))
+        with tgt.transaction():
+            upserted, deleted = apply_keys(src, tgt, layout, tenant, keys)
+    src.execute(
+        sql.SQL("UPDATE {}.changes SET applied = true WHERE id = ANY(%s)").format(sql.Identifier(SCHEMA)),
+        ([change_id for change_id, _, _ in batch],),
+    )
+    src.commit()
+    return Applied(len(batch), upserted, deleted)
+
+
+def drain(
+    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], layout: Layout, tenant: str, move_id: int, limit: int
+) -> int:
+    """Replay until nothing is pending (used while fenced, when nothing new can arrive)."""
+    total = 0
+    while applied := replay_once(src, tgt, layout, tenant, move_id, limit).changes:
+        total += applied
+    return total
+
+
+@transient()
+def catch_up(
+    source_dsn: str,
+    target_dsn: str,
+    layout: Layout,
+    tenant: str,
+    move_id: int,
+    *,
+    batch: int,
+    until: int,
+    timeout_s: float,
+) -> int:
+    """Replay until at most `until` changes are pending; returns the backlog left.
+
+    Raises NotConverging after `timeout_s` if the backlog never gets that small, so a move never
+    forces a long freeze on a tenant that writes faster than the replay. Connections stay open
+    across batches; a transient error reconnects and goes on (replay is idempotent).
+    """
+    deadline = time.monotonic() + timeout_s
+    with dsnlib.connect(source_dsn) as src, dsnlib.connect(target_dsn) as tgt:
+        while True:
+            pending = backlog(src, move_id)
+            src.commit()
+            if pending <= until:
+                return pending
+            if time.monotonic() > deadline:
+                raise NotConverging(
+                    f"catch-up of move {move_id} did not converge in {timeout_s:.0f}s: {pending} changes still "
+                    "pending (the tenant writes faster than the replay); the tenant stays writable, re-run the move "
+                    "to continue"
+                )
+            replay_once(src, tgt, layout, tenant, move_id, batch)

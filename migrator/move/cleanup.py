@@ -1,0 +1,110 @@
+"""Removing what a move leaves behind: a moved tenant's rows on its old stamp, or a partial copy.
+
+Deletes run children first, in batches of primary keys, one short transaction each, so cleanup
+of a large tenant neither holds long locks nor bloats one transaction. The source's fence stays up
+while its leftovers are deleted (only this transaction bypasses it) and is lifted at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from migrator import stamps
+from migrator.catalog import Move, Stamp
+from migrator.context import Context
+from migrator.db.retry import transient
+from migrator.errors import BadInput
+from migrator.move import fence
+from migrator.move.fence import SCHEMA
+from migrator.progress import Progress
+from migrator.stamps.discovery import Layout, Table, tenant_filter
+
+
+@transient()
+def delete_tenant_rows(
+    stamp: Stamp, table: Table, tenant: str, batch_rows: int, progress: Progress, bypass_fence: bool = False
+) -> int:
+    """Delete the tenant's rows of one table in key batches; safe to repeat after an interruption."""
+    deleted = 0
+    query = sql.SQL("DELETE FROM {t} WHERE ({pk}) IN (SELECT {pk} FROM {t} WHERE {f} LIMIT %s)").format(
+        t=table.ident, pk=table.pk_cols(), f=tenant_filter(table, tenant)
+    )
+    with stamps.connect(stamp, autocommit=False) as conn:
+        while True:
+            with conn.transaction():
+                if bypass_fence:
+                    fence.bypass_for_cleanup(conn)
+                rows = conn.execute(query, (batch_rows,)).rowcount
+            deleted += rows
+            progress.advance(table.label, rows)
+            if rows < batch_rows:
+                return deleted
+
+
+def delete_tenant(
+    stamp: Stamp, layout: Layout, tenant: str, batch_rows: int, progress: Progress, bypass_fence: bool = False
+) -> dict[str, int]:
+    """Delete all of the tenant's rows on the stamp, children before parents."""
+    counts = {}
+    for table in reversed(layout.tables):
+        progress.start_table(table.label, 0, 0)
+        counts[table.label] = delete_tenant_rows(stamp, table, tenant, batch_rows, progress, bypass_fence)
+        progress.finish_table(table.label)
+    return counts
+
+
+def forget_progress(conn: psycopg.Connection[Any], move_id: int) -> None:
+    """Drop the target's copy cursors of a finished or aborted move."""
+    if fence.has_schema(conn):
+        conn.execute(
+            sql.SQL("DELETE FROM {}.copy_progress WHERE move_id = %s").format(sql.Identifier(SCHEMA)), (move_id,)
+        )
+
+
+def cleanup_tenant(ctx: Context, tenant: str, stamp_name: str, batch_rows: int, progress: Progress) -> dict[str, int]:
+    """`migrator cleanup`: delete a moved tenant's leftovers on its old stamp and lift the fence there."""
+    catalog = ctx.catalog
+    route = catalog.route(tenant)
+    stamp = catalog.stamp(stamp_name)
+    if route.stamp == stamp.name:
+        raise BadInput(f"tenant {tenant} lives on {stamp.name}; cleanup only deletes a moved tenant's leftovers")
+    with catalog.lock_tenant(tenant):
+        open_move = catalog.open_move(tenant)
+        if open_move and stamp.name in (open_move.source, open_move.target):
+            raise BadInput(f"move {open_move.id} of tenant {tenant} is unfinished; finish or abort it first")
+        layout = stamps.layout(stamp, ctx.config.tenancy)
+        progress.phase(f"deleting tenant {tenant}'s rows on {stamp.name}")
+        counts = delete_tenant(stamp, layout, tenant, batch_rows, progress, bypass_fence=True)
+        with stamps.connect(stamp, autocommit=False) as conn:
+            fence.unguard(conn, layout, tenant)
+        _mark_cleaned(ctx, tenant, stamp.name)
+    return counts
+
+
+def _mark_cleaned(ctx: Context, tenant: str, stamp_name: str) -> Move | None:
+    """Mark the flipped move from this stamp cleaned, after dropping its copy cursors on the target.
+
+    A move killed between its flip and its own final step leaves those cursors behind, and no
+    other command would remove them (abort refuses a flipped move).
+    """
+    for move in ctx.catalog.moves(tenant):
+        if move.source == stamp_name and move.phase == "flipped":
+            with stamps.connect(ctx.catalog.stamp(move.target)) as tgt:
+                forget_progress(tgt, move.id)
+            return ctx.catalog.update_move(move.id, phase="cleaned")
+    return None
+
+
+def leftovers(ctx: Context, stamp_name: str | None = None) -> dict[str, list[str]]:
+    """migrator objects left on stamps, by stamp name; empty lists are omitted."""
+    chosen = [ctx.catalog.stamp(stamp_name)] if stamp_name else ctx.catalog.stamps()
+    found = {}
+    for stamp in chosen:
+        with stamps.connect(stamp) as conn:
+            items = fence.leftovers(conn)
+        if items:
+            found[stamp.name] = items
+    return found

@@ -1,0 +1,277 @@
+"""The last steps of a move: prove the target equal to the source, then compare-and-set the route.
+
+Offline moves verify everything and flip. Online moves keep the write freeze short by doing the
+expensive work before it: `verify_untouched` compares every row the application has not written
+since capture began, while it keeps writing. The freeze then only fences the tenant, waits out
+in-flight writes, drains the last captured changes, verifies the captured keys and flips. If any
+of that fails or takes longer than allowed, the fence is lifted and the route stays where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from migrator.catalog import Catalog, Move, Route, Stamp, TenantLock
+from migrator.db import dsn as dsnlib
+from migrator.db.alembic import read_revision
+from migrator.errors import MigratorError, PreflightError, VerifyMismatch
+from migrator.move import capture, copy, fence
+from migrator.move.verify import (
+    Checksum,
+    Report,
+    TableResult,
+    checksum,
+    compare_hashes,
+    keyed_row_hashes,
+    outside_keys,
+    verify_tenant,
+)
+from migrator.progress import Progress
+from migrator.stamps.discovery import Layout
+
+log = logging.getLogger("migrator.cutover")
+
+
+class FreezeTooLong(MigratorError):
+    """The cutover could not finish within --max-freeze-ms; writes were resumed."""
+
+
+@dataclass(frozen=True)
+class CutoverOptions:
+    """Flags --cutover-backlog, --catchup-timeout, --max-freeze-ms, --cutover-attempts."""
+
+    cutover_backlog: int = 200
+    catchup_timeout_s: float = 600.0
+    max_freeze_ms: float = 2000.0
+    attempts: int = 3
+    replay_batch: int = 2000
+
+
+def _sums(report: Report) -> tuple[str, str]:
+    source = ",".join(f"{t.table}={t.source.rows}:{t.source.digest}" for t in report.tables)
+    target = ",".join(f"{t.table}={t.target.rows}:{t.target.digest}" for t in report.tables)
+    return source, target
+
+
+def verify_move(catalog: Catalog, move: Move, source: Stamp, target: Stamp, layout: Layout) -> tuple[Move, Report]:
+    """Offline: compare every row of the tenant on both stamps and record the outcome on the move."""
+    report = verify_tenant(source.dsn, target.dsn, layout, move.tenant)
+    source_sum, target_sum = _sums(report)
+    if not report.equal:
+        catalog.update_move(move.id, error=report.summary(), source_checksum=source_sum, target_checksum=target_sum)
+        raise VerifyMismatch(f"move {move.id}: verification failed, route not flipped: {report.summary()}")
+    move = catalog.update_move(
+        move.id, phase="verified", source_checksum=source_sum, target_checksum=target_sum, error=None
+    )
+    return move, report
+
+
+def flip(catalog: Catalog, move: Move, lock: TenantLock, freeze_ms: float | None = None) -> Route:
+    """Compare-and-set the route, on the session that holds the tenant's lock."""
+    return catalog.flip(move, lock.check(), freeze_ms)
+
+
+Hashes = dict[tuple[str, ...], str]
+
+
+def _both_sets(
+    conn: psycopg.Connection[Any], layout: Layout, tenant: str, keys: dict[str, list[list[str]]], untouched: bool
+) -> list[tuple[Checksum | None, Hashes]]:
+    """Per table, in the caller's transaction: row hashes of the rows in `keys`, and (if asked) the
+    checksum of the rows outside them."""
+    out = []
+    for i, table in enumerate(layout.tables):
+        capture.load_keys(conn, table, keys.get(table.name, []), capture.keys_table(i))
+        outside = checksum(conn, table, tenant, where=outside_keys(table, capture.keys_table(i))) if untouched else None
+        touched = keyed_row_hashes(conn, table, tenant, capture.keys_table(i)) if keys.get(table.name) else {}
+        out.append((outside, touched))
+    return out
+
+
+def _target_sets(
+    target: Stamp, layout: Layout, tenant: str, keys: dict[str, list[list[str]]], untouched: bool
+) -> list[tuple[Checksum | None, Hashes]]:
+    with dsnlib.connect(target.dsn) as tgt, tgt.transaction(force_rollback=True):
+        return _both_sets(tgt, layout, tenant, keys, untouched)
+
+
+def verify_before_freeze(
+    source: Stamp, target: Stamp, layout: Layout, move: Move, incremental: bool = False
+) -> tuple[Report, int]:
+    """Online, before the freeze: prove as much as possible while the application keeps writing.
+
+    In one source snapshot, rows never written since capture began are compared by checksum, and
+    rows of captured keys row by row. No replay runs meanwhile, so the target is static. Changes
+    whose rows proved equal are marked; the freeze then re-checks only keys with unproven changes
+    (written since, or still in flux). Returns the report of untouched rows and the unproven count.
+    `incremental` proves only keys with unproven changes (run again just before each freeze, so the
+    freeze itself has little left to check).
+    """
+    with dsnlib.connect(source.dsn) as src:
+        src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        keys = capture.captured_keys(src, move.id, unverified_only=incremental)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            target_future = pool.submit(_target_sets, target, layout, move.tenant, keys, not incremental)
+            source_sets = _both_sets(src, layout, move.tenant, keys, not incremental)
+            target_sets = target_future.result()
+        results = []
+        unproven: dict[str, list[list[str]]] = {}
+        for table, (s_sum, s_rows), (t_sum, t_rows) in zip(layout.tables, source_sets, target_sets, strict=True):
+            if s_sum is not None and t_sum is not None:
+                results.append(TableResult(table.label, s_sum, t_sum))
+            differ = [list(k) for k in set(s_rows) | set(t_rows) if s_rows.get(k) != t_rows.get(k)]
+            if differ:
+                unproven[table.name] = differ
+        capture.mark_verified(src, move.id, unproven)
+        src.commit()
+    return Report(move.tenant, results), sum(len(v) for v in unproven.values())
+
+
+def _verify_captured(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], layout: Layout, move: Move) -> Report:
+    """In the freeze: compare the rows of every captured key, naming the keys that differ."""
+    keys = capture.captured_keys(src, move.id, unverified_only=True)
+    src.commit()
+    results = []
+    for i, table in enumerate(layout.tables):
+        if not keys.get(table.name):
+            continue
+        hashes = []
+        for conn in (src, tgt):
+            with conn.transaction(force_rollback=True):
+                capture.load_keys(conn, table, keys[table.name], capture.keys_table(i))
+                hashes.append(keyed_row_hashes(conn, table, move.tenant, capture.keys_table(i)))
+        results.append(compare_hashes(table.label, hashes[0], hashes[1]))
+    return Report(move.tenant, results)
+
+
+def _check_revisions(
+    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], source: Stamp, target: Stamp, expected: str | None
+) -> None:
+    """Stop before the flip if either stamp's schema changed while the move was in flight."""
+    now = read_revision(src), read_revision(tgt)
+    if now != (expected, expected):
+        raise PreflightError(
+            f"schema changed during the move: {source.name} is at {now[0]}, {target.name} at {now[1]}, "
+            f"the move started at {expected}; not flipped"
+        )
+
+
+def catch_up(source: Stamp, target: Stamp, layout: Layout, move: Move, options: CutoverOptions) -> int:
+    """Replay captured changes until the backlog is small enough to enter the cutover."""
+    return capture.catch_up(
+        source.dsn,
+        target.dsn,
+        layout,
+        move.tenant,
+        move.id,
+        batch=options.replay_batch,
+        until=options.cutover_backlog,
+        timeout_s=options.catchup_timeout_s,
+    )
+
+
+def online_cutover(
+    catalog: Catalog,
+    move: Move,
+    source: Stamp,
+    target: Stamp,
+    layout: Layout,
+    lock: TenantLock,
+    revision: str | None,
+    options: CutoverOptions,
+    progress: Progress,
+) -> Route:
+    """Catch up, then freeze writes just long enough to drain, verify the captured keys and flip.
+
+    Each attempt that cannot finish within max_freeze_ms lifts the fence again and retries after a
+    pause; after the last attempt the move stops, unfenced and resumable.
+    """
+    last = ""
+    for attempt in range(1, options.attempts + 1):
+        catch_up(source, target, layout, move, options)
+        verify_before_freeze(source, target, layout, move, incremental=True)
+        capture.vacuum_changes(source.dsn)
+        catch_up(source, target, layout, move, options)
+        lock.check()
+        try:
+            return _freeze_and_flip(catalog, move, source, target, layout, lock, revision, options, progress)
+        except FreezeTooLong as exc:
+            last = str(exc)
+            progress.phase(f"{exc}; writes resumed (attempt {attempt}/{options.attempts})")
+            move = catalog.update_move(move.id, phase="synced", error=str(exc))
+            time.sleep(min(5.0, 0.5 * attempt))
+    raise FreezeTooLong(
+        f"move {move.id}: the cutover did not fit in {options.max_freeze_ms:.0f} ms after {options.attempts} "
+        f"attempts (last: {last}); the tenant stays writable on its source, re-run the move to try again"
+    )
+
+
+def _freeze_and_flip(
+    catalog: Catalog,
+    move: Move,
+    source: Stamp,
+    target: Stamp,
+    layout: Layout,
+    lock: TenantLock,
+    revision: str | None,
+    options: CutoverOptions,
+    progress: Progress,
+) -> Route:
+    with dsnlib.connect(source.dsn) as src, dsnlib.connect(target.dsn) as tgt:
+        _check_revisions(src, tgt, source, target, revision)
+        src.commit()
+        tgt.commit()
+        move = catalog.update_move(move.id, phase="cutover")
+        started = time.monotonic()
+
+        def elapsed_ms() -> float:
+            return (time.monotonic() - started) * 1000
+
+        fence.set_fenced(src, move.tenant, True)
+        src.commit()
+        try:
+            budget = max(1, int(options.max_freeze_ms - elapsed_ms()))
+            with src.transaction():
+                fence.wait_for_writers(src, move.id, budget)
+            log.info("move %s: fenced, in-flight writes done at %.0f ms", move.id, elapsed_ms())
+            drained = capture.drain(src, tgt, layout, move.tenant, move.id, options.replay_batch)
+            log.info("move %s: drained %d changes at %.0f ms", move.id, drained, elapsed_ms())
+            with tgt.transaction():
+                copy.follow_source_sequences(src, tgt, layout.tables)
+            report = _verify_captured(src, tgt, layout, move)
+            log.info("move %s: verified captured keys at %.0f ms", move.id, elapsed_ms())
+            if not report.equal:
+                raise VerifyMismatch(f"move {move.id}: verification failed, route not flipped: {report.summary()}")
+            _check_revisions(src, tgt, source, target, revision)
+            src.commit()
+            tgt.commit()
+            if elapsed_ms() > options.max_freeze_ms:
+                limit = options.max_freeze_ms
+                raise FreezeTooLong(f"freeze reached {elapsed_ms():.0f} ms > --max-freeze-ms {limit:.0f}")
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+            _unfence(src, move)
+            raise FreezeTooLong(f"in-flight writes did not finish within the freeze budget ({exc.sqlstate})") from None
+        except BaseException:
+            _unfence(src, move)
+            raise
+        route = flip(catalog, move, lock, freeze_ms=elapsed_ms())
+        frozen_ms = elapsed_ms()  # fence to the flip's commit, which is when writers can go to the target
+        catalog.update_move(move.id, freeze_ms=frozen_ms)
+        progress.phase(f"flipped tenant {move.tenant} to {target.name}; writes were frozen {frozen_ms:.0f} ms")
+        with src.transaction():
+            fence.stop_capture(src, move.tenant)
+        return route
+
+
+def _unfence(src: psycopg.Connection[Any], move: Move) -> None:
+    """Lift the fence after a failed freeze, so the tenant writes again on its (unchanged) source."""
+    if not src.closed:
+        src.rollback()
+        fence.set_fenced(src, move.tenant, False)
+        src.commit()

@@ -1,0 +1,285 @@
+"""The guard on a source stamp: one row trigger that fences and captures a moving tenant's writes.
+
+For every tenant listed in `_migrator.guarded_tenants` the trigger
+- takes a shared transaction-level advisory lock of the move, so a cutover can wait out every
+  in-flight write of the tenant by taking the same lock exclusively;
+- rejects the write with SQLSTATE `MGF01` once the tenant is fenced, so no application path can
+  write rows a move would lose; applications re-read the route and retry on the new stamp;
+- while the move captures (online mode), logs the primary keys of the written rows (old and new)
+  to `_migrator.changes`, which catch-up replays onto the target.
+Tenants not listed pay one index probe. The triggers stay only while some tenant is guarded.
+
+The function runs as its owner (SECURITY DEFINER, with a pinned search_path), so application roles
+need no right on `_migrator`: without it every write of every tenant on the stamp would fail with
+"permission denied for schema _migrator" while any move is in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from migrator.stamps.discovery import Layout
+
+FENCED_SQLSTATE = "MGF01"
+SCHEMA = "_migrator"
+TRIGGER = "migrator_guard"
+LOCK_CLASS = 0x6D67  # advisory lock namespace (classid) of migrator's per-move locks
+# Set (transaction-locally) only by `cleanup`, which must delete the fenced tenant's leftovers.
+BYPASS_SETTING = "migrator.cleanup_bypass_fence"
+LOCK_ATTEMPTS = 50  # of DDL on the application's tables, each bounded by a 200 ms lock_timeout
+
+_FUNCTION = sql.SQL(
+    """
+CREATE OR REPLACE FUNCTION {schema}.guard() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    new_row jsonb := CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END;
+    old_row jsonb := CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END;
+    g record;
+BEGIN
+    FOR g IN SELECT * FROM {schema}.guarded_tenants
+             WHERE tenant IN (new_row ->> TG_ARGV[0], old_row ->> TG_ARGV[0]) ORDER BY move_id LOOP
+        PERFORM pg_advisory_xact_lock_shared({lock_class}, g.move_id::integer);
+        -- Only migrator's own role may bypass (cleanup): current_user is the owner here (SECURITY DEFINER).
+        IF g.fenced AND NOT (coalesce(current_setting({bypass}, true), '') = 'on'
+                             AND pg_has_role(session_user, current_user, 'MEMBER')) THEN
+            RAISE EXCEPTION USING
+                ERRCODE = {state},
+                MESSAGE = format('tenant %s is fenced for a move: writes on this stamp are rejected', g.tenant),
+                HINT = 'Re-read the tenant''s route and retry against its new stamp.';
+        END IF;
+        IF g.capture THEN
+            INSERT INTO {schema}.changes (move_id, table_name, pk)
+            SELECT DISTINCT g.move_id, TG_TABLE_NAME, k FROM (VALUES
+                (CASE WHEN old_row ->> TG_ARGV[0] = g.tenant
+                      THEN ARRAY(SELECT old_row ->> c FROM unnest(TG_ARGV[1:]) WITH ORDINALITY u(c, i) ORDER BY i) END),
+                (CASE WHEN new_row ->> TG_ARGV[0] = g.tenant
+                      THEN ARRAY(SELECT new_row ->> c FROM unnest(TG_ARGV[1:]) WITH ORDINALITY u(c, i) ORDER BY i) END)
+            ) v(k) WHERE k IS NOT NULL
+              -- a fresh snapshot, after the lock: `unguard` may have lifted the guard meanwhile
+              AND EXISTS (SELECT 1 FROM {schema}.guarded_tenants x
+                          WHERE x.tenant = g.tenant AND x.move_id = g.move_id AND x.capture);
+        END IF;
+    END LOOP;
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END
+$fn$
+"""
+)
+
+
+def _lock_stamp_ddl(conn: psycopg.Connection[Any]) -> None:
+    """Serialise migrator's own DDL on one stamp (two moves installing triggers at once)."""
+    key = int.from_bytes(hashlib.sha256(b"migrator.ddl").digest()[:8], "big", signed=True)
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+
+
+def ensure_schema(conn: psycopg.Connection[Any]) -> None:
+    """Create `_migrator` with its bookkeeping tables; idempotent, inside the caller's transaction."""
+    _lock_stamp_ddl(conn)
+    schema = sql.Identifier(SCHEMA)
+    for statement in (
+        "CREATE SCHEMA IF NOT EXISTS {}",
+        "CREATE TABLE IF NOT EXISTS {}.guarded_tenants (tenant text PRIMARY KEY, move_id bigint NOT NULL,"
+        " fenced boolean NOT NULL, capture boolean NOT NULL, since timestamptz NOT NULL DEFAULT now())",
+        "CREATE TABLE IF NOT EXISTS {}.changes (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+        " move_id bigint NOT NULL, xid xid8 NOT NULL DEFAULT pg_current_xact_id(), table_name text NOT NULL,"
+        " pk text[] NOT NULL, applied boolean NOT NULL DEFAULT false, verified boolean NOT NULL DEFAULT false)",
+        "CREATE INDEX IF NOT EXISTS changes_pending ON {}.changes (move_id, id) WHERE NOT applied",
+        "CREATE INDEX IF NOT EXISTS changes_unverified ON {}.changes (move_id) WHERE NOT verified",
+        "CREATE TABLE IF NOT EXISTS {}.copy_progress (move_id bigint NOT NULL, table_name text NOT NULL,"
+        " cursor text[], rows_copied bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false,"
+        " PRIMARY KEY (move_id, table_name))",
+    ):
+        conn.execute(sql.SQL(statement).format(schema))
+
+
+def guard(
+    conn: psycopg.Connection[Any], layout: Layout, tenant: str, move_id: int, *, fenced: bool, capture: bool
+) -> None:
+    """Install the triggers and set the tenant's guard, in the caller's transaction (commit to apply).
+
+    Creating a trigger waits for in-flight writers of the table, so every write committed after
+    this transaction commits is fenced or captured. The triggers go in a savepoint that yields to
+    application writers on lock conflicts (`_yielding_to_writers`).
+    """
+    ensure_schema(conn)
+    _yielding_to_writers(conn, lambda: _install(conn, layout, tenant, move_id, fenced=fenced, capture=capture))
+    conn.execute("RESET lock_timeout")
+
+
+def _yielding_to_writers(conn: psycopg.Connection[Any], ddl: Callable[[], None]) -> None:
+    """Run DDL on the application's tables in a (sub)transaction that gives way on lock conflicts.
+
+    Locking table after table can deadlock with an application transaction that holds one of them
+    and needs another. A lock_timeout below deadlock_timeout (1 s by default) makes this side roll
+    back (releasing its locks) and retry after a pause, so PostgreSQL never picks the application.
+    """
+    for attempt in range(LOCK_ATTEMPTS):
+        try:
+            with conn.transaction():
+                conn.execute("SET LOCAL lock_timeout = '200ms'")
+                ddl()
+            return
+        except psycopg.errors.LockNotAvailable:
+            if attempt == LOCK_ATTEMPTS - 1:
+                raise
+            time.sleep(min(1.0, 0.05 * (attempt + 1)))
+
+
+def _install(
+    conn: psycopg.Connection[Any], layout: Layout, tenant: str, move_id: int, *, fenced: bool, capture: bool
+) -> None:
+    schema = sql.Identifier(SCHEMA)
+    conn.execute(
+        _FUNCTION.format(
+            schema=schema,
+            bypass=sql.Literal(BYPASS_SETTING),
+            state=sql.Literal(FENCED_SQLSTATE),
+            lock_class=sql.Literal(LOCK_CLASS),
+        )
+    )
+    for table in layout.tables:
+        args = sql.SQL(", ").join(sql.Literal(c) for c in (table.key, *table.primary_key))
+        conn.execute(
+            sql.SQL(
+                "CREATE OR REPLACE TRIGGER {trigger} BEFORE INSERT OR UPDATE OR DELETE ON {table}"
+                " FOR EACH ROW EXECUTE FUNCTION {schema}.guard({args})"
+            ).format(trigger=sql.Identifier(TRIGGER), table=table.ident, schema=schema, args=args)
+        )
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {}.guarded_tenants (tenant, move_id, fenced, capture) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (tenant) DO UPDATE SET move_id = EXCLUDED.move_id, fenced = EXCLUDED.fenced,"
+            " capture = EXCLUDED.capture"
+        ).format(schema),
+        (tenant, move_id, fenced, capture),
+    )
+
+
+def fence(conn: psycopg.Connection[Any], layout: Layout, tenant: str, move_id: int) -> None:
+    """Reject the tenant's writes on this stamp (offline mode: for the whole copy; no capture)."""
+    guard(conn, layout, tenant, move_id, fenced=True, capture=False)
+
+
+def set_fenced(conn: psycopg.Connection[Any], tenant: str, fenced: bool) -> None:
+    """Raise or lower an installed guard's fence, keeping its capture as it is."""
+    conn.execute(
+        sql.SQL("UPDATE {}.guarded_tenants SET fenced = %s WHERE tenant = %s").format(sql.Identifier(SCHEMA)),
+        (fenced, tenant),
+    )
+
+
+def stop_capture(conn: psycopg.Connection[Any], tenant: str) -> None:
+    """After the flip: keep the fence, stop logging changes and forget the log."""
+    schema = sql.Identifier(SCHEMA)
+    row = conn.execute(
+        sql.SQL("UPDATE {}.guarded_tenants SET capture = false WHERE tenant = %s RETURNING move_id").format(schema),
+        (tenant,),
+    ).fetchone()
+    if row:
+        conn.execute(sql.SQL("DELETE FROM {}.changes WHERE move_id = %s").format(schema), (row[0],))
+
+
+def wait_for_writers(conn: psycopg.Connection[Any], move_id: int, timeout_ms: int) -> None:
+    """Wait until every in-flight write of the move's tenant has ended (in the caller's transaction).
+
+    Writers hold the move's advisory lock shared; taking it exclusively returns once they have
+    committed or rolled back. New writers see the fence first and fail, so this returns quickly.
+    """
+    conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{timeout_ms}ms")))
+    conn.execute("SELECT pg_advisory_xact_lock(%s, %s::integer)", (LOCK_CLASS, move_id))
+
+
+def unguard(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> None:
+    """Lift the tenant's guard and its captured changes; drop the triggers when no tenant is guarded.
+
+    Three short transactions of its own (what the caller has open is committed first): a write in
+    flight may still log a change after the guard is gone, so the log is deleted only once such
+    writes are over, and without holding the move's lock while dropping triggers (a writer waiting
+    for that lock while holding its table would deadlock with the DROP).
+    """
+    if not has_schema(conn):
+        return
+    conn.commit()
+    schema = sql.Identifier(SCHEMA)
+    with conn.transaction():
+        _lock_stamp_ddl(conn)
+        row = conn.execute(
+            sql.SQL("DELETE FROM {}.guarded_tenants WHERE tenant = %s RETURNING move_id").format(schema), (tenant,)
+        ).fetchone()
+    with conn.transaction():
+        if row:  # wait out writes past the guard's lock; later ones re-check the guard (see the trigger)
+            conn.execute("SELECT pg_advisory_xact_lock(%s, %s::integer)", (LOCK_CLASS, row[0]))
+        conn.execute(
+            sql.SQL(
+                "DELETE FROM {s}.changes c WHERE NOT EXISTS (SELECT 1 FROM {s}.guarded_tenants g"
+                " WHERE g.move_id = c.move_id)"
+            ).format(s=schema)
+        )
+    _drop_triggers_if_unused(conn, layout)
+
+
+def _drop_triggers_if_unused(conn: psycopg.Connection[Any], layout: Layout) -> None:
+    """Drop the triggers once no tenant is guarded, yielding to the application on lock conflicts.
+
+    DROP TRIGGER locks each table in turn (a child row's foreign-key check holds its parent while
+    the writer holds the child), hence `_yielding_to_writers`.
+    """
+
+    def drop() -> None:
+        _lock_stamp_ddl(conn)
+        remaining = conn.execute(sql.SQL("SELECT count(*) FROM {}.guarded_tenants").format(sql.Identifier(SCHEMA)))
+        if remaining.fetchone() == (0,):
+            for table in layout.tables:
+                conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRIGGER), table.ident))
+
+    _yielding_to_writers(conn, drop)
+
+
+def bypass_for_cleanup(conn: psycopg.Connection[Any]) -> None:
+    """Let this transaction delete a fenced tenant's leftovers (the fence stays for everyone else).
+
+    The trigger honours the setting only for sessions of the role that owns it (migrator's), so an
+    application setting it still gets the fence.
+    """
+    conn.execute("SELECT set_config(%s, 'on', true)", (BYPASS_SETTING,))
+
+
+def has_schema(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (SCHEMA,)).fetchone()
+    return bool(row and row[0])
+
+
+def leftovers(conn: psycopg.Connection[Any]) -> list[str]:
+    """migrator's objects still on a stamp: guards, triggers, change logs, copy cursors (`doctor`)."""
+    found = [
+        f"trigger {schema}.{table}.{name}"
+        for schema, table, name in conn.execute(
+            "SELECT n.nspname, c.relname, t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = %s ORDER BY 1, 2",
+            (TRIGGER,),
+        ).fetchall()
+    ]
+    if has_schema(conn):
+        schema = sql.Identifier(SCHEMA)
+        for tenant, move_id, fenced, capture in conn.execute(
+            sql.SQL("SELECT tenant, move_id, fenced, capture FROM {}.guarded_tenants ORDER BY tenant").format(schema)
+        ).fetchall():
+            what = " and ".join(w for w, on in (("fence", fenced), ("capture", capture)) if on) or "guard"
+            found.append(f"{what} on tenant {tenant} (move {move_id})")
+        for move_id, count in conn.execute(
+            sql.SQL("SELECT move_id, count(*) FROM {}.changes GROUP BY 1 ORDER BY 1").format(schema)
+        ).fetchall():
+            found.append(f"{count} captured changes of move {move_id}")
+        for move_id, table in conn.execute(
+            sql.SQL("SELECT move_id, table_name FROM {}.copy_progress ORDER BY 1, 2").format(schema)
+        ).fetchall():
+            found.append(f"copy progress of move {move_id} for {table}")
+    return found

@@ -1,0 +1,307 @@
+"""A move, end to end, as a resumable state machine stored in the catalog.
+
+Online (default): preflight -> capture -> copy -> catch-up -> verify untouched rows -> short fenced
+cutover (drain, verify captured keys, flip). Offline: preflight -> fence -> copy -> verify -> flip.
+
+The move's phase is stored in the catalog after each step, and the copy's cursor on the target,
+so running the same `migrator move` again after a crash continues the unfinished move instead of
+starting over. Every step is idempotent, which is what makes resume after kill -9 safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from migrator import stamps
+from migrator.catalog import Move, Route, Stamp, TableProgress, TenantLock
+from migrator.context import Context
+from migrator.db.alembic import read_revision
+from migrator.errors import MigratorError, PreflightError, VerifyMismatch
+from migrator.move import copy, fence
+from migrator.move.cleanup import delete_tenant, forget_progress
+from migrator.move.cutover import CutoverOptions, catch_up, flip, online_cutover, verify_before_freeze, verify_move
+from migrator.move.preflight import Checked, check_move
+from migrator.move.verify import Report
+from migrator.progress import Progress
+from migrator.stamps.discovery import Layout
+
+
+@dataclass(frozen=True)
+class MoveOptions:
+    """Options of `migrator move` (flags --batch-rows, --rate-limit, --dry-run, --offline, cutover flags)."""
+
+    batch_rows: int = 50_000
+    rate_limit: float | None = None
+    dry_run: bool = False
+    online: bool = True
+    cutover: CutoverOptions = field(default_factory=CutoverOptions)
+
+
+@dataclass(frozen=True)
+class MoveOutcome:
+    """What a move did; `move` is None only for a dry run."""
+
+    tenant: str
+    source: str
+    target: str
+    move: Move | None
+    route: Route | None
+    resumed: bool
+    tables: dict[str, int] = field(default_factory=dict)
+    report: Report | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    not_moved: dict[str, int] = field(default_factory=dict)  # per table, rows whose tenant key is NULL
+
+
+def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, progress: Progress) -> MoveOutcome:
+    """Move (or resume moving) a tenant to `target`; returns after the route has flipped."""
+    catalog = ctx.catalog
+    with catalog.lock_tenant(tenant) as lock:
+        move = catalog.open_move(tenant)
+        if move is not None:
+            if move.target != target:
+                raise PreflightError(
+                    f"tenant {tenant} has an unfinished move {move.id} to {move.target}; "
+                    f"resume it with --to {move.target} or run `migrator move abort {move.id}`"
+                )
+            source, dest = catalog.stamp(move.source), catalog.stamp(move.target)
+            layout = _resume_layout(ctx, move, source, dest)
+            if options.dry_run:
+                return MoveOutcome(tenant, source.name, dest.name, move, None, True)
+            progress.phase(f"resuming move {move.id} of tenant {tenant} at phase {move.phase}")
+            return _run(ctx, move, source, dest, layout, lock, options, progress, resumed=True)
+        checked = check_move(catalog, ctx.config.tenancy, tenant, target)
+        if options.dry_run:
+            return MoveOutcome(
+                tenant,
+                checked.source.name,
+                checked.target.name,
+                None,
+                None,
+                False,
+                checked.rows,
+                not_moved=checked.null_tenant_rows,
+            )
+        mode = "online" if options.online else "offline"
+        move = catalog.create_move(
+            tenant,
+            checked.source.name,
+            checked.target.name,
+            mode,
+            checked.route.version,
+            options.batch_rows,
+            checked.revision,
+        )
+        move = catalog.update_move(move.id, rows_total=checked.total_rows)
+        _record_tables(ctx, move, checked)
+        progress.phase(
+            f"move {move.id}: tenant {tenant} {checked.source.name} -> {checked.target.name}, "
+            f"{checked.total_rows} rows in {len(checked.layout.tables)} tables"
+        )
+        outcome = _run(
+            ctx, move, checked.source, checked.target, checked.layout, lock, options, progress, resumed=False
+        )
+        return replace(outcome, not_moved=checked.null_tenant_rows)
+
+
+def _resume_layout(ctx: Context, move: Move, source: Stamp, target: Stamp) -> Layout:
+    """Re-read the layout for a resume, refusing if either stamp's schema changed meanwhile."""
+    with stamps.connect(source) as src, stamps.connect(target) as tgt:
+        src_rev, tgt_rev = read_revision(src), read_revision(tgt)
+    if (src_rev, tgt_rev) != (move.schema_revision, move.schema_revision):
+        raise PreflightError(
+            f"schema changed during move {move.id}: {source.name} is at {src_rev}, {target.name} at {tgt_rev}, "
+            f"the move started at {move.schema_revision}; abort it with `migrator move abort {move.id}`"
+        )
+    return stamps.layout(source, ctx.config.tenancy)
+
+
+def _record_tables(ctx: Context, move: Move, checked: Checked) -> None:
+    ctx.catalog.save_tables(
+        move.id,
+        [
+            TableProgress(move.id, t.label, i, checked.rows[t.label], 0, False, None, None)
+            for i, t in enumerate(checked.layout.tables)
+        ],
+    )
+
+
+def _run(
+    ctx: Context,
+    move: Move,
+    source: Stamp,
+    target: Stamp,
+    layout: Layout,
+    lock: TenantLock,
+    options: MoveOptions,
+    progress: Progress,
+    *,
+    resumed: bool,
+) -> MoveOutcome:
+    catalog = ctx.catalog
+    report = None
+    timings: dict[str, float] = {}
+    progress.begin(move.rows_total)
+    try:
+        if move.phase == "created":
+            with _timed(timings, "guard"):
+                move = _guard(ctx, move, source, target, layout)
+        if move.phase == "copying":
+            with _timed(timings, "copy"):
+                move = _copy(ctx, move, source, target, layout, options, progress)
+        if move.mode == "offline":
+            if move.phase == "copied":
+                lock.check()
+                progress.phase(f"verifying tenant {move.tenant} on {source.name} and {target.name}")
+                with _timed(timings, "verify"):
+                    move, report = verify_move(catalog, move, source, target, layout)
+            if move.phase == "verified":
+                progress.phase(f"flipping route of tenant {move.tenant} to {target.name}")
+                with _timed(timings, "flip"):
+                    route = flip(catalog, move, lock)
+                return _finished(ctx, move, source, target, route, resumed, report, timings)
+        else:
+            if move.phase == "copied":
+                with _timed(timings, "sync"):
+                    move, report = _sync(ctx, move, source, target, layout, options, progress)
+            if move.phase in ("synced", "cutover"):
+                with _timed(timings, "cutover"):
+                    route = online_cutover(
+                        catalog, move, source, target, layout, lock, move.schema_revision, options.cutover, progress
+                    )
+                return _finished(ctx, move, source, target, route, resumed, report, timings)
+        raise MigratorError(f"move {move.id} is {move.phase}; nothing to run")
+    except MigratorError as exc:
+        _record_error(ctx, move, str(exc))
+        raise
+    except Exception as exc:
+        _record_error(ctx, move, f"{type(exc).__name__}: {exc}")
+        raise
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    """Seconds spent in each step by this invocation: shown in `--json`, read by `scripts/bench`."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        timings[step] = round(time.monotonic() - started, 3)
+
+
+def _finished(
+    ctx: Context,
+    move: Move,
+    source: Stamp,
+    target: Stamp,
+    route: Route,
+    resumed: bool,
+    report: Report | None,
+    timings: dict[str, float],
+) -> MoveOutcome:
+    with stamps.connect(target) as tgt:
+        forget_progress(tgt, move.id)
+    move = ctx.catalog.move(move.id)
+    return MoveOutcome(move.tenant, source.name, target.name, move, route, resumed, report=report, timings=timings)
+
+
+def _sync(
+    ctx: Context, move: Move, source: Stamp, target: Stamp, layout: Layout, options: MoveOptions, progress: Progress
+) -> tuple[Move, Report]:
+    """Online: catch up, then verify every row the application has not touched, while it writes."""
+    progress.phase(f"catching up with tenant {move.tenant}'s writes on {source.name}")
+    catch_up(source, target, layout, move, options.cutover)
+    progress.phase(f"verifying the bulk copy of tenant {move.tenant} (writes continue)")
+    report, unproven = verify_before_freeze(source, target, layout, move)
+    progress.phase(f"bulk copy verified; {unproven} keys in flux are checked again in the freeze")
+    if not report.equal:
+        message = f"move {move.id}: verification of the bulk copy failed, route not flipped: {report.summary()}"
+        ctx.catalog.update_move(move.id, error=report.summary())
+        raise VerifyMismatch(message)
+    return ctx.catalog.update_move(move.id, phase="synced", error=None), report
+
+
+def _record_error(ctx: Context, move: Move, message: str) -> None:
+    """Best effort: the error is shown by `move status`; losing it must not hide the original one."""
+    with contextlib.suppress(Exception):
+        ctx.catalog.update_move(move.id, error=message[:2000])
+
+
+def _guard(ctx: Context, move: Move, source: Stamp, target: Stamp, layout: Layout) -> Move:
+    """Before the copy: online, capture the tenant's writes; offline, reject them for the whole copy."""
+    offline = move.mode == "offline"
+    with stamps.connect(source, autocommit=False) as src:
+        fence.guard(src, layout, move.tenant, move.id, fenced=offline, capture=not offline)
+    if offline:
+        ctx.catalog.set_route_state(move.tenant, "fenced")
+    with stamps.connect(target, autocommit=False) as tgt:
+        fence.ensure_schema(tgt)
+    return ctx.catalog.update_move(move.id, phase="copying")
+
+
+def _copy(
+    ctx: Context, move: Move, source: Stamp, target: Stamp, layout: Layout, options: MoveOptions, progress: Progress
+) -> Move:
+    catalog = ctx.catalog
+    tables = {t.table_name: t for t in catalog.tables(move.id)}
+    with stamps.connect(target) as tgt:
+        cursors = {t.label: copy.read_cursor(tgt, move.id, t) for t in layout.tables}
+    for table in layout.tables:
+        cursor = cursors[table.label]
+        total = tables[table.label].rows_total if table.label in tables else 0
+        progress.start_table(table.label, total, cursor.rows)
+        if not cursor.done:
+            copy.copy_table(
+                source.dsn, target.dsn, table, move.tenant, move.id, options.batch_rows, progress, options.rate_limit
+            )
+        progress.finish_table(table.label)
+        with stamps.connect(target) as tgt:
+            cursors[table.label] = copy.read_cursor(tgt, move.id, table)
+        catalog.save_tables(
+            move.id,
+            [
+                TableProgress(
+                    move.id,
+                    table.label,
+                    i,
+                    tables[table.label].rows_total if table.label in tables else 0,
+                    cursors[table.label].rows,
+                    cursors[table.label].done,
+                    None,
+                    None,
+                )
+                for i, table in enumerate(layout.tables)
+                if table.label in cursors
+            ],
+        )
+    with stamps.connect(target, autocommit=False) as tgt:
+        copy.advance_sequences(tgt, layout.tables, move.tenant)
+    return catalog.update_move(move.id, phase="copied", rows_copied=sum(c.rows for c in cursors.values()))
+
+
+def abort_move(ctx: Context, move_id: int, batch_rows: int, progress: Progress) -> Move:
+    """`migrator move abort`: before the flip, remove the partial copy and lift the fence."""
+    catalog = ctx.catalog
+    move = catalog.move(move_id)
+    if move.phase in ("flipped", "cleaned"):
+        raise MigratorError(
+            f"move {move.id} already flipped tenant {move.tenant} to {move.target}; it cannot be aborted "
+            f"(run `migrator cleanup {move.tenant} --stamp {move.source}` to remove the old copy)"
+        )
+    if move.phase == "aborted":
+        return move
+    with catalog.lock_tenant(move.tenant):
+        source, target = catalog.stamp(move.source), catalog.stamp(move.target)
+        layout = stamps.layout(source, ctx.config.tenancy)
+        progress.phase(f"removing the partial copy of tenant {move.tenant} from {target.name}")
+        delete_tenant(target, layout, move.tenant, batch_rows, progress)
+        with stamps.connect(target) as tgt:
+            forget_progress(tgt, move.id)
+        with stamps.connect(source, autocommit=False) as src:
+            fence.unguard(src, layout, move.tenant)
+        catalog.set_route_state(move.tenant, "active")
+        return catalog.update_move(move.id, phase="aborted", finished_at=datetime.now(UTC))

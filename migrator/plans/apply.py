@@ -1,0 +1,449 @@
+"""Carrying out a plan: its moves through `move_tenant`, in parallel, recorded so a re-run resumes.
+
+`prepare` reads the file and refuses a stale plan before anything runs (tenants no longer where
+planned, targets no longer active or too full). `run` starts at most --parallel moves at once,
+at most --per-stamp per target stamp, never two for one tenant, and records each entry's status
+in the catalog tables `plans` / `plan_moves`, keyed by the sha256 of the file's bytes. Running
+the same file again skips finished entries and resumes the rest (`move_tenant` resumes a
+tenant's unfinished move by itself). Ctrl-C stops starting moves and lets running ones finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from migrator.catalog import Catalog, Move, Stamp
+from migrator.context import Context
+from migrator.db import dsn as dsnlib
+from migrator.errors import BadInput, LockBusy, MigratorError
+from migrator.move import MoveOptions, move_tenant
+from migrator.plans.capacity import measure_fleet
+from migrator.plans.planners import Plan, PlannedMove, check_stamps, load_plan
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """Flags of `migrator apply`: --parallel, --per-stamp, --stop-on-error, --batch-rows."""
+
+    parallel: int = 1
+    per_stamp: int = 1
+    stop_on_error: bool = False
+    batch_rows: int = 50_000
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A plan move with its position and what a run has to do with it (`todo`: run, resume, done)."""
+
+    position: int
+    move: PlannedMove
+    todo: str
+    note: str = ""
+    resume: Move | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated plan ready to run: its entries and the identity of the file (path, digest)."""
+
+    path: str
+    digest: str
+    plan: Plan
+    entries: tuple[Entry, ...]
+
+    @property
+    def todo(self) -> list[Entry]:
+        return [e for e in self.entries if e.todo != "done"]
+
+
+@dataclass(frozen=True)
+class EntryResult:
+    """How one entry ended in this run: done, failed or skipped, and why."""
+
+    position: int
+    tenant: str
+    source: str
+    target: str
+    status: str
+    reason: str = ""
+    move_id: int | None = None
+    rows: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    path: str
+    digest: str
+    status: str
+    results: tuple[EntryResult, ...]
+    interrupted: bool = False
+
+    def having(self, status: str) -> list[EntryResult]:
+        return [r for r in self.results if r.status == status]
+
+
+class Reporter(Protocol):
+    """How `run` reports, from any thread (the CLI draws an overall tqdm bar and one line per event)."""
+
+    def begin(self, prepared: Prepared) -> None: ...
+
+    def started(self, entry: Entry) -> None: ...
+
+    def rows(self, count: int) -> None: ...
+
+    def finished(self, result: EntryResult) -> None: ...
+
+    def note(self, message: str) -> None: ...
+
+
+# -- prepare: parse, validate, refuse stale plans -------------------------------------------------------
+
+
+def prepare(ctx: Context, path: Path) -> Prepared:
+    """Parse the plan and check it still holds against the catalog and the stamps; changes nothing."""
+    plan, content = load_plan(path)
+    where = str(path)
+    known = check_stamps(plan, ctx.catalog, where)
+    digest = hashlib.sha256(content).hexdigest()
+    recorded = Ledger(ctx.catalog).statuses(digest)
+    entries, stale = [], []
+    for position, move in enumerate(plan.moves):
+        entry, problem = _classify(ctx.catalog, position, move, recorded.get(position))
+        if problem is None and entry.todo != "done" and known[move.target].state != "active":
+            problem = f"target {move.target} is {known[move.target].state}"
+        if problem:
+            stale.append(f"moves[{position}] (line {move.line}) tenant {move.tenant}: {problem}")
+        entries.append(entry)
+    if not stale:
+        stale = _capacity_problems(ctx, entries, known)
+    if stale:
+        raise BadInput(f"stale plan {where}: {'; '.join(stale)}; make a new plan")
+    return Prepared(where, digest, plan, tuple(entries))
+
+
+def _classify(catalog: Catalog, position: int, move: PlannedMove, recorded: str | None) -> tuple[Entry, str | None]:
+    """What a run must do with one entry, or why the entry no longer holds."""
+    if recorded == "done":
+        return Entry(position, move, "done", "done in an earlier run of this plan"), None
+    route = catalog.find_route(move.tenant)
+    if route is None:
+        return Entry(position, move, "run"), "no longer in the catalog"
+    unfinished = catalog.open_move(move.tenant)
+    if unfinished is not None:
+        if (unfinished.source, unfinished.target) == (move.source, move.target):
+            return Entry(
+                position, move, "resume", f"resume move {unfinished.id} at {unfinished.phase}", unfinished
+            ), None
+        return Entry(position, move, "run"), (
+            f"has an unfinished move {unfinished.id} {unfinished.source} -> {unfinished.target}"
+        )
+    if route.stamp == move.target:
+        return Entry(position, move, "done", f"already on {move.target}"), None
+    if route.stamp != move.source:
+        return Entry(position, move, "run"), f"is routed to {route.stamp}, the plan moves it from {move.source}"
+    return Entry(position, move, "run"), None
+
+
+def _capacity_problems(ctx: Context, entries: list[Entry], known: dict[str, Stamp]) -> list[str]:
+    """Each target's use after the remaining moves, measured now, must fit its capacity."""
+    todo = [e for e in entries if e.todo != "done"]
+    if not todo:
+        return []
+    names = sorted({e.move.source for e in todo} | {e.move.target for e in todo})
+    sizes = measure_fleet(ctx, [known[n] for n in names])
+    rows = {n: sizes.usage[n].rows for n in names}
+    size = {n: sizes.usage[n].bytes for n in names}
+    for entry in todo:
+        tenant = sizes.tenants.get(entry.move.tenant)
+        grown = (tenant.rows, tenant.bytes) if tenant else (entry.move.rows, entry.move.bytes)
+        rows[entry.move.source] -= grown[0]
+        size[entry.move.source] -= grown[1]
+        rows[entry.move.target] += grown[0]
+        size[entry.move.target] += grown[1]
+    problems = []
+    for name in sorted({e.move.target for e in todo}):
+        stamp = known[name]
+        for used, capacity, unit in (
+            (rows[name], stamp.capacity_rows, "rows"),
+            (size[name], stamp.capacity_bytes, "bytes"),
+        ):
+            if capacity is not None and used > capacity:
+                problems.append(
+                    f"capacity: {name} would hold {used:,} {unit}, capacity {capacity:,} "
+                    f"({used - capacity:,} {unit} short)"
+                )
+    return problems
+
+
+# -- the ledger: plans / plan_moves in the catalog -------------------------------------------------------
+
+
+class Ledger:
+    """A plan's progress in the catalog, keyed by the sha256 digest of the plan file's bytes."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def statuses(self, digest: str) -> dict[int, str]:
+        with self.catalog.transaction() as conn:
+            rows = conn.execute(
+                "SELECT m.position, m.status FROM plan_moves m JOIN plans p ON p.id = m.plan_id WHERE p.digest = %s",
+                (digest,),
+            ).fetchall()
+        return {int(position): str(status) for position, status in rows}
+
+    def open(self, prepared: Prepared) -> int:
+        """Record the plan and its entries (once; a re-run keeps what is there) and mark it running."""
+        with self.catalog.transaction() as conn:
+            row = conn.execute(
+                "INSERT INTO plans (digest, path, kind) VALUES (%s, %s, %s) ON CONFLICT (digest)"
+                " DO UPDATE SET status = 'running', path = EXCLUDED.path, updated_at = now() RETURNING id",
+                (prepared.digest, prepared.path, prepared.plan.kind),
+            ).fetchone()
+            assert row is not None
+            plan_id = int(row[0])
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO plan_moves (plan_id, position, tenant, source, target, size_rows, size_bytes)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (plan_id, position) DO NOTHING",
+                    [
+                        (plan_id, e.position, e.move.tenant, e.move.source, e.move.target, e.move.rows, e.move.bytes)
+                        for e in prepared.entries
+                    ],
+                )
+            for entry in prepared.entries:
+                if entry.todo == "done":
+                    conn.execute(
+                        "UPDATE plan_moves SET status = 'done', error = NULL, updated_at = now()"
+                        " WHERE plan_id = %s AND position = %s AND status <> 'done'",
+                        (plan_id, entry.position),
+                    )
+        return plan_id
+
+    def mark(
+        self, plan_id: int, position: int, status: str, move_id: int | None = None, error: str | None = None
+    ) -> None:
+        with self.catalog.transaction() as conn:
+            conn.execute(
+                "UPDATE plan_moves SET status = %s, move_id = coalesce(%s, move_id), error = %s, updated_at = now()"
+                " WHERE plan_id = %s AND position = %s",
+                (status, move_id, None if error is None else error[:2000], plan_id, position),
+            )
+
+    def close(self, plan_id: int, status: str) -> None:
+        with self.catalog.transaction() as conn:
+            conn.execute("UPDATE plans SET status = %s, updated_at = now() WHERE id = %s", (status, plan_id))
+
+
+@contextlib.contextmanager
+def _plan_lock(catalog: Catalog, digest: str, where: str) -> Iterator[None]:
+    """One `apply` of a plan at a time: a session advisory lock, released when the process dies."""
+    key = int.from_bytes(hashlib.sha256(f"migrator.plan:{digest}".encode()).digest()[:8], "big", signed=True)
+    conn = dsnlib.connect(catalog.url, autocommit=True)
+    try:
+        got = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+        if not (got and got[0]):
+            raise LockBusy(f"plan {where} is being applied by another running migrator")
+        yield
+    finally:
+        conn.close()
+
+
+# -- run ------------------------------------------------------------------------------------------------
+
+
+class _MoveProgress:
+    """A move's Progress that only feeds the overall bar: parallel moves draw no per-table bars."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.counted = 0
+
+    def begin(self, total: int) -> None:
+        pass
+
+    def phase(self, message: str) -> None:
+        pass
+
+    def start_table(self, table: str, total: int, done: int) -> None:
+        self._count(done)
+
+    def advance(self, table: str, rows: int) -> None:
+        self._count(rows)
+
+    def finish_table(self, table: str) -> None:
+        pass
+
+    def _count(self, rows: int) -> None:
+        if rows:
+            self.counted += rows
+            self.reporter.rows(rows)
+
+
+@contextlib.contextmanager
+def _interrupts(stop: threading.Event) -> Iterator[None]:
+    """Ctrl-C (SIGINT) sets `stop` instead of raising, so no catalog write is cut in half."""
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    except ValueError:  # not the main thread: the caller stops us through `stop`
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run(
+    ctx: Context, prepared: Prepared, options: ApplyOptions, reporter: Reporter, stop: threading.Event | None = None
+) -> ApplyResult:
+    """Run the plan's remaining entries (see the module docstring); returns every entry's outcome."""
+    stop = stop or threading.Event()
+    ledger = Ledger(ctx.catalog)
+    with _plan_lock(ctx.catalog, prepared.digest, prepared.path), _interrupts(stop):
+        plan_id = ledger.open(prepared)
+        reporter.begin(prepared)
+        results = [
+            EntryResult(e.position, e.move.tenant, e.move.source, e.move.target, "skipped", e.note)
+            for e in prepared.entries
+            if e.todo == "done"
+        ]
+        ran, why_stopped = _schedule(ctx, plan_id, prepared, options, reporter, stop, ledger)
+        results += ran
+        failed = any(r.status == "failed" for r in results)
+        unfinished = any(r.status == "skipped" and r.reason.startswith("not started") for r in results)
+        status = "failed" if failed else "stopped" if unfinished else "done"
+        ledger.close(plan_id, status)
+    results.sort(key=lambda r: r.position)
+    return ApplyResult(prepared.path, prepared.digest, status, tuple(results), interrupted=why_stopped == "interrupted")
+
+
+def _schedule(
+    ctx: Context,
+    plan_id: int,
+    prepared: Prepared,
+    options: ApplyOptions,
+    reporter: Reporter,
+    stop: threading.Event,
+    ledger: Ledger,
+) -> tuple[list[EntryResult], str]:
+    """Start entries in plan order within the limits; on stop, start nothing more and drain the running."""
+    pending = list(prepared.todo)
+    running: dict[Future[EntryResult], Entry] = {}
+    per_target: Counter[str] = Counter()
+    results: list[EntryResult] = []
+    why_stopped = ""
+    with ThreadPoolExecutor(max_workers=options.parallel, thread_name_prefix="apply") as pool:
+        while pending or running:
+            if stop.is_set() and not why_stopped:
+                why_stopped = "interrupted"
+                reporter.note(
+                    f"interrupted: letting {len(running)} running move(s) finish, starting no more; "
+                    f"re-run `migrator apply {prepared.path}` to continue"
+                )
+            if not why_stopped:
+                busy = {e.move.tenant for e in running.values()}
+                for entry in list(pending):
+                    if len(running) >= options.parallel:
+                        break
+                    if per_target[entry.move.target] >= options.per_stamp or entry.move.tenant in busy:
+                        continue
+                    pending.remove(entry)
+                    per_target[entry.move.target] += 1
+                    busy.add(entry.move.tenant)
+                    reporter.started(entry)
+                    running[pool.submit(_one, ctx, plan_id, entry, options, reporter, ledger)] = entry
+            if not running:
+                break
+            finished, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
+            for future in finished:
+                entry = running.pop(future)
+                per_target[entry.move.target] -= 1
+                result = _result_of(future, entry)
+                results.append(result)
+                reporter.finished(result)
+                if result.status == "failed" and options.stop_on_error and not why_stopped:
+                    why_stopped = f"--stop-on-error after tenant {entry.move.tenant} failed"
+                    stop.set()
+    results += [
+        EntryResult(e.position, e.move.tenant, e.move.source, e.move.target, "skipped", f"not started: {why_stopped}")
+        for e in pending
+    ]
+    return results, why_stopped
+
+
+def _result_of(future: Future[EntryResult], entry: Entry) -> EntryResult:
+    try:
+        return future.result()
+    except Exception as exc:  # _one records its own failures; this is the catalog failing under it
+        return EntryResult(
+            entry.position,
+            entry.move.tenant,
+            entry.move.source,
+            entry.move.target,
+            "failed",
+            f"{type(exc).__name__}: {exc}",
+        )
+
+
+def _one(
+    ctx: Context, plan_id: int, entry: Entry, options: ApplyOptions, reporter: Reporter, ledger: Ledger
+) -> EntryResult:
+    """Run (or resume) one entry's move in a worker thread and record how it ended."""
+    move = entry.move
+    started = time.monotonic()
+    progress = _MoveProgress(reporter)
+    ledger.mark(plan_id, entry.position, "running", entry.resume.id if entry.resume else None)
+    try:
+        outcome = move_tenant(ctx, move.tenant, move.target, MoveOptions(batch_rows=options.batch_rows), progress)
+    except Exception as exc:  # one failed move must not stop the others
+        reason = _reason(ctx, exc)
+        unfinished = ctx.catalog.open_move(move.tenant)
+        ledger.mark(plan_id, entry.position, "failed", unfinished.id if unfinished else None, reason)
+        return EntryResult(
+            entry.position,
+            move.tenant,
+            move.source,
+            move.target,
+            "failed",
+            reason,
+            unfinished.id if unfinished else None,
+            seconds=time.monotonic() - started,
+        )
+    assert outcome.move is not None
+    progress._count(max(0, move.rows - progress.counted))
+    ledger.mark(plan_id, entry.position, "done", outcome.move.id)
+    note = f"resumed move {outcome.move.id}" if outcome.resumed else ""
+    return EntryResult(
+        entry.position,
+        move.tenant,
+        move.source,
+        move.target,
+        "done",
+        note,
+        outcome.move.id,
+        outcome.move.rows_copied,
+        time.monotonic() - started,
+    )
+
+
+def _reason(ctx: Context, exc: Exception) -> str:
+    """The error's first line, without any stamp's or the catalog's password."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if not isinstance(exc, MigratorError):
+        first = f"{type(exc).__name__}: {first}"
+    with contextlib.suppress(Exception):
+        first = dsnlib.scrub(first, ctx.catalog.url, *(s.dsn for s in ctx.catalog.stamps()))
+    return first

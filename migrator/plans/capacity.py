@@ -1,0 +1,120 @@
+"""What each stamp holds against its capacity, and the stamp settings that bound it (capacity, state).
+
+A stamp's usage is the sum of the sizes (see `migrator.stamps.sizes`) of the tenants *routed* to
+it: leftovers of moved tenants awaiting cleanup and partial copies of running moves are not
+counted. A capacity that is not set is unlimited.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from migrator import stamps
+from migrator.catalog import TERMINAL, Stamp, StampState
+from migrator.context import Context
+from migrator.db.alembic import read_revision
+from migrator.errors import BadInput
+from migrator.stamps.discovery import discover
+from migrator.stamps.sizes import TenantSize, measure
+
+
+@dataclass(frozen=True)
+class StampUsage:
+    """What the tenants routed to a stamp hold, against its capacity (None: unlimited)."""
+
+    stamp: Stamp
+    rows: int
+    bytes: int
+    revision: str | None
+
+    @property
+    def free_rows(self) -> float:
+        return math.inf if self.stamp.capacity_rows is None else self.stamp.capacity_rows - self.rows
+
+    @property
+    def free_bytes(self) -> float:
+        return math.inf if self.stamp.capacity_bytes is None else self.stamp.capacity_bytes - self.bytes
+
+    def utilisation(self, rows: int | None = None) -> float | None:
+        """Rows used / capacity_rows (None without a row capacity); `rows` overrides the current use."""
+        if self.stamp.capacity_rows is None:
+            return None
+        return (self.rows if rows is None else rows) / self.stamp.capacity_rows
+
+
+@dataclass(frozen=True)
+class FleetSizes:
+    """Sizes measured on a set of stamps: every routed tenant's size and every stamp's usage."""
+
+    tenants: dict[str, TenantSize]
+    usage: dict[str, StampUsage]
+
+    def routed_to(self, stamp: str) -> list[TenantSize]:
+        return [t for t in self.tenants.values() if t.stamp == stamp]
+
+
+def measure_fleet(ctx: Context, chosen: Iterable[Stamp]) -> FleetSizes:
+    """Measure the given stamps; keeps only tenants routed to the stamp they were measured on."""
+    routes = {r.tenant: r.stamp for r in ctx.catalog.routes()}
+    tenants: dict[str, TenantSize] = {}
+    usage: dict[str, StampUsage] = {}
+    for stamp in chosen:
+        with stamps.connect(stamp) as conn:
+            revision = read_revision(conn)
+            found = measure(conn, discover(conn, ctx.config.tenancy), stamp.name)
+        routed = [t for t in found.values() if routes.get(t.tenant) == stamp.name]
+        tenants.update({t.tenant: t for t in routed})
+        usage[stamp.name] = StampUsage(stamp, sum(t.rows for t in routed), sum(t.bytes for t in routed), revision)
+    return FleetSizes(tenants, usage)
+
+
+# -- stamp settings (`migrator stamp set-state`, `migrator stamp update`) ------------------------------
+
+
+def set_stamp_state(ctx: Context, name: str, state: str) -> Stamp:
+    """Mark a stamp active, draining (receives no tenants) or retired (holds nothing and never will).
+
+    Retiring is refused while a tenant is routed there or an unfinished move touches it; the check
+    and the change happen in one catalog transaction holding the stamp's row lock.
+    """
+    if state not in set(StampState):
+        raise BadInput(f"unknown stamp state {state!r} (expected one of {', '.join(StampState)})")
+    catalog = ctx.catalog
+    catalog.stamp(name)
+    with catalog.transaction() as conn:
+        conn.execute("SELECT 1 FROM stamps WHERE name = %s FOR UPDATE", (name,))
+        if state == "retired":
+            _refuse_retire(conn, name)
+        conn.execute("UPDATE stamps SET state = %s WHERE name = %s", (state, name))
+    return catalog.stamp(name)
+
+
+def _refuse_retire(conn: psycopg.Connection[Any], name: str) -> None:
+    routed = [r[0] for r in conn.execute("SELECT tenant FROM routes WHERE stamp = %s ORDER BY tenant", (name,))]
+    if routed:
+        shown = ", ".join(routed[:5]) + (", ..." if len(routed) > 5 else "")
+        raise BadInput(
+            f"stamp {name} still has {len(routed)} tenant(s) routed to it ({shown}); drain it first "
+            f"(`migrator plan drain {name}`, then `migrator apply`)"
+        )
+    moves = conn.execute(
+        "SELECT id, tenant FROM moves WHERE (source = %s OR target = %s) AND phase <> ALL(%s) ORDER BY id",
+        (name, name, sorted(TERMINAL)),
+    ).fetchall()
+    if moves:
+        listed = ", ".join(f"move {m} (tenant {t})" for m, t in moves[:5])
+        raise BadInput(f"stamp {name} is touched by {len(moves)} unfinished move(s): {listed}; finish or abort them")
+
+
+def update_stamp(
+    ctx: Context, name: str, capacity_rows: int | None, capacity_bytes: int | None, region: str | None
+) -> Stamp:
+    """Change a stamp's capacity (flags --capacity-rows, --capacity-bytes) or region."""
+    if capacity_rows is None and capacity_bytes is None and region is None:
+        raise BadInput("nothing to update: give --capacity-rows, --capacity-bytes or --region")
+    return ctx.catalog.update_stamp(name, capacity_rows=capacity_rows, capacity_bytes=capacity_bytes, region=region)

@@ -1,0 +1,414 @@
+"""Fleet-wide schema migrations: one Alembic history applied uniformly to every stamp.
+
+`schema_status` compares each stamp's revision with the head, so drift shows at a glance.
+`upgrade_fleet` upgrades a canary first (the active stamp with the fewest tenants: the smallest
+blast radius), stops if it fails, then upgrades the rest in waves of `--parallel` stamps. Each stamp
+runs under its own lock with one transaction per revision, so a failing revision leaves it at the
+previous one; every stamp's run is recorded in the catalog's `schema_runs`. `downgrade_stamps` is
+the same machinery in reverse. A dry run prints the pending revisions and their SQL (Alembic's
+offline mode) and touches no stamp. Stamps that hold a fenced move are refused: changing a
+table under a cutover would stall or break it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+import psycopg
+
+from migrator import stamps
+from migrator.catalog import Stamp
+from migrator.catalog.schema_runs import RunLog, SchemaRun, runs
+from migrator.context import Context
+from migrator.db.alembic import read_revision
+from migrator.errors import BadInput, MigratorError
+from migrator.rollout.history import AHEAD, BEHIND, UNKNOWN, UNREACHABLE, UP_TO_DATE, History, Revision
+from migrator.rollout.worker import ALEMBIC_IN_PROCESS, Job, JobResult, Workers, reason
+
+__all__ = [
+    "AHEAD", "BEHIND", "UNKNOWN", "UNREACHABLE", "UP_TO_DATE", "Plan", "Revision", "Rollout", "RolloutFailed",
+    "RolloutProgress", "Quiet", "SchemaRun", "StampOutcome", "StampSchema", "downgrade_stamps", "history", "runs",
+    "schema_status", "upgrade_fleet",
+]  # fmt: skip
+
+OK, FAILED, SKIPPED, DRY_RUN = "ok", "failed", "skipped", "dry-run"
+# Phases in which a move holds a database fence on its source (see migrator.move).
+FENCED_OFFLINE_PHASES = ("created", "copying", "copied", "verified")
+
+
+class RolloutFailed(MigratorError):
+    """At least one stamp failed; raised by the CLI after the report is shown (exit 1)."""
+
+
+@dataclass(frozen=True)
+class StampSchema:
+    """One stamp's revision against a target (the head for `schema status`)."""
+
+    stamp: str
+    stamp_state: str  # the catalog's active / draining / retired
+    tenants: int  # routes in the catalog: the blast radius of a bad revision
+    current: str | None
+    target: str | None
+    pending: tuple[str, ...]  # to apply (oldest first) when behind, to undo (newest first) when ahead
+    state: str
+    error: str | None = None
+
+    @property
+    def drift(self) -> bool:
+        return self.state != UP_TO_DATE
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a rollout will do, shown before it starts (`--yes` skips the question)."""
+
+    run_id: str
+    direction: str
+    target: str | None
+    stamps: tuple[StampSchema, ...]
+    waves: tuple[tuple[str, ...], ...]  # stamp names; the first wave is the canary alone when there is one
+    canary: str | None
+    targets: dict[str, Stamp] = field(repr=False, compare=False)  # DSNs: never rendered
+
+    def row(self, name: str) -> StampSchema:
+        return next(s for s in self.stamps if s.stamp == name)
+
+
+@dataclass(frozen=True)
+class StampOutcome:
+    """One stamp's line in the final report; `at_revision` is where it is now."""
+
+    stamp: str
+    wave: int | None  # None: not run
+    result: str
+    from_revision: str | None
+    to_revision: str | None
+    at_revision: str | None
+    pending: tuple[str, ...] = ()
+    error: str | None = None
+    sql: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The result of one `schema upgrade/downgrade` run: every selected stamp's outcome, in wave order."""
+
+    run_id: str
+    direction: str
+    target: str | None
+    canary: str | None
+    dry_run: bool
+    outcomes: tuple[StampOutcome, ...]
+    stopped: str | None  # why the rollout ended before every stamp was tried
+
+    @property
+    def failed(self) -> list[StampOutcome]:
+        return [o for o in self.outcomes if o.result == FAILED]
+
+    def summary(self) -> str:
+        target = self.target or "base"
+        counts = Counter(o.result for o in self.outcomes)
+        text = f"{self.direction} to {target}: " + ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))
+        if self.failed:
+            text += "; failed: " + ", ".join(
+                f"{o.stamp} (at {o.at_revision})" if o.at_revision else o.stamp for o in self.failed
+            )
+        return text + (f"; {self.stopped}" if self.stopped else "")
+
+
+class RolloutProgress(Protocol):
+    def wave_started(self, number: int, waves: int, stamps: Sequence[str]) -> None:
+        """Wave `number` (0 is the canary) of `waves` starts on these stamps."""
+
+    def stamp_finished(self, outcome: StampOutcome) -> None:
+        """One stamp of the current wave is done (ok or failed)."""
+
+    def wave_finished(self, number: int) -> None:
+        """Every stamp of the wave is done."""
+
+
+class Quiet:
+    """No progress output: for tests, `--json` and benchmarks."""
+
+    def wave_started(self, number: int, waves: int, stamps: Sequence[str]) -> None:
+        pass
+
+    def stamp_finished(self, outcome: StampOutcome) -> None:
+        pass
+
+    def wave_finished(self, number: int) -> None:
+        pass
+
+
+# -- read-only views -----------------------------------------------------------------------------
+
+
+def schema_status(ctx: Context, active_only: bool = False) -> list[StampSchema]:
+    """Every stamp (`--active-only`: active ones) against the head; unreachable ones are reported too."""
+    found = History.load(ctx.config.schema_env())
+    return _survey(ctx, found, _select(ctx, (), active_only), found.head)
+
+
+def history(ctx: Context) -> list[Revision]:
+    """The stamps' revisions, newest first."""
+    return History.load(ctx.config.schema_env()).revisions()
+
+
+# -- rollouts ------------------------------------------------------------------------------------
+
+
+def upgrade_fleet(
+    ctx: Context,
+    revision: str = "head",
+    canary: str | None = None,
+    parallel: int = 4,
+    continue_on_error: bool = False,
+    dry_run: bool = False,
+    active_only: bool = False,
+    progress: RolloutProgress | None = None,
+    confirm: Callable[[Plan], None] | None = None,
+) -> Rollout:
+    """`migrator schema upgrade`: the canary, then waves of `parallel` stamps, to `revision`.
+
+    A failing canary always stops the rollout; a failing later wave stops it unless
+    `continue_on_error`. `confirm` sees the plan before anything runs and may raise to abort.
+    """
+    found = History.load(ctx.config.schema_env())
+    target = found.resolve(revision, allow_base=False)
+    plan = _plan(ctx, found, "upgrade", target, _select(ctx, (), active_only), canary, parallel)
+    return _run(ctx, found, plan, parallel, continue_on_error, dry_run, progress or Quiet(), confirm)
+
+
+def downgrade_stamps(
+    ctx: Context,
+    revision: str,
+    names: Sequence[str] = (),
+    parallel: int = 4,
+    progress: RolloutProgress | None = None,
+    confirm: Callable[[Plan], None] | None = None,
+) -> Rollout:
+    """`migrator schema downgrade`: the named stamps (`--stamp`, default all) down to `revision` or "base"."""
+    found = History.load(ctx.config.schema_env())
+    target = found.resolve(revision, allow_base=True)
+    plan = _plan(ctx, found, "downgrade", target, _select(ctx, names, False), None, parallel)
+    return _run(ctx, found, plan, parallel, False, False, progress or Quiet(), confirm)
+
+
+def _select(ctx: Context, names: Sequence[str], active_only: bool) -> list[Stamp]:
+    if names:
+        return [ctx.catalog.stamp(name) for name in dict.fromkeys(names)]
+    return [s for s in ctx.catalog.stamps() if s.state == "active" or not active_only]
+
+
+def _survey(ctx: Context, found: History, chosen: Sequence[Stamp], target: str | None) -> list[StampSchema]:
+    """Read every stamp's revision at once (threads: plain queries, no Alembic)."""
+    tenants = Counter(route.stamp for route in ctx.catalog.routes())
+
+    def look(stamp: Stamp) -> StampSchema:
+        try:
+            with stamps.connect(stamp) as conn:
+                current = read_revision(conn)
+        except (MigratorError, psycopg.Error) as exc:
+            error = str(exc) if isinstance(exc, MigratorError) else reason(exc, stamp.dsn)
+            return StampSchema(stamp.name, stamp.state, tenants[stamp.name], None, target, (), UNREACHABLE, error)
+        state, pending = found.classify(current, target)
+        unknown = f"revision {current} is not in {found.location}" if state == UNKNOWN else None
+        return StampSchema(stamp.name, stamp.state, tenants[stamp.name], current, target, pending, state, unknown)
+
+    if not chosen:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(chosen))) as pool:
+        return list(pool.map(look, chosen))
+
+
+def _needs_work(row: StampSchema, direction: str) -> bool:
+    return row.state in (UNREACHABLE, UNKNOWN, BEHIND if direction == "upgrade" else AHEAD)
+
+
+def _plan(
+    ctx: Context,
+    found: History,
+    direction: str,
+    target: str | None,
+    chosen: list[Stamp],
+    canary: str | None,
+    parallel: int,
+) -> Plan:
+    """Validate everything, then order the work: canary alone, the rest by fewest tenants, `parallel` a wave."""
+    if parallel < 1:
+        raise BadInput(f"--parallel must be at least 1, got {parallel}")
+    names = [s.name for s in chosen]
+    if canary is not None and canary not in names:
+        ctx.catalog.stamp(canary)  # unknown stamp: BadInput naming it
+        raise BadInput(f"canary {canary} is not among this rollout's stamps (draining or retired with --active-only?)")
+    _refuse_fenced(ctx, names)
+    rows = _survey(ctx, found, chosen, target)
+    work = [r for r in rows if _needs_work(r, direction)]
+    if canary is None:
+        healthy = [r for r in work if r.state not in (UNREACHABLE, UNKNOWN)]
+        pool = [r for r in healthy if r.stamp_state == "active"] or healthy or work
+        canary = min(pool, key=lambda r: (r.tenants, r.stamp)).stamp if pool else None
+    elif canary not in {r.stamp for r in work}:
+        canary = None  # already at the target: nothing left to prove on it
+    rest = sorted((r for r in work if r.stamp != canary), key=lambda r: (r.tenants, r.stamp))
+    waves: list[tuple[str, ...]] = [(canary,)] if canary else []
+    waves += [tuple(r.stamp for r in rest[i : i + parallel]) for i in range(0, len(rest), parallel)]
+    return Plan(str(uuid.uuid4()), direction, target, tuple(rows), tuple(waves), canary, {s.name: s for s in chosen})
+
+
+def _refuse_fenced(ctx: Context, names: list[str]) -> None:
+    """A stamp that is source or target of a fenced move (cutover, or an offline copy) is refused."""
+    blocked = _fenced_moves(ctx, names)
+    if blocked:
+        raise BadInput("; ".join(blocked.values()))
+
+
+def _fenced_moves(ctx: Context, names: list[str]) -> dict[str, str]:
+    """Stamp name -> why it is blocked, for the given stamps."""
+    with ctx.catalog.transaction() as conn:
+        rows = conn.execute(
+            "SELECT id, tenant, source, target, mode, phase FROM moves"
+            " WHERE (phase = 'cutover' OR (mode = 'offline' AND phase = ANY(%s)))"
+            " AND (source = ANY(%s) OR target = ANY(%s)) ORDER BY id",
+            (list(FENCED_OFFLINE_PHASES), names, names),
+        ).fetchall()
+    blocked: dict[str, str] = {}
+    for move_id, tenant, source, target, mode, phase in rows:
+        for name in (source, target):
+            if name in names and name not in blocked:
+                blocked[name] = (
+                    f"stamp {name} has {mode} move {move_id} (tenant {tenant}, {source} -> {target}) in its fenced"
+                    f" {phase} phase; change its schema after the move finishes or is aborted"
+                )
+    return blocked
+
+
+def _run(
+    ctx: Context,
+    found: History,
+    plan: Plan,
+    parallel: int,
+    continue_on_error: bool,
+    dry_run: bool,
+    progress: RolloutProgress,
+    confirm: Callable[[Plan], None] | None,
+) -> Rollout:
+    if confirm is not None and plan.waves and not dry_run:
+        confirm(plan)
+    log = RunLog(ctx, plan.run_id, plan.direction, plan.target)
+    try:
+        done = [_not_run(log, s) for s in plan.stamps if not any(s.stamp in w for w in plan.waves)]
+        if dry_run:
+            scripts: dict[str | None, str] = {}  # stamps at the same revision share their script
+            ran = [_dry_run(log, found, plan.row(name), scripts) for wave in plan.waves for name in wave]
+            return Rollout(plan.run_id, plan.direction, plan.target, plan.canary, True, (*ran, *done), None)
+        outcomes, stopped = _waves(ctx, found, plan, log, parallel, continue_on_error, progress)
+        return Rollout(plan.run_id, plan.direction, plan.target, plan.canary, False, (*outcomes, *done), stopped)
+    finally:
+        log.close()
+
+
+def _waves(
+    ctx: Context,
+    found: History,
+    plan: Plan,
+    log: RunLog,
+    parallel: int,
+    continue_on_error: bool,
+    progress: RolloutProgress,
+) -> tuple[list[StampOutcome], str | None]:
+    outcomes: list[StampOutcome] = []
+    stopped: str | None = None
+    wide = max((len(w) for w in plan.waves), default=0)
+    with Workers(min(parallel, wide)) as workers:
+        for number, wave in enumerate(plan.waves):
+            if stopped:
+                outcomes += [_not_run(log, plan.row(name), f"not tried: {stopped}") for name in wave]
+                continue
+            progress.wave_started(number, len(plan.waves), wave)
+            refused = _fenced_moves(ctx, list(wave))  # a move may have reached its cutover meanwhile
+            finished = [_refused(log, plan.row(n), number, refused[n]) for n in wave if n in refused]
+            for outcome in finished:
+                progress.stamp_finished(outcome)
+            row_ids = log.start([plan.row(n) for n in wave if n not in refused])
+            for result in workers.run([_job(found, plan, n) for n in row_ids]):
+                outcome = _outcome(found, plan, number, result)
+                log.finish(row_ids[result.stamp], outcome)
+                progress.stamp_finished(outcome)
+                finished.append(outcome)
+            progress.wave_finished(number)
+            outcomes += sorted(finished, key=lambda o: o.stamp)
+            failed = [o.stamp for o in finished if o.result == FAILED]
+            canary = number == 0 and plan.canary is not None
+            if failed and (canary or not continue_on_error):
+                which = "the canary" if canary else f"wave {number}"
+                stopped = f"stopped after {which} failed on {', '.join(failed)}"
+    return outcomes, stopped
+
+
+def _job(found: History, plan: Plan, name: str) -> Job:
+    return Job(plan.targets[name], str(found.location), plan.direction, plan.target or "base")
+
+
+def _outcome(found: History, plan: Plan, wave: int, result: JobResult) -> StampOutcome:
+    error = result.error
+    if error and result.failed_in_migration:
+        failing = found.next_step(result.at_revision, plan.target, plan.direction)
+        step = f"{plan.direction} {failing}" if failing else plan.direction
+        error = f"{step} failed, stamp left at {result.at_revision or 'base'}: {error}"
+    row = plan.row(result.stamp)
+    read = result.from_revision is not None or result.failed_in_migration or result.ok  # else: lock or connect
+    return StampOutcome(
+        result.stamp,
+        wave,
+        OK if result.ok else FAILED,
+        result.from_revision if read else row.current,
+        plan.target,
+        result.at_revision if read else row.current,
+        row.pending,
+        error,
+        None,
+        result.started_at,
+        result.finished_at,
+    )
+
+
+def _not_run(log: RunLog, row: StampSchema, why: str | None = None) -> StampOutcome:
+    """A stamp with nothing to do (or left out after a failure): recorded as skipped."""
+    if why is None:
+        why = {
+            UP_TO_DATE: None,
+            AHEAD: f"already past {row.target}; use `migrator schema downgrade` to go back",
+            BEHIND: f"below {row.target or 'base'} already",
+        }.get(row.state)
+    outcome = StampOutcome(row.stamp, None, SKIPPED, row.current, row.target, row.current, (), why)
+    log.add(outcome)
+    return outcome
+
+
+def _refused(log: RunLog, row: StampSchema, wave: int, why: str) -> StampOutcome:
+    outcome = StampOutcome(row.stamp, wave, FAILED, row.current, row.target, row.current, row.pending, why)
+    log.add(outcome)
+    return outcome
+
+
+def _dry_run(log: RunLog, found: History, row: StampSchema, scripts: dict[str | None, str]) -> StampOutcome:
+    """Pending revisions and their SQL; unreachable or unknown stamps fail here as they would for real."""
+    if row.state in (UNREACHABLE, UNKNOWN):
+        outcome = StampOutcome(row.stamp, None, FAILED, row.current, row.target, row.current, (), row.error)
+    else:
+        if row.current not in scripts:
+            with ALEMBIC_IN_PROCESS:
+                scripts[row.current] = found.offline_sql(row.current, row.target, log.direction)
+        text = scripts[row.current]
+        outcome = StampOutcome(row.stamp, None, DRY_RUN, row.current, row.target, row.current, row.pending, None, text)
+    log.add(outcome)
+    return outcome

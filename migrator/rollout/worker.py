@@ -1,0 +1,248 @@
+"""One stamp's schema change: take the stamp's lock, run Alembic on it, report where it ended up.
+
+`run_job` is what a rollout runs per stamp, inline for a wave of one (the canary) and in a worker
+process otherwise. Processes, not threads: Alembic's `op` and `context` are module-level proxies,
+so two `command.upgrade` calls running at once in one interpreter overwrite each other's migration
+context and can run DDL on the wrong connection. In-process calls are still serialised by
+`ALEMBIC_IN_PROCESS` for callers that use the engine from several threads.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from multiprocessing import forkserver
+from types import TracebackType
+from typing import Any
+
+import psycopg
+from alembic import command
+from alembic.util import CommandError
+from sqlalchemy import create_engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+
+from migrator import stamps
+from migrator.catalog import Stamp
+from migrator.db import alembic as migrations
+from migrator.db import dsn as dsnlib
+from migrator.db.alembic import read_revision
+from migrator.db.locks import lock_key, try_lock
+from migrator.errors import LockBusy, MigratorError
+
+LOCK_KEY = lock_key("migrator.schema")
+ALEMBIC_IN_PROCESS = threading.Lock()
+# Imported once by the fork server, so each forked worker starts with them loaded.
+PRELOAD = ["migrator.rollout.worker", "sqlalchemy.dialects.postgresql.psycopg"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """Move one stamp to `target` (a revision id; "base" for a downgrade to nothing)."""
+
+    stamp: Stamp
+    script_location: str
+    direction: str  # "upgrade" or "downgrade"
+    target: str
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """Where the stamp was and is; `failed_in_migration` tells a revision's error from a lock/connect one."""
+
+    stamp: str
+    from_revision: str | None
+    at_revision: str | None
+    error: str | None
+    failed_in_migration: bool
+    started_at: datetime
+    finished_at: datetime
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class SchemaLock:
+    """A session advisory lock on the stamp's own database, held while its schema changes.
+
+    It lives on the stamp (not in the catalog) so it also excludes runs pointed at another catalog,
+    and the server drops it with the holder's session, so a killed run never blocks the next one.
+    A second run fails at once naming the stamp instead of queueing behind the first.
+    """
+
+    def __init__(self, stamp: Stamp) -> None:
+        self.stamp = stamp
+        self.conn: psycopg.Connection[Any] | None = None
+        self._stack = ExitStack()
+
+    def __enter__(self) -> SchemaLock:
+        conn = self._stack.enter_context(stamps.connect(self.stamp))
+        if not try_lock(conn, LOCK_KEY):
+            holder = _holder(conn)
+            self._stack.close()
+            raise LockBusy(f"stamp {self.stamp.name} is being migrated by another migrator run{holder}")
+        self.conn = conn
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            if self.conn is not None and not self.conn.closed:
+                self.conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+        except psycopg.Error:
+            pass  # closing the session below releases it anyway
+        finally:
+            self.conn = None
+            self._stack.close()
+
+
+def _holder(conn: psycopg.Connection[Any]) -> str:
+    """' (backend pid N, since T)' for the session holding the lock, when it is visible to us."""
+    unsigned = LOCK_KEY & 0xFFFFFFFFFFFFFFFF
+    row = conn.execute(
+        "SELECT l.pid, a.backend_start FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s::oid AND l.objid = %s::oid"
+        " AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        (unsigned >> 32, unsigned & 0xFFFFFFFF),
+    ).fetchone()
+    if row is None:
+        return ""
+    since = f", since {row[1]:%Y-%m-%d %H:%M:%S} UTC" if row[1] else ""
+    return f" (backend pid {row[0]}{since})"
+
+
+def run_job(job: Job) -> JobResult:
+    """Never raises: every failure becomes the result's one-line, password-free error."""
+    started = datetime.now(UTC)
+    before: str | None = None
+    after: str | None = None
+    error: str | None = None
+    in_migration = False
+    try:
+        with SchemaLock(job.stamp) as lock:
+            assert lock.conn is not None
+            before = after = read_revision(lock.conn)
+            try:
+                in_migration = True
+                _alembic(job, lock.conn)
+                in_migration = False
+            finally:
+                after = _revision_after(lock.conn)
+    except MigratorError as exc:
+        error = str(exc)
+    except Exception as exc:  # a worker reports, it never takes the rollout down
+        error = reason(exc, job.stamp.dsn)
+    return JobResult(job.stamp.name, before, after, error, in_migration, started, datetime.now(UTC))
+
+
+def _revision_after(conn: psycopg.Connection[Any]) -> str | None:
+    """Re-read after the run; None (unknown) if the lock's session died as well."""
+    try:
+        return read_revision(conn)
+    except psycopg.Error:
+        return None
+
+
+def _alembic(job: Job, conn: psycopg.Connection[Any]) -> None:
+    """Alembic on the lock's own session: one connection per stamp, and the lock dies with the migration.
+
+    StaticPool hands SQLAlchemy this connection without ever closing it; the lock closes it.
+    """
+    conn.autocommit = False  # Alembic runs each revision in its own transaction
+    engine = create_engine("postgresql+psycopg://", creator=lambda: conn, poolclass=StaticPool)
+    try:
+        with ALEMBIC_IN_PROCESS, engine.connect() as sa_conn:
+            config = migrations.alembic_config(job.script_location, sa_conn)
+            if job.direction == "upgrade":
+                command.upgrade(config, job.target)
+            else:
+                command.downgrade(config, job.target)
+    finally:
+        if not conn.closed and not conn.broken:
+            conn.rollback()
+            conn.autocommit = True
+
+
+def reason(exc: BaseException, dsn: str) -> str:
+    """The database's own words (first line and DETAIL), not SQLAlchemy's wrapping, minus any password."""
+    original = getattr(exc, "orig", None) if isinstance(exc, SQLAlchemyError) else None
+    if isinstance(original, BaseException):
+        exc = original
+    if isinstance(exc, CommandError | psycopg.Error):
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        text = "; ".join([lines[0], *(line.strip() for line in lines[1:] if line.startswith("DETAIL:"))])
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return dsnlib.scrub(text, dsn)
+
+
+class Workers:
+    """Runs a wave's jobs: a wave of one inline, wider waves in up to `size` worker processes.
+
+    Workers fork from a fork server that imported `PRELOAD` once (fast, and no connection of this
+    process is inherited). They are started in the background before the canary runs, so their
+    start-up overlaps with it instead of delaying the first wide wave.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._pool: ProcessPoolExecutor | None = None
+        self._starter: threading.Thread | None = None
+        if size > 1:
+            warm_up()
+            self._pool = ProcessPoolExecutor(max_workers=size, mp_context=_context())
+            # Each submit starts a process while none is idle; in a thread, so it overlaps the canary.
+            self._starter = threading.Thread(target=self._start_all, name="schema-workers", daemon=True)
+            self._starter.start()
+
+    def _start_all(self) -> None:
+        assert self._pool is not None
+        for _ in range(self.size):
+            self._pool.submit(_started)
+
+    def run(self, jobs: list[Job]) -> Iterator[JobResult]:
+        """Results in the order the jobs finish."""
+        if len(jobs) == 1:
+            yield run_job(jobs[0])
+            return
+        assert self._pool is not None, "a wave wider than one needs Workers(size > 1)"
+        futures: dict[Future[JobResult], Job] = {self._pool.submit(run_job, job): job for job in jobs}
+        for future in as_completed(futures):
+            try:
+                yield future.result()
+            except BrokenProcessPool as exc:
+                now = datetime.now(UTC)
+                yield JobResult(futures[future].stamp.name, None, None, f"worker process died: {exc}", False, now, now)
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._starter is not None:
+            self._starter.join()  # never shut the pool down under a submit
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _started() -> int:
+    return 0
+
+
+def warm_up() -> None:
+    """Start the fork server now (it imports in the background); idempotent."""
+    if _context().get_start_method() == "forkserver":
+        forkserver.ensure_running()
+
+
+def _context() -> Any:
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)
+        return context
+    return multiprocessing.get_context("spawn")

@@ -1,0 +1,45 @@
+"""Reading a stamp: reachability (errors name the stamp, never the password), its layout, tenants' row counts."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from migrator.catalog import Stamp
+from migrator.config import Tenancy
+from migrator.db import dsn as dsnlib
+from migrator.errors import MigratorError
+from migrator.stamps.discovery import Layout, discover
+
+
+@contextmanager
+def connect(stamp: Stamp, *, autocommit: bool = True) -> Iterator[psycopg.Connection[Any]]:
+    """A connection to the stamp; a failure names the stamp and never the password."""
+    try:
+        conn = dsnlib.connect(stamp.dsn, autocommit=autocommit)
+    except psycopg.Error as exc:
+        reason = dsnlib.scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, stamp.dsn)
+        raise MigratorError(f"cannot connect to stamp {stamp.name} ({stamp.masked_dsn}): {reason}") from None
+    with conn:
+        yield conn
+
+
+def layout(stamp: Stamp, tenancy: Tenancy) -> Layout:
+    with connect(stamp) as conn:
+        return discover(conn, tenancy)
+
+
+def tenant_rows(conn: psycopg.Connection[Any], layout: Layout, tenant: str | None = None) -> dict[str, dict[str, int]]:
+    """Rows per tenant per table on this stamp: {tenant: {table: rows}}."""
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    for table in layout.tables:
+        where = sql.SQL("{} = {}").format(sql.Identifier(table.key), sql.Literal(tenant)) if tenant else sql.SQL("true")
+        query = sql.SQL("SELECT {key}::text, count(*) FROM {table} WHERE {where} AND {key} IS NOT NULL GROUP BY 1")
+        for key, rows in conn.execute(query.format(key=sql.Identifier(table.key), table=table.ident, where=where)):
+            counts[key][table.label] = rows
+    return dict(counts)
