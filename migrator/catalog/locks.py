@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
-from migrator.catalog.models import describe_move
+from migrator.catalog.models import Move, describe_move
 from migrator.db import dsn as dsnlib
 from migrator.db.locks import lock_key, try_lock
 from migrator.errors import LockBusy
-
-if TYPE_CHECKING:
-    from migrator.catalog.store import Catalog
 
 # How long a refused operator waits for the lock holder's move to appear in the catalog, to name it.
 HOLDER_GRACE_S = 5.0
@@ -26,14 +24,16 @@ class TenantLock:
     never blocks its own resume; a second live operator gets a clear error instead of a hang.
     """
 
-    def __init__(self, catalog: Catalog, tenant: str) -> None:
-        self.catalog = catalog
+    def __init__(self, url: str, tenant: str, holder: Callable[[], Move | None]) -> None:
+        """`holder` reads the tenant's open move, to name it when the lock is taken."""
+        self.url = url
         self.tenant = tenant
+        self._holder = holder
         self.key = lock_key(f"migrator.move:{tenant}")
         self._conn: psycopg.Connection[Any] | None = None
 
     def acquire(self) -> None:
-        conn = dsnlib.connect(self.catalog.url, autocommit=True)
+        conn = dsnlib.connect(self.url, autocommit=True)
         if not try_lock(conn, self.key):
             conn.close()
             raise LockBusy(self._busy_message())
@@ -42,7 +42,7 @@ class TenantLock:
     def _busy_message(self) -> str:
         """Name the holder's move; a holder still in preflight gets a moment to record it first."""
         deadline = time.monotonic() + HOLDER_GRACE_S
-        while (holder := self.catalog.open_move(self.tenant)) is None and time.monotonic() < deadline:
+        while (holder := self._holder()) is None and time.monotonic() < deadline:
             time.sleep(0.2)
         if holder is None:
             return (

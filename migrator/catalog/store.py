@@ -372,7 +372,7 @@ class Catalog:
 
     def lock_tenant(self, tenant: str) -> TenantLock:
         """Take the tenant's move lock or fail at once naming the holder; see TenantLock."""
-        return TenantLock(self, tenant)
+        return TenantLock(self.url, tenant, lambda: self.open_move(tenant))
 
 
 def _hung_up(conn: psycopg.Connection[Any]) -> bool:
