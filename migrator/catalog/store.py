@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import select
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import fields as dataclass_fields
 from typing import Any
@@ -156,6 +156,44 @@ class Catalog:
             if current is None:
                 conn.execute("INSERT INTO routes (tenant, stamp) VALUES (%s, %s)", (tenant, stamp))
         return self.route(tenant)
+
+    @transient()
+    def import_routes(self, routes: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
+        """Register many (tenant, stamp) routes in one transaction: all of them, or none.
+
+        Refused (nothing written) naming every unknown stamp, or every tenant already routed to
+        another stamp; a tenant already routed to its stamp is left as it is, so a re-run changes
+        nothing. Returns the tenants routed now and those that were already there.
+        """
+        tenants, homes = [tenant for tenant, _ in routes], [stamp for _, stamp in routes]
+        with self.transaction() as conn:
+            named = sorted(set(homes))
+            known = {row[0] for row in conn.execute("SELECT name FROM stamps WHERE name = ANY(%s)", (named,))}
+            unknown = [stamp for stamp in named if stamp not in known]
+            if unknown:
+                raise BadInput(
+                    f"unknown stamp(s) {', '.join(unknown)}; nothing imported (register a stamp with "
+                    "`migrator stamp add`)"
+                )
+            inserted = {
+                row[0]
+                for row in conn.execute(
+                    "INSERT INTO routes (tenant, stamp) SELECT * FROM unnest(%s::text[], %s::text[])"
+                    " ON CONFLICT (tenant) DO NOTHING RETURNING tenant",
+                    (tenants, homes),
+                )
+            }
+            current = dict(
+                conn.execute("SELECT tenant, stamp FROM routes WHERE tenant = ANY(%s)", (tenants,)).fetchall()
+            )
+            elsewhere = [(tenant, stamp) for tenant, stamp in routes if current[tenant] != stamp]
+            if elsewhere:
+                shown = _some([f"{t} (on {current[t]}, not {s})" for t, s in elsewhere], limit=10)
+                raise BadInput(
+                    f"{len(elsewhere)} tenant(s) already routed to another stamp: {shown}; nothing imported "
+                    "(only `migrator move` changes a route; a moved tenant's leftover rows go with `migrator cleanup`)"
+                )
+        return [t for t in tenants if t in inserted], [t for t in tenants if t not in inserted]
 
     @staticmethod
     def _route(conn: psycopg.Connection[Any], tenant: str) -> Route | None:
@@ -373,6 +411,11 @@ class Catalog:
     def lock_tenant(self, tenant: str) -> TenantLock:
         """Take the tenant's move lock or fail at once naming the holder; see TenantLock."""
         return TenantLock(self, tenant)
+
+
+def _some(items: Sequence[str], limit: int = 5) -> str:
+    """The first few items of a list for a one-line message."""
+    return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
 
 
 def _hung_up(conn: psycopg.Connection[Any]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -137,6 +138,30 @@ def route_set(ctx: click.Context, tenant: str, stamp: str) -> None:
     """Register a tenant's home stamp (moving it is `migrator move`)."""
     route = context_of(ctx).catalog.set_route(tenant, stamp)
     click.echo(f"tenant {route.tenant} -> {route.stamp} (version {route.version})")
+
+
+@route_group.command("import")
+@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--stamp", default=None, help="Register every tenant of this stamp's root table ([tenancy] root_table).")
+@JSON
+@click.pass_context
+def route_import(ctx: click.Context, file: Path | None, stamp: str | None, as_json: bool) -> None:
+    """Register the tenants stamps already hold: a CSV FILE of `tenant,stamp` lines (header optional) or
+    every tenant of --stamp NAME. One catalog transaction: refused whole if a stamp is unknown or a tenant
+    is routed elsewhere; re-running it changes nothing."""
+    from migrator.stamps import registry
+
+    if file is not None and stamp is None:
+        done = registry.import_routes_from_file(context_of(ctx), file)
+    elif stamp is not None and file is None:
+        done = registry.import_routes_from_stamp(context_of(ctx), stamp)
+    else:
+        raise click.UsageError("give a CSV FILE of `tenant,stamp` lines or --stamp NAME, one of the two")
+    emit(
+        as_json,
+        {"source": done.source, "new": done.new, "existing": done.existing},
+        f"routes from {done.source}: {len(done.new)} new, {len(done.existing)} already there",
+    )
 
 
 @route_group.command("get")

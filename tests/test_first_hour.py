@@ -1,0 +1,228 @@
+"""A new user's first hour: two stamps of their own small application (no Alembic), registered with
+`stamp add`, their tenants with `route import`; wrong DSNs, wrong catalog credentials, unknown
+tenants and stamps that are no longer wanted each get one clear line and nothing half-done."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from click.testing import CliRunner, Result
+from psycopg import sql
+
+from migrator import config as configlib
+from migrator.catalog import Catalog
+from migrator.cli import cli
+from migrator.context import Context
+from migrator.db import dsn as dsnlib
+from migrator.local import pgserver, provision
+
+# The user's own application: its tenant key is `account_id`, its root table `accounts`.
+TENANCY = configlib.Tenancy(column="account_id", root_table="accounts", root_column="id")
+SCHEMA = (
+    "CREATE TABLE accounts (id bigint PRIMARY KEY, name text NOT NULL)",
+    "CREATE TABLE invoices (id bigint GENERATED ALWAYS AS IDENTITY, account_id bigint NOT NULL REFERENCES accounts,"
+    " amount numeric(12, 2) NOT NULL, PRIMARY KEY (account_id, id))",
+    "CREATE TABLE currencies (code text PRIMARY KEY)",  # global: no tenant column
+)
+ACCOUNTS = {"shop-a": (1, 2, 3), "shop-b": (4, 5)}
+SECRET = "s3cret-Pw"
+_ids = itertools.count(1)
+
+
+@dataclass
+class FirstHour:
+    """A catalog (migrated, empty) and two databases of the user's application, not yet registered."""
+
+    server: pgserver.LocalServer
+    config_path: Path
+    ctx: Context = field(repr=False)
+    dsns: dict[str, str] = field(repr=False)  # hold the server's password: never in test output
+    databases: list[str]
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.ctx.catalog
+
+    def run(self, *args: str, config: Path | None = None) -> Result:
+        return CliRunner().invoke(cli, ["--config", str(config or self.config_path), *args], catch_exceptions=False)
+
+    def add_stamps(self) -> None:
+        for name, dsn in self.dsns.items():
+            added = self.run("stamp", "add", name, "--dsn", dsn)
+            assert added.exit_code == 0, added.output
+
+    def url(self, db: str, user: str | None = None, password: str | None = None) -> str:
+        s = self.server
+        return (
+            f"postgresql://{quote(user or s.user, safe='')}:{quote(password or s.password, safe='')}"
+            f"@{s.host}:{s.port}/{db}"
+        )
+
+    def routes(self) -> dict[str, str]:
+        return {r.tenant: r.stamp for r in self.catalog.routes()}
+
+    def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every catalog table, to prove that a refused command wrote nothing."""
+        tables = ("stamps", "routes", "moves", "move_tables", "plans", "plan_moves")
+        with dsnlib.connect(self.catalog.url, autocommit=True) as conn:
+            return {
+                t: conn.execute(sql.SQL("SELECT * FROM {} ORDER BY 1, 2").format(sql.Identifier(t))).fetchall()
+                for t in tables
+            }
+
+
+def _write_config(path: Path, catalog_url: str) -> Path:
+    """A migrator.toml for the user's application: its tenancy, and no [schema] (it has no Alembic)."""
+    path.write_text(configlib.render(catalog_url, TENANCY, None))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def first_hour(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) -> Iterator[FirstHour]:
+    n = next(_ids)
+    catalog_db = f"fh{n}_catalog"
+    databases = [catalog_db]
+    catalog_url = provision.create_database(pg, catalog_db, template=templates["catalog"])
+    dsns = {}
+    for name, accounts in ACCOUNTS.items():
+        db = f"fh{n}_{name.replace('-', '_')}"
+        databases.append(db)
+        dsns[name] = provision.create_database(pg, db)
+        with dsnlib.connect(dsns[name], autocommit=True) as conn:
+            for statement in SCHEMA:
+                conn.execute(statement)
+            for account in accounts:
+                conn.execute("INSERT INTO accounts VALUES (%s, %s)", (account, f"account {account}"))
+                conn.execute(
+                    "INSERT INTO invoices (account_id, amount) SELECT %s, i * 1.5 FROM generate_series(1, 20) i",
+                    (account,),
+                )
+            conn.execute("INSERT INTO currencies VALUES ('EUR'), ('USD')")
+    config_path = _write_config(tmp_path / "migrator.toml", catalog_url)
+    fh = FirstHour(pg, config_path, Context.load(config_path), dsns, databases)
+    yield fh
+    fh.catalog.close()
+    for db in databases:
+        provision.drop_database(pg, db)
+
+
+def _one_line(result: Result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+# -- 1. registering tenants -----------------------------------------------------------------------------------
+
+
+def test_route_import_from_a_stamp_routes_every_tenant_of_its_root_table_and_a_rerun_changes_nothing(
+    first_hour: FirstHour,
+) -> None:
+    first_hour.add_stamps()
+    imported = first_hour.run("route", "import", "--stamp", "shop-a")
+    assert imported.exit_code == 0, imported.output
+    assert imported.stdout.strip() == "routes from stamp shop-a: 3 new, 0 already there"
+    assert first_hour.routes() == {"1": "shop-a", "2": "shop-a", "3": "shop-a"}
+
+    before = first_hour.snapshot()
+    again = first_hour.run("route", "import", "--stamp", "shop-a", "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout) == {"source": "stamp shop-a", "new": [], "existing": ["1", "2", "3"]}
+    assert first_hour.snapshot() == before  # not even a version or timestamp moved
+
+    with dsnlib.connect(first_hour.dsns["shop-a"], autocommit=True) as conn:  # a tenant signs up later
+        conn.execute("INSERT INTO accounts VALUES (10, 'late')")
+    later = first_hour.run("route", "import", "--stamp", "shop-a")
+    assert later.stdout.strip() == "routes from stamp shop-a: 1 new, 3 already there"
+    assert first_hour.routes()["10"] == "shop-a"
+
+
+def test_route_import_from_a_stamp_refuses_a_tenant_routed_elsewhere_and_writes_nothing(
+    first_hour: FirstHour,
+) -> None:
+    first_hour.add_stamps()
+    assert first_hour.run("route", "set", "4", "shop-a").exit_code == 0  # a wrong route, registered by hand
+    before = first_hour.snapshot()
+    refused = first_hour.run("route", "import", "--stamp", "shop-b")
+    assert refused.exit_code == 2, refused.output
+    line = _one_line(refused)
+    assert "1 tenant(s) already routed to another stamp: 4 (on shop-a, not shop-b)" in line, line
+    assert "nothing imported" in line
+    assert first_hour.snapshot() == before  # tenant 5, which was free, was not routed either
+
+
+def test_route_import_from_a_stamp_without_the_configured_root_table_is_refused(first_hour: FirstHour) -> None:
+    first_hour.add_stamps()
+    with dsnlib.connect(first_hour.dsns["shop-b"], autocommit=True) as conn:
+        conn.execute("ALTER TABLE accounts RENAME TO customers")
+    refused = first_hour.run("route", "import", "--stamp", "shop-b")
+    assert refused.exit_code == 2, refused.output
+    assert "stamp shop-b has no table public.accounts with a column id" in _one_line(refused)
+    assert first_hour.routes() == {}
+
+
+def test_route_import_from_a_csv_file_with_or_without_header_is_idempotent(
+    first_hour: FirstHour, tmp_path: Path
+) -> None:
+    first_hour.add_stamps()
+    with_header = tmp_path / "routes.csv"
+    with_header.write_text("tenant,stamp\n1,shop-a\n 4 , shop-b\n\n")
+    imported = first_hour.run("route", "import", str(with_header))
+    assert imported.exit_code == 0, imported.output
+    assert imported.stdout.strip() == f"routes from {with_header}: 2 new, 0 already there"
+    assert first_hour.routes() == {"1": "shop-a", "4": "shop-b"}
+
+    bare = tmp_path / "more.csv"
+    bare.write_text("1,shop-a\n2,shop-a\n2,shop-a\n")  # no header; a repeated line counts once
+    more = first_hour.run("route", "import", str(bare), "--json")
+    assert json.loads(more.stdout) == {"source": str(bare), "new": ["2"], "existing": ["1"]}
+
+    before = first_hour.snapshot()
+    again = first_hour.run("route", "import", str(bare))
+    assert again.stdout.strip() == f"routes from {bare}: 0 new, 2 already there"
+    assert first_hour.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("3,shop-a\n9,nowhere\n", "unknown stamp(s) nowhere; nothing imported"),
+        ("3,shop-a\n1,shop-b\n", "already routed to another stamp: 1 (on shop-a, not shop-b)"),
+        ("tenant,stamp\n3,shop-a\n5,shop-b,extra\n", "line 3: expected `tenant,stamp`, found '5,shop-b,extra'"),
+        ("3,shop-a\n,shop-b\n", "line 2: expected `tenant,stamp`"),
+        ("3,shop-a\n5,shop-b\n3,shop-b\n", "line 3: tenant 3 is given stamp shop-b, but shop-a on line 1"),
+        ("tenant,stamp\n\n", "holds no routes"),
+    ],
+    ids=["unknown stamp", "routed elsewhere", "extra column", "empty tenant", "two stamps", "empty"],
+)
+def test_route_import_from_a_csv_file_refuses_bad_input_whole(
+    first_hour: FirstHour, tmp_path: Path, text: str, message: str
+) -> None:
+    first_hour.add_stamps()
+    assert first_hour.run("route", "set", "1", "shop-a").exit_code == 0
+    before = first_hour.snapshot()
+    path = tmp_path / "routes.csv"
+    path.write_text(text)
+    refused = first_hour.run("route", "import", str(path))
+    assert refused.exit_code == 2, refused.output
+    assert message in _one_line(refused), refused.stderr
+    assert first_hour.snapshot() == before  # the valid line 3,shop-a was not imported either
+
+
+@pytest.mark.parametrize("args", [[], ["FILE", "--stamp", "shop-a"]], ids=["neither", "both"])
+def test_route_import_needs_a_file_or_a_stamp_but_not_both(
+    first_hour: FirstHour, tmp_path: Path, args: list[str]
+) -> None:
+    path = tmp_path / "routes.csv"
+    path.write_text("1,shop-a\n")
+    refused = first_hour.run("route", "import", *[str(path) if a == "FILE" else a for a in args])
+    assert refused.exit_code == 2, refused.output
+    assert "give a CSV FILE of `tenant,stamp` lines or --stamp NAME" in _one_line(refused)
