@@ -226,3 +226,29 @@ def test_route_import_needs_a_file_or_a_stamp_but_not_both(
     refused = first_hour.run("route", "import", *[str(path) if a == "FILE" else a for a in args])
     assert refused.exit_code == 2, refused.output
     assert "give a CSV FILE of `tenant,stamp` lines or --stamp NAME" in _one_line(refused)
+
+
+def test_an_unknown_tenant_error_says_how_to_register_it(first_hour: FirstHour) -> None:
+    first_hour.add_stamps()
+    for args in (["route", "get", "1"], ["move", "1", "--to", "shop-b", "--yes"]):
+        result = first_hour.run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert _one_line(result) == (
+            "error: unknown tenant '1' (no route in the catalog; register it with `migrator route set` "
+            "or `migrator route import`)"
+        )
+
+
+# -- 4. verify --------------------------------------------------------------------------------------------
+
+
+def test_verify_of_an_unknown_tenant_is_bad_input_not_an_empty_success(first_hour: FirstHour) -> None:
+    first_hour.add_stamps()
+    for tenant in ("1", "99"):  # rows on shop-a but no route; neither rows nor route
+        result = first_hour.run("verify", tenant, "--source", "shop-a", "--target", "shop-b")
+        assert result.exit_code == 2, (tenant, result.output)
+        assert _one_line(result).startswith(f"error: unknown tenant '{tenant}' (no route in the catalog;")
+        assert "equal" not in result.stdout
+    assert first_hour.run("route", "import", "--stamp", "shop-a").exit_code == 0
+    known = first_hour.run("verify", "1", "--source", "shop-a", "--target", "shop-b")
+    assert known.exit_code == 1 and "accounts: source 1 rows, target 0 rows" in known.stderr, known.output

@@ -209,7 +209,10 @@ class Catalog:
     def route(self, tenant: str) -> Route:
         found = self.find_route(tenant)
         if found is None:
-            raise BadInput(f"unknown tenant {tenant!r} (no route in the catalog)")
+            raise BadInput(
+                f"unknown tenant {tenant!r} (no route in the catalog; register it with `migrator route set` "
+                "or `migrator route import`)"
+            )
         return found
 
     @transient()
