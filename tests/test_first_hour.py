@@ -239,6 +239,152 @@ def test_an_unknown_tenant_error_says_how_to_register_it(first_hour: FirstHour) 
         )
 
 
+# -- 2. stamps: checked on add, corrected with update, removed when nothing refers to them -------------------------
+
+
+def _bad_dsns(fh: FirstHour) -> dict[str, str]:
+    s = fh.server
+    return {
+        "wrong password": fh.url(fh.databases[1], password=SECRET),
+        "unknown database": fh.url("fh_no_such_db", password=s.password),
+        "unknown option": f"hostx=foo dbname=x password={SECRET}",
+        "nothing listening": f"host={s.host} port=1 dbname=x user=u password={SECRET}",
+    }
+
+
+def test_stamp_add_refuses_a_dsn_that_cannot_connect_naming_the_stamp_with_the_password_masked(
+    first_hour: FirstHour,
+) -> None:
+    before = first_hour.snapshot()
+    for case, dsn in _bad_dsns(first_hour).items():
+        refused = first_hour.run("stamp", "add", "shop-x", "--dsn", dsn)
+        assert refused.exit_code == 2, (case, refused.output)
+        line = _one_line(refused)
+        assert line.startswith("error: cannot connect to stamp shop-x (") and "; not added" in line, (case, line)
+        assert "--no-check" in line, line
+        assert SECRET not in refused.output and first_hour.server.password not in refused.output, case
+        assert "***" in line or case == "unknown database", (case, line)
+    assert first_hour.snapshot() == before
+
+    recorded = first_hour.run("stamp", "add", "shop-x", "--dsn", _bad_dsns(first_hour)["wrong password"], "--no-check")
+    assert recorded.exit_code == 0, recorded.output
+    assert SECRET not in recorded.output
+    assert first_hour.catalog.stamp("shop-x").dsn == _bad_dsns(first_hour)["wrong password"]
+
+    duplicate = first_hour.run("stamp", "add", "shop-x", "--dsn", first_hour.dsns["shop-a"])
+    assert duplicate.exit_code == 2
+    assert "stamp 'shop-x' already exists; change it with `migrator stamp update shop-x`" in _one_line(duplicate)
+
+
+def test_stamp_update_dsn_is_checked_and_corrects_a_stamp_added_with_a_wrong_one(first_hour: FirstHour) -> None:
+    wrong = _bad_dsns(first_hour)["wrong password"]
+    assert first_hour.run("stamp", "add", "shop-a", "--dsn", wrong, "--no-check").exit_code == 0
+    unreachable = first_hour.run("route", "import", "--stamp", "shop-a")
+    assert unreachable.exit_code == 1 and "cannot connect to stamp shop-a" in _one_line(unreachable)
+
+    before = first_hour.snapshot()
+    for case, dsn in _bad_dsns(first_hour).items():
+        refused = first_hour.run("stamp", "update", "shop-a", "--dsn", dsn)
+        assert refused.exit_code == 2, (case, refused.output)
+        line = _one_line(refused)
+        assert line.startswith("error: cannot connect to stamp shop-a (") and "; not changed" in line, (case, line)
+        assert SECRET not in refused.output
+    assert first_hour.snapshot() == before
+    unknown = first_hour.run("stamp", "update", "shop-z", "--dsn", first_hour.dsns["shop-a"])
+    assert unknown.exit_code == 2 and "unknown stamp 'shop-z'" in _one_line(unknown)
+
+    fixed = first_hour.run("stamp", "update", "shop-a", "--dsn", first_hour.dsns["shop-a"])
+    assert fixed.exit_code == 0, fixed.output
+    assert first_hour.server.password not in fixed.output and "dsn postgresql://" in fixed.stdout
+    assert first_hour.catalog.stamp("shop-a").dsn == first_hour.dsns["shop-a"]
+    assert first_hour.run("route", "import", "--stamp", "shop-a").exit_code == 0
+    assert first_hour.routes() == {"1": "shop-a", "2": "shop-a", "3": "shop-a"}
+
+    unchecked = first_hour.run("stamp", "update", "shop-a", "--dsn", wrong, "--no-check")
+    assert unchecked.exit_code == 0 and first_hour.catalog.stamp("shop-a").dsn == wrong
+
+
+def test_stamp_remove_is_refused_while_a_route_move_or_plan_entry_refers_to_the_stamp(first_hour: FirstHour) -> None:
+    first_hour.add_stamps()
+    for name in ("shop-c", "shop-d"):
+        assert first_hour.run("stamp", "add", name, "--dsn", first_hour.dsns["shop-b"], "--no-check").exit_code == 0
+    assert first_hour.run("route", "import", "--stamp", "shop-a").exit_code == 0
+    moved = first_hour.run("move", "1", "--to", "shop-b", "--offline", "--yes")
+    assert moved.exit_code == 0, moved.output
+    verified = first_hour.run("verify", "1", "--source", "shop-a", "--target", "shop-b")
+    assert verified.exit_code == 0 and "tenant 1: 2 tables equal" in verified.stdout, verified.output
+    with dsnlib.connect(first_hour.catalog.url, autocommit=True) as conn:  # a plan that once named shop-c
+        plan = conn.execute("INSERT INTO plans (digest, path, kind) VALUES ('d', 'p.yaml', 'isolate') RETURNING id")
+        plan_id = plan.fetchone()[0]  # type: ignore[index]
+        conn.execute(
+            "INSERT INTO plan_moves (plan_id, position, tenant, source, target, status)"
+            " VALUES (%s, 0, '2', 'shop-a', 'shop-c', 'skipped')",
+            (plan_id,),
+        )
+    move_id = first_hour.catalog.moves("1")[0].id
+    assert first_hour.run("route", "import", "--stamp", "shop-b").exit_code == 0  # 4, 5 (1 is there already)
+
+    expected = {
+        "shop-a": f"2 tenant(s) routed to it (2, 3); 1 move(s) from or to it (ids {move_id}); "
+        "1 plan entry from or to it; move its tenants away first (`migrator plan drain shop-a`",
+        "shop-b": f"3 tenant(s) routed to it (1, 4, 5); 1 move(s) from or to it (ids {move_id}); move its tenants",
+        "shop-c": "1 plan entry from or to it; the catalog keeps that history; retire the stamp instead "
+        "(`migrator stamp set-state shop-c retired`)",
+    }
+    before = first_hour.snapshot()
+    for name, message in expected.items():
+        refused = first_hour.run("stamp", "remove", name)
+        assert refused.exit_code == 2, (name, refused.output)
+        assert _one_line(refused).startswith(f"error: stamp {name} is not removed: {message}"), refused.stderr
+    assert first_hour.snapshot() == before
+
+    removed = first_hour.run("stamp", "remove", "shop-d")  # registered by mistake, never used
+    assert removed.exit_code == 0 and removed.stdout.strip() == "removed stamp shop-d"
+    assert sorted(s.name for s in first_hour.catalog.stamps()) == ["shop-a", "shop-b", "shop-c"]
+    again = first_hour.run("stamp", "remove", "shop-d")
+    assert again.exit_code == 2 and "unknown stamp 'shop-d'" in _one_line(again)
+
+
+def test_stamp_remove_as_the_least_privilege_role_names_the_delete_grant_it_needs(
+    first_hour: FirstHour, tmp_path: Path
+) -> None:
+    """README: moves need SELECT, INSERT, UPDATE on the catalog; `stamp remove` also needs DELETE on stamps."""
+    first_hour.add_stamps()
+    role = first_hour.databases[0].removesuffix("_catalog") + "_migrator"
+    admin = first_hour.server.dsn(first_hour.databases[0])
+    with dsnlib.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(SECRET)))
+    try:
+        with dsnlib.connect(admin, autocommit=True) as conn:
+            who = sql.Identifier(role)
+            conn.execute(
+                sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(first_hour.databases[0]), who)
+            )
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(who))
+            conn.execute(
+                sql.SQL(
+                    "GRANT SELECT, INSERT, UPDATE ON stamps, routes, moves, move_tables, plans, plan_moves,"
+                    " schema_runs TO {}"
+                ).format(who)
+            )
+        config = _write_config(tmp_path / "operator.toml", first_hour.url(first_hour.databases[0], role, SECRET))
+        refused = first_hour.run("stamp", "remove", "shop-b", config=config)
+        assert refused.exit_code == 1, refused.output
+        assert _one_line(refused) == (
+            f"error: `migrator stamp remove` needs DELETE on stamps, which role {role} lacks; run it as the "
+            f"catalog's owner, or GRANT DELETE ON stamps TO {role}"
+        )
+        assert "shop-b" in {s.name for s in first_hour.catalog.stamps()}
+        with dsnlib.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("GRANT DELETE ON stamps TO {}").format(sql.Identifier(role)))
+        assert first_hour.run("stamp", "remove", "shop-b", config=config).exit_code == 0
+        assert "shop-b" not in {s.name for s in first_hour.catalog.stamps()}
+    finally:
+        with dsnlib.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
 # -- 4. verify --------------------------------------------------------------------------------------------
 
 

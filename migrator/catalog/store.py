@@ -32,7 +32,7 @@ from migrator.catalog.models import (
 )
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import transient
-from migrator.errors import BadInput, LockBusy, RouteConflict
+from migrator.errors import BadInput, LockBusy, MigratorError, RouteConflict
 
 
 class Catalog:
@@ -119,6 +119,26 @@ class Catalog:
                     sql.SQL("UPDATE stamps SET {} WHERE name = %(name)s").format(assignments), {**changes, "name": name}
                 )
         return self.stamp(name)
+
+    @transient()
+    def remove_stamp(self, name: str) -> None:
+        """Delete a stamp nothing refers to: no route, no move in any phase, no plan entry.
+
+        Checked and deleted in one transaction holding the stamp's row lock, so a route or move
+        added meanwhile (its foreign key locks the row) either comes first and refuses, or waits.
+        """
+        with self.transaction() as conn:
+            if conn.execute("SELECT 1 FROM stamps WHERE name = %s FOR UPDATE", (name,)).fetchone() is None:
+                raise BadInput(f"unknown stamp {name!r}")
+            _refuse_remove(conn, name)
+            try:
+                conn.execute("DELETE FROM stamps WHERE name = %s", (name,))
+            except psycopg.errors.InsufficientPrivilege:
+                role = conn.info.user
+                raise MigratorError(
+                    f"`migrator stamp remove` needs DELETE on stamps, which role {role} lacks; run it as the "
+                    f"catalog's owner, or GRANT DELETE ON stamps TO {role}"
+                ) from None
 
     @transient()
     def find_stamp(self, name: str) -> Stamp | None:
@@ -414,6 +434,31 @@ class Catalog:
     def lock_tenant(self, tenant: str) -> TenantLock:
         """Take the tenant's move lock or fail at once naming the holder; see TenantLock."""
         return TenantLock(self, tenant)
+
+
+def _refuse_remove(conn: psycopg.Connection[Any], name: str) -> None:
+    """Name what still refers to the stamp, and what to do instead of removing it."""
+    routed = [row[0] for row in conn.execute("SELECT tenant FROM routes WHERE stamp = %s", (name,))]
+    routed.sort(key=lambda t: (len(t), t))
+    moves = [
+        str(row[0])
+        for row in conn.execute("SELECT id FROM moves WHERE source = %s OR target = %s ORDER BY id", (name, name))
+    ]
+    row = conn.execute("SELECT count(*) FROM plan_moves WHERE source = %s OR target = %s", (name, name)).fetchone()
+    entries = row[0] if row else 0
+    found = [
+        *([f"{len(routed)} tenant(s) routed to it ({_some(routed)})"] if routed else []),
+        *([f"{len(moves)} move(s) from or to it (ids {_some(moves)})"] if moves else []),
+        *([f"{entries} plan entr{'y' if entries == 1 else 'ies'} from or to it"] if entries else []),
+    ]
+    if not found:
+        return
+    todo = (
+        f"move its tenants away first (`migrator plan drain {name}`, then `migrator apply`)"
+        if routed
+        else f"the catalog keeps that history; retire the stamp instead (`migrator stamp set-state {name} retired`)"
+    )
+    raise BadInput(f"stamp {name} is not removed: {'; '.join(found)}; {todo}")
 
 
 def _some(items: Sequence[str], limit: int = 5) -> str:

@@ -40,6 +40,8 @@ def catalog_grant_reader(ctx: click.Context, role: str) -> None:
 
 # -- stamps -----------------------------------------------------------------------------------------------
 
+NO_CHECK = click.option("--no-check", is_flag=True, help="Do not check that the DSN connects (record it as given).")
+
 
 @cli.group("stamp")
 def stamp_group() -> None:
@@ -52,13 +54,31 @@ def stamp_group() -> None:
 @click.option("--region", default=None, help="Region label, for placement and reports.")
 @click.option("--capacity-rows", type=click.IntRange(min=1), default=None, help="How many tenant rows it may hold.")
 @click.option("--capacity-bytes", type=click.IntRange(min=1), default=None, help="How many bytes of tenant data.")
+@NO_CHECK
 @click.pass_context
 def stamp_add(
-    ctx: click.Context, name: str, dsn: str, region: str | None, capacity_rows: int | None, capacity_bytes: int | None
+    ctx: click.Context,
+    name: str,
+    dsn: str,
+    region: str | None,
+    capacity_rows: int | None,
+    capacity_bytes: int | None,
+    no_check: bool,
 ) -> None:
-    """Register a stamp in the catalog."""
-    stamp = context_of(ctx).catalog.add_stamp(name, dsn, region, capacity_rows, capacity_bytes)
+    """Register a stamp in the catalog, once its DSN has connected."""
+    from migrator.stamps.registry import add_stamp
+
+    stamp = add_stamp(context_of(ctx), name, dsn, region, capacity_rows, capacity_bytes, check=not no_check)
     click.echo(f"added stamp {stamp.name} ({stamp.masked_dsn})")
+
+
+@stamp_group.command("remove")
+@click.argument("name")
+@click.pass_context
+def stamp_remove(ctx: click.Context, name: str) -> None:
+    """Delete a stamp no route, move or plan refers to (a mistaken registration); retire used ones instead."""
+    context_of(ctx).catalog.remove_stamp(name)
+    click.echo(f"removed stamp {name}")
 
 
 @stamp_group.command("list")

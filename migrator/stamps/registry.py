@@ -1,5 +1,5 @@
-"""What the catalog knows of the fleet: registering the tenants stamps already hold, many routes at
-once, from a stamp or from a CSV file."""
+"""What the catalog knows of the fleet: registering a stamp (its DSN proven to connect first) and
+registering the tenants stamps already hold, many routes at once, from a stamp or from a CSV file."""
 
 from __future__ import annotations
 
@@ -11,8 +11,40 @@ import psycopg
 from psycopg import sql
 
 from migrator import stamps
+from migrator.catalog import Stamp, StampState
 from migrator.context import Context
-from migrator.errors import BadInput
+from migrator.errors import BadInput, MigratorError
+
+
+def check_connection(name: str, dsn: str, refused: str) -> None:
+    """Refuse a DSN that cannot connect before the catalog records it (exit 2, password masked).
+
+    `refused` says what did not happen ("not added", "not changed"), for the one-line error.
+    """
+    try:
+        with stamps.connect(Stamp(name, dsn, None, None, None, StampState.ACTIVE)):
+            pass
+    except MigratorError as exc:  # names the stamp and its masked DSN, with the driver's reason
+        raise BadInput(f"{exc}; {refused} (fix the DSN, or give --no-check to skip this check)") from None
+
+
+def add_stamp(
+    ctx: Context,
+    name: str,
+    dsn: str,
+    region: str | None = None,
+    capacity_rows: int | None = None,
+    capacity_bytes: int | None = None,
+    *,
+    check: bool = True,
+) -> Stamp:
+    """`migrator stamp add`: register a stamp; with `check` (the default) only if its DSN connects."""
+    if ctx.catalog.find_stamp(name) is not None:
+        raise BadInput(f"stamp {name!r} already exists; change it with `migrator stamp update {name}`")
+    if check:
+        check_connection(name, dsn, "not added")
+    return ctx.catalog.add_stamp(name, dsn, region, capacity_rows, capacity_bytes)
+
 
 # -- routes of tenants the stamps already hold (`migrator route import`) ------------------------------------
 
