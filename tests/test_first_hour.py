@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import psycopg
 import pytest
 from click.testing import CliRunner, Result
 from psycopg import sql
@@ -21,6 +23,7 @@ from migrator.catalog import Catalog
 from migrator.cli import cli
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
+from migrator.db.retry import is_transient
 from migrator.local import pgserver, provision
 
 # The user's own application: its tenant key is `account_id`, its root table `accounts`.
@@ -383,6 +386,79 @@ def test_stamp_remove_as_the_least_privilege_role_names_the_delete_grant_it_need
         with dsnlib.connect(admin, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+# -- 3. catalog errors --------------------------------------------------------------------------------------
+
+
+def _catalog_urls(fh: FirstHour) -> dict[str, str]:
+    s = fh.server
+    return {
+        "wrong password": fh.url(fh.databases[0], password=SECRET),
+        "unknown role": fh.url(fh.databases[0], user="nobody_here", password=SECRET),
+        "unknown database": fh.url("fh_no_such_catalog"),
+        "unknown option": f"hostx=foo dbname={fh.databases[0]} password={SECRET}",
+        "unknown host": f"postgresql://u:{SECRET}@no-such-host.invalid:{s.port}/catalog",
+    }
+
+
+REASONS = {
+    "wrong password": "password authentication failed for user",
+    "unknown role": "password authentication failed for user",  # the server does not tell which
+    "unknown database": 'database "fh_no_such_catalog" does not exist',
+    "unknown option": 'invalid connection option "hostx"',
+    "unknown host": "failed to resolve host 'no-such-host.invalid'",
+}
+
+
+@pytest.mark.parametrize("case", sorted(REASONS))
+def test_a_misconfigured_catalog_fails_at_once_in_one_line_naming_it(
+    first_hour: FirstHour, tmp_path: Path, case: str
+) -> None:
+    url = _catalog_urls(first_hour)[case]
+    config = _write_config(tmp_path / "bad.toml", url)
+    for args in (
+        ["stamp", "list"],
+        ["route", "get", "1"],
+        ["route", "import", "--stamp", "shop-a"],
+        ["move", "1", "--to", "shop-b", "--yes"],
+        ["-v", "stamp", "add", "s", "--dsn", "x", "--no-check"],
+    ):
+        started = time.monotonic()
+        result = first_hour.run(*args, config=config)
+        elapsed = time.monotonic() - started
+        assert result.exit_code == 1, (case, args, result.output)
+        line = _one_line(result)  # no retry warnings before it
+        assert line.startswith(f"error: cannot connect to the catalog ({dsnlib.mask(url)}"), (case, line)
+        assert REASONS[case] in line, (case, line)
+        assert SECRET not in result.output and first_hour.server.password not in result.output
+        assert elapsed < 2.0, (case, args, elapsed)  # not retried (it was: five warnings over three seconds)
+
+
+def test_a_catalog_that_refuses_connections_is_retried_then_named(first_hour: FirstHour, tmp_path: Path) -> None:
+    url = f"postgresql://u:{SECRET}@{first_hour.server.host}:1/catalog"
+    result = first_hour.run("stamp", "list", config=_write_config(tmp_path / "down.toml", url))
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len([line for line in lines if "transient error" in line]) == 5, result.stderr  # a restart is waited for
+    assert lines[-1].startswith(f"error: cannot connect to the catalog ({dsnlib.mask(url)}): connection failed: ")
+    assert "Connection refused" in lines[-1] and SECRET not in result.output
+
+
+def test_connection_errors_a_retry_cannot_cure_are_not_transient(first_hour: FirstHour) -> None:
+    """Classified on real failures: connection errors carry no SQLSTATE, only libpq's message."""
+    found: dict[str, bool] = {}
+    for case, url in {**_catalog_urls(first_hour), "refused": f"host={first_hour.server.host} port=1"}.items():
+        with pytest.raises(psycopg.Error) as caught:
+            dsnlib.connect(url).close()
+        found[case] = is_transient(caught.value)
+    with dsnlib.connect(first_hour.catalog.url, autocommit=True) as victim:  # a session the server ends
+        with dsnlib.connect(first_hour.catalog.url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (victim.info.backend_pid,))
+        with pytest.raises(psycopg.Error) as caught:
+            victim.execute("SELECT 1")
+        found["terminated"] = is_transient(caught.value)
+    assert found == {case: case in ("refused", "terminated") for case in found}
 
 
 # -- 4. verify --------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from migrator.catalog.models import describe_move
-from migrator.db import dsn as dsnlib
 from migrator.db.locks import lock_key, try_lock
 from migrator.errors import LockBusy
 
@@ -33,7 +32,7 @@ class TenantLock:
         self._conn: psycopg.Connection[Any] | None = None
 
     def acquire(self) -> None:
-        conn = dsnlib.connect(self.catalog.url, autocommit=True)
+        conn = self.catalog.connect(autocommit=True)
         if not try_lock(conn, self.key):
             conn.close()
             raise LockBusy(self._busy_message())

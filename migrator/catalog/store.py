@@ -56,12 +56,12 @@ class Catalog:
         transient error (catalog restart) reconnects.
         """
         if getattr(self._local, "busy", False):  # nested: a transaction of its own, as before
-            with dsnlib.connect(self.url) as fresh:
+            with self.connect() as fresh:
                 yield fresh
             return
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed or conn.broken or _hung_up(conn):
-            conn = self._local.conn = dsnlib.connect(self.url)
+            conn = self._local.conn = self.connect()
             with self._sessions_lock:
                 self._sessions = [c for c in self._sessions if not c.closed] + [conn]
         self._local.busy = True
@@ -76,6 +76,19 @@ class Catalog:
             raise
         finally:
             self._local.busy = False
+
+    def connect(self, *, autocommit: bool = False) -> psycopg.Connection[Any]:
+        """A new catalog session of its own; failing that, one line naming the catalog (password masked).
+
+        A refused or lost connection (the catalog restarting) is retried first; wrong credentials
+        or a malformed DSN fail at once (`is_transient`). Either way no caller retries the error again.
+        """
+        try:
+            return _open_session(self.url, autocommit)
+        except psycopg.Error as exc:
+            raise MigratorError(
+                f"cannot connect to the catalog ({dsnlib.mask(self.url)}): {dsnlib.reason(exc, self.url)}"
+            ) from None
 
     def close(self) -> None:
         """Close the sessions kept for every thread (at the end of a command)."""
@@ -464,6 +477,12 @@ def _refuse_remove(conn: psycopg.Connection[Any], name: str) -> None:
 def _some(items: Sequence[str], limit: int = 5) -> str:
     """The first few items of a list for a one-line message."""
     return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
+
+
+@transient()
+def _open_session(url: str, autocommit: bool) -> psycopg.Connection[Any]:
+    """A catalog session, retried while the catalog is unreachable for a moment (restart, failover)."""
+    return dsnlib.connect(url, autocommit=autocommit)
 
 
 def _hung_up(conn: psycopg.Connection[Any]) -> bool:
