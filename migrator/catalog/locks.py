@@ -9,7 +9,6 @@ from typing import Any
 import psycopg
 
 from migrator.catalog.models import Move, describe_move
-from migrator.db import dsn as dsnlib
 from migrator.db.locks import lock_key, try_lock
 from migrator.errors import LockBusy
 
@@ -24,16 +23,19 @@ class TenantLock:
     never blocks its own resume; a second live operator gets a clear error instead of a hang.
     """
 
-    def __init__(self, url: str, tenant: str, holder: Callable[[], Move | None]) -> None:
-        """`holder` reads the tenant's open move, to name it when the lock is taken."""
-        self.url = url
+    def __init__(
+        self, connect: Callable[[], psycopg.Connection[Any]], tenant: str, holder: Callable[[], Move | None]
+    ) -> None:
+        """`connect` opens an autocommit catalog session for the lock; `holder` reads the tenant's
+        open move, to name it when the lock is taken."""
+        self._connect = connect
         self.tenant = tenant
         self._holder = holder
         self.key = lock_key(f"migrator.move:{tenant}")
         self._conn: psycopg.Connection[Any] | None = None
 
     def acquire(self) -> None:
-        conn = dsnlib.connect(self.url, autocommit=True)
+        conn = self._connect()
         if not try_lock(conn, self.key):
             conn.close()
             raise LockBusy(self._busy_message())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import select
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import fields as dataclass_fields
 from typing import Any
@@ -32,7 +32,7 @@ from migrator.catalog.models import (
 )
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import transient
-from migrator.errors import BadInput, LockBusy, RouteConflict
+from migrator.errors import BadInput, LockBusy, MigratorError, RouteConflict
 
 
 class Catalog:
@@ -56,12 +56,12 @@ class Catalog:
         transient error (catalog restart) reconnects.
         """
         if getattr(self._local, "busy", False):  # nested: a transaction of its own, as before
-            with dsnlib.connect(self.url) as fresh:
+            with self.connect() as fresh:
                 yield fresh
             return
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed or conn.broken or _hung_up(conn):
-            conn = self._local.conn = dsnlib.connect(self.url)
+            conn = self._local.conn = self.connect()
             with self._sessions_lock:
                 self._sessions = [c for c in self._sessions if not c.closed] + [conn]
         self._local.busy = True
@@ -76,6 +76,19 @@ class Catalog:
             raise
         finally:
             self._local.busy = False
+
+    def connect(self, *, autocommit: bool = False) -> psycopg.Connection[Any]:
+        """A new catalog session of its own; failing that, one line naming the catalog (password masked).
+
+        A refused or lost connection (the catalog restarting) is retried first; wrong credentials
+        or a malformed DSN fail at once (`is_transient`). Either way no caller retries the error again.
+        """
+        try:
+            return _open_session(self.url, autocommit)
+        except psycopg.Error as exc:
+            raise MigratorError(
+                f"cannot connect to the catalog ({dsnlib.mask(self.url)}): {dsnlib.reason(exc, self.url)}"
+            ) from None
 
     def close(self) -> None:
         """Close the sessions kept for every thread (at the end of a command)."""
@@ -121,6 +134,26 @@ class Catalog:
         return self.stamp(name)
 
     @transient()
+    def remove_stamp(self, name: str) -> None:
+        """Delete a stamp nothing refers to: no route, no move in any phase, no plan entry.
+
+        Checked and deleted in one transaction holding the stamp's row lock, so a route or move
+        added meanwhile (its foreign key locks the row) either comes first and refuses, or waits.
+        """
+        with self.transaction() as conn:
+            if conn.execute("SELECT 1 FROM stamps WHERE name = %s FOR UPDATE", (name,)).fetchone() is None:
+                raise BadInput(f"unknown stamp {name!r}")
+            _refuse_remove(conn, name)
+            try:
+                conn.execute("DELETE FROM stamps WHERE name = %s", (name,))
+            except psycopg.errors.InsufficientPrivilege:
+                role = conn.info.user
+                raise MigratorError(
+                    f"`migrator stamp remove` needs DELETE on stamps, which role {role} lacks; run it as the "
+                    f"catalog's owner, or GRANT DELETE ON stamps TO {role}"
+                ) from None
+
+    @transient()
     def find_stamp(self, name: str) -> Stamp | None:
         with self.transaction() as conn, conn.cursor(row_factory=class_row(Stamp)) as cur:
             cur.execute(
@@ -157,6 +190,44 @@ class Catalog:
                 conn.execute("INSERT INTO routes (tenant, stamp) VALUES (%s, %s)", (tenant, stamp))
         return self.route(tenant)
 
+    @transient()
+    def import_routes(self, routes: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
+        """Register many (tenant, stamp) routes in one transaction: all of them, or none.
+
+        Refused (nothing written) naming every unknown stamp, or every tenant already routed to
+        another stamp; a tenant already routed to its stamp is left as it is, so a re-run changes
+        nothing. Returns the tenants routed now and those that were already there.
+        """
+        tenants, homes = [tenant for tenant, _ in routes], [stamp for _, stamp in routes]
+        with self.transaction() as conn:
+            named = sorted(set(homes))
+            known = {row[0] for row in conn.execute("SELECT name FROM stamps WHERE name = ANY(%s)", (named,))}
+            unknown = [stamp for stamp in named if stamp not in known]
+            if unknown:
+                raise BadInput(
+                    f"unknown stamp(s) {', '.join(unknown)}; nothing imported (register a stamp with "
+                    "`migrator stamp add`)"
+                )
+            inserted = {
+                row[0]
+                for row in conn.execute(
+                    "INSERT INTO routes (tenant, stamp) SELECT * FROM unnest(%s::text[], %s::text[])"
+                    " ON CONFLICT (tenant) DO NOTHING RETURNING tenant",
+                    (tenants, homes),
+                )
+            }
+            current = dict(
+                conn.execute("SELECT tenant, stamp FROM routes WHERE tenant = ANY(%s)", (tenants,)).fetchall()
+            )
+            elsewhere = [(tenant, stamp) for tenant, stamp in routes if current[tenant] != stamp]
+            if elsewhere:
+                shown = _some([f"{t} (on {current[t]}, not {s})" for t, s in elsewhere], limit=10)
+                raise BadInput(
+                    f"{len(elsewhere)} tenant(s) already routed to another stamp: {shown}; nothing imported "
+                    "(only `migrator move` changes a route; a moved tenant's leftover rows go with `migrator cleanup`)"
+                )
+        return [t for t in tenants if t in inserted], [t for t in tenants if t not in inserted]
+
     @staticmethod
     def _route(conn: psycopg.Connection[Any], tenant: str) -> Route | None:
         with conn.cursor(row_factory=class_row(Route)) as cur:
@@ -171,7 +242,10 @@ class Catalog:
     def route(self, tenant: str) -> Route:
         found = self.find_route(tenant)
         if found is None:
-            raise BadInput(f"unknown tenant {tenant!r} (no route in the catalog)")
+            raise BadInput(
+                f"unknown tenant {tenant!r} (no route in the catalog; register it with `migrator route set` "
+                "or `migrator route import`)"
+            )
         return found
 
     @transient()
@@ -372,7 +446,43 @@ class Catalog:
 
     def lock_tenant(self, tenant: str) -> TenantLock:
         """Take the tenant's move lock or fail at once naming the holder; see TenantLock."""
-        return TenantLock(self.url, tenant, lambda: self.open_move(tenant))
+        return TenantLock(lambda: self.connect(autocommit=True), tenant, lambda: self.open_move(tenant))
+
+
+def _refuse_remove(conn: psycopg.Connection[Any], name: str) -> None:
+    """Name what still refers to the stamp, and what to do instead of removing it."""
+    routed = [row[0] for row in conn.execute("SELECT tenant FROM routes WHERE stamp = %s", (name,))]
+    routed.sort(key=lambda t: (len(t), t))
+    moves = [
+        str(row[0])
+        for row in conn.execute("SELECT id FROM moves WHERE source = %s OR target = %s ORDER BY id", (name, name))
+    ]
+    row = conn.execute("SELECT count(*) FROM plan_moves WHERE source = %s OR target = %s", (name, name)).fetchone()
+    entries = row[0] if row else 0
+    found = [
+        *([f"{len(routed)} tenant(s) routed to it ({_some(routed)})"] if routed else []),
+        *([f"{len(moves)} move(s) from or to it (ids {_some(moves)})"] if moves else []),
+        *([f"{entries} plan entr{'y' if entries == 1 else 'ies'} from or to it"] if entries else []),
+    ]
+    if not found:
+        return
+    todo = (
+        f"move its tenants away first (`migrator plan drain {name}`, then `migrator apply`)"
+        if routed
+        else f"the catalog keeps that history; retire the stamp instead (`migrator stamp set-state {name} retired`)"
+    )
+    raise BadInput(f"stamp {name} is not removed: {'; '.join(found)}; {todo}")
+
+
+def _some(items: Sequence[str], limit: int = 5) -> str:
+    """The first few items of a list for a one-line message."""
+    return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
+
+
+@transient()
+def _open_session(url: str, autocommit: bool) -> psycopg.Connection[Any]:
+    """A catalog session, retried while the catalog is unreachable for a moment (restart, failover)."""
+    return dsnlib.connect(url, autocommit=autocommit)
 
 
 def _hung_up(conn: psycopg.Connection[Any]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -39,6 +40,8 @@ def catalog_grant_reader(ctx: click.Context, role: str) -> None:
 
 # -- stamps -----------------------------------------------------------------------------------------------
 
+NO_CHECK = click.option("--no-check", is_flag=True, help="Do not check that the DSN connects (record it as given).")
+
 
 @cli.group("stamp")
 def stamp_group() -> None:
@@ -51,13 +54,31 @@ def stamp_group() -> None:
 @click.option("--region", default=None, help="Region label, for placement and reports.")
 @click.option("--capacity-rows", type=click.IntRange(min=1), default=None, help="How many tenant rows it may hold.")
 @click.option("--capacity-bytes", type=click.IntRange(min=1), default=None, help="How many bytes of tenant data.")
+@NO_CHECK
 @click.pass_context
 def stamp_add(
-    ctx: click.Context, name: str, dsn: str, region: str | None, capacity_rows: int | None, capacity_bytes: int | None
+    ctx: click.Context,
+    name: str,
+    dsn: str,
+    region: str | None,
+    capacity_rows: int | None,
+    capacity_bytes: int | None,
+    no_check: bool,
 ) -> None:
-    """Register a stamp in the catalog."""
-    stamp = context_of(ctx).catalog.add_stamp(name, dsn, region, capacity_rows, capacity_bytes)
+    """Register a stamp in the catalog, once its DSN has connected."""
+    from migrator.stamps.registry import add_stamp
+
+    stamp = add_stamp(context_of(ctx), name, dsn, region, capacity_rows, capacity_bytes, check=not no_check)
     click.echo(f"added stamp {stamp.name} ({stamp.masked_dsn})")
+
+
+@stamp_group.command("remove")
+@click.argument("name")
+@click.pass_context
+def stamp_remove(ctx: click.Context, name: str) -> None:
+    """Delete a stamp no route, move or plan refers to (a mistaken registration); retire used ones instead."""
+    context_of(ctx).catalog.remove_stamp(name)
+    click.echo(f"removed stamp {name}")
 
 
 @stamp_group.command("list")
@@ -137,6 +158,30 @@ def route_set(ctx: click.Context, tenant: str, stamp: str) -> None:
     """Register a tenant's home stamp (moving it is `migrator move`)."""
     route = context_of(ctx).catalog.set_route(tenant, stamp)
     click.echo(f"tenant {route.tenant} -> {route.stamp} (version {route.version})")
+
+
+@route_group.command("import")
+@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--stamp", default=None, help="Register every tenant of this stamp's root table ([tenancy] root_table).")
+@JSON
+@click.pass_context
+def route_import(ctx: click.Context, file: Path | None, stamp: str | None, as_json: bool) -> None:
+    """Register the tenants stamps already hold: a CSV FILE of `tenant,stamp` lines (header optional) or
+    every tenant of --stamp NAME. One catalog transaction: refused whole if a stamp is unknown or a tenant
+    is routed elsewhere; re-running it changes nothing."""
+    from migrator.stamps import registry
+
+    if file is not None and stamp is None:
+        done = registry.import_routes_from_file(context_of(ctx), file)
+    elif stamp is not None and file is None:
+        done = registry.import_routes_from_stamp(context_of(ctx), stamp)
+    else:
+        raise click.UsageError("give a CSV FILE of `tenant,stamp` lines or --stamp NAME, one of the two")
+    emit(
+        as_json,
+        {"source": done.source, "new": done.new, "existing": done.existing},
+        f"routes from {done.source}: {len(done.new)} new, {len(done.existing)} already there",
+    )
 
 
 @route_group.command("get")

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from migrator.catalog import StampState
 from migrator.cli import render
 from migrator.cli.base import JSON, cli, context_of, emit
-from migrator.cli.core import stamp_group
+from migrator.cli.core import NO_CHECK, stamp_group
 from migrator.errors import MigratorError
 
 if TYPE_CHECKING:  # the engine is imported inside each command, which keeps `migrator --help` fast
@@ -50,17 +50,25 @@ def stamp_set_state(ctx: click.Context, name: str, state: str) -> None:
 @click.option("--capacity-rows", type=click.IntRange(min=1), default=None, help="How many tenant rows it may hold.")
 @click.option("--capacity-bytes", type=click.IntRange(min=1), default=None, help="How many bytes of tenant rows.")
 @click.option("--region", default=None, help="Region label, for placement and reports.")
+@click.option("--dsn", default=None, help="A new DSN (libpq URL, keyword string or service name); checked to connect.")
+@NO_CHECK
 @click.pass_context
 def stamp_update(
-    ctx: click.Context, name: str, capacity_rows: int | None, capacity_bytes: int | None, region: str | None
+    ctx: click.Context,
+    name: str,
+    capacity_rows: int | None,
+    capacity_bytes: int | None,
+    region: str | None,
+    dsn: str | None,
+    no_check: bool,
 ) -> None:
-    """Change a stamp's capacity or region (used by `plan drain` and `plan rebalance`)."""
+    """Change a stamp's capacity (used by `plan drain` and `plan rebalance`), region or DSN."""
     from migrator.plans.capacity import update_stamp
 
-    stamp = update_stamp(context_of(ctx), name, capacity_rows, capacity_bytes, region)
+    stamp = update_stamp(context_of(ctx), name, capacity_rows, capacity_bytes, region, dsn, check=not no_check)
     click.echo(
         f"stamp {stamp.name}: capacity {stamp.capacity_rows or 'unlimited'} rows, "
-        f"{stamp.capacity_bytes or 'unlimited'} bytes, region {stamp.region or '-'}"
+        f"{stamp.capacity_bytes or 'unlimited'} bytes, region {stamp.region or '-'}, dsn {stamp.masked_dsn}"
     )
 
 

@@ -66,6 +66,12 @@ def scrub(text: str, *dsns: str) -> str:
     return text
 
 
+def reason(exc: BaseException, dsn: str) -> str:
+    """The first line of a driver's error, with the DSN's password removed: the "why" of a one-line error."""
+    text = str(exc).strip()
+    return scrub(text.splitlines()[0] if text else type(exc).__name__, dsn)
+
+
 def _options(pinned: bool) -> str:
     if not pinned:
         return ""

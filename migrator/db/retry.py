@@ -20,6 +20,19 @@ T = TypeVar("T")
 # Class 08 is connection exceptions; 57P0x are shutdowns and pg_terminate_backend; class 40 is rollback.
 _TRANSIENT_STATES = {"57P01", "57P02", "57P03", "40001", "40P01"}
 
+# A failed connection attempt carries no SQLSTATE (libpq only has the message), so these texts tell
+# a wrong DSN or wrong credentials, which no retry cures, from a refused or lost connection.
+_MISCONFIGURED = (
+    "authentication failed",  # FATAL: password (or peer, ident...) authentication failed for user
+    "no password supplied",
+    "does not exist",  # FATAL: database "x" / role "x" does not exist
+    "no pg_hba.conf entry",
+    "invalid connection option",
+    "for connection option",  # invalid integer value "x" for connection option "port"
+    "definition of service",  # definition of service "x" not found
+    "Name or service not known",  # DNS has no such host (a temporary resolver failure stays transient)
+)
+
 
 def is_transient(exc: BaseException) -> bool:
     """True for errors that a fresh connection or a new transaction can cure."""
@@ -27,7 +40,9 @@ def is_transient(exc: BaseException) -> bool:
         return False
     state = exc.sqlstate
     if state is None:
-        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and not any(
+            text in str(exc) for text in _MISCONFIGURED
+        )
     return state.startswith("08") or state in _TRANSIENT_STATES
 
 

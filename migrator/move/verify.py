@@ -264,7 +264,11 @@ def verify_tenant(source_dsn: str, target_dsn: str, layout: Layout, tenant: str)
 
 
 def verify_between(ctx: Context, tenant: str, source_name: str, target_name: str) -> Report:
-    """`migrator verify`: compare a tenant on two stamps, using the source's layout."""
+    """`migrator verify`: compare a tenant on two stamps, using the source's layout.
+
+    An unknown tenant (no route) is bad input, as for a move: two empty sides would "verify equal".
+    """
+    ctx.catalog.route(tenant)
     source, target = ctx.catalog.stamp(source_name), ctx.catalog.stamp(target_name)
     if source.name == target.name:
         raise BadInput("source and target are the same stamp")

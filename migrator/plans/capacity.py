@@ -20,6 +20,7 @@ from migrator.context import Context
 from migrator.db.alembic import read_revision
 from migrator.errors import BadInput
 from migrator.stamps.discovery import discover
+from migrator.stamps.registry import check_connection
 from migrator.stamps.sizes import TenantSize, measure
 
 
@@ -112,9 +113,24 @@ def _refuse_retire(conn: psycopg.Connection[Any], name: str) -> None:
 
 
 def update_stamp(
-    ctx: Context, name: str, capacity_rows: int | None, capacity_bytes: int | None, region: str | None
+    ctx: Context,
+    name: str,
+    capacity_rows: int | None,
+    capacity_bytes: int | None,
+    region: str | None,
+    dsn: str | None = None,
+    *,
+    check: bool = True,
 ) -> Stamp:
-    """Change a stamp's capacity (flags --capacity-rows, --capacity-bytes) or region."""
-    if capacity_rows is None and capacity_bytes is None and region is None:
-        raise BadInput("nothing to update: give --capacity-rows, --capacity-bytes or --region")
-    return ctx.catalog.update_stamp(name, capacity_rows=capacity_rows, capacity_bytes=capacity_bytes, region=region)
+    """Change a stamp's capacity (flags --capacity-rows, --capacity-bytes), region or DSN.
+
+    A new DSN is first proven to connect, as for `stamp add` (unless `check` is off).
+    """
+    if capacity_rows is None and capacity_bytes is None and region is None and dsn is None:
+        raise BadInput("nothing to update: give --capacity-rows, --capacity-bytes, --region or --dsn")
+    if dsn is not None and check:
+        ctx.catalog.stamp(name)  # an unknown stamp is named before any connection is tried
+        check_connection(name, dsn, "not changed")
+    return ctx.catalog.update_stamp(
+        name, capacity_rows=capacity_rows, capacity_bytes=capacity_bytes, region=region, dsn=dsn
+    )

@@ -23,7 +23,7 @@ def connect(stamp: Stamp, *, autocommit: bool = True) -> Iterator[psycopg.Connec
     try:
         conn = dsnlib.connect(stamp.dsn, autocommit=autocommit)
     except psycopg.Error as exc:
-        reason = dsnlib.scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, stamp.dsn)
+        reason = dsnlib.reason(exc, stamp.dsn)
         raise MigratorError(f"cannot connect to stamp {stamp.name} ({stamp.masked_dsn}): {reason}") from None
     with conn:
         yield conn
