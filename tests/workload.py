@@ -4,8 +4,9 @@
 the longest wait between two acknowledged writes, i.e. the freeze as the application saw it.
 
 It inserts, updates (including primary-key changes) and deletes the tenant's tasks, one
-autocommit transaction each, and records every write the database acknowledged, with the stamp
-that took it. On the fence's SQLSTATE it re-reads the route and retries, like a real application.
+transaction each through `migrator.router.Router.run` (the library applications use: cached
+routes updated by the catalog's notifications, retries on the fence's SQLSTATE), and records every
+write the database acknowledged, with the stamp that took it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import psycopg
 
 from migrator.db import dsn as dsnlib
-from migrator.move.fence import FENCED_SQLSTATE
+from migrator.router import Router, TenantFenced
 
 
 @dataclass
@@ -42,31 +43,31 @@ class Workload:
     _last_ack: float = 0.0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
-
-    def route(self) -> str:
-        with dsnlib.connect(self.catalog_url, autocommit=True) as conn:
-            row = conn.execute("SELECT stamp FROM routes WHERE tenant = %s", (str(self.tenant),)).fetchone()
-        assert row is not None
-        return str(row[0])
+    _router: Router | None = None
 
     def start(self) -> Workload:
+        self._router = Router(self.catalog_url, self.stamps)
         self._thread = threading.Thread(target=self._run, name=f"writer-{self.tenant}", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> Workload:
         self._stop.set()
-        assert self._thread is not None
+        assert self._thread is not None and self._router is not None
         self._thread.join(timeout=60)
+        self.fenced_errors = self._router.stats.fenced_retries
+        self._router.close()
         return self
 
     def _run(self) -> None:
+        assert self._router is not None
         rng = random.Random(self.seed)
-        stamp = self.route()
-        conn = dsnlib.connect(self.stamps[stamp], autocommit=True, pinned=False)
-        project = conn.execute(
-            "SELECT id FROM projects WHERE tenant_id = %s ORDER BY id LIMIT 1", (self.tenant,)
-        ).fetchone()[0]
+        project = self._router.run(
+            str(self.tenant),
+            lambda conn: conn.execute(
+                "SELECT id FROM projects WHERE tenant_id = %s ORDER BY id LIMIT 1", (self.tenant,)
+            ).fetchone()[0],
+        )
         n = 0
         self.started_at = self._last_ack = due = time.monotonic()
         while not self._stop.is_set():
@@ -75,48 +76,51 @@ class Workload:
                 due = max(due + 1 / self.rate, time.monotonic() - 0.1)
                 time.sleep(max(0.0, due - time.monotonic()))
             try:
-                self._one(conn, rng, project, n, stamp)
-            except psycopg.Error as exc:
-                if exc.sqlstate == FENCED_SQLSTATE:
-                    self.fenced_errors += 1
-                    new_stamp = self.route()
-                    if new_stamp != stamp:
-                        conn.close()
-                        stamp = new_stamp
-                        conn = dsnlib.connect(self.stamps[stamp], autocommit=True, pinned=False)
-                    else:
-                        time.sleep(0.002)
-                else:
-                    self.errors.append(f"{type(exc).__name__}: {exc}")
-                    if conn.closed or conn.broken:
-                        conn = dsnlib.connect(self.stamps[stamp], autocommit=True, pinned=False)
+                self._one(rng, project, n)
+            except (psycopg.Error, TenantFenced) as exc:  # what reaches the application: none expected
+                self.errors.append(f"{type(exc).__name__}: {exc}")
         self.stopped_at = time.monotonic()
-        conn.close()
 
-    def _one(self, conn: psycopg.Connection[Any], rng: random.Random, project: int, n: int, stamp: str) -> None:
+    def _one(self, rng: random.Random, project: int, n: int) -> None:
+        """One write through `Router.run` (its own transaction, retried there on the fence), then its bookkeeping."""
+        assert self._router is not None
+        router, tenant = self._router, str(self.tenant)
         op = rng.random()
         if op < 0.45 or len(self.alive) < 20:
             title = f"w{self.tenant}-{n}"
-            task = conn.execute(
-                "INSERT INTO tasks (tenant_id, project_id, title, meta) VALUES (%s, %s, %s, %s) RETURNING id",
-                (self.tenant, project, title, '{"writer": true}'),
-            ).fetchone()[0]
+
+            def insert(conn: psycopg.Connection[Any]) -> tuple[int, str]:
+                row = conn.execute(
+                    "INSERT INTO tasks (tenant_id, project_id, title, meta) VALUES (%s, %s, %s, %s) RETURNING id",
+                    (self.tenant, project, title, '{"writer": true}'),
+                ).fetchone()
+                return row[0], router.stamp_of(tenant)
+
+            task, stamp = router.run(tenant, insert)
             self._ack(task, title, stamp)
         elif op < 0.75:
             task = rng.choice(list(self.alive))
             title = f"u{self.tenant}-{n}"
-            if (
-                conn.execute(
+
+            def update(conn: psycopg.Connection[Any]) -> tuple[int, str]:
+                cur = conn.execute(
                     "UPDATE tasks SET title = %s WHERE tenant_id = %s AND id = %s", (title, self.tenant, task)
-                ).rowcount
-                == 1
-            ):
+                )
+                return cur.rowcount, router.stamp_of(tenant)
+
+            updated, stamp = router.run(tenant, update)
+            if updated == 1:
                 self._ack(task, title, stamp)
         elif op < 0.85:
             task = rng.choice(list(self.alive))
-            row = conn.execute(
-                "UPDATE tasks SET id = DEFAULT WHERE tenant_id = %s AND id = %s RETURNING id", (self.tenant, task)
-            ).fetchone()
+
+            def rekey(conn: psycopg.Connection[Any]) -> tuple[Any, str]:
+                row = conn.execute(
+                    "UPDATE tasks SET id = DEFAULT WHERE tenant_id = %s AND id = %s RETURNING id", (self.tenant, task)
+                ).fetchone()
+                return row, router.stamp_of(tenant)
+
+            row, stamp = router.run(tenant, rekey)
             if row is not None:  # a primary-key change: the old key must vanish, the new one appear
                 title = self.alive.pop(task)
                 self.deleted.add(task)
@@ -124,7 +128,13 @@ class Workload:
                 self._ack(row[0], title, stamp)
         else:
             task = rng.choice(list(self.alive))
-            if conn.execute("DELETE FROM tasks WHERE tenant_id = %s AND id = %s", (self.tenant, task)).rowcount:
+
+            def delete(conn: psycopg.Connection[Any]) -> tuple[int, str]:
+                cur = conn.execute("DELETE FROM tasks WHERE tenant_id = %s AND id = %s", (self.tenant, task))
+                return cur.rowcount, router.stamp_of(tenant)
+
+            deleted, stamp = router.run(tenant, delete)
+            if deleted:
                 del self.alive[task]
                 self.deleted.add(task)
                 self.touched_on[task] = stamp
