@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
 from migrator.db.dsn import mask, normalize
 
@@ -46,6 +46,7 @@ log = logging.getLogger("migrator.router")
 CHANNEL = "migrator_routes"  # see the catalog revision 0004_route_notify
 FENCED_SQLSTATE = "MGF01"  # raised by the guard trigger of a fenced tenant (migrator.move.fence)
 APPLICATION_NAME = "migrator-router"
+CATALOG_TIMEOUT_S = 2.0  # longest wait for a catalog session when re-reading a route
 
 T = TypeVar("T")
 
@@ -198,8 +199,14 @@ class Router:
 
     def _lookup(self, tenant: str) -> str:
         epoch = self._epoch
-        with self._catalog.connection() as conn:
-            row = conn.execute("SELECT stamp, version FROM routes WHERE tenant = %s", (tenant,)).fetchone()
+        try:
+            with self._catalog.connection(timeout=CATALOG_TIMEOUT_S) as conn:
+                row = conn.execute("SELECT stamp, version FROM routes WHERE tenant = %s", (tenant,)).fetchone()
+        except psycopg.OperationalError:
+            entry = self._cache.get(tenant)
+            if entry is None:
+                raise
+            return entry.stamp  # the catalog is away: the last route known, as any cache would answer
         self._count("lookups")
         if row is None:
             raise UnknownTenant(f"unknown tenant {tenant!r} (no route in the catalog)")
@@ -285,34 +292,36 @@ class Router:
     def run(self, tenant: str, fn: Callable[[psycopg.Connection[Any]], T], *, deadline_s: float = 10.0) -> T:
         """`fn(conn)` in one transaction on the tenant's stamp, committed; retried while the tenant is fenced.
 
-        A fenced write (`MGF01`) or a connection lost before the commit was sent means nothing was
-        committed: the tenant is re-resolved and `fn` runs again after a short back-off, until
-        `deadline_s` passes (then `TenantFenced`). Every other error is raised at once, and so is a
-        failed commit, whose outcome the server alone knows.
+        A fenced write (`MGF01`), a connection lost before the commit was sent, or a stamp or catalog
+        that cannot be reached means nothing was committed: the tenant is re-resolved and `fn` runs
+        again after a short back-off, until `deadline_s` passes (then `TenantFenced`). Every other
+        error is raised at once, and so is a failed commit, whose outcome the server alone knows.
         """
         tenant = str(tenant)
         deadline = time.monotonic() + deadline_s
         pause = 0.002
         while True:
-            pool = self._pool(self.stamp_of(tenant))
             try:
+                pool = self._pool(self.stamp_of(tenant))
                 conn = pool.getconn(timeout=max(0.05, deadline - time.monotonic()))
-            except PoolTimeout as exc:
-                raise TenantFenced(f"tenant {tenant}: no connection to its stamp within {deadline_s:.1f} s") from exc
-            try:
+            except psycopg.OperationalError as exc:  # unreachable (PoolTimeout included): nothing was sent
+                last: psycopg.Error = exc
+            else:
                 try:
                     result = fn(conn)
                 except psycopg.Error as exc:
                     with suppress(psycopg.Error):
                         conn.rollback()
+                    pool.putconn(conn)
                     if not self._retryable(exc, conn):
                         raise
-                    last: psycopg.Error = exc
+                    last = exc
                 else:
-                    conn.commit()
+                    try:
+                        conn.commit()
+                    finally:
+                        pool.putconn(conn)
                     return result
-            finally:
-                pool.putconn(conn)
             self._stale(tenant)
             if time.monotonic() + pause > deadline:
                 what = "fenced" if last.sqlstate == FENCED_SQLSTATE else "unreachable"
