@@ -91,7 +91,7 @@ class _Entry:
     stamp: str
     version: int
     expires: float  # monotonic; 0 = stale, re-read on next use (the version still guards)
-    updated: float  # monotonic time it was stored, for measuring how fast a flip arrives
+    updated: float  # monotonic time this version was first cached: how fast a flip arrived
 
 
 def watch_routes(
@@ -156,6 +156,7 @@ class Router:
         self._cache: dict[str, _Entry] = {}
         self._epoch = 0  # bumped whenever every entry is marked stale (notifications were lost)
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified whenever a route's version changes
         self._pools: dict[str, ConnectionPool[psycopg.Connection[Any]]] = {}
         self._closed = threading.Event()
         self._listening = threading.Event()
@@ -193,7 +194,7 @@ class Router:
         return entry.version if entry else None
 
     def updated_at(self, tenant: str) -> float | None:
-        """When (time.monotonic) the cached route was last stored."""
+        """When (time.monotonic) the cached route's current version was first cached."""
         entry = self._cache.get(str(tenant))
         return entry.updated if entry else None
 
@@ -225,7 +226,10 @@ class Router:
             current = self._cache.get(tenant)
             if current is not None and current.version > version:
                 return current.stamp
-            self._cache[tenant] = _Entry(stamp, version, now + self._ttl_s if fresh else 0.0, now)
+            changed = now if current is None or current.version != version else current.updated
+            self._cache[tenant] = _Entry(stamp, version, now + self._ttl_s if fresh else 0.0, changed)
+            if changed == now:
+                self._changed.notify_all()
             return stamp
 
     def _stale(self, tenant: str | None = None) -> None:
@@ -299,7 +303,7 @@ class Router:
         """
         tenant = str(tenant)
         deadline = time.monotonic() + deadline_s
-        pause = 0.002
+        pause = 0.005
         while True:
             try:
                 pool = self._pool(self.stamp_of(tenant))
@@ -322,14 +326,24 @@ class Router:
                     finally:
                         pool.putconn(conn)
                     return result
-            self._stale(tenant)
             if time.monotonic() + pause > deadline:
                 what = "fenced" if last.sqlstate == FENCED_SQLSTATE else "unreachable"
                 raise TenantFenced(
                     f"tenant {tenant} stayed {what} for {deadline_s:.1f} s: {str(last).strip().splitlines()[0]}"
                 ) from last
-            time.sleep(pause)
+            if not (last.sqlstate == FENCED_SQLSTATE and self._wait_for_change(tenant, pause)):
+                self._stale(tenant)  # no flip announced in time (or the stamp was lost): re-read the catalog
             pause = min(0.05, pause * 2)
+
+    def _wait_for_change(self, tenant: str, timeout: float) -> bool:
+        """Wait up to `timeout` for the tenant's route to change; True if it did.
+
+        A fenced tenant is moving: its flip's notification wakes the retry within milliseconds of
+        the commit, instead of whenever a back-off sleep happens to end.
+        """
+        with self._changed:
+            seen = self._cache.get(tenant)
+            return self._changed.wait_for(lambda: self._cache.get(tenant) is not seen, timeout=timeout)
 
     def _retryable(self, exc: psycopg.Error, conn: psycopg.Connection[Any]) -> bool:
         if exc.sqlstate == FENCED_SQLSTATE:

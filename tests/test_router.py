@@ -19,9 +19,9 @@ import psycopg
 import pytest
 from conftest import REPO, Fleet
 from psycopg import sql
-from workload import Workload
 
 from migrator.db import dsn as dsnlib
+from migrator.local.writer import Workload
 from migrator.move import fence
 from migrator.router import Router, TenantFenced, UnknownTenant
 

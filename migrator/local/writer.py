@@ -1,4 +1,7 @@
-"""A tenant's application, for online-move tests: writes through the routing catalog as fast as it can.
+"""The sample application's writer: one tenant's writes through `migrator.router`, as fast as it can.
+
+Used by the online-move tests, `scripts/bench online` and `scripts/demo` (`python -m
+migrator.local.writer`, which writes until it is stopped and then says what the application saw).
 
 `rate` (writes/s) paces it instead, for `scripts/bench online`, which also reads `longest_pause_s`:
 the longest wait between two acknowledged writes, i.e. the freeze as the application saw it.
@@ -38,6 +41,7 @@ class Workload:
     touched_on: dict[int, str] = field(default_factory=dict)  # task id -> stamp of its last write
     longest_pause_s: float = 0.0
     longest_pause_ended: float = 0.0  # wall clock, to place the pause in a log
+    route_cached_at: float = 0.0  # wall clock when the router first cached the tenant's current route
     started_at: float = 0.0
     stopped_at: float = 0.0
     _last_ack: float = 0.0
@@ -56,18 +60,16 @@ class Workload:
         assert self._thread is not None and self._router is not None
         self._thread.join(timeout=60)
         self.fenced_errors = self._router.stats.fenced_retries
+        changed = self._router.updated_at(str(self.tenant))
+        if changed is not None:
+            self.route_cached_at = time.time() - (time.monotonic() - changed)
         self._router.close()
         return self
 
     def _run(self) -> None:
         assert self._router is not None
         rng = random.Random(self.seed)
-        project = self._router.run(
-            str(self.tenant),
-            lambda conn: conn.execute(
-                "SELECT id FROM projects WHERE tenant_id = %s ORDER BY id LIMIT 1", (self.tenant,)
-            ).fetchone()[0],
-        )
+        project = self._router.run(str(self.tenant), self._project)
         n = 0
         self.started_at = self._last_ack = due = time.monotonic()
         while not self._stop.is_set():
@@ -80,6 +82,13 @@ class Workload:
             except (psycopg.Error, TenantFenced) as exc:  # what reaches the application: none expected
                 self.errors.append(f"{type(exc).__name__}: {exc}")
         self.stopped_at = time.monotonic()
+
+    def _project(self, conn: psycopg.Connection[Any]) -> int:
+        row = conn.execute(
+            "SELECT id FROM projects WHERE tenant_id = %s ORDER BY id LIMIT 1", (self.tenant,)
+        ).fetchone()
+        assert row is not None, f"tenant {self.tenant} has no project"
+        return int(row[0])
 
     def _one(self, rng: random.Random, project: int, n: int) -> None:
         """One write through `Router.run` (its own transaction, retried there on the fence), then its bookkeeping."""
@@ -94,6 +103,7 @@ class Workload:
                     "INSERT INTO tasks (tenant_id, project_id, title, meta) VALUES (%s, %s, %s, %s) RETURNING id",
                     (self.tenant, project, title, '{"writer": true}'),
                 ).fetchone()
+                assert row is not None
                 return row[0], router.stamp_of(tenant)
 
             task, stamp = router.run(tenant, insert)
@@ -161,3 +171,37 @@ class Workload:
         resurrected = sorted(k for k in self.deleted if k in rows)
         assert not missing, f"{len(missing)} acknowledged writes missing or stale, e.g. {list(missing.items())[:5]}"
         assert not resurrected, f"deleted rows came back: {resurrected[:5]}"
+
+
+def main() -> None:
+    """`python -m migrator.local.writer --config FILE --tenant T [--rate W]`: write until SIGTERM/SIGINT."""
+    import argparse
+    import signal
+
+    from migrator.context import Context
+
+    parser = argparse.ArgumentParser(description="write to one tenant through migrator.router until stopped")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--tenant", type=int, required=True)
+    parser.add_argument("--rate", type=float, default=200.0, help="writes/s")
+    args = parser.parse_args()
+    ctx = Context.load(args.config)
+    stamps = {s.name: s.dsn for s in ctx.catalog.stamps()}
+    ctx.catalog.close()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    writer = Workload(ctx.config.catalog_url, stamps, args.tenant, rate=args.rate).start()
+    stop.wait()
+    writer.stop()
+    seconds = writer.stopped_at - writer.started_at
+    print(
+        f"application (tenant {args.tenant}, through migrator.router): {writer.acked} writes in {seconds:.1f} s"
+        f" ({writer.acked / seconds:.0f}/s), {writer.fenced_errors} fenced retries, longest pause"
+        f" {writer.longest_pause_s * 1000:.0f} ms, {len(writer.errors)} errors",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
