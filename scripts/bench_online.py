@@ -3,13 +3,15 @@
 One run, on two local PostgreSQL servers (stamp `a` with the catalog, stamp `b`): a tenant of ROWS
 rows is seeded on `a`, then moved `a -> b -> a -> ...` MOVES times with `migrator move` (online, its
 own process), each followed by `migrator cleanup` of the old stamp. During every move a writer
-(tests/workload.py, WRITERS threads) inserts, updates (primary-key changes included) and deletes the tenant's tasks
-at RATE writes/s through the routing catalog, retrying on the fence's SQLSTATE after re-reading
-the route, as an application would.
+(migrator/local/writer.py, WRITERS threads) inserts, updates (primary-key changes included) and
+deletes the tenant's tasks at RATE writes/s through `migrator.router.Router.run`, the library
+applications use: routes cached and updated by the catalog's notifications, fenced writes retried
+on the new stamp.
 
 Per move it prints the freeze the move measured (fence to flip, `freeze_ms`), the longest pause
 between two acknowledged writes as the writer saw it (the freeze plus the re-route) and when it
-began relative to the fence (from the move's log; the machine's clock serves both), the writer's
+began relative to the fence (from the move's log; the machine's clock serves both), how long after
+the flip's commit the writers' routers had the new route cached (the latest of them), the writer's
 achieved rate, its fence rejections (inside the window by construction: the source rejects only
 while fenced) and its other errors (outside the window; the target is 0), and checks that every
 acknowledged write is on the new stamp. `scripts/bench online [--rows N] [--moves N] [--rate W]`.
@@ -26,15 +28,13 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import benchlib  # scripts/, the directory of this script
 
 from migrator.local import provision
 from migrator.local.seed import TenantSpec, seed_fleet_stamp
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from workload import Workload  # noqa: E402  (the online-move tests' application, shared)
+from migrator.local.writer import Workload
+from migrator.router import Router
 
 TENANT = 1
 
@@ -49,6 +49,16 @@ def _fenced_at(log: str) -> float:
     stamp, after_ms = found[-1]
     logged = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=UTC).timestamp()
     return logged - int(after_ms) / 1000
+
+
+def _cached_lookup_us(catalog_url: str, stamps: dict[str, str], calls: int = 200_000) -> float:
+    """Microseconds per `Router.stamp_of` of a cached tenant."""
+    with Router(catalog_url, stamps) as router:
+        router.stamp_of(str(TENANT))
+        started = time.perf_counter()
+        for _ in range(calls):
+            router.stamp_of(str(TENANT))
+        return (time.perf_counter() - started) / calls * 1e6
 
 
 def main() -> None:
@@ -77,8 +87,10 @@ def main() -> None:
         header = (
             f"{'move':>4} {'route':>6} {'freeze ms':>10} {'writer pause ms':>16} {'from fence':>13} {'writes/s':>9}"
         )
-        print(f"{header} {'fence rejections':>17} {'other errors':>13} {'move s':>7}")
+        print(f"{header} {'cache after flip ms':>20} {'fence rejections':>17} {'other errors':>13} {'move s':>7}")
         freezes: list[float] = []
+        pauses: list[float] = []
+        cache_lags: list[float] = []
         other_errors = 0
         slowest_rate = float("inf")
         source = "a"
@@ -123,11 +135,15 @@ def main() -> None:
             fenced_at = _fenced_at(moved.stderr)
             pause_from = (longest.longest_pause_ended - longest.longest_pause_s - fenced_at) * 1000
             rejections = sum(w.fenced_errors for w in writers)
+            cache_ms = (max(w.route_cached_at for w in writers) - (fenced_at + freeze_ms / 1000)) * 1000
+            pauses.append(pause_ms)
+            cache_lags.append(cache_ms)
             slowest_rate = min(slowest_rate, rate)
             other_errors += len(errors)
             print(
                 f"{number:>4} {source + '->' + target:>6} {freeze_ms:>10.1f} {pause_ms:>16.1f}"
-                f" {pause_from:>+13.0f} {rate:>9.0f} {rejections:>17} {len(errors):>13} {move_s:>7.1f}",
+                f" {pause_from:>+13.0f} {rate:>9.0f} {cache_ms:>20.1f} {rejections:>17} {len(errors):>13}"
+                f" {move_s:>7.1f}",
                 flush=True,
             )
             for error in errors[:3]:
@@ -136,6 +152,10 @@ def main() -> None:
             source = target
         print(f"freeze window p50 {statistics.median(freezes):.1f} ms, max {max(freezes):.1f} ms (target < 1000 ms)")
         print(f"writer: slowest move {slowest_rate:.0f} writes/s (target >= 500); errors outside it {other_errors}")
+        worst = max(p - f for p, f in zip(pauses, freezes, strict=True))
+        print(f"application pause - freeze: max {worst:.1f} ms (target <= 50 ms)")
+        print(f"router cache updated after the flip's commit: max {max(cache_lags):.1f} ms (target < 50 ms)")
+        print(f"cached Router.stamp_of: {_cached_lookup_us(catalog.url, stamps):.2f} us per call (target < 5 us)")
 
 
 if __name__ == "__main__":

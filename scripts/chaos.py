@@ -49,6 +49,7 @@ from migrator.db import dsn as dsnlib
 from migrator.local import pgserver, provision
 from migrator.local.seed import TenantSpec, seed_fleet_stamp
 from migrator.move import fence
+from migrator.router import Router, TenantFenced, UnknownTenant
 from migrator.stamps.discovery import Layout, discover
 
 REPO = Path(__file__).resolve().parent.parent
@@ -234,7 +235,12 @@ def _lost_connection(exc: psycopg.Error) -> bool:
 
 
 class Writer(threading.Thread):
-    """The tenants' application: writes via the catalog's routes, re-routes on the fence's SQLSTATE."""
+    """The tenants' application: writes through `migrator.router` (cached routes, pushed flips, retries on the fence).
+
+    Each write is one `Router.run` transaction with a short deadline. What still reaches the
+    application is counted: a commit whose outcome is unknown (the connection dropped at the
+    commit) is "in doubt"; a tenant fenced past the deadline or an unreachable stamp is an error.
+    """
 
     def __init__(self, fleet: Fleet, projects: dict[str, int], seed: int, rate: float) -> None:
         super().__init__(name="chaos-writer", daemon=True)
@@ -243,47 +249,21 @@ class Writer(threading.Thread):
         self.rng = random.Random(seed)
         self.rate = rate
         self.focus: str | None = None
-        self.acked = self.fenced = self.in_doubt = 0
+        self.acked = self.in_doubt = 0
         self.errors: list[str] = []
         self.error_states: Counter[str] = Counter()
         self._halt = threading.Event()
-        self._routes: dict[str, str] = {}
-        self._routes_at = 0.0
-        self._conns: dict[str, psycopg.Connection[Any]] = {}
+        self.router = Router(fleet.catalog_url, fleet.stamps, pool_size=2)
+
+    @property
+    def fenced(self) -> int:
+        """Writes the router retried because the tenant was fenced."""
+        return self.router.stats.fenced_retries
 
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=30)
-        for conn in self._conns.values():
-            with contextlib.suppress(Exception):
-                conn.close()
-
-    def _refresh_routes(self, force: bool = False) -> None:
-        if not force and time.monotonic() - self._routes_at < 0.2:
-            return
-        try:
-            with _connect(self.fleet.catalog_url, "chaos-writer") as conn:
-                self._routes = dict(conn.execute("SELECT tenant, stamp FROM routes").fetchall())
-            self._routes_at = time.monotonic()
-        except psycopg.Error:
-            pass  # catalog down: keep the routes last read, like an application's cache
-
-    def _conn(self, stamp: str) -> psycopg.Connection[Any] | None:
-        conn = self._conns.get(stamp)
-        if conn is not None and not conn.closed and not conn.broken:
-            return conn
-        try:
-            conn = dsnlib.connect(
-                self.fleet.stamps[stamp],
-                autocommit=True,
-                pinned=False,
-                application_name="chaos-writer",
-                connect_timeout=3,
-            )
-        except psycopg.Error:
-            return None
-        self._conns[stamp] = conn
-        return conn
+        self.router.close()
 
     def run(self) -> None:
         n = 0
@@ -292,64 +272,62 @@ class Writer(threading.Thread):
             n += 1
             started = time.monotonic()
             tenant = self.focus if self.focus and self.rng.random() < 0.7 else self.rng.choice(tenants)
-            self._refresh_routes()
-            stamp = self._routes.get(tenant)
-            conn = self._conn(stamp) if stamp else None
-            if conn is not None:
-                self._write(conn, stamp or "", tenant, n)
+            self._write(tenant, n)
             self._halt.wait(max(0.0, 1 / self.rate - (time.monotonic() - started)))
 
-    def _write(self, conn: psycopg.Connection[Any], stamp: str, tenant: str, n: int) -> None:
+    def _write(self, tenant: str, n: int) -> None:
         acked = self.state[tenant]
         op = self.rng.random()
         kinds = ((0.45, "insert"), (0.75, "update"), (0.85, "rekey"), (1.0, "delete"))
         kind = "insert" if len(acked.alive) < 5 else next(name for limit, name in kinds if op < limit)
         task = self.rng.choice(sorted(acked.alive)) if kind != "insert" else 0
         title = f"{kind[0]}{tenant}-{n}" if kind in ("insert", "update") else acked.alive.get(task, "")
-        try:
+
+        def write(conn: psycopg.Connection[Any]) -> Any:
             if kind == "insert":
-                row = conn.execute(
+                return conn.execute(
                     "INSERT INTO tasks (tenant_id, project_id, title, meta) VALUES (%s, %s, %s, %s) RETURNING id",
                     (int(tenant), acked.project, title, json.dumps({WRITER_MARK: True})),
                 ).fetchone()
-                if row is not None:
-                    self._ack(acked, row[0], title)
-            elif kind == "update":
-                cur = conn.execute(
-                    "UPDATE tasks SET title = %s WHERE tenant_id = %s AND id = %s", (title, int(tenant), task)
-                )
-                if cur.rowcount == 1:
-                    self._ack(acked, task, title)
-            elif kind == "rekey":  # a primary-key change: the old key must vanish, the new one appear
-                row = conn.execute(
+            if kind == "update":
+                sql_update = "UPDATE tasks SET title = %s WHERE tenant_id = %s AND id = %s"
+                return conn.execute(sql_update, (title, int(tenant), task)).rowcount
+            if kind == "rekey":  # a primary-key change: the old key must vanish, the new one appear
+                return conn.execute(
                     "UPDATE tasks SET id = DEFAULT WHERE tenant_id = %s AND id = %s RETURNING id", (int(tenant), task)
                 ).fetchone()
-                if row is not None:
-                    del acked.alive[task]
-                    acked.deleted.add(task)
-                    self._ack(acked, row[0], title)
-            else:
-                if conn.execute("DELETE FROM tasks WHERE tenant_id = %s AND id = %s", (int(tenant), task)).rowcount:
-                    del acked.alive[task]
-                    acked.deleted.add(task)
-                    self.acked += 1
+            return conn.execute("DELETE FROM tasks WHERE tenant_id = %s AND id = %s", (int(tenant), task)).rowcount
+
+        try:
+            done = self.router.run(tenant, write, deadline_s=2.0)
         except psycopg.Error as exc:
-            if exc.sqlstate == fence.FENCED_SQLSTATE:
-                self.fenced += 1
-                self._refresh_routes(force=True)
-            elif _lost_connection(exc):
+            if _lost_connection(exc):  # at the commit: it may or may not have happened
                 self.in_doubt += 1
                 if kind in ("insert", "rekey"):
                     acked.doubt_titles.add(title)
                 if task:
                     acked.alive.pop(task, None)
                     acked.doubt_keys.add(task)
-                self._conns.pop(stamp, None)
-                with contextlib.suppress(Exception):
-                    conn.close()
             else:  # a write refused for another reason: shown in the report (a deadlock would land here)
                 self.error_states[exc.sqlstate or "none"] += 1
-                self.errors.append(f"tenant {tenant} on {stamp}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+                self.errors.append(f"tenant {tenant}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            return
+        except (TenantFenced, UnknownTenant) as exc:  # fenced or unreachable past the deadline: nothing committed
+            self.error_states[type(exc).__name__] += 1
+            self.errors.append(f"tenant {tenant}: {exc}")
+            return
+        if kind == "insert" and done is not None:
+            self._ack(acked, done[0], title)
+        elif kind == "update" and done == 1:
+            self._ack(acked, task, title)
+        elif kind == "rekey" and done is not None:
+            del acked.alive[task]
+            acked.deleted.add(task)
+            self._ack(acked, done[0], title)
+        elif kind == "delete" and done:
+            del acked.alive[task]
+            acked.deleted.add(task)
+            self.acked += 1
 
     def _ack(self, acked: Acked, task: int, title: str) -> None:
         acked.alive[task] = title

@@ -8,9 +8,9 @@ import time
 import psycopg
 import pytest
 from conftest import Fleet, tenant_digest
-from workload import Workload
 
 from migrator.db import dsn as dsnlib
+from migrator.local.writer import Workload
 from migrator.move.fence import FENCED_SQLSTATE
 
 HEAVY = 200_000

@@ -210,6 +210,59 @@ def route_list(ctx: click.Context, stamp: str | None, as_json: bool) -> None:
     )
 
 
+@route_group.command("export")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "csv", "nginx-map"]),
+    default="json",
+    show_default=True,
+    help="JSON object tenant -> {stamp, version, state}, CSV, or an nginx `map $tenant $stamp` block.",
+)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write here (atomically)."
+)
+@click.pass_context
+def route_export(ctx: click.Context, fmt: str, output: Path | None) -> None:
+    """Write the whole routing table for an edge router (to stdout, or atomically to a file)."""
+    from migrator.catalog.export import ExportFormat, render_routes, write_atomically
+
+    routes = context_of(ctx).catalog.routes()
+    text = render_routes(routes, ExportFormat(fmt))
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    write_atomically(output, text)
+    click.echo(f"wrote {len(routes)} routes to {output}", err=True)
+
+
+@route_group.command("watch")
+@JSON
+@click.pass_context
+def route_watch(ctx: click.Context, as_json: bool) -> None:
+    """Print each route change as it commits (JSON lines with --json), until stopped; for router sidecars."""
+    import json
+
+    from migrator.router import watch_routes
+
+    for change in watch_routes(context_of(ctx).catalog.url):
+        if as_json:
+            line = json.dumps(
+                {
+                    "tenant": change.tenant,
+                    "stamp": change.stamp,
+                    "version": change.version,
+                    "state": change.state,
+                    "op": change.op,
+                },
+                sort_keys=True,
+            )
+        else:
+            line = f"tenant {change.tenant} -> {change.stamp} (version {change.version}, {change.state}, {change.op})"
+        click.echo(line)
+        sys.stdout.flush()
+
+
 # -- tenants ----------------------------------------------------------------------------------------------
 
 
