@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,19 @@ class Fleet:
         )
 
 
-@pytest.fixture
-def fleet(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) -> Iterator[Fleet]:
+@contextmanager
+def new_fleet(
+    pg: pgserver.LocalServer,
+    templates: dict[str, str],
+    config_dir: Path,
+    stamp_template: str | None = "stamp",
+    script_location: Path | None = None,
+) -> Iterator[Fleet]:
+    """A fresh catalog and the stamps of STAMP_NAMES, registered, with a config file; all dropped after.
+
+    The stamps are clones of the sample application at head (`stamp_template="stamp"`) or empty
+    databases (`None`: no tables, no alembic_version) for an Alembic environment of the test's own.
+    """
     n = next(_counter)
     catalog_db = f"t{n}_catalog"
     databases = [catalog_db]
@@ -106,15 +118,23 @@ def fleet(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) -
     for name in STAMP_NAMES:
         db = f"t{n}_{name.replace('-', '_')}"
         databases.append(db)
-        stamps[name] = provision.create_database(pg, db, template=templates["stamp"])
+        stamps[name] = provision.create_database(pg, db, template=stamp_template and templates[stamp_template])
         catalog.add_stamp(name, stamps[name], region=name.split("-")[0])
     catalog.close()
-    config_path = provision.write_config(tmp_path / "migrator.toml", catalog.url)
+    config_path = provision.write_config(config_dir / "migrator.toml", catalog.url, script_location=script_location)
     fleet = Fleet(pg, config_path, Context.load(config_path), stamps, databases)
-    yield fleet
-    fleet.catalog.close()
-    for db in databases:
-        provision.drop_database(pg, db)
+    try:
+        yield fleet
+    finally:
+        fleet.catalog.close()
+        for db in databases:
+            provision.drop_database(pg, db)
+
+
+@pytest.fixture
+def fleet(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) -> Iterator[Fleet]:
+    with new_fleet(pg, templates, tmp_path) as fleet:
+        yield fleet
 
 
 def tenant_digest(dsn: str, layout: Layout, tenant: str) -> dict[str, tuple[int, str]]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from conftest import Fleet
+from sqlalchemy.engine import make_url
 
 from migrator.db import dsn as dsnlib
+from migrator.db.alembic import alembic_config
+from migrator.local.provision import sample_app_env
 
 
 def _password(fleet: Fleet) -> str:
@@ -43,3 +46,26 @@ def test_masking_covers_urls_keyword_strings_and_services() -> None:
     assert dsnlib.mask("postgresql://db/x?password=s3cr3t") == "postgresql://db/x?password=***"
     assert dsnlib.mask("stamp_eu1") == "stamp_eu1"
     assert dsnlib.normalize("stamp_eu1") == "service=stamp_eu1"
+
+
+def test_sqlalchemy_url_carries_every_dsn_form_and_drops_the_password_for_offline_runs() -> None:
+    dsn = "postgresql://app:p%40ss%25@db:5432/x?sslmode=require"
+    url = dsnlib.sqlalchemy_url(dsn)
+    assert (url.drivername, url.username, url.password, url.host, url.port, url.database) == (
+        "postgresql+psycopg", "app", "p@ss%", "db", 5432, "x"
+    )  # fmt: skip
+    assert dict(url.query) == {"sslmode": "require"}
+    rendered = url.render_as_string(hide_password=False)
+    assert make_url(rendered).password == "p@ss%"
+    assert dsnlib.scrub(rendered, dsn) == "postgresql+psycopg://app:***@db:5432/x?sslmode=require"  # encoded form too
+    # ConfigParser interpolation: the % of the encoded password survives the in-memory Alembic config.
+    assert alembic_config(sample_app_env(), url=url).get_main_option("sqlalchemy.url") == rendered
+    offline = dsnlib.sqlalchemy_url(dsn, with_password=False)
+    assert offline.password is None and "p%40ss" not in offline.render_as_string(hide_password=False)
+
+    sockets = dsnlib.sqlalchemy_url("host=/run/postgresql,db2 port=5432,5433 dbname=x user=app password='a b'")
+    assert sockets.host is None and sockets.port is None and sockets.password == "a b"
+    assert dict(sockets.query) == {"host": "/run/postgresql,db2", "port": "5432,5433"}
+    assert dict(dsnlib.sqlalchemy_url("stamp_eu1").query) == {"service": "stamp_eu1"}
+    no_user = dsnlib.sqlalchemy_url("host=db dbname=x password=pw")  # libpq's default user, the password kept
+    assert make_url(no_user.render_as_string(hide_password=False)).password == "pw"

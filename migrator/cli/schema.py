@@ -243,13 +243,13 @@ def _report(rollout: Any, as_json: bool) -> None:
 
 
 def _dry_run_text(rollout: Any) -> str:
-    """Pending revisions and SQL, once per starting revision (stamps at the same one share it)."""
-    groups: dict[str | None, list[Any]] = {}
+    """Pending revisions and SQL, once per script (stamps at the same revision usually share it)."""
+    groups: dict[tuple[str | None, str], list[Any]] = {}
     for outcome in rollout.outcomes:
         if outcome.sql is not None:
-            groups.setdefault(outcome.from_revision, []).append(outcome)
+            groups.setdefault((outcome.from_revision, outcome.sql), []).append(outcome)
     blocks = []
-    for start, outcomes in groups.items():
+    for (start, _), outcomes in groups.items():
         names = ", ".join(sorted(o.stamp for o in outcomes))
         pending = ", ".join(outcomes[0].pending)
         blocks.append(f"-- {names}: {start or 'base'} -> {rollout.target} (pending: {pending})\n{outcomes[0].sql}")

@@ -1,8 +1,10 @@
 """Alembic driven in-process: the catalog's and the stamps' environments, their revisions, and the
 `env.py` body of the environments migrator ships.
 
-Alembic runs on a connection from `migrator.db.dsn` handed over through `Config.attributes`, so
-DSNs of any form (URL, keywords, service name) work and no password is ever put on a command line.
+Every run's in-memory `Config` offers env.py both ways to reach the database: the cookbook's
+`config.attributes["connection"]` (a connection from `migrator.db.dsn`; migrator's own envs use it)
+and `sqlalchemy.url` (the DSN of any form as a SQLAlchemy URL, which the `env.py` of `alembic init`
+reads). Neither ever reaches a file, a log line or a command line.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from migrator.db import dsn as dsnlib
@@ -36,14 +38,21 @@ def catalog_env() -> Path:
     return packaged_env("migrator.catalog", "migrations")
 
 
-def alembic_config(script_location: Path | str, connection: Connection | None = None) -> Config:
-    """A file-less Alembic config; with `connection`, env.py migrates on it instead of connecting itself."""
+def alembic_config(script_location: Path | str, connection: Connection | None = None, url: URL | None = None) -> Config:
+    """A file-less Alembic config for one database, whichever way its env.py connects.
+
+    With `connection`, an env.py that reads `config.attributes["connection"]` migrates on it; with
+    `url`, one that builds its own engine from `sqlalchemy.url` (the stock `alembic init` env.py)
+    connects there. Offline (`--sql`) runs get a `url` without the password: only the dialect matters.
+    """
     location = Path(script_location)
     if not (location / "env.py").is_file():
         raise BadInput(f"{location} is not an Alembic environment (no env.py)")
     config = Config()
     # Config options go through ConfigParser interpolation: a literal % must be doubled.
     config.set_main_option("script_location", str(location).replace("%", "%%"))
+    if url is not None:
+        config.set_main_option("sqlalchemy.url", url.render_as_string(hide_password=False).replace("%", "%%"))
     if connection is not None:
         config.attributes["connection"] = connection
     return config
@@ -51,9 +60,9 @@ def alembic_config(script_location: Path | str, connection: Connection | None = 
 
 def upgrade(dsn: str, script_location: Path | str, revision: str = "head") -> None:
     """Upgrade the database to `revision`; each revision commits on its own."""
-    config = alembic_config(script_location)
     engine = dsnlib.engine(dsn)
     try:
+        config = alembic_config(script_location, url=dsnlib.sqlalchemy_url(dsn))
         with engine.connect() as conn:
             config.attributes["connection"] = conn
             command.upgrade(config, revision)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import conninfo
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
+    from sqlalchemy.engine import URL, Engine
 
 # Settings that change the text form of values: pinned so checksums compare data, not configuration.
 PINNED_SETTINGS: dict[str, str] = {
@@ -55,14 +55,19 @@ def mask(dsn: str) -> str:
 
 
 def scrub(text: str, *dsns: str) -> str:
-    """Remove passwords of the given DSNs from free text such as a driver's error message."""
+    """Remove passwords of the given DSNs from free text such as a driver's error message.
+
+    Also their percent-encoded forms, as they appear in URLs (`sqlalchemy_url` renders one).
+    """
     for dsn in dsns:
         try:
             password = conninfo.conninfo_to_dict(normalize(dsn)).get("password")
         except psycopg.ProgrammingError:
             continue
         if password:
-            text = text.replace(str(password), MASK)
+            forms = {str(password), quote(str(password), safe=""), quote(str(password), safe=" +")}
+            for form in sorted(forms, key=len, reverse=True):
+                text = text.replace(form, MASK)
     return text
 
 
@@ -70,6 +75,38 @@ def reason(exc: BaseException, dsn: str) -> str:
     """The first line of a driver's error, with the DSN's password removed: the "why" of a one-line error."""
     text = str(exc).strip()
     return scrub(text.splitlines()[0] if text else type(exc).__name__, dsn)
+
+
+def sqlalchemy_url(dsn: str, *, with_password: bool = True) -> URL:
+    """The DSN (URL, keywords or service name) as a `postgresql+psycopg` SQLAlchemy URL.
+
+    For Alembic environments that build their own engine from `sqlalchemy.url`. Every libpq
+    parameter besides user, password and database travels in the query, which the psycopg dialect
+    hands back to libpq as is; host and port join the URL proper only when they fit there (one
+    host name, a numeric port), so socket directories and host lists keep working. Without the
+    password it still names the stamp, for offline (`--sql`) runs that contact no database.
+    """
+    from sqlalchemy.engine import URL
+
+    params = {key: str(value) for key, value in conninfo.conninfo_to_dict(normalize(dsn)).items() if value is not None}
+    password = params.pop("password", None)
+    if not with_password:
+        password = None
+    user, database = params.pop("user", None), params.pop("dbname", None)
+    host, port = params.get("host"), params.get("port")
+    in_url = host is not None and host != "" and not any(c in host for c in "/,:") and (port is None or port.isdigit())
+    if in_url:
+        params.pop("host")
+        params.pop("port", None)
+    return URL.create(
+        "postgresql+psycopg",
+        username="" if user is None and password else user,  # a URL holds a password only after a user name
+        password=password,
+        host=host if in_url else None,
+        port=int(port) if in_url and port else None,
+        database=database,
+        query=params,
+    )
 
 
 def _options(pinned: bool) -> str:

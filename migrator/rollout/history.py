@@ -7,6 +7,7 @@ history does not know), so the history must have exactly one head.
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,13 @@ from alembic import command
 from alembic.script import ScriptDirectory
 from alembic.script.revision import RevisionError
 from alembic.util import CommandError
+from sqlalchemy.engine import URL
 
 from migrator.db import alembic as migrations
 from migrator.errors import BadInput
+from migrator.rollout.worker import reason, trace
+
+logger = logging.getLogger(__name__)  # INFO (`migrator -v`): the traceback behind a one-line error
 
 UP_TO_DATE, BEHIND, AHEAD = "up to date", "behind", "ahead"
 UNKNOWN, UNREACHABLE = "unknown revision", "unreachable"
@@ -47,6 +52,9 @@ class History:
             heads = script.get_heads()
         except (CommandError, RevisionError) as exc:
             raise BadInput(f"{location}: {exc}") from None
+        except Exception as exc:  # a revision file of the user's that does not even import
+            logger.info("loading the revisions of %s failed:\n%s", location, trace(exc))
+            raise BadInput(f"{location}: cannot load its revisions: {reason(exc)}") from None
         if len(heads) != 1:
             found = ", ".join(heads) or "none"
             raise BadInput(f"{location} must have exactly one head to roll out, found {found}; merge them first")
@@ -102,19 +110,14 @@ class History:
             return AHEAD, down
         return UNKNOWN, ()  # on another branch: neither above nor below
 
-    def next_step(self, at: str | None, target: str | None, direction: str) -> str | None:
-        """The revision a failed run was applying (upgrade) or undoing (downgrade) when it stopped."""
-        if direction == "upgrade":
-            up = self.path(target, at)
-            return up[-1] if up else None
-        return at
-
-    def offline_sql(self, current: str | None, target: str | None, direction: str) -> str:
+    def offline_sql(self, current: str | None, target: str | None, direction: str, url: URL) -> str:
         """Alembic's offline mode (`sql=True`) from `current` to `target`: the script a run would execute.
 
-        Not thread-safe (Alembic's module-level proxies): callers hold schema_worker.ALEMBIC_IN_PROCESS.
+        `url` is the stamp's, without its password: offline mode contacts no database, but the stock
+        env.py configures its context from `sqlalchemy.url`. Not thread-safe (Alembic's module-level
+        proxies): callers hold `migrator.rollout.worker.ALEMBIC_IN_PROCESS`.
         """
-        config = migrations.alembic_config(self.location)
+        config = migrations.alembic_config(self.location, url=url)
         config.output_buffer = buffer = io.StringIO()
         if direction == "upgrade":
             command.upgrade(config, f"{current}:{target}" if current else str(target), sql=True)

@@ -12,11 +12,12 @@ table under a cutover would stall or break it.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Protocol
 
@@ -26,10 +27,11 @@ from migrator import stamps
 from migrator.catalog import Stamp
 from migrator.catalog.schema_runs import RunLog, SchemaRun, runs
 from migrator.context import Context
+from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
 from migrator.errors import BadInput, MigratorError
 from migrator.rollout.history import AHEAD, BEHIND, UNKNOWN, UNREACHABLE, UP_TO_DATE, History, Revision
-from migrator.rollout.worker import ALEMBIC_IN_PROCESS, Job, JobResult, Workers, reason
+from migrator.rollout.worker import ALEMBIC_IN_PROCESS, Job, JobResult, Workers, reason, trace
 
 __all__ = [
     "AHEAD", "BEHIND", "UNKNOWN", "UNREACHABLE", "UP_TO_DATE", "Plan", "Revision", "Rollout", "RolloutFailed",
@@ -40,6 +42,7 @@ __all__ = [
 OK, FAILED, SKIPPED, DRY_RUN = "ok", "failed", "skipped", "dry-run"
 # Phases in which a move holds a database fence on its source (see migrator.move).
 FENCED_OFFLINE_PHASES = ("created", "copying", "copied", "verified")
+logger = logging.getLogger(__name__)  # INFO (shown with `migrator -v`): tracebacks behind one-line stamp errors
 
 
 class RolloutFailed(MigratorError):
@@ -307,8 +310,7 @@ def _run(
     try:
         done = [_not_run(log, s) for s in plan.stamps if not any(s.stamp in w for w in plan.waves)]
         if dry_run:
-            scripts: dict[str | None, str] = {}  # stamps at the same revision share their script
-            ran = [_dry_run(log, found, plan.row(name), scripts) for wave in plan.waves for name in wave]
+            ran = [_dry_run(log, found, plan.row(name), plan.targets[name]) for wave in plan.waves for name in wave]
             return Rollout(plan.run_id, plan.direction, plan.target, plan.canary, True, (*ran, *done), None)
         outcomes, stopped = _waves(ctx, found, plan, log, parallel, continue_on_error, progress)
         return Rollout(plan.run_id, plan.direction, plan.target, plan.canary, False, (*outcomes, *done), stopped)
@@ -340,7 +342,9 @@ def _waves(
                 progress.stamp_finished(outcome)
             row_ids = log.start([plan.row(n) for n in wave if n not in refused])
             for result in workers.run([_job(found, plan, n) for n in row_ids]):
-                outcome = _outcome(found, plan, number, result)
+                if result.detail:
+                    logger.info("stamp %s failed:\n%s", result.stamp, result.detail)
+                outcome = _outcome(plan, number, result)
                 log.finish(row_ids[result.stamp], outcome)
                 progress.stamp_finished(outcome)
                 finished.append(outcome)
@@ -358,11 +362,10 @@ def _job(found: History, plan: Plan, name: str) -> Job:
     return Job(plan.targets[name], str(found.location), plan.direction, plan.target or "base")
 
 
-def _outcome(found: History, plan: Plan, wave: int, result: JobResult) -> StampOutcome:
+def _outcome(plan: Plan, wave: int, result: JobResult) -> StampOutcome:
     error = result.error
     if error and result.failed_in_migration:
-        failing = found.next_step(result.at_revision, plan.target, plan.direction)
-        step = f"{plan.direction} {failing}" if failing else plan.direction
+        step = result.failed_step or plan.direction  # None: env.py failed before any revision ran
         error = f"{step} failed, stamp left at {result.at_revision or 'base'}: {error}"
     row = plan.row(result.stamp)
     read = result.from_revision is not None or result.failed_in_migration or result.ok  # else: lock or connect
@@ -400,15 +403,19 @@ def _refused(log: RunLog, row: StampSchema, wave: int, why: str) -> StampOutcome
     return outcome
 
 
-def _dry_run(log: RunLog, found: History, row: StampSchema, scripts: dict[str | None, str]) -> StampOutcome:
-    """Pending revisions and their SQL; unreachable or unknown stamps fail here as they would for real."""
-    if row.state in (UNREACHABLE, UNKNOWN):
-        outcome = StampOutcome(row.stamp, None, FAILED, row.current, row.target, row.current, (), row.error)
-    else:
-        if row.current not in scripts:
+def _dry_run(log: RunLog, found: History, row: StampSchema, stamp: Stamp) -> StampOutcome:
+    """Pending revisions and their SQL, rendered by the stamp's env.py in offline mode with the stamp's
+    URL minus its password; unreachable or unknown stamps, or an env.py that fails, fail here as for real."""
+    outcome = StampOutcome(row.stamp, None, FAILED, row.current, row.target, row.current, (), row.error)
+    if row.state not in (UNREACHABLE, UNKNOWN):
+        try:
             with ALEMBIC_IN_PROCESS:
-                scripts[row.current] = found.offline_sql(row.current, row.target, log.direction)
-        text = scripts[row.current]
-        outcome = StampOutcome(row.stamp, None, DRY_RUN, row.current, row.target, row.current, row.pending, None, text)
+                url = dsnlib.sqlalchemy_url(stamp.dsn, with_password=False)
+                text = found.offline_sql(row.current, row.target, log.direction, url)
+        except Exception as exc:  # the user's env.py or revisions: one line, the traceback for -v
+            logger.info("dry run of stamp %s failed:\n%s", row.stamp, trace(exc, stamp.dsn))
+            outcome = replace(outcome, error=f"{log.direction} --dry-run failed: {reason(exc, stamp.dsn)}")
+        else:
+            outcome = replace(outcome, result=DRY_RUN, pending=row.pending, sql=text)
     log.add(outcome)
     return outcome

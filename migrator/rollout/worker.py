@@ -5,12 +5,17 @@ process otherwise. Processes, not threads: Alembic's `op` and `context` are modu
 so two `command.upgrade` calls running at once in one interpreter overwrite each other's migration
 context and can run DDL on the wrong connection. In-process calls are still serialised by
 `ALEMBIC_IN_PROCESS` for callers that use the engine from several threads.
+
+The stamp's env.py is the user's own and may connect either way `migrator.db.alembic.alembic_config`
+offers; whatever it raises becomes one line naming the stamp, with the traceback kept for `--verbose`.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import threading
+import traceback
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -23,6 +28,7 @@ from typing import Any
 
 import psycopg
 from alembic import command
+from alembic.runtime.migration import RevisionStep
 from alembic.util import CommandError
 from sqlalchemy import create_engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -54,7 +60,11 @@ class Job:
 
 @dataclass(frozen=True)
 class JobResult:
-    """Where the stamp was and is; `failed_in_migration` tells a revision's error from a lock/connect one."""
+    """Where the stamp was and is; `failed_in_migration` tells a revision's error from a lock/connect one.
+
+    `failed_step` is the step Alembic was running when it failed ("upgrade REV"), `detail` the
+    traceback of an unexpected error (password-free), logged for `--verbose` by the rollout.
+    """
 
     stamp: str
     from_revision: str | None
@@ -63,6 +73,8 @@ class JobResult:
     failed_in_migration: bool
     started_at: datetime
     finished_at: datetime
+    failed_step: str | None = None
+    detail: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -123,22 +135,25 @@ def run_job(job: Job) -> JobResult:
     before: str | None = None
     after: str | None = None
     error: str | None = None
+    detail: str | None = None
     in_migration = False
+    steps = StepWatch()
     try:
         with SchemaLock(job.stamp) as lock:
             assert lock.conn is not None
             before = after = read_revision(lock.conn)
             try:
                 in_migration = True
-                _alembic(job, lock.conn)
+                _alembic(job, lock.conn, steps)
                 in_migration = False
             finally:
                 after = _revision_after(lock.conn)
     except MigratorError as exc:
         error = str(exc)
     except Exception as exc:  # a worker reports, it never takes the rollout down
-        error = reason(exc, job.stamp.dsn)
-    return JobResult(job.stamp.name, before, after, error, in_migration, started, datetime.now(UTC))
+        error, detail = reason(exc, job.stamp.dsn), trace(exc, job.stamp.dsn)
+    step = steps.step if in_migration else None
+    return JobResult(job.stamp.name, before, after, error, in_migration, started, datetime.now(UTC), step, detail)
 
 
 def _revision_after(conn: psycopg.Connection[Any]) -> str | None:
@@ -149,16 +164,21 @@ def _revision_after(conn: psycopg.Connection[Any]) -> str | None:
         return None
 
 
-def _alembic(job: Job, conn: psycopg.Connection[Any]) -> None:
-    """Alembic on the lock's own session: one connection per stamp, and the lock dies with the migration.
+def _alembic(job: Job, conn: psycopg.Connection[Any], steps: StepWatch) -> None:
+    """Alembic with the lock's own session offered to env.py, and the stamp's URL for one that connects itself.
 
-    StaticPool hands SQLAlchemy this connection without ever closing it; the lock closes it.
+    An env.py that takes `config.attributes["connection"]` migrates on the lock's session (one
+    connection per stamp; the lock dies with the migration). One that builds its engine from
+    `sqlalchemy.url` (the stock `alembic init` env.py) opens its own connection; the session lock
+    stays held on the lock's session until Alembic returns, so it excludes other runs all the same.
+    StaticPool hands SQLAlchemy the lock's connection without ever closing it; the lock closes it.
     """
     conn.autocommit = False  # Alembic runs each revision in its own transaction
     engine = create_engine("postgresql+psycopg://", creator=lambda: conn, poolclass=StaticPool)
     try:
-        with ALEMBIC_IN_PROCESS, engine.connect() as sa_conn:
-            config = migrations.alembic_config(job.script_location, sa_conn)
+        with ALEMBIC_IN_PROCESS, steps, engine.connect() as sa_conn:
+            url = dsnlib.sqlalchemy_url(job.stamp.dsn)
+            config = migrations.alembic_config(job.script_location, sa_conn, url)
             if job.direction == "upgrade":
                 command.upgrade(config, job.target)
             else:
@@ -169,17 +189,57 @@ def _alembic(job: Job, conn: psycopg.Connection[Any]) -> None:
             conn.autocommit = True
 
 
-def reason(exc: BaseException, dsn: str) -> str:
-    """The database's own words (first line and DETAIL), not SQLAlchemy's wrapping, minus any password."""
+class StepWatch(logging.Handler):
+    """Notes the revision Alembic is running, from the step its migration logger announces at INFO.
+
+    So a failure names the revision that failed even when env.py runs every revision in one
+    transaction (the stock env.py does), where the stamp's revision afterwards tells nothing.
+    Used as a context manager around one Alembic command; the logger's level is restored after.
+    """
+
+    LOGGER = "alembic.runtime.migration"
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.step: str | None = None
+        self._level = logging.NOTSET
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for arg in record.args if isinstance(record.args, tuple) else ():
+            if isinstance(arg, RevisionStep):
+                self.step = f"{'upgrade' if arg.is_upgrade else 'downgrade'} {arg.revision.revision}"
+
+    def __enter__(self) -> StepWatch:
+        logger = logging.getLogger(self.LOGGER)
+        self._level = logger.level
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger(self.LOGGER)
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
+
+
+def reason(exc: BaseException, *dsns: str) -> str:
+    """One line: the database's own words (first line and DETAIL), not SQLAlchemy's wrapping, minus any password."""
     original = getattr(exc, "orig", None) if isinstance(exc, SQLAlchemyError) else None
     if isinstance(original, BaseException):
         exc = original
+    lines = str(exc).strip().splitlines()
     if isinstance(exc, CommandError | psycopg.Error):
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        lines = lines or [type(exc).__name__]
         text = "; ".join([lines[0], *(line.strip() for line in lines[1:] if line.startswith("DETAIL:"))])
     else:
-        text = f"{type(exc).__name__}: {exc}"
-    return dsnlib.scrub(text, dsn)
+        text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return dsnlib.scrub(text, *dsns)
+
+
+def trace(exc: BaseException, *dsns: str) -> str:
+    """The full traceback, minus any password: what `migrator -v` shows after the one-line error."""
+    return dsnlib.scrub("".join(traceback.format_exception(exc)), *dsns).rstrip()
 
 
 class Workers:
