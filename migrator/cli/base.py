@@ -34,17 +34,31 @@ class Failure(click.ClickException):
 class MigratorGroup(click.Group):
     """Maps engine and database errors of every sub-command to `Failure` (never a traceback)."""
 
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:  # the root's own options, e.g. `migrator --bogus`
+            raise Failure(f"{typed_path(exc.ctx)}: {exc.format_message()}", exc.exit_code) from None
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except MigratorError as exc:
             raise Failure(str(exc), exc.exit_code) from None
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # a group named alone (`migrator stamp`) shows its help
         except click.UsageError as exc:
-            where = exc.ctx.command_path if exc.ctx else "migrator"
-            raise Failure(f"{where}: {exc.format_message()}", exc.exit_code) from None
+            raise Failure(f"{typed_path(exc.ctx)}: {exc.format_message()}", exc.exit_code) from None
         except psycopg.Error as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise Failure(f"database error: {first}", 1) from None
+
+
+_IMPLIED = "migrator.implied_commands"  # ctx.meta key: paths of sub-commands DefaultGroup implied
 
 
 class DefaultGroup(click.Group):
@@ -54,9 +68,18 @@ class DefaultGroup(click.Group):
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
             args = ["run", *args]
+            ctx.meta.setdefault(_IMPLIED, set()).add(f"{ctx.command_path} run")
         return super().parse_args(ctx, args)
+
+
+def typed_path(ctx: click.Context | None) -> str:
+    """The command as the user typed it: `migrator move`, not the `migrator move run` it implied."""
+    if ctx is None:
+        return "migrator"
+    path = ctx.command_path
+    return path.rsplit(" ", 1)[0] if path in ctx.meta.get(_IMPLIED, ()) else path
 
 
 def context_of(click_ctx: click.Context) -> Context:
