@@ -1,11 +1,19 @@
-"""What a new user sees: usage errors that name what was typed, in one line."""
+"""What a new user sees: usage errors naming what was typed, and one way to fail.
+
+Every command that fails ends by raising one exception family, mapped to its exit code in one place.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import click
 import pytest
 from click.testing import CliRunner
+from conftest import Fleet, catalog_snapshot
 
 from migrator.cli import cli
+from migrator.db import dsn as dsnlib
 
 # -- usage errors -------------------------------------------------------------------------------------
 
@@ -36,3 +44,48 @@ def test_a_group_named_alone_shows_its_help() -> None:
     result = CliRunner().invoke(cli, ["move"], prog_name="migrator")
     assert result.exit_code == 2 and "error" not in result.stderr
     assert result.stderr.startswith("Usage: migrator move [OPTIONS] COMMAND [ARGS]...")
+
+
+# -- one way to fail ----------------------------------------------------------------------------------
+
+
+def _raised(fleet: Fleet, args: Sequence[str]) -> click.ClickException:
+    """Run the CLI as a library would (not standalone): a failure must arrive as an exception, not SystemExit."""
+    with pytest.raises(click.ClickException) as raised:
+        cli.main(["--config", str(fleet.config_path), *args], prog_name="migrator", standalone_mode=False)
+    return raised.value
+
+
+def test_failed_checks_end_by_raising_the_one_family_with_their_exit_codes(fleet4: Fleet) -> None:
+    fleet = fleet4
+    fleet.seed("eu-1", 7, 500)
+    assert fleet.run("move", "7", "--to", "eu-2", "--yes", "--json").exit_code == 0  # eu-1 stays fenced
+
+    doctor = fleet.run("doctor")
+    assert doctor.exit_code == 1 and "eu-1: " in doctor.stdout and doctor.stderr == "", doctor.output
+    assert _raised(fleet, ["doctor"]).exit_code == 1
+
+    with dsnlib.connect(fleet.dsn("ap-1"), autocommit=True) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0004_comments_search_index'")
+    status = fleet.run("schema", "status")
+    assert status.exit_code == 3 and "ap-1 (behind 1)" in status.stdout and status.stderr == "", status.output
+    assert _raised(fleet, ["schema", "status"]).exit_code == 3
+
+    with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
+        conn.execute("UPDATE users SET email = 'changed' WHERE id = (SELECT id FROM users WHERE tenant_id = 7 LIMIT 1)")
+    verify = fleet.run("verify", "7", "--source", "eu-1", "--target", "eu-2")
+    assert verify.exit_code == 1 and len(verify.stderr.strip().splitlines()) == 1, verify.output
+    assert "users: source" in verify.stderr and "changed" in verify.stderr, verify.stderr
+    assert _raised(fleet, ["verify", "7", "--source", "eu-1", "--target", "eu-2"]).exit_code == 1
+
+
+def test_declining_a_confirmation_fails_in_one_line_and_changes_nothing(fleet: Fleet) -> None:
+    fleet.seed("eu-1", 7, 300)
+    before = catalog_snapshot(fleet)
+    for args in (["move", "7", "--to", "eu-2"], ["cleanup", "7", "--stamp", "eu-2"]):
+        for answer in ("n\n", ""):  # no, and no terminal to answer at all
+            result = CliRunner().invoke(cli, ["--config", str(fleet.config_path), *args], input=answer)
+            assert result.exit_code == 1, result.output
+            assert result.stderr.strip().splitlines()[-1] == "error: not confirmed; nothing was changed", result.stderr
+            assert result.stdout == ""  # the question goes to stderr, so stdout stays clean for --json
+    assert catalog_snapshot(fleet) == before

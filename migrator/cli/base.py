@@ -1,7 +1,8 @@
 """The root command group and what every command shares: error mapping, config loading, output.
 
 No logic lives here beyond presentation; every command maps `MigratorError` to one line on
-stderr and its exit code (1 operation failed, 2 bad input), and `--json` gives machine output.
+stderr and its exit code (1 operation failed, 2 bad input, 3 schema drift), and `--json` gives
+machine output.
 """
 
 from __future__ import annotations
@@ -15,24 +16,40 @@ import psycopg
 from migrator import __version__
 from migrator.cli import render
 from migrator.context import Context
-from migrator.errors import MigratorError
+from migrator.errors import Declined, MigratorError
 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
 class Failure(click.ClickException):
-    """A failure shown as one masked line on stderr, with the engine's exit code."""
+    """A failure shown as one masked line on stderr (none when the report said it all), with its exit code."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(render.mask_text(message))
         self.exit_code = exit_code  # type: ignore[misc]  # a ClassVar in click, read per instance
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
+        if self.message:
+            click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _failure(exc: Exception) -> Failure:
+    """The one mapping from an exception to the line and exit code the operator sees."""
+    if isinstance(exc, MigratorError):
+        return Failure(str(exc), exc.exit_code)
+    if isinstance(exc, click.UsageError):
+        return Failure(f"{typed_path(exc.ctx)}: {exc.format_message()}", exc.exit_code)
+    if isinstance(exc, psycopg.Error):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return Failure(f"database error: {first}", 1)
+    return Failure(str(exc), 1)  # OSError: a file or directory the command needs
 
 
 class MigratorGroup(click.Group):
-    """Maps engine and database errors of every sub-command to `Failure` (never a traceback)."""
+    """Maps engine, usage, database and file errors of every command to `Failure` (never a traceback).
+
+    Commands end non-zero only by raising: a `MigratorError` (its `exit_code`) or click's usage errors.
+    """
 
     def make_context(
         self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
@@ -42,20 +59,15 @@ class MigratorGroup(click.Group):
         except click.exceptions.NoArgsIsHelpError:
             raise
         except click.UsageError as exc:  # the root's own options, e.g. `migrator --bogus`
-            raise Failure(f"{typed_path(exc.ctx)}: {exc.format_message()}", exc.exit_code) from None
+            raise _failure(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except MigratorError as exc:
-            raise Failure(str(exc), exc.exit_code) from None
         except click.exceptions.NoArgsIsHelpError:
             raise  # a group named alone (`migrator stamp`) shows its help
-        except click.UsageError as exc:
-            raise Failure(f"{typed_path(exc.ctx)}: {exc.format_message()}", exc.exit_code) from None
-        except psycopg.Error as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise Failure(f"database error: {first}", 1) from None
+        except (MigratorError, click.UsageError, psycopg.Error, OSError) as exc:
+            raise _failure(exc) from None
 
 
 _IMPLIED = "migrator.implied_commands"  # ctx.meta key: paths of sub-commands DefaultGroup implied
@@ -80,6 +92,17 @@ def typed_path(ctx: click.Context | None) -> str:
         return "migrator"
     path = ctx.command_path
     return path.rsplit(" ", 1)[0] if path in ctx.meta.get(_IMPLIED, ()) else path
+
+
+def confirm(question: str) -> None:
+    """Ask before changing anything; no (or no terminal to answer) ends the command with `Declined`."""
+    try:
+        agreed = click.confirm(question, err=True)
+    except click.Abort:  # end of input or Ctrl-C at the prompt: end the prompt's line
+        click.echo(err=True)
+        agreed = False
+    if not agreed:
+        raise Declined("not confirmed; nothing was changed")
 
 
 def context_of(click_ctx: click.Context) -> Context:

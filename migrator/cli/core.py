@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from migrator.cli import render
 from migrator.cli.base import JSON, cli, context_of, emit, route_dict
+from migrator.errors import CheckFailed
 
 # -- catalog ----------------------------------------------------------------------------------------------
 
@@ -118,7 +117,7 @@ def stamp_check(ctx: click.Context, name: str, as_json: bool) -> None:
         )
     emit(as_json, data, text)
     if not result.ok:
-        sys.exit(1)
+        raise CheckFailed()
 
 
 # -- routes -----------------------------------------------------------------------------------------------

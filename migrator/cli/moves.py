@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import click
 
 from migrator.cli import render
-from migrator.cli.base import JSON, DefaultGroup, cli, context_of, emit, route_dict
-from migrator.errors import MigratorError
+from migrator.cli.base import JSON, DefaultGroup, cli, confirm, context_of, emit, route_dict
+from migrator.errors import CheckFailed, VerifyMismatch
 from migrator.progress import Progress, Silent
 
 # -- moves ------------------------------------------------------------------------------------------------
@@ -78,7 +77,7 @@ def move_run(
     context = context_of(ctx)
     if not (yes or dry_run):
         route = context.catalog.route(tenant)
-        click.confirm(f"Move tenant {tenant} from {route.stamp} to {target}?", abort=True)
+        confirm(f"Move tenant {tenant} from {route.stamp} to {target}?")
     progress: Progress = Silent() if as_json else render.Bars()
     try:
         cutover = CutoverOptions(cutover_backlog, catchup_timeout, max_freeze_ms)
@@ -181,7 +180,7 @@ def move_abort(ctx: click.Context, move_id: int, batch_rows: int, yes: bool) -> 
 
     context = context_of(ctx)
     if not yes:
-        click.confirm(f"Abort move {move_id} and delete its partial copy?", abort=True)
+        confirm(f"Abort move {move_id} and delete its partial copy?")
     move = abort_move(context, move_id, batch_rows, Silent())
     click.echo(f"move {move.id} aborted: tenant {move.tenant} stays on {move.source}, writable")
 
@@ -227,7 +226,7 @@ def verify_cmd(ctx: click.Context, tenant: str, source: str, target: str, as_jso
     )
     emit(as_json, data, text + "\n" + report.summary())
     if not report.equal:
-        raise MigratorError(report.summary())
+        raise VerifyMismatch(report.summary())
 
 
 @cli.command("cleanup")
@@ -242,7 +241,7 @@ def cleanup_cmd(ctx: click.Context, tenant: str, stamp: str, batch_rows: int, ye
 
     context = context_of(ctx)
     if not yes:
-        click.confirm(f"Delete every row of tenant {tenant} on {stamp}?", abort=True)
+        confirm(f"Delete every row of tenant {tenant} on {stamp}?")
     counts = cleanup_tenant(context, tenant, stamp, batch_rows, Silent())
     click.echo(f"deleted {sum(counts.values())} rows of tenant {tenant} from {stamp}")
 
@@ -259,4 +258,4 @@ def doctor_cmd(ctx: click.Context, stamp: str | None, as_json: bool) -> None:
     lines = [f"{name}: {item}" for name, items in found.items() for item in items]
     emit(as_json, found, "\n".join(lines) if lines else "no leftovers")
     if lines:
-        sys.exit(1)
+        raise CheckFailed()

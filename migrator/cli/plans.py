@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from migrator.catalog import StampState
 from migrator.cli import render
-from migrator.cli.base import JSON, cli, context_of, emit
+from migrator.cli.base import JSON, cli, confirm, context_of, emit
 from migrator.cli.core import stamp_group
 from migrator.errors import MigratorError
 
@@ -374,7 +374,7 @@ def apply_cmd(
     todo = prepared.todo
     if not yes:
         rows = sum(e.move.rows for e in todo)
-        click.confirm(f"Apply {file}: {len(todo)} moves ({rows:,} rows), {parallel} at a time?", abort=True)
+        confirm(f"Apply {file}: {len(todo)} moves ({rows:,} rows), {parallel} at a time?")
     reporter = _Quiet() if as_json else ApplyBars()
     try:
         result = run(context, prepared, ApplyOptions(parallel, per_stamp, stop_on_error, batch_rows), reporter)

@@ -10,9 +10,8 @@ import click
 from tqdm import tqdm
 
 from migrator.cli import render
-from migrator.cli.base import JSON, cli, context_of, emit
-
-DRIFT_EXIT = 3  # `schema status`: some active stamp is not at head (a pipeline gate)
+from migrator.cli.base import JSON, cli, confirm, context_of, emit
+from migrator.errors import SchemaDrift
 
 
 @cli.group("schema")
@@ -59,7 +58,7 @@ def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> N
     data = {"head": head, "drift": bool(gating), "stamps": [{**_fields(r), "drift": r.drift} for r in rows]}
     emit(as_json, data, f"{text}\n{summary}")
     if gating:
-        ctx.exit(DRIFT_EXIT)
+        raise SchemaDrift()
 
 
 @schema_group.command("upgrade")
@@ -205,7 +204,7 @@ def _confirm(plan: Any) -> None:
     click.echo(f"{plan.direction} {stamps} stamp(s) to {target}: {lead}{rest} wave(s)", err=True)
     for number, wave in enumerate(plan.waves):
         click.echo(f"  wave {number}: {', '.join(wave)}", err=True)
-    click.confirm(f"{plan.direction.capitalize()} {stamps} stamp(s) to {target}?", abort=True, err=True)
+    confirm(f"{plan.direction.capitalize()} {stamps} stamp(s) to {target}?")
 
 
 def _report(rollout: Any, as_json: bool) -> None:
