@@ -1,19 +1,25 @@
-"""What a new user sees: usage errors naming what was typed, and one way to fail.
+"""What a new user sees: usage errors naming what was typed, one way to fail, the engine's defaults.
 
-Every command that fails ends by raising one exception family, mapped to its exit code in one place.
+Every command that fails ends by raising one exception family, mapped to its exit code in one
+place; the CLI's defaults are the engine's dataclass defaults, read without slowing `--help`.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Sequence
 
 import click
 import pytest
 from click.testing import CliRunner
-from conftest import Fleet, catalog_snapshot
+from conftest import REPO, Fleet, catalog_snapshot
 
 from migrator.cli import cli
 from migrator.db import dsn as dsnlib
+from migrator.move import MoveOptions
+from migrator.plans.apply import ApplyOptions
 
 # -- usage errors -------------------------------------------------------------------------------------
 
@@ -89,3 +95,55 @@ def test_declining_a_confirmation_fails_in_one_line_and_changes_nothing(fleet: F
             assert result.stderr.strip().splitlines()[-1] == "error: not confirmed; nothing was changed", result.stderr
             assert result.stdout == ""  # the question goes to stderr, so stdout stays clean for --json
     assert catalog_snapshot(fleet) == before
+
+
+# -- defaults: one truth --------------------------------------------------------------------------------
+
+
+def _option(path: Sequence[str], name: str) -> tuple[click.Command, click.Option]:
+    command: click.Command = cli
+    for word in path:
+        assert isinstance(command, click.Group)
+        command = command.commands[word]
+    found = [p for p in command.params if isinstance(p, click.Option) and p.name == name]
+    assert len(found) == 1, (path, name)
+    return command, found[0]
+
+
+@pytest.mark.parametrize(
+    ("path", "name", "engine"),
+    [
+        (("move", "run"), "batch_rows", MoveOptions().batch_rows),
+        (("move", "run"), "cutover_backlog", MoveOptions().cutover.cutover_backlog),
+        (("move", "run"), "catchup_timeout", MoveOptions().cutover.catchup_timeout_s),
+        (("move", "run"), "max_freeze_ms", MoveOptions().cutover.max_freeze_ms),
+        (("apply",), "parallel", ApplyOptions().parallel),
+        (("apply",), "per_stamp", ApplyOptions().per_stamp),
+        (("apply",), "batch_rows", ApplyOptions().batch_rows),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, tuple) else None,
+)
+def test_cli_defaults_are_the_engine_dataclass_defaults(path: tuple[str, ...], name: str, engine: object) -> None:
+    command, option = _option(path, name)
+    ctx = click.Context(command)
+    assert option.get_default(ctx) == engine
+    record = option.get_help_record(ctx)
+    assert record is not None and f"[default: {engine};" in record[1], record
+
+
+def test_a_move_without_flags_runs_with_the_engine_defaults(fleet: Fleet) -> None:
+    fleet.seed("eu-1", 7, 200)
+    result = fleet.run("move", "7", "--to", "eu-2", "--yes", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["move"]["batch_rows"] == MoveOptions().batch_rows
+
+
+def test_help_loads_no_sqlalchemy_or_alembic() -> None:
+    """Defaults come from the engine lazily, so `migrator --help` stays fast."""
+    probe = (
+        "import sys; from click.testing import CliRunner; from migrator.cli import cli;"
+        "assert CliRunner().invoke(cli, ['--help']).exit_code == 0;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sqlalchemy', 'alembic')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

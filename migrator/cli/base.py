@@ -7,6 +7,7 @@ machine output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,23 @@ def confirm(question: str) -> None:
         agreed = False
     if not agreed:
         raise Declined("not confirmed; nothing was changed")
+
+
+class EngineDefault:
+    """An option's default read from the engine's options dataclass when it is needed (a run, or help).
+
+    One truth for every default; read lazily because the engine modules import SQLAlchemy and
+    Alembic, which `migrator --help` must not load.
+    """
+
+    def __init__(self, read: Callable[[], Any]) -> None:
+        self._read = read
+
+    def __call__(self) -> Any:
+        return self._read()
+
+    def __str__(self) -> str:  # what click's show_default prints
+        return str(self())
 
 
 def context_of(click_ctx: click.Context) -> Context:

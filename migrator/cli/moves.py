@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from migrator.cli import render
-from migrator.cli.base import JSON, DefaultGroup, cli, confirm, context_of, emit, route_dict
+from migrator.cli.base import JSON, DefaultGroup, EngineDefault, cli, confirm, context_of, emit, route_dict
 from migrator.errors import CheckFailed, VerifyMismatch
 from migrator.progress import Progress, Silent
+
+if TYPE_CHECKING:
+    from migrator.move import CutoverOptions, MoveOptions
+
+
+def _move_defaults() -> MoveOptions:
+    """The engine's defaults for `move` (imported here: the engine loads Alembic, `--help` must not)."""
+    from migrator.move import MoveOptions
+
+    return MoveOptions()
+
+
+def _cutover_defaults() -> CutoverOptions:
+    return _move_defaults().cutover
+
 
 # -- moves ------------------------------------------------------------------------------------------------
 
@@ -25,7 +40,7 @@ def move_group() -> None:
 @click.option(
     "--batch-rows",
     type=click.IntRange(min=1),
-    default=50_000,
+    default=EngineDefault(lambda: _move_defaults().batch_rows),
     show_default=True,
     help="Rows per copy batch (each batch is one target transaction).",
 )
@@ -35,21 +50,21 @@ def move_group() -> None:
 @click.option(
     "--cutover-backlog",
     type=click.IntRange(min=0),
-    default=200,
+    default=EngineDefault(lambda: _cutover_defaults().cutover_backlog),
     show_default=True,
     help="Online: enter the cutover once at most this many captured changes are pending.",
 )
 @click.option(
     "--catchup-timeout",
     type=click.FloatRange(min=1),
-    default=600,
+    default=EngineDefault(lambda: _cutover_defaults().catchup_timeout_s),
     show_default=True,
     help="Online: seconds catch-up may take to reach the backlog before the move stops, resumable.",
 )
 @click.option(
     "--max-freeze-ms",
     type=click.FloatRange(min=1),
-    default=2000,
+    default=EngineDefault(lambda: _cutover_defaults().max_freeze_ms),
     show_default=True,
     help="Online: longest write freeze allowed; a longer cutover unfences, backs off and retries.",
 )
@@ -71,17 +86,26 @@ def move_run(
     as_json: bool,
 ) -> None:
     """Move TENANT to another stamp (online by default); re-running it resumes an interrupted move."""
-    from migrator.move import MoveOptions, move_tenant
-    from migrator.move.cutover import CutoverOptions
+    from dataclasses import replace
+
+    from migrator.move import move_tenant
 
     context = context_of(ctx)
     if not (yes or dry_run):
         route = context.catalog.route(tenant)
         confirm(f"Move tenant {tenant} from {route.stamp} to {target}?")
+    defaults = _move_defaults()
+    cutover = replace(
+        defaults.cutover,
+        cutover_backlog=cutover_backlog,
+        catchup_timeout_s=catchup_timeout,
+        max_freeze_ms=max_freeze_ms,
+    )
+    options = replace(
+        defaults, batch_rows=batch_rows, rate_limit=rate_limit, dry_run=dry_run, online=not offline, cutover=cutover
+    )
     progress: Progress = Silent() if as_json else render.Bars()
     try:
-        cutover = CutoverOptions(cutover_backlog, catchup_timeout, max_freeze_ms)
-        options = MoveOptions(batch_rows, rate_limit, dry_run, online=not offline, cutover=cutover)
         outcome = move_tenant(context, tenant, target, options, progress)
     finally:
         if isinstance(progress, render.Bars):

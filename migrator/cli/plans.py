@@ -13,12 +13,12 @@ from tqdm import tqdm
 
 from migrator.catalog import StampState
 from migrator.cli import render
-from migrator.cli.base import JSON, cli, confirm, context_of, emit
+from migrator.cli.base import JSON, EngineDefault, cli, confirm, context_of, emit
 from migrator.cli.core import stamp_group
 from migrator.errors import MigratorError
 
 if TYPE_CHECKING:  # the engine is imported inside each command, which keeps `migrator --help` fast
-    from migrator.plans.apply import ApplyResult, Entry, EntryResult, Prepared
+    from migrator.plans.apply import ApplyOptions, ApplyResult, Entry, EntryResult, Prepared
     from migrator.plans.planners import Plan
 
 OUTPUT = click.option(
@@ -198,6 +198,13 @@ def _plan_text(plan: Plan) -> str:
 # -- apply ------------------------------------------------------------------------------------------------
 
 
+def _apply_defaults() -> ApplyOptions:
+    """The engine's defaults for `apply` (imported here: the engine loads Alembic, `--help` must not)."""
+    from migrator.plans.apply import ApplyOptions
+
+    return ApplyOptions()
+
+
 class ApplyBars:
     """An overall tqdm bar of rows on stderr, and one line per started and finished move."""
 
@@ -329,21 +336,21 @@ def _summary(result: ApplyResult) -> str:
 @click.option(
     "--parallel",
     type=click.IntRange(min=1, max=64),
-    default=1,
+    default=EngineDefault(lambda: _apply_defaults().parallel),
     show_default=True,
     help="Run at most this many moves at once.",
 )
 @click.option(
     "--per-stamp",
     type=click.IntRange(min=1),
-    default=1,
+    default=EngineDefault(lambda: _apply_defaults().per_stamp),
     show_default=True,
     help="Run at most this many moves at once into one target stamp.",
 )
 @click.option(
     "--batch-rows",
     type=click.IntRange(min=1),
-    default=50_000,
+    default=EngineDefault(lambda: _apply_defaults().batch_rows),
     show_default=True,
     help="Rows per copy batch of each move.",
 )
@@ -364,7 +371,9 @@ def apply_cmd(
     as_json: bool,
 ) -> None:
     """Carry out a plan file's moves; re-running it resumes where it stopped (Ctrl-C lets running moves end)."""
-    from migrator.plans.apply import ApplyOptions, prepare, run
+    from dataclasses import replace
+
+    from migrator.plans.apply import prepare, run
 
     context = context_of(ctx)
     prepared = prepare(context, file)
@@ -375,9 +384,12 @@ def apply_cmd(
     if not yes:
         rows = sum(e.move.rows for e in todo)
         confirm(f"Apply {file}: {len(todo)} moves ({rows:,} rows), {parallel} at a time?")
+    options = replace(
+        _apply_defaults(), parallel=parallel, per_stamp=per_stamp, stop_on_error=stop_on_error, batch_rows=batch_rows
+    )
     reporter = _Quiet() if as_json else ApplyBars()
     try:
-        result = run(context, prepared, ApplyOptions(parallel, per_stamp, stop_on_error, batch_rows), reporter)
+        result = run(context, prepared, options, reporter)
     finally:
         if isinstance(reporter, ApplyBars):
             reporter.close()
