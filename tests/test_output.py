@@ -1,22 +1,28 @@
-"""What a new user sees: usage errors naming what was typed, one way to fail, the engine's defaults.
+"""What a new user sees: usage errors naming what was typed, one way to fail, progress fit for logs.
 
 Every command that fails ends by raising one exception family, mapped to its exit code in one
-place; the CLI's defaults are the engine's dataclass defaults, read without slowing `--help`.
+place; the CLI's defaults are the engine's. Progress goes to stderr: bars on a terminal, plain
+periodic lines elsewhere (CI, cron, Kubernetes logs), nothing with --no-progress.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pty
+import re
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 
 import click
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, Fleet, catalog_snapshot
+from conftest import REPO, Fleet, catalog_snapshot, tenant_row_count
 
 from migrator.cli import cli
+from migrator.cli.render import LineMeter
 from migrator.db import dsn as dsnlib
 from migrator.move import MoveOptions
 from migrator.plans.apply import ApplyOptions
@@ -147,3 +153,94 @@ def test_help_loads_no_sqlalchemy_or_alembic() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# -- progress -----------------------------------------------------------------------------------------
+
+CURSOR_CODES = ("\x1b[", "\r")
+TOTAL_LINE = re.compile(r"^total: [\d,]+/[\d,]+ rows \(\d+%\), [\d,]+ rows/s, [\d.]+ s$", re.M)
+DELETED_LINE = re.compile(r"^deleted: ([\d,]+) rows, [\d,]+ rows/s, [\d.]+ s$", re.M)
+
+
+def _communicate(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    return out, err
+
+
+def test_piped_move_and_cleanup_print_progress_lines_without_cursor_codes(fleet: Fleet) -> None:
+    rows = fleet.seed("eu-1", 7, 3_000)
+    layout = fleet.layout()
+    out, err = _communicate(fleet.popen("move", "7", "--to", "eu-2", "--batch-rows", "400", "--yes"))
+    for text in (out, err):
+        assert not any(code in text for code in CURSOR_CODES), text
+    assert TOTAL_LINE.search(err) and f"{rows:,}/{rows:,} rows (100%)" in err, err
+    for table in layout.tables:  # one closing line per table, with its rate
+        assert re.search(rf"^{re.escape(table.label)}: [\d,]+/[\d,]+ rows \(\d+%\), [\d,]+ rows/s", err, re.M), err
+    assert "flipped tenant 7 to eu-2" in err and "now on eu-2" in out
+
+    out, err = _communicate(fleet.popen("cleanup", "7", "--stamp", "eu-1", "--yes"))
+    for text in (out, err):
+        assert not any(code in text for code in CURSOR_CODES), text
+    deleted = DELETED_LINE.search(err)
+    assert deleted and int(deleted.group(1).replace(",", "")) == rows, err
+    assert f"deleted {rows} rows" in out and tenant_row_count(fleet.dsn("eu-1"), layout, "7") == 0
+
+
+def test_no_progress_prints_no_progress_lines(fleet: Fleet) -> None:
+    rows = fleet.seed("eu-1", 7, 2_000)
+    out, err = _communicate(fleet.popen("move", "7", "--to", "eu-2", "--yes", "--no-progress"))
+    assert "now on eu-2" in out and f"{rows} rows copied" in out
+    assert "rows/s" not in err and "flipped" not in err, err
+    out, err = _communicate(fleet.popen("cleanup", "7", "--stamp", "eu-1", "--yes", "--no-progress"))
+    assert f"deleted {rows} rows" in out and "rows/s" not in err, err
+
+
+def test_move_on_a_terminal_still_draws_bars(fleet: Fleet) -> None:
+    """The line mode is for logs only: with stderr on a terminal, tqdm redraws its bars in place."""
+    fleet.seed("eu-1", 7, 2_000)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migrator", "--config", str(fleet.config_path), "move", "7", "--to", "eu-2", "--yes"],
+        stdout=subprocess.PIPE, stderr=follower, text=True, cwd=REPO,
+    )
+    os.close(follower)
+    seen: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO once the process has closed the terminal
+                return
+            if not chunk:
+                return
+            seen.append(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    out, _ = proc.communicate(timeout=180)
+    reader.join(timeout=30)
+    os.close(leader)
+    terminal = b"".join(seen).decode(errors="replace")
+    assert proc.returncode == 0, terminal
+    assert "\r" in terminal and "rows/s" not in terminal and "now on eu-2" in out, terminal
+
+
+def test_line_meter_writes_one_line_per_interval_and_one_at_the_end(capsys: pytest.CaptureFixture[str]) -> None:
+    every = LineMeter("tasks", 1_000, "rows", interval=0)
+    for _ in range(4):
+        every.update(250)
+    every.close()
+    every.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == [
+        "tasks: 250/1", "tasks: 500/1", "tasks: 750/1", "tasks: 1", "tasks: 1"
+    ] and lines[-1].startswith("tasks: 1,000/1,000 rows (100%)") and len(lines) == 5, lines
+
+    seldom = LineMeter("total", None, "rows", interval=3600)
+    seldom.update(10)
+    seldom.update(5)
+    seldom.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("total: 15 rows, "), lines

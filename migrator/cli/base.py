@@ -20,6 +20,9 @@ from migrator.context import Context
 from migrator.errors import Declined, MigratorError
 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+NO_PROGRESS = click.option(
+    "--no-progress", is_flag=True, help="Print no progress (bars on a terminal, else a line every few seconds)."
+)
 
 
 class Failure(click.ClickException):

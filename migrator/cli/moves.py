@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from migrator.cli import render
-from migrator.cli.base import JSON, DefaultGroup, EngineDefault, cli, confirm, context_of, emit, route_dict
+from migrator.cli.base import JSON, NO_PROGRESS, DefaultGroup, EngineDefault, cli, confirm, context_of, emit, route_dict
 from migrator.errors import CheckFailed, VerifyMismatch
-from migrator.progress import Progress, Silent
 
 if TYPE_CHECKING:
     from migrator.move import CutoverOptions, MoveOptions
@@ -69,6 +68,7 @@ def move_group() -> None:
     help="Online: longest write freeze allowed; a longer cutover unfences, backs off and retries.",
 )
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@NO_PROGRESS
 @JSON
 @click.pass_context
 def move_run(
@@ -83,6 +83,7 @@ def move_run(
     catchup_timeout: float,
     max_freeze_ms: float,
     yes: bool,
+    no_progress: bool,
     as_json: bool,
 ) -> None:
     """Move TENANT to another stamp (online by default); re-running it resumes an interrupted move."""
@@ -104,12 +105,8 @@ def move_run(
     options = replace(
         defaults, batch_rows=batch_rows, rate_limit=rate_limit, dry_run=dry_run, online=not offline, cutover=cutover
     )
-    progress: Progress = Silent() if as_json else render.Bars()
-    try:
+    with render.progress(not (as_json or no_progress)) as progress:
         outcome = move_tenant(context, tenant, target, options, progress)
-    finally:
-        if isinstance(progress, render.Bars):
-            progress.close()
     if dry_run:
         text = (
             f"dry run: tenant {tenant} {outcome.source} -> {outcome.target}: preflight passed; would copy\n"
@@ -197,15 +194,17 @@ def move_status(ctx: click.Context, move_id: int | None, as_json: bool) -> None:
     help="Rows per delete batch on the target.",
 )
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@NO_PROGRESS
 @click.pass_context
-def move_abort(ctx: click.Context, move_id: int, batch_rows: int, yes: bool) -> None:
+def move_abort(ctx: click.Context, move_id: int, batch_rows: int, yes: bool, no_progress: bool) -> None:
     """Abort an unfinished move: delete the partial copy on the target and lift the source's fence."""
     from migrator.move import abort_move
 
     context = context_of(ctx)
     if not yes:
         confirm(f"Abort move {move_id} and delete its partial copy?")
-    move = abort_move(context, move_id, batch_rows, Silent())
+    with render.progress(not no_progress, "deleted") as progress:
+        move = abort_move(context, move_id, batch_rows, progress)
     click.echo(f"move {move.id} aborted: tenant {move.tenant} stays on {move.source}, writable")
 
 
@@ -258,15 +257,17 @@ def verify_cmd(ctx: click.Context, tenant: str, source: str, target: str, as_jso
 @click.option("--stamp", required=True, help="The old stamp holding the moved tenant's leftover rows.")
 @click.option("--batch-rows", type=click.IntRange(min=1), default=10_000, show_default=True, help="Rows per delete.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@NO_PROGRESS
 @click.pass_context
-def cleanup_cmd(ctx: click.Context, tenant: str, stamp: str, batch_rows: int, yes: bool) -> None:
+def cleanup_cmd(ctx: click.Context, tenant: str, stamp: str, batch_rows: int, yes: bool, no_progress: bool) -> None:
     """Delete a moved tenant's leftover rows from its old stamp, in batches, and lift the fence there."""
     from migrator.move.cleanup import cleanup_tenant
 
     context = context_of(ctx)
     if not yes:
         confirm(f"Delete every row of tenant {tenant} on {stamp}?")
-    counts = cleanup_tenant(context, tenant, stamp, batch_rows, Silent())
+    with render.progress(not no_progress, "deleted") as progress:
+        counts = cleanup_tenant(context, tenant, stamp, batch_rows, progress)
     click.echo(f"deleted {sum(counts.values())} rows of tenant {tenant} from {stamp}")
 
 
