@@ -88,7 +88,9 @@ class LineMeter:
     No carriage returns or cursor codes, which a terminal-less log would keep as garbage.
     """
 
-    def __init__(self, desc: str, total: int | None, unit: str, initial: int = 0, interval: float = LINE_INTERVAL_S):
+    def __init__(
+        self, desc: str, total: int | None, unit: str, initial: int = 0, interval: float = LINE_INTERVAL_S
+    ) -> None:
         self._desc, self._total, self._unit, self._interval = desc, total, unit, interval
         self._done = self._start = initial
         self._began = self._last = time.monotonic()
