@@ -7,8 +7,11 @@ typo fails with the key at fault rather than half-way through a move.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ class Config:
         return self.script_location
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a TOML comment
 _TOP_KEYS = {"catalog_url", "tenancy", "schema"}
 _TENANCY_KEYS = {"column", "root_table", "root_column", "schema", "exclude"}
 _SCHEMA_KEYS = {"script_location"}
@@ -139,20 +143,69 @@ def load(explicit: str | Path | None = None) -> Config:
     return parse(path.read_text(encoding="utf-8"), path)
 
 
-def render(catalog_url: str, tenancy: Tenancy, script_location: Path | None) -> str:
-    """TOML text for a config file (written by `fleet up`); values quoted as TOML basic strings."""
+def render(
+    catalog_url: str,
+    tenancy: Tenancy,
+    script_location: Path | None,
+    *,
+    notes: Sequence[str] = (),
+    schema_hint: bool = False,
+) -> str:
+    """A commented config file (`fleet up`, `migrator init`) that `parse` reads back as these values.
 
-    def q(value: str) -> str:
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    `notes` become comment lines at the top (how `init` guessed the tenancy); with no
+    `script_location`, `schema_hint` adds a commented-out [schema] section to fill in.
+    """
+
+    def q(value: str) -> str:  # a TOML basic string: JSON's escapes are TOML's, plus DEL
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
     exclude = ", ".join(q(t) for t in tenancy.exclude)
-    return (
-        f"catalog_url = {q(catalog_url)}\n\n"
-        "[tenancy]\n"
-        f"column = {q(tenancy.column)}\n"
-        f"root_table = {q(tenancy.root_table)}\n"
-        f"root_column = {q(tenancy.root_column)}\n"
-        f"schema = {q(tenancy.db_schema)}\n"
-        f"exclude = [{exclude}]\n"
-        + ("" if script_location is None else f"\n[schema]\nscript_location = {q(str(script_location))}\n")
-    )
+    lines = [
+        "# migrator.toml: where the routing catalog is and how tenant rows are recognised on every stamp.",
+        "# Found via --config, then $MIGRATOR_CONFIG, then ./migrator.toml; paths are relative to this file.",
+        *(f"# {_CONTROL.sub(' ', note)}" for note in notes),
+        "",
+        "# The routing catalog's database (tenant -> stamp); $MIGRATOR_CATALOG_URL overrides it.",
+        f"catalog_url = {q(catalog_url)}",
+        "",
+        "[tenancy]",
+        "# The tenant key column of every tenant table; tables without it are global and never moved.",
+        f"column = {q(tenancy.column)}",
+        "# The table whose key *is* the tenant id, and that key column.",
+        f"root_table = {q(tenancy.root_table)}",
+        f"root_column = {q(tenancy.root_column)}",
+        "# The schema holding the tenant tables.",
+        f"schema = {q(tenancy.db_schema)}",
+        "# Tables never moved even though they have the tenant column.",
+        f"exclude = [{exclude}]",
+    ]
+    if script_location is not None:
+        lines += ["", "# The stamps' Alembic environment, for `migrator schema`.", "[schema]"]
+        lines += [f"script_location = {q(str(script_location))}"]
+    elif schema_hint:
+        lines += [
+            "",
+            "# The stamps have an alembic_version table: to run their migrations with `migrator schema`,",
+            "# name the directory holding the application's Alembic env.py.",
+            "# [schema]",
+            '# script_location = "path/to/alembic"',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def refuse_existing(path: Path, force: bool) -> None:
+    """An existing file is kept unless `force`: it may be someone's working configuration."""
+    if not force and (path.exists() or path.is_symlink()):
+        raise ConfigError(f"{path} already exists; pass --force to overwrite it")
+
+
+def write(path: Path, text: str, *, force: bool = False) -> Path:
+    """Write a config file readable by its owner only (it holds the catalog URL, perhaps a password)."""
+    refuse_existing(path, force)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)  # O_EXCL: no race with another writer
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # an overwritten file would keep its old mode
+        handle.write(text)
+    return path

@@ -33,3 +33,17 @@ class VerifyMismatch(MigratorError):
 
 class RouteConflict(MigratorError):
     """The route's compare-and-set lost: someone else changed it first."""
+
+
+class CheckFailed(MigratorError):
+    """A check (`stamp check`, `doctor`) found problems and printed them; the exit code says so."""
+
+
+class SchemaDrift(CheckFailed):
+    """`schema status`: an active stamp is not at head (exit 3, a pipeline gate)."""
+
+    exit_code = 3
+
+
+class Declined(MigratorError):
+    """The operator answered no to a confirmation; nothing was changed."""

@@ -1,11 +1,13 @@
 """The root command group and what every command shares: error mapping, config loading, output.
 
 No logic lives here beyond presentation; every command maps `MigratorError` to one line on
-stderr and its exit code (1 operation failed, 2 bad input), and `--json` gives machine output.
+stderr and its exit code (1 operation failed, 2 bad input, 3 schema drift), and `--json` gives
+machine output.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,36 +17,64 @@ import psycopg
 from migrator import __version__
 from migrator.cli import render
 from migrator.context import Context
-from migrator.errors import MigratorError
+from migrator.errors import Declined, MigratorError
 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+NO_PROGRESS = click.option(
+    "--no-progress", is_flag=True, help="Print no progress (bars on a terminal, else a line every few seconds)."
+)
 
 
 class Failure(click.ClickException):
-    """A failure shown as one masked line on stderr, with the engine's exit code."""
+    """A failure shown as one masked line on stderr (none when the report said it all), with its exit code."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(render.mask_text(message))
         self.exit_code = exit_code  # type: ignore[misc]  # a ClassVar in click, read per instance
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
+        if self.message:
+            click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _failure(exc: Exception) -> Failure:
+    """The one mapping from an exception to the line and exit code the operator sees."""
+    if isinstance(exc, MigratorError):
+        return Failure(str(exc), exc.exit_code)
+    if isinstance(exc, click.UsageError):
+        return Failure(f"{typed_path(exc.ctx)}: {exc.format_message()}", exc.exit_code)
+    if isinstance(exc, psycopg.Error):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return Failure(f"database error: {first}", 1)
+    return Failure(str(exc), 1)  # OSError: a file or directory the command needs
 
 
 class MigratorGroup(click.Group):
-    """Maps engine and database errors of every sub-command to `Failure` (never a traceback)."""
+    """Maps engine, usage, database and file errors of every command to `Failure` (never a traceback).
+
+    Commands end non-zero only by raising: a `MigratorError` (its `exit_code`) or click's usage errors.
+    """
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:  # the root's own options, e.g. `migrator --bogus`
+            raise _failure(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except MigratorError as exc:
-            raise Failure(str(exc), exc.exit_code) from None
-        except click.UsageError as exc:
-            where = exc.ctx.command_path if exc.ctx else "migrator"
-            raise Failure(f"{where}: {exc.format_message()}", exc.exit_code) from None
-        except psycopg.Error as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise Failure(f"database error: {first}", 1) from None
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # a group named alone (`migrator stamp`) shows its help
+        except (MigratorError, click.UsageError, psycopg.Error, OSError) as exc:
+            raise _failure(exc) from None
+
+
+_IMPLIED = "migrator.implied_commands"  # ctx.meta key: paths of sub-commands DefaultGroup implied
 
 
 class DefaultGroup(click.Group):
@@ -54,9 +84,46 @@ class DefaultGroup(click.Group):
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
             args = ["run", *args]
+            ctx.meta.setdefault(_IMPLIED, set()).add(f"{ctx.command_path} run")
         return super().parse_args(ctx, args)
+
+
+def typed_path(ctx: click.Context | None) -> str:
+    """The command as the user typed it: `migrator move`, not the `migrator move run` it implied."""
+    if ctx is None:
+        return "migrator"
+    path = ctx.command_path
+    return path.rsplit(" ", 1)[0] if path in ctx.meta.get(_IMPLIED, ()) else path
+
+
+def confirm(question: str) -> None:
+    """Ask before changing anything; no (or no terminal to answer) ends the command with `Declined`."""
+    try:
+        agreed = click.confirm(question, err=True)
+    except click.Abort:  # end of input or Ctrl-C at the prompt: end the prompt's line
+        click.echo(err=True)
+        agreed = False
+    if not agreed:
+        raise Declined("not confirmed; nothing was changed")
+
+
+class EngineDefault:
+    """An option's default read from the engine's options dataclass when it is needed (a run, or help).
+
+    One truth for every default; read lazily because the engine modules import SQLAlchemy and
+    Alembic, which `migrator --help` must not load.
+    """
+
+    def __init__(self, read: Callable[[], Any]) -> None:
+        self._read = read
+
+    def __call__(self) -> Any:
+        return self._read()
+
+    def __str__(self) -> str:  # what click's show_default prints
+        return str(self())
 
 
 def context_of(click_ctx: click.Context) -> Context:

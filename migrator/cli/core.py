@@ -2,13 +2,47 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
 import click
 
+from migrator import config as configlib
 from migrator.cli import render
 from migrator.cli.base import JSON, cli, context_of, emit, route_dict
+from migrator.errors import CheckFailed
+
+# -- init -------------------------------------------------------------------------------------------------
+
+
+@cli.command("init")
+@click.option(
+    "--catalog", "catalog_url", default=None, help="URL of the routing catalog's database (else a placeholder)."
+)
+@click.option(
+    "--from-stamp", default=None, help="DSN of one stamp of the application: guess [tenancy] from its tables."
+)
+@click.option("--force", is_flag=True, help="Overwrite the file if it exists.")
+@click.option(
+    "--path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write (default: the --config path, else ./migrator.toml).",
+)
+@click.pass_context
+def init_cmd(
+    ctx: click.Context, catalog_url: str | None, from_stamp: str | None, force: bool, path: Path | None
+) -> None:
+    """Write a commented migrator.toml for an existing application (mode 0600), guessing its tenancy from a stamp."""
+    from migrator.stamps.tenancy import init_config
+
+    target = path or ctx.find_root().obj["config"] or Path(configlib.DEFAULT_FILE)
+    written = init_config(target, catalog_url, from_stamp, force)
+    uses = "" if target == Path(configlib.DEFAULT_FILE) else f" --config {shlex.quote(str(target))}"
+    done = f"wrote {written.path}; review it, then run `migrator{uses} catalog init`"
+    click.echo(render.mask_text("\n".join([*written.notes, done])))
+
 
 # -- catalog ----------------------------------------------------------------------------------------------
 
@@ -139,7 +173,7 @@ def stamp_check(ctx: click.Context, name: str, as_json: bool) -> None:
         )
     emit(as_json, data, text)
     if not result.ok:
-        sys.exit(1)
+        raise CheckFailed()
 
 
 # -- routes -----------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
@@ -35,12 +36,17 @@ def fleet_group() -> None:
     help="Spread the stamps over this many PostgreSQL servers.",
 )
 def fleet_up(directory: Path, stamps: int, servers: int) -> None:
-    """Start local PostgreSQL, create the catalog and N stamps at head, write DIR/migrator.toml."""
+    """Start local PostgreSQL, create the catalog and N stamps at head, write DIR/migrator.toml.
+
+    On a failure every server it started is stopped again; on success it prints the `export` line to use it.
+    """
     from migrator.local.fleet import fleet_up as up
 
     info = up(directory, stamps, servers)
     click.echo(f"fleet up: config {info.config_path}")
     click.echo(render.table(["name", "dsn"], [["catalog", info.masked_catalog], *info.masked_stamps]))
+    click.echo("\nso that the next commands use this fleet, run:")
+    click.echo(f"export MIGRATOR_CONFIG={shlex.quote(str(info.config_path))}")
 
 
 @fleet_group.command("down")

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
-import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from migrator.cli import render
-from migrator.cli.base import JSON, DefaultGroup, cli, context_of, emit, route_dict
-from migrator.errors import MigratorError
-from migrator.progress import Progress, Silent
+from migrator.cli.base import JSON, NO_PROGRESS, DefaultGroup, EngineDefault, cli, confirm, context_of, emit, route_dict
+from migrator.errors import CheckFailed, VerifyMismatch
+
+if TYPE_CHECKING:
+    from migrator.move import CutoverOptions, MoveOptions
+
+
+def _move_defaults() -> MoveOptions:
+    """The engine's defaults for `move` (imported here: the engine loads Alembic, `--help` must not)."""
+    from migrator.move import MoveOptions
+
+    return MoveOptions()
+
+
+def _cutover_defaults() -> CutoverOptions:
+    return _move_defaults().cutover
+
 
 # -- moves ------------------------------------------------------------------------------------------------
 
@@ -26,7 +39,7 @@ def move_group() -> None:
 @click.option(
     "--batch-rows",
     type=click.IntRange(min=1),
-    default=50_000,
+    default=EngineDefault(lambda: _move_defaults().batch_rows),
     show_default=True,
     help="Rows per copy batch (each batch is one target transaction).",
 )
@@ -36,25 +49,26 @@ def move_group() -> None:
 @click.option(
     "--cutover-backlog",
     type=click.IntRange(min=0),
-    default=200,
+    default=EngineDefault(lambda: _cutover_defaults().cutover_backlog),
     show_default=True,
     help="Online: enter the cutover once at most this many captured changes are pending.",
 )
 @click.option(
     "--catchup-timeout",
     type=click.FloatRange(min=1),
-    default=600,
+    default=EngineDefault(lambda: _cutover_defaults().catchup_timeout_s),
     show_default=True,
     help="Online: seconds catch-up may take to reach the backlog before the move stops, resumable.",
 )
 @click.option(
     "--max-freeze-ms",
     type=click.FloatRange(min=1),
-    default=2000,
+    default=EngineDefault(lambda: _cutover_defaults().max_freeze_ms),
     show_default=True,
     help="Online: longest write freeze allowed; a longer cutover unfences, backs off and retries.",
 )
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@NO_PROGRESS
 @JSON
 @click.pass_context
 def move_run(
@@ -69,24 +83,30 @@ def move_run(
     catchup_timeout: float,
     max_freeze_ms: float,
     yes: bool,
+    no_progress: bool,
     as_json: bool,
 ) -> None:
     """Move TENANT to another stamp (online by default); re-running it resumes an interrupted move."""
-    from migrator.move import MoveOptions, move_tenant
-    from migrator.move.cutover import CutoverOptions
+    from dataclasses import replace
+
+    from migrator.move import move_tenant
 
     context = context_of(ctx)
     if not (yes or dry_run):
         route = context.catalog.route(tenant)
-        click.confirm(f"Move tenant {tenant} from {route.stamp} to {target}?", abort=True)
-    progress: Progress = Silent() if as_json else render.Bars()
-    try:
-        cutover = CutoverOptions(cutover_backlog, catchup_timeout, max_freeze_ms)
-        options = MoveOptions(batch_rows, rate_limit, dry_run, online=not offline, cutover=cutover)
+        confirm(f"Move tenant {tenant} from {route.stamp} to {target}?")
+    defaults = _move_defaults()
+    cutover = replace(
+        defaults.cutover,
+        cutover_backlog=cutover_backlog,
+        catchup_timeout_s=catchup_timeout,
+        max_freeze_ms=max_freeze_ms,
+    )
+    options = replace(
+        defaults, batch_rows=batch_rows, rate_limit=rate_limit, dry_run=dry_run, online=not offline, cutover=cutover
+    )
+    with render.progress(not (as_json or no_progress)) as progress:
         outcome = move_tenant(context, tenant, target, options, progress)
-    finally:
-        if isinstance(progress, render.Bars):
-            progress.close()
     if dry_run:
         text = (
             f"dry run: tenant {tenant} {outcome.source} -> {outcome.target}: preflight passed; would copy\n"
@@ -174,15 +194,17 @@ def move_status(ctx: click.Context, move_id: int | None, as_json: bool) -> None:
     help="Rows per delete batch on the target.",
 )
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@NO_PROGRESS
 @click.pass_context
-def move_abort(ctx: click.Context, move_id: int, batch_rows: int, yes: bool) -> None:
+def move_abort(ctx: click.Context, move_id: int, batch_rows: int, yes: bool, no_progress: bool) -> None:
     """Abort an unfinished move: delete the partial copy on the target and lift the source's fence."""
     from migrator.move import abort_move
 
     context = context_of(ctx)
     if not yes:
-        click.confirm(f"Abort move {move_id} and delete its partial copy?", abort=True)
-    move = abort_move(context, move_id, batch_rows, Silent())
+        confirm(f"Abort move {move_id} and delete its partial copy?")
+    with render.progress(not no_progress, "deleted") as progress:
+        move = abort_move(context, move_id, batch_rows, progress)
     click.echo(f"move {move.id} aborted: tenant {move.tenant} stays on {move.source}, writable")
 
 
@@ -227,7 +249,7 @@ def verify_cmd(ctx: click.Context, tenant: str, source: str, target: str, as_jso
     )
     emit(as_json, data, text + "\n" + report.summary())
     if not report.equal:
-        raise MigratorError(report.summary())
+        raise VerifyMismatch(report.summary())
 
 
 @cli.command("cleanup")
@@ -235,15 +257,17 @@ def verify_cmd(ctx: click.Context, tenant: str, source: str, target: str, as_jso
 @click.option("--stamp", required=True, help="The old stamp holding the moved tenant's leftover rows.")
 @click.option("--batch-rows", type=click.IntRange(min=1), default=10_000, show_default=True, help="Rows per delete.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@NO_PROGRESS
 @click.pass_context
-def cleanup_cmd(ctx: click.Context, tenant: str, stamp: str, batch_rows: int, yes: bool) -> None:
+def cleanup_cmd(ctx: click.Context, tenant: str, stamp: str, batch_rows: int, yes: bool, no_progress: bool) -> None:
     """Delete a moved tenant's leftover rows from its old stamp, in batches, and lift the fence there."""
     from migrator.move.cleanup import cleanup_tenant
 
     context = context_of(ctx)
     if not yes:
-        click.confirm(f"Delete every row of tenant {tenant} on {stamp}?", abort=True)
-    counts = cleanup_tenant(context, tenant, stamp, batch_rows, Silent())
+        confirm(f"Delete every row of tenant {tenant} on {stamp}?")
+    with render.progress(not no_progress, "deleted") as progress:
+        counts = cleanup_tenant(context, tenant, stamp, batch_rows, progress)
     click.echo(f"deleted {sum(counts.values())} rows of tenant {tenant} from {stamp}")
 
 
@@ -259,4 +283,4 @@ def doctor_cmd(ctx: click.Context, stamp: str | None, as_json: bool) -> None:
     lines = [f"{name}: {item}" for name, items in found.items() for item in items]
     emit(as_json, found, "\n".join(lines) if lines else "no leftovers")
     if lines:
-        sys.exit(1)
+        raise CheckFailed()

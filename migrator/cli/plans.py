@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from tqdm import tqdm
 
 from migrator.catalog import StampState
 from migrator.cli import render
-from migrator.cli.base import JSON, cli, context_of, emit
+from migrator.cli.base import JSON, NO_PROGRESS, EngineDefault, cli, confirm, context_of, emit
 from migrator.cli.core import NO_CHECK, stamp_group
 from migrator.errors import MigratorError
 
 if TYPE_CHECKING:  # the engine is imported inside each command, which keeps `migrator --help` fast
-    from migrator.plans.apply import ApplyResult, Entry, EntryResult, Prepared
+    from migrator.plans.apply import ApplyOptions, ApplyResult, Entry, EntryResult, Prepared
     from migrator.plans.planners import Plan
 
 OUTPUT = click.option(
@@ -206,26 +204,26 @@ def _plan_text(plan: Plan) -> str:
 # -- apply ------------------------------------------------------------------------------------------------
 
 
+def _apply_defaults() -> ApplyOptions:
+    """The engine's defaults for `apply` (imported here: the engine loads Alembic, `--help` must not)."""
+    from migrator.plans.apply import ApplyOptions
+
+    return ApplyOptions()
+
+
 class ApplyBars:
-    """An overall tqdm bar of rows on stderr, and one line per started and finished move."""
+    """An overall counter of rows on stderr (a bar, or periodic lines), and one line per started and finished move."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._bar: tqdm[Any] | None = None
+        self._bar: render.Meter | None = None
         self._count = 0
         self._total = 0
 
     def begin(self, prepared: Prepared) -> None:
         todo = prepared.todo
         self._total = len(todo)
-        self._bar = tqdm(
-            total=sum(e.move.rows for e in todo) or None,
-            desc=f"plan ({len(todo)} moves)",
-            unit="rows",
-            unit_scale=True,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
+        self._bar = render.meter(f"plan ({len(todo)} moves)", sum(e.move.rows for e in todo), "rows")
         for entry in prepared.entries:
             if entry.todo == "done":
                 self._line(f"skip    tenant {entry.move.tenant}: {entry.note}")
@@ -255,7 +253,7 @@ class ApplyBars:
 
     def _line(self, text: str) -> None:
         with self._lock:
-            tqdm.write(render.mask_text(text), file=sys.stderr)
+            render.say(text)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -263,7 +261,7 @@ class ApplyBars:
 
 
 class _Quiet:
-    """The reporter of --json runs: says nothing until the result."""
+    """The reporter of --json and --no-progress runs: no progress, only notes (what an interrupt does)."""
 
     def begin(self, prepared: Prepared) -> None:
         pass
@@ -278,7 +276,7 @@ class _Quiet:
         pass
 
     def note(self, message: str) -> None:
-        pass
+        render.say(message)
 
 
 def _dry_run(as_json: bool, prepared: Prepared) -> None:
@@ -337,27 +335,28 @@ def _summary(result: ApplyResult) -> str:
 @click.option(
     "--parallel",
     type=click.IntRange(min=1, max=64),
-    default=1,
+    default=EngineDefault(lambda: _apply_defaults().parallel),
     show_default=True,
     help="Run at most this many moves at once.",
 )
 @click.option(
     "--per-stamp",
     type=click.IntRange(min=1),
-    default=1,
+    default=EngineDefault(lambda: _apply_defaults().per_stamp),
     show_default=True,
     help="Run at most this many moves at once into one target stamp.",
 )
 @click.option(
     "--batch-rows",
     type=click.IntRange(min=1),
-    default=50_000,
+    default=EngineDefault(lambda: _apply_defaults().batch_rows),
     show_default=True,
     help="Rows per copy batch of each move.",
 )
 @click.option("--stop-on-error", is_flag=True, help="Start no more moves once one has failed.")
 @click.option("--dry-run", is_flag=True, help="Check the plan is still current and show what would run.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@NO_PROGRESS
 @JSON
 @click.pass_context
 def apply_cmd(
@@ -369,10 +368,13 @@ def apply_cmd(
     stop_on_error: bool,
     dry_run: bool,
     yes: bool,
+    no_progress: bool,
     as_json: bool,
 ) -> None:
     """Carry out a plan file's moves; re-running it resumes where it stopped (Ctrl-C lets running moves end)."""
-    from migrator.plans.apply import ApplyOptions, prepare, run
+    from dataclasses import replace
+
+    from migrator.plans.apply import prepare, run
 
     context = context_of(ctx)
     prepared = prepare(context, file)
@@ -382,10 +384,13 @@ def apply_cmd(
     todo = prepared.todo
     if not yes:
         rows = sum(e.move.rows for e in todo)
-        click.confirm(f"Apply {file}: {len(todo)} moves ({rows:,} rows), {parallel} at a time?", abort=True)
-    reporter = _Quiet() if as_json else ApplyBars()
+        confirm(f"Apply {file}: {len(todo)} moves ({rows:,} rows), {parallel} at a time?")
+    options = replace(
+        _apply_defaults(), parallel=parallel, per_stamp=per_stamp, stop_on_error=stop_on_error, batch_rows=batch_rows
+    )
+    reporter = _Quiet() if as_json or no_progress else ApplyBars()
     try:
-        result = run(context, prepared, ApplyOptions(parallel, per_stamp, stop_on_error, batch_rows), reporter)
+        result = run(context, prepared, options, reporter)
     finally:
         if isinstance(reporter, ApplyBars):
             reporter.close()

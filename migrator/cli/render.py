@@ -7,14 +7,17 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
 from migrator.db import dsn as dsnlib
+from migrator.progress import Progress, Silent
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -68,43 +71,111 @@ def setup_logging(verbose: bool) -> None:
     root.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+LINE_INTERVAL_S = 10.0  # how often a progress line is written where stderr is not a terminal
+
+
+class Meter(Protocol):
+    """One counter of progress: a tqdm bar on a terminal, else a `LineMeter`."""
+
+    def update(self, n: int) -> object: ...
+
+    def close(self) -> None: ...
+
+
+class LineMeter:
+    """Progress for logs (CI, cron, Kubernetes): a plain line every `interval` seconds and one at the end.
+
+    No carriage returns or cursor codes, which a terminal-less log would keep as garbage.
+    """
+
+    def __init__(
+        self, desc: str, total: int | None, unit: str, initial: int = 0, interval: float = LINE_INTERVAL_S
+    ) -> None:
+        self._desc, self._total, self._unit, self._interval = desc, total, unit, interval
+        self._done = self._start = initial
+        self._began = self._last = time.monotonic()
+        self._closed = False
+
+    def update(self, n: int) -> None:
+        self._done += n
+        if time.monotonic() - self._last >= self._interval:
+            self._line()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._line()
+
+    def _line(self) -> None:
+        now = time.monotonic()
+        self._last = now
+        elapsed = now - self._began
+        rate = (self._done - self._start) / max(elapsed, 1e-6)
+        done = f"{self._done:,}/{self._total:,} {self._unit} ({self._done / self._total:.0%})" if self._total else ""
+        say(f"{self._desc}: {done or f'{self._done:,} {self._unit}'}, {rate:,.0f} {self._unit}/s, {elapsed:.1f} s")
+
+
+def terminal() -> bool:
+    """Whether stderr, where progress goes, is a terminal that can redraw bars."""
+    return sys.stderr.isatty()
+
+
+def meter(
+    desc: str,
+    total: int | None,
+    unit: str,
+    *,
+    initial: int = 0,
+    position: int = 0,
+    leave: bool = True,
+    scale: bool = True,
+) -> Meter:
+    """A tqdm bar when stderr is a terminal, else plain lines (tqdm would write carriage returns).
+
+    `scale` abbreviates large counts on the bar (12.3k rows); counts of a few stamps stay whole.
+    """
+    if not terminal():
+        return LineMeter(desc, total, unit, initial)
+    return tqdm(
+        total=total or None,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        unit_scale=scale,
+        position=position,
+        leave=leave,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+
+def say(message: str) -> None:
+    """One masked line on stderr, above any bars being drawn."""
+    tqdm.write(mask_text(message), file=sys.stderr)
+
+
 class Bars:
-    """Progress as tqdm bars on stderr: one overall bar and one per table, with rows/s."""
+    """Progress of a move, cleanup or abort on stderr: one overall counter and one per table, with rows/s.
+
+    Bars on a terminal, plain periodic lines elsewhere (see `meter`).
+    """
 
     def __init__(self, desc: str = "total") -> None:
         self._desc = desc
-        self._overall: tqdm[Any] | None = None
-        self._bars: dict[str, tqdm[Any]] = {}
+        self._overall: Meter | None = None
+        self._bars: dict[str, Meter] = {}
 
     def begin(self, total: int) -> None:
         if self._overall is None:
-            self._overall = tqdm(
-                total=total or None,
-                desc=self._desc,
-                unit="rows",
-                unit_scale=True,
-                position=0,
-                file=sys.stderr,
-                dynamic_ncols=True,
-                leave=True,
-            )
+            self._overall = meter(self._desc, total, "rows")
 
     def phase(self, message: str) -> None:
-        tqdm.write(mask_text(message), file=sys.stderr)
+        say(message)
 
     def start_table(self, table: str, total: int, done: int) -> None:
-        bar = tqdm(
-            total=total or None,
-            initial=done,
-            desc=table,
-            unit="rows",
-            unit_scale=True,
-            leave=False,
-            position=1,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
-        self._bars[table] = bar
+        if self._overall is None:  # cleanup and abort count rows without a total
+            self.begin(0)
+        self._bars[table] = meter(table, total, "rows", initial=done, position=1, leave=False)
         if done and self._overall is not None:
             self._overall.update(done)
 
@@ -124,3 +195,16 @@ class Bars:
             bar.close()
         if self._overall is not None:
             self._overall.close()
+
+
+@contextmanager
+def progress(enabled: bool, desc: str = "total") -> Iterator[Progress]:
+    """`Bars` for one command, closed however it ends; `Silent` for --json and --no-progress."""
+    if not enabled:
+        yield Silent()
+        return
+    bars = Bars(desc)
+    try:
+        yield bars
+    finally:
+        bars.close()

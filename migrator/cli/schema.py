@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import click
-from tqdm import tqdm
 
 from migrator.cli import render
-from migrator.cli.base import JSON, cli, context_of, emit
-
-DRIFT_EXIT = 3  # `schema status`: some active stamp is not at head (a pipeline gate)
+from migrator.cli.base import JSON, NO_PROGRESS, cli, confirm, context_of, emit
+from migrator.errors import SchemaDrift
 
 
 @cli.group("schema")
@@ -59,7 +56,7 @@ def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> N
     data = {"head": head, "drift": bool(gating), "stamps": [{**_fields(r), "drift": r.drift} for r in rows]}
     emit(as_json, data, f"{text}\n{summary}")
     if gating:
-        ctx.exit(DRIFT_EXIT)
+        raise SchemaDrift()
 
 
 @schema_group.command("upgrade")
@@ -78,6 +75,7 @@ def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> N
 @click.option("--dry-run", is_flag=True, help="Print each stamp's pending revisions and their SQL; change nothing.")
 @click.option("--active-only", is_flag=True, help="Leave draining and retired stamps out.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@NO_PROGRESS
 @JSON
 @click.pass_context
 def schema_upgrade_cmd(
@@ -89,12 +87,13 @@ def schema_upgrade_cmd(
     dry_run: bool,
     active_only: bool,
     yes: bool,
+    no_progress: bool,
     as_json: bool,
 ) -> None:
     """Upgrade every stamp to REVISION (default head): the canary first, then waves of --parallel stamps."""
     from migrator.rollout.runner import upgrade_fleet
 
-    bars = _Bars(enabled=not as_json)
+    bars = _Bars(enabled=not (as_json or no_progress))
     try:
         rollout = upgrade_fleet(
             context_of(ctx),
@@ -116,13 +115,16 @@ def schema_upgrade_cmd(
 @click.argument("revision")
 @click.option("--stamp", "names", multiple=True, help="A stamp to downgrade (repeatable; default: every stamp).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@NO_PROGRESS
 @JSON
 @click.pass_context
-def schema_downgrade_cmd(ctx: click.Context, revision: str, names: tuple[str, ...], yes: bool, as_json: bool) -> None:
+def schema_downgrade_cmd(
+    ctx: click.Context, revision: str, names: tuple[str, ...], yes: bool, no_progress: bool, as_json: bool
+) -> None:
     """Downgrade stamps to REVISION (or base), canary first, with the same locks and log as upgrade."""
     from migrator.rollout.runner import downgrade_stamps
 
-    bars = _Bars(enabled=not as_json)
+    bars = _Bars(enabled=not (as_json or no_progress))
     try:
         rollout = downgrade_stamps(context_of(ctx), revision, names, progress=bars, confirm=None if yes else _confirm)
     finally:
@@ -205,7 +207,7 @@ def _confirm(plan: Any) -> None:
     click.echo(f"{plan.direction} {stamps} stamp(s) to {target}: {lead}{rest} wave(s)", err=True)
     for number, wave in enumerate(plan.waves):
         click.echo(f"  wave {number}: {', '.join(wave)}", err=True)
-    click.confirm(f"{plan.direction.capitalize()} {stamps} stamp(s) to {target}?", abort=True, err=True)
+    confirm(f"{plan.direction.capitalize()} {stamps} stamp(s) to {target}?")
 
 
 def _report(rollout: Any, as_json: bool) -> None:
@@ -257,22 +259,21 @@ def _dry_run_text(rollout: Any) -> str:
 
 
 class _Bars:
-    """One tqdm bar per wave on stderr; a failing stamp gets its own line."""
+    """One counter per wave on stderr (a bar, or plain lines off a terminal); a failing stamp gets its own line."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self._bar: tqdm[Any] | None = None
+        self._bar: render.Meter | None = None
 
     def wave_started(self, number: int, waves: int, stamps: Sequence[str]) -> None:
         if self.enabled:
-            desc = f"wave {number + 1}/{waves}"
-            self._bar = tqdm(total=len(stamps), desc=desc, unit="stamp", file=sys.stderr, leave=True)
+            self._bar = render.meter(f"wave {number + 1}/{waves}", len(stamps), "stamps", scale=False)
 
     def stamp_finished(self, outcome: Any) -> None:
         if self._bar is not None:
             self._bar.update(1)
             if outcome.result == "failed":
-                tqdm.write(render.mask_text(f"{outcome.stamp}: {outcome.error}"), file=sys.stderr)
+                render.say(f"{outcome.stamp}: {outcome.error}")
 
     def wave_finished(self, number: int) -> None:
         self.close()

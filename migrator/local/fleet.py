@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from migrator.local import pgserver, provision
 from migrator.local.seed import demo_tenants, seed_fleet_stamp
 
 STATE_FILE = "fleet.json"
+log = logging.getLogger("migrator.fleet")
 
 
 @dataclass(frozen=True)
@@ -33,24 +36,53 @@ class FleetInfo:
 
 
 def fleet_up(directory: Path, stamps: int = 3, servers: int = 1) -> FleetInfo:
-    """Start servers, create and migrate the catalog and stamps, register them, write migrator.toml."""
+    """Start servers, create and migrate the catalog and stamps, register them, write migrator.toml.
+
+    All or nothing: if any step fails (or is interrupted), every server started so far is stopped and
+    what this call created is removed before the error propagates, so no PostgreSQL is left running
+    and the same command can simply be run again.
+    """
     directory = directory.resolve()
     if (directory / STATE_FILE).exists():
         raise BadInput(f"a fleet already runs in {directory}; run `migrator fleet down --dir {directory}` first")
     directory.mkdir(parents=True, exist_ok=True)
-    started = [pgserver.start_server(directory / f"server-{i + 1}") for i in range(servers)]
-    (directory / STATE_FILE).write_text(json.dumps({"servers": [str(s.datadir) for s in started]}))
-    catalog_url = provision.catalog_database(started[0])
-    catalog = Catalog(catalog_url)
-    stamp_dsns = {}
-    for i in range(stamps):
-        name = f"stamp-{i + 1}"
-        stamp_dsn = provision.stamp_database(started[i % servers], f"stamp_{i + 1}")
-        catalog.add_stamp(name, stamp_dsn, region="local")
-        stamp_dsns[name] = stamp_dsn
-    catalog.close()
-    config_path = provision.write_config(directory / configlib.DEFAULT_FILE, catalog_url)
+    started: list[pgserver.LocalServer] = []
+    created: list[Path] = []
+    try:
+        for i in range(servers):
+            base = directory / f"server-{i + 1}"
+            if not base.exists():
+                created.append(base)
+            started.append(pgserver.start_server(base))
+            (directory / STATE_FILE).write_text(json.dumps({"servers": [str(s.datadir) for s in started]}))
+        catalog_url = provision.catalog_database(started[0])
+        catalog = Catalog(catalog_url)
+        stamp_dsns = {}
+        try:
+            for i in range(stamps):
+                name = f"stamp-{i + 1}"
+                stamp_dsn = provision.stamp_database(started[i % servers], f"stamp_{i + 1}")
+                catalog.add_stamp(name, stamp_dsn, region="local")
+                stamp_dsns[name] = stamp_dsn
+        finally:
+            catalog.close()
+        config_path = provision.write_config(directory / configlib.DEFAULT_FILE, catalog_url)
+    except BaseException:
+        _undo(started, created, directory / STATE_FILE)
+        raise
     return FleetInfo(config_path, catalog_url, stamp_dsns)
+
+
+def _undo(started: list[pgserver.LocalServer], created: list[Path], state: Path) -> None:
+    """Stop the servers a failed `fleet_up` started and remove what it created; never masks its error."""
+    for server in started:
+        try:
+            server.stop("immediate")
+        except Exception as exc:  # keep stopping the others; the original error is the one to report
+            log.warning("could not stop the server in %s: %s", server.datadir, exc)
+    state.unlink(missing_ok=True)
+    for path in created:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def fleet_down(directory: Path) -> int:

@@ -52,6 +52,5 @@ def write_config(
     path: Path, catalog_url: str, tenancy: configlib.Tenancy | None = None, script_location: Path | None = None
 ) -> Path:
     """A private migrator.toml naming the catalog and (by default) the sample application's migrations."""
-    path.write_text(configlib.render(catalog_url, tenancy or configlib.Tenancy(), script_location or sample_app_env()))
-    path.chmod(0o600)
-    return path
+    text = configlib.render(catalog_url, tenancy or configlib.Tenancy(), script_location or sample_app_env())
+    return configlib.write(path, text, force=True)

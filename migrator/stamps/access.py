@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import psycopg
@@ -17,14 +17,18 @@ from migrator.errors import MigratorError
 from migrator.stamps.discovery import Layout, discover
 
 
-@contextmanager
-def connect(stamp: Stamp, *, autocommit: bool = True) -> Iterator[psycopg.Connection[Any]]:
+def connect(stamp: Stamp, *, autocommit: bool = True) -> AbstractContextManager[psycopg.Connection[Any]]:
     """A connection to the stamp; a failure names the stamp and never the password."""
+    return connect_dsn(stamp.dsn, f"stamp {stamp.name}", autocommit=autocommit)
+
+
+@contextmanager
+def connect_dsn(dsn: str, what: str, *, autocommit: bool = True) -> Iterator[psycopg.Connection[Any]]:
+    """A connection to `dsn`; a failure names `what` and the masked DSN, never the password."""
     try:
-        conn = dsnlib.connect(stamp.dsn, autocommit=autocommit)
+        conn = dsnlib.connect(dsn, autocommit=autocommit)
     except psycopg.Error as exc:
-        reason = dsnlib.reason(exc, stamp.dsn)
-        raise MigratorError(f"cannot connect to stamp {stamp.name} ({stamp.masked_dsn}): {reason}") from None
+        raise MigratorError(f"cannot connect to {what} ({dsnlib.mask(dsn)}): {dsnlib.reason(exc, dsn)}") from None
     with conn:
         yield conn
 
