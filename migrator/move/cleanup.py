@@ -13,7 +13,7 @@ import psycopg
 from psycopg import sql
 
 from migrator import stamps
-from migrator.catalog import Move, Stamp
+from migrator.catalog import Move, Phase, Stamp
 from migrator.context import Context
 from migrator.db.retry import transient
 from migrator.errors import BadInput
@@ -91,10 +91,10 @@ def _mark_cleaned(ctx: Context, tenant: str, stamp_name: str) -> Move | None:
     other command would remove them (abort refuses a flipped move).
     """
     for move in ctx.catalog.moves(tenant):
-        if move.source == stamp_name and move.phase == "flipped":
+        if move.source == stamp_name and move.phase == Phase.FLIPPED:
             with stamps.connect(ctx.catalog.stamp(move.target)) as tgt:
                 forget_progress(tgt, move.id)
-            return ctx.catalog.update_move(move.id, phase="cleaned")
+            return ctx.catalog.update_move(move.id, phase=Phase.CLEANED)
     return None
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 
-from migrator.catalog import Catalog, Move, Route, Stamp, TenantLock
+from migrator.catalog import Catalog, Move, Phase, Route, Stamp, TenantLock
 from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
 from migrator.errors import MigratorError, PreflightError, VerifyMismatch
@@ -67,7 +67,7 @@ def verify_move(catalog: Catalog, move: Move, source: Stamp, target: Stamp, layo
         catalog.update_move(move.id, error=report.summary(), source_checksum=source_sum, target_checksum=target_sum)
         raise VerifyMismatch(f"move {move.id}: verification failed, route not flipped: {report.summary()}")
     move = catalog.update_move(
-        move.id, phase="verified", source_checksum=source_sum, target_checksum=target_sum, error=None
+        move.id, phase=Phase.VERIFIED, source_checksum=source_sum, target_checksum=target_sum, error=None
     )
     return move, report
 
@@ -204,7 +204,7 @@ def online_cutover(
         except FreezeTooLong as exc:
             last = str(exc)
             progress.phase(f"{exc}; writes resumed (attempt {attempt}/{options.attempts})")
-            move = catalog.update_move(move.id, phase="synced", error=str(exc))
+            move = catalog.update_move(move.id, phase=Phase.SYNCED, error=str(exc))
             time.sleep(min(5.0, 0.5 * attempt))
     raise FreezeTooLong(
         f"move {move.id}: the cutover did not fit in {options.max_freeze_ms:.0f} ms after {options.attempts} "
@@ -227,7 +227,7 @@ def _freeze_and_flip(
         _check_revisions(src, tgt, source, target, revision)
         src.commit()
         tgt.commit()
-        move = catalog.update_move(move.id, phase="cutover")
+        move = catalog.update_move(move.id, phase=Phase.CUTOVER)
         started = time.monotonic()
 
         def elapsed_ms() -> float:

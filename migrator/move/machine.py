@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from migrator import stamps
-from migrator.catalog import Move, Route, Stamp, TableProgress, TenantLock
+from migrator.catalog import FLIPPED, Mode, Move, Phase, Route, Stamp, TableProgress, TenantLock
 from migrator.context import Context
 from migrator.db.alembic import read_revision
 from migrator.errors import MigratorError, PreflightError, VerifyMismatch
@@ -86,7 +86,7 @@ def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, pr
                 checked.rows,
                 not_moved=checked.null_tenant_rows,
             )
-        mode = "online" if options.online else "offline"
+        mode = Mode.ONLINE if options.online else Mode.OFFLINE
         move = catalog.create_move(
             tenant,
             checked.source.name,
@@ -147,28 +147,28 @@ def _run(
     timings: dict[str, float] = {}
     progress.begin(move.rows_total)
     try:
-        if move.phase == "created":
+        if move.phase == Phase.CREATED:
             with _timed(timings, "guard"):
                 move = _guard(ctx, move, source, target, layout)
-        if move.phase == "copying":
+        if move.phase == Phase.COPYING:
             with _timed(timings, "copy"):
                 move = _copy(ctx, move, source, target, layout, options, progress)
-        if move.mode == "offline":
-            if move.phase == "copied":
+        if move.mode == Mode.OFFLINE:
+            if move.phase == Phase.COPIED:
                 lock.check()
                 progress.phase(f"verifying tenant {move.tenant} on {source.name} and {target.name}")
                 with _timed(timings, "verify"):
                     move, report = verify_move(catalog, move, source, target, layout)
-            if move.phase == "verified":
+            if move.phase == Phase.VERIFIED:
                 progress.phase(f"flipping route of tenant {move.tenant} to {target.name}")
                 with _timed(timings, "flip"):
                     route = flip(catalog, move, lock)
                 return _finished(ctx, move, source, target, route, resumed, report, timings)
         else:
-            if move.phase == "copied":
+            if move.phase == Phase.COPIED:
                 with _timed(timings, "sync"):
                     move, report = _sync(ctx, move, source, target, layout, options, progress)
-            if move.phase in ("synced", "cutover"):
+            if move.phase in (Phase.SYNCED, Phase.CUTOVER):
                 with _timed(timings, "cutover"):
                     route = online_cutover(
                         catalog, move, source, target, layout, lock, move.schema_revision, options.cutover, progress
@@ -222,7 +222,7 @@ def _sync(
         message = f"move {move.id}: verification of the bulk copy failed, route not flipped: {report.summary()}"
         ctx.catalog.update_move(move.id, error=report.summary())
         raise VerifyMismatch(message)
-    return ctx.catalog.update_move(move.id, phase="synced", error=None), report
+    return ctx.catalog.update_move(move.id, phase=Phase.SYNCED, error=None), report
 
 
 def _record_error(ctx: Context, move: Move, message: str) -> None:
@@ -233,14 +233,14 @@ def _record_error(ctx: Context, move: Move, message: str) -> None:
 
 def _guard(ctx: Context, move: Move, source: Stamp, target: Stamp, layout: Layout) -> Move:
     """Before the copy: online, capture the tenant's writes; offline, reject them for the whole copy."""
-    offline = move.mode == "offline"
+    offline = move.mode == Mode.OFFLINE
     with stamps.connect(source, autocommit=False) as src:
         fence.guard(src, layout, move.tenant, move.id, fenced=offline, capture=not offline)
     if offline:
         ctx.catalog.set_route_state(move.tenant, "fenced")
     with stamps.connect(target, autocommit=False) as tgt:
         fence.ensure_schema(tgt)
-    return ctx.catalog.update_move(move.id, phase="copying")
+    return ctx.catalog.update_move(move.id, phase=Phase.COPYING)
 
 
 def _copy(
@@ -280,19 +280,19 @@ def _copy(
         )
     with stamps.connect(target, autocommit=False) as tgt:
         copy.advance_sequences(tgt, layout.tables, move.tenant)
-    return catalog.update_move(move.id, phase="copied", rows_copied=sum(c.rows for c in cursors.values()))
+    return catalog.update_move(move.id, phase=Phase.COPIED, rows_copied=sum(c.rows for c in cursors.values()))
 
 
 def abort_move(ctx: Context, move_id: int, batch_rows: int, progress: Progress) -> Move:
     """`migrator move abort`: before the flip, remove the partial copy and lift the fence."""
     catalog = ctx.catalog
     move = catalog.move(move_id)
-    if move.phase in ("flipped", "cleaned"):
+    if move.phase in FLIPPED:
         raise MigratorError(
             f"move {move.id} already flipped tenant {move.tenant} to {move.target}; it cannot be aborted "
             f"(run `migrator cleanup {move.tenant} --stamp {move.source}` to remove the old copy)"
         )
-    if move.phase == "aborted":
+    if move.phase == Phase.ABORTED:
         return move
     with catalog.lock_tenant(move.tenant):
         source, target = catalog.stamp(move.source), catalog.stamp(move.target)
@@ -304,4 +304,4 @@ def abort_move(ctx: Context, move_id: int, batch_rows: int, progress: Progress) 
         with stamps.connect(source, autocommit=False) as src:
             fence.unguard(src, layout, move.tenant)
         catalog.set_route_state(move.tenant, "active")
-        return catalog.update_move(move.id, phase="aborted", finished_at=datetime.now(UTC))
+        return catalog.update_move(move.id, phase=Phase.ABORTED, finished_at=datetime.now(UTC))

@@ -23,7 +23,7 @@ from typing import Protocol
 import psycopg
 
 from migrator import stamps
-from migrator.catalog import Stamp
+from migrator.catalog import FENCED_OFFLINE, Mode, Phase, Stamp
 from migrator.catalog.schema_runs import RunLog, SchemaRun, runs
 from migrator.context import Context
 from migrator.db.alembic import read_revision
@@ -38,8 +38,6 @@ __all__ = [
 ]  # fmt: skip
 
 OK, FAILED, SKIPPED, DRY_RUN = "ok", "failed", "skipped", "dry-run"
-# Phases in which a move holds a database fence on its source (see migrator.move).
-FENCED_OFFLINE_PHASES = ("created", "copying", "copied", "verified")
 
 
 class RolloutFailed(MigratorError):
@@ -276,9 +274,9 @@ def _fenced_moves(ctx: Context, names: list[str]) -> dict[str, str]:
     with ctx.catalog.transaction() as conn:
         rows = conn.execute(
             "SELECT id, tenant, source, target, mode, phase FROM moves"
-            " WHERE (phase = 'cutover' OR (mode = 'offline' AND phase = ANY(%s)))"
+            " WHERE (phase = %s OR (mode = %s AND phase = ANY(%s)))"
             " AND (source = ANY(%s) OR target = ANY(%s)) ORDER BY id",
-            (list(FENCED_OFFLINE_PHASES), names, names),
+            (Phase.CUTOVER, Mode.OFFLINE, sorted(FENCED_OFFLINE), names, names),
         ).fetchall()
     blocked: dict[str, str] = {}
     for move_id, tenant, source, target, mode, phase in rows:
