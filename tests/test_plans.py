@@ -224,6 +224,19 @@ def test_ctrl_c_lets_the_running_move_finish_and_says_how_to_resume(fleet: Fleet
     assert fleet.catalog.routes("eu-1") == []
 
 
+def test_a_plan_already_being_applied_is_refused_and_left_running(fleet: Fleet, tmp_path: Path) -> None:
+    _seed_many(fleet, "eu-1", {1: 3_000, 2: 2_000})
+    _plan(fleet, tmp_path, "drain", "eu-1", "--to", "eu-2")
+    args = ("apply", str(tmp_path / "plan.yaml"), "--batch-rows", "100", "--yes")
+    first = fleet.popen(*args)
+    _wait(lambda: any(s == "running" for _, _, s, _ in _plan_moves(fleet)), "a running move", first)
+    second = fleet.run(*args)
+    assert second.exit_code == 1 and "is being applied by another running migrator" in second.stderr, second.output
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err  # the refused run changed nothing of the first one's work
+    assert [s for _, _, s, _ in _plan_moves(fleet)] == ["done"] * 2 and fleet.catalog.routes("eu-1") == []
+
+
 def test_isolate_needs_an_empty_stamp(fleet: Fleet, tmp_path: Path) -> None:
     _seed_many(fleet, "eu-1", {1: 2_000, 2: 300})
     fleet.seed("us-1", 3, 300)

@@ -16,7 +16,6 @@ need no right on `_migrator`: without it every write of every tenant on the stam
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from migrator.db.locks import lock_key, xact_lock
 from migrator.stamps.discovery import Layout
 
 FENCED_SQLSTATE = "MGF01"
@@ -32,6 +32,7 @@ TRIGGER = "migrator_guard"
 LOCK_CLASS = 0x6D67  # advisory lock namespace (classid) of migrator's per-move locks
 # Set (transaction-locally) only by `cleanup`, which must delete the fenced tenant's leftovers.
 BYPASS_SETTING = "migrator.cleanup_bypass_fence"
+DDL_LOCK = lock_key("migrator.ddl")  # serialises migrator's own DDL on one stamp
 LOCK_ATTEMPTS = 50  # of DDL on the application's tables, each bounded by a 200 ms lock_timeout
 
 _FUNCTION = sql.SQL(
@@ -76,8 +77,7 @@ $fn$
 
 def _lock_stamp_ddl(conn: psycopg.Connection[Any]) -> None:
     """Serialise migrator's own DDL on one stamp (two moves installing triggers at once)."""
-    key = int.from_bytes(hashlib.sha256(b"migrator.ddl").digest()[:8], "big", signed=True)
-    conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+    xact_lock(conn, DDL_LOCK)
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:

@@ -25,6 +25,7 @@ from typing import Protocol
 from migrator.catalog import Catalog, Move, Stamp
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
+from migrator.db.locks import lock_key, try_lock
 from migrator.errors import BadInput, LockBusy, MigratorError
 from migrator.move import MoveOptions, move_tenant
 from migrator.plans.capacity import measure_fleet
@@ -249,11 +250,9 @@ class Ledger:
 @contextlib.contextmanager
 def _plan_lock(catalog: Catalog, digest: str, where: str) -> Iterator[None]:
     """One `apply` of a plan at a time: a session advisory lock, released when the process dies."""
-    key = int.from_bytes(hashlib.sha256(f"migrator.plan:{digest}".encode()).digest()[:8], "big", signed=True)
     conn = dsnlib.connect(catalog.url, autocommit=True)
     try:
-        got = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
-        if not (got and got[0]):
+        if not try_lock(conn, lock_key(f"migrator.plan:{digest}")):
             raise LockBusy(f"plan {where} is being applied by another running migrator")
         yield
     finally:
