@@ -43,3 +43,19 @@ def test_masking_covers_urls_keyword_strings_and_services() -> None:
     assert dsnlib.mask("postgresql://db/x?password=s3cr3t") == "postgresql://db/x?password=***"
     assert dsnlib.mask("stamp_eu1") == "stamp_eu1"
     assert dsnlib.normalize("stamp_eu1") == "service=stamp_eu1"
+
+
+def test_free_text_masking_covers_urls_and_keyword_strings_in_messages() -> None:
+    import logging
+
+    from migrator.cli import render
+
+    text = (
+        'connection to "postgresql://app:s3cr3t@db:5432/x" failed; retried with host=db password=hunter22 user=app'
+        " and postgresql://db/x?sslmode=require&password=topsecret"
+    )
+    masked = dsnlib.mask_text(text)
+    assert all(secret not in masked for secret in ("s3cr3t", "hunter22", "topsecret")), masked
+    assert "postgresql://app:***@db:5432/x" in masked and "password=*** user=app" in masked
+    record = logging.LogRecord("migrator.retry", logging.WARNING, __file__, 1, "transient error: %s", (text,), None)
+    assert render.MaskingFilter().filter(record) and record.getMessage() == f"transient error: {masked}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import sys
 from collections.abc import Sequence
 from datetime import date, datetime
@@ -14,7 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from migrator.db import dsn as dsnlib
+from migrator.db.dsn import mask_text
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -38,16 +37,6 @@ def _default(value: Any) -> Any:
 
 def to_json(value: Any) -> str:
     return json.dumps(value, default=_default, indent=2, sort_keys=True)
-
-
-_URL_USERINFO = re.compile(r"(\w+://[^:/@\s]+:)[^@\s]+@")
-_KEYWORD_PASSWORD = re.compile(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
-
-
-def mask_text(text: str) -> str:
-    """Mask anything that looks like a DSN password in free text (last line of defence for logs)."""
-    text = _URL_USERINFO.sub(rf"\g<1>{dsnlib.MASK}@", text)
-    return _KEYWORD_PASSWORD.sub(rf"\g<1>{dsnlib.MASK}", text)
 
 
 class MaskingFilter(logging.Filter):
