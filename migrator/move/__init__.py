@@ -1,7 +1,7 @@
 """Moving tenants between stamps, step by step: `preflight` (every check before the first write),
 `fence` (the guard trigger: capture and the database-enforced fence), `copy` (keyset batches over
-binary COPY), `capture` (catch-up by key), `verify` (checksums), `cutover` (the short fenced
-flip), `cleanup`, and `machine`, the resumable state machine that runs them.
+binary COPY), `keys` (rows by captured key), `capture` (catch-up by key), `verify` (checksums),
+`cutover` (the short fenced flip), `cleanup`, and `machine`, the resumable state machine that runs them.
 
 The entry points below are what the command line and the plans call.
 """

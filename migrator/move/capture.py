@@ -19,13 +19,12 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import transient
 from migrator.errors import MigratorError
 from migrator.move.fence import SCHEMA
-from migrator.move.verify import by_key
+from migrator.move.keys import by_key, keys_table, load_keys
 from migrator.stamps.discovery import Layout, Table
 
 UNPROVEN = sql.Identifier("migrator_unproven_keys")
@@ -111,34 +110,6 @@ def mark_verified(src: psycopg.Connection[Any], move_id: int, unproven: dict[str
         ).format(s=sql.Identifier(SCHEMA), raw=UNPROVEN),
         (move_id,),
     )
-
-
-def keys_table(index: int) -> sql.Identifier:
-    return sql.Identifier(f"migrator_keys_{index}")
-
-
-def load_keys(conn: psycopg.Connection[Any], table: Table, keys: list[list[str]], name: sql.Identifier) -> None:
-    """A temporary table `name`, typed like the table's key, holding the given text keys.
-
-    Keys are logged in their text form; jsonb_populate_recordset parses them back with each type's
-    own input function, so every key type (bigint, uuid, text, timestamptz...) round-trips. The
-    three statements go in one pipeline (one round trip: this runs inside the cutover's freeze).
-    Lives until the caller's transaction ends.
-    """
-    rows = Jsonb([dict(zip(table.primary_key, key, strict=True)) for key in keys])
-    with conn.pipeline():
-        conn.execute(
-            sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
-                name, table.pk_cols(), table.ident
-            )
-        )
-        conn.execute(
-            sql.SQL("INSERT INTO {keys} SELECT DISTINCT * FROM jsonb_populate_recordset(NULL::{keys}, %s)").format(
-                keys=name
-            ),
-            (rows,),
-        )
-        conn.execute(sql.SQL("ANALYZE {}").format(name))  # real row counts, so the planner hashes the keys
 
 
 def _stage(

@@ -22,6 +22,7 @@ from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
 from migrator.errors import MigratorError, PreflightError, VerifyMismatch
 from migrator.move import capture, copy, fence
+from migrator.move.keys import keys_table, load_keys, outside_keys
 from migrator.move.verify import (
     Checksum,
     Report,
@@ -29,7 +30,6 @@ from migrator.move.verify import (
     checksum,
     compare_hashes,
     keyed_row_hashes,
-    outside_keys,
     verify_tenant,
 )
 from migrator.progress import Progress
@@ -87,9 +87,9 @@ def _both_sets(
     checksum of the rows outside them."""
     out = []
     for i, table in enumerate(layout.tables):
-        capture.load_keys(conn, table, keys.get(table.name, []), capture.keys_table(i))
-        outside = checksum(conn, table, tenant, where=outside_keys(table, capture.keys_table(i))) if untouched else None
-        touched = keyed_row_hashes(conn, table, tenant, capture.keys_table(i)) if keys.get(table.name) else {}
+        load_keys(conn, table, keys.get(table.name, []), keys_table(i))
+        outside = checksum(conn, table, tenant, where=outside_keys(table, keys_table(i))) if untouched else None
+        touched = keyed_row_hashes(conn, table, tenant, keys_table(i)) if keys.get(table.name) else {}
         out.append((outside, touched))
     return out
 
@@ -144,8 +144,8 @@ def _verify_captured(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any],
         hashes = []
         for conn in (src, tgt):
             with conn.transaction(force_rollback=True):
-                capture.load_keys(conn, table, keys[table.name], capture.keys_table(i))
-                hashes.append(keyed_row_hashes(conn, table, move.tenant, capture.keys_table(i)))
+                load_keys(conn, table, keys[table.name], keys_table(i))
+                hashes.append(keyed_row_hashes(conn, table, move.tenant, keys_table(i)))
         results.append(compare_hashes(table.label, hashes[0], hashes[1]))
     return Report(move.tenant, results)
 
