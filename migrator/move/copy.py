@@ -35,6 +35,9 @@ class Cursor:
     done: bool
 
 
+START = Cursor(None, 0, False)  # nothing of the table copied yet
+
+
 def read_cursor(tgt: psycopg.Connection[Any], move_id: int, table: Table) -> Cursor:
     row = tgt.execute(
         sql.SQL("SELECT cursor, rows_copied, done FROM {}.copy_progress WHERE move_id = %s AND table_name = %s").format(
@@ -43,7 +46,7 @@ def read_cursor(tgt: psycopg.Connection[Any], move_id: int, table: Table) -> Cur
         (move_id, table.label),
     ).fetchone()
     if row is None:
-        return Cursor(None, 0, False)
+        return START
     return Cursor(row[0], row[1], row[2])
 
 

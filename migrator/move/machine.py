@@ -17,14 +17,14 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from migrator import stamps
-from migrator.catalog import FLIPPED, Mode, Move, Phase, Route, Stamp, TableProgress, TenantLock
+from migrator.catalog import FLIPPED, Catalog, Mode, Move, Phase, Route, Stamp, TableProgress, TenantLock
 from migrator.context import Context
 from migrator.db.alembic import read_revision
 from migrator.errors import MigratorError, PreflightError, VerifyMismatch
 from migrator.move import copy, fence
 from migrator.move.cleanup import delete_tenant, forget_progress
 from migrator.move.cutover import CutoverOptions, catch_up, flip, online_cutover, verify_before_freeze, verify_move
-from migrator.move.preflight import Checked, check_move
+from migrator.move.preflight import check_move
 from migrator.move.verify import Report
 from migrator.progress import Progress
 from migrator.stamps.discovery import Layout
@@ -97,7 +97,7 @@ def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, pr
             checked.revision,
         )
         move = catalog.update_move(move.id, rows_total=checked.total_rows)
-        _record_tables(ctx, move, checked)
+        _save_progress(catalog, move, checked.layout, checked.rows, {})
         progress.phase(
             f"move {move.id}: tenant {tenant} {checked.source.name} -> {checked.target.name}, "
             f"{checked.total_rows} rows in {len(checked.layout.tables)} tables"
@@ -120,14 +120,16 @@ def _resume_layout(ctx: Context, move: Move, source: Stamp, target: Stamp) -> La
     return stamps.layout(source, ctx.config.tenancy)
 
 
-def _record_tables(ctx: Context, move: Move, checked: Checked) -> None:
-    ctx.catalog.save_tables(
-        move.id,
-        [
-            TableProgress(move.id, t.label, i, checked.rows[t.label], 0, False, None, None)
-            for i, t in enumerate(checked.layout.tables)
-        ],
-    )
+def _save_progress(
+    catalog: Catalog, move: Move, layout: Layout, totals: dict[str, int], cursors: dict[str, copy.Cursor]
+) -> None:
+    """The catalog's per-table copy progress for `move status` (the target's cursors stay authoritative)."""
+    rows = []
+    for position, table in enumerate(layout.tables):
+        cursor = cursors.get(table.label, copy.START)
+        total = totals.get(table.label, 0)
+        rows.append(TableProgress(move.id, table.label, position, total, cursor.rows, cursor.done, None, None))
+    catalog.save_tables(move.id, rows)
 
 
 def _run(
@@ -247,13 +249,12 @@ def _copy(
     ctx: Context, move: Move, source: Stamp, target: Stamp, layout: Layout, options: MoveOptions, progress: Progress
 ) -> Move:
     catalog = ctx.catalog
-    tables = {t.table_name: t for t in catalog.tables(move.id)}
+    totals = {t.table_name: t.rows_total for t in catalog.tables(move.id)}
     with stamps.connect(target) as tgt:
         cursors = {t.label: copy.read_cursor(tgt, move.id, t) for t in layout.tables}
     for table in layout.tables:
         cursor = cursors[table.label]
-        total = tables[table.label].rows_total if table.label in tables else 0
-        progress.start_table(table.label, total, cursor.rows)
+        progress.start_table(table.label, totals.get(table.label, 0), cursor.rows)
         if not cursor.done:
             copy.copy_table(
                 source.dsn, target.dsn, table, move.tenant, move.id, options.batch_rows, progress, options.rate_limit
@@ -261,23 +262,7 @@ def _copy(
         progress.finish_table(table.label)
         with stamps.connect(target) as tgt:
             cursors[table.label] = copy.read_cursor(tgt, move.id, table)
-        catalog.save_tables(
-            move.id,
-            [
-                TableProgress(
-                    move.id,
-                    table.label,
-                    i,
-                    tables[table.label].rows_total if table.label in tables else 0,
-                    cursors[table.label].rows,
-                    cursors[table.label].done,
-                    None,
-                    None,
-                )
-                for i, table in enumerate(layout.tables)
-                if table.label in cursors
-            ],
-        )
+        _save_progress(catalog, move, layout, totals, cursors)
     with stamps.connect(target, autocommit=False) as tgt:
         copy.advance_sequences(tgt, layout.tables, move.tenant)
     return catalog.update_move(move.id, phase=Phase.COPIED, rows_copied=sum(c.rows for c in cursors.values()))
