@@ -254,25 +254,6 @@ class ApplyBars:
             self._bar.close()
 
 
-class _Quiet:
-    """The reporter of --json runs: says nothing until the result."""
-
-    def begin(self, prepared: Prepared) -> None:
-        pass
-
-    def started(self, entry: Entry) -> None:
-        pass
-
-    def rows(self, count: int) -> None:
-        pass
-
-    def finished(self, result: EntryResult) -> None:
-        pass
-
-    def note(self, message: str) -> None:
-        pass
-
-
 def _dry_run(as_json: bool, prepared: Prepared) -> None:
     def action(entry: Entry) -> str:
         return {"run": "would move", "resume": f"would {entry.note}"}.get(entry.todo, f"skip: {entry.note}")
@@ -365,6 +346,7 @@ def apply_cmd(
 ) -> None:
     """Carry out a plan file's moves; re-running it resumes where it stopped (Ctrl-C lets running moves end)."""
     from migrator.plans.apply import ApplyOptions, prepare, run
+    from migrator.progress import SilentApply
 
     context = context_of(ctx)
     prepared = prepare(context, file)
@@ -375,7 +357,7 @@ def apply_cmd(
     if not yes:
         rows = sum(e.move.rows for e in todo)
         click.confirm(f"Apply {file}: {len(todo)} moves ({rows:,} rows), {parallel} at a time?", abort=True)
-    reporter = _Quiet() if as_json else ApplyBars()
+    reporter = SilentApply() if as_json else ApplyBars()
     try:
         result = run(context, prepared, ApplyOptions(parallel, per_stamp, stop_on_error, batch_rows), reporter)
     finally:

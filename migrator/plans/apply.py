@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from migrator.catalog import Catalog, Move, Stamp
 from migrator.context import Context
@@ -30,6 +29,7 @@ from migrator.errors import BadInput, LockBusy, MigratorError
 from migrator.move import MoveOptions, move_tenant
 from migrator.plans.capacity import measure_fleet
 from migrator.plans.planners import Plan, PlannedMove, check_stamps, load_plan
+from migrator.progress import ApplyProgress, Silent
 
 
 @dataclass(frozen=True)
@@ -92,20 +92,6 @@ class ApplyResult:
 
     def having(self, status: str) -> list[EntryResult]:
         return [r for r in self.results if r.status == status]
-
-
-class Reporter(Protocol):
-    """How `run` reports, from any thread (the CLI draws an overall tqdm bar and one line per event)."""
-
-    def begin(self, prepared: Prepared) -> None: ...
-
-    def started(self, entry: Entry) -> None: ...
-
-    def rows(self, count: int) -> None: ...
-
-    def finished(self, result: EntryResult) -> None: ...
-
-    def note(self, message: str) -> None: ...
 
 
 # -- prepare: parse, validate, refuse stale plans -------------------------------------------------------
@@ -262,27 +248,18 @@ def _plan_lock(catalog: Catalog, digest: str, where: str) -> Iterator[None]:
 # -- run ------------------------------------------------------------------------------------------------
 
 
-class _MoveProgress:
+class _MoveProgress(Silent):
     """A move's Progress that only feeds the overall bar: parallel moves draw no per-table bars."""
 
-    def __init__(self, reporter: Reporter) -> None:
+    def __init__(self, reporter: ApplyProgress) -> None:
         self.reporter = reporter
         self.counted = 0
-
-    def begin(self, total: int) -> None:
-        pass
-
-    def phase(self, message: str) -> None:
-        pass
 
     def start_table(self, table: str, total: int, done: int) -> None:
         self._count(done)
 
     def advance(self, table: str, rows: int) -> None:
         self._count(rows)
-
-    def finish_table(self, table: str) -> None:
-        pass
 
     def _count(self, rows: int) -> None:
         if rows:
@@ -305,7 +282,11 @@ def _interrupts(stop: threading.Event) -> Iterator[None]:
 
 
 def run(
-    ctx: Context, prepared: Prepared, options: ApplyOptions, reporter: Reporter, stop: threading.Event | None = None
+    ctx: Context,
+    prepared: Prepared,
+    options: ApplyOptions,
+    reporter: ApplyProgress,
+    stop: threading.Event | None = None,
 ) -> ApplyResult:
     """Run the plan's remaining entries (see the module docstring); returns every entry's outcome."""
     stop = stop or threading.Event()
@@ -333,7 +314,7 @@ def _schedule(
     plan_id: int,
     prepared: Prepared,
     options: ApplyOptions,
-    reporter: Reporter,
+    reporter: ApplyProgress,
     stop: threading.Event,
     ledger: Ledger,
 ) -> tuple[list[EntryResult], str]:
@@ -397,7 +378,7 @@ def _result_of(future: Future[EntryResult], entry: Entry) -> EntryResult:
 
 
 def _one(
-    ctx: Context, plan_id: int, entry: Entry, options: ApplyOptions, reporter: Reporter, ledger: Ledger
+    ctx: Context, plan_id: int, entry: Entry, options: ApplyOptions, reporter: ApplyProgress, ledger: Ledger
 ) -> EntryResult:
     """Run (or resume) one entry's move in a worker thread and record how it ended."""
     move = entry.move

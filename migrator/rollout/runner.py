@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
 
 import psycopg
 
@@ -28,12 +27,13 @@ from migrator.catalog.schema_runs import RunLog, SchemaRun, runs
 from migrator.context import Context
 from migrator.db.alembic import read_revision
 from migrator.errors import BadInput, MigratorError
+from migrator.progress import RolloutProgress, SilentRollout
 from migrator.rollout.history import AHEAD, BEHIND, UNKNOWN, UNREACHABLE, UP_TO_DATE, History, Revision
 from migrator.rollout.worker import ALEMBIC_IN_PROCESS, Job, JobResult, Workers, reason
 
 __all__ = [
     "AHEAD", "BEHIND", "UNKNOWN", "UNREACHABLE", "UP_TO_DATE", "Plan", "Revision", "Rollout", "RolloutFailed",
-    "RolloutProgress", "Quiet", "SchemaRun", "StampOutcome", "StampSchema", "downgrade_stamps", "history", "runs",
+    "RolloutProgress", "SchemaRun", "StampOutcome", "StampSchema", "downgrade_stamps", "history", "runs",
     "schema_status", "upgrade_fleet",
 ]  # fmt: skip
 
@@ -122,30 +122,6 @@ class Rollout:
         return text + (f"; {self.stopped}" if self.stopped else "")
 
 
-class RolloutProgress(Protocol):
-    def wave_started(self, number: int, waves: int, stamps: Sequence[str]) -> None:
-        """Wave `number` (0 is the canary) of `waves` starts on these stamps."""
-
-    def stamp_finished(self, outcome: StampOutcome) -> None:
-        """One stamp of the current wave is done (ok or failed)."""
-
-    def wave_finished(self, number: int) -> None:
-        """Every stamp of the wave is done."""
-
-
-class Quiet:
-    """No progress output: for tests, `--json` and benchmarks."""
-
-    def wave_started(self, number: int, waves: int, stamps: Sequence[str]) -> None:
-        pass
-
-    def stamp_finished(self, outcome: StampOutcome) -> None:
-        pass
-
-    def wave_finished(self, number: int) -> None:
-        pass
-
-
 # -- read-only views -----------------------------------------------------------------------------
 
 
@@ -182,7 +158,7 @@ def upgrade_fleet(
     found = History.load(ctx.config.schema_env())
     target = found.resolve(revision, allow_base=False)
     plan = _plan(ctx, found, "upgrade", target, _select(ctx, (), active_only), canary, parallel)
-    return _run(ctx, found, plan, parallel, continue_on_error, dry_run, progress or Quiet(), confirm)
+    return _run(ctx, found, plan, parallel, continue_on_error, dry_run, progress or SilentRollout(), confirm)
 
 
 def downgrade_stamps(
@@ -197,7 +173,7 @@ def downgrade_stamps(
     found = History.load(ctx.config.schema_env())
     target = found.resolve(revision, allow_base=True)
     plan = _plan(ctx, found, "downgrade", target, _select(ctx, names, False), None, parallel)
-    return _run(ctx, found, plan, parallel, False, False, progress or Quiet(), confirm)
+    return _run(ctx, found, plan, parallel, False, False, progress or SilentRollout(), confirm)
 
 
 def _select(ctx: Context, names: Sequence[str], active_only: bool) -> list[Stamp]:
