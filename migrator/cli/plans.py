@@ -345,7 +345,7 @@ def apply_cmd(
     as_json: bool,
 ) -> None:
     """Carry out a plan file's moves; re-running it resumes where it stopped (Ctrl-C lets running moves end)."""
-    from migrator.plans.apply import ApplyOptions, prepare, run
+    from migrator.plans.apply import ApplyOptions, EntryStatus, prepare, run
     from migrator.progress import SilentApply
 
     context = context_of(ctx)
@@ -371,14 +371,14 @@ def apply_cmd(
         "results": list(result.results),
     }
     emit(as_json, data, _summary(result))
-    failed, skipped = result.having("failed"), [r for r in result.results if r.reason.startswith("not started")]
+    failed = result.having(EntryStatus.FAILED)
     if failed:
         raise MigratorError(
             f"{len(failed)} of {len(result.results)} moves failed; fix the cause and re-run "
             f"`migrator apply {file}` to retry them"
         )
-    if result.interrupted or skipped:
+    if result.interrupted or result.not_started:
         raise MigratorError(
-            f"interrupted with {len(skipped)} moves not started; re-run `migrator apply {file}` "
+            f"interrupted with {result.not_started} moves not started; re-run `migrator apply {file}` "
             "to continue where it stopped"
         )

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from migrator.catalog import Catalog, Move, Stamp
@@ -42,13 +43,40 @@ class ApplyOptions:
     batch_rows: int = 50_000
 
 
+class Todo(StrEnum):
+    """What a run has to do with a plan entry, decided by `prepare`."""
+
+    RUN = "run"
+    RESUME = "resume"  # the tenant has the entry's move unfinished
+    DONE = "done"  # in an earlier run of the plan, or the tenant is already on the target
+
+
+class EntryStatus(StrEnum):
+    """An entry's status, as `plan_moves.status` records it and each entry's result reports it."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # in a result: done before this run, or not started (`ApplyResult.not_started`)
+
+
+class PlanStatus(StrEnum):
+    """A plan's status (`plans.status`): running, then how its last run ended."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    STOPPED = "stopped"  # interrupted or --stop-on-error before every entry started
+
+
 @dataclass(frozen=True)
 class Entry:
-    """A plan move with its position and what a run has to do with it (`todo`: run, resume, done)."""
+    """A plan move with its position and what a run has to do with it."""
 
     position: int
     move: PlannedMove
-    todo: str
+    todo: Todo
     note: str = ""
     resume: Move | None = field(default=None, compare=False)
 
@@ -64,7 +92,7 @@ class Prepared:
 
     @property
     def todo(self) -> list[Entry]:
-        return [e for e in self.entries if e.todo != "done"]
+        return [e for e in self.entries if e.todo != Todo.DONE]
 
 
 @dataclass(frozen=True)
@@ -75,7 +103,7 @@ class EntryResult:
     tenant: str
     source: str
     target: str
-    status: str
+    status: EntryStatus
     reason: str = ""
     move_id: int | None = None
     rows: int = 0
@@ -86,9 +114,10 @@ class EntryResult:
 class ApplyResult:
     path: str
     digest: str
-    status: str
+    status: PlanStatus
     results: tuple[EntryResult, ...]
     interrupted: bool = False
+    not_started: int = 0  # entries skipped because the run stopped before starting them
 
     def having(self, status: str) -> list[EntryResult]:
         return [r for r in self.results if r.status == status]
@@ -107,7 +136,7 @@ def prepare(ctx: Context, path: Path) -> Prepared:
     entries, stale = [], []
     for position, move in enumerate(plan.moves):
         entry, problem = _classify(ctx.catalog, position, move, recorded.get(position))
-        if problem is None and entry.todo != "done" and known[move.target].state != "active":
+        if problem is None and entry.todo != Todo.DONE and known[move.target].state != "active":
             problem = f"target {move.target} is {known[move.target].state}"
         if problem:
             stale.append(f"moves[{position}] (line {move.line}) tenant {move.tenant}: {problem}")
@@ -119,32 +148,34 @@ def prepare(ctx: Context, path: Path) -> Prepared:
     return Prepared(where, digest, plan, tuple(entries))
 
 
-def _classify(catalog: Catalog, position: int, move: PlannedMove, recorded: str | None) -> tuple[Entry, str | None]:
+def _classify(
+    catalog: Catalog, position: int, move: PlannedMove, recorded: EntryStatus | None
+) -> tuple[Entry, str | None]:
     """What a run must do with one entry, or why the entry no longer holds."""
-    if recorded == "done":
-        return Entry(position, move, "done", "done in an earlier run of this plan"), None
+    if recorded == EntryStatus.DONE:
+        return Entry(position, move, Todo.DONE, "done in an earlier run of this plan"), None
     route = catalog.find_route(move.tenant)
     if route is None:
-        return Entry(position, move, "run"), "no longer in the catalog"
+        return Entry(position, move, Todo.RUN), "no longer in the catalog"
     unfinished = catalog.open_move(move.tenant)
     if unfinished is not None:
         if (unfinished.source, unfinished.target) == (move.source, move.target):
             return Entry(
-                position, move, "resume", f"resume move {unfinished.id} at {unfinished.phase}", unfinished
+                position, move, Todo.RESUME, f"resume move {unfinished.id} at {unfinished.phase}", unfinished
             ), None
-        return Entry(position, move, "run"), (
+        return Entry(position, move, Todo.RUN), (
             f"has an unfinished move {unfinished.id} {unfinished.source} -> {unfinished.target}"
         )
     if route.stamp == move.target:
-        return Entry(position, move, "done", f"already on {move.target}"), None
+        return Entry(position, move, Todo.DONE, f"already on {move.target}"), None
     if route.stamp != move.source:
-        return Entry(position, move, "run"), f"is routed to {route.stamp}, the plan moves it from {move.source}"
-    return Entry(position, move, "run"), None
+        return Entry(position, move, Todo.RUN), f"is routed to {route.stamp}, the plan moves it from {move.source}"
+    return Entry(position, move, Todo.RUN), None
 
 
 def _capacity_problems(ctx: Context, entries: list[Entry], known: dict[str, Stamp]) -> list[str]:
     """Each target's use after the remaining moves, measured now, must fit its capacity."""
-    todo = [e for e in entries if e.todo != "done"]
+    todo = [e for e in entries if e.todo != Todo.DONE]
     if not todo:
         return []
     names = sorted({e.move.source for e in todo} | {e.move.target for e in todo})
@@ -182,21 +213,21 @@ class Ledger:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
 
-    def statuses(self, digest: str) -> dict[int, str]:
+    def statuses(self, digest: str) -> dict[int, EntryStatus]:
         with self.catalog.transaction() as conn:
             rows = conn.execute(
                 "SELECT m.position, m.status FROM plan_moves m JOIN plans p ON p.id = m.plan_id WHERE p.digest = %s",
                 (digest,),
             ).fetchall()
-        return {int(position): str(status) for position, status in rows}
+        return {int(position): EntryStatus(status) for position, status in rows}
 
     def open(self, prepared: Prepared) -> int:
         """Record the plan and its entries (once; a re-run keeps what is there) and mark it running."""
         with self.catalog.transaction() as conn:
             row = conn.execute(
                 "INSERT INTO plans (digest, path, kind) VALUES (%s, %s, %s) ON CONFLICT (digest)"
-                " DO UPDATE SET status = 'running', path = EXCLUDED.path, updated_at = now() RETURNING id",
-                (prepared.digest, prepared.path, prepared.plan.kind),
+                " DO UPDATE SET status = %s, path = EXCLUDED.path, updated_at = now() RETURNING id",
+                (prepared.digest, prepared.path, prepared.plan.kind, PlanStatus.RUNNING),
             ).fetchone()
             assert row is not None
             plan_id = int(row[0])
@@ -210,16 +241,16 @@ class Ledger:
                     ],
                 )
             for entry in prepared.entries:
-                if entry.todo == "done":
+                if entry.todo == Todo.DONE:
                     conn.execute(
-                        "UPDATE plan_moves SET status = 'done', error = NULL, updated_at = now()"
-                        " WHERE plan_id = %s AND position = %s AND status <> 'done'",
-                        (plan_id, entry.position),
+                        "UPDATE plan_moves SET status = %(done)s, error = NULL, updated_at = now()"
+                        " WHERE plan_id = %(plan)s AND position = %(position)s AND status <> %(done)s",
+                        {"done": EntryStatus.DONE, "plan": plan_id, "position": entry.position},
                     )
         return plan_id
 
     def mark(
-        self, plan_id: int, position: int, status: str, move_id: int | None = None, error: str | None = None
+        self, plan_id: int, position: int, status: EntryStatus, move_id: int | None = None, error: str | None = None
     ) -> None:
         with self.catalog.transaction() as conn:
             conn.execute(
@@ -228,7 +259,7 @@ class Ledger:
                 (status, move_id, None if error is None else error[:2000], plan_id, position),
             )
 
-    def close(self, plan_id: int, status: str) -> None:
+    def close(self, plan_id: int, status: PlanStatus) -> None:
         with self.catalog.transaction() as conn:
             conn.execute("UPDATE plans SET status = %s, updated_at = now() WHERE id = %s", (status, plan_id))
 
@@ -295,18 +326,19 @@ def run(
         plan_id = ledger.open(prepared)
         reporter.begin(prepared)
         results = [
-            EntryResult(e.position, e.move.tenant, e.move.source, e.move.target, "skipped", e.note)
+            EntryResult(e.position, e.move.tenant, e.move.source, e.move.target, EntryStatus.SKIPPED, e.note)
             for e in prepared.entries
-            if e.todo == "done"
+            if e.todo == Todo.DONE
         ]
-        ran, why_stopped = _schedule(ctx, plan_id, prepared, options, reporter, stop, ledger)
-        results += ran
-        failed = any(r.status == "failed" for r in results)
-        unfinished = any(r.status == "skipped" and r.reason.startswith("not started") for r in results)
-        status = "failed" if failed else "stopped" if unfinished else "done"
+        ran, left, why_stopped = _schedule(ctx, plan_id, prepared, options, reporter, stop, ledger)
+        results += ran + left
+        failed = any(r.status == EntryStatus.FAILED for r in results)
+        status = PlanStatus.FAILED if failed else PlanStatus.STOPPED if left else PlanStatus.DONE
         ledger.close(plan_id, status)
     results.sort(key=lambda r: r.position)
-    return ApplyResult(prepared.path, prepared.digest, status, tuple(results), interrupted=why_stopped == "interrupted")
+    return ApplyResult(
+        prepared.path, prepared.digest, status, tuple(results), why_stopped == "interrupted", not_started=len(left)
+    )
 
 
 def _schedule(
@@ -317,8 +349,11 @@ def _schedule(
     reporter: ApplyProgress,
     stop: threading.Event,
     ledger: Ledger,
-) -> tuple[list[EntryResult], str]:
-    """Start entries in plan order within the limits; on stop, start nothing more and drain the running."""
+) -> tuple[list[EntryResult], list[EntryResult], str]:
+    """Start entries in plan order within the limits; on stop, start nothing more and drain the running.
+
+    Returns the results of the entries run, those of the entries left unstarted, and why it stopped.
+    """
     pending = list(prepared.todo)
     running: dict[Future[EntryResult], Entry] = {}
     per_target: Counter[str] = Counter()
@@ -353,14 +388,16 @@ def _schedule(
                 result = _result_of(future, entry)
                 results.append(result)
                 reporter.finished(result)
-                if result.status == "failed" and options.stop_on_error and not why_stopped:
+                if result.status == EntryStatus.FAILED and options.stop_on_error and not why_stopped:
                     why_stopped = f"--stop-on-error after tenant {entry.move.tenant} failed"
                     stop.set()
-    results += [
-        EntryResult(e.position, e.move.tenant, e.move.source, e.move.target, "skipped", f"not started: {why_stopped}")
+    left = [
+        EntryResult(
+            e.position, e.move.tenant, e.move.source, e.move.target, EntryStatus.SKIPPED, f"not started: {why_stopped}"
+        )
         for e in pending
     ]
-    return results, why_stopped
+    return results, left, why_stopped
 
 
 def _result_of(future: Future[EntryResult], entry: Entry) -> EntryResult:
@@ -372,7 +409,7 @@ def _result_of(future: Future[EntryResult], entry: Entry) -> EntryResult:
             entry.move.tenant,
             entry.move.source,
             entry.move.target,
-            "failed",
+            EntryStatus.FAILED,
             f"{type(exc).__name__}: {exc}",
         )
 
@@ -384,33 +421,33 @@ def _one(
     move = entry.move
     started = time.monotonic()
     progress = _MoveProgress(reporter)
-    ledger.mark(plan_id, entry.position, "running", entry.resume.id if entry.resume else None)
+    ledger.mark(plan_id, entry.position, EntryStatus.RUNNING, entry.resume.id if entry.resume else None)
     try:
         outcome = move_tenant(ctx, move.tenant, move.target, MoveOptions(batch_rows=options.batch_rows), progress)
     except Exception as exc:  # one failed move must not stop the others
         reason = _reason(ctx, exc)
         unfinished = ctx.catalog.open_move(move.tenant)
-        ledger.mark(plan_id, entry.position, "failed", unfinished.id if unfinished else None, reason)
+        ledger.mark(plan_id, entry.position, EntryStatus.FAILED, unfinished.id if unfinished else None, reason)
         return EntryResult(
             entry.position,
             move.tenant,
             move.source,
             move.target,
-            "failed",
+            EntryStatus.FAILED,
             reason,
             unfinished.id if unfinished else None,
             seconds=time.monotonic() - started,
         )
     assert outcome.move is not None
     progress._count(max(0, move.rows - progress.counted))
-    ledger.mark(plan_id, entry.position, "done", outcome.move.id)
+    ledger.mark(plan_id, entry.position, EntryStatus.DONE, outcome.move.id)
     note = f"resumed move {outcome.move.id}" if outcome.resumed else ""
     return EntryResult(
         entry.position,
         move.tenant,
         move.source,
         move.target,
-        "done",
+        EntryStatus.DONE,
         note,
         outcome.move.id,
         outcome.move.rows_copied,
