@@ -113,6 +113,23 @@ def test_drain_killed_halfway_resumes_and_empties_the_stamp(fleet: Fleet, tmp_pa
     assert fleet.catalog.stamp("eu-1").state == "retired"
 
 
+def test_capacity_is_reckoned_once_a_full_stamp_fits_and_one_more_row_overruns() -> None:
+    """The planners and apply's stale-plan check share this reckoning: exactly full fits, beyond is short."""
+    from migrator.catalog import Stamp
+    from migrator.plans.capacity import Overrun, StampUsage, shift
+
+    capped = StampUsage(Stamp("a", "service=a", None, 100, 1_000, "active"), 90, 500, None)
+    unlimited = StampUsage(Stamp("b", "service=b", None, None, None, "active"), 10**9, 10**12, None)
+    assert capped.fits(10, 500) and not capped.fits(11, 0) and not capped.fits(0, 501)
+    assert capped.shifted(20, 600).overruns() == [Overrun("rows", 110, 100), Overrun("bytes", 1_100, 1_000)]
+    assert [o.short for o in capped.shifted(20, 600).overruns()] == [10, 100]
+    assert capped.utilisation == 0.9 and unlimited.utilisation is None and unlimited.fits(10**9, 10**12)
+    usage = {"a": capped, "b": unlimited}
+    shift(usage, "a", "b", 40, 100)
+    assert (usage["a"].rows, usage["a"].bytes, usage["b"].rows) == (50, 400, 10**9 + 40)
+    assert capped.rows == 90  # the reckoning never changes the measured usage it started from
+
+
 def test_drain_that_cannot_fit_is_refused_naming_the_shortfall(fleet: Fleet, tmp_path: Path) -> None:
     sizes = _seed_many(fleet, "eu-1", {1: 3_000, 2: 2_000, 3: 1_000})
     fleet.catalog.update_stamp("eu-2", capacity_rows=sizes["1"] - 500)

@@ -28,7 +28,7 @@ from migrator.db import dsn as dsnlib
 from migrator.db.locks import lock_key, try_lock
 from migrator.errors import BadInput, LockBusy, MigratorError
 from migrator.move import MoveOptions, move_tenant
-from migrator.plans.capacity import measure_fleet
+from migrator.plans.capacity import measure_fleet, shift
 from migrator.plans.planners import Plan, PlannedMove, check_stamps, load_plan
 from migrator.progress import ApplyProgress, Silent
 
@@ -180,28 +180,16 @@ def _capacity_problems(ctx: Context, entries: list[Entry], known: dict[str, Stam
         return []
     names = sorted({e.move.source for e in todo} | {e.move.target for e in todo})
     sizes = measure_fleet(ctx, [known[n] for n in names])
-    rows = {n: sizes.usage[n].rows for n in names}
-    size = {n: sizes.usage[n].bytes for n in names}
+    usage = dict(sizes.usage)
     for entry in todo:
         tenant = sizes.tenants.get(entry.move.tenant)
-        grown = (tenant.rows, tenant.bytes) if tenant else (entry.move.rows, entry.move.bytes)
-        rows[entry.move.source] -= grown[0]
-        size[entry.move.source] -= grown[1]
-        rows[entry.move.target] += grown[0]
-        size[entry.move.target] += grown[1]
-    problems = []
-    for name in sorted({e.move.target for e in todo}):
-        stamp = known[name]
-        for used, capacity, unit in (
-            (rows[name], stamp.capacity_rows, "rows"),
-            (size[name], stamp.capacity_bytes, "bytes"),
-        ):
-            if capacity is not None and used > capacity:
-                problems.append(
-                    f"capacity: {name} would hold {used:,} {unit}, capacity {capacity:,} "
-                    f"({used - capacity:,} {unit} short)"
-                )
-    return problems
+        rows, size = (tenant.rows, tenant.bytes) if tenant else (entry.move.rows, entry.move.bytes)
+        shift(usage, entry.move.source, entry.move.target, rows, size)
+    return [
+        f"capacity: {name} would hold {o.used:,} {o.unit}, capacity {o.capacity:,} ({o.short:,} {o.unit} short)"
+        for name in sorted({e.move.target for e in todo})
+        for o in usage[name].overruns()
+    ]
 
 
 # -- the ledger: plans / plan_moves in the catalog -------------------------------------------------------
