@@ -312,10 +312,10 @@ def _waves(
             finished = [_refused(log, plan.row(n), number, refused[n]) for n in wave if n in refused]
             for outcome in finished:
                 progress.stamp_finished(outcome)
-            row_ids = log.start([plan.row(n) for n in wave if n not in refused])
+            row_ids = log.start([(n, plan.row(n).current) for n in wave if n not in refused])
             for result in workers.run([_job(found, plan, n) for n in row_ids]):
                 outcome = _outcome(found, plan, number, result)
-                log.finish(row_ids[result.stamp], outcome)
+                log.finish(row_ids[result.stamp], outcome.from_revision, outcome.result, outcome.error)
                 progress.stamp_finished(outcome)
                 finished.append(outcome)
             progress.wave_finished(number)
@@ -364,13 +364,13 @@ def _not_run(log: RunLog, row: StampSchema, why: str | None = None) -> StampOutc
             BEHIND: f"below {row.target or 'base'} already",
         }.get(row.state)
     outcome = StampOutcome(row.stamp, None, SKIPPED, row.current, row.target, row.current, (), why)
-    log.add(outcome)
+    log.add(outcome.stamp, outcome.from_revision, outcome.result, outcome.error)
     return outcome
 
 
 def _refused(log: RunLog, row: StampSchema, wave: int, why: str) -> StampOutcome:
     outcome = StampOutcome(row.stamp, wave, FAILED, row.current, row.target, row.current, row.pending, why)
-    log.add(outcome)
+    log.add(outcome.stamp, outcome.from_revision, outcome.result, outcome.error)
     return outcome
 
 
@@ -384,5 +384,5 @@ def _dry_run(log: RunLog, found: History, row: StampSchema, scripts: dict[str | 
                 scripts[row.current] = found.offline_sql(row.current, row.target, log.direction)
         text = scripts[row.current]
         outcome = StampOutcome(row.stamp, None, DRY_RUN, row.current, row.target, row.current, row.pending, None, text)
-    log.add(outcome)
+    log.add(outcome.stamp, outcome.from_revision, outcome.result, outcome.error)
     return outcome
