@@ -7,8 +7,8 @@ The entry points below are what the command line and the plans call.
 """
 
 from migrator.move.cleanup import cleanup_tenant, leftovers
-from migrator.move.cutover import CutoverOptions
-from migrator.move.machine import MoveOptions, MoveOutcome, abort_move, move_tenant
+from migrator.move.machine import MoveOutcome, abort_move, move_tenant
+from migrator.move.run import CutoverOptions, MoveOptions
 from migrator.move.verify import Report, verify_between
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The last steps of a move: prove the target equal to the source, then compare-and-set the route.
 
 Offline moves verify everything and flip. Online moves keep the write freeze short by doing the
-expensive work before it: `verify_untouched` compares every row the application has not written
+expensive work before it: `verify_before_freeze` compares every row the application has not written
 since capture began, while it keeps writing. The freeze then only fences the tenant, waits out
 in-flight writes, drains the last captured changes, verifies the captured keys and flips. If any
 of that fails or takes longer than allowed, the fence is lifted and the route stays where it was.
@@ -12,17 +12,18 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
-from migrator.catalog import Catalog, Move, Phase, Route, Stamp, TenantLock
+from migrator.catalog import Move, Phase, Route, Stamp
 from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
 from migrator.errors import MigratorError, PreflightError, VerifyMismatch
 from migrator.move import capture, copy, fence
 from migrator.move.keys import keys_table, load_keys, outside_keys
+from migrator.move.run import CutoverOptions as CutoverOptions  # re-exported: the CLI builds it from its flags
+from migrator.move.run import MoveRun
 from migrator.move.verify import (
     Checksum,
     Report,
@@ -32,7 +33,6 @@ from migrator.move.verify import (
     keyed_row_hashes,
     verify_tenant,
 )
-from migrator.progress import Progress
 from migrator.stamps.discovery import Layout
 
 log = logging.getLogger("migrator.cutover")
@@ -42,26 +42,16 @@ class FreezeTooLong(MigratorError):
     """The cutover could not finish within --max-freeze-ms; writes were resumed."""
 
 
-@dataclass(frozen=True)
-class CutoverOptions:
-    """Flags --cutover-backlog, --catchup-timeout, --max-freeze-ms, --cutover-attempts."""
-
-    cutover_backlog: int = 200
-    catchup_timeout_s: float = 600.0
-    max_freeze_ms: float = 2000.0
-    attempts: int = 3
-    replay_batch: int = 2000
-
-
 def _sums(report: Report) -> tuple[str, str]:
     source = ",".join(f"{t.table}={t.source.rows}:{t.source.digest}" for t in report.tables)
     target = ",".join(f"{t.table}={t.target.rows}:{t.target.digest}" for t in report.tables)
     return source, target
 
 
-def verify_move(catalog: Catalog, move: Move, source: Stamp, target: Stamp, layout: Layout) -> tuple[Move, Report]:
+def verify_move(run: MoveRun, move: Move) -> tuple[Move, Report]:
     """Offline: compare every row of the tenant on both stamps and record the outcome on the move."""
-    report = verify_tenant(source.dsn, target.dsn, layout, move.tenant)
+    catalog = run.catalog
+    report = verify_tenant(run.source.dsn, run.target.dsn, run.layout, move.tenant)
     source_sum, target_sum = _sums(report)
     if not report.equal:
         catalog.update_move(move.id, error=report.summary(), source_checksum=source_sum, target_checksum=target_sum)
@@ -72,9 +62,9 @@ def verify_move(catalog: Catalog, move: Move, source: Stamp, target: Stamp, layo
     return move, report
 
 
-def flip(catalog: Catalog, move: Move, lock: TenantLock, freeze_ms: float | None = None) -> Route:
+def flip(run: MoveRun, move: Move, freeze_ms: float | None = None) -> Route:
     """Compare-and-set the route, on the session that holds the tenant's lock."""
-    return catalog.flip(move, lock.check(), freeze_ms)
+    return run.catalog.flip(move, run.lock.check(), freeze_ms)
 
 
 Hashes = dict[tuple[str, ...], str]
@@ -101,9 +91,7 @@ def _target_sets(
         return _both_sets(tgt, layout, tenant, keys, untouched)
 
 
-def verify_before_freeze(
-    source: Stamp, target: Stamp, layout: Layout, move: Move, incremental: bool = False
-) -> tuple[Report, int]:
+def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) -> tuple[Report, int]:
     """Online, before the freeze: prove as much as possible while the application keeps writing.
 
     In one source snapshot, rows never written since capture began are compared by checksum, and
@@ -113,11 +101,12 @@ def verify_before_freeze(
     `incremental` proves only keys with unproven changes (run again just before each freeze, so the
     freeze itself has little left to check).
     """
-    with dsnlib.connect(source.dsn) as src:
+    layout = run.layout
+    with dsnlib.connect(run.source.dsn) as src:
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         keys = capture.captured_keys(src, move.id, unverified_only=incremental)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            target_future = pool.submit(_target_sets, target, layout, move.tenant, keys, not incremental)
+            target_future = pool.submit(_target_sets, run.target, layout, move.tenant, keys, not incremental)
             source_sets = _both_sets(src, layout, move.tenant, keys, not incremental)
             target_sets = target_future.result()
         results = []
@@ -150,24 +139,23 @@ def _verify_captured(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any],
     return Report(move.tenant, results)
 
 
-def _check_revisions(
-    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], source: Stamp, target: Stamp, expected: str | None
-) -> None:
+def _check_revisions(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], run: MoveRun, move: Move) -> None:
     """Stop before the flip if either stamp's schema changed while the move was in flight."""
-    now = read_revision(src), read_revision(tgt)
+    now, expected = (read_revision(src), read_revision(tgt)), move.schema_revision
     if now != (expected, expected):
         raise PreflightError(
-            f"schema changed during the move: {source.name} is at {now[0]}, {target.name} at {now[1]}, "
+            f"schema changed during the move: {run.source.name} is at {now[0]}, {run.target.name} at {now[1]}, "
             f"the move started at {expected}; not flipped"
         )
 
 
-def catch_up(source: Stamp, target: Stamp, layout: Layout, move: Move, options: CutoverOptions) -> int:
+def catch_up(run: MoveRun, move: Move) -> int:
     """Replay captured changes until the backlog is small enough to enter the cutover."""
+    options = run.options.cutover
     return capture.catch_up(
-        source.dsn,
-        target.dsn,
-        layout,
+        run.source.dsn,
+        run.target.dsn,
+        run.layout,
         move.tenant,
         move.id,
         batch=options.replay_batch,
@@ -176,35 +164,26 @@ def catch_up(source: Stamp, target: Stamp, layout: Layout, move: Move, options: 
     )
 
 
-def online_cutover(
-    catalog: Catalog,
-    move: Move,
-    source: Stamp,
-    target: Stamp,
-    layout: Layout,
-    lock: TenantLock,
-    revision: str | None,
-    options: CutoverOptions,
-    progress: Progress,
-) -> Route:
+def online_cutover(run: MoveRun, move: Move) -> Route:
     """Catch up, then freeze writes just long enough to drain, verify the captured keys and flip.
 
     Each attempt that cannot finish within max_freeze_ms lifts the fence again and retries after a
     pause; after the last attempt the move stops, unfenced and resumable.
     """
+    options = run.options.cutover
     last = ""
     for attempt in range(1, options.attempts + 1):
-        catch_up(source, target, layout, move, options)
-        verify_before_freeze(source, target, layout, move, incremental=True)
-        capture.vacuum_changes(source.dsn)
-        catch_up(source, target, layout, move, options)
-        lock.check()
+        catch_up(run, move)
+        verify_before_freeze(run, move, incremental=True)
+        capture.vacuum_changes(run.source.dsn)
+        catch_up(run, move)
+        run.lock.check()
         try:
-            return _freeze_and_flip(catalog, move, source, target, layout, lock, revision, options, progress)
+            return _freeze_and_flip(run, move)
         except FreezeTooLong as exc:
             last = str(exc)
-            progress.phase(f"{exc}; writes resumed (attempt {attempt}/{options.attempts})")
-            move = catalog.update_move(move.id, phase=Phase.SYNCED, error=str(exc))
+            run.progress.phase(f"{exc}; writes resumed (attempt {attempt}/{options.attempts})")
+            move = run.catalog.update_move(move.id, phase=Phase.SYNCED, error=str(exc))
             time.sleep(min(5.0, 0.5 * attempt))
     raise FreezeTooLong(
         f"move {move.id}: the cutover did not fit in {options.max_freeze_ms:.0f} ms after {options.attempts} "
@@ -212,19 +191,10 @@ def online_cutover(
     )
 
 
-def _freeze_and_flip(
-    catalog: Catalog,
-    move: Move,
-    source: Stamp,
-    target: Stamp,
-    layout: Layout,
-    lock: TenantLock,
-    revision: str | None,
-    options: CutoverOptions,
-    progress: Progress,
-) -> Route:
-    with dsnlib.connect(source.dsn) as src, dsnlib.connect(target.dsn) as tgt:
-        _check_revisions(src, tgt, source, target, revision)
+def _freeze_and_flip(run: MoveRun, move: Move) -> Route:
+    catalog, layout, options = run.catalog, run.layout, run.options.cutover
+    with dsnlib.connect(run.source.dsn) as src, dsnlib.connect(run.target.dsn) as tgt:
+        _check_revisions(src, tgt, run, move)
         src.commit()
         tgt.commit()
         move = catalog.update_move(move.id, phase=Phase.CUTOVER)
@@ -248,7 +218,7 @@ def _freeze_and_flip(
             log.info("move %s: verified captured keys at %.0f ms", move.id, elapsed_ms())
             if not report.equal:
                 raise VerifyMismatch(f"move {move.id}: verification failed, route not flipped: {report.summary()}")
-            _check_revisions(src, tgt, source, target, revision)
+            _check_revisions(src, tgt, run, move)
             src.commit()
             tgt.commit()
             if elapsed_ms() > options.max_freeze_ms:
@@ -260,10 +230,10 @@ def _freeze_and_flip(
         except BaseException:
             _unfence(src, move)
             raise
-        route = flip(catalog, move, lock, freeze_ms=elapsed_ms())
+        route = flip(run, move, freeze_ms=elapsed_ms())
         frozen_ms = elapsed_ms()  # fence to the flip's commit, which is when writers can go to the target
         catalog.update_move(move.id, freeze_ms=frozen_ms)
-        progress.phase(f"flipped tenant {move.tenant} to {target.name}; writes were frozen {frozen_ms:.0f} ms")
+        run.progress.phase(f"flipped tenant {move.tenant} to {run.target.name}; writes were frozen {frozen_ms:.0f} ms")
         with src.transaction():
             fence.stop_capture(src, move.tenant)
         return route
