@@ -33,3 +33,12 @@ class VerifyMismatch(MigratorError):
 
 class RouteConflict(MigratorError):
     """The route's compare-and-set lost: someone else changed it first."""
+
+
+class NotConverging(MigratorError):
+    """Online catch-up did not reach --cutover-backlog within --catchup-timeout: the application writes
+    faster than the replay, so the move stops (writable, resumable) rather than force a long freeze."""
+
+
+class FreezeTooLong(MigratorError):
+    """The cutover could not finish within --max-freeze-ms; writes were resumed."""

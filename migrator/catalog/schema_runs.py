@@ -17,6 +17,7 @@ from psycopg.rows import class_row
 
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
+from migrator.db.retry import CATALOG
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def runs(ctx: Context, stamp: str | None = None, limit: int = 50) -> list[Schema
 class RunLog:
     """The rollout's rows in the catalog's `schema_runs`, one per stamp, `running` until it ends.
 
-    One catalog connection for the whole rollout (reopened once if it drops), and one INSERT per
+    One catalog connection for the whole rollout (reopened if it drops: policy CATALOG), one INSERT per
     wave, so recording stays cheap next to the migrations themselves. It takes plain values (stamp
     names, revisions, results), so the catalog knows nothing of the rollout that writes it.
     """
@@ -62,18 +63,17 @@ class RunLog:
         self.ctx, self.run_id, self.direction, self.target = ctx, run_id, direction, target
         self._conn: psycopg.Connection[Any] | None = None
 
+    @CATALOG.wraps
     def _execute(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        for attempt in (1, 2):
-            try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = dsnlib.connect(self.ctx.catalog.url, autocommit=True)
-                cursor = self._conn.execute(query, params)
-                return cursor.fetchall() if cursor.description else []
-            except psycopg.OperationalError:
-                self.close()
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        """One autocommit statement; a failed one drops the connection, so the retry reconnects."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = dsnlib.connect(self.ctx.catalog.url, autocommit=True)
+            cursor = self._conn.execute(query, params)
+            return cursor.fetchall() if cursor.description else []
+        except psycopg.Error:
+            self.close()
+            raise
 
     def start(self, stamps: Sequence[tuple[str, str | None]]) -> dict[str, int]:
         """Rows `running` for a wave's (stamp name, revision before the run): stamp name -> row id."""

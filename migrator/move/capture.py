@@ -21,17 +21,12 @@ import psycopg
 from psycopg import sql
 
 from migrator.db import dsn as dsnlib
-from migrator.db.retry import transient
-from migrator.errors import MigratorError
+from migrator.db.retry import STAMP_STEP
 from migrator.move.fence import SCHEMA
 from migrator.move.keys import by_key, keys_table, load_keys
 from migrator.stamps.discovery import Layout, Table
 
 UNPROVEN = sql.Identifier("migrator_unproven_keys")
-
-
-class NotConverging(MigratorError):
-    """The application writes faster than catch-up replays: stop rather than force a long freeze."""
 
 
 @dataclass(frozen=True)
@@ -225,7 +220,7 @@ def drain(
     return total
 
 
-@transient()
+@STAMP_STEP.wraps
 def catch_up(
     source_dsn: str,
     target_dsn: str,
@@ -235,25 +230,18 @@ def catch_up(
     *,
     batch: int,
     until: int,
-    timeout_s: float,
+    deadline: float,
 ) -> int:
-    """Replay until at most `until` changes are pending; returns the backlog left.
+    """Replay until at most `until` changes are pending or `deadline` (a `time.monotonic()` value)
+    has passed; returns the backlog left, which the caller judges.
 
-    Raises NotConverging after `timeout_s` if the backlog never gets that small, so a move never
-    forces a long freeze on a tenant that writes faster than the replay. Connections stay open
-    across batches; a transient error reconnects and goes on (replay is idempotent).
+    Connections stay open across batches; a transient error reconnects and goes on (replay is
+    idempotent) towards the same deadline, which the caller fixed before the first attempt.
     """
-    deadline = time.monotonic() + timeout_s
     with dsnlib.connect(source_dsn) as src, dsnlib.connect(target_dsn) as tgt:
         while True:
             pending = backlog(src, move_id)
             src.commit()
-            if pending <= until:
+            if pending <= until or time.monotonic() > deadline:
                 return pending
-            if time.monotonic() > deadline:
-                raise NotConverging(
-                    f"catch-up of move {move_id} did not converge in {timeout_s:.0f}s: {pending} changes still "
-                    "pending (the tenant writes faster than the replay); the tenant stays writable, re-run the move "
-                    "to continue"
-                )
             replay_once(src, tgt, layout, tenant, move_id, batch)

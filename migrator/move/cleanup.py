@@ -15,7 +15,7 @@ from psycopg import sql
 from migrator import stamps
 from migrator.catalog import Move, Phase, Stamp
 from migrator.context import Context
-from migrator.db.retry import transient
+from migrator.db.retry import STAMP_STEP
 from migrator.errors import BadInput
 from migrator.move import fence
 from migrator.move.fence import SCHEMA
@@ -23,7 +23,7 @@ from migrator.progress import Progress
 from migrator.stamps.discovery import Layout, Table, tenant_filter
 
 
-@transient()
+@STAMP_STEP.wraps
 def delete_tenant_rows(
     stamp: Stamp, table: Table, tenant: str, batch_rows: int, progress: Progress, bypass_fence: bool = False
 ) -> int:

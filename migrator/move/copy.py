@@ -17,7 +17,7 @@ from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
 
 from migrator.db import dsn as dsnlib
-from migrator.db.retry import transient
+from migrator.db.retry import STAMP_STEP
 from migrator.move.fence import SCHEMA
 from migrator.progress import Progress
 from migrator.stamps.discovery import Table, key_after, key_upto, tenant_filter
@@ -120,7 +120,7 @@ def _last_key(tgt: psycopg.Connection[Any], table: Table, tenant: str) -> list[s
     return list(row[0]) if row else None
 
 
-@transient()
+@STAMP_STEP.wraps
 def copy_table(
     source_dsn: str,
     target_dsn: str,

@@ -9,6 +9,7 @@ of that fails or takes longer than allowed, the fence is lifted and the route st
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,8 @@ import psycopg
 from migrator.catalog import Move, Phase, Route, Stamp
 from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
-from migrator.errors import MigratorError, PreflightError, VerifyMismatch
+from migrator.db.retry import freeze_attempts
+from migrator.errors import FreezeTooLong, NotConverging, PreflightError, VerifyMismatch
 from migrator.move import capture, copy, fence
 from migrator.move.keys import keys_table, load_keys, outside_keys
 from migrator.move.run import CutoverOptions as CutoverOptions  # re-exported: the CLI builds it from its flags
@@ -36,10 +38,6 @@ from migrator.move.verify import (
 from migrator.stamps.discovery import Layout
 
 log = logging.getLogger("migrator.cutover")
-
-
-class FreezeTooLong(MigratorError):
-    """The cutover could not finish within --max-freeze-ms; writes were resumed."""
 
 
 def _sums(report: Report) -> tuple[str, str]:
@@ -63,7 +61,11 @@ def verify_move(run: MoveRun, move: Move) -> tuple[Move, Report]:
 
 
 def flip(run: MoveRun, move: Move, freeze_ms: float | None = None) -> Route:
-    """Compare-and-set the route, on the session that holds the tenant's lock."""
+    """Compare-and-set the route, on the session that holds the tenant's lock.
+
+    Not retried: a session lost between the lock's check and the flip fails the step at once (the
+    move stays resumable) rather than being retried, inside the write freeze, on a dead session.
+    """
     return run.catalog.flip(move, run.lock.check(), freeze_ms)
 
 
@@ -150,9 +152,16 @@ def _check_revisions(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any],
 
 
 def catch_up(run: MoveRun, move: Move) -> int:
-    """Replay captured changes until the backlog is small enough to enter the cutover."""
+    """Replay captured changes until the backlog is small enough to enter the cutover.
+
+    --catchup-timeout bounds the whole catch-up: its deadline is fixed here, before the replay's
+    first attempt, so a reconnect (policy STAMP_STEP) does not start the clock again. Raises
+    NotConverging when the deadline passes first, so a move never forces a long freeze on a tenant
+    that writes faster than the replay.
+    """
     options = run.options.cutover
-    return capture.catch_up(
+    deadline = time.monotonic() + options.catchup_timeout_s
+    pending = capture.catch_up(
         run.source.dsn,
         run.target.dsn,
         run.layout,
@@ -160,35 +169,48 @@ def catch_up(run: MoveRun, move: Move) -> int:
         move.id,
         batch=options.replay_batch,
         until=options.cutover_backlog,
-        timeout_s=options.catchup_timeout_s,
+        deadline=deadline,
     )
+    if pending > options.cutover_backlog:
+        raise NotConverging(
+            f"catch-up of move {move.id} did not converge in {options.catchup_timeout_s:.0f}s: {pending} changes "
+            "still pending (the tenant writes faster than the replay); the tenant stays writable, re-run the move "
+            "to continue"
+        )
+    return pending
 
 
 def online_cutover(run: MoveRun, move: Move) -> Route:
     """Catch up, then freeze writes just long enough to drain, verify the captured keys and flip.
 
-    Each attempt that cannot finish within max_freeze_ms lifts the fence again and retries after a
-    pause; after the last attempt the move stops, unfenced and resumable.
+    An attempt that cannot finish within --max-freeze-ms lifts the fence again; the next one starts
+    after a pause (policy `freeze_attempts`). After the last attempt the move stops, unfenced and
+    resumable.
     """
     options = run.options.cutover
-    last = ""
-    for attempt in range(1, options.attempts + 1):
-        catch_up(run, move)
-        verify_before_freeze(run, move, incremental=True)
-        capture.vacuum_changes(run.source.dsn)
-        catch_up(run, move)
-        run.lock.check()
-        try:
-            return _freeze_and_flip(run, move)
-        except FreezeTooLong as exc:
-            last = str(exc)
-            run.progress.phase(f"{exc}; writes resumed (attempt {attempt}/{options.attempts})")
-            move = run.catalog.update_move(move.id, phase=Phase.SYNCED, error=str(exc))
-            time.sleep(min(5.0, 0.5 * attempt))
-    raise FreezeTooLong(
-        f"move {move.id}: the cutover did not fit in {options.max_freeze_ms:.0f} ms after {options.attempts} "
-        f"attempts (last: {last}); the tenant stays writable on its source, re-run the move to try again"
-    )
+    numbers = itertools.count(1)
+    try:
+        return freeze_attempts(options.attempts)(lambda: _attempt_cutover(run, move, next(numbers)))
+    except FreezeTooLong as exc:
+        raise FreezeTooLong(
+            f"move {move.id}: the cutover did not fit in {options.max_freeze_ms:.0f} ms after {options.attempts} "
+            f"attempts (last: {exc}); the tenant stays writable on its source, re-run the move to try again"
+        ) from None
+
+
+def _attempt_cutover(run: MoveRun, move: Move, number: int) -> Route:
+    """One attempt: catch up and re-verify the keys in flux while writes go on, then the freeze."""
+    catch_up(run, move)
+    verify_before_freeze(run, move, incremental=True)
+    capture.vacuum_changes(run.source.dsn)
+    catch_up(run, move)
+    run.lock.check()
+    try:
+        return _freeze_and_flip(run, move)
+    except FreezeTooLong as exc:
+        run.progress.phase(f"{exc}; writes resumed (attempt {number}/{run.options.cutover.attempts})")
+        run.catalog.update_move(move.id, phase=Phase.SYNCED, error=str(exc))
+        raise
 
 
 def _freeze_and_flip(run: MoveRun, move: Move) -> Route:
