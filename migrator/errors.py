@@ -47,3 +47,12 @@ class SchemaDrift(CheckFailed):
 
 class Declined(MigratorError):
     """The operator answered no to a confirmation; nothing was changed."""
+
+
+class NotConverging(MigratorError):
+    """Online catch-up did not reach --cutover-backlog within --catchup-timeout: the application writes
+    faster than the replay, so the move stops (writable, resumable) rather than force a long freeze."""
+
+
+class FreezeTooLong(MigratorError):
+    """The cutover could not finish within --max-freeze-ms; writes were resumed."""

@@ -25,24 +25,16 @@ import benchlib  # scripts/, the directory of this script
 from migrator.context import Context
 from migrator.local.fleet import STATE_FILE, fleet_down, fleet_up
 from migrator.local.seed import TenantSpec, seed_fleet_stamp
-from migrator.plans.apply import ApplyOptions, Entry, EntryResult, Prepared, prepare, run
+from migrator.plans.apply import ApplyOptions, EntryResult, prepare, run
 from migrator.plans.planners import plan_drain, write_plan
+from migrator.progress import SilentApply
 
 
-class Quiet:
-    """A Reporter that only counts finished moves (the benchmark prints its own lines)."""
+class Quiet(SilentApply):
+    """An apply reporter that only keeps failed moves and notes (the benchmark prints its own lines)."""
 
     def __init__(self) -> None:
         self.failed: list[EntryResult] = []
-
-    def begin(self, prepared: Prepared) -> None:
-        pass
-
-    def started(self, entry: Entry) -> None:
-        pass
-
-    def rows(self, count: int) -> None:
-        pass
 
     def finished(self, result: EntryResult) -> None:
         if result.status != "done":

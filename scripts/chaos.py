@@ -44,7 +44,7 @@ import psycopg
 from psycopg import conninfo, sql
 
 from migrator import config as configlib
-from migrator.catalog import Catalog, Move
+from migrator.catalog import FLIPPED, TERMINAL, Catalog, Move, Phase
 from migrator.db import dsn as dsnlib
 from migrator.local import pgserver, provision
 from migrator.local.seed import TenantSpec, seed_fleet_stamp
@@ -54,16 +54,17 @@ from migrator.stamps.discovery import Layout, discover
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("kill9", "terminate_source", "terminate_target", "terminate_catalog", "restart_target", "stop_catalog")
-# The phases (moves.phase) at which each kind of fault may strike; "flipped" = right after the flip.
-PHASES: dict[str, tuple[str, ...]] = {
-    "kill9": ("copying", "copied", "synced", "cutover", "flipped"),
-    "terminate_source": ("copying", "copied", "synced", "cutover"),
-    "terminate_target": ("copying", "copied", "synced", "cutover"),
-    "terminate_catalog": ("copying", "synced", "cutover"),
-    "restart_target": ("copying", "copied", "synced", "cutover"),
-    "stop_catalog": ("cutover", "flipped"),
+# The phases (moves.phase) at which each kind of fault may strike; FLIPPED = right after the flip.
+PHASES: dict[str, tuple[Phase, ...]] = {
+    "kill9": (Phase.COPYING, Phase.COPIED, Phase.SYNCED, Phase.CUTOVER, Phase.FLIPPED),
+    "terminate_source": (Phase.COPYING, Phase.COPIED, Phase.SYNCED, Phase.CUTOVER),
+    "terminate_target": (Phase.COPYING, Phase.COPIED, Phase.SYNCED, Phase.CUTOVER),
+    "terminate_catalog": (Phase.COPYING, Phase.SYNCED, Phase.CUTOVER),
+    "restart_target": (Phase.COPYING, Phase.COPIED, Phase.SYNCED, Phase.CUTOVER),
+    "stop_catalog": (Phase.CUTOVER, Phase.FLIPPED),
 }
-ORDER = ("created", "copying", "copied", "synced", "cutover", "flipped", "cleaned")
+# An online move's phases in order (offline's `verified` and `aborted` are never waited for).
+ORDER = (Phase.CREATED, Phase.COPYING, Phase.COPIED, Phase.SYNCED, Phase.CUTOVER, Phase.FLIPPED, Phase.CLEANED)
 MIGRATOR_APP = "migrator"  # application_name set by migrator.dsn.connect
 HARNESS_APP = "chaos"  # the harness's own connections, never a fault's victims
 WRITER_MARK = "chaos"  # key in tasks.meta of the writer's rows
@@ -427,7 +428,7 @@ class Plan:
     tenant: str
     target: str
     fault: str | None
-    phase: str | None
+    phase: Phase | None
     abort: bool
     outage_s: float
 
@@ -537,11 +538,11 @@ class Engine:
             return proc.wait()
 
     def _await_phase(
-        self, proc: subprocess.Popen[bytes], tenant: str, wanted: str, after_id: int, source: str
+        self, proc: subprocess.Popen[bytes], tenant: str, wanted: Phase, after_id: int, source: str
     ) -> str | None:
         """Poll the catalog until the move reaches `wanted` (or a later phase) while migrator still runs.
 
-        The freeze lasts only tens of milliseconds, so for "cutover" the source's fence flag is polled
+        The freeze lasts only tens of milliseconds, so for CUTOVER the source's fence flag is polled
         too: it is raised right after the catalog records the phase.
         """
         deadline = time.monotonic() + MOVE_TIMEOUT_S
@@ -556,10 +557,10 @@ class Engine:
                 phase = rows[0][0] if rows else None
                 if phase in ORDER and ORDER.index(phase) >= ORDER.index(wanted):
                     return str(phase) if proc.poll() is None else None
-                if wanted == "cutover" and phase == "synced":
+                if wanted == Phase.CUTOVER and phase == Phase.SYNCED:
                     with contextlib.suppress(psycopg.Error):
                         if src.execute(fenced, (tenant,)).fetchone():
-                            return "cutover"
+                            return str(Phase.CUTOVER)
                 time.sleep(0.002)
         return None
 
@@ -612,11 +613,11 @@ class Engine:
         report = self.report
         for attempt in range(RECOVERY_ATTEMPTS + 1):
             move = self.latest_move(plan.tenant, before_id)
-            if move is not None and move.phase in ("flipped", "cleaned"):
+            if move is not None and move.phase in FLIPPED:
                 report.flipped += 1
                 self.cleanup(plan.tenant, move.source, what)
                 return
-            if move is not None and move.phase == "aborted":
+            if move is not None and move.phase == Phase.ABORTED:
                 report.aborted += 1
                 return
             if attempt == RECOVERY_ATTEMPTS:
@@ -650,7 +651,7 @@ class Engine:
         move = self.latest_move(plan.tenant, before_id)
         stamp, now = self.route(plan.tenant)
         self.versions[plan.tenant].append(now)
-        flipped = move is not None and move.phase in ("flipped", "cleaned")
+        flipped = move is not None and move.phase in FLIPPED
         expected = (plan.target, version + 1) if flipped else (source, version)
         if (stamp, now) != expected:
             if stamp == source and now == version and flipped:
@@ -689,8 +690,7 @@ class Engine:
     def check_leftovers(self, what: str) -> None:
         """Between moves nothing of migrator may remain: no guard, trigger, change log or copy cursor."""
         open_moves = (
-            self._query("SELECT id, tenant, phase FROM moves WHERE phase NOT IN ('flipped', 'cleaned', 'aborted')", ())
-            or []
+            self._query("SELECT id, tenant, phase FROM moves WHERE phase <> ALL(%s)", (sorted(TERMINAL),)) or []
         )
         for name, dsn in self.fleet.stamps.items():
             with _connect(dsn) as conn:

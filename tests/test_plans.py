@@ -113,6 +113,23 @@ def test_drain_killed_halfway_resumes_and_empties_the_stamp(fleet: Fleet, tmp_pa
     assert fleet.catalog.stamp("eu-1").state == "retired"
 
 
+def test_capacity_is_reckoned_once_a_full_stamp_fits_and_one_more_row_overruns() -> None:
+    """The planners and apply's stale-plan check share this reckoning: exactly full fits, beyond is short."""
+    from migrator.catalog import Stamp
+    from migrator.plans.capacity import Overrun, StampUsage, shift
+
+    capped = StampUsage(Stamp("a", "service=a", None, 100, 1_000, "active"), 90, 500, None)
+    unlimited = StampUsage(Stamp("b", "service=b", None, None, None, "active"), 10**9, 10**12, None)
+    assert capped.fits(10, 500) and not capped.fits(11, 0) and not capped.fits(0, 501)
+    assert capped.shifted(20, 600).overruns() == [Overrun("rows", 110, 100), Overrun("bytes", 1_100, 1_000)]
+    assert [o.short for o in capped.shifted(20, 600).overruns()] == [10, 100]
+    assert capped.utilisation == 0.9 and unlimited.utilisation is None and unlimited.fits(10**9, 10**12)
+    usage = {"a": capped, "b": unlimited}
+    shift(usage, "a", "b", 40, 100)
+    assert (usage["a"].rows, usage["a"].bytes, usage["b"].rows) == (50, 400, 10**9 + 40)
+    assert capped.rows == 90  # the reckoning never changes the measured usage it started from
+
+
 def test_drain_that_cannot_fit_is_refused_naming_the_shortfall(fleet: Fleet, tmp_path: Path) -> None:
     sizes = _seed_many(fleet, "eu-1", {1: 3_000, 2: 2_000, 3: 1_000})
     fleet.catalog.update_stamp("eu-2", capacity_rows=sizes["1"] - 500)
@@ -222,6 +239,19 @@ def test_ctrl_c_lets_the_running_move_finish_and_says_how_to_resume(fleet: Fleet
     result = fleet.run(*args)
     assert result.exit_code == 0, result.output
     assert fleet.catalog.routes("eu-1") == []
+
+
+def test_a_plan_already_being_applied_is_refused_and_left_running(fleet: Fleet, tmp_path: Path) -> None:
+    _seed_many(fleet, "eu-1", {1: 3_000, 2: 2_000})
+    _plan(fleet, tmp_path, "drain", "eu-1", "--to", "eu-2")
+    args = ("apply", str(tmp_path / "plan.yaml"), "--batch-rows", "100", "--yes")
+    first = fleet.popen(*args)
+    _wait(lambda: any(s == "running" for _, _, s, _ in _plan_moves(fleet)), "a running move", first)
+    second = fleet.run(*args)
+    assert second.exit_code == 1 and "is being applied by another running migrator" in second.stderr, second.output
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err  # the refused run changed nothing of the first one's work
+    assert [s for _, _, s, _ in _plan_moves(fleet)] == ["done"] * 2 and fleet.catalog.routes("eu-1") == []
 
 
 def test_isolate_needs_an_empty_stamp(fleet: Fleet, tmp_path: Path) -> None:

@@ -69,3 +69,19 @@ def test_sqlalchemy_url_carries_every_dsn_form_and_drops_the_password_for_offlin
     assert dict(dsnlib.sqlalchemy_url("stamp_eu1").query) == {"service": "stamp_eu1"}
     no_user = dsnlib.sqlalchemy_url("host=db dbname=x password=pw")  # libpq's default user, the password kept
     assert make_url(no_user.render_as_string(hide_password=False)).password == "pw"
+
+
+def test_free_text_masking_covers_urls_and_keyword_strings_in_messages() -> None:
+    import logging
+
+    from migrator.cli import render
+
+    text = (
+        'connection to "postgresql://app:s3cr3t@db:5432/x" failed; retried with host=db password=hunter22 user=app'
+        " and postgresql://db/x?sslmode=require&password=topsecret"
+    )
+    masked = dsnlib.mask_text(text)
+    assert all(secret not in masked for secret in ("s3cr3t", "hunter22", "topsecret")), masked
+    assert "postgresql://app:***@db:5432/x" in masked and "password=*** user=app" in masked
+    record = logging.LogRecord("migrator.retry", logging.WARNING, __file__, 1, "transient error: %s", (text,), None)
+    assert render.MaskingFilter().filter(record) and record.getMessage() == f"transient error: {masked}"

@@ -7,6 +7,7 @@ from migrator.catalog.models import (
     FENCED_OFFLINE,
     FLIPPED,
     TERMINAL,
+    Mode,
     Move,
     Phase,
     Route,
@@ -18,6 +19,6 @@ from migrator.catalog.models import (
 from migrator.catalog.store import Catalog
 
 __all__ = [
-    "FENCED_OFFLINE", "FLIPPED", "TERMINAL", "Catalog", "Move", "Phase", "Route", "Stamp", "StampState",
+    "FENCED_OFFLINE", "FLIPPED", "TERMINAL", "Catalog", "Mode", "Move", "Phase", "Route", "Stamp", "StampState",
     "TableProgress", "TenantLock", "describe_move",
 ]  # fmt: skip

@@ -21,6 +21,14 @@ class StampState(StrEnum):
     RETIRED = "retired"
 
 
+class Mode(StrEnum):
+    """How a move guards its source (`moves.mode`): online captures writes and fences only for the
+    cutover; offline fences the source from before the copy until the flip."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
 class Phase(StrEnum):
     """A move's phase as stored in `moves.phase`: the one truth that `move status` and resume read.
 
@@ -78,7 +86,7 @@ class Move:
     tenant: str
     source: str
     target: str
-    mode: str
+    mode: Mode
     phase: Phase
     route_version: int
     schema_revision: str | None
@@ -95,7 +103,8 @@ class Move:
     finished_at: datetime | None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "phase", Phase(self.phase))  # rows come from the catalog as text
+        object.__setattr__(self, "mode", Mode(self.mode))  # rows come from the catalog as text
+        object.__setattr__(self, "phase", Phase(self.phase))
 
     @property
     def is_open(self) -> bool:

@@ -10,16 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 from psycopg.rows import class_row
 
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
-
-if TYPE_CHECKING:
-    from migrator.rollout.runner import StampOutcome, StampSchema
+from migrator.db.retry import CATALOG
 
 
 @dataclass(frozen=True)
@@ -56,29 +54,29 @@ def runs(ctx: Context, stamp: str | None = None, limit: int = 50) -> list[Schema
 class RunLog:
     """The rollout's rows in the catalog's `schema_runs`, one per stamp, `running` until it ends.
 
-    One catalog connection for the whole rollout (reopened once if it drops), and one INSERT per
-    wave, so recording stays cheap next to the migrations themselves.
+    One catalog connection for the whole rollout (reopened if it drops: policy CATALOG), one INSERT per
+    wave, so recording stays cheap next to the migrations themselves. It takes plain values (stamp
+    names, revisions, results), so the catalog knows nothing of the rollout that writes it.
     """
 
     def __init__(self, ctx: Context, run_id: str, direction: str, target: str | None) -> None:
         self.ctx, self.run_id, self.direction, self.target = ctx, run_id, direction, target
         self._conn: psycopg.Connection[Any] | None = None
 
+    @CATALOG.wraps
     def _execute(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        for attempt in (1, 2):
-            try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = dsnlib.connect(self.ctx.catalog.url, autocommit=True)
-                cursor = self._conn.execute(query, params)
-                return cursor.fetchall() if cursor.description else []
-            except psycopg.OperationalError:
-                self.close()
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        """One autocommit statement; a failed one drops the connection, so the retry reconnects."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = dsnlib.connect(self.ctx.catalog.url, autocommit=True)
+            cursor = self._conn.execute(query, params)
+            return cursor.fetchall() if cursor.description else []
+        except psycopg.Error:
+            self.close()
+            raise
 
-    def start(self, rows: Sequence[StampSchema]) -> dict[str, int]:
-        """Rows `running` for a wave's stamps: stamp name -> row id."""
+    def start(self, stamps: Sequence[tuple[str, str | None]]) -> dict[str, int]:
+        """Rows `running` for a wave's (stamp name, revision before the run): stamp name -> row id."""
         found = self._execute(
             "INSERT INTO schema_runs (run_id, stamp, direction, from_revision, to_revision, result)"
             " SELECT %s, u.stamp, %s, u.from_revision, %s, 'running'"
@@ -87,32 +85,25 @@ class RunLog:
                 self.run_id,
                 self.direction,
                 self.target,
-                [r.stamp for r in rows],
-                [r.current for r in rows],
+                [stamp for stamp, _ in stamps],
+                [revision for _, revision in stamps],
             ),
         )
         return {stamp: int(row_id) for stamp, row_id in found}
 
-    def add(self, outcome: StampOutcome) -> None:
+    def add(self, stamp: str, from_revision: str | None, result: str, error: str | None) -> None:
         """A stamp that was not run (skipped, dry run, refused): recorded as finished at once."""
         self._execute(
             "INSERT INTO schema_runs (run_id, stamp, direction, from_revision, to_revision, result, error,"
             " finished_at) VALUES (%s, %s, %s, %s, %s, %s, %s, now())",
-            (
-                self.run_id,
-                outcome.stamp,
-                self.direction,
-                outcome.from_revision,
-                self.target,
-                outcome.result,
-                outcome.error,
-            ),
+            (self.run_id, stamp, self.direction, from_revision, self.target, result, error),
         )
 
-    def finish(self, row_id: int, outcome: StampOutcome) -> None:
+    def finish(self, row_id: int, from_revision: str | None, result: str, error: str | None) -> None:
+        """A stamp's run ended: its result and error, and the revision it was really at before."""
         self._execute(
             "UPDATE schema_runs SET result = %s, error = %s, from_revision = %s, finished_at = now() WHERE id = %s",
-            (outcome.result, outcome.error, outcome.from_revision, row_id),
+            (result, error, from_revision, row_id),
         )
 
     def close(self) -> None:

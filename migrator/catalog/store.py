@@ -23,6 +23,7 @@ from migrator.catalog.models import (
     FLIPPABLE,
     MOVE_FIELDS,
     TERMINAL,
+    Mode,
     Move,
     Phase,
     Route,
@@ -31,12 +32,16 @@ from migrator.catalog.models import (
     describe_move,
 )
 from migrator.db import dsn as dsnlib
-from migrator.db.retry import transient
+from migrator.db.retry import CATALOG
 from migrator.errors import BadInput, LockBusy, MigratorError, RouteConflict
 
 
 class Catalog:
-    """Access to the catalog database; short transactions, retried when the link flaps."""
+    """Access to the catalog database; short transactions, retried when the link flaps.
+
+    Each public method is one step under the CATALOG retry policy; the private helpers they share
+    take the step's connection and are never retried themselves, so attempts never multiply.
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -99,7 +104,7 @@ class Catalog:
 
     # -- stamps -------------------------------------------------------------------------------
 
-    @transient()
+    @CATALOG.wraps
     def add_stamp(
         self,
         name: str,
@@ -116,24 +121,24 @@ class Catalog:
                 )
             except psycopg.errors.UniqueViolation:
                 raise BadInput(f"stamp {name!r} already exists") from None
-        return self.stamp(name)
+            return self._stamp(conn, name)
 
-    @transient()
+    @CATALOG.wraps
     def update_stamp(self, name: str, **fields: Any) -> Stamp:
         allowed = {"dsn", "region", "capacity_rows", "capacity_bytes", "state"}
         changes = {k: v for k, v in fields.items() if k in allowed and v is not None}
-        self.stamp(name)
-        if changes:
-            assignments = sql.SQL(", ").join(
-                sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder(k)) for k in changes
-            )
-            with self.transaction() as conn:
+        with self.transaction() as conn:
+            self._stamp(conn, name)
+            if changes:
+                assignments = sql.SQL(", ").join(
+                    sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder(k)) for k in changes
+                )
                 conn.execute(
                     sql.SQL("UPDATE stamps SET {} WHERE name = %(name)s").format(assignments), {**changes, "name": name}
                 )
-        return self.stamp(name)
+            return self._stamp(conn, name)
 
-    @transient()
+    @CATALOG.wraps
     def remove_stamp(self, name: str) -> None:
         """Delete a stamp nothing refers to: no route, no move in any phase, no plan entry.
 
@@ -153,22 +158,24 @@ class Catalog:
                     f"catalog's owner, or GRANT DELETE ON stamps TO {role}"
                 ) from None
 
-    @transient()
-    def find_stamp(self, name: str) -> Stamp | None:
-        with self.transaction() as conn, conn.cursor(row_factory=class_row(Stamp)) as cur:
+    @CATALOG.wraps
+    def stamp(self, name: str) -> Stamp:
+        """The stamp called `name`, or a clear error naming it."""
+        with self.transaction() as conn:
+            return self._stamp(conn, name)
+
+    @staticmethod
+    def _stamp(conn: psycopg.Connection[Any], name: str) -> Stamp:
+        with conn.cursor(row_factory=class_row(Stamp)) as cur:
             cur.execute(
                 "SELECT name, dsn, region, capacity_rows, capacity_bytes, state FROM stamps WHERE name = %s", (name,)
             )
-            return cur.fetchone()
-
-    def stamp(self, name: str) -> Stamp:
-        """The stamp called `name`, or a clear error naming it."""
-        found = self.find_stamp(name)
+            found = cur.fetchone()
         if found is None:
             raise BadInput(f"unknown stamp {name!r}")
         return found
 
-    @transient()
+    @CATALOG.wraps
     def stamps(self) -> list[Stamp]:
         with self.transaction() as conn, conn.cursor(row_factory=class_row(Stamp)) as cur:
             cur.execute("SELECT name, dsn, region, capacity_rows, capacity_bytes, state FROM stamps ORDER BY name")
@@ -176,11 +183,11 @@ class Catalog:
 
     # -- routes -------------------------------------------------------------------------------
 
-    @transient()
+    @CATALOG.wraps
     def set_route(self, tenant: str, stamp: str) -> Route:
         """Register a tenant's home; changing an existing route this way is refused (use a move)."""
-        self.stamp(stamp)
         with self.transaction() as conn:
+            self._stamp(conn, stamp)
             current = self._route(conn, tenant)
             if current is not None and current.stamp != stamp:
                 raise BadInput(
@@ -188,9 +195,9 @@ class Catalog:
                 )
             if current is None:
                 conn.execute("INSERT INTO routes (tenant, stamp) VALUES (%s, %s)", (tenant, stamp))
-        return self.route(tenant)
+            return self._route(conn, tenant)  # type: ignore[return-value]
 
-    @transient()
+    @CATALOG.wraps
     def import_routes(self, routes: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
         """Register many (tenant, stamp) routes in one transaction: all of them, or none.
 
@@ -234,7 +241,7 @@ class Catalog:
             cur.execute("SELECT tenant, stamp, version, state, updated_at FROM routes WHERE tenant = %s", (tenant,))
             return cur.fetchone()
 
-    @transient()
+    @CATALOG.wraps
     def find_route(self, tenant: str) -> Route | None:
         with self.transaction() as conn:
             return self._route(conn, tenant)
@@ -248,7 +255,7 @@ class Catalog:
             )
         return found
 
-    @transient()
+    @CATALOG.wraps
     def routes(self, stamp: str | None = None) -> list[Route]:
         with self.transaction() as conn, conn.cursor(row_factory=class_row(Route)) as cur:
             cur.execute(
@@ -258,19 +265,19 @@ class Catalog:
             )
             return cur.fetchall()
 
-    @transient()
+    @CATALOG.wraps
     def set_route_state(self, tenant: str, state: str) -> None:
         """Mark a route fenced/active for the router's information; the database fence is the guard."""
         with self.transaction() as conn:
             conn.execute("UPDATE routes SET state = %s, updated_at = now() WHERE tenant = %s", (state, tenant))
 
-    @transient()
     def flip(self, move: Move, conn: psycopg.Connection[Any], freeze_ms: float | None = None) -> Route:
         """Compare-and-set the route from the move's source to its target, and mark the move flipped.
 
         Both happen in one catalog transaction on `conn` (the tenant lock's own session, so no new
         connection is opened while writes are frozen): a crash leaves either the old route with the
-        move still open, or the new route with the move flipped.
+        move still open, or the new route with the move flipped. Never retried: a retry could not
+        replace `conn`, so a lost session fails at once and the caller's move stays resumable.
         """
         with conn.transaction():
             cur = conn.execute(
@@ -297,13 +304,13 @@ class Catalog:
     # Every column of `moves`, in the order of the Move dataclass that class_row builds from them.
     _MOVE_COLUMNS = sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclass_fields(Move))
 
-    @transient()
+    @CATALOG.wraps
     def create_move(
         self,
         tenant: str,
         source: str,
         target: str,
-        mode: str,
+        mode: Mode,
         route_version: int,
         batch_rows: int,
         schema_revision: str | None = None,
@@ -321,13 +328,14 @@ class Catalog:
                 assert move is not None
                 return move
         except psycopg.errors.UniqueViolation:
-            holder = self.open_move(tenant)
+            with self.transaction() as conn:
+                holder = self._open_move(conn, tenant)
             raise LockBusy(
                 f"tenant {tenant} already has an unfinished {describe_move(holder) if holder else 'move'}; "
                 f"see `migrator move status{f' {holder.id}' if holder else ''}`"
             ) from None
 
-    @transient()
+    @CATALOG.wraps
     def find_move(self, move_id: int) -> Move | None:
         with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
             cur.execute(sql.SQL("SELECT {} FROM moves WHERE id = %s").format(self._MOVE_COLUMNS), (move_id,))
@@ -339,17 +347,22 @@ class Catalog:
             raise BadInput(f"unknown move {move_id}")
         return found
 
-    @transient()
+    @CATALOG.wraps
     def open_move(self, tenant: str) -> Move | None:
         """The tenant's unfinished move, if any (there is at most one)."""
-        with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
+        with self.transaction() as conn:
+            return self._open_move(conn, tenant)
+
+    @classmethod
+    def _open_move(cls, conn: psycopg.Connection[Any], tenant: str) -> Move | None:
+        with conn.cursor(row_factory=class_row(Move)) as cur:
             cur.execute(
-                sql.SQL("SELECT {} FROM moves WHERE tenant = %s AND phase <> ALL(%s)").format(self._MOVE_COLUMNS),
+                sql.SQL("SELECT {} FROM moves WHERE tenant = %s AND phase <> ALL(%s)").format(cls._MOVE_COLUMNS),
                 (tenant, sorted(TERMINAL)),
             )
             return cur.fetchone()
 
-    @transient()
+    @CATALOG.wraps
     def moves(self, tenant: str | None = None, limit: int = 50) -> list[Move]:
         with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
             cur.execute(
@@ -360,7 +373,7 @@ class Catalog:
             )
             return cur.fetchall()
 
-    @transient()
+    @CATALOG.wraps
     def update_move(self, move_id: int, **fields: Any) -> Move:
         """Record a phase change, counters, checksums or an error on the move."""
         unknown = set(fields) - MOVE_FIELDS
@@ -382,7 +395,7 @@ class Catalog:
                 raise BadInput(f"unknown move {move_id}")
             return move
 
-    @transient()
+    @CATALOG.wraps
     def save_tables(self, move_id: int, tables: list[TableProgress]) -> None:
         """Upsert per-table progress (informational: the target holds the authoritative cursor)."""
         with self.transaction() as conn, conn.cursor() as cur:
@@ -407,7 +420,7 @@ class Catalog:
                 ],
             )
 
-    @transient()
+    @CATALOG.wraps
     def tables(self, move_id: int) -> list[TableProgress]:
         with self.transaction() as conn, conn.cursor(row_factory=class_row(TableProgress)) as cur:
             cur.execute(
@@ -419,7 +432,7 @@ class Catalog:
 
     # -- access -------------------------------------------------------------------------------
 
-    @transient()
+    @CATALOG.wraps
     def grant_reader(self, role: str) -> str:
         """Let an application role read routes, and nothing else: stamps' DSNs hold passwords.
 
@@ -479,9 +492,13 @@ def _some(items: Sequence[str], limit: int = 5) -> str:
     return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
 
 
-@transient()
+@CATALOG.wraps
 def _open_session(url: str, autocommit: bool) -> psycopg.Connection[Any]:
-    """A catalog session, retried while the catalog is unreachable for a moment (restart, failover)."""
+    """A catalog session, retried while the catalog is unreachable for a moment (restart, failover).
+
+    The connect is its own step under CATALOG: a public method retried after its session broke
+    reconnects through here, and a catalog that stays away ends as one MigratorError naming it,
+    which no outer policy retries again."""
     return dsnlib.connect(url, autocommit=autocommit)
 
 

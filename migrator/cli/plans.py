@@ -18,6 +18,7 @@ from migrator.errors import MigratorError
 if TYPE_CHECKING:  # the engine is imported inside each command, which keeps `migrator --help` fast
     from migrator.plans.apply import ApplyOptions, ApplyResult, Entry, EntryResult, Prepared
     from migrator.plans.planners import Plan
+    from migrator.progress import ApplyProgress
 
 OUTPUT = click.option(
     "-o",
@@ -260,23 +261,15 @@ class ApplyBars:
             self._bar.close()
 
 
-class _Quiet:
+def _notes_only() -> ApplyProgress:
     """The reporter of --json and --no-progress runs: no progress, only notes (what an interrupt does)."""
+    from migrator.progress import SilentApply
 
-    def begin(self, prepared: Prepared) -> None:
-        pass
+    class NotesOnly(SilentApply):
+        def note(self, message: str) -> None:
+            render.say(message)
 
-    def started(self, entry: Entry) -> None:
-        pass
-
-    def rows(self, count: int) -> None:
-        pass
-
-    def finished(self, result: EntryResult) -> None:
-        pass
-
-    def note(self, message: str) -> None:
-        render.say(message)
+    return NotesOnly()
 
 
 def _dry_run(as_json: bool, prepared: Prepared) -> None:
@@ -374,7 +367,7 @@ def apply_cmd(
     """Carry out a plan file's moves; re-running it resumes where it stopped (Ctrl-C lets running moves end)."""
     from dataclasses import replace
 
-    from migrator.plans.apply import prepare, run
+    from migrator.plans.apply import EntryStatus, prepare, run
 
     context = context_of(ctx)
     prepared = prepare(context, file)
@@ -388,7 +381,7 @@ def apply_cmd(
     options = replace(
         _apply_defaults(), parallel=parallel, per_stamp=per_stamp, stop_on_error=stop_on_error, batch_rows=batch_rows
     )
-    reporter = _Quiet() if as_json or no_progress else ApplyBars()
+    reporter = _notes_only() if as_json or no_progress else ApplyBars()
     try:
         result = run(context, prepared, options, reporter)
     finally:
@@ -402,14 +395,14 @@ def apply_cmd(
         "results": list(result.results),
     }
     emit(as_json, data, _summary(result))
-    failed, skipped = result.having("failed"), [r for r in result.results if r.reason.startswith("not started")]
+    failed = result.having(EntryStatus.FAILED)
     if failed:
         raise MigratorError(
             f"{len(failed)} of {len(result.results)} moves failed; fix the cause and re-run "
             f"`migrator apply {file}` to retry them"
         )
-    if result.interrupted or skipped:
+    if result.interrupted or result.not_started:
         raise MigratorError(
-            f"interrupted with {len(skipped)} moves not started; re-run `migrator apply {file}` "
+            f"interrupted with {result.not_started} moves not started; re-run `migrator apply {file}` "
             "to continue where it stopped"
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -16,7 +15,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from migrator.db import dsn as dsnlib
+from migrator.db.dsn import mask_text
 from migrator.progress import Progress, Silent
 
 
@@ -41,16 +40,6 @@ def _default(value: Any) -> Any:
 
 def to_json(value: Any) -> str:
     return json.dumps(value, default=_default, indent=2, sort_keys=True)
-
-
-_URL_USERINFO = re.compile(r"(\w+://[^:/@\s]+:)[^@\s]+@")
-_KEYWORD_PASSWORD = re.compile(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
-
-
-def mask_text(text: str) -> str:
-    """Mask anything that looks like a DSN password in free text (last line of defence for logs)."""
-    text = _URL_USERINFO.sub(rf"\g<1>{dsnlib.MASK}@", text)
-    return _KEYWORD_PASSWORD.sub(rf"\g<1>{dsnlib.MASK}", text)
 
 
 class MaskingFilter(logging.Filter):

@@ -30,6 +30,12 @@ PINNED_SETTINGS: dict[str, str] = {
 }
 
 MASK = "***"
+# `password=...` of a libpq keyword string, quoted or not (in free text it also catches `?password=`).
+_KEYWORD_PASSWORD = re.compile(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+# A URL's `password` query parameter, up to the next parameter.
+_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&]*")
+# `scheme://user:password@` anywhere in free text.
+_URL_USERINFO = re.compile(r"(\w+://[^:/@\s]+:)[^@\s]+@")
 
 
 def normalize(dsn: str) -> str:
@@ -49,9 +55,14 @@ def mask(dsn: str) -> str:
             user = parts.username or ""
             host = parts.netloc.rsplit("@", 1)[1]
             parts = parts._replace(netloc=f"{user}:{MASK}@{host}")
-        dsn = urlunsplit(parts)
-        return re.sub(r"(?i)([?&]password=)[^&]*", rf"\g<1>{MASK}", dsn)
-    return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", rf"\g<1>{MASK}", dsn)
+        return _QUERY_PASSWORD.sub(rf"\g<1>{MASK}", urlunsplit(parts))
+    return _KEYWORD_PASSWORD.sub(rf"\g<1>{MASK}", dsn)
+
+
+def mask_text(text: str) -> str:
+    """Mask anything that looks like a DSN password in free text (last line of defence for logs)."""
+    text = _URL_USERINFO.sub(rf"\g<1>{MASK}@", text)
+    return _KEYWORD_PASSWORD.sub(rf"\g<1>{MASK}", text)
 
 
 def scrub(text: str, *dsns: str) -> str:

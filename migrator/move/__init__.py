@@ -1,14 +1,14 @@
 """Moving tenants between stamps, step by step: `preflight` (every check before the first write),
 `fence` (the guard trigger: capture and the database-enforced fence), `copy` (keyset batches over
-binary COPY), `capture` (catch-up by key), `verify` (checksums), `cutover` (the short fenced
-flip), `cleanup`, and `machine`, the resumable state machine that runs them.
+binary COPY), `keys` (rows by captured key), `capture` (catch-up by key), `verify` (checksums),
+`cutover` (the short fenced flip), `cleanup`, and `machine`, the resumable state machine that runs them.
 
 The entry points below are what the command line and the plans call.
 """
 
 from migrator.move.cleanup import cleanup_tenant, leftovers
-from migrator.move.cutover import CutoverOptions
-from migrator.move.machine import MoveOptions, MoveOutcome, abort_move, move_tenant
+from migrator.move.machine import MoveOutcome, abort_move, move_tenant
+from migrator.move.run import CutoverOptions, MoveOptions
 from migrator.move.verify import Report, verify_between
 
 __all__ = [

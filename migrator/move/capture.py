@@ -19,20 +19,14 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from migrator.db import dsn as dsnlib
-from migrator.db.retry import transient
-from migrator.errors import MigratorError
+from migrator.db.retry import STAMP_STEP
 from migrator.move.fence import SCHEMA
-from migrator.move.verify import by_key
+from migrator.move.keys import by_key, keys_table, load_keys
 from migrator.stamps.discovery import Layout, Table
 
 UNPROVEN = sql.Identifier("migrator_unproven_keys")
-
-
-class NotConverging(MigratorError):
-    """The application writes faster than catch-up replays: stop rather than force a long freeze."""
 
 
 @dataclass(frozen=True)
@@ -111,34 +105,6 @@ def mark_verified(src: psycopg.Connection[Any], move_id: int, unproven: dict[str
         ).format(s=sql.Identifier(SCHEMA), raw=UNPROVEN),
         (move_id,),
     )
-
-
-def keys_table(index: int) -> sql.Identifier:
-    return sql.Identifier(f"migrator_keys_{index}")
-
-
-def load_keys(conn: psycopg.Connection[Any], table: Table, keys: list[list[str]], name: sql.Identifier) -> None:
-    """A temporary table `name`, typed like the table's key, holding the given text keys.
-
-    Keys are logged in their text form; jsonb_populate_recordset parses them back with each type's
-    own input function, so every key type (bigint, uuid, text, timestamptz...) round-trips. The
-    three statements go in one pipeline (one round trip: this runs inside the cutover's freeze).
-    Lives until the caller's transaction ends.
-    """
-    rows = Jsonb([dict(zip(table.primary_key, key, strict=True)) for key in keys])
-    with conn.pipeline():
-        conn.execute(
-            sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
-                name, table.pk_cols(), table.ident
-            )
-        )
-        conn.execute(
-            sql.SQL("INSERT INTO {keys} SELECT DISTINCT * FROM jsonb_populate_recordset(NULL::{keys}, %s)").format(
-                keys=name
-            ),
-            (rows,),
-        )
-        conn.execute(sql.SQL("ANALYZE {}").format(name))  # real row counts, so the planner hashes the keys
 
 
 def _stage(
@@ -254,7 +220,7 @@ def drain(
     return total
 
 
-@transient()
+@STAMP_STEP.wraps
 def catch_up(
     source_dsn: str,
     target_dsn: str,
@@ -264,25 +230,18 @@ def catch_up(
     *,
     batch: int,
     until: int,
-    timeout_s: float,
+    deadline: float,
 ) -> int:
-    """Replay until at most `until` changes are pending; returns the backlog left.
+    """Replay until at most `until` changes are pending or `deadline` (a `time.monotonic()` value)
+    has passed; returns the backlog left, which the caller judges.
 
-    Raises NotConverging after `timeout_s` if the backlog never gets that small, so a move never
-    forces a long freeze on a tenant that writes faster than the replay. Connections stay open
-    across batches; a transient error reconnects and goes on (replay is idempotent).
+    Connections stay open across batches; a transient error reconnects and goes on (replay is
+    idempotent) towards the same deadline, which the caller fixed before the first attempt.
     """
-    deadline = time.monotonic() + timeout_s
     with dsnlib.connect(source_dsn) as src, dsnlib.connect(target_dsn) as tgt:
         while True:
             pending = backlog(src, move_id)
             src.commit()
-            if pending <= until:
+            if pending <= until or time.monotonic() > deadline:
                 return pending
-            if time.monotonic() > deadline:
-                raise NotConverging(
-                    f"catch-up of move {move_id} did not converge in {timeout_s:.0f}s: {pending} changes still "
-                    "pending (the tenant writes faster than the replay); the tenant stays writable, re-run the move "
-                    "to continue"
-                )
             replay_once(src, tgt, layout, tenant, move_id, batch)

@@ -13,9 +13,9 @@ import psycopg
 from psycopg import sql
 
 from migrator import stamps
-from migrator.catalog import Move, Stamp
+from migrator.catalog import Move, Phase, Stamp
 from migrator.context import Context
-from migrator.db.retry import transient
+from migrator.db.retry import STAMP_STEP
 from migrator.errors import BadInput
 from migrator.move import fence
 from migrator.move.fence import SCHEMA
@@ -23,7 +23,7 @@ from migrator.progress import Progress
 from migrator.stamps.discovery import Layout, Table, tenant_filter
 
 
-@transient()
+@STAMP_STEP.wraps
 def delete_tenant_rows(
     stamp: Stamp, table: Table, tenant: str, batch_rows: int, progress: Progress, bypass_fence: bool = False
 ) -> int:
@@ -91,10 +91,10 @@ def _mark_cleaned(ctx: Context, tenant: str, stamp_name: str) -> Move | None:
     other command would remove them (abort refuses a flipped move).
     """
     for move in ctx.catalog.moves(tenant):
-        if move.source == stamp_name and move.phase == "flipped":
+        if move.source == stamp_name and move.phase == Phase.FLIPPED:
             with stamps.connect(ctx.catalog.stamp(move.target)) as tgt:
                 forget_progress(tgt, move.id)
-            return ctx.catalog.update_move(move.id, phase="cleaned")
+            return ctx.catalog.update_move(move.id, phase=Phase.CLEANED)
     return None
 
 

@@ -17,7 +17,7 @@ from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
 
 from migrator.db import dsn as dsnlib
-from migrator.db.retry import transient
+from migrator.db.retry import STAMP_STEP
 from migrator.move.fence import SCHEMA
 from migrator.progress import Progress
 from migrator.stamps.discovery import Table, key_after, key_upto, tenant_filter
@@ -35,6 +35,9 @@ class Cursor:
     done: bool
 
 
+START = Cursor(None, 0, False)  # nothing of the table copied yet
+
+
 def read_cursor(tgt: psycopg.Connection[Any], move_id: int, table: Table) -> Cursor:
     row = tgt.execute(
         sql.SQL("SELECT cursor, rows_copied, done FROM {}.copy_progress WHERE move_id = %s AND table_name = %s").format(
@@ -43,7 +46,7 @@ def read_cursor(tgt: psycopg.Connection[Any], move_id: int, table: Table) -> Cur
         (move_id, table.label),
     ).fetchone()
     if row is None:
-        return Cursor(None, 0, False)
+        return START
     return Cursor(row[0], row[1], row[2])
 
 
@@ -117,7 +120,7 @@ def _last_key(tgt: psycopg.Connection[Any], table: Table, tenant: str) -> list[s
     return list(row[0]) if row else None
 
 
-@transient()
+@STAMP_STEP.wraps
 def copy_table(
     source_dsn: str,
     target_dsn: str,

@@ -1,7 +1,7 @@
 """The last steps of a move: prove the target equal to the source, then compare-and-set the route.
 
 Offline moves verify everything and flip. Online moves keep the write freeze short by doing the
-expensive work before it: `verify_untouched` compares every row the application has not written
+expensive work before it: `verify_before_freeze` compares every row the application has not written
 since capture began, while it keeps writing. The freeze then only fences the tenant, waits out
 in-flight writes, drains the last captured changes, verifies the captured keys and flips. If any
 of that fails or takes longer than allowed, the fence is lifted and the route stays where it was.
@@ -9,19 +9,23 @@ of that fails or takes longer than allowed, the fence is lifted and the route st
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
-from migrator.catalog import Catalog, Move, Route, Stamp, TenantLock
+from migrator.catalog import Move, Phase, Route, Stamp
 from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
-from migrator.errors import MigratorError, PreflightError, VerifyMismatch
+from migrator.db.retry import freeze_attempts
+from migrator.errors import FreezeTooLong, NotConverging, PreflightError, VerifyMismatch
 from migrator.move import capture, copy, fence
+from migrator.move.keys import keys_table, load_keys, outside_keys
+from migrator.move.run import CutoverOptions as CutoverOptions  # re-exported: the CLI builds it from its flags
+from migrator.move.run import MoveRun
 from migrator.move.verify import (
     Checksum,
     Report,
@@ -29,28 +33,11 @@ from migrator.move.verify import (
     checksum,
     compare_hashes,
     keyed_row_hashes,
-    outside_keys,
     verify_tenant,
 )
-from migrator.progress import Progress
 from migrator.stamps.discovery import Layout
 
 log = logging.getLogger("migrator.cutover")
-
-
-class FreezeTooLong(MigratorError):
-    """The cutover could not finish within --max-freeze-ms; writes were resumed."""
-
-
-@dataclass(frozen=True)
-class CutoverOptions:
-    """Flags --cutover-backlog, --catchup-timeout, --max-freeze-ms, --cutover-attempts."""
-
-    cutover_backlog: int = 200
-    catchup_timeout_s: float = 600.0
-    max_freeze_ms: float = 2000.0
-    attempts: int = 3
-    replay_batch: int = 2000
 
 
 def _sums(report: Report) -> tuple[str, str]:
@@ -59,22 +46,27 @@ def _sums(report: Report) -> tuple[str, str]:
     return source, target
 
 
-def verify_move(catalog: Catalog, move: Move, source: Stamp, target: Stamp, layout: Layout) -> tuple[Move, Report]:
+def verify_move(run: MoveRun, move: Move) -> tuple[Move, Report]:
     """Offline: compare every row of the tenant on both stamps and record the outcome on the move."""
-    report = verify_tenant(source.dsn, target.dsn, layout, move.tenant)
+    catalog = run.catalog
+    report = verify_tenant(run.source.dsn, run.target.dsn, run.layout, move.tenant)
     source_sum, target_sum = _sums(report)
     if not report.equal:
         catalog.update_move(move.id, error=report.summary(), source_checksum=source_sum, target_checksum=target_sum)
         raise VerifyMismatch(f"move {move.id}: verification failed, route not flipped: {report.summary()}")
     move = catalog.update_move(
-        move.id, phase="verified", source_checksum=source_sum, target_checksum=target_sum, error=None
+        move.id, phase=Phase.VERIFIED, source_checksum=source_sum, target_checksum=target_sum, error=None
     )
     return move, report
 
 
-def flip(catalog: Catalog, move: Move, lock: TenantLock, freeze_ms: float | None = None) -> Route:
-    """Compare-and-set the route, on the session that holds the tenant's lock."""
-    return catalog.flip(move, lock.check(), freeze_ms)
+def flip(run: MoveRun, move: Move, freeze_ms: float | None = None) -> Route:
+    """Compare-and-set the route, on the session that holds the tenant's lock.
+
+    Not retried: a session lost between the lock's check and the flip fails the step at once (the
+    move stays resumable) rather than being retried, inside the write freeze, on a dead session.
+    """
+    return run.catalog.flip(move, run.lock.check(), freeze_ms)
 
 
 Hashes = dict[tuple[str, ...], str]
@@ -87,9 +79,9 @@ def _both_sets(
     checksum of the rows outside them."""
     out = []
     for i, table in enumerate(layout.tables):
-        capture.load_keys(conn, table, keys.get(table.name, []), capture.keys_table(i))
-        outside = checksum(conn, table, tenant, where=outside_keys(table, capture.keys_table(i))) if untouched else None
-        touched = keyed_row_hashes(conn, table, tenant, capture.keys_table(i)) if keys.get(table.name) else {}
+        load_keys(conn, table, keys.get(table.name, []), keys_table(i))
+        outside = checksum(conn, table, tenant, where=outside_keys(table, keys_table(i))) if untouched else None
+        touched = keyed_row_hashes(conn, table, tenant, keys_table(i)) if keys.get(table.name) else {}
         out.append((outside, touched))
     return out
 
@@ -101,9 +93,7 @@ def _target_sets(
         return _both_sets(tgt, layout, tenant, keys, untouched)
 
 
-def verify_before_freeze(
-    source: Stamp, target: Stamp, layout: Layout, move: Move, incremental: bool = False
-) -> tuple[Report, int]:
+def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) -> tuple[Report, int]:
     """Online, before the freeze: prove as much as possible while the application keeps writing.
 
     In one source snapshot, rows never written since capture began are compared by checksum, and
@@ -113,11 +103,12 @@ def verify_before_freeze(
     `incremental` proves only keys with unproven changes (run again just before each freeze, so the
     freeze itself has little left to check).
     """
-    with dsnlib.connect(source.dsn) as src:
+    layout = run.layout
+    with dsnlib.connect(run.source.dsn) as src:
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         keys = capture.captured_keys(src, move.id, unverified_only=incremental)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            target_future = pool.submit(_target_sets, target, layout, move.tenant, keys, not incremental)
+            target_future = pool.submit(_target_sets, run.target, layout, move.tenant, keys, not incremental)
             source_sets = _both_sets(src, layout, move.tenant, keys, not incremental)
             target_sets = target_future.result()
         results = []
@@ -144,90 +135,91 @@ def _verify_captured(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any],
         hashes = []
         for conn in (src, tgt):
             with conn.transaction(force_rollback=True):
-                capture.load_keys(conn, table, keys[table.name], capture.keys_table(i))
-                hashes.append(keyed_row_hashes(conn, table, move.tenant, capture.keys_table(i)))
+                load_keys(conn, table, keys[table.name], keys_table(i))
+                hashes.append(keyed_row_hashes(conn, table, move.tenant, keys_table(i)))
         results.append(compare_hashes(table.label, hashes[0], hashes[1]))
     return Report(move.tenant, results)
 
 
-def _check_revisions(
-    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], source: Stamp, target: Stamp, expected: str | None
-) -> None:
+def _check_revisions(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], run: MoveRun, move: Move) -> None:
     """Stop before the flip if either stamp's schema changed while the move was in flight."""
-    now = read_revision(src), read_revision(tgt)
+    now, expected = (read_revision(src), read_revision(tgt)), move.schema_revision
     if now != (expected, expected):
         raise PreflightError(
-            f"schema changed during the move: {source.name} is at {now[0]}, {target.name} at {now[1]}, "
+            f"schema changed during the move: {run.source.name} is at {now[0]}, {run.target.name} at {now[1]}, "
             f"the move started at {expected}; not flipped"
         )
 
 
-def catch_up(source: Stamp, target: Stamp, layout: Layout, move: Move, options: CutoverOptions) -> int:
-    """Replay captured changes until the backlog is small enough to enter the cutover."""
-    return capture.catch_up(
-        source.dsn,
-        target.dsn,
-        layout,
+def catch_up(run: MoveRun, move: Move) -> int:
+    """Replay captured changes until the backlog is small enough to enter the cutover.
+
+    --catchup-timeout bounds the whole catch-up: its deadline is fixed here, before the replay's
+    first attempt, so a reconnect (policy STAMP_STEP) does not start the clock again. Raises
+    NotConverging when the deadline passes first, so a move never forces a long freeze on a tenant
+    that writes faster than the replay.
+    """
+    options = run.options.cutover
+    deadline = time.monotonic() + options.catchup_timeout_s
+    pending = capture.catch_up(
+        run.source.dsn,
+        run.target.dsn,
+        run.layout,
         move.tenant,
         move.id,
         batch=options.replay_batch,
         until=options.cutover_backlog,
-        timeout_s=options.catchup_timeout_s,
+        deadline=deadline,
     )
+    if pending > options.cutover_backlog:
+        raise NotConverging(
+            f"catch-up of move {move.id} did not converge in {options.catchup_timeout_s:.0f}s: {pending} changes "
+            "still pending (the tenant writes faster than the replay); the tenant stays writable, re-run the move "
+            "to continue"
+        )
+    return pending
 
 
-def online_cutover(
-    catalog: Catalog,
-    move: Move,
-    source: Stamp,
-    target: Stamp,
-    layout: Layout,
-    lock: TenantLock,
-    revision: str | None,
-    options: CutoverOptions,
-    progress: Progress,
-) -> Route:
+def online_cutover(run: MoveRun, move: Move) -> Route:
     """Catch up, then freeze writes just long enough to drain, verify the captured keys and flip.
 
-    Each attempt that cannot finish within max_freeze_ms lifts the fence again and retries after a
-    pause; after the last attempt the move stops, unfenced and resumable.
+    An attempt that cannot finish within --max-freeze-ms lifts the fence again; the next one starts
+    after a pause (policy `freeze_attempts`). After the last attempt the move stops, unfenced and
+    resumable.
     """
-    last = ""
-    for attempt in range(1, options.attempts + 1):
-        catch_up(source, target, layout, move, options)
-        verify_before_freeze(source, target, layout, move, incremental=True)
-        capture.vacuum_changes(source.dsn)
-        catch_up(source, target, layout, move, options)
-        lock.check()
-        try:
-            return _freeze_and_flip(catalog, move, source, target, layout, lock, revision, options, progress)
-        except FreezeTooLong as exc:
-            last = str(exc)
-            progress.phase(f"{exc}; writes resumed (attempt {attempt}/{options.attempts})")
-            move = catalog.update_move(move.id, phase="synced", error=str(exc))
-            time.sleep(min(5.0, 0.5 * attempt))
-    raise FreezeTooLong(
-        f"move {move.id}: the cutover did not fit in {options.max_freeze_ms:.0f} ms after {options.attempts} "
-        f"attempts (last: {last}); the tenant stays writable on its source, re-run the move to try again"
-    )
+    options = run.options.cutover
+    numbers = itertools.count(1)
+    try:
+        return freeze_attempts(options.attempts)(lambda: _attempt_cutover(run, move, next(numbers)))
+    except FreezeTooLong as exc:
+        raise FreezeTooLong(
+            f"move {move.id}: the cutover did not fit in {options.max_freeze_ms:.0f} ms after {options.attempts} "
+            f"attempts (last: {exc}); the tenant stays writable on its source, re-run the move to try again"
+        ) from None
 
 
-def _freeze_and_flip(
-    catalog: Catalog,
-    move: Move,
-    source: Stamp,
-    target: Stamp,
-    layout: Layout,
-    lock: TenantLock,
-    revision: str | None,
-    options: CutoverOptions,
-    progress: Progress,
-) -> Route:
-    with dsnlib.connect(source.dsn) as src, dsnlib.connect(target.dsn) as tgt:
-        _check_revisions(src, tgt, source, target, revision)
+def _attempt_cutover(run: MoveRun, move: Move, number: int) -> Route:
+    """One attempt: catch up and re-verify the keys in flux while writes go on, then the freeze."""
+    catch_up(run, move)
+    verify_before_freeze(run, move, incremental=True)
+    capture.vacuum_changes(run.source.dsn)
+    catch_up(run, move)
+    run.lock.check()
+    try:
+        return _freeze_and_flip(run, move)
+    except FreezeTooLong as exc:
+        run.progress.phase(f"{exc}; writes resumed (attempt {number}/{run.options.cutover.attempts})")
+        run.catalog.update_move(move.id, phase=Phase.SYNCED, error=str(exc))
+        raise
+
+
+def _freeze_and_flip(run: MoveRun, move: Move) -> Route:
+    catalog, layout, options = run.catalog, run.layout, run.options.cutover
+    with dsnlib.connect(run.source.dsn) as src, dsnlib.connect(run.target.dsn) as tgt:
+        _check_revisions(src, tgt, run, move)
         src.commit()
         tgt.commit()
-        move = catalog.update_move(move.id, phase="cutover")
+        move = catalog.update_move(move.id, phase=Phase.CUTOVER)
         started = time.monotonic()
 
         def elapsed_ms() -> float:
@@ -248,7 +240,7 @@ def _freeze_and_flip(
             log.info("move %s: verified captured keys at %.0f ms", move.id, elapsed_ms())
             if not report.equal:
                 raise VerifyMismatch(f"move {move.id}: verification failed, route not flipped: {report.summary()}")
-            _check_revisions(src, tgt, source, target, revision)
+            _check_revisions(src, tgt, run, move)
             src.commit()
             tgt.commit()
             if elapsed_ms() > options.max_freeze_ms:
@@ -260,10 +252,10 @@ def _freeze_and_flip(
         except BaseException:
             _unfence(src, move)
             raise
-        route = flip(catalog, move, lock, freeze_ms=elapsed_ms())
+        route = flip(run, move, freeze_ms=elapsed_ms())
         frozen_ms = elapsed_ms()  # fence to the flip's commit, which is when writers can go to the target
         catalog.update_move(move.id, freeze_ms=frozen_ms)
-        progress.phase(f"flipped tenant {move.tenant} to {target.name}; writes were frozen {frozen_ms:.0f} ms")
+        run.progress.phase(f"flipped tenant {move.tenant} to {run.target.name}; writes were frozen {frozen_ms:.0f} ms")
         with src.transaction():
             fence.stop_capture(src, move.tenant)
         return route

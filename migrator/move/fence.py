@@ -16,14 +16,14 @@ need no right on `_migrator`: without it every write of every tenant on the stam
 
 from __future__ import annotations
 
-import hashlib
-import time
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from migrator.db.locks import lock_key, xact_lock
+from migrator.db.retry import LOCK_YIELD
 from migrator.stamps.discovery import Layout
 
 FENCED_SQLSTATE = "MGF01"
@@ -32,7 +32,7 @@ TRIGGER = "migrator_guard"
 LOCK_CLASS = 0x6D67  # advisory lock namespace (classid) of migrator's per-move locks
 # Set (transaction-locally) only by `cleanup`, which must delete the fenced tenant's leftovers.
 BYPASS_SETTING = "migrator.cleanup_bypass_fence"
-LOCK_ATTEMPTS = 50  # of DDL on the application's tables, each bounded by a 200 ms lock_timeout
+DDL_LOCK = lock_key("migrator.ddl")  # serialises migrator's own DDL on one stamp
 
 _FUNCTION = sql.SQL(
     """
@@ -76,8 +76,7 @@ $fn$
 
 def _lock_stamp_ddl(conn: psycopg.Connection[Any]) -> None:
     """Serialise migrator's own DDL on one stamp (two moves installing triggers at once)."""
-    key = int.from_bytes(hashlib.sha256(b"migrator.ddl").digest()[:8], "big", signed=True)
-    conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+    xact_lock(conn, DDL_LOCK)
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:
@@ -114,23 +113,18 @@ def guard(
     conn.execute("RESET lock_timeout")
 
 
+@LOCK_YIELD.wraps
 def _yielding_to_writers(conn: psycopg.Connection[Any], ddl: Callable[[], None]) -> None:
     """Run DDL on the application's tables in a (sub)transaction that gives way on lock conflicts.
 
     Locking table after table can deadlock with an application transaction that holds one of them
     and needs another. A lock_timeout below deadlock_timeout (1 s by default) makes this side roll
-    back (releasing its locks) and retry after a pause, so PostgreSQL never picks the application.
+    back (releasing its locks) and retry after a pause (policy LOCK_YIELD), so PostgreSQL never
+    picks the application.
     """
-    for attempt in range(LOCK_ATTEMPTS):
-        try:
-            with conn.transaction():
-                conn.execute("SET LOCAL lock_timeout = '200ms'")
-                ddl()
-            return
-        except psycopg.errors.LockNotAvailable:
-            if attempt == LOCK_ATTEMPTS - 1:
-                raise
-            time.sleep(min(1.0, 0.05 * (attempt + 1)))
+    with conn.transaction():
+        conn.execute("SET LOCAL lock_timeout = '200ms'")
+        ddl()
 
 
 def _install(

@@ -17,28 +17,18 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from migrator import stamps
-from migrator.catalog import Move, Route, Stamp, TableProgress, TenantLock
+from migrator.catalog import FLIPPED, Catalog, Mode, Move, Phase, Route, Stamp, TableProgress
 from migrator.context import Context
 from migrator.db.alembic import read_revision
 from migrator.errors import MigratorError, PreflightError, VerifyMismatch
 from migrator.move import copy, fence
 from migrator.move.cleanup import delete_tenant, forget_progress
-from migrator.move.cutover import CutoverOptions, catch_up, flip, online_cutover, verify_before_freeze, verify_move
-from migrator.move.preflight import Checked, check_move
+from migrator.move.cutover import catch_up, flip, online_cutover, verify_before_freeze, verify_move
+from migrator.move.preflight import check_move
+from migrator.move.run import MoveOptions, MoveRun
 from migrator.move.verify import Report
 from migrator.progress import Progress
 from migrator.stamps.discovery import Layout
-
-
-@dataclass(frozen=True)
-class MoveOptions:
-    """Options of `migrator move` (flags --batch-rows, --rate-limit, --dry-run, --offline, cutover flags)."""
-
-    batch_rows: int = 50_000
-    rate_limit: float | None = None
-    dry_run: bool = False
-    online: bool = True
-    cutover: CutoverOptions = field(default_factory=CutoverOptions)
 
 
 @dataclass(frozen=True)
@@ -73,7 +63,7 @@ def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, pr
             if options.dry_run:
                 return MoveOutcome(tenant, source.name, dest.name, move, None, True)
             progress.phase(f"resuming move {move.id} of tenant {tenant} at phase {move.phase}")
-            return _run(ctx, move, source, dest, layout, lock, options, progress, resumed=True)
+            return _run(MoveRun(catalog, source, dest, layout, lock, options, progress), move, resumed=True)
         checked = check_move(catalog, ctx.config.tenancy, tenant, target)
         if options.dry_run:
             return MoveOutcome(
@@ -86,7 +76,7 @@ def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, pr
                 checked.rows,
                 not_moved=checked.null_tenant_rows,
             )
-        mode = "online" if options.online else "offline"
+        mode = Mode.ONLINE if options.online else Mode.OFFLINE
         move = catalog.create_move(
             tenant,
             checked.source.name,
@@ -97,14 +87,13 @@ def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, pr
             checked.revision,
         )
         move = catalog.update_move(move.id, rows_total=checked.total_rows)
-        _record_tables(ctx, move, checked)
+        _save_progress(catalog, move, checked.layout, checked.rows, {})
         progress.phase(
             f"move {move.id}: tenant {tenant} {checked.source.name} -> {checked.target.name}, "
             f"{checked.total_rows} rows in {len(checked.layout.tables)} tables"
         )
-        outcome = _run(
-            ctx, move, checked.source, checked.target, checked.layout, lock, options, progress, resumed=False
-        )
+        run = MoveRun(catalog, checked.source, checked.target, checked.layout, lock, options, progress)
+        outcome = _run(run, move, resumed=False)
         return replace(outcome, not_moved=checked.null_tenant_rows)
 
 
@@ -120,66 +109,54 @@ def _resume_layout(ctx: Context, move: Move, source: Stamp, target: Stamp) -> La
     return stamps.layout(source, ctx.config.tenancy)
 
 
-def _record_tables(ctx: Context, move: Move, checked: Checked) -> None:
-    ctx.catalog.save_tables(
-        move.id,
-        [
-            TableProgress(move.id, t.label, i, checked.rows[t.label], 0, False, None, None)
-            for i, t in enumerate(checked.layout.tables)
-        ],
-    )
+def _save_progress(
+    catalog: Catalog, move: Move, layout: Layout, totals: dict[str, int], cursors: dict[str, copy.Cursor]
+) -> None:
+    """The catalog's per-table copy progress for `move status` (the target's cursors stay authoritative)."""
+    rows = []
+    for position, table in enumerate(layout.tables):
+        cursor = cursors.get(table.label, copy.START)
+        total = totals.get(table.label, 0)
+        rows.append(TableProgress(move.id, table.label, position, total, cursor.rows, cursor.done, None, None))
+    catalog.save_tables(move.id, rows)
 
 
-def _run(
-    ctx: Context,
-    move: Move,
-    source: Stamp,
-    target: Stamp,
-    layout: Layout,
-    lock: TenantLock,
-    options: MoveOptions,
-    progress: Progress,
-    *,
-    resumed: bool,
-) -> MoveOutcome:
-    catalog = ctx.catalog
+def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
     report = None
     timings: dict[str, float] = {}
-    progress.begin(move.rows_total)
+    run.progress.begin(move.rows_total)
     try:
-        if move.phase == "created":
+        if move.phase == Phase.CREATED:
             with _timed(timings, "guard"):
-                move = _guard(ctx, move, source, target, layout)
-        if move.phase == "copying":
+                move = _guard(run, move)
+        if move.phase == Phase.COPYING:
             with _timed(timings, "copy"):
-                move = _copy(ctx, move, source, target, layout, options, progress)
-        if move.mode == "offline":
-            if move.phase == "copied":
-                lock.check()
-                progress.phase(f"verifying tenant {move.tenant} on {source.name} and {target.name}")
+                move = _copy(run, move)
+        if move.mode == Mode.OFFLINE:
+            if move.phase == Phase.COPIED:
+                run.lock.check()
+                run.progress.phase(f"verifying tenant {move.tenant} on {run.source.name} and {run.target.name}")
                 with _timed(timings, "verify"):
-                    move, report = verify_move(catalog, move, source, target, layout)
-            if move.phase == "verified":
-                progress.phase(f"flipping route of tenant {move.tenant} to {target.name}")
+                    move, report = verify_move(run, move)
+            if move.phase == Phase.VERIFIED:
+                run.progress.phase(f"flipping route of tenant {move.tenant} to {run.target.name}")
                 with _timed(timings, "flip"):
-                    route = flip(catalog, move, lock)
-                return _finished(ctx, move, source, target, route, resumed, report, timings)
+                    route = flip(run, move)
+                return _finished(run, move, route, resumed, report, timings)
         else:
-            if move.phase == "copied":
+            if move.phase == Phase.COPIED:
                 with _timed(timings, "sync"):
-                    move, report = _sync(ctx, move, source, target, layout, options, progress)
-            if move.phase in ("synced", "cutover"):
+                    move, report = _sync(run, move)
+            if move.phase in (Phase.SYNCED, Phase.CUTOVER):
                 with _timed(timings, "cutover"):
-                    route = online_cutover(
-                        catalog, move, source, target, layout, lock, move.schema_revision, options.cutover, progress
-                    )
-                return _finished(ctx, move, source, target, route, resumed, report, timings)
+                    route = online_cutover(run, move)
+                return _finished(run, move, route, resumed, report, timings)
         raise MigratorError(f"move {move.id} is {move.phase}; nothing to run")
     except MigratorError as exc:
-        _record_error(ctx, move, str(exc))
+        _record_error(run.catalog, move, str(exc))
         raise
     except Exception as exc:
-        _record_error(ctx, move, f"{type(exc).__name__}: {exc}")
+        _record_error(run.catalog, move, f"{type(exc).__name__}: {exc}")
         raise
 
 
@@ -194,105 +171,86 @@ def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
 
 
 def _finished(
-    ctx: Context,
-    move: Move,
-    source: Stamp,
-    target: Stamp,
-    route: Route,
-    resumed: bool,
-    report: Report | None,
-    timings: dict[str, float],
+    run: MoveRun, move: Move, route: Route, resumed: bool, report: Report | None, timings: dict[str, float]
 ) -> MoveOutcome:
-    with stamps.connect(target) as tgt:
+    with stamps.connect(run.target) as tgt:
         forget_progress(tgt, move.id)
-    move = ctx.catalog.move(move.id)
-    return MoveOutcome(move.tenant, source.name, target.name, move, route, resumed, report=report, timings=timings)
+    move = run.catalog.move(move.id)
+    return MoveOutcome(
+        move.tenant, run.source.name, run.target.name, move, route, resumed, report=report, timings=timings
+    )
 
 
-def _sync(
-    ctx: Context, move: Move, source: Stamp, target: Stamp, layout: Layout, options: MoveOptions, progress: Progress
-) -> tuple[Move, Report]:
+def _sync(run: MoveRun, move: Move) -> tuple[Move, Report]:
     """Online: catch up, then verify every row the application has not touched, while it writes."""
-    progress.phase(f"catching up with tenant {move.tenant}'s writes on {source.name}")
-    catch_up(source, target, layout, move, options.cutover)
-    progress.phase(f"verifying the bulk copy of tenant {move.tenant} (writes continue)")
-    report, unproven = verify_before_freeze(source, target, layout, move)
-    progress.phase(f"bulk copy verified; {unproven} keys in flux are checked again in the freeze")
+    run.progress.phase(f"catching up with tenant {move.tenant}'s writes on {run.source.name}")
+    catch_up(run, move)
+    run.progress.phase(f"verifying the bulk copy of tenant {move.tenant} (writes continue)")
+    report, unproven = verify_before_freeze(run, move)
+    run.progress.phase(f"bulk copy verified; {unproven} keys in flux are checked again in the freeze")
     if not report.equal:
         message = f"move {move.id}: verification of the bulk copy failed, route not flipped: {report.summary()}"
-        ctx.catalog.update_move(move.id, error=report.summary())
+        run.catalog.update_move(move.id, error=report.summary())
         raise VerifyMismatch(message)
-    return ctx.catalog.update_move(move.id, phase="synced", error=None), report
+    return run.catalog.update_move(move.id, phase=Phase.SYNCED, error=None), report
 
 
-def _record_error(ctx: Context, move: Move, message: str) -> None:
+def _record_error(catalog: Catalog, move: Move, message: str) -> None:
     """Best effort: the error is shown by `move status`; losing it must not hide the original one."""
     with contextlib.suppress(Exception):
-        ctx.catalog.update_move(move.id, error=message[:2000])
+        catalog.update_move(move.id, error=message[:2000])
 
 
-def _guard(ctx: Context, move: Move, source: Stamp, target: Stamp, layout: Layout) -> Move:
+def _guard(run: MoveRun, move: Move) -> Move:
     """Before the copy: online, capture the tenant's writes; offline, reject them for the whole copy."""
-    offline = move.mode == "offline"
-    with stamps.connect(source, autocommit=False) as src:
-        fence.guard(src, layout, move.tenant, move.id, fenced=offline, capture=not offline)
+    offline = move.mode == Mode.OFFLINE
+    with stamps.connect(run.source, autocommit=False) as src:
+        fence.guard(src, run.layout, move.tenant, move.id, fenced=offline, capture=not offline)
     if offline:
-        ctx.catalog.set_route_state(move.tenant, "fenced")
-    with stamps.connect(target, autocommit=False) as tgt:
+        run.catalog.set_route_state(move.tenant, "fenced")
+    with stamps.connect(run.target, autocommit=False) as tgt:
         fence.ensure_schema(tgt)
-    return ctx.catalog.update_move(move.id, phase="copying")
+    return run.catalog.update_move(move.id, phase=Phase.COPYING)
 
 
-def _copy(
-    ctx: Context, move: Move, source: Stamp, target: Stamp, layout: Layout, options: MoveOptions, progress: Progress
-) -> Move:
-    catalog = ctx.catalog
-    tables = {t.table_name: t for t in catalog.tables(move.id)}
-    with stamps.connect(target) as tgt:
+def _copy(run: MoveRun, move: Move) -> Move:
+    catalog, layout, options, progress = run.catalog, run.layout, run.options, run.progress
+    totals = {t.table_name: t.rows_total for t in catalog.tables(move.id)}
+    with stamps.connect(run.target) as tgt:
         cursors = {t.label: copy.read_cursor(tgt, move.id, t) for t in layout.tables}
     for table in layout.tables:
         cursor = cursors[table.label]
-        total = tables[table.label].rows_total if table.label in tables else 0
-        progress.start_table(table.label, total, cursor.rows)
+        progress.start_table(table.label, totals.get(table.label, 0), cursor.rows)
         if not cursor.done:
             copy.copy_table(
-                source.dsn, target.dsn, table, move.tenant, move.id, options.batch_rows, progress, options.rate_limit
+                run.source.dsn,
+                run.target.dsn,
+                table,
+                move.tenant,
+                move.id,
+                options.batch_rows,
+                progress,
+                options.rate_limit,
             )
         progress.finish_table(table.label)
-        with stamps.connect(target) as tgt:
+        with stamps.connect(run.target) as tgt:
             cursors[table.label] = copy.read_cursor(tgt, move.id, table)
-        catalog.save_tables(
-            move.id,
-            [
-                TableProgress(
-                    move.id,
-                    table.label,
-                    i,
-                    tables[table.label].rows_total if table.label in tables else 0,
-                    cursors[table.label].rows,
-                    cursors[table.label].done,
-                    None,
-                    None,
-                )
-                for i, table in enumerate(layout.tables)
-                if table.label in cursors
-            ],
-        )
-    with stamps.connect(target, autocommit=False) as tgt:
+        _save_progress(catalog, move, layout, totals, cursors)
+    with stamps.connect(run.target, autocommit=False) as tgt:
         copy.advance_sequences(tgt, layout.tables, move.tenant)
-    return catalog.update_move(move.id, phase="copied", rows_copied=sum(c.rows for c in cursors.values()))
+    return catalog.update_move(move.id, phase=Phase.COPIED, rows_copied=sum(c.rows for c in cursors.values()))
 
 
 def abort_move(ctx: Context, move_id: int, batch_rows: int, progress: Progress) -> Move:
     """`migrator move abort`: before the flip, remove the partial copy and lift the fence."""
     catalog = ctx.catalog
     move = catalog.move(move_id)
-    if move.phase in ("flipped", "cleaned"):
+    if move.phase in FLIPPED:
         raise MigratorError(
             f"move {move.id} already flipped tenant {move.tenant} to {move.target}; it cannot be aborted "
             f"(run `migrator cleanup {move.tenant} --stamp {move.source}` to remove the old copy)"
         )
-    if move.phase == "aborted":
+    if move.phase == Phase.ABORTED:
         return move
     with catalog.lock_tenant(move.tenant):
         source, target = catalog.stamp(move.source), catalog.stamp(move.target)
@@ -304,4 +262,4 @@ def abort_move(ctx: Context, move_id: int, batch_rows: int, progress: Progress) 
         with stamps.connect(source, autocommit=False) as src:
             fence.unguard(src, layout, move.tenant)
         catalog.set_route_state(move.tenant, "active")
-        return catalog.update_move(move.id, phase="aborted", finished_at=datetime.now(UTC))
+        return catalog.update_move(move.id, phase=Phase.ABORTED, finished_at=datetime.now(UTC))

@@ -19,6 +19,7 @@ from migrator import stamps
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput
+from migrator.move.keys import by_key
 from migrator.stamps.discovery import Layout, Table, discover, key_after, key_upto, tenant_filter
 
 LEAF_ROWS = 2000
@@ -90,28 +91,6 @@ Range = tuple[list[str] | None, list[str] | None]
 
 def _row_hash(table: Table) -> sql.Composed:
     return sql.SQL("md5(ROW({})::text)").format(table.cols(tuple(c.name for c in table.columns)))
-
-
-def outside_keys(table: Table, keys: sql.Identifier) -> sql.Composed:
-    """Rows whose key is not in a temporary key table such as capture's (an anti-join over the tenant)."""
-    match = sql.SQL(" AND ").join(
-        sql.SQL("k.{} = {}").format(sql.Identifier(c), sql.Identifier(table.schema, table.name, c))
-        for c in table.primary_key
-    )
-    return sql.SQL("NOT EXISTS (SELECT 1 FROM {} k WHERE {})").format(keys, match)
-
-
-def by_key(table: Table, keys: sql.Identifier, tenant: str, select: sql.Composable) -> sql.Composed:
-    """A FROM clause: `select` over the tenant's row of each key in a temporary key table, as `x`.
-
-    One index probe per key (LATERAL ... LIMIT 1; a key names at most one row), never a plain join:
-    given a few thousand keys the planner hashes them against a scan of the whole tenant, which in
-    the cutover's freeze costs time in proportion to the tenant's size rather than to its changes.
-    """
-    match = sql.SQL(" AND ").join(sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in table.primary_key)
-    return sql.SQL("{} k CROSS JOIN LATERAL (SELECT {} FROM {} t WHERE {} AND {} LIMIT 1) x").format(
-        keys, select, table.ident, match, tenant_filter(table, tenant)
-    )
 
 
 def keyed_row_hashes(

@@ -19,16 +19,18 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
 
 from migrator.catalog import Catalog, Move, Stamp
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
+from migrator.db.locks import lock_key, try_lock
 from migrator.errors import BadInput, LockBusy, MigratorError
 from migrator.move import MoveOptions, move_tenant
-from migrator.plans.capacity import measure_fleet
+from migrator.plans.capacity import measure_fleet, shift
 from migrator.plans.planners import Plan, PlannedMove, check_stamps, load_plan
+from migrator.progress import ApplyProgress, Silent
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,40 @@ class ApplyOptions:
     batch_rows: int = 50_000
 
 
+class Todo(StrEnum):
+    """What a run has to do with a plan entry, decided by `prepare`."""
+
+    RUN = "run"
+    RESUME = "resume"  # the tenant has the entry's move unfinished
+    DONE = "done"  # in an earlier run of the plan, or the tenant is already on the target
+
+
+class EntryStatus(StrEnum):
+    """An entry's status, as `plan_moves.status` records it and each entry's result reports it."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # in a result: done before this run, or not started (`ApplyResult.not_started`)
+
+
+class PlanStatus(StrEnum):
+    """A plan's status (`plans.status`): running, then how its last run ended."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    STOPPED = "stopped"  # interrupted or --stop-on-error before every entry started
+
+
 @dataclass(frozen=True)
 class Entry:
-    """A plan move with its position and what a run has to do with it (`todo`: run, resume, done)."""
+    """A plan move with its position and what a run has to do with it."""
 
     position: int
     move: PlannedMove
-    todo: str
+    todo: Todo
     note: str = ""
     resume: Move | None = field(default=None, compare=False)
 
@@ -63,7 +92,7 @@ class Prepared:
 
     @property
     def todo(self) -> list[Entry]:
-        return [e for e in self.entries if e.todo != "done"]
+        return [e for e in self.entries if e.todo != Todo.DONE]
 
 
 @dataclass(frozen=True)
@@ -74,7 +103,7 @@ class EntryResult:
     tenant: str
     source: str
     target: str
-    status: str
+    status: EntryStatus
     reason: str = ""
     move_id: int | None = None
     rows: int = 0
@@ -85,26 +114,13 @@ class EntryResult:
 class ApplyResult:
     path: str
     digest: str
-    status: str
+    status: PlanStatus
     results: tuple[EntryResult, ...]
     interrupted: bool = False
+    not_started: int = 0  # entries skipped because the run stopped before starting them
 
     def having(self, status: str) -> list[EntryResult]:
         return [r for r in self.results if r.status == status]
-
-
-class Reporter(Protocol):
-    """How `run` reports, from any thread (the CLI draws an overall tqdm bar and one line per event)."""
-
-    def begin(self, prepared: Prepared) -> None: ...
-
-    def started(self, entry: Entry) -> None: ...
-
-    def rows(self, count: int) -> None: ...
-
-    def finished(self, result: EntryResult) -> None: ...
-
-    def note(self, message: str) -> None: ...
 
 
 # -- prepare: parse, validate, refuse stale plans -------------------------------------------------------
@@ -120,7 +136,7 @@ def prepare(ctx: Context, path: Path) -> Prepared:
     entries, stale = [], []
     for position, move in enumerate(plan.moves):
         entry, problem = _classify(ctx.catalog, position, move, recorded.get(position))
-        if problem is None and entry.todo != "done" and known[move.target].state != "active":
+        if problem is None and entry.todo != Todo.DONE and known[move.target].state != "active":
             problem = f"target {move.target} is {known[move.target].state}"
         if problem:
             stale.append(f"moves[{position}] (line {move.line}) tenant {move.tenant}: {problem}")
@@ -132,58 +148,48 @@ def prepare(ctx: Context, path: Path) -> Prepared:
     return Prepared(where, digest, plan, tuple(entries))
 
 
-def _classify(catalog: Catalog, position: int, move: PlannedMove, recorded: str | None) -> tuple[Entry, str | None]:
+def _classify(
+    catalog: Catalog, position: int, move: PlannedMove, recorded: EntryStatus | None
+) -> tuple[Entry, str | None]:
     """What a run must do with one entry, or why the entry no longer holds."""
-    if recorded == "done":
-        return Entry(position, move, "done", "done in an earlier run of this plan"), None
+    if recorded == EntryStatus.DONE:
+        return Entry(position, move, Todo.DONE, "done in an earlier run of this plan"), None
     route = catalog.find_route(move.tenant)
     if route is None:
-        return Entry(position, move, "run"), "no longer in the catalog"
+        return Entry(position, move, Todo.RUN), "no longer in the catalog"
     unfinished = catalog.open_move(move.tenant)
     if unfinished is not None:
         if (unfinished.source, unfinished.target) == (move.source, move.target):
             return Entry(
-                position, move, "resume", f"resume move {unfinished.id} at {unfinished.phase}", unfinished
+                position, move, Todo.RESUME, f"resume move {unfinished.id} at {unfinished.phase}", unfinished
             ), None
-        return Entry(position, move, "run"), (
+        return Entry(position, move, Todo.RUN), (
             f"has an unfinished move {unfinished.id} {unfinished.source} -> {unfinished.target}"
         )
     if route.stamp == move.target:
-        return Entry(position, move, "done", f"already on {move.target}"), None
+        return Entry(position, move, Todo.DONE, f"already on {move.target}"), None
     if route.stamp != move.source:
-        return Entry(position, move, "run"), f"is routed to {route.stamp}, the plan moves it from {move.source}"
-    return Entry(position, move, "run"), None
+        return Entry(position, move, Todo.RUN), f"is routed to {route.stamp}, the plan moves it from {move.source}"
+    return Entry(position, move, Todo.RUN), None
 
 
 def _capacity_problems(ctx: Context, entries: list[Entry], known: dict[str, Stamp]) -> list[str]:
     """Each target's use after the remaining moves, measured now, must fit its capacity."""
-    todo = [e for e in entries if e.todo != "done"]
+    todo = [e for e in entries if e.todo != Todo.DONE]
     if not todo:
         return []
     names = sorted({e.move.source for e in todo} | {e.move.target for e in todo})
     sizes = measure_fleet(ctx, [known[n] for n in names])
-    rows = {n: sizes.usage[n].rows for n in names}
-    size = {n: sizes.usage[n].bytes for n in names}
+    usage = dict(sizes.usage)
     for entry in todo:
         tenant = sizes.tenants.get(entry.move.tenant)
-        grown = (tenant.rows, tenant.bytes) if tenant else (entry.move.rows, entry.move.bytes)
-        rows[entry.move.source] -= grown[0]
-        size[entry.move.source] -= grown[1]
-        rows[entry.move.target] += grown[0]
-        size[entry.move.target] += grown[1]
-    problems = []
-    for name in sorted({e.move.target for e in todo}):
-        stamp = known[name]
-        for used, capacity, unit in (
-            (rows[name], stamp.capacity_rows, "rows"),
-            (size[name], stamp.capacity_bytes, "bytes"),
-        ):
-            if capacity is not None and used > capacity:
-                problems.append(
-                    f"capacity: {name} would hold {used:,} {unit}, capacity {capacity:,} "
-                    f"({used - capacity:,} {unit} short)"
-                )
-    return problems
+        rows, size = (tenant.rows, tenant.bytes) if tenant else (entry.move.rows, entry.move.bytes)
+        shift(usage, entry.move.source, entry.move.target, rows, size)
+    return [
+        f"capacity: {name} would hold {o.used:,} {o.unit}, capacity {o.capacity:,} ({o.short:,} {o.unit} short)"
+        for name in sorted({e.move.target for e in todo})
+        for o in usage[name].overruns()
+    ]
 
 
 # -- the ledger: plans / plan_moves in the catalog -------------------------------------------------------
@@ -195,21 +201,21 @@ class Ledger:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
 
-    def statuses(self, digest: str) -> dict[int, str]:
+    def statuses(self, digest: str) -> dict[int, EntryStatus]:
         with self.catalog.transaction() as conn:
             rows = conn.execute(
                 "SELECT m.position, m.status FROM plan_moves m JOIN plans p ON p.id = m.plan_id WHERE p.digest = %s",
                 (digest,),
             ).fetchall()
-        return {int(position): str(status) for position, status in rows}
+        return {int(position): EntryStatus(status) for position, status in rows}
 
     def open(self, prepared: Prepared) -> int:
         """Record the plan and its entries (once; a re-run keeps what is there) and mark it running."""
         with self.catalog.transaction() as conn:
             row = conn.execute(
                 "INSERT INTO plans (digest, path, kind) VALUES (%s, %s, %s) ON CONFLICT (digest)"
-                " DO UPDATE SET status = 'running', path = EXCLUDED.path, updated_at = now() RETURNING id",
-                (prepared.digest, prepared.path, prepared.plan.kind),
+                " DO UPDATE SET status = %s, path = EXCLUDED.path, updated_at = now() RETURNING id",
+                (prepared.digest, prepared.path, prepared.plan.kind, PlanStatus.RUNNING),
             ).fetchone()
             assert row is not None
             plan_id = int(row[0])
@@ -223,16 +229,16 @@ class Ledger:
                     ],
                 )
             for entry in prepared.entries:
-                if entry.todo == "done":
+                if entry.todo == Todo.DONE:
                     conn.execute(
-                        "UPDATE plan_moves SET status = 'done', error = NULL, updated_at = now()"
-                        " WHERE plan_id = %s AND position = %s AND status <> 'done'",
-                        (plan_id, entry.position),
+                        "UPDATE plan_moves SET status = %(done)s, error = NULL, updated_at = now()"
+                        " WHERE plan_id = %(plan)s AND position = %(position)s AND status <> %(done)s",
+                        {"done": EntryStatus.DONE, "plan": plan_id, "position": entry.position},
                     )
         return plan_id
 
     def mark(
-        self, plan_id: int, position: int, status: str, move_id: int | None = None, error: str | None = None
+        self, plan_id: int, position: int, status: EntryStatus, move_id: int | None = None, error: str | None = None
     ) -> None:
         with self.catalog.transaction() as conn:
             conn.execute(
@@ -241,7 +247,7 @@ class Ledger:
                 (status, move_id, None if error is None else error[:2000], plan_id, position),
             )
 
-    def close(self, plan_id: int, status: str) -> None:
+    def close(self, plan_id: int, status: PlanStatus) -> None:
         with self.catalog.transaction() as conn:
             conn.execute("UPDATE plans SET status = %s, updated_at = now() WHERE id = %s", (status, plan_id))
 
@@ -249,11 +255,9 @@ class Ledger:
 @contextlib.contextmanager
 def _plan_lock(catalog: Catalog, digest: str, where: str) -> Iterator[None]:
     """One `apply` of a plan at a time: a session advisory lock, released when the process dies."""
-    key = int.from_bytes(hashlib.sha256(f"migrator.plan:{digest}".encode()).digest()[:8], "big", signed=True)
     conn = dsnlib.connect(catalog.url, autocommit=True)
     try:
-        got = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
-        if not (got and got[0]):
+        if not try_lock(conn, lock_key(f"migrator.plan:{digest}")):
             raise LockBusy(f"plan {where} is being applied by another running migrator")
         yield
     finally:
@@ -263,27 +267,18 @@ def _plan_lock(catalog: Catalog, digest: str, where: str) -> Iterator[None]:
 # -- run ------------------------------------------------------------------------------------------------
 
 
-class _MoveProgress:
+class _MoveProgress(Silent):
     """A move's Progress that only feeds the overall bar: parallel moves draw no per-table bars."""
 
-    def __init__(self, reporter: Reporter) -> None:
+    def __init__(self, reporter: ApplyProgress) -> None:
         self.reporter = reporter
         self.counted = 0
-
-    def begin(self, total: int) -> None:
-        pass
-
-    def phase(self, message: str) -> None:
-        pass
 
     def start_table(self, table: str, total: int, done: int) -> None:
         self._count(done)
 
     def advance(self, table: str, rows: int) -> None:
         self._count(rows)
-
-    def finish_table(self, table: str) -> None:
-        pass
 
     def _count(self, rows: int) -> None:
         if rows:
@@ -306,7 +301,11 @@ def _interrupts(stop: threading.Event) -> Iterator[None]:
 
 
 def run(
-    ctx: Context, prepared: Prepared, options: ApplyOptions, reporter: Reporter, stop: threading.Event | None = None
+    ctx: Context,
+    prepared: Prepared,
+    options: ApplyOptions,
+    reporter: ApplyProgress,
+    stop: threading.Event | None = None,
 ) -> ApplyResult:
     """Run the plan's remaining entries (see the module docstring); returns every entry's outcome."""
     stop = stop or threading.Event()
@@ -315,18 +314,19 @@ def run(
         plan_id = ledger.open(prepared)
         reporter.begin(prepared)
         results = [
-            EntryResult(e.position, e.move.tenant, e.move.source, e.move.target, "skipped", e.note)
+            EntryResult(e.position, e.move.tenant, e.move.source, e.move.target, EntryStatus.SKIPPED, e.note)
             for e in prepared.entries
-            if e.todo == "done"
+            if e.todo == Todo.DONE
         ]
-        ran, why_stopped = _schedule(ctx, plan_id, prepared, options, reporter, stop, ledger)
-        results += ran
-        failed = any(r.status == "failed" for r in results)
-        unfinished = any(r.status == "skipped" and r.reason.startswith("not started") for r in results)
-        status = "failed" if failed else "stopped" if unfinished else "done"
+        ran, left, why_stopped = _schedule(ctx, plan_id, prepared, options, reporter, stop, ledger)
+        results += ran + left
+        failed = any(r.status == EntryStatus.FAILED for r in results)
+        status = PlanStatus.FAILED if failed else PlanStatus.STOPPED if left else PlanStatus.DONE
         ledger.close(plan_id, status)
     results.sort(key=lambda r: r.position)
-    return ApplyResult(prepared.path, prepared.digest, status, tuple(results), interrupted=why_stopped == "interrupted")
+    return ApplyResult(
+        prepared.path, prepared.digest, status, tuple(results), why_stopped == "interrupted", not_started=len(left)
+    )
 
 
 def _schedule(
@@ -334,11 +334,14 @@ def _schedule(
     plan_id: int,
     prepared: Prepared,
     options: ApplyOptions,
-    reporter: Reporter,
+    reporter: ApplyProgress,
     stop: threading.Event,
     ledger: Ledger,
-) -> tuple[list[EntryResult], str]:
-    """Start entries in plan order within the limits; on stop, start nothing more and drain the running."""
+) -> tuple[list[EntryResult], list[EntryResult], str]:
+    """Start entries in plan order within the limits; on stop, start nothing more and drain the running.
+
+    Returns the results of the entries run, those of the entries left unstarted, and why it stopped.
+    """
     pending = list(prepared.todo)
     running: dict[Future[EntryResult], Entry] = {}
     per_target: Counter[str] = Counter()
@@ -373,14 +376,16 @@ def _schedule(
                 result = _result_of(future, entry)
                 results.append(result)
                 reporter.finished(result)
-                if result.status == "failed" and options.stop_on_error and not why_stopped:
+                if result.status == EntryStatus.FAILED and options.stop_on_error and not why_stopped:
                     why_stopped = f"--stop-on-error after tenant {entry.move.tenant} failed"
                     stop.set()
-    results += [
-        EntryResult(e.position, e.move.tenant, e.move.source, e.move.target, "skipped", f"not started: {why_stopped}")
+    left = [
+        EntryResult(
+            e.position, e.move.tenant, e.move.source, e.move.target, EntryStatus.SKIPPED, f"not started: {why_stopped}"
+        )
         for e in pending
     ]
-    return results, why_stopped
+    return results, left, why_stopped
 
 
 def _result_of(future: Future[EntryResult], entry: Entry) -> EntryResult:
@@ -392,45 +397,45 @@ def _result_of(future: Future[EntryResult], entry: Entry) -> EntryResult:
             entry.move.tenant,
             entry.move.source,
             entry.move.target,
-            "failed",
+            EntryStatus.FAILED,
             f"{type(exc).__name__}: {exc}",
         )
 
 
 def _one(
-    ctx: Context, plan_id: int, entry: Entry, options: ApplyOptions, reporter: Reporter, ledger: Ledger
+    ctx: Context, plan_id: int, entry: Entry, options: ApplyOptions, reporter: ApplyProgress, ledger: Ledger
 ) -> EntryResult:
     """Run (or resume) one entry's move in a worker thread and record how it ended."""
     move = entry.move
     started = time.monotonic()
     progress = _MoveProgress(reporter)
-    ledger.mark(plan_id, entry.position, "running", entry.resume.id if entry.resume else None)
+    ledger.mark(plan_id, entry.position, EntryStatus.RUNNING, entry.resume.id if entry.resume else None)
     try:
         outcome = move_tenant(ctx, move.tenant, move.target, MoveOptions(batch_rows=options.batch_rows), progress)
     except Exception as exc:  # one failed move must not stop the others
         reason = _reason(ctx, exc)
         unfinished = ctx.catalog.open_move(move.tenant)
-        ledger.mark(plan_id, entry.position, "failed", unfinished.id if unfinished else None, reason)
+        ledger.mark(plan_id, entry.position, EntryStatus.FAILED, unfinished.id if unfinished else None, reason)
         return EntryResult(
             entry.position,
             move.tenant,
             move.source,
             move.target,
-            "failed",
+            EntryStatus.FAILED,
             reason,
             unfinished.id if unfinished else None,
             seconds=time.monotonic() - started,
         )
     assert outcome.move is not None
     progress._count(max(0, move.rows - progress.counted))
-    ledger.mark(plan_id, entry.position, "done", outcome.move.id)
+    ledger.mark(plan_id, entry.position, EntryStatus.DONE, outcome.move.id)
     note = f"resumed move {outcome.move.id}" if outcome.resumed else ""
     return EntryResult(
         entry.position,
         move.tenant,
         move.source,
         move.target,
-        "done",
+        EntryStatus.DONE,
         note,
         outcome.move.id,
         outcome.move.rows_copied,

@@ -2,14 +2,15 @@
 
 A stamp's usage is the sum of the sizes (see `migrator.stamps.sizes`) of the tenants *routed* to
 it: leftovers of moved tenants awaiting cleanup and partial copies of running moves are not
-counted. A capacity that is not set is unlimited.
+counted. A capacity that is not set is unlimited. `StampUsage` is also the one reckoning of a
+stamp's use after planned moves against its capacity, for the planners and for `apply`'s check.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -22,6 +23,19 @@ from migrator.errors import BadInput
 from migrator.stamps.discovery import discover
 from migrator.stamps.registry import check_connection
 from migrator.stamps.sizes import TenantSize, measure
+
+
+@dataclass(frozen=True)
+class Overrun:
+    """One unit in which a stamp would hold more than its capacity."""
+
+    unit: str  # "rows" or "bytes"
+    used: int
+    capacity: int
+
+    @property
+    def short(self) -> int:
+        return self.used - self.capacity
 
 
 @dataclass(frozen=True)
@@ -41,11 +55,35 @@ class StampUsage:
     def free_bytes(self) -> float:
         return math.inf if self.stamp.capacity_bytes is None else self.stamp.capacity_bytes - self.bytes
 
-    def utilisation(self, rows: int | None = None) -> float | None:
-        """Rows used / capacity_rows (None without a row capacity); `rows` overrides the current use."""
-        if self.stamp.capacity_rows is None:
-            return None
-        return (self.rows if rows is None else rows) / self.stamp.capacity_rows
+    @property
+    def utilisation(self) -> float | None:
+        """Rows used / capacity_rows (None without a row capacity)."""
+        return None if self.stamp.capacity_rows is None else self.rows / self.stamp.capacity_rows
+
+    def shifted(self, rows: int, size: int) -> StampUsage:
+        """The usage once a tenant of `rows` rows and `size` bytes has moved here (negative: away)."""
+        return replace(self, rows=self.rows + rows, bytes=self.bytes + size)
+
+    def overruns(self) -> list[Overrun]:
+        """Each unit in which the usage exceeds the stamp's capacity; empty when it fits."""
+        return [
+            Overrun(unit, used, capacity)
+            for unit, used, capacity in (
+                ("rows", self.rows, self.stamp.capacity_rows),
+                ("bytes", self.bytes, self.stamp.capacity_bytes),
+            )
+            if capacity is not None and used > capacity
+        ]
+
+    def fits(self, rows: int, size: int) -> bool:
+        """Whether a tenant of `rows` rows and `size` bytes fits in what is left."""
+        return not self.shifted(rows, size).overruns()
+
+
+def shift(usage: dict[str, StampUsage], source: str, target: str, rows: int, size: int) -> None:
+    """Account one tenant moving from `source` to `target` in a fleet's usage (in place)."""
+    usage[source] = usage[source].shifted(-rows, -size)
+    usage[target] = usage[target].shifted(rows, size)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ written and what is accepted are defined in one place; plans/README.md shows an 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -22,7 +21,7 @@ from migrator.catalog import Catalog, Stamp
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput
-from migrator.plans.capacity import FleetSizes, StampUsage, measure_fleet
+from migrator.plans.capacity import FleetSizes, StampUsage, measure_fleet, shift
 from migrator.stamps.sizes import TenantSize, human_bytes
 
 VERSION = 1
@@ -75,40 +74,17 @@ class Plan:
 # -- planners ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Room:
-    """A stamp's use while placing tenants (mutable: grows and shrinks as moves are planned)."""
-
-    stamp: Stamp
-    rows: int
-    bytes: int
-
-    @property
-    def free_rows(self) -> float:
-        return math.inf if self.stamp.capacity_rows is None else self.stamp.capacity_rows - self.rows
-
-    @property
-    def free_bytes(self) -> float:
-        return math.inf if self.stamp.capacity_bytes is None else self.stamp.capacity_bytes - self.bytes
-
-    def fits(self, tenant: TenantSize) -> bool:
-        return self.free_rows >= tenant.rows and self.free_bytes >= tenant.bytes
-
-    def shortfall(self, tenant: TenantSize) -> str:
-        short = []
-        if tenant.rows > self.free_rows:
-            short.append(f"{tenant.rows - self.free_rows:,.0f} rows")
-        if tenant.bytes > self.free_bytes:
-            short.append(f"{tenant.bytes - self.free_bytes:,.0f} bytes")
-        return f"{self.stamp.name} is {' and '.join(short)} short"
-
-    @property
-    def utilisation(self) -> float | None:
-        return None if self.stamp.capacity_rows is None else self.rows / self.stamp.capacity_rows
+# While placing tenants, each stamp's usage as the moves planned so far leave it, by stamp name.
+Rooms = dict[str, StampUsage]
 
 
-def _rooms(sizes: FleetSizes) -> dict[str, _Room]:
-    return {name: _Room(u.stamp, u.rows, u.bytes) for name, u in sizes.usage.items()}
+def _fits(room: StampUsage, tenant: TenantSize) -> bool:
+    return room.fits(tenant.rows, tenant.bytes)
+
+
+def _shortfall(room: StampUsage, tenant: TenantSize) -> str:
+    short = " and ".join(f"{o.short:,} {o.unit}" for o in room.shifted(tenant.rows, tenant.bytes).overruns())
+    return f"{room.stamp.name} is {short} short"
 
 
 def _largest_first(tenants: list[TenantSize]) -> list[TenantSize]:
@@ -141,18 +117,18 @@ def plan_drain(ctx: Context, stamp_name: str, to: list[str] | None = None) -> Pl
     tenants = _largest_first(sizes.routed_to(source.name))
     if not tenants:
         raise BadInput(f"stamp {source.name} has no tenant routed to it; nothing to drain")
-    rooms = _rooms(sizes)
+    rooms = dict(sizes.usage)
     moves = []
     for tenant in tenants:
-        fitting = [rooms[s.name] for s in targets if rooms[s.name].fits(tenant)]
+        fitting = [rooms[s.name] for s in targets if _fits(rooms[s.name], tenant)]
         if not fitting:
-            short = ", ".join(rooms[s.name].shortfall(tenant) for s in targets)
+            short = ", ".join(_shortfall(rooms[s.name], tenant) for s in targets)
             raise BadInput(
                 f"cannot drain {source.name}: tenant {tenant.tenant} ({tenant.rows:,} rows, "
                 f"{human_bytes(tenant.bytes)}) fits on no active stamp: {short}; add capacity or stamps"
             )
         room = max(fitting, key=lambda r: (r.free_rows, r.free_bytes, -r.rows))
-        moves.append(_shift(rooms[source.name], room, tenant))
+        moves.append(_shift(rooms, source.name, room.stamp.name, tenant))
     notes: tuple[str, ...] = ()
     if source.state == "active":
         notes = (
@@ -185,13 +161,13 @@ def plan_isolate(ctx: Context, tenant: str, target_name: str) -> Plan:
     if tenant not in sizes.tenants:
         raise BadInput(f"tenant {tenant} has no rows on its stamp {route.stamp}")
     size = sizes.tenants[tenant]
-    rooms = _rooms(sizes)
-    if not rooms[target.name].fits(size):
+    rooms = dict(sizes.usage)
+    if not _fits(rooms[target.name], size):
         raise BadInput(
             f"cannot isolate tenant {tenant} ({size.rows:,} rows, {human_bytes(size.bytes)}) on "
-            f"{target.name}: {rooms[target.name].shortfall(size)}"
+            f"{target.name}: {_shortfall(rooms[target.name], size)}"
         )
-    move = _shift(rooms[route.stamp], rooms[target.name], size)
+    move = _shift(rooms, route.stamp, target.name, size)
     reason = f"isolate tenant {tenant} ({size.rows:,} rows) from {route.stamp} on the dedicated stamp {target.name}"
     return _plan("isolate", ctx, sizes, rooms, [move], reason)
 
@@ -213,7 +189,7 @@ def plan_rebalance(ctx: Context, threshold: float = 0.1, max_moves: int | None =
     if len(active) < 2:
         raise BadInput("rebalance needs at least two active stamps")
     sizes = measure_fleet(ctx, active)
-    rooms = _rooms(sizes)
+    rooms = dict(sizes.usage)
     mean = sum(r.rows for r in rooms.values()) / sum(s.capacity_rows or 0 for s in active)
     moves: list[PlannedMove] = []
     moved: set[str] = set()
@@ -227,7 +203,7 @@ def plan_rebalance(ctx: Context, threshold: float = 0.1, max_moves: int | None =
             notes.append("no remaining single move of an unmoved tenant narrows the gap")
             break
         tenant, source, target = step
-        moves.append(_shift(rooms[source], rooms[target], tenant))
+        moves.append(_shift(rooms, source, target, tenant))
         moved.add(tenant.tenant)
     if not _balanced(rooms, mean, threshold):
         worst = max(rooms.values(), key=lambda r: abs((r.utilisation or 0) - mean))
@@ -243,13 +219,11 @@ def plan_rebalance(ctx: Context, threshold: float = 0.1, max_moves: int | None =
     return _plan("rebalance", ctx, sizes, rooms, moves, reason, threshold, tuple(notes))
 
 
-def _balanced(rooms: dict[str, _Room], mean: float, threshold: float) -> bool:
+def _balanced(rooms: Rooms, mean: float, threshold: float) -> bool:
     return all(abs((r.utilisation or 0) - mean) <= threshold + _EPSILON for r in rooms.values())
 
 
-def _best_step(
-    rooms: dict[str, _Room], sizes: FleetSizes, moved: set[str], mean: float
-) -> tuple[TenantSize, str, str] | None:
+def _best_step(rooms: Rooms, sizes: FleetSizes, moved: set[str], mean: float) -> tuple[TenantSize, str, str] | None:
     """The most over- and least utilised pair (then the next pairs) and the tenant that best evens them."""
     order = sorted(rooms.values(), key=lambda r: (-(r.utilisation or 0), r.stamp.name))
     over = [r for r in order if (r.utilisation or 0) > mean + _EPSILON]
@@ -258,7 +232,7 @@ def _best_step(
         candidates = [t for t in sizes.routed_to(src.stamp.name) if t.tenant not in moved]
         for dst in under:
             now = max(abs((src.utilisation or 0) - mean), abs((dst.utilisation or 0) - mean))
-            gaps = {t.tenant: _gap_after(src, dst, t, mean) for t in candidates if dst.fits(t)}
+            gaps = {t.tenant: _gap_after(src, dst, t, mean) for t in candidates if _fits(dst, t)}
             fitting = [t for t in candidates if t.tenant in gaps and gaps[t.tenant] < now - _EPSILON]
             if fitting:
                 best = min(fitting, key=lambda t: (gaps[t.tenant], -t.rows, t.tenant))
@@ -266,26 +240,24 @@ def _best_step(
     return None
 
 
-def _gap_after(src: _Room, dst: _Room, tenant: TenantSize, mean: float) -> float:
+def _gap_after(src: StampUsage, dst: StampUsage, tenant: TenantSize, mean: float) -> float:
     """How far from the mean the farther of the two stamps would be after moving `tenant`."""
-    after_src = (src.rows - tenant.rows) / (src.stamp.capacity_rows or 1) - mean
-    after_dst = (dst.rows + tenant.rows) / (dst.stamp.capacity_rows or 1) - mean
-    return max(abs(after_src), abs(after_dst))
+    after_src = src.shifted(-tenant.rows, -tenant.bytes).utilisation or 0
+    after_dst = dst.shifted(tenant.rows, tenant.bytes).utilisation or 0
+    return max(abs(after_src - mean), abs(after_dst - mean))
 
 
-def _shift(source: _Room, target: _Room, tenant: TenantSize) -> PlannedMove:
-    source.rows -= tenant.rows
-    source.bytes -= tenant.bytes
-    target.rows += tenant.rows
-    target.bytes += tenant.bytes
-    return PlannedMove(tenant.tenant, source.stamp.name, target.stamp.name, tenant.rows, tenant.bytes)
+def _shift(rooms: Rooms, source: str, target: str, tenant: TenantSize) -> PlannedMove:
+    """Plan moving `tenant` from `source` to `target`, accounting it in `rooms`."""
+    shift(rooms, source, target, tenant.rows, tenant.bytes)
+    return PlannedMove(tenant.tenant, source, target, tenant.rows, tenant.bytes)
 
 
 def _plan(
     kind: str,
     ctx: Context,
     sizes: FleetSizes,
-    rooms: dict[str, _Room],
+    rooms: Rooms,
     moves: list[PlannedMove],
     reason: str,
     threshold: float | None = None,
@@ -293,7 +265,7 @@ def _plan(
 ) -> Plan:
     utilisation = {
         name: Utilisation(
-            _round(usage.utilisation()),
+            _round(usage.utilisation),
             _round(rooms[name].utilisation),
             usage.rows,
             rooms[name].rows,

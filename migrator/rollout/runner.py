@@ -19,29 +19,27 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Protocol
 
 import psycopg
 
 from migrator import stamps
-from migrator.catalog import Stamp
+from migrator.catalog import FENCED_OFFLINE, Mode, Phase, Stamp
 from migrator.catalog.schema_runs import RunLog, SchemaRun, runs
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
 from migrator.errors import BadInput, MigratorError
+from migrator.progress import RolloutProgress, SilentRollout
 from migrator.rollout.history import AHEAD, BEHIND, UNKNOWN, UNREACHABLE, UP_TO_DATE, History, Revision
 from migrator.rollout.worker import ALEMBIC_IN_PROCESS, Job, JobResult, Workers, reason, trace
 
 __all__ = [
     "AHEAD", "BEHIND", "UNKNOWN", "UNREACHABLE", "UP_TO_DATE", "Plan", "Revision", "Rollout", "RolloutFailed",
-    "RolloutProgress", "Quiet", "SchemaRun", "StampOutcome", "StampSchema", "downgrade_stamps", "history", "runs",
+    "RolloutProgress", "SchemaRun", "StampOutcome", "StampSchema", "downgrade_stamps", "history", "runs",
     "schema_status", "upgrade_fleet",
 ]  # fmt: skip
 
 OK, FAILED, SKIPPED, DRY_RUN = "ok", "failed", "skipped", "dry-run"
-# Phases in which a move holds a database fence on its source (see migrator.move).
-FENCED_OFFLINE_PHASES = ("created", "copying", "copied", "verified")
 logger = logging.getLogger(__name__)  # INFO (shown with `migrator -v`): tracebacks behind one-line stamp errors
 
 
@@ -127,30 +125,6 @@ class Rollout:
         return text + (f"; {self.stopped}" if self.stopped else "")
 
 
-class RolloutProgress(Protocol):
-    def wave_started(self, number: int, waves: int, stamps: Sequence[str]) -> None:
-        """Wave `number` (0 is the canary) of `waves` starts on these stamps."""
-
-    def stamp_finished(self, outcome: StampOutcome) -> None:
-        """One stamp of the current wave is done (ok or failed)."""
-
-    def wave_finished(self, number: int) -> None:
-        """Every stamp of the wave is done."""
-
-
-class Quiet:
-    """No progress output: for tests, `--json` and benchmarks."""
-
-    def wave_started(self, number: int, waves: int, stamps: Sequence[str]) -> None:
-        pass
-
-    def stamp_finished(self, outcome: StampOutcome) -> None:
-        pass
-
-    def wave_finished(self, number: int) -> None:
-        pass
-
-
 # -- read-only views -----------------------------------------------------------------------------
 
 
@@ -187,7 +161,7 @@ def upgrade_fleet(
     found = History.load(ctx.config.schema_env())
     target = found.resolve(revision, allow_base=False)
     plan = _plan(ctx, found, "upgrade", target, _select(ctx, (), active_only), canary, parallel)
-    return _run(ctx, found, plan, parallel, continue_on_error, dry_run, progress or Quiet(), confirm)
+    return _run(ctx, found, plan, parallel, continue_on_error, dry_run, progress or SilentRollout(), confirm)
 
 
 def downgrade_stamps(
@@ -202,7 +176,7 @@ def downgrade_stamps(
     found = History.load(ctx.config.schema_env())
     target = found.resolve(revision, allow_base=True)
     plan = _plan(ctx, found, "downgrade", target, _select(ctx, names, False), None, parallel)
-    return _run(ctx, found, plan, parallel, False, False, progress or Quiet(), confirm)
+    return _run(ctx, found, plan, parallel, False, False, progress or SilentRollout(), confirm)
 
 
 def _select(ctx: Context, names: Sequence[str], active_only: bool) -> list[Stamp]:
@@ -279,9 +253,9 @@ def _fenced_moves(ctx: Context, names: list[str]) -> dict[str, str]:
     with ctx.catalog.transaction() as conn:
         rows = conn.execute(
             "SELECT id, tenant, source, target, mode, phase FROM moves"
-            " WHERE (phase = 'cutover' OR (mode = 'offline' AND phase = ANY(%s)))"
+            " WHERE (phase = %s OR (mode = %s AND phase = ANY(%s)))"
             " AND (source = ANY(%s) OR target = ANY(%s)) ORDER BY id",
-            (list(FENCED_OFFLINE_PHASES), names, names),
+            (Phase.CUTOVER, Mode.OFFLINE, sorted(FENCED_OFFLINE), names, names),
         ).fetchall()
     blocked: dict[str, str] = {}
     for move_id, tenant, source, target, mode, phase in rows:
@@ -340,12 +314,12 @@ def _waves(
             finished = [_refused(log, plan.row(n), number, refused[n]) for n in wave if n in refused]
             for outcome in finished:
                 progress.stamp_finished(outcome)
-            row_ids = log.start([plan.row(n) for n in wave if n not in refused])
+            row_ids = log.start([(n, plan.row(n).current) for n in wave if n not in refused])
             for result in workers.run([_job(found, plan, n) for n in row_ids]):
                 if result.detail:
                     logger.info("stamp %s failed:\n%s", result.stamp, result.detail)
                 outcome = _outcome(plan, number, result)
-                log.finish(row_ids[result.stamp], outcome)
+                log.finish(row_ids[result.stamp], outcome.from_revision, outcome.result, outcome.error)
                 progress.stamp_finished(outcome)
                 finished.append(outcome)
             progress.wave_finished(number)
@@ -393,13 +367,13 @@ def _not_run(log: RunLog, row: StampSchema, why: str | None = None) -> StampOutc
             BEHIND: f"below {row.target or 'base'} already",
         }.get(row.state)
     outcome = StampOutcome(row.stamp, None, SKIPPED, row.current, row.target, row.current, (), why)
-    log.add(outcome)
+    log.add(outcome.stamp, outcome.from_revision, outcome.result, outcome.error)
     return outcome
 
 
 def _refused(log: RunLog, row: StampSchema, wave: int, why: str) -> StampOutcome:
     outcome = StampOutcome(row.stamp, wave, FAILED, row.current, row.target, row.current, row.pending, why)
-    log.add(outcome)
+    log.add(outcome.stamp, outcome.from_revision, outcome.result, outcome.error)
     return outcome
 
 
@@ -417,5 +391,5 @@ def _dry_run(log: RunLog, found: History, row: StampSchema, stamp: Stamp) -> Sta
             outcome = replace(outcome, error=f"{log.direction} --dry-run failed: {reason(exc, stamp.dsn)}")
         else:
             outcome = replace(outcome, result=DRY_RUN, pending=row.pending, sql=text)
-    log.add(outcome)
+    log.add(outcome.stamp, outcome.from_revision, outcome.result, outcome.error)
     return outcome

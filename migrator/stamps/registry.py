@@ -39,7 +39,7 @@ def add_stamp(
     check: bool = True,
 ) -> Stamp:
     """`migrator stamp add`: register a stamp; with `check` (the default) only if its DSN connects."""
-    if ctx.catalog.find_stamp(name) is not None:
+    if any(known.name == name for known in ctx.catalog.stamps()):
         raise BadInput(f"stamp {name!r} already exists; change it with `migrator stamp update {name}`")
     if check:
         check_connection(name, dsn, "not added")

@@ -1,0 +1,66 @@
+"""Rows by primary key: temporary key tables and the SQL that reaches a tenant's rows through them.
+
+Catch-up (`capture`) replays captured keys, the freeze (`cutover`) re-verifies them and `verify`
+hashes them; all three load the keys the same way and select the rows the same way, from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from migrator.stamps.discovery import Table, tenant_filter
+
+
+def keys_table(index: int) -> sql.Identifier:
+    """The temporary key table of the layout's `index`-th table (one name per table of a transaction)."""
+    return sql.Identifier(f"migrator_keys_{index}")
+
+
+def load_keys(conn: psycopg.Connection[Any], table: Table, keys: list[list[str]], name: sql.Identifier) -> None:
+    """A temporary table `name`, typed like the table's key, holding the given text keys.
+
+    Keys are logged in their text form; jsonb_populate_recordset parses them back with each type's
+    own input function, so every key type (bigint, uuid, text, timestamptz...) round-trips. The
+    three statements go in one pipeline (one round trip: this runs inside the cutover's freeze).
+    Lives until the caller's transaction ends.
+    """
+    rows = Jsonb([dict(zip(table.primary_key, key, strict=True)) for key in keys])
+    with conn.pipeline():
+        conn.execute(
+            sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+                name, table.pk_cols(), table.ident
+            )
+        )
+        conn.execute(
+            sql.SQL("INSERT INTO {keys} SELECT DISTINCT * FROM jsonb_populate_recordset(NULL::{keys}, %s)").format(
+                keys=name
+            ),
+            (rows,),
+        )
+        conn.execute(sql.SQL("ANALYZE {}").format(name))  # real row counts, so the planner hashes the keys
+
+
+def by_key(table: Table, keys: sql.Identifier, tenant: str, select: sql.Composable) -> sql.Composed:
+    """A FROM clause: `select` over the tenant's row of each key in a temporary key table, as `x`.
+
+    One index probe per key (LATERAL ... LIMIT 1; a key names at most one row), never a plain join:
+    given a few thousand keys the planner hashes them against a scan of the whole tenant, which in
+    the cutover's freeze costs time in proportion to the tenant's size rather than to its changes.
+    """
+    match = sql.SQL(" AND ").join(sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in table.primary_key)
+    return sql.SQL("{} k CROSS JOIN LATERAL (SELECT {} FROM {} t WHERE {} AND {} LIMIT 1) x").format(
+        keys, select, table.ident, match, tenant_filter(table, tenant)
+    )
+
+
+def outside_keys(table: Table, keys: sql.Identifier) -> sql.Composed:
+    """Rows whose key is not in a temporary key table such as capture's (an anti-join over the tenant)."""
+    match = sql.SQL(" AND ").join(
+        sql.SQL("k.{} = {}").format(sql.Identifier(c), sql.Identifier(table.schema, table.name, c))
+        for c in table.primary_key
+    )
+    return sql.SQL("NOT EXISTS (SELECT 1 FROM {} k WHERE {})").format(keys, match)

@@ -1,0 +1,49 @@
+"""What every step of one move's run works with, handed down as one value instead of nine parameters.
+
+The options come from `migrator move`'s flags (or a plan's apply); `MoveRun` adds what the run
+resolved before its first step: the catalog, both stamps, the source's layout and the tenant's
+lock. The move's catalog record is not part of it: each step returns it anew with its phase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from migrator.catalog import Catalog, Stamp, TenantLock
+from migrator.progress import Progress
+from migrator.stamps.discovery import Layout
+
+
+@dataclass(frozen=True)
+class CutoverOptions:
+    """Flags --cutover-backlog, --catchup-timeout, --max-freeze-ms, --cutover-attempts."""
+
+    cutover_backlog: int = 200
+    catchup_timeout_s: float = 600.0
+    max_freeze_ms: float = 2000.0
+    attempts: int = 3
+    replay_batch: int = 2000
+
+
+@dataclass(frozen=True)
+class MoveOptions:
+    """Options of `migrator move` (flags --batch-rows, --rate-limit, --dry-run, --offline, cutover flags)."""
+
+    batch_rows: int = 50_000
+    rate_limit: float | None = None
+    dry_run: bool = False
+    online: bool = True
+    cutover: CutoverOptions = field(default_factory=CutoverOptions)
+
+
+@dataclass(frozen=True)
+class MoveRun:
+    """One invocation's run of a move, from its first step to the flip (or its failure)."""
+
+    catalog: Catalog
+    source: Stamp
+    target: Stamp
+    layout: Layout
+    lock: TenantLock  # held for the whole run; the flip commits on its session
+    options: MoveOptions
+    progress: Progress

@@ -1,0 +1,43 @@
+"""The engine's packages stack in floors: a lower one never imports an upper one, not even for type hints.
+
+A circle such as catalog -> rollout -> catalog (once only under TYPE_CHECKING) makes every change to
+the upper package a change to the lower one's meaning; these tests keep the floors apart.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "migrator"
+UPPER = ("migrator.move", "migrator.plans", "migrator.rollout", "migrator.cli", "migrator.local")
+FLOORS = {
+    "db": ("migrator.catalog", "migrator.stamps", *UPPER),
+    "catalog": ("migrator.stamps", *UPPER),
+    "move": UPPER[1:],
+}
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+@pytest.mark.parametrize("floor", sorted(FLOORS))
+def test_a_lower_package_never_imports_an_upper_one(floor: str) -> None:
+    forbidden = FLOORS[floor]
+    offending = {
+        f"{path.relative_to(PACKAGE.parent)}: {name}"
+        for path in (PACKAGE / floor).rglob("*.py")
+        for name in _imports(path)
+        if any(name == upper or name.startswith(f"{upper}.") for upper in forbidden)
+    }
+    assert not offending, sorted(offending)

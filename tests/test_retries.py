@@ -1,0 +1,97 @@
+"""Retries are bounded where they are declared: no layer multiplies them, none restarts a deadline,
+and nothing is retried on a connection the retry cannot replace."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import psycopg
+import pytest
+from conftest import Fleet
+from psycopg import conninfo
+
+from migrator.catalog import Catalog, Phase
+from migrator.db import dsn as dsnlib
+from migrator.move import capture, fence
+
+
+def _terminate_migrator_sessions(fleet: Fleet, dsn: str) -> int:
+    """pg_terminate_backend of every migrator session on the DSN's database (as the server's superuser)."""
+    dbname = conninfo.conninfo_to_dict(dsn)["dbname"]
+    with dsnlib.connect(fleet.server.dsn(), autocommit=True, application_name="test") as admin:
+        row = admin.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = 'migrator' AND datname = %s",
+            (dbname,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _retries(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "migrator.retry"]
+
+
+def test_catch_up_keeps_its_deadline_across_a_reconnect(fleet: Fleet, caplog: pytest.LogCaptureFixture) -> None:
+    """A reconnect 1.5 s into a 2 s catch-up must not grant it another 2 s (--catchup-timeout is a bound)."""
+    caplog.set_level(logging.WARNING, logger="migrator.retry")
+    source, target = fleet.dsn("eu-1"), fleet.dsn("eu-2")
+    with dsnlib.connect(source) as conn:
+        fence.ensure_schema(conn)  # an empty change log: nothing to replay, the backlog target is unreachable
+    killed: list[int] = []
+    killer = threading.Timer(1.5, lambda: killed.append(_terminate_migrator_sessions(fleet, source)))
+    started = time.monotonic()
+    killer.start()
+    try:
+        left = capture.catch_up(source, target, fleet.layout(), "7", 1, batch=100, until=-1, deadline=started + 2.0)
+    finally:
+        killer.cancel()
+    elapsed = time.monotonic() - started
+    assert killed == [1] and len(_retries(caplog)) == 1, (killed, _retries(caplog))  # it did reconnect once
+    assert left == 0
+    assert 2.0 <= elapsed < 2.8, elapsed  # a restarted clock would run to at least 3.7 s
+
+
+def _unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_catalog_call_retries_once_not_once_per_layer(caplog: pytest.LogCaptureFixture) -> None:
+    """`update_stamp` reads the stamp inside its own step: a dead catalog costs one policy's attempts
+    (6, so 5 logged retries), not 6 x 6 through nested retried calls."""
+    caplog.set_level(logging.WARNING, logger="migrator.retry")
+    catalog = Catalog(f"postgresql://migrator@127.0.0.1:{_unused_port()}/catalog")  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(psycopg.OperationalError):
+        catalog.update_stamp("eu-1", region="eu")
+    retries = _retries(caplog)
+    assert len(retries) == 5 and all("update_stamp" in r for r in retries), retries
+    assert time.monotonic() - started < 20
+
+
+def test_flip_on_a_lost_lock_session_fails_at_once_and_changes_nothing(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The flip runs on the tenant lock's session; once that is gone no retry can bring it back, so it
+    must fail at once (the move stays resumable) instead of retrying for seconds inside the freeze."""
+    caplog.set_level(logging.WARNING, logger="migrator.retry")
+    fleet.seed("eu-1", 7, 50)
+    route = fleet.catalog.route("7")
+    move = fleet.catalog.create_move("7", "eu-1", "eu-2", "offline", route.version, 100)
+    move = fleet.catalog.update_move(move.id, phase=Phase.VERIFIED)
+    with fleet.catalog.lock_tenant("7") as lock:
+        session = lock.check()
+        with dsnlib.connect(fleet.catalog.url, autocommit=True, application_name="test") as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (session.info.backend_pid,))
+        time.sleep(0.2)  # the server's goodbye reaches the socket
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError):
+            fleet.catalog.flip(move, session)
+        assert time.monotonic() - started < 1.0
+    assert _retries(caplog) == []
+    assert fleet.catalog.route("7") == route and fleet.catalog.move(move.id).phase == Phase.VERIFIED
