@@ -1,17 +1,14 @@
-"""How the engine reports progress without knowing about terminals: one protocol per kind of work
-(a move, a fleet's schema rollout, a plan's apply), each with the one implementation that says nothing.
+"""How a move reports progress without knowing about terminals, and the one implementation that says nothing.
 
-The CLI renders them with tqdm; tests, `--json` runs and benchmarks pass (or extend) the silent ones.
+The other kinds of work report through protocols beside the results they report (a schema
+rollout: `migrator.rollout.runner.RolloutProgress`; a plan's apply:
+`migrator.plans.apply.ApplyProgress`), each with its one silent implementation. The CLI renders
+them with tqdm bars or plain lines; tests, `--json` runs and benchmarks pass the silent ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:  # only named in signatures: the results each kind of work reports
-    from migrator.plans.apply import Entry, EntryResult, Prepared
-    from migrator.rollout.runner import StampOutcome
+from typing import Protocol
 
 
 class Progress(Protocol):
@@ -49,68 +46,4 @@ class Silent:
         pass
 
     def finish_table(self, table: str) -> None:
-        pass
-
-
-class RolloutProgress(Protocol):
-    """A schema rollout's progress, wave by wave."""
-
-    def wave_started(self, number: int, waves: int, stamps: Sequence[str]) -> None:
-        """Wave `number` (0 is the canary) of `waves` starts on these stamps."""
-
-    def stamp_finished(self, outcome: StampOutcome) -> None:
-        """One stamp of the current wave is done (ok or failed)."""
-
-    def wave_finished(self, number: int) -> None:
-        """Every stamp of the wave is done."""
-
-
-class SilentRollout:
-    """No rollout progress output: for tests, `--json` and benchmarks."""
-
-    def wave_started(self, number: int, waves: int, stamps: Sequence[str]) -> None:
-        pass
-
-    def stamp_finished(self, outcome: StampOutcome) -> None:
-        pass
-
-    def wave_finished(self, number: int) -> None:
-        pass
-
-
-class ApplyProgress(Protocol):
-    """How `apply` reports, from any thread (the CLI draws an overall tqdm bar and one line per event)."""
-
-    def begin(self, prepared: Prepared) -> None:
-        """The plan's remaining entries are about to run."""
-
-    def started(self, entry: Entry) -> None:
-        """An entry's move (or its resume) started."""
-
-    def rows(self, count: int) -> None:
-        """`count` more rows were copied by any of the running moves."""
-
-    def finished(self, result: EntryResult) -> None:
-        """An entry's move ended, done or failed."""
-
-    def note(self, message: str) -> None:
-        """Something the operator should read (an interruption)."""
-
-
-class SilentApply:
-    """The apply reporter of `--json` runs and benchmarks: says nothing until the result."""
-
-    def begin(self, prepared: Prepared) -> None:
-        pass
-
-    def started(self, entry: Entry) -> None:
-        pass
-
-    def rows(self, count: int) -> None:
-        pass
-
-    def finished(self, result: EntryResult) -> None:
-        pass
-
-    def note(self, message: str) -> None:
         pass

@@ -25,9 +25,8 @@ import benchlib  # scripts/, the directory of this script
 from migrator.context import Context
 from migrator.local.fleet import STATE_FILE, fleet_down, fleet_up
 from migrator.local.seed import TenantSpec, seed_fleet_stamp
-from migrator.plans.apply import ApplyOptions, EntryResult, prepare, run
+from migrator.plans.apply import ApplyOptions, EntryResult, SilentApply, prepare, run
 from migrator.plans.planners import plan_drain, write_plan
-from migrator.progress import SilentApply
 
 
 class Quiet(SilentApply):

@@ -85,3 +85,10 @@ def test_free_text_masking_covers_urls_and_keyword_strings_in_messages() -> None
     assert "postgresql://app:***@db:5432/x" in masked and "password=*** user=app" in masked
     record = logging.LogRecord("migrator.retry", logging.WARNING, __file__, 1, "transient error: %s", (text,), None)
     assert render.MaskingFilter().filter(record) and record.getMessage() == f"transient error: {masked}"
+
+
+def test_masking_a_masked_keyword_dsn_again_keeps_the_line_intact() -> None:
+    line = "cannot connect to stamp eu-1 (host=db password=***): connection refused"
+    assert dsnlib.mask_text(line) == line
+    assert dsnlib.mask_text("(host=db password=hunter2 user=x)") == "(host=db password=*** user=x)"
+    assert "hunter2" not in dsnlib.mask_text("(host=db password=hunter2)")

@@ -89,7 +89,7 @@ class Catalog:
         or a malformed DSN fail at once (`is_transient`). Either way no caller retries the error again.
         """
         try:
-            return _open_session(self.url, autocommit)
+            return connect_catalog(self.url, autocommit)
         except psycopg.Error as exc:
             raise MigratorError(
                 f"cannot connect to the catalog ({dsnlib.mask(self.url)}): {dsnlib.reason(exc, self.url)}"
@@ -493,7 +493,7 @@ def _some(items: Sequence[str], limit: int = 5) -> str:
 
 
 @CATALOG.wraps
-def _open_session(url: str, autocommit: bool) -> psycopg.Connection[Any]:
+def connect_catalog(url: str, autocommit: bool) -> psycopg.Connection[Any]:
     """A catalog session, retried while the catalog is unreachable for a moment (restart, failover).
 
     The connect is its own step under CATALOG: a public method retried after its session broke

@@ -16,9 +16,8 @@ from migrator.cli.core import NO_CHECK, stamp_group
 from migrator.errors import MigratorError
 
 if TYPE_CHECKING:  # the engine is imported inside each command, which keeps `migrator --help` fast
-    from migrator.plans.apply import ApplyOptions, ApplyResult, Entry, EntryResult, Prepared
+    from migrator.plans.apply import ApplyOptions, ApplyProgress, ApplyResult, Entry, EntryResult, Prepared
     from migrator.plans.planners import Plan
-    from migrator.progress import ApplyProgress
 
 OUTPUT = click.option(
     "-o",
@@ -263,7 +262,7 @@ class ApplyBars:
 
 def _notes_only() -> ApplyProgress:
     """The reporter of --json and --no-progress runs: no progress, only notes (what an interrupt does)."""
-    from migrator.progress import SilentApply
+    from migrator.plans.apply import SilentApply
 
     class NotesOnly(SilentApply):
         def note(self, message: str) -> None:

@@ -31,7 +31,9 @@ PINNED_SETTINGS: dict[str, str] = {
 
 MASK = "***"
 # `password=...` of a libpq keyword string, quoted or not (in free text it also catches `?password=`).
-_KEYWORD_PASSWORD = re.compile(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+# A value already masked (`***` then a space, a parenthesis or the end) is left as it is, so masking a
+# line twice (a message built from a masked DSN, then the log filter) keeps its punctuation.
+_KEYWORD_PASSWORD = re.compile(r"(?i)(password\s*=\s*)(?!\*\*\*(?![^\s)]))('(?:[^'\\]|\\.)*'|\S+)")
 # A URL's `password` query parameter, up to the next parameter.
 _QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&]*")
 # `scheme://user:password@` anywhere in free text.

@@ -21,6 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 
 from migrator.catalog import Catalog, Move, Stamp
 from migrator.context import Context
@@ -30,7 +31,7 @@ from migrator.errors import BadInput, LockBusy, MigratorError
 from migrator.move import MoveOptions, move_tenant
 from migrator.plans.capacity import measure_fleet, shift
 from migrator.plans.planners import Plan, PlannedMove, check_stamps, load_plan
-from migrator.progress import ApplyProgress, Silent
+from migrator.progress import Silent
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,44 @@ class ApplyResult:
 
     def having(self, status: str) -> list[EntryResult]:
         return [r for r in self.results if r.status == status]
+
+
+class ApplyProgress(Protocol):
+    """How `apply` reports, from any thread (the CLI draws an overall tqdm bar and one line per event)."""
+
+    def begin(self, prepared: Prepared) -> None:
+        """The plan's remaining entries are about to run."""
+
+    def started(self, entry: Entry) -> None:
+        """An entry's move (or its resume) started."""
+
+    def rows(self, count: int) -> None:
+        """`count` more rows were copied by any of the running moves."""
+
+    def finished(self, result: EntryResult) -> None:
+        """An entry's move ended, done or failed."""
+
+    def note(self, message: str) -> None:
+        """Something the operator should read (an interruption)."""
+
+
+class SilentApply:
+    """The apply reporter of `--json` runs and benchmarks: says nothing until the result."""
+
+    def begin(self, prepared: Prepared) -> None:
+        pass
+
+    def started(self, entry: Entry) -> None:
+        pass
+
+    def rows(self, count: int) -> None:
+        pass
+
+    def finished(self, result: EntryResult) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
 
 
 # -- prepare: parse, validate, refuse stale plans -------------------------------------------------------

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Protocol
 
 import psycopg
 
@@ -29,7 +30,6 @@ from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
 from migrator.errors import BadInput, MigratorError
-from migrator.progress import RolloutProgress, SilentRollout
 from migrator.rollout.history import AHEAD, BEHIND, UNKNOWN, UNREACHABLE, UP_TO_DATE, History, Revision
 from migrator.rollout.worker import ALEMBIC_IN_PROCESS, Job, JobResult, Workers, reason, trace
 
@@ -123,6 +123,32 @@ class Rollout:
                 f"{o.stamp} (at {o.at_revision})" if o.at_revision else o.stamp for o in self.failed
             )
         return text + (f"; {self.stopped}" if self.stopped else "")
+
+
+class RolloutProgress(Protocol):
+    """A schema rollout's progress, wave by wave."""
+
+    def wave_started(self, number: int, waves: int, stamps: Sequence[str]) -> None:
+        """Wave `number` (0 is the canary) of `waves` starts on these stamps."""
+
+    def stamp_finished(self, outcome: StampOutcome) -> None:
+        """One stamp of the current wave is done (ok or failed)."""
+
+    def wave_finished(self, number: int) -> None:
+        """Every stamp of the wave is done."""
+
+
+class SilentRollout:
+    """No rollout progress output: for tests, `--json` and benchmarks."""
+
+    def wave_started(self, number: int, waves: int, stamps: Sequence[str]) -> None:
+        pass
+
+    def stamp_finished(self, outcome: StampOutcome) -> None:
+        pass
+
+    def wave_finished(self, number: int) -> None:
+        pass
 
 
 # -- read-only views -----------------------------------------------------------------------------
