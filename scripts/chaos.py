@@ -50,6 +50,7 @@ from migrator.local import pgserver, provision
 from migrator.local.seed import TenantSpec, seed_fleet_stamp
 from migrator.move import fence
 from migrator.router import Router, TenantFenced, UnknownTenant
+from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Layout, discover
 
 REPO = Path(__file__).resolve().parent.parent
@@ -546,9 +547,7 @@ class Engine:
         too: it is raised right after the catalog records the phase.
         """
         deadline = time.monotonic() + MOVE_TIMEOUT_S
-        fenced = sql.SQL("SELECT 1 FROM {}.guarded_tenants WHERE tenant = %s AND fenced").format(
-            sql.Identifier(fence.SCHEMA)
-        )
+        fenced = sql.SQL("SELECT 1 FROM {}.guarded_tenants WHERE tenant = %s AND fenced").format(sql.Identifier(SCHEMA))
         with _connect(self.fleet.stamps[source]) as src:
             while proc.poll() is None and time.monotonic() < deadline:
                 rows = self._query(

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import class_row
 
-from migrator.context import Context
+from migrator.catalog.store import Catalog
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import CATALOG
 
@@ -37,11 +37,11 @@ class SchemaRun:
     finished_at: datetime | None
 
 
-def runs(ctx: Context, stamp: str | None = None, limit: int = 50) -> list[SchemaRun]:
+def runs(catalog: Catalog, stamp: str | None = None, limit: int = 50) -> list[SchemaRun]:
     """Recorded per-stamp runs, newest first (`migrator schema log`)."""
     if stamp is not None:
-        ctx.catalog.stamp(stamp)
-    with ctx.catalog.transaction() as conn, conn.cursor(row_factory=class_row(SchemaRun)) as cur:
+        catalog.stamp(stamp)
+    with catalog.transaction() as conn, conn.cursor(row_factory=class_row(SchemaRun)) as cur:
         cur.execute(
             "SELECT id, run_id::text AS run_id, stamp, direction, from_revision, to_revision, result, error, operator,"
             " started_at, finished_at FROM schema_runs WHERE %(stamp)s::text IS NULL OR stamp = %(stamp)s"
@@ -59,8 +59,8 @@ class RunLog:
     names, revisions, results), so the catalog knows nothing of the rollout that writes it.
     """
 
-    def __init__(self, ctx: Context, run_id: str, direction: str, target: str | None) -> None:
-        self.ctx, self.run_id, self.direction, self.target = ctx, run_id, direction, target
+    def __init__(self, catalog: Catalog, run_id: str, direction: str, target: str | None) -> None:
+        self.catalog, self.run_id, self.direction, self.target = catalog, run_id, direction, target
         self._conn: psycopg.Connection[Any] | None = None
 
     @CATALOG.wraps
@@ -68,7 +68,7 @@ class RunLog:
         """One autocommit statement; a failed one drops the connection, so the retry reconnects."""
         try:
             if self._conn is None or self._conn.closed:
-                self._conn = dsnlib.connect(self.ctx.catalog.url, autocommit=True)
+                self._conn = dsnlib.connect(self.catalog.url, autocommit=True)
             cursor = self._conn.execute(query, params)
             return cursor.fetchall() if cursor.description else []
         except psycopg.Error:

@@ -159,7 +159,7 @@ def schema_log_cmd(ctx: click.Context, stamp: str | None, limit: int, as_json: b
     """Recorded schema runs per stamp, newest first: who, when, from/to, result, error."""
     from migrator.rollout.runner import runs
 
-    found = runs(context_of(ctx), stamp, limit)
+    found = runs(context_of(ctx).catalog, stamp, limit)
     emit(
         as_json,
         found,

@@ -22,8 +22,8 @@ from psycopg import sql
 
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
-from migrator.move.fence import SCHEMA
 from migrator.move.keys import by_key, keys_table, load_keys
+from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Layout, Table
 
 UNPROVEN = sql.Identifier("migrator_unproven_keys")

@@ -18,8 +18,8 @@ from migrator.context import Context
 from migrator.db.retry import STAMP_STEP
 from migrator.errors import BadInput
 from migrator.move import fence
-from migrator.move.fence import SCHEMA
 from migrator.progress import Progress
+from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Layout, Table, tenant_filter
 
 

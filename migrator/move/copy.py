@@ -18,8 +18,8 @@ from psycopg.copy import QueuedLibpqWriter
 
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
-from migrator.move.fence import SCHEMA
 from migrator.progress import Progress
+from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Table, key_after, key_upto, tenant_filter
 
 CHUNK_BYTES = 64 * 1024

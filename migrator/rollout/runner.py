@@ -306,7 +306,7 @@ def _run(
 ) -> Rollout:
     if confirm is not None and plan.waves and not dry_run:
         confirm(plan)
-    log = RunLog(ctx, plan.run_id, plan.direction, plan.target)
+    log = RunLog(ctx.catalog, plan.run_id, plan.direction, plan.target)
     try:
         done = [_not_run(log, s) for s in plan.stamps if not any(s.stamp in w for w in plan.waves)]
         if dry_run:

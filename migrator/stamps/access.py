@@ -16,6 +16,8 @@ from migrator.db import dsn as dsnlib
 from migrator.errors import MigratorError
 from migrator.stamps.discovery import Layout, discover
 
+SCHEMA = "_migrator"  # migrator's own schema on each stamp (guard function, change log, copy cursors)
+
 
 def connect(stamp: Stamp, *, autocommit: bool = True) -> AbstractContextManager[psycopg.Connection[Any]]:
     """A connection to the stamp; a failure names the stamp and never the password."""

@@ -24,7 +24,7 @@ import psycopg
 from psycopg import sql
 
 from migrator.config import Tenancy
-from migrator.move.fence import SCHEMA
+from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Layout, discover
 
 TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRIGGER")
