@@ -23,6 +23,7 @@ from migrator.context import Context
 from migrator.db import alembic as migrations
 from migrator.local import pgserver, provision
 from migrator.local.provision import sample_app_env
+from migrator.rollout.history import History
 from migrator.rollout.runner import OK, upgrade_fleet
 
 STAMPS = 20
@@ -36,7 +37,7 @@ def history_with_sleep(directory: Path) -> Path:
     """A copy of the sample application's environment with one more revision on top of its head that sleeps SLEEP_S."""
     env = directory / "stamp-env"
     shutil.copytree(sample_app_env(), env, ignore=shutil.ignore_patterns("__pycache__"))
-    head = migrations.head_revision(env)
+    head = History.load(env).head
     (env / "versions" / f"{REVISION}.py").write_text(
         f'"""Benchmark only: one second of work."""\n\nfrom alembic import op\n\n'
         f"revision = {REVISION!r}\ndown_revision = {head!r}\nbranch_labels = None\ndepends_on = None\n\n\n"

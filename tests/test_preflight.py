@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -79,3 +80,27 @@ def test_dry_run_checks_everything_and_changes_nothing(fleet: Fleet) -> None:
     assert result.exit_code == 0, result.output
     assert "preflight passed" in result.stdout and "tasks" in result.stdout
     assert (catalog_snapshot(fleet), stamp_snapshot(fleet.dsn("eu-1")), stamp_snapshot(fleet.dsn("eu-2"))) == before
+
+
+def test_a_schema_change_while_a_move_is_interrupted_stops_its_resume(fleet: Fleet) -> None:
+    """A move stopped mid-way must not resume onto a target whose schema changed meanwhile."""
+    fleet.seed("eu-1", 7, 200)
+    killed = fleet.popen("move", "7", "--to", "eu-2", "--yes", "--offline", "--batch-rows", "1", "--rate-limit", "50")
+    try:
+        deadline = time.monotonic() + 60
+        while (move := fleet.catalog.open_move("7")) is None or move.phase != "copying":
+            assert time.monotonic() < deadline, "the move never started copying"
+            time.sleep(0.05)
+    finally:
+        killed.kill()
+        killed.wait(30)
+    _downgrade_eu2(fleet)
+    before = catalog_snapshot(fleet)
+    resumed = fleet.run("move", "7", "--to", "eu-2", "--yes")
+    assert resumed.exit_code == 2, resumed.output
+    assert (
+        f"schema changed during move {move.id}: eu-1 is at 0005_task_watchers, eu-2 at 0004_comments_search_index,"
+        f" the move started at 0005_task_watchers; abort it with `migrator move abort {move.id}`"
+    ) in resumed.stderr
+    after = catalog_snapshot(fleet)
+    assert after["routes"] == before["routes"] and fleet.catalog.route("7").stamp == "eu-1"

@@ -16,7 +16,6 @@ from typing import Any
 import psycopg
 from alembic import command
 from alembic.config import Config
-from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -98,17 +97,6 @@ def current_revision(dsn: str) -> str | None:
     except psycopg.Error as exc:
         message = dsnlib.scrub(str(exc), dsn).strip()
         raise MigratorError(f"cannot read the schema revision of {dsnlib.mask(dsn)}: {message}") from None
-
-
-def head_revision(script_location: Path | str) -> str:
-    """The single head of the environment's revision graph."""
-    try:
-        head = ScriptDirectory.from_config(alembic_config(script_location)).get_current_head()
-    except CommandError as exc:
-        raise BadInput(f"{script_location}: {exc}") from None
-    if head is None:
-        raise BadInput(f"{script_location} has no revisions")
-    return head
 
 
 # -- the env.py body of migrator's own environments ------------------------------------------------

@@ -19,11 +19,11 @@ import psycopg
 
 from migrator.catalog import Move, Phase, Route, Stamp
 from migrator.db import dsn as dsnlib
-from migrator.db.alembic import read_revision
 from migrator.db.retry import freeze_attempts
-from migrator.errors import FreezeTooLong, NotConverging, PreflightError, VerifyMismatch
+from migrator.errors import FreezeTooLong, NotConverging, VerifyMismatch
 from migrator.move import capture, copy, fence
 from migrator.move.keys import keys_table, load_keys, outside_keys
+from migrator.move.preflight import check_schema_unchanged
 from migrator.move.run import CutoverOptions as CutoverOptions  # re-exported: the CLI builds it from its flags
 from migrator.move.run import MoveRun
 from migrator.move.verify import (
@@ -141,16 +141,6 @@ def _verify_captured(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any],
     return Report(move.tenant, results)
 
 
-def _check_revisions(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], run: MoveRun, move: Move) -> None:
-    """Stop before the flip if either stamp's schema changed while the move was in flight."""
-    now, expected = (read_revision(src), read_revision(tgt)), move.schema_revision
-    if now != (expected, expected):
-        raise PreflightError(
-            f"schema changed during the move: {run.source.name} is at {now[0]}, {run.target.name} at {now[1]}, "
-            f"the move started at {expected}; not flipped"
-        )
-
-
 def catch_up(run: MoveRun, move: Move) -> int:
     """Replay captured changes until the backlog is small enough to enter the cutover.
 
@@ -216,7 +206,7 @@ def _attempt_cutover(run: MoveRun, move: Move, number: int) -> Route:
 def _freeze_and_flip(run: MoveRun, move: Move) -> Route:
     catalog, layout, options = run.catalog, run.layout, run.options.cutover
     with dsnlib.connect(run.source.dsn) as src, dsnlib.connect(run.target.dsn) as tgt:
-        _check_revisions(src, tgt, run, move)
+        check_schema_unchanged(src, tgt, move, run.source.name, run.target.name, "not flipped")
         src.commit()
         tgt.commit()
         move = catalog.update_move(move.id, phase=Phase.CUTOVER)
@@ -240,7 +230,7 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> Route:
             log.info("move %s: verified captured keys at %.0f ms", move.id, elapsed_ms())
             if not report.equal:
                 raise VerifyMismatch(f"move {move.id}: verification failed, route not flipped: {report.summary()}")
-            _check_revisions(src, tgt, run, move)
+            check_schema_unchanged(src, tgt, move, run.source.name, run.target.name, "not flipped")
             src.commit()
             tgt.commit()
             if elapsed_ms() > options.max_freeze_ms:

@@ -19,12 +19,11 @@ from datetime import UTC, datetime
 from migrator import stamps
 from migrator.catalog import FLIPPED, Catalog, Mode, Move, Phase, Route, Stamp, TableProgress
 from migrator.context import Context
-from migrator.db.alembic import read_revision
 from migrator.errors import MigratorError, PreflightError, VerifyMismatch
 from migrator.move import copy, fence
 from migrator.move.cleanup import delete_tenant, forget_progress
 from migrator.move.cutover import catch_up, flip, online_cutover, verify_before_freeze, verify_move
-from migrator.move.preflight import check_move
+from migrator.move.preflight import check_move, check_schema_unchanged
 from migrator.move.run import MoveOptions, MoveRun
 from migrator.move.verify import Report
 from migrator.progress import Progress
@@ -100,12 +99,8 @@ def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, pr
 def _resume_layout(ctx: Context, move: Move, source: Stamp, target: Stamp) -> Layout:
     """Re-read the layout for a resume, refusing if either stamp's schema changed meanwhile."""
     with stamps.connect(source) as src, stamps.connect(target) as tgt:
-        src_rev, tgt_rev = read_revision(src), read_revision(tgt)
-    if (src_rev, tgt_rev) != (move.schema_revision, move.schema_revision):
-        raise PreflightError(
-            f"schema changed during move {move.id}: {source.name} is at {src_rev}, {target.name} at {tgt_rev}, "
-            f"the move started at {move.schema_revision}; abort it with `migrator move abort {move.id}`"
-        )
+        advice = f"abort it with `migrator move abort {move.id}`"
+        check_schema_unchanged(src, tgt, move, source.name, target.name, advice)
     return stamps.layout(source, ctx.config.tenancy)
 
 

@@ -10,7 +10,7 @@ import psycopg
 from psycopg import sql
 
 from migrator import stamps
-from migrator.catalog import Catalog, Route, Stamp
+from migrator.catalog import Catalog, Move, Route, Stamp
 from migrator.config import Tenancy
 from migrator.db.alembic import read_revision
 from migrator.errors import PreflightError
@@ -36,6 +36,19 @@ class Checked:
     @property
     def total_rows(self) -> int:
         return sum(self.rows.values())
+
+
+def check_schema_unchanged(
+    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], move: Move, source: str, target: str, advice: str
+) -> None:
+    """Both stamps still at the revision the move started at: checked on resume and again inside the
+    freeze before the flip; `advice` says what happens now (`not flipped`, or how to abort)."""
+    now, expected = (read_revision(src), read_revision(tgt)), move.schema_revision
+    if now != (expected, expected):
+        raise PreflightError(
+            f"schema changed during move {move.id}: {source} is at {now[0]}, {target} at {now[1]}, "
+            f"the move started at {expected}; {advice}"
+        )
 
 
 def resolve(catalog: Catalog, tenant: str, target_name: str) -> tuple[Route, Stamp, Stamp]:
