@@ -35,18 +35,18 @@ DELETES = ("DELETE",)  # cleanup on a source and abort on a target only delete
 # Which triggers fire in a session, by its session_replication_role (pg_trigger.tgenabled).
 _FIRING = {False: ("O", "A"), True: ("A", "R")}
 
-_TRIGGERS = sql.SQL(
-    """
+# Catalog lookups only (no regproc casts): they need no privilege on `_migrator`, which another role may own.
+_TRIGGERS = """
 SELECT u.label, t.tgname::text, t.tgenabled::text, t.tgtype::int
 FROM unnest(%(schemas)s::text[], %(names)s::text[], %(labels)s::text[]) AS u(schema, name, label)
 JOIN pg_namespace n ON n.nspname = u.schema
 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = u.name
 JOIN pg_trigger t ON t.tgrelid = c.oid
 WHERE NOT t.tgisinternal AND t.tgenabled = ANY(%(firing)s::"char"[]) AND t.tgtype & %(events)s <> 0
-  AND NOT (t.tgname = %(guard)s AND t.tgfoid IS NOT DISTINCT FROM to_regprocedure({guard_fn}))
+  AND NOT (t.tgname = %(guard)s AND t.tgfoid IN (SELECT p.oid FROM pg_proc p
+      JOIN pg_namespace pn ON pn.oid = p.pronamespace WHERE pn.nspname = %(schema)s AND p.proname = 'guard'))
 ORDER BY u.label, t.tgname
 """
-)
 
 _RLS = """
 SELECT u.label, c.relforcerowsecurity, pg_has_role(c.relowner, 'USAGE')
@@ -93,8 +93,8 @@ def firing_triggers(
     ALWAYS or REPLICA in `replica`."""
     bits = sum(_EVENTS[w] for w in writes)
     rows = conn.execute(
-        _TRIGGERS.format(guard_fn=sql.Literal(f"{SCHEMA}.guard()")),
-        {**_tables(layout), "firing": list(_FIRING[replica]), "events": bits, "guard": TRIGGER},
+        _TRIGGERS,
+        {**_tables(layout), "firing": list(_FIRING[replica]), "events": bits, "guard": TRIGGER, "schema": SCHEMA},
     ).fetchall()
     return [
         Trigger(label, name, enabled, tuple(e for e, bit in _EVENTS.items() if tgtype & bit))
