@@ -182,6 +182,29 @@ def stamp_snapshot(dsn: str) -> dict[str, Any]:
     return {"tables": digest, "triggers": triggers}
 
 
+CATALOG_TABLES = ("stamps", "routes", "moves", "move_tables", "plans", "plan_moves", "schema_runs")
+
+
+def operator_grants(
+    operator: str, app_owner: str, stamp_dbs: list[str], catalog_db: str
+) -> list[tuple[str, sql.Composed]]:
+    """README's "Privileges a move needs", statement by statement, each with the database it runs in."""
+    role, public = sql.Identifier(operator), sql.Identifier("public")
+    grants = [("postgres", sql.SQL("GRANT {} TO {}").format(sql.Identifier(app_owner), role))]
+    for db in stamp_dbs:
+        grants += [
+            (db, sql.SQL("GRANT CONNECT, CREATE, TEMPORARY ON DATABASE {} TO {}").format(sql.Identifier(db), role)),
+            (db, sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(public, role)),
+        ]
+    tables = sql.SQL(", ").join(sql.Identifier(t) for t in CATALOG_TABLES)
+    return [
+        *grants,
+        (catalog_db, sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(catalog_db), role)),
+        (catalog_db, sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(public, role)),
+        (catalog_db, sql.SQL("GRANT SELECT, INSERT, UPDATE ON {} TO {}").format(tables, role)),
+    ]
+
+
 @pytest.fixture
 def fleet4(fleet: Fleet, templates: dict[str, str]) -> Fleet:
     """`fleet` plus a fourth stamp, ap-1, at head on the same server: enough stamps for canary + waves.

@@ -13,13 +13,17 @@ from migrator.progress import Silent
 
 
 def _corrupt_target_on_insert(fleet: Fleet) -> None:
-    """A faulty target: a trigger that alters one task as it is copied in, so verification must fail."""
+    """A faulty target: a trigger that alters one task as it is copied in, so verification must fail.
+
+    Enabled ALWAYS, it fires even in the replica mode migrator's copy runs in; such a trigger is refused
+    by preflight unless the operator allows it, as this test does to get a failed verification."""
     with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
         conn.execute(
             "CREATE FUNCTION corrupt() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
             " IF NEW.id % 97 = 5 THEN NEW.title := NEW.title || ' (corrupted)'; END IF; RETURN NEW; END $$"
         )
         conn.execute("CREATE TRIGGER corrupt BEFORE INSERT ON tasks FOR EACH ROW EXECUTE FUNCTION corrupt()")
+        conn.execute("ALTER TABLE tasks ENABLE ALWAYS TRIGGER corrupt")
 
 
 def test_abort_after_failed_verify_empties_target_and_unfences_source(fleet: Fleet) -> None:
@@ -28,7 +32,7 @@ def test_abort_after_failed_verify_empties_target_and_unfences_source(fleet: Fle
     before = tenant_digest(fleet.dsn("eu-1"), layout, "7")
     _corrupt_target_on_insert(fleet)
     with pytest.raises(VerifyMismatch, match="tasks"):
-        move_tenant(fleet.ctx, "7", "eu-2", MoveOptions(batch_rows=400), Silent())
+        move_tenant(fleet.ctx, "7", "eu-2", MoveOptions(batch_rows=400, allow_triggers=True), Silent())
 
     move = fleet.catalog.open_move("7")
     assert move is not None and move.phase == "copied" and "tasks" in (move.error or "")

@@ -20,6 +20,12 @@ from migrator.context import Context
 from migrator.errors import Declined, MigratorError
 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+ALLOW_TRIGGERS = click.option(
+    "--allow-triggers",
+    is_flag=True,
+    help="Proceed although application triggers on tenant tables would fire for migrator's writes "
+    "(copies, replays, deletes): for triggers known to be harmless. Without it such a move is refused.",
+)
 NO_PROGRESS = click.option(
     "--no-progress", is_flag=True, help="Print no progress (bars on a terminal, else a line every few seconds)."
 )

@@ -7,7 +7,18 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from migrator.cli import render
-from migrator.cli.base import JSON, NO_PROGRESS, DefaultGroup, EngineDefault, cli, confirm, context_of, emit, route_dict
+from migrator.cli.base import (
+    ALLOW_TRIGGERS,
+    JSON,
+    NO_PROGRESS,
+    DefaultGroup,
+    EngineDefault,
+    cli,
+    confirm,
+    context_of,
+    emit,
+    route_dict,
+)
 from migrator.errors import CheckFailed, VerifyMismatch
 
 if TYPE_CHECKING:
@@ -67,6 +78,7 @@ def move_group() -> None:
     show_default=True,
     help="Online: longest write freeze allowed; a longer cutover unfences, backs off and retries.",
 )
+@ALLOW_TRIGGERS
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @NO_PROGRESS
 @JSON
@@ -82,6 +94,7 @@ def move_run(
     cutover_backlog: int,
     catchup_timeout: float,
     max_freeze_ms: float,
+    allow_triggers: bool,
     yes: bool,
     no_progress: bool,
     as_json: bool,
@@ -103,7 +116,13 @@ def move_run(
         max_freeze_ms=max_freeze_ms,
     )
     options = replace(
-        defaults, batch_rows=batch_rows, rate_limit=rate_limit, dry_run=dry_run, online=not offline, cutover=cutover
+        defaults,
+        batch_rows=batch_rows,
+        rate_limit=rate_limit,
+        dry_run=dry_run,
+        online=not offline,
+        allow_triggers=allow_triggers,
+        cutover=cutover,
     )
     with render.progress(not (as_json or no_progress)) as progress:
         outcome = move_tenant(context, tenant, target, options, progress)
@@ -193,10 +212,13 @@ def move_status(ctx: click.Context, move_id: int | None, as_json: bool) -> None:
     show_default=True,
     help="Rows per delete batch on the target.",
 )
+@ALLOW_TRIGGERS
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @NO_PROGRESS
 @click.pass_context
-def move_abort(ctx: click.Context, move_id: int, batch_rows: int, yes: bool, no_progress: bool) -> None:
+def move_abort(
+    ctx: click.Context, move_id: int, batch_rows: int, allow_triggers: bool, yes: bool, no_progress: bool
+) -> None:
     """Abort an unfinished move: delete the partial copy on the target and lift the source's fence."""
     from migrator.move import abort_move
 
@@ -204,7 +226,7 @@ def move_abort(ctx: click.Context, move_id: int, batch_rows: int, yes: bool, no_
     if not yes:
         confirm(f"Abort move {move_id} and delete its partial copy?")
     with render.progress(not no_progress, "deleted") as progress:
-        move = abort_move(context, move_id, batch_rows, progress)
+        move = abort_move(context, move_id, batch_rows, progress, allow_triggers=allow_triggers)
     click.echo(f"move {move.id} aborted: tenant {move.tenant} stays on {move.source}, writable")
 
 
@@ -256,10 +278,13 @@ def verify_cmd(ctx: click.Context, tenant: str, source: str, target: str, as_jso
 @click.argument("tenant")
 @click.option("--stamp", required=True, help="The old stamp holding the moved tenant's leftover rows.")
 @click.option("--batch-rows", type=click.IntRange(min=1), default=10_000, show_default=True, help="Rows per delete.")
+@ALLOW_TRIGGERS
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @NO_PROGRESS
 @click.pass_context
-def cleanup_cmd(ctx: click.Context, tenant: str, stamp: str, batch_rows: int, yes: bool, no_progress: bool) -> None:
+def cleanup_cmd(
+    ctx: click.Context, tenant: str, stamp: str, batch_rows: int, allow_triggers: bool, yes: bool, no_progress: bool
+) -> None:
     """Delete a moved tenant's leftover rows from its old stamp, in batches, and lift the fence there."""
     from migrator.move.cleanup import cleanup_tenant
 
@@ -267,7 +292,7 @@ def cleanup_cmd(ctx: click.Context, tenant: str, stamp: str, batch_rows: int, ye
     if not yes:
         confirm(f"Delete every row of tenant {tenant} on {stamp}?")
     with render.progress(not no_progress, "deleted") as progress:
-        counts = cleanup_tenant(context, tenant, stamp, batch_rows, progress)
+        counts = cleanup_tenant(context, tenant, stamp, batch_rows, progress, allow_triggers=allow_triggers)
     click.echo(f"deleted {sum(counts.values())} rows of tenant {tenant} from {stamp}")
 
 

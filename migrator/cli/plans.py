@@ -11,7 +11,7 @@ import click
 
 from migrator.catalog import StampState
 from migrator.cli import render
-from migrator.cli.base import JSON, NO_PROGRESS, EngineDefault, cli, confirm, context_of, emit
+from migrator.cli.base import ALLOW_TRIGGERS, JSON, NO_PROGRESS, EngineDefault, cli, confirm, context_of, emit
 from migrator.cli.core import NO_CHECK, stamp_group
 from migrator.errors import MigratorError
 
@@ -347,6 +347,7 @@ def _summary(result: ApplyResult) -> str:
 )
 @click.option("--stop-on-error", is_flag=True, help="Start no more moves once one has failed.")
 @click.option("--dry-run", is_flag=True, help="Check the plan is still current and show what would run.")
+@ALLOW_TRIGGERS
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @NO_PROGRESS
 @JSON
@@ -359,6 +360,7 @@ def apply_cmd(
     batch_rows: int,
     stop_on_error: bool,
     dry_run: bool,
+    allow_triggers: bool,
     yes: bool,
     no_progress: bool,
     as_json: bool,
@@ -378,7 +380,12 @@ def apply_cmd(
         rows = sum(e.move.rows for e in todo)
         confirm(f"Apply {file}: {len(todo)} moves ({rows:,} rows), {parallel} at a time?")
     options = replace(
-        _apply_defaults(), parallel=parallel, per_stamp=per_stamp, stop_on_error=stop_on_error, batch_rows=batch_rows
+        _apply_defaults(),
+        parallel=parallel,
+        per_stamp=per_stamp,
+        stop_on_error=stop_on_error,
+        batch_rows=batch_rows,
+        allow_triggers=allow_triggers,
     )
     reporter = _notes_only() if as_json or no_progress else ApplyBars()
     try:

@@ -1,4 +1,5 @@
-"""Moving tenants between stamps, step by step: `preflight` (every check before the first write),
+"""Moving tenants between stamps, step by step: `preflight` (every check before the first write;
+`checks` holds those of application triggers and row-level security),
 `fence` (the guard trigger: capture and the database-enforced fence), `copy` (keyset batches over
 binary COPY), `keys` (rows by captured key), `capture` (catch-up by key), `verify` (checksums),
 `cutover` (the short fenced flip), `cleanup`, and `machine`, the resumable state machine that runs them.

@@ -239,6 +239,7 @@ def catch_up(
     idempotent) towards the same deadline, which the caller fixed before the first attempt.
     """
     with dsnlib.connect(source_dsn) as src, dsnlib.connect(target_dsn) as tgt:
+        dsnlib.write_as_copies(tgt)  # replayed rows are copies: the target's triggers do not fire
         while True:
             pending = backlog(src, move_id)
             src.commit()

@@ -15,9 +15,11 @@ from psycopg import sql
 from migrator import stamps
 from migrator.catalog import Move, Phase, Stamp
 from migrator.context import Context
+from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
 from migrator.errors import BadInput
 from migrator.move import fence
+from migrator.move.preflight import check_deletes
 from migrator.progress import Progress
 from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Layout, Table, tenant_filter
@@ -33,6 +35,7 @@ def delete_tenant_rows(
         t=table.ident, pk=table.pk_cols(), f=tenant_filter(table, tenant)
     )
     with stamps.connect(stamp, autocommit=False) as conn:
+        dsnlib.write_as_copies(conn)  # deleting copies is no business event: application triggers stay quiet
         while True:
             with conn.transaction():
                 if bypass_fence:
@@ -64,8 +67,14 @@ def forget_progress(conn: psycopg.Connection[Any], move_id: int) -> None:
         )
 
 
-def cleanup_tenant(ctx: Context, tenant: str, stamp_name: str, batch_rows: int, progress: Progress) -> dict[str, int]:
-    """`migrator cleanup`: delete a moved tenant's leftovers on its old stamp and lift the fence there."""
+def cleanup_tenant(
+    ctx: Context, tenant: str, stamp_name: str, batch_rows: int, progress: Progress, *, allow_triggers: bool = False
+) -> dict[str, int]:
+    """`migrator cleanup`: delete a moved tenant's leftovers on its old stamp and lift the fence there.
+
+    Refused before any delete where the stamp's triggers would fire for them or row-level security
+    would hide some of the leftovers.
+    """
     catalog = ctx.catalog
     route = catalog.route(tenant)
     stamp = catalog.stamp(stamp_name)
@@ -76,6 +85,7 @@ def cleanup_tenant(ctx: Context, tenant: str, stamp_name: str, batch_rows: int, 
         if open_move and stamp.name in (open_move.source, open_move.target):
             raise BadInput(f"move {open_move.id} of tenant {tenant} is unfinished; finish or abort it first")
         layout = stamps.layout(stamp, ctx.config.tenancy)
+        check_deletes(stamp, layout, allow_triggers=allow_triggers, what=f"cleanup of tenant {tenant} on {stamp.name}")
         progress.phase(f"deleting tenant {tenant}'s rows on {stamp.name}")
         counts = delete_tenant(stamp, layout, tenant, batch_rows, progress, bypass_fence=True)
         with stamps.connect(stamp, autocommit=False) as conn:

@@ -137,6 +137,7 @@ def copy_table(
     repeats nor skips a batch.
     """
     with dsnlib.connect(source_dsn, autocommit=True) as src, dsnlib.connect(target_dsn) as tgt:
+        dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
         cursor = read_cursor(tgt, move_id, table)
         tgt.commit()
         copied = 0

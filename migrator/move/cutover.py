@@ -206,6 +206,7 @@ def _attempt_cutover(run: MoveRun, move: Move, number: int) -> Route:
 def _freeze_and_flip(run: MoveRun, move: Move) -> Route:
     catalog, layout, options = run.catalog, run.layout, run.options.cutover
     with dsnlib.connect(run.source.dsn) as src, dsnlib.connect(run.target.dsn) as tgt:
+        dsnlib.write_as_copies(tgt)  # the drain's upserts and deletes are copies (before the freeze's clock)
         check_schema_unchanged(src, tgt, move, run.source.name, run.target.name, "not flipped")
         src.commit()
         tgt.commit()

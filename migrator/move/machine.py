@@ -23,7 +23,7 @@ from migrator.errors import MigratorError, PreflightError, VerifyMismatch
 from migrator.move import copy, fence
 from migrator.move.cleanup import delete_tenant, forget_progress
 from migrator.move.cutover import catch_up, flip, online_cutover, verify_before_freeze, verify_move
-from migrator.move.preflight import check_move, check_schema_unchanged
+from migrator.move.preflight import check_deletes, check_move, check_resume, check_schema_unchanged
 from migrator.move.run import MoveOptions, MoveRun
 from migrator.move.verify import Report
 from migrator.progress import Progress
@@ -59,11 +59,12 @@ def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, pr
                 )
             source, dest = catalog.stamp(move.source), catalog.stamp(move.target)
             layout = _resume_layout(ctx, move, source, dest)
+            check_resume(source, dest, layout, allow_triggers=options.allow_triggers)
             if options.dry_run:
                 return MoveOutcome(tenant, source.name, dest.name, move, None, True)
             progress.phase(f"resuming move {move.id} of tenant {tenant} at phase {move.phase}")
             return _run(MoveRun(catalog, source, dest, layout, lock, options, progress), move, resumed=True)
-        checked = check_move(catalog, ctx.config.tenancy, tenant, target)
+        checked = check_move(catalog, ctx.config.tenancy, tenant, target, allow_triggers=options.allow_triggers)
         if options.dry_run:
             return MoveOutcome(
                 tenant,
@@ -236,8 +237,14 @@ def _copy(run: MoveRun, move: Move) -> Move:
     return catalog.update_move(move.id, phase=Phase.COPIED, rows_copied=sum(c.rows for c in cursors.values()))
 
 
-def abort_move(ctx: Context, move_id: int, batch_rows: int, progress: Progress) -> Move:
-    """`migrator move abort`: before the flip, remove the partial copy and lift the fence."""
+def abort_move(
+    ctx: Context, move_id: int, batch_rows: int, progress: Progress, *, allow_triggers: bool = False
+) -> Move:
+    """`migrator move abort`: before the flip, remove the partial copy and lift the fence.
+
+    Refused before any delete where the target's triggers would fire for them or row-level security
+    would hide rows of the partial copy (`check_deletes`).
+    """
     catalog = ctx.catalog
     move = catalog.move(move_id)
     if move.phase in FLIPPED:
@@ -250,6 +257,7 @@ def abort_move(ctx: Context, move_id: int, batch_rows: int, progress: Progress) 
     with catalog.lock_tenant(move.tenant):
         source, target = catalog.stamp(move.source), catalog.stamp(move.target)
         layout = stamps.layout(source, ctx.config.tenancy)
+        check_deletes(target, layout, allow_triggers=allow_triggers, what=f"abort of move {move.id}")
         progress.phase(f"removing the partial copy of tenant {move.tenant} from {target.name}")
         delete_tenant(target, layout, move.tenant, batch_rows, progress)
         with stamps.connect(target) as tgt:

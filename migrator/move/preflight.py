@@ -14,6 +14,8 @@ from migrator.catalog import Catalog, Move, Route, Stamp
 from migrator.config import Tenancy
 from migrator.db.alembic import read_revision
 from migrator.errors import PreflightError
+from migrator.stamps import checks
+from migrator.stamps.checks import Problems
 from migrator.stamps.discovery import Layout, Table, discover, tenant_filter
 
 log = logging.getLogger("migrator.preflight")
@@ -63,33 +65,92 @@ def resolve(catalog: Catalog, tenant: str, target_name: str) -> tuple[Route, Sta
     return route, source, target
 
 
-def check_move(catalog: Catalog, tenancy: Tenancy, tenant: str, target_name: str) -> Checked:
-    """All preflight checks of a new move, read-only on the catalog and both stamps."""
+def check_move(
+    catalog: Catalog, tenancy: Tenancy, tenant: str, target_name: str, *, allow_triggers: bool = False
+) -> Checked:
+    """All preflight checks of a new move, read-only on the catalog and both stamps.
+
+    The catalog's checks come first (without a valid source and target nothing else can be
+    checked); every problem found on the stamps is then reported together, in one error.
+    """
     route, source, target = resolve(catalog, tenant, target_name)
+    problems = Problems()
     with stamps.connect(source) as src, stamps.connect(target) as tgt:
         src_rev, tgt_rev = read_revision(src), read_revision(tgt)
-        if src_rev != tgt_rev:  # two stamps without Alembic (None) count as the same schema
-            raise PreflightError(
-                f"schema revisions differ: {source.name} is at {_rev(src_rev)}, {target.name} at {_rev(tgt_rev)}; "
-                "run `migrator schema upgrade` first"
+        same_schema = src_rev == tgt_rev  # two stamps without Alembic (None) count as the same schema
+        if not same_schema:
+            problems.add(
+                [
+                    f"schema revisions differ: {source.name} is at {_rev(src_rev)}, {target.name} at {_rev(tgt_rev)}; "
+                    "run `migrator schema upgrade` first"
+                ]
             )
-        layout = discover(src, tenancy)
-        root = next(t for t in layout.tables if t.name == tenancy.root_table)
-        _check_spelling(src, root, tenant, source.name)
-        rows = {table.label: _count(src, table, tenant) for table in layout.tables}
-        if rows[root.label] == 0:
-            raise PreflightError(f"tenant {tenant} has no row in {root.label} on its stamp {source.name}")
-        nulls = null_tenant_rows(src, layout)
-        for label, count in nulls.items():
-            key = layout.table(label).key
-            log.warning("table %s has %d rows with NULL %s; they are not moved", label, count, key)
-        for table in layout.tables:
-            if _count(tgt, table, tenant, limit=1):
-                raise PreflightError(f"target {target.name} already holds rows of tenant {tenant} in {table.label}")
-        for table in layout.tables:
-            if not table.pk_has_tenant and rows[table.label]:
-                _check_collisions(src, tgt, table, tenant, target.name)
+        try:
+            layout = discover(src, tenancy)
+        except PreflightError as exc:  # no layout, nothing more to check
+            problems.add([str(exc)])
+            problems.raise_any(f"preflight refused the move of tenant {tenant} to {target.name}")
+            raise
+        rows: dict[str, int] = {}
+        nulls: dict[str, int] = {}
+        # Where row-level security applies, reading the tenant's rows fails (row_security = off): that
+        # is reported with the other side effects below, and the checks of the rows wait for its fix.
+        if not (checks.rls_tables(src, layout) or checks.rls_tables(tgt, layout)):
+            with problems.check():
+                rows, nulls = _check_rows(problems, src, tgt, layout, tenancy, tenant, source, target, same_schema)
+        problems.add(checks.move_problems(src, tgt, layout, source.name, target.name, allow_triggers))
+    problems.raise_any(f"preflight refused the move of tenant {tenant} to {target.name}")
     return Checked(tenant, route, source, target, layout, src_rev, rows, nulls)
+
+
+def _check_rows(
+    problems: Problems,
+    src: psycopg.Connection[Any],
+    tgt: psycopg.Connection[Any],
+    layout: Layout,
+    tenancy: Tenancy,
+    tenant: str,
+    source: Stamp,
+    target: Stamp,
+    same_schema: bool,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """The checks of the tenant's rows: its spelling, rows on the source, none on the target, no key
+    collisions; returns its row counts and the rows of no tenant, per table."""
+    root = next(t for t in layout.tables if t.name == tenancy.root_table)
+    _check_spelling(src, root, tenant, source.name)
+    rows = {table.label: _count(src, table, tenant) for table in layout.tables}
+    if rows[root.label] == 0:
+        raise PreflightError(f"tenant {tenant} has no row in {root.label} on its stamp {source.name}")
+    nulls = null_tenant_rows(src, layout)
+    for label, count in nulls.items():
+        key = layout.table(label).key
+        log.warning("table %s has %d rows with NULL %s; they are not moved", label, count, key)
+    if not same_schema:  # the target's tables may not match the source's
+        return rows, nulls
+    held = [table.label for table in layout.tables if _count(tgt, table, tenant, limit=1)]
+    if held:
+        problems.add([f"target {target.name} already holds rows of tenant {tenant} in {', '.join(held)}"])
+    for table in layout.tables:
+        if not table.pk_has_tenant and rows[table.label]:
+            with problems.check():
+                _check_collisions(src, tgt, table, tenant, target.name)
+    return rows, nulls
+
+
+def check_resume(source: Stamp, target: Stamp, layout: Layout, *, allow_triggers: bool = False) -> None:
+    """A resumed move's side-effect checks: triggers and row-level security may have changed since it began."""
+    problems = Problems()
+    with stamps.connect(source) as src, stamps.connect(target) as tgt:
+        problems.add(checks.move_problems(src, tgt, layout, source.name, target.name, allow_triggers))
+    problems.raise_any(f"resuming the move to {target.name} was refused")
+
+
+def check_deletes(stamp: Stamp, layout: Layout, *, allow_triggers: bool, what: str) -> None:
+    """Before cleanup or abort deletes a tenant's rows on `stamp`: triggers and row-level security."""
+    problems = Problems()
+    with stamps.connect(stamp) as conn:
+        problems.add(checks.stamp_problems(conn, layout, stamp.name, checks.DELETES, allow_triggers))
+    problems.raise_any(f"{what} was refused")
 
 
 def _rev(revision: str | None) -> str:

@@ -27,12 +27,14 @@ class CutoverOptions:
 
 @dataclass(frozen=True)
 class MoveOptions:
-    """Options of `migrator move` (flags --batch-rows, --rate-limit, --dry-run, --offline, cutover flags)."""
+    """Options of `migrator move` (flags --batch-rows, --rate-limit, --dry-run, --offline, --allow-triggers,
+    cutover flags)."""
 
     batch_rows: int = 50_000
     rate_limit: float | None = None
     dry_run: bool = False
     online: bool = True
+    allow_triggers: bool = False  # proceed although application triggers would fire for migrator's writes
     cutover: CutoverOptions = field(default_factory=CutoverOptions)
 
 

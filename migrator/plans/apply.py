@@ -36,12 +36,13 @@ from migrator.progress import Silent
 
 @dataclass(frozen=True)
 class ApplyOptions:
-    """Flags of `migrator apply`: --parallel, --per-stamp, --stop-on-error, --batch-rows."""
+    """Flags of `migrator apply`: --parallel, --per-stamp, --stop-on-error, --batch-rows, --allow-triggers."""
 
     parallel: int = 1
     per_stamp: int = 1
     stop_on_error: bool = False
     batch_rows: int = 50_000
+    allow_triggers: bool = False  # each move's, see MoveOptions
 
 
 class Todo(StrEnum):
@@ -450,7 +451,8 @@ def _one(
     progress = _MoveProgress(reporter)
     ledger.mark(plan_id, entry.position, EntryStatus.RUNNING, entry.resume.id if entry.resume else None)
     try:
-        outcome = move_tenant(ctx, move.tenant, move.target, MoveOptions(batch_rows=options.batch_rows), progress)
+        move_options = MoveOptions(batch_rows=options.batch_rows, allow_triggers=options.allow_triggers)
+        outcome = move_tenant(ctx, move.tenant, move.target, move_options, progress)
     except Exception as exc:  # one failed move must not stop the others
         reason = _reason(ctx, exc)
         unfinished = ctx.catalog.open_move(move.tenant)

@@ -17,6 +17,7 @@ from migrator.errors import MigratorError
 from migrator.stamps.discovery import Layout, discover
 
 SCHEMA = "_migrator"  # migrator's own schema on each stamp (guard function, change log, copy cursors)
+TRIGGER = "migrator_guard"  # migrator's own trigger on a moving tenant's tables (see migrator.move.fence)
 
 
 def connect(stamp: Stamp, *, autocommit: bool = True) -> AbstractContextManager[psycopg.Connection[Any]]:

@@ -10,7 +10,13 @@ A stamp is a move's source one day and its target the next, so one set is checke
 - SELECT and UPDATE on the tables' sequences (`setval` after the copy);
 - SELECT on `alembic_version` (both stamps must be at the same revision);
 - the privileges of the owner of `_migrator` and of everything in it, when a previous run (maybe by
-  another role) left it there.
+  another role) left it there;
+- SET on `session_replication_role` (PostgreSQL 15+), only where tenant tables have application
+  triggers that would fire for migrator's writes: with it those writes run as replica and the
+  triggers stay quiet; without it moves are refused (or forced with --allow-triggers). Where no such
+  trigger exists it is not needed and not listed;
+- BYPASSRLS, only where row-level security on a tenant table applies to the role (forced on the
+  owner, or the role is not a member of the owner): it would otherwise read fewer rows.
 Each missing privilege becomes one `Missing` naming the object and the statement that grants it;
 the statements are composed with `psycopg.sql`, so they are quoted exactly as they must be run.
 """
@@ -24,6 +30,8 @@ import psycopg
 from psycopg import sql
 
 from migrator.config import Tenancy
+from migrator.db import dsn as dsnlib
+from migrator.stamps import checks
 from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Layout, discover
 
@@ -69,6 +77,8 @@ def check_stamp(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Check:
         *_sequences(conn, role, layout, owners := {m.owner for m in tables if m.owner}),
         *_alembic_version(conn, role, tenancy.db_schema, owners),
         *_migrator_schema(conn, role),
+        *_replication_role(conn, layout),
+        *_row_security(conn, role, layout),
     ]
     return Check(role, database, missing)
 
@@ -214,3 +224,35 @@ def _migrator_schema(conn: psycopg.Connection[Any], role: str) -> list[Missing]:
             grant = _owner_grant(conn, role, owner, False)
         missing.append(Missing(label, f"the privileges of its owner {owner} (left by an earlier run)", grant))
     return missing
+
+
+def _replication_role(conn: psycopg.Connection[Any], layout: Layout) -> list[Missing]:
+    """SET on session_replication_role, needed only where application triggers would fire for migrator's writes."""
+    if dsnlib.may_skip_triggers(conn):
+        return []
+    triggers = checks.firing_triggers(conn, layout, checks.TARGET_WRITES, replica=False)
+    if not triggers:
+        return []
+    names = ", ".join(f"{t.name} on {t.table}" for t in triggers)
+    return [
+        Missing(
+            "parameter session_replication_role",
+            f"SET (application triggers {names} would fire for copied rows; or move with --allow-triggers)",
+            checks.replica_grant(conn),
+        )
+    ]
+
+
+def _row_security(conn: psycopg.Connection[Any], role: str, layout: Layout) -> list[Missing]:
+    """BYPASSRLS, needed only where a tenant table's row-level security applies to the role."""
+    tables = checks.rls_tables(conn, layout)
+    if not tables:
+        return []
+    names = ", ".join(t.table for t in tables)
+    return [
+        Missing(
+            f"role {role}",
+            f"BYPASSRLS (row-level security applies to it on {names}; only a superuser may grant it)",
+            checks.bypass_grant(conn),
+        )
+    ]
