@@ -41,6 +41,7 @@ class Workload:
     touched_on: dict[int, str] = field(default_factory=dict)  # task id -> stamp of its last write
     longest_pause_s: float = 0.0
     longest_pause_ended: float = 0.0  # wall clock, to place the pause in a log
+    acked_at: list[float] = field(default_factory=list)  # wall clock of every acknowledged write
     route_cached_at: float = 0.0  # wall clock when the router first cached the tenant's current route
     started_at: float = 0.0
     stopped_at: float = 0.0
@@ -162,6 +163,14 @@ class Workload:
             self.longest_pause_s, self.longest_pause_ended = now - self._last_ack, time.time()
         self._last_ack = now
         self.acked += 1
+        self.acked_at.append(time.time())
+
+    def pause_across(self, start: float, end: float) -> float:
+        """Seconds between the last write acknowledged before `start` and the first after `end` (wall
+        clock): the stop the application saw around that window, e.g. a move's freeze."""
+        before = max((t for t in self.acked_at if t <= start), default=start)
+        after = min((t for t in self.acked_at if t >= end), default=end)
+        return after - before
 
     def assert_all_acknowledged_writes_on(self, dsn: str) -> None:
         """Every acknowledged write is on the stamp with its final value; deleted keys are absent."""
