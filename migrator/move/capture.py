@@ -7,7 +7,10 @@ is harmless, which is what makes catch-up safe to interrupt and resume.
 
 Rows travel by binary COPY into a staging table, so values stay byte-exact. A batch holds whole
 source transactions (a cascaded delete is never split from its parent) read in one snapshot;
-upserts run parents first and deletes children first, so the target's foreign keys hold.
+upserts run parents first and deletes children first, so the target's foreign keys hold. Each
+table's upserts are one statement, and so are its deletes: a NOT DEFERRABLE foreign key is checked
+at the end of the statement, so rows of a self-referencing table may reference each other in any
+order within a batch; where tables form a (DEFERRABLE) cycle, the batch defers its constraints.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from psycopg import sql
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
 from migrator.move.fence import SCHEMA
-from migrator.move.keys import by_key, keys_table, load_keys
+from migrator.move.keys import by_key, keys_table, load_keys, stage_rows
 from migrator.stamps.discovery import Layout, Table
 
 UNPROVEN = sql.Identifier("migrator_unproven_keys")
@@ -107,33 +110,6 @@ def mark_verified(src: psycopg.Connection[Any], move_id: int, unproven: dict[str
     )
 
 
-def _stage(
-    src: psycopg.Connection[Any],
-    tgt: psycopg.Connection[Any],
-    table: Table,
-    tenant: str,
-    keys: sql.Identifier,
-    stage: sql.Identifier,
-) -> int:
-    """Copy the current source rows of the keyed rows into a staging table on the target."""
-    tgt.execute(
-        sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
-            stage, table.cols(), table.ident
-        )
-    )
-    out = sql.SQL("COPY (SELECT x.* FROM {}) TO STDOUT (FORMAT BINARY)").format(
-        by_key(table, keys, tenant, table.cols())
-    )
-    with src.cursor() as scur, tgt.cursor() as tcur:
-        with (
-            scur.copy(out) as reader,
-            tcur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, table.cols())) as writer,
-        ):
-            for block in reader:
-                writer.write(block)
-        return max(tcur.rowcount, 0)
-
-
 def _upsert(tgt: psycopg.Connection[Any], table: Table, stage: sql.Identifier) -> int:
     identity = {c.name for c in table.columns if c.identity}
     updatable = [c for c in table.copy_columns if c not in table.primary_key and c not in identity]
@@ -174,11 +150,19 @@ def apply_keys(
     """Make the target's rows of these keys equal to the source's, inside both open transactions."""
     tables = [(i, t) for i, t in enumerate(layout.tables) if keys.get(t.name)]
     upserted = deleted = 0
+    if any(t.cycle for t in layout.tables):  # a cycle's rows may reference each other in any order: check at commit
+        tgt.execute("SET CONSTRAINTS ALL DEFERRED")
     for i, table in tables:
         load_keys(src, table, keys[table.name], keys_table(i))
         load_keys(tgt, table, keys[table.name], keys_table(i))
         stage = sql.Identifier(f"migrator_stage_{i}")
-        _stage(src, tgt, table, tenant, keys_table(i), stage)
+        stage_rows(
+            src,
+            tgt,
+            table,
+            sql.SQL("SELECT x.* FROM {}").format(by_key(table, keys_table(i), tenant, table.cols())),
+            stage,
+        )
         upserted += _upsert(tgt, table, stage)
     for i, table in reversed(tables):
         deleted += _delete_gone(tgt, table, tenant, keys_table(i), sql.Identifier(f"migrator_stage_{i}"))

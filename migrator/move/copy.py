@@ -3,7 +3,14 @@
 Each batch and its cursor are committed in the same target transaction
 (`_migrator.copy_progress`), so after kill -9 the copy resumes from the last committed batch:
 nothing skipped, nothing duplicated. Memory stays flat: blocks flow from the source COPY to the
-target COPY without being parsed, and a writer thread overlaps reading and writing.
+target COPY without being parsed, and a writer thread overlaps reading and writing. Columns are
+always named (COPY with column lists), so tables whose columns lie in another physical order on
+the target copy the same.
+
+Two shapes copy differently: a self-referencing table in batches parents first, read from one
+source snapshot (`tree` explains why that is exact and resumable), and the tables of a DEFERRABLE
+foreign-key cycle together in one target transaction with the constraints deferred, from one source
+snapshot (`copy_cycle`; resumable at that granularity: a cycle is copied whole or not at all).
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from psycopg.copy import QueuedLibpqWriter
 
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
+from migrator.move import tree
 from migrator.move.fence import SCHEMA
+from migrator.move.keys import stage_rows
 from migrator.progress import Progress
 from migrator.stamps.discovery import Table, key_after, key_upto, tenant_filter
 
@@ -136,6 +145,8 @@ def copy_table(
     Retried on transient errors: every attempt re-reads the committed cursor, so a retry neither
     repeats nor skips a batch.
     """
+    if table.self_references:
+        return _copy_tree(source_dsn, target_dsn, table, tenant, move_id, batch_rows, progress, rate_limit)
     with dsnlib.connect(source_dsn, autocommit=True) as src, dsnlib.connect(target_dsn) as tgt:
         cursor = read_cursor(tgt, move_id, table)
         tgt.commit()
@@ -155,6 +166,81 @@ def copy_table(
         if copied:
             _analyze(tgt, table)
         return copied
+
+
+def _copy_tree(
+    source_dsn: str,
+    target_dsn: str,
+    table: Table,
+    tenant: str,
+    move_id: int,
+    batch_rows: int,
+    progress: Progress,
+    rate_limit: float | None,
+) -> int:
+    """A self-referencing table, parents first, from one source snapshot (see `tree`).
+
+    Its cursor only counts rows and says when the table is done: a new session orders the rows
+    afresh and inserts the ones the target lacks (ON CONFLICT DO NOTHING on the row key).
+    """
+    stage = sql.Identifier("migrator_tree_stage")
+    with dsnlib.connect(source_dsn) as src, dsnlib.connect(target_dsn) as tgt:
+        cursor = read_cursor(tgt, move_id, table)
+        tgt.commit()
+        if cursor.done:
+            return 0
+        src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        ordered, total = tree.order_rows(src, table, tenant)
+        copied = 0
+        for after, upto in list(tree.batches(ordered, total, batch_rows)) or [(0, 0)]:
+            started = time.monotonic()
+            with tgt.transaction():
+                stage_rows(src, tgt, table, tree.rows_between(table, tenant, after, upto), stage)
+                rows = tgt.execute(
+                    sql.SQL(
+                        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} ON CONFLICT ({}) DO NOTHING"
+                    ).format(table.ident, table.cols(), table.cols(), stage, table.pk_cols())
+                ).rowcount
+                cursor = Cursor(None, cursor.rows + rows, upto >= total)
+                _save_cursor(tgt, move_id, table, cursor)
+            copied += rows
+            progress.advance(table.label, rows)
+            if rate_limit:
+                time.sleep(max(0.0, (upto - after) / rate_limit - (time.monotonic() - started)))
+        src.rollback()
+        if copied:
+            _analyze(tgt, table)
+        return copied
+
+
+@STAMP_STEP.wraps
+def copy_cycle(
+    source_dsn: str, target_dsn: str, tables: tuple[Table, ...], tenant: str, move_id: int, progress: Progress
+) -> int:
+    """The tables of a DEFERRABLE foreign-key cycle, whole, in one target transaction; returns rows copied.
+
+    Their rows may reference each other in any order, so the constraints are deferred to the commit,
+    which also commits every table's cursor as done: after kill -9 nothing of the cycle is on the
+    target and it is copied again. All tables are read in one source snapshot, so the references
+    between them hold; later changes are captured.
+    """
+    with dsnlib.connect(source_dsn) as src, dsnlib.connect(target_dsn) as tgt:
+        if all(read_cursor(tgt, move_id, table).done for table in tables):
+            return 0
+        tgt.commit()
+        src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        copied: dict[str, int] = {}
+        with tgt.transaction():
+            tgt.execute("SET CONSTRAINTS ALL DEFERRED")
+            for table in tables:
+                copied[table.label] = _stream_batch(src, tgt, table, tenant, None, None)
+                _save_cursor(tgt, move_id, table, Cursor(_last_key(tgt, table, tenant), copied[table.label], True))
+        src.rollback()
+        for table in tables:
+            progress.advance(table.label, copied[table.label])
+            if copied[table.label]:
+                _analyze(tgt, table)
+        return sum(copied.values())
 
 
 def _analyze(tgt: psycopg.Connection[Any], table: Table) -> None:
