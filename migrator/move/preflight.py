@@ -14,7 +14,8 @@ from migrator.catalog import Catalog, Route, Stamp
 from migrator.config import Tenancy
 from migrator.db.alembic import read_revision
 from migrator.errors import PreflightError
-from migrator.stamps.discovery import Layout, Table, discover, tenant_filter
+from migrator.move import shapes
+from migrator.stamps.discovery import Layout, Table, inspect, problems_message, tenant_filter
 
 log = logging.getLogger("migrator.preflight")
 
@@ -32,6 +33,8 @@ class Checked:
     rows: dict[str, int]
     null_tenant_rows: dict[str, int] = field(default_factory=dict)
     """Rows of nullable tenant columns holding NULL, per table: they belong to no tenant and stay put."""
+    skipped: tuple[str, ...] = ()
+    """Views and materialized views of the tenancy schema: no rows of their own, not copied."""
 
     @property
     def total_rows(self) -> int:
@@ -51,7 +54,10 @@ def resolve(catalog: Catalog, tenant: str, target_name: str) -> tuple[Route, Sta
 
 
 def check_move(catalog: Catalog, tenancy: Tenancy, tenant: str, target_name: str) -> Checked:
-    """All preflight checks of a new move, read-only on the catalog and both stamps."""
+    """All preflight checks of a new move, read-only on the catalog and both stamps.
+
+    The checks of the stamps gather every problem they find and raise them together, in one error.
+    """
     route, source, target = resolve(catalog, tenant, target_name)
     with stamps.connect(source) as src, stamps.connect(target) as tgt:
         src_rev, tgt_rev = read_revision(src), read_revision(tgt)
@@ -60,23 +66,30 @@ def check_move(catalog: Catalog, tenancy: Tenancy, tenant: str, target_name: str
                 f"schema revisions differ: {source.name} is at {_rev(src_rev)}, {target.name} at {_rev(tgt_rev)}; "
                 "run `migrator schema upgrade` first"
             )
-        layout = discover(src, tenancy)
-        root = next(t for t in layout.tables if t.name == tenancy.root_table)
+        layout = inspect(src, tenancy)
+        problems = [*layout.problems]
+        root = next((t for t in layout.tables if t.name == tenancy.root_table), None)
+        if root is None:
+            raise PreflightError(problems_message(problems))
         _check_spelling(src, root, tenant, source.name)
         rows = {table.label: _count(src, table, tenant) for table in layout.tables}
         if rows[root.label] == 0:
             raise PreflightError(f"tenant {tenant} has no row in {root.label} on its stamp {source.name}")
+        unmovable, skipped = shapes.unmovable(src, tenancy, layout)
+        problems += unmovable
+        differences = shapes.compare_layouts(layout, inspect(tgt, tenancy), source.name, target.name)
+        held = [t.label for t in layout.tables if _count(tgt, t, tenant, limit=1)]
+        problems += differences
+        problems += [f"target {target.name} already holds rows of tenant {tenant} in {label}" for label in held]
+        if not (differences or held):  # other tenants' rows only, in tables known to match
+            problems += shapes.unique_collisions(src, tgt, layout, tenant, target.name, rows)
+        if problems:
+            raise PreflightError(problems_message(problems))
         nulls = null_tenant_rows(src, layout)
         for label, count in nulls.items():
             key = layout.table(label).key
             log.warning("table %s has %d rows with NULL %s; they are not moved", label, count, key)
-        for table in layout.tables:
-            if _count(tgt, table, tenant, limit=1):
-                raise PreflightError(f"target {target.name} already holds rows of tenant {tenant} in {table.label}")
-        for table in layout.tables:
-            if not table.pk_has_tenant and rows[table.label]:
-                _check_collisions(src, tgt, table, tenant, target.name)
-    return Checked(tenant, route, source, target, layout, src_rev, rows, nulls)
+    return Checked(tenant, route, source, target, layout, src_rev, rows, nulls, skipped)
 
 
 def _rev(revision: str | None) -> str:
@@ -129,40 +142,3 @@ def _count(conn: psycopg.Connection[Any], table: Table, tenant: str, limit: int 
         inner = sql.SQL("{} LIMIT {}").format(inner, sql.Literal(limit))
     row = conn.execute(sql.SQL("SELECT count(*) FROM ({}) s").format(inner)).fetchone()
     return int(row[0]) if row else 0
-
-
-def _check_collisions(
-    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], table: Table, tenant: str, target_name: str
-) -> None:
-    """Stream the tenant's keys into a temporary table on the target and look for any that exist there.
-
-    Only tables whose key does not contain the tenant column can collide with another tenant's row.
-    The temporary table lives in a rolled-back transaction, so the target is left unchanged.
-    """
-    keys = tuple(table.primary_key)
-    scratch = sql.Identifier("migrator_keys")
-    with tgt.transaction(force_rollback=True), tgt.cursor() as tcur, src.cursor() as scur:
-        tcur.execute(
-            sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
-                scratch, table.pk_cols(), table.ident
-            )
-        )
-        copy_out = sql.SQL("COPY (SELECT {} FROM {} WHERE {}) TO STDOUT (FORMAT BINARY)").format(
-            table.pk_cols(), table.ident, tenant_filter(table, tenant)
-        )
-        with (
-            scur.copy(copy_out) as out,
-            tcur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(scratch, table.pk_cols())) as inp,
-        ):
-            for block in out:
-                inp.write(block)
-        join = sql.SQL(" AND ").join(sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in keys)
-        text_keys = sql.SQL(", ").join(sql.SQL("t.{}::text").format(sql.Identifier(c)) for c in keys)
-        row = tcur.execute(
-            sql.SQL("SELECT ARRAY[{}] FROM {} t JOIN {} k ON {} LIMIT 1").format(text_keys, table.ident, scratch, join)
-        ).fetchone()
-    if row:
-        raise PreflightError(
-            f"primary key collision in {table.label}: key ({', '.join(row[0])}) of tenant {tenant} already exists "
-            f"on {target_name} (another tenant's row)"
-        )
