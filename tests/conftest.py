@@ -137,15 +137,22 @@ def fleet(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) -
         yield fleet
 
 
-def tenant_digest(dsn: str, layout: Layout, tenant: str) -> dict[str, tuple[int, str]]:
-    """An oracle independent of migrator.verify: per table, row count and md5 of all rows in text order."""
+def tenant_digest(dsn: str, layout: Layout, tenant: str, by_name: bool = False) -> dict[str, tuple[int, str]]:
+    """An oracle independent of migrator.verify: per table, row count and md5 of all rows in text order.
+
+    `by_name` builds each row from its columns in name order, for stamps whose tables hold the same
+    columns in another physical order (the whole-row `t::text` follows that order).
+    """
     out = {}
     with dsnlib.connect(dsn, autocommit=True) as conn:
         for table in layout.tables:
+            names = sorted(c.name for c in table.columns)
+            row_text = (sql.SQL("ROW({})::text").format(sql.SQL(", ").join(sql.Identifier("t", n) for n in names))
+                        if by_name else sql.SQL("t::text"))
             row = conn.execute(
                 sql.SQL("SELECT count(*), coalesce(md5(string_agg(r, '|' ORDER BY r)), '') FROM "
-                        "(SELECT t::text AS r FROM {} t WHERE {} = {}) s").format(
-                    table.ident, sql.Identifier(table.key), sql.Literal(tenant))
+                        "(SELECT {} AS r FROM {} t WHERE {} = {}) s").format(
+                    row_text, table.ident, sql.Identifier(table.key), sql.Literal(tenant))
             ).fetchone()
             assert row is not None
             out[table.label] = (int(row[0]), str(row[1]))
@@ -180,6 +187,29 @@ def stamp_snapshot(dsn: str) -> dict[str, Any]:
         triggers = conn.execute("SELECT tgname, tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal"
                                 " ORDER BY 1, 2").fetchall()
     return {"tables": digest, "triggers": triggers}
+
+
+CATALOG_TABLES = ("stamps", "routes", "moves", "move_tables", "plans", "plan_moves", "schema_runs")
+
+
+def operator_grants(
+    operator: str, app_owner: str, stamp_dbs: list[str], catalog_db: str
+) -> list[tuple[str, sql.Composed]]:
+    """README's "Privileges a move needs", statement by statement, each with the database it runs in."""
+    role, public = sql.Identifier(operator), sql.Identifier("public")
+    grants = [("postgres", sql.SQL("GRANT {} TO {}").format(sql.Identifier(app_owner), role))]
+    for db in stamp_dbs:
+        grants += [
+            (db, sql.SQL("GRANT CONNECT, CREATE, TEMPORARY ON DATABASE {} TO {}").format(sql.Identifier(db), role)),
+            (db, sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(public, role)),
+        ]
+    tables = sql.SQL(", ").join(sql.Identifier(t) for t in CATALOG_TABLES)
+    return [
+        *grants,
+        (catalog_db, sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(catalog_db), role)),
+        (catalog_db, sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(public, role)),
+        (catalog_db, sql.SQL("GRANT SELECT, INSERT, UPDATE ON {} TO {}").format(tables, role)),
+    ]
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
-from conftest import REPO, STAMP_NAMES, Fleet, tenant_digest, tenant_row_count
+from conftest import REPO, STAMP_NAMES, Fleet, operator_grants, tenant_digest, tenant_row_count
 from psycopg import sql
 
 from migrator import config as configlib
@@ -31,28 +31,6 @@ from migrator.db import dsn as dsnlib
 from migrator.local.provision import sample_app_env
 from migrator.move import fence
 from migrator.move.fence import FENCED_SQLSTATE
-
-CATALOG_TABLES = ("stamps", "routes", "moves", "move_tables", "plans", "plan_moves", "schema_runs")
-
-
-def operator_grants(
-    operator: str, app_owner: str, stamp_dbs: list[str], catalog_db: str
-) -> list[tuple[str, sql.Composed]]:
-    """README's "Privileges a move needs", statement by statement, each with the database it runs in."""
-    role, public = sql.Identifier(operator), sql.Identifier("public")
-    grants = [("postgres", sql.SQL("GRANT {} TO {}").format(sql.Identifier(app_owner), role))]
-    for db in stamp_dbs:
-        grants += [
-            (db, sql.SQL("GRANT CONNECT, CREATE, TEMPORARY ON DATABASE {} TO {}").format(sql.Identifier(db), role)),
-            (db, sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(public, role)),
-        ]
-    tables = sql.SQL(", ").join(sql.Identifier(t) for t in CATALOG_TABLES)
-    return [
-        *grants,
-        (catalog_db, sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(catalog_db), role)),
-        (catalog_db, sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(public, role)),
-        (catalog_db, sql.SQL("GRANT SELECT, INSERT, UPDATE ON {} TO {}").format(tables, role)),
-    ]
 
 
 @dataclass
