@@ -242,7 +242,8 @@ def _depths(parents: dict[int, int | None]) -> dict[int, int]:
 class ReparentDuringCopy(Silent):
     """Once the copy of `folders` has committed a batch, writes on the source as the application would:
     a subtree hoisted to the top, a leaf moved under the deepest folder, a new folder with a smaller key
-    than its parent, a deleted leaf (cascading to its tasks), and a new reply in the comment cycle."""
+    than its parent holding a new task (whose sub-task sits in an old folder), a deleted leaf (cascading
+    to its tasks), and a new reply in the comment cycle."""
 
     def __init__(self, dsn: str, parents: dict[int, int | None], tenant: str = TENANT) -> None:
         self.dsn, self.parents, self.tenant, self.done = dsn, parents, tenant, False
@@ -263,6 +264,11 @@ class ReparentDuringCopy(Silent):
             conn.execute("UPDATE folders SET parent_id = %s WHERE id = %s", (deepest, moved_leaf))
             new_key = int(self.tenant) * 10_000  # below every other key of the tenant
             conn.execute("INSERT INTO folders VALUES (%s, %s, %s, 'late')", (new_key, self.tenant, deepest))
+            # a task in the new folder and a sub-task of it in an old one: the copy of tasks meets both
+            # before catch-up has brought the new folder
+            task = new_key + 599_998
+            conn.execute("INSERT INTO tasks VALUES (%s, %s, %s, NULL, 'late'), (%s, %s, %s, %s, 'late sub')",
+                         (task, self.tenant, new_key, task + 1, self.tenant, deepest, task))
             conn.execute("DELETE FROM folders WHERE id = %s", (gone_leaf,))
             conn.execute("INSERT INTO comments VALUES (%s, 1, 903, 'late reply')", (self.tenant,))
             conn.execute("UPDATE comments SET parent_id = 1 WHERE tenant_id = %s AND id = 901", (self.tenant,))
@@ -679,3 +685,39 @@ def test_partitioned_tables_and_every_type_move_byte_exact_into_the_same_partiti
     assert cleaned.exit_code == 0, cleaned.output
     fleet.assert_clean(layout, "eu-1")
     assert fleet.digest("eu-1", layout, NEIGHBOUR)["events"][0] == 25
+
+
+# -- a child written during the copy under a parent the copy has passed -----------------------------------------
+
+PROJECTS = (
+    "CREATE TABLE projects (id bigint PRIMARY KEY, tenant_id bigint NOT NULL REFERENCES tenants, name text)",
+    "CREATE TABLE tasks (id bigint PRIMARY KEY, tenant_id bigint NOT NULL, project_id bigint NOT NULL"
+    " REFERENCES projects ON DELETE CASCADE, title text)",
+)
+
+
+class NewParentDuringChildCopy(Silent):
+    """Once `tasks` (the child) has committed a batch: a new project with a task, as an application writes them."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn, self.done = dsn, False
+
+    def advance(self, table: str, rows: int) -> None:
+        if self.done or table != "tasks":
+            return
+        self.done = True
+        with dsnlib.connect(self.dsn) as conn:
+            conn.execute("INSERT INTO projects VALUES (1, 42, 'new')")
+            conn.execute("INSERT INTO tasks VALUES (999, 42, 1, 'in the new project')")  # a key not copied yet
+
+
+def test_a_child_written_under_a_new_parent_during_the_copy_moves_exactly(shaped: ShapedFactory) -> None:
+    fleet = shaped(PROJECTS)
+    _tenants(fleet, TENANT)
+    fleet.execute("eu-1", "INSERT INTO projects SELECT i, 42, 'p' || i FROM generate_series(10, 14) i",
+                  "INSERT INTO tasks SELECT i, 42, 10 + i % 5, 't' || i FROM generate_series(100, 140) i")
+    layout = fleet.layout()
+    writer = NewParentDuringChildCopy(fleet.admin["eu-1"])
+    outcome = move_tenant(fleet.context(), TENANT, "eu-2", MoveOptions(batch_rows=5), writer)
+    assert writer.done and outcome.route is not None and outcome.route.stamp == "eu-2"
+    assert fleet.digest("eu-2", layout) == fleet.digest("eu-1", layout)
