@@ -577,6 +577,23 @@ def test_a_real_difference_in_columns_or_types_is_refused_naming_the_columns(sha
     )
 
 
+def test_plan_notes_the_schema_problems_its_moves_would_be_refused_for(shaped: ShapedFactory, tmp_path: Path) -> None:
+    scans = ("CREATE EXTENSION lo",
+             "CREATE TABLE scans (id bigint PRIMARY KEY, tenant_id bigint NOT NULL REFERENCES tenants, image lo)")
+    no_stars = ("CREATE TABLE notes (id bigserial PRIMARY KEY, tenant_id bigint NOT NULL REFERENCES tenants,"
+                " title text, body text, tags text[])",)
+    fleet = shaped((*NOTES, *scans), (*no_stars, *scans))
+    _tenants(fleet, TENANT)
+    fleet.execute("eu-1", "INSERT INTO notes (tenant_id, title) VALUES (42, 'x')")
+    planned = fleet.run("plan", "isolate", TENANT, "--to", "eu-2", "-o", str(tmp_path / "isolate.yaml"))
+    assert planned.exit_code == 0, planned.output
+    text = (tmp_path / "isolate.yaml").read_text()
+    for expected in ("moves from eu-1 to eu-2 will be refused by preflight: 2 problems",
+                     "table scans column image is of type lo", "columns of notes differ between eu-1 and eu-2: stars"):
+        assert expected in text, text
+        assert expected in planned.output, planned.output
+
+
 # -- what COPY cannot move, and every problem at once ---------------------------------------------------------
 
 UNMOVABLE = (

@@ -23,8 +23,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from migrator import stamps
+from migrator.catalog import Stamp
 from migrator.config import Tenancy
-from migrator.stamps.discovery import Layout, Table, tenant_filter
+from migrator.stamps.discovery import Layout, Table, inspect, tenant_filter
 
 MAX_KEYS = 5
 
@@ -99,6 +101,15 @@ def unmovable(conn: psycopg.Connection[Any], tenancy: Tenancy, layout: Layout) -
     ]
     skipped = tuple(row[0] for row in conn.execute(_VIEWS, (schema,)).fetchall())
     return problems, skipped
+
+
+def between(source: Stamp, target: Stamp, tenancy: Tenancy) -> list[str]:
+    """The problems of the schemas that would refuse any move from `source` to `target` (for plans:
+    a tenant's own rows, such as unique values taken on the target, are judged by each move's preflight)."""
+    with stamps.connect(source) as src, stamps.connect(target) as tgt:
+        layout = inspect(src, tenancy)
+        problems = [*layout.problems, *unmovable(src, tenancy, layout)[0]]
+        return problems + compare_layouts(layout, inspect(tgt, tenancy), source.name, target.name)
 
 
 def compare_layouts(source: Layout, target: Layout, source_name: str, target_name: str) -> list[str]:
