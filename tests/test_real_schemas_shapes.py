@@ -738,3 +738,15 @@ def test_a_child_written_under_a_new_parent_during_the_copy_moves_exactly(shaped
     outcome = move_tenant(fleet.context(), TENANT, "eu-2", MoveOptions(batch_rows=5), writer)
     assert writer.done and outcome.route is not None and outcome.route.stamp == "eu-2"
     assert fleet.digest("eu-2", layout) == fleet.digest("eu-1", layout)
+
+
+def test_rows_referencing_another_tenants_rows_are_refused_naming_them(shaped: ShapedFactory) -> None:
+    fleet = shaped(PROJECTS)
+    _tenants(fleet, TENANT, NEIGHBOUR)
+    fleet.execute("eu-1", "INSERT INTO projects VALUES (10, 42, 'ours'), (20, 43, 'theirs')",
+                  "INSERT INTO tasks VALUES (1, 42, 10, 'fine'), (2, 42, 20, 'points across tenants')")
+    before = fleet.snapshot()
+    _assert_refused(
+        fleet, before, fleet.run("move", TENANT, "--to", "eu-2", "--yes"),
+        "rows (2) of tasks reference rows of projects that are not tenant 42's (foreign key tasks_project_id_fkey)",
+    )

@@ -77,6 +77,7 @@ def check_move(catalog: Catalog, tenancy: Tenancy, tenant: str, target_name: str
             raise PreflightError(f"tenant {tenant} has no row in {root.label} on its stamp {source.name}")
         unmovable, skipped = shapes.unmovable(src, tenancy, layout)
         problems += unmovable
+        problems += shapes.foreign_tenant_references(src, layout, tenant)
         differences = shapes.compare_layouts(layout, inspect(tgt, tenancy), source.name, target.name)
         held = [t.label for t in layout.tables if _count(tgt, t, tenant, limit=1)]
         problems += differences

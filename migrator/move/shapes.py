@@ -11,6 +11,8 @@ They read both stamps and change nothing (temporary tables live in rolled-back t
   rows of their own; they are listed as skipped.
 - `compare_layouts`: the target's tenant tables against the source's: the same tables, columns
   (by name, of the same types; their physical order may differ) and row keys.
+- `foreign_tenant_references`: rows of the moving tenant whose foreign keys point to rows of another
+  tenant (or of none): the target would lack the parents.
 - `unique_collisions`: every unique index of the target (primary keys, unique constraints, unique
   indexes on expressions, partial ones with their predicate evaluated on both sides) that does not
   contain the tenant column, against the moving tenant's rows on the source.
@@ -26,7 +28,7 @@ from psycopg import sql
 from migrator import stamps
 from migrator.catalog import Stamp
 from migrator.config import Tenancy
-from migrator.stamps.discovery import Layout, Table, inspect, tenant_filter
+from migrator.stamps.discovery import Layout, Table, inspect, label, tenant_filter
 
 MAX_KEYS = 5
 
@@ -76,25 +78,21 @@ ORDER BY ic.relname
 """
 
 
-def _label(tenancy: Tenancy, name: str) -> str:
-    return name if tenancy.db_schema == "public" else f"{tenancy.db_schema}.{name}"
-
-
 def unmovable(conn: psycopg.Connection[Any], tenancy: Tenancy, layout: Layout) -> tuple[list[str], tuple[str, ...]]:
     """What COPY cannot carry (problems), and the views and materialized views left alone (skipped)."""
     schema, names = tenancy.db_schema, [t.name for t in layout.tables]
     problems = [
-        f"table {_label(tenancy, table)} column {column} is of type {typ}: it points to large objects, which live "
+        f"table {label(schema, table)} column {column} is of type {typ}: it points to large objects, which live "
         "in pg_largeobject and are not copied with the rows; store the bytes in a bytea column, or exclude the table"
         for table, column, typ in conn.execute(_LARGE_OBJECTS, (schema, names)).fetchall()
     ]
     problems += [
-        f"foreign table {_label(tenancy, name)} has the tenant column {tenancy.column} but its rows live on "
+        f"foreign table {label(schema, name)} has the tenant column {tenancy.column} but its rows live on "
         "another server, which a move cannot copy; move them by other means and add it to [tenancy] exclude"
         for (name,) in conn.execute(_FOREIGN_TABLES, (schema, tenancy.column)).fetchall()
     ]
     problems += [
-        f"table {other_schema}.{other} references tenant table {_label(tenancy, table)} (foreign key {conname}) "
+        f"table {other_schema}.{other} references tenant table {label(schema, table)} (foreign key {conname}) "
         f"from outside schema {schema}: its rows would stay behind and block the cleanup; move it into {schema} "
         "with the tenant column, or drop the foreign key"
         for other_schema, other, conname, table in conn.execute(_OUTSIDE_REFERRERS, (schema, names, schema)).fetchall()
@@ -116,8 +114,8 @@ def compare_layouts(source: Layout, target: Layout, source_name: str, target_nam
     """Differences in tenant tables, their columns (by name and type) and row keys between two stamps."""
     problems = [f"on {target_name}: {p}" for p in target.problems if p not in source.problems]
     theirs = {t.label: t for t in target.tables}
-    for label in sorted(set(theirs) - {t.label for t in source.tables}):
-        problems.append(f"tenant table {label} exists on {target_name} but not on {source_name}")
+    for extra in sorted(set(theirs) - {t.label for t in source.tables}):
+        problems.append(f"tenant table {extra} exists on {target_name} but not on {source_name}")
     for table in source.tables:
         other = theirs.get(table.label)
         if other is None:
@@ -240,3 +238,39 @@ def _colliding(
             )
         ).fetchall()
     return [list(row[0]) for row in found]
+
+
+def foreign_tenant_references(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> list[str]:
+    """Foreign keys between tenant tables whose rows of this tenant reference rows not of this tenant.
+
+    A key that matches the tenant column with the parent's cannot cross tenants and is not scanned.
+    """
+    problems = []
+    for table in layout.tables:
+        for fk in table.foreign_keys:
+            parent = layout.table(label(table.schema, fk.parent))
+            if (table.key, parent.key) in zip(fk.columns, fk.parent_columns, strict=True):
+                continue
+            cols = [(sql.Identifier(c), sql.Identifier(p)) for c, p in zip(fk.columns, fk.parent_columns, strict=True)]
+            query = sql.SQL(
+                "SELECT ARRAY[{key}] FROM {t} c WHERE c.{k} = {v} AND {set} AND NOT EXISTS"
+                " (SELECT 1 FROM {p} p WHERE {match} AND p.{pk} = {v}) LIMIT {n}"
+            ).format(
+                key=sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in table.primary_key),
+                t=table.ident,
+                k=sql.Identifier(table.key),
+                v=sql.Literal(tenant),
+                set=sql.SQL(" AND ").join(sql.SQL("c.{} IS NOT NULL").format(c) for c, _ in cols),
+                p=parent.ident,
+                match=sql.SQL(" AND ").join(sql.SQL("p.{} = c.{}").format(p, c) for c, p in cols),
+                pk=sql.Identifier(parent.key),
+                n=sql.Literal(MAX_KEYS),
+            )
+            keys = [row[0] for row in conn.execute(query).fetchall()]
+            if keys:
+                shown = "; ".join("(" + ", ".join(k) + ")" for k in keys)
+                problems.append(
+                    f"rows {shown} of {table.label} reference rows of {parent.label} that are not tenant {tenant}'s "
+                    f"(foreign key {fk.name}); a move copies one tenant's rows only: fix those references first"
+                )
+    return problems

@@ -23,7 +23,7 @@ from migrator.config import Tenancy
 from migrator.errors import PreflightError
 
 
-def _label(schema: str, name: str) -> str:
+def label(schema: str, name: str) -> str:
     """A table's display name: only the public schema is left out (names are shown as stored)."""
     return name if schema == "public" else f"{schema}.{name}"
 
@@ -80,7 +80,7 @@ class Table:
     @property
     def label(self) -> str:
         """Qualified name for messages and progress (unquoted when plain)."""
-        return _label(self.schema, self.name)
+        return label(self.schema, self.name)
 
     @property
     def copy_columns(self) -> tuple[str, ...]:
@@ -236,7 +236,7 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
             key_index[oid], pkeys[oid] = unique_keys[oid]
         else:
             problems.append(
-                f"table {_label(schema, names[oid])} has no primary key and no unique index on NOT NULL columns; "
+                f"table {label(schema, names[oid])} has no primary key and no unique index on NOT NULL columns; "
                 "a move needs one to copy in resumable batches"
             )
     keyed = {oid: key for oid, key in tenant_oids.items() if oid in pkeys}
@@ -301,14 +301,14 @@ def _copy_order(
             if not free:
                 tangled = sorted(strict, key=lambda o: names[o])
                 through = ", ".join(
-                    f"{fk.name} ({_label(schema, names[o])} -> {_label(schema, fk.parent)})"
+                    f"{fk.name} ({label(schema, names[o])} -> {label(schema, fk.parent)})"
                     for o in tangled
                     for ref, fk in edges[o]
                     if ref in strict and ref != o and not fk.deferrable
                 )
                 problems.append(
                     "foreign keys form a cycle between tenant tables "
-                    f"({', '.join(_label(schema, names[o]) for o in tangled)}) through NOT DEFERRABLE constraints "
+                    f"({', '.join(label(schema, names[o]) for o in tangled)}) through NOT DEFERRABLE constraints "
                     f"{through}; make one of them DEFERRABLE (ALTER TABLE ... ALTER CONSTRAINT ... DEFERRABLE) so "
                     "the cycle can be copied in one transaction"
                 )
