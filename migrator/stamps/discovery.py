@@ -67,6 +67,8 @@ class Table:
     foreign_keys: tuple[ForeignKey, ...] = ()
     cycle: tuple[str, ...] = ()
     """Names of the tables of its (deferrable) foreign-key cycle, in copy order; empty when in none."""
+    partitions: tuple[str, ...] = ()
+    """Names of its partitions at every level (a partitioned table): the guard trigger fires on them."""
 
     @property
     def self_references(self) -> tuple[ForeignKey, ...]:
@@ -119,6 +121,10 @@ class Layout:
                 return table
         raise KeyError(label)
 
+    def owner_of(self, name: str) -> str:
+        """The tenant table a partition belongs to (a row trigger reports the partition's name)."""
+        return next((t.name for t in self.tables if name in t.partitions), name)
+
     def cycle_of(self, table: Table) -> tuple[Table, ...]:
         """The tables of `table`'s foreign-key cycle in copy order (itself alone when in none)."""
         return tuple(t for t in self.tables if t.name in table.cycle) or (table,)
@@ -129,6 +135,13 @@ SELECT c.oid, n.nspname, c.relname
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %s AND c.relkind IN ('r', 'p') AND NOT c.relispartition
 ORDER BY c.relname
+"""
+
+_PARTITIONS = """
+SELECT c.oid, ARRAY(SELECT p.relname FROM pg_partition_tree(c.oid) t JOIN pg_class p ON p.oid = t.relid
+                    WHERE t.level > 0 ORDER BY p.relname)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %s AND c.relkind = 'p' AND NOT c.relispartition
 """
 
 _COLUMNS = """
@@ -239,6 +252,7 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
                 f"table {label(schema, names[oid])} has no primary key and no unique index on NOT NULL columns; "
                 "a move needs one to copy in resumable batches"
             )
+    partitions = {oid: tuple(parts) for oid, parts in conn.execute(_PARTITIONS, (schema,)).fetchall()}
     keyed = {oid: key for oid, key in tenant_oids.items() if oid in pkeys}
     edges = {oid: [(ref, fk) for ref, fk in foreign[oid] if ref in keyed] for oid in keyed}
     ordered, cycles = _copy_order(edges, names, schema, problems)
@@ -253,6 +267,7 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
             key_index=key_index[oid],
             foreign_keys=tuple(fk for _, fk in edges[oid]),
             cycle=cycles.get(oid, ()),
+            partitions=partitions.get(oid, ()),
         )
         for oid in ordered
     )
