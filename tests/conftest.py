@@ -137,15 +137,22 @@ def fleet(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) -
         yield fleet
 
 
-def tenant_digest(dsn: str, layout: Layout, tenant: str) -> dict[str, tuple[int, str]]:
-    """An oracle independent of migrator.verify: per table, row count and md5 of all rows in text order."""
+def tenant_digest(dsn: str, layout: Layout, tenant: str, by_name: bool = False) -> dict[str, tuple[int, str]]:
+    """An oracle independent of migrator.verify: per table, row count and md5 of all rows in text order.
+
+    `by_name` builds each row from its columns in name order, for stamps whose tables hold the same
+    columns in another physical order (the whole-row `t::text` follows that order).
+    """
     out = {}
     with dsnlib.connect(dsn, autocommit=True) as conn:
         for table in layout.tables:
+            names = sorted(c.name for c in table.columns)
+            row_text = (sql.SQL("ROW({})::text").format(sql.SQL(", ").join(sql.Identifier("t", n) for n in names))
+                        if by_name else sql.SQL("t::text"))
             row = conn.execute(
                 sql.SQL("SELECT count(*), coalesce(md5(string_agg(r, '|' ORDER BY r)), '') FROM "
-                        "(SELECT t::text AS r FROM {} t WHERE {} = {}) s").format(
-                    table.ident, sql.Identifier(table.key), sql.Literal(tenant))
+                        "(SELECT {} AS r FROM {} t WHERE {} = {}) s").format(
+                    row_text, table.ident, sql.Identifier(table.key), sql.Literal(tenant))
             ).fetchone()
             assert row is not None
             out[table.label] = (int(row[0]), str(row[1]))

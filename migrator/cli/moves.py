@@ -130,6 +130,7 @@ def move_run(
         text = (
             f"dry run: tenant {tenant} {outcome.source} -> {outcome.target}: preflight passed; would copy\n"
             + render.table(["table", "rows"], sorted(outcome.tables.items()))
+            + "".join(f"\nskipped: {what} (not a table; no rows of its own)" for what in outcome.skipped)
         )
         emit(
             as_json,
@@ -140,6 +141,7 @@ def move_run(
                 "target": outcome.target,
                 "tables": outcome.tables,
                 "not_moved": outcome.not_moved,
+                "skipped": list(outcome.skipped),
                 "resuming_move": outcome.move.id if outcome.move else None,
             },
             text,
@@ -154,6 +156,7 @@ def move_run(
             "resumed": outcome.resumed,
             "seconds": outcome.timings,
             "not_moved": outcome.not_moved,
+            "skipped": list(outcome.skipped),
         },
         f"move {outcome.move.id}: tenant {tenant} now on {outcome.route.stamp} (route version "
         f"{outcome.route.version}), {outcome.move.rows_copied} rows copied and verified",

@@ -7,7 +7,10 @@ is harmless, which is what makes catch-up safe to interrupt and resume.
 
 Rows travel by binary COPY into a staging table, so values stay byte-exact. A batch holds whole
 source transactions (a cascaded delete is never split from its parent) read in one snapshot;
-upserts run parents first and deletes children first, so the target's foreign keys hold.
+upserts run parents first and deletes children first, so the target's foreign keys hold. Each
+table's upserts are one statement, and so are its deletes: a NOT DEFERRABLE foreign key is checked
+at the end of the statement, so rows of a self-referencing table may reference each other in any
+order within a batch; where tables form a (DEFERRABLE) cycle, the batch defers its constraints.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from psycopg import sql
 
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
-from migrator.move.keys import by_key, keys_table, load_keys
+from migrator.move.keys import by_key, keys_table, load_keys, stage_rows
 from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Layout, Table
 
@@ -46,9 +49,10 @@ def backlog(src: psycopg.Connection[Any], move_id: int) -> int:
 
 
 def captured_keys(
-    src: psycopg.Connection[Any], move_id: int, unverified_only: bool = False
+    src: psycopg.Connection[Any], layout: Layout, move_id: int, unverified_only: bool = False
 ) -> dict[str, list[list[str]]]:
-    """Distinct keys the move captured so far (applied or not), by table name.
+    """Distinct keys the move captured so far (applied or not), by tenant table name (a partition's
+    changes under its partitioned table's name).
 
     With unverified_only, only keys with a change not yet proven equal before the freeze.
     """
@@ -60,7 +64,7 @@ def captured_keys(
         ),
         (move_id,),
     ):
-        keys[table_name].append(list(pk))
+        keys[layout.owner_of(table_name)].append(list(pk))
     return dict(keys)
 
 
@@ -86,7 +90,9 @@ def _take_batch(src: psycopg.Connection[Any], move_id: int, limit: int) -> list[
     ).fetchall()
 
 
-def mark_verified(src: psycopg.Connection[Any], move_id: int, unproven: dict[str, list[list[str]]]) -> None:
+def mark_verified(
+    src: psycopg.Connection[Any], layout: Layout, move_id: int, unproven: dict[str, list[list[str]]]
+) -> None:
     """Mark the changes visible to the caller's snapshot as proven, except those of `unproven` keys.
 
     Runs in the snapshot the proof was made in, so a change committed later stays unproven and its
@@ -96,8 +102,10 @@ def mark_verified(src: psycopg.Connection[Any], move_id: int, unproven: dict[str
     src.execute(sql.SQL("TRUNCATE {}").format(UNPROVEN))
     with src.cursor().copy(sql.SQL("COPY {} (t, k) FROM STDIN").format(UNPROVEN)) as copy:
         for table_name, keys in unproven.items():
-            for key in keys:
-                copy.write_row((table_name, key))
+            partitions = next((t.partitions for t in layout.tables if t.name == table_name), ())
+            for name in (table_name, *partitions):  # the names its changes may be logged under
+                for key in keys:
+                    copy.write_row((name, key))
     src.execute(
         sql.SQL(
             "UPDATE {s}.changes c SET verified = true WHERE move_id = %s AND NOT verified"
@@ -105,33 +113,6 @@ def mark_verified(src: psycopg.Connection[Any], move_id: int, unproven: dict[str
         ).format(s=sql.Identifier(SCHEMA), raw=UNPROVEN),
         (move_id,),
     )
-
-
-def _stage(
-    src: psycopg.Connection[Any],
-    tgt: psycopg.Connection[Any],
-    table: Table,
-    tenant: str,
-    keys: sql.Identifier,
-    stage: sql.Identifier,
-) -> int:
-    """Copy the current source rows of the keyed rows into a staging table on the target."""
-    tgt.execute(
-        sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
-            stage, table.cols(), table.ident
-        )
-    )
-    out = sql.SQL("COPY (SELECT x.* FROM {}) TO STDOUT (FORMAT BINARY)").format(
-        by_key(table, keys, tenant, table.cols())
-    )
-    with src.cursor() as scur, tgt.cursor() as tcur:
-        with (
-            scur.copy(out) as reader,
-            tcur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, table.cols())) as writer,
-        ):
-            for block in reader:
-                writer.write(block)
-        return max(tcur.rowcount, 0)
 
 
 def _upsert(tgt: psycopg.Connection[Any], table: Table, stage: sql.Identifier) -> int:
@@ -154,14 +135,23 @@ def _upsert(tgt: psycopg.Connection[Any], table: Table, stage: sql.Identifier) -
 def _delete_gone(
     tgt: psycopg.Connection[Any], table: Table, tenant: str, keys: sql.Identifier, stage: sql.Identifier
 ) -> int:
-    """Delete keyed rows of the tenant that no longer exist on the source (found by key, deleted by ctid)."""
+    """Delete keyed rows of the tenant that no longer exist on the source (found by key, deleted by ctid).
+
+    A ctid names a row within one relation only: in a partitioned table the same ctid exists in
+    every partition, so there the row is named by its partition (tableoid) and ctid together.
+    """
     staged = sql.SQL(" AND ").join(sql.SQL("s.{c} = k.{c}").format(c=sql.Identifier(c)) for c in table.primary_key)
-    return tgt.execute(
-        sql.SQL(
-            "DELETE FROM {} WHERE ctid = ANY (ARRAY(SELECT x.ctid FROM {}"
-            " WHERE NOT EXISTS (SELECT 1 FROM {} s WHERE {})))"
-        ).format(table.ident, by_key(table, keys, tenant, sql.SQL("ctid")), stage, staged)
-    ).rowcount
+    gone = sql.SQL("WHERE NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(stage, staged)
+    if table.partitions:
+        rows = by_key(table, keys, tenant, sql.SQL("tableoid AS rel, ctid AS tid"))
+        query = sql.SQL(
+            "DELETE FROM {} d USING (SELECT x.rel, x.tid FROM {} {}) g WHERE d.tableoid = g.rel AND d.ctid = g.tid"
+        ).format(table.ident, rows, gone)
+    else:
+        query = sql.SQL("DELETE FROM {} WHERE ctid = ANY (ARRAY(SELECT x.ctid FROM {} {}))").format(
+            table.ident, by_key(table, keys, tenant, sql.SQL("ctid")), gone
+        )
+    return tgt.execute(query).rowcount
 
 
 def apply_keys(
@@ -174,11 +164,19 @@ def apply_keys(
     """Make the target's rows of these keys equal to the source's, inside both open transactions."""
     tables = [(i, t) for i, t in enumerate(layout.tables) if keys.get(t.name)]
     upserted = deleted = 0
+    if any(t.cycle for t in layout.tables):  # a cycle's rows may reference each other in any order: check at commit
+        tgt.execute("SET CONSTRAINTS ALL DEFERRED")
     for i, table in tables:
         load_keys(src, table, keys[table.name], keys_table(i))
         load_keys(tgt, table, keys[table.name], keys_table(i))
         stage = sql.Identifier(f"migrator_stage_{i}")
-        _stage(src, tgt, table, tenant, keys_table(i), stage)
+        stage_rows(
+            src,
+            tgt,
+            table,
+            sql.SQL("SELECT x.* FROM {}").format(by_key(table, keys_table(i), tenant, table.cols())),
+            stage,
+        )
         upserted += _upsert(tgt, table, stage)
     for i, table in reversed(tables):
         deleted += _delete_gone(tgt, table, tenant, keys_table(i), sql.Identifier(f"migrator_stage_{i}"))
@@ -199,7 +197,7 @@ def replay_once(
             return Applied(0, 0, 0)
         keys: dict[str, list[list[str]]] = defaultdict(list)
         for _, table_name, pk in batch:
-            keys[table_name].append(list(pk))
+            keys[layout.owner_of(table_name)].append(list(pk))
         with tgt.transaction():
             upserted, deleted = apply_keys(src, tgt, layout, tenant, keys)
     src.execute(

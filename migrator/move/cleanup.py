@@ -1,7 +1,9 @@
 """Removing what a move leaves behind: a moved tenant's rows on its old stamp, or a partial copy.
 
 Deletes run children first, in batches of primary keys, one short transaction each, so cleanup
-of a large tenant neither holds long locks nor bloats one transaction. The source's fence stays up
+of a large tenant neither holds long locks nor bloats one transaction. A self-referencing table is
+deleted in the reverse of its copy order (`tree`: children before parents, by descending depth); the
+tables of a DEFERRABLE foreign-key cycle are deleted together in one transaction, deferred. The source's fence stays up
 while its leftovers are deleted (only this transaction bypasses it) and is lifted at the end.
 """
 
@@ -18,7 +20,7 @@ from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
 from migrator.errors import BadInput
-from migrator.move import fence
+from migrator.move import fence, tree
 from migrator.move.preflight import check_deletes
 from migrator.progress import Progress
 from migrator.stamps.access import SCHEMA
@@ -30,6 +32,8 @@ def delete_tenant_rows(
     stamp: Stamp, table: Table, tenant: str, batch_rows: int, progress: Progress, bypass_fence: bool = False
 ) -> int:
     """Delete the tenant's rows of one table in key batches; safe to repeat after an interruption."""
+    if table.self_references:
+        return _delete_tree(stamp, table, tenant, batch_rows, progress, bypass_fence)
     deleted = 0
     query = sql.SQL("DELETE FROM {t} WHERE ({pk}) IN (SELECT {pk} FROM {t} WHERE {f} LIMIT %s)").format(
         t=table.ident, pk=table.pk_cols(), f=tenant_filter(table, tenant)
@@ -47,14 +51,62 @@ def delete_tenant_rows(
                 return deleted
 
 
+def _delete_tree(
+    stamp: Stamp, table: Table, tenant: str, batch_rows: int, progress: Progress, bypass_fence: bool
+) -> int:
+    """A self-referencing table backwards in its copy order: no batch deletes a row still referenced.
+
+    The order is computed once, in a session of its own: nothing writes the tenant's rows here
+    meanwhile (the source is fenced; the target is not routed to). An interruption computes it anew.
+    """
+    deleted = 0
+    with stamps.connect(stamp, autocommit=False) as conn:
+        dsnlib.write_as_copies(conn)  # deleting copies is no business event: application triggers stay quiet
+        ordered, total = tree.order_rows(conn, table, tenant)
+        conn.commit()
+        ranges = list(tree.batches(ordered, total, batch_rows))
+        for after, upto in reversed(ranges):
+            with conn.transaction():
+                if bypass_fence:
+                    fence.bypass_for_cleanup(conn)
+                rows = conn.execute(tree.delete_between(table, tenant, after, upto)).rowcount
+            deleted += rows
+            progress.advance(table.label, rows)
+    return deleted
+
+
+@STAMP_STEP.wraps
+def delete_cycle(
+    stamp: Stamp, tables: tuple[Table, ...], tenant: str, progress: Progress, bypass_fence: bool = False
+) -> dict[str, int]:
+    """The tenant's rows of a DEFERRABLE foreign-key cycle, in one transaction with the constraints deferred."""
+    counts = {}
+    with stamps.connect(stamp, autocommit=False) as conn:
+        dsnlib.write_as_copies(conn)  # deleting copies is no business event: application triggers stay quiet
+        with conn.transaction():
+            if bypass_fence:
+                fence.bypass_for_cleanup(conn)
+            conn.execute("SET CONSTRAINTS ALL DEFERRED")
+            for table in reversed(tables):
+                counts[table.label] = conn.execute(
+                    sql.SQL("DELETE FROM {} WHERE {}").format(table.ident, tenant_filter(table, tenant))
+                ).rowcount
+    for label, rows in counts.items():
+        progress.advance(label, rows)
+    return counts
+
+
 def delete_tenant(
     stamp: Stamp, layout: Layout, tenant: str, batch_rows: int, progress: Progress, bypass_fence: bool = False
 ) -> dict[str, int]:
     """Delete all of the tenant's rows on the stamp, children before parents."""
-    counts = {}
+    counts: dict[str, int] = {}
     for table in reversed(layout.tables):
         progress.start_table(table.label, 0, 0)
-        counts[table.label] = delete_tenant_rows(stamp, table, tenant, batch_rows, progress, bypass_fence)
+        if table.cycle and table.label not in counts:  # the whole cycle at its last table in copy order
+            counts.update(delete_cycle(stamp, layout.cycle_of(table), tenant, progress, bypass_fence))
+        elif not table.cycle:
+            counts[table.label] = delete_tenant_rows(stamp, table, tenant, batch_rows, progress, bypass_fence)
         progress.finish_table(table.label)
     return counts
 

@@ -3,7 +3,14 @@
 Each batch and its cursor are committed in the same target transaction
 (`_migrator.copy_progress`), so after kill -9 the copy resumes from the last committed batch:
 nothing skipped, nothing duplicated. Memory stays flat: blocks flow from the source COPY to the
-target COPY without being parsed, and a writer thread overlaps reading and writing.
+target COPY without being parsed, and a writer thread overlaps reading and writing. Columns are
+always named (COPY with column lists), so tables whose columns lie in another physical order on
+the target copy the same.
+
+Two shapes copy differently: a self-referencing table in batches parents first, read from one
+source snapshot (`tree` explains why that is exact and resumable), and the tables of a DEFERRABLE
+foreign-key cycle together in one target transaction with the constraints deferred, from one source
+snapshot (`copy_cycle`; resumable at that granularity: a cycle is copied whole or not at all).
 """
 
 from __future__ import annotations
@@ -18,9 +25,12 @@ from psycopg.copy import QueuedLibpqWriter
 
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
+from migrator.errors import MigratorError
+from migrator.move import tree
+from migrator.move.keys import stage_rows
 from migrator.progress import Progress
 from migrator.stamps.access import SCHEMA
-from migrator.stamps.discovery import Table, key_after, key_upto, tenant_filter
+from migrator.stamps.discovery import ForeignKey, Table, key_after, key_upto, tenant_filter
 
 CHUNK_BYTES = 64 * 1024
 SEQUENCE_LOCK_CLASS = 0x6D73  # advisory lock class of sequence updates (fence's tenant locks use 0x6D67)
@@ -74,6 +84,18 @@ def _batch_bound(
     return list(row[0]) if row else None
 
 
+def _key_range(table: Table, tenant: str, after: list[str] | None, upto: list[str] | None) -> sql.Composed:
+    """SELECT of the copy columns of the tenant's rows in a key range, in key order."""
+    return sql.SQL("SELECT {} FROM {} WHERE {} AND {} AND {} ORDER BY {}").format(
+        table.cols(),
+        table.ident,
+        tenant_filter(table, tenant),
+        key_after(table, after),
+        key_upto(table, upto),
+        table.pk_cols(),
+    )
+
+
 def _stream_batch(
     src: psycopg.Connection[Any],
     tgt: psycopg.Connection[Any],
@@ -83,14 +105,7 @@ def _stream_batch(
     upto: list[str] | None,
 ) -> int:
     """COPY one key range from source to target inside the target's open transaction; returns rows."""
-    select = sql.SQL("COPY (SELECT {} FROM {} WHERE {} AND {} AND {} ORDER BY {}) TO STDOUT (FORMAT BINARY)").format(
-        table.cols(),
-        table.ident,
-        tenant_filter(table, tenant),
-        key_after(table, after),
-        key_upto(table, upto),
-        table.pk_cols(),
-    )
+    select = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(_key_range(table, tenant, after, upto))
     insert = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(table.ident, table.cols())
     with src.cursor() as scur, tgt.cursor() as tcur:
         with scur.copy(select) as out, tcur.copy(insert, writer=QueuedLibpqWriter(tcur)) as inp:
@@ -136,6 +151,8 @@ def copy_table(
     Retried on transient errors: every attempt re-reads the committed cursor, so a retry neither
     repeats nor skips a batch.
     """
+    if table.self_references:
+        return _copy_tree(source_dsn, target_dsn, table, tenant, move_id, batch_rows, progress, rate_limit)
     with dsnlib.connect(source_dsn, autocommit=True) as src, dsnlib.connect(target_dsn) as tgt:
         dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
         cursor = read_cursor(tgt, move_id, table)
@@ -144,11 +161,17 @@ def copy_table(
         while not cursor.done:
             started = time.monotonic()
             upto = _batch_bound(src, table, tenant, cursor.after, batch_rows)
-            with tgt.transaction():
-                rows = _stream_batch(src, tgt, table, tenant, cursor.after, upto)
-                after = upto if upto is not None else (_last_key(tgt, table, tenant) or cursor.after)
-                cursor = Cursor(after, cursor.rows + rows, upto is None)
-                _save_cursor(tgt, move_id, table, cursor)
+            try:
+                with tgt.transaction():
+                    rows = _stream_batch(src, tgt, table, tenant, cursor.after, upto)
+                    cursor = _next_cursor(tgt, move_id, table, tenant, cursor, upto, rows)
+            except psycopg.errors.ForeignKeyViolation:  # a parent written since its table was copied
+                with tgt.transaction():
+                    select = _key_range(table, tenant, cursor.after, upto)
+                    stage_rows(src, tgt, table, select, STAGE)
+                    defer_orphans(source_dsn, tgt, table, move_id)
+                    rows = _insert_staged(tgt, table)
+                    cursor = _next_cursor(tgt, move_id, table, tenant, cursor, upto, rows)
             copied += rows
             progress.advance(table.label, rows)
             if rate_limit:
@@ -156,6 +179,167 @@ def copy_table(
         if copied:
             _analyze(tgt, table)
         return copied
+
+
+def _next_cursor(
+    tgt: psycopg.Connection[Any],
+    move_id: int,
+    table: Table,
+    tenant: str,
+    cursor: Cursor,
+    upto: list[str] | None,
+    rows: int,
+) -> Cursor:
+    """Save the cursor past a batch ending at `upto` (None: the last batch) in the batch's transaction."""
+    after = upto if upto is not None else (_last_key(tgt, table, tenant) or cursor.after)
+    moved = Cursor(after, cursor.rows + rows, upto is None)
+    _save_cursor(tgt, move_id, table, moved)
+    return moved
+
+
+STAGE = sql.Identifier("migrator_copy_stage")
+
+
+def _insert_staged(tgt: psycopg.Connection[Any], table: Table) -> int:
+    """Insert the staged rows the target lacks (a new session may stage rows copied before)."""
+    return tgt.execute(
+        sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} ON CONFLICT ({}) DO NOTHING").format(
+            table.ident, table.cols(), table.cols(), STAGE, table.pk_cols()
+        )
+    ).rowcount
+
+
+def defer_orphans(source_dsn: str, tgt: psycopg.Connection[Any], table: Table, move_id: int) -> int:
+    """Take out of the staged batch the rows whose parents the target lacks, and leave them to catch-up.
+
+    Online, the application may write a parent after its table was copied and then a child under
+    it: the copy of the child then meets a row whose parent is not on the target yet (the parent is
+    captured, so catch-up brings it). Such rows, and any staged row that references one of them,
+    are logged to the source's change log as if the application had written them, before the batch
+    commits on the target; catch-up replays them after their parents (the log is replayed in order).
+    Offline nothing writes during the copy, so such a row references another tenant's row: refused.
+    """
+    if not table.foreign_keys:
+        return 0
+    missing = sql.SQL(" OR ").join(_orphaned(table, fk) for fk in table.foreign_keys)
+    found = sql.SQL("DELETE FROM {s} s WHERE {missing} RETURNING ARRAY[{key}]").format(
+        s=STAGE,
+        missing=missing,
+        key=sql.SQL(", ").join(sql.SQL("to_jsonb(s) ->> {}").format(sql.Literal(c)) for c in table.primary_key),
+    )
+    keys: list[list[str]] = []
+    while batch := [list(row[0]) for row in tgt.execute(found).fetchall()]:
+        keys += batch  # again: rows that referenced the ones just taken out
+    if not keys:
+        return 0
+    with dsnlib.connect(source_dsn, autocommit=True) as src, src.transaction():
+        row = src.execute(
+            sql.SQL("SELECT capture FROM {}.guarded_tenants WHERE move_id = %s").format(sql.Identifier(SCHEMA)),
+            (move_id,),
+        ).fetchone()
+        if not (row and row[0]):
+            raise MigratorError(
+                f"rows of {table.label} reference rows the target lacks (keys "
+                + "; ".join("(" + ", ".join(k) + ")" for k in keys[:5])
+                + "), rows of another tenant or of none; a move copies one tenant's rows only"
+            )
+        src.cursor().executemany(
+            sql.SQL("INSERT INTO {}.changes (move_id, table_name, pk) VALUES (%s, %s, %s)").format(
+                sql.Identifier(SCHEMA)
+            ),
+            [(move_id, table.name, key) for key in keys],
+        )
+    return len(keys)
+
+
+def _orphaned(table: Table, fk: ForeignKey) -> sql.Composed:
+    """A staged row `s` references, through `fk`, a row that is neither on the target nor staged."""
+    cols = [(sql.Identifier(c), sql.Identifier(p)) for c, p in zip(fk.columns, fk.parent_columns, strict=True)]
+    match = sql.SQL(" AND ").join(sql.SQL("p.{} = s.{}").format(p, c) for c, p in cols)
+    staged = (
+        sql.SQL(" OR EXISTS (SELECT 1 FROM {} p WHERE {})").format(STAGE, match)
+        if fk.parent == table.name
+        else sql.SQL("")
+    )
+    return sql.SQL("NOT ({} OR EXISTS (SELECT 1 FROM {} p WHERE {}){})").format(
+        sql.SQL(" OR ").join(sql.SQL("s.{} IS NULL").format(c) for c, _ in cols),
+        sql.Identifier(table.schema, fk.parent),
+        match,
+        staged,
+    )
+
+
+def _copy_tree(
+    source_dsn: str,
+    target_dsn: str,
+    table: Table,
+    tenant: str,
+    move_id: int,
+    batch_rows: int,
+    progress: Progress,
+    rate_limit: float | None,
+) -> int:
+    """A self-referencing table, parents first, from one source snapshot (see `tree`).
+
+    Its cursor only counts rows and says when the table is done: a new session orders the rows
+    afresh and inserts the ones the target lacks (ON CONFLICT DO NOTHING on the row key).
+    """
+    with dsnlib.connect(source_dsn) as src, dsnlib.connect(target_dsn) as tgt:
+        dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
+        cursor = read_cursor(tgt, move_id, table)
+        tgt.commit()
+        if cursor.done:
+            return 0
+        src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        ordered, total = tree.order_rows(src, table, tenant)
+        copied = 0
+        for after, upto in list(tree.batches(ordered, total, batch_rows)) or [(0, 0)]:
+            started = time.monotonic()
+            with tgt.transaction():
+                stage_rows(src, tgt, table, tree.rows_between(table, tenant, after, upto), STAGE)
+                defer_orphans(source_dsn, tgt, table, move_id)
+                rows = _insert_staged(tgt, table)
+                cursor = Cursor(None, cursor.rows + rows, upto >= total)
+                _save_cursor(tgt, move_id, table, cursor)
+            copied += rows
+            progress.advance(table.label, rows)
+            if rate_limit:
+                time.sleep(max(0.0, (upto - after) / rate_limit - (time.monotonic() - started)))
+        src.rollback()
+        if copied:
+            _analyze(tgt, table)
+        return copied
+
+
+@STAMP_STEP.wraps
+def copy_cycle(
+    source_dsn: str, target_dsn: str, tables: tuple[Table, ...], tenant: str, move_id: int, progress: Progress
+) -> int:
+    """The tables of a DEFERRABLE foreign-key cycle, whole, in one target transaction; returns rows copied.
+
+    Their rows may reference each other in any order, so the constraints are deferred to the commit,
+    which also commits every table's cursor as done: after kill -9 nothing of the cycle is on the
+    target and it is copied again. All tables are read in one source snapshot, so the references
+    between them hold; later changes are captured.
+    """
+    with dsnlib.connect(source_dsn) as src, dsnlib.connect(target_dsn) as tgt:
+        dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
+        if all(read_cursor(tgt, move_id, table).done for table in tables):
+            return 0
+        tgt.commit()
+        src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        copied: dict[str, int] = {}
+        with tgt.transaction():
+            tgt.execute("SET CONSTRAINTS ALL DEFERRED")
+            for table in tables:
+                copied[table.label] = _stream_batch(src, tgt, table, tenant, None, None)
+                _save_cursor(tgt, move_id, table, Cursor(_last_key(tgt, table, tenant), copied[table.label], True))
+        src.rollback()
+        for table in tables:
+            progress.advance(table.label, copied[table.label])
+            if copied[table.label]:
+                _analyze(tgt, table)
+        return sum(copied.values())
 
 
 def _analyze(tgt: psycopg.Connection[Any], table: Table) -> None:

@@ -106,7 +106,7 @@ def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) ->
     layout = run.layout
     with dsnlib.connect(run.source.dsn) as src:
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        keys = capture.captured_keys(src, move.id, unverified_only=incremental)
+        keys = capture.captured_keys(src, layout, move.id, unverified_only=incremental)
         with ThreadPoolExecutor(max_workers=1) as pool:
             target_future = pool.submit(_target_sets, run.target, layout, move.tenant, keys, not incremental)
             source_sets = _both_sets(src, layout, move.tenant, keys, not incremental)
@@ -119,14 +119,14 @@ def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) ->
             differ = [list(k) for k in set(s_rows) | set(t_rows) if s_rows.get(k) != t_rows.get(k)]
             if differ:
                 unproven[table.name] = differ
-        capture.mark_verified(src, move.id, unproven)
+        capture.mark_verified(src, layout, move.id, unproven)
         src.commit()
     return Report(move.tenant, results), sum(len(v) for v in unproven.values())
 
 
 def _verify_captured(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], layout: Layout, move: Move) -> Report:
     """In the freeze: compare the rows of every captured key, naming the keys that differ."""
-    keys = capture.captured_keys(src, move.id, unverified_only=True)
+    keys = capture.captured_keys(src, layout, move.id, unverified_only=True)
     src.commit()
     results = []
     for i, table in enumerate(layout.tables):

@@ -2,6 +2,8 @@
 
 Catch-up (`capture`) replays captured keys, the freeze (`cutover`) re-verifies them and `verify`
 hashes them; all three load the keys the same way and select the rows the same way, from here.
+`stage_rows` carries selected source rows into a staging table on the target (catch-up, and the
+copy of self-referencing tables), byte-exact by binary COPY.
 """
 
 from __future__ import annotations
@@ -64,3 +66,28 @@ def outside_keys(table: Table, keys: sql.Identifier) -> sql.Composed:
         for c in table.primary_key
     )
     return sql.SQL("NOT EXISTS (SELECT 1 FROM {} k WHERE {})").format(keys, match)
+
+
+def stage_rows(
+    src: psycopg.Connection[Any],
+    tgt: psycopg.Connection[Any],
+    table: Table,
+    select: sql.Composable,
+    stage: sql.Identifier,
+) -> int:
+    """A temporary table `stage` on the target (until its transaction ends) holding the rows `select`
+    returns on the source (the table's copy columns, by name); returns how many."""
+    tgt.execute(
+        sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+            stage, table.cols(), table.ident
+        )
+    )
+    out = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(select)
+    with src.cursor() as scur, tgt.cursor() as tcur:
+        with (
+            scur.copy(out) as reader,
+            tcur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, table.cols())) as writer,
+        ):
+            for block in reader:
+                writer.write(block)
+        return max(tcur.rowcount, 0)

@@ -44,6 +44,7 @@ class MoveOutcome:
     report: Report | None = None
     timings: dict[str, float] = field(default_factory=dict)
     not_moved: dict[str, int] = field(default_factory=dict)  # per table, rows whose tenant key is NULL
+    skipped: tuple[str, ...] = ()  # views and materialized views of the tenancy schema (no rows of their own)
 
 
 def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, progress: Progress) -> MoveOutcome:
@@ -75,6 +76,7 @@ def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, pr
                 False,
                 checked.rows,
                 not_moved=checked.null_tenant_rows,
+                skipped=checked.skipped,
             )
         mode = Mode.ONLINE if options.online else Mode.OFFLINE
         move = catalog.create_move(
@@ -94,7 +96,7 @@ def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, pr
         )
         run = MoveRun(catalog, checked.source, checked.target, checked.layout, lock, options, progress)
         outcome = _run(run, move, resumed=False)
-        return replace(outcome, not_moved=checked.null_tenant_rows)
+        return replace(outcome, not_moved=checked.null_tenant_rows, skipped=checked.skipped)
 
 
 def _resume_layout(ctx: Context, move: Move, source: Stamp, target: Stamp) -> Layout:
@@ -217,7 +219,9 @@ def _copy(run: MoveRun, move: Move) -> Move:
     for table in layout.tables:
         cursor = cursors[table.label]
         progress.start_table(table.label, totals.get(table.label, 0), cursor.rows)
-        if not cursor.done:
+        if not cursor.done and table.cycle:  # the whole cycle at its first table; then its others are done
+            copy.copy_cycle(run.source.dsn, run.target.dsn, layout.cycle_of(table), move.tenant, move.id, progress)
+        elif not cursor.done:
             copy.copy_table(
                 run.source.dsn,
                 run.target.dsn,

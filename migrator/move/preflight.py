@@ -14,9 +14,10 @@ from migrator.catalog import Catalog, Move, Route, Stamp
 from migrator.config import Tenancy
 from migrator.db.alembic import read_revision
 from migrator.errors import PreflightError
+from migrator.move import shapes
 from migrator.stamps import checks
 from migrator.stamps.checks import Problems
-from migrator.stamps.discovery import Layout, Table, discover, tenant_filter
+from migrator.stamps.discovery import Layout, Table, inspect, tenant_filter
 
 log = logging.getLogger("migrator.preflight")
 
@@ -34,6 +35,8 @@ class Checked:
     rows: dict[str, int]
     null_tenant_rows: dict[str, int] = field(default_factory=dict)
     """Rows of nullable tenant columns holding NULL, per table: they belong to no tenant and stay put."""
+    skipped: tuple[str, ...] = ()
+    """Views and materialized views of the tenancy schema: no rows of their own, not copied."""
 
     @property
     def total_rows(self) -> int:
@@ -85,22 +88,21 @@ def check_move(
                     "run `migrator schema upgrade` first"
                 ]
             )
-        try:
-            layout = discover(src, tenancy)
-        except PreflightError as exc:  # no layout, nothing more to check
-            problems.add([str(exc)])
-            problems.raise_any(f"preflight refused the move of tenant {tenant} to {target.name}")
-            raise
+        layout = inspect(src, tenancy)  # raises only without a root table: nothing else can be judged
+        problems.add(list(layout.problems))
         rows: dict[str, int] = {}
         nulls: dict[str, int] = {}
+        skipped: tuple[str, ...] = ()
         # Where row-level security applies, reading the tenant's rows fails (row_security = off): that
         # is reported with the other side effects below, and the checks of the rows wait for its fix.
         if not (checks.rls_tables(src, layout) or checks.rls_tables(tgt, layout)):
             with problems.check():
-                rows, nulls = _check_rows(problems, src, tgt, layout, tenancy, tenant, source, target, same_schema)
+                rows, nulls, skipped = _check_rows(
+                    problems, src, tgt, layout, tenancy, tenant, source, target, same_schema
+                )
         problems.add(checks.move_problems(src, tgt, layout, source.name, target.name, allow_triggers))
     problems.raise_any(f"preflight refused the move of tenant {tenant} to {target.name}")
-    return Checked(tenant, route, source, target, layout, src_rev, rows, nulls)
+    return Checked(tenant, route, source, target, layout, src_rev, rows, nulls, skipped)
 
 
 def _check_rows(
@@ -113,10 +115,14 @@ def _check_rows(
     source: Stamp,
     target: Stamp,
     same_schema: bool,
-) -> tuple[dict[str, int], dict[str, int]]:
-    """The checks of the tenant's rows: its spelling, rows on the source, none on the target, no key
-    collisions; returns its row counts and the rows of no tenant, per table."""
-    root = next(t for t in layout.tables if t.name == tenancy.root_table)
+) -> tuple[dict[str, int], dict[str, int], tuple[str, ...]]:
+    """The checks of the tenant's rows and of what the schema lets a copy carry: its spelling, rows
+    on the source, none on the target, no value of a unique index taken there, columns alike on both
+    stamps, nothing COPY cannot move; returns its row counts, the rows of no tenant per table, and
+    the views left alone."""
+    root = next((t for t in layout.tables if t.name == tenancy.root_table), None)
+    if root is None:  # the root table has no row key: named among the layout's problems
+        return {}, {}, ()
     _check_spelling(src, root, tenant, source.name)
     rows = {table.label: _count(src, table, tenant) for table in layout.tables}
     if rows[root.label] == 0:
@@ -125,16 +131,19 @@ def _check_rows(
     for label, count in nulls.items():
         key = layout.table(label).key
         log.warning("table %s has %d rows with NULL %s; they are not moved", label, count, key)
+    unmovable, skipped = shapes.unmovable(src, tenancy, layout)
+    problems.add(list(unmovable))
+    problems.add(list(shapes.foreign_tenant_references(src, layout, tenant)))
     if not same_schema:  # the target's tables may not match the source's
-        return rows, nulls
+        return rows, nulls, skipped
+    differences = shapes.compare_layouts(layout, inspect(tgt, tenancy), source.name, target.name)
+    problems.add(list(differences))
     held = [table.label for table in layout.tables if _count(tgt, table, tenant, limit=1)]
     if held:
         problems.add([f"target {target.name} already holds rows of tenant {tenant} in {', '.join(held)}"])
-    for table in layout.tables:
-        if not table.pk_has_tenant and rows[table.label]:
-            with problems.check():
-                _check_collisions(src, tgt, table, tenant, target.name)
-    return rows, nulls
+    if not (differences or held):  # other tenants' rows only, in tables known to match
+        problems.add(list(shapes.unique_collisions(src, tgt, layout, tenant, target.name, rows)))
+    return rows, nulls, skipped
 
 
 def check_resume(source: Stamp, target: Stamp, layout: Layout, *, allow_triggers: bool = False) -> None:
@@ -203,40 +212,3 @@ def _count(conn: psycopg.Connection[Any], table: Table, tenant: str, limit: int 
         inner = sql.SQL("{} LIMIT {}").format(inner, sql.Literal(limit))
     row = conn.execute(sql.SQL("SELECT count(*) FROM ({}) s").format(inner)).fetchone()
     return int(row[0]) if row else 0
-
-
-def _check_collisions(
-    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], table: Table, tenant: str, target_name: str
-) -> None:
-    """Stream the tenant's keys into a temporary table on the target and look for any that exist there.
-
-    Only tables whose key does not contain the tenant column can collide with another tenant's row.
-    The temporary table lives in a rolled-back transaction, so the target is left unchanged.
-    """
-    keys = tuple(table.primary_key)
-    scratch = sql.Identifier("migrator_keys")
-    with tgt.transaction(force_rollback=True), tgt.cursor() as tcur, src.cursor() as scur:
-        tcur.execute(
-            sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
-                scratch, table.pk_cols(), table.ident
-            )
-        )
-        copy_out = sql.SQL("COPY (SELECT {} FROM {} WHERE {}) TO STDOUT (FORMAT BINARY)").format(
-            table.pk_cols(), table.ident, tenant_filter(table, tenant)
-        )
-        with (
-            scur.copy(copy_out) as out,
-            tcur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(scratch, table.pk_cols())) as inp,
-        ):
-            for block in out:
-                inp.write(block)
-        join = sql.SQL(" AND ").join(sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in keys)
-        text_keys = sql.SQL(", ").join(sql.SQL("t.{}::text").format(sql.Identifier(c)) for c in keys)
-        row = tcur.execute(
-            sql.SQL("SELECT ARRAY[{}] FROM {} t JOIN {} k ON {} LIMIT 1").format(text_keys, table.ident, scratch, join)
-        ).fetchone()
-    if row:
-        raise PreflightError(
-            f"primary key collision in {table.label}: key ({', '.join(row[0])}) of tenant {tenant} already exists "
-            f"on {target_name} (another tenant's row)"
-        )

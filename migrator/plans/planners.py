@@ -21,7 +21,9 @@ from migrator.catalog import Catalog, Stamp
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput
+from migrator.move import shapes
 from migrator.plans.capacity import FleetSizes, StampUsage, measure_fleet, shift
+from migrator.stamps.discovery import problems_message
 from migrator.stamps.sizes import TenantSize, human_bytes
 
 VERSION = 1
@@ -274,6 +276,16 @@ def _plan(
         )
         for name, usage in sorted(sizes.usage.items())
     }
+    pairs = sorted({(m.source, m.target) for m in moves})
+    refused = [
+        (source, target, problems)
+        for source, target in pairs
+        if (problems := shapes.between(sizes.usage[source].stamp, ctx.catalog.stamp(target), ctx.config.tenancy))
+    ]
+    notes += tuple(
+        f"moves from {source} to {target} will be refused by preflight: {problems_message(problems)}"
+        for source, target, problems in refused
+    )
     return Plan(
         kind=kind,
         created=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -3,6 +3,12 @@
 Found by reflecting pg_catalog on the source stamp: the root table (whose key *is* the tenant id)
 plus every table carrying the tenant column. Parents come before children in foreign-key order so
 the target's constraints hold during the copy; tables with neither column are global and left alone.
+
+Foreign keys between tenant tables may form a cycle only through DEFERRABLE constraints: the
+tables of such a cycle (`Table.cycle`) are ordered by their NOT DEFERRABLE foreign keys and copied,
+replayed and deleted together in one transaction with the others deferred. A cycle through NOT
+DEFERRABLE constraints alone cannot be copied and is refused. A table's foreign keys into itself
+(`Table.self_references`, trees) are ordered row by row by `migrator.move.tree`.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from migrator.config import Tenancy
 from migrator.errors import PreflightError
 
 
-def _label(schema: str, name: str) -> str:
+def label(schema: str, name: str) -> str:
     """A table's display name: only the public schema is left out (names are shown as stored)."""
     return name if schema == "public" else f"{schema}.{name}"
 
@@ -30,6 +36,17 @@ class Column:
     identity: bool
     nullable: bool
     sequence: str | None
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    """A foreign key from one tenant table to another (or to itself), with the columns it matches."""
+
+    name: str
+    columns: tuple[str, ...]
+    parent: str
+    parent_columns: tuple[str, ...]
+    deferrable: bool
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,16 @@ class Table:
     primary_key: tuple[str, ...]
     parents: tuple[str, ...]
     key_index: str | None = None
+    foreign_keys: tuple[ForeignKey, ...] = ()
+    cycle: tuple[str, ...] = ()
+    """Names of the tables of its (deferrable) foreign-key cycle, in copy order; empty when in none."""
+    partitions: tuple[str, ...] = ()
+    """Names of its partitions at every level (a partitioned table): the guard trigger fires on them."""
+
+    @property
+    def self_references(self) -> tuple[ForeignKey, ...]:
+        """Foreign keys into the table itself (a tree: parents must reach the target before children)."""
+        return tuple(fk for fk in self.foreign_keys if fk.parent == self.name)
 
     @property
     def ident(self) -> sql.Identifier:
@@ -55,7 +82,7 @@ class Table:
     @property
     def label(self) -> str:
         """Qualified name for messages and progress (unquoted when plain)."""
-        return _label(self.schema, self.name)
+        return label(self.schema, self.name)
 
     @property
     def copy_columns(self) -> tuple[str, ...]:
@@ -85,6 +112,8 @@ class Layout:
     tables: tuple[Table, ...]
     global_tables: tuple[str, ...]
     excluded: tuple[str, ...]
+    problems: tuple[str, ...] = ()
+    """Why a move cannot copy this layout (tables without a row key, NOT DEFERRABLE cycles); see `inspect`."""
 
     def table(self, label: str) -> Table:
         for table in self.tables:
@@ -92,12 +121,27 @@ class Layout:
                 return table
         raise KeyError(label)
 
+    def owner_of(self, name: str) -> str:
+        """The tenant table a partition belongs to (a row trigger reports the partition's name)."""
+        return next((t.name for t in self.tables if name in t.partitions), name)
+
+    def cycle_of(self, table: Table) -> tuple[Table, ...]:
+        """The tables of `table`'s foreign-key cycle in copy order (itself alone when in none)."""
+        return tuple(t for t in self.tables if t.name in table.cycle) or (table,)
+
 
 _TABLES = """
 SELECT c.oid, n.nspname, c.relname
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %s AND c.relkind IN ('r', 'p') AND NOT c.relispartition
 ORDER BY c.relname
+"""
+
+_PARTITIONS = """
+SELECT c.oid, ARRAY(SELECT p.relname FROM pg_partition_tree(c.oid) t JOIN pg_class p ON p.oid = t.relid
+                    WHERE t.level > 0 ORDER BY p.relname)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %s AND c.relkind = 'p' AND NOT c.relispartition
 """
 
 _COLUMNS = """
@@ -128,14 +172,37 @@ ORDER BY i.indrelid, i.indnkeyatts, ic.relname
 _CONSTRAINTS = """
 SELECT con.conrelid, con.contype, con.confrelid,
        ARRAY(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
-             JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum ORDER BY k.ord)
+             JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum ORDER BY k.ord),
+       ARRAY(SELECT a.attname FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum ORDER BY k.ord),
+       con.conname, con.condeferrable
 FROM pg_constraint con JOIN pg_namespace n ON n.oid = con.connamespace
-WHERE n.nspname = %s AND con.contype IN ('p', 'f')
+WHERE n.nspname = %s AND con.contype IN ('p', 'f') AND con.conparentid = 0
+ORDER BY con.conname
 """
 
 
 def discover(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
     """Reflect the stamp's schema into a Layout; refuses layouts a move cannot copy safely."""
+    layout = inspect(conn, tenancy)
+    if layout.problems:
+        raise PreflightError(problems_message(layout.problems))
+    return layout
+
+
+def problems_message(problems: tuple[str, ...] | list[str]) -> str:
+    """All of preflight's findings in one line: the operator fixes them in one round, not one per attempt."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems: " + " ".join(f"({i}) {p};" for i, p in enumerate(problems, 1)).rstrip(";")
+
+
+def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
+    """Reflect the stamp's schema into a Layout, listing in `problems` every reason a move cannot copy it.
+
+    Tables without a usable row key are left out of `tables` (and named in `problems`); only a missing
+    root table is raised at once, as nothing else can be judged without it.
+    """
     schema = tenancy.db_schema
     names = {oid: name for oid, _, name in conn.execute(_TABLES, (schema,)).fetchall()}
     columns: dict[int, list[Column]] = {oid: [] for oid in names}
@@ -143,14 +210,14 @@ def discover(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
         if oid in columns:
             columns[oid].append(Column(name, typ, generated, identity, nullable, seq))
     pkeys: dict[int, tuple[str, ...]] = {}
-    parents: dict[int, set[int]] = {oid: set() for oid in names}
-    for oid, kind, ref, cols in conn.execute(_CONSTRAINTS, (schema,)).fetchall():
+    foreign: dict[int, list[tuple[int, ForeignKey]]] = {oid: [] for oid in names}
+    for oid, kind, ref, cols, ref_cols, conname, deferrable in conn.execute(_CONSTRAINTS, (schema,)).fetchall():
         if oid not in names:
             continue
         if kind == "p":
             pkeys[oid] = tuple(cols)
-        elif ref in names and ref != oid:
-            parents[oid].add(ref)
+        elif ref in names:
+            foreign[oid].append((ref, ForeignKey(conname, tuple(cols), names[ref], tuple(ref_cols), deferrable)))
 
     if tenancy.root_table not in names.values():
         raise PreflightError(f"root table {tenancy.root_table!r} not found in schema {schema!r}")
@@ -170,6 +237,7 @@ def discover(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
         else:
             global_tables.append(name)
 
+    problems: list[str] = []
     unique_keys: dict[int, tuple[str, tuple[str, ...]]] = {}
     for oid, index, cols in conn.execute(_UNIQUE_KEYS, (schema,)).fetchall():
         unique_keys.setdefault(oid, (index, tuple(cols)))  # fewest columns first, then by name
@@ -180,42 +248,130 @@ def discover(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
         elif oid in unique_keys:
             key_index[oid], pkeys[oid] = unique_keys[oid]
         else:
-            raise PreflightError(
-                f"table {_label(schema, names[oid])} has no primary key and no unique index on NOT NULL columns; "
+            problems.append(
+                f"table {label(schema, names[oid])} has no primary key and no unique index on NOT NULL columns; "
                 "a move needs one to copy in resumable batches"
             )
-
-    ordered = _parents_first(tenant_oids, parents, names)
+    partitions = {oid: tuple(parts) for oid, parts in conn.execute(_PARTITIONS, (schema,)).fetchall()}
+    keyed = {oid: key for oid, key in tenant_oids.items() if oid in pkeys}
+    edges = {oid: [(ref, fk) for ref, fk in foreign[oid] if ref in keyed] for oid in keyed}
+    ordered, cycles = _copy_order(edges, names, schema, problems)
     tables = tuple(
         Table(
             schema=schema,
             name=names[oid],
-            key=tenant_oids[oid],
+            key=keyed[oid],
             columns=tuple(columns[oid]),
             primary_key=pkeys[oid],
-            parents=tuple(sorted(names[p] for p in parents[oid] if p in tenant_oids)),
+            parents=tuple(sorted({names[ref] for ref, _ in edges[oid] if ref != oid})),
             key_index=key_index[oid],
+            foreign_keys=tuple(fk for _, fk in edges[oid]),
+            cycle=cycles.get(oid, ()),
+            partitions=partitions.get(oid, ()),
         )
         for oid in ordered
     )
-    return Layout(tables=tables, global_tables=tuple(sorted(global_tables)), excluded=tuple(sorted(excluded)))
+    return Layout(
+        tables=tables,
+        global_tables=tuple(sorted(global_tables)),
+        excluded=tuple(sorted(excluded)),
+        problems=tuple(problems),
+    )
 
 
-def _parents_first(tenant_oids: dict[int, str], parents: dict[int, set[int]], names: dict[int, str]) -> list[int]:
-    """Topological order over tenant tables (ties by name, so every run copies in the same order)."""
-    pending = {oid: {p for p in parents[oid] if p in tenant_oids} for oid in tenant_oids}
+Edges = dict[int, list[tuple[int, ForeignKey]]]
+
+
+def _copy_order(
+    edges: Edges, names: dict[int, str], schema: str, problems: list[str]
+) -> tuple[list[int], dict[int, tuple[str, ...]]]:
+    """Parents first: the strongly connected components of the foreign-key graph in topological order
+    (ties by name, so every run copies in the same order), each cycle's tables ordered by its NOT
+    DEFERRABLE foreign keys. Returns the order and, per table of a cycle, the cycle's table names.
+
+    A cycle whose NOT DEFERRABLE foreign keys still form a cycle is added to `problems`.
+    """
+    parents = {oid: {ref for ref, _ in out if ref != oid} for oid, out in edges.items()}
+    components = _components(parents, names)
+    owner = {oid: i for i, component in enumerate(components) for oid in component}
+    pending = {i: {owner[p] for oid in c for p in parents[oid]} - {i} for i, c in enumerate(components)}
     ordered: list[int] = []
+    cycles: dict[int, tuple[str, ...]] = {}
     while pending:
-        ready = sorted((oid for oid, deps in pending.items() if not deps), key=lambda o: names[o])
-        if not ready:
-            cycle = ", ".join(sorted(names[o] for o in pending))
-            raise PreflightError(f"foreign keys form a cycle between tenant tables ({cycle}); cannot order the copy")
-        for oid in ready:
-            ordered.append(oid)
-            del pending[oid]
+        ready = min((i for i, deps in pending.items() if not deps), key=lambda i: min(names[o] for o in components[i]))
+        del pending[ready]
         for deps in pending.values():
-            deps.difference_update(ready)
-    return ordered
+            deps.discard(ready)
+        members = components[ready]
+        if len(members) == 1:
+            ordered.extend(members)
+            continue
+        strict = {
+            oid: {ref for ref, fk in edges[oid] if ref in members and ref != oid and not fk.deferrable}
+            for oid in members
+        }
+        inner: list[int] = []
+        while strict:
+            free = sorted((o for o, deps in strict.items() if not deps), key=lambda o: names[o])
+            if not free:
+                tangled = sorted(strict, key=lambda o: names[o])
+                through = ", ".join(
+                    f"{fk.name} ({label(schema, names[o])} -> {label(schema, fk.parent)})"
+                    for o in tangled
+                    for ref, fk in edges[o]
+                    if ref in strict and ref != o and not fk.deferrable
+                )
+                problems.append(
+                    "foreign keys form a cycle between tenant tables "
+                    f"({', '.join(label(schema, names[o]) for o in tangled)}) through NOT DEFERRABLE constraints "
+                    f"{through}; make one of them DEFERRABLE (ALTER TABLE ... ALTER CONSTRAINT ... DEFERRABLE) so "
+                    "the cycle can be copied in one transaction"
+                )
+                inner.extend(tangled)
+                break
+            inner.extend(free)
+            for o in free:
+                del strict[o]
+            for deps in strict.values():
+                deps.difference_update(free)
+        ordered.extend(inner)
+        for oid in inner:
+            cycles[oid] = tuple(names[o] for o in inner)
+    return ordered, cycles
+
+
+def _components(parents: dict[int, set[int]], names: dict[int, str]) -> list[list[int]]:
+    """Tarjan's strongly connected components of the graph child -> parents."""
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    stack: list[int] = []
+    on_stack: set[int] = set()
+    found: list[list[int]] = []
+
+    def visit(oid: int) -> None:
+        index[oid] = low[oid] = len(index)
+        stack.append(oid)
+        on_stack.add(oid)
+        for ref in sorted(parents[oid], key=lambda o: names[o]):
+            if ref not in index:
+                visit(ref)
+                low[oid] = min(low[oid], low[ref])
+            elif ref in on_stack:
+                low[oid] = min(low[oid], index[ref])
+        if low[oid] == index[oid]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == oid:
+                    break
+            found.append(component)
+
+    for oid in sorted(parents, key=lambda o: names[o]):
+        if oid not in index:
+            visit(oid)
+    return found
 
 
 def tenant_filter(table: Table, tenant: str) -> sql.Composed:

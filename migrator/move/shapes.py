@@ -1,0 +1,276 @@
+"""Preflight's checks of a schema's shape: whatever a move could not copy exactly is found before its first write.
+
+Each check returns problems, one sentence each naming the table, the problem and what to do,
+instead of raising: preflight reports every problem of a move in one run, not one per attempt.
+They read both stamps and change nothing (temporary tables live in rolled-back transactions).
+
+- `unmovable`: what binary COPY of the tenancy schema's tables cannot carry: large objects (`oid`
+  and `lo` columns point into pg_largeobject), foreign tables holding the tenant column (their rows
+  live elsewhere), and tables of other schemas whose foreign keys reference tenant tables (their
+  rows would be left behind, and would block the cleanup). Views and materialized views hold no
+  rows of their own; they are listed as skipped.
+- `compare_layouts`: the target's tenant tables against the source's: the same tables, columns
+  (by name, of the same types; their physical order may differ) and row keys.
+- `foreign_tenant_references`: rows of the moving tenant whose foreign keys point to rows of another
+  tenant (or of none): the target would lack the parents.
+- `unique_collisions`: every unique index of the target (primary keys, unique constraints, unique
+  indexes on expressions, partial ones with their predicate evaluated on both sides) that does not
+  contain the tenant column, against the moving tenant's rows on the source.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from migrator import stamps
+from migrator.catalog import Stamp
+from migrator.config import Tenancy
+from migrator.stamps.discovery import Layout, Table, inspect, label, tenant_filter
+
+MAX_KEYS = 5
+
+_LARGE_OBJECTS = """
+SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_type t ON t.oid = a.atttypid
+WHERE n.nspname = %s AND c.relname = ANY(%s) AND a.attnum > 0 AND NOT a.attisdropped
+  AND (CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END) = 'oid'::regtype
+ORDER BY 1, 2
+"""
+
+_OUTSIDE_REFERRERS = """
+SELECT rn.nspname, rc.relname, con.conname, c.relname
+FROM pg_constraint con JOIN pg_class rc ON rc.oid = con.conrelid JOIN pg_namespace rn ON rn.oid = rc.relnamespace
+JOIN pg_class c ON c.oid = con.confrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE con.contype = 'f' AND con.conparentid = 0 AND n.nspname = %s AND c.relname = ANY(%s) AND rn.nspname <> %s
+ORDER BY 1, 2, 3
+"""
+
+_FOREIGN_TABLES = """
+SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %s AND c.relkind = 'f'
+  AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = %s AND NOT a.attisdropped)
+ORDER BY 1
+"""
+
+_VIEWS = """
+SELECT CASE c.relkind WHEN 'v' THEN 'view ' ELSE 'materialized view ' END || c.relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %s AND c.relkind IN ('v', 'm')
+ORDER BY c.relname
+"""
+
+# Unique indexes of a table whose key does not contain the tenant column: each key column or
+# expression and the predicate as the server deparses them (valid SQL over the table's columns).
+_UNIQUE_INDEXES = """
+SELECT ic.relname, i.indisprimary, i.indnullsnotdistinct,
+       ARRAY(SELECT pg_get_indexdef(i.indexrelid, k, true) FROM generate_series(1, i.indnkeyatts) k ORDER BY k),
+       pg_get_expr(i.indpred, i.indrelid, true)
+FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+WHERE i.indrelid = %s::regclass AND i.indisunique AND i.indisvalid
+  AND NOT EXISTS (SELECT 1 FROM unnest(i.indkey) WITH ORDINALITY u(attnum, ord)
+                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = u.attnum
+                  WHERE u.ord <= i.indnkeyatts AND a.attname = %s)
+ORDER BY ic.relname
+"""
+
+
+def unmovable(conn: psycopg.Connection[Any], tenancy: Tenancy, layout: Layout) -> tuple[list[str], tuple[str, ...]]:
+    """What COPY cannot carry (problems), and the views and materialized views left alone (skipped)."""
+    schema, names = tenancy.db_schema, [t.name for t in layout.tables]
+    problems = [
+        f"table {label(schema, table)} column {column} is of type {typ}: it points to large objects, which live "
+        "in pg_largeobject and are not copied with the rows; store the bytes in a bytea column, or exclude the table"
+        for table, column, typ in conn.execute(_LARGE_OBJECTS, (schema, names)).fetchall()
+    ]
+    problems += [
+        f"foreign table {label(schema, name)} has the tenant column {tenancy.column} but its rows live on "
+        "another server, which a move cannot copy; move them by other means and add it to [tenancy] exclude"
+        for (name,) in conn.execute(_FOREIGN_TABLES, (schema, tenancy.column)).fetchall()
+    ]
+    problems += [
+        f"table {other_schema}.{other} references tenant table {label(schema, table)} (foreign key {conname}) "
+        f"from outside schema {schema}: its rows would stay behind and block the cleanup; move it into {schema} "
+        "with the tenant column, or drop the foreign key"
+        for other_schema, other, conname, table in conn.execute(_OUTSIDE_REFERRERS, (schema, names, schema)).fetchall()
+    ]
+    skipped = tuple(row[0] for row in conn.execute(_VIEWS, (schema,)).fetchall())
+    return problems, skipped
+
+
+def between(source: Stamp, target: Stamp, tenancy: Tenancy) -> list[str]:
+    """The problems of the schemas that would refuse any move from `source` to `target` (for plans:
+    a tenant's own rows, such as unique values taken on the target, are judged by each move's preflight)."""
+    with stamps.connect(source) as src, stamps.connect(target) as tgt:
+        layout = inspect(src, tenancy)
+        problems = [*layout.problems, *unmovable(src, tenancy, layout)[0]]
+        return problems + compare_layouts(layout, inspect(tgt, tenancy), source.name, target.name)
+
+
+def compare_layouts(source: Layout, target: Layout, source_name: str, target_name: str) -> list[str]:
+    """Differences in tenant tables, their columns (by name and type) and row keys between two stamps."""
+    problems = [f"on {target_name}: {p}" for p in target.problems if p not in source.problems]
+    theirs = {t.label: t for t in target.tables}
+    for extra in sorted(set(theirs) - {t.label for t in source.tables}):
+        problems.append(f"tenant table {extra} exists on {target_name} but not on {source_name}")
+    for table in source.tables:
+        other = theirs.get(table.label)
+        if other is None:
+            if not any(table.label in p for p in target.problems):
+                problems.append(f"tenant table {table.label} is missing on {target_name}")
+            continue
+        differ = _column_differences(table, other, source_name, target_name)
+        if differ:
+            problems.append(
+                f"columns of {table.label} differ between {source_name} and {target_name}: {', '.join(differ)}; "
+                "bring both stamps to the same schema first"
+            )
+        if table.primary_key != other.primary_key:
+            problems.append(
+                f"row key of {table.label} differs: ({', '.join(table.primary_key)}) on {source_name}, "
+                f"({', '.join(other.primary_key)}) on {target_name}"
+            )
+    return problems
+
+
+def _column_differences(source: Table, target: Table, source_name: str, target_name: str) -> list[str]:
+    mine = {c.name: c for c in source.columns}
+    theirs = {c.name: c for c in target.columns}
+    found = []
+    for name in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(name), theirs.get(name)
+        if b is None:
+            found.append(f"{name} (missing on {target_name})")
+        elif a is None:
+            found.append(f"{name} (only on {target_name})")
+        elif (a.type, a.generated) != (b.type, b.generated):
+            what = {True: " generated", False: ""}
+            found.append(
+                f"{name} ({a.type}{what[a.generated]} on {source_name}, {b.type}{what[b.generated]} on {target_name})"
+            )
+    return found
+
+
+def unique_collisions(
+    src: psycopg.Connection[Any],
+    tgt: psycopg.Connection[Any],
+    layout: Layout,
+    tenant: str,
+    target_name: str,
+    rows: dict[str, int],
+) -> list[str]:
+    """For each unique index on the target not containing the tenant column, the tenant's values on the
+    source that rows already on the target hold (another tenant's: the tenant has none there)."""
+    problems = []
+    for table in layout.tables:
+        if not rows.get(table.label):
+            continue
+        indexes = tgt.execute(_UNIQUE_INDEXES, (table.ident.as_string(tgt), table.key)).fetchall()
+        for name, primary, nulls_equal, exprs, predicate in indexes:
+            keys = _colliding(src, tgt, table, tenant, exprs, predicate, nulls_equal)
+            if not keys:
+                continue
+            shown = "; ".join("(" + ", ".join("NULL" if v is None else v for v in k) + ")" for k in keys)
+            if primary:
+                problems.append(
+                    f"primary key collision in {table.label}: key {shown} of tenant {tenant} already exists "
+                    f"on {target_name} (another tenant's row)"
+                )
+                continue
+            where = f" WHERE {predicate}" if predicate else ""
+            problems.append(
+                f"unique index {name} on {table.label} ({', '.join(exprs)}){where}: values {shown} of tenant "
+                f"{tenant} are already taken on {target_name} by other tenants' rows; change them on one side first"
+            )
+    return problems
+
+
+def _colliding(
+    src: psycopg.Connection[Any],
+    tgt: psycopg.Connection[Any],
+    table: Table,
+    tenant: str,
+    exprs: list[str],
+    predicate: str | None,
+    nulls_equal: bool,
+) -> list[list[str | None]]:
+    """Stream the tenant's index values into a temporary table on the target and find those taken there.
+
+    The key expressions and the predicate are SQL text deparsed by the server from the index
+    (`pg_get_indexdef`, `pg_get_expr`), not input: they are the only SQL here not built by psycopg.sql.
+    """
+    values = [sql.SQL(e) for e in exprs]  # deparsed by PostgreSQL from the index
+    names = [sql.Identifier(f"migrator_k{i}") for i in range(len(exprs))]
+    where = sql.SQL(f"({predicate})") if predicate else sql.SQL("true")
+    keys = sql.Identifier("migrator_unique_keys")
+    equal = sql.SQL(" IS NOT DISTINCT FROM " if nulls_equal else " = ")
+    with tgt.transaction(force_rollback=True), tgt.cursor() as tcur, src.cursor() as scur:
+        tcur.execute(
+            sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+                keys,
+                sql.SQL(", ").join(sql.SQL("{} AS {}").format(v, n) for v, n in zip(values, names, strict=True)),
+                table.ident,
+            )
+        )
+        copy_out = sql.SQL("COPY (SELECT {} FROM {} WHERE {} AND {}) TO STDOUT (FORMAT BINARY)").format(
+            sql.SQL(", ").join(values), table.ident, tenant_filter(table, tenant), where
+        )
+        with (
+            scur.copy(copy_out) as out,
+            tcur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(keys)) as inp,
+        ):
+            for block in out:
+                inp.write(block)
+        match = sql.SQL(" AND ").join(
+            sql.SQL("{}{}k.{}").format(v, equal, n) for v, n in zip(values, names, strict=True)
+        )
+        found = tcur.execute(
+            sql.SQL("SELECT ARRAY[{}] FROM {} k WHERE EXISTS (SELECT 1 FROM {} WHERE {} AND {}) LIMIT {}").format(
+                sql.SQL(", ").join(sql.SQL("k.{}::text").format(n) for n in names),
+                keys,
+                table.ident,
+                where,
+                match,
+                sql.Literal(MAX_KEYS),
+            )
+        ).fetchall()
+    return [list(row[0]) for row in found]
+
+
+def foreign_tenant_references(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> list[str]:
+    """Foreign keys between tenant tables whose rows of this tenant reference rows not of this tenant.
+
+    A key that matches the tenant column with the parent's cannot cross tenants and is not scanned.
+    """
+    problems = []
+    for table in layout.tables:
+        for fk in table.foreign_keys:
+            parent = layout.table(label(table.schema, fk.parent))
+            if (table.key, parent.key) in zip(fk.columns, fk.parent_columns, strict=True):
+                continue
+            cols = [(sql.Identifier(c), sql.Identifier(p)) for c, p in zip(fk.columns, fk.parent_columns, strict=True)]
+            query = sql.SQL(
+                "SELECT ARRAY[{key}] FROM {t} c WHERE c.{k} = {v} AND {set} AND NOT EXISTS"
+                " (SELECT 1 FROM {p} p WHERE {match} AND p.{pk} = {v}) LIMIT {n}"
+            ).format(
+                key=sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in table.primary_key),
+                t=table.ident,
+                k=sql.Identifier(table.key),
+                v=sql.Literal(tenant),
+                set=sql.SQL(" AND ").join(sql.SQL("c.{} IS NOT NULL").format(c) for c, _ in cols),
+                p=parent.ident,
+                match=sql.SQL(" AND ").join(sql.SQL("p.{} = c.{}").format(p, c) for c, p in cols),
+                pk=sql.Identifier(parent.key),
+                n=sql.Literal(MAX_KEYS),
+            )
+            keys = [row[0] for row in conn.execute(query).fetchall()]
+            if keys:
+                shown = "; ".join("(" + ", ".join(k) + ")" for k in keys)
+                problems.append(
+                    f"rows {shown} of {table.label} reference rows of {parent.label} that are not tenant {tenant}'s "
+                    f"(foreign key {fk.name}); a move copies one tenant's rows only: fix those references first"
+                )
+    return problems
