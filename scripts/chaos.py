@@ -124,6 +124,42 @@ class Fleet:
             )
 
 
+# Shapes of real application schemas the moves must carry exactly under the same faults (beside the
+# sample application): a folder tree whose children have smaller keys than their parents as well as
+# larger (a self-referencing foreign key), and an application trigger that writes an audit row for
+# every folder inserted. Copies, replays and cleanups must not fire it: an extra audit row on any
+# stamp counts as a duplicated row.
+REAL_SHAPES = """
+CREATE TABLE folders (
+    tenant_id bigint NOT NULL REFERENCES tenants (id),
+    id bigint NOT NULL,
+    parent_id bigint,
+    name text NOT NULL,
+    PRIMARY KEY (tenant_id, id),
+    FOREIGN KEY (tenant_id, parent_id) REFERENCES folders (tenant_id, id)
+);
+CREATE TABLE folder_audit (
+    tenant_id bigint NOT NULL REFERENCES tenants (id),
+    id bigint GENERATED ALWAYS AS IDENTITY,
+    folder_id bigint NOT NULL,
+    PRIMARY KEY (tenant_id, id)
+);
+CREATE FUNCTION audit_folder() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO folder_audit (tenant_id, folder_id) VALUES (NEW.tenant_id, NEW.id);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER audit_folder AFTER INSERT ON folders FOR EACH ROW EXECUTE FUNCTION audit_folder();
+"""
+# Folders 1..n (n >= 10), rooted at 10: folders 1-9 hang under it (children with smaller keys than
+# their parent), every folder above 10 under the one ten below (children with larger keys).
+SEED_SHAPES = """
+INSERT INTO folders (tenant_id, id, parent_id, name)
+SELECT %(tenant)s, g, CASE WHEN g = 10 THEN NULL WHEN g < 10 THEN 10 ELSE g - 10 END, 'f' || g
+FROM generate_series(1, %(n)s::bigint) AS g
+"""
+
+
 def build_fleet(base: Path, rng: random.Random, stamps: int, small: int, medium: int, started: list[Any]) -> Fleet:
     """Start 1 + `stamps` servers, migrate, seed `small` tenants per stamp and `medium` in all."""
     catalog_server = pgserver.start_server(base / "catalog", backend="local")
@@ -138,6 +174,8 @@ def build_fleet(base: Path, rng: random.Random, stamps: int, small: int, medium:
     dsns = {}
     for name, server in servers.items():
         dsns[name] = provision.stamp_database(server, "stamp")
+        with _connect(dsns[name], "chaos-setup") as conn:
+            conn.execute(REAL_SHAPES)
         catalog.add_stamp(name, dsns[name], region="local")
     config = provision.write_config(base / "migrator.toml", catalog_url)
     fleet = Fleet(base, catalog_server, servers, catalog_url, dsns, config)
@@ -148,6 +186,8 @@ def build_fleet(base: Path, rng: random.Random, stamps: int, small: int, medium:
         specs += [TenantSpec(next_id + j, rng.randint(12_000, 25_000)) for j in range(medium) if j % stamps == i]
         next_id += medium
         for tenant, rows in seed_fleet_stamp(dsns[name], specs).items():
+            with _connect(dsns[name], "chaos-setup") as conn:
+                conn.execute(SEED_SHAPES, {"tenant": tenant, "n": rng.randint(10, 40)})
             catalog.set_route(str(tenant), name)
             fleet.tenants[str(tenant)] = rows
     return fleet

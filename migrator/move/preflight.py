@@ -102,6 +102,9 @@ def check_move(
                 )
         problems.add(checks.move_problems(src, tgt, layout, source.name, target.name, allow_triggers))
     problems.raise_any(f"preflight refused the move of tenant {tenant} to {target.name}")
+    for label, count in nulls.items():  # said only of a move that goes ahead: a refusal stays one line
+        key = layout.table(label).key
+        log.warning("table %s has %d rows with NULL %s; they are not moved", label, count, key)
     return Checked(tenant, route, source, target, layout, src_rev, rows, nulls, skipped)
 
 
@@ -128,9 +131,6 @@ def _check_rows(
     if rows[root.label] == 0:
         raise PreflightError(f"tenant {tenant} has no row in {root.label} on its stamp {source.name}")
     nulls = null_tenant_rows(src, layout)
-    for label, count in nulls.items():
-        key = layout.table(label).key
-        log.warning("table %s has %d rows with NULL %s; they are not moved", label, count, key)
     unmovable, skipped = shapes.unmovable(src, tenancy, layout)
     problems.add(list(unmovable))
     problems.add(list(shapes.foreign_tenant_references(src, layout, tenant)))
