@@ -55,8 +55,34 @@ def templates(pg: pgserver.LocalServer) -> dict[str, str]:
     return {"catalog": "tpl_catalog", "stamp": "tpl_stamp"}
 
 
+class RunsCli:
+    """The CLI against this fleet's `config_path`: in-process (`run`) or as a real process (`popen`).
+
+    Where the fleet has a `password` (of a role the tests made), it must never appear in the output.
+    """
+
+    config_path: Path
+
+    def run(self, *args: str) -> Result:
+        """Invoke the CLI in-process with this fleet's config."""
+        from migrator.cli import cli
+
+        result = CliRunner().invoke(cli, ["--config", str(self.config_path), *args], catch_exceptions=False)
+        secret = getattr(self, "password", None)
+        if secret:
+            assert secret not in result.output + result.stderr
+        return result
+
+    def popen(self, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
+        """Start the CLI as a real process (for kill -9 and concurrency tests)."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "migrator", "--config", str(self.config_path), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ}, **kwargs,
+        )
+
+
 @dataclass
-class Fleet:
+class Fleet(RunsCli):
     """A catalog and three stamps of fresh databases on the session's server, with a config file."""
 
     server: pgserver.LocalServer
@@ -82,19 +108,6 @@ class Fleet:
     def layout(self, stamp: str = "eu-1") -> Layout:
         with dsnlib.connect(self.stamps[stamp], autocommit=True) as conn:
             return discover(conn, self.ctx.config.tenancy)
-
-    def run(self, *args: str) -> Result:
-        """Invoke the CLI in-process with this fleet's config."""
-        from migrator.cli import cli
-
-        return CliRunner().invoke(cli, ["--config", str(self.config_path), *args], catch_exceptions=False)
-
-    def popen(self, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
-        """Start the CLI as a real process (for kill -9 and concurrency tests)."""
-        return subprocess.Popen(
-            [sys.executable, "-m", "migrator", "--config", str(self.config_path), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ}, **kwargs,
-        )
 
 
 @contextmanager

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,12 +19,11 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
-from click.testing import CliRunner, Result
-from conftest import REPO, STAMP_NAMES, Fleet, operator_grants, tenant_digest, tenant_row_count
+from click.testing import Result
+from conftest import REPO, STAMP_NAMES, Fleet, RunsCli, operator_grants, tenant_digest, tenant_row_count
 from psycopg import sql
 
 from migrator import config as configlib
-from migrator.cli import cli
 from migrator.db import dsn as dsnlib
 from migrator.local.provision import sample_app_env
 from migrator.move import fence
@@ -34,7 +31,7 @@ from migrator.move.fence import FENCED_SQLSTATE
 
 
 @dataclass
-class Roles:
+class Roles(RunsCli):
     """The roles of one test: who owns the tables, who migrates, who writes as the application."""
 
     fleet: Fleet
@@ -57,18 +54,6 @@ class Roles:
 
     def app_dsn(self, stamp: str) -> str:
         return self.url(self.app, self.stamp_db(stamp))
-
-    def run(self, *args: str) -> Result:
-        """The CLI in-process, configured to reach the catalog and the stamps as the operator role."""
-        result = CliRunner().invoke(cli, ["--config", str(self.config_path), *args], catch_exceptions=False)
-        assert self.password not in result.output + result.stderr
-        return result
-
-    def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "migrator", "--config", str(self.config_path), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-        )
 
 
 def _admin(fleet: Fleet, db: str, *statements: sql.Composable) -> None:

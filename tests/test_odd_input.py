@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
-from conftest import catalog_snapshot, stamp_snapshot, tenant_digest
+from click.testing import CliRunner
+from conftest import RunsCli, catalog_snapshot, stamp_snapshot, tenant_digest
 from psycopg import sql
 
 from migrator import config as configlib
@@ -116,7 +116,7 @@ def _seed(dsn: str, tenant: str, rows: int = ROWS) -> None:
 
 
 @dataclass
-class OddFleet:
+class OddFleet(RunsCli):
     """A fresh catalog and two empty stamp databases holding a bespoke schema, with a config file."""
 
     server: pgserver.LocalServer
@@ -135,9 +135,6 @@ class OddFleet:
     def layout(self, stamp: str = "eu-1") -> Layout:
         with dsnlib.connect(self.stamps[stamp], autocommit=True) as conn:
             return discover(conn, self.tenancy)
-
-    def run(self, *args: str) -> Result:
-        return CliRunner().invoke(cli, ["--config", str(self.config_path), *args], catch_exceptions=False)
 
     def execute(self, stamp: str, *statements: sql.Composable | str) -> None:
         with dsnlib.connect(self.stamps[stamp], autocommit=True) as conn:

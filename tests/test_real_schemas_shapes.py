@@ -15,8 +15,6 @@ import json
 import random
 import secrets
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,13 +23,12 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from click.testing import CliRunner, Result
-from conftest import REPO, catalog_snapshot, operator_grants, stamp_snapshot, tenant_digest
+from click.testing import Result
+from conftest import RunsCli, catalog_snapshot, operator_grants, stamp_snapshot, tenant_digest
 from psycopg import sql
 
 from migrator import config as configlib
 from migrator.catalog import Catalog
-from migrator.cli import cli
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.local import pgserver
@@ -48,7 +45,7 @@ _ids = itertools.count(1)
 
 
 @dataclass
-class Shaped:
+class Shaped(RunsCli):
     """Two stamps holding a bespoke schema, a catalog, and a config that reaches them as the operator role."""
 
     server: pgserver.LocalServer
@@ -57,17 +54,6 @@ class Shaped:
     admin: dict[str, str] = field(repr=False)  # superuser DSNs of the stamps
     operator_dsns: dict[str, str] = field(repr=False)
     password: str = field(repr=False)
-
-    def run(self, *args: str) -> Result:
-        result = CliRunner().invoke(cli, ["--config", str(self.config_path), *args], catch_exceptions=False)
-        assert self.password not in result.output + result.stderr
-        return result
-
-    def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "migrator", "--config", str(self.config_path), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-        )
 
     def context(self) -> Context:
         return Context.load(self.config_path)

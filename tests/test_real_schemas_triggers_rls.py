@@ -22,13 +22,11 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
-from click.testing import CliRunner, Result
-from conftest import catalog_snapshot, operator_grants, stamp_snapshot, tenant_digest
+from conftest import RunsCli, catalog_snapshot, operator_grants, stamp_snapshot, tenant_digest
 from psycopg import sql
 
 from migrator import config as configlib
 from migrator.catalog import Catalog
-from migrator.cli import cli
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.local import pgserver
@@ -74,7 +72,7 @@ RLS_NOT_FORCED = [  # the owner (and its inheriting members) are exempt: migrato
 
 
 @dataclass
-class Shop:
+class Shop(RunsCli):
     """A catalog and two stamps of the bespoke schema; migrator connects as `operator`, a plain role."""
 
     server: pgserver.LocalServer
@@ -100,11 +98,6 @@ class Shop:
 
     def app_dsn(self, stamp: str) -> str:
         return self.url(self.app, self.databases[stamp])
-
-    def run(self, *args: str) -> Result:
-        result = CliRunner().invoke(cli, ["--config", str(self.config_path), *args], catch_exceptions=False)
-        assert self.password not in result.output + result.stderr
-        return result
 
     def sql(self, stamp: str, *statements: str | sql.Composable, user: str | None = None) -> None:
         dsn = self.admin(stamp) if user is None else self.url(user, self.databases[stamp])
