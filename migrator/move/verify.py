@@ -102,6 +102,13 @@ def keyed_row_hashes(
     return {tuple(key): digest for key, digest in conn.execute(query).fetchall()}
 
 
+def _in_span(table: Table, tenant: str, span: Range, where: sql.Composable = ALL_ROWS) -> sql.Composed:
+    """The tenant's rows with keys in (span[0], span[1]], and the extra filter: every query here reads these."""
+    return sql.SQL("{} AND {} AND {} AND {}").format(
+        tenant_filter(table, tenant), key_after(table, span[0]), key_upto(table, span[1]), where
+    )
+
+
 def checksum(
     conn: psycopg.Connection[Any],
     table: Table,
@@ -113,15 +120,8 @@ def checksum(
     query = sql.SQL(
         "SELECT count(*), coalesce(sum(('x' || left(h, 16))::bit(64)::bigint::numeric), 0),"
         " coalesce(sum(('x' || right(h, 16))::bit(64)::bigint::numeric), 0)"
-        " FROM (SELECT {} AS h FROM {} WHERE {} AND {} AND {} AND {}) rows"
-    ).format(
-        _row_hash(table),
-        table.ident,
-        tenant_filter(table, tenant),
-        key_after(table, span[0]),
-        key_upto(table, span[1]),
-        where,
-    )
+        " FROM (SELECT {} AS h FROM {} WHERE {}) rows"
+    ).format(_row_hash(table), table.ident, _in_span(table, tenant, span, where))
     row = conn.execute(query).fetchone()
     assert row is not None
     return Checksum(int(row[0]), int(row[1]), int(row[2]))
@@ -156,14 +156,8 @@ def row_hashes(
     where: sql.Composable = ALL_ROWS,
 ) -> dict[tuple[str, ...], str]:
     """Key -> md5 of the row, for the tenant's rows in a key range (and filter)."""
-    query = sql.SQL("SELECT ARRAY[{}], {} FROM {} WHERE {} AND {} AND {} AND {}").format(
-        table.pk_text(),
-        _row_hash(table),
-        table.ident,
-        tenant_filter(table, tenant),
-        key_after(table, span[0]),
-        key_upto(table, span[1]),
-        where,
+    query = sql.SQL("SELECT ARRAY[{}], {} FROM {} WHERE {}").format(
+        table.pk_text(), _row_hash(table), table.ident, _in_span(table, tenant, span, where)
     )
     return {tuple(key): digest for key, digest in conn.execute(query).fetchall()}
 
@@ -172,16 +166,9 @@ def _split(conn: psycopg.Connection[Any], table: Table, tenant: str, span: Range
     """Cut a range into about FANOUT sub-ranges at the source's key quantiles."""
     step = max(1, rows // FANOUT)
     query = sql.SQL(
-        "SELECT k FROM (SELECT ARRAY[{}] AS k, row_number() OVER (ORDER BY {}) AS n FROM {} WHERE {} AND {} AND {}) s"
+        "SELECT k FROM (SELECT ARRAY[{}] AS k, row_number() OVER (ORDER BY {}) AS n FROM {} WHERE {}) s"
         " WHERE n %% %s = 0 ORDER BY n"
-    ).format(
-        table.pk_text(),
-        table.pk_cols(),
-        table.ident,
-        tenant_filter(table, tenant),
-        key_after(table, span[0]),
-        key_upto(table, span[1]),
-    )
+    ).format(table.pk_text(), table.pk_cols(), table.ident, _in_span(table, tenant, span))
     bounds = [list(r[0]) for r in conn.execute(query, (step,)).fetchall()]
     edges: list[list[str] | None] = [span[0], *bounds, span[1]]
     return [(edges[i], edges[i + 1]) for i in range(len(edges) - 1) if edges[i] != edges[i + 1]]
