@@ -9,6 +9,7 @@ import psycopg
 import pytest
 from conftest import Fleet, tenant_digest
 
+from migrator.catalog import Phase
 from migrator.db import dsn as dsnlib
 from migrator.local.writer import Workload
 from migrator.move.fence import FENCED_SQLSTATE
@@ -171,7 +172,9 @@ def test_catch_up_that_cannot_converge_stops_writable_and_resumable(busy: Fleet)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 1, err
     assert "did not converge" in err and "stays writable" in err
-    assert _phase(busy, "7") == "copied"
+    # The first catch-up (after the copy) may meet an empty backlog between two writes and reach
+    # `synced`; the cutover's catch-up then stops. Either way the move stands before any fence.
+    assert _phase(busy, "7") in (Phase.COPIED, Phase.SYNCED)
     assert busy.catalog.route("7").stamp == "eu-1"
     acked = mover.acked
     _wait(lambda: mover.acked > acked + 50, "writes after the stop")  # the tenant still writes on its source
