@@ -8,6 +8,7 @@ import time
 import psycopg
 import pytest
 from conftest import Fleet
+from psycopg import sql
 
 from migrator.db import dsn as dsnlib
 from migrator.move import fence
@@ -90,3 +91,90 @@ def test_guarding_backs_off_instead_of_deadlocking_an_application_transaction(fl
     with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
         assert fence.has_schema(conn)
         assert conn.execute("SELECT count(*) FROM _migrator.guarded_tenants").fetchone() == (1,)
+
+
+def _guard(fleet: Fleet, tenant: str) -> None:
+    """Capture the tenant's writes (move 1), unfenced, as an online move does before its cutover."""
+    with dsnlib.connect(fleet.dsn("eu-1")) as conn:
+        fence.guard(conn, fleet.layout(), tenant, 1, fenced=False, capture=True)
+        conn.commit()
+
+
+def _set_fenced(fleet: Fleet, tenant: str) -> None:
+    with dsnlib.connect(fleet.dsn("eu-1")) as conn:
+        fence.set_fenced(conn, tenant, True)
+        conn.commit()
+
+
+def _captured(fleet: Fleet) -> int:
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
+        return int(conn.execute("SELECT count(*) FROM _migrator.changes").fetchone()[0])
+
+
+def test_a_write_queued_behind_the_cutover_is_fenced_when_it_gets_through(fleet: Fleet) -> None:
+    """The write read the guard unfenced, then waited for the move's lock while the fence committed."""
+    fleet.seed("eu-1", 5, 200)
+    _guard(fleet, "5")
+    outcome: list[BaseException | None] = []
+    with dsnlib.connect(fleet.dsn("eu-1"), pinned=False) as cutover:
+        cutover.execute("SELECT pg_advisory_xact_lock(%s, 1)", (fence.LOCK_CLASS,))  # as wait_for_writers
+
+        def write() -> None:
+            try:
+                with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True, pinned=False) as app:
+                    app.execute("UPDATE tenants SET name = 'queued write' WHERE id = 5")
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                outcome.append(exc)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        deadline = time.monotonic() + 30
+        while not cutover.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND classid = %s",
+            (fence.LOCK_CLASS,),
+        ).fetchone()[0]:
+            assert time.monotonic() < deadline, "the write never queued behind the move's lock"
+            time.sleep(0.02)
+        _set_fenced(fleet, "5")
+        cutover.commit()
+        writer.join(timeout=30)
+    assert len(outcome) == 1 and isinstance(outcome[0], psycopg.Error)
+    assert outcome[0].sqlstate == fence.FENCED_SQLSTATE
+
+
+@pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_a_transaction_whose_snapshot_predates_the_fence_cannot_write(fleet: Fleet, isolation: str) -> None:
+    fleet.seed("eu-1", 5, 200)
+    _guard(fleet, "5")
+    with dsnlib.connect(fleet.dsn("eu-1"), pinned=False) as app:
+        app.execute(sql.SQL("SET TRANSACTION ISOLATION LEVEL {}").format(sql.SQL(isolation)))
+        app.execute("SELECT count(*) FROM tasks WHERE tenant_id = 5").fetchone()  # its snapshot, unfenced
+        _set_fenced(fleet, "5")
+        with pytest.raises(psycopg.errors.SerializationFailure):
+            app.execute("UPDATE tenants SET name = 'stale snapshot' WHERE id = 5")
+        app.rollback()
+        with pytest.raises(psycopg.Error) as caught:  # retried on a new snapshot: fenced
+            app.execute("UPDATE tenants SET name = 'retried' WHERE id = 5")
+        assert caught.value.sqlstate == fence.FENCED_SQLSTATE
+
+
+@pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_a_transaction_whose_snapshot_predates_the_guard_cannot_write_uncaptured(
+    fleet: Fleet, isolation: str
+) -> None:
+    fleet.seed("eu-1", 5, 200)
+    fleet.seed("eu-1", 6, 200)
+    with dsnlib.connect(fleet.dsn("eu-1"), pinned=False) as app:
+        app.execute(sql.SQL("SET TRANSACTION ISOLATION LEVEL {}").format(sql.SQL(isolation)))
+        app.execute("SELECT count(*) FROM tasks WHERE tenant_id = 5").fetchone()  # its snapshot, unguarded
+        _guard(fleet, "5")
+        with pytest.raises(psycopg.errors.SerializationFailure):
+            app.execute("UPDATE tenants SET name = 'stale snapshot' WHERE id = 5")
+        app.rollback()
+        assert _captured(fleet) == 0
+        app.execute(sql.SQL("SET TRANSACTION ISOLATION LEVEL {}").format(sql.SQL(isolation)))
+        app.execute("UPDATE tenants SET name = 'retried' WHERE id = 5")  # a new snapshot sees the guard
+        app.execute("UPDATE tenants SET name = 'neighbour' WHERE id = 6")
+        app.commit()
+    assert _captured(fleet) == 1

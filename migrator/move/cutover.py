@@ -216,9 +216,9 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> Route:
         def elapsed_ms() -> float:
             return (time.monotonic() - started) * 1000
 
-        fence.set_fenced(src, move.tenant, True)
-        src.commit()
         try:
+            with src.transaction():  # waits (within the budget) for snapshot-keeping writers' row locks
+                fence.set_fenced(src, move.tenant, True, timeout_ms=int(options.max_freeze_ms))
             budget = max(1, int(options.max_freeze_ms - elapsed_ms()))
             with src.transaction():
                 fence.wait_for_writers(src, move.id, budget)

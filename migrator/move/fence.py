@@ -41,31 +41,53 @@ DECLARE
     new_row jsonb := CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END;
     old_row jsonb := CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END;
     g record;
+    f record;
+    snapshot_kept boolean := current_setting('transaction_isolation') <> 'read committed';
 BEGIN
-    FOR g IN SELECT * FROM {schema}.guarded_tenants
+    FOR g IN SELECT tenant, move_id FROM {schema}.guarded_tenants
              WHERE tenant IN (new_row ->> TG_ARGV[0], old_row ->> TG_ARGV[0]) ORDER BY move_id LOOP
         PERFORM pg_advisory_xact_lock_shared({lock_class}, g.move_id::integer);
+        -- Read the guard again after the lock: a cutover may have fenced it while this write waited.
+        -- READ COMMITTED reads with a new snapshot; a snapshot kept from before cannot see the fence.
+        IF snapshot_kept THEN  -- a locking read fails (40001) if the guard changed after the snapshot
+            SELECT fenced, capture INTO f FROM {schema}.guarded_tenants x
+             WHERE x.tenant = g.tenant AND x.move_id = g.move_id FOR SHARE;
+        ELSE
+            SELECT fenced, capture INTO f FROM {schema}.guarded_tenants x
+             WHERE x.tenant = g.tenant AND x.move_id = g.move_id;
+        END IF;
+        CONTINUE WHEN NOT FOUND;  -- `unguard` lifted the guard meanwhile
         -- Only migrator's own role may bypass (cleanup): current_user is the owner here (SECURITY DEFINER).
-        IF g.fenced AND NOT (coalesce(current_setting({bypass}, true), '') = 'on'
+        IF f.fenced AND NOT (coalesce(current_setting({bypass}, true), '') = 'on'
                              AND pg_has_role(session_user, current_user, 'MEMBER')) THEN
             RAISE EXCEPTION USING
                 ERRCODE = {state},
                 MESSAGE = format('tenant %s is fenced for a move: writes on this stamp are rejected', g.tenant),
                 HINT = 'Re-read the tenant''s route and retry against its new stamp.';
         END IF;
-        IF g.capture THEN
+        IF f.capture THEN
             INSERT INTO {schema}.changes (move_id, table_name, pk)
             SELECT DISTINCT g.move_id, TG_TABLE_NAME, k FROM (VALUES
                 (CASE WHEN old_row ->> TG_ARGV[0] = g.tenant
                       THEN ARRAY(SELECT old_row ->> c FROM unnest(TG_ARGV[1:]) WITH ORDINALITY u(c, i) ORDER BY i) END),
                 (CASE WHEN new_row ->> TG_ARGV[0] = g.tenant
                       THEN ARRAY(SELECT new_row ->> c FROM unnest(TG_ARGV[1:]) WITH ORDINALITY u(c, i) ORDER BY i) END)
-            ) v(k) WHERE k IS NOT NULL
-              -- a fresh snapshot, after the lock: `unguard` may have lifted the guard meanwhile
-              AND EXISTS (SELECT 1 FROM {schema}.guarded_tenants x
-                          WHERE x.tenant = g.tenant AND x.move_id = g.move_id AND x.capture);
+            ) v(k) WHERE k IS NOT NULL;
         END IF;
     END LOOP;
+    -- REPEATABLE READ and SERIALIZABLE read with the snapshot of their first statement, which may
+    -- predate a guard installed or lifted since (a guard fenced since is caught by the locking read
+    -- above): guard() and unguard() update guard_state, and this locking read of it then fails. Its
+    -- one row is never deleted: not seeing it means it was created after the snapshot.
+    IF snapshot_kept THEN
+        PERFORM 1 FROM {schema}.guard_state FOR SHARE;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING
+                ERRCODE = 'serialization_failure',
+                MESSAGE = 'a tenant move guarded this stamp''s writes after this transaction''s snapshot was taken',
+                HINT = 'Retry the transaction.';
+        END IF;
+    END IF;
     RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
 END
 $fn$
@@ -94,6 +116,10 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
         "CREATE TABLE IF NOT EXISTS {}.copy_progress (move_id bigint NOT NULL, table_name text NOT NULL,"
         " cursor text[], rows_copied bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false,"
         " PRIMARY KEY (move_id, table_name))",
+        # One row, updated whenever the set of guarded tenants changes (see the trigger's locking read).
+        "CREATE TABLE IF NOT EXISTS {}.guard_state (one boolean PRIMARY KEY DEFAULT true CHECK (one),"
+        " changed_at timestamptz NOT NULL DEFAULT now())",
+        "INSERT INTO {}.guard_state DEFAULT VALUES ON CONFLICT DO NOTHING",
     ):
         conn.execute(sql.SQL(statement).format(schema))
 
@@ -154,6 +180,12 @@ def _install(
         ).format(schema),
         (tenant, move_id, fenced, capture),
     )
+    _guards_changed(conn)
+
+
+def _guards_changed(conn: psycopg.Connection[Any]) -> None:
+    """Mark a change of the guarded set: a transaction whose snapshot predates it can no longer write."""
+    conn.execute(sql.SQL("UPDATE {}.guard_state SET changed_at = now()").format(sql.Identifier(SCHEMA)))
 
 
 def fence(conn: psycopg.Connection[Any], layout: Layout, tenant: str, move_id: int) -> None:
@@ -161,8 +193,14 @@ def fence(conn: psycopg.Connection[Any], layout: Layout, tenant: str, move_id: i
     guard(conn, layout, tenant, move_id, fenced=True, capture=False)
 
 
-def set_fenced(conn: psycopg.Connection[Any], tenant: str, fenced: bool) -> None:
-    """Raise or lower an installed guard's fence, keeping its capture as it is."""
+def set_fenced(conn: psycopg.Connection[Any], tenant: str, fenced: bool, timeout_ms: int | None = None) -> None:
+    """Raise or lower an installed guard's fence, keeping its capture as it is.
+
+    A REPEATABLE READ or SERIALIZABLE writer of the tenant holds the guard's row (see the trigger)
+    until it ends; `timeout_ms` bounds the wait for it (in the caller's transaction).
+    """
+    if timeout_ms is not None:
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{max(1, timeout_ms)}ms")))
     conn.execute(
         sql.SQL("UPDATE {}.guarded_tenants SET fenced = %s WHERE tenant = %s").format(sql.Identifier(SCHEMA)),
         (fenced, tenant),
@@ -207,6 +245,7 @@ def unguard(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> None:
         row = conn.execute(
             sql.SQL("DELETE FROM {}.guarded_tenants WHERE tenant = %s RETURNING move_id").format(schema), (tenant,)
         ).fetchone()
+        _guards_changed(conn)
     with conn.transaction():
         if row:  # wait out writes past the guard's lock; later ones re-check the guard (see the trigger)
             conn.execute("SELECT pg_advisory_xact_lock(%s, %s::integer)", (LOCK_CLASS, row[0]))
