@@ -27,7 +27,7 @@ from migrator.catalog import Catalog
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.local import pgserver, provision
-from migrator.local.seed import TenantSpec, seed_tenant
+from migrator.local.seed import TenantSpec, seed_fleet_stamp, seed_tenant
 from migrator.stamps.discovery import Layout, discover
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,6 +53,17 @@ def templates(pg: pgserver.LocalServer) -> dict[str, str]:
     provision.catalog_database(pg, "tpl_catalog")
     provision.stamp_database(pg, "tpl_stamp")
     return {"catalog": "tpl_catalog", "stamp": "tpl_stamp"}
+
+
+BUSY_HEAVY_ROWS = 200_000
+
+
+@pytest.fixture(scope="session")
+def busy_template(pg: pgserver.LocalServer, templates: dict[str, str]) -> str:
+    """A stamp at head holding heavy tenant 7 (BUSY_HEAVY_ROWS) and small tenant 8, seeded once per session."""
+    dsn = provision.create_database(pg, "tpl_busy", template=templates["stamp"])
+    seed_fleet_stamp(dsn, [TenantSpec(7, BUSY_HEAVY_ROWS), TenantSpec(8, 2_000)])
+    return "tpl_busy"
 
 
 class RunsCli:
@@ -117,11 +128,13 @@ def new_fleet(
     config_dir: Path,
     stamp_template: str | None = "stamp",
     script_location: Path | None = None,
+    clones: dict[str, str] | None = None,
 ) -> Iterator[Fleet]:
     """A fresh catalog and the stamps of STAMP_NAMES, registered, with a config file; all dropped after.
 
     The stamps are clones of the sample application at head (`stamp_template="stamp"`) or empty
-    databases (`None`: no tables, no alembic_version) for an Alembic environment of the test's own.
+    databases (`None`: no tables, no alembic_version) for an Alembic environment of the test's own;
+    `clones` names another template database for some stamps (stamp name -> database).
     """
     n = next(_counter)
     catalog_db = f"t{n}_catalog"
@@ -131,7 +144,8 @@ def new_fleet(
     for name in STAMP_NAMES:
         db = f"t{n}_{name.replace('-', '_')}"
         databases.append(db)
-        stamps[name] = provision.create_database(pg, db, template=stamp_template and templates[stamp_template])
+        template = (clones or {}).get(name) or (stamp_template and templates[stamp_template])
+        stamps[name] = provision.create_database(pg, db, template=template)
         catalog.add_stamp(name, stamps[name], region=name.split("-")[0])
     catalog.close()
     config_path = provision.write_config(config_dir / "migrator.toml", catalog.url, script_location=script_location)

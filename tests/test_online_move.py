@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import Fleet, tenant_digest
+from conftest import Fleet, new_fleet, tenant_digest
+from psycopg import sql
 
 from migrator.catalog import Phase
 from migrator.db import dsn as dsnlib
+from migrator.local import pgserver
 from migrator.local.writer import Workload
 from migrator.move.fence import FENCED_SQLSTATE
-
-HEAVY = 200_000
 
 
 def _phase(fleet: Fleet, tenant: str) -> str | None:
@@ -22,9 +25,13 @@ def _phase(fleet: Fleet, tenant: str) -> str | None:
     return move.phase if move else None
 
 
-def _wait(predicate, what: str, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
+def _wait(predicate, what: str, timeout: float = 120, proc: subprocess.Popen[str] | None = None) -> None:  # type: ignore[no-untyped-def]
+    """Poll until `predicate`; fail at the timeout, or at once (with its output) if `proc` has ended."""
     deadline = time.monotonic() + timeout
     while not predicate():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the move ended (exit {proc.returncode}) before {what}: {err[-2000:]}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
 
@@ -74,10 +81,12 @@ def _finish(fleet: Fleet, mover: Workload, neighbour: Workload) -> None:
 
 
 @pytest.fixture
-def busy(fleet: Fleet) -> Fleet:
-    fleet.seed("eu-1", 7, HEAVY)
-    fleet.seed("eu-1", 8, 2_000)
-    return fleet
+def busy(pg: pgserver.LocalServer, templates: dict[str, str], busy_template: str, tmp_path: Path) -> Iterator[Fleet]:
+    """A fleet whose eu-1 holds heavy tenant 7 and small tenant 8 (cloned, not seeded, per test)."""
+    with new_fleet(pg, templates, tmp_path, clones={"eu-1": busy_template}) as fleet:
+        for tenant in ("7", "8"):
+            fleet.catalog.set_route(tenant, "eu-1")
+        yield fleet
 
 
 def test_online_move_keeps_every_acknowledged_write(busy: Fleet) -> None:
@@ -107,10 +116,16 @@ def _burst(fleet: Fleet) -> None:
 
 def test_kill_during_catch_up_then_resume_loses_nothing(busy: Fleet) -> None:
     mover, neighbour = _writers(busy)
-    proc = busy.popen("move", "7", "--to", "eu-2", "--yes", "--rate-limit", "60000")
-    _wait(lambda: _phase(busy, "7") == "copying", "the copy")
-    _burst(busy)
-    _wait(lambda: _phase(busy, "7") == "copied" and _captured_backlog(busy) > 0, "catch-up to run")
+    last = busy.layout().tables[-1]
+    with dsnlib.connect(busy.dsn("eu-2"), pinned=False) as hold:
+        # The copy waits at its last table until a burst of changes is captured: catch-up then has a
+        # long backlog to replay, whatever the machine's speed.
+        hold.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(last.ident))
+        proc = busy.popen("move", "7", "--to", "eu-2", "--yes")
+        _wait(lambda: _phase(busy, "7") == "copying", "the copy", proc=proc)
+        _burst(busy)
+        assert _phase(busy, "7") == "copying"
+    _wait(lambda: _phase(busy, "7") == "copied" and _captured_backlog(busy) > 0, "catch-up to run", proc=proc)
     proc.kill()
     proc.wait()
     assert _phase(busy, "7") == "copied" and _captured_backlog(busy) > 0
@@ -123,11 +138,11 @@ def test_kill_during_catch_up_then_resume_loses_nothing(busy: Fleet) -> None:
 def test_kill_while_fenced_is_shown_and_resumes(busy: Fleet) -> None:
     mover, neighbour = _writers(busy)
     proc = busy.popen("move", "7", "--to", "eu-2", "--yes", "--max-freeze-ms", "60000")
-    _wait(lambda: _phase(busy, "7") == "copying", "capture to start")
+    _wait(lambda: _phase(busy, "7") == "copying", "capture to start", proc=proc)
     held = dsnlib.connect(busy.dsn("eu-1"), pinned=False)  # an application transaction in flight at cutover
     held.execute("UPDATE projects SET name = 'held write' WHERE tenant_id = 7 AND id = "
                  "(SELECT min(id) FROM projects WHERE tenant_id = 7)")
-    _wait(lambda: _phase(busy, "7") == "cutover", "the cutover", timeout=240)
+    _wait(lambda: _phase(busy, "7") == "cutover", "the cutover", timeout=240, proc=proc)
     time.sleep(0.3)
     proc.kill()
     proc.wait()
@@ -147,7 +162,7 @@ def test_kill_while_fenced_is_shown_and_resumes(busy: Fleet) -> None:
 
 def test_freeze_longer_than_allowed_unfences_and_backs_off(busy: Fleet) -> None:
     proc = busy.popen("-v", "move", "7", "--to", "eu-2", "--yes", "--max-freeze-ms", "300")
-    _wait(lambda: _phase(busy, "7") == "copying", "capture to start")
+    _wait(lambda: _phase(busy, "7") == "copying", "capture to start", proc=proc)
     held = dsnlib.connect(busy.dsn("eu-1"), pinned=False)  # a slow application transaction, open at cutover
     held.execute("UPDATE tenants SET name = 'slow transaction' WHERE id = 7")
     try:
