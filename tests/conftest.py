@@ -122,6 +122,19 @@ class Fleet(RunsCli):
 
 
 @contextmanager
+def copy_held(fleet: Fleet, stamp: str) -> Iterator[None]:
+    """Moves into `stamp` stay in phase copying, waiting at the last tenant table, until the block ends.
+
+    Holds that table in SHARE mode on the target (reads pass, the copy's writes wait), so a test
+    can act during a copy however fast or slow the machine is.
+    """
+    last = fleet.layout().tables[-1]
+    with dsnlib.connect(fleet.dsn(stamp), pinned=False) as hold:
+        hold.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(last.ident))
+        yield
+
+
+@contextmanager
 def new_fleet(
     pg: pgserver.LocalServer,
     templates: dict[str, str],

@@ -10,9 +10,9 @@ import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
-from conftest import Fleet, tenant_digest, tenant_row_count
+from conftest import Fleet, copy_held, tenant_digest, tenant_row_count
 
 from migrator.catalog import Move
 from migrator.db import dsn as dsnlib
@@ -65,21 +65,22 @@ def test_second_move_of_the_same_tenant_is_refused_naming_the_running_move(fleet
     fleet.seed("eu-1", 7, 3_000)
     layout = fleet.layout()
     before = tenant_digest(fleet.dsn("eu-1"), layout, "7")
-    first = fleet.popen("move", "7", "--to", "eu-2", "--batch-rows", "200", "--rate-limit", "1500", "--yes")
+    first = fleet.popen("move", "7", "--to", "eu-2", "--batch-rows", "200", "--yes")
     with _reaped(first):
-        _wait(lambda: _in_phase(fleet, "7", "copying"), "the first move to copy", [first])
-        running = _open(fleet, "7")
-        assert running is not None
-        second = fleet.popen("move", "7", "--to", "eu-2", "--yes")
-        with _reaped(second):
-            code, out, err = _finish(second, timeout=60)
-        assert code == 1, (out, err)
-        assert err.count("\n") == 1 and err.startswith("error: tenant 7 is locked by another running migrator")
-        assert f"move {running.id} of tenant 7 (eu-1 -> eu-2, phase copying)" in err
-        assert f"migrator move status {running.id}" in err
-        aborted = fleet.run("move", "abort", str(running.id), "--yes")  # a third operator: refused as well
-        assert aborted.exit_code == 1 and f"move {running.id} of tenant 7" in aborted.stderr, aborted.stderr
-        assert first.poll() is None, "the refused operator must not disturb the running move"
+        with copy_held(fleet, "eu-2"):
+            _wait(lambda: _in_phase(fleet, "7", "copying"), "the first move to copy", [first])
+            running = _open(fleet, "7")
+            assert running is not None
+            second = fleet.popen("move", "7", "--to", "eu-2", "--yes")
+            with _reaped(second):
+                code, out, err = _finish(second, timeout=60)
+            assert code == 1, (out, err)
+            assert err.count("\n") == 1 and err.startswith("error: tenant 7 is locked by another running migrator")
+            assert f"move {running.id} of tenant 7 (eu-1 -> eu-2, phase copying)" in err
+            assert f"migrator move status {running.id}" in err
+            aborted = fleet.run("move", "abort", str(running.id), "--yes")  # a third operator: refused as well
+            assert aborted.exit_code == 1 and f"move {running.id} of tenant 7" in aborted.stderr, aborted.stderr
+            assert first.poll() is None, "the refused operator must not disturb the running move"
         code, out, err = _finish(first)
     assert code == 0, (out, err)
     assert f"move {running.id}: tenant 7 now on eu-2" in out
@@ -116,12 +117,14 @@ def test_two_tenants_move_into_one_target_side_by_side(fleet: Fleet) -> None:
     before = {t: tenant_digest(fleet.dsn("eu-1"), layout, t) for t in ("7", "8")}
     resident = tenant_digest(fleet.dsn("eu-2"), layout, "9")
 
-    limits = ("--batch-rows", "200", "--rate-limit", "1500", "--yes")
-    first = fleet.popen("move", "7", "--to", "eu-2", *limits)
-    with _reaped(first):
-        _wait(lambda: _in_phase(fleet, "7", "copying"), "tenant 7's copy", [first])
-        second = fleet.popen("move", "8", "--to", "eu-2", *limits)
-        with _reaped(second):
+    limits = ("--batch-rows", "200", "--yes")
+    with ExitStack() as running:
+        first = fleet.popen("move", "7", "--to", "eu-2", *limits)
+        running.enter_context(_reaped(first))
+        with copy_held(fleet, "eu-2"):  # both copies stall at the last table: they overlap for sure
+            _wait(lambda: _in_phase(fleet, "7", "copying"), "tenant 7's copy", [first])
+            second = fleet.popen("move", "8", "--to", "eu-2", *limits)
+            running.enter_context(_reaped(second))
             _wait(
                 lambda: _in_phase(fleet, "7", "copying") and _in_phase(fleet, "8", "copying"),
                 "both copies at once",
@@ -130,7 +133,7 @@ def test_two_tenants_move_into_one_target_side_by_side(fleet: Fleet) -> None:
             ids = {t: _open(fleet, t).id for t in ("7", "8")}  # type: ignore[union-attr]
             _wait(lambda: all(_copy_progress(fleet, "eu-2").get(i, 0) > 0 for i in ids.values()),
                   "cursors of both moves on the target", [first, second])
-            results = {"7": _finish(first), "8": _finish(second)}
+        results = {"7": _finish(first), "8": _finish(second)}
 
     for tenant, (code, out, err) in results.items():
         assert code == 0, (tenant, out, err)

@@ -20,7 +20,7 @@ from urllib.parse import quote
 import psycopg
 import pytest
 from click.testing import Result
-from conftest import REPO, STAMP_NAMES, Fleet, RunsCli, operator_grants, tenant_digest, tenant_row_count
+from conftest import REPO, STAMP_NAMES, Fleet, RunsCli, copy_held, operator_grants, tenant_digest, tenant_row_count
 from psycopg import sql
 
 from migrator import config as configlib
@@ -207,20 +207,21 @@ def test_application_role_writes_are_captured_during_an_online_move(fleet: Fleet
     """The guard trigger runs for the application's role, which has no right on `_migrator` itself."""
     fleet.seed("eu-1", 7, 3_000)
     layout = fleet.layout()
-    mover = roles.popen("move", "7", "--to", "eu-2", "--batch-rows", "200", "--rate-limit", "2000", "--yes")
+    mover = roles.popen("move", "7", "--to", "eu-2", "--batch-rows", "200", "--yes")
     try:
-        deadline = time.monotonic() + 60
-        while (move := fleet.catalog.open_move("7")) is None or move.phase != "copying":
-            assert mover.poll() is None, mover.communicate()
-            assert time.monotonic() < deadline, "the move never reached the copy"
-            time.sleep(0.02)
-        updated = _write(
-            roles.app_dsn("eu-1"),
-            "UPDATE tasks SET title = title || ' (edited during the copy)' WHERE tenant_id = %s AND id %% 10 = 0",
-            (7,),
-        )
-        assert updated > 0
-        _write(roles.app_dsn("eu-1"), "DELETE FROM task_watchers WHERE tenant_id = %s", (7,))
+        with copy_held(fleet, "eu-2"):  # the application writes while the copy is in progress
+            deadline = time.monotonic() + 60
+            while (move := fleet.catalog.open_move("7")) is None or move.phase != "copying":
+                assert mover.poll() is None, mover.communicate()
+                assert time.monotonic() < deadline, "the move never reached the copy"
+                time.sleep(0.02)
+            updated = _write(
+                roles.app_dsn("eu-1"),
+                "UPDATE tasks SET title = title || ' (edited during the copy)' WHERE tenant_id = %s AND id %% 10 = 0",
+                (7,),
+            )
+            assert updated > 0
+            _write(roles.app_dsn("eu-1"), "DELETE FROM task_watchers WHERE tenant_id = %s", (7,))
         out, err = mover.communicate(timeout=180)
     finally:
         if mover.poll() is None:

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import Fleet, new_fleet, tenant_digest
-from psycopg import sql
+from conftest import Fleet, copy_held, new_fleet, tenant_digest
 
 from migrator.catalog import Phase
 from migrator.db import dsn as dsnlib
@@ -116,11 +115,9 @@ def _burst(fleet: Fleet) -> None:
 
 def test_kill_during_catch_up_then_resume_loses_nothing(busy: Fleet) -> None:
     mover, neighbour = _writers(busy)
-    last = busy.layout().tables[-1]
-    with dsnlib.connect(busy.dsn("eu-2"), pinned=False) as hold:
-        # The copy waits at its last table until a burst of changes is captured: catch-up then has a
-        # long backlog to replay, whatever the machine's speed.
-        hold.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(last.ident))
+    # The copy waits at its last table until a burst of changes is captured: catch-up then has a long
+    # backlog to replay, whatever the machine's speed.
+    with copy_held(busy, "eu-2"):
         proc = busy.popen("move", "7", "--to", "eu-2", "--yes")
         _wait(lambda: _phase(busy, "7") == "copying", "the copy", proc=proc)
         _burst(busy)
