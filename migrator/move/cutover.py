@@ -17,11 +17,12 @@ from typing import Any
 
 import psycopg
 
+from migrator import stamps
 from migrator.catalog import Move, Phase, Route, Stamp
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import freeze_attempts
 from migrator.errors import FreezeTooLong, NotConverging, VerifyMismatch
-from migrator.move import capture, copy, fence
+from migrator.move import capture, copy, fence, integrity
 from migrator.move.keys import keys_table, load_keys, outside_keys
 from migrator.move.preflight import check_schema_unchanged
 from migrator.move.run import CutoverOptions as CutoverOptions  # re-exported: the CLI builds it from its flags
@@ -35,7 +36,7 @@ from migrator.move.verify import (
     keyed_row_hashes,
     verify_tenant,
 )
-from migrator.stamps.discovery import Layout
+from migrator.stamps.discovery import Layout, problems_message
 
 log = logging.getLogger("migrator.cutover")
 
@@ -46,9 +47,26 @@ def _sums(report: Report) -> tuple[str, str]:
     return source, target
 
 
+def check_references(run: MoveRun, move: Move) -> None:
+    """Before verify: where the target's writes ran as replica (no foreign-key checks), prove that every
+    foreign key of the tenant's rows resolves there (`integrity.dangling`); else stop, unflipped."""
+    with stamps.connect(run.target) as tgt:
+        if not dsnlib.may_skip_triggers(tgt):
+            return  # the target's own foreign keys checked every row migrator wrote
+        problems = integrity.dangling(tgt, run.layout, move.tenant)
+    if problems:
+        message = (
+            f"move {move.id}: foreign keys of tenant {move.tenant}'s rows do not resolve on {run.target.name}, "
+            f"route not flipped: {problems_message(problems)}"
+        )
+        run.catalog.update_move(move.id, error=message)
+        raise VerifyMismatch(message)
+
+
 def verify_move(run: MoveRun, move: Move) -> tuple[Move, Report]:
     """Offline: compare every row of the tenant on both stamps and record the outcome on the move."""
     catalog = run.catalog
+    check_references(run, move)
     report = verify_tenant(run.source.dsn, run.target.dsn, run.layout, move.tenant)
     source_sum, target_sum = _sums(report)
     if not report.equal:

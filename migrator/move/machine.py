@@ -22,7 +22,7 @@ from migrator.context import Context
 from migrator.errors import MigratorError, PreflightError, VerifyMismatch
 from migrator.move import copy, fence
 from migrator.move.cleanup import delete_tenant, forget_progress
-from migrator.move.cutover import catch_up, flip, online_cutover, verify_before_freeze, verify_move
+from migrator.move.cutover import catch_up, check_references, flip, online_cutover, verify_before_freeze, verify_move
 from migrator.move.preflight import check_deletes, check_move, check_resume, check_schema_unchanged
 from migrator.move.run import MoveOptions, MoveRun
 from migrator.move.verify import Report
@@ -183,6 +183,7 @@ def _sync(run: MoveRun, move: Move) -> tuple[Move, Report]:
     """Online: catch up, then verify every row the application has not touched, while it writes."""
     run.progress.phase(f"catching up with tenant {move.tenant}'s writes on {run.source.name}")
     catch_up(run, move)
+    check_references(run, move)
     run.progress.phase(f"verifying the bulk copy of tenant {move.tenant} (writes continue)")
     report, unproven = verify_before_freeze(run, move)
     run.progress.phase(f"bulk copy verified; {unproven} keys in flux are checked again in the freeze")

@@ -14,7 +14,7 @@ from migrator.catalog import Catalog, Move, Route, Stamp
 from migrator.config import Tenancy
 from migrator.db.alembic import read_revision
 from migrator.errors import PreflightError
-from migrator.move import shapes
+from migrator.move import integrity, shapes
 from migrator.stamps import checks
 from migrator.stamps.checks import Problems
 from migrator.stamps.discovery import Layout, Table, inspect, tenant_filter
@@ -143,6 +143,8 @@ def _check_rows(
         problems.add([f"target {target.name} already holds rows of tenant {tenant} in {', '.join(held)}"])
     if not (differences or held):  # other tenants' rows only, in tables known to match
         problems.add(list(shapes.unique_collisions(src, tgt, layout, tenant, target.name, rows)))
+    if not differences:
+        problems.add(integrity.missing_shared(src, tgt, layout, tenant, target.name))
     return rows, nulls, skipped
 
 

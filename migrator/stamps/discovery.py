@@ -69,6 +69,8 @@ class Table:
     """Names of the tables of its (deferrable) foreign-key cycle, in copy order; empty when in none."""
     partitions: tuple[str, ...] = ()
     """Names of its partitions at every level (a partitioned table): the guard trigger fires on them."""
+    shared_keys: tuple[ForeignKey, ...] = ()
+    """Foreign keys into tables without tenant rows (reference data each stamp holds for itself)."""
 
     @property
     def self_references(self) -> tuple[ForeignKey, ...]:
@@ -268,6 +270,7 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
             foreign_keys=tuple(fk for _, fk in edges[oid]),
             cycle=cycles.get(oid, ()),
             partitions=partitions.get(oid, ()),
+            shared_keys=tuple(fk for ref, fk in foreign[oid] if ref not in tenant_oids),
         )
         for oid in ordered
     )

@@ -1,0 +1,105 @@
+"""Foreign keys of a tenant's rows that the database did not check: proved by one anti-join each.
+
+Where migrator's role may, its write sessions on the target run as `replica` (`dsn.write_as_copies`):
+application triggers stay quiet, and so do foreign-key checks. Verify proves the tenant's rows equal
+to the source's, which covers references between them; it cannot see a reference into a row that is
+not the tenant's (reference data each stamp holds for itself, such as billing plans) or a parent
+removed from the target while the copy ran. So before a route flips, every foreign key of the
+tenant's rows on the target is proved to resolve there (`dangling`), and before the first write,
+every reference into shared tables is proved to have its row on the target (`missing_shared`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from migrator.move.shapes import MAX_KEYS
+from migrator.stamps.discovery import ForeignKey, Layout, label, tenant_filter
+
+
+def _referenced(fk: ForeignKey) -> sql.Composed:
+    """The rows whose key `fk` is set: a NULL column leaves a foreign key unchecked (MATCH SIMPLE)."""
+    return sql.SQL(" AND ").join(sql.SQL("c.{} IS NOT NULL").format(sql.Identifier(c)) for c in fk.columns)
+
+
+def _match(fk: ForeignKey) -> sql.Composed:
+    return sql.SQL(" AND ").join(
+        sql.SQL("p.{} = c.{}").format(sql.Identifier(p), sql.Identifier(c))
+        for c, p in zip(fk.columns, fk.parent_columns, strict=True)
+    )
+
+
+def dangling(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> list[str]:
+    """On the target: the tenant's rows whose foreign keys find no parent row, one problem per key."""
+    problems = []
+    for table in layout.tables:
+        for fk in (*table.foreign_keys, *table.shared_keys):
+            query = sql.SQL(
+                "SELECT ARRAY[{key}] FROM {t} c WHERE {tenant} AND {set}"
+                " AND NOT EXISTS (SELECT 1 FROM {p} p WHERE {match}) LIMIT {n}"
+            ).format(
+                key=sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in table.primary_key),
+                t=table.ident,
+                tenant=tenant_filter(table, tenant),
+                set=_referenced(fk),
+                p=sql.Identifier(table.schema, fk.parent),
+                match=_match(fk),
+                n=sql.Literal(MAX_KEYS),
+            )
+            keys = [row[0] for row in conn.execute(query).fetchall()]
+            if keys:
+                shown = "; ".join("(" + ", ".join(k) + ")" for k in keys)
+                problems.append(
+                    f"rows {shown} of {table.label} reference no row of {label(table.schema, fk.parent)} "
+                    f"(foreign key {fk.name})"
+                )
+    return problems
+
+
+def missing_shared(
+    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], layout: Layout, tenant: str, target_name: str
+) -> list[str]:
+    """Before any write: values the tenant's rows reference in shared tables that the target lacks.
+
+    The referenced values are read on the source (distinct, as text) and looked up on the target;
+    without this, the copy would stop half-way on a foreign-key violation, or (as replica) leave
+    references to nothing.
+    """
+    problems = []
+    for table in layout.tables:
+        for fk in table.shared_keys:
+            cols = sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in fk.columns)
+            values = src.execute(
+                sql.SQL("SELECT DISTINCT {cols} FROM {t} c WHERE {tenant} AND {set}").format(
+                    cols=cols, t=table.ident, tenant=tenant_filter(table, tenant), set=_referenced(fk)
+                )
+            ).fetchall()
+            if not values:
+                continue
+            columns = list(zip(*values, strict=True))
+            names = [sql.Identifier(f"v{i}") for i in range(len(fk.columns))]
+            query = sql.SQL(
+                "SELECT {shown} FROM unnest({arrays}) AS c({names})"
+                " WHERE NOT EXISTS (SELECT 1 FROM {p} p WHERE {match}) LIMIT {n}"
+            ).format(
+                shown=sql.SQL(", ").join(sql.SQL("c.{}").format(n) for n in names),
+                arrays=sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in names),
+                names=sql.SQL(", ").join(names),
+                p=sql.Identifier(table.schema, fk.parent),
+                match=sql.SQL(" AND ").join(
+                    sql.SQL("p.{}::text = c.{}").format(sql.Identifier(p), n)
+                    for p, n in zip(fk.parent_columns, names, strict=True)
+                ),
+                n=sql.Literal(MAX_KEYS),
+            )
+            absent = tgt.execute(query, [list(column) for column in columns]).fetchall()
+            if absent:
+                shown = "; ".join("(" + ", ".join(row) + ")" for row in absent)
+                problems.append(
+                    f"rows of {table.label} reference {shown} in {label(table.schema, fk.parent)} "
+                    f"(foreign key {fk.name}), which target {target_name} does not hold: add those rows there first"
+                )
+    return problems
