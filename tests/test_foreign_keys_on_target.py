@@ -61,6 +61,7 @@ def test_a_parent_removed_from_the_target_during_the_copy_stops_the_move_unflipp
     assert fleet.catalog.route("7").stamp == "eu-1"
     move = fleet.catalog.open_move("7")
     assert move is not None and move.phase == "copied"
+    assert move.write_mode == "replica" and "proves every foreign key" in (move.write_mode_reason or "")
     aborted = fleet.run("move", "abort", str(move.id), "--yes")
     assert aborted.exit_code == 0, aborted.output
     with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True, pinned=False) as conn:

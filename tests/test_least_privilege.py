@@ -149,7 +149,13 @@ def test_online_move_verify_cleanup_as_a_plain_role(fleet: Fleet, roles: Roles) 
 
     result = roles.run("move", "7", "--to", "eu-2", "--batch-rows", "500", "--yes", "--json")
     assert result.exit_code == 0, result.output + result.stderr
-    assert json.loads(result.output)["route"]["stamp"] == "eu-2"
+    out = json.loads(result.output)
+    assert out["route"]["stamp"] == "eu-2"
+    # Without SET on session_replication_role the target checks foreign keys itself, and the move says so.
+    assert out["move"]["write_mode"] == "checked"
+    assert "GRANT SET ON PARAMETER session_replication_role TO" in out["move"]["write_mode_reason"]
+    status = roles.run("move", "status", str(out["move"]["id"]))
+    assert "writes on the target: checked (role " in status.output
     assert tenant_digest(fleet.dsn("eu-2"), layout, "7") == before
 
     _assert_checksums_equal(roles.run("verify", "7", "--source", "eu-1", "--target", "eu-2", "--json"))

@@ -101,6 +101,8 @@ class Move:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    write_mode: str | None = None  # `WriteMode` of the target's writes, decided at the start
+    write_mode_reason: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode(self.mode))  # rows come from the catalog as text
@@ -133,6 +135,8 @@ MOVE_FIELDS = {
     "freeze_ms",
     "error",
     "finished_at",
+    "write_mode",
+    "write_mode_reason",
 }
 
 

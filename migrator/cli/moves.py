@@ -183,6 +183,7 @@ def move_status(ctx: click.Context, move_id: int | None, as_json: bool) -> None:
                 f"move {move.id}: tenant {move.tenant} {move.source} -> {move.target} [{move.mode}] phase {move.phase}",
                 f"rows {move.rows_copied}/{move.rows_total}"
                 + (f", freeze {move.freeze_ms:.0f} ms" if move.freeze_ms else ""),
+                *([f"writes on the target: {move.write_mode} ({move.write_mode_reason})"] if move.write_mode else []),
                 *([f"error: {move.error}"] if move.error else []),
                 render.table(
                     ["table", "copied", "total", "done"],

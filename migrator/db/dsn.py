@@ -8,6 +8,7 @@ same on every stamp whatever its server configuration.
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -151,6 +152,27 @@ def may_skip_triggers(conn: psycopg.Connection[Any]) -> bool:
         )
     row = conn.execute(query).fetchone()
     return bool(row and row[0])
+
+
+class WriteMode(StrEnum):
+    """How migrator's write sessions on a target run (`write_as_copies`), recorded on each move."""
+
+    REPLICA = "replica"  # no triggers, no foreign-key checks: migrator proves the foreign keys itself
+    CHECKED = "checked"  # the target's triggers and foreign-key checks run for every write
+
+
+def write_mode(conn: psycopg.Connection[Any]) -> tuple[WriteMode, str]:
+    """The mode this session's role gets on its stamp, and why, in words for `move status`."""
+    role = conn.execute("SELECT current_user").fetchone()[0]  # type: ignore[index]
+    if may_skip_triggers(conn):
+        return WriteMode.REPLICA, (
+            f"role {role} may set session_replication_role: no trigger or foreign-key check fires for "
+            "migrator's writes, and migrator proves every foreign key before the flip"
+        )
+    return WriteMode.CHECKED, (
+        f"role {role} may not set session_replication_role, so the target checks every foreign key as rows "
+        f"arrive (faster with GRANT SET ON PARAMETER session_replication_role TO {role})"
+    )
 
 
 def write_as_copies(conn: psycopg.Connection[Any]) -> bool:
