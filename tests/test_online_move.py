@@ -93,9 +93,14 @@ def test_online_move_keeps_every_acknowledged_write(busy: Fleet) -> None:
     proc = busy.popen("move", "7", "--to", "eu-2", "--yes", "--json")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    move = json.loads(out)["move"]
+    outcome = json.loads(out)
+    move = outcome["move"]
     assert move["mode"] == "online" and move["phase"] == "flipped"
     assert 0 < move["freeze_ms"] < 2000
+    steps = outcome["freeze_steps_ms"]  # where the freeze's time went, step by step, adding up to it
+    assert set(steps) == {"fence", "writers", "drain", "sequences", "keys", "revisions", "flip"}
+    assert all(ms >= 0 for ms in steps.values())
+    assert abs(sum(steps.values()) - move["freeze_ms"]) < 1
     _finish(busy, mover, neighbour)
     assert busy.run("move", "status", str(move["id"])).stdout.count("freeze") == 1
 

@@ -155,6 +155,7 @@ def move_run(
             "route": route_dict(outcome.route),
             "resumed": outcome.resumed,
             "seconds": outcome.timings,
+            "freeze_steps_ms": outcome.freeze_steps_ms,
             "not_moved": outcome.not_moved,
             "skipped": list(outcome.skipped),
         },

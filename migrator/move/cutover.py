@@ -188,12 +188,12 @@ def catch_up(run: MoveRun, move: Move) -> int:
     return pending
 
 
-def online_cutover(run: MoveRun, move: Move) -> Route:
+def online_cutover(run: MoveRun, move: Move) -> tuple[Route, dict[str, float]]:
     """Catch up, then freeze writes just long enough to drain, verify the captured keys and flip.
 
     An attempt that cannot finish within --max-freeze-ms lifts the fence again; the next one starts
     after a pause (policy `freeze_attempts`). After the last attempt the move stops, unfenced and
-    resumable.
+    resumable. Returns the route and the milliseconds of each step of the freeze that flipped it.
     """
     options = run.options.cutover
     numbers = itertools.count(1)
@@ -206,7 +206,7 @@ def online_cutover(run: MoveRun, move: Move) -> Route:
         ) from None
 
 
-def _attempt_cutover(run: MoveRun, move: Move, number: int) -> Route:
+def _attempt_cutover(run: MoveRun, move: Move, number: int) -> tuple[Route, dict[str, float]]:
     """One attempt: catch up and re-verify the keys in flux while writes go on, then the freeze."""
     catch_up(run, move)
     verify_before_freeze(run, move, incremental=True)
@@ -221,7 +221,23 @@ def _attempt_cutover(run: MoveRun, move: Move, number: int) -> Route:
         raise
 
 
-def _freeze_and_flip(run: MoveRun, move: Move) -> Route:
+class FreezeClock:
+    """Where the freeze's time goes: milliseconds per step inside the fence, each since the one before."""
+
+    def __init__(self) -> None:
+        self.started = self._last = time.monotonic()
+        self.steps: dict[str, float] = {}
+
+    def elapsed_ms(self) -> float:
+        return (time.monotonic() - self.started) * 1000
+
+    def step(self, name: str) -> None:
+        now = time.monotonic()
+        self.steps[name] = round((now - self._last) * 1000, 2)
+        self._last = now
+
+
+def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[Route, dict[str, float]]:
     catalog, layout, options = run.catalog, run.layout, run.options.cutover
     with dsnlib.connect(run.source.dsn) as src, dsnlib.connect(run.target.dsn) as tgt:
         dsnlib.write_as_copies(tgt)  # the drain's upserts and deletes are copies (before the freeze's clock)
@@ -229,29 +245,32 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> Route:
         src.commit()
         tgt.commit()
         move = catalog.update_move(move.id, phase=Phase.CUTOVER)
-        started = time.monotonic()
-
-        def elapsed_ms() -> float:
-            return (time.monotonic() - started) * 1000
-
+        clock = FreezeClock()
+        elapsed_ms = clock.elapsed_ms
         try:
             with src.transaction():  # waits (within the budget) for snapshot-keeping writers' row locks
                 fence.set_fenced(src, move.tenant, True, timeout_ms=int(options.max_freeze_ms))
+            clock.step("fence")
             budget = max(1, int(options.max_freeze_ms - elapsed_ms()))
             with src.transaction():
                 fence.wait_for_writers(src, move.id, budget)
+            clock.step("writers")
             log.info("move %s: fenced, in-flight writes done at %.0f ms", move.id, elapsed_ms())
             drained = capture.drain(src, tgt, layout, move.tenant, move.id, options.replay_batch)
+            clock.step("drain")
             log.info("move %s: drained %d changes at %.0f ms", move.id, drained, elapsed_ms())
             with tgt.transaction():
                 copy.follow_source_sequences(src, tgt, layout.tables)
+            clock.step("sequences")
             report = _verify_captured(src, tgt, layout, move)
+            clock.step("keys")
             log.info("move %s: verified captured keys at %.0f ms", move.id, elapsed_ms())
             if not report.equal:
                 raise VerifyMismatch(f"move {move.id}: verification failed, route not flipped: {report.summary()}")
             check_schema_unchanged(src, tgt, move, run.source.name, run.target.name, "not flipped")
             src.commit()
             tgt.commit()
+            clock.step("revisions")
             if elapsed_ms() > options.max_freeze_ms:
                 limit = options.max_freeze_ms
                 raise FreezeTooLong(f"freeze reached {elapsed_ms():.0f} ms > --max-freeze-ms {limit:.0f}")
@@ -262,12 +281,15 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> Route:
             _unfence(src, move)
             raise
         route = flip(run, move, freeze_ms=elapsed_ms())
+        clock.step("flip")
         frozen_ms = elapsed_ms()  # fence to the flip's commit, which is when writers can go to the target
+        steps = ", ".join(f"{name} {ms:.1f}" for name, ms in clock.steps.items())
+        log.info("move %s: freeze steps (ms): %s", move.id, steps)
         catalog.update_move(move.id, freeze_ms=frozen_ms)
         run.progress.phase(f"flipped tenant {move.tenant} to {run.target.name}; writes were frozen {frozen_ms:.0f} ms")
         with src.transaction():
             fence.stop_capture(src, move.tenant)
-        return route
+        return route, clock.steps
 
 
 def _unfence(src: psycopg.Connection[Any], move: Move) -> None:

@@ -46,6 +46,7 @@ class MoveOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     not_moved: dict[str, int] = field(default_factory=dict)  # per table, rows whose tenant key is NULL
     skipped: tuple[str, ...] = ()  # views and materialized views of the tenancy schema (no rows of their own)
+    freeze_steps_ms: dict[str, float] = field(default_factory=dict)  # online: the flipping freeze, step by step
 
 
 def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, progress: Progress) -> MoveOutcome:
@@ -150,8 +151,8 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
                     move, report = _sync(run, move)
             if move.phase in (Phase.SYNCED, Phase.CUTOVER):
                 with _timed(timings, "cutover"):
-                    route = online_cutover(run, move)
-                return _finished(run, move, route, resumed, report, timings)
+                    route, freeze_steps = online_cutover(run, move)
+                return replace(_finished(run, move, route, resumed, report, timings), freeze_steps_ms=freeze_steps)
         raise MigratorError(f"move {move.id} is {move.phase}; nothing to run")
     except MigratorError as exc:
         _record_error(run.catalog, move, str(exc))
