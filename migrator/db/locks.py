@@ -3,6 +3,11 @@
 Session locks (tenant moves, plan applies, schema rollouts) are held on a connection of their own,
 so the server drops them with the holder's session: a process killed with -9 never blocks the
 command that resumes its work.
+
+Locks named here take one 64-bit key. The per-move locks of the guard (`move.fence`) and the
+per-sequence locks of the copy take two 32-bit keys (a class and an id) instead: the guard
+trigger's PL/pgSQL takes them too, from the move id it reads, where no Python name can be hashed,
+and the class keeps them apart from every named lock.
 """
 
 from __future__ import annotations
