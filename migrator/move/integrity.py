@@ -16,8 +16,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrator.move.shapes import MAX_KEYS
-from migrator.stamps.discovery import ForeignKey, Layout, label, tenant_filter
+from migrator.stamps.discovery import ForeignKey, Layout, Table, label, tenant_filter
+
+MAX_KEYS = 5  # keys named per problem
 
 
 def _referenced(fk: ForeignKey) -> sql.Composed:
@@ -32,24 +33,40 @@ def _match(fk: ForeignKey) -> sql.Composed:
     )
 
 
+def unresolved(
+    conn: psycopg.Connection[Any],
+    table: Table,
+    fk: ForeignKey,
+    tenant: str,
+    parent: Table | None = None,
+) -> list[list[str]]:
+    """Keys (as text) of the tenant's rows of `table` whose foreign key `fk` finds no parent row, at most
+    MAX_KEYS: no row at all, or (given the `parent` tenant table) no row of this tenant."""
+    of_tenant = (
+        sql.SQL(" AND p.{} = {}").format(sql.Identifier(parent.key), sql.Literal(tenant)) if parent else sql.SQL("")
+    )
+    query = sql.SQL(
+        "SELECT ARRAY[{key}] FROM {t} c WHERE {tenant} AND {set}"
+        " AND NOT EXISTS (SELECT 1 FROM {p} p WHERE {match}{of_tenant}) LIMIT {n}"
+    ).format(
+        key=sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in table.primary_key),
+        t=table.ident,
+        tenant=tenant_filter(table, tenant),
+        set=_referenced(fk),
+        p=sql.Identifier(table.schema, fk.parent),
+        match=_match(fk),
+        of_tenant=of_tenant,
+        n=sql.Literal(MAX_KEYS),
+    )
+    return [list(row[0]) for row in conn.execute(query).fetchall()]
+
+
 def dangling(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> list[str]:
     """On the target: the tenant's rows whose foreign keys find no parent row, one problem per key."""
     problems = []
     for table in layout.tables:
         for fk in (*table.foreign_keys, *table.shared_keys):
-            query = sql.SQL(
-                "SELECT ARRAY[{key}] FROM {t} c WHERE {tenant} AND {set}"
-                " AND NOT EXISTS (SELECT 1 FROM {p} p WHERE {match}) LIMIT {n}"
-            ).format(
-                key=sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in table.primary_key),
-                t=table.ident,
-                tenant=tenant_filter(table, tenant),
-                set=_referenced(fk),
-                p=sql.Identifier(table.schema, fk.parent),
-                match=_match(fk),
-                n=sql.Literal(MAX_KEYS),
-            )
-            keys = [row[0] for row in conn.execute(query).fetchall()]
+            keys = unresolved(conn, table, fk, tenant)
             if keys:
                 shown = "; ".join("(" + ", ".join(k) + ")" for k in keys)
                 problems.append(

@@ -28,9 +28,8 @@ from psycopg import sql
 from migrator import stamps
 from migrator.catalog import Stamp
 from migrator.config import Tenancy
+from migrator.move.integrity import MAX_KEYS, unresolved
 from migrator.stamps.discovery import Layout, Table, inspect, label, tenant_filter
-
-MAX_KEYS = 5
 
 _LARGE_OBJECTS = """
 SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
@@ -251,22 +250,7 @@ def foreign_tenant_references(conn: psycopg.Connection[Any], layout: Layout, ten
             parent = layout.table(label(table.schema, fk.parent))
             if (table.key, parent.key) in zip(fk.columns, fk.parent_columns, strict=True):
                 continue
-            cols = [(sql.Identifier(c), sql.Identifier(p)) for c, p in zip(fk.columns, fk.parent_columns, strict=True)]
-            query = sql.SQL(
-                "SELECT ARRAY[{key}] FROM {t} c WHERE c.{k} = {v} AND {set} AND NOT EXISTS"
-                " (SELECT 1 FROM {p} p WHERE {match} AND p.{pk} = {v}) LIMIT {n}"
-            ).format(
-                key=sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in table.primary_key),
-                t=table.ident,
-                k=sql.Identifier(table.key),
-                v=sql.Literal(tenant),
-                set=sql.SQL(" AND ").join(sql.SQL("c.{} IS NOT NULL").format(c) for c, _ in cols),
-                p=parent.ident,
-                match=sql.SQL(" AND ").join(sql.SQL("p.{} = c.{}").format(p, c) for c, p in cols),
-                pk=sql.Identifier(parent.key),
-                n=sql.Literal(MAX_KEYS),
-            )
-            keys = [row[0] for row in conn.execute(query).fetchall()]
+            keys = unresolved(conn, table, fk, tenant, parent)
             if keys:
                 shown = "; ".join("(" + ", ".join(k) + ")" for k in keys)
                 problems.append(
