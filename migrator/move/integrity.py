@@ -21,6 +21,11 @@ from migrator.stamps.discovery import ForeignKey, Layout, Table, label, tenant_f
 MAX_KEYS = 5  # keys named per problem
 
 
+def shown_keys(keys: list[list[str]] | list[tuple[str, ...]]) -> str:
+    """Keys as a problem names them: `(7, 12); (7, 13)`."""
+    return "; ".join("(" + ", ".join(key) + ")" for key in keys)
+
+
 def _referenced(fk: ForeignKey) -> sql.Composed:
     """The rows whose key `fk` is set: a NULL column leaves a foreign key unchecked (MATCH SIMPLE)."""
     return sql.SQL(" AND ").join(sql.SQL("c.{} IS NOT NULL").format(sql.Identifier(c)) for c in fk.columns)
@@ -68,9 +73,8 @@ def dangling(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> list
         for fk in (*table.foreign_keys, *table.shared_keys):
             keys = unresolved(conn, table, fk, tenant)
             if keys:
-                shown = "; ".join("(" + ", ".join(k) + ")" for k in keys)
                 problems.append(
-                    f"rows {shown} of {table.label} reference no row of {label(table.schema, fk.parent)} "
+                    f"rows {shown_keys(keys)} of {table.label} reference no row of {label(table.schema, fk.parent)} "
                     f"(foreign key {fk.name})"
                 )
     return problems
@@ -114,9 +118,8 @@ def missing_shared(
             )
             absent = tgt.execute(query, [list(column) for column in columns]).fetchall()
             if absent:
-                shown = "; ".join("(" + ", ".join(row) + ")" for row in absent)
                 problems.append(
-                    f"rows of {table.label} reference {shown} in {label(table.schema, fk.parent)} "
+                    f"rows of {table.label} reference {shown_keys(absent)} in {label(table.schema, fk.parent)} "
                     f"(foreign key {fk.name}), which target {target_name} does not hold: add those rows there first"
                 )
     return problems

@@ -28,7 +28,7 @@ from psycopg import sql
 from migrator import stamps
 from migrator.catalog import Stamp
 from migrator.config import Tenancy
-from migrator.move.integrity import MAX_KEYS, unresolved
+from migrator.move.integrity import MAX_KEYS, shown_keys, unresolved
 from migrator.stamps.discovery import Layout, Table, inspect, label, tenant_filter
 
 _LARGE_OBJECTS = """
@@ -252,9 +252,9 @@ def foreign_tenant_references(conn: psycopg.Connection[Any], layout: Layout, ten
                 continue
             keys = unresolved(conn, table, fk, tenant, parent)
             if keys:
-                shown = "; ".join("(" + ", ".join(k) + ")" for k in keys)
                 problems.append(
-                    f"rows {shown} of {table.label} reference rows of {parent.label} that are not tenant {tenant}'s "
-                    f"(foreign key {fk.name}); a move copies one tenant's rows only: fix those references first"
+                    f"rows {shown_keys(keys)} of {table.label} reference rows of {parent.label} that are not "
+                    f"tenant {tenant}'s (foreign key {fk.name}); a move copies one tenant's rows only: "
+                    "fix those references first"
                 )
     return problems
