@@ -170,6 +170,24 @@ def test_online_move_verify_cleanup_as_a_plain_role(fleet: Fleet, roles: Roles) 
     assert _write(roles.app_dsn("eu-1"), "UPDATE tenants SET name = name WHERE id = %s", (8,)) == 1
 
 
+def test_checked_and_replica_moves_leave_identical_targets(fleet: Fleet, roles: Roles) -> None:
+    """The plain role's move runs `checked`, the superuser's `replica`: the rows they write are the same."""
+    fleet.seed("eu-1", 7, 2_000)
+    fleet.seed("eu-1", 8, 2_000)
+    layout = fleet.layout()
+    before = {t: tenant_digest(fleet.dsn("eu-1"), layout, t) for t in ("7", "8")}
+    modes = {}
+    for tenant, superuser in (("7", False), ("8", True)):
+        if superuser:  # the catalog's stamps back on the superuser's DSNs (the fixture gave the plain role's)
+            for name in ("eu-1", "eu-2"):
+                fleet.catalog.update_stamp(name, dsn=fleet.dsn(name))
+        result = roles.run("move", tenant, "--to", "eu-2", "--yes", "--json")
+        assert result.exit_code == 0, result.output + result.stderr
+        modes[tenant] = json.loads(result.output)["move"]["write_mode"]
+    assert modes == {"7": "checked", "8": "replica"}
+    assert {t: tenant_digest(fleet.dsn("eu-2"), layout, t) for t in ("7", "8")} == before
+
+
 def test_offline_move_and_abort_as_a_plain_role(fleet: Fleet, roles: Roles) -> None:
     fleet.seed("eu-1", 7, 1_000)
     fleet.seed("eu-1", 8, 1_000)
