@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from migrator import stamps
 from migrator.catalog import FLIPPED, Catalog, Mode, Move, Phase, Route, Stamp, TableProgress
 from migrator.context import Context
-from migrator.db import dsn as dsnlib
 from migrator.errors import MigratorError, PreflightError, VerifyMismatch
 from migrator.move import copy, fence
 from migrator.move.cleanup import delete_tenant, forget_progress
@@ -90,8 +89,7 @@ def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, pr
             options.batch_rows,
             checked.revision,
         )
-        with stamps.connect(checked.target) as tgt:
-            write_mode, why = dsnlib.write_mode(tgt)
+        write_mode, why = checked.write_mode
         move = catalog.update_move(move.id, rows_total=checked.total_rows, write_mode=write_mode, write_mode_reason=why)
         _save_progress(catalog, move, checked.layout, checked.rows, {})
         progress.phase(

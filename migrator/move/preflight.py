@@ -12,7 +12,9 @@ from psycopg import sql
 from migrator import stamps
 from migrator.catalog import Catalog, Move, Route, Stamp
 from migrator.config import Tenancy
+from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
+from migrator.db.dsn import WriteMode
 from migrator.errors import PreflightError
 from migrator.move import integrity, shapes
 from migrator.stamps import checks
@@ -33,6 +35,8 @@ class Checked:
     layout: Layout
     revision: str | None
     rows: dict[str, int]
+    write_mode: tuple[WriteMode, str]
+    """How migrator's writes will run on the target, and why (`dsn.write_mode`), recorded on the move."""
     null_tenant_rows: dict[str, int] = field(default_factory=dict)
     """Rows of nullable tenant columns holding NULL, per table: they belong to no tenant and stay put."""
     skipped: tuple[str, ...] = ()
@@ -101,11 +105,12 @@ def check_move(
                     problems, src, tgt, layout, tenancy, tenant, source, target, same_schema
                 )
         problems.add(checks.move_problems(src, tgt, layout, source.name, target.name, allow_triggers))
+        write_mode = dsnlib.write_mode(tgt)
     problems.raise_any(f"preflight refused the move of tenant {tenant} to {target.name}")
     for label, count in nulls.items():  # said only of a move that goes ahead: a refusal stays one line
         key = layout.table(label).key
         log.warning("table %s has %d rows with NULL %s; they are not moved", label, count, key)
-    return Checked(tenant, route, source, target, layout, src_rev, rows, nulls, skipped)
+    return Checked(tenant, route, source, target, layout, src_rev, rows, write_mode, nulls, skipped)
 
 
 def _check_rows(
