@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import psycopg
 import pytest
@@ -143,17 +144,23 @@ def test_a_write_queued_behind_the_cutover_is_fenced_when_it_gets_through(fleet:
     assert outcome[0].sqlstate == fence.FENCED_SQLSTATE
 
 
+def _begin(app: psycopg.Connection[Any], isolation: str) -> None:
+    """Start an application transaction at `isolation` and take its snapshot (its first statement)."""
+    app.execute(sql.SQL("SET TRANSACTION ISOLATION LEVEL {}").format(sql.SQL(isolation)))
+    app.execute("SELECT count(*) FROM tasks WHERE tenant_id = 5").fetchone()
+
+
 @pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
 def test_a_transaction_whose_snapshot_predates_the_fence_cannot_write(fleet: Fleet, isolation: str) -> None:
     fleet.seed("eu-1", 5, 200)
     _guard(fleet, "5")
     with dsnlib.connect(fleet.dsn("eu-1"), pinned=False) as app:
-        app.execute(sql.SQL("SET TRANSACTION ISOLATION LEVEL {}").format(sql.SQL(isolation)))
-        app.execute("SELECT count(*) FROM tasks WHERE tenant_id = 5").fetchone()  # its snapshot, unfenced
+        _begin(app, isolation)  # its snapshot: unfenced
         _set_fenced(fleet, "5")
         with pytest.raises(psycopg.errors.SerializationFailure):
             app.execute("UPDATE tenants SET name = 'stale snapshot' WHERE id = 5")
         app.rollback()
+        _begin(app, isolation)
         with pytest.raises(psycopg.Error) as caught:  # retried on a new snapshot: fenced
             app.execute("UPDATE tenants SET name = 'retried' WHERE id = 5")
         assert caught.value.sqlstate == fence.FENCED_SQLSTATE
@@ -166,14 +173,13 @@ def test_a_transaction_whose_snapshot_predates_the_guard_cannot_write_uncaptured
     fleet.seed("eu-1", 5, 200)
     fleet.seed("eu-1", 6, 200)
     with dsnlib.connect(fleet.dsn("eu-1"), pinned=False) as app:
-        app.execute(sql.SQL("SET TRANSACTION ISOLATION LEVEL {}").format(sql.SQL(isolation)))
-        app.execute("SELECT count(*) FROM tasks WHERE tenant_id = 5").fetchone()  # its snapshot, unguarded
+        _begin(app, isolation)  # its snapshot: unguarded
         _guard(fleet, "5")
         with pytest.raises(psycopg.errors.SerializationFailure):
             app.execute("UPDATE tenants SET name = 'stale snapshot' WHERE id = 5")
         app.rollback()
         assert _captured(fleet) == 0
-        app.execute(sql.SQL("SET TRANSACTION ISOLATION LEVEL {}").format(sql.SQL(isolation)))
+        _begin(app, isolation)
         app.execute("UPDATE tenants SET name = 'retried' WHERE id = 5")  # a new snapshot sees the guard
         app.execute("UPDATE tenants SET name = 'neighbour' WHERE id = 6")
         app.commit()
