@@ -1,13 +1,17 @@
-"""Benchmark: the move's copy phase against a raw `psql` binary COPY pipe, plus verify time and peak RSS.
+"""Benchmark: a whole online move and its copy step against a raw `psql` binary COPY pipe, for
+--jobs 1, 2 and 4, with and without trigger-free target sessions; verify time and peak RSS.
 
 One run, on separate local PostgreSQL servers (source and target): a tenant of ROWS rows is
 seeded on the source; the baseline pipes each tenant table with
 `psql -c "COPY (SELECT ...) TO STDOUT (FORMAT binary)" | psql -c "COPY ... FROM STDIN (FORMAT binary)"`
-into a fresh target database, before and after `migrator move --offline` runs as its own process
-into another fresh target database. The move's copy phase is the time it reports for its copy step
-(`seconds.copy` of `--json`: every table, every batch's cursor committed), verify with
-`migrator verify`, peak RSS from the child's rusage. Prints ratios, because these machines are noisy.
-`scripts/bench move [--rows N]`.
+into a fresh target database, before and after the moves. Each cell of the matrix is its own
+`migrator move` process (online, the default) with its own catalog, a clone of the seeded source
+and a fresh target: `replica` as the superuser (no foreign-key checks or triggers for migrator's
+writes, the references proven before the flip), `checked` as a plain role that may not set
+`session_replication_role` (the target checks every foreign key as rows arrive). The copy step is
+`seconds.copy` of `--json`, catch-up plus verify `seconds.sync`; `migrator verify --jobs N` runs
+after each replica cell; peak RSS is the move process's own (wait4). Prints ratios, because these
+machines are noisy. `scripts/bench move [--rows N] [--jobs 1,2,4] [--modes replica,checked]`.
 Every server is stopped at the end; nothing is written to the repository.
 """
 
@@ -15,15 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
+import secrets
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import benchlib  # scripts/, the directory of this script
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from migrator import config as configlib
 from migrator.db import dsn as dsnlib
@@ -64,72 +72,135 @@ def raw_pipe_seconds(psql: Path, source: str, target: str) -> float:
     return time.monotonic() - started
 
 
+CHECKED_ROLE = "bench_mover"
+
+
+def _checked_role(server: pgserver.LocalServer) -> str:
+    """A plain role on the target server (no session_replication_role); returns its password."""
+    password = secrets.token_urlsafe(16)
+    with dsnlib.connect(server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(CHECKED_ROLE), sql.Literal(password))
+        )
+    return password
+
+
+def _grant_checked(server: pgserver.LocalServer, db: str, password: str) -> str:
+    """What a move needs on a target database, granted to the plain role; returns its DSN."""
+    role = sql.Identifier(CHECKED_ROLE)
+    with dsnlib.connect(server.dsn(db), autocommit=True) as conn:
+        for statement in (
+            sql.SQL("GRANT CONNECT, CREATE, TEMPORARY ON DATABASE {} TO {}").format(sql.Identifier(db), role),
+            sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(role),
+            sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {}").format(role),
+            sql.SQL("GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {}").format(role),
+        ):
+            conn.execute(statement)
+    return make_conninfo(server.dsn(db), user=CHECKED_ROLE, password=password)
+
+
+def _timed_process(argv: list[str]) -> tuple[float, float, str]:
+    """Run a process; returns its wall seconds, its own peak RSS in MB (wait4) and its stdout."""
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        out, err = pool.submit(proc.stdout.read), pool.submit(proc.stderr.read)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.monotonic() - started
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(argv[3:])} failed: {err.result()[-2000:]}")
+        return wall, usage.ru_maxrss / 1024, out.result()
+
+
+@dataclass(frozen=True)
+class Cell:
+    mode: str
+    jobs: int
+    move_s: float
+    copy_s: float
+    sync_s: float
+    freeze_ms: float
+    rss_mb: float
+    write_mode: str
+    verify_s: float | None
+
+
+def _cell(
+    servers: list[pgserver.LocalServer], base: Path, mode: str, jobs: int, batch_rows: int, password: str
+) -> Cell:
+    """One online move of the seeded tenant, from a clone of the source into a fresh target."""
+    name = f"{mode}_{jobs}"
+    catalog, config = benchlib.catalog_with_config(servers[0], base, f"catalog_{name}")
+    source = provision.create_database(servers[0], f"source_{name}", template="source")
+    target = provision.stamp_database(servers[1], f"target_{name}")
+    if mode == "checked":
+        target = _grant_checked(servers[1], f"target_{name}", password)
+    catalog.add_stamp("source", source)
+    catalog.add_stamp("target", target)
+    catalog.set_route(str(TENANT), "source")
+    catalog.close()
+    cli = [sys.executable, "-m", "migrator", "--config", str(config)]
+    move = [*cli, "move", str(TENANT), "--to", "target", "--yes", "--json", "--jobs", str(jobs)]
+    wall, rss, out = _timed_process([*move, "--batch-rows", str(batch_rows)])
+    moved = json.loads(out)
+    verify_s = None
+    if mode == "replica":
+        verify_s, _, out = _timed_process([*cli, "verify", str(TENANT), "--source", "source", "--target", "target",
+                                           "--json", "--jobs", str(jobs)])  # fmt: skip
+        assert json.loads(out)["equal"] is True
+    seconds = moved["seconds"]
+    return Cell(
+        mode, jobs, wall, seconds["copy"], seconds["sync"], moved["move"]["freeze_ms"], rss,
+        moved["move"]["write_mode"], verify_s,
+    )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000, help="rows of the moved tenant")
     parser.add_argument("--batch-rows", type=int, default=50_000, help="rows per copy batch (the tool's default)")
+    parser.add_argument("--jobs", default="1,2,4", help="values of --jobs to run, comma-separated")
+    parser.add_argument("--modes", default="replica,checked", help="target session modes to run")
     args = parser.parse_args()
+    jobs = [int(j) for j in args.jobs.split(",")]
+    modes = args.modes.split(",")
     with benchlib.local_servers("migrator-bench-move-", ["source", "target"]) as (base, servers):
         source = provision.stamp_database(servers[0], "source")
         pipe_targets = [provision.stamp_database(servers[1], f"pipe_target_{i}") for i in (1, 2)]
-        move_target = provision.stamp_database(servers[1], "move_target")
-        catalog, config = benchlib.catalog_with_config(servers[0], base)
         print(f"seeding tenant {TENANT} with ~{args.rows:,} rows ...", file=sys.stderr)
         rows = seed_fleet_stamp(source, [TenantSpec(TENANT, args.rows)])[TENANT]
-        catalog.add_stamp("source", source)
-        catalog.add_stamp("target", move_target)
-        catalog.set_route(str(TENANT), "source")
+        password = _checked_role(servers[1])
 
         psql = pgserver.pg_bindir() / "psql"
         if not psql.exists():
             psql = Path(shutil.which("psql") or "psql")
-        # The pipe runs before and after the move, into two fresh databases: the baseline is their
+        # The pipe runs before and after the moves, into two fresh databases: the baseline is their
         # mean, so a noisy neighbour during one of them shows in the spread rather than the ratio.
         raw_before = raw_pipe_seconds(psql, source, pipe_targets[0])
-
-        cli = [sys.executable, "-m", "migrator", "--config", str(config)]
-        started = time.monotonic()
-        moved = subprocess.run(
-            [
-                *cli,
-                "move",
-                str(TENANT),
-                "--to",
-                "target",
-                "--offline",
-                "--yes",
-                "--json",
-                "--batch-rows",
-                str(args.batch_rows),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        move_total = time.monotonic() - started
-        peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        seconds = json.loads(moved.stdout)["seconds"]
+        cells = []
+        for mode in modes:
+            for n in jobs:
+                print(f"move: {mode}, --jobs {n} ...", file=sys.stderr)
+                cells.append(_cell(servers, base, mode, n, args.batch_rows, password))
         raw_after = raw_pipe_seconds(psql, source, pipe_targets[1])
         raw = (raw_before + raw_after) / 2
-        started = time.monotonic()
-        verify = subprocess.run(
-            [*cli, "verify", str(TENANT), "--source", "source", "--target", "target", "--json"],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        verify_s = time.monotonic() - started
-        assert json.loads(verify.stdout)["equal"] is True
-        copy_s = seconds["copy"]
+
         print(f"tenant rows                 {rows:,}")
-        spread = f"(before the move {raw_before:.2f}, after {raw_after:.2f})"
+        spread = f"(before the moves {raw_before:.2f}, after {raw_after:.2f})"
         print(f"raw psql binary COPY pipe   {raw:8.2f} s  {rows / raw:12,.0f} rows/s  {spread}")
-        print(f"migrator move (offline)     {move_total:8.2f} s  (process: preflight, fence, copy, verify, flip)")
-        print(f"  copy phase                {copy_s:8.2f} s  {rows / copy_s:12,.0f} rows/s  (cursors committed)")
-        print(f"  copy throughput ratio     {raw / copy_s:8.2f} x the raw pipe (target >= 0.9)")
-        print(f"  verify inside the move    {seconds.get('verify', 0.0):8.2f} s")
-        print(f"verify command (both sides) {verify_s:8.2f} s")
-        print(f"peak RSS of migrator        {peak_rss_mb:8.1f} MB (target < 200 MB)")
+        print()
+        print("mode     jobs  copy s  copy/pipe  move s  move/pipe  sync s  verify s  verify/copy  freeze ms  RSS MB")
+        for c in cells:
+            verify = f"{c.verify_s:8.2f}  {c.verify_s / c.copy_s:11.2f}" if c.verify_s is not None else " " * 21
+            print(
+                f"{c.write_mode:8} {c.jobs:4}  {c.copy_s:6.2f}  {raw / c.copy_s:8.2f}x  {c.move_s:6.2f}"
+                f"  {raw / c.move_s:8.2f}x  {c.sync_s:6.2f}  {verify}  {c.freeze_ms:9.1f}  {c.rss_mb:6.1f}"
+            )
+        print()
+        print("copy/pipe and move/pipe: throughput against the raw pipe (targets: copy >= 1.5x replica, >= 1.1x")
+        print("checked; whole online move >= 1.0x replica); verify/copy: `migrator verify --jobs N` (target <= 0.3)")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ def local_servers(prefix: str, names: Sequence[str]) -> Iterator[tuple[Path, lis
         shutil.rmtree(base, ignore_errors=True)
 
 
-def catalog_with_config(server: pgserver.LocalServer, base: Path) -> tuple[Catalog, Path]:
-    """A migrated catalog database and a migrator.toml naming it, for the `migrator` processes."""
-    catalog = Catalog(provision.catalog_database(server))
-    return catalog, provision.write_config(base / "migrator.toml", catalog.url)
+def catalog_with_config(server: pgserver.LocalServer, base: Path, name: str = "catalog") -> tuple[Catalog, Path]:
+    """A migrated catalog database and a config file naming it (`migrator.toml` for the default
+    catalog, else `<name>.toml`), for the `migrator` processes."""
+    catalog = Catalog(provision.catalog_database(server, name))
+    config = "migrator.toml" if name == "catalog" else f"{name}.toml"
+    return catalog, provision.write_config(base / config, catalog.url)

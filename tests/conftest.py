@@ -66,6 +66,15 @@ def busy_template(pg: pgserver.LocalServer, templates: dict[str, str]) -> str:
     return "tpl_busy"
 
 
+@pytest.fixture
+def busy(pg: pgserver.LocalServer, templates: dict[str, str], busy_template: str, tmp_path: Path) -> Iterator[Fleet]:
+    """A fleet whose eu-1 holds heavy tenant 7 and small tenant 8 (cloned, not seeded, per test)."""
+    with new_fleet(pg, templates, tmp_path, clones={"eu-1": busy_template}) as fleet:
+        for tenant in ("7", "8"):
+            fleet.catalog.set_route(tenant, "eu-1")
+        yield fleet
+
+
 class RunsCli:
     """The CLI against this fleet's `config_path`: in-process (`run`) or as a real process (`popen`).
 
@@ -132,6 +141,23 @@ def copy_held(fleet: Fleet, stamp: str) -> Iterator[None]:
     with dsnlib.connect(fleet.dsn(stamp), pinned=False) as hold:
         hold.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(last.ident))
         yield
+
+
+def copy_waits_at_held_table(fleet: Fleet, stamp: str) -> bool:
+    """Inside `copy_held`: every other table's copy is complete on `stamp` and the copy waits for the held one.
+
+    Parallel streams copy tables at once, so waiting for the held table alone does not say the
+    others are done; their committed cursors do.
+    """
+    others = len(fleet.layout().tables) - 1
+    with dsnlib.connect(fleet.dsn(stamp), autocommit=True, pinned=False) as conn:
+        waiting = conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'relation'")
+        if not waiting.fetchone()[0]:
+            return False
+        done = conn.execute(
+            "SELECT count(*) FROM (SELECT table_name FROM _migrator.copy_progress GROUP BY 1 HAVING bool_and(done)) d"
+        )
+        return int(done.fetchone()[0]) >= others
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from conftest import Fleet, catalog_snapshot, copy_held, stamp_snapshot
+from conftest import Fleet, catalog_snapshot, copy_held, copy_waits_at_held_table, stamp_snapshot
 
 from migrator.db import dsn as dsnlib
 
@@ -34,19 +34,12 @@ def test_a_reference_into_reference_data_the_target_lacks_is_refused_before_any_
     assert (catalog_snapshot(fleet), stamp_snapshot(fleet.dsn("eu-1")), stamp_snapshot(fleet.dsn("eu-2"))) == before
 
 
-def _copy_waiting(fleet: Fleet) -> bool:
-    """The move's copy waits for the table `copy_held` holds: every table before it is on the target."""
-    with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
-        waiting = conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'relation'")
-        return bool(waiting.fetchone()[0])
-
-
 def test_a_parent_removed_from_the_target_during_the_copy_stops_the_move_unflipped(fleet: Fleet) -> None:
     fleet.seed("eu-1", 7, 2_000)
     proc = fleet.popen("move", "7", "--to", "eu-2", "--yes")
     with copy_held(fleet, "eu-2"):
         deadline = time.monotonic() + 60
-        while not _copy_waiting(fleet):
+        while not copy_waits_at_held_table(fleet, "eu-2"):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the copy never reached its last table"
             time.sleep(0.05)

@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import Fleet, copy_held, new_fleet, tenant_digest
+from conftest import Fleet, copy_held, tenant_digest
 
 from migrator.catalog import Phase
 from migrator.db import dsn as dsnlib
-from migrator.local import pgserver
 from migrator.local.writer import Workload
 from migrator.move.fence import FENCED_SQLSTATE
 
@@ -77,15 +74,6 @@ def _finish(fleet: Fleet, mover: Workload, neighbour: Workload) -> None:
     _assert_source_equals_target_but_post_flip_writes(fleet, mover)
     _assert_source_fenced(fleet)
     assert fleet.catalog.route("7").stamp == "eu-2"
-
-
-@pytest.fixture
-def busy(pg: pgserver.LocalServer, templates: dict[str, str], busy_template: str, tmp_path: Path) -> Iterator[Fleet]:
-    """A fleet whose eu-1 holds heavy tenant 7 and small tenant 8 (cloned, not seeded, per test)."""
-    with new_fleet(pg, templates, tmp_path, clones={"eu-1": busy_template}) as fleet:
-        for tenant in ("7", "8"):
-            fleet.catalog.set_route(tenant, "eu-1")
-        yield fleet
 
 
 def test_online_move_keeps_every_acknowledged_write(busy: Fleet) -> None:

@@ -132,6 +132,22 @@ class EngineDefault:
         return str(self())
 
 
+def _default_jobs() -> int:
+    from migrator.move.run import default_jobs
+
+    return default_jobs()
+
+
+JOBS = click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=EngineDefault(_default_jobs),
+    show_default=True,
+    help="Parallel streams, each a source and a target connection: key ranges of large tables and "
+    "independent tables copy (and verify) at once.",
+)
+
+
 def context_of(click_ctx: click.Context) -> Context:
     obj = click_ctx.find_root().obj
     if "context" not in obj:

@@ -9,6 +9,7 @@ import click
 from migrator.cli import render
 from migrator.cli.base import (
     ALLOW_TRIGGERS,
+    JOBS,
     JSON,
     NO_PROGRESS,
     DefaultGroup,
@@ -54,6 +55,7 @@ def move_group() -> None:
     show_default=True,
     help="Rows per copy batch (each batch is one target transaction).",
 )
+@JOBS
 @click.option("--rate-limit", type=click.FloatRange(min=1), default=None, help="Copy at most this many rows/s.")
 @click.option("--dry-run", is_flag=True, help="Run the preflight checks and show the plan; change nothing.")
 @click.option("--offline", is_flag=True, help="Fence the tenant for the whole copy instead of only the cutover.")
@@ -88,6 +90,7 @@ def move_run(
     tenant: str,
     target: str,
     batch_rows: int,
+    jobs: int,
     rate_limit: float | None,
     dry_run: bool,
     offline: bool,
@@ -118,6 +121,7 @@ def move_run(
     options = replace(
         defaults,
         batch_rows=batch_rows,
+        jobs=jobs,
         rate_limit=rate_limit,
         dry_run=dry_run,
         online=not offline,
@@ -242,13 +246,14 @@ def move_abort(
 @click.argument("tenant")
 @click.option("--source", required=True, help="Stamp holding the reference copy.")
 @click.option("--target", required=True, help="Stamp to compare against it.")
+@JOBS
 @JSON
 @click.pass_context
-def verify_cmd(ctx: click.Context, tenant: str, source: str, target: str, as_json: bool) -> None:
+def verify_cmd(ctx: click.Context, tenant: str, source: str, target: str, jobs: int, as_json: bool) -> None:
     """Compare a tenant's rows on two stamps (counts and checksums per table); exit 1 if they differ."""
     from migrator.move import verify_between
 
-    report = verify_between(context_of(ctx), tenant, source, target)
+    report = verify_between(context_of(ctx), tenant, source, target, jobs)
     data = {
         "tenant": tenant,
         "equal": report.equal,

@@ -11,7 +11,7 @@ import click
 
 from migrator.catalog import StampState
 from migrator.cli import render
-from migrator.cli.base import ALLOW_TRIGGERS, JSON, NO_PROGRESS, EngineDefault, cli, confirm, context_of, emit
+from migrator.cli.base import ALLOW_TRIGGERS, JOBS, JSON, NO_PROGRESS, EngineDefault, cli, confirm, context_of, emit
 from migrator.cli.core import NO_CHECK, stamp_group
 from migrator.errors import MigratorError
 
@@ -345,6 +345,7 @@ def _summary(result: ApplyResult) -> str:
     show_default=True,
     help="Rows per copy batch of each move.",
 )
+@JOBS
 @click.option("--stop-on-error", is_flag=True, help="Start no more moves once one has failed.")
 @click.option("--dry-run", is_flag=True, help="Check the plan is still current and show what would run.")
 @ALLOW_TRIGGERS
@@ -358,6 +359,7 @@ def apply_cmd(
     parallel: int,
     per_stamp: int,
     batch_rows: int,
+    jobs: int,
     stop_on_error: bool,
     dry_run: bool,
     allow_triggers: bool,
@@ -385,6 +387,7 @@ def apply_cmd(
         per_stamp=per_stamp,
         stop_on_error=stop_on_error,
         batch_rows=batch_rows,
+        jobs=jobs,
         allow_triggers=allow_triggers,
     )
     reporter = _notes_only() if as_json or no_progress else ApplyBars()

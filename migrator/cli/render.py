@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -146,17 +147,20 @@ def say(message: str) -> None:
 class Bars:
     """Progress of a move, cleanup or abort on stderr: one overall counter and one per table, with rows/s.
 
-    Bars on a terminal, plain periodic lines elsewhere (see `meter`).
+    Bars on a terminal, plain periodic lines elsewhere (see `meter`). Tables copying at once (the
+    move's parallel streams report from their threads) each get their own line under the total.
     """
 
     def __init__(self, desc: str = "total") -> None:
         self._desc = desc
         self._overall: Meter | None = None
-        self._bars: dict[str, Meter] = {}
+        self._bars: dict[str, tuple[Meter, int]] = {}  # table -> its bar and the line it is drawn on
+        self._lock = threading.Lock()
 
     def begin(self, total: int) -> None:
-        if self._overall is None:
-            self._overall = meter(self._desc, total, "rows")
+        with self._lock:
+            if self._overall is None:
+                self._overall = meter(self._desc, total, "rows")
 
     def phase(self, message: str) -> None:
         say(message)
@@ -164,26 +168,32 @@ class Bars:
     def start_table(self, table: str, total: int, done: int) -> None:
         if self._overall is None:  # cleanup and abort count rows without a total
             self.begin(0)
-        self._bars[table] = meter(table, total, "rows", initial=done, position=1, leave=False)
-        if done and self._overall is not None:
-            self._overall.update(done)
+        with self._lock:
+            taken = {line for _, line in self._bars.values()}
+            line = next(n for n in range(1, len(taken) + 2) if n not in taken)
+            self._bars[table] = (meter(table, total, "rows", initial=done, position=line, leave=False), line)
+            if done and self._overall is not None:
+                self._overall.update(done)
 
     def advance(self, table: str, rows: int) -> None:
-        if table in self._bars:
-            self._bars[table].update(rows)
-        if self._overall is not None:
-            self._overall.update(rows)
+        with self._lock:
+            if table in self._bars:
+                self._bars[table][0].update(rows)
+            if self._overall is not None:
+                self._overall.update(rows)
 
     def finish_table(self, table: str) -> None:
-        bar = self._bars.pop(table, None)
-        if bar is not None:
-            bar.close()
+        with self._lock:
+            bar = self._bars.pop(table, None)
+            if bar is not None:
+                bar[0].close()
 
     def close(self) -> None:
-        for bar in self._bars.values():
-            bar.close()
-        if self._overall is not None:
-            self._overall.close()
+        with self._lock:
+            for bar, _ in self._bars.values():
+                bar.close()
+            if self._overall is not None:
+                self._overall.close()
 
 
 @contextmanager

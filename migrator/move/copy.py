@@ -16,7 +16,7 @@ snapshot (`copy_cycle`; resumable at that granularity: a cycle is copied whole o
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -27,7 +27,7 @@ from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
 from migrator.errors import MigratorError
 from migrator.move import tree
-from migrator.move.keys import stage_rows
+from migrator.move.keys import key_quantiles, stage_rows
 from migrator.progress import Progress
 from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import ForeignKey, Table, key_after, key_upto, tenant_filter
@@ -38,46 +38,102 @@ SEQUENCE_LOCK_CLASS = 0x6D73  # advisory lock class of sequence updates (fence's
 
 @dataclass(frozen=True)
 class Cursor:
-    """Where the copy of one table stands on the target (authoritative for resume)."""
+    """Where the copy of one table stands on the target: rows copied and whether it is complete."""
 
-    after: list[str] | None
     rows: int
     done: bool
 
 
-START = Cursor(None, 0, False)  # nothing of the table copied yet
+START = Cursor(0, False)  # nothing of the table copied yet
+
+
+@dataclass(frozen=True)
+class Part:
+    """One key range of a table's copy, (lower bound, `upto`], and its cursor on the target.
+
+    A table copies as one part or, split for parallel streams, as several whose ranges partition
+    the key space. The ranges are fixed when the copy of the table starts (saved together, before
+    any batch), so a resume with another --jobs continues the same ranges: exact to the row.
+    """
+
+    index: int
+    after: list[str] | None  # the last key copied, or the range's lower bound (None: none)
+    upto: list[str] | None  # the range's upper bound, fixed; None: to the end of the table
+    rows: int
+    done: bool
+
+
+def read_parts(tgt: psycopg.Connection[Any], move_id: int, table: Table) -> list[Part]:
+    """The table's parts as committed on the target (authoritative for resume), in key order."""
+    rows = tgt.execute(
+        sql.SQL(
+            "SELECT part, cursor, upto, rows_copied, done FROM {}.copy_progress"
+            " WHERE move_id = %s AND table_name = %s ORDER BY part"
+        ).format(sql.Identifier(SCHEMA)),
+        (move_id, table.label),
+    ).fetchall()
+    return [Part(*row) for row in rows]
 
 
 def read_cursor(tgt: psycopg.Connection[Any], move_id: int, table: Table) -> Cursor:
-    row = tgt.execute(
-        sql.SQL("SELECT cursor, rows_copied, done FROM {}.copy_progress WHERE move_id = %s AND table_name = %s").format(
-            sql.Identifier(SCHEMA)
-        ),
-        (move_id, table.label),
-    ).fetchone()
-    if row is None:
+    """The table's copy summed over its parts; not started when it has none."""
+    parts = read_parts(tgt, move_id, table)
+    if not parts:
         return START
-    return Cursor(row[0], row[1], row[2])
+    return Cursor(sum(p.rows for p in parts), all(p.done for p in parts))
 
 
-def _save_cursor(tgt: psycopg.Connection[Any], move_id: int, table: Table, cursor: Cursor) -> None:
+def _save_part(tgt: psycopg.Connection[Any], move_id: int, table: Table, part: Part) -> None:
     tgt.execute(
         sql.SQL(
-            "INSERT INTO {}.copy_progress (move_id, table_name, cursor, rows_copied, done) VALUES (%s, %s, %s, %s, %s)"
-            " ON CONFLICT (move_id, table_name) DO UPDATE SET cursor = EXCLUDED.cursor,"
+            "INSERT INTO {}.copy_progress (move_id, table_name, part, cursor, upto, rows_copied, done)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (move_id, table_name, part) DO UPDATE SET cursor = EXCLUDED.cursor,"
             " rows_copied = EXCLUDED.rows_copied, done = EXCLUDED.done"
         ).format(sql.Identifier(SCHEMA)),
-        (move_id, table.label, cursor.after, cursor.rows, cursor.done),
+        (move_id, table.label, part.index, part.after, part.upto, part.rows, part.done),
     )
 
 
+def plan_parts(
+    source_dsn: str, target_dsn: str, table: Table, tenant: str, move_id: int, pieces: int, rows: int
+) -> list[Part]:
+    """The table's parts: those already on the target, or up to `pieces` new ranges of about
+    `rows / pieces` rows each (`rows`: preflight's count), cut at the source's key quantiles and saved
+    in one target transaction before any of them copies a row.
+
+    A self-referencing table and the tables of a cycle always copy as one part (their order is
+    not by key). Rows written since preflight only make the ranges less even, never inexact.
+    """
+    with dsnlib.connect(target_dsn) as tgt:
+        parts = read_parts(tgt, move_id, table)
+        if parts:
+            return parts
+        bounds: list[list[str]] = []
+        if pieces > 1 and rows >= pieces and not (table.self_references or table.cycle):
+            with dsnlib.connect(source_dsn, autocommit=True) as src:
+                step = -(-rows // pieces)
+                bounds = key_quantiles(src, table, tenant_filter(table, tenant), step)[: pieces - 1]
+        edges: list[list[str] | None] = [None, *bounds, None]
+        parts = [Part(i, edges[i], edges[i + 1], 0, False) for i in range(len(edges) - 1)]
+        with tgt.transaction():
+            for part in parts:
+                _save_part(tgt, move_id, table, part)
+        return parts
+
+
 def _batch_bound(
-    src: psycopg.Connection[Any], table: Table, tenant: str, after: list[str] | None, batch_rows: int
+    src: psycopg.Connection[Any], table: Table, tenant: str, part: Part, batch_rows: int
 ) -> list[str] | None:
-    """The key of the batch's last row, or None when fewer than `batch_rows` rows remain."""
+    """The key of the batch's last row, or None when fewer than `batch_rows` rows of the part remain."""
     row = src.execute(
-        sql.SQL("SELECT ARRAY[{}] FROM {} WHERE {} AND {} ORDER BY {} OFFSET %s LIMIT 1").format(
-            table.pk_text(), table.ident, tenant_filter(table, tenant), key_after(table, after), table.pk_cols()
+        sql.SQL("SELECT ARRAY[{}] FROM {} WHERE {} AND {} AND {} ORDER BY {} OFFSET %s LIMIT 1").format(
+            table.pk_text(),
+            table.ident,
+            tenant_filter(table, tenant),
+            key_after(table, part.after),
+            key_upto(table, part.upto),
+            table.pk_cols(),
         ),
         (batch_rows - 1,),
     ).fetchone()
@@ -123,77 +179,59 @@ def _stream_batch(
         return max(tcur.rowcount, 0)
 
 
-def _last_key(tgt: psycopg.Connection[Any], table: Table, tenant: str) -> list[str] | None:
-    row = tgt.execute(
-        sql.SQL("SELECT ARRAY[{}] FROM {} WHERE {} ORDER BY {} LIMIT 1").format(
-            table.pk_text(),
-            table.ident,
-            tenant_filter(table, tenant),
-            sql.SQL(", ").join(sql.SQL("{} DESC").format(sql.Identifier(c)) for c in table.primary_key),
-        )
-    ).fetchone()
-    return list(row[0]) if row else None
-
-
 @STAMP_STEP.wraps
-def copy_table(
+def copy_part(
     source_dsn: str,
     target_dsn: str,
     table: Table,
     tenant: str,
     move_id: int,
+    index: int,
     batch_rows: int,
     progress: Progress,
     rate_limit: float | None = None,
 ) -> int:
-    """Copy the tenant's rows of one table from where the target's cursor stands; returns rows copied now.
+    """Copy one part of the table from where its cursor stands on the target; returns rows copied now.
 
     Retried on transient errors: every attempt re-reads the committed cursor, so a retry neither
-    repeats nor skips a batch.
+    repeats nor skips a batch. Parts of one table copy concurrently, each on its own connections.
     """
     if table.self_references:
         return _copy_tree(source_dsn, target_dsn, table, tenant, move_id, batch_rows, progress, rate_limit)
     with dsnlib.connect(source_dsn, autocommit=True) as src, dsnlib.connect(target_dsn) as tgt:
         dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
-        cursor = read_cursor(tgt, move_id, table)
+        part = next(p for p in read_parts(tgt, move_id, table) if p.index == index)
         tgt.commit()
         copied = 0
-        while not cursor.done:
+        while not part.done:
             started = time.monotonic()
-            upto = _batch_bound(src, table, tenant, cursor.after, batch_rows)
+            upto = _batch_bound(src, table, tenant, part, batch_rows)
+            bound = upto if upto is not None else part.upto
             try:
                 with tgt.transaction():
-                    rows = _stream_batch(src, tgt, table, tenant, cursor.after, upto)
-                    cursor = _next_cursor(tgt, move_id, table, tenant, cursor, upto, rows)
+                    rows = _stream_batch(src, tgt, table, tenant, part.after, bound)
+                    part = _next_part(tgt, move_id, table, part, upto, rows)
             except psycopg.errors.ForeignKeyViolation:  # a parent written since its table was copied
                 with tgt.transaction():
-                    select = _key_range(table, tenant, cursor.after, upto)
+                    select = _key_range(table, tenant, part.after, bound)
                     stage_rows(src, tgt, table, select, STAGE)
                     defer_orphans(source_dsn, tgt, table, move_id)
                     rows = _insert_staged(tgt, table)
-                    cursor = _next_cursor(tgt, move_id, table, tenant, cursor, upto, rows)
+                    part = _next_part(tgt, move_id, table, part, upto, rows)
             copied += rows
             progress.advance(table.label, rows)
             if rate_limit:
                 time.sleep(max(0.0, rows / rate_limit - (time.monotonic() - started)))
-        if copied:
-            _analyze(tgt, table)
         return copied
 
 
-def _next_cursor(
-    tgt: psycopg.Connection[Any],
-    move_id: int,
-    table: Table,
-    tenant: str,
-    cursor: Cursor,
-    upto: list[str] | None,
-    rows: int,
-) -> Cursor:
-    """Save the cursor past a batch ending at `upto` (None: the last batch) in the batch's transaction."""
-    after = upto if upto is not None else (_last_key(tgt, table, tenant) or cursor.after)
-    moved = Cursor(after, cursor.rows + rows, upto is None)
-    _save_cursor(tgt, move_id, table, moved)
+def _next_part(
+    tgt: psycopg.Connection[Any], move_id: int, table: Table, part: Part, upto: list[str] | None, rows: int
+) -> Part:
+    """Save the part's cursor past a batch ending at `upto` (None: the part's last batch), in the
+    batch's transaction."""
+    moved = replace(part, after=upto or part.upto, rows=part.rows + rows, done=upto is None)
+    _save_part(tgt, move_id, table, moved)
     return moved
 
 
@@ -299,15 +337,13 @@ def _copy_tree(
                 stage_rows(src, tgt, table, tree.rows_between(table, tenant, after, upto), STAGE)
                 defer_orphans(source_dsn, tgt, table, move_id)
                 rows = _insert_staged(tgt, table)
-                cursor = Cursor(None, cursor.rows + rows, upto >= total)
-                _save_cursor(tgt, move_id, table, cursor)
+                cursor = Cursor(cursor.rows + rows, upto >= total)
+                _save_part(tgt, move_id, table, Part(0, None, None, cursor.rows, cursor.done))
             copied += rows
             progress.advance(table.label, rows)
             if rate_limit:
                 time.sleep(max(0.0, (upto - after) / rate_limit - (time.monotonic() - started)))
         src.rollback()
-        if copied:
-            _analyze(tgt, table)
         return copied
 
 
@@ -333,16 +369,14 @@ def copy_cycle(
             tgt.execute("SET CONSTRAINTS ALL DEFERRED")
             for table in tables:
                 copied[table.label] = _stream_batch(src, tgt, table, tenant, None, None)
-                _save_cursor(tgt, move_id, table, Cursor(_last_key(tgt, table, tenant), copied[table.label], True))
+                _save_part(tgt, move_id, table, Part(0, None, None, copied[table.label], True))
         src.rollback()
         for table in tables:
             progress.advance(table.label, copied[table.label])
-            if copied[table.label]:
-                _analyze(tgt, table)
         return sum(copied.values())
 
 
-def _analyze(tgt: psycopg.Connection[Any], table: Table) -> None:
+def analyze(target_dsn: str, table: Table) -> None:
     """Give the target's planner the copied table's real size before its children are copied.
 
     A table emptied by an earlier cleanup keeps statistics saying it is empty; the foreign-key
@@ -350,7 +384,7 @@ def _analyze(tgt: psycopg.Connection[Any], table: Table) -> None:
     the whole tenant's index for every child row (minutes per batch). Sampling costs a fraction
     of a second. (A role that does not own the table gets a server warning and no statistics.)
     """
-    with tgt.transaction():
+    with dsnlib.connect(target_dsn, autocommit=True) as tgt:
         tgt.execute(sql.SQL("ANALYZE {}").format(table.ident))
 
 

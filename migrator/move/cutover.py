@@ -70,7 +70,7 @@ def verify_move(run: MoveRun, move: Move) -> tuple[Move, Report]:
     """Offline: compare every row of the tenant on both stamps and record the outcome on the move."""
     catalog = run.catalog
     check_references(run, move)
-    report = verify_tenant(run.source.dsn, run.target.dsn, run.layout, move.tenant)
+    report = verify_tenant(run.source.dsn, run.target.dsn, run.layout, move.tenant, run.options.jobs)
     source_sum, target_sum = _sums(report)
     if not report.equal:
         catalog.update_move(move.id, error=report.summary(), source_checksum=source_sum, target_checksum=target_sum)

@@ -113,15 +113,35 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
         " pk text[] NOT NULL, applied boolean NOT NULL DEFAULT false, verified boolean NOT NULL DEFAULT false)",
         "CREATE INDEX IF NOT EXISTS changes_pending ON {}.changes (move_id, id) WHERE NOT applied",
         "CREATE INDEX IF NOT EXISTS changes_unverified ON {}.changes (move_id) WHERE NOT verified",
+        # One row per key range (`part`) of a table's copy; see `copy.Part`.
         "CREATE TABLE IF NOT EXISTS {}.copy_progress (move_id bigint NOT NULL, table_name text NOT NULL,"
-        " cursor text[], rows_copied bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false,"
-        " PRIMARY KEY (move_id, table_name))",
+        " part integer NOT NULL DEFAULT 0, cursor text[], upto text[], rows_copied bigint NOT NULL DEFAULT 0,"
+        " done boolean NOT NULL DEFAULT false, PRIMARY KEY (move_id, table_name, part))",
         # One row, updated whenever the set of guarded tenants changes (see the trigger's locking read).
         "CREATE TABLE IF NOT EXISTS {}.guard_state (one boolean PRIMARY KEY DEFAULT true CHECK (one),"
         " changed_at timestamptz NOT NULL DEFAULT now())",
         "INSERT INTO {}.guard_state DEFAULT VALUES ON CONFLICT DO NOTHING",
     ):
         conn.execute(sql.SQL(statement).format(schema))
+    _add_copy_parts(conn)
+
+
+def _add_copy_parts(conn: psycopg.Connection[Any]) -> None:
+    """A stamp set up by an earlier migrator keeps one copy cursor per table: give it key ranges.
+
+    Its cursors become part 0, unbounded, of their tables: an unfinished copy resumes where it stood.
+    """
+    found = conn.execute(
+        "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'part' AND NOT attisdropped",
+        (f"{SCHEMA}.copy_progress",),
+    ).fetchone()
+    if found is None:
+        conn.execute(
+            sql.SQL(
+                "ALTER TABLE {}.copy_progress ADD COLUMN part integer NOT NULL DEFAULT 0, ADD COLUMN upto text[],"
+                " DROP CONSTRAINT copy_progress_pkey, ADD PRIMARY KEY (move_id, table_name, part)"
+            ).format(sql.Identifier(SCHEMA))
+        )
 
 
 def guard(
@@ -311,7 +331,7 @@ def leftovers(conn: psycopg.Connection[Any]) -> list[str]:
         ).fetchall():
             found.append(f"{count} captured changes of move {move_id}")
         for move_id, table in conn.execute(
-            sql.SQL("SELECT move_id, table_name FROM {}.copy_progress ORDER BY 1, 2").format(schema)
+            sql.SQL("SELECT DISTINCT move_id, table_name FROM {}.copy_progress ORDER BY 1, 2").format(schema)
         ).fetchall():
             found.append(f"copy progress of move {move_id} for {table}")
     return found

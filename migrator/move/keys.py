@@ -68,6 +68,16 @@ def outside_keys(table: Table, keys: sql.Identifier) -> sql.Composed:
     return sql.SQL("NOT EXISTS (SELECT 1 FROM {} k WHERE {})").format(keys, match)
 
 
+def key_quantiles(conn: psycopg.Connection[Any], table: Table, rows: sql.Composable, step: int) -> list[list[str]]:
+    """Every `step`-th key, in key order, of the rows matching `rows` (a WHERE condition): the bounds
+    that cut them into ranges of `step` rows (parallel copy streams, verify's narrowing)."""
+    query = sql.SQL(
+        "SELECT k FROM (SELECT ARRAY[{}] AS k, row_number() OVER (ORDER BY {}) AS n FROM {} WHERE {}) s"
+        " WHERE n %% %s = 0 ORDER BY n"
+    ).format(table.pk_text(), table.pk_cols(), table.ident, rows)
+    return [list(r[0]) for r in conn.execute(query, (step,)).fetchall()]
+
+
 def stage_rows(
     src: psycopg.Connection[Any],
     tgt: psycopg.Connection[Any],

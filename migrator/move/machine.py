@@ -20,14 +20,14 @@ from migrator import stamps
 from migrator.catalog import FLIPPED, Catalog, Mode, Move, Phase, Route, Stamp, TableProgress
 from migrator.context import Context
 from migrator.errors import MigratorError, PreflightError, VerifyMismatch
-from migrator.move import copy, fence
+from migrator.move import copy, fence, streams
 from migrator.move.cleanup import delete_tenant, forget_progress
 from migrator.move.cutover import catch_up, check_references, flip, online_cutover, verify_before_freeze, verify_move
 from migrator.move.preflight import check_deletes, check_move, check_resume, check_schema_unchanged
 from migrator.move.run import MoveOptions, MoveRun
 from migrator.move.verify import Report
 from migrator.progress import Progress
-from migrator.stamps.discovery import Layout
+from migrator.stamps.discovery import Layout, Table
 
 
 @dataclass(frozen=True)
@@ -215,30 +215,18 @@ def _guard(run: MoveRun, move: Move) -> Move:
 
 
 def _copy(run: MoveRun, move: Move) -> Move:
-    catalog, layout, options, progress = run.catalog, run.layout, run.options, run.progress
+    catalog, layout = run.catalog, run.layout
     totals = {t.table_name: t.rows_total for t in catalog.tables(move.id)}
+
+    def finished(tables: tuple[Table, ...]) -> None:
+        with stamps.connect(run.target) as tgt:
+            for table in tables:
+                cursors[table.label] = copy.read_cursor(tgt, move.id, table)
+        _save_progress(catalog, move, layout, totals, cursors)
+
     with stamps.connect(run.target) as tgt:
         cursors = {t.label: copy.read_cursor(tgt, move.id, t) for t in layout.tables}
-    for table in layout.tables:
-        cursor = cursors[table.label]
-        progress.start_table(table.label, totals.get(table.label, 0), cursor.rows)
-        if not cursor.done and table.cycle:  # the whole cycle at its first table; then its others are done
-            copy.copy_cycle(run.source.dsn, run.target.dsn, layout.cycle_of(table), move.tenant, move.id, progress)
-        elif not cursor.done:
-            copy.copy_table(
-                run.source.dsn,
-                run.target.dsn,
-                table,
-                move.tenant,
-                move.id,
-                options.batch_rows,
-                progress,
-                options.rate_limit,
-            )
-        progress.finish_table(table.label)
-        with stamps.connect(run.target) as tgt:
-            cursors[table.label] = copy.read_cursor(tgt, move.id, table)
-        _save_progress(catalog, move, layout, totals, cursors)
+    streams.copy_tables(run, move.id, move.tenant, totals, run.options.jobs, finished)
     with stamps.connect(run.target, autocommit=False) as tgt:
         copy.advance_sequences(tgt, layout.tables, move.tenant)
     return catalog.update_move(move.id, phase=Phase.COPIED, rows_copied=sum(c.rows for c in cursors.values()))

@@ -7,6 +7,7 @@ lock. The move's catalog record is not part of it: each step returns it anew wit
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from migrator.catalog import Catalog, Stamp, TenantLock
@@ -25,12 +26,21 @@ class CutoverOptions:
     replay_batch: int = 2000
 
 
+def default_jobs() -> int:
+    """Streams per move unless --jobs says otherwise: the machine's cores, 2 to 4.
+
+    Each stream is a source and a target backend; more than the cores of the servers only queue.
+    """
+    return max(2, min(4, os.cpu_count() or 2))
+
+
 @dataclass(frozen=True)
 class MoveOptions:
-    """Options of `migrator move` (flags --batch-rows, --rate-limit, --dry-run, --offline, --allow-triggers,
-    cutover flags)."""
+    """Options of `migrator move` (flags --batch-rows, --jobs, --rate-limit, --dry-run, --offline,
+    --allow-triggers, cutover flags)."""
 
     batch_rows: int = 50_000
+    jobs: int = field(default_factory=default_jobs)  # parallel copy (and verify) streams
     rate_limit: float | None = None
     dry_run: bool = False
     online: bool = True

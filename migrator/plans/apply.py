@@ -29,6 +29,7 @@ from migrator.db import dsn as dsnlib
 from migrator.db.locks import lock_key, try_lock
 from migrator.errors import BadInput, LockBusy, MigratorError
 from migrator.move import MoveOptions, move_tenant
+from migrator.move.run import default_jobs
 from migrator.plans.capacity import measure_fleet, shift
 from migrator.plans.planners import Plan, PlannedMove, check_stamps, load_plan
 from migrator.progress import Silent
@@ -36,12 +37,14 @@ from migrator.progress import Silent
 
 @dataclass(frozen=True)
 class ApplyOptions:
-    """Flags of `migrator apply`: --parallel, --per-stamp, --stop-on-error, --batch-rows, --allow-triggers."""
+    """Flags of `migrator apply`: --parallel, --per-stamp, --stop-on-error, --batch-rows, --jobs,
+    --allow-triggers."""
 
     parallel: int = 1
     per_stamp: int = 1
     stop_on_error: bool = False
     batch_rows: int = 50_000
+    jobs: int = field(default_factory=default_jobs)  # each move's streams, see MoveOptions
     allow_triggers: bool = False  # each move's, see MoveOptions
 
 
@@ -313,6 +316,7 @@ class _MoveProgress(Silent):
     def __init__(self, reporter: ApplyProgress) -> None:
         self.reporter = reporter
         self.counted = 0
+        self._lock = threading.Lock()  # the move's copy streams report from their own threads
 
     def start_table(self, table: str, total: int, done: int) -> None:
         self._count(done)
@@ -322,8 +326,9 @@ class _MoveProgress(Silent):
 
     def _count(self, rows: int) -> None:
         if rows:
-            self.counted += rows
-            self.reporter.rows(rows)
+            with self._lock:
+                self.counted += rows
+                self.reporter.rows(rows)
 
 
 @contextlib.contextmanager
@@ -451,7 +456,9 @@ def _one(
     progress = _MoveProgress(reporter)
     ledger.mark(plan_id, entry.position, EntryStatus.RUNNING, entry.resume.id if entry.resume else None)
     try:
-        move_options = MoveOptions(batch_rows=options.batch_rows, allow_triggers=options.allow_triggers)
+        move_options = MoveOptions(
+            batch_rows=options.batch_rows, jobs=options.jobs, allow_triggers=options.allow_triggers
+        )
         outcome = move_tenant(ctx, move.tenant, move.target, move_options, progress)
     except Exception as exc:  # one failed move must not stop the others
         reason = _reason(ctx, exc)

@@ -1,0 +1,115 @@
+"""Parallel copy streams: which tables, and which key ranges of a table, copy at the same time.
+
+Up to `jobs` streams run at once, each a source and a target connection copying one part of one
+table (`copy.copy_part`, resumable to the row). A large table is cut into parts (`copy.plan_parts`);
+tables copy concurrently once every table they reference is complete, because the target checks
+each copied row's foreign keys as it arrives. Where the target's sessions run as `replica` those
+checks do not fire (the references are proven before the flip, `integrity.dangling`), so every
+table may stream at once. A foreign-key cycle, and a self-referencing table, is one stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+from migrator.db import dsn as dsnlib
+from migrator.move import copy
+from migrator.move.run import MoveRun
+from migrator.stamps.discovery import Table
+
+MIN_PART_ROWS = 20_000  # smaller ranges are not worth a stream's two connections
+
+
+@dataclass
+class _Unit:
+    """What becomes complete together: one table, or the tables of one foreign-key cycle."""
+
+    tables: tuple[Table, ...]
+    streams: int = 0  # parts still copying
+
+    @property
+    def names(self) -> set[str]:
+        return {t.name for t in self.tables}
+
+    @property
+    def parents(self) -> set[str]:
+        return {p for t in self.tables for p in t.parents} - self.names
+
+
+def copy_tables(
+    run: MoveRun,
+    move_id: int,
+    tenant: str,
+    totals: dict[str, int],
+    jobs: int,
+    finished: Callable[[tuple[Table, ...]], None],
+) -> None:
+    """Copy every table of the layout not yet complete on the target, `jobs` streams at a time.
+
+    `finished` is called (in this thread) as each table, or cycle, completes. On an error the
+    streams already running finish their batch and the first error is raised; every part's
+    committed cursor stays, so running the move again resumes each range where it stood.
+    """
+    layout, options, progress = run.layout, run.options, run.progress
+    with dsnlib.connect(run.target.dsn) as tgt:
+        in_any_order = dsnlib.may_skip_triggers(tgt)  # the copy's sessions will be replica: no FK checks
+        cursors = {t.label: copy.read_cursor(tgt, move_id, t) for t in layout.tables}
+    pending: list[_Unit] = []
+    done: set[str] = set()
+    for table in layout.tables:
+        if cursors[table.label].done:
+            done.add(table.name)
+        elif not table.cycle or table.name == table.cycle[0]:
+            pending.append(_Unit(layout.cycle_of(table)))
+    rate = options.rate_limit / jobs if options.rate_limit else None
+    running: dict[Future[int], _Unit] = {}
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="copy") as pool:
+        try:
+            while pending or running:
+                for unit in [u for u in pending if in_any_order or u.parents <= done]:
+                    pending.remove(unit)
+                    for table in unit.tables:
+                        progress.start_table(table.label, totals.get(table.label, 0), cursors[table.label].rows)
+                    for submit in _streams(run, move_id, tenant, unit, totals, jobs, rate):
+                        running[pool.submit(submit)] = unit
+                        unit.streams += 1
+                if not running:  # nothing can start: a parent outside the layout's order (cannot happen)
+                    raise RuntimeError(f"copy order stuck at {[u.names for u in pending]}")
+                complete, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in complete:
+                    unit = running.pop(future)
+                    future.result()
+                    unit.streams -= 1
+                    if unit.streams == 0:
+                        _complete(run, unit, finished)
+                        done |= unit.names
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+
+def _complete(run: MoveRun, unit: _Unit, finished: Callable[[tuple[Table, ...]], None]) -> None:
+    for table in unit.tables:
+        copy.analyze(run.target.dsn, table)
+        run.progress.finish_table(table.label)
+    finished(unit.tables)
+
+
+def _streams(
+    run: MoveRun, move_id: int, tenant: str, unit: _Unit, totals: dict[str, int], jobs: int, rate: float | None
+) -> list[Callable[[], int]]:
+    """One callable per stream of the unit: one per part of a table, one for a whole cycle."""
+    source, target, progress = run.source.dsn, run.target.dsn, run.progress
+    if len(unit.tables) > 1:
+        return [lambda: copy.copy_cycle(source, target, unit.tables, tenant, move_id, progress)]
+    table = unit.tables[0]
+    rows = totals.get(table.label, 0)
+    pieces = max(1, min(jobs, rows // MIN_PART_ROWS))
+    parts = copy.plan_parts(source, target, table, tenant, move_id, pieces, rows)
+    batch = run.options.batch_rows
+
+    def stream(index: int) -> Callable[[], int]:
+        return lambda: copy.copy_part(source, target, table, tenant, move_id, index, batch, progress, rate)
+
+    return [stream(part.index) for part in parts if not part.done]
