@@ -15,6 +15,7 @@ snapshot (`copy_cycle`; resumable at that granularity: a cycle is copied whole o
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -190,11 +191,13 @@ def copy_part(
     batch_rows: int,
     progress: Progress,
     rate_limit: float | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
     """Copy one part of the table from where its cursor stands on the target; returns rows copied now.
 
     Retried on transient errors: every attempt re-reads the committed cursor, so a retry neither
-    repeats nor skips a batch. Parts of one table copy concurrently, each on its own connections.
+    repeats nor skips a batch. Parts of one table copy concurrently, each on its own connections;
+    `stop` ends the part after its current batch (another stream failed, or the operator stopped).
     """
     if table.self_references:
         return _copy_tree(source_dsn, target_dsn, table, tenant, move_id, batch_rows, progress, rate_limit)
@@ -203,7 +206,7 @@ def copy_part(
         part = next(p for p in read_parts(tgt, move_id, table) if p.index == index)
         tgt.commit()
         copied = 0
-        while not part.done:
+        while not part.done and not (stop and stop.is_set()):
             started = time.monotonic()
             upto = _batch_bound(src, table, tenant, part, batch_rows)
             bound = upto if upto is not None else part.upto

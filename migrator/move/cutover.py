@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 
 from migrator import stamps
-from migrator.catalog import Move, Phase, Route, Stamp
+from migrator.catalog import Move, Phase, Route
 from migrator.db import dsn as dsnlib
 from migrator.db.dsn import WriteMode
 from migrator.db.retry import freeze_attempts
@@ -31,13 +31,14 @@ from migrator.move.run import MoveRun
 from migrator.move.verify import (
     Checksum,
     Report,
+    Streams,
     TableResult,
     checksum,
     compare_hashes,
     keyed_row_hashes,
     verify_tenant,
 )
-from migrator.stamps.discovery import Layout, problems_message
+from migrator.stamps.discovery import Layout, Table, problems_message
 
 log = logging.getLogger("migrator.cutover")
 
@@ -93,25 +94,17 @@ def flip(run: MoveRun, move: Move, freeze_ms: float | None = None) -> Route:
 Hashes = dict[tuple[str, ...], str]
 
 
-def _both_sets(
-    conn: psycopg.Connection[Any], layout: Layout, tenant: str, keys: dict[str, list[list[str]]], untouched: bool
-) -> list[tuple[Checksum | None, Hashes]]:
-    """Per table, in the caller's transaction: row hashes of the rows in `keys`, and (if asked) the
+Proof = tuple[TableResult | None, list[list[str]]]  # untouched rows' result (if asked), keys still unproven
+
+
+def _table_sets(
+    conn: psycopg.Connection[Any], index: int, table: Table, tenant: str, keys: list[list[str]], untouched: bool
+) -> tuple[Checksum | None, Hashes]:
+    """In the caller's transaction: row hashes of the table's rows in `keys`, and (if asked) the
     checksum of the rows outside them."""
-    out = []
-    for i, table in enumerate(layout.tables):
-        load_keys(conn, table, keys.get(table.name, []), keys_table(i))
-        outside = checksum(conn, table, tenant, where=outside_keys(table, keys_table(i))) if untouched else None
-        touched = keyed_row_hashes(conn, table, tenant, keys_table(i)) if keys.get(table.name) else {}
-        out.append((outside, touched))
-    return out
-
-
-def _target_sets(
-    target: Stamp, layout: Layout, tenant: str, keys: dict[str, list[list[str]]], untouched: bool
-) -> list[tuple[Checksum | None, Hashes]]:
-    with dsnlib.connect(target.dsn) as tgt, tgt.transaction(force_rollback=True):
-        return _both_sets(tgt, layout, tenant, keys, untouched)
+    load_keys(conn, table, keys, keys_table(index))
+    outside = checksum(conn, table, tenant, where=outside_keys(table, keys_table(index))) if untouched else None
+    return outside, keyed_row_hashes(conn, table, tenant, keys_table(index)) if keys else {}
 
 
 def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) -> tuple[Report, int]:
@@ -122,27 +115,32 @@ def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) ->
     whose rows proved equal are marked; the freeze then re-checks only keys with unproven changes
     (written since, or still in flux). Returns the report of untouched rows and the unproven count.
     `incremental` proves only keys with unproven changes (run again just before each freeze, so the
-    freeze itself has little left to check).
+    freeze itself has little left to check). Tables are compared --jobs at a time, every source
+    connection reading in the snapshot this transaction exports.
     """
-    layout = run.layout
+    layout, tenant, untouched = run.layout, move.tenant, not incremental
     with dsnlib.connect(run.source.dsn) as src:
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         keys = capture.captured_keys(src, layout, move.id, unverified_only=incremental)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            target_future = pool.submit(_target_sets, run.target, layout, move.tenant, keys, not incremental)
-            source_sets = _both_sets(src, layout, move.tenant, keys, not incremental)
-            target_sets = target_future.result()
-        results = []
-        unproven: dict[str, list[list[str]]] = {}
-        for table, (s_sum, s_rows), (t_sum, t_rows) in zip(layout.tables, source_sets, target_sets, strict=True):
-            if s_sum is not None and t_sum is not None:
-                results.append(TableResult(table.label, s_sum, t_sum))
-            differ = [list(k) for k in set(s_rows) | set(t_rows) if s_rows.get(k) != t_rows.get(k)]
-            if differ:
-                unproven[table.name] = differ
+        snapshot = src.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
+        jobs = min(run.options.jobs, len(layout.tables))
+        with Streams(run.source.dsn, run.target.dsn, jobs, snapshot=snapshot) as streams:
+
+            def prove(s: psycopg.Connection[Any], t: psycopg.Connection[Any], index: int, table: Table) -> Proof:
+                own = keys.get(table.name, [])
+                target = streams.sides.submit(_table_sets, t, index, table, tenant, own, untouched)
+                s_sum, s_rows = _table_sets(s, index, table, tenant, own, untouched)
+                t_sum, t_rows = target.result()
+                differ = [list(k) for k in set(s_rows) | set(t_rows) if s_rows.get(k) != t_rows.get(k)]
+                result = TableResult(table.label, s_sum, t_sum) if s_sum is not None and t_sum is not None else None
+                return result, differ
+
+            proofs = streams.map(prove, layout.tables)
+        unproven = {table.name: differ for table, (_, differ) in zip(layout.tables, proofs, strict=True) if differ}
         capture.mark_verified(src, layout, move.id, unproven)
         src.commit()
-    return Report(move.tenant, results), sum(len(v) for v in unproven.values())
+    results = [result for result, _ in proofs if result is not None]
+    return Report(tenant, results), sum(len(v) for v in unproven.values())
 
 
 def _keyed_hashes(

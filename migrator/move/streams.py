@@ -10,6 +10,7 @@ table may stream at once. A foreign-key cycle, and a self-referencing table, is 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ def copy_tables(
             pending.append(_Unit(layout.cycle_of(table)))
     rate = options.rate_limit / jobs if options.rate_limit else None
     running: dict[Future[int], _Unit] = {}
+    stop = threading.Event()
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="copy") as pool:
         try:
             while pending or running:
@@ -72,7 +74,7 @@ def copy_tables(
                     pending.remove(unit)
                     for table in unit.tables:
                         progress.start_table(table.label, totals.get(table.label, 0), cursors[table.label].rows)
-                    for submit in _streams(run, move_id, tenant, unit, totals, jobs, rate):
+                    for submit in _streams(run, move_id, tenant, unit, totals, jobs, rate, stop):
                         running[pool.submit(submit)] = unit
                         unit.streams += 1
                 if not running:  # nothing can start: a parent outside the layout's order (cannot happen)
@@ -85,7 +87,8 @@ def copy_tables(
                     if unit.streams == 0:
                         _complete(run, unit, finished)
                         done |= unit.names
-        finally:
+        finally:  # on an error (or Ctrl-C) the other streams end after their current batch
+            stop.set()
             pool.shutdown(cancel_futures=True)
 
 
@@ -97,7 +100,14 @@ def _complete(run: MoveRun, unit: _Unit, finished: Callable[[tuple[Table, ...]],
 
 
 def _streams(
-    run: MoveRun, move_id: int, tenant: str, unit: _Unit, totals: dict[str, int], jobs: int, rate: float | None
+    run: MoveRun,
+    move_id: int,
+    tenant: str,
+    unit: _Unit,
+    totals: dict[str, int],
+    jobs: int,
+    rate: float | None,
+    stop: threading.Event,
 ) -> list[Callable[[], int]]:
     """One callable per stream of the unit: one per part of a table, one for a whole cycle."""
     source, target, progress = run.source.dsn, run.target.dsn, run.progress
@@ -110,6 +120,6 @@ def _streams(
     batch = run.options.batch_rows
 
     def stream(index: int) -> Callable[[], int]:
-        return lambda: copy.copy_part(source, target, table, tenant, move_id, index, batch, progress, rate)
+        return lambda: copy.copy_part(source, target, table, tenant, move_id, index, batch, progress, rate, stop)
 
     return [stream(part.index) for part in parts if not part.done]

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import queue
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -24,6 +25,7 @@ from migrator.errors import BadInput
 from migrator.move.keys import by_key, key_quantiles
 from migrator.stamps.discovery import Layout, Table, discover, key_after, key_upto, tenant_filter
 
+R = TypeVar("R")
 LEAF_ROWS = 2000
 FANOUT = 16
 MAX_KEYS = 5
@@ -216,11 +218,62 @@ def _narrow(
             _narrow(src, tgt, table, tenant, sub, s, t, found)
 
 
+Pair = tuple[psycopg.Connection[Any], psycopg.Connection[Any]]
+
+
+class Streams:
+    """`count` pairs of (source, target) connections, each comparing one table at a time in its own thread.
+
+    A pair is reused from table to table (connecting costs more than checksumming a small table);
+    `sides` runs a table's source side beside its target side. With `snapshot` (exported by a
+    source transaction that stays open meanwhile) every source connection reads in that snapshot,
+    so all tables are compared as of one moment, and every connection holds a transaction until
+    the block ends (temporary key tables live in it).
+    """
+
+    def __init__(self, source_dsn: str, target_dsn: str, count: int, snapshot: str | None = None) -> None:
+        self._dsns, self._count, self._snapshot = (source_dsn, target_dsn), max(1, count), snapshot
+        self._stack = contextlib.ExitStack()
+        self._pairs: queue.SimpleQueue[Pair] = queue.SimpleQueue()
+        self.sides = ThreadPoolExecutor(max_workers=self._count, thread_name_prefix="verify-side")
+
+    def __enter__(self) -> Streams:
+        autocommit = self._snapshot is None
+        with self._stack as stack:
+            for _ in range(self._count):
+                src = stack.enter_context(dsnlib.connect(self._dsns[0], autocommit=autocommit))
+                tgt = stack.enter_context(dsnlib.connect(self._dsns[1], autocommit=autocommit))
+                if self._snapshot is not None:
+                    src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    src.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self._snapshot)))
+                self._pairs.put((src, tgt))
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sides.shutdown()
+        self._stack.close()  # closing a connection rolls back what it holds
+
+    def map(self, work: Callable[[psycopg.Connection[Any], psycopg.Connection[Any], int, Table], R],
+            tables: Sequence[Table]) -> list[R]:  # fmt: skip
+        """`work(source, target, index, table)` for each table, `count` at a time; results in table order."""
+
+        def one(index: int, table: Table) -> R:
+            src, tgt = self._pairs.get()
+            try:
+                return work(src, tgt, index, table)
+            finally:
+                self._pairs.put((src, tgt))
+
+        with ThreadPoolExecutor(max_workers=self._count, thread_name_prefix="verify") as pool:
+            return list(pool.map(one, range(len(tables)), tables))
+
+
 def compare_table(
-    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], table: Table, tenant: str, pool: ThreadPoolExecutor
+    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], table: Table, tenant: str, sides: ThreadPoolExecutor
 ) -> TableResult:
     """Checksum one table on both sides concurrently; narrow down to keys when they differ."""
-    s_future = pool.submit(checksum, src, table, tenant)
+    s_future = sides.submit(checksum, src, table, tenant)
     t_sum = checksum(tgt, table, tenant)
     s_sum = s_future.result()
     if s_sum == t_sum:
@@ -231,28 +284,11 @@ def compare_table(
 
 
 def verify_tenant(source_dsn: str, target_dsn: str, layout: Layout, tenant: str, jobs: int = 1) -> Report:
-    """Compare every tenant table of `layout` between two stamps (read-only on both).
-
-    `jobs` tables at a time, each side of each on its own connection (a pair per stream, reused
-    from table to table, since connecting costs more than checksumming a small table).
-    """
-    streams = max(1, min(jobs, len(layout.tables)))
-    pairs: queue.SimpleQueue[tuple[psycopg.Connection[Any], psycopg.Connection[Any]]] = queue.SimpleQueue()
-    with contextlib.ExitStack() as stack:
-        for _ in range(streams):
-            src = stack.enter_context(dsnlib.connect(source_dsn, autocommit=True))
-            pairs.put((src, stack.enter_context(dsnlib.connect(target_dsn, autocommit=True))))
-        sides = stack.enter_context(ThreadPoolExecutor(max_workers=streams, thread_name_prefix="verify-source"))
-
-        def compare(table: Table) -> TableResult:
-            src, tgt = pairs.get()
-            try:
-                return compare_table(src, tgt, table, tenant, sides)
-            finally:
-                pairs.put((src, tgt))
-
-        with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="verify") as pool:
-            return Report(tenant, list(pool.map(compare, layout.tables)))
+    """Compare every tenant table of `layout` between two stamps (read-only on both), `jobs` tables at a time."""
+    with Streams(source_dsn, target_dsn, min(jobs, len(layout.tables))) as streams:
+        results = streams.map(lambda src, tgt, _, table: compare_table(src, tgt, table, tenant, streams.sides),
+                              layout.tables)  # fmt: skip
+    return Report(tenant, results)
 
 
 def verify_between(ctx: Context, tenant: str, source_name: str, target_name: str, jobs: int = 1) -> Report:
