@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import benchlib  # scripts/, the directory of this script
+from benchschemas import SCHEMAS, BenchSchema
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from migrator import config as configlib
 from migrator.db import dsn as dsnlib
 from migrator.local import pgserver, provision
-from migrator.local.seed import TenantSpec, seed_fleet_stamp
 from migrator.stamps.discovery import discover
 
 TENANT = 1
@@ -51,9 +51,9 @@ def _pipe(psql: Path, source: str, target: str, select: str, insert: str) -> Non
         raise SystemExit("raw psql pipe failed")
 
 
-def raw_pipe_seconds(psql: Path, source: str, target: str) -> float:
+def raw_pipe_seconds(psql: Path, source: str, target: str, tenancy: configlib.Tenancy) -> float:
     with dsnlib.connect(source, autocommit=True) as conn:
-        layout = discover(conn, configlib.Tenancy())
+        layout = discover(conn, tenancy)
         statements = []
         for table in layout.tables:
             where = sql.SQL("{} = {}").format(sql.Identifier(table.key), sql.Literal(str(TENANT)))
@@ -128,13 +128,19 @@ class Cell:
 
 
 def _cell(
-    servers: list[pgserver.LocalServer], base: Path, mode: str, jobs: int, batch_rows: int, password: str
+    servers: list[pgserver.LocalServer],
+    base: Path,
+    schema: BenchSchema,
+    mode: str,
+    jobs: int,
+    batch_rows: int,
+    password: str,
 ) -> Cell:
     """One online move of the seeded tenant, from a clone of the source into a fresh target."""
     name = f"{mode}_{jobs}"
-    catalog, config = benchlib.catalog_with_config(servers[0], base, f"catalog_{name}")
+    catalog, config = benchlib.catalog_with_config(servers[0], base, f"catalog_{name}", schema.tenancy)
     source = provision.create_database(servers[0], f"source_{name}", template="source")
-    target = provision.stamp_database(servers[1], f"target_{name}")
+    target = schema.create(servers[1], f"target_{name}")
     if mode == "checked":
         target = _grant_checked(servers[1], f"target_{name}", password)
     catalog.add_stamp("source", source)
@@ -163,14 +169,16 @@ def main() -> None:
     parser.add_argument("--batch-rows", type=int, default=50_000, help="rows per copy batch (the tool's default)")
     parser.add_argument("--jobs", default="1,2,4", help="values of --jobs to run, comma-separated")
     parser.add_argument("--modes", default="replica,checked", help="target session modes to run")
+    parser.add_argument("--schema", choices=sorted(SCHEMAS), default="sample", help="whose schema the tenant lives in")
     args = parser.parse_args()
+    schema = SCHEMAS[args.schema]
     jobs = [int(j) for j in args.jobs.split(",")]
     modes = args.modes.split(",")
     with benchlib.local_servers("migrator-bench-move-", ["source", "target"]) as (base, servers):
-        source = provision.stamp_database(servers[0], "source")
-        pipe_targets = [provision.stamp_database(servers[1], f"pipe_target_{i}") for i in (1, 2)]
-        print(f"seeding tenant {TENANT} with ~{args.rows:,} rows ...", file=sys.stderr)
-        rows = seed_fleet_stamp(source, [TenantSpec(TENANT, args.rows)])[TENANT]
+        source = schema.create(servers[0], "source")
+        pipe_targets = [schema.create(servers[1], f"pipe_target_{i}") for i in (1, 2)]
+        print(f"seeding tenant {TENANT} of the {schema.name} schema with ~{args.rows:,} rows ...", file=sys.stderr)
+        rows = schema.seed(source, TENANT, args.rows)
         password = _checked_role(servers[1])
 
         psql = pgserver.pg_bindir() / "psql"
@@ -178,16 +186,16 @@ def main() -> None:
             psql = Path(shutil.which("psql") or "psql")
         # The pipe runs before and after the moves, into two fresh databases: the baseline is their
         # mean, so a noisy neighbour during one of them shows in the spread rather than the ratio.
-        raw_before = raw_pipe_seconds(psql, source, pipe_targets[0])
+        raw_before = raw_pipe_seconds(psql, source, pipe_targets[0], schema.tenancy)
         cells = []
         for mode in modes:
             for n in jobs:
                 print(f"move: {mode}, --jobs {n} ...", file=sys.stderr)
-                cells.append(_cell(servers, base, mode, n, args.batch_rows, password))
-        raw_after = raw_pipe_seconds(psql, source, pipe_targets[1])
+                cells.append(_cell(servers, base, schema, mode, n, args.batch_rows, password))
+        raw_after = raw_pipe_seconds(psql, source, pipe_targets[1], schema.tenancy)
         raw = (raw_before + raw_after) / 2
 
-        print(f"tenant rows                 {rows:,}")
+        print(f"tenant rows                 {rows:,} ({schema.name} schema)")
         spread = f"(before the moves {raw_before:.2f}, after {raw_after:.2f})"
         print(f"raw psql binary COPY pipe   {raw:8.2f} s  {rows / raw:12,.0f} rows/s  {spread}")
         print()

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from migrator import config as configlib
 from migrator.catalog import Catalog
 from migrator.local import pgserver, provision
 
@@ -39,9 +40,11 @@ def local_servers(prefix: str, names: Sequence[str]) -> Iterator[tuple[Path, lis
         shutil.rmtree(base, ignore_errors=True)
 
 
-def catalog_with_config(server: pgserver.LocalServer, base: Path, name: str = "catalog") -> tuple[Catalog, Path]:
+def catalog_with_config(
+    server: pgserver.LocalServer, base: Path, name: str = "catalog", tenancy: configlib.Tenancy | None = None
+) -> tuple[Catalog, Path]:
     """A migrated catalog database and a config file naming it (`migrator.toml` for the default
     catalog, else `<name>.toml`), for the `migrator` processes."""
     catalog = Catalog(provision.catalog_database(server, name))
     config = "migrator.toml" if name == "catalog" else f"{name}.toml"
-    return catalog, provision.write_config(base / config, catalog.url)
+    return catalog, provision.write_config(base / config, catalog.url, tenancy)
