@@ -10,8 +10,10 @@ and a fresh target: `replica` as the superuser (no foreign-key checks or trigger
 writes, the references proven before the flip), `checked` as a plain role that may not set
 `session_replication_role` (the target checks every foreign key as rows arrive). The copy step is
 `seconds.copy` of `--json`, catch-up plus verify `seconds.sync`; `migrator verify --jobs N` runs
-after each replica cell; peak RSS is the move process's own (wait4). Prints ratios, because these
-machines are noisy. `scripts/bench move [--rows N] [--jobs 1,2,4] [--modes replica,checked]`.
+after each replica cell; peak RSS and CPU seconds are the move process's own (wait4), and the CPU
+seconds each server spent during the move (a profile: source, target, client). Prints ratios,
+because these machines are noisy.
+`scripts/bench move [--rows N] [--jobs 1,2,4] [--modes replica,checked] [--schema sample|peer]`.
 Every server is stopped at the end; nothing is written to the repository.
 """
 
@@ -99,8 +101,8 @@ def _grant_checked(server: pgserver.LocalServer, db: str, password: str) -> str:
     return make_conninfo(server.dsn(db), user=CHECKED_ROLE, password=password)
 
 
-def _timed_process(argv: list[str]) -> tuple[float, float, str]:
-    """Run a process; returns its wall seconds, its own peak RSS in MB (wait4) and its stdout."""
+def _timed_process(argv: list[str]) -> tuple[float, float, str, float]:
+    """Run a process; returns its wall seconds, its own peak RSS in MB and CPU seconds (wait4), its stdout."""
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stderr is not None
@@ -111,7 +113,7 @@ def _timed_process(argv: list[str]) -> tuple[float, float, str]:
         wall = time.monotonic() - started
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(argv[3:])} failed: {err.result()[-2000:]}")
-        return wall, usage.ru_maxrss / 1024, out.result()
+        return wall, usage.ru_maxrss / 1024, out.result(), usage.ru_utime + usage.ru_stime
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class Cell:
     rss_mb: float
     write_mode: str
     verify_s: float | None
+    cpu_s: tuple[float, float, float]  # the move's CPU seconds: source server, target server, migrator
 
 
 def _cell(
@@ -149,17 +152,20 @@ def _cell(
     catalog.close()
     cli = [sys.executable, "-m", "migrator", "--config", str(config)]
     move = [*cli, "move", str(TENANT), "--to", "target", "--yes", "--json", "--jobs", str(jobs)]
-    wall, rss, out = _timed_process([*move, "--batch-rows", str(batch_rows)])
+    before = [benchlib.server_cpu_seconds(s) for s in servers]
+    wall, rss, out, client_cpu = _timed_process([*move, "--batch-rows", str(batch_rows)])
+    time.sleep(0.5)  # the move's backends exit and are reaped
+    source_cpu, target_cpu = (benchlib.server_cpu_seconds(s) - b for s, b in zip(servers, before, strict=True))
     moved = json.loads(out)
     verify_s = None
     if mode == "replica":
-        verify_s, _, out = _timed_process([*cli, "verify", str(TENANT), "--source", "source", "--target", "target",
+        verify_s, _, out, _ = _timed_process([*cli, "verify", str(TENANT), "--source", "source", "--target", "target",
                                            "--json", "--jobs", str(jobs)])  # fmt: skip
         assert json.loads(out)["equal"] is True
     seconds = moved["seconds"]
     return Cell(
         mode, jobs, wall, seconds["copy"], seconds["sync"], moved["move"]["freeze_ms"], rss,
-        moved["move"]["write_mode"], verify_s,
+        moved["move"]["write_mode"], verify_s, (source_cpu, target_cpu, client_cpu),
     )  # fmt: skip
 
 
@@ -199,16 +205,21 @@ def main() -> None:
         spread = f"(before the moves {raw_before:.2f}, after {raw_after:.2f})"
         print(f"raw psql binary COPY pipe   {raw:8.2f} s  {rows / raw:12,.0f} rows/s  {spread}")
         print()
-        print("mode     jobs  copy s  copy/pipe  move s  move/pipe  sync s  verify s  verify/copy  freeze ms  RSS MB")
+        print(
+            "mode     jobs  copy s  copy/pipe  move s  move/pipe  sync s  verify s  verify/copy  freeze ms  RSS MB"
+            "  CPU s: source target migrator"
+        )
         for c in cells:
             verify = f"{c.verify_s:8.2f}  {c.verify_s / c.copy_s:11.2f}" if c.verify_s is not None else " " * 21
             print(
                 f"{c.write_mode:8} {c.jobs:4}  {c.copy_s:6.2f}  {raw / c.copy_s:8.2f}x  {c.move_s:6.2f}"
                 f"  {raw / c.move_s:8.2f}x  {c.sync_s:6.2f}  {verify}  {c.freeze_ms:9.1f}  {c.rss_mb:6.1f}"
+                f"  {c.cpu_s[0]:13.1f} {c.cpu_s[1]:6.1f} {c.cpu_s[2]:8.1f}"
             )
         print()
         print("copy/pipe and move/pipe: throughput against the raw pipe (targets: copy >= 1.5x replica, >= 1.1x")
-        print("checked; whole online move >= 1.0x replica); verify/copy: `migrator verify --jobs N` (target <= 0.3)")
+        print("checked; whole online move >= 1.0x replica); verify/copy: `migrator verify --jobs N` (target <= 0.3);")
+        print("CPU s: CPU seconds the whole move cost each server and the migrator process (against its move s)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import tempfile
@@ -48,3 +49,24 @@ def catalog_with_config(
     catalog = Catalog(provision.catalog_database(server, name))
     config = "migrator.toml" if name == "catalog" else f"{name}.toml"
     return catalog, provision.write_config(base / config, catalog.url, tenancy)
+
+
+def _ticks(pid: int, children: bool) -> int:
+    """utime + stime of a process (and, with `children`, of its reaped children), in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    own = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return own + (int(fields[13]) + int(fields[14]) if children else 0)  # cutime, cstime
+
+
+def server_cpu_seconds(server: pgserver.LocalServer) -> float:
+    """CPU seconds the server has used so far: the postmaster, its live processes and the backends it
+    reaped (a profile of a step is the difference of two readings, once its connections closed)."""
+    postmaster = int((server.datadir / "postmaster.pid").read_text().split()[0])
+    total = _ticks(postmaster, children=True)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                total += _ticks(int(stat.parent.name), children=False)
+        except (OSError, ValueError):  # the process ended meanwhile
+            continue
+    return total / os.sysconf("SC_CLK_TCK")

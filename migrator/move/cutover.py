@@ -59,7 +59,7 @@ def check_references(run: MoveRun, move: Move) -> None:
     with stamps.connect(run.target) as tgt:
         if move.write_mode == WriteMode.CHECKED and not dsnlib.may_skip_triggers(tgt):
             return  # the target's own foreign keys checked every row migrator wrote
-        problems = integrity.dangling(tgt, run.layout, move.tenant)
+    problems = integrity.dangling(run.target.dsn, run.layout, move.tenant, run.options.jobs)
     if problems:  # recorded on the move by the state machine, as every step's error
         raise VerifyMismatch(
             f"move {move.id}: foreign keys of tenant {move.tenant}'s rows do not resolve on {run.target.name}, "

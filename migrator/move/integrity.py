@@ -11,11 +11,13 @@ every reference into shared tables is proved to have its row on the target (`mis
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from migrator.db import dsn as dsnlib
 from migrator.stamps.discovery import ForeignKey, Layout, Table, label, tenant_filter
 
 MAX_KEYS = 5  # keys named per problem
@@ -66,18 +68,25 @@ def unresolved(
     return [list(row[0]) for row in conn.execute(query).fetchall()]
 
 
-def dangling(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> list[str]:
-    """On the target: the tenant's rows whose foreign keys find no parent row, one problem per key."""
-    problems = []
-    for table in layout.tables:
-        for fk in (*table.foreign_keys, *table.shared_keys):
+def dangling(target_dsn: str, layout: Layout, tenant: str, jobs: int = 1) -> list[str]:
+    """On the target: the tenant's rows whose foreign keys find no parent row, one problem per key.
+
+    One anti-join per foreign key, `jobs` at a time, each on its own connection.
+    """
+    checks = [(table, fk) for table in layout.tables for fk in (*table.foreign_keys, *table.shared_keys)]
+
+    def check(table: Table, fk: ForeignKey) -> str | None:
+        with dsnlib.connect(target_dsn, autocommit=True) as conn:
             keys = unresolved(conn, table, fk, tenant)
-            if keys:
-                problems.append(
-                    f"rows {shown_keys(keys)} of {table.label} reference no row of {label(table.schema, fk.parent)} "
-                    f"(foreign key {fk.name})"
-                )
-    return problems
+        if not keys:
+            return None
+        return (
+            f"rows {shown_keys(keys)} of {table.label} reference no row of {label(table.schema, fk.parent)} "
+            f"(foreign key {fk.name})"
+        )
+
+    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(checks))), thread_name_prefix="references") as pool:
+        return [p for p in pool.map(lambda c: check(*c), checks) if p is not None]
 
 
 def missing_shared(

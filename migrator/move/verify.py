@@ -134,10 +134,12 @@ def checksum(
     span: Range = (None, None),
     where: sql.Composable = ALL_ROWS,
 ) -> Checksum:
-    """Count and the sums of both 64-bit halves of the row hashes, over a key range (and filter) of the tenant."""
+    """Count and the sums of both 64-bit halves of the row hashes, over a key range (and filter) of the tenant.
+
+    sum(bigint) is exact (a 128-bit accumulator, numeric result): no cast per row is needed.
+    """
     query = sql.SQL(
-        "SELECT count(*), coalesce(sum(hashtextextended(r, 0)::numeric), 0),"
-        " coalesce(sum(hashtextextended(r, 1)::numeric), 0)"
+        "SELECT count(*), coalesce(sum(hashtextextended(r, 0)), 0), coalesce(sum(hashtextextended(r, 1)), 0)"
         " FROM (SELECT {} AS r FROM {} WHERE {}) rows"
     ).format(_row_text(table), table.ident, _in_span(table, tenant, span, where))
     row = conn.execute(query).fetchone()
