@@ -1,9 +1,11 @@
 """Moving tenants between stamps, step by step: `preflight` (every check before the first write,
 with `shapes` for schema shapes and `migrator.stamps.checks` for triggers and row-level security),
 `fence` (the guard trigger: capture and the database-enforced fence), `copy` (keyset batches over
-binary COPY), `keys` (rows by captured key), `capture` (catch-up by key), `verify` (checksums),
-`cutover` (the short fenced flip), `tree` (self-referencing tables), `cleanup`, `run` (a move's
-options and context), and `machine`, the resumable state machine that runs them.
+binary COPY), `streams` (which tables and key ranges copy at once, --jobs), `keys` (rows by
+captured key), `capture` (catch-up by key), `verify` (checksums), `integrity` (foreign keys the
+target did not check), `cutover` (the short fenced flip), `tree` (self-referencing tables),
+`cleanup`, `run` (a move's options and context), and `machine`, the resumable state machine that
+runs them.
 
 The entry points below are what the command line and the plans call.
 """
