@@ -56,3 +56,30 @@ def test_equal_data_verifies_equal_under_different_server_timezones(fleet: Fleet
     result = fleet.run("verify", "7", "--source", "eu-1", "--target", "eu-2", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["equal"] is True
+
+
+def test_values_equal_by_operator_but_stored_differently_do_not_verify_equal(fleet: Fleet) -> None:
+    """1.0 = 1.00, 0 = -0, 1 day = 24 hours and jsonb numbers compare (and hash) equal; a copy that
+    changed one into the other still altered the row, so verify must see it."""
+    changes = [("amount", "1.0", "1.00"), ("ratio", "0", "-0"), ("spent", "1 day", "24 hours"),
+               ("meta", '{"a": 1.0}', '{"a": 1.00}')]  # fmt: skip
+    for stamp in ("eu-1", "eu-2"):
+        with dsnlib.connect(fleet.dsn(stamp), autocommit=True) as conn:
+            conn.execute("ALTER TABLE tasks ADD amount numeric, ADD ratio float8, ADD spent interval")
+    fleet.seed("eu-1", 7, 2_000)
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
+        keys = [r[0] for r in conn.execute("SELECT id FROM tasks WHERE tenant_id = 7 ORDER BY id LIMIT 4").fetchall()]
+        for key, (column, before, _) in zip(keys, changes, strict=True):
+            conn.execute(sql.SQL("UPDATE tasks SET {} = %s WHERE tenant_id = 7 AND id = %s").format(
+                sql.Identifier(column)), (before, key))  # fmt: skip
+    move_tenant(fleet.ctx, "7", "eu-2", MoveOptions(batch_rows=1_000), Silent())
+    with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
+        for key, (column, before, after) in zip(keys, changes, strict=True):
+            conn.execute(sql.SQL("UPDATE tasks SET {c} = %s WHERE tenant_id = 7 AND id = %s AND {c} = %s").format(
+                c=sql.Identifier(column)), (after, key, before))  # fmt: skip
+            assert conn.execute(sql.SQL("SELECT {}::text FROM tasks WHERE id = %s").format(
+                sql.Identifier(column)), (key,)).fetchone()[0] != before  # fmt: skip
+    result = fleet.run("verify", "7", "--source", "eu-1", "--target", "eu-2", "--json")
+    assert result.exit_code == 1, result.output
+    bad = [t for t in json.loads(result.stdout)["tables"] if not t["equal"]]
+    assert [(t["table"], sorted(t["changed"])) for t in bad] == [("tasks", sorted(["7", str(k)] for k in keys))]

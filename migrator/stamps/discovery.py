@@ -13,6 +13,7 @@ DEFERRABLE constraints alone cannot be copied and is refused. A table's foreign 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,12 @@ class Column:
     identity: bool
     nullable: bool
     sequence: str | None
+
+    @property
+    def base_type(self) -> str:
+        """The type without its modifiers: `numeric(10,6)` is numeric, `timestamp(3) with time zone`
+        is timestamp with time zone."""
+        return re.sub(r"\(\d+(,\d+)?\)", "", self.type)
 
 
 @dataclass(frozen=True)
