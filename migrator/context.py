@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from migrator import config as configlib
 from migrator.catalog import Catalog
 from migrator.config import Config
+from migrator.metrics import Metrics
 
 
 @dataclass(frozen=True)
 class Context:
     config: Config
     catalog: Catalog
+    metrics: Metrics = field(default_factory=Metrics)  # this process's; served by --metrics-port
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Context:

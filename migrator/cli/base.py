@@ -138,6 +138,12 @@ def _default_jobs() -> int:
     return default_jobs()
 
 
+METRICS_PORT = click.option(
+    "--metrics-port",
+    type=click.IntRange(min=1, max=65535),
+    default=None,
+    help="Serve Prometheus metrics on this port (all interfaces) while the command runs.",
+)
 JOBS = click.option(
     "--jobs",
     type=click.IntRange(min=1),

@@ -11,6 +11,7 @@ from migrator.cli.base import (
     ALLOW_TRIGGERS,
     JOBS,
     JSON,
+    METRICS_PORT,
     NO_PROGRESS,
     DefaultGroup,
     EngineDefault,
@@ -81,6 +82,7 @@ def move_group() -> None:
     help="Online: longest write freeze allowed; a longer cutover unfences, backs off and retries.",
 )
 @ALLOW_TRIGGERS
+@METRICS_PORT
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @NO_PROGRESS
 @JSON
@@ -98,6 +100,7 @@ def move_run(
     catchup_timeout: float,
     max_freeze_ms: float,
     allow_triggers: bool,
+    metrics_port: int | None,
     yes: bool,
     no_progress: bool,
     as_json: bool,
@@ -128,7 +131,7 @@ def move_run(
         allow_triggers=allow_triggers,
         cutover=cutover,
     )
-    with render.progress(not (as_json or no_progress)) as progress:
+    with context.metrics.serve(metrics_port), render.progress(not (as_json or no_progress)) as progress:
         outcome = move_tenant(context, tenant, target, options, progress)
     if dry_run:
         text = (

@@ -11,7 +11,18 @@ import click
 
 from migrator.catalog import StampState
 from migrator.cli import render
-from migrator.cli.base import ALLOW_TRIGGERS, JOBS, JSON, NO_PROGRESS, EngineDefault, cli, confirm, context_of, emit
+from migrator.cli.base import (
+    ALLOW_TRIGGERS,
+    JOBS,
+    JSON,
+    METRICS_PORT,
+    NO_PROGRESS,
+    EngineDefault,
+    cli,
+    confirm,
+    context_of,
+    emit,
+)
 from migrator.cli.core import NO_CHECK, stamp_group
 from migrator.errors import MigratorError
 
@@ -349,6 +360,7 @@ def _summary(result: ApplyResult) -> str:
 @click.option("--stop-on-error", is_flag=True, help="Start no more moves once one has failed.")
 @click.option("--dry-run", is_flag=True, help="Check the plan is still current and show what would run.")
 @ALLOW_TRIGGERS
+@METRICS_PORT
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @NO_PROGRESS
 @JSON
@@ -363,6 +375,7 @@ def apply_cmd(
     stop_on_error: bool,
     dry_run: bool,
     allow_triggers: bool,
+    metrics_port: int | None,
     yes: bool,
     no_progress: bool,
     as_json: bool,
@@ -392,7 +405,8 @@ def apply_cmd(
     )
     reporter = _notes_only() if as_json or no_progress else ApplyBars()
     try:
-        result = run(context, prepared, options, reporter)
+        with context.metrics.serve(metrics_port):
+            result = run(context, prepared, options, reporter)
     finally:
         if isinstance(reporter, ApplyBars):
             reporter.close()

@@ -11,7 +11,9 @@ retry never restarts the clock. Each transient retry is logged so an operator ca
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
 
 import psycopg
 from tenacity import (
@@ -57,14 +59,27 @@ def is_transient(exc: BaseException) -> bool:
     return state.startswith("08") or state in _TRANSIENT_STATES
 
 
+_observers: list[Callable[[str], None]] = []
+
+
+@contextlib.contextmanager
+def observe(callback: Callable[[str], None]) -> Iterator[None]:
+    """Call `callback(step name)` for every transient retry while the block runs (metrics count them)."""
+    _observers.append(callback)
+    try:
+        yield
+    finally:
+        _observers.remove(callback)
+
+
 def _log_attempt(state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
+    step = state.fn.__name__ if state.fn else "?"
     log.warning(
-        "transient error in %s (attempt %d): %s",
-        state.fn.__name__ if state.fn else "?",
-        state.attempt_number,
-        str(exc).splitlines()[0] if exc else "",
+        "transient error in %s (attempt %d): %s", step, state.attempt_number, str(exc).splitlines()[0] if exc else ""
     )
+    for callback in list(_observers):
+        callback(step)
 
 
 def _on_transient_errors() -> Retrying:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,9 +230,10 @@ def catch_up(
     batch: int,
     until: int,
     deadline: float,
+    observe: Callable[[int], None] = lambda pending: None,
 ) -> int:
     """Replay until at most `until` changes are pending or `deadline` (a `time.monotonic()` value)
-    has passed; returns the backlog left, which the caller judges.
+    has passed; returns the backlog left, which the caller judges. `observe` sees each round's backlog.
 
     Connections stay open across batches; a transient error reconnects and goes on (replay is
     idempotent) towards the same deadline, which the caller fixed before the first attempt.
@@ -241,6 +243,7 @@ def catch_up(
         while True:
             pending = backlog(src, move_id)
             src.commit()
+            observe(pending)
             if pending <= until or time.monotonic() > deadline:
                 return pending
             replay_once(src, tgt, layout, tenant, move_id, batch)

@@ -194,6 +194,7 @@ def catch_up(run: MoveRun, move: Move) -> int:
         batch=options.replay_batch,
         until=options.cutover_backlog,
         deadline=deadline,
+        observe=run.metrics.catchup_backlog.labels(run.source.name).set,
     )
     if pending > options.cutover_backlog:
         raise NotConverging(
@@ -292,13 +293,16 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[Route, dict[str, float]]
                 raise FreezeTooLong(f"freeze reached {elapsed_ms():.0f} ms > --max-freeze-ms {limit:.0f}")
         except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
             _unfence(src, move)
+            run.metrics.freeze.labels("released").observe(elapsed_ms() / 1000)
             raise FreezeTooLong(f"in-flight writes did not finish within the freeze budget ({exc.sqlstate})") from None
         except BaseException:
             _unfence(src, move)
+            run.metrics.freeze.labels("released").observe(elapsed_ms() / 1000)
             raise
         route = flip(run, move, freeze_ms=elapsed_ms())
         clock.step("flip")
         frozen_ms = elapsed_ms()  # fence to the flip's commit, which is when writers can go to the target
+        run.metrics.freeze.labels("flipped").observe(frozen_ms / 1000)
         steps = ", ".join(f"{name} {ms:.1f}" for name, ms in clock.steps.items())
         log.info("move %s: freeze steps (ms): %s", move.id, steps)
         catalog.update_move(move.id, freeze_ms=frozen_ms)

@@ -65,7 +65,8 @@ def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, pr
             if options.dry_run:
                 return MoveOutcome(tenant, source.name, dest.name, move, None, True)
             progress.phase(f"resuming move {move.id} of tenant {tenant} at phase {move.phase}")
-            return _run(MoveRun(catalog, source, dest, layout, lock, options, progress), move, resumed=True)
+            run = MoveRun(catalog, source, dest, layout, lock, options, progress, ctx.metrics)
+            return _run(run, move, resumed=True)
         checked = check_move(catalog, ctx.config.tenancy, tenant, target, allow_triggers=options.allow_triggers)
         if options.dry_run:
             return MoveOutcome(
@@ -96,7 +97,7 @@ def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, pr
             f"move {move.id}: tenant {tenant} {checked.source.name} -> {checked.target.name}, "
             f"{checked.total_rows} rows in {len(checked.layout.tables)} tables"
         )
-        run = MoveRun(catalog, checked.source, checked.target, checked.layout, lock, options, progress)
+        run = MoveRun(catalog, checked.source, checked.target, checked.layout, lock, options, progress, ctx.metrics)
         outcome = _run(run, move, resumed=False)
         return replace(outcome, not_moved=checked.null_tenant_rows, skipped=checked.skipped)
 
@@ -125,39 +126,56 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
     report = None
     timings: dict[str, float] = {}
     run.progress.begin(move.rows_total)
+
+    def at(step: Move) -> Move:
+        run.metrics.phase(step.id, step.phase)
+        return step
+
     try:
+        move = at(move)
         if move.phase == Phase.CREATED:
             with _timed(timings, "guard"):
-                move = _guard(run, move)
+                move = at(_guard(run, move))
         if move.phase == Phase.COPYING:
             with _timed(timings, "copy"):
-                move = _copy(run, move)
+                move = at(_copy(run, move))
         if move.mode == Mode.OFFLINE:
             if move.phase == Phase.COPIED:
                 run.lock.check()
                 run.progress.phase(f"verifying tenant {move.tenant} on {run.source.name} and {run.target.name}")
                 with _timed(timings, "verify"):
                     move, report = verify_move(run, move)
+                    at(move)
             if move.phase == Phase.VERIFIED:
                 run.progress.phase(f"flipping route of tenant {move.tenant} to {run.target.name}")
                 with _timed(timings, "flip"):
                     route = flip(run, move)
+                run.metrics.ended(move.id, "flipped")
                 return _finished(run, move, route, resumed, report, timings)
         else:
             if move.phase == Phase.COPIED:
                 with _timed(timings, "sync"):
                     move, report = _sync(run, move)
+                    at(move)
             if move.phase in (Phase.SYNCED, Phase.CUTOVER):
                 with _timed(timings, "cutover"):
                     route, freeze_steps = online_cutover(run, move)
+                run.metrics.ended(move.id, "flipped")
                 return replace(_finished(run, move, route, resumed, report, timings), freeze_steps_ms=freeze_steps)
         raise MigratorError(f"move {move.id} is {move.phase}; nothing to run")
     except MigratorError as exc:
-        _record_error(run.catalog, move, str(exc))
+        _failed(run, move, str(exc), exc)
         raise
     except Exception as exc:
-        _record_error(run.catalog, move, f"{type(exc).__name__}: {exc}")
+        _failed(run, move, f"{type(exc).__name__}: {exc}", exc)
         raise
+
+
+def _failed(run: MoveRun, move: Move, message: str, exc: Exception) -> None:
+    if isinstance(exc, VerifyMismatch):
+        run.metrics.verify_mismatches.inc()
+    run.metrics.ended(move.id, "failed")
+    _record_error(run.catalog, move, message)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from migrator.catalog import Catalog, Stamp, TenantLock
+from migrator.metrics import Metrics
 from migrator.progress import Progress
 from migrator.stamps.discovery import Layout
 
@@ -59,3 +60,4 @@ class MoveRun:
     lock: TenantLock  # held for the whole run; the flip commits on its session
     options: MoveOptions
     progress: Progress
+    metrics: Metrics  # the process's (`Context.metrics`)

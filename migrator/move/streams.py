@@ -110,7 +110,8 @@ def _streams(
     stop: threading.Event,
 ) -> list[Callable[[], int]]:
     """One callable per stream of the unit: one per part of a table, one for a whole cycle."""
-    source, target, progress = run.source.dsn, run.target.dsn, run.progress
+    source, target = run.source.dsn, run.target.dsn
+    progress = run.metrics.counting_copy(run.progress, run.source.name, run.target.name)
     if len(unit.tables) > 1:
         return [lambda: copy.copy_cycle(source, target, unit.tables, tenant, move_id, progress)]
     table = unit.tables[0]

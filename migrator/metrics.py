@@ -1,0 +1,119 @@
+"""Prometheus metrics of one `migrator move` or `apply` process, served by `--metrics-port`.
+
+Each process (each `Context`) has its own registry, so tests and several runs in one process never
+share counters. Names follow Prometheus conventions: base units (seconds, rows, changes),
+`_total` on counters. Labels are stamp names and phases, never tenant ids (unbounded cardinality;
+the catalog and `move status` say which tenant is where).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from migrator.db import retry
+from migrator.errors import BadInput
+from migrator.progress import Progress
+
+FREEZE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+
+
+class Metrics:
+    """What a move reports as it goes: rows, phases, backlog, freezes, mismatches, retries."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rows_copied = Counter(
+            "migrator_rows_copied", "Rows committed on a target by the bulk copy", ["source", "target"], registry=r
+        )
+        self.moves = Gauge("migrator_moves", "Moves this process is running, by phase", ["phase"], registry=r)
+        self.moves_ended = Counter(
+            "migrator_moves_ended", "Moves this process ran to their end, by outcome", ["outcome"], registry=r
+        )
+        self.catchup_backlog = Gauge(
+            "migrator_catchup_backlog_changes",
+            "Captured changes not yet replayed on the target, at the last catch-up round",
+            ["source"],
+            registry=r,
+        )
+        self.freeze = Histogram(
+            "migrator_freeze_duration_seconds",
+            "Writes frozen by a cutover, from the fence to the flip's commit or the fence's release",
+            ["outcome"],
+            buckets=FREEZE_BUCKETS,
+            registry=r,
+        )
+        self.verify_mismatches = Counter(
+            "migrator_verify_mismatches", "Verifications that found a tenant's rows unequal", registry=r
+        )
+        self.retries = Counter(
+            "migrator_transient_retries", "Transient errors retried, by the retried step", ["step"], registry=r
+        )
+        self._phases: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def phase(self, move_id: int, phase: str | None) -> None:
+        """Move `move_id` is now at `phase` (None: this process is no longer running it)."""
+        with self._lock:
+            before = self._phases.pop(move_id, None)
+            if before is not None:
+                self.moves.labels(before).dec()
+            if phase is not None:
+                self._phases[move_id] = phase
+                self.moves.labels(phase).inc()
+
+    def ended(self, move_id: int, outcome: str) -> None:
+        self.phase(move_id, None)
+        self.moves_ended.labels(outcome).inc()
+
+    def counting_copy(self, progress: Progress, source: str, target: str) -> Progress:
+        """`progress` that also counts the copy's committed rows (what its `advance` reports)."""
+        return _CountedCopy(progress, self.rows_copied.labels(source, target))
+
+    @contextlib.contextmanager
+    def serve(self, port: int | None) -> Iterator[None]:
+        """Serve the metrics on `port` (all interfaces) while the block runs; nothing when None.
+
+        Counts the transient retries of every step meanwhile (`retry.observe`).
+        """
+        if port is None:
+            yield
+            return
+        try:
+            server, thread = start_http_server(port, registry=self.registry)
+        except OSError as exc:
+            raise BadInput(f"--metrics-port {port}: {exc.strerror or exc}") from None
+        try:
+            with retry.observe(lambda step: self.retries.labels(step).inc()):
+                yield
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+
+
+class _CountedCopy:
+    """A copy's progress, forwarded, with each committed batch's rows added to a counter."""
+
+    def __init__(self, progress: Progress, rows: Counter) -> None:
+        self._progress, self._rows = progress, rows
+
+    def begin(self, total: int) -> None:
+        self._progress.begin(total)
+
+    def phase(self, message: str) -> None:
+        self._progress.phase(message)
+
+    def start_table(self, table: str, total: int, done: int) -> None:
+        self._progress.start_table(table, total, done)
+
+    def advance(self, table: str, rows: int) -> None:
+        self._rows.inc(rows)
+        self._progress.advance(table, rows)
+
+    def finish_table(self, table: str) -> None:
+        self._progress.finish_table(table)
