@@ -29,16 +29,20 @@ from migrator.move.preflight import check_schema_unchanged
 from migrator.move.run import CutoverOptions as CutoverOptions  # re-exported: the CLI builds it from its flags
 from migrator.move.run import MoveRun
 from migrator.move.verify import (
+    EMPTY,
     Checksum,
     Report,
+    Span,
     Streams,
     TableResult,
+    by_table,
     checksum,
     compare_hashes,
     keyed_row_hashes,
+    spans,
     verify_tenant,
 )
-from migrator.stamps.discovery import Layout, Table, problems_message
+from migrator.stamps.discovery import Layout, problems_message
 
 log = logging.getLogger("migrator.cutover")
 
@@ -94,17 +98,18 @@ def flip(run: MoveRun, move: Move, freeze_ms: float | None = None) -> Route:
 Hashes = dict[tuple[str, ...], str]
 
 
-Proof = tuple[TableResult | None, list[list[str]]]  # untouched rows' result (if asked), keys still unproven
+Proof = tuple[Checksum | None, Checksum | None, list[list[str]]]  # untouched rows' sums (if asked), keys unproven
 
 
-def _table_sets(
-    conn: psycopg.Connection[Any], index: int, table: Table, tenant: str, keys: list[list[str]], untouched: bool
+def _span_sets(
+    conn: psycopg.Connection[Any], span: Span, tenant: str, keys: list[list[str]], untouched: bool
 ) -> tuple[Checksum | None, Hashes]:
-    """In the caller's transaction: row hashes of the table's rows in `keys`, and (if asked) the
-    checksum of the rows outside them."""
-    load_keys(conn, table, keys, keys_table(index))
-    outside = checksum(conn, table, tenant, where=outside_keys(table, keys_table(index))) if untouched else None
-    return outside, keyed_row_hashes(conn, table, tenant, keys_table(index)) if keys else {}
+    """In the caller's transaction: the checksum of the span's rows outside `keys` (if asked), and
+    on the table's first span the row hashes of the rows in `keys`."""
+    table, name = span.table, keys_table(span.number)
+    load_keys(conn, table, keys, name)
+    outside = checksum(conn, table, tenant, span.span, where=outside_keys(table, name)) if untouched else None
+    return outside, keyed_row_hashes(conn, table, tenant, name) if keys and span.first else {}
 
 
 def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) -> tuple[Report, int]:
@@ -115,31 +120,37 @@ def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) ->
     whose rows proved equal are marked; the freeze then re-checks only keys with unproven changes
     (written since, or still in flux). Returns the report of untouched rows and the unproven count.
     `incremental` proves only keys with unproven changes (run again just before each freeze, so the
-    freeze itself has little left to check). Tables are compared --jobs at a time, every source
-    connection reading in the snapshot this transaction exports.
+    freeze itself has little left to check). Spans (tables, key ranges of large ones) are compared
+    --jobs at a time, every source connection reading in the snapshot this transaction exports.
     """
     layout, tenant, untouched = run.layout, move.tenant, not incremental
     with dsnlib.connect(run.source.dsn) as src:
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         keys = capture.captured_keys(src, layout, move.id, unverified_only=incremental)
         snapshot = src.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
-        jobs = min(run.options.jobs, len(layout.tables))
+        jobs = run.options.jobs if untouched else min(run.options.jobs, len(layout.tables))
         with Streams(run.source.dsn, run.target.dsn, jobs, snapshot=snapshot) as streams:
+            items = spans(src, layout.tables, tenant, jobs if untouched else 1)
 
-            def prove(s: psycopg.Connection[Any], t: psycopg.Connection[Any], index: int, table: Table) -> Proof:
-                own = keys.get(table.name, [])
-                target = streams.sides.submit(_table_sets, t, index, table, tenant, own, untouched)
-                s_sum, s_rows = _table_sets(s, index, table, tenant, own, untouched)
+            def prove(s: psycopg.Connection[Any], t: psycopg.Connection[Any], span: Span) -> Proof:
+                own = keys.get(span.table.name, [])
+                target = streams.sides.submit(_span_sets, t, span, tenant, own, untouched)
+                s_sum, s_rows = _span_sets(s, span, tenant, own, untouched)
                 t_sum, t_rows = target.result()
-                differ = [list(k) for k in set(s_rows) | set(t_rows) if s_rows.get(k) != t_rows.get(k)]
-                result = TableResult(table.label, s_sum, t_sum) if s_sum is not None and t_sum is not None else None
-                return result, differ
+                return s_sum, t_sum, [list(k) for k in set(s_rows) | set(t_rows) if s_rows.get(k) != t_rows.get(k)]
 
-            proofs = streams.map(prove, layout.tables)
-        unproven = {table.name: differ for table, (_, differ) in zip(layout.tables, proofs, strict=True) if differ}
+            proofs = streams.map(prove, items)
+        results, unproven = [], {}
+        for table, parts in by_table(items, proofs):
+            if untouched:
+                s_sum = sum((p[0] for p in parts if p[0] is not None), EMPTY)
+                t_sum = sum((p[1] for p in parts if p[1] is not None), EMPTY)
+                results.append(TableResult(table.label, s_sum, t_sum))
+            differ = [key for p in parts for key in p[2]]
+            if differ:
+                unproven[table.name] = differ
         capture.mark_verified(src, layout, move.id, unproven)
         src.commit()
-    results = [result for result, _ in proofs if result is not None]
     return Report(tenant, results), sum(len(v) for v in unproven.values())
 
 
