@@ -28,7 +28,7 @@ from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
 from migrator.errors import MigratorError
 from migrator.move import tree
-from migrator.move.keys import key_quantiles, stage_rows
+from migrator.move.keys import even_bounds, sampled_keys, stage_rows
 from migrator.progress import Progress
 from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import ForeignKey, Table, key_after, key_upto, tenant_filter
@@ -100,8 +100,8 @@ def plan_parts(
     source_dsn: str, target_dsn: str, table: Table, tenant: str, move_id: int, pieces: int, rows: int
 ) -> list[Part]:
     """The table's parts: those already on the target, or up to `pieces` new ranges of about
-    `rows / pieces` rows each (`rows`: preflight's count), cut at the source's key quantiles and saved
-    in one target transaction before any of them copies a row.
+    `rows / pieces` rows each (`rows`: preflight's count), cut at keys of a sample of the source's
+    pages and saved in one target transaction before any of them copies a row.
 
     A self-referencing table and the tables of a cycle always copy as one part (their order is
     not by key). Rows written since preflight only make the ranges less even, never inexact.
@@ -113,8 +113,7 @@ def plan_parts(
         bounds: list[list[str]] = []
         if pieces > 1 and rows >= pieces and not (table.self_references or table.cycle):
             with dsnlib.connect(source_dsn, autocommit=True) as src:
-                step = -(-rows // pieces)
-                bounds = key_quantiles(src, table, tenant_filter(table, tenant), step)[: pieces - 1]
+                bounds = even_bounds(sampled_keys(src, table, tenant)[0], pieces)
         edges: list[list[str] | None] = [None, *bounds, None]
         parts = [Part(i, edges[i], edges[i + 1], 0, False) for i in range(len(edges) - 1)]
         with tgt.transaction():

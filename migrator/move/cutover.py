@@ -128,9 +128,8 @@ def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) ->
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         keys = capture.captured_keys(src, layout, move.id, unverified_only=incremental)
         snapshot = src.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
-        jobs = run.options.jobs if untouched else min(run.options.jobs, len(layout.tables))
-        with Streams(run.source.dsn, run.target.dsn, jobs, snapshot=snapshot) as streams:
-            items = spans(src, layout.tables, tenant, jobs if untouched else 1)
+        items = spans(src, layout.tables, tenant, run.options.jobs if untouched else 1)
+        with Streams(run.source.dsn, run.target.dsn, min(run.options.jobs, len(items)), snapshot=snapshot) as streams:
 
             def prove(s: psycopg.Connection[Any], t: psycopg.Connection[Any], span: Span) -> Proof:
                 own = keys.get(span.table.name, [])

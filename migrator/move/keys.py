@@ -70,12 +70,38 @@ def outside_keys(table: Table, keys: sql.Identifier) -> sql.Composed:
 
 def key_quantiles(conn: psycopg.Connection[Any], table: Table, rows: sql.Composable, step: int) -> list[list[str]]:
     """Every `step`-th key, in key order, of the rows matching `rows` (a WHERE condition): the bounds
-    that cut them into ranges of `step` rows (parallel copy streams, verify's narrowing)."""
+    that cut them into ranges of exactly `step` rows (verify's narrowing of a small differing range)."""
     query = sql.SQL(
         "SELECT k FROM (SELECT ARRAY[{}] AS k, row_number() OVER (ORDER BY {}) AS n FROM {} WHERE {}) s"
         " WHERE n %% %s = 0 ORDER BY n"
     ).format(table.pk_text(), table.pk_cols(), table.ident, rows)
     return [list(r[0]) for r in conn.execute(query, (step,)).fetchall()]
+
+
+SAMPLE_PAGES = 2_000  # pages `sampled_keys` reads at most, whatever the table's size
+
+
+def sampled_keys(conn: psycopg.Connection[Any], table: Table, tenant: str) -> tuple[list[list[str]], float]:
+    """The keys of the tenant's rows on a sample of the table's pages (TABLESAMPLE SYSTEM), in key
+    order, and the fraction of the table sampled: bounds to cut the rows into ranges of about even
+    size. Exact quantiles (`key_quantiles`) cost more than checksumming the rows (0.71 s against
+    0.48 s on 1.4M rows); a sample of 2,000 pages costs milliseconds, and any bounds cut exactly."""
+    row = conn.execute(
+        "SELECT pg_relation_size(c.oid) / current_setting('block_size')::bigint FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+        (table.schema, table.name),
+    ).fetchone()
+    fraction = min(1.0, SAMPLE_PAGES / max(1, int(row[0]) if row else 1))
+    query = sql.SQL("SELECT ARRAY[{}] FROM {} TABLESAMPLE SYSTEM ({}) WHERE {} ORDER BY {}").format(
+        table.pk_text(), table.ident, sql.Literal(fraction * 100), tenant_filter(table, tenant), table.pk_cols()
+    )
+    return [list(r[0]) for r in conn.execute(query).fetchall()], fraction
+
+
+def even_bounds(keys: list[list[str]], pieces: int) -> list[list[str]]:
+    """Up to `pieces - 1` keys cutting the ordered `keys` into `pieces` runs of about equal length."""
+    picked = [keys[len(keys) * i // pieces] for i in range(1, pieces)] if len(keys) >= pieces else []
+    return [k for i, k in enumerate(picked) if i == 0 or k != picked[i - 1]]
 
 
 def stage_rows(

@@ -24,7 +24,7 @@ from migrator import stamps
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput
-from migrator.move.keys import by_key, key_quantiles
+from migrator.move.keys import by_key, even_bounds, key_quantiles, sampled_keys
 from migrator.stamps.discovery import Column, Layout, Table, discover, key_after, key_upto, tenant_filter
 
 R = TypeVar("R")
@@ -269,20 +269,16 @@ class Span:
 
 
 def spans(conn: psycopg.Connection[Any], tables: Sequence[Table], tenant: str, jobs: int) -> list[Span]:
-    """Every table as one span, or cut at the source's key quantiles into up to `jobs` ranges of at
-    least MIN_SPAN_ROWS rows, so that one large table is compared by several streams at once."""
+    """Every table as one span, or cut into up to `jobs` key ranges of at least MIN_SPAN_ROWS rows
+    (by a sample of its pages), so that one large table is compared by several streams at once."""
     out: list[Span] = []
     for table in tables:
         edges: list[list[str] | None] = [None, None]
         if jobs > 1:
-            row = conn.execute(
-                sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table.ident, tenant_filter(table, tenant))
-            ).fetchone()
-            rows = int(row[0]) if row else 0
-            pieces = min(jobs, rows // MIN_SPAN_ROWS)
+            keys, fraction = sampled_keys(conn, table, tenant)
+            pieces = min(jobs, int(len(keys) / fraction) // MIN_SPAN_ROWS)
             if pieces > 1:
-                bounds = key_quantiles(conn, table, tenant_filter(table, tenant), -(-rows // pieces))[: pieces - 1]
-                edges = [None, *bounds, None]
+                edges = [None, *even_bounds(keys, pieces), None]
         for i in range(len(edges) - 1):
             out.append(Span(len(out), table, (edges[i], edges[i + 1]), i == 0))
     return out
