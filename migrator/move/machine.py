@@ -131,6 +131,8 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
         run.metrics.phase(step.id, step.phase)
         return step
 
+    run.metrics.rows_copied.labels(run.source.name, run.target.name)  # exported (as 0) from the start
+
     try:
         move = at(move)
         if move.phase == Phase.CREATED:
