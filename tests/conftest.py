@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from psycopg import sql
+from psycopg import conninfo, sql
 
 from migrator.catalog import Catalog
 from migrator.context import Context
@@ -201,6 +201,19 @@ def new_fleet(
 def fleet(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) -> Iterator[Fleet]:
     with new_fleet(pg, templates, tmp_path) as fleet:
         yield fleet
+
+
+def terminate_migrator_sessions(fleet: Fleet, dsn: str) -> int:
+    """pg_terminate_backend of every migrator session on the DSN's database (as the server's superuser)."""
+    dbname = conninfo.conninfo_to_dict(dsn)["dbname"]
+    with dsnlib.connect(fleet.server.dsn(), autocommit=True, application_name="test") as admin:
+        row = admin.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = 'migrator' AND datname = %s",
+            (dbname,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def tenant_digest(dsn: str, layout: Layout, tenant: str, by_name: bool = False) -> dict[str, tuple[int, str]]:

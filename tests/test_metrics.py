@@ -10,12 +10,10 @@ import time
 import urllib.request
 
 import pytest
-from conftest import Fleet
+from conftest import Fleet, terminate_migrator_sessions
 from prometheus_client.parser import text_string_to_metric_families
-from psycopg import conninfo
 
 from migrator.context import Context
-from migrator.db import dsn as dsnlib
 from migrator.move import MoveOptions, move_tenant
 from migrator.progress import Silent
 
@@ -37,17 +35,6 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def _kill_sessions(fleet: Fleet, stamp: str) -> int:
-    dbname = conninfo.conninfo_to_dict(fleet.dsn(stamp))["dbname"]
-    with dsnlib.connect(fleet.server.dsn(), autocommit=True, application_name="test") as admin:
-        row = admin.execute(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE application_name = 'migrator' AND datname = %s",
-            (dbname,),
-        ).fetchone()
-    return int(row[0]) if row else 0
-
-
 def test_metrics_count_the_rows_freeze_and_retries_the_move_reports(
     fleet: Fleet, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -56,7 +43,7 @@ def test_metrics_count_the_rows_freeze_and_retries_the_move_reports(
     ctx = Context(fleet.ctx.config, fleet.ctx.catalog)  # its own metrics
     port = _free_port()
     killed: list[int] = []
-    killer = threading.Timer(1.0, lambda: killed.append(_kill_sessions(fleet, "eu-2")))
+    killer = threading.Timer(1.0, lambda: killed.append(terminate_migrator_sessions(fleet, fleet.dsn("eu-2"))))
     with ctx.metrics.serve(port):
         killer.start()
         try:

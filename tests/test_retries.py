@@ -10,26 +10,12 @@ import time
 
 import psycopg
 import pytest
-from conftest import Fleet
-from psycopg import conninfo
+from conftest import Fleet, terminate_migrator_sessions
 
 from migrator.catalog import Catalog, Phase
 from migrator.db import dsn as dsnlib
 from migrator.errors import MigratorError
 from migrator.move import capture, fence
-
-
-def _terminate_migrator_sessions(fleet: Fleet, dsn: str) -> int:
-    """pg_terminate_backend of every migrator session on the DSN's database (as the server's superuser)."""
-    dbname = conninfo.conninfo_to_dict(dsn)["dbname"]
-    with dsnlib.connect(fleet.server.dsn(), autocommit=True, application_name="test") as admin:
-        row = admin.execute(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE application_name = 'migrator' AND datname = %s",
-            (dbname,),
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def _retries(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -43,7 +29,7 @@ def test_catch_up_keeps_its_deadline_across_a_reconnect(fleet: Fleet, caplog: py
     with dsnlib.connect(source) as conn:
         fence.ensure_schema(conn)  # an empty change log: nothing to replay, the backlog target is unreachable
     killed: list[int] = []
-    killer = threading.Timer(1.5, lambda: killed.append(_terminate_migrator_sessions(fleet, source)))
+    killer = threading.Timer(1.5, lambda: killed.append(terminate_migrator_sessions(fleet, source)))
     started = time.monotonic()
     killer.start()
     try:

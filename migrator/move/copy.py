@@ -28,7 +28,7 @@ from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
 from migrator.errors import MigratorError
 from migrator.move import tree
-from migrator.move.keys import even_bounds, sampled_keys, stage_rows
+from migrator.move.keys import range_bounds, stage_rows
 from migrator.progress import Progress
 from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import ForeignKey, Table, key_after, key_upto, tenant_filter
@@ -113,7 +113,7 @@ def plan_parts(
         bounds: list[list[str]] = []
         if pieces > 1 and rows >= pieces and not (table.self_references or table.cycle):
             with dsnlib.connect(source_dsn, autocommit=True) as src:
-                bounds = even_bounds(sampled_keys(src, table, tenant)[0], pieces)
+                bounds = range_bounds(src, table, tenant, pieces)
         edges: list[list[str] | None] = [None, *bounds, None]
         parts = [Part(i, edges[i], edges[i + 1], 0, False) for i in range(len(edges) - 1)]
         with tgt.transaction():

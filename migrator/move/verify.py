@@ -24,7 +24,7 @@ from migrator import stamps
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput
-from migrator.move.keys import by_key, even_bounds, key_quantiles, sampled_keys
+from migrator.move.keys import by_key, estimated_rows, key_quantiles, range_bounds
 from migrator.stamps.discovery import Column, Layout, Table, discover, key_after, key_upto, tenant_filter
 
 R = TypeVar("R")
@@ -275,10 +275,9 @@ def spans(conn: psycopg.Connection[Any], tables: Sequence[Table], tenant: str, j
     for table in tables:
         edges: list[list[str] | None] = [None, None]
         if jobs > 1:
-            keys, fraction = sampled_keys(conn, table, tenant)
-            pieces = min(jobs, int(len(keys) / fraction) // MIN_SPAN_ROWS)
+            pieces = min(jobs, estimated_rows(conn, table, tenant) // MIN_SPAN_ROWS)
             if pieces > 1:
-                edges = [None, *even_bounds(keys, pieces), None]
+                edges = [None, *range_bounds(conn, table, tenant, pieces), None]
         for i in range(len(edges) - 1):
             out.append(Span(len(out), table, (edges[i], edges[i + 1]), i == 0))
     return out
