@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from conftest import Fleet
 from psycopg import sql
 
 from migrator.db import dsn as dsnlib
-from migrator.move import MoveOptions, move_tenant, verify
+from migrator.move import MoveOptions, move_tenant
 from migrator.progress import Silent
 
 
@@ -85,24 +84,3 @@ def test_values_equal_by_operator_but_stored_differently_do_not_verify_equal(fle
     bad = [t for t in json.loads(result.stdout)["tables"] if not t["equal"]]
     assert [(t["table"], sorted(t["changed"])) for t in bad] == [("tasks", sorted(["7", str(k)] for k in keys))]
 
-
-def test_large_tables_verify_in_key_ranges_that_add_up_to_the_whole_and_name_a_late_difference(
-    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(verify, "MIN_SPAN_ROWS", 500)  # ranges without large data: the logic is the same
-    _moved(fleet)
-    layout = fleet.layout()
-    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
-        cut = verify.spans(conn, layout.tables, "7", 4)
-        tasks = [s for s in cut if s.table.name == "tasks"]
-        assert len(tasks) == 4 and [s.first for s in tasks] == [True, False, False, False]
-        assert [s.span[1] for s in tasks[:-1]] == [s.span[0] for s in tasks[1:]]  # adjacent, no gap
-        whole = verify.checksum(conn, tasks[0].table, "7")
-        assert sum((verify.checksum(conn, s.table, "7", s.span) for s in tasks), verify.EMPTY) == whole
-        key = conn.execute("SELECT max(id) FROM tasks WHERE tenant_id = 7").fetchone()[0]
-    equal = verify.verify_tenant(fleet.dsn("eu-1"), fleet.dsn("eu-2"), layout, "7", jobs=4)
-    assert equal.equal and [t.source for t in equal.tables if t.table == "tasks"] == [whole]
-    with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
-        conn.execute("UPDATE tasks SET title = title || '!' WHERE tenant_id = 7 AND id = %s", (key,))
-    report = verify.verify_tenant(fleet.dsn("eu-1"), fleet.dsn("eu-2"), layout, "7", jobs=4)
-    assert [(t.table, t.changed) for t in report.mismatches] == [("tasks", [["7", str(key)]])]

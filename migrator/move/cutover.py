@@ -29,20 +29,16 @@ from migrator.move.preflight import check_schema_unchanged
 from migrator.move.run import CutoverOptions as CutoverOptions  # re-exported: the CLI builds it from its flags
 from migrator.move.run import MoveRun
 from migrator.move.verify import (
-    EMPTY,
     Checksum,
     Report,
-    Span,
     Streams,
     TableResult,
-    by_table,
     checksum,
     compare_hashes,
     keyed_row_hashes,
-    spans,
     verify_tenant,
 )
-from migrator.stamps.discovery import Layout, problems_message
+from migrator.stamps.discovery import Layout, Table, problems_message
 
 log = logging.getLogger("migrator.cutover")
 
@@ -98,18 +94,17 @@ def flip(run: MoveRun, move: Move, freeze_ms: float | None = None) -> Route:
 Hashes = dict[tuple[str, ...], str]
 
 
-Proof = tuple[Checksum | None, Checksum | None, list[list[str]]]  # untouched rows' sums (if asked), keys unproven
+Proof = tuple[TableResult | None, list[list[str]]]  # untouched rows' result (if asked), keys still unproven
 
 
-def _span_sets(
-    conn: psycopg.Connection[Any], span: Span, tenant: str, keys: list[list[str]], untouched: bool
+def _table_sets(
+    conn: psycopg.Connection[Any], index: int, table: Table, tenant: str, keys: list[list[str]], untouched: bool
 ) -> tuple[Checksum | None, Hashes]:
-    """In the caller's transaction: the checksum of the span's rows outside `keys` (if asked), and
-    on the table's first span the row hashes of the rows in `keys`."""
-    table, name = span.table, keys_table(span.number)
-    load_keys(conn, table, keys, name)
-    outside = checksum(conn, table, tenant, span.span, where=outside_keys(table, name)) if untouched else None
-    return outside, keyed_row_hashes(conn, table, tenant, name) if keys and span.first else {}
+    """In the caller's transaction: row hashes of the table's rows in `keys`, and (if asked) the
+    checksum of the rows outside them."""
+    load_keys(conn, table, keys, keys_table(index))
+    outside = checksum(conn, table, tenant, where=outside_keys(table, keys_table(index))) if untouched else None
+    return outside, keyed_row_hashes(conn, table, tenant, keys_table(index)) if keys else {}
 
 
 def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) -> tuple[Report, int]:
@@ -128,31 +123,23 @@ def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) ->
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         keys = capture.captured_keys(src, layout, move.id, unverified_only=incremental)
         snapshot = src.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
-        # One span per table: a key range's checksum outside the captured keys was planned as a
-        # nested loop over the key table (85 s on one table in `scripts/bench online`), the whole
-        # table's as a hashed anti-join.
-        items = spans(src, layout.tables, tenant, 1)
-        with Streams(run.source.dsn, run.target.dsn, min(run.options.jobs, len(items)), snapshot=snapshot) as streams:
+        jobs = min(run.options.jobs, len(layout.tables))
+        with Streams(run.source.dsn, run.target.dsn, jobs, snapshot=snapshot) as streams:
 
-            def prove(s: psycopg.Connection[Any], t: psycopg.Connection[Any], span: Span) -> Proof:
-                own = keys.get(span.table.name, [])
-                target = streams.sides.submit(_span_sets, t, span, tenant, own, untouched)
-                s_sum, s_rows = _span_sets(s, span, tenant, own, untouched)
+            def prove(s: psycopg.Connection[Any], t: psycopg.Connection[Any], index: int, table: Table) -> Proof:
+                own = keys.get(table.name, [])
+                target = streams.sides.submit(_table_sets, t, index, table, tenant, own, untouched)
+                s_sum, s_rows = _table_sets(s, index, table, tenant, own, untouched)
                 t_sum, t_rows = target.result()
-                return s_sum, t_sum, [list(k) for k in set(s_rows) | set(t_rows) if s_rows.get(k) != t_rows.get(k)]
+                differ = [list(k) for k in set(s_rows) | set(t_rows) if s_rows.get(k) != t_rows.get(k)]
+                result = TableResult(table.label, s_sum, t_sum) if s_sum is not None and t_sum is not None else None
+                return result, differ
 
-            proofs = streams.map(prove, items)
-        results, unproven = [], {}
-        for table, parts in by_table(items, proofs):
-            if untouched:
-                s_sum = sum((p[0] for p in parts if p[0] is not None), EMPTY)
-                t_sum = sum((p[1] for p in parts if p[1] is not None), EMPTY)
-                results.append(TableResult(table.label, s_sum, t_sum))
-            differ = [key for p in parts for key in p[2]]
-            if differ:
-                unproven[table.name] = differ
+            proofs = streams.map(prove, layout.tables)
+        unproven = {table.name: differ for table, (_, differ) in zip(layout.tables, proofs, strict=True) if differ}
         capture.mark_verified(src, layout, move.id, unproven)
         src.commit()
+    results = [result for result, _ in proofs if result is not None]
     return Report(tenant, results), sum(len(v) for v in unproven.values())
 
 

@@ -94,13 +94,6 @@ def _sample(conn: psycopg.Connection[Any], table: Table) -> tuple[sql.Composed, 
     return sample, fraction
 
 
-def estimated_rows(conn: psycopg.Connection[Any], table: Table, tenant: str) -> int:
-    """About how many rows the tenant has in the table, from the sample (exact when it is all of it)."""
-    sample, fraction = _sample(conn, table)
-    row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(sample, tenant_filter(table, tenant)))
-    return int(row.fetchone()[0] / fraction)  # type: ignore[index]
-
-
 def range_bounds(conn: psycopg.Connection[Any], table: Table, tenant: str, pieces: int) -> list[list[str]]:
     """Up to `pieces - 1` keys cutting the tenant's rows into ranges of about even size, picked in
     the database from a sample of the table's pages. Exact quantiles (`key_quantiles`) cost more

@@ -24,7 +24,7 @@ from migrator import stamps
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput
-from migrator.move.keys import by_key, estimated_rows, key_quantiles, range_bounds
+from migrator.move.keys import by_key, key_quantiles
 from migrator.stamps.discovery import Column, Layout, Table, discover, key_after, key_upto, tenant_filter
 
 R = TypeVar("R")
@@ -39,10 +39,6 @@ class Checksum:
     rows: int
     high: int
     low: int
-
-    def __add__(self, other: Checksum) -> Checksum:
-        """The checksum of two disjoint sets of rows (sums of row hashes add up)."""
-        return Checksum(self.rows + other.rows, self.high + other.high, self.low + other.low)
 
     @property
     def digest(self) -> str:
@@ -178,9 +174,6 @@ def checksum(
     return Checksum(int(row[0]), int(row[1]), int(row[2]))
 
 
-EMPTY = Checksum(0, 0, 0)
-
-
 def _signed64(hex16: str) -> int:
     value = int(hex16, 16)
     return value - (1 << 64) if value >= 1 << 63 else value
@@ -255,40 +248,6 @@ def _narrow(
 
 
 Pair = tuple[psycopg.Connection[Any], psycopg.Connection[Any]]
-MIN_SPAN_ROWS = 20_000  # a table is cut into key ranges for parallel streams only above twice this
-
-
-@dataclass(frozen=True)
-class Span:
-    """One stream's share of verify: a table, or a key range of a large one."""
-
-    number: int  # unique within one verify: names its temporary tables
-    table: Table
-    span: Range
-    first: bool  # the table's first span (work done once per table goes there)
-
-
-def spans(conn: psycopg.Connection[Any], tables: Sequence[Table], tenant: str, jobs: int) -> list[Span]:
-    """Every table as one span, or cut into up to `jobs` key ranges of at least MIN_SPAN_ROWS rows
-    (by a sample of its pages), so that one large table is compared by several streams at once."""
-    out: list[Span] = []
-    for table in tables:
-        edges: list[list[str] | None] = [None, None]
-        if jobs > 1:
-            pieces = min(jobs, estimated_rows(conn, table, tenant) // MIN_SPAN_ROWS)
-            if pieces > 1:
-                edges = [None, *range_bounds(conn, table, tenant, pieces), None]
-        for i in range(len(edges) - 1):
-            out.append(Span(len(out), table, (edges[i], edges[i + 1]), i == 0))
-    return out
-
-
-def by_table(spans: Sequence[Span], results: Sequence[R]) -> list[tuple[Table, list[R]]]:
-    """The results of spans gathered per table, in table order."""
-    grouped: dict[str, tuple[Table, list[R]]] = {}
-    for span, result in zip(spans, results, strict=True):
-        grouped.setdefault(span.table.label, (span.table, []))[1].append(result)
-    return list(grouped.values())
 
 
 class Streams:
@@ -324,56 +283,41 @@ class Streams:
         self.sides.shutdown()
         self._stack.close()  # closing a connection rolls back what it holds
 
-    def map(self, work: Callable[[psycopg.Connection[Any], psycopg.Connection[Any], Span], R],
-            items: Sequence[Span]) -> list[R]:  # fmt: skip
-        """`work(source, target, span)` for each span, `count` at a time; results in the spans' order."""
+    def map(self, work: Callable[[psycopg.Connection[Any], psycopg.Connection[Any], int, Table], R],
+            tables: Sequence[Table]) -> list[R]:  # fmt: skip
+        """`work(source, target, index, table)` for each table, `count` at a time; results in table order."""
 
-        def one(span: Span) -> R:
+        def one(index: int, table: Table) -> R:
             src, tgt = self._pairs.get()
             try:
-                return work(src, tgt, span)
+                return work(src, tgt, index, table)
             finally:
                 self._pairs.put((src, tgt))
 
         with ThreadPoolExecutor(max_workers=self._count, thread_name_prefix="verify") as pool:
-            return list(pool.map(one, items))
-
-    def source(self) -> psycopg.Connection[Any]:
-        """A source connection of the streams, for a query before they start (not while they run)."""
-        src, tgt = self._pairs.get()
-        self._pairs.put((src, tgt))
-        return src
+            return list(pool.map(one, range(len(tables)), tables))
 
 
-Found = dict[str, list[list[str]]]
-
-
-def _compare_span(
-    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], span: Span, tenant: str, sides: ThreadPoolExecutor
-) -> tuple[Checksum, Checksum, Found]:
-    """Checksum one span on both sides concurrently; narrow down to keys when they differ."""
-    s_future = sides.submit(checksum, src, span.table, tenant, span.span)
-    t_sum = checksum(tgt, span.table, tenant, span.span)
+def compare_table(
+    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], table: Table, tenant: str, sides: ThreadPoolExecutor
+) -> TableResult:
+    """Checksum one table on both sides concurrently; narrow down to keys when they differ."""
+    s_future = sides.submit(checksum, src, table, tenant)
+    t_sum = checksum(tgt, table, tenant)
     s_sum = s_future.result()
-    found: Found = {"missing": [], "extra": [], "changed": []}
-    if s_sum != t_sum:
-        _narrow(src, tgt, span.table, tenant, span.span, s_sum, t_sum, found)
-    return s_sum, t_sum, found
-
-
-def _table_result(table: Table, parts: Sequence[tuple[Checksum, Checksum, Found]]) -> TableResult:
-    s_sum, t_sum = sum((p[0] for p in parts), EMPTY), sum((p[1] for p in parts), EMPTY)
-    keys = {kind: [k for p in parts for k in p[2][kind]][:MAX_KEYS] for kind in ("missing", "extra", "changed")}
-    return TableResult(table.label, s_sum, t_sum, keys["missing"], keys["extra"], keys["changed"])
+    if s_sum == t_sum:
+        return TableResult(table.label, s_sum, t_sum)
+    found: dict[str, list[list[str]]] = {"missing": [], "extra": [], "changed": []}
+    _narrow(src, tgt, table, tenant, (None, None), s_sum, t_sum, found)
+    return TableResult(table.label, s_sum, t_sum, found["missing"], found["extra"], found["changed"])
 
 
 def verify_tenant(source_dsn: str, target_dsn: str, layout: Layout, tenant: str, jobs: int = 1) -> Report:
-    """Compare every tenant table of `layout` between two stamps (read-only on both), `jobs` spans
-    (tables, or key ranges of large ones) at a time."""
-    with Streams(source_dsn, target_dsn, jobs) as streams:
-        items = spans(streams.source(), layout.tables, tenant, jobs)
-        results = streams.map(lambda src, tgt, span: _compare_span(src, tgt, span, tenant, streams.sides), items)
-    return Report(tenant, [_table_result(table, parts) for table, parts in by_table(items, results)])
+    """Compare every tenant table of `layout` between two stamps (read-only on both), `jobs` tables at a time."""
+    with Streams(source_dsn, target_dsn, min(jobs, len(layout.tables))) as streams:
+        results = streams.map(lambda src, tgt, _, table: compare_table(src, tgt, table, tenant, streams.sides),
+                              layout.tables)  # fmt: skip
+    return Report(tenant, results)
 
 
 def verify_between(ctx: Context, tenant: str, source_name: str, target_name: str, jobs: int = 1) -> Report:
