@@ -81,30 +81,28 @@ def key_quantiles(conn: psycopg.Connection[Any], table: Table, rows: sql.Composa
 SAMPLE_PAGES = 2_000  # pages a sample for range bounds reads at most, whatever the table's size
 
 
-def _sample(conn: psycopg.Connection[Any], table: Table) -> tuple[sql.Composed, float]:
-    """TABLESAMPLE of at most SAMPLE_PAGES pages of the table, the same pages on every call
-    (REPEATABLE), and the fraction of the table it reads."""
+def _sample(conn: psycopg.Connection[Any], table: Table) -> sql.Composed:
+    """TABLESAMPLE of at most SAMPLE_PAGES pages of the table, the same pages on every call (REPEATABLE)."""
     row = conn.execute(
         "SELECT pg_relation_size(c.oid) / current_setting('block_size')::bigint FROM pg_class c"
         " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
         (table.schema, table.name),
     ).fetchone()
     fraction = min(1.0, SAMPLE_PAGES / max(1, int(row[0]) if row else 1))
-    sample = sql.SQL("{} TABLESAMPLE SYSTEM ({}) REPEATABLE (0)").format(table.ident, sql.Literal(100 * fraction))
-    return sample, fraction
+    return sql.SQL("{} TABLESAMPLE SYSTEM ({}) REPEATABLE (0)").format(table.ident, sql.Literal(100 * fraction))
 
 
 def range_bounds(conn: psycopg.Connection[Any], table: Table, tenant: str, pieces: int) -> list[list[str]]:
     """Up to `pieces - 1` keys cutting the tenant's rows into ranges of about even size, picked in
     the database from a sample of the table's pages. Exact quantiles (`key_quantiles`) cost more
-    than checksumming the rows (0.71 s against 0.48 s on 1.4M rows); the sample costs milliseconds,
+    than checksumming the rows (0.71 s against 0.48 s on 1.4M rows); the sample costs 0.14 s there,
     and any bounds cut the rows exactly, only less evenly."""
     if pieces < 2:
         return []
     query = sql.SQL(
         "SELECT k FROM (SELECT ARRAY[{}] AS k, row_number() OVER (ORDER BY {}) AS n, count(*) OVER () AS c"
         " FROM {} WHERE {}) s WHERE n < c AND (n * %(p)s) / c <> ((n - 1) * %(p)s) / c ORDER BY n"
-    ).format(table.pk_text(), table.pk_cols(), _sample(conn, table)[0], tenant_filter(table, tenant))
+    ).format(table.pk_text(), table.pk_cols(), _sample(conn, table), tenant_filter(table, tenant))
     return [list(r[0]) for r in conn.execute(query, {"p": pieces}).fetchall()]
 
 

@@ -152,7 +152,6 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
                 run.progress.phase(f"flipping route of tenant {move.tenant} to {run.target.name}")
                 with _timed(timings, "flip"):
                     route = flip(run, move)
-                run.metrics.ended(move.id, "flipped")
                 return _finished(run, move, route, resumed, report, timings)
         else:
             if move.phase == Phase.COPIED:
@@ -162,7 +161,6 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
             if move.phase in (Phase.SYNCED, Phase.CUTOVER):
                 with _timed(timings, "cutover"):
                     route, freeze_steps = online_cutover(run, move)
-                run.metrics.ended(move.id, "flipped")
                 return replace(_finished(run, move, route, resumed, report, timings), freeze_steps_ms=freeze_steps)
         raise MigratorError(f"move {move.id} is {move.phase}; nothing to run")
     except MigratorError as exc:
@@ -193,6 +191,7 @@ def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
 def _finished(
     run: MoveRun, move: Move, route: Route, resumed: bool, report: Report | None, timings: dict[str, float]
 ) -> MoveOutcome:
+    run.metrics.ended(move.id, "flipped")
     with stamps.connect(run.target) as tgt:
         forget_progress(tgt, move.id)
     move = run.catalog.move(move.id)
