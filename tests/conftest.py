@@ -97,7 +97,12 @@ class RunsCli:
         """Start the CLI as a real process (for kill -9 and concurrency tests)."""
         return subprocess.Popen(
             [sys.executable, "-m", "migrator", "--config", str(self.config_path), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ}, **kwargs,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env={**os.environ},
+            **kwargs,
         )
 
 
@@ -226,12 +231,16 @@ def tenant_digest(dsn: str, layout: Layout, tenant: str, by_name: bool = False) 
     with dsnlib.connect(dsn, autocommit=True) as conn:
         for table in layout.tables:
             names = sorted(c.name for c in table.columns)
-            row_text = (sql.SQL("ROW({})::text").format(sql.SQL(", ").join(sql.Identifier("t", n) for n in names))
-                        if by_name else sql.SQL("t::text"))
+            row_text = (
+                sql.SQL("ROW({})::text").format(sql.SQL(", ").join(sql.Identifier("t", n) for n in names))
+                if by_name
+                else sql.SQL("t::text")
+            )
             row = conn.execute(
-                sql.SQL("SELECT count(*), coalesce(md5(string_agg(r, '|' ORDER BY r)), '') FROM "
-                        "(SELECT {} AS r FROM {} t WHERE {} = {}) s").format(
-                    row_text, table.ident, sql.Identifier(table.key), sql.Literal(tenant))
+                sql.SQL(
+                    "SELECT count(*), coalesce(md5(string_agg(r, '|' ORDER BY r)), '') FROM "
+                    "(SELECT {} AS r FROM {} t WHERE {} = {}) s"
+                ).format(row_text, table.ident, sql.Identifier(table.key), sql.Literal(tenant))
             ).fetchone()
             assert row is not None
             out[table.label] = (int(row[0]), str(row[1]))
@@ -247,7 +256,7 @@ def catalog_snapshot(fleet: Fleet) -> dict[str, list[tuple[Any, ...]]]:
     with dsnlib.connect(fleet.catalog.url, autocommit=True) as conn:
         return {
             table: conn.execute(sql.SQL("SELECT * FROM {} ORDER BY 1").format(sql.Identifier(table))).fetchall()
-            for table in ("stamps", "routes", "moves", "move_tables")
+            for table in ("stamps", "routes", "moves", "move_tenants", "move_tables")
         }
 
 
@@ -256,19 +265,23 @@ def stamp_snapshot(dsn: str) -> dict[str, Any]:
     with dsnlib.connect(dsn, autocommit=True) as conn:
         tables = conn.execute(
             "SELECT schemaname, tablename FROM pg_tables"
-            " WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2").fetchall()
+            " WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
+        ).fetchall()
         digest = {
             f"{schema}.{name}": conn.execute(
-                sql.SQL("SELECT count(*), md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM {} x")
-                .format(sql.Identifier(schema, name))).fetchone()
+                sql.SQL(
+                    "SELECT count(*), md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) FROM {} x"
+                ).format(sql.Identifier(schema, name))
+            ).fetchone()
             for schema, name in tables
         }
-        triggers = conn.execute("SELECT tgname, tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal"
-                                " ORDER BY 1, 2").fetchall()
+        triggers = conn.execute(
+            "SELECT tgname, tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1, 2"
+        ).fetchall()
     return {"tables": digest, "triggers": triggers}
 
 
-CATALOG_TABLES = ("stamps", "routes", "moves", "move_tables", "plans", "plan_moves", "schema_runs")
+CATALOG_TABLES = ("stamps", "routes", "moves", "move_tenants", "move_tables", "plans", "plan_moves", "schema_runs")
 
 
 def operator_grants(

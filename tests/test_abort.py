@@ -7,7 +7,7 @@ from conftest import Fleet, catalog_snapshot, tenant_digest, tenant_row_count
 
 from migrator.db import dsn as dsnlib
 from migrator.errors import VerifyMismatch
-from migrator.move import MoveOptions, move_tenant
+from migrator.move import MoveOptions, move_tenants
 from migrator.move.fence import leftovers
 from migrator.progress import Silent
 
@@ -32,7 +32,7 @@ def test_abort_after_failed_verify_empties_target_and_unfences_source(fleet: Fle
     before = tenant_digest(fleet.dsn("eu-1"), layout, "7")
     _corrupt_target_on_insert(fleet)
     with pytest.raises(VerifyMismatch, match="tasks"):
-        move_tenant(fleet.ctx, "7", "eu-2", MoveOptions(batch_rows=400, allow_triggers=True), Silent())
+        move_tenants(fleet.ctx, ("7",), "eu-2", MoveOptions(batch_rows=400, allow_triggers=True), Silent())
 
     move = fleet.catalog.open_move("7")
     assert move is not None and move.phase == "copied" and "tasks" in (move.error or "")
@@ -52,7 +52,7 @@ def test_abort_after_failed_verify_empties_target_and_unfences_source(fleet: Fle
 
 def test_abort_after_flip_is_refused(fleet: Fleet) -> None:
     fleet.seed("eu-1", 7, 300)
-    outcome = move_tenant(fleet.ctx, "7", "eu-2", MoveOptions(), Silent())
+    outcome = move_tenants(fleet.ctx, ("7",), "eu-2", MoveOptions(), Silent())
     assert outcome.move is not None
     before = catalog_snapshot(fleet)
     result = fleet.run("move", "abort", str(outcome.move.id), "--yes")

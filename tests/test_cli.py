@@ -40,8 +40,9 @@ def test_every_command_has_help(path: tuple[str, ...], command: click.Command) -
         ("catalog_url = 'x'\n[tenancy]\nexclude = 'audit'\n", "exclude must be a list"),
     ],
 )
-def test_malformed_config_is_one_clear_line(tmp_path: Path, text: str, message: str,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_malformed_config_is_one_clear_line(
+    tmp_path: Path, text: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("MIGRATOR_CATALOG_URL", raising=False)
     path = tmp_path / "migrator.toml"
     path.write_text(text)

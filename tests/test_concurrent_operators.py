@@ -131,8 +131,11 @@ def test_two_tenants_move_into_one_target_side_by_side(fleet: Fleet) -> None:
                 [first, second],
             )
             ids = {t: _open(fleet, t).id for t in ("7", "8")}  # type: ignore[union-attr]
-            _wait(lambda: all(_copy_progress(fleet, "eu-2").get(i, 0) > 0 for i in ids.values()),
-                  "cursors of both moves on the target", [first, second])
+            _wait(
+                lambda: all(_copy_progress(fleet, "eu-2").get(i, 0) > 0 for i in ids.values()),
+                "cursors of both moves on the target",
+                [first, second],
+            )
         results = {"7": _finish(first), "8": _finish(second)}
 
     for tenant, (code, out, err) in results.items():

@@ -30,9 +30,7 @@ def migrator(config: Path, cwd: Path, *args: str, **env: str) -> subprocess.Comp
     )  # fmt: skip
 
 
-def test_script_location_is_relative_to_the_config_file_not_the_current_directory(
-    fleet: Fleet, tmp_path: Path
-) -> None:
+def test_script_location_is_relative_to_the_config_file_not_the_current_directory(fleet: Fleet, tmp_path: Path) -> None:
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     shutil.copytree(sample_app_env(), project / "db" / "stamp", ignore=shutil.ignore_patterns("__pycache__"))
     elsewhere.mkdir()

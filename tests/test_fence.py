@@ -17,7 +17,7 @@ from migrator.move import fence
 
 def _fence(fleet: Fleet, tenant: str) -> None:
     with dsnlib.connect(fleet.dsn("eu-1")) as conn:
-        fence.fence(conn, fleet.layout(), tenant, move_id=1)
+        fence.fence(conn, fleet.layout(), (tenant,), move_id=1)
 
 
 @pytest.mark.parametrize(
@@ -57,7 +57,7 @@ def test_unfencing_the_last_tenant_removes_the_triggers(fleet: Fleet) -> None:
     _fence(fleet, "5")
     layout = fleet.layout()
     with dsnlib.connect(fleet.dsn("eu-1")) as conn:
-        fence.unguard(conn, layout, "5")
+        fence.unguard(conn, layout, ("5",))
     with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
         assert fence.leftovers(conn) == []
         conn.execute("UPDATE tasks SET title = 'writable again' WHERE tenant_id = 5")
@@ -77,7 +77,7 @@ def test_guarding_backs_off_instead_of_deadlocking_an_application_transaction(fl
         def install() -> None:
             try:
                 with dsnlib.connect(fleet.dsn("eu-1")) as conn:
-                    fence.guard(conn, layout, "5", 1, fenced=False, capture=True)
+                    fence.guard(conn, layout, ("5",), 1, fenced=False, capture=True)
                 guarded.append(None)
             except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
                 guarded.append(exc)
@@ -97,13 +97,13 @@ def test_guarding_backs_off_instead_of_deadlocking_an_application_transaction(fl
 def _guard(fleet: Fleet, tenant: str) -> None:
     """Capture the tenant's writes (move 1), unfenced, as an online move does before its cutover."""
     with dsnlib.connect(fleet.dsn("eu-1")) as conn:
-        fence.guard(conn, fleet.layout(), tenant, 1, fenced=False, capture=True)
+        fence.guard(conn, fleet.layout(), (tenant,), 1, fenced=False, capture=True)
         conn.commit()
 
 
 def _set_fenced(fleet: Fleet, tenant: str) -> None:
     with dsnlib.connect(fleet.dsn("eu-1")) as conn:
-        fence.set_fenced(conn, tenant, True)
+        fence.set_fenced(conn, (tenant,), True)
         conn.commit()
 
 
@@ -167,9 +167,7 @@ def test_a_transaction_whose_snapshot_predates_the_fence_cannot_write(fleet: Fle
 
 
 @pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
-def test_a_transaction_whose_snapshot_predates_the_guard_cannot_write_uncaptured(
-    fleet: Fleet, isolation: str
-) -> None:
+def test_a_transaction_whose_snapshot_predates_the_guard_cannot_write_uncaptured(fleet: Fleet, isolation: str) -> None:
     fleet.seed("eu-1", 5, 200)
     fleet.seed("eu-1", 6, 200)
     with dsnlib.connect(fleet.dsn("eu-1"), pinned=False) as app:

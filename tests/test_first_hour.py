@@ -73,7 +73,7 @@ class FirstHour:
 
     def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every catalog table, to prove that a refused command wrote nothing."""
-        tables = ("stamps", "routes", "moves", "move_tables", "plans", "plan_moves")
+        tables = ("stamps", "routes", "moves", "move_tenants", "move_tables", "plans", "plan_moves")
         with dsnlib.connect(self.catalog.url, autocommit=True) as conn:
             return {
                 t: conn.execute(sql.SQL("SELECT * FROM {} ORDER BY 1, 2").format(sql.Identifier(t))).fetchall()
@@ -366,8 +366,8 @@ def test_stamp_remove_as_the_least_privilege_role_names_the_delete_grant_it_need
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(who))
             conn.execute(
                 sql.SQL(
-                    "GRANT SELECT, INSERT, UPDATE ON stamps, routes, moves, move_tables, plans, plan_moves,"
-                    " schema_runs TO {}"
+                    "GRANT SELECT, INSERT, UPDATE ON stamps, routes, moves, move_tenants, move_tables, plans,"
+                    " plan_moves, schema_runs TO {}"
                 ).format(who)
             )
         config = _write_config(tmp_path / "operator.toml", first_hour.url(first_hour.databases[0], role, SECRET))

@@ -71,9 +71,7 @@ def test_fleet_up_that_fails_half_way_stops_every_server_it_started(
     assert _postgres_processes(directory) == []
 
 
-def test_fleet_up_prints_the_export_line_the_next_commands_use(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_fleet_up_prints_the_export_line_the_next_commands_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MIGRATOR_CATALOG_URL", raising=False)
     monkeypatch.delenv("MIGRATOR_CONFIG", raising=False)
     directory = tmp_path / "my fleet"  # a space: the line must still paste into a shell

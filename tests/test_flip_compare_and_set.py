@@ -9,10 +9,10 @@ import psycopg
 import pytest
 from conftest import Fleet, tenant_digest, tenant_row_count
 
-from migrator.catalog import Move, Route
+from migrator.catalog import Mode, Move, Route
 from migrator.db import dsn as dsnlib
 from migrator.errors import RouteConflict
-from migrator.move import MoveOptions, move_tenant
+from migrator.move import MoveOptions, move_tenants
 from migrator.progress import Silent
 
 
@@ -26,7 +26,7 @@ def _race(fleet: Fleet, moves: list[Move]) -> tuple[list[Route], list[RouteConfl
         with dsnlib.connect(fleet.catalog.url, autocommit=True) as conn:
             start.wait()
             try:
-                won.append(fleet.catalog.flip(move, conn))
+                won.extend(fleet.catalog.flip(move, conn))
             except RouteConflict as exc:
                 lost.append(exc)
 
@@ -43,7 +43,7 @@ def test_two_operators_flipping_the_same_route_version_exactly_one_wins(fleet: F
     for _ in range(10):
         route = fleet.catalog.route("5")
         targets = [s for s in ("eu-1", "eu-2", "us-1") if s != route.stamp]
-        move = fleet.catalog.create_move("5", route.stamp, targets[0], "offline", route.version, 100)
+        move = fleet.catalog.create_move([route], targets[0], Mode.OFFLINE, 100)
         move = fleet.catalog.update_move(move.id, phase="verified")
         # The second operator read the same route version and wants the tenant elsewhere.
         won, lost = _race(fleet, [move, replace(move, target=targets[1])])
@@ -73,8 +73,8 @@ def test_a_route_changed_under_a_move_is_not_flipped_and_the_move_can_be_aborted
     version = fleet.catalog.route("6").version
 
     with pytest.raises(RouteConflict, match=r"route of tenant 6 changed under move \d+: expected eu-1 v1"):
-        move_tenant(
-            fleet.ctx, "6", "eu-2", MoveOptions(online=False), _ChangesRouteBeforeFlip(fleet.catalog.url, "6")
+        move_tenants(
+            fleet.ctx, ("6",), "eu-2", MoveOptions(online=False), _ChangesRouteBeforeFlip(fleet.catalog.url, "6")
         )
 
     route = fleet.catalog.route("6")

@@ -103,11 +103,14 @@ def test_init_guesses_another_applications_tenancy_and_a_move_works_with_it(
     account = str(uuid.uuid4())
     with dsnlib.connect(stamps["a"], autocommit=True) as conn:
         conn.execute("INSERT INTO accounts VALUES (%s, 'Acme', 'team')", (account,))
-        conn.execute("INSERT INTO members SELECT %s, g, 'm' || g || '@acme.test', 1 FROM generate_series(1, 40) g",
-                     (account,))
+        conn.execute(
+            "INSERT INTO members SELECT %s, g, 'm' || g || '@acme.test', 1 FROM generate_series(1, 40) g", (account,)
+        )
         conn.execute("INSERT INTO invoices SELECT %s, g, g * 10 FROM generate_series(1, 30) g", (account,))
-        conn.execute("INSERT INTO invoice_lines SELECT %s, g, l, 5 FROM generate_series(1, 30) g, "
-                     "generate_series(1, 3) l", (account,))
+        conn.execute(
+            "INSERT INTO invoice_lines SELECT %s, g, l, 5 FROM generate_series(1, 30) g, generate_series(1, 3) l",
+            (account,),
+        )
 
     path = tmp_path / "migrator.toml"
     result = _init("--catalog", catalog_url, "--from-stamp", stamps["a"], "--path", str(path))
@@ -187,8 +190,10 @@ def test_init_from_an_unreachable_stamp_fails_in_one_masked_line_and_writes_noth
             "CREATE TABLE workspaces (id int PRIMARY KEY);"
             "CREATE TABLE docs (workspace_id int NOT NULL, id int, PRIMARY KEY (workspace_id, id));"
             "CREATE TABLE pages (workspace_id int NOT NULL, n int PRIMARY KEY)",
-            ["tenancy column workspace_id: present in 2 of 3 tables",
-             "root table workspaces (id): no foreign key references it by workspace_id, guessed by name"],
+            [
+                "tenancy column workspace_id: present in 2 of 3 tables",
+                "root table workspaces (id): no foreign key references it by workspace_id, guessed by name",
+            ],
             Tenancy("workspace_id", "workspaces", "id"),
         ),
         (

@@ -98,9 +98,7 @@ def roles(fleet: Fleet, tmp_path: Path) -> Iterator[Roles]:
         for name in STAMP_NAMES:
             fleet.catalog.update_stamp(name, dsn=created.operator_dsn(name))
         created.config_path.write_text(
-            configlib.render(
-                created.url(operator, catalog_db), configlib.Tenancy(), sample_app_env()
-            )
+            configlib.render(created.url(operator, catalog_db), configlib.Tenancy(), sample_app_env())
         )
         with dsnlib.connect(created.url(operator, catalog_db), autocommit=True) as conn:
             row = conn.execute("SELECT rolsuper, rolcreaterole FROM pg_roles WHERE rolname = current_user").fetchone()
@@ -273,7 +271,7 @@ def test_application_role_writes_are_captured_during_an_online_move(fleet: Fleet
 def test_application_role_cannot_bypass_the_fence_that_cleanup_uses(fleet: Fleet, roles: Roles) -> None:
     fleet.seed("eu-1", 7, 50)
     with psycopg.connect(roles.operator_dsn("eu-1")) as conn:
-        fence.fence(conn, fleet.layout(), "7", move_id=1)
+        fence.fence(conn, fleet.layout(), ("7",), move_id=1)
     bypass = "SELECT set_config('migrator.cleanup_bypass_fence', 'on', false)"
     with psycopg.connect(roles.app_dsn("eu-1"), autocommit=True) as app:
         app.execute(bypass)
@@ -290,10 +288,16 @@ def test_stamp_check_names_each_missing_grant(fleet: Fleet, roles: Roles) -> Non
     partial = roles.owner.removesuffix("_app_owner") + "_partial"
     roles.extra.append(partial)
     db = roles.stamp_db("eu-1")
-    _admin(fleet, "postgres", sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-        sql.Identifier(partial), sql.Literal(roles.password)))
-    _admin(fleet, db, sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(
-        sql.Identifier(db), sql.Identifier(partial)))  # neither CREATE nor membership of the owner
+    _admin(
+        fleet,
+        "postgres",
+        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(partial), sql.Literal(roles.password)),
+    )
+    _admin(
+        fleet,
+        db,
+        sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(sql.Identifier(db), sql.Identifier(partial)),
+    )  # neither CREATE nor membership of the owner
     fleet.catalog.update_stamp("eu-1", dsn=roles.operator_dsn("eu-1", partial))
 
     result = roles.run("stamp", "check", "eu-1")
@@ -317,9 +321,7 @@ def test_stamp_check_names_each_missing_grant(fleet: Fleet, roles: Roles) -> Non
     result = roles.run("stamp", "check", "eu-1")
     assert result.exit_code == 0, result.output
     result = roles.run("stamp", "check", "eu-1", "--json")
-    assert json.loads(result.output) == {
-        "stamp": "eu-1", "role": partial, "database": db, "ok": True, "missing": []
-    }
+    assert json.loads(result.output) == {"stamp": "eu-1", "role": partial, "database": db, "ok": True, "missing": []}
 
 
 def test_stamp_check_names_a_migrator_schema_left_by_another_role(fleet: Fleet, roles: Roles) -> None:
@@ -337,8 +339,11 @@ def test_grant_reader_reads_routes_only(fleet: Fleet, roles: Roles) -> None:
     fleet.seed("eu-1", 7, 10)
     reader = roles.owner.removesuffix("_app_owner") + ' app "reader"'  # quoting proves sql.Identifier
     roles.extra.append(reader)
-    _admin(fleet, "postgres", sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-        sql.Identifier(reader), sql.Literal(roles.password)))
+    _admin(
+        fleet,
+        "postgres",
+        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(reader), sql.Literal(roles.password)),
+    )
 
     result = fleet.run("catalog", "grant-reader", reader)  # run by the catalog's owner
     assert result.exit_code == 0, result.output + result.stderr
@@ -347,8 +352,14 @@ def test_grant_reader_reads_routes_only(fleet: Fleet, roles: Roles) -> None:
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
 
     server = fleet.server
-    with psycopg.connect(host=server.host, port=server.port, dbname=fleet.databases[0], user=reader,
-                         password=roles.password, autocommit=True) as conn:
+    with psycopg.connect(
+        host=server.host,
+        port=server.port,
+        dbname=fleet.databases[0],
+        user=reader,
+        password=roles.password,
+        autocommit=True,
+    ) as conn:
         assert conn.execute("SELECT stamp FROM routes WHERE tenant = '7'").fetchone() == ("eu-1",)
         for statement in (
             "UPDATE routes SET stamp = 'eu-2' WHERE tenant = '7'",
@@ -356,6 +367,7 @@ def test_grant_reader_reads_routes_only(fleet: Fleet, roles: Roles) -> None:
             "DELETE FROM routes WHERE tenant = '7'",
             "SELECT dsn FROM stamps",
             "SELECT * FROM moves",
+            "SELECT * FROM move_tenants",
             "SELECT * FROM move_tables",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):

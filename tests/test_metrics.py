@@ -14,7 +14,7 @@ from conftest import Fleet, terminate_migrator_sessions
 from prometheus_client.parser import text_string_to_metric_families
 
 from migrator.context import Context
-from migrator.move import MoveOptions, move_tenant
+from migrator.move import MoveOptions, move_tenants
 from migrator.progress import Silent
 
 
@@ -47,7 +47,7 @@ def test_metrics_count_the_rows_freeze_and_retries_the_move_reports(
     with ctx.metrics.serve(port):
         killer.start()
         try:
-            outcome = move_tenant(ctx, "7", "eu-2", MoveOptions(batch_rows=500, jobs=1, rate_limit=5_000), Silent())
+            outcome = move_tenants(ctx, ("7",), "eu-2", MoveOptions(batch_rows=500, jobs=1, rate_limit=5_000), Silent())
         finally:
             killer.cancel()
         scraped = _scrape(port)

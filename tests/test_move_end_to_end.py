@@ -8,7 +8,7 @@ from conftest import Fleet, tenant_digest, tenant_row_count
 from psycopg import sql
 
 from migrator.db import dsn as dsnlib
-from migrator.move import MoveOptions, move_tenant
+from migrator.move import MoveOptions, move_tenants
 from migrator.move.fence import leftovers
 from migrator.progress import Silent
 
@@ -45,7 +45,7 @@ def test_target_sequences_are_advanced_past_copied_keys(fleet: Fleet) -> None:
     fleet.seed("eu-1", 3, 2_000)
     with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
         top = conn.execute("SELECT max(id) FROM tasks WHERE tenant_id = 3").fetchone()[0]
-    move_tenant(fleet.ctx, "3", "eu-2", MoveOptions(batch_rows=500), Silent())
+    move_tenants(fleet.ctx, ("3",), "eu-2", MoveOptions(batch_rows=500), Silent())
     with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
         project = conn.execute("SELECT id FROM projects WHERE tenant_id = 3 LIMIT 1").fetchone()[0]
         new_id = conn.execute(
@@ -71,12 +71,13 @@ def test_every_column_type_survives_byte_exact(fleet: Fleet) -> None:
         )
     layout = fleet.layout()
     before = tenant_digest(fleet.dsn("eu-1"), layout, "11")
-    move_tenant(fleet.ctx, "11", "us-1", MoveOptions(batch_rows=64), Silent())
+    move_tenants(fleet.ctx, ("11",), "us-1", MoveOptions(batch_rows=64), Silent())
     assert tenant_digest(fleet.dsn("us-1"), layout, "11") == before
     with dsnlib.connect(fleet.dsn("us-1"), autocommit=True) as conn:
         size = conn.execute(
             sql.SQL("SELECT size_bytes FROM {} WHERE tenant_id = 11 AND file_name = 'bin'").format(
-                sql.Identifier("attachments"))
+                sql.Identifier("attachments")
+            )
         ).fetchone()[0]
     assert size == 768  # the generated column was recomputed on the target
 
@@ -98,11 +99,12 @@ def test_copied_tables_are_analyzed_on_the_target_before_their_children(fleet: F
         for table in layout.tables:  # only migrator may refresh the statistics during this test
             conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = false)").format(table.ident))
             conn.execute(sql.SQL("ANALYZE {}").format(table.ident))
-    move_tenant(fleet.ctx, "4", "eu-2", MoveOptions(batch_rows=500, online=False), Silent())
+    move_tenants(fleet.ctx, ("4",), "eu-2", MoveOptions(batch_rows=500, online=False), Silent())
     with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
         estimated = {
-            t.name: conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass", (t.ident.as_string(conn),))
-            .fetchone()[0]
+            t.name: conn.execute(
+                "SELECT reltuples FROM pg_class WHERE oid = %s::regclass", (t.ident.as_string(conn),)
+            ).fetchone()[0]
             for t in layout.tables
         }
     counts = tenant_digest(fleet.dsn("eu-2"), layout, "4")

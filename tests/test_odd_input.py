@@ -27,7 +27,7 @@ from migrator.db import dsn as dsnlib
 from migrator.errors import PreflightError
 from migrator.local import pgserver
 from migrator.local.provision import sample_app_env
-from migrator.move import MoveOptions, move_tenant
+from migrator.move import MoveOptions, move_tenants
 from migrator.move.fence import leftovers
 from migrator.move.preflight import check_move
 from migrator.progress import Silent
@@ -257,8 +257,8 @@ def test_odd_names_and_each_key_type_move_verify_flip_and_clean_up(
 
     if mode == "online":
         writer = WritesDuringCopy(fleet.dsn("eu-1"), tenant)
-        outcome = move_tenant(fleet.ctx, tenant, "eu-2", MoveOptions(batch_rows=16), writer)
-        assert writer.done and outcome.route is not None and outcome.route.stamp == "eu-2"
+        outcome = move_tenants(fleet.ctx, (tenant,), "eu-2", MoveOptions(batch_rows=16), writer)
+        assert writer.done and [r.stamp for r in outcome.routes] == ["eu-2"]
     else:
         result = fleet.run("move", tenant, "--to", "eu-2", "--offline", "--batch-rows", "16", "--yes", "--json")
         assert result.exit_code == 0, result.output
@@ -332,7 +332,7 @@ def test_rows_with_null_tenant_are_reported_and_not_moved(
     _seed(fleet.dsn("eu-1"), tenant)
     fleet.catalog.set_route(tenant, "eu-1")
     with caplog.at_level(logging.WARNING, logger="migrator.preflight"):
-        checked = check_move(fleet.catalog, TENANCY, tenant, "eu-2")
+        checked = check_move(fleet.catalog, TENANCY, (tenant,), "eu-2")
     assert checked.null_tenant_rows == {"Audit Log": 2}
     assert checked.rows["Audit Log"] == 5
     assert 'table Audit Log has 2 rows with NULL Tenant "Key"; they are not moved' in caplog.text
@@ -359,7 +359,7 @@ def test_tenant_spelled_unlike_its_stored_key_is_refused(
     _seed(fleet.dsn("eu-1"), stored)
     fleet.catalog.set_route(spelled, "eu-1")
     with pytest.raises(PreflightError, match=f"is stored as {stored} in Tenants.Id"):
-        check_move(fleet.catalog, TENANCY, spelled, "eu-2")
+        check_move(fleet.catalog, TENANCY, (spelled,), "eu-2")
     fleet.catalog.set_route("not-a-" + key_type, "eu-1")
     result = fleet.run("move", "not-a-" + key_type, "--to", "eu-2", "--yes")
     assert result.exit_code == 2 and "is not a valid value of Tenants.Id" in result.stderr, result.output
@@ -379,7 +379,7 @@ def test_stamps_without_alembic_revision_count_as_the_same_schema(odd_fleet_fact
     fleet = odd_fleet_factory("bigint")
     _seed(fleet.dsn("eu-1"), "42")
     fleet.catalog.set_route("42", "eu-1")
-    assert check_move(fleet.catalog, TENANCY, "42", "eu-2").revision is None
+    assert check_move(fleet.catalog, TENANCY, ("42",), "eu-2").revision is None
     fleet.execute(
         "eu-2",
         "CREATE TABLE alembic_version (version_num text PRIMARY KEY)",
@@ -510,7 +510,7 @@ def test_tenant_tables_in_an_oddly_named_schema_move_and_clean_up(odd_fleet_fact
     before = tenant_digest(fleet.dsn("eu-1"), layout, tenant)
     neighbour_before = tenant_digest(fleet.dsn("eu-1"), layout, neighbour)
     writer = WritesDuringCopy(fleet.dsn("eu-1"), tenant)
-    move_tenant(fleet.ctx, tenant, "eu-2", MoveOptions(batch_rows=16), writer)
+    move_tenants(fleet.ctx, (tenant,), "eu-2", MoveOptions(batch_rows=16), writer)
     assert writer.done and fleet.catalog.route(tenant).stamp == "eu-2"
     after = tenant_digest(fleet.dsn("eu-1"), layout, tenant)
     assert after != before and tenant_digest(fleet.dsn("eu-2"), layout, tenant) == after

@@ -130,8 +130,10 @@ def test_kill_while_fenced_is_shown_and_resumes(busy: Fleet) -> None:
     proc = busy.popen("move", "7", "--to", "eu-2", "--yes", "--max-freeze-ms", "60000")
     _wait(lambda: _phase(busy, "7") == "copying", "capture to start", proc=proc)
     held = dsnlib.connect(busy.dsn("eu-1"), pinned=False)  # an application transaction in flight at cutover
-    held.execute("UPDATE projects SET name = 'held write' WHERE tenant_id = 7 AND id = "
-                 "(SELECT min(id) FROM projects WHERE tenant_id = 7)")
+    held.execute(
+        "UPDATE projects SET name = 'held write' WHERE tenant_id = 7 AND id = "
+        "(SELECT min(id) FROM projects WHERE tenant_id = 7)"
+    )
     _wait(lambda: _phase(busy, "7") == "cutover", "the cutover", timeout=240, proc=proc)
     time.sleep(0.3)
     proc.kill()
@@ -145,8 +147,9 @@ def test_kill_while_fenced_is_shown_and_resumes(busy: Fleet) -> None:
     result = busy.run("move", "7", "--to", "eu-2", "--yes", "--json")
     assert result.exit_code == 0, result.output
     with dsnlib.connect(busy.dsn("eu-2"), autocommit=True) as conn:
-        assert conn.execute("SELECT count(*) FROM projects WHERE tenant_id = 7 AND name = 'held write'"
-                            ).fetchone()[0] == 1
+        assert (
+            conn.execute("SELECT count(*) FROM projects WHERE tenant_id = 7 AND name = 'held write'").fetchone()[0] == 1
+        )
     _finish(busy, mover, neighbour)
 
 

@@ -202,7 +202,10 @@ def test_move_on_a_terminal_still_draws_bars(fleet: Fleet) -> None:
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "migrator", "--config", str(fleet.config_path), "move", "7", "--to", "eu-2", "--yes"],
-        stdout=subprocess.PIPE, stderr=follower, text=True, cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        text=True,
+        cwd=REPO,
     )
     os.close(follower)
     seen: list[bytes] = []
@@ -234,9 +237,12 @@ def test_line_meter_writes_one_line_per_interval_and_one_at_the_end(capsys: pyte
     every.close()
     every.close()
     lines = capsys.readouterr().err.splitlines()
-    assert [line.split(",")[0] for line in lines] == [
-        "tasks: 250/1", "tasks: 500/1", "tasks: 750/1", "tasks: 1", "tasks: 1"
-    ] and lines[-1].startswith("tasks: 1,000/1,000 rows (100%)") and len(lines) == 5, lines
+    assert (
+        [line.split(",")[0] for line in lines]
+        == ["tasks: 250/1", "tasks: 500/1", "tasks: 750/1", "tasks: 1", "tasks: 1"]
+        and lines[-1].startswith("tasks: 1,000/1,000 rows (100%)")
+        and len(lines) == 5
+    ), lines
 
     seldom = LineMeter("total", None, "rows", interval=3600)
     seldom.update(10)

@@ -69,7 +69,7 @@ def _range_sizes(src: psycopg.Connection[Any], tasks: Table, parts: list[copy.Pa
     sizes = []
     for part in parts:
         where = sql.SQL("{} AND {} AND {}").format(
-            tenant_filter(tasks, "7"), key_after(tasks, part.after), key_upto(tasks, part.upto)
+            tenant_filter(tasks, ("7",)), key_after(tasks, part.after), key_upto(tasks, part.upto)
         )
         sizes.append(src.execute(sql.SQL("SELECT count(*) FROM tasks WHERE {}").format(where)).fetchone()[0])
     return sizes
@@ -90,7 +90,7 @@ def test_a_large_table_is_cut_into_ranges_that_partition_its_keys(
         total = src.execute("SELECT count(*) FROM tasks WHERE tenant_id = 7").fetchone()[0]
         pages = src.execute("SELECT pg_relation_size('tasks') / 8192").fetchone()[0]
         assert (pages > keys.SAMPLE_PAGES) is sampled  # the fixture's table is larger than the sample
-        parts = copy.plan_parts(busy.dsn("eu-1"), busy.dsn("eu-2"), tasks, "7", 99, 3, total)
+        parts = copy.plan_parts(busy.dsn("eu-1"), busy.dsn("eu-2"), tasks, ("7",), 99, 3, total)
         assert [p.index for p in parts] == [0, 1, 2]
         assert parts[0].after is None and parts[-1].upto is None
         assert all(parts[i].upto == parts[i + 1].after for i in range(2))  # contiguous, no gap, no overlap
@@ -101,7 +101,7 @@ def test_a_large_table_is_cut_into_ranges_that_partition_its_keys(
     else:
         assert max(sizes) - min(sizes) <= 1, sizes  # even to the row
     # Planned once: a second call (a resume, with any --jobs) returns the saved ranges.
-    assert copy.plan_parts(busy.dsn("eu-1"), busy.dsn("eu-2"), tasks, "7", 99, 4, total) == parts
+    assert copy.plan_parts(busy.dsn("eu-1"), busy.dsn("eu-2"), tasks, ("7",), 99, 4, total) == parts
 
 
 def test_copy_cursors_of_an_earlier_migrator_become_the_first_range(fleet: Fleet) -> None:

@@ -33,7 +33,7 @@ from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.local import pgserver
 from migrator.local.provision import sample_app_env
-from migrator.move import MoveOptions, move_tenant
+from migrator.move import MoveOptions, move_tenants
 from migrator.move.fence import leftovers
 from migrator.progress import Silent
 from migrator.stamps.discovery import Layout, discover
@@ -75,8 +75,10 @@ class Shaped(RunsCli):
         return tenant_digest(self.admin[stamp], layout, tenant, by_name=True)
 
     def snapshot(self) -> tuple[Any, ...]:
-        return (catalog_snapshot(self),  # type: ignore[arg-type]  # reads only .catalog.url
-                *(stamp_snapshot(self.admin[s]) for s in STAMPS))
+        return (
+            catalog_snapshot(self),  # type: ignore[arg-type]  # reads only .catalog.url
+            *(stamp_snapshot(self.admin[s]) for s in STAMPS),
+        )
 
     def assert_clean(self, layout: Layout, stamp: str, tenant: str = TENANT) -> None:
         """No row of the tenant and no migrator object left on the stamp."""
@@ -105,13 +107,22 @@ def shaped(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) 
         n = next(_ids)
         prefix = f"shape{n}"
         catalog_db = f"{prefix}_catalog"
-        _admin(pg, "postgres", sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            sql.Identifier(catalog_db), sql.Identifier(templates["catalog"])))
+        _admin(
+            pg,
+            "postgres",
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(catalog_db), sql.Identifier(templates["catalog"])
+            ),
+        )
         databases.append(catalog_db)
         owner, operator = f"{prefix}_app_owner", f"{prefix}_migrator"
         password = secrets.token_urlsafe(18)
-        _admin(pg, "postgres", sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner)),
-               sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(operator), sql.Literal(password)))
+        _admin(
+            pg,
+            "postgres",
+            sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner)),
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(operator), sql.Literal(password)),
+        )
         roles.extend([owner, operator])
         admin, operator_dsns, stamp_dbs = {}, {}, []
         for stamp, statements in zip(STAMPS, (ddl, target_ddl if target_ddl is not None else ddl), strict=True):
@@ -130,10 +141,12 @@ def shaped(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) 
                 ).fetchall()
                 for schema, name, kind in relations:
                     what = {"v": "VIEW", "m": "MATERIALIZED VIEW", "f": "FOREIGN TABLE"}.get(kind, "TABLE")
-                    conn.execute(sql.SQL("ALTER {} {} OWNER TO {}").format(
-                        sql.SQL(what), sql.Identifier(schema, name), sql.Identifier(owner)))
-            operator_dsns[stamp] = (f"postgresql://{quote(operator)}:{quote(password, safe='')}"
-                                    f"@{pg.host}:{pg.port}/{db}")
+                    conn.execute(
+                        sql.SQL("ALTER {} {} OWNER TO {}").format(
+                            sql.SQL(what), sql.Identifier(schema, name), sql.Identifier(owner)
+                        )
+                    )
+            operator_dsns[stamp] = f"postgresql://{quote(operator)}:{quote(password, safe='')}@{pg.host}:{pg.port}/{db}"
         for db, statement in operator_grants(operator, owner, stamp_dbs, catalog_db):
             _admin(pg, db, statement)
         catalog = Catalog(pg.dsn(catalog_db))
@@ -200,11 +213,15 @@ def _seed_tree(fleet: Shaped, tenant: str, seed: int) -> dict[int, int | None]:
         for key in keys:  # parents first
             conn.execute("INSERT INTO folders VALUES (%s, %s, %s, %s)", (key, tenant, parents[key], f"folder {key}"))
         for i, key in enumerate(keys):
-            conn.execute("INSERT INTO comments VALUES (%s, %s, %s, %s)",
-                         (tenant, key, key if i < 3 else keys[rng.randrange(i)] if i < 30 else keys[3], f"c{i}"))
+            conn.execute(
+                "INSERT INTO comments VALUES (%s, %s, %s, %s)",
+                (tenant, key, key if i < 3 else keys[rng.randrange(i)] if i < 30 else keys[3], f"c{i}"),
+            )
         # a cycle through updates: 901 -> 902 -> 901, and 903 hanging below it
-        conn.execute("INSERT INTO comments VALUES (%s, 901, 901, 'a'), (%s, 902, 901, 'b'), (%s, 903, 902, 'c')",
-                     (tenant, tenant, tenant))
+        conn.execute(
+            "INSERT INTO comments VALUES (%s, 901, 901, 'a'), (%s, 902, 901, 'b'), (%s, 903, 902, 'c')",
+            (tenant, tenant, tenant),
+        )
         conn.execute("UPDATE comments SET parent_id = 902 WHERE tenant_id = %s AND id = 901", (tenant,))
         for i, key in enumerate(keys):
             task_parent = None if i < 5 else base + 500_000 + rng.randrange(i)
@@ -253,8 +270,10 @@ class ReparentDuringCopy(Silent):
             # a task in the new folder and a sub-task of it in an old one: the copy of tasks meets both
             # before catch-up has brought the new folder
             task = new_key + 599_998
-            conn.execute("INSERT INTO tasks VALUES (%s, %s, %s, NULL, 'late'), (%s, %s, %s, %s, 'late sub')",
-                         (task, self.tenant, new_key, task + 1, self.tenant, deepest, task))
+            conn.execute(
+                "INSERT INTO tasks VALUES (%s, %s, %s, NULL, 'late'), (%s, %s, %s, %s, 'late sub')",
+                (task, self.tenant, new_key, task + 1, self.tenant, deepest, task),
+            )
             conn.execute("DELETE FROM folders WHERE id = %s", (gone_leaf,))
             conn.execute("INSERT INTO comments VALUES (%s, 1, 903, 'late reply')", (self.tenant,))
             conn.execute("UPDATE comments SET parent_id = 1 WHERE tenant_id = %s AND id = 901", (self.tenant,))
@@ -273,8 +292,8 @@ def test_self_referencing_trees_move_exactly_at_any_batch_size_with_reparenting_
     neighbour = fleet.digest("eu-1", layout, NEIGHBOUR)
 
     writer = ReparentDuringCopy(fleet.admin["eu-1"], parents)
-    outcome = move_tenant(fleet.context(), TENANT, "eu-2", MoveOptions(batch_rows=batch_rows), writer)
-    assert writer.done and outcome.route is not None and outcome.route.stamp == "eu-2"
+    outcome = move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=batch_rows), writer)
+    assert writer.done and [r.stamp for r in outcome.routes] == ["eu-2"]
     source = fleet.digest("eu-1", layout)
     assert fleet.digest("eu-2", layout) == source
     assert source["folders"][0] == FOLDERS  # one inserted, one deleted
@@ -292,8 +311,9 @@ def _copied(fleet: Shaped, table: str) -> int:
     """Rows the target's cursor says are copied of `table` (0 before the copy starts)."""
     if not fleet.query("eu-2", "SELECT to_regclass('_migrator.copy_progress') IS NOT NULL")[0][0]:
         return 0
-    rows = fleet.query("eu-2", "SELECT coalesce(sum(rows_copied), 0) FROM _migrator.copy_progress"
-                               " WHERE table_name = %s", (table,))
+    rows = fleet.query(
+        "eu-2", "SELECT coalesce(sum(rows_copied), 0) FROM _migrator.copy_progress WHERE table_name = %s", (table,)
+    )
     return int(rows[0][0])
 
 
@@ -362,10 +382,14 @@ def _seed_cycle(fleet: Shaped, tenant: str) -> None:
         for team in range(5):
             conn.execute("INSERT INTO teams VALUES (%s, %s, %s)", (base + team, tenant, base + 100 + team * 3))
             for m in range(3):
-                conn.execute("INSERT INTO members VALUES (%s, %s, %s, %s)",
-                             (base + 100 + team * 3 + m, tenant, base + team, f"m{m}"))
-                conn.execute("INSERT INTO badges VALUES (%s, %s, %s)", (base + 500 + team * 3 + m, tenant,
-                                                                         base + 100 + team * 3 + m))
+                conn.execute(
+                    "INSERT INTO members VALUES (%s, %s, %s, %s)",
+                    (base + 100 + team * 3 + m, tenant, base + team, f"m{m}"),
+                )
+                conn.execute(
+                    "INSERT INTO badges VALUES (%s, %s, %s)",
+                    (base + 500 + team * 3 + m, tenant, base + 100 + team * 3 + m),
+                )
 
 
 class WritesInTheCycle(Silent):
@@ -396,8 +420,8 @@ def test_deferrable_foreign_key_cycle_moves_exactly_and_cleans_up(shaped: Shaped
     assert [t.name for t in layout.tables] == ["tenants", "members", "teams", "badges"]
     assert layout.table("teams").cycle == ("members", "teams")
     writer = WritesInTheCycle(fleet.admin["eu-1"])
-    outcome = move_tenant(fleet.context(), TENANT, "eu-2", MoveOptions(batch_rows=4), writer)
-    assert writer.done and outcome.route is not None and outcome.route.stamp == "eu-2"
+    outcome = move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=4), writer)
+    assert writer.done and [r.stamp for r in outcome.routes] == ["eu-2"]
     source = fleet.digest("eu-1", layout)
     assert fleet.digest("eu-2", layout) == source
     assert source["teams"][0] == 6 and source["members"][0] == 15
@@ -425,7 +449,7 @@ def test_abort_of_an_interrupted_deferrable_cycle_copy_removes_it(shaped: Shaped
     layout = fleet.layout()
     source = fleet.digest("eu-1", layout)
     with pytest.raises(RuntimeError, match="interrupted after badges"):
-        move_tenant(fleet.context(), TENANT, "eu-2", MoveOptions(batch_rows=2), FailAfter("badges"))
+        move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=2), FailAfter("badges"))
     assert fleet.digest("eu-2", layout) == source  # the whole copy is there, unverified
     move = fleet.catalog.open_move(TENANT)
     assert move is not None
@@ -438,15 +462,18 @@ def test_abort_of_an_interrupted_deferrable_cycle_copy_removes_it(shaped: Shaped
 
 
 def test_non_deferrable_foreign_key_cycle_is_refused_naming_it(shaped: ShapedFactory) -> None:
-    fleet = shaped([statement.replace(" DEFERRABLE", "")
-                    for statement in CYCLE])
+    fleet = shaped([statement.replace(" DEFERRABLE", "") for statement in CYCLE])
     _tenants(fleet, TENANT)
     before = fleet.snapshot()
     for args in (("--dry-run",), ("--yes",)):
         _assert_refused(
-            fleet, before, fleet.run("move", TENANT, "--to", "eu-2", *args),
+            fleet,
+            before,
+            fleet.run("move", TENANT, "--to", "eu-2", *args),
             "foreign keys form a cycle between tenant tables (members, teams) through NOT DEFERRABLE constraints",
-            "members_team_id_fkey (members -> teams)", "teams_lead (teams -> members)", "make one of them DEFERRABLE",
+            "members_team_id_fkey (members -> teams)",
+            "teams_lead (teams -> members)",
+            "make one of them DEFERRABLE",
         )
 
 
@@ -472,8 +499,9 @@ def test_unique_values_taken_by_other_tenants_on_the_target_are_refused_naming_t
         " (42, 'ann@example.com', 'Ann', true, 'ann'), (42, 'bob@example.com', 'bob', true, 'bob'),"
         " (42, 'cy@example.com', 'cy', false, 'cy'), (42, 'di@example.com', 'di', true, 'di')",
     )
-    fleet.execute("eu-2", "INSERT INTO tenants VALUES (7, 'someone else')",
-                  "ALTER TABLE users ALTER COLUMN id RESTART WITH 1000")  # no primary key collision
+    fleet.execute(
+        "eu-2", "INSERT INTO tenants VALUES (7, 'someone else')", "ALTER TABLE users ALTER COLUMN id RESTART WITH 1000"
+    )  # no primary key collision
     fleet.execute(
         "eu-2",
         "INSERT INTO users (tenant_id, email, slug, active, handle) VALUES"
@@ -485,7 +513,9 @@ def test_unique_values_taken_by_other_tenants_on_the_target_are_refused_naming_t
     before = fleet.snapshot()
     for args in (("--dry-run",), ("--yes",)):
         line = _assert_refused(
-            fleet, before, fleet.run("move", TENANT, "--to", "eu-2", *args),
+            fleet,
+            before,
+            fleet.run("move", TENANT, "--to", "eu-2", *args),
             "3 problems",
             "unique index users_email_key on users (email): values (ann@example.com) of tenant 42",
             "unique index users_slug_lower on users (lower(slug)): values (bob) of tenant 42",
@@ -525,15 +555,19 @@ class WritesToNotes(Silent):
 def test_columns_in_another_physical_order_and_dropped_columns_move_exactly(shaped: ShapedFactory) -> None:
     fleet = shaped(NOTES, NOTES_REORDERED)
     _tenants(fleet, TENANT)
-    fleet.execute("eu-1", "INSERT INTO notes (tenant_id, title, body, stars, tags) SELECT 42, 't' || i, 'b' || i,"
-                          " i, ARRAY['a' || i, NULL] FROM generate_series(1, 30) i")
+    fleet.execute(
+        "eu-1",
+        "INSERT INTO notes (tenant_id, title, body, stars, tags) SELECT 42, 't' || i, 'b' || i,"
+        " i, ARRAY['a' || i, NULL] FROM generate_series(1, 30) i",
+    )
     layout = fleet.layout()
     physical = [c.name for c in fleet.layout("eu-2").table("notes").columns]
     assert physical != [c.name for c in layout.table("notes").columns] and sorted(physical) == sorted(
-        c.name for c in layout.table("notes").columns)
+        c.name for c in layout.table("notes").columns
+    )
     writer = WritesToNotes(fleet.admin["eu-1"])
-    outcome = move_tenant(fleet.context(), TENANT, "eu-2", MoveOptions(batch_rows=7), writer)
-    assert writer.done and outcome.route is not None and outcome.route.stamp == "eu-2"
+    outcome = move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=7), writer)
+    assert writer.done and [r.stamp for r in outcome.routes] == ["eu-2"]
     source = fleet.digest("eu-1", layout)
     assert source["notes"][0] == 30 + 1 - 6
     assert fleet.digest("eu-2", layout) == source
@@ -557,25 +591,34 @@ def test_a_real_difference_in_columns_or_types_is_refused_naming_the_columns(sha
     fleet.execute("eu-1", "INSERT INTO notes (tenant_id, title) VALUES (42, 'x')")
     before = fleet.snapshot()
     _assert_refused(
-        fleet, before, fleet.run("move", TENANT, "--to", "eu-2", "--yes"),
+        fleet,
+        before,
+        fleet.run("move", TENANT, "--to", "eu-2", "--yes"),
         "columns of notes differ between eu-1 and eu-2: body (text on eu-1, character varying(20) on eu-2),"
         " extra (only on eu-2), stars (missing on eu-2)",
     )
 
 
 def test_plan_notes_the_schema_problems_its_moves_would_be_refused_for(shaped: ShapedFactory, tmp_path: Path) -> None:
-    scans = ("CREATE EXTENSION lo",
-             "CREATE TABLE scans (id bigint PRIMARY KEY, tenant_id bigint NOT NULL REFERENCES tenants, image lo)")
-    no_stars = ("CREATE TABLE notes (id bigserial PRIMARY KEY, tenant_id bigint NOT NULL REFERENCES tenants,"
-                " title text, body text, tags text[])",)
+    scans = (
+        "CREATE EXTENSION lo",
+        "CREATE TABLE scans (id bigint PRIMARY KEY, tenant_id bigint NOT NULL REFERENCES tenants, image lo)",
+    )
+    no_stars = (
+        "CREATE TABLE notes (id bigserial PRIMARY KEY, tenant_id bigint NOT NULL REFERENCES tenants,"
+        " title text, body text, tags text[])",
+    )
     fleet = shaped((*NOTES, *scans), (*no_stars, *scans))
     _tenants(fleet, TENANT)
     fleet.execute("eu-1", "INSERT INTO notes (tenant_id, title) VALUES (42, 'x')")
     planned = fleet.run("plan", "isolate", TENANT, "--to", "eu-2", "-o", str(tmp_path / "isolate.yaml"))
     assert planned.exit_code == 0, planned.output
     text = (tmp_path / "isolate.yaml").read_text()
-    for expected in ("moves from eu-1 to eu-2 will be refused by preflight: 2 problems",
-                     "table scans column image is of type lo", "columns of notes differ between eu-1 and eu-2: stars"):
+    for expected in (
+        "moves from eu-1 to eu-2 will be refused by preflight: 2 problems",
+        "table scans column image is of type lo",
+        "columns of notes differ between eu-1 and eu-2: stars",
+    ):
         assert expected in text, text
         assert expected in planned.output, planned.output
 
@@ -584,8 +627,7 @@ def test_plan_notes_the_schema_problems_its_moves_would_be_refused_for(shaped: S
 
 UNMOVABLE = (
     "CREATE EXTENSION lo",
-    "CREATE TABLE documents (id bigint PRIMARY KEY, tenant_id bigint NOT NULL REFERENCES tenants, scan lo,"
-    " raw oid)",
+    "CREATE TABLE documents (id bigint PRIMARY KEY, tenant_id bigint NOT NULL REFERENCES tenants, scan lo, raw oid)",
     "CREATE SCHEMA reporting",
     "CREATE TABLE reporting.exports (id bigint PRIMARY KEY, document_id bigint REFERENCES public.documents)",
     "CREATE FOREIGN DATA WRAPPER shapes_fdw",
@@ -618,8 +660,13 @@ def test_what_copy_cannot_move_is_refused_with_every_problem_in_one_run(shaped: 
 
 
 def test_views_are_listed_as_skipped_in_dry_run_and_json(shaped: ShapedFactory) -> None:
-    fleet = shaped((*NOTES, "CREATE VIEW starred AS SELECT * FROM notes WHERE stars > 0",
-                    "CREATE MATERIALIZED VIEW note_counts AS SELECT tenant_id, count(*) FROM notes GROUP BY 1"))
+    fleet = shaped(
+        (
+            *NOTES,
+            "CREATE VIEW starred AS SELECT * FROM notes WHERE stars > 0",
+            "CREATE MATERIALIZED VIEW note_counts AS SELECT tenant_id, count(*) FROM notes GROUP BY 1",
+        )
+    )
     _tenants(fleet, TENANT)
     fleet.execute("eu-1", "INSERT INTO notes (tenant_id, title) VALUES (42, 'x')")
     dry = fleet.run("move", TENANT, "--to", "eu-2", "--dry-run")
@@ -675,8 +722,9 @@ def test_partitioned_tables_and_every_type_move_byte_exact_into_the_same_partiti
     assert [t.name for t in layout.tables] == ["tenants", "events"]
 
     def partitions(stamp: str) -> list[tuple[Any, ...]]:
-        return fleet.query(stamp, "SELECT tableoid::regclass::text, count(*) FROM events WHERE tenant_id = 42"
-                                  " GROUP BY 1 ORDER BY 1")
+        return fleet.query(
+            stamp, "SELECT tableoid::regclass::text, count(*) FROM events WHERE tenant_id = 42 GROUP BY 1 ORDER BY 1"
+        )
 
     before = partitions("eu-1")
     assert [name for name, _ in before] == ["events_42_old", "events_42_rest"]
@@ -717,23 +765,31 @@ class NewParentDuringChildCopy(Silent):
 def test_a_child_written_under_a_new_parent_during_the_copy_moves_exactly(shaped: ShapedFactory) -> None:
     fleet = shaped(PROJECTS)
     _tenants(fleet, TENANT)
-    fleet.execute("eu-1", "INSERT INTO projects SELECT i, 42, 'p' || i FROM generate_series(10, 14) i",
-                  "INSERT INTO tasks SELECT i, 42, 10 + i % 5, 't' || i FROM generate_series(100, 140) i")
+    fleet.execute(
+        "eu-1",
+        "INSERT INTO projects SELECT i, 42, 'p' || i FROM generate_series(10, 14) i",
+        "INSERT INTO tasks SELECT i, 42, 10 + i % 5, 't' || i FROM generate_series(100, 140) i",
+    )
     layout = fleet.layout()
     writer = NewParentDuringChildCopy(fleet.admin["eu-1"])
-    outcome = move_tenant(fleet.context(), TENANT, "eu-2", MoveOptions(batch_rows=5), writer)
-    assert writer.done and outcome.route is not None and outcome.route.stamp == "eu-2"
+    outcome = move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=5), writer)
+    assert writer.done and [r.stamp for r in outcome.routes] == ["eu-2"]
     assert fleet.digest("eu-2", layout) == fleet.digest("eu-1", layout)
 
 
 def test_rows_referencing_another_tenants_rows_are_refused_naming_them(shaped: ShapedFactory) -> None:
     fleet = shaped(PROJECTS)
     _tenants(fleet, TENANT, NEIGHBOUR)
-    fleet.execute("eu-1", "INSERT INTO projects VALUES (10, 42, 'ours'), (20, 43, 'theirs')",
-                  "INSERT INTO tasks VALUES (1, 42, 10, 'fine'), (2, 42, 20, 'points across tenants')")
+    fleet.execute(
+        "eu-1",
+        "INSERT INTO projects VALUES (10, 42, 'ours'), (20, 43, 'theirs')",
+        "INSERT INTO tasks VALUES (1, 42, 10, 'fine'), (2, 42, 20, 'points across tenants')",
+    )
     before = fleet.snapshot()
     _assert_refused(
-        fleet, before, fleet.run("move", TENANT, "--to", "eu-2", "--yes"),
+        fleet,
+        before,
+        fleet.run("move", TENANT, "--to", "eu-2", "--yes"),
         "rows (2) of tasks reference rows of projects that are not tenant 42's (foreign key tasks_project_id_fkey)",
     )
 
@@ -759,12 +815,15 @@ class WritesToPartitions(Silent):
 def test_writes_to_partitions_during_an_online_copy_are_replayed(shaped: ShapedFactory) -> None:
     fleet = shaped(TYPES)
     _tenants(fleet, TENANT)
-    fleet.execute("eu-1", "INSERT INTO events (tenant_id, id, at, email) SELECT 42, i,"
-                          " timestamptz '2023-06-01' + i * interval '40 days', 'e' || i FROM generate_series(1, 25) i")
+    fleet.execute(
+        "eu-1",
+        "INSERT INTO events (tenant_id, id, at, email) SELECT 42, i,"
+        " timestamptz '2023-06-01' + i * interval '40 days', 'e' || i FROM generate_series(1, 25) i",
+    )
     layout = fleet.layout()
     writer = WritesToPartitions(fleet.admin["eu-1"])
-    outcome = move_tenant(fleet.context(), TENANT, "eu-2", MoveOptions(batch_rows=6), writer)
-    assert writer.done and outcome.route is not None and outcome.route.stamp == "eu-2"
+    outcome = move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=6), writer)
+    assert writer.done and [r.stamp for r in outcome.routes] == ["eu-2"]
     assert fleet.digest("eu-2", layout) == fleet.digest("eu-1", layout)
     query = "SELECT tableoid::regclass::text, id FROM events WHERE tenant_id = 42 ORDER BY 2"
     assert fleet.query("eu-2", query) == fleet.query("eu-1", query)

@@ -31,7 +31,7 @@ from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.local import pgserver
 from migrator.local.provision import sample_app_env
-from migrator.move import MoveOptions, move_tenant
+from migrator.move import MoveOptions, move_tenants
 from migrator.move.fence import leftovers
 from migrator.progress import Silent
 from migrator.stamps.discovery import Layout, discover
@@ -217,9 +217,7 @@ def shop_factory(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: 
 
 
 def _grant_replica(shop: Shop) -> None:
-    shop.grant(
-        sql.SQL("GRANT SET ON PARAMETER session_replication_role TO {}").format(sql.Identifier(shop.operator))
-    )
+    shop.grant(sql.SQL("GRANT SET ON PARAMETER session_replication_role TO {}").format(sql.Identifier(shop.operator)))
 
 
 def _audit_rows(shop: Shop, stamp: str, tenant: int) -> int:
@@ -249,8 +247,9 @@ class AppWritesDuringCopy(Silent):
         t = self.tenant
         self.shop.sql(
             "eu-1",
-            sql.SQL("INSERT INTO notes (tenant_id, id, body) VALUES ({t}, {t} * 1000 + 999, 'written during the copy')")
-            .format(t=sql.Literal(t)),
+            sql.SQL(
+                "INSERT INTO notes (tenant_id, id, body) VALUES ({t}, {t} * 1000 + 999, 'written during the copy')"
+            ).format(t=sql.Literal(t)),
             sql.SQL("UPDATE notes SET body = 'edited' WHERE tenant_id = {t} AND id = {t} * 1000 + 5").format(
                 t=sql.Literal(t)
             ),
@@ -271,10 +270,10 @@ def test_triggers_with_the_replica_grant_move_exactly_and_fire_for_no_copied_row
     ctx = Context.load(shop.config_path)  # the operator's own configuration: catalog and stamps as the plain role
     try:
         writer = AppWritesDuringCopy(shop, 1)
-        outcome = move_tenant(ctx, "1", "eu-2", MoveOptions(batch_rows=7), writer)
+        outcome = move_tenants(ctx, ("1",), "eu-2", MoveOptions(batch_rows=7), writer)
     finally:
         ctx.catalog.close()
-    assert writer.done and outcome.route is not None and outcome.route.stamp == "eu-2"
+    assert writer.done and [r.stamp for r in outcome.routes] == ["eu-2"]
 
     source = tenant_digest(shop.admin("eu-1"), shop.layout, "1")
     assert tenant_digest(shop.admin("eu-2"), shop.layout, "1") == source  # byte-exact, updated_at included

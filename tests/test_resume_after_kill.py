@@ -28,7 +28,8 @@ def _row_versions(fleet: Fleet) -> set[tuple[str, str, str]]:
         for table in ("tenants", "users", "projects", "tasks", "comments", "attachments"):
             key = "id" if table == "tenants" else "tenant_id"
             query = sql.SQL("SELECT t::text, t.xmin::text FROM {} t WHERE {} = 7").format(
-                sql.Identifier(table), sql.Identifier(key))
+                sql.Identifier(table), sql.Identifier(key)
+            )
             for row, xmin in conn.execute(query):
                 out.add((table, row, xmin))
     return out

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from conftest import Fleet, terminate_migrator_sessions
 
-from migrator.catalog import Catalog, Phase
+from migrator.catalog import Catalog, Mode, Phase
 from migrator.db import dsn as dsnlib
 from migrator.errors import MigratorError
 from migrator.move import capture, fence
@@ -33,7 +33,7 @@ def test_catch_up_keeps_its_deadline_across_a_reconnect(fleet: Fleet, caplog: py
     started = time.monotonic()
     killer.start()
     try:
-        left = capture.catch_up(source, target, fleet.layout(), "7", 1, batch=100, until=-1, deadline=started + 2.0)
+        left = capture.catch_up(source, target, fleet.layout(), ("7",), 1, batch=100, until=-1, deadline=started + 2.0)
     finally:
         killer.cancel()
     elapsed = time.monotonic() - started
@@ -69,9 +69,9 @@ def test_flip_on_a_lost_lock_session_fails_at_once_and_changes_nothing(
     caplog.set_level(logging.WARNING, logger="migrator.retry")
     fleet.seed("eu-1", 7, 50)
     route = fleet.catalog.route("7")
-    move = fleet.catalog.create_move("7", "eu-1", "eu-2", "offline", route.version, 100)
+    move = fleet.catalog.create_move([route], "eu-2", Mode.OFFLINE, 100)
     move = fleet.catalog.update_move(move.id, phase=Phase.VERIFIED)
-    with fleet.catalog.lock_tenant("7") as lock:
+    with fleet.catalog.lock_tenants(("7",)) as lock:
         session = lock.check()
         with dsnlib.connect(fleet.catalog.url, autocommit=True, application_name="test") as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (session.info.backend_pid,))

@@ -195,7 +195,7 @@ def test_run_gives_up_with_tenant_fenced_when_the_fence_outlasts_the_deadline(fl
     fleet.seed("eu-1", 7, 20)
     layout = fleet.layout()
     with dsnlib.connect(fleet.dsn("eu-1")) as conn:
-        fence.guard(conn, layout, "7", 4242, fenced=True, capture=False)
+        fence.guard(conn, layout, ("7",), 4242, fenced=True, capture=False)
         conn.commit()
     try:
         started = time.monotonic()
@@ -205,7 +205,7 @@ def test_run_gives_up_with_tenant_fenced_when_the_fence_outlasts_the_deadline(fl
         assert router.stats.fenced_retries > 3
     finally:
         with dsnlib.connect(fleet.dsn("eu-1")) as conn:
-            fence.unguard(conn, layout, "7")
+            fence.unguard(conn, layout, ("7",))
             conn.commit()
     assert isinstance(router.run("7", _insert_task(7)), int)
 

@@ -16,6 +16,7 @@ from alembic import command
 from conftest import REPO, Fleet, stamp_snapshot
 
 from migrator import config as configlib
+from migrator.catalog import Mode
 from migrator.context import Context
 from migrator.db import alembic as migrations
 from migrator.db import dsn as dsnlib
@@ -135,8 +136,9 @@ def test_failing_revision_keeps_stamp_at_previous_revision_and_stops_later_waves
         "us-1": "0002_collaboration",
     }
     with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:  # the whole revision rolled back
-        assert conn.execute("SELECT count(*) FROM information_schema.columns WHERE column_name = 'priority'"
-                            ).fetchone() == (0,)
+        assert conn.execute(
+            "SELECT count(*) FROM information_schema.columns WHERE column_name = 'priority'"
+        ).fetchone() == (0,)
     runs = schema_runs(fleet)
     assert [(r[0], r[1]) for r in runs] == [("ap-1", OK), ("eu-1", OK), ("eu-2", FAILED), ("us-1", SKIPPED)]
     assert runs[0][6] <= runs[1][5] <= runs[1][6] <= runs[2][5]  # canary, then one wave after another
@@ -159,7 +161,10 @@ def test_second_upgrade_of_a_stamp_fails_fast_and_the_revision_applies_once(flee
     ctx, config = context_with(fleet, env, tmp_path)
     first = subprocess.Popen(
         [sys.executable, "-m", "migrator", "--config", str(config), "schema", "upgrade", "--yes", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     try:
         deadline = time.monotonic() + 30
@@ -223,17 +228,20 @@ def test_dry_run_prints_sql_and_changes_nothing(fleet4: Fleet) -> None:
     assert revisions(fleet) == before
     assert {name: stamp_snapshot(fleet.dsn(name)) for name in fleet.stamps} == snapshots
     assert sorted((r[0], r[1]) for r in schema_runs(fleet)) == [
-        ("ap-1", "dry-run"), ("eu-1", "dry-run"), ("eu-2", SKIPPED), ("us-1", "dry-run")
+        ("ap-1", "dry-run"),
+        ("eu-1", "dry-run"),
+        ("eu-2", SKIPPED),
+        ("us-1", "dry-run"),
     ]
     data = json.loads(fleet.run("schema", "upgrade", "--dry-run", "--json").stdout)
     assert {s["stamp"]: s["pending"] for s in data["stamps"]}["eu-1"] == [
-        "0003_task_priority", "0004_comments_search_index", HEAD
+        "0003_task_priority",
+        "0004_comments_search_index",
+        HEAD,
     ]
 
 
-def test_unreachable_stamp_is_reported_and_fails_the_rollout_without_its_password(
-    fleet: Fleet, tmp_path: Path
-) -> None:
+def test_unreachable_stamp_is_reported_and_fails_the_rollout_without_its_password(fleet: Fleet, tmp_path: Path) -> None:
     server = pgserver.start_server(tmp_path / "second", backend="local")
     try:
         with dsnlib.connect(server.dsn(), autocommit=True) as conn:
@@ -263,7 +271,7 @@ def test_stamp_with_a_fenced_move_is_refused(fleet: Fleet) -> None:
     fleet.seed("eu-1", 1, 200)
     put_at(fleet, "us-1", "0004_comments_search_index")
     route = fleet.catalog.route("1")
-    move = fleet.catalog.create_move("1", "eu-1", "us-1", "online", route.version, 1000)
+    move = fleet.catalog.create_move([route], "us-1", Mode.ONLINE, 1000)
     fleet.catalog.update_move(move.id, phase="cutover")
 
     result = fleet.run("schema", "upgrade", "--yes")
@@ -273,7 +281,7 @@ def test_stamp_with_a_fenced_move_is_refused(fleet: Fleet) -> None:
     assert fleet.run("schema", "status").exit_code == 3  # reading is never refused
 
     fleet.catalog.update_move(move.id, phase="aborted")
-    offline = fleet.catalog.create_move("1", "eu-1", "eu-2", "offline", route.version, 1000)
+    offline = fleet.catalog.create_move([route], "eu-2", Mode.OFFLINE, 1000)
     fleet.catalog.update_move(offline.id, phase="copying")
     result = fleet.run("schema", "downgrade", "0003_task_priority", "--stamp", "eu-2", "--yes")
     assert result.exit_code == 2 and f"offline move {offline.id}" in result.stderr

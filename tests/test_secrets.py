@@ -25,11 +25,19 @@ def test_no_command_prints_a_dsn_password(fleet: Fleet) -> None:
     fleet.catalog.add_stamp("broken", bad_dsn)
     outputs = []
     for args in (
-        ["stamp", "list"], ["stamp", "list", "--json"], ["route", "list"], ["tenant", "list"],
-        ["tenant", "list", "--json"], ["move", "7", "--to", "eu-2", "--dry-run"],
-        ["-v", "move", "7", "--to", "eu-2", "--yes"], ["move", "status"], ["move", "status", "1", "--json"],
-        ["verify", "7", "--source", "eu-1", "--target", "eu-2"], ["doctor"],
-        ["move", "7", "--to", "broken", "--yes"], ["tenant", "list", "--stamp", "broken"],
+        ["stamp", "list"],
+        ["stamp", "list", "--json"],
+        ["route", "list"],
+        ["tenant", "list"],
+        ["tenant", "list", "--json"],
+        ["move", "7", "--to", "eu-2", "--dry-run"],
+        ["-v", "move", "7", "--to", "eu-2", "--yes"],
+        ["move", "status"],
+        ["move", "status", "1", "--json"],
+        ["verify", "7", "--source", "eu-1", "--target", "eu-2"],
+        ["doctor"],
+        ["move", "7", "--to", "broken", "--yes"],
+        ["tenant", "list", "--stamp", "broken"],
         ["stamp", "add", "x", "--dsn", f"postgresql://u:{secret}@127.0.0.1:1/db"],
     ):
         result = fleet.run(*args)
@@ -41,7 +49,10 @@ def test_no_command_prints_a_dsn_password(fleet: Fleet) -> None:
 
 
 def test_masking_covers_urls_keyword_strings_and_services() -> None:
-    assert dsnlib.mask("postgresql://app:s3cr3t@db:5432/x?sslmode=require") == "postgresql://app:***@db:5432/x?sslmode=require"
+    assert (
+        dsnlib.mask("postgresql://app:s3cr3t@db:5432/x?sslmode=require")
+        == "postgresql://app:***@db:5432/x?sslmode=require"
+    )
     assert dsnlib.mask("host=db password='a b\\'c' user=app") == "host=db password=*** user=app"
     assert dsnlib.mask("postgresql://db/x?password=s3cr3t") == "postgresql://db/x?password=***"
     assert dsnlib.mask("stamp_eu1") == "stamp_eu1"

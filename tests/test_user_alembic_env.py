@@ -179,7 +179,7 @@ def test_revision_failing_on_one_stamp_leaves_it_consistent_while_the_others_rea
 
     result = fleet.run("schema", "upgrade", "--yes", "--canary", "eu-1", "--parallel", "2", "--continue-on-error")
     assert result.exit_code == 1
-    assert f"us-1: upgrade {REV3} failed, stamp left at {REV1}: relation \"audit_log\" already exists" in result.stderr
+    assert f'us-1: upgrade {REV3} failed, stamp left at {REV1}: relation "audit_log" already exists' in result.stderr
     assert "Traceback" not in result.output
     assert state(fleet, "eu-1") == state(fleet, "eu-2") == (REV3, COLUMNS[REV3])
     # The stock env.py runs all pending revisions in one transaction: REV2 went back with REV3.

@@ -8,13 +8,13 @@ from conftest import Fleet
 from psycopg import sql
 
 from migrator.db import dsn as dsnlib
-from migrator.move import MoveOptions, move_tenant
+from migrator.move import MoveOptions, move_tenants
 from migrator.progress import Silent
 
 
 def _moved(fleet: Fleet, rows: int = 6_000) -> None:
     fleet.seed("eu-1", 7, rows)
-    move_tenant(fleet.ctx, "7", "eu-2", MoveOptions(batch_rows=1_000), Silent())
+    move_tenants(fleet.ctx, ("7",), "eu-2", MoveOptions(batch_rows=1_000), Silent())
 
 
 def test_verify_names_table_and_key_of_altered_row(fleet: Fleet) -> None:
@@ -48,10 +48,18 @@ def test_equal_data_verifies_equal_under_different_server_timezones(fleet: Fleet
     for stamp, zone in (("eu-1", "Pacific/Chatham"), ("eu-2", "America/St_Johns")):
         with dsnlib.connect(fleet.server.dsn("postgres"), autocommit=True) as conn:
             db = conn.execute("SELECT %s::text", (fleet.dsn(stamp).rsplit("/", 1)[1],)).fetchone()[0]
-            for setting, value in (("TimeZone", zone), ("DateStyle", "SQL, DMY"), ("extra_float_digits", "-3"),
-                                   ("bytea_output", "escape"), ("IntervalStyle", "iso_8601")):
-                conn.execute(sql.SQL("ALTER DATABASE {} SET {} = {}").format(
-                    sql.Identifier(db), sql.Identifier(setting), sql.Literal(value)))
+            for setting, value in (
+                ("TimeZone", zone),
+                ("DateStyle", "SQL, DMY"),
+                ("extra_float_digits", "-3"),
+                ("bytea_output", "escape"),
+                ("IntervalStyle", "iso_8601"),
+            ):
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                        sql.Identifier(db), sql.Identifier(setting), sql.Literal(value)
+                    )
+                )
     _moved(fleet, rows=2_000)
     result = fleet.run("verify", "7", "--source", "eu-1", "--target", "eu-2", "--json")
     assert result.exit_code == 0, result.output
@@ -72,7 +80,7 @@ def test_values_equal_by_operator_but_stored_differently_do_not_verify_equal(fle
         for key, (column, before, _) in zip(keys, changes, strict=True):
             conn.execute(sql.SQL("UPDATE tasks SET {} = %s WHERE tenant_id = 7 AND id = %s").format(
                 sql.Identifier(column)), (before, key))  # fmt: skip
-    move_tenant(fleet.ctx, "7", "eu-2", MoveOptions(batch_rows=1_000), Silent())
+    move_tenants(fleet.ctx, ("7",), "eu-2", MoveOptions(batch_rows=1_000), Silent())
     with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
         for key, (column, before, after) in zip(keys, changes, strict=True):
             conn.execute(sql.SQL("UPDATE tasks SET {c} = %s WHERE tenant_id = 7 AND id = %s AND {c} = %s").format(
@@ -83,4 +91,3 @@ def test_values_equal_by_operator_but_stored_differently_do_not_verify_equal(fle
     assert result.exit_code == 1, result.output
     bad = [t for t in json.loads(result.stdout)["tables"] if not t["equal"]]
     assert [(t["table"], sorted(t["changed"])) for t in bad] == [("tasks", sorted(["7", str(k)] for k in keys))]
-

@@ -7,6 +7,7 @@ from migrator.catalog.models import (
     FENCED_OFFLINE,
     FLIPPED,
     TERMINAL,
+    Cohort,
     Mode,
     Move,
     Phase,
@@ -15,10 +16,11 @@ from migrator.catalog.models import (
     StampState,
     TableProgress,
     describe_move,
+    name_tenants,
 )
 from migrator.catalog.store import Catalog
 
 __all__ = [
-    "FENCED_OFFLINE", "FLIPPED", "TERMINAL", "Catalog", "Mode", "Move", "Phase", "Route", "Stamp", "StampState",
-    "TableProgress", "TenantLock", "describe_move",
+    "FENCED_OFFLINE", "FLIPPED", "TERMINAL", "Catalog", "Cohort", "Mode", "Move", "Phase", "Route", "Stamp",
+    "StampState", "TableProgress", "TenantLock", "describe_move", "name_tenants",
 ]  # fmt: skip

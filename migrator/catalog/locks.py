@@ -1,4 +1,4 @@
-"""The tenant's move lock: a session advisory lock in the catalog, held for the whole run of a move."""
+"""The tenants' move lock: session advisory locks in the catalog, held for the whole run of a move."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 
 from migrator.catalog.models import Move, describe_move
-from migrator.db.locks import lock_key, try_lock
+from migrator.db.locks import lock_key
 from migrator.errors import LockBusy
 
 # How long a refused operator waits for the lock holder's move to appear in the catalog, to name it.
@@ -17,42 +17,52 @@ HOLDER_GRACE_S = 5.0
 
 
 class TenantLock:
-    """A session advisory lock in the catalog held for the whole run of a move.
+    """Session advisory locks in the catalog, one per tenant of a cohort, held for the whole run of a move.
 
-    The server releases it when the holder's connection dies (kill -9 included), so a crashed move
-    never blocks its own resume; a second live operator gets a clear error instead of a hang.
+    The server releases them when the holder's connection dies (kill -9 included), so a crashed move
+    never blocks its own resume; a second live operator gets a clear error instead of a hang. All of
+    a cohort's locks are tried in one statement and kept only if every one was free (else the
+    session ends, releasing them), so two operators whose cohorts overlap never wait on each other.
     """
 
     def __init__(
-        self, connect: Callable[[], psycopg.Connection[Any]], tenant: str, holder: Callable[[], Move | None]
+        self,
+        connect: Callable[[], psycopg.Connection[Any]],
+        tenants: tuple[str, ...],
+        holder: Callable[[str], Move | None],
     ) -> None:
-        """`connect` opens an autocommit catalog session for the lock; `holder` reads the tenant's
-        open move, to name it when the lock is taken."""
+        """`connect` opens an autocommit catalog session for the locks; `holder` reads a tenant's
+        open move, to name it when its lock is taken."""
         self._connect = connect
-        self.tenant = tenant
+        self.tenants = tenants
         self._holder = holder
-        self.key = lock_key(f"migrator.move:{tenant}")
+        self.keys = [lock_key(f"migrator.move:{tenant}") for tenant in tenants]
         self._conn: psycopg.Connection[Any] | None = None
 
     def acquire(self) -> None:
         conn = self._connect()
-        if not try_lock(conn, self.key):
-            conn.close()
-            raise LockBusy(self._busy_message())
+        row = conn.execute(
+            "SELECT array_agg(pg_try_advisory_lock(k) ORDER BY n) FROM unnest(%s::bigint[]) WITH ORDINALITY u(k, n)",
+            (self.keys,),
+        ).fetchone()
+        got = row[0] if row else []
+        if not all(got):
+            conn.close()  # ending the session releases the locks it did take
+            raise LockBusy(self._busy_message(self.tenants[got.index(False)]))
         self._conn = conn
 
-    def _busy_message(self) -> str:
+    def _busy_message(self, tenant: str) -> str:
         """Name the holder's move; a holder still in preflight gets a moment to record it first."""
         deadline = time.monotonic() + HOLDER_GRACE_S
-        while (holder := self._holder()) is None and time.monotonic() < deadline:
+        while (holder := self._holder(tenant)) is None and time.monotonic() < deadline:
             time.sleep(0.2)
         if holder is None:
             return (
-                f"tenant {self.tenant} is locked by another running migrator (a move still in preflight, an abort or "
+                f"tenant {tenant} is locked by another running migrator (a move still in preflight, an abort or "
                 "a cleanup); try again when it has finished, `migrator move status` lists moves"
             )
         return (
-            f"tenant {self.tenant} is locked by another running migrator: {describe_move(holder)} is running; "
+            f"tenant {tenant} is locked by another running migrator: {describe_move(holder)} is running; "
             f"watch it with `migrator move status {holder.id}`"
         )
 

@@ -47,7 +47,7 @@ class Phase(StrEnum):
     ABORTED = "aborted"
 
 
-# A move in one of these is finished (see the index moves_one_open_per_tenant).
+# A move in one of these is finished (see the index move_tenants_one_open).
 TERMINAL: frozenset[Phase] = frozenset({Phase.FLIPPED, Phase.CLEANED, Phase.ABORTED})
 # The route points at the target from here on: abort is refused, cleanup may run.
 FLIPPED: frozenset[Phase] = frozenset({Phase.FLIPPED, Phase.CLEANED})
@@ -55,6 +55,18 @@ FLIPPED: frozenset[Phase] = frozenset({Phase.FLIPPED, Phase.CLEANED})
 FENCED_OFFLINE: frozenset[Phase] = frozenset({Phase.CREATED, Phase.COPYING, Phase.COPIED, Phase.VERIFIED})
 # The flip's compare-and-set accepts a move only in these phases.
 FLIPPABLE: frozenset[Phase] = frozenset({Phase.VERIFIED, Phase.CUTOVER})
+
+
+Cohort = tuple[str, ...]
+"""The tenants one move carries together, sharing its source and target: one tenant, or many."""
+
+
+def name_tenants(tenants: Cohort, limit: int = 5) -> str:
+    """How messages name a move's tenants: `tenant 7`, or `3 tenants (7, 8, 9)`."""
+    if len(tenants) == 1:
+        return f"tenant {tenants[0]}"
+    shown = ", ".join(tenants[:limit]) + (", ..." if len(tenants) > limit else "")
+    return f"{len(tenants)} tenants ({shown})"
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,12 @@ class Route:
 
 @dataclass(frozen=True)
 class Move:
+    """A move of a cohort (`tenants`, one or many, listed in `move_tenants`) from source to target.
+
+    `tenant` is the cohort's first tenant, kept in `moves` for readers of the catalog from before
+    cohorts; `route_versions` are the versions each route must still have when the move flips.
+    """
+
     id: int
     tenant: str
     source: str
@@ -103,10 +121,19 @@ class Move:
     finished_at: datetime | None
     write_mode: str | None = None  # `WriteMode` of the target's writes, decided at the start
     write_mode_reason: str | None = None
+    tenants: Cohort = ()
+    route_versions: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode(self.mode))  # rows come from the catalog as text
         object.__setattr__(self, "phase", Phase(self.phase))
+        object.__setattr__(self, "tenants", tuple(self.tenants))  # arrays come as lists
+        object.__setattr__(self, "route_versions", tuple(self.route_versions))
+
+    @property
+    def who(self) -> str:
+        """`tenant 7` or `50 tenants (7, 8, ...)`, for messages."""
+        return name_tenants(self.tenants)
 
     @property
     def is_open(self) -> bool:
@@ -142,4 +169,4 @@ MOVE_FIELDS = {
 
 def describe_move(move: Move) -> str:
     """How messages name a move, so an operator can find it in `migrator move status`."""
-    return f"move {move.id} of tenant {move.tenant} ({move.source} -> {move.target}, phase {move.phase})"
+    return f"move {move.id} of {move.who} ({move.source} -> {move.target}, phase {move.phase})"

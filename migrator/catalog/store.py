@@ -266,80 +266,133 @@ class Catalog:
             return cur.fetchall()
 
     @CATALOG.wraps
-    def set_route_state(self, tenant: str, state: str) -> None:
-        """Mark a route fenced/active for the router's information; the database fence is the guard."""
+    def set_route_state(self, tenants: Sequence[str], state: str) -> None:
+        """Mark routes fenced/active for the router's information; the database fence is the guard."""
         with self.transaction() as conn:
-            conn.execute("UPDATE routes SET state = %s, updated_at = now() WHERE tenant = %s", (state, tenant))
+            conn.execute(
+                "UPDATE routes SET state = %s, updated_at = now() WHERE tenant = ANY(%s)", (state, list(tenants))
+            )
 
-    def flip(self, move: Move, conn: psycopg.Connection[Any], freeze_ms: float | None = None) -> Route:
-        """Compare-and-set the route from the move's source to its target, and mark the move flipped.
+    def flip(self, move: Move, conn: psycopg.Connection[Any], freeze_ms: float | None = None) -> list[Route]:
+        """Compare-and-set every route of the move's cohort from its source to its target, and mark
+        the move flipped: all of them, or none.
 
-        Both happen in one catalog transaction on `conn` (the tenant lock's own session, so no new
-        connection is opened while writes are frozen): a crash leaves either the old route with the
-        move still open, or the new route with the move flipped. Never retried: a retry could not
-        replace `conn`, so a lost session fails at once and the caller's move stays resumable.
+        One catalog transaction on `conn` (the tenant lock's own session, so no new connection is
+        opened while writes are frozen): a crash leaves either the old routes with the move still
+        open, or the new routes with the move flipped. A route changed meanwhile (another operator's
+        flip) fails the whole transaction, naming it. Never retried: a retry could not replace
+        `conn`, so a lost session fails at once and the caller's move stays resumable.
         """
         with conn.transaction():
-            cur = conn.execute(
-                "UPDATE routes SET stamp = %s, version = version + 1, state = 'active', updated_at = now()"
-                " WHERE tenant = %s AND stamp = %s AND version = %s",
-                (move.target, move.tenant, move.source, move.route_version),
-            )
-            if cur.rowcount != 1:
-                current = self._route(conn, move.tenant)
+            flipped = {
+                row[0]
+                for row in conn.execute(
+                    "UPDATE routes r SET stamp = %(target)s, version = r.version + 1, state = 'active',"
+                    " updated_at = now() FROM move_tenants mt WHERE mt.move_id = %(move)s AND r.tenant = mt.tenant"
+                    " AND r.stamp = %(source)s AND r.version = mt.route_version RETURNING r.tenant",
+                    {"target": move.target, "source": move.source, "move": move.id},
+                )
+            }
+            changed = [tenant for tenant in move.tenants if tenant not in flipped]
+            if changed:
+                current = self._route(conn, changed[0])
                 where = f"{current.stamp} v{current.version}" if current else "nowhere"
+                expected = move.route_versions[move.tenants.index(changed[0])]
                 raise RouteConflict(
-                    f"route of tenant {move.tenant} changed under move {move.id}: expected {move.source} "
-                    f"v{move.route_version}, found {where}; not flipped"
+                    f"route of tenant {changed[0]} changed under move {move.id}: expected {move.source} "
+                    f"v{expected}, found {where}; "
+                    + ("not flipped" if len(move.tenants) == 1 else f"none of its {len(move.tenants)} routes flipped")
                 )
             conn.execute(
                 "UPDATE moves SET phase = %s, updated_at = now(), finished_at = now(), error = NULL,"
                 " freeze_ms = coalesce(%s, freeze_ms) WHERE id = %s AND phase = ANY(%s)",
                 (Phase.FLIPPED, freeze_ms, move.id, sorted(FLIPPABLE)),
             )
-            return self._route(conn, move.tenant)  # type: ignore[return-value]
+            conn.execute("UPDATE move_tenants SET open = false WHERE move_id = %s", (move.id,))
+            return self._routes_of(conn, move.tenants)
+
+    @staticmethod
+    def _routes_of(conn: psycopg.Connection[Any], tenants: Sequence[str]) -> list[Route]:
+        """The routes of these tenants, in their order."""
+        with conn.cursor(row_factory=class_row(Route)) as cur:
+            cur.execute(
+                "SELECT r.tenant, r.stamp, r.version, r.state, r.updated_at FROM unnest(%s::text[])"
+                " WITH ORDINALITY AS t(tenant, n) JOIN routes r USING (tenant) ORDER BY t.n",
+                (list(tenants),),
+            )
+            return cur.fetchall()
+
+    @CATALOG.wraps
+    def routes_of(self, tenants: Sequence[str]) -> list[Route]:
+        """The routes of these tenants (unknown ones are left out)."""
+        with self.transaction() as conn:
+            return self._routes_of(conn, tenants)
 
     # -- moves --------------------------------------------------------------------------------
 
-    # Every column of `moves`, in the order of the Move dataclass that class_row builds from them.
-    _MOVE_COLUMNS = sql.SQL(", ").join(sql.Identifier(f.name) for f in dataclass_fields(Move))
+    # Every column of `moves`, then the cohort from `move_tenants`, as the Move dataclass lists them.
+    _MOVE_SELECT = sql.SQL(
+        "SELECT {},"
+        " ARRAY(SELECT mt.tenant FROM move_tenants mt WHERE mt.move_id = moves.id ORDER BY mt.position) AS tenants,"
+        " ARRAY(SELECT mt.route_version FROM move_tenants mt WHERE mt.move_id = moves.id ORDER BY mt.position)"
+        " AS route_versions FROM moves"
+    ).format(
+        sql.SQL(", ").join(
+            sql.Identifier(f.name) for f in dataclass_fields(Move) if f.name not in ("tenants", "route_versions")
+        )
+    )
+
+    @classmethod
+    def _select_moves(cls, conn: psycopg.Connection[Any], where: str, params: Any) -> list[Move]:
+        with conn.cursor(row_factory=class_row(Move)) as cur:
+            cur.execute(sql.SQL("{} WHERE {}").format(cls._MOVE_SELECT, sql.SQL(where)), params)  # type: ignore[arg-type]
+            return cur.fetchall()
 
     @CATALOG.wraps
     def create_move(
         self,
-        tenant: str,
-        source: str,
+        routes: Sequence[Route],
         target: str,
         mode: Mode,
-        route_version: int,
         batch_rows: int,
         schema_revision: str | None = None,
     ) -> Move:
+        """Record a new move of the cohort whose current routes are `routes` (all on one source).
+
+        Refused, naming the holder, when one of its tenants already has an unfinished move (the
+        unique index over open `move_tenants` rows).
+        """
+        tenants = [r.tenant for r in routes]
         try:
-            with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
-                cur.execute(
-                    sql.SQL(
-                        "INSERT INTO moves (tenant, source, target, mode, phase, route_version, batch_rows,"
-                        " schema_revision) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING {}"
-                    ).format(self._MOVE_COLUMNS),
-                    (tenant, source, target, mode, Phase.CREATED, route_version, batch_rows, schema_revision),
+            with self.transaction() as conn:
+                row = conn.execute(
+                    "INSERT INTO moves (tenant, source, target, mode, phase, route_version, batch_rows,"
+                    " schema_revision) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                    (tenants[0], routes[0].stamp, target, mode, Phase.CREATED, routes[0].version, batch_rows,
+                     schema_revision),
+                ).fetchone()  # fmt: skip
+                assert row is not None
+                conn.execute(
+                    "INSERT INTO move_tenants (move_id, position, tenant, route_version)"
+                    " SELECT %s, n - 1, t, v FROM unnest(%s::text[], %s::bigint[]) WITH ORDINALITY AS u(t, v, n)",
+                    (row[0], tenants, [r.version for r in routes]),
                 )
-                move = cur.fetchone()
-                assert move is not None
-                return move
+                return self._select_moves(conn, "id = %s", (row[0],))[0]
         except psycopg.errors.UniqueViolation:
             with self.transaction() as conn:
-                holder = self._open_move(conn, tenant)
+                holders = self._open_moves(conn, tenants)
+            holder = holders[0] if holders else None
+            busy = [t for t in tenants if holder and t in holder.tenants][:1] or tenants[:1]
             raise LockBusy(
-                f"tenant {tenant} already has an unfinished {describe_move(holder) if holder else 'move'}; "
+                f"tenant {busy[0]} already has an unfinished {describe_move(holder) if holder else 'move'}; "
                 f"see `migrator move status{f' {holder.id}' if holder else ''}`"
             ) from None
 
     @CATALOG.wraps
     def find_move(self, move_id: int) -> Move | None:
-        with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
-            cur.execute(sql.SQL("SELECT {} FROM moves WHERE id = %s").format(self._MOVE_COLUMNS), (move_id,))
-            return cur.fetchone()
+        with self.transaction() as conn:
+            found = self._select_moves(conn, "id = %s", (move_id,))
+            return found[0] if found else None
 
     def move(self, move_id: int) -> Move:
         found = self.find_move(move_id)
@@ -351,31 +404,40 @@ class Catalog:
     def open_move(self, tenant: str) -> Move | None:
         """The tenant's unfinished move, if any (there is at most one)."""
         with self.transaction() as conn:
-            return self._open_move(conn, tenant)
+            found = self._open_moves(conn, [tenant])
+            return found[0] if found else None
+
+    @CATALOG.wraps
+    def open_moves(self, tenants: Sequence[str]) -> list[Move]:
+        """The unfinished moves holding any of these tenants, by id."""
+        with self.transaction() as conn:
+            return self._open_moves(conn, tenants)
 
     @classmethod
-    def _open_move(cls, conn: psycopg.Connection[Any], tenant: str) -> Move | None:
-        with conn.cursor(row_factory=class_row(Move)) as cur:
-            cur.execute(
-                sql.SQL("SELECT {} FROM moves WHERE tenant = %s AND phase <> ALL(%s)").format(cls._MOVE_COLUMNS),
-                (tenant, sorted(TERMINAL)),
-            )
-            return cur.fetchone()
+    def _open_moves(cls, conn: psycopg.Connection[Any], tenants: Sequence[str]) -> list[Move]:
+        return cls._select_moves(
+            conn,
+            "id IN (SELECT move_id FROM move_tenants WHERE open AND tenant = ANY(%s)) ORDER BY id",
+            (list(tenants),),
+        )
 
     @CATALOG.wraps
     def moves(self, tenant: str | None = None, limit: int = 50) -> list[Move]:
-        with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
-            cur.execute(
-                sql.SQL(
-                    "SELECT {} FROM moves WHERE %(t)s::text IS NULL OR tenant = %(t)s ORDER BY id DESC LIMIT %(limit)s"
-                ).format(self._MOVE_COLUMNS),
+        """The latest moves, of one tenant (alone or in a cohort) if given."""
+        with self.transaction() as conn:
+            return self._select_moves(
+                conn,
+                "%(t)s::text IS NULL OR id IN (SELECT move_id FROM move_tenants WHERE tenant = %(t)s)"
+                " ORDER BY id DESC LIMIT %(limit)s",
                 {"t": tenant, "limit": limit},
             )
-            return cur.fetchall()
 
     @CATALOG.wraps
     def update_move(self, move_id: int, **fields: Any) -> Move:
-        """Record a phase change, counters, checksums or an error on the move."""
+        """Record a phase change, counters, checksums or an error on the move.
+
+        A final phase also releases its tenants from the open-move index, in the same transaction.
+        """
         unknown = set(fields) - MOVE_FIELDS
         if unknown:
             raise ValueError(f"not a move field: {sorted(unknown)}")
@@ -383,17 +445,16 @@ class Catalog:
             sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder(k)) for k in fields
         ]
         assignments.append(sql.SQL("updated_at = now()"))
-        with self.transaction() as conn, conn.cursor(row_factory=class_row(Move)) as cur:
-            cur.execute(
-                sql.SQL("UPDATE moves SET {} WHERE id = %(id)s RETURNING {}").format(
-                    sql.SQL(", ").join(assignments), self._MOVE_COLUMNS
-                ),
+        with self.transaction() as conn:
+            cur = conn.execute(
+                sql.SQL("UPDATE moves SET {} WHERE id = %(id)s").format(sql.SQL(", ").join(assignments)),
                 {**fields, "id": move_id},
             )
-            move = cur.fetchone()
-            if move is None:
+            if cur.rowcount != 1:
                 raise BadInput(f"unknown move {move_id}")
-            return move
+            if fields.get("phase") in TERMINAL:
+                conn.execute("UPDATE move_tenants SET open = false WHERE move_id = %s", (move_id,))
+            return self._select_moves(conn, "id = %s", (move_id,))[0]
 
     @CATALOG.wraps
     def save_tables(self, move_id: int, tables: list[TableProgress]) -> None:
@@ -457,9 +518,9 @@ class Catalog:
 
     # -- locks --------------------------------------------------------------------------------
 
-    def lock_tenant(self, tenant: str) -> TenantLock:
-        """Take the tenant's move lock or fail at once naming the holder; see TenantLock."""
-        return TenantLock(lambda: self.connect(autocommit=True), tenant, lambda: self.open_move(tenant))
+    def lock_tenants(self, tenants: Sequence[str]) -> TenantLock:
+        """Take the move lock of every tenant of a cohort, or fail at once naming a holder; see TenantLock."""
+        return TenantLock(lambda: self.connect(autocommit=True), tuple(tenants), self.open_move)
 
 
 def _refuse_remove(conn: psycopg.Connection[Any], name: str) -> None:

@@ -21,7 +21,7 @@ from migrator.cli.base import (
     emit,
     route_dict,
 )
-from migrator.errors import CheckFailed, VerifyMismatch
+from migrator.errors import BadInput, CheckFailed, VerifyMismatch
 
 if TYPE_CHECKING:
     from migrator.move import CutoverOptions, MoveOptions
@@ -43,12 +43,29 @@ def _cutover_defaults() -> CutoverOptions:
 
 @cli.group("move", cls=DefaultGroup)
 def move_group() -> None:
-    """Move a tenant: `migrator move TENANT --to STAMP`; also `move status`, `move abort`."""
+    """Move tenants: `migrator move TENANT... --to STAMP`; also `move status`, `move abort`."""
+
+
+def _read_tenants(path: str | None, listed: tuple[str, ...]) -> tuple[str, ...]:
+    """The tenants named on the command line, then those of --tenants-file (one per line; blank
+    lines and `#` comments skipped)."""
+    from_file: list[str] = []
+    if path is not None:
+        with open(path, encoding="utf-8") as lines:
+            from_file = [line.split("#", 1)[0].strip() for line in lines]
+    return (*listed, *(t for t in from_file if t))
 
 
 @move_group.command("run")
-@click.argument("tenant")
-@click.option("--to", "target", required=True, help="Target stamp.")
+@click.argument("tenants", nargs=-1)
+@click.option(
+    "--tenants-file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="File of tenants to move with those named, one per line: all of them move as one cohort.",
+)
+@click.option("--move", "move_id", type=int, default=None, help="Resume this unfinished move (a cohort) by its id.")
+@click.option("--to", "target", default=None, help="Target stamp.")
 @click.option(
     "--batch-rows",
     type=click.IntRange(min=1),
@@ -89,8 +106,10 @@ def move_group() -> None:
 @click.pass_context
 def move_run(
     ctx: click.Context,
-    tenant: str,
-    target: str,
+    tenants: tuple[str, ...],
+    tenants_file: str | None,
+    move_id: int | None,
+    target: str | None,
     batch_rows: int,
     jobs: int,
     rate_limit: float | None,
@@ -105,15 +124,27 @@ def move_run(
     no_progress: bool,
     as_json: bool,
 ) -> None:
-    """Move TENANT to another stamp (online by default); re-running it resumes an interrupted move."""
+    """Move TENANTS to another stamp (online by default), several as one cohort: all their routes flip
+    together or none does. Re-running it (or `--move ID`) resumes an interrupted move."""
     from dataclasses import replace
 
-    from migrator.move import move_tenant
+    from migrator.catalog import name_tenants
+    from migrator.move import move_tenants, resume_move
 
+    cohort = _read_tenants(tenants_file, tenants)
+    if move_id is not None and cohort:
+        raise click.UsageError("--move resumes the move's own tenants; name no tenant with it")
+    if move_id is None and not cohort:
+        raise click.UsageError("Missing argument 'TENANTS...' (or --tenants-file FILE, or --move ID to resume)")
+    if move_id is None and not target:
+        raise click.UsageError("Missing option '--to'.")
     context = context_of(ctx)
     if not (yes or dry_run):
-        route = context.catalog.route(tenant)
-        confirm(f"Move tenant {tenant} from {route.stamp} to {target}?")
+        if move_id is not None:
+            confirm(f"Resume move {move_id}?")
+        else:
+            homes = sorted({r.stamp for r in context.catalog.routes_of(cohort)}) or ["(unknown)"]
+            confirm(f"Move {name_tenants(cohort)} from {', '.join(homes)} to {target}?")
     defaults = _move_defaults()
     cutover = replace(
         defaults.cutover,
@@ -132,10 +163,15 @@ def move_run(
         cutover=cutover,
     )
     with context.metrics.serve(metrics_port), render.progress(not (as_json or no_progress)) as progress:
-        outcome = move_tenant(context, tenant, target, options, progress)
+        if move_id is not None:
+            outcome = resume_move(context, move_id, options, progress)
+        else:
+            assert target is not None
+            outcome = move_tenants(context, cohort, target, options, progress)
+    who = name_tenants(outcome.tenants)
     if dry_run:
         text = (
-            f"dry run: tenant {tenant} {outcome.source} -> {outcome.target}: preflight passed; would copy\n"
+            f"dry run: {who} {outcome.source} -> {outcome.target}: preflight passed; would copy\n"
             + render.table(["table", "rows"], sorted(outcome.tables.items()))
             + "".join(f"\nskipped: {what} (not a table; no rows of its own)" for what in outcome.skipped)
         )
@@ -143,7 +179,7 @@ def move_run(
             as_json,
             {
                 "dry_run": True,
-                "tenant": tenant,
+                "tenants": list(outcome.tenants),
                 "source": outcome.source,
                 "target": outcome.target,
                 "tables": outcome.tables,
@@ -154,21 +190,29 @@ def move_run(
             text,
         )
         return
-    assert outcome.move is not None and outcome.route is not None
+    assert outcome.move is not None and outcome.routes
+    first = outcome.routes[0]
     emit(
         as_json,
         {
             "move": outcome.move,
-            "route": route_dict(outcome.route),
+            **({"route": route_dict(first)} if len(outcome.routes) == 1 else {}),
+            "routes": [route_dict(route) for route in outcome.routes],
             "resumed": outcome.resumed,
             "seconds": outcome.timings,
             "freeze_steps_ms": outcome.freeze_steps_ms,
             "not_moved": outcome.not_moved,
             "skipped": list(outcome.skipped),
         },
-        f"move {outcome.move.id}: tenant {tenant} now on {outcome.route.stamp} (route version "
-        f"{outcome.route.version}), {outcome.move.rows_copied} rows copied and verified",
+        f"move {outcome.move.id}: {who} now on {first.stamp} ("
+        + (f"route version {first.version}" if len(outcome.routes) == 1 else "every route's version +1")
+        + f"), {outcome.move.rows_copied} rows copied and verified",
     )
+
+
+def _tenants_cell(tenants: tuple[str, ...]) -> str:
+    """A cohort in one cell of `move status`: its first tenant and how many more."""
+    return tenants[0] + (f" +{len(tenants) - 1}" if len(tenants) > 1 else "")
 
 
 def _move_dict(move: Any) -> dict[str, Any]:
@@ -188,7 +232,8 @@ def move_status(ctx: click.Context, move_id: int | None, as_json: bool) -> None:
         data = {**_move_dict(move), "tables": tables}
         text = "\n".join(
             [
-                f"move {move.id}: tenant {move.tenant} {move.source} -> {move.target} [{move.mode}] phase {move.phase}",
+                f"move {move.id}: {move.who} {move.source} -> {move.target} [{move.mode}] phase {move.phase}",
+                *([f"tenants: {' '.join(move.tenants)}"] if len(move.tenants) > 1 else []),
                 f"rows {move.rows_copied}/{move.rows_total}"
                 + (f", freeze {move.freeze_ms:.0f} ms" if move.freeze_ms else ""),
                 *([f"writes on the target: {move.write_mode} ({move.write_mode_reason})"] if move.write_mode else []),
@@ -206,11 +251,19 @@ def move_status(ctx: click.Context, move_id: int | None, as_json: bool) -> None:
         as_json,
         [_move_dict(m) for m in moves],
         render.table(
-            ["id", "tenant", "source", "target", "phase", "rows", "error"],
+            ["id", "tenants", "source", "target", "phase", "rows", "error"],
             [
-                [m.id, m.tenant, m.source, m.target, m.phase, f"{m.rows_copied}/{m.rows_total}", (m.error or "")[:60]]
+                [
+                    m.id,
+                    _tenants_cell(m.tenants),
+                    m.source,
+                    m.target,
+                    m.phase,
+                    f"{m.rows_copied}/{m.rows_total}",
+                    (m.error or "")[:60],
+                ]
                 for m in moves
-            ],
+            ],  # fmt: skip
         ),
     )
 
@@ -239,7 +292,9 @@ def move_abort(
         confirm(f"Abort move {move_id} and delete its partial copy?")
     with render.progress(not no_progress, "deleted") as progress:
         move = abort_move(context, move_id, batch_rows, progress, allow_triggers=allow_triggers)
-    click.echo(f"move {move.id} aborted: tenant {move.tenant} stays on {move.source}, writable")
+    click.echo(
+        f"move {move.id} aborted: {move.who} {'stays' if len(move.tenants) == 1 else 'stay'} on {move.source}, writable"
+    )
 
 
 # -- verify, cleanup ---------------------------------------------------------------------------------------
@@ -256,7 +311,7 @@ def verify_cmd(ctx: click.Context, tenant: str, source: str, target: str, jobs: 
     """Compare a tenant's rows on two stamps (counts and checksums per table); exit 1 if they differ."""
     from migrator.move import verify_between
 
-    report = verify_between(context_of(ctx), tenant, source, target, jobs)
+    report = verify_between(context_of(ctx), (tenant,), source, target, jobs)
     data = {
         "tenant": tenant,
         "equal": report.equal,
@@ -288,25 +343,45 @@ def verify_cmd(ctx: click.Context, tenant: str, source: str, target: str, jobs: 
 
 
 @cli.command("cleanup")
-@click.argument("tenant")
-@click.option("--stamp", required=True, help="The old stamp holding the moved tenant's leftover rows.")
+@click.argument("tenants", nargs=-1)
+@click.option("--stamp", default=None, help="The old stamp holding the moved tenants' leftover rows.")
+@click.option("--move", "move_id", type=int, default=None, help="Every tenant of this flipped move, on its source.")
 @click.option("--batch-rows", type=click.IntRange(min=1), default=10_000, show_default=True, help="Rows per delete.")
 @ALLOW_TRIGGERS
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @NO_PROGRESS
 @click.pass_context
 def cleanup_cmd(
-    ctx: click.Context, tenant: str, stamp: str, batch_rows: int, allow_triggers: bool, yes: bool, no_progress: bool
+    ctx: click.Context,
+    tenants: tuple[str, ...],
+    stamp: str | None,
+    move_id: int | None,
+    batch_rows: int,
+    allow_triggers: bool,
+    yes: bool,
+    no_progress: bool,
 ) -> None:
-    """Delete a moved tenant's leftover rows from its old stamp, in batches, and lift the fence there."""
-    from migrator.move.cleanup import cleanup_tenant
+    """Delete moved tenants' leftover rows from their old stamp (TENANT... --stamp S, or --move ID for
+    a whole cohort), in batches, and lift the fence there."""
+    from migrator.catalog import name_tenants
+    from migrator.move import cleanup_move, cleanup_tenants
 
     context = context_of(ctx)
+    if (move_id is not None and (tenants or stamp)) or (move_id is None and not (tenants and stamp)):
+        raise BadInput("name TENANT... --stamp STAMP, or --move ID (not both)")
+    if move_id is not None:
+        move = context.catalog.move(move_id)
+        tenants, stamp = move.tenants, move.source
+    assert stamp is not None
+    who = name_tenants(tenants)
     if not yes:
-        confirm(f"Delete every row of tenant {tenant} on {stamp}?")
+        confirm(f"Delete every row of {who} on {stamp}?")
     with render.progress(not no_progress, "deleted") as progress:
-        counts = cleanup_tenant(context, tenant, stamp, batch_rows, progress, allow_triggers=allow_triggers)
-    click.echo(f"deleted {sum(counts.values())} rows of tenant {tenant} from {stamp}")
+        if move_id is not None:
+            _, counts = cleanup_move(context, move_id, batch_rows, progress, allow_triggers=allow_triggers)
+        else:
+            counts = cleanup_tenants(context, tenants, stamp, batch_rows, progress, allow_triggers=allow_triggers)
+    click.echo(f"deleted {sum(counts.values())} rows of {who} from {stamp}")
 
 
 @cli.command("doctor")

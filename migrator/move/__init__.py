@@ -1,4 +1,5 @@
-"""Moving tenants between stamps, step by step: `preflight` (every check before the first write,
+"""Moving tenants between stamps, one or a cohort per move, step by step: `preflight` (every check
+before the first write,
 with `shapes` for schema shapes and `migrator.stamps.checks` for triggers and row-level security),
 `fence` (the guard trigger: capture and the database-enforced fence), `copy` (keyset batches over
 binary COPY), `streams` (which tables and key ranges copy at once, --jobs), `keys` (rows by
@@ -10,12 +11,12 @@ runs them.
 The entry points below are what the command line and the plans call.
 """
 
-from migrator.move.cleanup import cleanup_tenant, leftovers
-from migrator.move.machine import MoveOutcome, abort_move, move_tenant
+from migrator.move.cleanup import cleanup_move, cleanup_tenants, leftovers
+from migrator.move.machine import MoveOutcome, abort_move, move_tenants, resume_move
 from migrator.move.run import CutoverOptions, MoveOptions
 from migrator.move.verify import Report, verify_between
 
 __all__ = [
-    "CutoverOptions", "MoveOptions", "MoveOutcome", "Report", "abort_move", "cleanup_tenant", "leftovers",
-    "move_tenant", "verify_between",
+    "CutoverOptions", "MoveOptions", "MoveOutcome", "Report", "abort_move", "cleanup_move", "cleanup_tenants",
+    "leftovers", "move_tenants", "resume_move", "verify_between",
 ]  # fmt: skip

@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from migrator.catalog import Cohort
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
 from migrator.move.keys import by_key, keys_table, load_keys, stage_rows
@@ -134,7 +135,7 @@ def _upsert(tgt: psycopg.Connection[Any], table: Table, stage: sql.Identifier) -
 
 
 def _delete_gone(
-    tgt: psycopg.Connection[Any], table: Table, tenant: str, keys: sql.Identifier, stage: sql.Identifier
+    tgt: psycopg.Connection[Any], table: Table, tenants: Cohort, keys: sql.Identifier, stage: sql.Identifier
 ) -> int:
     """Delete keyed rows of the tenant that no longer exist on the source (found by key, deleted by ctid).
 
@@ -144,13 +145,13 @@ def _delete_gone(
     staged = sql.SQL(" AND ").join(sql.SQL("s.{c} = k.{c}").format(c=sql.Identifier(c)) for c in table.primary_key)
     gone = sql.SQL("WHERE NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(stage, staged)
     if table.partitions:
-        rows = by_key(table, keys, tenant, sql.SQL("tableoid AS rel, ctid AS tid"))
+        rows = by_key(table, keys, tenants, sql.SQL("tableoid AS rel, ctid AS tid"))
         query = sql.SQL(
             "DELETE FROM {} d USING (SELECT x.rel, x.tid FROM {} {}) g WHERE d.tableoid = g.rel AND d.ctid = g.tid"
         ).format(table.ident, rows, gone)
     else:
         query = sql.SQL("DELETE FROM {} WHERE ctid = ANY (ARRAY(SELECT x.ctid FROM {} {}))").format(
-            table.ident, by_key(table, keys, tenant, sql.SQL("ctid")), gone
+            table.ident, by_key(table, keys, tenants, sql.SQL("ctid")), gone
         )
     return tgt.execute(query).rowcount
 
@@ -159,7 +160,7 @@ def apply_keys(
     src: psycopg.Connection[Any],
     tgt: psycopg.Connection[Any],
     layout: Layout,
-    tenant: str,
+    tenants: Cohort,
     keys: dict[str, list[list[str]]],
 ) -> tuple[int, int]:
     """Make the target's rows of these keys equal to the source's, inside both open transactions."""
@@ -175,17 +176,22 @@ def apply_keys(
             src,
             tgt,
             table,
-            sql.SQL("SELECT x.* FROM {}").format(by_key(table, keys_table(i), tenant, table.cols())),
+            sql.SQL("SELECT x.* FROM {}").format(by_key(table, keys_table(i), tenants, table.cols())),
             stage,
         )
         upserted += _upsert(tgt, table, stage)
     for i, table in reversed(tables):
-        deleted += _delete_gone(tgt, table, tenant, keys_table(i), sql.Identifier(f"migrator_stage_{i}"))
+        deleted += _delete_gone(tgt, table, tenants, keys_table(i), sql.Identifier(f"migrator_stage_{i}"))
     return upserted, deleted
 
 
 def replay_once(
-    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], layout: Layout, tenant: str, move_id: int, limit: int
+    src: psycopg.Connection[Any],
+    tgt: psycopg.Connection[Any],
+    layout: Layout,
+    tenants: Cohort,
+    move_id: int,
+    limit: int,
 ) -> Applied:
     """Replay one batch over open connections (idle, not in a transaction); commits on both.
 
@@ -200,7 +206,7 @@ def replay_once(
         for _, table_name, pk in batch:
             keys[layout.owner_of(table_name)].append(list(pk))
         with tgt.transaction():
-            upserted, deleted = apply_keys(src, tgt, layout, tenant, keys)
+            upserted, deleted = apply_keys(src, tgt, layout, tenants, keys)
     src.execute(
         sql.SQL("UPDATE {}.changes SET applied = true WHERE id = ANY(%s)").format(sql.Identifier(SCHEMA)),
         ([change_id for change_id, _, _ in batch],),
@@ -210,11 +216,16 @@ def replay_once(
 
 
 def drain(
-    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], layout: Layout, tenant: str, move_id: int, limit: int
+    src: psycopg.Connection[Any],
+    tgt: psycopg.Connection[Any],
+    layout: Layout,
+    tenants: Cohort,
+    move_id: int,
+    limit: int,
 ) -> int:
     """Replay until nothing is pending (used while fenced, when nothing new can arrive)."""
     total = 0
-    while applied := replay_once(src, tgt, layout, tenant, move_id, limit).changes:
+    while applied := replay_once(src, tgt, layout, tenants, move_id, limit).changes:
         total += applied
     return total
 
@@ -224,7 +235,7 @@ def catch_up(
     source_dsn: str,
     target_dsn: str,
     layout: Layout,
-    tenant: str,
+    tenants: Cohort,
     move_id: int,
     *,
     batch: int,
@@ -246,4 +257,4 @@ def catch_up(
             observe(pending)
             if pending <= until or time.monotonic() > deadline:
                 return pending
-            replay_once(src, tgt, layout, tenant, move_id, batch)
+            replay_once(src, tgt, layout, tenants, move_id, batch)

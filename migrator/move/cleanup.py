@@ -15,7 +15,7 @@ import psycopg
 from psycopg import sql
 
 from migrator import stamps
-from migrator.catalog import Move, Phase, Stamp
+from migrator.catalog import Cohort, Move, Phase, Stamp, describe_move, name_tenants
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
@@ -29,14 +29,14 @@ from migrator.stamps.discovery import Layout, Table, tenant_filter
 
 @STAMP_STEP.wraps
 def delete_tenant_rows(
-    stamp: Stamp, table: Table, tenant: str, batch_rows: int, progress: Progress, bypass_fence: bool = False
+    stamp: Stamp, table: Table, tenants: Cohort, batch_rows: int, progress: Progress, bypass_fence: bool = False
 ) -> int:
-    """Delete the tenant's rows of one table in key batches; safe to repeat after an interruption."""
+    """Delete the tenants' rows of one table in key batches; safe to repeat after an interruption."""
     if table.self_references:
-        return _delete_tree(stamp, table, tenant, batch_rows, progress, bypass_fence)
+        return _delete_tree(stamp, table, tenants, batch_rows, progress, bypass_fence)
     deleted = 0
     query = sql.SQL("DELETE FROM {t} WHERE ({pk}) IN (SELECT {pk} FROM {t} WHERE {f} LIMIT %s)").format(
-        t=table.ident, pk=table.pk_cols(), f=tenant_filter(table, tenant)
+        t=table.ident, pk=table.pk_cols(), f=tenant_filter(table, tenants)
     )
     with stamps.connect(stamp, autocommit=False) as conn:
         dsnlib.write_as_copies(conn)  # deleting copies is no business event: application triggers stay quiet
@@ -52,7 +52,7 @@ def delete_tenant_rows(
 
 
 def _delete_tree(
-    stamp: Stamp, table: Table, tenant: str, batch_rows: int, progress: Progress, bypass_fence: bool
+    stamp: Stamp, table: Table, tenants: Cohort, batch_rows: int, progress: Progress, bypass_fence: bool
 ) -> int:
     """A self-referencing table backwards in its copy order: no batch deletes a row still referenced.
 
@@ -62,14 +62,14 @@ def _delete_tree(
     deleted = 0
     with stamps.connect(stamp, autocommit=False) as conn:
         dsnlib.write_as_copies(conn)  # deleting copies is no business event: application triggers stay quiet
-        ordered, total = tree.order_rows(conn, table, tenant)
+        ordered, total = tree.order_rows(conn, table, tenants)
         conn.commit()
         ranges = list(tree.batches(ordered, total, batch_rows))
         for after, upto in reversed(ranges):
             with conn.transaction():
                 if bypass_fence:
                     fence.bypass_for_cleanup(conn)
-                rows = conn.execute(tree.delete_between(table, tenant, after, upto)).rowcount
+                rows = conn.execute(tree.delete_between(table, tenants, after, upto)).rowcount
             deleted += rows
             progress.advance(table.label, rows)
     return deleted
@@ -77,7 +77,7 @@ def _delete_tree(
 
 @STAMP_STEP.wraps
 def delete_cycle(
-    stamp: Stamp, tables: tuple[Table, ...], tenant: str, progress: Progress, bypass_fence: bool = False
+    stamp: Stamp, tables: tuple[Table, ...], tenants: Cohort, progress: Progress, bypass_fence: bool = False
 ) -> dict[str, int]:
     """The tenant's rows of a DEFERRABLE foreign-key cycle, in one transaction with the constraints deferred."""
     counts = {}
@@ -89,7 +89,7 @@ def delete_cycle(
             conn.execute("SET CONSTRAINTS ALL DEFERRED")
             for table in reversed(tables):
                 counts[table.label] = conn.execute(
-                    sql.SQL("DELETE FROM {} WHERE {}").format(table.ident, tenant_filter(table, tenant))
+                    sql.SQL("DELETE FROM {} WHERE {}").format(table.ident, tenant_filter(table, tenants))
                 ).rowcount
     for label, rows in counts.items():
         progress.advance(label, rows)
@@ -97,16 +97,16 @@ def delete_cycle(
 
 
 def delete_tenant(
-    stamp: Stamp, layout: Layout, tenant: str, batch_rows: int, progress: Progress, bypass_fence: bool = False
+    stamp: Stamp, layout: Layout, tenants: Cohort, batch_rows: int, progress: Progress, bypass_fence: bool = False
 ) -> dict[str, int]:
-    """Delete all of the tenant's rows on the stamp, children before parents."""
+    """Delete all of the tenants' rows on the stamp, children before parents."""
     counts: dict[str, int] = {}
     for table in reversed(layout.tables):
         progress.start_table(table.label, 0, 0)
         if table.cycle and table.label not in counts:  # the whole cycle at its last table in copy order
-            counts.update(delete_cycle(stamp, layout.cycle_of(table), tenant, progress, bypass_fence))
+            counts.update(delete_cycle(stamp, layout.cycle_of(table), tenants, progress, bypass_fence))
         elif not table.cycle:
-            counts[table.label] = delete_tenant_rows(stamp, table, tenant, batch_rows, progress, bypass_fence)
+            counts[table.label] = delete_tenant_rows(stamp, table, tenants, batch_rows, progress, bypass_fence)
         progress.finish_table(table.label)
     return counts
 
@@ -119,45 +119,66 @@ def forget_progress(conn: psycopg.Connection[Any], move_id: int) -> None:
         )
 
 
-def cleanup_tenant(
-    ctx: Context, tenant: str, stamp_name: str, batch_rows: int, progress: Progress, *, allow_triggers: bool = False
+def cleanup_tenants(
+    ctx: Context,
+    tenants: Cohort,
+    stamp_name: str,
+    batch_rows: int,
+    progress: Progress,
+    *,
+    allow_triggers: bool = False,
 ) -> dict[str, int]:
-    """`migrator cleanup`: delete a moved tenant's leftovers on its old stamp and lift the fence there.
+    """`migrator cleanup`: delete moved tenants' leftovers on their old stamp and lift the fence there.
 
-    Refused before any delete where the stamp's triggers would fire for them or row-level security
-    would hide some of the leftovers.
+    Refused before any delete where a tenant still lives on the stamp or has an unfinished move,
+    where the stamp's triggers would fire for the deletes, or where row-level security would hide
+    some of the leftovers.
     """
     catalog = ctx.catalog
-    route = catalog.route(tenant)
     stamp = catalog.stamp(stamp_name)
-    if route.stamp == stamp.name:
-        raise BadInput(f"tenant {tenant} lives on {stamp.name}; cleanup only deletes a moved tenant's leftovers")
-    with catalog.lock_tenant(tenant):
-        open_move = catalog.open_move(tenant)
-        if open_move and stamp.name in (open_move.source, open_move.target):
-            raise BadInput(f"move {open_move.id} of tenant {tenant} is unfinished; finish or abort it first")
+    for tenant in tenants:
+        if catalog.route(tenant).stamp == stamp.name:
+            raise BadInput(f"tenant {tenant} lives on {stamp.name}; cleanup only deletes a moved tenant's leftovers")
+    with catalog.lock_tenants(tenants):
+        for open_move in catalog.open_moves(tenants):
+            if stamp.name in (open_move.source, open_move.target):
+                raise BadInput(f"{describe_move(open_move)} is unfinished; finish or abort it first")
         layout = stamps.layout(stamp, ctx.config.tenancy)
-        check_deletes(stamp, layout, allow_triggers=allow_triggers, what=f"cleanup of tenant {tenant} on {stamp.name}")
-        progress.phase(f"deleting tenant {tenant}'s rows on {stamp.name}")
-        counts = delete_tenant(stamp, layout, tenant, batch_rows, progress, bypass_fence=True)
+        who = name_tenants(tenants)
+        check_deletes(stamp, layout, allow_triggers=allow_triggers, what=f"cleanup of {who} on {stamp.name}")
+        progress.phase(f"deleting the rows of {who} on {stamp.name}")
+        counts = delete_tenant(stamp, layout, tenants, batch_rows, progress, bypass_fence=True)
         with stamps.connect(stamp, autocommit=False) as conn:
-            fence.unguard(conn, layout, tenant)
-        _mark_cleaned(ctx, tenant, stamp.name)
+            fence.unguard(conn, layout, tenants)
+            still_guarded = fence.guarded(conn)
+        _mark_cleaned(ctx, tenants, stamp.name, still_guarded)
     return counts
 
 
-def _mark_cleaned(ctx: Context, tenant: str, stamp_name: str) -> Move | None:
-    """Mark the flipped move from this stamp cleaned, after dropping its copy cursors on the target.
+def cleanup_move(
+    ctx: Context, move_id: int, batch_rows: int, progress: Progress, *, allow_triggers: bool = False
+) -> tuple[Move, dict[str, int]]:
+    """`migrator cleanup --move ID`: the leftovers of every tenant of a flipped move, on its source."""
+    move = ctx.catalog.move(move_id)
+    if move.phase != Phase.FLIPPED and move.phase != Phase.CLEANED:
+        raise BadInput(f"{describe_move(move)} has not flipped; only a flipped move leaves rows to clean up")
+    counts = cleanup_tenants(ctx, move.tenants, move.source, batch_rows, progress, allow_triggers=allow_triggers)
+    return ctx.catalog.move(move_id), counts
+
+
+def _mark_cleaned(ctx: Context, tenants: Cohort, stamp_name: str, still_guarded: set[str]) -> None:
+    """Mark the flipped moves from this stamp cleaned once none of their tenants is guarded there any
+    more, after dropping their copy cursors on the target.
 
     A move killed between its flip and its own final step leaves those cursors behind, and no
     other command would remove them (abort refuses a flipped move).
     """
-    for move in ctx.catalog.moves(tenant):
-        if move.source == stamp_name and move.phase == Phase.FLIPPED:
+    moves = {m.id: m for tenant in tenants for m in ctx.catalog.moves(tenant)}
+    for move in moves.values():
+        if move.source == stamp_name and move.phase == Phase.FLIPPED and not still_guarded & set(move.tenants):
             with stamps.connect(ctx.catalog.stamp(move.target)) as tgt:
                 forget_progress(tgt, move.id)
-            return ctx.catalog.update_move(move.id, phase=Phase.CLEANED)
-    return None
+            ctx.catalog.update_move(move.id, phase=Phase.CLEANED)
 
 
 def leftovers(ctx: Context, stamp_name: str | None = None) -> dict[str, list[str]]:

@@ -24,6 +24,7 @@ import psycopg
 from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
 
+from migrator.catalog import Cohort
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
 from migrator.errors import MigratorError
@@ -97,7 +98,7 @@ def _save_part(tgt: psycopg.Connection[Any], move_id: int, table: Table, part: P
 
 
 def plan_parts(
-    source_dsn: str, target_dsn: str, table: Table, tenant: str, move_id: int, pieces: int, rows: int
+    source_dsn: str, target_dsn: str, table: Table, tenants: Cohort, move_id: int, pieces: int, rows: int
 ) -> list[Part]:
     """The table's parts: those already on the target, or up to `pieces` new ranges of about
     `rows / pieces` rows each (`rows`: preflight's count), cut at keys of a sample of the source's
@@ -113,7 +114,7 @@ def plan_parts(
         bounds: list[list[str]] = []
         if pieces > 1 and rows >= pieces and not (table.self_references or table.cycle):
             with dsnlib.connect(source_dsn, autocommit=True) as src:
-                bounds = range_bounds(src, table, tenant, pieces)
+                bounds = range_bounds(src, table, tenants, pieces)
         edges: list[list[str] | None] = [None, *bounds, None]
         parts = [Part(i, edges[i], edges[i + 1], 0, False) for i in range(len(edges) - 1)]
         with tgt.transaction():
@@ -123,14 +124,14 @@ def plan_parts(
 
 
 def _batch_bound(
-    src: psycopg.Connection[Any], table: Table, tenant: str, part: Part, batch_rows: int
+    src: psycopg.Connection[Any], table: Table, tenants: Cohort, part: Part, batch_rows: int
 ) -> list[str] | None:
     """The key of the batch's last row, or None when fewer than `batch_rows` rows of the part remain."""
     row = src.execute(
         sql.SQL("SELECT ARRAY[{}] FROM {} WHERE {} AND {} AND {} ORDER BY {} OFFSET %s LIMIT 1").format(
             table.pk_text(),
             table.ident,
-            tenant_filter(table, tenant),
+            tenant_filter(table, tenants),
             key_after(table, part.after),
             key_upto(table, part.upto),
             table.pk_cols(),
@@ -154,13 +155,13 @@ def _orders_alike(table: Table) -> bool:
 
 
 def _key_range(
-    table: Table, tenant: str, after: list[str] | None, upto: list[str] | None, limit: int | None = None
+    table: Table, tenants: Cohort, after: list[str] | None, upto: list[str] | None, limit: int | None = None
 ) -> sql.Composed:
     """SELECT of the copy columns of the tenant's rows in a key range, in key order (the first `limit`)."""
     return sql.SQL("SELECT {} FROM {} WHERE {} AND {} AND {} ORDER BY {}{}").format(
         table.cols(),
         table.ident,
-        tenant_filter(table, tenant),
+        tenant_filter(table, tenants),
         key_after(table, after),
         key_upto(table, upto),
         table.pk_cols(),
@@ -169,7 +170,7 @@ def _key_range(
 
 
 def _last_key(
-    tgt: psycopg.Connection[Any], relation: sql.Identifier, table: Table, tenant: str, part: Part
+    tgt: psycopg.Connection[Any], relation: sql.Identifier, table: Table, tenants: Cohort, part: Part
 ) -> list[str]:
     """The greatest key of the part's range in `relation` on the target (the table, or the stage):
     the last row a batch wrote, because the part's range holds only rows its batches wrote."""
@@ -177,7 +178,7 @@ def _last_key(
         sql.SQL("SELECT ARRAY[{}] FROM {} WHERE {} AND {} AND {} ORDER BY {} LIMIT 1").format(
             table.pk_text(),
             relation,
-            tenant_filter(table, tenant),
+            tenant_filter(table, tenants),
             key_after(table, part.after),
             key_upto(table, part.upto),
             sql.SQL(", ").join(sql.SQL("{} DESC").format(sql.Identifier(n)) for n in table.primary_key),
@@ -214,7 +215,7 @@ def copy_part(
     source_dsn: str,
     target_dsn: str,
     table: Table,
-    tenant: str,
+    tenants: Cohort,
     move_id: int,
     index: int,
     batch_rows: int,
@@ -233,7 +234,7 @@ def copy_part(
     source is asked for the batch's last key first (an OFFSET scan, a third of COPY's own work).
     """
     if table.self_references:
-        return _copy_tree(source_dsn, target_dsn, table, tenant, move_id, batch_rows, progress, rate_limit)
+        return _copy_tree(source_dsn, target_dsn, table, tenants, move_id, batch_rows, progress, rate_limit)
     read_back = _orders_alike(table)
     with dsnlib.connect(source_dsn, autocommit=True) as src, dsnlib.connect(target_dsn) as tgt:
         dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
@@ -242,19 +243,19 @@ def copy_part(
         copied = 0
         while not part.done and not (stop and stop.is_set()):
             started = time.monotonic()
-            bound = None if read_back else _batch_bound(src, table, tenant, part, batch_rows)
-            select = _key_range(table, tenant, part.after, bound or part.upto, batch_rows if read_back else None)
+            bound = None if read_back else _batch_bound(src, table, tenants, part, batch_rows)
+            select = _key_range(table, tenants, part.after, bound or part.upto, batch_rows if read_back else None)
             try:
                 with tgt.transaction():
                     rows = _stream_batch(src, tgt, table, select)
                     upto = (
-                        _last_key(tgt, table.ident, table, tenant, part) if read_back and rows == batch_rows else bound
+                        _last_key(tgt, table.ident, table, tenants, part) if read_back and rows == batch_rows else bound
                     )
                     part = _next_part(tgt, move_id, table, part, upto, rows)
             except psycopg.errors.ForeignKeyViolation:  # a parent written since its table was copied
                 with tgt.transaction():
                     staged = stage_rows(src, tgt, table, select, STAGE)
-                    upto = _last_key(tgt, STAGE, table, tenant, part) if read_back and staged == batch_rows else bound
+                    upto = _last_key(tgt, STAGE, table, tenants, part) if read_back and staged == batch_rows else bound
                     defer_orphans(source_dsn, tgt, table, move_id)
                     rows = _insert_staged(tgt, table)
                     part = _next_part(tgt, move_id, table, part, upto, rows)
@@ -351,7 +352,7 @@ def _copy_tree(
     source_dsn: str,
     target_dsn: str,
     table: Table,
-    tenant: str,
+    tenants: Cohort,
     move_id: int,
     batch_rows: int,
     progress: Progress,
@@ -369,12 +370,12 @@ def _copy_tree(
         if cursor.done:
             return 0
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        ordered, total = tree.order_rows(src, table, tenant)
+        ordered, total = tree.order_rows(src, table, tenants)
         copied = 0
         for after, upto in list(tree.batches(ordered, total, batch_rows)) or [(0, 0)]:
             started = time.monotonic()
             with tgt.transaction():
-                stage_rows(src, tgt, table, tree.rows_between(table, tenant, after, upto), STAGE)
+                stage_rows(src, tgt, table, tree.rows_between(table, tenants, after, upto), STAGE)
                 defer_orphans(source_dsn, tgt, table, move_id)
                 rows = _insert_staged(tgt, table)
                 cursor = Cursor(cursor.rows + rows, upto >= total)
@@ -389,7 +390,7 @@ def _copy_tree(
 
 @STAMP_STEP.wraps
 def copy_cycle(
-    source_dsn: str, target_dsn: str, tables: tuple[Table, ...], tenant: str, move_id: int, progress: Progress
+    source_dsn: str, target_dsn: str, tables: tuple[Table, ...], tenants: Cohort, move_id: int, progress: Progress
 ) -> int:
     """The tables of a DEFERRABLE foreign-key cycle, whole, in one target transaction; returns rows copied.
 
@@ -408,7 +409,7 @@ def copy_cycle(
         with tgt.transaction():
             tgt.execute("SET CONSTRAINTS ALL DEFERRED")
             for table in tables:
-                copied[table.label] = _stream_batch(src, tgt, table, _key_range(table, tenant, None, None))
+                copied[table.label] = _stream_batch(src, tgt, table, _key_range(table, tenants, None, None))
                 _save_part(tgt, move_id, table, Part(0, None, None, copied[table.label], True))
         src.rollback()
         for table in tables:
@@ -428,7 +429,7 @@ def analyze(target_dsn: str, table: Table) -> None:
         tgt.execute(sql.SQL("ANALYZE {}").format(table.ident))
 
 
-def advance_sequences(tgt: psycopg.Connection[Any], tables: tuple[Table, ...], tenant: str) -> list[str]:
+def advance_sequences(tgt: psycopg.Connection[Any], tables: tuple[Table, ...], tenants: Cohort) -> list[str]:
     """Move the target's sequences (serial and identity) past the copied keys; returns those advanced."""
     tops: dict[str, int] = {}
     for table in tables:
@@ -437,7 +438,7 @@ def advance_sequences(tgt: psycopg.Connection[Any], tables: tuple[Table, ...], t
                 continue
             row = tgt.execute(
                 sql.SQL("SELECT max({}) FROM {} WHERE {}").format(
-                    sql.Identifier(column.name), table.ident, tenant_filter(table, tenant)
+                    sql.Identifier(column.name), table.ident, tenant_filter(table, tenants)
                 )
             ).fetchone()
             if row is not None and row[0] is not None:

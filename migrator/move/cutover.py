@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 
 from migrator import stamps
-from migrator.catalog import Move, Phase, Route
+from migrator.catalog import Cohort, Move, Phase, Route
 from migrator.db import dsn as dsnlib
 from migrator.db.dsn import WriteMode
 from migrator.db.retry import freeze_attempts
@@ -33,10 +33,11 @@ from migrator.move.verify import (
     Report,
     Streams,
     TableResult,
-    checksum,
     compare_hashes,
     keyed_row_hashes,
-    verify_tenant,
+    table_result,
+    tenant_checksums,
+    verify_tenants,
 )
 from migrator.stamps.discovery import Layout, Table, problems_message
 
@@ -59,10 +60,10 @@ def check_references(run: MoveRun, move: Move) -> None:
     with stamps.connect(run.target) as tgt:
         if move.write_mode == WriteMode.CHECKED and not dsnlib.may_skip_triggers(tgt):
             return  # the target's own foreign keys checked every row migrator wrote
-    problems = integrity.dangling(run.target.dsn, run.layout, move.tenant, run.options.jobs)
+    problems = integrity.dangling(run.target.dsn, run.layout, move.tenants, run.options.jobs)
     if problems:  # recorded on the move by the state machine, as every step's error
         raise VerifyMismatch(
-            f"move {move.id}: foreign keys of tenant {move.tenant}'s rows do not resolve on {run.target.name}, "
+            f"move {move.id}: foreign keys of {move.who}'s rows do not resolve on {run.target.name}, "
             f"route not flipped: {problems_message(problems)}"
         )
 
@@ -71,7 +72,7 @@ def verify_move(run: MoveRun, move: Move) -> tuple[Move, Report]:
     """Offline: compare every row of the tenant on both stamps and record the outcome on the move."""
     catalog = run.catalog
     check_references(run, move)
-    report = verify_tenant(run.source.dsn, run.target.dsn, run.layout, move.tenant, run.options.jobs)
+    report = verify_tenants(run.source.dsn, run.target.dsn, run.layout, move.tenants, run.options.jobs)
     source_sum, target_sum = _sums(report)
     if not report.equal:
         catalog.update_move(move.id, error=report.summary(), source_checksum=source_sum, target_checksum=target_sum)
@@ -82,7 +83,7 @@ def verify_move(run: MoveRun, move: Move) -> tuple[Move, Report]:
     return move, report
 
 
-def flip(run: MoveRun, move: Move, freeze_ms: float | None = None) -> Route:
+def flip(run: MoveRun, move: Move, freeze_ms: float | None = None) -> list[Route]:
     """Compare-and-set the route, on the session that holds the tenant's lock.
 
     Not retried: a session lost between the lock's check and the flip fails the step at once (the
@@ -98,13 +99,14 @@ Proof = tuple[TableResult | None, list[list[str]]]  # untouched rows' result (if
 
 
 def _table_sets(
-    conn: psycopg.Connection[Any], index: int, table: Table, tenant: str, keys: list[list[str]], untouched: bool
-) -> tuple[Checksum | None, Hashes]:
+    conn: psycopg.Connection[Any], index: int, table: Table, tenants: Cohort, keys: list[list[str]], untouched: bool
+) -> tuple[dict[str, Checksum] | None, Hashes]:
     """In the caller's transaction: row hashes of the table's rows in `keys`, and (if asked) the
-    checksum of the rows outside them."""
+    checksums per tenant of the rows outside them."""
     load_keys(conn, table, keys, keys_table(index))
-    outside = checksum(conn, table, tenant, where=outside_keys(table, keys_table(index))) if untouched else None
-    return outside, keyed_row_hashes(conn, table, tenant, keys_table(index)) if keys else {}
+    where = outside_keys(table, keys_table(index))
+    outside = tenant_checksums(conn, table, tenants, where=where) if untouched else None
+    return outside, keyed_row_hashes(conn, table, tenants, keys_table(index)) if keys else {}
 
 
 def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) -> tuple[Report, int]:
@@ -118,7 +120,7 @@ def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) ->
     freeze itself has little left to check). Tables are compared --jobs at a time, every source
     connection reading in the snapshot this transaction exports.
     """
-    layout, tenant, untouched = run.layout, move.tenant, not incremental
+    layout, tenants, untouched = run.layout, move.tenants, not incremental
     with dsnlib.connect(run.source.dsn) as src:
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         keys = capture.captured_keys(src, layout, move.id, unverified_only=incremental)
@@ -128,11 +130,11 @@ def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) ->
 
             def prove(s: psycopg.Connection[Any], t: psycopg.Connection[Any], index: int, table: Table) -> Proof:
                 own = keys.get(table.name, [])
-                target = streams.sides.submit(_table_sets, t, index, table, tenant, own, untouched)
-                s_sum, s_rows = _table_sets(s, index, table, tenant, own, untouched)
+                target = streams.sides.submit(_table_sets, t, index, table, tenants, own, untouched)
+                s_sum, s_rows = _table_sets(s, index, table, tenants, own, untouched)
                 t_sum, t_rows = target.result()
                 differ = [list(k) for k in set(s_rows) | set(t_rows) if s_rows.get(k) != t_rows.get(k)]
-                result = TableResult(table.label, s_sum, t_sum) if s_sum is not None and t_sum is not None else None
+                result = table_result(table.label, s_sum, t_sum) if s_sum is not None and t_sum is not None else None
                 return result, differ
 
             proofs = streams.map(prove, layout.tables)
@@ -140,11 +142,11 @@ def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) ->
         capture.mark_verified(src, layout, move.id, unproven)
         src.commit()
     results = [result for result, _ in proofs if result is not None]
-    return Report(tenant, results), sum(len(v) for v in unproven.values())
+    return Report(tenants, results), sum(len(v) for v in unproven.values())
 
 
 def _keyed_hashes(
-    conn: psycopg.Connection[Any], layout: Layout, tenant: str, keys: dict[str, list[list[str]]]
+    conn: psycopg.Connection[Any], layout: Layout, tenants: Cohort, keys: dict[str, list[list[str]]]
 ) -> dict[str, Hashes]:
     """Per table with keys, the row hash of each key's row, all in one transaction of `conn`."""
     out = {}
@@ -152,7 +154,7 @@ def _keyed_hashes(
         for i, table in enumerate(layout.tables):
             if keys.get(table.name):
                 load_keys(conn, table, keys[table.name], keys_table(i))
-                out[table.name] = keyed_row_hashes(conn, table, tenant, keys_table(i))
+                out[table.name] = keyed_row_hashes(conn, table, tenants, keys_table(i))
     return out
 
 
@@ -164,15 +166,15 @@ def _verify_captured(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any],
     keys = capture.captured_keys(src, layout, move.id, unverified_only=True)
     src.commit()
     with ThreadPoolExecutor(max_workers=1) as pool:
-        target_future = pool.submit(_keyed_hashes, tgt, layout, move.tenant, keys)
-        source = _keyed_hashes(src, layout, move.tenant, keys)
+        target_future = pool.submit(_keyed_hashes, tgt, layout, move.tenants, keys)
+        source = _keyed_hashes(src, layout, move.tenants, keys)
         target = target_future.result()
     results = [
         compare_hashes(table.label, source[table.name], target[table.name])
         for table in layout.tables
         if table.name in source
     ]
-    return Report(move.tenant, results)
+    return Report(move.tenants, results)
 
 
 def catch_up(run: MoveRun, move: Move) -> int:
@@ -189,7 +191,7 @@ def catch_up(run: MoveRun, move: Move) -> int:
         run.source.dsn,
         run.target.dsn,
         run.layout,
-        move.tenant,
+        move.tenants,
         move.id,
         batch=options.replay_batch,
         until=options.cutover_backlog,
@@ -205,7 +207,7 @@ def catch_up(run: MoveRun, move: Move) -> int:
     return pending
 
 
-def online_cutover(run: MoveRun, move: Move) -> tuple[Route, dict[str, float]]:
+def online_cutover(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, float]]:
     """Catch up, then freeze writes just long enough to drain, verify the captured keys and flip.
 
     An attempt that cannot finish within --max-freeze-ms lifts the fence again; the next one starts
@@ -223,7 +225,7 @@ def online_cutover(run: MoveRun, move: Move) -> tuple[Route, dict[str, float]]:
         ) from None
 
 
-def _attempt_cutover(run: MoveRun, move: Move, number: int) -> tuple[Route, dict[str, float]]:
+def _attempt_cutover(run: MoveRun, move: Move, number: int) -> tuple[list[Route], dict[str, float]]:
     """One attempt: catch up and re-verify the keys in flux while writes go on, then the freeze."""
     catch_up(run, move)
     verify_before_freeze(run, move, incremental=True)
@@ -254,7 +256,7 @@ class FreezeClock:
         self._last = now
 
 
-def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[Route, dict[str, float]]:
+def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, float]]:
     catalog, layout, options = run.catalog, run.layout, run.options.cutover
     with dsnlib.connect(run.source.dsn) as src, dsnlib.connect(run.target.dsn) as tgt:
         dsnlib.write_as_copies(tgt)  # the drain's upserts and deletes are copies (before the freeze's clock)
@@ -266,14 +268,14 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[Route, dict[str, float]]
         elapsed_ms = clock.elapsed_ms
         try:
             with src.transaction():  # waits (within the budget) for snapshot-keeping writers' row locks
-                fence.set_fenced(src, move.tenant, True, timeout_ms=int(options.max_freeze_ms))
+                fence.set_fenced(src, move.tenants, True, timeout_ms=int(options.max_freeze_ms))
             clock.step("fence")
             budget = max(1, int(options.max_freeze_ms - elapsed_ms()))
             with src.transaction():
                 fence.wait_for_writers(src, move.id, budget)
             clock.step("writers")
             log.info("move %s: fenced, in-flight writes done at %.0f ms", move.id, elapsed_ms())
-            drained = capture.drain(src, tgt, layout, move.tenant, move.id, options.replay_batch)
+            drained = capture.drain(src, tgt, layout, move.tenants, move.id, options.replay_batch)
             clock.step("drain")
             log.info("move %s: drained %d changes at %.0f ms", move.id, drained, elapsed_ms())
             with tgt.transaction():
@@ -306,9 +308,9 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[Route, dict[str, float]]
         steps = ", ".join(f"{name} {ms:.1f}" for name, ms in clock.steps.items())
         log.info("move %s: freeze steps (ms): %s", move.id, steps)
         catalog.update_move(move.id, freeze_ms=frozen_ms)
-        run.progress.phase(f"flipped tenant {move.tenant} to {run.target.name}; writes were frozen {frozen_ms:.0f} ms")
+        run.progress.phase(f"flipped {move.who} to {run.target.name}; writes were frozen {frozen_ms:.0f} ms")
         with src.transaction():
-            fence.stop_capture(src, move.tenant)
+            fence.stop_capture(src, move.tenants)
         return route, clock.steps
 
 
@@ -316,5 +318,5 @@ def _unfence(src: psycopg.Connection[Any], move: Move) -> None:
     """Lift the fence after a failed freeze, so the tenant writes again on its (unchanged) source."""
     if not src.closed:
         src.rollback()
-        fence.set_fenced(src, move.tenant, False)
+        fence.set_fenced(src, move.tenants, False)
         src.commit()

@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from migrator.catalog import Cohort
 from migrator.db.locks import lock_key, xact_lock
 from migrator.db.retry import LOCK_YIELD
 from migrator.stamps.access import SCHEMA, TRIGGER
@@ -145,16 +146,17 @@ def _add_copy_parts(conn: psycopg.Connection[Any]) -> None:
 
 
 def guard(
-    conn: psycopg.Connection[Any], layout: Layout, tenant: str, move_id: int, *, fenced: bool, capture: bool
+    conn: psycopg.Connection[Any], layout: Layout, tenants: Cohort, move_id: int, *, fenced: bool, capture: bool
 ) -> None:
-    """Install the triggers and set the tenant's guard, in the caller's transaction (commit to apply).
+    """Install the triggers and set the guard of each tenant of the cohort, in the caller's transaction
+    (commit to apply).
 
     Creating a trigger waits for in-flight writers of the table, so every write committed after
     this transaction commits is fenced or captured. The triggers go in a savepoint that yields to
     application writers on lock conflicts (`_yielding_to_writers`).
     """
     ensure_schema(conn)
-    _yielding_to_writers(conn, lambda: _install(conn, layout, tenant, move_id, fenced=fenced, capture=capture))
+    _yielding_to_writers(conn, lambda: _install(conn, layout, tenants, move_id, fenced=fenced, capture=capture))
     conn.execute("RESET lock_timeout")
 
 
@@ -173,7 +175,7 @@ def _yielding_to_writers(conn: psycopg.Connection[Any], ddl: Callable[[], None])
 
 
 def _install(
-    conn: psycopg.Connection[Any], layout: Layout, tenant: str, move_id: int, *, fenced: bool, capture: bool
+    conn: psycopg.Connection[Any], layout: Layout, tenants: Cohort, move_id: int, *, fenced: bool, capture: bool
 ) -> None:
     schema = sql.Identifier(SCHEMA)
     conn.execute(
@@ -194,11 +196,12 @@ def _install(
         )
     conn.execute(
         sql.SQL(
-            "INSERT INTO {}.guarded_tenants (tenant, move_id, fenced, capture) VALUES (%s, %s, %s, %s)"
+            "INSERT INTO {}.guarded_tenants (tenant, move_id, fenced, capture)"
+            " SELECT t, %s, %s, %s FROM unnest(%s::text[]) AS t"
             " ON CONFLICT (tenant) DO UPDATE SET move_id = EXCLUDED.move_id, fenced = EXCLUDED.fenced,"
             " capture = EXCLUDED.capture"
         ).format(schema),
-        (tenant, move_id, fenced, capture),
+        (move_id, fenced, capture, list(tenants)),
     )
     _guards_changed(conn)
 
@@ -208,13 +211,13 @@ def _guards_changed(conn: psycopg.Connection[Any]) -> None:
     conn.execute(sql.SQL("UPDATE {}.guard_state SET changed_at = now()").format(sql.Identifier(SCHEMA)))
 
 
-def fence(conn: psycopg.Connection[Any], layout: Layout, tenant: str, move_id: int) -> None:
-    """Reject the tenant's writes on this stamp (offline mode: for the whole copy; no capture)."""
-    guard(conn, layout, tenant, move_id, fenced=True, capture=False)
+def fence(conn: psycopg.Connection[Any], layout: Layout, tenants: Cohort, move_id: int) -> None:
+    """Reject the tenants' writes on this stamp (offline mode: for the whole copy; no capture)."""
+    guard(conn, layout, tenants, move_id, fenced=True, capture=False)
 
 
-def set_fenced(conn: psycopg.Connection[Any], tenant: str, fenced: bool, timeout_ms: int | None = None) -> None:
-    """Raise or lower an installed guard's fence, keeping its capture as it is.
+def set_fenced(conn: psycopg.Connection[Any], tenants: Cohort, fenced: bool, timeout_ms: int | None = None) -> None:
+    """Raise or lower the installed guards' fence of these tenants, keeping their capture as it is.
 
     A REPEATABLE READ or SERIALIZABLE writer of the tenant holds the guard's row (see the trigger)
     until it ends; `timeout_ms` bounds the wait for it (in the caller's transaction).
@@ -222,20 +225,21 @@ def set_fenced(conn: psycopg.Connection[Any], tenant: str, fenced: bool, timeout
     if timeout_ms is not None:
         conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{max(1, timeout_ms)}ms")))
     conn.execute(
-        sql.SQL("UPDATE {}.guarded_tenants SET fenced = %s WHERE tenant = %s").format(sql.Identifier(SCHEMA)),
-        (fenced, tenant),
+        sql.SQL("UPDATE {}.guarded_tenants SET fenced = %s WHERE tenant = ANY(%s)").format(sql.Identifier(SCHEMA)),
+        (fenced, list(tenants)),
     )
 
 
-def stop_capture(conn: psycopg.Connection[Any], tenant: str) -> None:
+def stop_capture(conn: psycopg.Connection[Any], tenants: Cohort) -> None:
     """After the flip: keep the fence, stop logging changes and forget the log."""
     schema = sql.Identifier(SCHEMA)
-    row = conn.execute(
-        sql.SQL("UPDATE {}.guarded_tenants SET capture = false WHERE tenant = %s RETURNING move_id").format(schema),
-        (tenant,),
-    ).fetchone()
-    if row:
-        conn.execute(sql.SQL("DELETE FROM {}.changes WHERE move_id = %s").format(schema), (row[0],))
+    moves = conn.execute(
+        sql.SQL("UPDATE {}.guarded_tenants SET capture = false WHERE tenant = ANY(%s) RETURNING move_id").format(
+            schema
+        ),
+        (list(tenants),),
+    ).fetchall()
+    conn.execute(sql.SQL("DELETE FROM {}.changes WHERE move_id = ANY(%s)").format(schema), ([m for (m,) in moves],))
 
 
 def wait_for_writers(conn: psycopg.Connection[Any], move_id: int, timeout_ms: int) -> None:
@@ -248,8 +252,8 @@ def wait_for_writers(conn: psycopg.Connection[Any], move_id: int, timeout_ms: in
     conn.execute("SELECT pg_advisory_xact_lock(%s, %s::integer)", (LOCK_CLASS, move_id))
 
 
-def unguard(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> None:
-    """Lift the tenant's guard and its captured changes; drop the triggers when no tenant is guarded.
+def unguard(conn: psycopg.Connection[Any], layout: Layout, tenants: Cohort) -> None:
+    """Lift the tenants' guards and their captured changes; drop the triggers when no tenant is guarded.
 
     Three short transactions of its own (what the caller has open is committed first): a write in
     flight may still log a change after the guard is gone, so the log is deleted only once such
@@ -262,13 +266,14 @@ def unguard(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> None:
     schema = sql.Identifier(SCHEMA)
     with conn.transaction():
         _lock_stamp_ddl(conn)
-        row = conn.execute(
-            sql.SQL("DELETE FROM {}.guarded_tenants WHERE tenant = %s RETURNING move_id").format(schema), (tenant,)
-        ).fetchone()
+        moves = conn.execute(
+            sql.SQL("DELETE FROM {}.guarded_tenants WHERE tenant = ANY(%s) RETURNING move_id").format(schema),
+            (list(tenants),),
+        ).fetchall()
         _guards_changed(conn)
     with conn.transaction():
-        if row:  # wait out writes past the guard's lock; later ones re-check the guard (see the trigger)
-            conn.execute("SELECT pg_advisory_xact_lock(%s, %s::integer)", (LOCK_CLASS, row[0]))
+        for move_id in sorted({m for (m,) in moves}):  # wait out writes past the guard's lock; later ones
+            conn.execute("SELECT pg_advisory_xact_lock(%s, %s::integer)", (LOCK_CLASS, move_id))  # re-check it
         conn.execute(
             sql.SQL(
                 "DELETE FROM {s}.changes c WHERE NOT EXISTS (SELECT 1 FROM {s}.guarded_tenants g"
@@ -302,6 +307,14 @@ def bypass_for_cleanup(conn: psycopg.Connection[Any]) -> None:
     application setting it still gets the fence.
     """
     conn.execute("SELECT set_config(%s, 'on', true)", (BYPASS_SETTING,))
+
+
+def guarded(conn: psycopg.Connection[Any]) -> set[str]:
+    """The tenants with a guard (fence or capture) on this stamp."""
+    if not has_schema(conn):
+        return set()
+    rows = conn.execute(sql.SQL("SELECT tenant FROM {}.guarded_tenants").format(sql.Identifier(SCHEMA)))
+    return {row[0] for row in rows.fetchall()}
 
 
 def has_schema(conn: psycopg.Connection[Any]) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from migrator.catalog import Cohort
 from migrator.db import dsn as dsnlib
 from migrator.stamps.discovery import ForeignKey, Layout, Table, label, tenant_filter
 
@@ -44,21 +45,23 @@ def unresolved(
     conn: psycopg.Connection[Any],
     table: Table,
     fk: ForeignKey,
-    tenant: str,
+    tenants: Cohort,
     parent: Table | None = None,
 ) -> list[list[str]]:
     """Keys (as text) of the tenant's rows of `table` whose foreign key `fk` finds no parent row, at most
-    MAX_KEYS: no row at all, or (given the `parent` tenant table) no row of this tenant."""
+    MAX_KEYS: no row at all, or (given the `parent` tenant table) no row of the child row's own tenant."""
     of_tenant = (
-        sql.SQL(" AND p.{} = {}").format(sql.Identifier(parent.key), sql.Literal(tenant)) if parent else sql.SQL("")
+        sql.SQL(" AND p.{} = c.{}").format(sql.Identifier(parent.key), sql.Identifier(table.key))
+        if parent
+        else sql.SQL("")
     )
     query = sql.SQL(
-        "SELECT ARRAY[{key}] FROM {t} c WHERE {tenant} AND {set}"
+        "SELECT ARRAY[{key}] FROM {t} c WHERE {tenants} AND {set}"
         " AND NOT EXISTS (SELECT 1 FROM {p} p WHERE {match}{of_tenant}) LIMIT {n}"
     ).format(
         key=sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in table.primary_key),
         t=table.ident,
-        tenant=tenant_filter(table, tenant),
+        tenants=tenant_filter(table, tenants),
         set=_referenced(fk),
         p=sql.Identifier(table.schema, fk.parent),
         match=_match(fk),
@@ -68,7 +71,7 @@ def unresolved(
     return [list(row[0]) for row in conn.execute(query).fetchall()]
 
 
-def dangling(target_dsn: str, layout: Layout, tenant: str, jobs: int = 1) -> list[str]:
+def dangling(target_dsn: str, layout: Layout, tenants: Cohort, jobs: int = 1) -> list[str]:
     """On the target: the tenant's rows whose foreign keys find no parent row, one problem per key.
 
     One anti-join per foreign key, `jobs` at a time, each on its own connection.
@@ -77,7 +80,7 @@ def dangling(target_dsn: str, layout: Layout, tenant: str, jobs: int = 1) -> lis
 
     def check(table: Table, fk: ForeignKey) -> str | None:
         with dsnlib.connect(target_dsn, autocommit=True) as conn:
-            keys = unresolved(conn, table, fk, tenant)
+            keys = unresolved(conn, table, fk, tenants)
         if not keys:
             return None
         return (
@@ -90,7 +93,7 @@ def dangling(target_dsn: str, layout: Layout, tenant: str, jobs: int = 1) -> lis
 
 
 def missing_shared(
-    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], layout: Layout, tenant: str, target_name: str
+    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], layout: Layout, tenants: Cohort, target_name: str
 ) -> list[str]:
     """Before any write: values the tenant's rows reference in shared tables that the target lacks.
 
@@ -103,8 +106,8 @@ def missing_shared(
         for fk in table.shared_keys:
             cols = sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in fk.columns)
             values = src.execute(
-                sql.SQL("SELECT DISTINCT {cols} FROM {t} c WHERE {tenant} AND {set}").format(
-                    cols=cols, t=table.ident, tenant=tenant_filter(table, tenant), set=_referenced(fk)
+                sql.SQL("SELECT DISTINCT {cols} FROM {t} c WHERE {tenants} AND {set}").format(
+                    cols=cols, t=table.ident, tenants=tenant_filter(table, tenants), set=_referenced(fk)
                 )
             ).fetchall()
             if not values:

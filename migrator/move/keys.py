@@ -14,6 +14,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from migrator.catalog import Cohort
 from migrator.stamps.discovery import Table, tenant_filter
 
 
@@ -46,7 +47,7 @@ def load_keys(conn: psycopg.Connection[Any], table: Table, keys: list[list[str]]
         conn.execute(sql.SQL("ANALYZE {}").format(name))  # real row counts, so the planner hashes the keys
 
 
-def by_key(table: Table, keys: sql.Identifier, tenant: str, select: sql.Composable) -> sql.Composed:
+def by_key(table: Table, keys: sql.Identifier, tenants: Cohort, select: sql.Composable) -> sql.Composed:
     """A FROM clause: `select` over the tenant's row of each key in a temporary key table, as `x`.
 
     One index probe per key (LATERAL ... LIMIT 1; a key names at most one row), never a plain join:
@@ -55,7 +56,7 @@ def by_key(table: Table, keys: sql.Identifier, tenant: str, select: sql.Composab
     """
     match = sql.SQL(" AND ").join(sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in table.primary_key)
     return sql.SQL("{} k CROSS JOIN LATERAL (SELECT {} FROM {} t WHERE {} AND {} LIMIT 1) x").format(
-        keys, select, table.ident, match, tenant_filter(table, tenant)
+        keys, select, table.ident, match, tenant_filter(table, tenants)
     )
 
 
@@ -92,7 +93,7 @@ def _sample(conn: psycopg.Connection[Any], table: Table) -> sql.Composed:
     return sql.SQL("{} TABLESAMPLE SYSTEM ({}) REPEATABLE (0)").format(table.ident, sql.Literal(100 * fraction))
 
 
-def range_bounds(conn: psycopg.Connection[Any], table: Table, tenant: str, pieces: int) -> list[list[str]]:
+def range_bounds(conn: psycopg.Connection[Any], table: Table, tenants: Cohort, pieces: int) -> list[list[str]]:
     """Up to `pieces - 1` keys cutting the tenant's rows into ranges of about even size, picked in
     the database from a sample of the table's pages. Exact quantiles (`key_quantiles`) cost more
     than checksumming the rows (0.71 s against 0.48 s on 1.4M rows); the sample costs 0.14 s there,
@@ -102,7 +103,7 @@ def range_bounds(conn: psycopg.Connection[Any], table: Table, tenant: str, piece
     query = sql.SQL(
         "SELECT k FROM (SELECT ARRAY[{}] AS k, row_number() OVER (ORDER BY {}) AS n, count(*) OVER () AS c"
         " FROM {} WHERE {}) s WHERE n < c AND (n * %(p)s) / c <> ((n - 1) * %(p)s) / c ORDER BY n"
-    ).format(table.pk_text(), table.pk_cols(), _sample(conn, table), tenant_filter(table, tenant))
+    ).format(table.pk_text(), table.pk_cols(), _sample(conn, table), tenant_filter(table, tenants))
     return [list(r[0]) for r in conn.execute(query, {"p": pieces}).fetchall()]
 
 

@@ -17,9 +17,21 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from migrator import stamps
-from migrator.catalog import FLIPPED, Catalog, Mode, Move, Phase, Route, Stamp, TableProgress
+from migrator.catalog import (
+    FLIPPED,
+    Catalog,
+    Cohort,
+    Mode,
+    Move,
+    Phase,
+    Route,
+    Stamp,
+    TableProgress,
+    TenantLock,
+    describe_move,
+)
 from migrator.context import Context
-from migrator.errors import MigratorError, PreflightError, VerifyMismatch
+from migrator.errors import BadInput, MigratorError, PreflightError, VerifyMismatch
 from migrator.move import copy, fence, streams
 from migrator.move.cleanup import delete_tenant, forget_progress
 from migrator.move.cutover import catch_up, check_references, flip, online_cutover, verify_before_freeze, verify_move
@@ -32,13 +44,13 @@ from migrator.stamps.discovery import Layout, Table
 
 @dataclass(frozen=True)
 class MoveOutcome:
-    """What a move did; `move` is None only for a dry run."""
+    """What a move of a cohort did; `move` is None only for a dry run, `routes` empty until the flip."""
 
-    tenant: str
+    tenants: Cohort
     source: str
     target: str
     move: Move | None
-    route: Route | None
+    routes: list[Route]
     resumed: bool
     tables: dict[str, int] = field(default_factory=dict)
     report: Report | None = None
@@ -48,58 +60,69 @@ class MoveOutcome:
     freeze_steps_ms: dict[str, float] = field(default_factory=dict)  # online: the flipping freeze, step by step
 
 
-def move_tenant(ctx: Context, tenant: str, target: str, options: MoveOptions, progress: Progress) -> MoveOutcome:
-    """Move (or resume moving) a tenant to `target`; returns after the route has flipped."""
+def move_tenants(ctx: Context, tenants: Cohort, target: str, options: MoveOptions, progress: Progress) -> MoveOutcome:
+    """Move (or resume moving) a cohort of tenants to `target` as one unit; returns after its routes
+    flipped. A single tenant is a cohort of one.
+
+    A cohort resumes only as the same cohort: a tenant of an unfinished move names that move.
+    """
     catalog = ctx.catalog
-    with catalog.lock_tenant(tenant) as lock:
-        move = catalog.open_move(tenant)
-        if move is not None:
-            if move.target != target:
+    with catalog.lock_tenants(tenants) as lock:
+        unfinished = catalog.open_moves(tenants)
+        if unfinished:
+            move = unfinished[0]
+            if set(move.tenants) != set(tenants) or move.target != target:
+                listed = " ".join(move.tenants) if len(move.tenants) <= 10 else f"--move {move.id}"
                 raise PreflightError(
-                    f"tenant {tenant} has an unfinished move {move.id} to {move.target}; "
-                    f"resume it with --to {move.target} or run `migrator move abort {move.id}`"
+                    f"{describe_move(move)} is unfinished; resume it with `migrator move {listed} --to {move.target}` "
+                    f"or run `migrator move abort {move.id}`"
                 )
-            source, dest = catalog.stamp(move.source), catalog.stamp(move.target)
-            layout = _resume_layout(ctx, move, source, dest)
-            check_resume(source, dest, layout, allow_triggers=options.allow_triggers)
-            if options.dry_run:
-                return MoveOutcome(tenant, source.name, dest.name, move, None, True)
-            progress.phase(f"resuming move {move.id} of tenant {tenant} at phase {move.phase}")
-            run = MoveRun(catalog, source, dest, layout, lock, options, progress, ctx.metrics)
-            return _run(run, move, resumed=True)
-        checked = check_move(catalog, ctx.config.tenancy, tenant, target, allow_triggers=options.allow_triggers)
+            return _resume(ctx, move, lock, options, progress)
+        checked = check_move(catalog, ctx.config.tenancy, tenants, target, allow_triggers=options.allow_triggers)
         if options.dry_run:
             return MoveOutcome(
-                tenant,
+                tenants,
                 checked.source.name,
                 checked.target.name,
                 None,
-                None,
+                [],
                 False,
                 checked.rows,
                 not_moved=checked.null_tenant_rows,
                 skipped=checked.skipped,
             )
         mode = Mode.ONLINE if options.online else Mode.OFFLINE
-        move = catalog.create_move(
-            tenant,
-            checked.source.name,
-            checked.target.name,
-            mode,
-            checked.route.version,
-            options.batch_rows,
-            checked.revision,
-        )
+        move = catalog.create_move(checked.routes, checked.target.name, mode, options.batch_rows, checked.revision)
         write_mode, why = checked.write_mode
         move = catalog.update_move(move.id, rows_total=checked.total_rows, write_mode=write_mode, write_mode_reason=why)
         _save_progress(catalog, move, checked.layout, checked.rows, {})
         progress.phase(
-            f"move {move.id}: tenant {tenant} {checked.source.name} -> {checked.target.name}, "
+            f"move {move.id}: {move.who} {checked.source.name} -> {checked.target.name}, "
             f"{checked.total_rows} rows in {len(checked.layout.tables)} tables"
         )
         run = MoveRun(catalog, checked.source, checked.target, checked.layout, lock, options, progress, ctx.metrics)
         outcome = _run(run, move, resumed=False)
         return replace(outcome, not_moved=checked.null_tenant_rows, skipped=checked.skipped)
+
+
+def resume_move(ctx: Context, move_id: int, options: MoveOptions, progress: Progress) -> MoveOutcome:
+    """`migrator move --move ID`: resume an unfinished move by its id (a cohort too long to list)."""
+    move = ctx.catalog.move(move_id)
+    if not move.is_open:
+        raise BadInput(f"{describe_move(move)} is finished; nothing to resume")
+    with ctx.catalog.lock_tenants(move.tenants) as lock:
+        return _resume(ctx, ctx.catalog.move(move_id), lock, options, progress)
+
+
+def _resume(ctx: Context, move: Move, lock: TenantLock, options: MoveOptions, progress: Progress) -> MoveOutcome:
+    source, dest = ctx.catalog.stamp(move.source), ctx.catalog.stamp(move.target)
+    layout = _resume_layout(ctx, move, source, dest)
+    check_resume(source, dest, layout, allow_triggers=options.allow_triggers)
+    if options.dry_run:
+        return MoveOutcome(move.tenants, source.name, dest.name, move, [], True)
+    progress.phase(f"resuming move {move.id} of {move.who} at phase {move.phase}")
+    run = MoveRun(ctx.catalog, source, dest, layout, lock, options, progress, ctx.metrics)
+    return _run(run, move, resumed=True)
 
 
 def _resume_layout(ctx: Context, move: Move, source: Stamp, target: Stamp) -> Layout:
@@ -144,15 +167,15 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
         if move.mode == Mode.OFFLINE:
             if move.phase == Phase.COPIED:
                 run.lock.check()
-                run.progress.phase(f"verifying tenant {move.tenant} on {run.source.name} and {run.target.name}")
+                run.progress.phase(f"verifying {move.who} on {run.source.name} and {run.target.name}")
                 with _timed(timings, "verify"):
                     move, report = verify_move(run, move)
                     at(move)
             if move.phase == Phase.VERIFIED:
-                run.progress.phase(f"flipping route of tenant {move.tenant} to {run.target.name}")
+                run.progress.phase(f"flipping route of {move.who} to {run.target.name}")
                 with _timed(timings, "flip"):
-                    route = flip(run, move)
-                return _finished(run, move, route, resumed, report, timings)
+                    routes = flip(run, move)
+                return _finished(run, move, routes, resumed, report, timings)
         else:
             if move.phase == Phase.COPIED:
                 with _timed(timings, "sync"):
@@ -160,8 +183,8 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
                     at(move)
             if move.phase in (Phase.SYNCED, Phase.CUTOVER):
                 with _timed(timings, "cutover"):
-                    route, freeze_steps = online_cutover(run, move)
-                return replace(_finished(run, move, route, resumed, report, timings), freeze_steps_ms=freeze_steps)
+                    routes, freeze_steps = online_cutover(run, move)
+                return replace(_finished(run, move, routes, resumed, report, timings), freeze_steps_ms=freeze_steps)
         raise MigratorError(f"move {move.id} is {move.phase}; nothing to run")
     except MigratorError as exc:
         _failed(run, move, str(exc), exc)
@@ -189,23 +212,23 @@ def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
 
 
 def _finished(
-    run: MoveRun, move: Move, route: Route, resumed: bool, report: Report | None, timings: dict[str, float]
+    run: MoveRun, move: Move, routes: list[Route], resumed: bool, report: Report | None, timings: dict[str, float]
 ) -> MoveOutcome:
     run.metrics.ended(move.id, "flipped")
     with stamps.connect(run.target) as tgt:
         forget_progress(tgt, move.id)
     move = run.catalog.move(move.id)
     return MoveOutcome(
-        move.tenant, run.source.name, run.target.name, move, route, resumed, report=report, timings=timings
+        move.tenants, run.source.name, run.target.name, move, routes, resumed, report=report, timings=timings
     )
 
 
 def _sync(run: MoveRun, move: Move) -> tuple[Move, Report]:
     """Online: catch up, then verify every row the application has not touched, while it writes."""
-    run.progress.phase(f"catching up with tenant {move.tenant}'s writes on {run.source.name}")
+    run.progress.phase(f"catching up with the writes of {move.who} on {run.source.name}")
     catch_up(run, move)
     check_references(run, move)
-    run.progress.phase(f"verifying the bulk copy of tenant {move.tenant} (writes continue)")
+    run.progress.phase(f"verifying the bulk copy of {move.who} (writes continue)")
     report, unproven = verify_before_freeze(run, move)
     run.progress.phase(f"bulk copy verified; {unproven} keys in flux are checked again in the freeze")
     if not report.equal:
@@ -225,9 +248,9 @@ def _guard(run: MoveRun, move: Move) -> Move:
     """Before the copy: online, capture the tenant's writes; offline, reject them for the whole copy."""
     offline = move.mode == Mode.OFFLINE
     with stamps.connect(run.source, autocommit=False) as src:
-        fence.guard(src, run.layout, move.tenant, move.id, fenced=offline, capture=not offline)
+        fence.guard(src, run.layout, move.tenants, move.id, fenced=offline, capture=not offline)
     if offline:
-        run.catalog.set_route_state(move.tenant, "fenced")
+        run.catalog.set_route_state(move.tenants, "fenced")
     with stamps.connect(run.target, autocommit=False) as tgt:
         fence.ensure_schema(tgt)
     return run.catalog.update_move(move.id, phase=Phase.COPYING)
@@ -245,16 +268,17 @@ def _copy(run: MoveRun, move: Move) -> Move:
 
     with stamps.connect(run.target) as tgt:
         cursors = {t.label: copy.read_cursor(tgt, move.id, t) for t in layout.tables}
-    streams.copy_tables(run, move.id, move.tenant, totals, run.options.jobs, finished)
+    streams.copy_tables(run, move.id, move.tenants, totals, run.options.jobs, finished)
     with stamps.connect(run.target, autocommit=False) as tgt:
-        copy.advance_sequences(tgt, layout.tables, move.tenant)
+        copy.advance_sequences(tgt, layout.tables, move.tenants)
     return catalog.update_move(move.id, phase=Phase.COPIED, rows_copied=sum(c.rows for c in cursors.values()))
 
 
 def abort_move(
     ctx: Context, move_id: int, batch_rows: int, progress: Progress, *, allow_triggers: bool = False
 ) -> Move:
-    """`migrator move abort`: before the flip, remove the partial copy and lift the fence.
+    """`migrator move abort`: before the flip, remove the partial copy and lift the fence, for every
+    tenant of the move.
 
     Refused before any delete where the target's triggers would fire for them or row-level security
     would hide rows of the partial copy (`check_deletes`).
@@ -263,20 +287,20 @@ def abort_move(
     move = catalog.move(move_id)
     if move.phase in FLIPPED:
         raise MigratorError(
-            f"move {move.id} already flipped tenant {move.tenant} to {move.target}; it cannot be aborted "
-            f"(run `migrator cleanup {move.tenant} --stamp {move.source}` to remove the old copy)"
+            f"move {move.id} already flipped {move.who} to {move.target}; it cannot be aborted "
+            f"(run `migrator cleanup --move {move.id}` to remove the old copy)"
         )
     if move.phase == Phase.ABORTED:
         return move
-    with catalog.lock_tenant(move.tenant):
+    with catalog.lock_tenants(move.tenants):
         source, target = catalog.stamp(move.source), catalog.stamp(move.target)
         layout = stamps.layout(source, ctx.config.tenancy)
         check_deletes(target, layout, allow_triggers=allow_triggers, what=f"abort of move {move.id}")
-        progress.phase(f"removing the partial copy of tenant {move.tenant} from {target.name}")
-        delete_tenant(target, layout, move.tenant, batch_rows, progress)
+        progress.phase(f"removing the partial copy of {move.who} from {target.name}")
+        delete_tenant(target, layout, move.tenants, batch_rows, progress)
         with stamps.connect(target) as tgt:
             forget_progress(tgt, move.id)
         with stamps.connect(source, autocommit=False) as src:
-            fence.unguard(src, layout, move.tenant)
-        catalog.set_route_state(move.tenant, "active")
+            fence.unguard(src, layout, move.tenants)
+        catalog.set_route_state(move.tenants, "active")
         return catalog.update_move(move.id, phase=Phase.ABORTED, finished_at=datetime.now(UTC))

@@ -10,12 +10,12 @@ import psycopg
 from psycopg import sql
 
 from migrator import stamps
-from migrator.catalog import Catalog, Move, Route, Stamp
+from migrator.catalog import Catalog, Cohort, Move, Route, Stamp, name_tenants
 from migrator.config import Tenancy
 from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
 from migrator.db.dsn import WriteMode
-from migrator.errors import PreflightError
+from migrator.errors import BadInput, PreflightError
 from migrator.move import integrity, shapes
 from migrator.stamps import checks
 from migrator.stamps.checks import Problems
@@ -28,8 +28,8 @@ log = logging.getLogger("migrator.preflight")
 class Checked:
     """What preflight established, handed to the copy so nothing is looked up twice."""
 
-    tenant: str
-    route: Route
+    tenants: Cohort
+    routes: list[Route]  # in the cohort's order; the flip compare-and-sets each one's version
     source: Stamp
     target: Stamp
     layout: Layout
@@ -60,27 +60,48 @@ def check_schema_unchanged(
         )
 
 
-def resolve(catalog: Catalog, tenant: str, target_name: str) -> tuple[Route, Stamp, Stamp]:
-    """Catalog-only checks: known tenant and stamps, a different and active target."""
-    route = catalog.route(tenant)
+def resolve(catalog: Catalog, tenants: Cohort, target_name: str) -> tuple[list[Route], Stamp, Stamp]:
+    """Catalog-only checks: known tenants, listed once, all on one source stamp, and a different,
+    active target."""
+    if not tenants:
+        raise BadInput("no tenant to move")
+    repeated = sorted({t for t in tenants if tenants.count(t) > 1})
+    if repeated:
+        raise BadInput(f"tenant(s) {', '.join(repeated)} listed more than once")
+    routes = catalog.routes_of(tenants)
+    unknown = sorted(set(tenants) - {r.tenant for r in routes}, key=lambda t: (len(t), t))
+    if len(unknown) == 1:
+        catalog.route(unknown[0])  # raises the one-tenant message
+    if unknown:
+        raise BadInput(
+            f"unknown tenant(s) {', '.join(unknown[:10])}{', ...' if len(unknown) > 10 else ''} (no route in the "
+            "catalog; register them with `migrator route set` or `migrator route import`)"
+        )
+    homes = sorted({r.stamp for r in routes})
+    if len(homes) > 1:
+        where = "; ".join(f"{home}: {', '.join(r.tenant for r in routes if r.stamp == home)}" for home in homes)
+        raise PreflightError(f"a cohort moves from one stamp, these tenants live on {len(homes)} ({where})")
     target = catalog.stamp(target_name)
-    source = catalog.stamp(route.stamp)
+    source = catalog.stamp(homes[0])
     if source.name == target.name:
-        raise PreflightError(f"tenant {tenant} already lives on stamp {target.name}; source and target are the same")
+        raise PreflightError(
+            f"{name_tenants(tenants)} already {'lives' if len(tenants) == 1 else 'live'} on stamp {target.name}; "
+            "source and target are the same"
+        )
     if target.state != "active":
         raise PreflightError(f"target stamp {target.name} is {target.state}; only active stamps receive tenants")
-    return route, source, target
+    return routes, source, target
 
 
 def check_move(
-    catalog: Catalog, tenancy: Tenancy, tenant: str, target_name: str, *, allow_triggers: bool = False
+    catalog: Catalog, tenancy: Tenancy, tenants: Cohort, target_name: str, *, allow_triggers: bool = False
 ) -> Checked:
-    """All preflight checks of a new move, read-only on the catalog and both stamps.
+    """All preflight checks of a new move of a cohort, read-only on the catalog and both stamps.
 
     The catalog's checks come first (without a valid source and target nothing else can be
-    checked); every problem found on the stamps is then reported together, in one error.
+    checked); every problem found on the stamps, for every tenant, is then reported together.
     """
-    route, source, target = resolve(catalog, tenant, target_name)
+    routes, source, target = resolve(catalog, tenants, target_name)
     problems = Problems()
     with stamps.connect(source) as src, stamps.connect(target) as tgt:
         src_rev, tgt_rev = read_revision(src), read_revision(tgt)
@@ -102,15 +123,15 @@ def check_move(
         if not (checks.rls_tables(src, layout) or checks.rls_tables(tgt, layout)):
             with problems.check():
                 rows, nulls, skipped = _check_rows(
-                    problems, src, tgt, layout, tenancy, tenant, source, target, same_schema
+                    problems, src, tgt, layout, tenancy, tenants, source, target, same_schema
                 )
         problems.add(checks.move_problems(src, tgt, layout, source.name, target.name, allow_triggers))
         write_mode = dsnlib.write_mode(tgt)
-    problems.raise_any(f"preflight refused the move of tenant {tenant} to {target.name}")
+    problems.raise_any(f"preflight refused the move of {name_tenants(tenants)} to {target.name}")
     for label, count in nulls.items():  # said only of a move that goes ahead: a refusal stays one line
         key = layout.table(label).key
         log.warning("table %s has %d rows with NULL %s; they are not moved", label, count, key)
-    return Checked(tenant, route, source, target, layout, src_rev, rows, write_mode, nulls, skipped)
+    return Checked(tenants, routes, source, target, layout, src_rev, rows, write_mode, nulls, skipped)
 
 
 def _check_rows(
@@ -119,37 +140,49 @@ def _check_rows(
     tgt: psycopg.Connection[Any],
     layout: Layout,
     tenancy: Tenancy,
-    tenant: str,
+    tenants: Cohort,
     source: Stamp,
     target: Stamp,
     same_schema: bool,
 ) -> tuple[dict[str, int], dict[str, int], tuple[str, ...]]:
-    """The checks of the tenant's rows and of what the schema lets a copy carry: its spelling, rows
-    on the source, none on the target, no value of a unique index taken there, columns alike on both
-    stamps, nothing COPY cannot move; returns its row counts, the rows of no tenant per table, and
-    the views left alone."""
+    """The checks of the tenants' rows and of what the schema lets a copy carry: each tenant's
+    spelling, its rows on the source, none on the target, no value of a unique index taken there,
+    columns alike on both stamps, nothing COPY cannot move; returns the cohort's row counts, the rows
+    of no tenant per table, and the views left alone."""
     root = next((t for t in layout.tables if t.name == tenancy.root_table), None)
     if root is None:  # the root table has no row key: named among the layout's problems
         return {}, {}, ()
-    _check_spelling(src, root, tenant, source.name)
-    rows = {table.label: _count(src, table, tenant) for table in layout.tables}
-    if rows[root.label] == 0:
-        raise PreflightError(f"tenant {tenant} has no row in {root.label} on its stamp {source.name}")
+    before = len(problems.found)
+    for tenant in tenants:
+        with problems.check():
+            _check_spelling(src, root, tenant, source.name)
+    if len(problems.found) > before:  # no value of the key, or spelled otherwise: counting would mislead
+        return {}, {}, ()
+    counts = {table.label: _counts(src, table, tenants) for table in layout.tables}
+    rows = {label: sum(per_tenant.values()) for label, per_tenant in counts.items()}
+    for tenant in tenants:
+        if not counts[root.label].get(tenant):
+            problems.add([f"tenant {tenant} has no row in {root.label} on its stamp {source.name}"])
+    if len(problems.found) > before:  # a tenant that is not there: the rest would mislead
+        return rows, {}, ()
     nulls = null_tenant_rows(src, layout)
     unmovable, skipped = shapes.unmovable(src, tenancy, layout)
     problems.add(list(unmovable))
-    problems.add(list(shapes.foreign_tenant_references(src, layout, tenant)))
+    problems.add(list(shapes.foreign_tenant_references(src, layout, tenants)))
     if not same_schema:  # the target's tables may not match the source's
         return rows, nulls, skipped
     differences = shapes.compare_layouts(layout, inspect(tgt, tenancy), source.name, target.name)
     problems.add(list(differences))
-    held = [table.label for table in layout.tables if _count(tgt, table, tenant, limit=1)]
-    if held:
-        problems.add([f"target {target.name} already holds rows of tenant {tenant} in {', '.join(held)}"])
+    held: dict[str, list[str]] = {}
+    for table in layout.tables:
+        for tenant in _holding(tgt, table, tenants):
+            held.setdefault(tenant, []).append(table.label)
+    for tenant, tables in held.items():
+        problems.add([f"target {target.name} already holds rows of tenant {tenant} in {', '.join(tables)}"])
     if not (differences or held):  # other tenants' rows only, in tables known to match
-        problems.add(list(shapes.unique_collisions(src, tgt, layout, tenant, target.name, rows)))
+        problems.add(list(shapes.unique_collisions(src, tgt, layout, tenants, target.name, rows)))
     if not differences:
-        problems.add(integrity.missing_shared(src, tgt, layout, tenant, target.name))
+        problems.add(integrity.missing_shared(src, tgt, layout, tenants, target.name))
     return rows, nulls, skipped
 
 
@@ -181,7 +214,7 @@ def _check_spelling(conn: psycopg.Connection[Any], root: Table, tenant: str, sta
     """
     query = sql.SQL(
         "SELECT {k}::text, to_jsonb({k}) #>> '{{}}', pg_typeof({k})::text FROM {t} WHERE {f} LIMIT 1"
-    ).format(k=sql.Identifier(root.key), t=root.ident, f=tenant_filter(root, tenant))
+    ).format(k=sql.Identifier(root.key), t=root.ident, f=tenant_filter(root, (tenant,)))
     try:
         with conn.transaction():
             row = conn.execute(query).fetchone()
@@ -213,9 +246,18 @@ def null_tenant_rows(conn: psycopg.Connection[Any], layout: Layout) -> dict[str,
     return found
 
 
-def _count(conn: psycopg.Connection[Any], table: Table, tenant: str, limit: int | None = None) -> int:
-    inner = sql.SQL("SELECT 1 FROM {} WHERE {}").format(table.ident, tenant_filter(table, tenant))
-    if limit is not None:
-        inner = sql.SQL("{} LIMIT {}").format(inner, sql.Literal(limit))
-    row = conn.execute(sql.SQL("SELECT count(*) FROM ({}) s").format(inner)).fetchone()
-    return int(row[0]) if row else 0
+def _counts(conn: psycopg.Connection[Any], table: Table, tenants: Cohort) -> dict[str, int]:
+    """Rows of each tenant of the cohort in the table, in one pass (tenants without rows are absent)."""
+    query = sql.SQL("SELECT {k}::text, count(*) FROM {t} WHERE {f} GROUP BY 1").format(
+        k=sql.Identifier(table.key), t=table.ident, f=tenant_filter(table, tenants)
+    )
+    return {tenant: int(count) for tenant, count in conn.execute(query).fetchall()}
+
+
+def _holding(conn: psycopg.Connection[Any], table: Table, tenants: Cohort) -> list[str]:
+    """The tenants of the cohort with rows in the table (on a target: normally none, so this is cheap)."""
+    query = sql.SQL("SELECT DISTINCT {k}::text FROM {t} WHERE {f}").format(
+        k=sql.Identifier(table.key), t=table.ident, f=tenant_filter(table, tenants)
+    )
+    found = {row[0] for row in conn.execute(query).fetchall()}
+    return [tenant for tenant in tenants if tenant in found]

@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 
 from migrator import stamps
-from migrator.catalog import Stamp
+from migrator.catalog import Cohort, Stamp, name_tenants
 from migrator.config import Tenancy
 from migrator.move.integrity import MAX_KEYS, shown_keys, unresolved
 from migrator.stamps.discovery import Layout, Table, inspect, label, tenant_filter
@@ -157,7 +157,7 @@ def unique_collisions(
     src: psycopg.Connection[Any],
     tgt: psycopg.Connection[Any],
     layout: Layout,
-    tenant: str,
+    tenants: Cohort,
     target_name: str,
     rows: dict[str, int],
 ) -> list[str]:
@@ -169,20 +169,21 @@ def unique_collisions(
             continue
         indexes = tgt.execute(_UNIQUE_INDEXES, (table.ident.as_string(tgt), table.key)).fetchall()
         for name, primary, nulls_equal, exprs, predicate in indexes:
-            keys = _colliding(src, tgt, table, tenant, exprs, predicate, nulls_equal)
+            keys = _colliding(src, tgt, table, tenants, exprs, predicate, nulls_equal)
             if not keys:
                 continue
             shown = "; ".join("(" + ", ".join("NULL" if v is None else v for v in k) + ")" for k in keys)
             if primary:
                 problems.append(
-                    f"primary key collision in {table.label}: key {shown} of tenant {tenant} already exists "
+                    f"primary key collision in {table.label}: key {shown} of {name_tenants(tenants)} already exists "
                     f"on {target_name} (another tenant's row)"
                 )
                 continue
             where = f" WHERE {predicate}" if predicate else ""
             problems.append(
-                f"unique index {name} on {table.label} ({', '.join(exprs)}){where}: values {shown} of tenant "
-                f"{tenant} are already taken on {target_name} by other tenants' rows; change them on one side first"
+                f"unique index {name} on {table.label} ({', '.join(exprs)}){where}: values {shown} of "
+                f"{name_tenants(tenants)} are already taken on {target_name} by other tenants' rows; "
+                "change them on one side first"
             )
     return problems
 
@@ -191,7 +192,7 @@ def _colliding(
     src: psycopg.Connection[Any],
     tgt: psycopg.Connection[Any],
     table: Table,
-    tenant: str,
+    tenants: Cohort,
     exprs: list[str],
     predicate: str | None,
     nulls_equal: bool,
@@ -215,7 +216,7 @@ def _colliding(
             )
         )
         copy_out = sql.SQL("COPY (SELECT {} FROM {} WHERE {} AND {}) TO STDOUT (FORMAT BINARY)").format(
-            sql.SQL(", ").join(values), table.ident, tenant_filter(table, tenant), where
+            sql.SQL(", ").join(values), table.ident, tenant_filter(table, tenants), where
         )
         with (
             scur.copy(copy_out) as out,
@@ -239,22 +240,23 @@ def _colliding(
     return [list(row[0]) for row in found]
 
 
-def foreign_tenant_references(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> list[str]:
-    """Foreign keys between tenant tables whose rows of this tenant reference rows not of this tenant.
+def foreign_tenant_references(conn: psycopg.Connection[Any], layout: Layout, tenants: Cohort) -> list[str]:
+    """Foreign keys between tenant tables whose rows of a tenant reference rows not of that tenant.
 
     A key that matches the tenant column with the parent's cannot cross tenants and is not scanned.
     """
     problems = []
+    whose = f"tenant {tenants[0]}'s" if len(tenants) == 1 else "their own tenant's"
     for table in layout.tables:
         for fk in table.foreign_keys:
             parent = layout.table(label(table.schema, fk.parent))
             if (table.key, parent.key) in zip(fk.columns, fk.parent_columns, strict=True):
                 continue
-            keys = unresolved(conn, table, fk, tenant, parent)
+            keys = unresolved(conn, table, fk, tenants, parent)
             if keys:
                 problems.append(
                     f"rows {shown_keys(keys)} of {table.label} reference rows of {parent.label} that are not "
-                    f"tenant {tenant}'s (foreign key {fk.name}); a move copies one tenant's rows only: "
+                    f"{whose} (foreign key {fk.name}); a move copies one tenant's rows only: "
                     "fix those references first"
                 )
     return problems

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+from migrator.catalog import Cohort
 from migrator.db import dsn as dsnlib
 from migrator.move import copy
 from migrator.move.run import MoveRun
@@ -42,7 +43,7 @@ class _Unit:
 def copy_tables(
     run: MoveRun,
     move_id: int,
-    tenant: str,
+    tenants: Cohort,
     totals: dict[str, int],
     jobs: int,
     finished: Callable[[tuple[Table, ...]], None],
@@ -74,7 +75,7 @@ def copy_tables(
                     pending.remove(unit)
                     for table in unit.tables:
                         progress.start_table(table.label, totals.get(table.label, 0), cursors[table.label].rows)
-                    for submit in _streams(run, move_id, tenant, unit, totals, jobs, rate, stop):
+                    for submit in _streams(run, move_id, tenants, unit, totals, jobs, rate, stop):
                         running[pool.submit(submit)] = unit
                         unit.streams += 1
                 if not running:  # nothing can start: a parent outside the layout's order (cannot happen)
@@ -102,7 +103,7 @@ def _complete(run: MoveRun, unit: _Unit, finished: Callable[[tuple[Table, ...]],
 def _streams(
     run: MoveRun,
     move_id: int,
-    tenant: str,
+    tenants: Cohort,
     unit: _Unit,
     totals: dict[str, int],
     jobs: int,
@@ -113,14 +114,14 @@ def _streams(
     source, target = run.source.dsn, run.target.dsn
     progress = run.metrics.counting_copy(run.progress, run.source.name, run.target.name)
     if len(unit.tables) > 1:
-        return [lambda: copy.copy_cycle(source, target, unit.tables, tenant, move_id, progress)]
+        return [lambda: copy.copy_cycle(source, target, unit.tables, tenants, move_id, progress)]
     table = unit.tables[0]
     rows = totals.get(table.label, 0)
     pieces = max(1, min(jobs, rows // MIN_PART_ROWS))
-    parts = copy.plan_parts(source, target, table, tenant, move_id, pieces, rows)
+    parts = copy.plan_parts(source, target, table, tenants, move_id, pieces, rows)
     batch = run.options.batch_rows
 
     def stream(index: int) -> Callable[[], int]:
-        return lambda: copy.copy_part(source, target, table, tenant, move_id, index, batch, progress, rate, stop)
+        return lambda: copy.copy_part(source, target, table, tenants, move_id, index, batch, progress, rate, stop)
 
     return [stream(part.index) for part in parts if not part.done]

@@ -31,6 +31,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from migrator.catalog import Cohort
 from migrator.stamps.discovery import Table, tenant_filter
 
 ORDER = sql.Identifier("migrator_tree_order")
@@ -67,7 +68,7 @@ def _refers(table: Table, child: str, parent: str) -> sql.Composed:
     return sql.SQL("({}) AND NOT ({})").format(each, _same(table, child, parent))
 
 
-def order_rows(conn: psycopg.Connection[Any], table: Table, tenant: str) -> tuple[int, int]:
+def order_rows(conn: psycopg.Connection[Any], table: Table, tenants: Cohort) -> tuple[int, int]:
     """Number the tenant's rows parents first in a temporary table ORDER (in the caller's transaction).
 
     Returns (rows with a depth, all rows); the rows past the first count have none and go last.
@@ -79,7 +80,7 @@ def order_rows(conn: psycopg.Connection[Any], table: Table, tenant: str) -> tupl
         sql.SQL(
             "CREATE TEMPORARY TABLE {o} AS"
             " SELECT {cols}, NULL::integer AS depth, NULL::bigint AS seq FROM {t} WHERE {f}"
-        ).format(o=ORDER, cols=cols, t=table.ident, f=tenant_filter(table, tenant))
+        ).format(o=ORDER, cols=cols, t=table.ident, f=tenant_filter(table, tenants))
     )
     conn.execute(sql.SQL("CREATE INDEX ON {} ({})").format(ORDER, pk))
     for fk in table.self_references:
@@ -141,7 +142,7 @@ def batches(ordered: int, total: int, batch_rows: int) -> Iterator[tuple[int, in
         yield ordered, total
 
 
-def rows_between(table: Table, tenant: str, after: int, upto: int) -> sql.Composed:
+def rows_between(table: Table, tenants: Cohort, after: int, upto: int) -> sql.Composed:
     """SELECT of the copy columns of the rows numbered (after, upto], by one key probe each, in order."""
     return sql.SQL(
         "SELECT x.* FROM {o} o CROSS JOIN LATERAL (SELECT {cols} FROM {t} WHERE {match} AND {f} LIMIT 1) x"
@@ -153,25 +154,22 @@ def rows_between(table: Table, tenant: str, after: int, upto: int) -> sql.Compos
         match=sql.SQL(" AND ").join(
             sql.SQL("{t}.{c} = o.{c}").format(t=table.ident, c=sql.Identifier(c)) for c in table.primary_key
         ),
-        f=tenant_filter(table, tenant),
+        f=tenant_filter(table, tenants),
         a=sql.Literal(after),
         u=sql.Literal(upto),
     )
 
 
-def delete_between(table: Table, tenant: str, after: int, upto: int) -> sql.Composed:
+def delete_between(table: Table, tenants: Cohort, after: int, upto: int) -> sql.Composed:
     """DELETE of the tenant's rows numbered (after, upto]."""
     match = sql.SQL(" AND ").join(
         sql.SQL("{t}.{c} = o.{c}").format(t=table.ident, c=sql.Identifier(c)) for c in table.primary_key
     )
-    return sql.SQL(
-        "DELETE FROM {t} USING {o} o WHERE {match} AND {t}.{k} = {v} AND o.seq > {a} AND o.seq <= {u}"
-    ).format(
+    return sql.SQL("DELETE FROM {t} USING {o} o WHERE {match} AND {f} AND o.seq > {a} AND o.seq <= {u}").format(
         t=table.ident,
         o=ORDER,
         match=match,
-        k=sql.Identifier(table.key),
-        v=sql.Literal(tenant),
+        f=tenant_filter(table, tenants, sql.SQL("{}.{}").format(table.ident, sql.Identifier(table.key))),
         a=sql.Literal(after),
         u=sql.Literal(upto),
     )

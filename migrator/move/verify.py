@@ -1,4 +1,4 @@
-"""Prove a tenant's rows are equal on two stamps: counts and order-independent checksums per table.
+"""Prove a move's tenants' rows equal on two stamps: counts and order-independent checksums per table and tenant.
 
 Checksums are computed inside PostgreSQL on both sides at once (two threads), by hashing each row
 with `hash_record_extended`: columns of types whose hash tells every stored value apart are hashed
@@ -14,13 +14,14 @@ import contextlib
 import queue
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
 
 from migrator import stamps
+from migrator.catalog import Cohort, name_tenants
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput
@@ -45,22 +46,36 @@ class Checksum:
         """A short printable form; equality is on the full tuple."""
         return f"{(self.high ^ (self.low << 1)) & 0xFFFFFFFFFFFFFFFF:016x}"
 
+    def __add__(self, other: Checksum) -> Checksum:
+        """Checksums are sums over rows, so those of disjoint row sets add up."""
+        return Checksum(self.rows + other.rows, self.high + other.high, self.low + other.low)
+
+
+EMPTY = Checksum(0, 0, 0)
+
 
 @dataclass(frozen=True)
 class TableResult:
+    """One table compared: checksums over all of the move's tenants, the tenants whose own rows
+    differ (each tenant is compared on its own), and the first differing keys."""
+
     table: str
     source: Checksum
     target: Checksum
     missing: list[list[str]] = field(default_factory=list)
     extra: list[list[str]] = field(default_factory=list)
     changed: list[list[str]] = field(default_factory=list)
+    tenants: tuple[str, ...] = ()
 
     @property
     def equal(self) -> bool:
-        return self.source == self.target
+        return self.source == self.target and not self.tenants
 
-    def describe(self) -> str:
+    def describe(self, cohort: bool = False) -> str:
+        """One line naming the differing keys (and, in a cohort, the tenants whose rows differ)."""
         parts = [f"{self.table}: source {self.source.rows} rows, target {self.target.rows} rows"]
+        if cohort and self.tenants:
+            parts.append(f"differs for {name_tenants(self.tenants)}")
         for what, keys in (
             ("changed", self.changed),
             ("missing on target", self.missing),
@@ -73,7 +88,7 @@ class TableResult:
 
 @dataclass(frozen=True)
 class Report:
-    tenant: str
+    tenants: Cohort
     tables: list[TableResult]
 
     @property
@@ -85,11 +100,11 @@ class Report:
         return [t for t in self.tables if not t.equal]
 
     def summary(self) -> str:
+        who = name_tenants(self.tenants)
         if self.equal:
-            return (
-                f"tenant {self.tenant}: {len(self.tables)} tables equal, {sum(t.source.rows for t in self.tables)} rows"
-            )
-        return f"tenant {self.tenant} differs: " + " | ".join(t.describe() for t in self.mismatches)
+            return f"{who}: {len(self.tables)} tables equal, {sum(t.source.rows for t in self.tables)} rows"
+        cohort = len(self.tenants) > 1
+        return f"{who} differs: " + " | ".join(t.describe(cohort) for t in self.mismatches)
 
 
 Range = tuple[list[str] | None, list[str] | None]
@@ -139,25 +154,25 @@ def _row_hash(table: Table) -> sql.Composed:
 
 
 def keyed_row_hashes(
-    conn: psycopg.Connection[Any], table: Table, tenant: str, keys: sql.Identifier
+    conn: psycopg.Connection[Any], table: Table, tenants: Cohort, keys: sql.Identifier
 ) -> dict[tuple[str, ...], str]:
     """Key -> hash of the row, for the tenant's rows whose key is in a temporary key table."""
     select = sql.SQL("ARRAY[{}] AS key, {} AS hash").format(table.pk_text(), _row_hash(table))
-    query = sql.SQL("SELECT x.key, x.hash FROM {}").format(by_key(table, keys, tenant, select))
+    query = sql.SQL("SELECT x.key, x.hash FROM {}").format(by_key(table, keys, tenants, select))
     return {tuple(key): digest for key, digest in conn.execute(query).fetchall()}
 
 
-def _in_span(table: Table, tenant: str, span: Range, where: sql.Composable = ALL_ROWS) -> sql.Composed:
+def _in_span(table: Table, tenants: Cohort, span: Range, where: sql.Composable = ALL_ROWS) -> sql.Composed:
     """The tenant's rows with keys in (span[0], span[1]], and the extra filter: every query here reads these."""
     return sql.SQL("{} AND {} AND {} AND {}").format(
-        tenant_filter(table, tenant), key_after(table, span[0]), key_upto(table, span[1]), where
+        tenant_filter(table, tenants), key_after(table, span[0]), key_upto(table, span[1]), where
     )
 
 
 def checksum(
     conn: psycopg.Connection[Any],
     table: Table,
-    tenant: str,
+    tenants: Cohort,
     span: Range = (None, None),
     where: sql.Composable = ALL_ROWS,
 ) -> Checksum:
@@ -168,10 +183,33 @@ def checksum(
     query = sql.SQL(
         "SELECT count(*), coalesce(sum(hash_record_extended(r, 0)), 0), coalesce(sum(hash_record_extended(r, 1)), 0)"
         " FROM (SELECT {} AS r FROM {} WHERE {}) rows"
-    ).format(_hashed_row(table), table.ident, _in_span(table, tenant, span, where))
+    ).format(_hashed_row(table), table.ident, _in_span(table, tenants, span, where))
     row = conn.execute(query).fetchone()
     assert row is not None
     return Checksum(int(row[0]), int(row[1]), int(row[2]))
+
+
+def tenant_checksums(
+    conn: psycopg.Connection[Any], table: Table, tenants: Cohort, where: sql.Composable = ALL_ROWS
+) -> dict[str, Checksum]:
+    """`checksum` of each tenant's rows (with the filter), in one pass; tenants without rows are absent.
+
+    Keyed by the tenant column's text, which preflight requires to be the tenant's spelling.
+    """
+    if len(tenants) == 1:  # no grouping needed
+        one = checksum(conn, table, tenants, where=where)
+        return {tenants[0]: one} if one.rows else {}
+    query = sql.SQL(
+        "SELECT k, count(*), sum(hash_record_extended(r, 0)), sum(hash_record_extended(r, 1))"
+        " FROM (SELECT {}::text AS k, {} AS r FROM {} WHERE {}) rows GROUP BY k"
+    ).format(sql.Identifier(table.key), _hashed_row(table), table.ident, _in_span(table, tenants, (None, None), where))
+    return {k: Checksum(int(n), int(high), int(low)) for k, n, high, low in conn.execute(query).fetchall()}
+
+
+def table_result(label: str, source: dict[str, Checksum], target: dict[str, Checksum]) -> TableResult:
+    """Compare per-tenant checksums of one table: totals, and the tenants whose rows differ."""
+    differ = tuple(t for t in sorted(set(source) | set(target)) if source.get(t) != target.get(t))
+    return TableResult(label, sum(source.values(), EMPTY), sum(target.values(), EMPTY), tenants=differ)
 
 
 def _signed64(hex16: str) -> int:
@@ -198,20 +236,20 @@ def compare_hashes(table: str, source: dict[tuple[str, ...], str], target: dict[
 def row_hashes(
     conn: psycopg.Connection[Any],
     table: Table,
-    tenant: str,
+    tenants: Cohort,
     span: Range = (None, None),
     where: sql.Composable = ALL_ROWS,
 ) -> dict[tuple[str, ...], str]:
     """Key -> hash of the row, for the tenant's rows in a key range (and filter)."""
     query = sql.SQL("SELECT ARRAY[{}], {} FROM {} WHERE {}").format(
-        table.pk_text(), _row_hash(table), table.ident, _in_span(table, tenant, span, where)
+        table.pk_text(), _row_hash(table), table.ident, _in_span(table, tenants, span, where)
     )
     return {tuple(key): digest for key, digest in conn.execute(query).fetchall()}
 
 
-def _split(conn: psycopg.Connection[Any], table: Table, tenant: str, span: Range, rows: int) -> list[Range]:
+def _split(conn: psycopg.Connection[Any], table: Table, tenants: Cohort, span: Range, rows: int) -> list[Range]:
     """Cut a range into about FANOUT sub-ranges at the source's key quantiles."""
-    bounds = key_quantiles(conn, table, _in_span(table, tenant, span), max(1, rows // FANOUT))
+    bounds = key_quantiles(conn, table, _in_span(table, tenants, span), max(1, rows // FANOUT))
     edges: list[list[str] | None] = [span[0], *bounds, span[1]]
     return [(edges[i], edges[i + 1]) for i in range(len(edges) - 1) if edges[i] != edges[i + 1]]
 
@@ -220,7 +258,7 @@ def _narrow(
     src: psycopg.Connection[Any],
     tgt: psycopg.Connection[Any],
     table: Table,
-    tenant: str,
+    tenants: Cohort,
     span: Range,
     src_sum: Checksum,
     tgt_sum: Checksum,
@@ -229,7 +267,7 @@ def _narrow(
     if sum(len(v) for v in found.values()) >= MAX_KEYS:
         return
     if max(src_sum.rows, tgt_sum.rows) <= LEAF_ROWS or src_sum.rows == 0:
-        src_rows, tgt_rows = row_hashes(src, table, tenant, span), row_hashes(tgt, table, tenant, span)
+        src_rows, tgt_rows = row_hashes(src, table, tenants, span), row_hashes(tgt, table, tenants, span)
         for key in sorted(set(src_rows) | set(tgt_rows)):
             kind = (
                 "missing"
@@ -241,10 +279,10 @@ def _narrow(
             if kind and sum(len(v) for v in found.values()) < MAX_KEYS:
                 found[kind].append(list(key))
         return
-    for sub in _split(src, table, tenant, span, src_sum.rows):
-        s, t = checksum(src, table, tenant, sub), checksum(tgt, table, tenant, sub)
+    for sub in _split(src, table, tenants, span, src_sum.rows):
+        s, t = checksum(src, table, tenants, sub), checksum(tgt, table, tenants, sub)
         if s != t:
-            _narrow(src, tgt, table, tenant, sub, s, t, found)
+            _narrow(src, tgt, table, tenants, sub, s, t, found)
 
 
 Pair = tuple[psycopg.Connection[Any], psycopg.Connection[Any]]
@@ -299,36 +337,40 @@ class Streams:
 
 
 def compare_table(
-    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], table: Table, tenant: str, sides: ThreadPoolExecutor
+    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], table: Table, tenants: Cohort, sides: ThreadPoolExecutor
 ) -> TableResult:
-    """Checksum one table on both sides concurrently; narrow down to keys when they differ."""
-    s_future = sides.submit(checksum, src, table, tenant)
-    t_sum = checksum(tgt, table, tenant)
-    s_sum = s_future.result()
-    if s_sum == t_sum:
-        return TableResult(table.label, s_sum, t_sum)
+    """Checksum one table per tenant on both sides concurrently; narrow down to keys where they differ."""
+    s_future = sides.submit(tenant_checksums, src, table, tenants)
+    t_sums = tenant_checksums(tgt, table, tenants)
+    s_sums = s_future.result()
+    result = table_result(table.label, s_sums, t_sums)
+    if result.equal:
+        return result
     found: dict[str, list[list[str]]] = {"missing": [], "extra": [], "changed": []}
-    _narrow(src, tgt, table, tenant, (None, None), s_sum, t_sum, found)
-    return TableResult(table.label, s_sum, t_sum, found["missing"], found["extra"], found["changed"])
+    for tenant in result.tenants:
+        one = (tenant,)
+        _narrow(src, tgt, table, one, (None, None), s_sums.get(tenant, EMPTY), t_sums.get(tenant, EMPTY), found)
+    return replace(result, missing=found["missing"], extra=found["extra"], changed=found["changed"])
 
 
-def verify_tenant(source_dsn: str, target_dsn: str, layout: Layout, tenant: str, jobs: int = 1) -> Report:
+def verify_tenants(source_dsn: str, target_dsn: str, layout: Layout, tenants: Cohort, jobs: int = 1) -> Report:
     """Compare every tenant table of `layout` between two stamps (read-only on both), `jobs` tables at a time."""
     with Streams(source_dsn, target_dsn, min(jobs, len(layout.tables))) as streams:
-        results = streams.map(lambda src, tgt, _, table: compare_table(src, tgt, table, tenant, streams.sides),
+        results = streams.map(lambda src, tgt, _, table: compare_table(src, tgt, table, tenants, streams.sides),
                               layout.tables)  # fmt: skip
-    return Report(tenant, results)
+    return Report(tenants, results)
 
 
-def verify_between(ctx: Context, tenant: str, source_name: str, target_name: str, jobs: int = 1) -> Report:
-    """`migrator verify`: compare a tenant on two stamps, using the source's layout.
+def verify_between(ctx: Context, tenants: Cohort, source_name: str, target_name: str, jobs: int = 1) -> Report:
+    """`migrator verify`: compare tenants on two stamps, using the source's layout.
 
     An unknown tenant (no route) is bad input, as for a move: two empty sides would "verify equal".
     """
-    ctx.catalog.route(tenant)
+    for tenant in tenants:
+        ctx.catalog.route(tenant)
     source, target = ctx.catalog.stamp(source_name), ctx.catalog.stamp(target_name)
     if source.name == target.name:
         raise BadInput("source and target are the same stamp")
     with stamps.connect(source) as src, stamps.connect(target):  # an unreachable stamp is named, masked
         layout = discover(src, ctx.config.tenancy)
-    return verify_tenant(source.dsn, target.dsn, layout, tenant, jobs)
+    return verify_tenants(source.dsn, target.dsn, layout, tenants, jobs)

@@ -28,7 +28,7 @@ from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.db.locks import lock_key, try_lock
 from migrator.errors import BadInput, LockBusy, MigratorError
-from migrator.move import MoveOptions, move_tenant
+from migrator.move import MoveOptions, move_tenants
 from migrator.move.run import default_jobs
 from migrator.plans.capacity import measure_fleet, shift
 from migrator.plans.planners import Plan, PlannedMove, check_stamps, load_plan
@@ -459,7 +459,7 @@ def _one(
         move_options = MoveOptions(
             batch_rows=options.batch_rows, jobs=options.jobs, allow_triggers=options.allow_triggers
         )
-        outcome = move_tenant(ctx, move.tenant, move.target, move_options, progress)
+        outcome = move_tenants(ctx, (move.tenant,), move.target, move_options, progress)
     except Exception as exc:  # one failed move must not stop the others
         reason = _reason(ctx, exc)
         unfinished = ctx.catalog.open_move(move.tenant)

@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from migrator.catalog.models import Cohort
 from migrator.config import Tenancy
 from migrator.errors import PreflightError
 
@@ -384,13 +385,18 @@ def _components(parents: dict[int, set[int]], names: dict[int, str]) -> list[lis
     return found
 
 
-def tenant_filter(table: Table, tenant: str) -> sql.Composed:
-    """`"key" = 'tenant'` as a composable, with the tenant passed as a literal of unknown type.
+def tenant_filter(table: Table, tenants: Cohort, column: sql.Composable | None = None) -> sql.Composed:
+    """`"key" = 'tenant'`, or `"key" IN ('a', 'b', ...)` for a cohort, with the tenants passed as
+    literals of unknown type (`column`: the key qualified, where a join makes it ambiguous).
 
-    COPY statements cannot take server-side parameters, so the tenant is bound as an SQL literal;
-    PostgreSQL infers its type from the column (bigint, uuid, text...).
+    COPY statements cannot take server-side parameters, so tenants are bound as SQL literals;
+    PostgreSQL infers their type from the column (bigint, uuid, text...), which `= ANY(array)`
+    would not: the array would be text[].
     """
-    return sql.SQL("{} = {}").format(sql.Identifier(table.key), sql.Literal(tenant))
+    key = column if column is not None else sql.Identifier(table.key)
+    if len(tenants) == 1:
+        return sql.SQL("{} = {}").format(key, sql.Literal(tenants[0]))
+    return sql.SQL("{} IN ({})").format(key, sql.SQL(", ").join(sql.Literal(t) for t in tenants))
 
 
 def key_after(table: Table, cursor: list[str] | None) -> sql.Composable:
