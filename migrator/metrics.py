@@ -30,7 +30,13 @@ class Metrics:
         self.rows_copied = Counter(
             "migrator_rows_copied", "Rows committed on a target by the bulk copy", ["source", "target"], registry=r
         )
-        self.moves = Gauge("migrator_moves", "Moves this process is running, by phase", ["phase"], registry=r)
+        self.moves = Gauge("migrator_moves", "Moves (cohorts) this process is running, by phase", ["phase"], registry=r)
+        self.move_tenants = Gauge(
+            "migrator_move_tenants", "Tenants of the moves this process is running, by phase", ["phase"], registry=r
+        )
+        self.tenants_moved = Counter(
+            "migrator_tenants_moved", "Tenants whose route a move of this process flipped", registry=r
+        )
         self.moves_ended = Counter(
             "migrator_moves_ended", "Moves this process ran to their end, by outcome", ["outcome"], registry=r
         )
@@ -53,22 +59,26 @@ class Metrics:
         self.retries = Counter(
             "migrator_transient_retries", "Transient errors retried, by the retried step", ["step"], registry=r
         )
-        self._phases: dict[int, str] = {}
+        self._phases: dict[int, tuple[str, int]] = {}  # move id -> (phase, tenants)
         self._lock = threading.Lock()
 
-    def phase(self, move_id: int, phase: str | None) -> None:
-        """Move `move_id` is now at `phase` (None: this process is no longer running it)."""
+    def phase(self, move_id: int, phase: str | None, tenants: int = 1) -> None:
+        """Move `move_id`, of `tenants` tenants, is now at `phase` (None: this process no longer runs it)."""
         with self._lock:
             before = self._phases.pop(move_id, None)
             if before is not None:
-                self.moves.labels(before).dec()
+                self.moves.labels(before[0]).dec()
+                self.move_tenants.labels(before[0]).dec(before[1])
             if phase is not None:
-                self._phases[move_id] = phase
+                self._phases[move_id] = (phase, tenants)
                 self.moves.labels(phase).inc()
+                self.move_tenants.labels(phase).inc(tenants)
 
-    def ended(self, move_id: int, outcome: str) -> None:
+    def ended(self, move_id: int, outcome: str, tenants: int = 1) -> None:
         self.phase(move_id, None)
         self.moves_ended.labels(outcome).inc()
+        if outcome == "flipped":
+            self.tenants_moved.inc(tenants)
 
     def counting_copy(self, progress: Progress, source: str, target: str) -> Progress:
         """`progress` that also counts the copy's committed rows (what its `advance` reports)."""

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +129,12 @@ class Fleet(RunsCli):
             count = seed_tenant(conn, TenantSpec(tenant, rows))
         self.catalog.set_route(str(tenant), stamp)
         return count
+
+    def seed_many(self, stamp: str, tenants: Sequence[int], rows: int) -> dict[int, int]:
+        """Seed several tenants on a stamp and route them there in one import; returns their row counts."""
+        counts = seed_fleet_stamp(self.stamps[stamp], [TenantSpec(t, rows) for t in tenants])
+        self.catalog.import_routes([(str(t), stamp) for t in tenants])
+        return counts
 
     def layout(self, stamp: str = "eu-1") -> Layout:
         with dsnlib.connect(self.stamps[stamp], autocommit=True) as conn:

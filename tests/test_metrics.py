@@ -107,3 +107,20 @@ def test_a_metrics_port_in_use_is_refused_before_the_move_starts(fleet: Fleet) -
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: --metrics-port") and result.stderr.count("\n") == 1
     assert fleet.catalog.route("7").stamp == "eu-1" and fleet.catalog.open_move("7") is None
+
+
+def test_metrics_of_a_cohort_count_one_move_and_each_of_its_tenants(fleet: Fleet) -> None:
+    counts = fleet.seed_many("eu-1", list(range(31, 41)), 300)
+    ctx = Context(fleet.ctx.config, fleet.ctx.catalog)
+    port = _free_port()
+    with ctx.metrics.serve(port):
+        outcome = move_tenants(ctx, tuple(str(t) for t in counts), "eu-2", MoveOptions(batch_rows=200), Silent())
+        scraped = _scrape(port)
+    assert outcome.move is not None and len(outcome.routes) == 10
+    assert scraped[("migrator_rows_copied_total", (("source", "eu-1"), ("target", "eu-2")))] == sum(counts.values())
+    assert outcome.move.rows_copied == sum(counts.values())
+    assert scraped[("migrator_moves_ended_total", (("outcome", "flipped"),))] == 1
+    assert scraped[("migrator_tenants_moved_total", ())] == 10
+    assert scraped[("migrator_freeze_duration_seconds_count", (("outcome", "flipped"),))] == 1
+    assert all(v == 0 for (n, _), v in scraped.items() if n in ("migrator_moves", "migrator_move_tenants"))
+    assert ("migrator_move_tenants", (("phase", "copying"),)) in scraped  # it was counted while it copied

@@ -151,7 +151,7 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
     run.progress.begin(move.rows_total)
 
     def at(step: Move) -> Move:
-        run.metrics.phase(step.id, step.phase)
+        run.metrics.phase(step.id, step.phase, len(step.tenants))
         return step
 
     run.metrics.rows_copied.labels(run.source.name, run.target.name)  # exported (as 0) from the start
@@ -197,7 +197,7 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
 def _failed(run: MoveRun, move: Move, message: str, exc: Exception) -> None:
     if isinstance(exc, VerifyMismatch):
         run.metrics.verify_mismatches.inc()
-    run.metrics.ended(move.id, "failed")
+    run.metrics.ended(move.id, "failed", len(move.tenants))
     _record_error(run.catalog, move, message)
 
 
@@ -214,7 +214,7 @@ def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
 def _finished(
     run: MoveRun, move: Move, routes: list[Route], resumed: bool, report: Report | None, timings: dict[str, float]
 ) -> MoveOutcome:
-    run.metrics.ended(move.id, "flipped")
+    run.metrics.ended(move.id, "flipped", len(move.tenants))
     with stamps.connect(run.target) as tgt:
         forget_progress(tgt, move.id)
     move = run.catalog.move(move.id)
