@@ -74,7 +74,7 @@ def test_drain_killed_halfway_resumes_and_empties_the_stamp(fleet: Fleet, tmp_pa
     assert refused.exit_code == 2 and "20 tenant(s) routed" in refused.stderr
     assert fleet.run("stamp", "set-state", "eu-1", "draining").exit_code == 0
 
-    plan = _plan(fleet, tmp_path, "drain", "eu-1", "--to", "eu-2,us-1")
+    plan = _plan(fleet, tmp_path, "drain", "eu-1", "--to", "eu-2,us-1", "--cohort-tenants", "1")
     rows = [m["rows"] for m in plan["moves"]]
     assert sorted(m["tenant"] for m in plan["moves"]) == sorted(sizes) and rows == sorted(rows, reverse=True)
     assert {m["to"] for m in plan["moves"]} == {"eu-2", "us-1"}
@@ -111,6 +111,45 @@ def test_drain_killed_halfway_resumes_and_empties_the_stamp(fleet: Fleet, tmp_pa
     retired = fleet.run("stamp", "set-state", "eu-1", "retired")
     assert retired.exit_code == 0, retired.output
     assert fleet.catalog.stamp("eu-1").state == "retired"
+
+
+def test_drain_groups_small_tenants_into_cohorts_and_apply_moves_each_cohort_as_one(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    sizes = {**fleet.seed_many("eu-1", list(range(101, 125)), 150), **fleet.seed_many("eu-1", [1, 2], 6_000)}
+    rows = {str(t): n for t, n in sizes.items()}
+    layout = fleet.layout()
+    before = {t: tenant_digest(fleet.dsn("eu-1"), layout, t) for t in rows}
+    plan = _plan(
+        fleet, tmp_path, "drain", "eu-1", "--to", "eu-2,us-1", "--cohort-rows", "5000", "--cohort-tenants", "8"
+    )
+
+    alone = [m for m in plan["moves"] if "tenant" in m]
+    cohorts = [m for m in plan["moves"] if "tenants" in m]
+    assert sorted(m["tenant"] for m in alone) == ["1", "2"] and plan["moves"][:2] == alone  # large ones first, alone
+    assert len(cohorts) >= 3 and all(1 < len(m["tenants"]) <= 8 and m["rows"] <= 5_000 for m in cohorts)
+    assert all(m["rows"] == sum(rows[t] for t in m["tenants"]) for m in cohorts)  # each cohort with its size
+    listed = [t for m in cohorts for t in m["tenants"]]
+    assert sorted(listed) == sorted(str(t) for t in range(101, 125)) and len(listed) == len(set(listed))
+    written = (tmp_path / "plan.yaml").read_text()
+    assert "tenants: [" in written  # a cohort's tenants on its own line of the file
+    shown = fleet.run("plan", "show", str(tmp_path / "plan.yaml"))
+    assert shown.exit_code == 0 and f"{len(plan['moves'])} moves of 26 tenants" in shown.stdout
+
+    result = fleet.run("apply", str(tmp_path / "plan.yaml"), "--parallel", "2", "--per-stamp", "2", "--yes")
+    assert result.exit_code == 0, result.output + result.stderr
+    first = cohorts[0]["tenants"]
+    assert f"done    {len(first)} tenants ({', '.join(first[:5])}" in result.stderr  # a line per finished cohort
+    assert "plan: 26/26 tenants" in result.stderr  # the overall counter counts tenants as well as rows
+    assert "\r" not in result.stderr and "\x1b" not in result.stderr
+    assert fleet.catalog.routes("eu-1") == []
+    for entry in plan["moves"]:
+        tenants = entry.get("tenants") or [entry["tenant"]]
+        moves = {m.id for t in tenants for m in fleet.catalog.moves(t)}
+        assert len(moves) == 1, (tenants, moves)  # one move per cohort
+        for tenant in tenants:
+            assert fleet.catalog.route(tenant).stamp == entry["to"]
+            assert tenant_digest(fleet.dsn(entry["to"]), layout, tenant) == before[tenant]
 
 
 def test_capacity_is_reckoned_once_a_full_stamp_fits_and_one_more_row_overruns() -> None:
@@ -159,7 +198,7 @@ def test_rebalance_plan_is_within_threshold_and_apply_achieves_it(fleet: Fleet, 
     _seed_many(fleet, "eu-2", {8: 1_500, 9: 1_000})
     for stamp in fleet.stamps:
         assert fleet.run("stamp", "update", stamp, "--capacity-rows", "20000").exit_code == 0
-    plan = _plan(fleet, tmp_path, "rebalance", "--threshold", "0.1")
+    plan = _plan(fleet, tmp_path, "rebalance", "--threshold", "0.1", "--cohort-tenants", "1")
     used = _routed_rows(fleet)
     mean = sum(used.values()) / 60_000
     assert "notes" not in plan and plan["moves"]
@@ -182,7 +221,7 @@ def test_rebalance_plan_is_within_threshold_and_apply_achieves_it(fleet: Fleet, 
 
 def test_stale_plan_is_refused_naming_the_entry(fleet: Fleet, tmp_path: Path) -> None:
     _seed_many(fleet, "eu-1", {1: 900, 2: 600, 3: 300})
-    _plan(fleet, tmp_path, "drain", "eu-1", "--to", "eu-2")
+    _plan(fleet, tmp_path, "drain", "eu-1", "--to", "eu-2", "--cohort-tenants", "1")
     assert fleet.run("move", "2", "--to", "us-1", "--yes").exit_code == 0  # by hand, since the plan was made
     snapshot = catalog_snapshot(fleet)
     result = fleet.run("apply", str(tmp_path / "plan.yaml"), "--yes")
@@ -201,7 +240,7 @@ def test_failed_move_does_not_stop_the_others_and_rerun_retries_it(fleet: Fleet,
     from migrator.local.seed import TenantSpec, seed_tenant
 
     _seed_many(fleet, "eu-1", {1: 1_200, 2: 500, 3: 400})
-    _plan(fleet, tmp_path, "drain", "eu-1", "--to", "eu-2")
+    _plan(fleet, tmp_path, "drain", "eu-1", "--to", "eu-2", "--cohort-tenants", "1")
     with dsnlib.connect(fleet.dsn("eu-2")) as conn:  # a stray copy of tenant 1 on the target: preflight refuses
         seed_tenant(conn, TenantSpec(1, 50))
     plan_file = str(tmp_path / "plan.yaml")
@@ -213,7 +252,7 @@ def test_failed_move_does_not_stop_the_others_and_rerun_retries_it(fleet: Fleet,
 
     result = fleet.run("apply", plan_file, "--yes", "--json")
     assert result.exit_code == 1
-    statuses = {r["tenant"]: r["status"] for r in json.loads(result.stdout)["results"]}
+    statuses = {r["tenants"][0]: r["status"] for r in json.loads(result.stdout)["results"]}
     assert statuses == {"1": "failed", "2": "done", "3": "done"}
 
     with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
@@ -226,7 +265,7 @@ def test_failed_move_does_not_stop_the_others_and_rerun_retries_it(fleet: Fleet,
 
 def test_ctrl_c_lets_the_running_move_finish_and_says_how_to_resume(fleet: Fleet, tmp_path: Path) -> None:
     _seed_many(fleet, "eu-1", {1: 4_000, 2: 3_000, 3: 2_000, 4: 1_000})
-    _plan(fleet, tmp_path, "drain", "eu-1", "--to", "eu-2")
+    _plan(fleet, tmp_path, "drain", "eu-1", "--to", "eu-2", "--cohort-tenants", "1")
     args = ("apply", str(tmp_path / "plan.yaml"), "--batch-rows", "200", "--yes")
     proc = fleet.popen(*args)
     _wait(lambda: any(s == "running" for _, _, s, _ in _plan_moves(fleet)), "a running move", proc)
@@ -243,7 +282,7 @@ def test_ctrl_c_lets_the_running_move_finish_and_says_how_to_resume(fleet: Fleet
 
 def test_a_plan_already_being_applied_is_refused_and_left_running(fleet: Fleet, tmp_path: Path) -> None:
     _seed_many(fleet, "eu-1", {1: 3_000, 2: 2_000})
-    _plan(fleet, tmp_path, "drain", "eu-1", "--to", "eu-2")
+    _plan(fleet, tmp_path, "drain", "eu-1", "--to", "eu-2", "--cohort-tenants", "1")
     args = ("apply", str(tmp_path / "plan.yaml"), "--batch-rows", "100", "--yes")
     first = fleet.popen(*args)
     _wait(lambda: any(s == "running" for _, _, s, _ in _plan_moves(fleet)), "a running move", first)
@@ -312,7 +351,7 @@ def test_malformed_plan_is_one_clear_line(
     fleet: Fleet, tmp_path: Path, name: str, mutate: Callable[[str], str], message: str
 ) -> None:
     _seed_many(fleet, "eu-1", {1: 300, 2: 200})
-    _plan(fleet, tmp_path, "drain", "eu-1", "--to", "eu-2")
+    _plan(fleet, tmp_path, "drain", "eu-1", "--to", "eu-2", "--cohort-tenants", "1")
     bad = tmp_path / "bad.yaml"
     bad.write_text(mutate((tmp_path / "plan.yaml").read_text()))
     result = fleet.run("apply", str(bad), "--yes")

@@ -210,11 +210,6 @@ def move_run(
     )
 
 
-def _tenants_cell(tenants: tuple[str, ...]) -> str:
-    """A cohort in one cell of `move status`: its first tenant and how many more."""
-    return tenants[0] + (f" +{len(tenants) - 1}" if len(tenants) > 1 else "")
-
-
 def _move_dict(move: Any) -> dict[str, Any]:
     return {f.name: getattr(move, f.name) for f in move.__dataclass_fields__.values()}
 
@@ -255,7 +250,7 @@ def move_status(ctx: click.Context, move_id: int | None, as_json: bool) -> None:
             [
                 [
                     m.id,
-                    _tenants_cell(m.tenants),
+                    render.tenants_cell(m.tenants),
                     m.source,
                     m.target,
                     m.phase,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from migrator.catalog import StampState
+from migrator.catalog import StampState, name_tenants
 from migrator.cli import render
 from migrator.cli.base import (
     ALLOW_TRIGGERS,
@@ -28,7 +28,7 @@ from migrator.errors import MigratorError
 
 if TYPE_CHECKING:  # the engine is imported inside each command, which keeps `migrator --help` fast
     from migrator.plans.apply import ApplyOptions, ApplyProgress, ApplyResult, Entry, EntryResult, Prepared
-    from migrator.plans.planners import Plan
+    from migrator.plans.planners import Cohorts, Plan
 
 OUTPUT = click.option(
     "-o",
@@ -38,6 +38,28 @@ OUTPUT = click.option(
     help="Where to write the plan (default under plans/).",
 )
 FORCE = click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
+
+
+def _cohort_defaults() -> Cohorts:
+    from migrator.plans.planners import Cohorts
+
+    return Cohorts()
+
+
+COHORT_ROWS = click.option(
+    "--cohort-rows",
+    type=click.IntRange(min=1),
+    default=EngineDefault(lambda: _cohort_defaults().rows),
+    show_default=True,
+    help="Small tenants moving between two stamps go in cohorts of at most this many rows (larger ones alone).",
+)
+COHORT_TENANTS = click.option(
+    "--cohort-tenants",
+    type=click.IntRange(min=1),
+    default=EngineDefault(lambda: _cohort_defaults().tenants),
+    show_default=True,
+    help="At most this many tenants per cohort (1: every tenant is its own move).",
+)
 
 # -- stamps -----------------------------------------------------------------------------------------------
 
@@ -100,18 +122,28 @@ def _written(as_json: bool, plan: Plan, path: Path) -> None:
 @plan_group.command("drain")
 @click.argument("stamp")
 @click.option("--to", "to", default=None, help="Comma-separated stamps to drain onto (default: every active stamp).")
+@COHORT_ROWS
+@COHORT_TENANTS
 @OUTPUT
 @FORCE
 @JSON
 @click.pass_context
 def plan_drain_cmd(
-    ctx: click.Context, stamp: str, to: str | None, output: Path | None, force: bool, as_json: bool
+    ctx: click.Context,
+    stamp: str,
+    to: str | None,
+    cohort_rows: int,
+    cohort_tenants: int,
+    output: Path | None,
+    force: bool,
+    as_json: bool,
 ) -> None:
-    """Plan moving every tenant off STAMP, largest first, onto the active stamp with most free capacity."""
-    from migrator.plans.planners import plan_drain, write_plan
+    """Plan moving every tenant off STAMP, largest first, onto the active stamp with most free capacity;
+    small tenants go together in cohorts (one move each)."""
+    from migrator.plans.planners import Cohorts, plan_drain, write_plan
 
     targets = [name.strip() for name in to.split(",") if name.strip()] if to else None
-    plan = plan_drain(context_of(ctx), stamp, targets)
+    plan = plan_drain(context_of(ctx), stamp, targets, Cohorts(cohort_rows, cohort_tenants))
     path = write_plan(plan, output or Path("plans") / f"drain-{stamp.replace('/', '-')}.yaml", force)
     _written(as_json, plan, path)
 
@@ -124,18 +156,28 @@ def plan_drain_cmd(
     show_default=True,
     help="Every active stamp must end within this of the fleet's utilisation (rows / capacity_rows).",
 )
-@click.option("--max-moves", type=click.IntRange(min=1), default=None, help="Propose at most this many moves.")
+@click.option("--max-moves", type=click.IntRange(min=1), default=None, help="Move at most this many tenants.")
+@COHORT_ROWS
+@COHORT_TENANTS
 @OUTPUT
 @FORCE
 @JSON
 @click.pass_context
 def plan_rebalance_cmd(
-    ctx: click.Context, threshold: float, max_moves: int | None, output: Path | None, force: bool, as_json: bool
+    ctx: click.Context,
+    threshold: float,
+    max_moves: int | None,
+    cohort_rows: int,
+    cohort_tenants: int,
+    output: Path | None,
+    force: bool,
+    as_json: bool,
 ) -> None:
-    """Plan the fewest moves (greedy) that bring every active stamp near the fleet's mean utilisation."""
-    from migrator.plans.planners import plan_rebalance, write_plan
+    """Plan the fewest tenant moves (greedy) that bring every active stamp near the fleet's mean
+    utilisation; small tenants going the same way go together in cohorts."""
+    from migrator.plans.planners import Cohorts, plan_rebalance, write_plan
 
-    plan = plan_rebalance(context_of(ctx), threshold, max_moves)
+    plan = plan_rebalance(context_of(ctx), threshold, max_moves, Cohorts(cohort_rows, cohort_tenants))
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     path = write_plan(plan, output or Path("plans") / f"rebalance-{stamp}.yaml", force)
     _written(as_json, plan, path)
@@ -189,8 +231,11 @@ def _plan_text(plan: Plan) -> str:
         *(f"note: {note}" for note in plan.notes),
     ]
     moves = render.table(
-        ["#", "tenant", "from", "to", "rows", "bytes"],
-        [[i, m.tenant, m.source, m.target, f"{m.rows:,}", human_bytes(m.bytes)] for i, m in enumerate(plan.moves)],
+        ["#", "tenants", "from", "to", "rows", "bytes"],
+        [
+            [i, render.tenants_cell(m.tenants), m.source, m.target, f"{m.rows:,}", human_bytes(m.bytes)]
+            for i, m in enumerate(plan.moves)
+        ],
     )
     use = render.table(
         ["stamp", "before", "after", "change", "rows before", "rows after"],
@@ -206,7 +251,7 @@ def _plan_text(plan: Plan) -> str:
             for name, u in plan.utilisation.items()
         ],
     )
-    total = f"{len(plan.moves)} moves, {plan.rows:,} rows"
+    total = f"{len(plan.moves)} moves of {sum(len(m.tenants) for m in plan.moves)} tenants, {plan.rows:,} rows"
     return "\n".join(
         [*head, "", moves if plan.moves else "no moves", total, "", "utilisation (rows / capacity_rows):", use]
     )
@@ -223,25 +268,32 @@ def _apply_defaults() -> ApplyOptions:
 
 
 class ApplyBars:
-    """An overall counter of rows on stderr (a bar, or periodic lines), and one line per started and finished move."""
+    """An overall counter of rows with an ETA on stderr (a bar, or periodic lines) that also counts
+    tenants moved, and one line per started and finished move (a cohort)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._bar: render.Meter | None = None
         self._count = 0
         self._total = 0
+        self._tenants = 0
+        self._tenants_total = 0
 
     def begin(self, prepared: Prepared) -> None:
         todo = prepared.todo
         self._total = len(todo)
-        self._bar = render.meter(f"plan ({len(todo)} moves)", sum(e.move.rows for e in todo), "rows")
+        self._tenants_total = sum(len(e.move.tenants) for e in todo)
+        self._bar = render.meter(self._description(), sum(e.move.rows for e in todo), "rows")
         for entry in prepared.entries:
             if entry.todo == "done":
-                self._line(f"skip    tenant {entry.move.tenant}: {entry.note}")
+                self._line(f"skip    {entry.move.who}: {entry.note}")
+
+    def _description(self) -> str:
+        return f"plan: {self._tenants}/{self._tenants_total} tenants, {self._count}/{self._total} moves"
 
     def started(self, entry: Entry) -> None:
         what = entry.note if entry.resume else f"{entry.move.rows:,} rows"
-        self._line(f"start   tenant {entry.move.tenant} {entry.move.source} -> {entry.move.target} ({what})")
+        self._line(f"start   {entry.move.who} {entry.move.source} -> {entry.move.target} ({what})")
 
     def rows(self, count: int) -> None:
         with self._lock:
@@ -251,7 +303,10 @@ class ApplyBars:
     def finished(self, result: EntryResult) -> None:
         with self._lock:
             self._count += 1
-        where = f"tenant {result.tenant} {result.source} -> {result.target}"
+            self._tenants += len(result.tenants) if result.status == "done" else 0
+            if self._bar is not None:
+                self._bar.set_description(self._description())
+        where = f"{name_tenants(result.tenants)} {result.source} -> {result.target}"
         if result.status == "done":
             self._line(
                 f"done    {where} in {result.seconds:.1f} s (move {result.move_id}) [{self._count}/{self._total}]"
@@ -293,7 +348,7 @@ def _dry_run(as_json: bool, prepared: Prepared) -> None:
         "entries": [
             {
                 "position": e.position,
-                "tenant": e.move.tenant,
+                "tenants": list(e.move.tenants),
                 "from": e.move.source,
                 "to": e.move.target,
                 "rows": e.move.rows,
@@ -303,9 +358,16 @@ def _dry_run(as_json: bool, prepared: Prepared) -> None:
         ],
     }
     text = render.table(
-        ["#", "tenant", "from", "to", "rows", "action"],
+        ["#", "tenants", "from", "to", "rows", "action"],
         [
-            [e.position, e.move.tenant, e.move.source, e.move.target, f"{e.move.rows:,}", action(e)]
+            [
+                e.position,
+                render.tenants_cell(e.move.tenants),
+                e.move.source,
+                e.move.target,
+                f"{e.move.rows:,}",
+                action(e),
+            ]
             for e in prepared.entries
         ],
     )
@@ -315,11 +377,11 @@ def _dry_run(as_json: bool, prepared: Prepared) -> None:
 def _summary(result: ApplyResult) -> str:
     counts = ", ".join(f"{len(result.having(s))} {s}" for s in ("done", "failed", "skipped"))
     table = render.table(
-        ["#", "tenant", "from", "to", "status", "move", "seconds", "reason"],
+        ["#", "tenants", "from", "to", "status", "move", "seconds", "reason"],
         [
             [
                 r.position,
-                r.tenant,
+                render.tenants_cell(r.tenants),
                 r.source,
                 r.target,
                 r.status,

@@ -69,6 +69,8 @@ class Meter(Protocol):
 
     def update(self, n: int) -> object: ...
 
+    def set_description(self, desc: str) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -91,6 +93,9 @@ class LineMeter:
         if time.monotonic() - self._last >= self._interval:
             self._line()
 
+    def set_description(self, desc: str) -> None:
+        self._desc = desc
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -102,7 +107,9 @@ class LineMeter:
         elapsed = now - self._began
         rate = (self._done - self._start) / max(elapsed, 1e-6)
         done = f"{self._done:,}/{self._total:,} {self._unit} ({self._done / self._total:.0%})" if self._total else ""
-        say(f"{self._desc}: {done or f'{self._done:,} {self._unit}'}, {rate:,.0f} {self._unit}/s, {elapsed:.1f} s")
+        left = (self._total - self._done) / rate if self._total and rate > 0 and self._done < self._total else None
+        eta = f", ETA {left:.0f} s" if left is not None else ""
+        say(f"{self._desc}: {done or f'{self._done:,} {self._unit}'}, {rate:,.0f} {self._unit}/s, {elapsed:.1f} s{eta}")
 
 
 def terminal() -> bool:
@@ -137,6 +144,11 @@ def meter(
         file=sys.stderr,
         dynamic_ncols=True,
     )
+
+
+def tenants_cell(tenants: tuple[str, ...]) -> str:
+    """A cohort in one table cell: its first tenant and how many more (`101 +49`)."""
+    return tenants[0] + (f" +{len(tenants) - 1}" if len(tenants) > 1 else "")
 
 
 def say(message: str) -> None:

@@ -1,11 +1,12 @@
-"""Carrying out a plan: its moves through `move_tenant`, in parallel, recorded so a re-run resumes.
+"""Carrying out a plan: its moves (each a cohort of tenants) through `move_tenants`, in parallel,
+recorded so a re-run resumes.
 
 `prepare` reads the file and refuses a stale plan before anything runs (tenants no longer where
 planned, targets no longer active or too full). `run` starts at most --parallel moves at once,
 at most --per-stamp per target stamp, never two for one tenant, and records each entry's status
 in the catalog tables `plans` / `plan_moves`, keyed by the sha256 of the file's bytes. Running
-the same file again skips finished entries and resumes the rest (`move_tenant` resumes a
-tenant's unfinished move by itself). Ctrl-C stops starting moves and lets running ones finish.
+the same file again skips finished entries and resumes the rest (`move_tenants` resumes a
+cohort's unfinished move by itself). Ctrl-C stops starting moves and lets running ones finish.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ class Todo(StrEnum):
     """What a run has to do with a plan entry, decided by `prepare`."""
 
     RUN = "run"
-    RESUME = "resume"  # the tenant has the entry's move unfinished
-    DONE = "done"  # in an earlier run of the plan, or the tenant is already on the target
+    RESUME = "resume"  # the entry's tenants have its move unfinished
+    DONE = "done"  # in an earlier run of the plan, or the tenants are already on the target
 
 
 class EntryStatus(StrEnum):
@@ -105,7 +106,7 @@ class EntryResult:
     """How one entry ended in this run: done, failed or skipped, and why."""
 
     position: int
-    tenant: str
+    tenants: tuple[str, ...]
     source: str
     target: str
     status: EntryStatus
@@ -182,7 +183,7 @@ def prepare(ctx: Context, path: Path) -> Prepared:
         if problem is None and entry.todo != Todo.DONE and known[move.target].state != "active":
             problem = f"target {move.target} is {known[move.target].state}"
         if problem:
-            stale.append(f"moves[{position}] (line {move.line}) tenant {move.tenant}: {problem}")
+            stale.append(f"moves[{position}] (line {move.line}) {problem}")
         entries.append(entry)
     if not stale:
         stale = _capacity_problems(ctx, entries, known)
@@ -194,25 +195,34 @@ def prepare(ctx: Context, path: Path) -> Prepared:
 def _classify(
     catalog: Catalog, position: int, move: PlannedMove, recorded: EntryStatus | None
 ) -> tuple[Entry, str | None]:
-    """What a run must do with one entry, or why the entry no longer holds."""
+    """What a run must do with one entry (a cohort), or why the entry no longer holds (naming a tenant)."""
     if recorded == EntryStatus.DONE:
         return Entry(position, move, Todo.DONE, "done in an earlier run of this plan"), None
-    route = catalog.find_route(move.tenant)
-    if route is None:
-        return Entry(position, move, Todo.RUN), "no longer in the catalog"
-    unfinished = catalog.open_move(move.tenant)
-    if unfinished is not None:
-        if (unfinished.source, unfinished.target) == (move.source, move.target):
+    routes = {r.tenant: r for r in catalog.routes_of(move.tenants)}
+    gone = [t for t in move.tenants if t not in routes]
+    if gone:
+        return Entry(position, move, Todo.RUN), f"tenant {gone[0]}: no longer in the catalog"
+    for unfinished in catalog.open_moves(move.tenants):
+        same = (set(unfinished.tenants), unfinished.source, unfinished.target) == (
+            set(move.tenants),
+            move.source,
+            move.target,
+        )
+        if same:
             return Entry(
                 position, move, Todo.RESUME, f"resume move {unfinished.id} at {unfinished.phase}", unfinished
             ), None
+        held = next(t for t in move.tenants if t in unfinished.tenants)
         return Entry(position, move, Todo.RUN), (
-            f"has an unfinished move {unfinished.id} {unfinished.source} -> {unfinished.target}"
+            f"tenant {held}: has an unfinished move {unfinished.id} {unfinished.source} -> {unfinished.target}"
         )
-    if route.stamp == move.target:
+    if all(routes[t].stamp == move.target for t in move.tenants):
         return Entry(position, move, Todo.DONE, f"already on {move.target}"), None
-    if route.stamp != move.source:
-        return Entry(position, move, Todo.RUN), f"is routed to {route.stamp}, the plan moves it from {move.source}"
+    for tenant in move.tenants:
+        if routes[tenant].stamp != move.source:
+            return Entry(position, move, Todo.RUN), (
+                f"tenant {tenant}: is routed to {routes[tenant].stamp}, the plan moves it from {move.source}"
+            )
     return Entry(position, move, Todo.RUN), None
 
 
@@ -225,8 +235,12 @@ def _capacity_problems(ctx: Context, entries: list[Entry], known: dict[str, Stam
     sizes = measure_fleet(ctx, [known[n] for n in names])
     usage = dict(sizes.usage)
     for entry in todo:
-        tenant = sizes.tenants.get(entry.move.tenant)
-        rows, size = (tenant.rows, tenant.bytes) if tenant else (entry.move.rows, entry.move.bytes)
+        measured = [sizes.tenants[t] for t in entry.move.tenants if t in sizes.tenants]
+        rows, size = (
+            (sum(t.rows for t in measured), sum(t.bytes for t in measured))
+            if len(measured) == len(entry.move.tenants)
+            else (entry.move.rows, entry.move.bytes)
+        )
         shift(usage, entry.move.source, entry.move.target, rows, size)
     return [
         f"capacity: {name} would hold {o.used:,} {o.unit}, capacity {o.capacity:,} ({o.short:,} {o.unit} short)"
@@ -267,7 +281,15 @@ class Ledger:
                     "INSERT INTO plan_moves (plan_id, position, tenant, source, target, size_rows, size_bytes)"
                     " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (plan_id, position) DO NOTHING",
                     [
-                        (plan_id, e.position, e.move.tenant, e.move.source, e.move.target, e.move.rows, e.move.bytes)
+                        (
+                            plan_id,
+                            e.position,
+                            e.move.tenants[0],
+                            e.move.source,
+                            e.move.target,
+                            e.move.rows,
+                            e.move.bytes,
+                        )  # fmt: skip
                         for e in prepared.entries
                     ],
                 )
@@ -359,7 +381,7 @@ def run(
         plan_id = ledger.open(prepared)
         reporter.begin(prepared)
         results = [
-            EntryResult(e.position, e.move.tenant, e.move.source, e.move.target, EntryStatus.SKIPPED, e.note)
+            EntryResult(e.position, e.move.tenants, e.move.source, e.move.target, EntryStatus.SKIPPED, e.note)
             for e in prepared.entries
             if e.todo == Todo.DONE
         ]
@@ -401,15 +423,15 @@ def _schedule(
                     f"re-run `migrator apply {prepared.path}` to continue"
                 )
             if not why_stopped:
-                busy = {e.move.tenant for e in running.values()}
+                busy = {t for e in running.values() for t in e.move.tenants}
                 for entry in list(pending):
                     if len(running) >= options.parallel:
                         break
-                    if per_target[entry.move.target] >= options.per_stamp or entry.move.tenant in busy:
+                    if per_target[entry.move.target] >= options.per_stamp or busy & set(entry.move.tenants):
                         continue
                     pending.remove(entry)
                     per_target[entry.move.target] += 1
-                    busy.add(entry.move.tenant)
+                    busy |= set(entry.move.tenants)
                     reporter.started(entry)
                     running[pool.submit(_one, ctx, plan_id, entry, options, reporter, ledger)] = entry
             if not running:
@@ -422,11 +444,11 @@ def _schedule(
                 results.append(result)
                 reporter.finished(result)
                 if result.status == EntryStatus.FAILED and options.stop_on_error and not why_stopped:
-                    why_stopped = f"--stop-on-error after tenant {entry.move.tenant} failed"
+                    why_stopped = f"--stop-on-error after the move of {entry.move.who} failed"
                     stop.set()
     left = [
         EntryResult(
-            e.position, e.move.tenant, e.move.source, e.move.target, EntryStatus.SKIPPED, f"not started: {why_stopped}"
+            e.position, e.move.tenants, e.move.source, e.move.target, EntryStatus.SKIPPED, f"not started: {why_stopped}"
         )
         for e in pending
     ]
@@ -439,7 +461,7 @@ def _result_of(future: Future[EntryResult], entry: Entry) -> EntryResult:
     except Exception as exc:  # _one records its own failures; this is the catalog failing under it
         return EntryResult(
             entry.position,
-            entry.move.tenant,
+            entry.move.tenants,
             entry.move.source,
             entry.move.target,
             EntryStatus.FAILED,
@@ -459,14 +481,14 @@ def _one(
         move_options = MoveOptions(
             batch_rows=options.batch_rows, jobs=options.jobs, allow_triggers=options.allow_triggers
         )
-        outcome = move_tenants(ctx, (move.tenant,), move.target, move_options, progress)
+        outcome = move_tenants(ctx, move.tenants, move.target, move_options, progress)
     except Exception as exc:  # one failed move must not stop the others
         reason = _reason(ctx, exc)
-        unfinished = ctx.catalog.open_move(move.tenant)
+        unfinished = next(iter(ctx.catalog.open_moves(move.tenants)), None)
         ledger.mark(plan_id, entry.position, EntryStatus.FAILED, unfinished.id if unfinished else None, reason)
         return EntryResult(
             entry.position,
-            move.tenant,
+            move.tenants,
             move.source,
             move.target,
             EntryStatus.FAILED,
@@ -480,7 +502,7 @@ def _one(
     note = f"resumed move {outcome.move.id}" if outcome.resumed else ""
     return EntryResult(
         entry.position,
-        move.tenant,
+        move.tenants,
         move.source,
         move.target,
         EntryStatus.DONE,

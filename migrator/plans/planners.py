@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from migrator.catalog import Catalog, Stamp
+from migrator.catalog import Catalog, Stamp, name_tenants
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput
@@ -32,15 +32,31 @@ _EPSILON = 1e-9
 
 
 @dataclass(frozen=True)
-class PlannedMove:
-    """One entry of `moves:`; `line` is where it sits in the file, for error messages."""
+class Cohorts:
+    """How planners group small tenants into cohorts (flags --cohort-rows, --cohort-tenants).
 
-    tenant: str
+    A cohort moves as one unit (one move, one freeze, one flip); grouping small tenants saves each
+    of them a move's fixed cost (about 1 to 2 s). A tenant of `rows` or more moves alone.
+    """
+
+    rows: int = 50_000
+    tenants: int = 100
+
+
+@dataclass(frozen=True)
+class PlannedMove:
+    """One entry of `moves:`, a cohort of one or more tenants; `line` is where it sits in the file."""
+
+    tenants: tuple[str, ...]
     source: str
     target: str
     rows: int
     bytes: int
     line: int = field(default=0, compare=False)
+
+    @property
+    def who(self) -> str:
+        return name_tenants(self.tenants)
 
 
 @dataclass(frozen=True)
@@ -108,8 +124,9 @@ def _active(catalog: Catalog, names: list[str] | None, exclude: str) -> list[Sta
     return chosen
 
 
-def plan_drain(ctx: Context, stamp_name: str, to: list[str] | None = None) -> Plan:
-    """`migrator plan drain`: every tenant routed to the stamp, largest first, onto the roomiest stamp."""
+def plan_drain(ctx: Context, stamp_name: str, to: list[str] | None = None, cohorts: Cohorts | None = None) -> Plan:
+    """`migrator plan drain`: every tenant routed to the stamp, largest first, onto the roomiest stamp;
+    then the small tenants going to one stamp are grouped into cohorts."""
     catalog = ctx.catalog
     source = catalog.stamp(stamp_name)
     targets = _active(catalog, to, source.name)
@@ -131,6 +148,7 @@ def plan_drain(ctx: Context, stamp_name: str, to: list[str] | None = None) -> Pl
             )
         room = max(fitting, key=lambda r: (r.free_rows, r.free_bytes, -r.rows))
         moves.append(_shift(rooms, source.name, room.stamp.name, tenant))
+    moves = group(moves, cohorts or Cohorts())
     notes: tuple[str, ...] = ()
     if source.state == "active":
         notes = (
@@ -139,7 +157,8 @@ def plan_drain(ctx: Context, stamp_name: str, to: list[str] | None = None) -> Pl
         )
     reason = (
         f"drain {source.name} ({source.state}) onto {', '.join(sorted({m.target for m in moves}))}: "
-        f"{len(moves)} tenants, {sum(m.rows for m in moves):,} rows, largest first"
+        f"{sum(len(m.tenants) for m in moves)} tenants in {len(moves)} moves, {sum(m.rows for m in moves):,} rows, "
+        "largest first"
     )
     return _plan("drain", ctx, sizes, rooms, moves, reason, notes=notes)
 
@@ -174,12 +193,15 @@ def plan_isolate(ctx: Context, tenant: str, target_name: str) -> Plan:
     return _plan("isolate", ctx, sizes, rooms, [move], reason)
 
 
-def plan_rebalance(ctx: Context, threshold: float = 0.1, max_moves: int | None = None) -> Plan:
+def plan_rebalance(
+    ctx: Context, threshold: float = 0.1, max_moves: int | None = None, cohorts: Cohorts | None = None
+) -> Plan:
     """`migrator plan rebalance`: greedy moves until every active stamp is within `threshold` of the mean.
 
     The mean is the fleet's utilisation as a whole (rows used / capacity over all active stamps): it
     does not change as tenants move, so it is a fixed target. Each step moves the tenant of the most
     over-utilised stamp that best closes its gap with the least utilised one; a tenant moves once.
+    The small tenants going from one stamp to another are then grouped into cohorts.
     """
     active = [s for s in ctx.catalog.stamps() if s.state == "active"]
     missing = [s.name for s in active if s.capacity_rows is None]
@@ -214,9 +236,11 @@ def plan_rebalance(ctx: Context, threshold: float = 0.1, max_moves: int | None =
             f"threshold {threshold} NOT reached: {worst.stamp.name} ends at {worst.utilisation:.4f} "
             f"against the mean {mean:.4f}",
         )
+    tenants = len(moves)
+    moves = group(moves, cohorts or Cohorts())
     reason = (
         f"rebalance {len(active)} active stamps to within {threshold} of the fleet's utilisation "
-        f"{mean:.4f} (rows used / capacity_rows): {len(moves)} moves"
+        f"{mean:.4f} (rows used / capacity_rows): {tenants} tenants in {len(moves)} moves"
     )
     return _plan("rebalance", ctx, sizes, rooms, moves, reason, threshold, tuple(notes))
 
@@ -252,7 +276,45 @@ def _gap_after(src: StampUsage, dst: StampUsage, tenant: TenantSize, mean: float
 def _shift(rooms: Rooms, source: str, target: str, tenant: TenantSize) -> PlannedMove:
     """Plan moving `tenant` from `source` to `target`, accounting it in `rooms`."""
     shift(rooms, source, target, tenant.rows, tenant.bytes)
-    return PlannedMove(tenant.tenant, source, target, tenant.rows, tenant.bytes)
+    return PlannedMove((tenant.tenant,), source, target, tenant.rows, tenant.bytes)
+
+
+def group(moves: list[PlannedMove], cohorts: Cohorts) -> list[PlannedMove]:
+    """Group the planned single-tenant moves into cohorts, per (source, target), in plan order.
+
+    A tenant of `cohorts.rows` rows or more stays alone; the others fill cohorts of at most
+    `cohorts.tenants` tenants and `cohorts.rows` rows. Large tenants keep their place first (a
+    drain places largest first), the cohorts follow.
+    """
+
+    def large(move: PlannedMove) -> bool:
+        return move.rows >= cohorts.rows or cohorts.tenants <= 1
+
+    open_: dict[tuple[str, str], list[PlannedMove]] = {}
+    grouped: list[list[PlannedMove]] = []
+    for move in moves:
+        if large(move):
+            continue
+        pair = (move.source, move.target)
+        current = open_.get(pair)
+        if (
+            current is None
+            or len(current) >= cohorts.tenants
+            or sum(m.rows for m in current) + move.rows > cohorts.rows
+        ):
+            current = open_[pair] = []
+            grouped.append(current)
+        current.append(move)
+    return [m for m in moves if large(m)] + [
+        PlannedMove(
+            tuple(t for m in members for t in m.tenants),
+            members[0].source,
+            members[0].target,
+            sum(m.rows for m in members),
+            sum(m.bytes for m in members),
+        )
+        for members in grouped
+    ]
 
 
 def _plan(
@@ -320,7 +382,7 @@ def _revision(usage: dict[str, StampUsage], moves: list[PlannedMove]) -> str | N
 
 _TOP_REQUIRED = ("version", "kind", "created", "catalog", "fleet_schema_revision", "reason", "utilisation", "moves")
 _TOP_OPTIONAL = ("threshold", "notes")
-_MOVE_KEYS = ("tenant", "from", "to", "rows", "bytes")
+_MOVE_KEYS = ("from", "to", "rows", "bytes")  # and `tenant` (one) or `tenants` (a cohort)
 _USE_KEYS = ("before", "after", "rows_before", "rows_after", "bytes_before", "bytes_after")
 
 
@@ -343,7 +405,14 @@ def plan_data(plan: Plan) -> dict[str, Any]:
         for name, u in plan.utilisation.items()
     }
     data["moves"] = [
-        {"tenant": m.tenant, "from": m.source, "to": m.target, "rows": m.rows, "bytes": m.bytes} for m in plan.moves
+        {
+            **({"tenant": m.tenants[0]} if len(m.tenants) == 1 else {"tenants": list(m.tenants)}),
+            "from": m.source,
+            "to": m.target,
+            "rows": m.rows,
+            "bytes": m.bytes,
+        }
+        for m in plan.moves
     ]
     return data
 
@@ -514,8 +583,8 @@ def _moves(raw: _Map) -> tuple[PlannedMove, ...]:
         where = f"moves[{i}]."
         if not isinstance(entry, _Map):
             raise _Problem(raw.key_lines["moves"], f"{where[:-1]}: must be a mapping {{tenant, from, to, rows, bytes}}")
-        _keys(entry, where, _MOVE_KEYS)
-        tenant = str(_get(entry, "tenant", (str, int), "a tenant id", where))
+        tenants = _entry_tenants(entry, where)
+        _keys(entry, where, _MOVE_KEYS, ("tenant", "tenants"))
         source = _get(entry, "from", str, "a stamp name", where)
         target = _get(entry, "to", str, "a stamp name", where)
         rows, size = (_get(entry, k, int, "a non-negative integer", where) for k in ("rows", "bytes"))
@@ -524,11 +593,30 @@ def _moves(raw: _Map) -> tuple[PlannedMove, ...]:
                 raise _Problem(entry.key_lines[key], f"{where}{key}: must be a non-negative integer, got {value}")
         if source == target:
             raise _Problem(entry.key_lines["to"], f"{where}to: same stamp as from ({source})")
-        if tenant in seen:
-            raise _Problem(entry.line, f"{where}tenant: tenant {tenant} appears twice (first at line {seen[tenant]})")
-        seen[tenant] = entry.line
-        moves.append(PlannedMove(tenant, source, target, rows, size, entry.line))
+        for tenant in tenants:
+            if tenant in seen:
+                raise _Problem(
+                    entry.line, f"{where}tenant: tenant {tenant} appears twice (first at line {seen[tenant]})"
+                )
+            seen[tenant] = entry.line
+        moves.append(PlannedMove(tenants, source, target, rows, size, entry.line))
     return tuple(moves)
+
+
+def _entry_tenants(entry: _Map, where: str) -> tuple[str, ...]:
+    """An entry's `tenant` (a move of one) or `tenants` (a cohort, a non-empty list): exactly one of them."""
+    if ("tenant" in entry) == ("tenants" in entry):
+        raise _Problem(entry.line, f"{where[:-1]}: needs exactly one of 'tenant' (one) or 'tenants' (a cohort)")
+    if "tenant" in entry:
+        return (str(_get(entry, "tenant", (str, int), "a tenant id", where)),)
+    listed = entry["tenants"]
+    if (
+        not isinstance(listed, list)
+        or not listed
+        or any(isinstance(t, bool) or not isinstance(t, str | int) or t == "" for t in listed)
+    ):
+        raise _Problem(entry.key_lines["tenants"], f"{where}tenants: must be a non-empty list of tenant ids")
+    return tuple(str(t) for t in listed)
 
 
 def check_stamps(plan: Plan, catalog: Catalog, where: str) -> dict[str, Stamp]:
@@ -540,5 +628,5 @@ def check_stamps(plan: Plan, catalog: Catalog, where: str) -> dict[str, Stamp]:
     for move in plan.moves:
         for key, name in (("from", move.source), ("to", move.target)):
             if name not in known:
-                raise BadInput(f"{where}: line {move.line}: {key}: unknown stamp {name!r} (tenant {move.tenant})")
+                raise BadInput(f"{where}: line {move.line}: {key}: unknown stamp {name!r} ({move.who})")
     return known
