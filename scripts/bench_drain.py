@@ -1,12 +1,20 @@
-"""Benchmark: drain a stamp of 50 small tenants onto 2 stamps, `apply --parallel 1` against `--parallel 4`.
+"""Benchmark: drain a stamp of many small tenants (and a few large ones) onto 2 stamps, with cohorts
+and with one move per tenant, against a raw `psql` binary COPY pipe of the same rows.
 
-Each run gets a fresh local fleet (migrator.fleet: one catalog and 3 stamps, by default each stamp on
-its own PostgreSQL server) so both start from the same state: stamp-1 seeded with TENANTS tenants of
-about ROWS rows each (migrator.seed), stamp-2 and stamp-3 with equal row capacities. The drain is
-planned (`plan_drain`) and applied through the engine (`apply.prepare` + `apply.run`), like
-`migrator plan drain stamp-1` then `migrator apply FILE --parallel N`. Only the apply is timed.
-With two target stamps, --parallel 4 needs --per-stamp 2 to run 4 moves at once; --parallel 1
-keeps the default --per-stamp 1. Run with `scripts/bench drain [--tenants N --rows N --servers N]`.
+Each drain gets a fresh local fleet (`migrator.local.fleet`: the catalog and 3 stamps, each stamp
+on its own PostgreSQL server) seeded the same way: stamp-1 holds TENANTS tenants of about ROWS
+rows and LARGE tenants of LARGE_ROWS rows; stamp-2 and stamp-3 can hold them all. While the drain
+runs, a writer (`migrator.local.writer`, through the router) writes to a sample of the tenants;
+afterwards every write it was acknowledged must be on the tenant's new stamp. The drain is planned
+(`plan_drain`, with the default cohorts or `--cohort-tenants 1`) and applied through the engine
+(`apply.prepare` + `apply.run`), like `migrator plan drain stamp-1` then `migrator apply FILE`.
+Only the apply is timed. The baseline pipes all of stamp-1's tenant rows, table by table, into an
+empty database on a server of its own, before the first drain. "wall per tenant" is the drain's
+wall time over its tenants (amortized, with --parallel moves at once); "move s per small tenant"
+is a small tenant's share of its own move's time (the move's seconds over its tenants).
+
+    scripts/bench drain [--tenants 1000 --rows 1000 --large 3 --large-rows 50000 --parallel 4]
+
 Every server is stopped at the end; nothing is written to the repository.
 """
 
@@ -18,86 +26,163 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import benchlib  # scripts/, the directory of this script
 
 from migrator.context import Context
-from migrator.local.fleet import STATE_FILE, fleet_down, fleet_up
+from migrator.local import provision
+from migrator.local.fleet import STATE_FILE, fleet_up
+from migrator.local.fleet import fleet_down as stop_fleet
 from migrator.local.seed import TenantSpec, seed_fleet_stamp
+from migrator.local.writer import Workload
 from migrator.plans.apply import ApplyOptions, EntryResult, SilentApply, prepare, run
-from migrator.plans.planners import plan_drain, write_plan
+from migrator.plans.planners import Cohorts, plan_drain, write_plan
 
 
 class Quiet(SilentApply):
-    """An apply reporter that only keeps failed moves and notes (the benchmark prints its own lines)."""
+    """An apply reporter that keeps the entries' results (the benchmark prints its own lines)."""
 
     def __init__(self) -> None:
-        self.failed: list[EntryResult] = []
+        self.results: list[EntryResult] = []
 
     def finished(self, result: EntryResult) -> None:
-        if result.status != "done":
-            self.failed.append(result)
+        self.results.append(result)
 
     def note(self, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def drain_once(base: Path, label: str, args: argparse.Namespace, parallel: int, per_stamp: int) -> float:
-    """A fresh fleet, seeded, drained with the given parallelism; returns the apply's wall time."""
+@dataclass(frozen=True)
+class Drain:
+    label: str
+    moves: int
+    tenants: int
+    rows: int
+    wall_s: float
+    small_s_per_tenant: float  # a small tenant's share of its move's time (its move's seconds / its tenants)
+    longest_freeze_ms: float
+    acknowledged: int
+
+
+def tenant_specs(args: argparse.Namespace) -> list[TenantSpec]:
+    """The same tenants in every run: LARGE large ones first, then the small ones."""
+    rng = random.Random(42)
+    large = [TenantSpec(i, args.large_rows) for i in range(1, args.large + 1)]
+    small = [
+        TenantSpec(i, rng.randint(int(args.rows * 0.8), int(args.rows * 1.2)))
+        for i in range(args.large + 1, args.large + args.tenants + 1)
+    ]
+    return large + small
+
+
+def seeded_fleet(directory: Path, args: argparse.Namespace) -> tuple[Context, dict[int, int]]:
+    info = fleet_up(directory, stamps=3, servers=3)
+    ctx = Context.load(info.config_path)
+    started = time.monotonic()
+    counts = seed_fleet_stamp(ctx.catalog.stamp("stamp-1").dsn, tenant_specs(args))
+    ctx.catalog.import_routes([(str(t), "stamp-1") for t in counts])
+    print(f"seeded {len(counts)} tenants, {sum(counts.values()):,} rows in {time.monotonic() - started:.0f} s",
+          file=sys.stderr)  # fmt: skip
+    for name in ("stamp-2", "stamp-3"):
+        ctx.catalog.update_stamp(name, capacity_rows=sum(counts.values()))
+    ctx.catalog.update_stamp("stamp-1", state="draining")
+    return ctx, counts
+
+
+def raw_pipe(ctx: Context) -> float:
+    """The baseline: all of stamp-1's tenant rows through `psql | psql`, into a server of its own."""
+    with benchlib.local_servers("migrator-bench-pipe-", ["pipe"]) as (_, servers):
+        target = provision.stamp_database(servers[0], "pipe_target")
+        return benchlib.raw_pipe_seconds(
+            benchlib.psql(), ctx.catalog.stamp("stamp-1").dsn, target, ctx.config.tenancy, None
+        )
+
+
+def drain(base: Path, label: str, args: argparse.Namespace, cohorts: Cohorts, pipe: bool) -> tuple[Drain, float]:
+    """A fresh fleet, seeded, (with `pipe`, piped first) then drained under a writer; returns what the
+    drain took and the pipe's seconds."""
     directory = base / label
     try:
-        info = fleet_up(directory, stamps=3, servers=args.servers)
-        ctx = Context.load(info.config_path)
-        rng = random.Random(42)  # the same tenants in every run
-        specs = [
-            TenantSpec(i, rng.randint(int(args.rows * 0.9), int(args.rows * 1.1))) for i in range(1, args.tenants + 1)
-        ]
-        counts = seed_fleet_stamp(ctx.catalog.stamp("stamp-1").dsn, specs)
-        for tenant in counts:
-            ctx.catalog.set_route(str(tenant), "stamp-1")
-        total = sum(counts.values())
-        for name in ("stamp-2", "stamp-3"):
-            ctx.catalog.update_stamp(name, capacity_rows=total)
-        ctx.catalog.update_stamp("stamp-1", state="draining")
-        plan_file = write_plan(plan_drain(ctx, "stamp-1"), directory / "drain-stamp-1.yaml")
+        ctx, counts = seeded_fleet(directory, args)
+        pipe_s = raw_pipe(ctx) if pipe else 0.0
+        stamps = {s.name: s.dsn for s in ctx.catalog.stamps()}
+        sample = random.Random(7).sample(sorted(counts)[args.large :], min(args.writers, args.tenants))
+        writers = [Workload(ctx.catalog.url, stamps, t, seed=t, rate=args.writer_rate).start() for t in sample]
+        plan_file = write_plan(plan_drain(ctx, "stamp-1", None, cohorts), directory / "drain-stamp-1.yaml")
         prepared = prepare(ctx, plan_file)
         reporter = Quiet()
+        first_move = max((m.id for m in ctx.catalog.moves(limit=1)), default=0)
+        options = ApplyOptions(parallel=args.parallel, per_stamp=-(-args.parallel // 2))  # two targets
         started = time.perf_counter()
-        result = run(ctx, prepared, ApplyOptions(parallel=parallel, per_stamp=per_stamp), reporter)
+        result = run(ctx, prepared, options, reporter)
         wall = time.perf_counter() - started
-        if result.status != "done" or reporter.failed or ctx.catalog.routes("stamp-1"):
-            raise SystemExit(f"{label}: the drain did not finish: {result.status}, {reporter.failed[:3]}")
-        print(
-            f"{label}: {len(counts)} tenants, {total:,} rows drained in {wall:.1f} s "
-            f"({total / wall:,.0f} rows/s, --parallel {parallel} --per-stamp {per_stamp})"
+        for writer in writers:
+            writer.stop()
+        failed = [r for r in reporter.results if r.status != "done"]
+        if result.status != "done" or failed or ctx.catalog.routes("stamp-1"):
+            raise SystemExit(f"{label}: the drain did not finish: {result.status}, {failed[:3]}")
+        for writer in writers:  # no acknowledged write lost
+            if writer.errors:
+                raise SystemExit(f"{label}: the writer of tenant {writer.tenant} saw errors: {writer.errors[:3]}")
+            writer.assert_all_acknowledged_writes_on(stamps[ctx.catalog.route(str(writer.tenant)).stamp])
+        small = [r for r in reporter.results if int(r.tenants[0]) > args.large]
+        moves = [m for m in ctx.catalog.moves(limit=len(reporter.results) + 10) if m.id > first_move]
+        drained = Drain(
+            label,
+            len(reporter.results),
+            len(counts),
+            sum(counts.values()),
+            wall,
+            sum(r.seconds for r in small) / max(1, sum(len(r.tenants) for r in small)),
+            max((m.freeze_ms or 0.0) for m in moves),
+            sum(w.acked for w in writers),
         )
-        return wall
+        ctx.catalog.close()
+        print(f"{label}: {drained.moves} moves in {wall:.1f} s", file=sys.stderr)
+        return drained, pipe_s
     finally:
         if (directory / STATE_FILE).exists():  # also when fleet_up failed half-way
-            fleet_down(directory)
+            stop_fleet(directory)
 
 
 def main() -> int:
     benchlib.stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tenants", type=int, default=50, help="tenants on the drained stamp")
-    parser.add_argument("--rows", type=int, default=10_000, help="about this many rows per tenant")
-    parser.add_argument("--servers", type=int, default=3, help="PostgreSQL servers for the 3 stamps")
-    parser.add_argument("--parallel", type=int, default=4, help="parallelism of the second run")
+    parser.add_argument("--tenants", type=int, default=1_000, help="small tenants on the drained stamp")
+    parser.add_argument("--rows", type=int, default=1_000, help="about this many rows per small tenant")
+    parser.add_argument("--large", type=int, default=3, help="large tenants on the drained stamp")
+    parser.add_argument("--large-rows", type=int, default=50_000, help="rows per large tenant")
+    parser.add_argument("--parallel", type=int, default=4, help="moves at once (--per-stamp half of it)")
+    parser.add_argument("--writers", type=int, default=10, help="tenants the writer writes to")
+    parser.add_argument("--writer-rate", type=float, default=20.0, help="writes/s per written tenant")
+    parser.add_argument("--skip-single", action="store_true", help="only the drain with cohorts")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="migrator-bench-drain-"))
     base.chmod(0o755)
     try:
-        serial = drain_once(base, "parallel-1", args, parallel=1, per_stamp=1)
-        per_stamp = -(-args.parallel // 2)  # two target stamps
-        parallel = drain_once(base, f"parallel-{args.parallel}", args, parallel=args.parallel, per_stamp=per_stamp)
+        cohorts, pipe_s = drain(base, "cohorts", args, Cohorts(), pipe=True)
+        runs = [cohorts]
+        if not args.skip_single:
+            runs.append(drain(base, "one-per-tenant", args, Cohorts(tenants=1), pipe=False)[0])
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    rows = cohorts.rows
+    print(f"stamp-1: {args.tenants} tenants x ~{args.rows:,} rows + {args.large} x {args.large_rows:,} = {rows:,} rows")
+    print(f"raw psql binary COPY pipe of the stamp's rows  {pipe_s:8.2f} s  {rows / pipe_s:12,.0f} rows/s")
+    print()
     print(
-        f"drain of {args.tenants} tenants x ~{args.rows:,} rows onto 2 stamps: --parallel 1 {serial:.1f} s, "
-        f"--parallel {args.parallel} {parallel:.1f} s, speed-up {serial / parallel:.2f}x"
+        "drain            moves  wall s  wall/pipe  wall per tenant ms  move s per small tenant ms  longest freeze ms"
+        "  acked writes"
     )
+    for d in runs:
+        print(
+            f"{d.label:15} {d.moves:6}  {d.wall_s:6.1f}  {d.wall_s / pipe_s:8.1f}x  {d.wall_s / d.tenants * 1000:18.0f}"
+            f"  {d.small_s_per_tenant * 1000:26.0f}  {d.longest_freeze_ms:17.1f}  {d.acknowledged:12,}"
+        )
+    if len(runs) == 2:
+        print(f"\ncohorts drain {runs[1].wall_s / runs[0].wall_s:.1f}x faster than one move per tenant")
     return 0
 
 

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -36,42 +35,10 @@ from benchschemas import SCHEMAS, BenchSchema
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from migrator import config as configlib
 from migrator.db import dsn as dsnlib
 from migrator.local import pgserver, provision
-from migrator.stamps.discovery import discover
 
 TENANT = 1
-
-
-def _pipe(psql: Path, source: str, target: str, select: str, insert: str) -> None:
-    out = subprocess.Popen([str(psql), "-X", "-q", "-d", source, "-c", select], stdout=subprocess.PIPE)
-    inp = subprocess.run([str(psql), "-X", "-q", "-d", target, "-c", insert], stdin=out.stdout, check=True)
-    assert out.stdout is not None
-    out.stdout.close()
-    if out.wait() != 0 or inp.returncode != 0:
-        raise SystemExit("raw psql pipe failed")
-
-
-def raw_pipe_seconds(psql: Path, source: str, target: str, tenancy: configlib.Tenancy) -> float:
-    with dsnlib.connect(source, autocommit=True) as conn:
-        layout = discover(conn, tenancy)
-        statements = []
-        for table in layout.tables:
-            where = sql.SQL("{} = {}").format(sql.Identifier(table.key), sql.Literal(str(TENANT)))
-            select = (
-                sql.SQL("COPY (SELECT {} FROM {} WHERE {} ORDER BY {}) TO STDOUT (FORMAT binary)")
-                .format(table.cols(), table.ident, where, table.pk_cols())
-                .as_string(conn)
-            )
-            insert = (
-                sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(table.ident, table.cols()).as_string(conn)
-            )
-            statements.append((select, str(insert)))
-    started = time.monotonic()
-    for select, insert in statements:
-        _pipe(psql, source, target, select, insert)
-    return time.monotonic() - started
 
 
 CHECKED_ROLE = "bench_mover"
@@ -187,18 +154,16 @@ def main() -> None:
         rows = schema.seed(source, TENANT, args.rows)
         password = _checked_role(servers[1])
 
-        psql = pgserver.pg_bindir() / "psql"
-        if not psql.exists():
-            psql = Path(shutil.which("psql") or "psql")
+        psql = benchlib.psql()
         # The pipe runs before and after the moves, into two fresh databases: the baseline is their
         # mean, so a noisy neighbour during one of them shows in the spread rather than the ratio.
-        raw_before = raw_pipe_seconds(psql, source, pipe_targets[0], schema.tenancy)
+        raw_before = benchlib.raw_pipe_seconds(psql, source, pipe_targets[0], schema.tenancy, (str(TENANT),))
         cells = []
         for mode in modes:
             for n in jobs:
                 print(f"move: {mode}, --jobs {n} ...", file=sys.stderr)
                 cells.append(_cell(servers, base, schema, mode, n, args.batch_rows, password))
-        raw_after = raw_pipe_seconds(psql, source, pipe_targets[1], schema.tenancy)
+        raw_after = benchlib.raw_pipe_seconds(psql, source, pipe_targets[1], schema.tenancy, (str(TENANT),))
         raw = (raw_before + raw_after) / 2
 
         print(f"tenant rows                 {rows:,} ({schema.name} schema)")

@@ -5,14 +5,20 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from psycopg import sql
+
 from migrator import config as configlib
 from migrator.catalog import Catalog
+from migrator.db import dsn as dsnlib
 from migrator.local import pgserver, provision
+from migrator.stamps.discovery import discover, tenant_filter
 
 
 def _terminated(signum: int, frame: object) -> None:
@@ -70,3 +76,43 @@ def server_cpu_seconds(server: pgserver.LocalServer) -> float:
         except (OSError, ValueError):  # the process ended meanwhile
             continue
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def psql() -> Path:
+    """The `psql` of the PostgreSQL binaries the servers run from (else the one on PATH)."""
+    found = pgserver.pg_bindir() / "psql"
+    return found if found.exists() else Path(shutil.which("psql") or "psql")
+
+
+def _pipe(psql: Path, source: str, target: str, select: str, insert: str) -> None:
+    out = subprocess.Popen([str(psql), "-X", "-q", "-d", source, "-c", select], stdout=subprocess.PIPE)
+    inp = subprocess.run([str(psql), "-X", "-q", "-d", target, "-c", insert], stdin=out.stdout, check=True)
+    assert out.stdout is not None
+    out.stdout.close()
+    if out.wait() != 0 or inp.returncode != 0:
+        raise SystemExit("raw psql pipe failed")
+
+
+def raw_pipe_seconds(
+    psql: Path, source: str, target: str, tenancy: configlib.Tenancy, tenants: tuple[str, ...] | None
+) -> float:
+    """The baseline of every benchmark: `psql` binary COPY out of the source piped into `psql` COPY in,
+    table by table in copy order, for these tenants' rows (None: every row of the tenant tables)."""
+    with dsnlib.connect(source, autocommit=True) as conn:
+        layout = discover(conn, tenancy)
+        statements = []
+        for table in layout.tables:
+            where = tenant_filter(table, tenants) if tenants else sql.SQL("true")
+            select = (
+                sql.SQL("COPY (SELECT {} FROM {} WHERE {} ORDER BY {}) TO STDOUT (FORMAT binary)")
+                .format(table.cols(), table.ident, where, table.pk_cols())
+                .as_string(conn)
+            )
+            insert = (
+                sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(table.ident, table.cols()).as_string(conn)
+            )
+            statements.append((select, str(insert)))
+    started = time.monotonic()
+    for select, insert in statements:
+        _pipe(psql, source, target, select, insert)
+    return time.monotonic() - started

@@ -102,7 +102,13 @@ def _lock_stamp_ddl(conn: psycopg.Connection[Any]) -> None:
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:
-    """Create `_migrator` with its bookkeeping tables; idempotent, inside the caller's transaction."""
+    """Create `_migrator` with its bookkeeping tables; idempotent, inside the caller's transaction.
+
+    A stamp that already has all of it is left alone without any DDL: `CREATE INDEX IF NOT EXISTS`
+    takes a SHARE lock on its table before it finds the index, which would stop every captured write.
+    """
+    if _schema_current(conn):
+        return
     _lock_stamp_ddl(conn)
     schema = sql.Identifier(SCHEMA)
     for statement in (
@@ -127,6 +133,17 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
     _add_copy_parts(conn)
 
 
+def _schema_current(conn: psycopg.Connection[Any]) -> bool:
+    """Every object `ensure_schema` creates is there, in its latest shape (copy parts)."""
+    names = [f"{SCHEMA}.{n}" for n in ("guarded_tenants", "guard_state", "changes_pending", "changes_unverified")]
+    row = conn.execute(
+        "SELECT bool_and(to_regclass(n) IS NOT NULL) AND EXISTS (SELECT 1 FROM pg_attribute"
+        " WHERE attrelid = to_regclass(%s) AND attname = 'part' AND NOT attisdropped) FROM unnest(%s::text[]) AS n",
+        (f"{SCHEMA}.copy_progress", names),
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def _add_copy_parts(conn: psycopg.Connection[Any]) -> None:
     """A stamp set up by an earlier migrator keeps one copy cursor per table: give it key ranges.
 
@@ -148,16 +165,25 @@ def _add_copy_parts(conn: psycopg.Connection[Any]) -> None:
 def guard(
     conn: psycopg.Connection[Any], layout: Layout, tenants: Cohort, move_id: int, *, fenced: bool, capture: bool
 ) -> None:
-    """Install the triggers and set the guard of each tenant of the cohort, in the caller's transaction
-    (commit to apply).
+    """Install the triggers and set the guard of each tenant of the cohort; commits what `conn` has open.
 
-    Creating a trigger waits for in-flight writers of the table, so every write committed after
-    this transaction commits is fenced or captured. The triggers go in a savepoint that yields to
-    application writers on lock conflicts (`_yielding_to_writers`).
+    `_migrator` is made sure of first, in a transaction of its own. The triggers then go in one
+    transaction that yields to application writers (and to other moves' DDL) on lock conflicts
+    (`_yielding_to_writers`) and holds nothing between its attempts: a lock kept across them would
+    block the writers, and another move's steps, that the next attempt waits for. Creating a
+    trigger waits for in-flight writers of the table, so every write committed after this returns
+    is fenced or captured.
     """
     ensure_schema(conn)
-    _yielding_to_writers(conn, lambda: _install(conn, layout, tenants, move_id, fenced=fenced, capture=capture))
+    conn.commit()
+
+    def install() -> None:
+        _lock_stamp_ddl(conn)  # serialised with other moves' DDL on this stamp, under the lock_timeout
+        _install(conn, layout, tenants, move_id, fenced=fenced, capture=capture)
+
+    _yielding_to_writers(conn, install)
     conn.execute("RESET lock_timeout")
+    conn.commit()
 
 
 @LOCK_YIELD.wraps
