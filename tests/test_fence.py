@@ -182,3 +182,46 @@ def test_a_transaction_whose_snapshot_predates_the_guard_cannot_write_uncaptured
         app.execute("UPDATE tenants SET name = 'neighbour' WHERE id = 6")
         app.commit()
     assert _captured(fleet) == 1
+
+
+def test_a_guard_waiting_for_a_writer_holds_up_no_captured_write_of_another_move(fleet: Fleet) -> None:
+    """While one move's guard yields to a long writer, another move's tenant keeps writing (and capturing).
+
+    Between its attempts the waiting guard holds no lock: once it kept the SHARE lock that
+    `CREATE INDEX IF NOT EXISTS` takes on the change log, and every captured write stopped behind it.
+    """
+    fleet.seed("eu-1", 5, 200)
+    fleet.seed("eu-1", 6, 200)
+    layout = fleet.layout()
+    with dsnlib.connect(fleet.dsn("eu-1")) as conn:
+        fence.guard(conn, layout, ("5",), 1, fenced=False, capture=True)
+    blocker = dsnlib.connect(fleet.dsn("eu-1"), pinned=False)
+    blocker.execute("UPDATE comments SET body = body WHERE tenant_id = 6")  # a long transaction of tenant 6
+    failed: list[BaseException] = []
+
+    def second_guard() -> None:
+        try:
+            with dsnlib.connect(fleet.dsn("eu-1")) as conn:
+                fence.guard(conn, layout, ("6",), 2, fenced=False, capture=True)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failed.append(exc)
+
+    guarding = threading.Thread(target=second_guard)
+    guarding.start()
+    time.sleep(1.0)  # the guard is yielding to the blocker now
+    try:
+        with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True, pinned=False) as writer:
+            writer.execute("SET statement_timeout = '3s'")
+            started = time.monotonic()
+            writer.execute("UPDATE projects SET name = name || '!' WHERE tenant_id = 5")  # captured for move 1
+            assert time.monotonic() - started < 1.5
+            assert guarding.is_alive()  # still yielding to the blocker
+    finally:
+        blocker.rollback()
+        blocker.close()
+        guarding.join(timeout=60)
+    assert not failed, failed
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
+        captured = conn.execute("SELECT count(*) FROM _migrator.changes WHERE move_id = 1").fetchone()[0]
+        guarded = conn.execute("SELECT tenant FROM _migrator.guarded_tenants ORDER BY tenant").fetchall()
+    assert captured > 0 and guarded == [("5",), ("6",)]
