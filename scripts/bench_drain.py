@@ -14,6 +14,7 @@ wall time over its tenants (amortized, with --parallel moves at once); "move s p
 is a small tenant's share of its own move's time (the move's seconds over its tenants).
 
     scripts/bench drain [--tenants 1000 --rows 1000 --large 3 --large-rows 50000 --parallel 4]
+                        [--cohort-rows N --cohort-tenants K] [--skip-single]
 
 Every server is stopped at the end; nothing is written to the repository.
 """
@@ -157,12 +158,14 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=4, help="moves at once (--per-stamp half of it)")
     parser.add_argument("--writers", type=int, default=10, help="tenants the writer writes to")
     parser.add_argument("--writer-rate", type=float, default=20.0, help="writes/s per written tenant")
+    parser.add_argument("--cohort-rows", type=int, default=Cohorts().rows, help="plan drain --cohort-rows")
+    parser.add_argument("--cohort-tenants", type=int, default=Cohorts().tenants, help="plan drain --cohort-tenants")
     parser.add_argument("--skip-single", action="store_true", help="only the drain with cohorts")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="migrator-bench-drain-"))
     base.chmod(0o755)
     try:
-        cohorts, pipe_s = drain(base, "cohorts", args, Cohorts(), pipe=True)
+        cohorts, pipe_s = drain(base, "cohorts", args, Cohorts(args.cohort_rows, args.cohort_tenants), pipe=True)
         runs = [cohorts]
         if not args.skip_single:
             runs.append(drain(base, "one-per-tenant", args, Cohorts(tenants=1), pipe=False)[0])

@@ -72,6 +72,8 @@ HARNESS_APP = "chaos"  # the harness's own connections, never a fault's victims
 WRITER_MARK = "chaos"  # key in tasks.meta of the writer's rows
 FAULT_PROBABILITY = 0.75
 ABORT_PROBABILITY = 0.3
+COHORT_PROBABILITY = 0.5  # a move takes 2 to 4 tenants of one stamp as one cohort
+COHORT_MAX = 4
 RECOVERY_ATTEMPTS = 4
 MOVE_TIMEOUT_S = 300.0
 MOVE_FLAGS = ("--batch-rows", "200", "--rate-limit", "4000")  # many short batches: a kill lands mid-copy
@@ -406,6 +408,7 @@ class Report:
 
     seed: int
     moves: int = 0
+    cohorts: int = 0  # moves of more than one tenant
     flipped: int = 0
     aborted: int = 0
     resumed: int = 0
@@ -435,7 +438,7 @@ class Report:
     def table(self) -> str:
         lines = [
             f"chaos run, seed {self.seed}: {self.moves} moves in {self.seconds:.0f} s",
-            f"  {'moves run':<34}{self.moves}",
+            f"  {'moves run':<34}{self.moves} ({self.cohorts} of cohorts of 2 to {COHORT_MAX} tenants)",
             f"  {'flipped':<34}{self.flipped}",
             f"  {'aborted (operator abort)':<34}{self.aborted}",
             f"  {'resumed (operator re-run)':<34}{self.resumed}",
@@ -464,14 +467,16 @@ INVARIANTS = (
     "stuck fences",
     "capture leftovers",
     "unrecovered moves",
+    "cohort routes split",
 )
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything the seed decides for one move, drawn before it starts (timing cannot change it)."""
+    """Everything the seed decides for one move, drawn before it starts (timing cannot change it):
+    its tenants (one, or a cohort of one stamp's tenants moved as one unit), target and fault."""
 
-    tenant: str
+    tenants: tuple[str, ...]
     target: str
     fault: str | None
     phase: Phase | None
@@ -544,19 +549,25 @@ class Engine:
         tenants = sorted(self.fleet.tenants, key=int)
         tenant = rng.choice(tenants)
         source, _ = self.route(tenant)
+        neighbours = [t for t in tenants if t != tenant and self.route(t)[0] == source]
+        cohort: tuple[str, ...] = (tenant,)
+        if neighbours and rng.random() < COHORT_PROBABILITY:
+            cohort += tuple(rng.sample(neighbours, min(len(neighbours), rng.randint(1, COHORT_MAX - 1))))
         target = rng.choice(sorted(s for s in self.fleet.stamps if s != source))
         fault = forced or (rng.choice(KINDS) if rng.random() < FAULT_PROBABILITY else None)
         phase = rng.choice(PHASES[fault]) if fault else None
-        return Plan(tenant, target, fault, phase, rng.random() < ABORT_PROBABILITY, rng.uniform(2.0, 4.0))
+        return Plan(cohort, target, fault, phase, rng.random() < ABORT_PROBABILITY, rng.uniform(2.0, 4.0))
 
     def run_move(self, index: int, plan: Plan, writer: Writer) -> None:
         report = self.report
-        source, version = self.route(plan.tenant)
+        source, _ = self.route(plan.tenants[0])
+        versions = {t: self.route(t)[1] for t in plan.tenants}
         before_id = self.last_move_id()
-        writer.focus = plan.tenant
-        what = f"move #{index} tenant {plan.tenant} {source} -> {plan.target}"
+        writer.focus = plan.tenants[0]
+        who = f"tenant {plan.tenants[0]}" if len(plan.tenants) == 1 else f"cohort {','.join(plan.tenants)}"
+        what = f"move #{index} {who} {source} -> {plan.target}"
         log(f"{what}: fault {plan.fault or '-'} at {plan.phase or '-'}, recovery {'abort' if plan.abort else 'resume'}")
-        args = ("move", plan.tenant, "--to", plan.target, "--yes", "--json", *MOVE_FLAGS)
+        args = ("move", *plan.tenants, "--to", plan.target, "--yes", "--json", *MOVE_FLAGS)
         out = self.logs / f"move-{index:03d}.log"
         proc = self.proc = self.fleet.popen(*args, out=out)
         injected = None
@@ -573,7 +584,8 @@ class Engine:
             report.tolerated += 1
         self.recover(plan, before_id, code, what, args)
         report.moves += 1
-        self.check_move(plan, source, version, before_id, what)
+        report.cohorts += len(plan.tenants) > 1
+        self.check_move(plan, source, versions, before_id, what)
 
     def _wait(self, proc: subprocess.Popen[bytes], what: str) -> int:
         try:
@@ -596,7 +608,9 @@ class Engine:
         with _connect(self.fleet.stamps[source]) as src:
             while proc.poll() is None and time.monotonic() < deadline:
                 rows = self._query(
-                    "SELECT phase FROM moves WHERE tenant = %s AND id > %s ORDER BY id DESC LIMIT 1", (tenant, after_id)
+                    "SELECT phase FROM moves WHERE id > %s"
+                    " AND id IN (SELECT move_id FROM move_tenants WHERE tenant = %s) ORDER BY id DESC LIMIT 1",
+                    (after_id, tenant),
                 )
                 phase = rows[0][0] if rows else None
                 if phase in ORDER and ORDER.index(phase) >= ORDER.index(wanted):
@@ -611,7 +625,7 @@ class Engine:
     def inject(self, proc: subprocess.Popen[bytes], plan: Plan, source: str, after_id: int) -> str | None:
         """Strike once the move is at the planned phase; returns the phase hit, or None if it finished first."""
         assert plan.fault and plan.phase
-        phase = self._await_phase(proc, plan.tenant, plan.phase, after_id, source)
+        phase = self._await_phase(proc, plan.tenants[0], plan.phase, after_id, source)
         if phase is None:
             return None
         fleet = self.fleet
@@ -656,10 +670,10 @@ class Engine:
         """As an operator: read `move status`; resume or abort an unfinished move; clean up after a flip."""
         report = self.report
         for attempt in range(RECOVERY_ATTEMPTS + 1):
-            move = self.latest_move(plan.tenant, before_id)
+            move = self.latest_move(plan.tenants[0], before_id)
             if move is not None and move.phase in FLIPPED:
                 report.flipped += 1
-                self.cleanup(plan.tenant, move.source, what)
+                self.cleanup(move, what)
                 return
             if move is not None and move.phase == Phase.ABORTED:
                 report.aborted += 1
@@ -675,12 +689,15 @@ class Engine:
                 result = self.fleet.cli(*args)
             if result.returncode != 0:
                 log(f"{what}: recovery attempt {attempt + 1} failed: {result.stderr.strip()[-400:]}")
-        move = self.latest_move(plan.tenant, before_id)
+        move = self.latest_move(plan.tenants[0], before_id)
         report.violate("unrecovered moves", 1, f"{what}: still {move.phase if move else 'not created'} after recovery")
 
-    def cleanup(self, tenant: str, old_stamp: str, what: str) -> None:
+    def cleanup(self, move: Move, what: str) -> None:
+        """A single tenant's leftovers by tenant and stamp, a cohort's by its move id (both documented ways)."""
+        by = ("--move", str(move.id)) if len(move.tenants) > 1 else (move.tenants[0], "--stamp", move.source)
+        old_stamp = move.source
         for _ in range(3):
-            result = self.fleet.cli("cleanup", tenant, "--stamp", old_stamp, "--yes")
+            result = self.fleet.cli("cleanup", *by, "--yes")
             if result.returncode == 0:
                 self.report.cleanups += 1
                 return
@@ -690,23 +707,32 @@ class Engine:
 
     # -- invariants --
 
-    def check_move(self, plan: Plan, source: str, version: int, before_id: int, what: str) -> None:
-        """Right after a move: its route step, the tenant's rows where the route says, nothing left behind."""
-        move = self.latest_move(plan.tenant, before_id)
-        stamp, now = self.route(plan.tenant)
-        self.versions[plan.tenant].append(now)
+    def check_move(self, plan: Plan, source: str, versions: dict[str, int], before_id: int, what: str) -> None:
+        """Right after a move: each route's step (a cohort's all or none), the rows where the routes say,
+        nothing left behind."""
+        move = self.latest_move(plan.tenants[0], before_id)
         flipped = move is not None and move.phase in FLIPPED
-        expected = (plan.target, version + 1) if flipped else (source, version)
-        if (stamp, now) != expected:
-            if stamp == source and now == version and flipped:
-                self.report.violate("double flips", 1, f"{what}: move says flipped, route still {stamp} v{now}")
-            elif now - version > 1:
-                self.report.violate("route version skips", now - version - 1, f"{what}: v{version} -> v{now}")
-            else:
-                self.report.violate(
-                    "double flips", 1, f"{what}: route {stamp} v{now}, expected {expected[0]} v{expected[1]}"
-                )
-        self.check_tenant(plan.tenant, what)
+        homes = set()
+        for tenant in plan.tenants:
+            version = versions[tenant]
+            stamp, now = self.route(tenant)
+            homes.add(stamp)
+            self.versions[tenant].append(now)
+            expected = (plan.target, version + 1) if flipped else (source, version)
+            if (stamp, now) != expected:
+                if stamp == source and now == version and flipped:
+                    self.report.violate("double flips", 1, f"{what}: move says flipped, {tenant} still {stamp} v{now}")
+                elif now - version > 1:
+                    self.report.violate(
+                        "route version skips", now - version - 1, f"{what}: {tenant} v{version} -> v{now}"
+                    )
+                else:
+                    self.report.violate(
+                        "double flips", 1, f"{what}: {tenant} {stamp} v{now}, expected {expected[0]} v{expected[1]}"
+                    )
+            self.check_tenant(tenant, what)
+        if len(homes) > 1:
+            self.report.violate("cohort routes split", 1, f"{what}: the cohort's routes point at {sorted(homes)}")
         self.check_leftovers(what)
 
     def check_tenant(self, tenant: str, what: str, writer: Writer | None = None) -> None:
