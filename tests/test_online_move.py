@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 import pytest
 from conftest import Fleet, copy_held, tenant_digest
+from psycopg import sql
 
 from migrator.catalog import Phase
 from migrator.db import dsn as dsnlib
@@ -174,10 +180,41 @@ def test_freeze_longer_than_allowed_unfences_and_backs_off(busy: Fleet) -> None:
     assert json.loads(result.stdout)["move"]["freeze_ms"] < 5000
 
 
+@contextmanager
+def _writing_in_the_server(fleet: Fleet, tenant: int) -> Iterator[None]:
+    """A loop inside the source server that commits a write of the tenant every millisecond.
+
+    Unlike the Python writers it cannot be starved by a busy test machine for long enough to let
+    the change log run empty between two catch-up rounds.
+    """
+    conn = dsnlib.connect(fleet.dsn("eu-1"), autocommit=True, pinned=False)
+    pid = conn.info.backend_pid
+    loop = sql.SQL(
+        "DO $$ BEGIN LOOP UPDATE projects SET name = name WHERE tenant_id = {} AND id = (SELECT min(id) FROM"
+        " projects WHERE tenant_id = {}); COMMIT; PERFORM pg_sleep(0.001); END LOOP; END $$"
+    ).format(sql.Literal(tenant), sql.Literal(tenant))
+    thread = threading.Thread(target=_run, args=(conn, loop))
+    thread.start()
+    try:
+        yield
+        assert thread.is_alive(), "the loop stopped writing"
+    finally:
+        with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True, pinned=False) as admin:
+            admin.execute("SELECT pg_cancel_backend(%s)", (pid,))
+        thread.join(timeout=30)
+        conn.close()
+
+
+def _run(conn: psycopg.Connection[Any], statement: sql.Composed) -> None:
+    with contextlib.suppress(psycopg.errors.QueryCanceled):
+        conn.execute(statement)
+
+
 def test_catch_up_that_cannot_converge_stops_writable_and_resumable(busy: Fleet) -> None:
     mover, neighbour = _writers(busy)  # a backlog of 0 can never be reached while the tenant writes
-    proc = busy.popen("move", "7", "--to", "eu-2", "--yes", "--cutover-backlog", "0", "--catchup-timeout", "2")
-    _, err = proc.communicate(timeout=240)
+    with _writing_in_the_server(busy, 7):
+        proc = busy.popen("move", "7", "--to", "eu-2", "--yes", "--cutover-backlog", "0", "--catchup-timeout", "2")
+        _, err = proc.communicate(timeout=240)
     assert proc.returncode == 1, err
     assert "did not converge" in err and "stays writable" in err
     # The first catch-up (after the copy) may meet an empty backlog between two writes and reach
