@@ -382,9 +382,9 @@ class Catalog:
             with self.transaction() as conn:
                 holders = self._open_moves(conn, tenants)
             holder = holders[0] if holders else None
-            busy = [t for t in tenants if holder and t in holder.tenants][:1] or tenants[:1]
+            busy = next((t for t in tenants if holder and t in holder.tenants), tenants[0])
             raise LockBusy(
-                f"tenant {busy[0]} already has an unfinished {describe_move(holder) if holder else 'move'}; "
+                f"tenant {busy} already has an unfinished {describe_move(holder) if holder else 'move'}; "
                 f"see `migrator move status{f' {holder.id}' if holder else ''}`"
             ) from None
 

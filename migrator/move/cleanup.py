@@ -136,8 +136,10 @@ def cleanup_tenants(
     """
     catalog = ctx.catalog
     stamp = catalog.stamp(stamp_name)
+    routes = {r.tenant: r for r in catalog.routes_of(tenants)}
     for tenant in tenants:
-        if catalog.route(tenant).stamp == stamp.name:
+        route = routes.get(tenant) or catalog.route(tenant)  # an unknown tenant: its one-line refusal
+        if route.stamp == stamp.name:
             raise BadInput(f"tenant {tenant} lives on {stamp.name}; cleanup only deletes a moved tenant's leftovers")
     with catalog.lock_tenants(tenants):
         for open_move in catalog.open_moves(tenants):

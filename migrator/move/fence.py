@@ -181,9 +181,7 @@ def guard(
         _lock_stamp_ddl(conn)  # serialised with other moves' DDL on this stamp, under the lock_timeout
         _install(conn, layout, tenants, move_id, fenced=fenced, capture=capture)
 
-    _yielding_to_writers(conn, install)
-    conn.execute("RESET lock_timeout")
-    conn.commit()
+    _yielding_to_writers(conn, install)  # a transaction of its own: its SET LOCAL lock_timeout ends with it
 
 
 @LOCK_YIELD.wraps

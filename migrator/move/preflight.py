@@ -175,7 +175,8 @@ def _check_rows(
     problems.add(list(differences))
     held: dict[str, list[str]] = {}
     for table in layout.tables:
-        for tenant in _holding(tgt, table, tenants):
+        on_target = _counts(tgt, table, tenants)
+        for tenant in (t for t in tenants if t in on_target):
             held.setdefault(tenant, []).append(table.label)
     for tenant, tables in held.items():
         problems.add([f"target {target.name} already holds rows of tenant {tenant} in {', '.join(tables)}"])
@@ -252,12 +253,3 @@ def _counts(conn: psycopg.Connection[Any], table: Table, tenants: Cohort) -> dic
         k=sql.Identifier(table.key), t=table.ident, f=tenant_filter(table, tenants)
     )
     return {tenant: int(count) for tenant, count in conn.execute(query).fetchall()}
-
-
-def _holding(conn: psycopg.Connection[Any], table: Table, tenants: Cohort) -> list[str]:
-    """The tenants of the cohort with rows in the table (on a target: normally none, so this is cheap)."""
-    query = sql.SQL("SELECT DISTINCT {k}::text FROM {t} WHERE {f}").format(
-        k=sql.Identifier(table.key), t=table.ident, f=tenant_filter(table, tenants)
-    )
-    found = {row[0] for row in conn.execute(query).fetchall()}
-    return [tenant for tenant in tenants if tenant in found]
