@@ -158,17 +158,17 @@ def copy_waits_at_held_table(fleet: Fleet, stamp: str) -> bool:
     """Inside `copy_held`: every other table's copy is complete on `stamp` and the copy waits for the held one.
 
     Parallel streams copy tables at once, so waiting for the held table alone does not say the
-    others are done; their committed cursors do.
+    others are done. Their committed cursors do not say it either: each table is analyzed after its
+    last batch commits (a lock on it then still stops the copy). The catalog's per-table progress,
+    recorded after that, does.
     """
     others = len(fleet.layout().tables) - 1
     with dsnlib.connect(fleet.dsn(stamp), autocommit=True, pinned=False) as conn:
         waiting = conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'relation'")
         if not waiting.fetchone()[0]:
             return False
-        done = conn.execute(
-            "SELECT count(*) FROM (SELECT table_name FROM _migrator.copy_progress GROUP BY 1 HAVING bool_and(done)) d"
-        )
-        return int(done.fetchone()[0]) >= others
+        moves = [row[0] for row in conn.execute("SELECT DISTINCT move_id FROM _migrator.copy_progress")]
+    return any(sum(t.done for t in fleet.catalog.tables(move_id)) >= others for move_id in moves)
 
 
 @contextmanager

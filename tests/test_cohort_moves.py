@@ -207,11 +207,21 @@ def _hold_at_copy(fleet: Fleet, proc: subprocess.Popen[str], stack: list[object]
 
 
 def _hold_at_catch_up(fleet: Fleet, proc: subprocess.Popen[str], stack: list[object]) -> None:
-    """Let the copy finish, but keep the catch-up's replay of the writers' tasks waiting on the target."""
+    """Let the copy finish, but keep the catch-up's replay of the writers' tasks waiting on the target.
+
+    The writers alone may leave fewer changes than the cutover backlog (200) when the machine is
+    loaded, and the catch-up would then go straight on to the freeze: 250 new tasks of a written
+    tenant make sure it has tasks to replay.
+    """
     _hold_at_copy(fleet, proc, stack)
     tasks = dsnlib.connect(fleet.dsn("eu-2"), pinned=False)
     tasks.execute("LOCK TABLE tasks IN SHARE MODE")  # its copy is complete: only the replay writes it now
     stack.append(tasks)
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True, pinned=False) as src:
+        src.execute(
+            "INSERT INTO tasks (tenant_id, project_id, title) SELECT tenant_id, project_id, 'burst ' || g"
+            " FROM (SELECT tenant_id, project_id FROM tasks WHERE tenant_id = 105 LIMIT 1) t, generate_series(1, 250) g"
+        )
     held = stack.pop(0)
     held.__exit__(None, None, None)  # type: ignore[attr-defined]
     _wait(lambda: _phase(fleet, "101") == Phase.COPIED, "the catch-up", proc=proc)
