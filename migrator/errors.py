@@ -54,5 +54,18 @@ class NotConverging(MigratorError):
     faster than the replay, so the move stops (writable, resumable) rather than force a long freeze."""
 
 
+class Unreachable(MigratorError):
+    """A stamp did not answer. `transient` when a later attempt may reach it (refused, timed out, cut
+    off), not when the DSN or its credentials are wrong: queue workers retry only the former."""
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class Interrupted(MigratorError):
+    """A stop was asked for (a worker's SIGTERM): the move stopped at a safe point, unfenced and resumable."""
+
+
 class FreezeTooLong(MigratorError):
     """The cutover could not finish within --max-freeze-ms; writes were resumed."""

@@ -167,6 +167,8 @@ def copy_waits_at_held_table(fleet: Fleet, stamp: str) -> bool:
         waiting = conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'relation'")
         if not waiting.fetchone()[0]:
             return False
+        if conn.execute("SELECT to_regclass('_migrator.copy_progress')").fetchone() == (None,):
+            return False  # the waiter is not a copy (autovacuum, say): no move has started copying yet
         moves = [row[0] for row in conn.execute("SELECT DISTINCT move_id FROM _migrator.copy_progress")]
     return any(sum(t.done for t in fleet.catalog.tables(move_id)) >= others for move_id in moves)
 

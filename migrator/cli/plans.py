@@ -395,6 +395,45 @@ def _summary(result: ApplyResult) -> str:
     return f"{table}\nplan {result.path}: {result.status} ({counts})"
 
 
+def _queued_plan(context: Any, digest: str, file: Path, *, follow: bool, as_json: bool) -> None:
+    """`apply --status` and `apply --wait`: the plan's entries as the catalog records them."""
+    from migrator.plans.apply import Ledger, PlanStatus
+    from migrator.queue.enqueue import follow as follow_plan
+    from migrator.queue.enqueue import live_workers
+
+    if follow:
+        status, entries = follow_plan(context, digest, render.say)
+    else:
+        found = Ledger(context.catalog).plan(digest)
+        if found is None:
+            raise MigratorError(f"plan {file} was never applied or queued")
+        status, entries = found[1], Ledger(context.catalog).entries(found[0])
+    workers = live_workers(context)
+    data = {"path": str(file), "digest": digest, "status": status, "workers": workers, "entries": entries}
+    table = render.table(
+        ["#", "tenants", "from", "to", "status", "move", "failures", "queue", "error"],
+        [
+            [
+                e.position,
+                render.tenants_cell(tuple(e.tenants)),
+                e.source,
+                e.target,
+                e.status,
+                e.move_id,
+                e.failures or "",
+                e.queue,
+                render.mask_text(e.error or ""),
+            ]
+            for e in entries
+        ],
+    )
+    counts = ", ".join(f"{sum(e.status == s for e in entries)} {s}" for s in ("done", "running", "pending", "failed"))
+    emit(as_json, data, f"{table}\nplan {file}: {status} ({counts}); {workers} worker(s) running")
+    if follow and status == PlanStatus.FAILED:
+        failed = sum(e.status == "failed" for e in entries)
+        raise MigratorError(f"{failed} of {len(entries)} moves failed; `migrator apply {file} --status` shows why")
+
+
 @cli.command("apply")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -421,6 +460,24 @@ def _summary(result: ApplyResult) -> str:
 @JOBS
 @click.option("--stop-on-error", is_flag=True, help="Start no more moves once one has failed.")
 @click.option("--dry-run", is_flag=True, help="Check the plan is still current and show what would run.")
+@click.option(
+    "--queue",
+    is_flag=False,
+    flag_value="migrator",
+    default=None,
+    metavar="[NAME]",
+    help="Send the plan's moves to `migrator worker` processes on this queue (default queue: migrator; an "
+    "entry's own `queue:` wins) instead of running them here. --per-stamp then holds across all workers.",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="With --queue: how many times workers run a move that fails for a transient reason.",
+)
+@click.option("--wait", is_flag=True, help="Follow the queued plan's progress until it ends; exit with its outcome.")
+@click.option("--status", "show_status", is_flag=True, help="Show the plan's progress as the catalog records it.")
 @ALLOW_TRIGGERS
 @METRICS_PORT
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
@@ -436,18 +493,28 @@ def apply_cmd(
     jobs: int,
     stop_on_error: bool,
     dry_run: bool,
+    queue: str | None,
+    max_attempts: int,
+    wait: bool,
+    show_status: bool,
     allow_triggers: bool,
     metrics_port: int | None,
     yes: bool,
     no_progress: bool,
     as_json: bool,
 ) -> None:
-    """Carry out a plan file's moves; re-running it resumes where it stopped (Ctrl-C lets running moves end)."""
+    """Carry out a plan file's moves; re-running it resumes where it stopped (Ctrl-C lets running moves end).
+
+    With --queue the moves go to `migrator worker` processes; --wait follows them, --status shows them.
+    """
     from dataclasses import replace
 
-    from migrator.plans.apply import EntryStatus, prepare, run
+    from migrator.plans.apply import EntryStatus, plan_digest, prepare, run
 
     context = context_of(ctx)
+    if show_status or (wait and queue is None):
+        _queued_plan(context, plan_digest(file), file, follow=wait, as_json=as_json)
+        return
     prepared = prepare(context, file)
     if dry_run:
         _dry_run(as_json, prepared)
@@ -465,6 +532,17 @@ def apply_cmd(
         jobs=jobs,
         allow_triggers=allow_triggers,
     )
+    if queue is not None:
+        from migrator.queue.enqueue import enqueue
+
+        queued = enqueue(context, prepared, options, queue, max_attempts)
+        made = ", ".join(f"{n} on queue {q}" for q, n in sorted(queued.jobs.items())) or "no new jobs"
+        render.say(f"queued plan {file}: {made}" + (f"; {queued.already} already queued" if queued.already else ""))
+        if not queued.workers:
+            render.say("no worker is running: the moves wait until one starts (`migrator worker`)")
+        if wait:
+            _queued_plan(context, prepared.digest, file, follow=True, as_json=as_json)
+        return
     reporter = _notes_only() if as_json or no_progress else ApplyBars()
     try:
         with context.metrics.serve(metrics_port):

@@ -196,7 +196,7 @@ def catch_up(run: MoveRun, move: Move) -> int:
         batch=options.replay_batch,
         until=options.cutover_backlog,
         deadline=deadline,
-        observe=run.metrics.catchup_backlog.labels(run.source.name).set,
+        observe=lambda pending: _observe_backlog(run, move, pending),
     )
     if pending > options.cutover_backlog:
         raise NotConverging(
@@ -205,6 +205,12 @@ def catch_up(run: MoveRun, move: Move) -> int:
             "to continue"
         )
     return pending
+
+
+def _observe_backlog(run: MoveRun, move: Move, pending: int) -> None:
+    """Each catch-up round: export the backlog, and stop here if asked (a round is a safe point)."""
+    run.metrics.catchup_backlog.labels(run.source.name).set(pending)
+    run.safe_point(move.id)
 
 
 def online_cutover(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, float]]:
@@ -231,6 +237,7 @@ def _attempt_cutover(run: MoveRun, move: Move, number: int) -> tuple[list[Route]
     verify_before_freeze(run, move, incremental=True)
     capture.vacuum_changes(run.source.dsn)
     catch_up(run, move)
+    run.safe_point(move.id)
     run.lock.check()
     try:
         return _freeze_and_flip(run, move)

@@ -11,6 +11,7 @@ starting over. Every step is idempotent, which is what makes resume after kill -
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -60,12 +61,21 @@ class MoveOutcome:
     freeze_steps_ms: dict[str, float] = field(default_factory=dict)  # online: the flipping freeze, step by step
 
 
-def move_tenants(ctx: Context, tenants: Cohort, target: str, options: MoveOptions, progress: Progress) -> MoveOutcome:
+def move_tenants(
+    ctx: Context,
+    tenants: Cohort,
+    target: str,
+    options: MoveOptions,
+    progress: Progress,
+    stop: threading.Event | None = None,
+) -> MoveOutcome:
     """Move (or resume moving) a cohort of tenants to `target` as one unit; returns after its routes
     flipped. A single tenant is a cohort of one.
 
     A cohort resumes only as the same cohort: a tenant of an unfinished move names that move.
+    `stop` (a worker's SIGTERM) ends the run at its next safe point with `Interrupted`.
     """
+    stop = stop or threading.Event()
     catalog = ctx.catalog
     with catalog.lock_tenants(tenants) as lock:
         unfinished = catalog.open_moves(tenants)
@@ -77,7 +87,7 @@ def move_tenants(ctx: Context, tenants: Cohort, target: str, options: MoveOption
                     f"{describe_move(move)} is unfinished; resume it with `migrator move {listed} --to {move.target}` "
                     f"or run `migrator move abort {move.id}`"
                 )
-            return _resume(ctx, move, lock, options, progress)
+            return _resume(ctx, move, lock, options, progress, stop)
         checked = check_move(catalog, ctx.config.tenancy, tenants, target, allow_triggers=options.allow_triggers)
         if options.dry_run:
             return MoveOutcome(
@@ -100,7 +110,9 @@ def move_tenants(ctx: Context, tenants: Cohort, target: str, options: MoveOption
             f"move {move.id}: {move.who} {checked.source.name} -> {checked.target.name}, "
             f"{checked.total_rows} rows in {len(checked.layout.tables)} tables"
         )
-        run = MoveRun(catalog, checked.source, checked.target, checked.layout, lock, options, progress, ctx.metrics)
+        run = MoveRun(
+            catalog, checked.source, checked.target, checked.layout, lock, options, progress, ctx.metrics, stop
+        )
         outcome = _run(run, move, resumed=False)
         return replace(outcome, not_moved=checked.null_tenant_rows, skipped=checked.skipped)
 
@@ -114,14 +126,21 @@ def resume_move(ctx: Context, move_id: int, options: MoveOptions, progress: Prog
         return _resume(ctx, ctx.catalog.move(move_id), lock, options, progress)
 
 
-def _resume(ctx: Context, move: Move, lock: TenantLock, options: MoveOptions, progress: Progress) -> MoveOutcome:
+def _resume(
+    ctx: Context,
+    move: Move,
+    lock: TenantLock,
+    options: MoveOptions,
+    progress: Progress,
+    stop: threading.Event | None = None,
+) -> MoveOutcome:
     source, dest = ctx.catalog.stamp(move.source), ctx.catalog.stamp(move.target)
     layout = _resume_layout(ctx, move, source, dest)
     check_resume(source, dest, layout, allow_triggers=options.allow_triggers)
     if options.dry_run:
         return MoveOutcome(move.tenants, source.name, dest.name, move, [], True)
     progress.phase(f"resuming move {move.id} of {move.who} at phase {move.phase}")
-    run = MoveRun(ctx.catalog, source, dest, layout, lock, options, progress, ctx.metrics)
+    run = MoveRun(ctx.catalog, source, dest, layout, lock, options, progress, ctx.metrics, stop or threading.Event())
     return _run(run, move, resumed=True)
 
 
@@ -158,10 +177,12 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
 
     try:
         move = at(move)
+        run.safe_point(move.id)
         if move.phase == Phase.CREATED:
             with _timed(timings, "guard"):
                 move = at(_guard(run, move))
         if move.phase == Phase.COPYING:
+            run.safe_point(move.id)
             with _timed(timings, "copy"):
                 move = at(_copy(run, move))
         if move.mode == Mode.OFFLINE:
@@ -178,10 +199,12 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
                 return _finished(run, move, routes, resumed, report, timings)
         else:
             if move.phase == Phase.COPIED:
+                run.safe_point(move.id)
                 with _timed(timings, "sync"):
                     move, report = _sync(run, move)
                     at(move)
             if move.phase in (Phase.SYNCED, Phase.CUTOVER):
+                run.safe_point(move.id)
                 with _timed(timings, "cutover"):
                     routes, freeze_steps = online_cutover(run, move)
                 return replace(_finished(run, move, routes, resumed, report, timings), freeze_steps_ms=freeze_steps)

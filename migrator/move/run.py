@@ -8,9 +8,11 @@ lock. The move's catalog record is not part of it: each step returns it anew wit
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 
 from migrator.catalog import Catalog, Stamp, TenantLock
+from migrator.errors import Interrupted
 from migrator.metrics import Metrics
 from migrator.progress import Progress
 from migrator.stamps.discovery import Layout
@@ -61,3 +63,9 @@ class MoveRun:
     options: MoveOptions
     progress: Progress
     metrics: Metrics  # the process's (`Context.metrics`)
+    stop: threading.Event = field(default_factory=threading.Event)  # set by a worker's SIGTERM
+
+    def safe_point(self, move_id: int) -> None:
+        """Between steps, batches and catch-up rounds (never inside the freeze): honour a stop."""
+        if self.stop.is_set():
+            raise Interrupted(f"move {move_id}: stopped at a safe point; it resumes where it stood")

@@ -71,6 +71,9 @@ def copy_tables(
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="copy") as pool:
         try:
             while pending or running:
+                if run.stop.is_set():  # a worker's SIGTERM: the parts end after their batch, none starts
+                    stop.set()
+                    pending.clear()
                 for unit in [u for u in pending if in_any_order or u.parents <= done]:
                     pending.remove(unit)
                     for table in unit.tables:
@@ -78,19 +81,22 @@ def copy_tables(
                     for submit in _streams(run, move_id, tenants, unit, totals, jobs, rate, stop):
                         running[pool.submit(submit)] = unit
                         unit.streams += 1
-                if not running:  # nothing can start: a parent outside the layout's order (cannot happen)
-                    raise RuntimeError(f"copy order stuck at {[u.names for u in pending]}")
-                complete, _ = wait(running, return_when=FIRST_COMPLETED)
+                if not running:
+                    if not pending:  # stopped
+                        break
+                    raise RuntimeError(f"copy order stuck at {[u.names for u in pending]}")  # cannot happen
+                complete, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in complete:
                     unit = running.pop(future)
                     future.result()
                     unit.streams -= 1
-                    if unit.streams == 0:
+                    if unit.streams == 0 and not stop.is_set():
                         _complete(run, unit, finished)
                         done |= unit.names
         finally:  # on an error (or Ctrl-C) the other streams end after their current batch
             stop.set()
             pool.shutdown(cancel_futures=True)
+    run.safe_point(move_id)  # stopped: the tables not complete keep their cursors, the copy is not done
 
 
 def _complete(run: MoveRun, unit: _Unit, finished: Callable[[tuple[Table, ...]], None]) -> None:

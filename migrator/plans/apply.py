@@ -24,6 +24,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
+from psycopg.rows import class_row
+
 from migrator.catalog import Catalog, Move, Stamp
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
@@ -170,6 +172,12 @@ class SilentApply:
 # -- prepare: parse, validate, refuse stale plans -------------------------------------------------------
 
 
+def plan_digest(path: Path) -> str:
+    """The key of a plan's run in the catalog: the sha256 of the file's bytes."""
+    _, content = load_plan(path)
+    return hashlib.sha256(content).hexdigest()
+
+
 def prepare(ctx: Context, path: Path) -> Prepared:
     """Parse the plan and check it still holds against the catalog and the stamps; changes nothing."""
     plan, content = load_plan(path)
@@ -179,7 +187,7 @@ def prepare(ctx: Context, path: Path) -> Prepared:
     recorded = Ledger(ctx.catalog).statuses(digest)
     entries, stale = [], []
     for position, move in enumerate(plan.moves):
-        entry, problem = _classify(ctx.catalog, position, move, recorded.get(position))
+        entry, problem = classify_entry(ctx.catalog, position, move, recorded.get(position))
         if problem is None and entry.todo != Todo.DONE and known[move.target].state != "active":
             problem = f"target {move.target} is {known[move.target].state}"
         if problem:
@@ -192,7 +200,7 @@ def prepare(ctx: Context, path: Path) -> Prepared:
     return Prepared(where, digest, plan, tuple(entries))
 
 
-def _classify(
+def classify_entry(
     catalog: Catalog, position: int, move: PlannedMove, recorded: EntryStatus | None
 ) -> tuple[Entry, str | None]:
     """What a run must do with one entry (a cohort), or why the entry no longer holds (naming a tenant)."""
@@ -266,8 +274,12 @@ class Ledger:
             ).fetchall()
         return {int(position): EntryStatus(status) for position, status in rows}
 
-    def open(self, prepared: Prepared) -> int:
-        """Record the plan and its entries (once; a re-run keeps what is there) and mark it running."""
+    def open(self, prepared: Prepared, queue: str | None = None) -> int:
+        """Record the plan and its entries (once; a re-run keeps their status) and mark it running.
+
+        With `queue` (`apply --queue`), each entry records the workers' queue it is sent to: its own
+        `queue:` from the file, else `queue`.
+        """
         with self.catalog.transaction() as conn:
             row = conn.execute(
                 "INSERT INTO plans (digest, path, kind) VALUES (%s, %s, %s) ON CONFLICT (digest)"
@@ -278,17 +290,20 @@ class Ledger:
             plan_id = int(row[0])
             with conn.cursor() as cur:
                 cur.executemany(
-                    "INSERT INTO plan_moves (plan_id, position, tenant, source, target, size_rows, size_bytes)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (plan_id, position) DO NOTHING",
+                    "INSERT INTO plan_moves (plan_id, position, tenant, tenants, source, target, size_rows,"
+                    " size_bytes, queue) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (plan_id, position)"
+                    " DO UPDATE SET tenants = EXCLUDED.tenants, queue = EXCLUDED.queue",
                     [
                         (
                             plan_id,
                             e.position,
                             e.move.tenants[0],
+                            list(e.move.tenants),
                             e.move.source,
                             e.move.target,
                             e.move.rows,
                             e.move.bytes,
+                            queue and (e.move.queue or queue),
                         )  # fmt: skip
                         for e in prepared.entries
                     ],
@@ -315,6 +330,67 @@ class Ledger:
     def close(self, plan_id: int, status: PlanStatus) -> None:
         with self.catalog.transaction() as conn:
             conn.execute("UPDATE plans SET status = %s, updated_at = now() WHERE id = %s", (status, plan_id))
+
+    def entries(self, plan_id: int, position: int | None = None) -> list[LedgerEntry]:
+        """The recorded entries of a plan (or one of them), as workers and `apply --status` read them."""
+        with self.catalog.transaction() as conn, conn.cursor(row_factory=class_row(LedgerEntry)) as cur:
+            cur.execute(
+                "SELECT position, coalesce(tenants, ARRAY[tenant]) AS tenants, source, target, size_rows AS rows,"
+                " status, move_id, queue, failures, error FROM plan_moves"
+                " WHERE plan_id = %s AND (%s::integer IS NULL OR position = %s) ORDER BY position",
+                (plan_id, position, position),
+            )
+            return cur.fetchall()
+
+    def plan(self, digest: str) -> tuple[int, PlanStatus] | None:
+        with self.catalog.transaction() as conn:
+            row = conn.execute("SELECT id, status FROM plans WHERE digest = %s", (digest,)).fetchone()
+        return None if row is None else (int(row[0]), PlanStatus(row[1]))
+
+    def failed_attempt(self, plan_id: int, position: int, error: str) -> int:
+        """A worker's run of the entry failed and may be retried: back to pending; returns failures so far."""
+        with self.catalog.transaction() as conn:
+            row = conn.execute(
+                "UPDATE plan_moves SET status = %s, failures = failures + 1, error = %s, updated_at = now()"
+                " WHERE plan_id = %s AND position = %s RETURNING failures",
+                (EntryStatus.PENDING, error[:2000], plan_id, position),
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def settle(self, plan_id: int) -> PlanStatus | None:
+        """Once no entry is pending or running, the plan is done or failed (workers end plans this way)."""
+        with self.catalog.transaction() as conn:
+            row = conn.execute(
+                "UPDATE plans p SET status = CASE WHEN EXISTS (SELECT 1 FROM plan_moves m WHERE m.plan_id = p.id"
+                " AND m.status = %(failed)s) THEN %(failed)s ELSE %(done)s END, updated_at = now()"
+                " WHERE p.id = %(plan)s AND NOT EXISTS (SELECT 1 FROM plan_moves m WHERE m.plan_id = p.id"
+                " AND m.status IN (%(pending)s, %(running)s)) RETURNING p.status",
+                {
+                    "failed": EntryStatus.FAILED,
+                    "done": EntryStatus.DONE,
+                    "pending": EntryStatus.PENDING,
+                    "running": EntryStatus.RUNNING,
+                    "plan": plan_id,
+                },
+            ).fetchone()
+        return None if row is None else PlanStatus(row[0])
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """An entry as the catalog records it (`plan_moves`): what workers run and `apply --status` shows."""
+
+    position: int
+    tenants: list[str]
+    source: str
+    target: str
+    rows: int
+    status: EntryStatus
+    move_id: int | None
+    queue: str | None
+    failures: int
+    error: str | None
 
 
 @contextlib.contextmanager
@@ -483,7 +559,7 @@ def _one(
         )
         outcome = move_tenants(ctx, move.tenants, move.target, move_options, progress)
     except Exception as exc:  # one failed move must not stop the others
-        reason = _reason(ctx, exc)
+        reason = error_line(ctx, exc)
         unfinished = next(iter(ctx.catalog.open_moves(move.tenants)), None)
         ledger.mark(plan_id, entry.position, EntryStatus.FAILED, unfinished.id if unfinished else None, reason)
         return EntryResult(
@@ -513,7 +589,7 @@ def _one(
     )
 
 
-def _reason(ctx: Context, exc: Exception) -> str:
+def error_line(ctx: Context, exc: Exception) -> str:
     """The error's first line, without any stamp's or the catalog's password."""
     text = str(exc).strip()
     first = text.splitlines()[0] if text else ""

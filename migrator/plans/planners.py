@@ -53,6 +53,7 @@ class PlannedMove:
     rows: int
     bytes: int
     line: int = field(default=0, compare=False)
+    queue: str | None = None  # `apply --queue`: the workers' queue of this entry (its target's region, say)
 
     @property
     def who(self) -> str:
@@ -411,6 +412,7 @@ def plan_data(plan: Plan) -> dict[str, Any]:
             "to": m.target,
             "rows": m.rows,
             "bytes": m.bytes,
+            **({"queue": m.queue} if m.queue else {}),
         }
         for m in plan.moves
     ]
@@ -584,7 +586,7 @@ def _moves(raw: _Map) -> tuple[PlannedMove, ...]:
         if not isinstance(entry, _Map):
             raise _Problem(raw.key_lines["moves"], f"{where[:-1]}: must be a mapping {{tenant, from, to, rows, bytes}}")
         tenants = _entry_tenants(entry, where)
-        _keys(entry, where, _MOVE_KEYS, ("tenant", "tenants"))
+        _keys(entry, where, _MOVE_KEYS, ("tenant", "tenants", "queue"))
         source = _get(entry, "from", str, "a stamp name", where)
         target = _get(entry, "to", str, "a stamp name", where)
         rows, size = (_get(entry, k, int, "a non-negative integer", where) for k in ("rows", "bytes"))
@@ -599,7 +601,8 @@ def _moves(raw: _Map) -> tuple[PlannedMove, ...]:
                     entry.line, f"{where}tenant: tenant {tenant} appears twice (first at line {seen[tenant]})"
                 )
             seen[tenant] = entry.line
-        moves.append(PlannedMove(tenants, source, target, rows, size, entry.line))
+        queue = _get(entry, "queue", str, "a queue name", where) if "queue" in entry else None
+        moves.append(PlannedMove(tenants, source, target, rows, size, entry.line, queue))
     return tuple(moves)
 
 

@@ -13,7 +13,8 @@ from psycopg import sql
 from migrator.catalog import Stamp
 from migrator.config import Tenancy
 from migrator.db import dsn as dsnlib
-from migrator.errors import MigratorError
+from migrator.db.retry import is_transient
+from migrator.errors import Unreachable
 from migrator.stamps.discovery import Layout, discover
 
 SCHEMA = "_migrator"  # migrator's own schema on each stamp (guard function, change log, copy cursors)
@@ -31,7 +32,9 @@ def connect_dsn(dsn: str, what: str, *, autocommit: bool = True) -> Iterator[psy
     try:
         conn = dsnlib.connect(dsn, autocommit=autocommit)
     except psycopg.Error as exc:
-        raise MigratorError(f"cannot connect to {what} ({dsnlib.mask(dsn)}): {dsnlib.reason(exc, dsn)}") from None
+        raise Unreachable(
+            f"cannot connect to {what} ({dsnlib.mask(dsn)}): {dsnlib.reason(exc, dsn)}", transient=is_transient(exc)
+        ) from None
     with conn:
         yield conn
 

@@ -1,0 +1,53 @@
+"""`migrator worker`: run queued plan entries (`apply --queue`) until SIGTERM."""
+
+from __future__ import annotations
+
+import click
+
+from migrator.cli import render
+from migrator.cli.base import METRICS_PORT, cli, context_of
+
+
+@cli.command("worker")
+@click.option(
+    "--queue",
+    "queues",
+    multiple=True,
+    metavar="NAME",
+    help="Claim work from this queue (repeatable; e.g. the queue of this machine's region). Default: every queue.",
+)
+@click.option("--concurrency", type=click.IntRange(min=1, max=64), default=2, show_default=True, help="Moves at once.")
+@click.option(
+    "--stalled-after",
+    type=click.FloatRange(min=1),
+    default=30.0,
+    show_default=True,
+    help="Seconds without a heartbeat after which a worker counts as dead and its moves are queued again.",
+)
+@click.option("--name", default=None, help="This worker's name in logs (default: host and process id).")
+@METRICS_PORT
+@click.pass_context
+def worker_cmd(
+    ctx: click.Context,
+    queues: tuple[str, ...],
+    concurrency: int,
+    stalled_after: float,
+    name: str | None,
+    metrics_port: int | None,
+) -> None:
+    """Run plan moves from the catalog's job queue until SIGTERM (which stops them at a safe point)."""
+    import os
+    import socket
+
+    from migrator.queue.worker import WorkerOptions, run_worker
+
+    context = context_of(ctx)
+    name = name or f"{socket.gethostname()}:{os.getpid()}"
+    options = WorkerOptions(queues, concurrency, stalled_after, name)
+    render.say(
+        f"worker {name} on {', '.join(queues) if queues else 'every queue'}: {concurrency} move(s) at a time; "
+        "SIGTERM stops it at a safe point"
+    )
+    with context.metrics.serve(metrics_port):
+        run_worker(context, options, say=render.say)
+    render.say(f"worker {name} stopped")

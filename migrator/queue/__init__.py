@@ -1,0 +1,12 @@
+"""Plans run by a pool of `migrator worker` processes sharing a job queue in the catalog's database.
+
+The queue is procrastinate's (SKIP LOCKED claiming, LISTEN/NOTIFY wake-up, queueing locks,
+worker heartbeats), its tables created by the catalog's Alembic revision 0007: the catalog's
+PostgreSQL stays the one shared piece, no broker. `enqueue` sends a plan's entries (cohorts) as
+jobs, `tasks` runs one on a worker, `worker` is the process, `follow` is `apply --wait`.
+
+The catalog stays the truth: the tenants' move locks and the open-move index keep two moves of a
+tenant apart whoever runs them, the per-stamp limit is a set of advisory-lock slots in the
+catalog (fleet-wide, released with a dead worker's session), and each entry's status, failures
+and move are in `plan_moves` whatever the queue says.
+"""

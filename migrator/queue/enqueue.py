@@ -1,0 +1,127 @@
+"""`apply FILE --queue`: send a plan's entries to the workers; `apply FILE --wait`: follow them.
+
+Enqueueing runs the same `prepare` as a local apply, so a stale plan is refused before any job
+exists. Each entry is one job with a queueing lock named after the plan's digest and position:
+running `apply --queue` again while its jobs wait queues nothing twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from procrastinate.exceptions import AlreadyEnqueued
+
+from migrator.context import Context
+from migrator.errors import BadInput
+from migrator.plans.apply import ApplyOptions, EntryStatus, Ledger, LedgerEntry, PlanStatus, Prepared
+from migrator.queue.tasks import DEFAULT_QUEUE, RUN_ENTRY, make_app
+
+DEFAULT_MAX_ATTEMPTS = 3
+NO_WORKER_GRACE_S = 3.0  # `--wait` says "waiting for a worker" when no worker is alive after this
+
+
+@dataclass(frozen=True)
+class Queued:
+    """What `apply --queue` did: the jobs it created per queue, and those already waiting."""
+
+    plan_id: int
+    jobs: dict[str, int]
+    already: int
+    workers: int  # live workers now (0: the jobs wait until one starts)
+
+
+def enqueue(
+    ctx: Context,
+    prepared: Prepared,
+    options: ApplyOptions,
+    queue: str = DEFAULT_QUEUE,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> Queued:
+    """Record the plan in the catalog and queue a job per remaining entry (see the module docstring)."""
+    ledger = Ledger(ctx.catalog)
+    plan_id = ledger.open(prepared, queue=queue)
+    jobs: dict[str, int] = {}
+    already = 0
+    app = make_app(ctx.catalog.url, min_size=1, max_size=1)
+    with app.open():
+        task = app.tasks[RUN_ENTRY]
+        for entry in prepared.todo:
+            where = entry.move.queue or queue
+            try:
+                task.configure(queue=where, queueing_lock=f"migrator.plan:{prepared.digest}:{entry.position}").defer(
+                    plan_id=plan_id,
+                    position=entry.position,
+                    per_stamp=options.per_stamp,
+                    max_attempts=max_attempts,
+                    batch_rows=options.batch_rows,
+                    jobs=options.jobs,
+                    allow_triggers=options.allow_triggers,
+                )
+                jobs[where] = jobs.get(where, 0) + 1
+            except AlreadyEnqueued:
+                already += 1
+    ledger.settle(plan_id)  # a plan with nothing left to run is done now
+    return Queued(plan_id, jobs, already, live_workers(ctx))
+
+
+def live_workers(ctx: Context, within_s: float = 30.0) -> int:
+    """Workers whose heartbeat is at most `within_s` old (procrastinate's `procrastinate_workers`)."""
+    with ctx.catalog.transaction() as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM procrastinate_workers WHERE last_heartbeat > now() - make_interval(secs => %s)",
+            (within_s,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def follow(
+    ctx: Context, digest: str, say: Callable[[str], None], poll_s: float = 1.0, timeout_s: float | None = None
+) -> tuple[PlanStatus, list[LedgerEntry]]:
+    """`apply --wait`: report each entry's changes until the plan is settled; returns how it ended.
+
+    Progress is read from the catalog, not from the queue: a plan queued by another operator, or
+    by an earlier `apply --queue`, is followed the same way.
+    """
+    ledger = Ledger(ctx.catalog)
+    found = ledger.plan(digest)
+    if found is None:
+        raise BadInput(f"plan {digest[:12]} was never applied or queued: nothing to follow")
+    plan_id = found[0]
+    seen: dict[int, tuple[str, int, str | None]] = {}
+    waiting_since = time.monotonic()
+    said_waiting = False
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        entries = ledger.entries(plan_id)
+        for e in entries:
+            now = (e.status, e.failures, e.error)
+            if seen.get(e.position) != now:
+                if e.position in seen or e.status != EntryStatus.PENDING:
+                    say(_line(e))
+                seen[e.position] = now
+        status = ledger.plan(digest)
+        assert status is not None
+        if status[1] != PlanStatus.RUNNING:
+            return status[1], entries
+        if any(e.status == EntryStatus.RUNNING for e in entries) or live_workers(ctx):
+            waiting_since, said_waiting = time.monotonic(), False
+        elif not said_waiting and time.monotonic() - waiting_since > NO_WORKER_GRACE_S:
+            say("waiting for a worker: none is running (start one with `migrator worker`)")
+            said_waiting = True
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"plan {digest[:12]} still running after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def _line(entry: LedgerEntry) -> str:
+    who = " ".join(entry.tenants) if len(entry.tenants) <= 5 else f"{len(entry.tenants)} tenants"
+    where = f"#{entry.position} {who} {entry.source} -> {entry.target}"
+    if entry.status == EntryStatus.DONE:
+        return f"done    {where} (move {entry.move_id})"
+    if entry.status == EntryStatus.FAILED:
+        return f"FAILED  {where}: {entry.error}"
+    if entry.status == EntryStatus.RUNNING:
+        return f"running {where}" + (f" (move {entry.move_id})" if entry.move_id else "")
+    return f"queued  {where}" + (f": {entry.error}" if entry.error else "")

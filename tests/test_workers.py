@@ -1,0 +1,289 @@
+"""Plans run by `migrator worker` processes sharing the catalog's job queue (`apply --queue`).
+
+Every worker here is a real process started from the CLI; the queue is procrastinate's tables in
+the test's catalog database. The guarantees are those of a local `apply`: each cohort runs once,
+per-stamp and per-tenant limits hold across workers, a worker killed with -9 or stopped with
+SIGTERM leaves its move to another, which resumes it without losing or duplicating a row.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from conftest import Fleet, RunsCli, copy_held, copy_waits_at_held_table, tenant_digest
+
+from migrator.catalog import Phase
+from migrator.db import dsn as dsnlib
+from migrator.local.writer import Workload
+
+STALLED_AFTER = "4"  # seconds without a heartbeat before a worker's jobs are queued again
+
+
+def _wait(predicate: Callable[[], bool], what: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@contextmanager
+def workers(cli: RunsCli, count: int, *args: str) -> Iterator[list[subprocess.Popen[str]]]:
+    """`count` worker processes; SIGTERM to each at the end (kill -9 if one does not stop)."""
+    procs = [cli.popen("worker", "--stalled-after", STALLED_AFTER, "--concurrency", "1", *args) for _ in range(count)]
+    try:
+        yield procs
+    finally:
+        stop_workers(procs)
+
+
+def stop_workers(procs: list[subprocess.Popen[str]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _drain_plan(fleet: Fleet, path: Path, *args: str) -> dict[str, Any]:
+    result = fleet.run("plan", "drain", "eu-1", "--to", "eu-2,us-1", "-o", str(path), *args)
+    assert result.exit_code == 0, result.output + result.stderr
+    return yaml.safe_load(path.read_text())
+
+
+def _entries(fleet: Fleet, path: Path) -> list[dict[str, Any]]:
+    result = fleet.run("apply", str(path), "--status", "--json")
+    assert result.exit_code == 0, result.output + result.stderr
+    return json.loads(result.stdout)["entries"]
+
+
+def _plan_status(fleet: Fleet, path: Path) -> str:
+    result = fleet.run("apply", str(path), "--status", "--json")
+    return json.loads(result.stdout)["status"] if result.exit_code == 0 else "unknown"
+
+
+def _moves(fleet: Fleet) -> list[tuple[int, str, str, str, Any, Any, list[str]]]:
+    """Every move: id, source, target, phase, created_at, finished_at and its tenants."""
+    with fleet.catalog.transaction() as conn:
+        return conn.execute(
+            "SELECT m.id, m.source, m.target, m.phase, m.created_at, m.finished_at,"
+            " array_agg(t.tenant ORDER BY t.position) FROM moves m JOIN move_tenants t ON t.move_id = m.id"
+            " GROUP BY m.id ORDER BY m.id"
+        ).fetchall()
+
+
+def _running_move(fleet: Fleet) -> int | None:
+    with fleet.catalog.transaction() as conn:
+        row = conn.execute("SELECT id FROM moves WHERE finished_at IS NULL AND phase <> 'aborted'").fetchone()
+    return None if row is None else int(row[0])
+
+
+def _assert_each_flipped_once(fleet: Fleet, tenants: list[str]) -> None:
+    flipped = [t for m in _moves(fleet) if m[3] == Phase.FLIPPED for t in m[6]]
+    assert sorted(flipped) == sorted(tenants)  # every tenant moved by exactly one flipped move
+
+
+def _assert_no_overlap(moves: list[tuple[int, str, str, str, Any, Any, list[str]]], key: Callable[..., Any]) -> None:
+    """Moves sharing `key` (a target stamp, a tenant) never ran at the same time."""
+    groups: dict[Any, list[tuple[Any, Any]]] = {}
+    for m in moves:
+        for k in key(m):
+            groups.setdefault(k, []).append((m[4], m[5]))
+    for k, spans in groups.items():
+        spans.sort()
+        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+            assert end is not None and end <= start, f"two moves of {k} overlapped"
+
+
+def test_two_workers_run_every_cohort_once_and_a_worker_killed_mid_move_is_finished_by_the_other(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    ids = list(range(101, 113))
+    fleet.seed_many("eu-1", ids, 200)
+    tenants = [str(t) for t in ids]
+    layout = fleet.layout()
+    written = {"103", "110"}
+    before = {t: tenant_digest(fleet.dsn("eu-1"), layout, t) for t in tenants if t not in written}
+    plan = _drain_plan(fleet, tmp_path / "drain.yaml", "--cohort-tenants", "3")
+    assert len(plan["moves"]) == 4 and all(len(m["tenants"]) == 3 for m in plan["moves"])
+    writers = [Workload(fleet.catalog.url, fleet.stamps, int(t), seed=int(t), rate=50).start() for t in written]
+    held = copy_held(fleet, "eu-2")
+    held.__enter__()  # the first move into eu-2 waits at its last table, on the first worker
+    try:
+        result = fleet.run("apply", str(tmp_path / "drain.yaml"), "--queue", "--per-stamp", "2", "--yes")
+        assert result.exit_code == 0, result.output + result.stderr
+        first = fleet.popen("worker", "--stalled-after", STALLED_AFTER, "--concurrency", "1")
+        try:
+            _wait(lambda: copy_waits_at_held_table(fleet, "eu-2"), "a move to wait at the held table")
+            interrupted = _running_move(fleet)
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+        finally:
+            if first.poll() is None:
+                first.kill()
+    finally:
+        held.__exit__(None, None, None)
+    assert interrupted is not None and fleet.catalog.move(interrupted).phase == Phase.COPYING
+    with workers(fleet, 1) as procs:
+        _wait(lambda: _plan_status(fleet, tmp_path / "drain.yaml") != "running", "the plan to end", timeout=120)
+        assert procs[0].poll() is None
+    for writer in writers:
+        writer.stop()
+        assert writer.errors == []
+    entries = _entries(fleet, tmp_path / "drain.yaml")
+    assert [e["status"] for e in entries] == ["done"] * 4
+    moves = _moves(fleet)
+    assert len(moves) == 4 and interrupted in {m[0] for m in moves}  # the killed move resumed, not redone
+    _assert_each_flipped_once(fleet, tenants)
+    _assert_no_overlap(moves, lambda m: m[6])
+    for writer in writers:
+        writer.assert_all_acknowledged_writes_on(fleet.dsn(fleet.catalog.route(str(writer.tenant)).stamp))
+    for tenant, digest in before.items():
+        assert tenant_digest(fleet.dsn(fleet.catalog.route(tenant).stamp), layout, tenant) == digest, tenant
+
+
+def test_per_stamp_and_per_tenant_limits_hold_with_three_workers_and_two_plans(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.seed_many("eu-1", list(range(201, 209)), 300)
+    fleet.seed_many("us-1", list(range(301, 305)), 300)
+    first = _drain_plan(fleet, tmp_path / "a.yaml", "--cohort-tenants", "2")
+    first["moves"] = [{**m, "to": "eu-2"} for m in first["moves"]]  # every cohort into eu-2
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(first, sort_keys=False))
+    second = {
+        **first,
+        "moves": [
+            {"tenants": ["301", "302"], "from": "us-1", "to": "eu-2", "rows": 0, "bytes": 0},
+            {"tenants": ["303", "304"], "from": "us-1", "to": "eu-2", "rows": 0, "bytes": 0},
+            {"tenant": "201", "from": "eu-1", "to": "us-1", "rows": 0, "bytes": 0},  # also in the first plan
+        ],
+    }
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(second, sort_keys=False))
+    for plan in ("a.yaml", "b.yaml"):
+        result = fleet.run("apply", str(tmp_path / plan), "--queue", "--per-stamp", "1", "--batch-rows", "50", "--yes")
+        assert result.exit_code == 0, result.output + result.stderr
+    with workers(fleet, 3):
+        for plan in ("a.yaml", "b.yaml"):
+            _wait(lambda plan=plan: _plan_status(fleet, tmp_path / plan) != "running", f"{plan} to end", timeout=180)
+    moves = _moves(fleet)
+    _assert_no_overlap(moves, lambda m: [m[2]] if m[2] == "eu-2" else [])  # --per-stamp 1 into eu-2, fleet-wide
+    _assert_no_overlap(moves, lambda m: m[6])  # never two moves of one tenant at once
+    into_eu2 = [t for m in moves if m[2] == "eu-2" and m[3] == Phase.FLIPPED for t in m[6]]
+    assert len(moves) >= 6 and {"301", "302", "303", "304"} <= set(into_eu2)
+    # Tenant 201 was in both plans: exactly one of them moved it, the other's entry failed as stale.
+    entries = _entries(fleet, tmp_path / "a.yaml") + _entries(fleet, tmp_path / "b.yaml")
+    with_201 = [e for e in entries if "201" in e["tenants"]]
+    assert sorted(e["status"] for e in with_201) == ["done", "failed"], with_201
+    loser = next(e for e in with_201 if e["status"] == "failed")
+    assert "stale plan entry: tenant 201" in loser["error"] and loser["failures"] == 0
+    assert [e["status"] for e in entries if "201" not in e["tenants"]] == ["done"] * (len(entries) - 2)
+    assert sum(1 for m in moves if "201" in m[6] and m[3] == Phase.FLIPPED) == 1
+
+
+def test_sigterm_during_a_copy_stops_the_worker_at_a_safe_point_and_another_resumes_the_move(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    ids = list(range(401, 405))
+    fleet.seed_many("eu-1", ids, 400)
+    tenants = [str(t) for t in ids]
+    layout = fleet.layout()
+    before = {t: tenant_digest(fleet.dsn("eu-1"), layout, t) for t in tenants}
+    _drain_plan(fleet, tmp_path / "drain.yaml", "--cohort-tenants", "4")
+    plan = yaml.safe_load((tmp_path / "drain.yaml").read_text())
+    plan["moves"] = [{"tenants": tenants, "from": "eu-1", "to": "eu-2", "rows": 1600, "bytes": 0}]  # one cohort
+    (tmp_path / "drain.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
+    assert fleet.run("apply", str(tmp_path / "drain.yaml"), "--queue", "--batch-rows", "100", "--yes").exit_code == 0
+    held = copy_held(fleet, "eu-2")
+    held.__enter__()
+    proc = fleet.popen("worker", "--stalled-after", STALLED_AFTER, "--concurrency", "1")
+    try:
+        _wait(lambda: copy_waits_at_held_table(fleet, "eu-2"), "the copy to wait at the held table")
+        move_id = _running_move(fleet)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+    finally:
+        held.__exit__(None, None, None)  # the held batch commits; the next batch is not started
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "stopped at a safe point" in stderr and "stopped" in stderr.splitlines()[-1]
+    assert move_id is not None
+    stopped = fleet.catalog.move(move_id)
+    assert stopped.phase == Phase.COPYING and stopped.is_open  # where it stood, unflipped
+    assert {r.stamp for r in fleet.catalog.routes_of(tuple(tenants))} == {"eu-1"}
+    [entry] = _entries(fleet, tmp_path / "drain.yaml")
+    assert entry["status"] == "pending" and "safe point" in entry["error"] and entry["failures"] == 0
+
+    with workers(fleet, 1):
+        _wait(lambda: _plan_status(fleet, tmp_path / "drain.yaml") == "done", "the plan to finish")
+    [move] = _moves(fleet)
+    assert move[0] == move_id and move[3] == Phase.FLIPPED  # resumed, not started again
+    for tenant, digest in before.items():
+        assert tenant_digest(fleet.dsn("eu-2"), layout, tenant) == digest, tenant
+
+
+def test_apply_queue_without_a_worker_says_so_and_wait_reports_waiting_for_a_worker(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    fleet.seed_many("eu-1", [501, 502], 100)
+    _drain_plan(fleet, tmp_path / "drain.yaml")
+    queued = fleet.run("apply", str(tmp_path / "drain.yaml"), "--queue", "--yes")
+    assert queued.exit_code == 0 and "no worker is running" in queued.stderr, queued.stderr
+    again = fleet.run("apply", str(tmp_path / "drain.yaml"), "--queue", "--yes")
+    assert "no new jobs" in again.stderr and "already queued" in again.stderr  # nothing queued twice
+    waiting = fleet.popen("apply", str(tmp_path / "drain.yaml"), "--wait")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(waiting.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    started = time.monotonic()
+    try:
+        _wait(lambda: any("waiting for a worker" in line for line in lines), "--wait to say it waits", timeout=15)
+        assert time.monotonic() - started < 10
+        with workers(fleet, 1):
+            waiting.wait(timeout=90)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    reader.join(timeout=5)
+    assert waiting.returncode == 0, lines
+    out = waiting.stdout.read()  # type: ignore[union-attr]
+    assert "plan " in out and ": done" in out
+    assert any(line.startswith("done ") for line in lines)
+    _assert_each_flipped_once(fleet, ["501", "502"])
+
+
+def test_a_failure_that_no_retry_cures_fails_the_entry_at_once_and_transient_ones_stop_at_max_attempts(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    fleet.seed_many("eu-1", [601], 100)
+    fleet.seed_many("eu-1", [602], 100)
+    plan = _drain_plan(fleet, tmp_path / "drain.yaml", "--cohort-tenants", "1")
+    plan["moves"] = [{**m, "to": "eu-2" if m["tenant"] == "601" else "us-1"} for m in plan["moves"]]
+    (tmp_path / "drain.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
+    args = ("apply", str(tmp_path / "drain.yaml"), "--queue", "--max-attempts", "2", "--yes")
+    assert fleet.run(*args).exit_code == 0
+    # After queueing: tenant 601's rows appear on eu-2 (preflight refuses: never retried), and
+    # us-1 stops answering (refused connections are transient: retried twice, then failed).
+    with dsnlib.connect(fleet.dsn("eu-2")) as conn:
+        conn.execute("INSERT INTO tenants (id, name) VALUES (601, 'stray')")
+        conn.commit()
+    fleet.catalog.update_stamp("us-1", dsn=fleet.dsn("us-1").replace(f":{fleet.server.port}/", ":1/"))
+    with workers(fleet, 1):
+        _wait(lambda: _plan_status(fleet, tmp_path / "drain.yaml") == "failed", "the plan to fail", timeout=120)
+    by_tenant = {e["tenants"][0]: e for e in _entries(fleet, tmp_path / "drain.yaml")}
+    refused, unreachable = by_tenant["601"], by_tenant["602"]
+    assert refused["status"] == "failed" and refused["failures"] == 0
+    assert "target eu-2 already holds rows of tenant 601" in refused["error"]
+    assert unreachable["status"] == "failed" and unreachable["failures"] == 2
+    assert "failed 2 times, the limit" in unreachable["error"]
+    status = fleet.run("apply", str(tmp_path / "drain.yaml"), "--status")
+    assert "plan " in status.stdout and ": failed" in status.stdout
