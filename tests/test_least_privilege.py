@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,17 @@ from urllib.parse import quote
 import psycopg
 import pytest
 from click.testing import Result
-from conftest import REPO, STAMP_NAMES, Fleet, RunsCli, copy_held, operator_grants, tenant_digest, tenant_row_count
+from conftest import (
+    REPO,
+    STAMP_NAMES,
+    Fleet,
+    RunsCli,
+    catalog_snapshot,
+    copy_held,
+    operator_grants,
+    tenant_digest,
+    tenant_row_count,
+)
 from psycopg import sql
 
 from migrator import config as configlib
@@ -408,3 +419,47 @@ def test_plan_and_apply_as_a_plain_role(fleet: Fleet, roles: Roles, tmp_path: Pa
     for tenant in ("7", "8"):
         stamp = fleet.catalog.route(tenant).stamp
         assert tenant_digest(fleet.dsn(stamp), layout, tenant) == before[tenant]
+
+
+def test_a_plan_queued_and_run_by_a_worker_as_a_plain_role(fleet: Fleet, roles: Roles, tmp_path: Path) -> None:
+    """`apply --queue` and `migrator worker` need only README's grants on the queue's tables."""
+    fleet.seed_many("eu-1", [11, 12, 13], 300)
+    layout = fleet.layout()
+    before = {t: tenant_digest(fleet.dsn("eu-1"), layout, t) for t in ("11", "12", "13")}
+    plan_file = tmp_path / "drain.yaml"
+    assert roles.run("plan", "drain", "eu-1", "--to", "eu-2,us-1", "-o", str(plan_file)).exit_code == 0
+    result = roles.run("apply", str(plan_file), "--queue", "--batch-rows", "100", "--yes")
+    assert result.exit_code == 0, result.output + result.stderr
+    worker = roles.popen("worker", "--stalled-after", "4")
+    try:
+        deadline = time.monotonic() + 90
+        while fleet.catalog.routes("eu-1") and worker.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=60)
+    assert worker.returncode == 0 and roles.password not in stderr, stderr
+    assert "error" not in stderr.lower(), stderr
+    assert fleet.catalog.routes("eu-1") == []
+    status = roles.run("apply", str(plan_file), "--status")
+    assert status.exit_code == 0 and ": done" in status.stdout, status.stdout + status.stderr
+    for tenant, digest in before.items():
+        assert tenant_digest(fleet.dsn(fleet.catalog.route(tenant).stamp), layout, tenant) == digest
+
+
+def test_apply_queue_without_the_queue_grants_is_refused_in_one_line_before_recording_the_plan(
+    fleet: Fleet, roles: Roles, tmp_path: Path
+) -> None:
+    fleet.seed("eu-1", 21, 100)
+    plan_file = tmp_path / "drain.yaml"
+    assert roles.run("plan", "drain", "eu-1", "--to", "eu-2", "-o", str(plan_file)).exit_code == 0
+    _admin(
+        fleet,
+        fleet.databases[0],
+        sql.SQL("REVOKE INSERT ON procrastinate_jobs FROM {}").format(sql.Identifier(roles.operator)),
+    )
+    before = catalog_snapshot(fleet)
+    result = roles.run("apply", str(plan_file), "--queue", "--yes")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "no job queue this role may use" in result.stderr
+    assert catalog_snapshot(fleet) == before

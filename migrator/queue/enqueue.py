@@ -10,11 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from procrastinate.exceptions import AlreadyEnqueued
+from procrastinate.exceptions import AlreadyEnqueued, ConnectorException
 
 from migrator.context import Context
-from migrator.errors import BadInput
+from migrator.errors import BadInput, MigratorError
 from migrator.plans.apply import ApplyOptions, EntryStatus, Ledger, LedgerEntry, PlanStatus, Prepared
 from migrator.queue.tasks import DEFAULT_QUEUE, RUN_ENTRY, make_app
 
@@ -40,11 +41,25 @@ def enqueue(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> Queued:
     """Record the plan in the catalog and queue a job per remaining entry (see the module docstring)."""
+    check_queue(ctx)
     ledger = Ledger(ctx.catalog)
     plan_id = ledger.open(prepared, queue=queue)
+    app = make_app(ctx.catalog.url, min_size=1, max_size=1)
+    try:
+        queued = _defer_all(app, prepared, options, plan_id, queue, max_attempts)
+    except ConnectorException as exc:  # the queue's own wrapper: say what the database said, in one line
+        ledger.close(plan_id, PlanStatus.STOPPED)
+        cause = str(exc.__cause__ or exc).strip().splitlines()[0]
+        raise MigratorError(f"cannot queue plan {prepared.path}: {cause}") from None
+    ledger.settle(plan_id)  # a plan with nothing left to run is done now
+    return Queued(plan_id, queued[0], queued[1], live_workers(ctx))
+
+
+def _defer_all(
+    app: Any, prepared: Prepared, options: ApplyOptions, plan_id: int, queue: str, max_attempts: int
+) -> tuple[dict[str, int], int]:
     jobs: dict[str, int] = {}
     already = 0
-    app = make_app(ctx.catalog.url, min_size=1, max_size=1)
     with app.open():
         task = app.tasks[RUN_ENTRY]
         for entry in prepared.todo:
@@ -62,8 +77,21 @@ def enqueue(
                 jobs[where] = jobs.get(where, 0) + 1
             except AlreadyEnqueued:
                 already += 1
-    ledger.settle(plan_id)  # a plan with nothing left to run is done now
-    return Queued(plan_id, jobs, already, live_workers(ctx))
+    return jobs, already
+
+
+def check_queue(ctx: Context) -> None:
+    """Refuse before recording anything when the queue's tables are missing or out of the role's reach."""
+    with ctx.catalog.transaction() as conn:
+        row = conn.execute(
+            "SELECT CASE WHEN to_regclass('procrastinate_jobs') IS NULL THEN false"
+            " ELSE has_table_privilege('procrastinate_jobs', 'INSERT') END"
+        ).fetchone()
+    if not (row and row[0]):
+        raise BadInput(
+            "the catalog has no job queue this role may use: run `migrator catalog init` (as the catalog's owner) "
+            "and grant the queue's tables (README, 'Privileges a move needs')"
+        )
 
 
 def live_workers(ctx: Context, within_s: float = 30.0) -> int:
