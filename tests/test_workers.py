@@ -20,10 +20,12 @@ from typing import Any
 
 import yaml
 from conftest import Fleet, RunsCli, copy_held, copy_waits_at_held_table, tenant_digest
+from test_schema_rollout import HEAD, put_at, revisions, schema_runs
 
 from migrator.catalog import Phase
 from migrator.db import dsn as dsnlib
 from migrator.local.writer import Workload
+from migrator.rollout.runner import FAILED, OK, SKIPPED
 
 STALLED_AFTER = "4"  # seconds without a heartbeat before a worker's jobs are queued again
 
@@ -287,3 +289,39 @@ def test_a_failure_that_no_retry_cures_fails_the_entry_at_once_and_transient_one
     assert "failed 2 times, the limit" in unreachable["error"]
     status = fleet.run("apply", str(tmp_path / "drain.yaml"), "--status")
     assert "plan " in status.stdout and ": failed" in status.stdout
+
+
+def test_a_queued_rollout_upgrades_the_canary_first_then_every_stamp_once_within_the_connection_budget(
+    fleet4: Fleet,
+) -> None:
+    fleet = fleet4
+    for name in fleet.stamps:
+        put_at(fleet, name, "0002_collaboration")
+    fleet.seed("eu-1", 1, 50)  # the others hold no tenant: the canary is the emptiest, ap-1 (by name)
+    args = ("schema", "upgrade", "--queue", "--connections-per-server", "1", "--yes")
+    with workers(fleet, 2):
+        result = fleet.run(*args, "--wait", "--json")
+    assert result.exit_code == 0, result.output + result.stderr
+    out = json.loads(result.stdout)
+    assert out["canary"] == "ap-1" and sorted(s["stamp"] for s in out["stamps"]) == sorted(fleet.stamps)
+    assert revisions(fleet) == dict.fromkeys(sorted(fleet.stamps), HEAD)
+    runs = [r for r in schema_runs(fleet) if r[7] == out["run_id"]]
+    assert sorted((r[0], r[1]) for r in runs) == [(name, OK) for name in sorted(fleet.stamps)]  # each exactly once
+    spans = sorted((r[5], r[6], r[0]) for r in runs)
+    assert spans[0][2] == "ap-1"  # the canary ran first and alone
+    for (_, end, _), (start, _, _) in zip(spans, spans[1:], strict=False):
+        assert end <= start  # one connection per server: the steps never overlapped, whichever worker ran them
+
+    # A failing canary: nothing else is tried, every other stamp is recorded as skipped.
+    put_at(fleet, "eu-2", "0002_collaboration")
+    put_at(fleet, "us-1", "0002_collaboration")
+    fleet.seed("eu-2", 2, 300)
+    with dsnlib.connect(fleet.dsn("eu-2")) as conn:  # legacy data that 0003 refuses to promote
+        conn.execute("UPDATE tasks SET meta = jsonb_build_object('priority', 9) WHERE tenant_id = 2 AND id % 5 = 1")
+    with workers(fleet, 2):
+        failed = fleet.run(*args, "--canary", "eu-2", "--wait", "--json")
+    assert failed.exit_code == 1
+    stamps = {s["stamp"]: s for s in json.loads(failed.stdout)["stamps"]}
+    assert stamps["eu-2"]["result"] == FAILED and stamps["us-1"]["result"] == SKIPPED
+    assert "stopped after the canary failed on eu-2" in stamps["us-1"]["error"]
+    assert revisions(fleet)["us-1"] == "0002_collaboration"

@@ -91,6 +91,51 @@ class RunLog:
         )
         return {stamp: int(row_id) for stamp, row_id in found}
 
+    def queue(self, stamps: Sequence[tuple[str, str | None]]) -> None:
+        """Rows `queued` for a queued rollout's stamps (stamp name, revision now): workers run them."""
+        self._execute(
+            "INSERT INTO schema_runs (run_id, stamp, direction, from_revision, to_revision, result)"
+            " SELECT %s, u.stamp, %s, u.from_revision, %s, 'queued'"
+            " FROM unnest(%s::text[], %s::text[]) AS u(stamp, from_revision)",
+            (
+                self.run_id,
+                self.direction,
+                self.target,
+                [stamp for stamp, _ in stamps],
+                [revision for _, revision in stamps],
+            ),
+        )
+
+    def claim(self, stamp: str) -> int | None:
+        """A worker takes a stamp of this run, `running` from now; None once it has ended.
+
+        A `running` stamp is taken again: its worker died (its job came back to the queue); the
+        stamp's own schema lock still keeps two live runs apart.
+        """
+        found = self._execute(
+            "UPDATE schema_runs SET result = 'running', started_at = now() WHERE run_id = %s AND stamp = %s"
+            " AND result IN ('queued', 'running') RETURNING id",
+            (self.run_id, stamp),
+        )
+        return int(found[0][0]) if found else None
+
+    def rows(self) -> list[tuple[str, str, str | None]]:
+        """This run's stamps: (stamp, result, error), in the order they were recorded."""
+        return [
+            (str(s), str(r), e)
+            for s, r, e in self._execute(
+                "SELECT stamp, result, error FROM schema_runs WHERE run_id = %s ORDER BY id", (self.run_id,)
+            )
+        ]
+
+    def skip_queued(self, stamps: Sequence[str], why: str) -> None:
+        """Queued stamps that will not run (the canary or an earlier stamp failed)."""
+        self._execute(
+            "UPDATE schema_runs SET result = 'skipped', error = %s, finished_at = now() WHERE run_id = %s"
+            " AND stamp = ANY(%s) AND result = 'queued'",
+            (why, self.run_id, list(stamps)),
+        )
+
     def add(self, stamp: str, from_revision: str | None, result: str, error: str | None) -> None:
         """A stamp that was not run (skipped, dry run, refused): recorded as finished at once."""
         self._execute(

@@ -9,7 +9,7 @@ import click
 
 from migrator.cli import render
 from migrator.cli.base import JSON, NO_PROGRESS, cli, confirm, context_of, emit
-from migrator.errors import SchemaDrift
+from migrator.errors import MigratorError, SchemaDrift
 
 
 @cli.group("schema")
@@ -74,6 +74,23 @@ def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> N
 )
 @click.option("--dry-run", is_flag=True, help="Print each stamp's pending revisions and their SQL; change nothing.")
 @click.option("--active-only", is_flag=True, help="Leave draining and retired stamps out.")
+@click.option(
+    "--queue",
+    is_flag=False,
+    flag_value="migrator",
+    default=None,
+    metavar="[NAME]",
+    help="Send one step per stamp to `migrator worker` processes (default queue: migrator): the canary's "
+    "first, the others once it succeeded. --parallel then does not apply: the workers set the pace.",
+)
+@click.option(
+    "--connections-per-server",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="With --queue: at most this many stamps of one database server migrate at once, across all workers.",
+)
+@click.option("--wait", is_flag=True, help="With --queue: follow the rollout until every stamp has run.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @NO_PROGRESS
 @JSON
@@ -86,12 +103,20 @@ def schema_upgrade_cmd(
     continue_on_error: bool,
     dry_run: bool,
     active_only: bool,
+    queue: str | None,
+    connections_per_server: int,
+    wait: bool,
     yes: bool,
     no_progress: bool,
     as_json: bool,
 ) -> None:
     """Upgrade every stamp to REVISION (default head): the canary first, then waves of --parallel stamps."""
     from migrator.rollout.runner import upgrade_fleet
+
+    if queue is not None and not dry_run:
+        _queued_upgrade(context_of(ctx), revision, canary, active_only, continue_on_error, queue,
+                        connections_per_server, wait, None if yes else _confirm, as_json)  # fmt: skip
+        return
 
     bars = _Bars(enabled=not (as_json or no_progress))
     try:
@@ -109,6 +134,42 @@ def schema_upgrade_cmd(
     finally:
         bars.close()
     _report(rollout, as_json)
+
+
+def _queued_upgrade(
+    context: Any,
+    revision: str,
+    canary: str | None,
+    active_only: bool,
+    continue_on_error: bool,
+    queue: str,
+    per_server: int,
+    wait: bool,
+    confirm: Any,
+    as_json: bool,
+) -> None:
+    from migrator.queue.rollouts import enqueue_upgrade, follow_rollout
+
+    queued = enqueue_upgrade(context, revision, canary, active_only, continue_on_error, queue, per_server, confirm)
+    first = f"canary {queued.canary} first" if queued.canary else "no canary"
+    render.say(
+        f"rollout {queued.run_id} to {queued.target}: {queued.steps} stamp(s) queued on {queue} ({first}), "
+        f"{queued.skipped} with nothing to do"
+    )
+    if not queued.workers:
+        render.say("no worker is running: the stamps wait until one starts (`migrator worker`)")
+    data: dict[str, Any] = {"run_id": queued.run_id, "target": queued.target, "canary": queued.canary}
+    if not wait:
+        emit(
+            as_json, {**data, "queued": queued.steps}, f"queued rollout {queued.run_id}; `migrator schema log` shows it"
+        )
+        return
+    rows = follow_rollout(context, queued.run_id, render.say)
+    counts = {r: sum(1 for _, result, _ in rows if result == r) for r in ("ok", "failed", "skipped")}
+    data["stamps"] = [{"stamp": s, "result": r, "error": e} for s, r, e in rows]
+    emit(as_json, data, f"rollout {queued.run_id}: " + ", ".join(f"{n} {r}" for r, n in counts.items()))
+    if counts["failed"]:
+        raise MigratorError(f"{counts['failed']} stamp(s) failed; `migrator schema log` shows why")
 
 
 @schema_group.command("downgrade")

@@ -39,6 +39,7 @@ log = logging.getLogger("migrator.queue")
 DEFAULT_QUEUE = "migrator"
 HOUSEKEEPING_QUEUE = "migrator-housekeeping"  # every worker listens to it, whatever its --queue
 RUN_ENTRY = "migrator.run_entry"
+SCHEMA_STEP = "migrator.schema_step"
 BUSY_RETRY_S = 2
 
 
@@ -76,6 +77,7 @@ def make_app(catalog_url: str, **pool: Any) -> procrastinate.App:
     )
     app = procrastinate.App(connector=connector)
     app.task(name=RUN_ENTRY, pass_context=True, retry=_Retries())(run_entry)
+    app.task(name=SCHEMA_STEP, pass_context=True, retry=_Retries())(schema_step)
     stalled = app.task(
         name="migrator.requeue_stalled",
         pass_context=True,
@@ -182,11 +184,21 @@ def _stamp_slot(ctx: Context, stamp: str, size: int) -> Iterator[None]:
         conn.close()
 
 
+def schema_step(context: procrastinate.JobContext, **args: Any) -> str:
+    """One stamp's step of a queued rollout (`migrator.queue.rollouts.run_step`)."""
+    from migrator.queue.rollouts import run_step  # imports Alembic's runner: only where a step runs
+
+    state: WorkerState = context.additional_context["migrator"]
+    result = run_step(state.ctx, context.app, **args)
+    state.say(f"schema  {args['stamp']}: {result}")
+    return result
+
+
 async def requeue_stalled(context: procrastinate.JobContext, timestamp: int) -> int:
     """Send back to the queue the running jobs of workers whose heartbeat is older than the limit."""
     state: WorkerState = context.additional_context["migrator"]
     manager = context.app.job_manager
-    stalled = await manager.get_stalled_jobs(task_name=RUN_ENTRY, seconds_since_heartbeat=state.stalled_after_s)
+    stalled = await manager.get_stalled_jobs(seconds_since_heartbeat=state.stalled_after_s)
     for job in stalled:
         log.warning("job %s (%s) lost its worker %s: queued again", job.id, job.call_string, job.worker_id)
         await manager.retry_job(job)

@@ -190,6 +190,18 @@ def upgrade_fleet(
     return _run(ctx, found, plan, parallel, continue_on_error, dry_run, progress or SilentRollout(), confirm)
 
 
+def plan_upgrade(ctx: Context, revision: str, canary: str | None, active_only: bool) -> tuple[History, Plan]:
+    """The checks and order of `upgrade_fleet` without running it: what `schema upgrade --queue` sends."""
+    found = History.load(ctx.config.schema_env())
+    target = found.resolve(revision, allow_base=False)
+    return found, _plan(ctx, found, "upgrade", target, _select(ctx, (), active_only), canary, 1)
+
+
+def record_not_run(log: RunLog, plan: Plan) -> list[StampOutcome]:
+    """The plan's stamps with nothing to do, recorded as skipped."""
+    return [_not_run(log, s) for s in plan.stamps if not any(s.stamp in w for w in plan.waves)]
+
+
 def downgrade_stamps(
     ctx: Context,
     revision: str,
@@ -269,12 +281,12 @@ def _plan(
 
 def _refuse_fenced(ctx: Context, names: list[str]) -> None:
     """A stamp that is source or target of a fenced move (cutover, or an offline copy) is refused."""
-    blocked = _fenced_moves(ctx, names)
+    blocked = fenced_moves(ctx, names)
     if blocked:
         raise BadInput("; ".join(blocked.values()))
 
 
-def _fenced_moves(ctx: Context, names: list[str]) -> dict[str, str]:
+def fenced_moves(ctx: Context, names: list[str]) -> dict[str, str]:
     """Stamp name -> why it is blocked, for the given stamps."""
     with ctx.catalog.transaction() as conn:
         rows = conn.execute(
@@ -308,7 +320,7 @@ def _run(
         confirm(plan)
     log = RunLog(ctx.catalog, plan.run_id, plan.direction, plan.target)
     try:
-        done = [_not_run(log, s) for s in plan.stamps if not any(s.stamp in w for w in plan.waves)]
+        done = record_not_run(log, plan)
         if dry_run:
             ran = [_dry_run(log, found, plan.row(name), plan.targets[name]) for wave in plan.waves for name in wave]
             return Rollout(plan.run_id, plan.direction, plan.target, plan.canary, True, (*ran, *done), None)
@@ -336,7 +348,7 @@ def _waves(
                 outcomes += [_not_run(log, plan.row(name), f"not tried: {stopped}") for name in wave]
                 continue
             progress.wave_started(number, len(plan.waves), wave)
-            refused = _fenced_moves(ctx, list(wave))  # a move may have reached its cutover meanwhile
+            refused = fenced_moves(ctx, list(wave))  # a move may have reached its cutover meanwhile
             finished = [_refused(log, plan.row(n), number, refused[n]) for n in wave if n in refused]
             for outcome in finished:
                 progress.stamp_finished(outcome)

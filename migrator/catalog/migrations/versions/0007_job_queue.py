@@ -1,6 +1,6 @@
 """The job queue of `migrator worker`: procrastinate's tables and functions, in the catalog's
-database (the one shared piece: no broker, no other server), and per plan entry the queue it was
-sent to and how many times a worker failed it.
+database (the one shared piece: no broker, no other server); per plan entry the queue it was sent
+to, its tenants and how many times a worker failed it; and a `queued` state for a rollout's stamps.
 
 procrastinate's schema is applied from the installed library, whose version pyproject pins to one
 minor release: a newer procrastinate comes with a catalog revision that runs its migration files.
@@ -30,9 +30,19 @@ def upgrade() -> None:
         "ALTER TABLE plan_moves ADD COLUMN queue text, ADD COLUMN failures integer NOT NULL DEFAULT 0,"
         " ADD COLUMN tenants text[]"
     )
+    # A queued rollout's stamps wait as `queued` until a worker runs them.
+    op.execute(
+        "ALTER TABLE schema_runs DROP CONSTRAINT schema_runs_result_check, ADD CONSTRAINT schema_runs_result_check"
+        " CHECK (result IN ('queued', 'running', 'ok', 'failed', 'skipped', 'dry-run'))"
+    )
 
 
 def downgrade() -> None:
+    op.execute(
+        "DELETE FROM schema_runs WHERE result = 'queued'; ALTER TABLE schema_runs DROP CONSTRAINT"
+        " schema_runs_result_check, ADD CONSTRAINT schema_runs_result_check"
+        " CHECK (result IN ('running', 'ok', 'failed', 'skipped', 'dry-run'))"
+    )
     op.execute("ALTER TABLE plan_moves DROP COLUMN queue, DROP COLUMN failures, DROP COLUMN tenants")
     op.get_bind().connection.driver_connection.execute(  # type: ignore[union-attr]
         """
