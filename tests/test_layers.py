@@ -12,11 +12,15 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "migrator"
-UPPER = ("migrator.move", "migrator.plans", "migrator.rollout", "migrator.cli", "migrator.local")
+UPPER = ("migrator.move", "migrator.plans", "migrator.rollout", "migrator.queue", "migrator.cli", "migrator.local")
 FLOORS = {
     "db": ("migrator.catalog", "migrator.stamps", *UPPER),
     "catalog": ("migrator.stamps", *UPPER),
     "move": UPPER[1:],
+    # The job queue runs plans and rollouts; they know nothing of it, and it knows nothing of the CLI.
+    "plans": ("migrator.queue", "migrator.cli"),
+    "rollout": ("migrator.queue", "migrator.cli"),
+    "queue": ("migrator.cli", "migrator.local"),
 }
 
 

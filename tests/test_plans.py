@@ -16,7 +16,7 @@ from conftest import Fleet, catalog_snapshot, tenant_digest, tenant_row_count
 from psycopg import sql
 
 from migrator.db import dsn as dsnlib
-from migrator.plans.planners import parse_plan
+from migrator.plans.planners import parse_plan, to_yaml
 
 
 def _seed_many(fleet: Fleet, stamp: str, sizes: dict[int, int]) -> dict[str, int]:
@@ -361,3 +361,15 @@ def test_malformed_plan_is_one_clear_line(
     if name not in ("bad yaml", "not a mapping", "missing key", "duplicate key", "version"):
         assert "line " in line  # the entry at fault is located
     assert _plans_recorded(fleet) == 0
+
+
+def test_a_plan_entry_may_name_its_queue_and_the_file_keeps_it() -> None:
+    text = (
+        "version: 1\nkind: drain\ncreated: '2026-12-03T00:00:00+00:00'\ncatalog: c\nfleet_schema_revision: null\n"
+        "reason: r\nutilisation: {}\nmoves:\n"
+        "- {tenant: '1', from: a, to: b, rows: 1, bytes: 1, queue: eu}\n"
+        "- {tenants: ['2', '3'], from: a, to: b, rows: 2, bytes: 2}\n"
+    )
+    plan = parse_plan(text)
+    assert [m.queue for m in plan.moves] == ["eu", None]
+    assert parse_plan(to_yaml(plan)).moves == plan.moves
