@@ -82,3 +82,48 @@ def test_flip_on_a_lost_lock_session_fails_at_once_and_changes_nothing(
         assert time.monotonic() - started < 1.0
     assert _retries(caplog) == []
     assert fleet.catalog.route("7") == route and fleet.catalog.move(move.id).phase == Phase.VERIFIED
+
+
+def test_a_lost_connection_during_a_tables_analyze_is_retried_and_the_move_completes(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ANALYZE after each copied table runs on a session of its own; losing it must not fail the move."""
+    from migrator.move import MoveOptions, move_tenants
+    from migrator.progress import Silent
+
+    caplog.set_level(logging.WARNING, logger="migrator.retry")
+    fleet.seed("eu-1", 7, 400)
+    first = fleet.layout().tables[0]
+    holder = dsnlib.connect(fleet.dsn("eu-2"), pinned=False)
+    holder.execute(
+        f"LOCK TABLE {first.ident.as_string(holder)} IN SHARE UPDATE EXCLUSIVE MODE"
+    )  # ANALYZE waits, COPY not
+    done: list[object] = []
+
+    def run() -> None:
+        try:
+            done.append(move_tenants(fleet.ctx, ("7",), "eu-2", MoveOptions(batch_rows=100, jobs=1), Silent()))
+        except Exception as exc:
+            done.append(exc)
+
+    mover = threading.Thread(target=run)
+    mover.start()
+    try:
+        deadline = time.monotonic() + 60
+        with dsnlib.connect(fleet.server.dsn(), autocommit=True, application_name="test") as admin:
+            while True:
+                row = admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'migrator' AND query LIKE 'ANALYZE%'"
+                    " AND wait_event_type = 'Lock'"
+                ).fetchone()
+                if row:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+                    break
+                assert time.monotonic() < deadline and not done, f"ANALYZE never waited: {done}"
+                time.sleep(0.02)
+    finally:
+        holder.close()
+    mover.join(timeout=120)
+    assert done and not isinstance(done[0], Exception), done
+    assert any("analyze" in line for line in _retries(caplog)), _retries(caplog)
+    assert fleet.catalog.route("7").stamp == "eu-2"

@@ -417,6 +417,7 @@ def copy_cycle(
         return sum(copied.values())
 
 
+@STAMP_STEP.wraps
 def analyze(target_dsn: str, table: Table) -> None:
     """Give the target's planner the copied table's real size before its children are copied.
 
@@ -424,6 +425,7 @@ def analyze(target_dsn: str, table: Table) -> None:
     checks of the next table's COPY are then planned against that, and one plan seen here walked
     the whole tenant's index for every child row (minutes per batch). Sampling costs a fraction
     of a second. (A role that does not own the table gets a server warning and no statistics.)
+    Its own connection, idempotent: retried on a lost connection like the copy's other steps.
     """
     with dsnlib.connect(target_dsn, autocommit=True) as tgt:
         tgt.execute(sql.SQL("ANALYZE {}").format(table.ident))
