@@ -13,7 +13,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,18 @@ class Fleet(RunsCli):
     def layout(self, stamp: str = "eu-1") -> Layout:
         with dsnlib.connect(self.stamps[stamp], autocommit=True) as conn:
             return discover(conn, self.ctx.config.tenancy)
+
+
+def wait_until(
+    predicate: Callable[[], bool], what: str, timeout: float = 120, proc: subprocess.Popen[str] | None = None
+) -> None:
+    """Poll `predicate` until true; fail naming `what` on timeout, or at once if `proc` ended first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the process ended (exit {proc.returncode}) before {what}: {proc.communicate()[1][-2000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
 @contextmanager

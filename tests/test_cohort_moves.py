@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from conftest import (
     stamp_snapshot,
     tenant_digest,
     tenant_row_count,
+    wait_until,
 )
 from psycopg import sql
 
@@ -30,17 +30,6 @@ from migrator.local.writer import Workload
 from migrator.move import MoveOptions, move_tenants
 from migrator.move.fence import FENCED_SQLSTATE
 from migrator.progress import Silent
-
-
-def _wait(
-    predicate: Callable[[], bool], what: str, timeout: float = 120, proc: subprocess.Popen[str] | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the move ended (exit {proc.returncode}) before {what}: {proc.communicate()[1][-2000:]}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def _routes(fleet: Fleet, tenants: list[str]) -> dict[str, tuple[str, int]]:
@@ -74,11 +63,11 @@ def test_a_cohort_of_50_moves_as_one_unit_with_writers_and_every_route_flips_onc
     before = {t: tenant_digest(fleet.dsn("eu-1"), layout, t) for t in cohort if t not in written}
     versions = _routes(fleet, cohort)
     writers = [Workload(fleet.catalog.url, fleet.stamps, int(t), seed=int(t)).start() for t in sorted(written)]
-    _wait(lambda: all(w.acked > 50 for w in writers), "the writers to start")
+    wait_until(lambda: all(w.acked > 50 for w in writers), "the writers to start")
 
     outcome = move_tenants(fleet.ctx, tuple(cohort), "eu-2", MoveOptions(batch_rows=500), Silent())
 
-    _wait(lambda: all("eu-2" in w.touched_on.values() for w in writers), "writes on the new stamp", timeout=30)
+    wait_until(lambda: all("eu-2" in w.touched_on.values() for w in writers), "writes on the new stamp", timeout=30)
     for writer in writers:
         writer.stop()
         assert writer.errors == [] and "eu-1" in writer.touched_on.values()
@@ -203,7 +192,7 @@ def _hold_at_copy(fleet: Fleet, proc: subprocess.Popen[str], stack: list[object]
     held = copy_held(fleet, "eu-2")
     held.__enter__()
     stack.append(held)
-    _wait(lambda: copy_waits_at_held_table(fleet, "eu-2"), "the copy to wait at the held table", proc=proc)
+    wait_until(lambda: copy_waits_at_held_table(fleet, "eu-2"), "the copy to wait at the held table", proc=proc)
 
 
 def _hold_at_catch_up(fleet: Fleet, proc: subprocess.Popen[str], stack: list[object]) -> None:
@@ -224,19 +213,19 @@ def _hold_at_catch_up(fleet: Fleet, proc: subprocess.Popen[str], stack: list[obj
         )
     held = stack.pop(0)
     held.__exit__(None, None, None)  # type: ignore[attr-defined]
-    _wait(lambda: _phase(fleet, "101") == Phase.COPIED, "the catch-up", proc=proc)
-    _wait(lambda: _waiting_locks(fleet.dsn("eu-2")) > 0, "the replay to wait on tasks", proc=proc)
+    wait_until(lambda: _phase(fleet, "101") == Phase.COPIED, "the catch-up", proc=proc)
+    wait_until(lambda: _waiting_locks(fleet.dsn("eu-2")) > 0, "the replay to wait on tasks", proc=proc)
 
 
 def _hold_at_cutover(fleet: Fleet, proc: subprocess.Popen[str], stack: list[object]) -> None:
     """A REPEATABLE READ writer of a cohort tenant holds its guard's row: the freeze waits to fence it."""
-    _wait(lambda: _phase(fleet, "101") == Phase.SYNCED, "the bulk copy to be verified", proc=proc)
+    wait_until(lambda: _phase(fleet, "101") == Phase.SYNCED, "the bulk copy to be verified", proc=proc)
     writer = dsnlib.connect(fleet.dsn("eu-1"), pinned=False)
     writer.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
     writer.execute("UPDATE tenants SET name = name WHERE id = 110")
     stack.append(writer)
-    _wait(lambda: _phase(fleet, "101") == Phase.CUTOVER, "the cutover", proc=proc)
-    _wait(lambda: _waiting_locks(fleet.dsn("eu-1"), "tuple") > 0, "the fence to wait", proc=proc)
+    wait_until(lambda: _phase(fleet, "101") == Phase.CUTOVER, "the cutover", proc=proc)
+    wait_until(lambda: _waiting_locks(fleet.dsn("eu-1"), "tuple") > 0, "the fence to wait", proc=proc)
 
 
 def _waiting_locks(dsn: str, kind: str = "relation") -> int:
@@ -288,7 +277,7 @@ def test_kill_9_of_a_cohort_move_then_the_same_command_resumes_it_exactly(
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["resumed"] is True and out["move"]["id"] == interrupted.id
-    _wait(lambda: all("eu-2" in w.touched_on.values() for w in writers), "writes on the new stamp", timeout=30)
+    wait_until(lambda: all("eu-2" in w.touched_on.values() for w in writers), "writes on the new stamp", timeout=30)
     for writer in writers:
         writer.stop()
         assert writer.errors == []

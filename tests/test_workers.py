@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import Fleet, RunsCli, copy_held, copy_waits_at_held_table, tenant_digest
+from conftest import Fleet, RunsCli, copy_held, copy_waits_at_held_table, tenant_digest, wait_until
 from test_schema_rollout import HEAD, put_at, revisions, schema_runs
 
 from migrator.catalog import Phase
@@ -28,13 +28,6 @@ from migrator.local.writer import Workload
 from migrator.rollout.runner import FAILED, OK, SKIPPED
 
 STALLED_AFTER = "4"  # seconds without a heartbeat before a worker's jobs are queued again
-
-
-def _wait(predicate: Callable[[], bool], what: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @contextmanager
@@ -128,7 +121,7 @@ def test_two_workers_run_every_cohort_once_and_a_worker_killed_mid_move_is_finis
         assert result.exit_code == 0, result.output + result.stderr
         first = fleet.popen("worker", "--stalled-after", STALLED_AFTER, "--concurrency", "1")
         try:
-            _wait(lambda: copy_waits_at_held_table(fleet, "eu-2"), "a move to wait at the held table")
+            wait_until(lambda: copy_waits_at_held_table(fleet, "eu-2"), "a move to wait at the held table")
             interrupted = _running_move(fleet)
             first.send_signal(signal.SIGKILL)
             first.wait()
@@ -139,7 +132,7 @@ def test_two_workers_run_every_cohort_once_and_a_worker_killed_mid_move_is_finis
         held.__exit__(None, None, None)
     assert interrupted is not None and fleet.catalog.move(interrupted).phase == Phase.COPYING
     with workers(fleet, 1) as procs:
-        _wait(lambda: _plan_status(fleet, tmp_path / "drain.yaml") != "running", "the plan to end", timeout=120)
+        wait_until(lambda: _plan_status(fleet, tmp_path / "drain.yaml") != "running", "the plan to end", timeout=120)
         assert procs[0].poll() is None
     for writer in writers:
         writer.stop()
@@ -176,7 +169,9 @@ def test_per_stamp_and_per_tenant_limits_hold_with_three_workers_and_two_plans(f
         assert result.exit_code == 0, result.output + result.stderr
     with workers(fleet, 3):
         for plan in ("a.yaml", "b.yaml"):
-            _wait(lambda plan=plan: _plan_status(fleet, tmp_path / plan) != "running", f"{plan} to end", timeout=180)
+            wait_until(
+                lambda plan=plan: _plan_status(fleet, tmp_path / plan) != "running", f"{plan} to end", timeout=180
+            )
     moves = _moves(fleet)
     _assert_no_overlap(moves, lambda m: [m[2]] if m[2] == "eu-2" else [])  # --per-stamp 1 into eu-2, fleet-wide
     _assert_no_overlap(moves, lambda m: m[6])  # never two moves of one tenant at once
@@ -209,7 +204,7 @@ def test_sigterm_during_a_copy_stops_the_worker_at_a_safe_point_and_another_resu
     held.__enter__()
     proc = fleet.popen("worker", "--stalled-after", STALLED_AFTER, "--concurrency", "1")
     try:
-        _wait(lambda: copy_waits_at_held_table(fleet, "eu-2"), "the copy to wait at the held table")
+        wait_until(lambda: copy_waits_at_held_table(fleet, "eu-2"), "the copy to wait at the held table")
         move_id = _running_move(fleet)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
@@ -226,7 +221,7 @@ def test_sigterm_during_a_copy_stops_the_worker_at_a_safe_point_and_another_resu
     assert entry["status"] == "pending" and "safe point" in entry["error"] and entry["failures"] == 0
 
     with workers(fleet, 1):
-        _wait(lambda: _plan_status(fleet, tmp_path / "drain.yaml") == "done", "the plan to finish")
+        wait_until(lambda: _plan_status(fleet, tmp_path / "drain.yaml") == "done", "the plan to finish")
     [move] = _moves(fleet)
     assert move[0] == move_id and move[3] == Phase.FLIPPED  # resumed, not started again
     for tenant, digest in before.items():
@@ -248,7 +243,7 @@ def test_apply_queue_without_a_worker_says_so_and_wait_reports_waiting_for_a_wor
     reader.start()
     started = time.monotonic()
     try:
-        _wait(lambda: any("waiting for a worker" in line for line in lines), "--wait to say it waits", timeout=15)
+        wait_until(lambda: any("waiting for a worker" in line for line in lines), "--wait to say it waits", timeout=15)
         assert time.monotonic() - started < 10
         with workers(fleet, 1):
             waiting.wait(timeout=90)
@@ -280,7 +275,7 @@ def test_a_failure_that_no_retry_cures_fails_the_entry_at_once_and_transient_one
         conn.commit()
     fleet.catalog.update_stamp("us-1", dsn=fleet.dsn("us-1").replace(f":{fleet.server.port}/", ":1/"))
     with workers(fleet, 1):
-        _wait(lambda: _plan_status(fleet, tmp_path / "drain.yaml") == "failed", "the plan to fail", timeout=120)
+        wait_until(lambda: _plan_status(fleet, tmp_path / "drain.yaml") == "failed", "the plan to fail", timeout=120)
     by_tenant = {e["tenants"][0]: e for e in _entries(fleet, tmp_path / "drain.yaml")}
     refused, unreachable = by_tenant["601"], by_tenant["602"]
     assert refused["status"] == "failed" and refused["failures"] == 0

@@ -77,34 +77,27 @@ class RunLog:
 
     def start(self, stamps: Sequence[tuple[str, str | None]]) -> dict[str, int]:
         """Rows `running` for a wave's (stamp name, revision before the run): stamp name -> row id."""
+        return self._insert(stamps, "running")
+
+    def queue(self, stamps: Sequence[tuple[str, str | None]]) -> None:
+        """Rows `queued` for a queued rollout's stamps (stamp name, revision now): workers run them."""
+        self._insert(stamps, "queued")
+
+    def _insert(self, stamps: Sequence[tuple[str, str | None]], result: str) -> dict[str, int]:
         found = self._execute(
             "INSERT INTO schema_runs (run_id, stamp, direction, from_revision, to_revision, result)"
-            " SELECT %s, u.stamp, %s, u.from_revision, %s, 'running'"
+            " SELECT %s, u.stamp, %s, u.from_revision, %s, %s"
             " FROM unnest(%s::text[], %s::text[]) AS u(stamp, from_revision) RETURNING stamp, id",
             (
                 self.run_id,
                 self.direction,
                 self.target,
+                result,
                 [stamp for stamp, _ in stamps],
                 [revision for _, revision in stamps],
             ),
         )
         return {stamp: int(row_id) for stamp, row_id in found}
-
-    def queue(self, stamps: Sequence[tuple[str, str | None]]) -> None:
-        """Rows `queued` for a queued rollout's stamps (stamp name, revision now): workers run them."""
-        self._execute(
-            "INSERT INTO schema_runs (run_id, stamp, direction, from_revision, to_revision, result)"
-            " SELECT %s, u.stamp, %s, u.from_revision, %s, 'queued'"
-            " FROM unnest(%s::text[], %s::text[]) AS u(stamp, from_revision)",
-            (
-                self.run_id,
-                self.direction,
-                self.target,
-                [stamp for stamp, _ in stamps],
-                [revision for _, revision in stamps],
-            ),
-        )
 
     def claim(self, stamp: str) -> int | None:
         """A worker takes a stamp of this run, `running` from now; None once it has ended.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import psycopg
@@ -144,6 +144,22 @@ METRICS_PORT = click.option(
     default=None,
     help="Serve Prometheus metrics on this port (all interfaces) while the command runs.",
 )
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def queue_option(what: str) -> Callable[[F], F]:
+    """`--queue [NAME]` of `apply` and `schema upgrade`: hand the work to `migrator worker` processes."""
+    return click.option(
+        "--queue",
+        is_flag=False,
+        flag_value="migrator",
+        default=None,
+        metavar="[NAME]",
+        help=f"Send {what} to `migrator worker` processes on this queue (default queue: migrator) instead of "
+        "running them here.",
+    )
+
+
 JOBS = click.option(
     "--jobs",
     type=click.IntRange(min=1),

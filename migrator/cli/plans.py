@@ -22,6 +22,7 @@ from migrator.cli.base import (
     confirm,
     context_of,
     emit,
+    queue_option,
 )
 from migrator.cli.core import NO_CHECK, stamp_group
 from migrator.errors import MigratorError
@@ -460,15 +461,7 @@ def _queued_plan(context: Any, digest: str, file: Path, *, follow: bool, as_json
 @JOBS
 @click.option("--stop-on-error", is_flag=True, help="Start no more moves once one has failed.")
 @click.option("--dry-run", is_flag=True, help="Check the plan is still current and show what would run.")
-@click.option(
-    "--queue",
-    is_flag=False,
-    flag_value="migrator",
-    default=None,
-    metavar="[NAME]",
-    help="Send the plan's moves to `migrator worker` processes on this queue (default queue: migrator; an "
-    "entry's own `queue:` wins) instead of running them here. --per-stamp then holds across all workers.",
-)
+@queue_option("the plan's moves (an entry's own `queue:` wins; --per-stamp then holds across all workers)")
 @click.option(
     "--max-attempts",
     type=click.IntRange(min=1),

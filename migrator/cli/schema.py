@@ -8,8 +8,8 @@ from typing import Any
 import click
 
 from migrator.cli import render
-from migrator.cli.base import JSON, NO_PROGRESS, cli, confirm, context_of, emit
-from migrator.errors import MigratorError, SchemaDrift
+from migrator.cli.base import JSON, NO_PROGRESS, cli, confirm, context_of, emit, queue_option
+from migrator.errors import BadInput, MigratorError, SchemaDrift
 
 
 @cli.group("schema")
@@ -74,15 +74,7 @@ def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> N
 )
 @click.option("--dry-run", is_flag=True, help="Print each stamp's pending revisions and their SQL; change nothing.")
 @click.option("--active-only", is_flag=True, help="Leave draining and retired stamps out.")
-@click.option(
-    "--queue",
-    is_flag=False,
-    flag_value="migrator",
-    default=None,
-    metavar="[NAME]",
-    help="Send one step per stamp to `migrator worker` processes (default queue: migrator): the canary's "
-    "first, the others once it succeeded. --parallel then does not apply: the workers set the pace.",
-)
+@queue_option("one step per stamp (the canary's first, the others once it succeeded; --parallel then does not apply)")
 @click.option(
     "--connections-per-server",
     type=click.IntRange(min=1),
@@ -113,6 +105,8 @@ def schema_upgrade_cmd(
     """Upgrade every stamp to REVISION (default head): the canary first, then waves of --parallel stamps."""
     from migrator.rollout.runner import upgrade_fleet
 
+    if wait and queue is None:
+        raise BadInput("--wait follows a queued rollout: add --queue")
     if queue is not None and not dry_run:
         _queued_upgrade(context_of(ctx), revision, canary, active_only, continue_on_error, queue,
                         connections_per_server, wait, None if yes else _confirm, as_json)  # fmt: skip
