@@ -61,6 +61,9 @@ async def _run(ctx: Context, options: WorkerOptions, stop: threading.Event, say:
             update_heartbeat_interval=max(0.5, options.stalled_after_s / 4),
             stalled_worker_timeout=options.stalled_after_s,
             fetch_job_polling_interval=2.0,
+            # The catalog keeps each entry's record; the queue keeps only failed jobs, so the
+            # housekeeping job every few seconds does not grow its table without bound.
+            delete_jobs="successful",
         )
         loop = asyncio.get_running_loop()
 
