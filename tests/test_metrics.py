@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import Fleet, terminate_migrator_sessions
+from conftest import Fleet, tenant_row_count, terminate_migrator_sessions
 from prometheus_client.parser import text_string_to_metric_families
 
 from migrator.context import Context
@@ -42,14 +42,27 @@ def test_metrics_count_the_rows_freeze_and_retries_the_move_reports(
     seeded = fleet.seed("eu-1", 7, 12_000)
     ctx = Context(fleet.ctx.config, fleet.ctx.catalog)  # its own metrics
     port = _free_port()
+    layout = fleet.layout()
     killed: list[int] = []
-    killer = threading.Timer(1.0, lambda: killed.append(terminate_migrator_sessions(fleet, fleet.dsn("eu-2"))))
+    done = threading.Event()
+
+    def kill_mid_copy() -> None:
+        """Once the copy's first batches are on the target (a fixed delay misses it on a loaded machine)."""
+        while not done.is_set() and not tenant_row_count(fleet.dsn("eu-2"), layout, "7"):
+            time.sleep(0.02)
+        while not done.is_set() and not killed:
+            if n := terminate_migrator_sessions(fleet, fleet.dsn("eu-2")):
+                killed.append(n)
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_mid_copy)
     with ctx.metrics.serve(port):
         killer.start()
         try:
             outcome = move_tenants(ctx, ("7",), "eu-2", MoveOptions(batch_rows=500, jobs=1, rate_limit=5_000), Silent())
         finally:
-            killer.cancel()
+            done.set()
+            killer.join()
         scraped = _scrape(port)
     assert killed and killed[0] >= 1, "the copy's session was not terminated: no retry to count"
     assert outcome.move is not None and outcome.move.freeze_ms is not None
