@@ -25,7 +25,7 @@ from test_schema_rollout import HEAD, put_at, revisions, schema_runs
 from migrator.catalog import Phase
 from migrator.db import dsn as dsnlib
 from migrator.local.writer import Workload
-from migrator.rollout.runner import FAILED, OK, SKIPPED
+from migrator.rollout.runner import FAILED, OK, SKIPPED, plan_upgrade
 
 STALLED_AFTER = "4"  # seconds without a heartbeat before a worker's jobs are queued again
 
@@ -320,3 +320,37 @@ def test_a_queued_rollout_upgrades_the_canary_first_then_every_stamp_once_within
     assert stamps["eu-2"]["result"] == FAILED and stamps["us-1"]["result"] == SKIPPED
     assert "stopped after the canary failed on eu-2" in stamps["us-1"]["error"]
     assert revisions(fleet)["us-1"] == "0002_collaboration"
+
+
+def _survey_sessions(fleet: Fleet) -> int:
+    """Migrator sessions open on the fleet's stamp databases (the survey's, waiting on the locks)."""
+    with dsnlib.connect(fleet.server.dsn(), autocommit=True, application_name="test") as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'migrator' AND datname = ANY(%s)",
+            ([db for db in fleet.databases if not db.endswith("_catalog")],),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_the_revision_survey_before_a_queued_rollout_keeps_to_the_connection_budget(fleet4: Fleet) -> None:
+    """Every stamp's alembic_version is locked, so each survey session waits while open: with a budget
+    of 1 per server (all four stamps share the test's server) only one may be open at a time."""
+    fleet = fleet4
+    holds = [dsnlib.connect(fleet.dsn(name), application_name="test") for name in sorted(fleet.stamps)]
+    surveyed: list[object] = []
+    try:
+        for conn in holds:
+            conn.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
+        planner = threading.Thread(target=lambda: surveyed.append(plan_upgrade(fleet.ctx, "head", None, False, 1)))
+        planner.start()
+        wait_until(lambda: _survey_sessions(fleet) >= 1, "the survey's first session")
+        peak = 0
+        for _ in range(25):  # half a second: unbounded, the other three connect well within it
+            peak = max(peak, _survey_sessions(fleet))
+            time.sleep(0.02)
+        assert peak == 1, f"{peak} survey sessions open at once on one server, budget 1"
+    finally:
+        for conn in holds:
+            conn.close()
+    planner.join(timeout=60)
+    assert len(surveyed) == 1  # every stamp was read once its lock went

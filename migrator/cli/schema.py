@@ -80,7 +80,7 @@ def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> N
     type=click.IntRange(min=1),
     default=4,
     show_default=True,
-    help="With --queue: at most this many stamps of one database server migrate at once, across all workers.",
+    help="With --queue: at most this many sessions on one database server at once (workers and planning).",
 )
 @click.option("--wait", is_flag=True, help="With --queue: follow the rollout until every stamp has run.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")

@@ -52,6 +52,12 @@ def normalize(dsn: str) -> str:
     return dsn
 
 
+def server_of(dsn: str) -> str:
+    """`host:port` of the server behind `dsn`: what a per-server connection budget counts against."""
+    params = conninfo.conninfo_to_dict(normalize(dsn))
+    return f"{params.get('host', '')}:{params.get('port', '5432')}"
+
+
 def mask(dsn: str) -> str:
     """The DSN with any password replaced by `***`, for every line the tool prints or logs."""
     dsn = dsn.strip()

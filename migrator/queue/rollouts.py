@@ -1,14 +1,14 @@
 """`schema upgrade --queue`: a fleet rollout as one queued step per stamp, run by workers.
 
 The rollout is planned and checked as a local one (`rollout.runner.plan_upgrade`: fenced stamps
-refused, the canary chosen) and each stamp gets a `queued` row in `schema_runs`. Only the canary's
-step is queued at first; when it succeeds, its job queues every other stamp's step (when it fails,
-they are recorded as skipped). A later failure stops the steps not yet started, unless
---continue-on-error. Each step runs `rollout.worker.run_job` (the stamp's own lock, one
-transaction per revision) holding one of --connections-per-server slots of the stamp's server,
-fleet-wide, so a thousand small stamps on a few servers never open more than that many sessions
-on any of them. A row moves from queued to running exactly once (`RunLog.claim`), so a step
-delivered twice runs once.
+refused, the canary chosen, every stamp's revision read within the same per-server budget) and
+each stamp gets a `queued` row in `schema_runs`. Only the canary's step is queued at first; when
+it succeeds, its job queues every other stamp's step (when it fails, they are recorded as
+skipped). A later failure stops the steps not yet started, unless --continue-on-error. Each step
+runs `rollout.worker.run_job` (the stamp's own lock, one transaction per revision) holding one of
+--connections-per-server slots of the stamp's server, fleet-wide, so a thousand small stamps on a
+few servers never open more than that many sessions on any of them. A row moves from queued to
+running exactly once (`RunLog.claim`), so a step delivered twice runs once.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from procrastinate.exceptions import AlreadyEnqueued
-from psycopg import conninfo
 
 from migrator.catalog.schema_runs import RunLog
 from migrator.context import Context
@@ -58,7 +57,7 @@ def enqueue_upgrade(
 ) -> QueuedRollout:
     """Plan and record the rollout, then queue its canary's step (or every step without a canary)."""
     check_queue(ctx)
-    _, plan = plan_upgrade(ctx, revision, canary, active_only)
+    _, plan = plan_upgrade(ctx, revision, canary, active_only, per_server)
     steps = [name for wave in plan.waves for name in wave]
     if confirm is not None and steps:
         confirm(plan)
@@ -161,8 +160,7 @@ def server_slot(ctx: Context, dsn: str, size: int) -> Iterator[None]:
     database can count for every stamp of a server), held while the step's one stamp session is
     open and released with the worker's catalog session, kill -9 included.
     """
-    params = conninfo.conninfo_to_dict(dsnlib.normalize(dsn))
-    server = f"{params.get('host', '')}:{params.get('port', '5432')}"
+    server = dsnlib.server_of(dsn)
     conn = dsnlib.connect(ctx.catalog.url, autocommit=True)
     try:
         if not any(try_lock(conn, lock_key(f"migrator.server-slot:{server}:{i}")) for i in range(size)):

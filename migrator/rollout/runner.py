@@ -12,7 +12,9 @@ table under a cutover would stall or break it.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -190,11 +192,17 @@ def upgrade_fleet(
     return _run(ctx, found, plan, parallel, continue_on_error, dry_run, progress or SilentRollout(), confirm)
 
 
-def plan_upgrade(ctx: Context, revision: str, canary: str | None, active_only: bool) -> tuple[History, Plan]:
-    """The checks and order of `upgrade_fleet` without running it: what `schema upgrade --queue` sends."""
+def plan_upgrade(
+    ctx: Context, revision: str, canary: str | None, active_only: bool, per_server: int
+) -> tuple[History, Plan]:
+    """The checks and order of `upgrade_fleet` without running it: what `schema upgrade --queue` sends.
+
+    Its survey of the stamps' revisions opens at most `per_server` sessions on each server at once,
+    the budget the queued steps keep to.
+    """
     found = History.load(ctx.config.schema_env())
     target = found.resolve(revision, allow_base=False)
-    return found, _plan(ctx, found, "upgrade", target, _select(ctx, (), active_only), canary, 1)
+    return found, _plan(ctx, found, "upgrade", target, _select(ctx, (), active_only), canary, 1, per_server)
 
 
 def record_not_run(log: RunLog, plan: Plan) -> list[StampOutcome]:
@@ -223,13 +231,24 @@ def _select(ctx: Context, names: Sequence[str], active_only: bool) -> list[Stamp
     return [s for s in ctx.catalog.stamps() if s.state == "active" or not active_only]
 
 
-def _survey(ctx: Context, found: History, chosen: Sequence[Stamp], target: str | None) -> list[StampSchema]:
-    """Read every stamp's revision at once (threads: plain queries, no Alembic)."""
+def _survey(
+    ctx: Context, found: History, chosen: Sequence[Stamp], target: str | None, per_server: int | None = None
+) -> list[StampSchema]:
+    """Read every stamp's revision at once (threads: plain queries, no Alembic).
+
+    With `per_server`, at most that many sessions on one server at a time; the stamps are taken
+    round-robin across servers so that no thread waits on a busy server while another is idle.
+    """
     tenants = Counter(route.stamp for route in ctx.catalog.routes())
+    by_server: dict[str, list[Stamp]] = {}
+    for stamp in chosen:
+        by_server.setdefault(dsnlib.server_of(stamp.dsn), []).append(stamp)
+    slots = {server: threading.BoundedSemaphore(per_server or len(chosen)) for server in by_server}
+    order = [s for batch in itertools.zip_longest(*by_server.values()) for s in batch if s is not None]
 
     def look(stamp: Stamp) -> StampSchema:
         try:
-            with stamps.connect(stamp) as conn:
+            with slots[dsnlib.server_of(stamp.dsn)], stamps.connect(stamp) as conn:
                 current = read_revision(conn)
         except (MigratorError, psycopg.Error) as exc:
             error = str(exc) if isinstance(exc, MigratorError) else reason(exc, stamp.dsn)
@@ -240,8 +259,10 @@ def _survey(ctx: Context, found: History, chosen: Sequence[Stamp], target: str |
 
     if not chosen:
         return []
-    with ThreadPoolExecutor(max_workers=min(16, len(chosen))) as pool:
-        return list(pool.map(look, chosen))
+    threads = min(16, len(chosen), (per_server or len(chosen)) * len(by_server))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        surveyed = {row.stamp: row for row in pool.map(look, order)}
+    return [surveyed[stamp.name] for stamp in chosen]
 
 
 def _needs_work(row: StampSchema, direction: str) -> bool:
@@ -256,6 +277,7 @@ def _plan(
     chosen: list[Stamp],
     canary: str | None,
     parallel: int,
+    per_server: int | None = None,
 ) -> Plan:
     """Validate everything, then order the work: canary alone, the rest by fewest tenants, `parallel` a wave."""
     if parallel < 1:
@@ -265,7 +287,7 @@ def _plan(
         ctx.catalog.stamp(canary)  # unknown stamp: BadInput naming it
         raise BadInput(f"canary {canary} is not among this rollout's stamps (draining or retired with --active-only?)")
     _refuse_fenced(ctx, names)
-    rows = _survey(ctx, found, chosen, target)
+    rows = _survey(ctx, found, chosen, target, per_server)
     work = [r for r in rows if _needs_work(r, direction)]
     if canary is None:
         healthy = [r for r in work if r.state not in (UNREACHABLE, UNKNOWN)]
