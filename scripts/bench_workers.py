@@ -9,8 +9,8 @@ schema upgrade --queue --connections-per-server BUDGET --yes --wait --json` is t
 start until it returns. Meanwhile every 50 ms each server is asked how many client sessions are
 open on stamp databases (`pg_stat_activity`, datname `stamp_%`, backend_type 'client backend', so
 autovacuum and the catalog are left out), and the peak per server is kept: while the stamps
-migrate (after the command said it queued the rollout) it must stay within BUDGET; before that the
-command reads every stamp's revision, which is shown apart. Then the proof that every stamp reached
+migrate (after the command said it queued the rollout) it must stay within BUDGET, and before that,
+while the command reads every stamp's revision, too (shown apart). Then the proof that every stamp reached
 head exactly once: each stamp's `alembic_version` is head, the run's `schema_runs` hold exactly one
 row per stamp, each 'ok', the canary's row finished before any other started, the rows' own
 spans never overlap more than BUDGET per server, the workers' logs show one step returned per
@@ -477,6 +477,7 @@ def rollout_part(args: argparse.Namespace) -> RolloutResult:
                 f"{args.stamps / run.seconds:.1f} stamps/s (planned and queued after {queued_at - began:.2f} s)"
             )
             within = max(result.step_peaks, default=0) <= args.budget
+            survey_within = max(survey, default=0) <= args.budget
             print(
                 f"  peak stamp sessions per server while the steps ran: {fmt_peaks(result.step_peaks)} "
                 f"(budget {args.budget}: {'within' if within else 'EXCEEDED'}; "
@@ -484,12 +485,14 @@ def rollout_part(args: argparse.Namespace) -> RolloutResult:
             )
             print(
                 f"  peak stamp sessions per server before, while it read every stamp's revision: {fmt_peaks(survey)} "
-                "(not bounded by --connections-per-server)"
+                f"(budget {args.budget}: {'within' if survey_within else 'EXCEEDED'})"
             )
             if sampler.error:
                 result.problems.append(f"rollout: the session sampler stopped: {sampler.error}")
             if not within:
                 result.problems.append(f"rollout: stamp sessions {result.step_peaks} beyond the budget {args.budget}")
+            if not survey_within:
+                result.problems.append(f"rollout: survey sessions {survey} beyond the budget {args.budget}")
             check_queued_rollout(ctx, servers, stamps, run.json(), args.budget, pool, result)
         finally:
             ctx.catalog.close()

@@ -149,6 +149,33 @@ def test_two_workers_run_every_cohort_once_and_a_worker_killed_mid_move_is_finis
         assert tenant_digest(fleet.dsn(fleet.catalog.route(tenant).stamp), layout, tenant) == digest, tenant
 
 
+def test_entries_planned_by_region_are_run_only_by_a_worker_of_their_target_region(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """`plan drain --queue-by-region` puts each entry on its target's region queue: a worker of `us`
+    runs the moves into us-1 and leaves those into eu-2 queued until a worker of `eu` comes."""
+    ids = [301, 302, 303, 304]
+    fleet.seed_many("eu-1", ids, 40)
+    path = tmp_path / "drain.yaml"
+    plan = _drain_plan(fleet, path, "--queue-by-region", "--cohort-tenants", "1")
+    queues = {m["to"]: m["queue"] for m in plan["moves"]}
+    assert queues == {"eu-2": "eu", "us-1": "us"}, plan["moves"]  # every entry named, both regions planned
+    assert fleet.run("apply", str(path), "--queue", "--yes").exit_code == 0
+    assert {(e["target"], e["queue"]) for e in _entries(fleet, path)} == {("eu-2", "eu"), ("us-1", "us")}
+    with workers(fleet, 1, "--queue", "us"):
+        wait_until(
+            lambda: all(e["status"] == "done" for e in _entries(fleet, path) if e["target"] == "us-1"),
+            "the moves into us-1",
+        )
+        time.sleep(1)  # a worker that took any queue would have started an eu-2 move by now
+        assert {m[2] for m in _moves(fleet)} == {"us-1"}
+    with workers(fleet, 1, "--queue", "eu"):
+        result = fleet.run("apply", str(path), "--wait", "--json")
+    assert result.exit_code == 0, result.output + result.stderr
+    _assert_each_flipped_once(fleet, [str(t) for t in ids])
+    assert {fleet.catalog.route(str(t)).stamp for t in ids} == {"eu-2", "us-1"}
+
+
 def test_per_stamp_and_per_tenant_limits_hold_with_three_workers_and_two_plans(fleet: Fleet, tmp_path: Path) -> None:
     fleet.seed_many("eu-1", list(range(201, 209)), 300)
     fleet.seed_many("us-1", list(range(301, 305)), 300)

@@ -39,6 +39,12 @@ OUTPUT = click.option(
     help="Where to write the plan (default under plans/).",
 )
 FORCE = click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
+BY_REGION = click.option(
+    "--queue-by-region",
+    "by_region",
+    is_flag=True,
+    help="Name each entry's workers' queue after its target's region (for `apply --queue`: copied near the data).",
+)
 
 
 def _cohort_defaults() -> Cohorts:
@@ -125,6 +131,7 @@ def _written(as_json: bool, plan: Plan, path: Path) -> None:
 @click.option("--to", "to", default=None, help="Comma-separated stamps to drain onto (default: every active stamp).")
 @COHORT_ROWS
 @COHORT_TENANTS
+@BY_REGION
 @OUTPUT
 @FORCE
 @JSON
@@ -135,6 +142,7 @@ def plan_drain_cmd(
     to: str | None,
     cohort_rows: int,
     cohort_tenants: int,
+    by_region: bool,
     output: Path | None,
     force: bool,
     as_json: bool,
@@ -144,7 +152,7 @@ def plan_drain_cmd(
     from migrator.plans.planners import Cohorts, plan_drain, write_plan
 
     targets = [name.strip() for name in to.split(",") if name.strip()] if to else None
-    plan = plan_drain(context_of(ctx), stamp, targets, Cohorts(cohort_rows, cohort_tenants))
+    plan = plan_drain(context_of(ctx), stamp, targets, Cohorts(cohort_rows, cohort_tenants), by_region)
     path = write_plan(plan, output or Path("plans") / f"drain-{stamp.replace('/', '-')}.yaml", force)
     _written(as_json, plan, path)
 
@@ -160,6 +168,7 @@ def plan_drain_cmd(
 @click.option("--max-moves", type=click.IntRange(min=1), default=None, help="Move at most this many tenants.")
 @COHORT_ROWS
 @COHORT_TENANTS
+@BY_REGION
 @OUTPUT
 @FORCE
 @JSON
@@ -170,6 +179,7 @@ def plan_rebalance_cmd(
     max_moves: int | None,
     cohort_rows: int,
     cohort_tenants: int,
+    by_region: bool,
     output: Path | None,
     force: bool,
     as_json: bool,
@@ -178,7 +188,7 @@ def plan_rebalance_cmd(
     utilisation; small tenants going the same way go together in cohorts."""
     from migrator.plans.planners import Cohorts, plan_rebalance, write_plan
 
-    plan = plan_rebalance(context_of(ctx), threshold, max_moves, Cohorts(cohort_rows, cohort_tenants))
+    plan = plan_rebalance(context_of(ctx), threshold, max_moves, Cohorts(cohort_rows, cohort_tenants), by_region)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     path = write_plan(plan, output or Path("plans") / f"rebalance-{stamp}.yaml", force)
     _written(as_json, plan, path)
@@ -187,17 +197,18 @@ def plan_rebalance_cmd(
 @plan_group.command("isolate")
 @click.argument("tenant")
 @click.option("--to", "target", required=True, help="The empty stamp that becomes the tenant's own.")
+@BY_REGION
 @OUTPUT
 @FORCE
 @JSON
 @click.pass_context
 def plan_isolate_cmd(
-    ctx: click.Context, tenant: str, target: str, output: Path | None, force: bool, as_json: bool
+    ctx: click.Context, tenant: str, target: str, by_region: bool, output: Path | None, force: bool, as_json: bool
 ) -> None:
     """Plan moving one (heavy) tenant to a dedicated stamp that holds no tenant yet."""
     from migrator.plans.planners import plan_isolate, write_plan
 
-    plan = plan_isolate(context_of(ctx), tenant, target)
+    plan = plan_isolate(context_of(ctx), tenant, target, by_region)
     path = write_plan(plan, output or Path("plans") / f"isolate-{tenant.replace('/', '-')}.yaml", force)
     _written(as_json, plan, path)
 
@@ -231,13 +242,17 @@ def _plan_text(plan: Plan) -> str:
         f"reason: {plan.reason}",
         *(f"note: {note}" for note in plan.notes),
     ]
+    queued = any(m.queue for m in plan.moves)
     moves = render.table(
-        ["#", "tenants", "from", "to", "rows", "bytes"],
+        ["#", "tenants", "from", "to", "rows", "bytes", *(["queue"] if queued else [])],
         [
-            [i, render.tenants_cell(m.tenants), m.source, m.target, f"{m.rows:,}", human_bytes(m.bytes)]
+            [
+                i, render.tenants_cell(m.tenants), m.source, m.target, f"{m.rows:,}", human_bytes(m.bytes),
+                *([m.queue or "-"] if queued else []),
+            ]
             for i, m in enumerate(plan.moves)
         ],
-    )
+    )  # fmt: skip
     use = render.table(
         ["stamp", "before", "after", "change", "rows before", "rows after"],
         [

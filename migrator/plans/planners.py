@@ -10,7 +10,7 @@ written and what is accepted are defined in one place; plans/README.md shows an 
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -125,7 +125,13 @@ def _active(catalog: Catalog, names: list[str] | None, exclude: str) -> list[Sta
     return chosen
 
 
-def plan_drain(ctx: Context, stamp_name: str, to: list[str] | None = None, cohorts: Cohorts | None = None) -> Plan:
+def plan_drain(
+    ctx: Context,
+    stamp_name: str,
+    to: list[str] | None = None,
+    cohorts: Cohorts | None = None,
+    by_region: bool = False,
+) -> Plan:
     """`migrator plan drain`: every tenant routed to the stamp, largest first, onto the roomiest stamp;
     then the small tenants going to one stamp are grouped into cohorts."""
     catalog = ctx.catalog
@@ -161,10 +167,10 @@ def plan_drain(ctx: Context, stamp_name: str, to: list[str] | None = None, cohor
         f"{sum(len(m.tenants) for m in moves)} tenants in {len(moves)} moves, {sum(m.rows for m in moves):,} rows, "
         "largest first"
     )
-    return _plan("drain", ctx, sizes, rooms, moves, reason, notes=notes)
+    return _plan("drain", ctx, sizes, rooms, moves, reason, notes=notes, by_region=by_region)
 
 
-def plan_isolate(ctx: Context, tenant: str, target_name: str) -> Plan:
+def plan_isolate(ctx: Context, tenant: str, target_name: str, by_region: bool = False) -> Plan:
     """`migrator plan isolate`: a one-move plan giving a (heavy) tenant a stamp of its own."""
     catalog = ctx.catalog
     route = catalog.route(tenant)
@@ -191,11 +197,15 @@ def plan_isolate(ctx: Context, tenant: str, target_name: str) -> Plan:
         )
     move = _shift(rooms, route.stamp, target.name, size)
     reason = f"isolate tenant {tenant} ({size.rows:,} rows) from {route.stamp} on the dedicated stamp {target.name}"
-    return _plan("isolate", ctx, sizes, rooms, [move], reason)
+    return _plan("isolate", ctx, sizes, rooms, [move], reason, by_region=by_region)
 
 
 def plan_rebalance(
-    ctx: Context, threshold: float = 0.1, max_moves: int | None = None, cohorts: Cohorts | None = None
+    ctx: Context,
+    threshold: float = 0.1,
+    max_moves: int | None = None,
+    cohorts: Cohorts | None = None,
+    by_region: bool = False,
 ) -> Plan:
     """`migrator plan rebalance`: greedy moves until every active stamp is within `threshold` of the mean.
 
@@ -243,7 +253,7 @@ def plan_rebalance(
         f"rebalance {len(active)} active stamps to within {threshold} of the fleet's utilisation "
         f"{mean:.4f} (rows used / capacity_rows): {tenants} tenants in {len(moves)} moves"
     )
-    return _plan("rebalance", ctx, sizes, rooms, moves, reason, threshold, tuple(notes))
+    return _plan("rebalance", ctx, sizes, rooms, moves, reason, threshold, tuple(notes), by_region)
 
 
 def _balanced(rooms: Rooms, mean: float, threshold: float) -> bool:
@@ -327,7 +337,13 @@ def _plan(
     reason: str,
     threshold: float | None = None,
     notes: tuple[str, ...] = (),
+    by_region: bool = False,
 ) -> Plan:
+    """The plan of `moves`; `by_region` (`--queue-by-region`) names each entry's workers' queue after
+    its target's region, so that under `apply --queue` a worker near the data copies it (a target
+    without a region leaves its entry on the apply's queue)."""
+    if by_region:
+        moves = [replace(m, queue=sizes.usage[m.target].stamp.region or None) for m in moves]
     utilisation = {
         name: Utilisation(
             _round(usage.utilisation),

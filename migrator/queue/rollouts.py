@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +24,9 @@ from procrastinate.exceptions import AlreadyEnqueued
 from migrator.catalog.schema_runs import RunLog
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
-from migrator.db.locks import lock_key, try_lock
 from migrator.errors import MigratorError
 from migrator.queue.enqueue import NO_WORKER_GRACE_S, check_queue, live_workers
-from migrator.queue.tasks import BUSY_RETRY_S, DEFAULT_QUEUE, SCHEMA_STEP, Requeue, make_app
+from migrator.queue.tasks import BUSY_RETRY_S, DEFAULT_QUEUE, SCHEMA_STEP, catalog_slot, make_app
 from migrator.rollout.history import History
 from migrator.rollout.runner import FAILED, OK, fenced_moves, plan_upgrade, record_not_run
 from migrator.rollout.worker import Job, run_job
@@ -115,7 +114,10 @@ def run_step(
         error: str | None
         # run_job serialises Alembic within this process (its context is module-global): a worker
         # with --concurrency above 1 may hold a slot while its other step migrates.
-        with server_slot(ctx, record.dsn, per_server):
+        # Advisory locks are per database: only the catalog, shared, can count a server's stamps.
+        server = dsnlib.server_of(record.dsn)
+        busy = f"{per_server} connection(s) to {server} in use (--connections-per-server)"
+        with catalog_slot(ctx, f"migrator.server-slot:{server}", per_server, busy, BUSY_RETRY_S / 4):
             row_id = log.claim(stamp)
             if row_id is None:
                 return "claimed by another worker"
@@ -150,24 +152,6 @@ def _target(ctx: Context, run_id: str) -> str:
     if row is None or row[0] is None:
         raise MigratorError(f"rollout {run_id} has no target revision")
     return str(row[0])
-
-
-@contextlib.contextmanager
-def server_slot(ctx: Context, dsn: str, size: int) -> Iterator[None]:
-    """One of `size` connection slots of the server behind `dsn` (its host and port), fleet-wide.
-
-    Session advisory locks in the catalog (advisory locks are per database, so only one shared
-    database can count for every stamp of a server), held while the step's one stamp session is
-    open and released with the worker's catalog session, kill -9 included.
-    """
-    server = dsnlib.server_of(dsn)
-    conn = dsnlib.connect(ctx.catalog.url, autocommit=True)
-    try:
-        if not any(try_lock(conn, lock_key(f"migrator.server-slot:{server}:{i}")) for i in range(size)):
-            raise Requeue(f"{size} connection(s) to {server} in use (--connections-per-server)", BUSY_RETRY_S / 4)
-        yield
-    finally:
-        conn.close()
 
 
 def follow_rollout(

@@ -108,7 +108,8 @@ def run_entry(
         return f"already {entry.status}"  # delivered twice (re-enqueued while it ran): nothing to do
     if state.stop.is_set():
         raise Requeue("worker stopping", 0)
-    with _stamp_slot(ctx, entry.target, per_stamp):
+    busy = f"{per_stamp} move(s) into {entry.target} already running (--per-stamp {per_stamp})"
+    with catalog_slot(ctx, f"migrator.stamp-slot:{entry.target}", per_stamp, busy, BUSY_RETRY_S):  # for the whole move
         planned = PlannedMove(tuple(entry.tenants), entry.source, entry.target, entry.rows, 0)
         try:
             with ctx.catalog.lock_tenants(planned.tenants):  # classified while no one else moves them
@@ -169,16 +170,16 @@ class EntryFailed(Exception):
 
 
 @contextlib.contextmanager
-def _stamp_slot(ctx: Context, stamp: str, size: int) -> Iterator[None]:
-    """One of the `size` slots of moves into `stamp`, fleet-wide: session advisory locks in the catalog.
+def catalog_slot(ctx: Context, name: str, size: int, busy: str, retry_after: float) -> Iterator[None]:
+    """One of `size` slots called `name`, fleet-wide: session advisory locks in the catalog.
 
-    Held on a session of its own for the move's whole run; the server frees it with the session,
-    so a worker killed with -9 never keeps a slot.
+    Held on a session of its own for the block; the server frees it with the session, so a worker
+    killed with -9 never keeps a slot. When every slot is taken the job is requeued (`busy` says why).
     """
     conn = dsnlib.connect(ctx.catalog.url, autocommit=True)
     try:
-        if not any(try_lock(conn, lock_key(f"migrator.stamp-slot:{stamp}:{i}")) for i in range(size)):
-            raise Requeue(f"{size} move(s) into {stamp} already running (--per-stamp {size})", BUSY_RETRY_S)
+        if not any(try_lock(conn, lock_key(f"{name}:{i}")) for i in range(size)):
+            raise Requeue(busy, retry_after)
         yield
     finally:
         conn.close()
