@@ -176,6 +176,31 @@ def test_entries_planned_by_region_are_run_only_by_a_worker_of_their_target_regi
     assert {fleet.catalog.route(str(t)).stamp for t in ids} == {"eu-2", "us-1"}
 
 
+def test_a_local_apply_counts_the_per_stamp_slots_of_the_workers_moves(fleet: Fleet, tmp_path: Path) -> None:
+    """--per-stamp is slots in the catalog that every apply and worker takes: while a worker's move
+    into eu-2 waits at a held table, a local apply of another plan into eu-2 starts no move there,
+    says why, and runs it once the worker's move is done."""
+    fleet.seed_many("eu-1", [401, 402], 60)
+    fleet.seed_many("us-1", [411], 60)
+    queued, local = tmp_path / "queued.yaml", tmp_path / "local.yaml"
+    for source, path in (("eu-1", queued), ("us-1", local)):
+        assert fleet.run("plan", "drain", source, "--to", "eu-2", "-o", str(path)).exit_code == 0
+    with workers(fleet, 1):
+        with copy_held(fleet, "eu-2"):
+            assert fleet.run("apply", str(queued), "--queue", "--per-stamp", "1", "--yes").exit_code == 0
+            wait_until(lambda: copy_waits_at_held_table(fleet, "eu-2"), "the worker's move to wait at the held table")
+            apply = fleet.popen("apply", str(local), "--per-stamp", "1", "--yes", "--no-progress")
+            time.sleep(3)  # time enough to start a move, were the slot not taken
+            assert apply.poll() is None and [m[1] for m in _moves(fleet)] == ["eu-1"]  # none from us-1 yet
+        out, err = apply.communicate(timeout=120)
+        assert apply.returncode == 0, out + err
+        wait_until(lambda: _plan_status(fleet, queued) != "running", "the queued plan to end")
+    assert "waiting: 1 move(s) into eu-2 already running elsewhere" in err, err
+    moves = _moves(fleet)
+    assert sorted(m[1] for m in moves) == ["eu-1", "us-1"] and all(m[3] == Phase.FLIPPED for m in moves)
+    _assert_no_overlap(moves, lambda m: [m[2]])  # one move into eu-2 at a time, whoever ran it
+
+
 def test_per_stamp_and_per_tenant_limits_hold_with_three_workers_and_two_plans(fleet: Fleet, tmp_path: Path) -> None:
     fleet.seed_many("eu-1", list(range(201, 209)), 300)
     fleet.seed_many("us-1", list(range(301, 305)), 300)

@@ -1,4 +1,5 @@
-"""The tenants' move lock: session advisory locks in the catalog, held for the whole run of a move."""
+"""Session advisory locks in the catalog: the tenants' move lock, held for the whole run of a move,
+and counted slots (moves into a stamp, sessions on a server) shared by every process of the fleet."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 import psycopg
 
 from migrator.catalog.models import Move, describe_move
-from migrator.db.locks import lock_key
+from migrator.db import dsn as dsnlib
+from migrator.db.locks import lock_key, try_lock
+from migrator.db.retry import CATALOG
 from migrator.errors import LockBusy
 
 # How long a refused operator waits for the lock holder's move to appear in the catalog, to name it.
@@ -91,3 +94,27 @@ class TenantLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@CATALOG.wraps
+def take_slot(catalog_url: str, name: str, size: int) -> psycopg.Connection[Any] | None:
+    """One of `size` slots called `name`, fleet-wide, or None when every one is taken (never waits).
+
+    The slot is the session advisory lock `name:i` on a catalog session of its own, returned open:
+    closing it frees the slot, and so does the server when the holder dies (kill -9 included).
+    Every local `apply` and every worker counts the same slots, so a limit holds whoever runs.
+    """
+    conn = dsnlib.connect(catalog_url, autocommit=True)
+    try:
+        if any(try_lock(conn, lock_key(f"{name}:{i}")) for i in range(size)):
+            return conn
+    except BaseException:
+        conn.close()
+        raise
+    conn.close()
+    return None
+
+
+def stamp_slot(stamp: str) -> str:
+    """The name of the `--per-stamp` slots of moves into `stamp`."""
+    return f"migrator.stamp-slot:{stamp}"

@@ -94,11 +94,11 @@ def _on_transient_errors() -> Retrying:
 
 
 CATALOG = _on_transient_errors()
-"""A public `Catalog` method (and the rollout's `RunLog` statements): one short catalog transaction,
-run again whole on a transient error. About 6 s, enough for a catalog restart or failover, short
-enough that a command against a dead catalog fails clearly. The session of the failed attempt is
-dropped (`Catalog.transaction`), so the next attempt reconnects. Not for `Catalog.flip`, which runs
-on the tenant lock's session and fails fast instead."""
+"""A public `Catalog` method (and the rollout's `RunLog` statements, `catalog.locks.take_slot`):
+one short catalog transaction, run again whole on a transient error. About 6 s, enough for a
+catalog restart or failover, short enough that a command against a dead catalog fails clearly. The
+session of the failed attempt is dropped (`Catalog.transaction`), so the next attempt reconnects.
+Not for `Catalog.flip`, which runs on the tenant lock's session and fails fast instead."""
 
 STAMP_STEP = _on_transient_errors()
 """An idempotent step on a stamp that opens its own connections: one table's copy (from the

@@ -3,7 +3,8 @@ recorded so a re-run resumes.
 
 `prepare` reads the file and refuses a stale plan before anything runs (tenants no longer where
 planned, targets no longer active or too full). `run` starts at most --parallel moves at once,
-at most --per-stamp per target stamp, never two for one tenant, and records each entry's status
+at most --per-stamp per target stamp (slots in the catalog, counted by every apply and worker of
+the fleet), never two for one tenant, and records each entry's status
 in the catalog tables `plans` / `plan_moves`, keyed by the sha256 of the file's bytes. Running
 the same file again skips finished entries and resumes the rest (`move_tenants` resumes a
 cohort's unfinished move by itself). Ctrl-C stops starting moves and lets running ones finish.
@@ -22,11 +23,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import psycopg
 from psycopg.rows import class_row
 
 from migrator.catalog import Catalog, Move, Stamp
+from migrator.catalog.locks import stamp_slot, take_slot
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.db.locks import lock_key, try_lock
@@ -36,6 +39,8 @@ from migrator.move.run import default_jobs
 from migrator.plans.capacity import measure_fleet, shift
 from migrator.plans.planners import Plan, PlannedMove, check_stamps, load_plan
 from migrator.progress import Silent
+
+SLOT_POLL_S = 0.5  # how often a plan whose every pending move waits for a slot held elsewhere tries again
 
 
 @dataclass(frozen=True)
@@ -487,10 +492,12 @@ def _schedule(
     """
     pending = list(prepared.todo)
     running: dict[Future[EntryResult], Entry] = {}
+    slots: dict[Future[EntryResult], psycopg.Connection[Any]] = {}  # each running move's --per-stamp slot
     per_target: Counter[str] = Counter()
     results: list[EntryResult] = []
     why_stopped = ""
-    with ThreadPoolExecutor(max_workers=options.parallel, thread_name_prefix="apply") as pool:
+    waiting_on: set[str] = set()  # targets whose slots other applies or workers hold, as last said
+    with _closing(slots), ThreadPoolExecutor(max_workers=options.parallel, thread_name_prefix="apply") as pool:
         while pending or running:
             if stop.is_set() and not why_stopped:
                 why_stopped = "interrupted"
@@ -500,21 +507,38 @@ def _schedule(
                 )
             if not why_stopped:
                 busy = {t for e in running.values() for t in e.move.tenants}
+                elsewhere: set[str] = set()
                 for entry in list(pending):
+                    target = entry.move.target
                     if len(running) >= options.parallel:
                         break
-                    if per_target[entry.move.target] >= options.per_stamp or busy & set(entry.move.tenants):
+                    if per_target[target] >= options.per_stamp or target in elsewhere or busy & set(entry.move.tenants):
+                        continue
+                    slot = take_slot(ctx.catalog.url, stamp_slot(target), options.per_stamp)
+                    if slot is None:
+                        elsewhere.add(target)
                         continue
                     pending.remove(entry)
-                    per_target[entry.move.target] += 1
+                    per_target[target] += 1
                     busy |= set(entry.move.tenants)
                     reporter.started(entry)
-                    running[pool.submit(_one, ctx, plan_id, entry, options, reporter, ledger)] = entry
+                    future = pool.submit(_one, ctx, plan_id, entry, options, reporter, ledger)
+                    running[future], slots[future] = entry, slot
+                if elsewhere - waiting_on:
+                    reporter.note(
+                        f"waiting: {options.per_stamp} move(s) into {', '.join(sorted(elsewhere - waiting_on))} "
+                        "already running elsewhere (--per-stamp counts every apply and worker)"
+                    )
+                waiting_on = elsewhere
             if not running:
+                if pending and not why_stopped:  # every pending entry waits for a slot held elsewhere
+                    stop.wait(SLOT_POLL_S)
+                    continue
                 break
             finished, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
             for future in finished:
                 entry = running.pop(future)
+                slots.pop(future).close()
                 per_target[entry.move.target] -= 1
                 result = _result_of(future, entry)
                 results.append(result)
@@ -529,6 +553,16 @@ def _schedule(
         for e in pending
     ]
     return results, left, why_stopped
+
+
+@contextlib.contextmanager
+def _closing(slots: dict[Future[EntryResult], psycopg.Connection[Any]]) -> Iterator[None]:
+    """Free the slots still held when the scheduler leaves (an error, say); the server would at exit."""
+    try:
+        yield
+    finally:
+        for conn in slots.values():
+            conn.close()
 
 
 def _result_of(future: Future[EntryResult], entry: Entry) -> EntryResult:

@@ -24,9 +24,9 @@ from typing import Any, NoReturn
 import procrastinate
 from procrastinate.retry import BaseRetryStrategy, RetryDecision
 
+from migrator.catalog.locks import stamp_slot, take_slot
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
-from migrator.db.locks import lock_key, try_lock
 from migrator.db.retry import is_transient
 from migrator.errors import FreezeTooLong, Interrupted, LockBusy, NotConverging, Unreachable
 from migrator.move import MoveOptions, move_tenants
@@ -109,7 +109,7 @@ def run_entry(
     if state.stop.is_set():
         raise Requeue("worker stopping", 0)
     busy = f"{per_stamp} move(s) into {entry.target} already running (--per-stamp {per_stamp})"
-    with catalog_slot(ctx, f"migrator.stamp-slot:{entry.target}", per_stamp, busy, BUSY_RETRY_S):  # for the whole move
+    with catalog_slot(ctx, stamp_slot(entry.target), per_stamp, busy, BUSY_RETRY_S):  # for the whole move
         planned = PlannedMove(tuple(entry.tenants), entry.source, entry.target, entry.rows, 0)
         try:
             with ctx.catalog.lock_tenants(planned.tenants):  # classified while no one else moves them
@@ -171,18 +171,13 @@ class EntryFailed(Exception):
 
 @contextlib.contextmanager
 def catalog_slot(ctx: Context, name: str, size: int, busy: str, retry_after: float) -> Iterator[None]:
-    """One of `size` slots called `name`, fleet-wide: session advisory locks in the catalog.
-
-    Held on a session of its own for the block; the server frees it with the session, so a worker
-    killed with -9 never keeps a slot. When every slot is taken the job is requeued (`busy` says why).
-    """
-    conn = dsnlib.connect(ctx.catalog.url, autocommit=True)
-    try:
-        if not any(try_lock(conn, lock_key(f"{name}:{i}")) for i in range(size)):
-            raise Requeue(busy, retry_after)
+    """One of the `size` slots `name` (`catalog.locks.take_slot`) for the block; when every one is
+    taken the job is requeued (`busy` says why)."""
+    conn = take_slot(ctx.catalog.url, name, size)
+    if conn is None:
+        raise Requeue(busy, retry_after)
+    with conn:
         yield
-    finally:
-        conn.close()
 
 
 def schema_step(context: procrastinate.JobContext, **args: Any) -> str:
