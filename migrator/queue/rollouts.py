@@ -29,7 +29,7 @@ from migrator.queue.enqueue import NO_WORKER_GRACE_S, check_queue, live_workers
 from migrator.queue.tasks import BUSY_RETRY_S, DEFAULT_QUEUE, SCHEMA_STEP, catalog_slot, make_app
 from migrator.rollout.history import History
 from migrator.rollout.runner import FAILED, OK, fenced_moves, plan_upgrade, record_not_run
-from migrator.rollout.worker import Job, run_job
+from migrator.rollout.worker import ALEMBIC_IN_PROCESS, Job, run_job
 
 DEFAULT_CONNECTIONS_PER_SERVER = 4
 
@@ -112,12 +112,13 @@ def run_step(
         record = ctx.catalog.stamp(stamp)
         refused = fenced_moves(ctx, [stamp])
         error: str | None
-        # run_job serialises Alembic within this process (its context is module-global): a worker
-        # with --concurrency above 1 may hold a slot while its other step migrates.
-        # Advisory locks are per database: only the catalog, shared, can count a server's stamps.
+        # Alembic runs one step at a time in a process (its context is module-global): a step
+        # waits for it before it takes a server slot, so a waiting step holds none. Advisory locks
+        # are per database: only the catalog, shared, can count a server's stamps.
         server = dsnlib.server_of(record.dsn)
         busy = f"{per_server} connection(s) to {server} in use (--connections-per-server)"
-        with catalog_slot(ctx, f"migrator.server-slot:{server}", per_server, busy, BUSY_RETRY_S / 4):
+        slot = catalog_slot(ctx, f"migrator.server-slot:{server}", per_server, busy, BUSY_RETRY_S / 4)
+        with ALEMBIC_IN_PROCESS, slot:
             row_id = log.claim(stamp)
             if row_id is None:
                 return "claimed by another worker"

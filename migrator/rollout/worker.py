@@ -43,7 +43,9 @@ from migrator.db.locks import lock_key, try_lock
 from migrator.errors import LockBusy, MigratorError
 
 LOCK_KEY = lock_key("migrator.schema")
-ALEMBIC_IN_PROCESS = threading.Lock()
+# Reentrant: a queued step takes it before its server slot (a step waiting for another's Alembic
+# then holds no slot and no session), and `run_job` takes it again inside.
+ALEMBIC_IN_PROCESS = threading.RLock()
 # Imported once by the fork server, so each forked worker starts with them loaded.
 PRELOAD = ["migrator.rollout.worker", "sqlalchemy.dialects.postgresql.psycopg"]
 
