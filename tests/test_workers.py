@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from conftest import Fleet, RunsCli, copy_held, copy_waits_at_held_table, tenant_digest, wait_until
 from test_schema_rollout import HEAD, put_at, revisions, schema_runs
@@ -25,6 +26,8 @@ from test_schema_rollout import HEAD, put_at, revisions, schema_runs
 from migrator.catalog import Phase
 from migrator.db import dsn as dsnlib
 from migrator.local.writer import Workload
+from migrator.plans.apply import plan_digest
+from migrator.queue.enqueue import follow
 from migrator.rollout.runner import FAILED, OK, SKIPPED, plan_upgrade
 
 STALLED_AFTER = "4"  # seconds without a heartbeat before a worker's jobs are queued again
@@ -159,6 +162,7 @@ def test_entries_planned_by_region_are_run_only_by_a_worker_of_their_target_regi
     path = tmp_path / "drain.yaml"
     plan = _drain_plan(fleet, path, "--queue-by-region", "--cohort-tenants", "1")
     queues = {m["to"]: m["queue"] for m in plan["moves"]}
+    eu_moves = sum(m["queue"] == "eu" for m in plan["moves"])
     assert queues == {"eu-2": "eu", "us-1": "us"}, plan["moves"]  # every entry named, both regions planned
     assert fleet.run("apply", str(path), "--queue", "--yes").exit_code == 0
     assert {(e["target"], e["queue"]) for e in _entries(fleet, path)} == {("eu-2", "eu"), ("us-1", "us")}
@@ -169,6 +173,13 @@ def test_entries_planned_by_region_are_run_only_by_a_worker_of_their_target_regi
         )
         time.sleep(1)  # a worker that took any queue would have started an eu-2 move by now
         assert {m[2] for m in _moves(fleet)} == {"us-1"}
+        said: list[str] = []  # --wait names the queue no live worker takes
+        with pytest.raises(TimeoutError):
+            follow(fleet.ctx, plan_digest(path), said.append, poll_s=0.2, timeout_s=3, unclaimed_after_s=1)
+        assert [line for line in said if line.startswith("waiting on queue")] == [
+            f"waiting on queue eu: {eu_moves} move(s) unclaimed for over 1 s; every worker is busy,"
+            " or none takes eu (`migrator worker --queue eu`)"
+        ], said
     with workers(fleet, 1, "--queue", "eu"):
         result = fleet.run("apply", str(path), "--wait", "--json")
     assert result.exit_code == 0, result.output + result.stderr

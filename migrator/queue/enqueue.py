@@ -21,6 +21,7 @@ from migrator.queue.tasks import DEFAULT_QUEUE, RUN_ENTRY, make_app
 
 DEFAULT_MAX_ATTEMPTS = 3
 NO_WORKER_GRACE_S = 3.0  # `--wait` says "waiting for a worker" when no worker is alive after this
+UNCLAIMED_GRACE_S = 30.0  # `--wait` names a queue whose due jobs no live worker claimed for this long
 
 
 @dataclass(frozen=True)
@@ -104,13 +105,34 @@ def live_workers(ctx: Context, within_s: float = 30.0) -> int:
     return int(row[0]) if row else 0
 
 
+def unclaimed(ctx: Context, plan_id: int, older_than_s: float) -> dict[str, int]:
+    """The plan's jobs due for `older_than_s` (since queued, retried or due) that no worker took, by queue."""
+    with ctx.catalog.transaction() as conn:
+        rows = conn.execute(
+            "SELECT j.queue_name, count(*) FROM procrastinate_jobs j"
+            " WHERE j.status = 'todo' AND j.task_name = %s AND (j.args->>'plan_id')::bigint = %s"
+            " AND greatest(j.scheduled_at, (SELECT max(e.at) FROM procrastinate_events e WHERE e.job_id = j.id))"
+            "  < now() - make_interval(secs => %s)"
+            " GROUP BY 1 ORDER BY 1",
+            (RUN_ENTRY, plan_id, older_than_s),
+        ).fetchall()
+    return {str(queue): int(count) for queue, count in rows}
+
+
 def follow(
-    ctx: Context, digest: str, say: Callable[[str], None], poll_s: float = 1.0, timeout_s: float | None = None
+    ctx: Context,
+    digest: str,
+    say: Callable[[str], None],
+    poll_s: float = 1.0,
+    timeout_s: float | None = None,
+    unclaimed_after_s: float = UNCLAIMED_GRACE_S,
 ) -> tuple[PlanStatus, list[LedgerEntry]]:
     """`apply --wait`: report each entry's changes until the plan is settled; returns how it ended.
 
     Progress is read from the catalog, not from the queue: a plan queued by another operator, or
-    by an earlier `apply --queue`, is followed the same way.
+    by an earlier `apply --queue`, is followed the same way. Workers do not say which queues they
+    take, so a queue no live worker serves shows as jobs left unclaimed: named once, after
+    `unclaimed_after_s`.
     """
     ledger = Ledger(ctx.catalog)
     found = ledger.plan(digest)
@@ -120,6 +142,7 @@ def follow(
     seen: dict[int, tuple[str, int, str | None]] = {}
     waiting_since = time.monotonic()
     said_waiting = False
+    said_unclaimed: set[str] = set()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         entries = ledger.entries(plan_id)
@@ -133,11 +156,20 @@ def follow(
         assert status is not None
         if status[1] != PlanStatus.RUNNING:
             return status[1], entries
-        if any(e.status == EntryStatus.RUNNING for e in entries) or live_workers(ctx):
+        workers = live_workers(ctx)
+        if any(e.status == EntryStatus.RUNNING for e in entries) or workers:
             waiting_since, said_waiting = time.monotonic(), False
         elif not said_waiting and time.monotonic() - waiting_since > NO_WORKER_GRACE_S:
             say("waiting for a worker: none is running (start one with `migrator worker`)")
             said_waiting = True
+        if workers:
+            for queue, count in unclaimed(ctx, plan_id, unclaimed_after_s).items():
+                if queue not in said_unclaimed:
+                    say(
+                        f"waiting on queue {queue}: {count} move(s) unclaimed for over {unclaimed_after_s:.0f} s; "
+                        f"every worker is busy, or none takes {queue} (`migrator worker --queue {queue}`)"
+                    )
+                    said_unclaimed.add(queue)
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"plan {digest[:12]} still running after {timeout_s:.0f} s")
         time.sleep(poll_s)
