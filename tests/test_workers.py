@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from migrator.local.writer import Workload
 from migrator.plans.apply import plan_digest
 from migrator.queue.enqueue import follow
 from migrator.rollout.runner import FAILED, OK, SKIPPED, plan_upgrade
+from migrator.stamps.discovery import Layout
 
 STALLED_AFTER = "4"  # seconds without a heartbeat before a worker's jobs are queued again
 
@@ -53,6 +54,16 @@ def stop_workers(procs: list[subprocess.Popen[str]]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _seeded(
+    fleet: Fleet, ids: Iterable[int], rows: int, but: Collection[str] = ()
+) -> tuple[list[str], Layout, dict[str, dict[str, tuple[int, str]]]]:
+    """Tenants `ids` seeded on eu-1: their names, the layout, and each one's digest (`but` those a writer changes)."""
+    tenants = [str(t) for t in ids]
+    fleet.seed_many("eu-1", [int(t) for t in tenants], rows)
+    layout = fleet.layout()
+    return tenants, layout, {t: tenant_digest(fleet.dsn("eu-1"), layout, t) for t in tenants if t not in but}
 
 
 def _drain_plan(fleet: Fleet, path: Path, *args: str) -> dict[str, Any]:
@@ -108,12 +119,8 @@ def _assert_no_overlap(moves: list[tuple[int, str, str, str, Any, Any, list[str]
 def test_two_workers_run_every_cohort_once_and_a_worker_killed_mid_move_is_finished_by_the_other(
     fleet: Fleet, tmp_path: Path
 ) -> None:
-    ids = list(range(101, 113))
-    fleet.seed_many("eu-1", ids, 200)
-    tenants = [str(t) for t in ids]
-    layout = fleet.layout()
     written = {"103", "110"}
-    before = {t: tenant_digest(fleet.dsn("eu-1"), layout, t) for t in tenants if t not in written}
+    tenants, layout, before = _seeded(fleet, range(101, 113), 200, but=written)
     plan = _drain_plan(fleet, tmp_path / "drain.yaml", "--cohort-tenants", "3")
     assert len(plan["moves"]) == 4 and all(len(m["tenants"]) == 3 for m in plan["moves"])
     writers = [Workload(fleet.catalog.url, fleet.stamps, int(t), seed=int(t), rate=50).start() for t in written]
@@ -253,11 +260,7 @@ def test_per_stamp_and_per_tenant_limits_hold_with_three_workers_and_two_plans(f
 def test_sigterm_during_a_copy_stops_the_worker_at_a_safe_point_and_another_resumes_the_move(
     fleet: Fleet, tmp_path: Path
 ) -> None:
-    ids = list(range(401, 405))
-    fleet.seed_many("eu-1", ids, 400)
-    tenants = [str(t) for t in ids]
-    layout = fleet.layout()
-    before = {t: tenant_digest(fleet.dsn("eu-1"), layout, t) for t in tenants}
+    tenants, layout, before = _seeded(fleet, range(401, 405), 400)
     _drain_plan(fleet, tmp_path / "drain.yaml", "--cohort-tenants", "4")
     plan = yaml.safe_load((tmp_path / "drain.yaml").read_text())
     plan["moves"] = [{"tenants": tenants, "from": "eu-1", "to": "eu-2", "rows": 1600, "bytes": 0}]  # one cohort
