@@ -12,7 +12,7 @@ from conftest import Fleet
 from psycopg import sql
 
 from migrator.db import dsn as dsnlib
-from migrator.move import fence
+from migrator.move import capture, fence
 
 
 def _fence(fleet: Fleet, tenant: str) -> None:
@@ -225,3 +225,34 @@ def test_a_guard_waiting_for_a_writer_holds_up_no_captured_write_of_another_move
         captured = conn.execute("SELECT count(*) FROM _migrator.changes WHERE move_id = 1").fetchone()[0]
         guarded = conn.execute("SELECT tenant FROM _migrator.guarded_tenants ORDER BY tenant").fetchall()
     assert captured > 0 and guarded == [("5",), ("6",)]
+
+
+def _returns_within(seconds: float, call: Any) -> float:
+    """Run `call` in a thread; fail unless it returns within `seconds` (a hang must not hang the test)."""
+    done = threading.Event()
+    started = time.monotonic()
+    thread = threading.Thread(target=lambda: (call(), done.set()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert done.is_set(), f"still running after {seconds} s"
+    return time.monotonic() - started
+
+
+def test_the_vacuum_before_a_freeze_waits_neither_for_writers_nor_for_another_moves_vacuum(fleet: Fleet) -> None:
+    """The change log is shared by the source's moves and written by the application's triggers: its
+    vacuum must not wait 5 s to truncate it behind a writer, nor queue behind another move's vacuum."""
+    source = fleet.dsn("eu-1")
+    with dsnlib.connect(source) as conn:
+        fence.ensure_schema(conn)
+    with dsnlib.connect(source, autocommit=True) as conn:  # a tail of replayed and deleted changes
+        conn.execute(
+            "INSERT INTO _migrator.changes (move_id, table_name, pk)"
+            " SELECT 1, 'tasks', ARRAY[g::text] FROM generate_series(1, 20000) g"
+        )
+        conn.execute("DELETE FROM _migrator.changes WHERE move_id = 1")
+    with dsnlib.connect(source, pinned=False, application_name="test") as writer:
+        writer.execute("LOCK TABLE _migrator.changes IN ROW EXCLUSIVE MODE")  # as a captured insert, uncommitted
+        assert _returns_within(3, lambda: capture.vacuum_changes(source)) < 2
+    with dsnlib.connect(source, pinned=False, application_name="test") as other:
+        other.execute("LOCK TABLE _migrator.changes IN SHARE UPDATE EXCLUSIVE MODE")  # as another VACUUM
+        assert _returns_within(3, lambda: capture.vacuum_changes(source)) < 2
