@@ -464,7 +464,7 @@ def _queued_plan(context: Any, digest: str, file: Path, *, follow: bool, as_json
     type=click.IntRange(min=1),
     default=EngineDefault(lambda: _apply_defaults().per_stamp),
     show_default=True,
-    help="Run at most this many moves at once into one target stamp.",
+    help="Run at most this many moves at once into one target stamp, counting every apply and worker.",
 )
 @click.option(
     "--batch-rows",
