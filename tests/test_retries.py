@@ -84,20 +84,32 @@ def test_flip_on_a_lost_lock_session_fails_at_once_and_changes_nothing(
     assert fleet.catalog.route("7") == route and fleet.catalog.move(move.id).phase == Phase.VERIFIED
 
 
-def test_a_lost_connection_during_a_tables_analyze_is_retried_and_the_move_completes(
-    fleet: Fleet, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("step", "lock", "waiting"),
+    [
+        # ANALYZE after each copied table: SHARE UPDATE EXCLUSIVE holds it up, not the COPY.
+        ("analyze", "{first} IN SHARE UPDATE EXCLUSIVE MODE", "ANALYZE%"),
+        # The first read of the target's cursors: ACCESS EXCLUSIVE holds up any read.
+        ("read_cursors", "_migrator.copy_progress IN ACCESS EXCLUSIVE MODE", "SELECT part, cursor%"),
+        # Saving a table's parts, the first write of its progress: EXCLUSIVE lets the reads pass.
+        ("plan_parts", "_migrator.copy_progress IN EXCLUSIVE MODE", "INSERT INTO %copy_progress%"),
+    ],
+)
+def test_a_copy_step_that_loses_its_session_is_retried_and_the_move_completes(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture, step: str, lock: str, waiting: str
 ) -> None:
-    """ANALYZE after each copied table runs on a session of its own; losing it must not fail the move."""
+    """Each step of the copy opens sessions of its own; losing one (held at `lock`, then terminated
+    while it waits) must not fail the move: the step runs again whole."""
     from migrator.move import MoveOptions, move_tenants
     from migrator.progress import Silent
 
     caplog.set_level(logging.WARNING, logger="migrator.retry")
     fleet.seed("eu-1", 7, 400)
-    first = fleet.layout().tables[0]
-    holder = dsnlib.connect(fleet.dsn("eu-2"), pinned=False)
-    holder.execute(
-        f"LOCK TABLE {first.ident.as_string(holder)} IN SHARE UPDATE EXCLUSIVE MODE"
-    )  # ANALYZE waits, COPY not
+    with dsnlib.connect(fleet.dsn("eu-2")) as conn:
+        fence.ensure_schema(conn)  # the target's _migrator, so that the test can lock its tables
+    holder = dsnlib.connect(fleet.dsn("eu-2"), pinned=False, application_name="test")
+    first = fleet.layout().tables[0].ident.as_string(holder)
+    holder.execute(f"LOCK TABLE {lock.format(first=first)}")
     done: list[object] = []
 
     def run() -> None:
@@ -113,17 +125,18 @@ def test_a_lost_connection_during_a_tables_analyze_is_retried_and_the_move_compl
         with dsnlib.connect(fleet.server.dsn(), autocommit=True, application_name="test") as admin:
             while True:
                 row = admin.execute(
-                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'migrator' AND query LIKE 'ANALYZE%'"
-                    " AND wait_event_type = 'Lock'"
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'migrator' AND query LIKE %s"
+                    " AND wait_event_type = 'Lock'",
+                    (waiting,),
                 ).fetchone()
                 if row:
                     admin.execute("SELECT pg_terminate_backend(%s)", (row[0],))
                     break
-                assert time.monotonic() < deadline and not done, f"ANALYZE never waited: {done}"
+                assert time.monotonic() < deadline and not done, f"{step} never waited: {done}"
                 time.sleep(0.02)
     finally:
         holder.close()
     mover.join(timeout=120)
     assert done and not isinstance(done[0], Exception), done
-    assert any("analyze" in line for line in _retries(caplog)), _retries(caplog)
+    assert any(step in line for line in _retries(caplog)), _retries(caplog)
     assert fleet.catalog.route("7").stamp == "eu-2"

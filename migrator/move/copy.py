@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -85,6 +86,14 @@ def read_cursor(tgt: psycopg.Connection[Any], move_id: int, table: Table) -> Cur
     return Cursor(sum(p.rows for p in parts), all(p.done for p in parts))
 
 
+@STAMP_STEP.wraps
+def read_cursors(target_dsn: str, move_id: int, tables: Sequence[Table]) -> dict[str, Cursor]:
+    """The tables' cursors as committed on the target, read on a session of their own (a read:
+    retried whole when the session is lost, as every copy step is)."""
+    with dsnlib.connect(target_dsn) as tgt:
+        return {table.label: read_cursor(tgt, move_id, table) for table in tables}
+
+
 def _save_part(tgt: psycopg.Connection[Any], move_id: int, table: Table, part: Part) -> None:
     tgt.execute(
         sql.SQL(
@@ -97,6 +106,7 @@ def _save_part(tgt: psycopg.Connection[Any], move_id: int, table: Table, part: P
     )
 
 
+@STAMP_STEP.wraps
 def plan_parts(
     source_dsn: str, target_dsn: str, table: Table, tenants: Cohort, move_id: int, pieces: int, rows: int
 ) -> list[Part]:
@@ -106,6 +116,7 @@ def plan_parts(
 
     A self-referencing table and the tables of a cycle always copy as one part (their order is
     not by key). Rows written since preflight only make the ranges less even, never inexact.
+    Retried whole on a lost session: the parts are saved in one transaction or not at all.
     """
     with dsnlib.connect(target_dsn) as tgt:
         parts = read_parts(tgt, move_id, table)

@@ -284,13 +284,10 @@ def _copy(run: MoveRun, move: Move) -> Move:
     totals = {t.table_name: t.rows_total for t in catalog.tables(move.id)}
 
     def finished(tables: tuple[Table, ...]) -> None:
-        with stamps.connect(run.target) as tgt:
-            for table in tables:
-                cursors[table.label] = copy.read_cursor(tgt, move.id, table)
+        cursors.update(copy.read_cursors(run.target.dsn, move.id, tables))
         _save_progress(catalog, move, layout, totals, cursors)
 
-    with stamps.connect(run.target) as tgt:
-        cursors = {t.label: copy.read_cursor(tgt, move.id, t) for t in layout.tables}
+    cursors = copy.read_cursors(run.target.dsn, move.id, layout.tables)
     streams.copy_tables(run, move.id, move.tenants, totals, run.options.jobs, finished)
     with stamps.connect(run.target, autocommit=False) as tgt:
         copy.advance_sequences(tgt, layout.tables, move.tenants)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from migrator.catalog import Cohort
 from migrator.db import dsn as dsnlib
+from migrator.db.retry import STAMP_STEP
 from migrator.move import copy
 from migrator.move.run import MoveRun
 from migrator.stamps.discovery import Table
@@ -55,9 +56,8 @@ def copy_tables(
     committed cursor stays, so running the move again resumes each range where it stood.
     """
     layout, options, progress = run.layout, run.options, run.progress
-    with dsnlib.connect(run.target.dsn) as tgt:
-        in_any_order = dsnlib.may_skip_triggers(tgt)  # the copy's sessions will be replica: no FK checks
-        cursors = {t.label: copy.read_cursor(tgt, move_id, t) for t in layout.tables}
+    in_any_order = _replica_sessions(run.target.dsn)  # the copy's sessions will be replica: no FK checks
+    cursors = copy.read_cursors(run.target.dsn, move_id, layout.tables)
     pending: list[_Unit] = []
     done: set[str] = set()
     for table in layout.tables:
@@ -97,6 +97,13 @@ def copy_tables(
             stop.set()
             pool.shutdown(cancel_futures=True)
     run.safe_point(move_id)  # stopped: the tables not complete keep their cursors, the copy is not done
+
+
+@STAMP_STEP.wraps
+def _replica_sessions(target_dsn: str) -> bool:
+    """Whether the copy's target sessions will write as replica (a read, retried like every copy step)."""
+    with dsnlib.connect(target_dsn) as tgt:
+        return dsnlib.may_skip_triggers(tgt)
 
 
 def _complete(run: MoveRun, unit: _Unit, finished: Callable[[tuple[Table, ...]], None]) -> None:
