@@ -34,9 +34,9 @@ import benchlib  # scripts/, the directory of this script
 
 from migrator.context import Context
 from migrator.local import provision
-from migrator.local.fleet import STATE_FILE, fleet_up
+from migrator.local.fleet import STATE_FILE
 from migrator.local.fleet import fleet_down as stop_fleet
-from migrator.local.seed import TenantSpec, seed_fleet_stamp
+from migrator.local.seed import TenantSpec
 from migrator.local.writer import Workload
 from migrator.plans.apply import ApplyOptions, EntryResult, SilentApply, prepare, run
 from migrator.plans.planners import Cohorts, plan_drain, write_plan
@@ -79,16 +79,10 @@ def tenant_specs(args: argparse.Namespace) -> list[TenantSpec]:
 
 
 def seeded_fleet(directory: Path, args: argparse.Namespace) -> tuple[Context, dict[int, int]]:
-    info = fleet_up(directory, stamps=3, servers=3)
-    ctx = Context.load(info.config_path)
     started = time.monotonic()
-    counts = seed_fleet_stamp(ctx.catalog.stamp("stamp-1").dsn, tenant_specs(args))
-    ctx.catalog.import_routes([(str(t), "stamp-1") for t in counts])
+    _, ctx, counts = benchlib.drain_fleet(directory, tenant_specs(args))
     print(f"seeded {len(counts)} tenants, {sum(counts.values()):,} rows in {time.monotonic() - started:.0f} s",
           file=sys.stderr)  # fmt: skip
-    for name in ("stamp-2", "stamp-3"):
-        ctx.catalog.update_stamp(name, capacity_rows=sum(counts.values()))
-    ctx.catalog.update_stamp("stamp-1", state="draining")
     return ctx, counts
 
 

@@ -73,12 +73,13 @@ from migrator.context import Context
 from migrator.db import alembic as migrations
 from migrator.db import dsn as dsnlib
 from migrator.local import pgserver, provision
-from migrator.local.fleet import STATE_FILE, fleet_up
+from migrator.local.fleet import STATE_FILE
 from migrator.local.fleet import fleet_down as stop_fleet
-from migrator.local.seed import TenantSpec, seed_fleet_stamp
+from migrator.local.seed import TenantSpec
 from migrator.local.writer import Workload
 from migrator.plans.planners import Cohorts, load_plan, plan_drain, write_plan
 from migrator.queue.enqueue import live_workers
+from migrator.stamps import access
 from migrator.stamps.discovery import discover
 
 START = "0002_collaboration"
@@ -544,15 +545,9 @@ class DrainRun:
 
 def tenant_rows(dsn: str, tenancy: configlib.Tenancy) -> dict[str, int]:
     """Tenant -> its rows across every tenant table of the stamp."""
-    counts: dict[str, int] = {}
     with dsnlib.connect(dsn, autocommit=True) as conn:
-        for table in discover(conn, tenancy).tables:
-            query = sql.SQL("SELECT {}::text, count(*) FROM {} GROUP BY 1").format(
-                sql.Identifier(table.key), table.ident
-            )
-            for tenant, n in conn.execute(query):
-                counts[tenant] = counts.get(tenant, 0) + int(n)
-    return counts
+        per_table = access.tenant_rows(conn, discover(conn, tenancy))
+    return {tenant: sum(tables.values()) for tenant, tables in per_table.items()}
 
 
 def check_drain(ctx: Context, plan_file: Path, counts: dict[int, int], written: set[str], run: DrainRun) -> None:
@@ -602,16 +597,10 @@ def drain_run(directory: Path, label: str, queued: bool, args: argparse.Namespac
     """A fresh fleet seeded the same way, drained locally or through workers, then checked."""
     run = DrainRun(label)
     try:
-        info = fleet_up(directory, stamps=3, servers=3)
-        ctx = Context.load(info.config_path)
+        started = time.monotonic()
+        specs = [TenantSpec(i, args.rows) for i in range(1, args.tenants + 1)]
+        info, ctx, counts = benchlib.drain_fleet(directory, specs)
         try:
-            started = time.monotonic()
-            specs = [TenantSpec(i, args.rows) for i in range(1, args.tenants + 1)]
-            counts = seed_fleet_stamp(ctx.catalog.stamp("stamp-1").dsn, specs)
-            ctx.catalog.import_routes([(str(t), "stamp-1") for t in counts])
-            for name in ("stamp-2", "stamp-3"):
-                ctx.catalog.update_stamp(name, capacity_rows=sum(counts.values()))
-            ctx.catalog.update_stamp("stamp-1", state="draining")
             seeded = tenant_rows(ctx.catalog.stamp("stamp-1").dsn, ctx.config.tenancy)
             if seeded != {str(t): n for t, n in counts.items()}:
                 run.problems.append(f"drain {label}: the seeded row counts do not match a count on stamp-1")

@@ -16,8 +16,11 @@ from psycopg import sql
 
 from migrator import config as configlib
 from migrator.catalog import Catalog
+from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.local import pgserver, provision
+from migrator.local.fleet import FleetInfo, fleet_up
+from migrator.local.seed import TenantSpec, seed_fleet_stamp
 from migrator.stamps.discovery import discover, tenant_filter
 
 
@@ -55,6 +58,20 @@ def catalog_with_config(
     catalog = Catalog(provision.catalog_database(server, name))
     config = "migrator.toml" if name == "catalog" else f"{name}.toml"
     return catalog, provision.write_config(base / config, catalog.url, tenancy)
+
+
+def drain_fleet(directory: Path, specs: Sequence[TenantSpec]) -> tuple[FleetInfo, Context, dict[int, int]]:
+    """The start of every drain benchmark: a local fleet (`fleet_up`: the catalog and 3 stamps on 3
+    servers) whose stamp-1 holds the tenants of `specs`, routed there and draining, with room for
+    all of them on stamp-2 and on stamp-3. Returns the fleet, its context and each tenant's rows."""
+    info = fleet_up(directory, stamps=3, servers=3)
+    ctx = Context.load(info.config_path)
+    counts = seed_fleet_stamp(ctx.catalog.stamp("stamp-1").dsn, specs)
+    ctx.catalog.import_routes([(str(t), "stamp-1") for t in counts])
+    for name in ("stamp-2", "stamp-3"):
+        ctx.catalog.update_stamp(name, capacity_rows=sum(counts.values()))
+    ctx.catalog.update_stamp("stamp-1", state="draining")
+    return info, ctx, counts
 
 
 def _ticks(pid: int, children: bool) -> int:

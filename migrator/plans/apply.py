@@ -40,7 +40,7 @@ from migrator.plans.capacity import measure_fleet, shift
 from migrator.plans.planners import Plan, PlannedMove, check_stamps, load_plan
 from migrator.progress import Silent
 
-SLOT_POLL_S = 0.5  # how often a plan whose every pending move waits for a slot held elsewhere tries again
+SLOT_POLL_S = 0.5  # how often the slots of a target held by other applies or workers are tried again
 
 
 @dataclass(frozen=True)
@@ -496,7 +496,7 @@ def _schedule(
     per_target: Counter[str] = Counter()
     results: list[EntryResult] = []
     why_stopped = ""
-    waiting_on: set[str] = set()  # targets whose slots other applies or workers hold, as last said
+    held_elsewhere: dict[str, float] = {}  # target -> when to try again its slots other applies or workers hold
     with _closing(slots), ThreadPoolExecutor(max_workers=options.parallel, thread_name_prefix="apply") as pool:
         while pending or running:
             if stop.is_set() and not why_stopped:
@@ -507,29 +507,31 @@ def _schedule(
                 )
             if not why_stopped:
                 busy = {t for e in running.values() for t in e.move.tenants}
-                elsewhere: set[str] = set()
+                now = time.monotonic()
                 for entry in list(pending):
-                    target = entry.move.target
                     if len(running) >= options.parallel:
                         break
-                    if per_target[target] >= options.per_stamp or target in elsewhere or busy & set(entry.move.tenants):
+                    target = entry.move.target
+                    if per_target[target] >= options.per_stamp or held_elsewhere.get(target, 0.0) > now:
+                        continue
+                    if busy & set(entry.move.tenants):
                         continue
                     slot = take_slot(ctx.catalog.url, stamp_slot(target), options.per_stamp)
                     if slot is None:
-                        elsewhere.add(target)
+                        if target not in held_elsewhere:
+                            reporter.note(
+                                f"waiting: {options.per_stamp} move(s) into {target} already running elsewhere "
+                                "(--per-stamp counts every apply and worker)"
+                            )
+                        held_elsewhere[target] = now + SLOT_POLL_S
                         continue
+                    held_elsewhere.pop(target, None)
                     pending.remove(entry)
                     per_target[target] += 1
                     busy |= set(entry.move.tenants)
                     reporter.started(entry)
                     future = pool.submit(_one, ctx, plan_id, entry, options, reporter, ledger)
                     running[future], slots[future] = entry, slot
-                if elsewhere - waiting_on:
-                    reporter.note(
-                        f"waiting: {options.per_stamp} move(s) into {', '.join(sorted(elsewhere - waiting_on))} "
-                        "already running elsewhere (--per-stamp counts every apply and worker)"
-                    )
-                waiting_on = elsewhere
             if not running:
                 if pending and not why_stopped:  # every pending entry waits for a slot held elsewhere
                     stop.wait(SLOT_POLL_S)
