@@ -38,13 +38,13 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from migrator.db.dsn import mask, normalize
+from migrator.sqlstates import FENCED_SQLSTATE
 
 __all__ = ["RouteChange", "Router", "RouterStats", "TenantFenced", "UnknownTenant", "watch_routes"]
 
 log = logging.getLogger("migrator.router")
 
 CHANNEL = "migrator_routes"  # see the catalog revision 0004_route_notify
-FENCED_SQLSTATE = "MGF01"  # raised by the guard trigger of a fenced tenant (migrator.move.fence)
 APPLICATION_NAME = "migrator-router"
 CATALOG_TIMEOUT_S = 2.0  # longest wait for a catalog session when re-reading a route
 

@@ -25,10 +25,10 @@ from psycopg import sql
 from migrator.catalog import Cohort
 from migrator.db.locks import lock_key, xact_lock
 from migrator.db.retry import LOCK_YIELD
+from migrator.sqlstates import FENCED_SQLSTATE
 from migrator.stamps.access import SCHEMA, TRIGGER
 from migrator.stamps.discovery import Layout
 
-FENCED_SQLSTATE = "MGF01"
 LOCK_CLASS = 0x6D67  # advisory lock namespace (classid) of migrator's per-move locks
 # Set (transaction-locally) only by `cleanup`, which must delete the fenced tenant's leftovers.
 BYPASS_SETTING = "migrator.cleanup_bypass_fence"
