@@ -29,7 +29,7 @@ from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.local import pgserver, provision
 from migrator.local.seed import TenantSpec, seed_fleet_stamp, seed_tenant
-from migrator.stamps.discovery import Layout, discover
+from migrator.stamps.discovery import Layout, discover, tenant_filter
 
 REPO = Path(__file__).resolve().parent.parent
 STAMP_NAMES = ("eu-1", "eu-2", "us-1")
@@ -260,8 +260,8 @@ def tenant_digest(dsn: str, layout: Layout, tenant: str, by_name: bool = False) 
             row = conn.execute(
                 sql.SQL(
                     "SELECT count(*), coalesce(md5(string_agg(r, '|' ORDER BY r)), '') FROM "
-                    "(SELECT {} AS r FROM {} t WHERE {} = {}) s"
-                ).format(row_text, table.ident, sql.Identifier(table.key), sql.Literal(tenant))
+                    "(SELECT {} AS r FROM {} t WHERE {}) s"
+                ).format(row_text, table.ident, tenant_filter(table, (tenant,), sql.Identifier("t")))
             ).fetchone()
             assert row is not None
             out[table.label] = (int(row[0]), str(row[1]))

@@ -23,6 +23,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from migrator.catalog import Cohort
 from migrator.db import dsn as dsnlib
@@ -30,6 +31,7 @@ from migrator.db.retry import STAMP_STEP
 from migrator.move.keys import by_key, keys_table, load_keys, stage_rows
 from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Layout, Table
+from migrator.stamps.paths import Hop
 
 UNPROVEN = sql.Identifier("migrator_unproven_keys")
 
@@ -160,6 +162,37 @@ def _delete_gone(
     return tgt.execute(query).rowcount
 
 
+def _membership_changed(
+    tgt: psycopg.Connection[Any], table: Table, tenants: Cohort, keys: sql.Identifier, stage: sql.Identifier
+) -> list[list[str]]:
+    """Keys whose row is the tenant's on one side only: staged from the source, or held on the target."""
+    held = by_key(table, keys, tenants, table.pk_cols())
+    query = sql.SQL(
+        "SELECT ARRAY[{text}] FROM ((SELECT {pk} FROM {stage} EXCEPT SELECT x.* FROM {held})"
+        " UNION (SELECT x.* FROM {held} EXCEPT SELECT {pk} FROM {stage})) c"
+    ).format(text=table.pk_text(), pk=table.pk_cols(), stage=stage, held=held)
+    return [list(row[0]) for row in tgt.execute(query).fetchall()]
+
+
+def _children(
+    conn: psycopg.Connection[Any], child: Table, hop: Hop, parent: Table, parent_keys: list[list[str]]
+) -> list[list[str]]:
+    """Keys of `child`'s rows that reference, through `hop`, the `parent` rows of these keys."""
+    rows = Jsonb([dict(zip(parent.primary_key, key, strict=True)) for key in parent_keys])
+    query = sql.SQL(
+        "SELECT ARRAY[{text}] FROM {child} WHERE ({cols}) IN (SELECT {refs} FROM {parent} p"
+        " WHERE ({pk}) IN (SELECT {pk} FROM jsonb_populate_recordset(NULL::{parent}, %s)))"
+    ).format(
+        text=child.pk_text(),
+        child=child.ident,
+        cols=sql.SQL(", ").join(map(sql.Identifier, hop.columns)),
+        refs=sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(c)) for c in hop.parent_columns),
+        parent=parent.ident,
+        pk=parent.pk_cols(),
+    )
+    return [list(row[0]) for row in conn.execute(query, (rows,)).fetchall()]
+
+
 def apply_keys(
     src: psycopg.Connection[Any],
     tgt: psycopg.Connection[Any],
@@ -167,12 +200,20 @@ def apply_keys(
     tenants: Cohort,
     keys: dict[str, list[list[str]]],
 ) -> tuple[int, int]:
-    """Make the target's rows of these keys equal to the source's, inside both open transactions."""
-    tables = [(i, t) for i, t in enumerate(layout.tables) if keys.get(t.name)]
+    """Make the target's rows of these keys equal to the source's, inside both open transactions.
+
+    A row that joins or leaves the tenant (re-parented, deleted) takes its path tables' rows with
+    it, which no trigger of theirs logged: their keys are added, parents first, down every path.
+    """
+    keys = {name: list(found) for name, found in keys.items()}
+    tables: list[tuple[int, Table]] = []
     upserted = deleted = 0
     if any(t.cycle for t in layout.tables):  # a cycle's rows may reference each other in any order: check at commit
         tgt.execute("SET CONSTRAINTS ALL DEFERRED")
-    for i, table in tables:
+    for i, table in enumerate(layout.tables):
+        if not keys.get(table.name):
+            continue
+        tables.append((i, table))
         load_keys(src, table, keys[table.name], keys_table(i))
         load_keys(tgt, table, keys[table.name], keys_table(i))
         stage = sql.Identifier(f"migrator_stage_{i}")
@@ -183,6 +224,11 @@ def apply_keys(
             sql.SQL("SELECT x.* FROM {}").format(by_key(table, keys_table(i), tenants, table.cols())),
             stage,
         )
+        children = [(t, path.hops[0]) for t in layout.tables for path in t.paths if path.hops[0].parent == table.name]
+        if children and (moved := _membership_changed(tgt, table, tenants, keys_table(i), stage)):
+            for child, hop in children:
+                for conn in (src, tgt):  # joined on the source, or left from the target
+                    keys.setdefault(child.name, []).extend(_children(conn, child, hop, table, moved))
         upserted += _upsert(tgt, table, stage)
     for i, table in reversed(tables):
         deleted += _delete_gone(tgt, table, tenants, keys_table(i), sql.Identifier(f"migrator_stage_{i}"))

@@ -184,12 +184,24 @@ def _last_key(
     tgt: psycopg.Connection[Any], relation: sql.Identifier, table: Table, tenants: Cohort, part: Part
 ) -> list[str]:
     """The greatest key of the part's range in `relation` on the target (the table, or the stage):
-    the last row a batch wrote, because the part's range holds only rows its batches wrote."""
+    the last row a batch wrote, because the part's range holds only rows its batches wrote.
+
+    The stage holds the batch alone. In the table, the tenant's rows are those of the range; a path
+    table's rows are found by their parents, which online may not be on the target yet (catch-up
+    brings them), so there the batch's rows are those this transaction wrote.
+    """
+    batch: sql.Composable
+    if relation == STAGE:
+        batch = sql.SQL("true")
+    elif table.key is None:
+        batch = sql.SQL("xmin = pg_current_xact_id()::xid")
+    else:
+        batch = tenant_filter(table, tenants)
     row = tgt.execute(
         sql.SQL("SELECT ARRAY[{}] FROM {} WHERE {} AND {} AND {} ORDER BY {} LIMIT 1").format(
             table.pk_text(),
             relation,
-            tenant_filter(table, tenants),
+            batch,
             key_after(table, part.after),
             key_upto(table, part.upto),
             sql.SQL(", ").join(sql.SQL("{} DESC").format(sql.Identifier(n)) for n in table.primary_key),

@@ -16,6 +16,7 @@ need no right on `_migrator`: without it every write of every tenant on the stam
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -27,26 +28,27 @@ from migrator.db.locks import lock_key, xact_lock
 from migrator.db.retry import LOCK_YIELD
 from migrator.sqlstates import FENCED_SQLSTATE
 from migrator.stamps.access import SCHEMA, TRIGGER
-from migrator.stamps.discovery import Layout
+from migrator.stamps.discovery import Layout, Table
+from migrator.stamps.paths import any_path_set, owner_text
 
 LOCK_CLASS = 0x6D67  # advisory lock namespace (classid) of migrator's per-move locks
 # Set (transaction-locally) only by `cleanup`, which must delete the fenced tenant's leftovers.
 BYPASS_SETTING = "migrator.cleanup_bypass_fence"
 DDL_LOCK = lock_key("migrator.ddl")  # serialises migrator's own DDL on one stamp
 
-_FUNCTION = sql.SQL(
+_CHECK_WRITE = sql.SQL(
     """
-CREATE OR REPLACE FUNCTION {schema}.guard() RETURNS trigger LANGUAGE plpgsql
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+CREATE OR REPLACE FUNCTION {schema}.check_write(
+    tbl text, old_row jsonb, new_row jsonb, old_tenant text, new_tenant text,
+    old_unknown boolean, new_unknown boolean, pk text[]
+) RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    new_row jsonb := CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END;
-    old_row jsonb := CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END;
     g record;
     f record;
     snapshot_kept boolean := current_setting('transaction_isolation') <> 'read committed';
 BEGIN
     FOR g IN SELECT tenant, move_id FROM {schema}.guarded_tenants
-             WHERE tenant IN (new_row ->> TG_ARGV[0], old_row ->> TG_ARGV[0]) ORDER BY move_id LOOP
+             WHERE tenant IN (new_tenant, old_tenant) ORDER BY move_id LOOP
         PERFORM pg_advisory_xact_lock_shared({lock_class}, g.move_id::integer);
         -- Read the guard again after the lock: a cutover may have fenced it while this write waited.
         -- READ COMMITTED reads with a new snapshot; a snapshot kept from before cannot see the fence.
@@ -68,14 +70,27 @@ BEGIN
         END IF;
         IF f.capture THEN
             INSERT INTO {schema}.changes (move_id, table_name, pk)
-            SELECT DISTINCT g.move_id, TG_TABLE_NAME, k FROM (VALUES
-                (CASE WHEN old_row ->> TG_ARGV[0] = g.tenant
-                      THEN ARRAY(SELECT old_row ->> c FROM unnest(TG_ARGV[1:]) WITH ORDINALITY u(c, i) ORDER BY i) END),
-                (CASE WHEN new_row ->> TG_ARGV[0] = g.tenant
-                      THEN ARRAY(SELECT new_row ->> c FROM unnest(TG_ARGV[1:]) WITH ORDINALITY u(c, i) ORDER BY i) END)
+            SELECT DISTINCT g.move_id, tbl, k FROM (VALUES
+                (CASE WHEN old_tenant = g.tenant
+                      THEN ARRAY(SELECT old_row ->> c FROM unnest(pk) WITH ORDINALITY u(c, i) ORDER BY i) END),
+                (CASE WHEN new_tenant = g.tenant
+                      THEN ARRAY(SELECT new_row ->> c FROM unnest(pk) WITH ORDINALITY u(c, i) ORDER BY i) END)
             ) v(k) WHERE k IS NOT NULL;
         END IF;
     END LOOP;
+    -- A path table's row whose parent is already gone (a cascaded delete, or a SET NULL after one)
+    -- has no tenant to look up: its key goes to every capturing move's log. Replay re-reads the row
+    -- and acts only on the move's own tenants' rows, so a key logged for a move it is not of is a
+    -- no-op there. Its parent's own write was fenced and took the move's lock.
+    IF old_unknown OR new_unknown THEN
+        INSERT INTO {schema}.changes (move_id, table_name, pk)
+        SELECT DISTINCT x.move_id, tbl, k FROM {schema}.guarded_tenants x, (VALUES
+            (CASE WHEN old_unknown
+                  THEN ARRAY(SELECT old_row ->> c FROM unnest(pk) WITH ORDINALITY u(c, i) ORDER BY i) END),
+            (CASE WHEN new_unknown
+                  THEN ARRAY(SELECT new_row ->> c FROM unnest(pk) WITH ORDINALITY u(c, i) ORDER BY i) END)
+        ) v(k) WHERE x.capture AND k IS NOT NULL;
+    END IF;
     -- REPEATABLE READ and SERIALIZABLE read with the snapshot of their first statement, which may
     -- predate a guard installed or lifted since (a guard fenced since is caught by the locking read
     -- above): guard() and unguard() update guard_state, and this locking read of it then fails. Its
@@ -89,11 +104,76 @@ BEGIN
                 HINT = 'Retry the transaction.';
         END IF;
     END IF;
+END
+$fn$
+"""
+)
+
+# The trigger of a table carrying the tenant column: TG_ARGV is the column, then the row key's columns.
+_GUARD = sql.SQL(
+    """
+CREATE OR REPLACE FUNCTION {schema}.guard() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    new_row jsonb := CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END;
+    old_row jsonb := CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END;
+BEGIN
+    PERFORM {schema}.check_write(TG_TABLE_NAME, old_row, new_row, old_row ->> TG_ARGV[0], new_row ->> TG_ARGV[0],
+                                 false, false, TG_ARGV[1:]);
     RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
 END
 $fn$
 """
 )
+
+# The trigger of one path table: its tenant is looked up through its foreign keys (static SQL, so
+# the plan is cached: one index probe per hop); TG_ARGV is the row key's columns.
+_PATH_GUARD = sql.SQL(
+    """
+CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    old_tenant text;
+    new_tenant text;
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        old_tenant := {old_owner};
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        new_tenant := {new_owner};
+    END IF;
+    PERFORM {schema}.check_write(
+        TG_TABLE_NAME,
+        CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,
+        CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END,
+        old_tenant, new_tenant,
+        TG_OP <> 'INSERT' AND old_tenant IS NULL AND {old_set},
+        TG_OP <> 'DELETE' AND new_tenant IS NULL AND {new_set},
+        TG_ARGV);
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END
+$fn$
+"""
+)
+JSON_TEXT = sql.SQL("to_jsonb({}) #>> '{{}}'")  # a value's text as `to_jsonb(NEW) ->> column` reads it
+
+
+def path_guard_function(table: Table) -> sql.Identifier:
+    """The guard function of one path table, named by a digest of the table's name (63 bytes at most)."""
+    digest = hashlib.sha256(f"{table.schema}.{table.name}".encode()).hexdigest()[:20]
+    return sql.Identifier(SCHEMA, f"guard_path_{digest}")
+
+
+def _path_guard(table: Table) -> sql.Composed:
+    old, new = sql.SQL("OLD"), sql.SQL("NEW")
+    return _PATH_GUARD.format(
+        function=path_guard_function(table),
+        schema=sql.Identifier(SCHEMA),
+        old_owner=owner_text(table.paths, old, JSON_TEXT),
+        new_owner=owner_text(table.paths, new, JSON_TEXT),
+        old_set=any_path_set(table.paths, old),
+        new_set=any_path_set(table.paths, new),
+    )
 
 
 def _lock_stamp_ddl(conn: psycopg.Connection[Any]) -> None:
@@ -203,20 +283,27 @@ def _install(
 ) -> None:
     schema = sql.Identifier(SCHEMA)
     conn.execute(
-        _FUNCTION.format(
+        _CHECK_WRITE.format(
             schema=schema,
             bypass=sql.Literal(BYPASS_SETTING),
             state=sql.Literal(FENCED_SQLSTATE),
             lock_class=sql.Literal(LOCK_CLASS),
         )
     )
+    conn.execute(_GUARD.format(schema=schema))
     for table in layout.tables:
-        args = sql.SQL(", ").join(sql.Literal(c) for c in (table.key, *table.primary_key))
+        if table.key is None:
+            conn.execute(_path_guard(table))
+            function = path_guard_function(table)
+            args = sql.SQL(", ").join(sql.Literal(c) for c in table.primary_key)
+        else:
+            function = sql.Identifier(SCHEMA, "guard")
+            args = sql.SQL(", ").join(sql.Literal(c) for c in (table.key, *table.primary_key))
         conn.execute(
             sql.SQL(
                 "CREATE OR REPLACE TRIGGER {trigger} BEFORE INSERT OR UPDATE OR DELETE ON {table}"
-                " FOR EACH ROW EXECUTE FUNCTION {schema}.guard({args})"
-            ).format(trigger=sql.Identifier(TRIGGER), table=table.ident, schema=schema, args=args)
+                " FOR EACH ROW EXECUTE FUNCTION {function}({args})"
+            ).format(trigger=sql.Identifier(TRIGGER), table=table.ident, function=function, args=args)
         )
     conn.execute(
         sql.SQL(
@@ -320,6 +407,8 @@ def _drop_triggers_if_unused(conn: psycopg.Connection[Any], layout: Layout) -> N
         if remaining.fetchone() == (0,):
             for table in layout.tables:
                 conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(TRIGGER), table.ident))
+                if table.key is None:
+                    conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(path_guard_function(table)))
 
     _yielding_to_writers(conn, drop)
 

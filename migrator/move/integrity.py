@@ -19,7 +19,7 @@ from psycopg import sql
 
 from migrator.catalog import Cohort
 from migrator.db import dsn as dsnlib
-from migrator.stamps.discovery import ForeignKey, Layout, Table, label, tenant_filter
+from migrator.stamps.discovery import ForeignKey, Layout, Table, label, tenant_filter, tenant_text
 
 MAX_KEYS = 5  # keys named per problem
 
@@ -51,7 +51,9 @@ def unresolved(
     """Keys (as text) of the tenant's rows of `table` whose foreign key `fk` finds no parent row, at most
     MAX_KEYS: no row at all, or (given the `parent` tenant table) no row of the child row's own tenant."""
     of_tenant = (
-        sql.SQL(" AND p.{} = c.{}").format(sql.Identifier(parent.key), sql.Identifier(table.key))
+        sql.SQL(" AND {} = {}").format(
+            tenant_text(parent, sql.Identifier("p")), tenant_text(table, sql.Identifier("c"))
+        )
         if parent
         else sql.SQL("")
     )
@@ -61,7 +63,7 @@ def unresolved(
     ).format(
         key=sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in table.primary_key),
         t=table.ident,
-        tenants=tenant_filter(table, tenants),
+        tenants=tenant_filter(table, tenants, sql.Identifier("c")),
         set=_referenced(fk),
         p=sql.Identifier(table.schema, fk.parent),
         match=_match(fk),
@@ -107,7 +109,10 @@ def missing_shared(
             cols = sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in fk.columns)
             values = src.execute(
                 sql.SQL("SELECT DISTINCT {cols} FROM {t} c WHERE {tenants} AND {set}").format(
-                    cols=cols, t=table.ident, tenants=tenant_filter(table, tenants), set=_referenced(fk)
+                    cols=cols,
+                    t=table.ident,
+                    tenants=tenant_filter(table, tenants, sql.Identifier("c")),
+                    set=_referenced(fk),
                 )
             ).fetchall()
             if not values:

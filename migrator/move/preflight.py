@@ -19,7 +19,7 @@ from migrator.errors import BadInput, PreflightError
 from migrator.move import integrity, shapes
 from migrator.stamps import checks
 from migrator.stamps.checks import Problems
-from migrator.stamps.discovery import Layout, Table, inspect, tenant_filter
+from migrator.stamps.discovery import Layout, Table, inspect, tenant_filter, tenant_text
 
 log = logging.getLogger("migrator.preflight")
 
@@ -215,7 +215,7 @@ def _check_spelling(conn: psycopg.Connection[Any], root: Table, tenant: str, sta
     """
     query = sql.SQL(
         "SELECT {k}::text, to_jsonb({k}) #>> '{{}}', pg_typeof({k})::text FROM {t} WHERE {f} LIMIT 1"
-    ).format(k=sql.Identifier(root.key), t=root.ident, f=tenant_filter(root, (tenant,)))
+    ).format(k=sql.Identifier(str(root.key)), t=root.ident, f=tenant_filter(root, (tenant,)))
     try:
         with conn.transaction():
             row = conn.execute(query).fetchone()
@@ -237,8 +237,8 @@ def null_tenant_rows(conn: psycopg.Connection[Any], layout: Layout) -> dict[str,
     """Rows whose (nullable) tenant column is NULL, per table: no tenant owns them, so no move takes them."""
     found = {}
     for table in layout.tables:
-        if not any(c.name == table.key and c.nullable for c in table.columns):
-            continue
+        if table.key is None or not any(c.name == table.key and c.nullable for c in table.columns):
+            continue  # a path table's rows with NULL paths are no tenant's either; preflight's counts show them
         row = conn.execute(
             sql.SQL("SELECT count(*) FROM {} WHERE {} IS NULL").format(table.ident, sql.Identifier(table.key))
         ).fetchone()
@@ -249,7 +249,7 @@ def null_tenant_rows(conn: psycopg.Connection[Any], layout: Layout) -> dict[str,
 
 def _counts(conn: psycopg.Connection[Any], table: Table, tenants: Cohort) -> dict[str, int]:
     """Rows of each tenant of the cohort in the table, in one pass (tenants without rows are absent)."""
-    query = sql.SQL("SELECT {k}::text, count(*) FROM {t} WHERE {f} GROUP BY 1").format(
-        k=sql.Identifier(table.key), t=table.ident, f=tenant_filter(table, tenants)
+    query = sql.SQL("SELECT {k}, count(*) FROM {t} WHERE {f} GROUP BY 1").format(
+        k=tenant_text(table, table.ident), t=table.ident, f=tenant_filter(table, tenants)
     )
     return {tenant: int(count) for tenant, count in conn.execute(query).fetchall()}

@@ -29,7 +29,7 @@ from migrator import stamps
 from migrator.catalog import Cohort, Stamp, name_tenants
 from migrator.config import Tenancy
 from migrator.move.integrity import MAX_KEYS, shown_keys, unresolved
-from migrator.stamps.discovery import Layout, Table, inspect, label, tenant_filter
+from migrator.stamps.discovery import ForeignKey, Layout, Table, inspect, label, tenant_filter
 
 _LARGE_OBJECTS = """
 SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
@@ -240,6 +240,14 @@ def _colliding(
     return [list(row[0]) for row in found]
 
 
+def _same_tenant_by_construction(table: Table, parent: Table, fk: ForeignKey) -> bool:
+    """A key that matches the tenant column with the parent's, or a path table's one way to its tenant,
+    cannot lead to another tenant's row."""
+    if table.key is not None:
+        return any(c == table.key and p == parent.key for c, p in zip(fk.columns, fk.parent_columns, strict=True))
+    return len(table.paths) == 1 and table.paths[0].hops[0].constraint == fk.name
+
+
 def foreign_tenant_references(conn: psycopg.Connection[Any], layout: Layout, tenants: Cohort) -> list[str]:
     """Foreign keys between tenant tables whose rows of a tenant reference rows not of that tenant.
 
@@ -250,7 +258,7 @@ def foreign_tenant_references(conn: psycopg.Connection[Any], layout: Layout, ten
     for table in layout.tables:
         for fk in table.foreign_keys:
             parent = layout.table(label(table.schema, fk.parent))
-            if (table.key, parent.key) in zip(fk.columns, fk.parent_columns, strict=True):
+            if _same_tenant_by_construction(table, parent, fk):
                 continue
             keys = unresolved(conn, table, fk, tenants, parent)
             if keys:

@@ -5,7 +5,8 @@ table (`copy.copy_part`, resumable to the row). A large table is cut into parts 
 tables copy concurrently once every table they reference is complete, because the target checks
 each copied row's foreign keys as it arrives. Where the target's sessions run as `replica` those
 checks do not fire (the references are proven before the flip, `integrity.dangling`), so every
-table may stream at once. A foreign-key cycle, and a self-referencing table, is one stream.
+table may stream at once, except a path table, which waits for the tables its paths start from.
+A foreign-key cycle, and a self-referencing table, is one stream.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ class _Unit:
     @property
     def parents(self) -> set[str]:
         return {p for t in self.tables for p in t.parents} - self.names
+
+    @property
+    def path_parents(self) -> set[str]:
+        """The tables a path table's rows are found through: on the target (abort's deletes, verify)
+        its rows are the tenant's only once their parents are there, so those copy first."""
+        return {path.hops[0].parent for t in self.tables for path in t.paths} - self.names
 
 
 def copy_tables(
@@ -74,7 +81,7 @@ def copy_tables(
                 if run.stop.is_set():  # a worker's SIGTERM: the parts end after their batch, none starts
                     stop.set()
                     pending.clear()
-                for unit in [u for u in pending if in_any_order or u.parents <= done]:
+                for unit in [u for u in pending if (in_any_order or u.parents <= done) and u.path_parents <= done]:
                     pending.remove(unit)
                     for table in unit.tables:
                         progress.start_table(table.label, totals.get(table.label, 0), cursors[table.label].rows)

@@ -169,7 +169,7 @@ def delete_between(table: Table, tenants: Cohort, after: int, upto: int) -> sql.
         t=table.ident,
         o=ORDER,
         match=match,
-        f=tenant_filter(table, tenants, sql.SQL("{}.{}").format(table.ident, sql.Identifier(table.key))),
+        f=tenant_filter(table, tenants, table.ident),
         a=sql.Literal(after),
         u=sql.Literal(upto),
     )

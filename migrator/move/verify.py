@@ -26,7 +26,16 @@ from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput
 from migrator.move.keys import by_key, key_quantiles
-from migrator.stamps.discovery import Column, Layout, Table, discover, key_after, key_upto, tenant_filter
+from migrator.stamps.discovery import (
+    Column,
+    Layout,
+    Table,
+    discover,
+    key_after,
+    key_upto,
+    tenant_filter,
+    tenant_text,
+)
 
 R = TypeVar("R")
 LEAF_ROWS = 2000
@@ -201,8 +210,10 @@ def tenant_checksums(
         return {tenants[0]: one} if one.rows else {}
     query = sql.SQL(
         "SELECT k, count(*), sum(hash_record_extended(r, 0)), sum(hash_record_extended(r, 1))"
-        " FROM (SELECT {}::text AS k, {} AS r FROM {} WHERE {}) rows GROUP BY k"
-    ).format(sql.Identifier(table.key), _hashed_row(table), table.ident, _in_span(table, tenants, (None, None), where))
+        " FROM (SELECT {} AS k, {} AS r FROM {} WHERE {}) rows GROUP BY k"
+    ).format(
+        tenant_text(table, table.ident), _hashed_row(table), table.ident, _in_span(table, tenants, (None, None), where)
+    )
     return {k: Checksum(int(n), int(high), int(low)) for k, n, high, low in conn.execute(query).fetchall()}
 
 

@@ -15,7 +15,7 @@ from migrator.config import Tenancy
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import is_transient
 from migrator.errors import Unreachable
-from migrator.stamps.discovery import Layout, discover
+from migrator.stamps.discovery import Layout, discover, tenant_filter, tenant_text
 
 SCHEMA = "_migrator"  # migrator's own schema on each stamp (guard function, change log, copy cursors)
 TRIGGER = "migrator_guard"  # migrator's own trigger on a moving tenant's tables (see migrator.move.fence)
@@ -48,8 +48,13 @@ def tenant_rows(conn: psycopg.Connection[Any], layout: Layout, tenant: str | Non
     """Rows per tenant per table on this stamp: {tenant: {table: rows}}."""
     counts: dict[str, dict[str, int]] = defaultdict(dict)
     for table in layout.tables:
-        where = sql.SQL("{} = {}").format(sql.Identifier(table.key), sql.Literal(tenant)) if tenant else sql.SQL("true")
-        query = sql.SQL("SELECT {key}::text, count(*) FROM {table} WHERE {where} AND {key} IS NOT NULL GROUP BY 1")
-        for key, rows in conn.execute(query.format(key=sql.Identifier(table.key), table=table.ident, where=where)):
+        where = tenant_filter(table, (tenant,), sql.Identifier("t")) if tenant else sql.SQL("true")
+        query = sql.SQL(
+            "SELECT k, count(*) FROM (SELECT {key} AS k FROM {table} t WHERE {where} OFFSET 0) rows"
+            " WHERE k IS NOT NULL GROUP BY 1"
+        )
+        for key, rows in conn.execute(
+            query.format(key=tenant_text(table, sql.Identifier("t")), table=table.ident, where=where)
+        ):
             counts[key][table.label] = rows
     return dict(counts)

@@ -44,7 +44,8 @@ JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = u.name
 JOIN pg_trigger t ON t.tgrelid = c.oid
 WHERE NOT t.tgisinternal AND t.tgenabled = ANY(%(firing)s::"char"[]) AND t.tgtype & %(events)s <> 0
   AND NOT (t.tgname = %(guard)s AND t.tgfoid IN (SELECT p.oid FROM pg_proc p
-      JOIN pg_namespace pn ON pn.oid = p.pronamespace WHERE pn.nspname = %(schema)s AND p.proname = 'guard'))
+      JOIN pg_namespace pn ON pn.oid = p.pronamespace WHERE pn.nspname = %(schema)s
+      AND (p.proname = 'guard' OR starts_with(p.proname, 'guard_path_'))))
 ORDER BY u.label, t.tgname
 """
 

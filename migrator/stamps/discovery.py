@@ -23,6 +23,7 @@ from psycopg import sql
 from migrator.catalog.models import Cohort
 from migrator.config import Tenancy
 from migrator.errors import PreflightError
+from migrator.stamps.paths import MAX_HOPS, MAX_PATHS, Hop, Path, member_filter, owner_text, tenants_match
 
 
 def label(schema: str, name: str) -> str:
@@ -59,7 +60,8 @@ class ForeignKey:
 
 @dataclass(frozen=True)
 class Table:
-    """A table holding tenant rows; `key` is the tenant column (or the root column on the root table).
+    """A table holding tenant rows; `key` is the tenant column (or the root column on the root table),
+    None for a path table, whose rows reach their tenant through the foreign keys of `paths`.
 
     `primary_key` is the row key every batch, cursor, replay and delete goes by: the primary key, or
     when the table has none, the columns of a NOT NULL unique index (`key_index` names it; None for a PK).
@@ -67,7 +69,7 @@ class Table:
 
     schema: str
     name: str
-    key: str
+    key: str | None
     columns: tuple[Column, ...]
     primary_key: tuple[str, ...]
     parents: tuple[str, ...]
@@ -79,6 +81,15 @@ class Table:
     """Names of its partitions at every level (a partitioned table): the guard trigger fires on them."""
     shared_keys: tuple[ForeignKey, ...] = ()
     """Foreign keys into tables without tenant rows (reference data each stamp holds for itself)."""
+    paths: tuple[Path, ...] = ()
+    """A path table's ways to its tenant (see `migrator.stamps.paths`); empty for a table with the key."""
+
+    @property
+    def reach(self) -> str:
+        """How the tenant's rows are found in this table, for `move --dry-run` and `init`."""
+        if self.key is not None:
+            return f"column {self.key}"
+        return "path " + "; ".join(p.describe(self.name) for p in self.paths)
 
     @property
     def self_references(self) -> tuple[ForeignKey, ...]:
@@ -102,7 +113,7 @@ class Table:
     @property
     def pk_has_tenant(self) -> bool:
         """A key containing the tenant column cannot collide with another tenant's rows."""
-        return self.key in self.primary_key
+        return self.key is not None and self.key in self.primary_key
 
     def cols(self, names: tuple[str, ...] | None = None) -> sql.Composed:
         return sql.SQL(", ").join(sql.Identifier(n) for n in (names or self.copy_columns))
@@ -231,8 +242,7 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
 
     if tenancy.root_table not in names.values():
         raise PreflightError(f"root table {tenancy.root_table!r} not found in schema {schema!r}")
-    tenant_oids: dict[int, str] = {}
-    global_tables: list[str] = []
+    tenant_oids: dict[int, str | None] = {}
     excluded: list[str] = []
     for oid, name in names.items():
         colnames = {c.name for c in columns[oid]}
@@ -244,15 +254,23 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
             tenant_oids[oid] = tenancy.root_column
         elif tenancy.column in colnames:
             tenant_oids[oid] = tenancy.column
-        else:
-            global_tables.append(name)
 
     problems: list[str] = []
+    candidates = {oid for oid, name in names.items() if oid not in tenant_oids and name not in tenancy.exclude}
+    path_of = _find_paths(candidates, tenant_oids, foreign, names, schema, problems)
+    global_tables = [name for oid, name in names.items() if oid in candidates and oid not in path_of]
+    if len(tenant_oids) == 1 and not path_of:
+        problems.append(
+            f"the tenancy finds tenants in no table but the root {tenancy.root_table}: no other table of schema "
+            f"{schema!r} has the column {tenancy.column!r} or a foreign key leading to a tenant table; check "
+            "[tenancy] column (a move would copy the root row alone)"
+        )
     unique_keys: dict[int, tuple[str, tuple[str, ...]]] = {}
     for oid, index, cols in conn.execute(_UNIQUE_KEYS, (schema,)).fetchall():
         unique_keys.setdefault(oid, (index, tuple(cols)))  # fewest columns first, then by name
     key_index: dict[int, str | None] = {}
-    for oid in sorted(tenant_oids, key=lambda o: names[o]):
+    owned = {**tenant_oids, **dict.fromkeys(path_of)}
+    for oid in sorted(owned, key=lambda o: names[o]):
         if oid in pkeys:
             key_index[oid] = None
         elif oid in unique_keys:
@@ -263,7 +281,7 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
                 "a move needs one to copy in resumable batches"
             )
     partitions = {oid: tuple(parts) for oid, parts in conn.execute(_PARTITIONS, (schema,)).fetchall()}
-    keyed = {oid: key for oid, key in tenant_oids.items() if oid in pkeys}
+    keyed = {oid: key for oid, key in owned.items() if oid in pkeys}
     edges = {oid: [(ref, fk) for ref, fk in foreign[oid] if ref in keyed] for oid in keyed}
     ordered, cycles = _copy_order(edges, names, schema, problems)
     tables = tuple(
@@ -278,7 +296,8 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
             foreign_keys=tuple(fk for _, fk in edges[oid]),
             cycle=cycles.get(oid, ()),
             partitions=partitions.get(oid, ()),
-            shared_keys=tuple(fk for ref, fk in foreign[oid] if ref not in tenant_oids),
+            shared_keys=tuple(fk for ref, fk in foreign[oid] if ref not in owned),
+            paths=path_of.get(oid, ()),
         )
         for oid in ordered
     )
@@ -291,6 +310,58 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
 
 
 Edges = dict[int, list[tuple[int, ForeignKey]]]
+
+
+def _find_paths(
+    candidates: set[int],
+    tenant_oids: dict[int, str | None],
+    foreign: Edges,
+    names: dict[int, str],
+    schema: str,
+    problems: list[str],
+) -> dict[int, tuple[Path, ...]]:
+    """Every simple path of foreign keys from each candidate table to a table with the tenant column.
+
+    A table that reaches none stays global. Every foreign key into a tenant or path table counts (not
+    only the shortest way): a row whose only non-NULL reference is a longer one still belongs to a
+    tenant. Self-references are left to `tree` (a row's parent has the row's tenant: preflight proves it).
+    """
+    reaching: set[int] = set()
+    while grown := {
+        oid
+        for oid in candidates - reaching
+        if any(ref in tenant_oids or ref in reaching for ref, _ in foreign[oid] if ref != oid)
+    }:
+        reaching |= grown
+
+    def walk(oid: int, seen: frozenset[int]) -> list[Path]:
+        found: list[Path] = []
+        for ref, fk in foreign[oid]:
+            if ref in seen or ref == oid or not (ref in tenant_oids or ref in reaching):
+                continue
+            hop = Hop(fk.name, fk.columns, schema, names[ref], fk.parent_columns)
+            key = tenant_oids.get(ref)
+            if key is not None:
+                found.append(Path((hop,), key))
+            elif len(seen) < MAX_HOPS:
+                found += [Path((hop, *p.hops), p.key) for p in walk(ref, seen | {ref})]
+        return found
+
+    paths: dict[int, tuple[Path, ...]] = {}
+    for oid in sorted(reaching, key=lambda o: names[o]):
+        found = walk(oid, frozenset({oid}))
+        if not found:
+            problems.append(
+                f"table {label(schema, names[oid])} reaches tenant tables only through more than {MAX_HOPS} foreign "
+                "keys; a move does not follow paths that long"
+            )
+        elif len(found) > MAX_PATHS:
+            problems.append(
+                f"table {label(schema, names[oid])} reaches tenant tables by {len(found)} foreign-key paths, more "
+                f"than the {MAX_PATHS} a move follows; exclude it or declare fewer references"
+            )
+        paths[oid] = tuple(found)
+    return paths
 
 
 def _copy_order(
@@ -385,18 +456,21 @@ def _components(parents: dict[int, set[int]], names: dict[int, str]) -> list[lis
     return found
 
 
-def tenant_filter(table: Table, tenants: Cohort, column: sql.Composable | None = None) -> sql.Composed:
-    """`"key" = 'tenant'`, or `"key" IN ('a', 'b', ...)` for a cohort, with the tenants passed as
-    literals of unknown type (`column`: the key qualified, where a join makes it ambiguous).
+def tenant_filter(table: Table, tenants: Cohort, alias: sql.Composable | None = None) -> sql.Composed:
+    """The tenants' rows of `table`: `"key" = 'tenant'` (`IN (...)` for a cohort), or for a path table
+    its paths' semi-joins (`paths.member_filter`); `alias` qualifies the row's columns where a join
+    makes them ambiguous."""
+    if table.key is None:
+        return member_filter(table.paths, tuple(tenants), alias)
+    key = sql.SQL("{}.{}").format(alias, sql.Identifier(table.key)) if alias is not None else sql.Identifier(table.key)
+    return tenants_match(key, tuple(tenants))
 
-    COPY statements cannot take server-side parameters, so tenants are bound as SQL literals;
-    PostgreSQL infers their type from the column (bigint, uuid, text...), which `= ANY(array)`
-    would not: the array would be text[].
-    """
-    key = column if column is not None else sql.Identifier(table.key)
-    if len(tenants) == 1:
-        return sql.SQL("{} = {}").format(key, sql.Literal(tenants[0]))
-    return sql.SQL("{} IN ({})").format(key, sql.SQL(", ").join(sql.Literal(t) for t in tenants))
+
+def tenant_text(table: Table, alias: sql.Composable) -> sql.Composed:
+    """The tenant of a row of `table` (qualified by `alias`) as text: its key column's, or its paths'."""
+    if table.key is None:
+        return owner_text(table.paths, alias)
+    return sql.SQL("{}.{}::text").format(alias, sql.Identifier(table.key))
 
 
 def key_after(table: Table, cursor: list[str] | None) -> sql.Composable:

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from migrator.stamps.discovery import Layout
+from migrator.stamps.discovery import Layout, tenant_text
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,9 @@ def measure(
     size = sql.SQL("pg_column_size(t.*)") if with_bytes else sql.SQL("0")
     for table in layout.tables:
         query = sql.SQL(
-            "SELECT k, count(*), coalesce(sum(s), 0)::bigint FROM (SELECT t.{key}::text AS k, {size} AS s"
-            " FROM {table} t WHERE t.{key} IS NOT NULL OFFSET 0) rows GROUP BY k"
-        ).format(key=sql.Identifier(table.key), size=size, table=table.ident)
+            "SELECT k, count(*), coalesce(sum(s), 0)::bigint FROM (SELECT {key} AS k, {size} AS s"
+            " FROM {table} t OFFSET 0) rows WHERE k IS NOT NULL GROUP BY k"
+        ).format(key=tenant_text(table, sql.Identifier("t")), size=size, table=table.ident)
         for tenant, rows, nbytes in conn.execute(query):
             per_tenant[tenant][table.label] = (int(rows), int(nbytes))
     return {

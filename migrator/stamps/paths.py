@@ -1,0 +1,157 @@
+"""Tables that reach the tenant only through foreign keys (invoice lines under invoices), and the SQL
+that finds a tenant's rows in them.
+
+A table without the tenant column belongs to tenants when a foreign key leads from it to a tenant
+table, directly or through other such tables (a *path table*). A row's tenant is its parent's
+tenant; a row whose path columns are all NULL belongs to no tenant, like a NULL tenant column. A
+table may have several paths (nullable `task_id` and `comment_id`): a row belongs to the tenant any
+of its non-NULL paths leads to, and preflight refuses rows whose paths lead to different tenants.
+
+The SQL is built from the paths alone, so every step of a move (copy, capture, verify, cleanup)
+asks "is this row the tenant's" the same way:
+- `member_filter`: nested semi-joins, `(line_id) IN (SELECT id FROM invoice_lines WHERE (invoice_id)
+  IN (SELECT id FROM invoices WHERE account_id = 7))`. PostgreSQL hashes the tenant's parent keys
+  once and probes them per row: a path table copies and verifies at about the speed of a table
+  carrying the tenant column (see `scripts/bench move --schema paths`).
+- `owner_text`: the tenant of one row as text, by one index probe per hop (the guard trigger's
+  lookup, and per-tenant figures of a cohort).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg import sql
+
+MAX_PATHS = 16  # paths of one table; more is a schema a move should not guess its way through
+MAX_HOPS = 8
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One foreign key on a path: `columns` of the table reference `parent_columns` of `parent`.
+
+    `constraint` names the foreign key, or the `[tenancy.references]` entry that declares it.
+    """
+
+    constraint: str
+    columns: tuple[str, ...]
+    parent_schema: str
+    parent: str
+    parent_columns: tuple[str, ...]
+
+    @property
+    def parent_ident(self) -> sql.Identifier:
+        return sql.Identifier(self.parent_schema, self.parent)
+
+
+@dataclass(frozen=True)
+class Path:
+    """Foreign keys from a path table up to a table carrying the tenant column `key` (the last hop's parent)."""
+
+    hops: tuple[Hop, ...]
+    key: str
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The path table's own columns this path starts from."""
+        return self.hops[0].columns
+
+    def describe(self, table: str) -> str:
+        """`invoice_lines.invoice_id -> invoices.account_id`: how a row of `table` reaches its tenant."""
+        steps = [f"{table}.{','.join(self.hops[0].columns)}"]
+        steps += [f"{hop.parent}.{','.join(nxt.columns)}" for hop, nxt in zip(self.hops, self.hops[1:], strict=False)]
+        steps.append(f"{self.hops[-1].parent}.{self.key}")
+        return " -> ".join(steps)
+
+
+def _row_cols(alias: sql.Composable | None, columns: tuple[str, ...]) -> sql.Composed:
+    """`(a.c1, a.c2)`: a row's columns, qualified by `alias` when given."""
+    if alias is None:
+        return sql.SQL("({})").format(sql.SQL(", ").join(sql.Identifier(c) for c in columns))
+    return sql.SQL("({})").format(
+        sql.SQL(", ").join(sql.SQL("{}.{}").format(alias, sql.Identifier(c)) for c in columns)
+    )
+
+
+def tenants_match(key: sql.Composable, tenants: tuple[str, ...]) -> sql.Composed:
+    """`key = 'a'` or `key IN ('a', 'b')`, the tenants as literals of unknown type (typed by the column).
+
+    COPY statements cannot take server-side parameters; PostgreSQL infers a literal's type from the
+    column (bigint, uuid, text...), which `= ANY(array)` would not: the array would be text[].
+    """
+    if len(tenants) == 1:
+        return sql.SQL("{} = {}").format(key, sql.Literal(tenants[0]))
+    return sql.SQL("{} IN ({})").format(key, sql.SQL(", ").join(sql.Literal(t) for t in tenants))
+
+
+def _path_in(hops: tuple[Hop, ...], key: str, tenants: tuple[str, ...], alias: sql.Composable | None) -> sql.Composed:
+    hop, depth = hops[0], len(hops)
+    inner = sql.Identifier(f"migrator_p{depth}")
+    condition = (
+        tenants_match(sql.SQL("{}.{}").format(inner, sql.Identifier(key)), tenants)
+        if depth == 1
+        else _path_in(hops[1:], key, tenants, inner)
+    )
+    return sql.SQL("{} IN (SELECT {} FROM {} {} WHERE {})").format(
+        _row_cols(alias, hop.columns),
+        sql.SQL(", ").join(sql.SQL("{}.{}").format(inner, sql.Identifier(c)) for c in hop.parent_columns),
+        hop.parent_ident,
+        inner,
+        condition,
+    )
+
+
+def member_filter(paths: tuple[Path, ...], tenants: tuple[str, ...], alias: sql.Composable | None) -> sql.Composed:
+    """The rows of a path table that belong to one of `tenants`: any of their paths leads there."""
+    parts = [_path_in(p.hops, p.key, tenants, alias) for p in paths]
+    return sql.SQL("({})").format(sql.SQL(" OR ").join(parts))
+
+
+def owner_text(paths: tuple[Path, ...], row: sql.Composable, text: sql.SQL | None = None) -> sql.Composed:
+    """The tenant (as text) of the row whose columns `row` qualifies (a table alias, or plpgsql's NEW):
+    the first of its paths that resolves; NULL when none does (its path columns NULL, or a parent gone).
+
+    `text` formats the tenant column into text; `{}::text` by default, as the rest of migrator reads
+    tenant keys (preflight requires a tenant's spelling to equal that text).
+    """
+    fmt = text if text is not None else sql.SQL("{}::text")
+    lookups = []
+    for path in paths:
+        aliases = [sql.Identifier(f"migrator_o{i}") for i in range(len(path.hops))]
+        joins = sql.SQL("").join(
+            sql.SQL(" JOIN {} {} ON {} = {}").format(
+                path.hops[i].parent_ident,
+                aliases[i],
+                _row_cols(aliases[i], path.hops[i].parent_columns),
+                _row_cols(aliases[i - 1], path.hops[i].columns),
+            )
+            for i in range(1, len(path.hops))
+        )
+        lookups.append(
+            sql.SQL("(SELECT {} FROM {} {}{} WHERE {} = {})").format(
+                _format(fmt, aliases[-1], path.key),
+                path.hops[0].parent_ident,
+                aliases[0],
+                joins,
+                _row_cols(aliases[0], path.hops[0].parent_columns),
+                _row_cols(row, path.columns),
+            )
+        )
+    return sql.SQL("COALESCE({})").format(sql.SQL(", ").join(lookups)) if len(lookups) > 1 else lookups[0]
+
+
+def _format(fmt: sql.SQL, alias: sql.Identifier, key: str) -> sql.Composed:
+    return fmt.format(sql.SQL("{}.{}").format(alias, sql.Identifier(key)))
+
+
+def any_path_set(paths: tuple[Path, ...], row: sql.Composable) -> sql.Composed:
+    """True when some path of the row has all its columns set (it points at a parent, present or not)."""
+    return sql.SQL("({})").format(
+        sql.SQL(" OR ").join(
+            sql.SQL("({})").format(
+                sql.SQL(" AND ").join(sql.SQL("{}.{} IS NOT NULL").format(row, sql.Identifier(c)) for c in path.columns)
+            )
+            for path in paths
+        )
+    )
