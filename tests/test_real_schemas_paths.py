@@ -11,6 +11,8 @@ discovery or verify), and after cleanup every foreign key of the source is valid
 from __future__ import annotations
 
 import json
+import re
+from typing import Any
 
 import psycopg
 import pytest
@@ -206,6 +208,11 @@ def test_path_tables_move_exactly_and_cleanup_leaves_no_orphan(
 
         dry = fleet.run("move", TENANT, "--to", "eu-2", "--dry-run", "--json")
         assert dry.exit_code == 0, dry.output
+        planned = json.loads(dry.stdout)
+        assert planned["reached"]["line_taxes"] == (
+            "path line_taxes.line_id -> invoice_lines.invoice_id -> invoices.tenant_id"
+        ), planned["reached"]
+        assert planned["reached"]["invoices"] == "column tenant_id" and planned["global_tables"] == ["currencies"]
         before = oracle(fleet, "eu-1")
         assert before["line_taxes"][0] == 120 and before["notes"][0] == 120
 
@@ -226,6 +233,10 @@ def test_path_tables_move_exactly_and_cleanup_leaves_no_orphan(
         verified = fleet.run("verify", TENANT, "--source", "eu-1", "--target", "eu-2", "--json")
         assert verified.exit_code == 0 and json.loads(verified.stdout)["equal"] is True, verified.output
 
+        shown = fleet.run("cleanup", TENANT, "--stamp", "eu-1", "--dry-run")
+        assert shown.exit_code == 0, shown.output
+        assert re.search(rf"\nline_taxes +{source['line_taxes'][0]}\n", shown.stdout), shown.stdout
+        assert oracle(fleet, "eu-1") == source
         cleaned = fleet.run("cleanup", TENANT, "--stamp", "eu-1", "--batch-rows", "5", "--yes")
         assert cleaned.exit_code == 0, cleaned.output
         assert all(rows == 0 for rows, _ in oracle(fleet, "eu-1").values())
@@ -237,3 +248,64 @@ def test_path_tables_move_exactly_and_cleanup_leaves_no_orphan(
     finally:
         if operator:
             revoke_replica(fleet, operator)
+
+
+def set_tenancy(fleet: Shaped, *, column: str = "tenant_id", exclude: tuple[str, ...] = ()) -> None:
+    """Rewrite the fleet's [tenancy] as an operator editing migrator.toml would."""
+    text = fleet.config_path.read_text()
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("exclude = "):
+            line = "exclude = [" + ", ".join(json.dumps(t) for t in exclude) + "]"
+        elif line.startswith("column = "):
+            line = f"column = {json.dumps(column)}"
+        lines.append(line)
+    fleet.config_path.write_text("\n".join(lines) + "\n")
+
+
+def test_cleanup_refuses_rows_no_move_copied_and_rows_that_would_dangle_before_deleting_any(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    fleet = shaped(BILLING)
+    _tenants(fleet, TENANT, NEIGHBOUR)
+    seed(fleet, TENANT)
+    seed(fleet, NEIGHBOUR)
+    set_tenancy(fleet, exclude=("line_taxes",))  # the move misses a table
+    moved = fleet.run("move", TENANT, "--to", "eu-2", "--offline", "--yes")
+    assert moved.exit_code == 0, moved.output
+    assert oracle(fleet, "eu-2")["line_taxes"][0] == 0
+    before = fleet.snapshot()
+
+    dangling = fleet.run("cleanup", TENANT, "--stamp", "eu-1", "--yes")
+    line = _refused(fleet, before, dangling)
+    assert "rows of line_taxes that stay reference rows of tenant 42 in invoice_lines" in line, line
+
+    set_tenancy(fleet)  # the configuration changed since the move: line_taxes is a tenant table now
+    for args in (("--yes",), ("--dry-run",)):
+        missed = fleet.run("cleanup", TENANT, "--stamp", "eu-1", *args)
+        line = _refused(fleet, before, missed)
+        assert "table line_taxes holds 120 rows of tenant 42 that move 1 did not copy" in line, line
+    assert oracle(fleet, "eu-1")["line_taxes"][0] == 120
+
+
+def _refused(fleet: Shaped, before: object, result: Any) -> str:
+    assert result.exit_code == 2, result.output
+    line = str(result.stderr).strip()
+    assert len(line.splitlines()) == 1, line
+    assert fleet.snapshot() == before
+    return line
+
+
+def test_a_tenancy_that_finds_tenants_in_no_table_but_the_root_is_refused_before_any_write(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    fleet = shaped(("CREATE TABLE orders (id bigint PRIMARY KEY, tenant_id bigint NOT NULL, total numeric)",))
+    _tenants(fleet, TENANT)
+    fleet.execute("eu-1", "INSERT INTO orders SELECT g, 42, g FROM generate_series(1, 50) g")
+    set_tenancy(fleet, column="tenantid")  # a typo: no table has it, and no foreign key leads to tenants
+    before = fleet.snapshot()
+    for args in (("--dry-run",), ("--yes",), ("--offline", "--yes")):
+        result = fleet.run("move", TENANT, "--to", "eu-2", *args)
+        line = _refused(fleet, before, result)
+        assert "the tenancy finds tenants in no table but the root tenants" in line, line
+        assert "'tenantid'" in line, line

@@ -172,7 +172,11 @@ def move_run(
     if dry_run:
         text = (
             f"dry run: {who} {outcome.source} -> {outcome.target}: preflight passed; would copy\n"
-            + render.table(["table", "rows"], sorted(outcome.tables.items()))
+            + render.table(
+                ["table", "rows", "found by"],
+                [(name, rows, outcome.reached.get(name)) for name, rows in sorted(outcome.tables.items())],
+            )
+            + (f"\nglobal (left alone): {', '.join(outcome.global_tables)}" if outcome.global_tables else "")
             + "".join(f"\nskipped: {what} (not a table; no rows of its own)" for what in outcome.skipped)
         )
         emit(
@@ -183,6 +187,8 @@ def move_run(
                 "source": outcome.source,
                 "target": outcome.target,
                 "tables": outcome.tables,
+                "reached": outcome.reached,
+                "global_tables": list(outcome.global_tables),
                 "not_moved": outcome.not_moved,
                 "skipped": list(outcome.skipped),
                 "resuming_move": outcome.move.id if outcome.move else None,
@@ -343,6 +349,7 @@ def verify_cmd(ctx: click.Context, tenant: str, source: str, target: str, jobs: 
 @click.option("--move", "move_id", type=int, default=None, help="Every tenant of this flipped move, on its source.")
 @click.option("--batch-rows", type=click.IntRange(min=1), default=10_000, show_default=True, help="Rows per delete.")
 @ALLOW_TRIGGERS
+@click.option("--dry-run", is_flag=True, help="Prove the leftovers and show what would be deleted, per table.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @NO_PROGRESS
 @click.pass_context
@@ -353,11 +360,13 @@ def cleanup_cmd(
     move_id: int | None,
     batch_rows: int,
     allow_triggers: bool,
+    dry_run: bool,
     yes: bool,
     no_progress: bool,
 ) -> None:
     """Delete moved tenants' leftover rows from their old stamp (TENANT... --stamp S, or --move ID for
-    a whole cohort), in batches, and lift the fence there."""
+    a whole cohort), in batches, and lift the fence there. Only rows a flipped move copied and
+    verified are deleted: anything else refuses the cleanup before the first delete."""
     from migrator.catalog import name_tenants
     from migrator.move import cleanup_move, cleanup_tenants
 
@@ -369,13 +378,20 @@ def cleanup_cmd(
         tenants, stamp = move.tenants, move.source
     assert stamp is not None
     who = name_tenants(tenants)
-    if not yes:
+    if not (yes or dry_run):
         confirm(f"Delete every row of {who} on {stamp}?")
-    with render.progress(not no_progress, "deleted") as progress:
+    with render.progress(not (no_progress or dry_run), "deleted") as progress:
+        options = {"allow_triggers": allow_triggers, "dry_run": dry_run}
         if move_id is not None:
-            _, counts = cleanup_move(context, move_id, batch_rows, progress, allow_triggers=allow_triggers)
+            _, counts = cleanup_move(context, move_id, batch_rows, progress, **options)
         else:
-            counts = cleanup_tenants(context, tenants, stamp, batch_rows, progress, allow_triggers=allow_triggers)
+            counts = cleanup_tenants(context, tenants, stamp, batch_rows, progress, **options)
+    if dry_run:
+        click.echo(
+            f"dry run: would delete {sum(counts.values())} rows of {who} from {stamp}, each as copied and verified\n"
+            + render.table(["table", "rows"], sorted(counts.items()))
+        )
+        return
     click.echo(f"deleted {sum(counts.values())} rows of {who} from {stamp}")
 
 

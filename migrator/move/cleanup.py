@@ -19,8 +19,8 @@ from migrator.catalog import Cohort, Move, Phase, Stamp, describe_move, name_ten
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
-from migrator.errors import BadInput
-from migrator.move import fence, tree
+from migrator.errors import BadInput, PreflightError
+from migrator.move import fence, moved, tree
 from migrator.move.preflight import check_deletes
 from migrator.progress import Progress
 from migrator.stamps.access import SCHEMA
@@ -127,12 +127,15 @@ def cleanup_tenants(
     progress: Progress,
     *,
     allow_triggers: bool = False,
+    dry_run: bool = False,
 ) -> dict[str, int]:
     """`migrator cleanup`: delete moved tenants' leftovers on their old stamp and lift the fence there.
 
     Refused before any delete where a tenant still lives on the stamp or has an unfinished move,
-    where the stamp's triggers would fire for the deletes, or where row-level security would hide
-    some of the leftovers.
+    where the stamp's triggers would fire for the deletes, where row-level security would hide
+    some of the leftovers, and where the leftovers are not exactly what a flipped move copied and
+    verified, or rows that stay would reference them (`moved.prove`). A dry run returns the rows
+    it would delete per table, and deletes nothing.
     """
     catalog = ctx.catalog
     stamp = catalog.stamp(stamp_name)
@@ -148,6 +151,12 @@ def cleanup_tenants(
         layout = stamps.layout(stamp, ctx.config.tenancy)
         who = name_tenants(tenants)
         check_deletes(stamp, layout, allow_triggers=allow_triggers, what=f"cleanup of {who} on {stamp.name}")
+        try:
+            proof = moved.prove(catalog, stamp, layout, tenants)
+        except PreflightError as exc:
+            raise PreflightError(f"cleanup of {who} on {stamp.name} was refused, {exc}") from None
+        if dry_run:
+            return proof.rows
         progress.phase(f"deleting the rows of {who} on {stamp.name}")
         counts = delete_tenant(stamp, layout, tenants, batch_rows, progress, bypass_fence=True)
         with stamps.connect(stamp, autocommit=False) as conn:
@@ -158,13 +167,21 @@ def cleanup_tenants(
 
 
 def cleanup_move(
-    ctx: Context, move_id: int, batch_rows: int, progress: Progress, *, allow_triggers: bool = False
+    ctx: Context,
+    move_id: int,
+    batch_rows: int,
+    progress: Progress,
+    *,
+    allow_triggers: bool = False,
+    dry_run: bool = False,
 ) -> tuple[Move, dict[str, int]]:
     """`migrator cleanup --move ID`: the leftovers of every tenant of a flipped move, on its source."""
     move = ctx.catalog.move(move_id)
     if move.phase != Phase.FLIPPED and move.phase != Phase.CLEANED:
         raise BadInput(f"{describe_move(move)} has not flipped; only a flipped move leaves rows to clean up")
-    counts = cleanup_tenants(ctx, move.tenants, move.source, batch_rows, progress, allow_triggers=allow_triggers)
+    counts = cleanup_tenants(
+        ctx, move.tenants, move.source, batch_rows, progress, allow_triggers=allow_triggers, dry_run=dry_run
+    )
     return ctx.catalog.move(move_id), counts
 
 

@@ -33,7 +33,7 @@ from migrator.catalog import (
 )
 from migrator.context import Context
 from migrator.errors import BadInput, MigratorError, PreflightError, VerifyMismatch
-from migrator.move import copy, fence, streams
+from migrator.move import copy, fence, moved, streams
 from migrator.move.cleanup import delete_tenant, forget_progress
 from migrator.move.cutover import catch_up, check_references, flip, online_cutover, verify_before_freeze, verify_move
 from migrator.move.preflight import check_deletes, check_move, check_resume, check_schema_unchanged
@@ -59,6 +59,8 @@ class MoveOutcome:
     not_moved: dict[str, int] = field(default_factory=dict)  # per table, rows whose tenant key is NULL
     skipped: tuple[str, ...] = ()  # views and materialized views of the tenancy schema (no rows of their own)
     freeze_steps_ms: dict[str, float] = field(default_factory=dict)  # online: the flipping freeze, step by step
+    reached: dict[str, str] = field(default_factory=dict)  # dry run: how each table's rows are found
+    global_tables: tuple[str, ...] = ()  # dry run: tables holding no tenant's rows, left alone
 
 
 def move_tenants(
@@ -100,6 +102,8 @@ def move_tenants(
                 checked.rows,
                 not_moved=checked.null_tenant_rows,
                 skipped=checked.skipped,
+                reached={t.label: t.reach for t in checked.layout.tables},
+                global_tables=checked.layout.global_tables,
             )
         mode = Mode.ONLINE if options.online else Mode.OFFLINE
         move = catalog.create_move(checked.routes, checked.target.name, mode, options.batch_rows, checked.revision)
@@ -238,6 +242,7 @@ def _finished(
     run: MoveRun, move: Move, routes: list[Route], resumed: bool, report: Report | None, timings: dict[str, float]
 ) -> MoveOutcome:
     run.metrics.ended(move.id, "flipped", len(move.tenants))
+    moved.record(run.catalog, run.source, run.layout, move)
     with stamps.connect(run.target) as tgt:
         forget_progress(tgt, move.id)
     move = run.catalog.move(move.id)

@@ -1,0 +1,176 @@
+"""What a move moved, recorded at its flip, and cleanup's proof that it deletes nothing else.
+
+Cleanup deletes a tenant's rows on its old stamp. Those rows are only safe to delete if they are
+the rows the move copied and proved equal: a table the move never copied (the tenancy changed, a
+`[tenancy.references]` entry was added, discovery now follows a path it did not), or rows that
+changed since, would be lost. So once a move has flipped, while its source is fenced and equal to
+what the flip verified, the source's checksum of each table is recorded per tenant in the
+catalog's `move_tables`. Before any delete, `prove` recomputes them and refuses, naming the
+tables, where the tables or the rows differ, and where a row that stays would reference one that
+goes (in `replica` mode nothing else checks that).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from migrator import stamps
+from migrator.catalog import Catalog, Cohort, Move, Stamp, TableProgress, name_tenants
+from migrator.catalog.models import FLIPPED
+from migrator.db.retry import STAMP_STEP
+from migrator.errors import PreflightError
+from migrator.move.integrity import MAX_KEYS, shown_keys
+from migrator.move.verify import Checksum, tenant_checksums
+from migrator.stamps.discovery import Layout, Table, label, problems_message, tenant_filter
+
+
+@STAMP_STEP.wraps
+def record(catalog: Catalog, source: Stamp, layout: Layout, move: Move) -> None:
+    """After the flip: each table's checksum per tenant on the (fenced) source, in `move_tables`."""
+    rows = []
+    with stamps.connect(source) as src:
+        for position, table in enumerate(layout.tables):
+            sums = tenant_checksums(src, table, move.tenants)
+            total = sum(c.rows for c in sums.values())
+            text = json.dumps({t: [c.rows, str(c.high), str(c.low)] for t, c in sorted(sums.items())})
+            rows.append(TableProgress(move.id, table.label, position, total, total, True, text, None))
+    catalog.save_tables(move.id, rows)
+
+
+def _recorded(progress: TableProgress, tenant: str) -> Checksum | None:
+    if progress.source_checksum is None:
+        return None
+    rows, high, low = json.loads(progress.source_checksum).get(tenant, [0, "0", "0"])
+    return Checksum(int(rows), int(high), int(low))
+
+
+@dataclass(frozen=True)
+class Proof:
+    """Rows cleanup may delete, per table, summed over the tenants (what `cleanup --dry-run` shows)."""
+
+    rows: dict[str, int]
+
+
+def prove(catalog: Catalog, stamp: Stamp, layout: Layout, tenants: Cohort) -> Proof:
+    """Refuse, before any delete, leftovers that are not exactly what a flipped move from `stamp` recorded."""
+    problems: list[str] = []
+    rows: dict[str, int] = {}
+    with stamps.connect(stamp) as conn:
+        for tenant in tenants:
+            move = _flipped_from(catalog, tenant, stamp.name)
+            if move is None:
+                problems.append(
+                    f"no flipped move of tenant {tenant} from {stamp.name} records its rows: cleanup deletes only "
+                    "rows a move copied and proved equal"
+                )
+                continue
+            recorded = {p.table_name: p for p in catalog.tables(move.id)}
+            current = {t.label: t for t in layout.tables}
+            now = {name: tenant_checksums(conn, t, (tenant,)).get(tenant) for name, t in current.items()}
+            for name, table in current.items():
+                found = now[name]
+                if name not in recorded:
+                    if found is not None:
+                        problems.append(
+                            f"table {name} holds {found.rows} rows of tenant {tenant} that move {move.id} did not copy "
+                            f"(it is a tenant table now: {table.reach}); move them first"
+                        )
+                    continue
+                expected = _recorded(recorded[name], tenant)
+                if expected is None:  # a move of an earlier migrator, or one killed right after its flip
+                    expected = _on_target(catalog, move, table, tenant)
+                if expected is None:
+                    problems.append(
+                        f"move {move.id} recorded no checksum of {name}, and the target's rows differ from these "
+                        f"now (`migrator verify {tenant} --source {stamp.name} --target {move.target}`)"
+                    )
+                elif (found or Checksum(0, 0, 0)) != expected:
+                    have = found.rows if found else 0
+                    problems.append(
+                        f"rows of tenant {tenant} in {name} on {stamp.name} differ from what move {move.id} copied "
+                        f"and verified ({have} rows now, {expected.rows} then)"
+                    )
+                else:
+                    rows[name] = rows.get(name, 0) + expected.rows
+            for name, progress in recorded.items():
+                expected = _recorded(progress, tenant)
+                if name not in current and expected is not None and expected.rows:
+                    problems.append(
+                        f"move {move.id} copied {expected.rows} rows of tenant {tenant} in {name}, which the tenancy "
+                        "no longer finds; restore the [tenancy] the move ran with"
+                    )
+        if not problems:
+            problems += _references_into(conn, layout, tenants)
+    if problems:
+        raise PreflightError(problems_message(problems))
+    return Proof(rows)
+
+
+def _on_target(catalog: Catalog, move: Move, table: Table, tenant: str) -> Checksum | None:
+    """Without a record: the target's rows of the tenant now, standing in for it only where they are
+    still what the source holds (checked by the caller's comparison)."""
+    with stamps.connect(catalog.stamp(move.target)) as tgt:
+        return tenant_checksums(tgt, table, (tenant,)).get(tenant, Checksum(0, 0, 0))
+
+
+def _flipped_from(catalog: Catalog, tenant: str, stamp: str) -> Move | None:
+    """The tenant's latest move away from `stamp` that flipped (or was cleaned before)."""
+    moves = [m for m in catalog.moves(tenant) if m.source == stamp and m.phase in FLIPPED]
+    return max(moves, key=lambda m: m.id, default=None)
+
+
+def _references_into(conn: psycopg.Connection[Any], layout: Layout, tenants: Cohort) -> list[str]:
+    """Rows that stay on the stamp but reference rows cleanup would delete, through any foreign key."""
+    owned = {t.name: t for t in layout.tables}
+    problems = []
+    for child_schema, child, name, cols, parent, parent_cols in conn.execute(
+        _REFERENCES, (layout.tables[0].schema, list(owned))
+    ):
+        target = owned[parent]
+        child_table = owned.get(child) if child_schema == target.schema else None
+        stays = (
+            sql.SQL("NOT coalesce({}, false)").format(tenant_filter(child_table, tenants, sql.Identifier("c")))
+            if child_table is not None
+            else sql.SQL("true")
+        )
+        query = sql.SQL(
+            "SELECT ARRAY[{shown}] FROM {child} c WHERE {stays} AND ({cols}) IN"
+            " (SELECT {refs} FROM {parent} p WHERE {gone}) LIMIT {n}"
+        ).format(
+            shown=sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in cols),
+            child=sql.Identifier(child_schema, child),
+            stays=stays,
+            cols=sql.SQL(", ").join(sql.SQL("c.{}").format(sql.Identifier(c)) for c in cols),
+            refs=sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(c)) for c in parent_cols),
+            parent=target.ident,
+            gone=tenant_filter(target, tenants, sql.Identifier("p")),
+            n=sql.Literal(MAX_KEYS),
+        )
+        found = [list(r[0]) for r in conn.execute(query).fetchall()]
+        if found:
+            problems.append(
+                f"rows of {label(child_schema, child)} that stay reference rows of {name_tenants(tenants)} in "
+                f"{target.label} through {name} (values {shown_keys(found)}); cleanup would leave them dangling"
+            )
+    return problems
+
+
+# Every foreign key into the tenancy schema's tables named, from any schema.
+_REFERENCES = """
+SELECT rn.nspname, rc.relname, con.conname,
+       ARRAY(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum ORDER BY k.ord),
+       pc.relname,
+       ARRAY(SELECT a.attname FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum ORDER BY k.ord)
+FROM pg_constraint con
+JOIN pg_class rc ON rc.oid = con.conrelid JOIN pg_namespace rn ON rn.oid = rc.relnamespace
+JOIN pg_class pc ON pc.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+WHERE con.contype = 'f' AND con.conparentid = 0 AND pn.nspname = %s AND pc.relname = ANY(%s)
+ORDER BY rn.nspname, rc.relname, con.conname
+"""
