@@ -309,3 +309,65 @@ def test_a_tenancy_that_finds_tenants_in_no_table_but_the_root_is_refused_before
         line = _refused(fleet, before, result)
         assert "the tenancy finds tenants in no table but the root tenants" in line, line
         assert "'tenantid'" in line, line
+
+
+FENCED_WRITES = (
+    "INSERT INTO invoice_lines VALUES (1, 4200000, 'EUR', 1)",  # under the tenant's invoice
+    "UPDATE line_taxes SET rate = 0.3 WHERE line_id = 42000000",  # three levels down
+    "UPDATE invoice_lines SET invoice_id = 4300001 WHERE id = 42000010",  # out, to the neighbour
+    "UPDATE invoice_lines SET invoice_id = 4200001 WHERE id = 43000010",  # in, from the neighbour
+    "DELETE FROM notes WHERE id = 42000000",  # two paths
+    "INSERT INTO shipments VALUES (1, 42, 2)",  # composite key
+    "UPDATE events SET what = 'x' WHERE id = 4200001",  # a partition
+    "DELETE FROM line_comments WHERE id = -42000000",  # a tree
+    "DELETE FROM invoices WHERE id = 4200002",  # a cascade into every path table
+)
+
+
+def test_once_fenced_writes_to_the_tenants_path_rows_fail_with_mgf01_and_other_tenants_write_on(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    fleet = shaped(BILLING)
+    _tenants(fleet, TENANT, NEIGHBOUR)
+    seed(fleet, TENANT, invoices=3)
+    seed(fleet, NEIGHBOUR, invoices=3)
+    moved = fleet.run("move", TENANT, "--to", "eu-2", "--yes")  # the source stays fenced until cleanup
+    assert moved.exit_code == 0, moved.output
+    before = oracle(fleet, "eu-1")
+    with dsnlib.connect(fleet.admin["eu-1"], autocommit=True, pinned=False) as conn:
+        for statement in FENCED_WRITES:
+            with pytest.raises(psycopg.Error) as caught:
+                conn.execute(statement)
+            assert caught.value.sqlstate == "MGF01", (statement, caught.value)
+            assert "tenant 42 is fenced" in str(caught.value), statement
+        # the neighbour's child rows, and rows of no tenant, are written as before
+        conn.execute("INSERT INTO invoice_lines VALUES (2, 4300000, 'EUR', 1)")
+        conn.execute("UPDATE line_taxes SET rate = 0.3 WHERE line_id = 43000000")
+        conn.execute("DELETE FROM notes WHERE id = -43000001")
+        conn.execute("INSERT INTO notes VALUES (3, NULL, NULL, 'nobody''s')")
+        conn.execute("DELETE FROM invoices WHERE id = 4300002")
+    assert oracle(fleet, "eu-1") == before
+
+
+def test_rows_of_two_tenants_and_tree_rows_without_a_path_are_refused_naming_them(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    fleet = shaped(
+        (
+            *BILLING,
+            "CREATE TABLE folders (id bigint PRIMARY KEY, invoice_id bigint REFERENCES invoices,"
+            " parent_id bigint REFERENCES folders)",
+        )
+    )
+    _tenants(fleet, TENANT, NEIGHBOUR)
+    seed(fleet, TENANT, invoices=2)
+    seed(fleet, NEIGHBOUR, invoices=2)
+    # a note whose line is the tenant's and whose payment is the neighbour's: it belongs to both
+    fleet.execute("eu-1", "INSERT INTO notes VALUES (7, 42000000, 4300000, 'both tenants')")
+    # a folder tree whose sub-folders reach the tenant only through their parent folder
+    fleet.execute("eu-1", "INSERT INTO folders VALUES (1, 4200000, NULL), (2, NULL, 1), (3, NULL, 2)")
+    before = fleet.snapshot()
+    result = fleet.run("move", TENANT, "--to", "eu-2", "--yes")
+    line = _refused(fleet, before, result)
+    assert "rows (7) of notes reference rows of payments that are not tenant 42's" in line, line
+    assert "rows (2) of folders reach their tenant only through their parent row in folders" in line, line

@@ -267,4 +267,46 @@ def foreign_tenant_references(conn: psycopg.Connection[Any], layout: Layout, ten
                     f"{whose} (foreign key {fk.name}); a move copies one tenant's rows only: "
                     "fix those references first"
                 )
+    problems += _rows_below_a_tree_only(conn, layout, tenants)
+    return problems
+
+
+def _rows_below_a_tree_only(conn: psycopg.Connection[Any], layout: Layout, tenants: Cohort) -> list[str]:
+    """Rows of a path table that is a tree whose paths are all NULL, under a parent row of the tenants.
+
+    Such a row belongs to its parent's tenant, but only through its own table: the paths a move
+    follows lead to other tables, so it would be left behind (and orphaned by cleanup).
+    """
+    problems = []
+    for table in layout.tables:
+        if table.key is not None or not table.self_references:
+            continue
+        unset = sql.SQL(" AND ").join(
+            sql.SQL("c.{} IS NULL").format(sql.Identifier(col)) for path in table.paths for col in path.columns
+        )
+        below = sql.SQL(" OR ").join(
+            sql.SQL("({}) IN (SELECT {} FROM {} p WHERE {})").format(
+                sql.SQL(", ").join(sql.SQL("c.{}").format(sql.Identifier(col)) for col in fk.columns),
+                sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(col)) for col in fk.parent_columns),
+                table.ident,
+                tenant_filter(table, tenants, sql.Identifier("p")),
+            )
+            for fk in table.self_references
+        )
+        keys = conn.execute(
+            sql.SQL("SELECT ARRAY[{}] FROM {} c WHERE {} AND ({}) LIMIT {}").format(
+                sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(col)) for col in table.primary_key),
+                table.ident,
+                unset,
+                below,
+                sql.Literal(MAX_KEYS),
+            )
+        ).fetchall()
+        if keys:
+            columns = ", ".join(sorted({col for path in table.paths for col in path.columns}))
+            problems.append(
+                f"rows {shown_keys([list(k[0]) for k in keys])} of {table.label} reach their tenant only through their "
+                f"parent row in {table.label} ({columns} NULL): a move follows paths to other tables; set "
+                f"{columns} on those rows first"
+            )
     return problems
