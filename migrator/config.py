@@ -22,6 +22,22 @@ DEFAULT_FILE = "migrator.toml"
 
 
 @dataclass(frozen=True)
+class Reference:
+    """A foreign key the schema does not declare (`[tenancy.references]`, common in Rails apps):
+    `table`'s `columns` hold values of `parent`'s `parent_columns`, so its rows are found through them."""
+
+    table: str
+    columns: tuple[str, ...]
+    parent: str
+    parent_columns: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        """How messages and `move --dry-run` name it (no constraint name exists)."""
+        return f"[tenancy.references] {self.table}.{','.join(self.columns)}"
+
+
+@dataclass(frozen=True)
 class Tenancy:
     """How tenant rows are recognised in every stamp (`[tenancy]`)."""
 
@@ -30,6 +46,7 @@ class Tenancy:
     root_column: str = "id"
     db_schema: str = "public"
     exclude: tuple[str, ...] = ()
+    references: tuple[Reference, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,7 +70,8 @@ class Config:
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a TOML comment
 _TOP_KEYS = {"catalog_url", "tenancy", "schema"}
-_TENANCY_KEYS = {"column", "root_table", "root_column", "schema", "exclude"}
+_TENANCY_KEYS = {"column", "root_table", "root_column", "schema", "exclude", "references"}
+_REFERENCE = re.compile(r"^([^.,\s]+)\.([^.,\s]+(?:,[^.,\s]+)*)$")  # table.column or table.col1,col2
 _SCHEMA_KEYS = {"script_location"}
 
 
@@ -113,6 +131,7 @@ def parse(text: str, path: Path) -> Config:
         root_column=_string(tenancy_raw, "root_column", "id", "tenancy", path),
         db_schema=_string(tenancy_raw, "schema", "public", "tenancy", path),
         exclude=tuple(exclude),
+        references=_references(tenancy_raw.get("references", {}), path),
     )
     file_url = raw.get("catalog_url")
     if file_url is not None and (not isinstance(file_url, str) or not file_url):
@@ -126,6 +145,29 @@ def parse(text: str, path: Path) -> Config:
         if not script.is_dir():
             raise ConfigError(f"{path}: [schema] script_location: no such directory {script}")
     return Config(catalog_url=catalog_url, tenancy=tenancy, script_location=script, path=path)
+
+
+def _references(raw: Any, path: Path) -> tuple[Reference, ...]:
+    """`[tenancy.references]`: `"invoice_lines.invoice_id" = "invoices.id"` (composite: `t.a,b` = `p.x,y`)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f'{path}: [tenancy.references] must be a table of "table.column" = "table.column"')
+    found = []
+    for child, parent in raw.items():
+        left = _REFERENCE.match(child)
+        right = _REFERENCE.match(parent) if isinstance(parent, str) else None
+        if not (left and right):
+            raise ConfigError(
+                f"{path}: [tenancy.references] {_shown(child)} = {_shown(parent)}: write "
+                '"table.column" = "parent_table.column" (columns comma-separated for a composite key)'
+            )
+        columns, parent_columns = tuple(left[2].split(",")), tuple(right[2].split(","))
+        if len(columns) != len(parent_columns):
+            raise ConfigError(
+                f"{path}: [tenancy.references] {child!r} names {len(columns)} columns but {parent!r} "
+                f"names {len(parent_columns)}"
+            )
+        found.append(Reference(left[1], columns, right[1], parent_columns))
+    return tuple(found)
 
 
 def _config_relative(value: Path, config_file: Path) -> Path:
@@ -170,7 +212,8 @@ def render(
         f"catalog_url = {q(catalog_url)}",
         "",
         "[tenancy]",
-        "# The tenant key column of every tenant table; tables without it are global and never moved.",
+        "# The tenant key column. Tables without it that reach a table with it through foreign keys are",
+        "# the tenants' too (found through those keys); the rest are global and never moved.",
         f"column = {q(tenancy.column)}",
         "# The table whose key *is* the tenant id, and that key column.",
         f"root_table = {q(tenancy.root_table)}",
@@ -180,6 +223,16 @@ def render(
         "# Tables never moved even though they have the tenant column.",
         f"exclude = [{exclude}]",
     ]
+    if tenancy.references:
+        lines += [
+            "",
+            "# Foreign keys the schema does not declare: rows of the left table are found through them.",
+            "[tenancy.references]",
+            *(
+                f"{q(r.table + '.' + ','.join(r.columns))} = {q(r.parent + '.' + ','.join(r.parent_columns))}"
+                for r in tenancy.references
+            ),
+        ]
     if script_location is not None:
         lines += ["", "# The stamps' Alembic environment, for `migrator schema`.", "[schema]"]
         lines += [f"script_location = {q(str(script_location))}"]

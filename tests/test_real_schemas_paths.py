@@ -371,3 +371,58 @@ def test_rows_of_two_tenants_and_tree_rows_without_a_path_are_refused_naming_the
     line = _refused(fleet, before, result)
     assert "rows (7) of notes reference rows of payments that are not tenant 42's" in line, line
     assert "rows (2) of folders reach their tenant only through their parent row in folders" in line, line
+
+
+RAILS = (  # no foreign-key constraints at all, as Rails apps often have
+    "CREATE TABLE invoices (id bigint PRIMARY KEY, tenant_id bigint NOT NULL, number integer NOT NULL)",
+    "CREATE TABLE invoice_lines (id bigint PRIMARY KEY, invoice_id bigint NOT NULL, amount numeric NOT NULL)",
+    "CREATE TABLE line_taxes (id bigint PRIMARY KEY, line_id bigint, rate numeric NOT NULL)",
+)
+REFERENCES = (
+    '[tenancy.references]\n"invoice_lines.invoice_id" = "invoices.id"\n"line_taxes.line_id" = "invoice_lines.id"\n'
+)
+
+
+def test_declared_references_find_rows_of_tables_without_foreign_keys_and_bad_ones_are_refused(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    fleet = shaped(RAILS)
+    _tenants(fleet, TENANT, NEIGHBOUR)
+    for tenant in (TENANT, NEIGHBOUR):
+        base = int(tenant) * 1000
+        fleet.execute(
+            "eu-1",
+            f"INSERT INTO invoices SELECT {base} + g, {tenant}, g FROM generate_series(1, 20) g",
+            f"INSERT INTO invoice_lines SELECT {base} * 10 + g, {base} + 1 + g % 20, g FROM generate_series(1, 100) g",
+            f"INSERT INTO line_taxes SELECT {base} * 10 + g, {base} * 10 + g, 0.2 FROM generate_series(1, 100) g",
+        )
+    fleet.execute("eu-1", "INSERT INTO line_taxes VALUES (1, 999999, 0.1), (2, NULL, 0.1)")  # orphans: no tenant's
+    without = fleet.run("move", TENANT, "--to", "eu-2", "--dry-run", "--json")  # invoices alone: no path
+    assert without.exit_code == 0 and json.loads(without.stdout)["global_tables"] == ["invoice_lines", "line_taxes"]
+
+    text = fleet.config_path.read_text()
+    fleet.config_path.write_text(text + "\n" + REFERENCES.replace("invoices.id", "invoices.number"))
+    before = fleet.snapshot()
+    line = _refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", "--yes"))
+    assert "invoices.number is not a unique key" in line, line
+    fleet.config_path.write_text(text + "\n" + REFERENCES.replace("line_taxes.line_id", "line_taxes.lineid"))
+    line = _refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", "--yes"))
+    assert "[tenancy.references] line_taxes.lineid: no line_taxes.lineid in schema 'public'" in line, line
+
+    fleet.config_path.write_text(text + "\n" + REFERENCES)
+    dry = fleet.run("move", TENANT, "--to", "eu-2", "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    assert json.loads(dry.stdout)["tables"] == {"invoices": 20, "invoice_lines": 100, "line_taxes": 100, "tenants": 1}
+    digest = (
+        "SELECT count(*), md5(string_agg(x::text, '|' ORDER BY x::text)) FROM line_taxes x"
+        " JOIN invoice_lines l ON l.id = x.line_id JOIN invoices i ON i.id = l.invoice_id WHERE i.tenant_id = 42"
+    )
+    source = fleet.query("eu-1", digest)
+    moved = fleet.run("move", TENANT, "--to", "eu-2", "--yes")
+    assert moved.exit_code == 0, moved.output
+    assert fleet.query("eu-2", digest) == source and source[0][0] == 100
+    cleaned = fleet.run("cleanup", TENANT, "--stamp", "eu-1", "--yes")
+    assert cleaned.exit_code == 0, cleaned.output
+    assert fleet.query("eu-1", digest)[0][0] == 0
+    assert fleet.query("eu-1", "SELECT count(*) FROM line_taxes")[0][0] == 102  # the neighbour's and the orphans
+    assert fleet.query("eu-1", "SELECT count(*) FROM invoice_lines WHERE invoice_id < 43000")[0][0] == 0

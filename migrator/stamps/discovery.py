@@ -242,6 +242,9 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
 
     if tenancy.root_table not in names.values():
         raise PreflightError(f"root table {tenancy.root_table!r} not found in schema {schema!r}")
+    problems: list[str] = []
+    for oid, fk in _declared(conn, tenancy, names, columns, problems):
+        foreign[oid].append((next(o for o, n in names.items() if n == fk.parent), fk))
     tenant_oids: dict[int, str | None] = {}
     excluded: list[str] = []
     for oid, name in names.items():
@@ -255,7 +258,6 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
         elif tenancy.column in colnames:
             tenant_oids[oid] = tenancy.column
 
-    problems: list[str] = []
     candidates = {oid for oid, name in names.items() if oid not in tenant_oids and name not in tenancy.exclude}
     path_of = _find_paths(candidates, tenant_oids, foreign, names, schema, problems)
     global_tables = [name for oid, name in names.items() if oid in candidates and oid not in path_of]
@@ -310,6 +312,48 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
 
 
 Edges = dict[int, list[tuple[int, ForeignKey]]]
+
+# Column sets of each unique index (and primary key) that is valid, immediate and not partial.
+_UNIQUE_SETS = """
+SELECT i.indrelid, ARRAY(SELECT a.attname FROM unnest(i.indkey) u(attnum)
+                         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = u.attnum ORDER BY a.attname)
+FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %s AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL
+"""
+
+
+def _declared(
+    conn: psycopg.Connection[Any],
+    tenancy: Tenancy,
+    names: dict[int, str],
+    columns: dict[int, list[Column]],
+    problems: list[str],
+) -> list[tuple[int, ForeignKey]]:
+    """`[tenancy.references]` as foreign keys, each checked like one: tables and columns that exist,
+    and parent columns that are unique (a row has one parent, so one tenant)."""
+    if not tenancy.references:
+        return []
+    oids = {name: oid for oid, name in names.items()}
+    unique = {(oid, tuple(cols)) for oid, cols in conn.execute(_UNIQUE_SETS, (tenancy.db_schema,)).fetchall()}
+    found = []
+    for ref in tenancy.references:
+        missing = [
+            f"{table}.{col}" if table in oids else table
+            for table, cols in ((ref.table, ref.columns), (ref.parent, ref.parent_columns))
+            for col in cols
+            if table not in oids or col not in {c.name for c in columns[oids[table]]}
+        ]
+        if missing:
+            problems.append(f"{ref.name}: no {', '.join(dict.fromkeys(missing))} in schema {tenancy.db_schema!r}")
+        elif (oids[ref.parent], tuple(sorted(ref.parent_columns))) not in unique:
+            problems.append(
+                f"{ref.name}: {ref.parent}.{','.join(ref.parent_columns)} is not a unique key, so a row could have "
+                "parents of several tenants; name the parent's primary key or a unique key"
+            )
+        else:
+            fk = ForeignKey(ref.name, ref.columns, ref.parent, ref.parent_columns, deferrable=True)
+            found.append((oids[ref.table], fk))
+    return found
 
 
 def _find_paths(
