@@ -218,3 +218,32 @@ def test_init_says_how_it_guessed_when_foreign_keys_do_not_tell(
     for reason in reasons:
         assert reason in result.stdout, result.stdout
     assert configlib.load(path).tenancy == tenancy
+
+
+def test_init_prints_how_each_table_is_placed_and_names_references_that_are_no_foreign_key(
+    pg: pgserver.LocalServer, databases: list[str], tmp_path: Path
+) -> None:
+    name = f"init{next(_numbers)}_app"
+    databases.append(name)
+    dsn = provision.create_database(pg, name)
+    with dsnlib.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE accounts (id bigint PRIMARY KEY);"
+            "CREATE TABLE projects (id bigint PRIMARY KEY, account_id bigint NOT NULL REFERENCES accounts);"
+            "CREATE TABLE milestones (id bigint PRIMARY KEY, project_id bigint NOT NULL REFERENCES projects);"
+            "CREATE TABLE tasks (id bigint PRIMARY KEY, project_id bigint NOT NULL);"  # no constraint (Rails)
+            "CREATE TABLE currencies (code text PRIMARY KEY)"
+        )
+    path = tmp_path / "migrator.toml"
+    result = _init("--from-stamp", dsn, "--path", str(path))
+    assert result.exit_code == 0, result.output
+    for line in (
+        "  accounts: by column id",
+        "  projects: by column account_id",
+        "  milestones: by path milestones.project_id -> projects.account_id",
+        "  currencies: global (no tenant column, no foreign key to a tenant table)",
+        "  tasks: global (no tenant column, no foreign key to a tenant table)",
+        "  tasks.project_id (like projects)",
+    ):
+        assert line in result.stdout, (line, result.stdout)
+    assert "# " + "  milestones: by path" in path.read_text()  # kept as comments in the file

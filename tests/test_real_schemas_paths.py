@@ -399,6 +399,7 @@ def test_declared_references_find_rows_of_tables_without_foreign_keys_and_bad_on
     fleet.execute("eu-1", "INSERT INTO line_taxes VALUES (1, 999999, 0.1), (2, NULL, 0.1)")  # orphans: no tenant's
     without = fleet.run("move", TENANT, "--to", "eu-2", "--dry-run", "--json")  # invoices alone: no path
     assert without.exit_code == 0 and json.loads(without.stdout)["global_tables"] == ["invoice_lines", "line_taxes"]
+    assert json.loads(without.stdout)["suspects"] == ["invoice_lines.invoice_id (like invoices)"]
 
     text = fleet.config_path.read_text()
     fleet.config_path.write_text(text + "\n" + REFERENCES.replace("invoices.id", "invoices.number"))

@@ -177,6 +177,10 @@ def move_run(
                 [(name, rows, outcome.reached.get(name)) for name, rows in sorted(outcome.tables.items())],
             )
             + (f"\nglobal (left alone): {', '.join(outcome.global_tables)}" if outcome.global_tables else "")
+            + "".join(
+                f"\nlooks like a reference but is no foreign key: {s}; declare it in [tenancy.references] if it is one"
+                for s in outcome.suspects
+            )
             + "".join(f"\nskipped: {what} (not a table; no rows of its own)" for what in outcome.skipped)
         )
         emit(
@@ -189,6 +193,7 @@ def move_run(
                 "tables": outcome.tables,
                 "reached": outcome.reached,
                 "global_tables": list(outcome.global_tables),
+                "suspects": list(outcome.suspects),
                 "not_moved": outcome.not_moved,
                 "skipped": list(outcome.skipped),
                 "resuming_move": outcome.move.id if outcome.move else None,

@@ -61,6 +61,7 @@ class MoveOutcome:
     freeze_steps_ms: dict[str, float] = field(default_factory=dict)  # online: the flipping freeze, step by step
     reached: dict[str, str] = field(default_factory=dict)  # dry run: how each table's rows are found
     global_tables: tuple[str, ...] = ()  # dry run: tables holding no tenant's rows, left alone
+    suspects: tuple[str, ...] = ()  # dry run: global tables' columns that look like undeclared references
 
 
 def move_tenants(
@@ -104,6 +105,7 @@ def move_tenants(
                 skipped=checked.skipped,
                 reached={t.label: t.reach for t in checked.layout.tables},
                 global_tables=checked.layout.global_tables,
+                suspects=checked.layout.suspects,
             )
         mode = Mode.ONLINE if options.online else Mode.OFFLINE
         move = catalog.create_move(checked.routes, checked.target.name, mode, options.batch_rows, checked.revision)

@@ -128,6 +128,8 @@ def check_move(
         problems.add(checks.move_problems(src, tgt, layout, source.name, target.name, allow_triggers))
         write_mode = dsnlib.write_mode(tgt)
     problems.raise_any(f"preflight refused the move of {name_tenants(tenants)} to {target.name}")
+    for suspect in layout.suspects:
+        log.warning("%s looks like a reference to a tenant table but is no foreign key: it stays global", suspect)
     for label, count in nulls.items():  # said only of a move that goes ahead: a refusal stays one line
         key = layout.table(label).key
         log.warning("table %s has %d rows with NULL %s; they are not moved", label, count, key)

@@ -135,6 +135,9 @@ class Layout:
     excluded: tuple[str, ...]
     problems: tuple[str, ...] = ()
     """Why a move cannot copy this layout (tables without a row key, NOT DEFERRABLE cycles); see `inspect`."""
+    suspects: tuple[str, ...] = ()
+    """Global tables' columns that look like references to tenant tables but are no foreign key
+    (`invoice_lines.invoice_id` beside `invoices`): declare them in [tenancy.references], or they stay global."""
 
     def table(self, label: str) -> Table:
         for table in self.tables:
@@ -308,10 +311,32 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
         global_tables=tuple(sorted(global_tables)),
         excluded=tuple(sorted(excluded)),
         problems=tuple(problems),
+        suspects=_suspects(global_tables, [t.name for t in tables], columns, foreign, names),
     )
 
 
 Edges = dict[int, list[tuple[int, ForeignKey]]]
+
+
+def _suspects(
+    global_tables: list[str], owned: list[str], columns: dict[int, list[Column]], foreign: Edges, names: dict[int, str]
+) -> tuple[str, ...]:
+    """`x_id` columns of global tables, in no foreign key, named after a tenant table (`x`, `xs`, `xes`, `xies`)."""
+    found = []
+    for oid, name in sorted(names.items(), key=lambda item: item[1]):
+        if name not in global_tables:
+            continue
+        keyed = {c for _, fk in foreign[oid] for c in fk.columns}
+        for column in columns[oid]:
+            stem = column.name.lower().removesuffix("_id")
+            if stem == column.name.lower() or column.name in keyed:
+                continue
+            plural = {stem, f"{stem}s", f"{stem}es", f"{stem[:-1]}ies"}
+            parent = next((t for t in owned if t.lower() in plural), None)
+            if parent is not None:
+                found.append(f"{name}.{column.name} (like {parent})")
+    return tuple(found)
+
 
 # Column sets of each unique index (and primary key) that is valid, immediate and not partial.
 _UNIQUE_SETS = """

@@ -17,7 +17,9 @@ import psycopg
 from migrator import config as configlib
 from migrator.config import Tenancy
 from migrator.db import dsn as dsnlib
+from migrator.errors import BadInput, PreflightError
 from migrator.stamps.access import connect_dsn
+from migrator.stamps.discovery import inspect
 
 # Names applications give the tenant key, best first (ties between equally common names go to the earlier).
 CANDIDATES = (
@@ -138,6 +140,28 @@ def guess_tenancy(conn: psycopg.Connection[Any]) -> Guess:
     return Guess(Tenancy(column, default.root_table, default.root_column, schema), tuple(reasons), alembic)
 
 
+def placement(conn: psycopg.Connection[Any], tenancy: Tenancy) -> list[str]:
+    """How a move would find tenant rows in each table under `tenancy`, one line each, and the columns
+    that look like references but are none; refused (before anything is written) when the tenancy
+    finds tenants in no table but the root."""
+    try:
+        layout = inspect(conn, tenancy)
+    except PreflightError as exc:  # no root table: the guess says so already
+        return [f"tables not placed: {exc}"]
+    root_only = [p for p in layout.problems if "finds tenants in no table but the root" in p]
+    if root_only:
+        raise BadInput(root_only[0])
+    lines = ["tables, and how a move finds a tenant's rows in each:"]
+    lines += [f"  {table.label}: by {table.reach}" for table in sorted(layout.tables, key=lambda t: t.label)]
+    lines += [f"  {name}: global (no tenant column, no foreign key to a tenant table)" for name in layout.global_tables]
+    lines += [f"  {name}: excluded" for name in layout.excluded]
+    if layout.suspects:
+        lines.append("these look like references to tenant tables but are no foreign key; if they are, declare them")
+        lines.append('in [tenancy.references] ("table.column" = "parent.column") or their rows stay behind:')
+        lines += [f"  {suspect}" for suspect in layout.suspects]
+    return lines
+
+
 # `catalog_url` when `init` is not given one: the file must parse, and this says plainly what to change.
 PLACEHOLDER_CATALOG = "postgresql://migrator@localhost:5432/migrator_catalog"
 
@@ -161,7 +185,9 @@ def init_config(path: Path, catalog_url: str | None, from_stamp: str | None, for
     if from_stamp is not None:
         with connect_dsn(from_stamp, "the stamp given by --from-stamp") as conn:
             guess = guess_tenancy(conn)
+            placed = placement(conn, guess.tenancy)
         notes = [f"[tenancy] guessed from the stamp {dsnlib.mask(from_stamp)}:", *(f"  {r}" for r in guess.reasons)]
+        notes += placed
     if catalog_url is None:
         notes.append("catalog_url is a placeholder: set it (or pass --catalog, or $MIGRATOR_CATALOG_URL)")
     text = configlib.render(
