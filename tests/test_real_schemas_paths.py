@@ -12,16 +12,27 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import time
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from test_real_schemas_shapes import STAMPS, TENANT, Shaped, ShapedFactory, _tenants, shaped  # noqa: F401
+from test_real_schemas_shapes import (  # noqa: F401
+    STAMPS,
+    TENANT,
+    Shaped,
+    ShapedFactory,
+    _copied,
+    _tenants,
+    shaped,
+)
 
 from migrator.db import dsn as dsnlib
 from migrator.move import MoveOptions, move_tenants
+from migrator.move.fence import leftovers
 from migrator.progress import Silent
 
 NEIGHBOUR = "43"
@@ -427,3 +438,77 @@ def test_declared_references_find_rows_of_tables_without_foreign_keys_and_bad_on
     assert fleet.query("eu-1", digest)[0][0] == 0
     assert fleet.query("eu-1", "SELECT count(*) FROM line_taxes")[0][0] == 102  # the neighbour's and the orphans
     assert fleet.query("eu-1", "SELECT count(*) FROM invoice_lines WHERE invoice_id < 43000")[0][0] == 0
+
+
+COHORT = (TENANT, "44")
+
+
+def _kill_during_path_copy(fleet: Shaped, table: str = "line_taxes") -> None:
+    """An online cohort move, slowed down, killed with -9 while it copies a path table."""
+    proc = fleet.popen("move", *COHORT, "--to", "eu-2", "--batch-rows", "5", "--rate-limit", "300", "--yes")
+    deadline = time.monotonic() + 90
+    while _copied(fleet, table) < 10:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"the copy of {table} never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _cohort_fleet(shaped: ShapedFactory) -> Shaped:
+    fleet = shaped(BILLING)
+    _tenants(fleet, *COHORT, NEIGHBOUR)
+    for tenant in (*COHORT, NEIGHBOUR):
+        seed(fleet, tenant)
+    return fleet
+
+
+def test_a_cohort_with_path_tables_resumes_after_kill_9_with_child_writes_in_between(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    fleet = _cohort_fleet(shaped)
+    neighbour = oracle(fleet, "eu-1", NEIGHBOUR)
+    _kill_during_path_copy(fleet)
+    WritesChildRows(fleet.admin["eu-1"]).advance("invoice_lines", 1)  # while the move lies dead
+
+    resumed = fleet.run("move", *COHORT, "--to", "eu-2", "--yes", "--json")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["resumed"] is True
+    for tenant in COHORT:
+        assert oracle(fleet, "eu-2", tenant) == oracle(fleet, "eu-1", tenant), tenant
+    move = json.loads(resumed.stdout)["move"]["id"]
+    cleaned = fleet.run("cleanup", "--move", str(move), "--yes")
+    assert cleaned.exit_code == 0, cleaned.output
+    for tenant in COHORT:
+        assert all(rows == 0 for rows, _ in oracle(fleet, "eu-1", tenant).values()), tenant
+    assert oracle(fleet, "eu-1", NEIGHBOUR) != neighbour  # the writer re-parented lines across the two
+    assert oracle(fleet, "eu-1", NEIGHBOUR)["invoices"] == neighbour["invoices"]
+    for stamp in STAMPS:
+        assert orphans_and_revalidation(fleet, stamp) == [], stamp
+
+
+def test_abort_of_a_killed_cohort_copy_as_replica_leaves_no_path_row_on_the_target(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    fleet = _cohort_fleet(shaped)
+    operator = grant_replica(fleet)
+    try:
+        source = {tenant: oracle(fleet, "eu-1", tenant) for tenant in COHORT}
+        _kill_during_path_copy(fleet)
+        move = fleet.catalog.open_move(TENANT)
+        assert move is not None and move.write_mode == "replica"
+        aborted = fleet.run("move", "abort", str(move.id), "--batch-rows", "3", "--yes")
+        assert aborted.exit_code == 0, aborted.output
+        with dsnlib.connect(fleet.admin["eu-2"], autocommit=True) as conn:
+            counts = {
+                table: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))).fetchone()
+                for table in ORACLE
+            }
+        assert counts == {table: (0,) for table in ORACLE} | {"tenants": (0,)}, counts
+        assert orphans_and_revalidation(fleet, "eu-2") == []
+        assert {tenant: oracle(fleet, "eu-1", tenant) for tenant in COHORT} == source
+        assert fleet.catalog.route(TENANT).stamp == "eu-1"
+        with dsnlib.connect(fleet.admin["eu-1"], autocommit=True) as conn:
+            assert leftovers(conn) == []
+    finally:
+        revoke_replica(fleet, operator)

@@ -52,14 +52,73 @@ def backlog(src: psycopg.Connection[Any], move_id: int) -> int:
     return int(row[0]) if row else 0
 
 
+def expand(src: psycopg.Connection[Any], layout: Layout, move_id: int) -> int:
+    """Log, as changes of the same source transaction, the path rows of rows whose tenant changed.
+
+    An update that moves an invoice to another tenant (or a line to another tenant's invoice) moves
+    its path rows with it, though no trigger of theirs fired: the guard marks such changes `moved`,
+    and here their children's keys are added to the log, down every path (a child of a moved row
+    moved too). Everything that reads the log (replay, verify, the freeze's proof) then sees them
+    as captured. Runs in the caller's transaction; returns how many keys it added.
+    """
+    schema, added = sql.Identifier(SCHEMA), 0
+    while moved := src.execute(
+        sql.SQL(
+            "UPDATE {}.changes SET expanded = true WHERE move_id = %s AND moved AND NOT expanded"
+            " RETURNING xid::text, table_name, pk"
+        ).format(schema),
+        (move_id,),
+    ).fetchall():
+        found: list[tuple[str, str, list[str]]] = []
+        for table in layout.tables:
+            xids = {tuple(pk): xid for xid, name, pk in moved if layout.owner_of(name) == table.name}
+            for child, hop in (
+                (t, p.hops[0]) for t in layout.tables for p in t.paths if p.hops[0].parent == table.name
+            ):
+                for key, parent_key in _children(src, child, hop, table, [list(k) for k in xids]):
+                    found.append((xids[tuple(parent_key)], child.name, key))
+        if found:
+            src.cursor().executemany(
+                sql.SQL(
+                    "INSERT INTO {}.changes (move_id, xid, table_name, pk, moved) VALUES (%s, %s::xid8, %s, %s, true)"
+                ).format(schema),
+                [(move_id, xid, name, key) for xid, name, key in found],
+            )
+        added += len(found)
+    return added
+
+
+def _children(
+    conn: psycopg.Connection[Any], child: Table, hop: Hop, parent: Table, parent_keys: list[list[str]]
+) -> list[tuple[list[str], list[str]]]:
+    """(child key, parent key) of `child`'s rows that reference, through `hop`, the `parent` rows of these keys."""
+    rows = Jsonb([dict(zip(parent.primary_key, key, strict=True)) for key in parent_keys])
+    query = sql.SQL(
+        "SELECT ARRAY[{child_key}], ARRAY[{parent_key}] FROM {child} c JOIN {parent} p ON ({cols}) = ({refs})"
+        " WHERE ({pk}) IN (SELECT {bare} FROM jsonb_populate_recordset(NULL::{parent}, %s))"
+    ).format(
+        child_key=sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in child.primary_key),
+        parent_key=sql.SQL(", ").join(sql.SQL("p.{}::text").format(sql.Identifier(c)) for c in parent.primary_key),
+        child=child.ident,
+        parent=parent.ident,
+        cols=sql.SQL(", ").join(sql.SQL("c.{}").format(sql.Identifier(c)) for c in hop.columns),
+        refs=sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(c)) for c in hop.parent_columns),
+        pk=sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(c)) for c in parent.primary_key),
+        bare=parent.pk_cols(),
+    )
+    return [(list(c), list(p)) for c, p in conn.execute(query, (rows,)).fetchall()]
+
+
 def captured_keys(
     src: psycopg.Connection[Any], layout: Layout, move_id: int, unverified_only: bool = False
 ) -> dict[str, list[list[str]]]:
     """Distinct keys the move captured so far (applied or not), by tenant table name (a partition's
-    changes under its partitioned table's name).
+    changes under its partitioned table's name), the path rows of rows whose tenant changed
+    included (`expand`, in the caller's transaction).
 
     With unverified_only, only keys with a change not yet proven equal before the freeze.
     """
+    expand(src, layout, move_id)
     keys: dict[str, list[list[str]]] = defaultdict(list)
     unverified = sql.SQL(" AND NOT verified" if unverified_only else "")  # served by the changes_unverified index
     for table_name, pk in src.execute(
@@ -162,37 +221,6 @@ def _delete_gone(
     return tgt.execute(query).rowcount
 
 
-def _membership_changed(
-    tgt: psycopg.Connection[Any], table: Table, tenants: Cohort, keys: sql.Identifier, stage: sql.Identifier
-) -> list[list[str]]:
-    """Keys whose row is the tenant's on one side only: staged from the source, or held on the target."""
-    held = by_key(table, keys, tenants, table.pk_cols())
-    query = sql.SQL(
-        "SELECT ARRAY[{text}] FROM ((SELECT {pk} FROM {stage} EXCEPT SELECT x.* FROM {held})"
-        " UNION (SELECT x.* FROM {held} EXCEPT SELECT {pk} FROM {stage})) c"
-    ).format(text=table.pk_text(), pk=table.pk_cols(), stage=stage, held=held)
-    return [list(row[0]) for row in tgt.execute(query).fetchall()]
-
-
-def _children(
-    conn: psycopg.Connection[Any], child: Table, hop: Hop, parent: Table, parent_keys: list[list[str]]
-) -> list[list[str]]:
-    """Keys of `child`'s rows that reference, through `hop`, the `parent` rows of these keys."""
-    rows = Jsonb([dict(zip(parent.primary_key, key, strict=True)) for key in parent_keys])
-    query = sql.SQL(
-        "SELECT ARRAY[{text}] FROM {child} WHERE ({cols}) IN (SELECT {refs} FROM {parent} p"
-        " WHERE ({pk}) IN (SELECT {pk} FROM jsonb_populate_recordset(NULL::{parent}, %s)))"
-    ).format(
-        text=child.pk_text(),
-        child=child.ident,
-        cols=sql.SQL(", ").join(map(sql.Identifier, hop.columns)),
-        refs=sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(c)) for c in hop.parent_columns),
-        parent=parent.ident,
-        pk=parent.pk_cols(),
-    )
-    return [list(row[0]) for row in conn.execute(query, (rows,)).fetchall()]
-
-
 def apply_keys(
     src: psycopg.Connection[Any],
     tgt: psycopg.Connection[Any],
@@ -200,20 +228,12 @@ def apply_keys(
     tenants: Cohort,
     keys: dict[str, list[list[str]]],
 ) -> tuple[int, int]:
-    """Make the target's rows of these keys equal to the source's, inside both open transactions.
-
-    A row that joins or leaves the tenant (re-parented, deleted) takes its path tables' rows with
-    it, which no trigger of theirs logged: their keys are added, parents first, down every path.
-    """
-    keys = {name: list(found) for name, found in keys.items()}
-    tables: list[tuple[int, Table]] = []
+    """Make the target's rows of these keys equal to the source's, inside both open transactions."""
+    tables = [(i, t) for i, t in enumerate(layout.tables) if keys.get(t.name)]
     upserted = deleted = 0
     if any(t.cycle for t in layout.tables):  # a cycle's rows may reference each other in any order: check at commit
         tgt.execute("SET CONSTRAINTS ALL DEFERRED")
-    for i, table in enumerate(layout.tables):
-        if not keys.get(table.name):
-            continue
-        tables.append((i, table))
+    for i, table in tables:
         load_keys(src, table, keys[table.name], keys_table(i))
         load_keys(tgt, table, keys[table.name], keys_table(i))
         stage = sql.Identifier(f"migrator_stage_{i}")
@@ -224,11 +244,6 @@ def apply_keys(
             sql.SQL("SELECT x.* FROM {}").format(by_key(table, keys_table(i), tenants, table.cols())),
             stage,
         )
-        children = [(t, path.hops[0]) for t in layout.tables for path in t.paths if path.hops[0].parent == table.name]
-        if children and (moved := _membership_changed(tgt, table, tenants, keys_table(i), stage)):
-            for child, hop in children:
-                for conn in (src, tgt):  # joined on the source, or left from the target
-                    keys.setdefault(child.name, []).extend(_children(conn, child, hop, table, moved))
         upserted += _upsert(tgt, table, stage)
     for i, table in reversed(tables):
         deleted += _delete_gone(tgt, table, tenants, keys_table(i), sql.Identifier(f"migrator_stage_{i}"))
@@ -249,6 +264,7 @@ def replay_once(
     """
     with src.transaction():
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        expand(src, layout, move_id)
         batch = _take_batch(src, move_id, limit)
         if not batch:
             return Applied(0, 0, 0)

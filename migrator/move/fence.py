@@ -69,8 +69,11 @@ BEGIN
                 HINT = 'Re-read the tenant''s route and retry against its new stamp.';
         END IF;
         IF f.capture THEN
-            INSERT INTO {schema}.changes (move_id, table_name, pk)
-            SELECT DISTINCT g.move_id, tbl, k FROM (VALUES
+            -- `moved`: an update that changed the row's tenant, whose path rows changed tenant with it
+            INSERT INTO {schema}.changes (move_id, table_name, pk, moved)
+            SELECT DISTINCT g.move_id, tbl, k,
+                   old_row IS NOT NULL AND new_row IS NOT NULL AND old_tenant IS DISTINCT FROM new_tenant
+            FROM (VALUES
                 (CASE WHEN old_tenant = g.tenant
                       THEN ARRAY(SELECT old_row ->> c FROM unnest(pk) WITH ORDINALITY u(c, i) ORDER BY i) END),
                 (CASE WHEN new_tenant = g.tenant
@@ -200,6 +203,10 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
         " pk text[] NOT NULL, applied boolean NOT NULL DEFAULT false, verified boolean NOT NULL DEFAULT false)",
         "CREATE INDEX IF NOT EXISTS changes_pending ON {}.changes (move_id, id) WHERE NOT applied",
         "CREATE INDEX IF NOT EXISTS changes_unverified ON {}.changes (move_id) WHERE NOT verified",
+        # Changes of rows whose tenant changed, until their path rows are logged too (`capture.expand`).
+        "ALTER TABLE {}.changes ADD COLUMN IF NOT EXISTS moved boolean NOT NULL DEFAULT false,"
+        " ADD COLUMN IF NOT EXISTS expanded boolean NOT NULL DEFAULT false",
+        "CREATE INDEX IF NOT EXISTS changes_moved ON {}.changes (move_id) WHERE moved AND NOT expanded",
         # One row per key range (`part`) of a table's copy; see `copy.Part`.
         "CREATE TABLE IF NOT EXISTS {}.copy_progress (move_id bigint NOT NULL, table_name text NOT NULL,"
         " part integer NOT NULL DEFAULT 0, cursor text[], upto text[], rows_copied bigint NOT NULL DEFAULT 0,"
@@ -215,7 +222,10 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
 
 def _schema_current(conn: psycopg.Connection[Any]) -> bool:
     """Every object `ensure_schema` creates is there, in its latest shape (copy parts)."""
-    names = [f"{SCHEMA}.{n}" for n in ("guarded_tenants", "guard_state", "changes_pending", "changes_unverified")]
+    names = [
+        f"{SCHEMA}.{n}"
+        for n in ("guarded_tenants", "guard_state", "changes_pending", "changes_unverified", "changes_moved")
+    ]
     row = conn.execute(
         "SELECT bool_and(to_regclass(n) IS NOT NULL) AND EXISTS (SELECT 1 FROM pg_attribute"
         " WHERE attrelid = to_regclass(%s) AND attname = 'part' AND NOT attisdropped) FROM unnest(%s::text[]) AS n",
