@@ -52,7 +52,7 @@ from migrator.local.seed import TenantSpec, seed_fleet_stamp
 from migrator.move import fence
 from migrator.router import Router, TenantFenced, UnknownTenant
 from migrator.stamps.access import SCHEMA
-from migrator.stamps.discovery import Layout, discover
+from migrator.stamps.discovery import Layout, discover, tenant_filter
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("kill9", "terminate_source", "terminate_target", "terminate_catalog", "restart_target", "stop_catalog")
@@ -129,9 +129,10 @@ class Fleet:
 
 # Shapes of real application schemas the moves must carry exactly under the same faults (beside the
 # sample application): a folder tree whose children have smaller keys than their parents as well as
-# larger (a self-referencing foreign key), and an application trigger that writes an audit row for
-# every folder inserted. Copies, replays and cleanups must not fire it: an extra audit row on any
-# stamp counts as a duplicated row.
+# larger (a self-referencing foreign key), an application trigger that writes an audit row for
+# every folder inserted (copies, replays and cleanups must not fire it: an extra audit row on any
+# stamp counts as a duplicated row), and files with their versions that reach the tenant only through
+# foreign keys (path tables, one and two hops: no tenant_id column).
 REAL_SHAPES = """
 CREATE TABLE folders (
     tenant_id bigint NOT NULL REFERENCES tenants (id),
@@ -153,13 +154,30 @@ BEGIN
     RETURN NEW;
 END $$;
 CREATE TRIGGER audit_folder AFTER INSERT ON folders FOR EACH ROW EXECUTE FUNCTION audit_folder();
+CREATE TABLE folder_files (
+    id bigint PRIMARY KEY,
+    owner bigint NOT NULL,
+    folder bigint NOT NULL,
+    name text NOT NULL,
+    FOREIGN KEY (owner, folder) REFERENCES folders (tenant_id, id) ON DELETE CASCADE
+);
+CREATE TABLE file_versions (
+    file_id bigint NOT NULL REFERENCES folder_files ON DELETE CASCADE,
+    version integer NOT NULL,
+    size bigint NOT NULL,
+    PRIMARY KEY (file_id, version)
+);
 """
 # Folders 1..n (n >= 10), rooted at 10: folders 1-9 hang under it (children with smaller keys than
 # their parent), every folder above 10 under the one ten below (children with larger keys).
 SEED_SHAPES = """
 INSERT INTO folders (tenant_id, id, parent_id, name)
 SELECT %(tenant)s, g, CASE WHEN g = 10 THEN NULL WHEN g < 10 THEN 10 ELSE g - 10 END, 'f' || g
-FROM generate_series(1, %(n)s::bigint) AS g
+FROM generate_series(1, %(n)s::bigint) AS g;
+INSERT INTO folder_files SELECT %(tenant)s * 1000 + g, %(tenant)s, g, 'file ' || g
+FROM generate_series(1, %(n)s::bigint) g;
+INSERT INTO file_versions SELECT %(tenant)s * 1000 + g, v, g * v
+FROM generate_series(1, %(n)s::bigint) g, generate_series(1, 2) v
 """
 
 
@@ -190,7 +208,9 @@ def build_fleet(base: Path, rng: random.Random, stamps: int, small: int, medium:
         next_id += medium
         for tenant, rows in seed_fleet_stamp(dsns[name], specs).items():
             with _connect(dsns[name], "chaos-setup") as conn:
-                conn.execute(SEED_SHAPES, {"tenant": tenant, "n": rng.randint(10, 40)})
+                n = rng.randint(10, 40)
+                for statement in SEED_SHAPES.split(";\n"):
+                    conn.execute(statement, {"tenant": tenant, "n": n})
             catalog.set_route(str(tenant), name)
             fleet.tenants[str(tenant)] = rows
     return fleet
@@ -219,8 +239,11 @@ def seeded_rows(conn: psycopg.Connection[Any], layout: Layout, tenant: str) -> d
     out = {}
     for table in layout.tables:
         rows = conn.execute(
-            sql.SQL("SELECT ARRAY[{}]::text, md5(t::text) FROM {} t WHERE {} = {} AND {}").format(
-                table.pk_text(), table.ident, sql.Identifier(table.key), sql.Literal(tenant), _not_writer(table.name)
+            sql.SQL("SELECT ARRAY[{}]::text, md5(t::text) FROM {} t WHERE {} AND {}").format(
+                table.pk_text(),
+                table.ident,
+                tenant_filter(table, (tenant,), sql.Identifier("t")),
+                _not_writer(table.name),
             )
         ).fetchall()
         out[table.label] = dict(rows)
@@ -231,9 +254,7 @@ def tenant_row_count(conn: psycopg.Connection[Any], layout: Layout, tenant: str)
     total = 0
     for table in layout.tables:
         row = conn.execute(
-            sql.SQL("SELECT count(*) FROM {} WHERE {} = {}").format(
-                table.ident, sql.Identifier(table.key), sql.Literal(tenant)
-            )
+            sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table.ident, tenant_filter(table, (tenant,)))
         ).fetchone()
         total += int(row[0]) if row else 0
     return total
