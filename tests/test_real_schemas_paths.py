@@ -226,6 +226,10 @@ def test_path_tables_move_exactly_and_cleanup_leaves_no_orphan(
         assert planned["reached"]["invoices"] == "column tenant_id" and planned["global_tables"] == ["currencies"]
         before = oracle(fleet, "eu-1")
         assert before["line_taxes"][0] == 120 and before["notes"][0] == 120
+        listed = fleet.run("tenant", "list", "--stamp", "eu-1", "--sizes", "--json")  # plans' capacity figures too
+        assert listed.exit_code == 0, listed.output
+        sizes = {row["tenant"]: row["rows"] for row in json.loads(listed.stdout)}
+        assert sizes[TENANT] == sum(rows for rows, _ in before.values()), (sizes, before)
 
         online = mode == "online"
         writer = WritesChildRows(fleet.admin["eu-1"]) if online else Silent()
@@ -455,8 +459,8 @@ def _kill_during_path_copy(fleet: Shaped, table: str = "line_taxes") -> None:
     proc.wait(timeout=30)
 
 
-def _cohort_fleet(shaped: ShapedFactory) -> Shaped:
-    fleet = shaped(BILLING)
+def _cohort_fleet(build: ShapedFactory) -> Shaped:
+    fleet = build(BILLING)
     _tenants(fleet, *COHORT, NEIGHBOUR)
     for tenant in (*COHORT, NEIGHBOUR):
         seed(fleet, tenant)
