@@ -47,6 +47,9 @@ class Tenancy:
     db_schema: str = "public"
     exclude: tuple[str, ...] = ()
     references: tuple[Reference, ...] = ()
+    follow: tuple[str, ...] = ()
+    """Global tables whose rows tenants share (a `users` row of several organisations): a move copies
+    the rows its tenants reference that the target lacks, and cleanup never deletes them."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class Config:
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a TOML comment
 _TOP_KEYS = {"catalog_url", "tenancy", "schema"}
-_TENANCY_KEYS = {"column", "root_table", "root_column", "schema", "exclude", "references"}
+_TENANCY_KEYS = {"column", "root_table", "root_column", "schema", "exclude", "references", "follow"}
 _REFERENCE = re.compile(r"^([^.,\s]+)\.([^.,\s]+(?:,[^.,\s]+)*)$")  # table.column or table.col1,col2
 _SCHEMA_KEYS = {"script_location"}
 
@@ -122,9 +125,10 @@ def parse(text: str, path: Path) -> Config:
             raise ConfigError(f"{path}: {section} must be a table ([{section}]), got {value!r}")
     _check_keys("tenancy", tenancy_raw, _TENANCY_KEYS, path)
     _check_keys("schema", schema_raw, _SCHEMA_KEYS, path)
-    exclude = tenancy_raw.get("exclude", [])
-    if not isinstance(exclude, list) or not all(isinstance(t, str) for t in exclude):
-        raise ConfigError(f"{path}: [tenancy] exclude must be a list of table names, got {_shown(exclude)}")
+    exclude, follow = tenancy_raw.get("exclude", []), tenancy_raw.get("follow", [])
+    for key, value in (("exclude", exclude), ("follow", follow)):
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            raise ConfigError(f"{path}: [tenancy] {key} must be a list of table names, got {_shown(value)}")
     tenancy = Tenancy(
         column=_string(tenancy_raw, "column", "tenant_id", "tenancy", path),
         root_table=_string(tenancy_raw, "root_table", "tenants", "tenancy", path),
@@ -132,6 +136,7 @@ def parse(text: str, path: Path) -> Config:
         db_schema=_string(tenancy_raw, "schema", "public", "tenancy", path),
         exclude=tuple(exclude),
         references=_references(tenancy_raw.get("references", {}), path),
+        follow=tuple(follow),
     )
     file_url = raw.get("catalog_url")
     if file_url is not None and (not isinstance(file_url, str) or not file_url):
@@ -223,6 +228,11 @@ def render(
         "# Tables never moved even though they have the tenant column.",
         f"exclude = [{exclude}]",
     ]
+    if tenancy.follow:
+        lines += [
+            "# Global tables whose rows tenants share: a move copies the referenced rows the target lacks.",
+            f"follow = [{', '.join(q(t) for t in tenancy.follow)}]",
+        ]
     if tenancy.references:
         lines += [
             "",

@@ -516,3 +516,77 @@ def test_abort_of_a_killed_cohort_copy_as_replica_leaves_no_path_row_on_the_targ
             assert leftovers(conn) == []
     finally:
         revoke_replica(fleet, operator)
+
+
+SHARED_USERS = (
+    "CREATE TABLE users (id bigint PRIMARY KEY, email text NOT NULL UNIQUE, name text NOT NULL)",
+    "CREATE TABLE memberships (tenant_id bigint NOT NULL REFERENCES tenants, user_id bigint NOT NULL"
+    " REFERENCES users, role text NOT NULL, PRIMARY KEY (tenant_id, user_id))",
+)
+
+
+class AddsAMember(Silent):
+    """During the copy: a new user joins the tenant (a users row the target cannot have yet)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn, self.done = dsn, False
+
+    def advance(self, table: str, rows: int) -> None:
+        if self.done or not rows:
+            return
+        self.done = True
+        with dsnlib.connect(self.dsn, autocommit=True) as conn, conn.transaction():
+            conn.execute("INSERT INTO users VALUES (9, 'new@example.com', 'New')")
+            conn.execute("INSERT INTO memberships VALUES (42, 9, 'member')")
+
+
+@pytest.mark.parametrize("write_mode", ["replica", "checked"])
+def test_followed_users_travel_with_their_tenant_and_are_never_deleted(
+    shaped: ShapedFactory,  # noqa: F811
+    write_mode: str,
+) -> None:
+    fleet = shaped(SHARED_USERS)
+    _tenants(fleet, TENANT, NEIGHBOUR)
+    if write_mode == "replica":
+        operator = grant_replica(fleet)
+        try:
+            _follow_users(fleet)
+        finally:
+            revoke_replica(fleet, operator)
+    else:
+        _follow_users(fleet)
+
+
+def _follow_users(fleet: Shaped) -> None:
+    users = [(i, f"u{i}@example.com", f"User {i}") for i in range(1, 6)]
+    for stamp in STAMPS:  # users 3 and 4 are on both stamps already (members of tenants there)
+        for user in users if stamp == "eu-1" else users[2:4]:
+            fleet.execute(stamp, "INSERT INTO users VALUES (%s, %s, %s)", params=user)
+    fleet.execute("eu-2", "UPDATE users SET name = 'Someone else' WHERE id = 4")
+    fleet.execute(
+        "eu-1",
+        "INSERT INTO memberships VALUES (42, 1, 'owner'), (42, 3, 'member'), (42, 4, 'member'), (43, 1, 'member'),"
+        " (43, 2, 'owner')",
+    )
+    before = fleet.snapshot()
+    line = _refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", "--yes"))
+    assert "reference (1) in users (foreign key memberships_user_id_fkey), which target eu-2 does not hold" in line
+    assert "add users to [tenancy] follow" in line, line
+
+    text = fleet.config_path.read_text()
+    fleet.config_path.write_text(text.replace("exclude = []", 'exclude = []\nfollow = ["users"]'))
+    line = _refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", "--yes"))
+    assert "rows (4) of users (followed) differ between the source and target eu-2" in line, line
+    fleet.execute("eu-2", "UPDATE users SET name = 'User 4' WHERE id = 4")
+
+    writer = AddsAMember(fleet.admin["eu-1"])
+    outcome = move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=1), writer)
+    assert writer.done and outcome.move is not None
+    shared = "SELECT id, email, name FROM users ORDER BY id"
+    assert [u[0] for u in fleet.query("eu-2", shared)] == [1, 3, 4, 9]  # those the tenant references
+    members = "SELECT * FROM memberships WHERE tenant_id = 42 ORDER BY user_id"
+    assert fleet.query("eu-2", members) == fleet.query("eu-1", members) and len(fleet.query("eu-2", members)) == 4
+    on_source = fleet.query("eu-1", shared)
+    cleaned = fleet.run("cleanup", TENANT, "--stamp", "eu-1", "--yes")
+    assert cleaned.exit_code == 0, cleaned.output
+    assert fleet.query("eu-1", members) == [] and fleet.query("eu-1", shared) == on_source  # never deleted

@@ -28,6 +28,7 @@ from psycopg.types.json import Jsonb
 from migrator.catalog import Cohort
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
+from migrator.move import follow
 from migrator.move.keys import by_key, keys_table, load_keys, stage_rows
 from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Layout, Table
@@ -244,6 +245,9 @@ def apply_keys(
             sql.SQL("SELECT x.* FROM {}").format(by_key(table, keys_table(i), tenants, table.cols())),
             stage,
         )
+        for fk, followed in table.follows:  # a user added during the move follows its membership
+            values = follow.of_keys(table, fk, tenants, keys_table(i))
+            follow.copy_missing(src, tgt, followed, [follow.referenced(table, fk, followed, values)])
         upserted += _upsert(tgt, table, stage)
     for i, table in reversed(tables):
         deleted += _delete_gone(tgt, table, tenants, keys_table(i), sql.Identifier(f"migrator_stage_{i}"))

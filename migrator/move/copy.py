@@ -29,11 +29,11 @@ from migrator.catalog import Cohort
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
 from migrator.errors import MigratorError
-from migrator.move import tree
+from migrator.move import follow, tree
 from migrator.move.keys import range_bounds, stage_rows
 from migrator.progress import Progress
 from migrator.stamps.access import SCHEMA
-from migrator.stamps.discovery import ForeignKey, Table, key_after, key_upto, tenant_filter
+from migrator.stamps.discovery import ForeignKey, Layout, Table, key_after, key_upto, tenant_filter
 
 CHUNK_BYTES = 64 * 1024
 SEQUENCE_LOCK_CLASS = 0x6D73  # advisory lock class of sequence updates (fence's tenant locks use 0x6D67)
@@ -270,6 +270,7 @@ def copy_part(
             select = _key_range(table, tenants, part.after, bound or part.upto, batch_rows if read_back else None)
             try:
                 with tgt.transaction():
+                    follow.copy_for_batch(src, tgt, table, select)  # the shared rows it references, first
                     rows = _stream_batch(src, tgt, table, select)
                     upto = (
                         _last_key(tgt, table.ident, table, tenants, part) if read_back and rows == batch_rows else bound
@@ -277,6 +278,7 @@ def copy_part(
                     part = _next_part(tgt, move_id, table, part, upto, rows)
             except psycopg.errors.ForeignKeyViolation:  # a parent written since its table was copied
                 with tgt.transaction():
+                    follow.copy_for_batch(src, tgt, table, select)  # a followed row referenced since
                     staged = stage_rows(src, tgt, table, select, STAGE)
                     upto = _last_key(tgt, STAGE, table, tenants, part) if read_back and staged == batch_rows else bound
                     defer_orphans(source_dsn, tgt, table, move_id)
@@ -452,6 +454,19 @@ def analyze(target_dsn: str, table: Table) -> None:
     """
     with dsnlib.connect(target_dsn, autocommit=True) as tgt:
         tgt.execute(sql.SQL("ANALYZE {}").format(table.ident))
+
+
+@STAMP_STEP.wraps
+def copy_followed(source_dsn: str, target_dsn: str, layout: Layout, tenants: Cohort) -> int:
+    """Before the tenant tables: the followed rows they reference that the target lacks (`follow`), in one
+    target transaction (idempotent: a retry inserts what is still missing)."""
+    with dsnlib.connect(source_dsn) as src, dsnlib.connect(target_dsn) as tgt:
+        dsnlib.write_as_copies(tgt)  # copies, not business events: the target's triggers do not fire
+        src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        with tgt.transaction():
+            copied = follow.copy_for_tenants(src, tgt, layout, tenants)
+        src.commit()
+    return copied
 
 
 def advance_sequences(tgt: psycopg.Connection[Any], tables: tuple[Table, ...], tenants: Cohort) -> list[str]:

@@ -104,8 +104,9 @@ def missing_shared(
     references to nothing.
     """
     problems = []
+    followed = {t.name for t in layout.followed}  # copied by the move where the target lacks them (`follow`)
     for table in layout.tables:
-        for fk in table.shared_keys:
+        for fk in (k for k in table.shared_keys if k.parent not in followed):
             cols = sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in fk.columns)
             values = src.execute(
                 sql.SQL("SELECT DISTINCT {cols} FROM {t} c WHERE {tenants} AND {set}").format(
@@ -137,6 +138,8 @@ def missing_shared(
             if absent:
                 problems.append(
                     f"rows of {table.label} reference {shown_keys(absent)} in {label(table.schema, fk.parent)} "
-                    f"(foreign key {fk.name}), which target {target_name} does not hold: add those rows there first"
+                    f"(foreign key {fk.name}), which target {target_name} does not hold: add those rows there first, "
+                    f"or, if tenants share them (users of several organisations), add {fk.parent} to [tenancy] follow "
+                    "so a move copies them"
                 )
     return problems

@@ -295,6 +295,8 @@ def _copy(run: MoveRun, move: Move) -> Move:
         _save_progress(catalog, move, layout, totals, cursors)
 
     cursors = copy.read_cursors(run.target.dsn, move.id, layout.tables)
+    if layout.followed:
+        copy.copy_followed(run.source.dsn, run.target.dsn, layout, move.tenants)
     streams.copy_tables(run, move.id, move.tenants, totals, run.options.jobs, finished)
     with stamps.connect(run.target, autocommit=False) as tgt:
         copy.advance_sequences(tgt, layout.tables, move.tenants)

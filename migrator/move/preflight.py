@@ -16,7 +16,7 @@ from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
 from migrator.db.dsn import WriteMode
 from migrator.errors import BadInput, PreflightError
-from migrator.move import integrity, shapes
+from migrator.move import follow, integrity, shapes
 from migrator.stamps import checks
 from migrator.stamps.checks import Problems
 from migrator.stamps.discovery import Layout, Table, inspect, tenant_filter, tenant_text
@@ -186,6 +186,7 @@ def _check_rows(
         problems.add(list(shapes.unique_collisions(src, tgt, layout, tenants, target.name, rows)))
     if not differences:
         problems.add(integrity.missing_shared(src, tgt, layout, tenants, target.name))
+        problems.add(follow.conflicts(src, tgt, layout, tenants, target.name))
     return rows, nulls, skipped
 
 

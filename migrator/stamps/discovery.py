@@ -83,6 +83,8 @@ class Table:
     """Foreign keys into tables without tenant rows (reference data each stamp holds for itself)."""
     paths: tuple[Path, ...] = ()
     """A path table's ways to its tenant (see `migrator.stamps.paths`); empty for a table with the key."""
+    follows: tuple[tuple[ForeignKey, Table], ...] = ()
+    """Its foreign keys into `[tenancy] follow` tables, with those tables (see `migrator.move.follow`)."""
 
     @property
     def reach(self) -> str:
@@ -135,6 +137,9 @@ class Layout:
     excluded: tuple[str, ...]
     problems: tuple[str, ...] = ()
     """Why a move cannot copy this layout (tables without a row key, NOT DEFERRABLE cycles); see `inspect`."""
+    followed: tuple[Table, ...] = ()
+    """`[tenancy] follow`: global tables whose rows referenced by the tenants' rows travel with them
+    (copied where the target lacks them, never deleted); see `migrator.move.follow`."""
     suspects: tuple[str, ...] = ()
     """Global tables' columns that look like references to tenant tables but are no foreign key
     (`invoice_lines.invoice_id` beside `invoices`): declare them in [tenancy.references], or they stay global."""
@@ -261,7 +266,10 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
         elif tenancy.column in colnames:
             tenant_oids[oid] = tenancy.column
 
-    candidates = {oid for oid, name in names.items() if oid not in tenant_oids and name not in tenancy.exclude}
+    followed = _followed(tenancy, names, tenant_oids, pkeys, problems)
+    candidates = {
+        oid for oid, name in names.items() if oid not in tenant_oids and name not in tenancy.exclude
+    } - followed
     path_of = _find_paths(candidates, tenant_oids, foreign, names, schema, problems)
     global_tables = [name for oid, name in names.items() if oid in candidates and oid not in path_of]
     if len(tenant_oids) == 1 and not path_of:
@@ -289,6 +297,10 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
     keyed = {oid: key for oid, key in owned.items() if oid in pkeys}
     edges = {oid: [(ref, fk) for ref, fk in foreign[oid] if ref in keyed] for oid in keyed}
     ordered, cycles = _copy_order(edges, names, schema, problems)
+    follow_tables = {
+        oid: Table(schema, names[oid], None, tuple(columns[oid]), pkeys[oid], ())
+        for oid in sorted(followed, key=lambda o: names[o])
+    }
     tables = tuple(
         Table(
             schema=schema,
@@ -303,6 +315,7 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
             partitions=partitions.get(oid, ()),
             shared_keys=tuple(fk for ref, fk in foreign[oid] if ref not in owned),
             paths=path_of.get(oid, ()),
+            follows=tuple((fk, follow_tables[ref]) for ref, fk in foreign[oid] if ref in follow_tables),
         )
         for oid in ordered
     )
@@ -312,10 +325,34 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
         excluded=tuple(sorted(excluded)),
         problems=tuple(problems),
         suspects=_suspects(global_tables, [t.name for t in tables], columns, foreign, names),
+        followed=tuple(follow_tables.values()),
     )
 
 
 Edges = dict[int, list[tuple[int, ForeignKey]]]
+
+
+def _followed(
+    tenancy: Tenancy,
+    names: dict[int, str],
+    tenant_oids: dict[int, str | None],
+    pkeys: dict[int, tuple[str, ...]],
+    problems: list[str],
+) -> set[int]:
+    """The `[tenancy] follow` tables: global ones with a primary key (never path tables, whatever they reference)."""
+    oids = {name: oid for oid, name in names.items()}
+    found = set()
+    for name in tenancy.follow:
+        oid = oids.get(name)
+        if oid is None:
+            problems.append(f"[tenancy] follow names {name}, which is no table of schema {tenancy.db_schema!r}")
+        elif oid in tenant_oids:
+            problems.append(f"[tenancy] follow names {name}, which holds the tenant column: its rows are moved anyway")
+        elif oid not in pkeys:
+            problems.append(f"[tenancy] follow names {name}, which has no primary key to copy its rows by")
+        else:
+            found.add(oid)
+    return found
 
 
 def _suspects(
