@@ -24,7 +24,7 @@ from migrator.db import alembic as migrations
 from migrator.local import pgserver, provision
 from migrator.local.provision import sample_app_env
 from migrator.rollout.history import History
-from migrator.rollout.runner import OK, upgrade_fleet
+from migrator.rollout.runner import OK, RolloutOptions, upgrade_fleet
 
 STAMPS = 20
 PARALLEL = 8
@@ -66,7 +66,7 @@ def main() -> int:
         env = history_with_sleep(directory)
         ctx = create_fleet(server, env, directory)
         started = time.perf_counter()
-        rollout = upgrade_fleet(ctx, REVISION, parallel=PARALLEL)
+        rollout = upgrade_fleet(ctx, RolloutOptions(REVISION, parallel=PARALLEL))
         wall = time.perf_counter() - started
     finally:
         server.stop()

@@ -78,7 +78,7 @@ from migrator.local.fleet import fleet_down as stop_fleet
 from migrator.local.seed import TenantSpec
 from migrator.local.writer import Workload
 from migrator.plans.planners import Cohorts, load_plan, plan_drain, write_plan
-from migrator.queue.enqueue import live_workers
+from migrator.queue.app import live_workers
 from migrator.stamps import access
 from migrator.stamps.discovery import discover
 

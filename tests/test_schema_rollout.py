@@ -22,7 +22,15 @@ from migrator.db import alembic as migrations
 from migrator.db import dsn as dsnlib
 from migrator.local import pgserver
 from migrator.local.provision import sample_app_env
-from migrator.rollout.runner import FAILED, OK, SKIPPED, downgrade_stamps, schema_status, upgrade_fleet
+from migrator.rollout.runner import (
+    FAILED,
+    OK,
+    SKIPPED,
+    RolloutOptions,
+    downgrade_stamps,
+    schema_status,
+    upgrade_fleet,
+)
 from migrator.rollout.worker import LOCK_KEY
 
 STAMP_ENV = sample_app_env()
@@ -150,7 +158,7 @@ def test_failing_revision_keeps_stamp_at_previous_revision_and_stops_later_waves
     assert revisions(fleet)["us-1"] == "0002_collaboration"
 
     # Without the canary in the way, --continue-on-error upgrades the others past the failure.
-    rollout = upgrade_fleet(fleet.ctx, parallel=2, continue_on_error=True, canary="us-1")
+    rollout = upgrade_fleet(fleet.ctx, RolloutOptions(parallel=2, continue_on_error=True, canary="us-1"))
     assert [(o.stamp, o.result) for o in rollout.outcomes if o.wave is not None] == [("us-1", OK), ("eu-2", FAILED)]
     assert rollout.stopped is None and revisions(fleet)["us-1"] == HEAD
 
@@ -174,7 +182,7 @@ def test_second_upgrade_of_a_stamp_fails_fast_and_the_revision_applies_once(flee
         canary = [r for r in schema_runs(fleet) if r[1] == "running"][0][0]
 
         started = time.monotonic()
-        second = upgrade_fleet(ctx, parallel=4)
+        second = upgrade_fleet(ctx, RolloutOptions(parallel=4))
         assert time.monotonic() - started < 2.5 and first.poll() is None  # failed while the first still runs
         assert [o.stamp for o in second.failed] == [canary]
         assert f"stamp {canary} is being migrated by another migrator run (backend pid" in str(second.failed[0].error)
@@ -199,7 +207,7 @@ def test_held_lock_fails_that_stamp_in_a_parallel_wave_naming_it(fleet4: Fleet) 
         holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
         pid = holder.info.backend_pid
         started = time.monotonic()
-        rollout = upgrade_fleet(fleet.ctx, parallel=3, continue_on_error=True)
+        rollout = upgrade_fleet(fleet.ctx, RolloutOptions(parallel=3, continue_on_error=True))
         assert time.monotonic() - started < 10
     assert rollout.canary == "ap-1"
     assert [(o.stamp, o.wave) for o in rollout.outcomes] == [("ap-1", 0), ("eu-1", 1), ("eu-2", 1), ("us-1", 1)]

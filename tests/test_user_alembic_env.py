@@ -28,7 +28,7 @@ from psycopg import sql
 from migrator.db import alembic as migrations
 from migrator.db import dsn as dsnlib
 from migrator.local import pgserver
-from migrator.rollout.runner import FAILED, OK, upgrade_fleet
+from migrator.rollout.runner import FAILED, OK, RolloutOptions, upgrade_fleet
 
 STOCK_ENV = Path(alembic.__file__).parent / "templates" / "generic" / "env.py"
 REV1, REV2, REV3 = "a1_accounts", "b2_account_email", "c3_audit_log"
@@ -280,7 +280,7 @@ def test_second_run_is_refused_while_a_stock_env_migrates_on_its_own_connection(
         assert sorted(kind for _, kind in sessions) == ["lock", "migrating"]
         assert sessions[0][0] != sessions[1][0]
 
-        second = upgrade_fleet(fleet.ctx, parallel=4)
+        second = upgrade_fleet(fleet.ctx, RolloutOptions(parallel=4))
         assert first.poll() is None
         assert [o.stamp for o in second.failed] == [canary]
         assert f"stamp {canary} is being migrated by another migrator run (backend pid" in str(second.failed[0].error)

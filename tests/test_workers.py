@@ -27,8 +27,8 @@ from migrator.catalog import Phase
 from migrator.db import dsn as dsnlib
 from migrator.local.writer import Workload
 from migrator.plans.apply import plan_digest
-from migrator.queue.enqueue import follow
-from migrator.rollout.runner import FAILED, OK, SKIPPED, plan_upgrade
+from migrator.queue.follow import follow
+from migrator.rollout.runner import FAILED, OK, SKIPPED, RolloutOptions, plan_upgrade
 from migrator.stamps.discovery import Layout
 
 STALLED_AFTER = "4"  # seconds without a heartbeat before a worker's jobs are queued again
@@ -407,7 +407,8 @@ def test_the_revision_survey_before_a_queued_rollout_keeps_to_the_connection_bud
     try:
         for conn in holds:
             conn.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
-        planner = threading.Thread(target=lambda: surveyed.append(plan_upgrade(fleet.ctx, "head", None, False, 1)))
+        budget = RolloutOptions(connections_per_server=1)
+        planner = threading.Thread(target=lambda: surveyed.append(plan_upgrade(fleet.ctx, budget)))
         planner.start()
         wait_until(lambda: _survey_sessions(fleet) >= 1, "the survey's first session")
         peak = 0

@@ -47,6 +47,39 @@ class Phase(StrEnum):
     ABORTED = "aborted"
 
 
+class PlanStatus(StrEnum):
+    """A plan's status (`plans.status`): running, then how its last run ended."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    STOPPED = "stopped"  # interrupted or --stop-on-error before every entry started
+
+
+class EntryStatus(StrEnum):
+    """A plan entry's status, as `plan_moves.status` records it and each entry's result reports it."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # in a result: done before this run, or not started (`ApplyResult.not_started`)
+
+
+class StepResult(StrEnum):
+    """A stamp's step of a schema rollout, as `schema_runs.result` records it."""
+
+    QUEUED = "queued"  # a queued rollout's step no worker has taken yet
+    RUNNING = "running"
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # nothing to do, or not tried after a failure
+    DRY_RUN = "dry-run"
+
+
+# A rollout's step in one of these has not ended: a worker runs it, or will.
+UNFINISHED_STEPS: frozenset[StepResult] = frozenset({StepResult.QUEUED, StepResult.RUNNING})
+
 # A move in one of these is finished (see the index move_tenants_one_open).
 TERMINAL: frozenset[Phase] = frozenset({Phase.FLIPPED, Phase.CLEANED, Phase.ABORTED})
 # The route points at the target from here on: abort is refused, cleanup may run.
@@ -67,6 +100,13 @@ def name_tenants(tenants: Cohort, limit: int = 5) -> str:
         return f"tenant {tenants[0]}"
     shown = ", ".join(tenants[:limit]) + (", ..." if len(tenants) > limit else "")
     return f"{len(tenants)} tenants ({shown})"
+
+
+def list_tenants(tenants: Cohort, limit: int = 5) -> str:
+    """A cohort inside a message's parentheses: `tenant 7`, or `tenants 7, 8, 9, ...`."""
+    if len(tenants) == 1:
+        return f"tenant {tenants[0]}"
+    return "tenants " + ", ".join(tenants[:limit]) + (", ..." if len(tenants) > limit else "")
 
 
 @dataclass(frozen=True)

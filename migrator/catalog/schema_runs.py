@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import class_row
 
+from migrator.catalog.models import UNFINISHED_STEPS, StepResult
 from migrator.catalog.store import Catalog
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import CATALOG
@@ -77,13 +78,13 @@ class RunLog:
 
     def start(self, stamps: Sequence[tuple[str, str | None]]) -> dict[str, int]:
         """Rows `running` for a wave's (stamp name, revision before the run): stamp name -> row id."""
-        return self._insert(stamps, "running")
+        return self._insert(stamps, StepResult.RUNNING)
 
     def queue(self, stamps: Sequence[tuple[str, str | None]]) -> None:
         """Rows `queued` for a queued rollout's stamps (stamp name, revision now): workers run them."""
-        self._insert(stamps, "queued")
+        self._insert(stamps, StepResult.QUEUED)
 
-    def _insert(self, stamps: Sequence[tuple[str, str | None]], result: str) -> dict[str, int]:
+    def _insert(self, stamps: Sequence[tuple[str, str | None]], result: StepResult) -> dict[str, int]:
         found = self._execute(
             "INSERT INTO schema_runs (run_id, stamp, direction, from_revision, to_revision, result)"
             " SELECT %s, u.stamp, %s, u.from_revision, %s, %s"
@@ -106,16 +107,16 @@ class RunLog:
         stamp's own schema lock still keeps two live runs apart.
         """
         found = self._execute(
-            "UPDATE schema_runs SET result = 'running', started_at = now() WHERE run_id = %s AND stamp = %s"
-            " AND result IN ('queued', 'running') RETURNING id",
-            (self.run_id, stamp),
+            "UPDATE schema_runs SET result = %s, started_at = now() WHERE run_id = %s AND stamp = %s"
+            " AND result = ANY(%s) RETURNING id",
+            (StepResult.RUNNING, self.run_id, stamp, sorted(UNFINISHED_STEPS)),
         )
         return int(found[0][0]) if found else None
 
-    def rows(self) -> list[tuple[str, str, str | None]]:
+    def rows(self) -> list[tuple[str, StepResult, str | None]]:
         """This run's stamps: (stamp, result, error), in the order they were recorded."""
         return [
-            (str(s), str(r), e)
+            (str(s), StepResult(r), e)
             for s, r, e in self._execute(
                 "SELECT stamp, result, error FROM schema_runs WHERE run_id = %s ORDER BY id", (self.run_id,)
             )
@@ -124,12 +125,12 @@ class RunLog:
     def skip_queued(self, stamps: Sequence[str], why: str) -> None:
         """Queued stamps that will not run (the canary or an earlier stamp failed)."""
         self._execute(
-            "UPDATE schema_runs SET result = 'skipped', error = %s, finished_at = now() WHERE run_id = %s"
-            " AND stamp = ANY(%s) AND result = 'queued'",
-            (why, self.run_id, list(stamps)),
+            "UPDATE schema_runs SET result = %s, error = %s, finished_at = now() WHERE run_id = %s"
+            " AND stamp = ANY(%s) AND result = %s",
+            (StepResult.SKIPPED, why, self.run_id, list(stamps), StepResult.QUEUED),
         )
 
-    def add(self, stamp: str, from_revision: str | None, result: str, error: str | None) -> None:
+    def add(self, stamp: str, from_revision: str | None, result: StepResult, error: str | None) -> None:
         """A stamp that was not run (skipped, dry run, refused): recorded as finished at once."""
         self._execute(
             "INSERT INTO schema_runs (run_id, stamp, direction, from_revision, to_revision, result, error,"
@@ -137,12 +138,17 @@ class RunLog:
             (self.run_id, stamp, self.direction, from_revision, self.target, result, error),
         )
 
-    def finish(self, row_id: int, from_revision: str | None, result: str, error: str | None) -> None:
+    def finish(self, row_id: int, from_revision: str | None, result: StepResult, error: str | None) -> None:
         """A stamp's run ended: its result and error, and the revision it was really at before."""
         self._execute(
             "UPDATE schema_runs SET result = %s, error = %s, from_revision = %s, finished_at = now() WHERE id = %s",
             (result, error, from_revision, row_id),
         )
+
+    def target_of(self) -> str | None:
+        """The revision this run goes to, as its rows recorded it (None: no row, or a downgrade to base)."""
+        found = self._execute("SELECT to_revision FROM schema_runs WHERE run_id = %s LIMIT 1", (self.run_id,))
+        return str(found[0][0]) if found and found[0][0] is not None else None
 
     def close(self) -> None:
         if self._conn is not None:

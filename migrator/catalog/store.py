@@ -11,6 +11,7 @@ import select
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 from typing import Any
 
@@ -20,6 +21,7 @@ from psycopg.rows import class_row
 
 from migrator.catalog.locks import TenantLock
 from migrator.catalog.models import (
+    FENCED_OFFLINE,
     FLIPPABLE,
     MOVE_FIELDS,
     TERMINAL,
@@ -28,8 +30,10 @@ from migrator.catalog.models import (
     Phase,
     Route,
     Stamp,
+    StampState,
     TableProgress,
     describe_move,
+    list_tenants,
 )
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import CATALOG
@@ -157,6 +161,18 @@ class Catalog:
                     f"`migrator stamp remove` needs DELETE on stamps, which role {role} lacks; run it as the "
                     f"catalog's owner, or GRANT DELETE ON stamps TO {role}"
                 ) from None
+
+    @CATALOG.wraps
+    def set_stamp_state(self, name: str, state: StampState) -> Stamp:
+        """Mark a stamp active, draining or retired; retiring is refused while a tenant is routed there
+        or an unfinished move touches it, checked and changed in one transaction holding the stamp's row."""
+        with self.transaction() as conn:
+            if conn.execute("SELECT 1 FROM stamps WHERE name = %s FOR UPDATE", (name,)).fetchone() is None:
+                raise BadInput(f"unknown stamp {name!r}")
+            if state == StampState.RETIRED:
+                _refuse_retire(conn, name)
+            conn.execute("UPDATE stamps SET state = %s WHERE name = %s", (state, name))
+            return self._stamp(conn, name)
 
     @CATALOG.wraps
     def stamp(self, name: str) -> Stamp:
@@ -422,6 +438,19 @@ class Catalog:
         )
 
     @CATALOG.wraps
+    def fenced_moves(self, stamps: Sequence[str]) -> list[Move]:
+        """The moves whose source or target is one of `stamps` and that fence it now: in their cutover,
+        or offline from their guard to their flip (a schema change there would stall or break them)."""
+        with self.transaction() as conn:
+            return self._select_moves(
+                conn,
+                "(phase = %(cutover)s OR (mode = %(offline)s AND phase = ANY(%(fenced)s)))"
+                " AND (source = ANY(%(stamps)s) OR target = ANY(%(stamps)s)) ORDER BY id",
+                {"cutover": Phase.CUTOVER, "offline": Mode.OFFLINE, "fenced": sorted(FENCED_OFFLINE),
+                 "stamps": list(stamps)},
+            )  # fmt: skip
+
+    @CATALOG.wraps
     def moves(self, tenant: str | None = None, limit: int = 50) -> list[Move]:
         """The latest moves, of one tenant (alone or in a cohort) if given."""
         with self.transaction() as conn:
@@ -523,16 +552,31 @@ class Catalog:
         return TenantLock(lambda: self.connect(autocommit=True), tuple(tenants), self.open_move)
 
 
-def _refuse_remove(conn: psycopg.Connection[Any], name: str) -> None:
-    """Name what still refers to the stamp, and what to do instead of removing it."""
+@dataclass(frozen=True)
+class _Uses:
+    """What in the catalog still refers to a stamp: the one check behind `stamp remove` and retiring."""
+
+    routed: list[str]  # tenants routed to it, in tenant order
+    moves: list[Move]  # every move from or to it, any phase, by id
+    entries: int  # plan entries from or to it
+
+    @property
+    def open_moves(self) -> list[Move]:
+        return [m for m in self.moves if m.is_open]
+
+
+def _uses(conn: psycopg.Connection[Any], name: str) -> _Uses:
     routed = [row[0] for row in conn.execute("SELECT tenant FROM routes WHERE stamp = %s", (name,))]
     routed.sort(key=lambda t: (len(t), t))
-    moves = [
-        str(row[0])
-        for row in conn.execute("SELECT id FROM moves WHERE source = %s OR target = %s ORDER BY id", (name, name))
-    ]
+    moves = Catalog._select_moves(conn, "source = %(s)s OR target = %(s)s ORDER BY id", {"s": name})
     row = conn.execute("SELECT count(*) FROM plan_moves WHERE source = %s OR target = %s", (name, name)).fetchone()
-    entries = row[0] if row else 0
+    return _Uses(routed, moves, int(row[0]) if row else 0)
+
+
+def _refuse_remove(conn: psycopg.Connection[Any], name: str) -> None:
+    """Name what still refers to the stamp, and what to do instead of removing it."""
+    uses = _uses(conn, name)
+    routed, moves, entries = uses.routed, [str(m.id) for m in uses.moves], uses.entries
     found = [
         *([f"{len(routed)} tenant(s) routed to it ({_some(routed)})"] if routed else []),
         *([f"{len(moves)} move(s) from or to it (ids {_some(moves)})"] if moves else []),
@@ -546,6 +590,20 @@ def _refuse_remove(conn: psycopg.Connection[Any], name: str) -> None:
         else f"the catalog keeps that history; retire the stamp instead (`migrator stamp set-state {name} retired`)"
     )
     raise BadInput(f"stamp {name} is not removed: {'; '.join(found)}; {todo}")
+
+
+def _refuse_retire(conn: psycopg.Connection[Any], name: str) -> None:
+    """A stamp is retired only when no tenant is routed to it and no unfinished move touches it."""
+    uses = _uses(conn, name)
+    if uses.routed:
+        raise BadInput(
+            f"stamp {name} still has {len(uses.routed)} tenant(s) routed to it ({_some(uses.routed)}); drain it "
+            f"first (`migrator plan drain {name}`, then `migrator apply`)"
+        )
+    moves = uses.open_moves
+    if moves:
+        listed = ", ".join(f"move {m.id} ({list_tenants(m.tenants)})" for m in moves[:5])
+        raise BadInput(f"stamp {name} is touched by {len(moves)} unfinished move(s): {listed}; finish or abort them")
 
 
 def _some(items: Sequence[str], limit: int = 5) -> str:

@@ -68,6 +68,7 @@ COHORT_TENANTS = click.option(
     help="At most this many tenants per cohort (1: every tenant is its own move).",
 )
 
+
 # -- stamps -----------------------------------------------------------------------------------------------
 
 
@@ -413,9 +414,10 @@ def _summary(result: ApplyResult) -> str:
 
 def _queued_plan(context: Any, digest: str, file: Path, *, follow: bool, as_json: bool) -> None:
     """`apply --status` and `apply --wait`: the plan's entries as the catalog records them."""
-    from migrator.plans.apply import Ledger, PlanStatus
-    from migrator.queue.enqueue import follow as follow_plan
-    from migrator.queue.enqueue import live_workers
+    from migrator.catalog import PlanStatus
+    from migrator.catalog.plans import Ledger
+    from migrator.queue.app import live_workers
+    from migrator.queue.follow import follow as follow_plan
 
     if follow:
         status, entries = follow_plan(context, digest, render.say)
@@ -480,7 +482,7 @@ def _queued_plan(context: Any, digest: str, file: Path, *, follow: bool, as_json
 @click.option(
     "--max-attempts",
     type=click.IntRange(min=1),
-    default=3,
+    default=EngineDefault(lambda: _apply_defaults().max_attempts),
     show_default=True,
     help="With --queue: how many times workers run a move that fails for a transient reason.",
 )
@@ -517,7 +519,8 @@ def apply_cmd(
     """
     from dataclasses import replace
 
-    from migrator.plans.apply import EntryStatus, plan_digest, prepare, run
+    from migrator.catalog import EntryStatus
+    from migrator.plans.apply import plan_digest, prepare, run
 
     context = context_of(ctx)
     if show_status or (wait and queue is None):
@@ -539,11 +542,12 @@ def apply_cmd(
         batch_rows=batch_rows,
         jobs=jobs,
         allow_triggers=allow_triggers,
+        max_attempts=max_attempts,
     )
     if queue is not None:
         from migrator.queue.enqueue import enqueue
 
-        queued = enqueue(context, prepared, options, queue, max_attempts)
+        queued = enqueue(context, prepared, options, queue)
         made = ", ".join(f"{n} on queue {q}" for q, n in sorted(queued.jobs.items())) or "no new jobs"
         render.say(f"queued plan {file}: {made}" + (f"; {queued.already} already queued" if queued.already else ""))
         if not queued.workers:

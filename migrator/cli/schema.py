@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from migrator.cli import render
-from migrator.cli.base import JSON, NO_PROGRESS, cli, confirm, context_of, emit, queue_option
+from migrator.cli.base import JSON, NO_PROGRESS, EngineDefault, cli, confirm, context_of, emit, queue_option
 from migrator.errors import BadInput, MigratorError, SchemaDrift
+
+if TYPE_CHECKING:  # the engine is imported when a command runs, which keeps `migrator --help` fast
+    from migrator.rollout.runner import RolloutOptions
+
+
+def _rollout_defaults() -> RolloutOptions:
+    from migrator.rollout.runner import RolloutOptions
+
+    return RolloutOptions()
 
 
 @cli.group("schema")
@@ -25,11 +34,12 @@ def schema_group() -> None:
 @click.pass_context
 def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> None:
     """Each stamp's revision against head; exit 3 when an active stamp drifts (behind, ahead, unknown, unreachable)."""
+    from migrator.catalog import StampState
     from migrator.rollout.runner import schema_status
 
     rows = schema_status(context_of(ctx), active_only)
     drifting = [r for r in rows if r.drift]
-    gating = [r for r in drifting if r.stamp_state == "active"]
+    gating = [r for r in drifting if r.stamp_state == StampState.ACTIVE]
     head = rows[0].target if rows else None
     if drifting:
         names = ", ".join(f"{r.stamp} ({r.state}{f' {len(r.pending)}' if r.pending else ''})" for r in drifting)
@@ -65,7 +75,11 @@ def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> N
     "--canary", default=None, help="Stamp to upgrade first, alone (default: the active one with fewest tenants)."
 )
 @click.option(
-    "--parallel", type=click.IntRange(min=1), default=4, show_default=True, help="Stamps upgraded at once per wave."
+    "--parallel",
+    type=click.IntRange(min=1),
+    default=EngineDefault(lambda: _rollout_defaults().parallel),
+    show_default=True,
+    help="Stamps upgraded at once per wave.",
 )
 @click.option(
     "--continue-on-error",
@@ -78,7 +92,7 @@ def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> N
 @click.option(
     "--connections-per-server",
     type=click.IntRange(min=1),
-    default=4,
+    default=EngineDefault(lambda: _rollout_defaults().connections_per_server),
     show_default=True,
     help="With --queue: at most this many sessions on one database server at once (workers and planning).",
 )
@@ -103,48 +117,30 @@ def schema_upgrade_cmd(
     as_json: bool,
 ) -> None:
     """Upgrade every stamp to REVISION (default head): the canary first, then waves of --parallel stamps."""
-    from migrator.rollout.runner import upgrade_fleet
+    from migrator.rollout.runner import RolloutOptions, upgrade_fleet
 
     if wait and queue is None:
         raise BadInput("--wait follows a queued rollout: add --queue")
+    options = RolloutOptions(
+        revision, canary, parallel, continue_on_error, dry_run, active_only, connections_per_server
+    )
     if queue is not None and not dry_run:
-        _queued_upgrade(context_of(ctx), revision, canary, active_only, continue_on_error, queue,
-                        connections_per_server, wait, None if yes else _confirm, as_json)  # fmt: skip
+        _queued_upgrade(context_of(ctx), options, queue, wait, None if yes else _confirm, as_json)
         return
 
     bars = _Bars(enabled=not (as_json or no_progress))
     try:
-        rollout = upgrade_fleet(
-            context_of(ctx),
-            revision,
-            canary,
-            parallel,
-            continue_on_error,
-            dry_run,
-            active_only,
-            bars,
-            None if yes else _confirm,
-        )
+        rollout = upgrade_fleet(context_of(ctx), options, bars, None if yes else _confirm)
     finally:
         bars.close()
     _report(rollout, as_json)
 
 
-def _queued_upgrade(
-    context: Any,
-    revision: str,
-    canary: str | None,
-    active_only: bool,
-    continue_on_error: bool,
-    queue: str,
-    per_server: int,
-    wait: bool,
-    confirm: Any,
-    as_json: bool,
-) -> None:
-    from migrator.queue.rollouts import enqueue_upgrade, follow_rollout
+def _queued_upgrade(context: Any, options: Any, queue: str, wait: bool, confirm: Any, as_json: bool) -> None:
+    from migrator.queue.enqueue import enqueue_upgrade
+    from migrator.queue.follow import follow_rollout
 
-    queued = enqueue_upgrade(context, revision, canary, active_only, continue_on_error, queue, per_server, confirm)
+    queued = enqueue_upgrade(context, options, queue, confirm)
     first = f"canary {queued.canary} first" if queued.canary else "no canary"
     render.say(
         f"rollout {queued.run_id} to {queued.target}: {queued.steps} stamp(s) queued on {queue} ({first}), "

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from migrator.cli import render
-from migrator.cli.base import METRICS_PORT, cli, context_of
+from migrator.cli.base import METRICS_PORT, EngineDefault, cli, context_of
+
+if TYPE_CHECKING:  # the engine is imported when the command runs, which keeps `migrator --help` fast
+    from migrator.queue.worker import WorkerOptions
+
+
+def _worker_defaults() -> WorkerOptions:
+    from migrator.queue.worker import WorkerOptions
+
+    return WorkerOptions()
 
 
 @cli.command("worker")
@@ -16,11 +27,17 @@ from migrator.cli.base import METRICS_PORT, cli, context_of
     metavar="NAME",
     help="Claim work from this queue (repeatable; e.g. the queue of this machine's region). Default: every queue.",
 )
-@click.option("--concurrency", type=click.IntRange(min=1, max=64), default=2, show_default=True, help="Moves at once.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1, max=64),
+    default=EngineDefault(lambda: _worker_defaults().concurrency),
+    show_default=True,
+    help="Moves at once.",
+)
 @click.option(
     "--stalled-after",
     type=click.FloatRange(min=1),
-    default=30.0,
+    default=EngineDefault(lambda: _worker_defaults().stalled_after_s),
     show_default=True,
     help="Seconds without a heartbeat after which a worker counts as dead and its moves are queued again.",
 )

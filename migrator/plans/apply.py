@@ -21,22 +21,22 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
 import psycopg
-from psycopg.rows import class_row
 
-from migrator.catalog import Catalog, Move, Stamp
+from migrator.catalog import Catalog, EntryStatus, PlanStatus, Stamp, StampState
 from migrator.catalog.locks import stamp_slot, take_slot
+from migrator.catalog.plans import EntryRecord, Ledger, PlanRecord
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.db.locks import lock_key, try_lock
-from migrator.errors import BadInput, LockBusy, MigratorError
-from migrator.move import MoveOptions, move_tenants
+from migrator.errors import BadInput, LockBusy
+from migrator.move import MoveOptions
 from migrator.move.run import default_jobs
 from migrator.plans.capacity import measure_fleet, shift
+from migrator.plans.execute import Entry, Todo, execute_entry
 from migrator.plans.planners import Plan, PlannedMove, check_stamps, load_plan
 from migrator.progress import Silent
 
@@ -46,7 +46,7 @@ SLOT_POLL_S = 0.5  # how often the slots of a target held by other applies or wo
 @dataclass(frozen=True)
 class ApplyOptions:
     """Flags of `migrator apply`: --parallel, --per-stamp, --stop-on-error, --batch-rows, --jobs,
-    --allow-triggers."""
+    --allow-triggers, --max-attempts."""
 
     parallel: int = 1
     per_stamp: int = 1
@@ -54,44 +54,11 @@ class ApplyOptions:
     batch_rows: int = 50_000
     jobs: int = field(default_factory=default_jobs)  # each move's streams, see MoveOptions
     allow_triggers: bool = False  # each move's, see MoveOptions
+    max_attempts: int = 3  # with --queue: runs of an entry that fail for a transient reason, at most
 
-
-class Todo(StrEnum):
-    """What a run has to do with a plan entry, decided by `prepare`."""
-
-    RUN = "run"
-    RESUME = "resume"  # the entry's tenants have its move unfinished
-    DONE = "done"  # in an earlier run of the plan, or the tenants are already on the target
-
-
-class EntryStatus(StrEnum):
-    """An entry's status, as `plan_moves.status` records it and each entry's result reports it."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    SKIPPED = "skipped"  # in a result: done before this run, or not started (`ApplyResult.not_started`)
-
-
-class PlanStatus(StrEnum):
-    """A plan's status (`plans.status`): running, then how its last run ended."""
-
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    STOPPED = "stopped"  # interrupted or --stop-on-error before every entry started
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A plan move with its position and what a run has to do with it."""
-
-    position: int
-    move: PlannedMove
-    todo: Todo
-    note: str = ""
-    resume: Move | None = field(default=None, compare=False)
+    def move_options(self) -> MoveOptions:
+        """What each of the plan's moves runs with."""
+        return MoveOptions(batch_rows=self.batch_rows, jobs=self.jobs, allow_triggers=self.allow_triggers)
 
 
 @dataclass(frozen=True)
@@ -193,7 +160,7 @@ def prepare(ctx: Context, path: Path) -> Prepared:
     entries, stale = [], []
     for position, move in enumerate(plan.moves):
         entry, problem = classify_entry(ctx.catalog, position, move, recorded.get(position))
-        if problem is None and entry.todo != Todo.DONE and known[move.target].state != "active":
+        if problem is None and entry.todo != Todo.DONE and known[move.target].state != StampState.ACTIVE:
             problem = f"target {move.target} is {known[move.target].state}"
         if problem:
             stale.append(f"moves[{position}] (line {move.line}) {problem}")
@@ -262,142 +229,6 @@ def _capacity_problems(ctx: Context, entries: list[Entry], known: dict[str, Stam
     ]
 
 
-# -- the ledger: plans / plan_moves in the catalog -------------------------------------------------------
-
-
-class Ledger:
-    """A plan's progress in the catalog, keyed by the sha256 digest of the plan file's bytes."""
-
-    def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
-
-    def statuses(self, digest: str) -> dict[int, EntryStatus]:
-        with self.catalog.transaction() as conn:
-            rows = conn.execute(
-                "SELECT m.position, m.status FROM plan_moves m JOIN plans p ON p.id = m.plan_id WHERE p.digest = %s",
-                (digest,),
-            ).fetchall()
-        return {int(position): EntryStatus(status) for position, status in rows}
-
-    def open(self, prepared: Prepared, queue: str | None = None) -> int:
-        """Record the plan and its entries (once; a re-run keeps their status) and mark it running.
-
-        With `queue` (`apply --queue`), each entry records the workers' queue it is sent to: its own
-        `queue:` from the file, else `queue`.
-        """
-        with self.catalog.transaction() as conn:
-            row = conn.execute(
-                "INSERT INTO plans (digest, path, kind) VALUES (%s, %s, %s) ON CONFLICT (digest)"
-                " DO UPDATE SET status = %s, path = EXCLUDED.path, updated_at = now() RETURNING id",
-                (prepared.digest, prepared.path, prepared.plan.kind, PlanStatus.RUNNING),
-            ).fetchone()
-            assert row is not None
-            plan_id = int(row[0])
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO plan_moves (plan_id, position, tenant, tenants, source, target, size_rows,"
-                    " size_bytes, queue) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (plan_id, position)"
-                    " DO UPDATE SET tenants = EXCLUDED.tenants, queue = EXCLUDED.queue",
-                    [
-                        (
-                            plan_id,
-                            e.position,
-                            e.move.tenants[0],
-                            list(e.move.tenants),
-                            e.move.source,
-                            e.move.target,
-                            e.move.rows,
-                            e.move.bytes,
-                            queue and (e.move.queue or queue),
-                        )  # fmt: skip
-                        for e in prepared.entries
-                    ],
-                )
-            for entry in prepared.entries:
-                if entry.todo == Todo.DONE:
-                    conn.execute(
-                        "UPDATE plan_moves SET status = %(done)s, error = NULL, updated_at = now()"
-                        " WHERE plan_id = %(plan)s AND position = %(position)s AND status <> %(done)s",
-                        {"done": EntryStatus.DONE, "plan": plan_id, "position": entry.position},
-                    )
-        return plan_id
-
-    def mark(
-        self, plan_id: int, position: int, status: EntryStatus, move_id: int | None = None, error: str | None = None
-    ) -> None:
-        with self.catalog.transaction() as conn:
-            conn.execute(
-                "UPDATE plan_moves SET status = %s, move_id = coalesce(%s, move_id), error = %s, updated_at = now()"
-                " WHERE plan_id = %s AND position = %s",
-                (status, move_id, None if error is None else error[:2000], plan_id, position),
-            )
-
-    def close(self, plan_id: int, status: PlanStatus) -> None:
-        with self.catalog.transaction() as conn:
-            conn.execute("UPDATE plans SET status = %s, updated_at = now() WHERE id = %s", (status, plan_id))
-
-    def entries(self, plan_id: int, position: int | None = None) -> list[LedgerEntry]:
-        """The recorded entries of a plan (or one of them), as workers and `apply --status` read them."""
-        with self.catalog.transaction() as conn, conn.cursor(row_factory=class_row(LedgerEntry)) as cur:
-            cur.execute(
-                "SELECT position, coalesce(tenants, ARRAY[tenant]) AS tenants, source, target, size_rows AS rows,"
-                " status, move_id, queue, failures, error FROM plan_moves"
-                " WHERE plan_id = %s AND (%s::integer IS NULL OR position = %s) ORDER BY position",
-                (plan_id, position, position),
-            )
-            return cur.fetchall()
-
-    def plan(self, digest: str) -> tuple[int, PlanStatus] | None:
-        with self.catalog.transaction() as conn:
-            row = conn.execute("SELECT id, status FROM plans WHERE digest = %s", (digest,)).fetchone()
-        return None if row is None else (int(row[0]), PlanStatus(row[1]))
-
-    def failed_attempt(self, plan_id: int, position: int, error: str) -> int:
-        """A worker's run of the entry failed and may be retried: back to pending; returns failures so far."""
-        with self.catalog.transaction() as conn:
-            row = conn.execute(
-                "UPDATE plan_moves SET status = %s, failures = failures + 1, error = %s, updated_at = now()"
-                " WHERE plan_id = %s AND position = %s RETURNING failures",
-                (EntryStatus.PENDING, error[:2000], plan_id, position),
-            ).fetchone()
-        assert row is not None
-        return int(row[0])
-
-    def settle(self, plan_id: int) -> PlanStatus | None:
-        """Once no entry is pending or running, the plan is done or failed (workers end plans this way)."""
-        with self.catalog.transaction() as conn:
-            row = conn.execute(
-                "UPDATE plans p SET status = CASE WHEN EXISTS (SELECT 1 FROM plan_moves m WHERE m.plan_id = p.id"
-                " AND m.status = %(failed)s) THEN %(failed)s ELSE %(done)s END, updated_at = now()"
-                " WHERE p.id = %(plan)s AND NOT EXISTS (SELECT 1 FROM plan_moves m WHERE m.plan_id = p.id"
-                " AND m.status IN (%(pending)s, %(running)s)) RETURNING p.status",
-                {
-                    "failed": EntryStatus.FAILED,
-                    "done": EntryStatus.DONE,
-                    "pending": EntryStatus.PENDING,
-                    "running": EntryStatus.RUNNING,
-                    "plan": plan_id,
-                },
-            ).fetchone()
-        return None if row is None else PlanStatus(row[0])
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """An entry as the catalog records it (`plan_moves`): what workers run and `apply --status` shows."""
-
-    position: int
-    tenants: list[str]
-    source: str
-    target: str
-    rows: int
-    status: EntryStatus
-    move_id: int | None
-    queue: str | None
-    failures: int
-    error: str | None
-
-
 @contextlib.contextmanager
 def _plan_lock(catalog: Catalog, digest: str, where: str) -> Iterator[None]:
     """One `apply` of a plan at a time: a session advisory lock, released when the process dies."""
@@ -408,6 +239,20 @@ def _plan_lock(catalog: Catalog, digest: str, where: str) -> Iterator[None]:
         yield
     finally:
         conn.close()
+
+
+def record(prepared: Prepared) -> PlanRecord:
+    """The plan as the catalog's ledger records it."""
+    return PlanRecord(
+        prepared.digest,
+        prepared.path,
+        prepared.plan.kind,
+        tuple(
+            EntryRecord(e.position, e.move.tenants, e.move.source, e.move.target, e.move.rows, e.move.bytes,
+                        e.move.queue, e.todo == Todo.DONE)
+            for e in prepared.entries
+        ),
+    )  # fmt: skip
 
 
 # -- run ------------------------------------------------------------------------------------------------
@@ -459,14 +304,14 @@ def run(
     stop = stop or threading.Event()
     ledger = Ledger(ctx.catalog)
     with _plan_lock(ctx.catalog, prepared.digest, prepared.path), _interrupts(stop):
-        plan_id = ledger.open(prepared)
+        plan_id = ledger.open(record(prepared))
         reporter.begin(prepared)
         results = [
             EntryResult(e.position, e.move.tenants, e.move.source, e.move.target, EntryStatus.SKIPPED, e.note)
             for e in prepared.entries
             if e.todo == Todo.DONE
         ]
-        ran, left, why_stopped = _schedule(ctx, plan_id, prepared, options, reporter, stop, ledger)
+        ran, left, why_stopped = _schedule(ctx, plan_id, prepared, options, reporter, stop)
         results += ran + left
         failed = any(r.status == EntryStatus.FAILED for r in results)
         status = PlanStatus.FAILED if failed else PlanStatus.STOPPED if left else PlanStatus.DONE
@@ -484,7 +329,6 @@ def _schedule(
     options: ApplyOptions,
     reporter: ApplyProgress,
     stop: threading.Event,
-    ledger: Ledger,
 ) -> tuple[list[EntryResult], list[EntryResult], str]:
     """Start entries in plan order within the limits; on stop, start nothing more and drain the running.
 
@@ -530,7 +374,7 @@ def _schedule(
                     per_target[target] += 1
                     busy |= set(entry.move.tenants)
                     reporter.started(entry)
-                    future = pool.submit(_one, ctx, plan_id, entry, options, reporter, ledger)
+                    future = pool.submit(_one, ctx, plan_id, entry, options, reporter)
                     running[future], slots[future] = entry, slot
             if not running:
                 if pending and not why_stopped:  # every pending entry waits for a slot held elsewhere
@@ -581,56 +425,24 @@ def _result_of(future: Future[EntryResult], entry: Entry) -> EntryResult:
         )
 
 
-def _one(
-    ctx: Context, plan_id: int, entry: Entry, options: ApplyOptions, reporter: ApplyProgress, ledger: Ledger
-) -> EntryResult:
-    """Run (or resume) one entry's move in a worker thread and record how it ended."""
+def _one(ctx: Context, plan_id: int, entry: Entry, options: ApplyOptions, reporter: ApplyProgress) -> EntryResult:
+    """Run (or resume) one entry's move in a worker thread (`execute_entry`); a failure is recorded at once."""
     move = entry.move
-    started = time.monotonic()
     progress = _MoveProgress(reporter)
-    ledger.mark(plan_id, entry.position, EntryStatus.RUNNING, entry.resume.id if entry.resume else None)
-    try:
-        move_options = MoveOptions(
-            batch_rows=options.batch_rows, jobs=options.jobs, allow_triggers=options.allow_triggers
-        )
-        outcome = move_tenants(ctx, move.tenants, move.target, move_options, progress)
-    except Exception as exc:  # one failed move must not stop the others
-        reason = error_line(ctx, exc)
-        unfinished = next(iter(ctx.catalog.open_moves(move.tenants)), None)
-        ledger.mark(plan_id, entry.position, EntryStatus.FAILED, unfinished.id if unfinished else None, reason)
-        return EntryResult(
-            entry.position,
-            move.tenants,
-            move.source,
-            move.target,
-            EntryStatus.FAILED,
-            reason,
-            unfinished.id if unfinished else None,
-            seconds=time.monotonic() - started,
-        )
-    assert outcome.move is not None
-    progress._count(max(0, move.rows - progress.counted))
-    ledger.mark(plan_id, entry.position, EntryStatus.DONE, outcome.move.id)
-    note = f"resumed move {outcome.move.id}" if outcome.resumed else ""
+    done = execute_entry(ctx, plan_id, entry, options.move_options(), progress)
+    if done.status == EntryStatus.FAILED:
+        Ledger(ctx.catalog).mark(plan_id, entry.position, EntryStatus.FAILED, done.move_id, done.reason)
+    else:
+        progress._count(max(0, move.rows - progress.counted))
+    note = f"resumed move {done.move_id}" if done.resumed else ""
     return EntryResult(
         entry.position,
         move.tenants,
         move.source,
         move.target,
-        EntryStatus.DONE,
-        note,
-        outcome.move.id,
-        outcome.move.rows_copied,
-        time.monotonic() - started,
+        done.status,
+        done.reason or note,
+        done.move_id,
+        done.rows,
+        done.seconds,
     )
-
-
-def error_line(ctx: Context, exc: Exception) -> str:
-    """The error's first line, without any stamp's or the catalog's password."""
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    if not isinstance(exc, MigratorError):
-        first = f"{type(exc).__name__}: {first}"
-    with contextlib.suppress(Exception):
-        first = dsnlib.scrub(first, ctx.catalog.url, *(s.dsn for s in ctx.catalog.stamps()))
-    return first

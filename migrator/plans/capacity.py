@@ -11,12 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any
-
-import psycopg
 
 from migrator import stamps
-from migrator.catalog import TERMINAL, Stamp, StampState
+from migrator.catalog import Stamp, StampState
 from migrator.context import Context
 from migrator.db.alembic import read_revision
 from migrator.errors import BadInput
@@ -123,31 +120,7 @@ def set_stamp_state(ctx: Context, name: str, state: str) -> Stamp:
     """
     if state not in set(StampState):
         raise BadInput(f"unknown stamp state {state!r} (expected one of {', '.join(StampState)})")
-    catalog = ctx.catalog
-    catalog.stamp(name)
-    with catalog.transaction() as conn:
-        conn.execute("SELECT 1 FROM stamps WHERE name = %s FOR UPDATE", (name,))
-        if state == "retired":
-            _refuse_retire(conn, name)
-        conn.execute("UPDATE stamps SET state = %s WHERE name = %s", (state, name))
-    return catalog.stamp(name)
-
-
-def _refuse_retire(conn: psycopg.Connection[Any], name: str) -> None:
-    routed = [r[0] for r in conn.execute("SELECT tenant FROM routes WHERE stamp = %s ORDER BY tenant", (name,))]
-    if routed:
-        shown = ", ".join(routed[:5]) + (", ..." if len(routed) > 5 else "")
-        raise BadInput(
-            f"stamp {name} still has {len(routed)} tenant(s) routed to it ({shown}); drain it first "
-            f"(`migrator plan drain {name}`, then `migrator apply`)"
-        )
-    moves = conn.execute(
-        "SELECT id, tenant FROM moves WHERE (source = %s OR target = %s) AND phase <> ALL(%s) ORDER BY id",
-        (name, name, sorted(TERMINAL)),
-    ).fetchall()
-    if moves:
-        listed = ", ".join(f"move {m} (tenant {t})" for m, t in moves[:5])
-        raise BadInput(f"stamp {name} is touched by {len(moves)} unfinished move(s): {listed}; finish or abort them")
+    return ctx.catalog.set_stamp_state(name, StampState(state))
 
 
 def update_stamp(

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from migrator.catalog import Catalog, Stamp, name_tenants
+from migrator.catalog import Catalog, Stamp, StampState, name_tenants
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput
@@ -113,13 +113,13 @@ def _largest_first(tenants: list[TenantSize]) -> list[TenantSize]:
 def _active(catalog: Catalog, names: list[str] | None, exclude: str) -> list[Stamp]:
     """Active stamps that may receive tenants: all of them, or only `names` (flag --to)."""
     if names is None:
-        return [s for s in catalog.stamps() if s.state == "active" and s.name != exclude]
+        return [s for s in catalog.stamps() if s.state == StampState.ACTIVE and s.name != exclude]
     chosen = []
     for name in dict.fromkeys(names):
         stamp = catalog.stamp(name)
         if stamp.name == exclude:
             raise BadInput(f"--to lists {name}, the stamp being drained")
-        if stamp.state != "active":
+        if stamp.state != StampState.ACTIVE:
             raise BadInput(f"--to lists {name}, which is {stamp.state}; only active stamps receive tenants")
         chosen.append(stamp)
     return chosen
@@ -157,7 +157,7 @@ def plan_drain(
         moves.append(_shift(rooms, source.name, room.stamp.name, tenant))
     moves = group(moves, cohorts or Cohorts())
     notes: tuple[str, ...] = ()
-    if source.state == "active":
+    if source.state == StampState.ACTIVE:
         notes = (
             f"{source.name} is still active: `migrator stamp set-state {source.name} draining` keeps new "
             "tenants off it while the plan runs",
@@ -177,7 +177,7 @@ def plan_isolate(ctx: Context, tenant: str, target_name: str, by_region: bool = 
     target = catalog.stamp(target_name)
     if target.name == route.stamp:
         raise BadInput(f"tenant {tenant} already lives on {target.name}")
-    if target.state != "active":
+    if target.state != StampState.ACTIVE:
         raise BadInput(f"stamp {target.name} is {target.state}; only active stamps receive tenants")
     neighbours = catalog.routes(target.name)
     if neighbours:
@@ -214,7 +214,7 @@ def plan_rebalance(
     over-utilised stamp that best closes its gap with the least utilised one; a tenant moves once.
     The small tenants going from one stamp to another are then grouped into cohorts.
     """
-    active = [s for s in ctx.catalog.stamps() if s.state == "active"]
+    active = [s for s in ctx.catalog.stamps() if s.state == StampState.ACTIVE]
     missing = [s.name for s in active if s.capacity_rows is None]
     if missing:
         raise BadInput(

@@ -1,11 +1,15 @@
-"""The queue's tasks and the procrastinate app they are registered on.
+"""The queue's tasks, thin schedulers over the engine's one executor of each unit of work.
 
-`run_entry` runs one plan entry (a cohort's move) on a worker. What happens after a failure is
-decided here, with the catalog's count of the entry's failures, and handed to procrastinate as a
-`Requeue` (retry in N seconds) or not at all: a busy stamp or tenant and a stop at a safe point
-are waited out without counting; a transient error (a lost connection, a catch-up that did not
-converge, a freeze that did not fit) counts, up to the plan's --max-attempts; anything else fails
-the entry at once, visibly, and is never retried.
+`run_entry` runs one plan entry (a cohort's move) on a worker through `plans.execute.execute_entry`,
+the executor a local apply uses too. What happens after a failure is decided here, with the
+catalog's count of the entry's failures, and handed to procrastinate as a `Requeue` (retry in N
+seconds) or not at all: a busy stamp or tenant and a stop at a safe point are waited out without
+counting; a transient failure counts, up to the plan's --max-attempts; anything else fails the
+entry at once, visibly, and is never retried.
+
+`schema_step` runs one stamp's step of a queued rollout through `rollout.worker.run_stamp_step`,
+the executor of a local rollout's waves, within --connections-per-server slots of the stamp's
+server; the canary's job queues the others once it succeeded (see `enqueue.enqueue_upgrade`).
 
 `requeue_stalled` is procrastinate's recipe for jobs whose worker died (kill -9, a lost machine):
 every few seconds one worker sends back to the queue the running jobs of workers whose heartbeat
@@ -14,60 +18,41 @@ stopped. The move resumes from its catalog state on whichever worker claims it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import procrastinate
-from procrastinate.retry import BaseRetryStrategy, RetryDecision
 
-from migrator.catalog.locks import stamp_slot, take_slot
+from migrator.catalog import UNFINISHED_STEPS, EntryStatus, StepResult
+from migrator.catalog.locks import stamp_slot
+from migrator.catalog.plans import Ledger, LedgerEntry
+from migrator.catalog.schema_runs import RunLog
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
-from migrator.db.retry import is_transient
-from migrator.errors import FreezeTooLong, Interrupted, LockBusy, NotConverging, Unreachable
-from migrator.move import MoveOptions, move_tenants
-from migrator.plans.apply import EntryStatus, Ledger, LedgerEntry, Todo, classify_entry, error_line
+from migrator.errors import Interrupted, LockBusy, MigratorError
+from migrator.move import MoveOptions
+from migrator.plans.apply import classify_entry
+from migrator.plans.execute import EntryRun, Failure, Todo, execute_entry
 from migrator.plans.planners import PlannedMove
 from migrator.progress import Silent
+from migrator.queue.app import (
+    BUSY_RETRY_S,
+    HOUSEKEEPING_QUEUE,
+    REQUEUE_STALLED,
+    RUN_ENTRY,
+    SCHEMA_STEP,
+    Requeue,
+    Retries,
+    WorkerState,
+    catalog_slot,
+    defer,
+    step_lock,
+)
+from migrator.rollout.history import History
+from migrator.rollout.runner import fenced_moves
+from migrator.rollout.worker import ALEMBIC_IN_PROCESS, Job, run_stamp_step
 
 log = logging.getLogger("migrator.queue")
-
-DEFAULT_QUEUE = "migrator"
-HOUSEKEEPING_QUEUE = "migrator-housekeeping"  # every worker listens to it, whatever its --queue
-RUN_ENTRY = "migrator.run_entry"
-SCHEMA_STEP = "migrator.schema_step"
-BUSY_RETRY_S = 2
-
-
-class Requeue(Exception):
-    """The entry goes back to the queue, to be claimed again (by any worker) after `after` seconds."""
-
-    def __init__(self, message: str, after: float) -> None:
-        super().__init__(message)
-        self.after = after
-
-
-class _Retries(BaseRetryStrategy):
-    """Retry exactly what `run_entry` asked to retry; procrastinate's attempt count plays no part."""
-
-    def get_retry_decision(self, *, exception: BaseException, job: Any) -> RetryDecision | None:
-        if isinstance(exception, Requeue):
-            return RetryDecision(retry_in={"seconds": int(exception.after)})
-        return None
-
-
-@dataclass
-class WorkerState:
-    """What this worker's tasks run with (procrastinate hands it over as additional context)."""
-
-    ctx: Context
-    stop: threading.Event
-    stalled_after_s: float
-    say: Callable[[str], None] = lambda line: None
 
 
 def make_app(catalog_url: str, **pool: Any) -> procrastinate.App:
@@ -76,16 +61,16 @@ def make_app(catalog_url: str, **pool: Any) -> procrastinate.App:
         conninfo=dsnlib.normalize(catalog_url), kwargs={"application_name": "migrator-queue"}, **pool
     )
     app = procrastinate.App(connector=connector)
-    app.task(name=RUN_ENTRY, pass_context=True, retry=_Retries())(run_entry)
-    app.task(name=SCHEMA_STEP, pass_context=True, retry=_Retries())(schema_step)
+    app.task(name=RUN_ENTRY, pass_context=True, retry=Retries())(run_entry)
+    app.task(name=SCHEMA_STEP, pass_context=True, retry=Retries())(schema_step)
     stalled = app.task(
-        name="migrator.requeue_stalled",
-        pass_context=True,
-        queue=HOUSEKEEPING_QUEUE,
-        queueing_lock="migrator.requeue_stalled",
+        name=REQUEUE_STALLED, pass_context=True, queue=HOUSEKEEPING_QUEUE, queueing_lock=REQUEUE_STALLED
     )(requeue_stalled)
     app.periodic(cron="* * * * * */3")(stalled)  # every 3 seconds (the 6th field is seconds)
     return app
+
+
+# -- a plan entry ------------------------------------------------------------------------------------
 
 
 def run_entry(
@@ -122,39 +107,34 @@ def run_entry(
             ledger.mark(plan_id, position, EntryStatus.DONE)
             ledger.settle(plan_id)
             return classified.note
-        ledger.mark(plan_id, position, EntryStatus.RUNNING, classified.resume.id if classified.resume else None)
         what = f"plan {plan_id} #{position}: {planned.who} {entry.source} -> {entry.target}"
         state.say(f"start   {what}" + (f" ({classified.note})" if classified.resume else ""))
         options = MoveOptions(batch_rows=batch_rows, jobs=jobs, allow_triggers=allow_triggers)
-        try:
-            outcome = move_tenants(ctx, planned.tenants, entry.target, options, Silent(), stop=state.stop)
-        except (Interrupted, LockBusy) as exc:  # a safe point, or someone else's move of a tenant: not a failure
-            ledger.mark(plan_id, position, EntryStatus.PENDING, error=error_line(ctx, exc))
-            state.say(f"requeue {what}: {error_line(ctx, exc)}")
-            raise Requeue(str(exc), 0 if isinstance(exc, Interrupted) else BUSY_RETRY_S) from None
-        except Exception as exc:
-            reason = error_line(ctx, exc)
-            state.say(f"FAILED  {what}: {reason}")
-            if not _transient(exc):
-                _fail(ledger, plan_id, entry, reason, exc)
-            failures = ledger.failed_attempt(plan_id, position, f"attempt {entry.failures + 1}: {reason}")
-            if failures >= max_attempts:
-                _fail(ledger, plan_id, entry, f"{reason} (failed {failures} times, the limit)", exc)
-            log.warning("plan %s entry %s failed (%s), retrying: %s", plan_id, position, failures, reason)
-            raise Requeue(reason, min(60, 2**failures)) from exc
-    assert outcome.move is not None
-    ledger.mark(plan_id, position, EntryStatus.DONE, outcome.move.id)
-    state.say(f"done    {what} (move {outcome.move.id})")
+        done = execute_entry(ctx, plan_id, classified, options, Silent(), stop=state.stop)
+        if done.status == EntryStatus.FAILED:
+            _after_failure(state, ledger, plan_id, entry, done, max_attempts, what)
+    state.say(f"done    {what} (move {done.move_id})")
     ledger.settle(plan_id)
-    return f"move {outcome.move.id} flipped"
+    return f"move {done.move_id} flipped"
 
 
-def _transient(exc: Exception) -> bool:
-    """Worth another attempt later: a lost connection or unreachable stamp, a catch-up that did not
-    converge, a freeze that did not fit (each leaves the move resumable)."""
-    if isinstance(exc, Unreachable):
-        return exc.transient
-    return is_transient(exc) or isinstance(exc, NotConverging | FreezeTooLong)
+def _after_failure(
+    state: WorkerState, ledger: Ledger, plan_id: int, entry: LedgerEntry, done: EntryRun, max_attempts: int, what: str
+) -> NoReturn:
+    """Back to the queue (a wait, or a transient failure within --max-attempts), or failed for good."""
+    reason, exc = done.reason, done.error
+    if done.failure == Failure.WAIT:  # a safe point, or someone else's move of a tenant: not a failure
+        ledger.mark(plan_id, entry.position, EntryStatus.PENDING, error=reason)
+        state.say(f"requeue {what}: {reason}")
+        raise Requeue(str(exc), 0 if isinstance(exc, Interrupted) else BUSY_RETRY_S) from None
+    state.say(f"FAILED  {what}: {reason}")
+    if done.failure != Failure.TRANSIENT:
+        _fail(ledger, plan_id, entry, reason, exc)
+    failures = ledger.failed_attempt(plan_id, entry.position, f"attempt {entry.failures + 1}: {reason}")
+    if failures >= max_attempts:
+        _fail(ledger, plan_id, entry, f"{reason} (failed {failures} times, the limit)", exc)
+    log.warning("plan %s entry %s failed (%s), retrying: %s", plan_id, entry.position, failures, reason)
+    raise Requeue(reason, min(60, 2**failures)) from exc
 
 
 def _fail(ledger: Ledger, plan_id: int, entry: LedgerEntry, reason: str, exc: Exception | None = None) -> NoReturn:
@@ -169,25 +149,91 @@ class EntryFailed(Exception):
     """The job's end for an entry that failed for good (procrastinate records the job as failed)."""
 
 
-@contextlib.contextmanager
-def catalog_slot(ctx: Context, name: str, size: int, busy: str, retry_after: float) -> Iterator[None]:
-    """One of the `size` slots `name` (`catalog.locks.take_slot`) for the block; when every one is
-    taken the job is requeued (`busy` says why)."""
-    conn = take_slot(ctx.catalog.url, name, size)
-    if conn is None:
-        raise Requeue(busy, retry_after)
-    with conn:
-        yield
+# -- a stamp's step of a queued rollout --------------------------------------------------------------
 
 
-def schema_step(context: procrastinate.JobContext, **args: Any) -> str:
-    """One stamp's step of a queued rollout (`migrator.queue.rollouts.run_step`)."""
-    from migrator.queue.rollouts import run_step  # imports Alembic's runner: only where a step runs
+def schema_step(
+    context: procrastinate.JobContext,
+    *,
+    run_id: str,
+    stamp: str,
+    per_server: int,
+    continue_on_error: bool,
+    queue: str,
+    rest: list[str],
+) -> str:
+    """One stamp's step of a queued rollout, on a worker; returns its result.
 
+    A row moves from queued to running exactly once (`RunLog.claim`), so a step delivered twice
+    runs once; a failed step stops the steps not yet started unless --continue-on-error.
+    """
     state: WorkerState = context.additional_context["migrator"]
-    result = run_step(state.ctx, context.app, **args)
-    state.say(f"schema  {args['stamp']}: {result}")
+    ctx = state.ctx
+    runs = RunLog(ctx.catalog, run_id, "upgrade", None)
+    try:
+        rows = {name: result for name, result, _ in runs.rows()}
+        if rows.get(stamp) not in UNFINISHED_STEPS:  # running: its worker died
+            return f"stamp {stamp} is {rows.get(stamp, 'not in the run')}: nothing to do"
+        failed = sorted(name for name, result in rows.items() if result == StepResult.FAILED)
+        if failed and not continue_on_error:
+            runs.skip_queued([stamp], f"not tried: stopped after {', '.join(failed)} failed")
+            return StepResult.SKIPPED
+        target = runs.target_of()
+        if target is None:
+            raise MigratorError(f"rollout {run_id} has no target revision")
+        found = History.load(ctx.config.schema_env())
+        if not found.known(target):
+            return _finish(runs, stamp, f"revision {target} is not in this worker's {found.location}")
+        result = _step(
+            ctx, runs, stamp, per_server, Job(ctx.catalog.stamp(stamp), str(found.location), "upgrade", target)
+        )
+        if result is None:
+            return "claimed by another worker"
+        if rest:  # the canary's job: the rest of the fleet now, or never
+            if result == StepResult.OK:
+                common = {"run_id": run_id, "per_server": per_server, "continue_on_error": continue_on_error}
+                for name in rest:
+                    args = {**common, "stamp": name, "queue": queue, "rest": []}
+                    defer(context.app, SCHEMA_STEP, queue, step_lock(run_id, name), args)
+            else:
+                runs.skip_queued(rest, f"not tried: stopped after the canary failed on {stamp}")
+    finally:
+        runs.close()
+    state.say(f"schema  {stamp}: {result}")
     return result
+
+
+def _step(ctx: Context, runs: RunLog, stamp: str, per_server: int, job: Job) -> StepResult | None:
+    """Claim the stamp's row and run its step within a slot of its server; None: another worker has it."""
+    refused = fenced_moves(ctx, [stamp])
+    # Alembic runs one step at a time in a process (its context is module-global): a step waits
+    # for it before it takes a server slot, so a waiting step holds none. Advisory locks are per
+    # database: only the catalog, shared, can count a server's stamps.
+    server = dsnlib.server_of(job.stamp.dsn)
+    busy = f"{per_server} connection(s) to {server} in use (--connections-per-server)"
+    with ALEMBIC_IN_PROCESS, catalog_slot(ctx, f"migrator.server-slot:{server}", per_server, busy, BUSY_RETRY_S / 4):
+        row_id = runs.claim(stamp)
+        if row_id is None:
+            return None
+        if stamp in refused:
+            runs.finish(row_id, None, StepResult.FAILED, refused[stamp])
+            return StepResult.FAILED
+        done = run_stamp_step(job, None)
+        if done.detail:
+            log.info("stamp %s failed:\n%s", stamp, done.detail)
+        runs.finish(row_id, done.from_revision, done.result, done.error)
+        return done.result
+
+
+def _finish(runs: RunLog, stamp: str, error: str) -> str:
+    """A step that cannot run here, recorded failed."""
+    row_id = runs.claim(stamp)
+    if row_id is not None:
+        runs.finish(row_id, None, StepResult.FAILED, error)
+    return StepResult.FAILED
+
+
+# -- housekeeping ------------------------------------------------------------------------------------
 
 
 async def requeue_stalled(context: procrastinate.JobContext, timestamp: int) -> int:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from procrastinate.worker import Worker
 
 from migrator.context import Context
-from migrator.queue.tasks import HOUSEKEEPING_QUEUE, WorkerState, make_app
+from migrator.queue.app import HOUSEKEEPING_QUEUE, WorkerState
+from migrator.queue.tasks import make_app
 
 log = logging.getLogger("migrator.queue")
 

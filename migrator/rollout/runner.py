@@ -26,22 +26,22 @@ from typing import Protocol
 import psycopg
 
 from migrator import stamps
-from migrator.catalog import FENCED_OFFLINE, Mode, Phase, Stamp
+from migrator.catalog import Stamp, StampState, StepResult, list_tenants
 from migrator.catalog.schema_runs import RunLog, SchemaRun, runs
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
 from migrator.errors import BadInput, MigratorError
 from migrator.rollout.history import AHEAD, BEHIND, UNKNOWN, UNREACHABLE, UP_TO_DATE, History, Revision
-from migrator.rollout.worker import ALEMBIC_IN_PROCESS, Job, JobResult, Workers, reason, trace
+from migrator.rollout.worker import ALEMBIC_IN_PROCESS, Job, StepDone, Workers, reason, trace
 
 __all__ = [
     "AHEAD", "BEHIND", "UNKNOWN", "UNREACHABLE", "UP_TO_DATE", "Plan", "Revision", "Rollout", "RolloutFailed",
-    "RolloutProgress", "SchemaRun", "StampOutcome", "StampSchema", "downgrade_stamps", "history", "runs",
-    "schema_status", "upgrade_fleet",
+    "RolloutOptions", "RolloutProgress", "SchemaRun", "StampOutcome", "StampSchema", "downgrade_stamps", "history",
+    "runs", "schema_status", "upgrade_fleet",
 ]  # fmt: skip
 
-OK, FAILED, SKIPPED, DRY_RUN = "ok", "failed", "skipped", "dry-run"
+OK, FAILED, SKIPPED, DRY_RUN = StepResult.OK, StepResult.FAILED, StepResult.SKIPPED, StepResult.DRY_RUN
 logger = logging.getLogger(__name__)  # INFO (shown with `migrator -v`): tracebacks behind one-line stamp errors
 
 
@@ -89,7 +89,7 @@ class StampOutcome:
 
     stamp: str
     wave: int | None  # None: not run
-    result: str
+    result: StepResult
     from_revision: str | None
     to_revision: str | None
     at_revision: str | None
@@ -170,39 +170,49 @@ def history(ctx: Context) -> list[Revision]:
 # -- rollouts ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RolloutOptions:
+    """Flags of `migrator schema upgrade` (REVISION, --canary, --parallel, --continue-on-error,
+    --dry-run, --active-only; with --queue, --connections-per-server) and `schema downgrade`."""
+
+    revision: str = "head"
+    canary: str | None = None  # None: the active stamp with the fewest tenants
+    parallel: int = 4  # stamps a wave
+    continue_on_error: bool = False  # a failing canary still stops the rollout
+    dry_run: bool = False
+    active_only: bool = False
+    connections_per_server: int = 4  # a queued rollout's sessions on one server at once, planning included
+
+
 def upgrade_fleet(
     ctx: Context,
-    revision: str = "head",
-    canary: str | None = None,
-    parallel: int = 4,
-    continue_on_error: bool = False,
-    dry_run: bool = False,
-    active_only: bool = False,
+    options: RolloutOptions = RolloutOptions(),
     progress: RolloutProgress | None = None,
     confirm: Callable[[Plan], None] | None = None,
 ) -> Rollout:
-    """`migrator schema upgrade`: the canary, then waves of `parallel` stamps, to `revision`.
+    """`migrator schema upgrade`: the canary, then waves of `parallel` stamps, to `options.revision`.
 
     A failing canary always stops the rollout; a failing later wave stops it unless
     `continue_on_error`. `confirm` sees the plan before anything runs and may raise to abort.
     """
     found = History.load(ctx.config.schema_env())
-    target = found.resolve(revision, allow_base=False)
-    plan = _plan(ctx, found, "upgrade", target, _select(ctx, (), active_only), canary, parallel)
-    return _run(ctx, found, plan, parallel, continue_on_error, dry_run, progress or SilentRollout(), confirm)
+    target = found.resolve(options.revision, allow_base=False)
+    plan = _plan(ctx, found, "upgrade", target, _select(ctx, (), options.active_only), options)
+    return _run(ctx, found, plan, options, progress or SilentRollout(), confirm)
 
 
-def plan_upgrade(
-    ctx: Context, revision: str, canary: str | None, active_only: bool, per_server: int
-) -> tuple[History, Plan]:
+def plan_upgrade(ctx: Context, options: RolloutOptions) -> tuple[History, Plan]:
     """The checks and order of `upgrade_fleet` without running it: what `schema upgrade --queue` sends.
 
-    Its survey of the stamps' revisions opens at most `per_server` sessions on each server at once,
-    the budget the queued steps keep to.
+    Its survey of the stamps' revisions opens at most `connections_per_server` sessions on each
+    server at once, the budget the queued steps keep to.
     """
     found = History.load(ctx.config.schema_env())
-    target = found.resolve(revision, allow_base=False)
-    return found, _plan(ctx, found, "upgrade", target, _select(ctx, (), active_only), canary, 1, per_server)
+    target = found.resolve(options.revision, allow_base=False)
+    chosen = _select(ctx, (), options.active_only)
+    return found, _plan(
+        ctx, found, "upgrade", target, chosen, replace(options, parallel=1), options.connections_per_server
+    )
 
 
 def record_not_run(log: RunLog, plan: Plan) -> list[StampOutcome]:
@@ -221,14 +231,15 @@ def downgrade_stamps(
     """`migrator schema downgrade`: the named stamps (`--stamp`, default all) down to `revision` or "base"."""
     found = History.load(ctx.config.schema_env())
     target = found.resolve(revision, allow_base=True)
-    plan = _plan(ctx, found, "downgrade", target, _select(ctx, names, False), None, parallel)
-    return _run(ctx, found, plan, parallel, False, False, progress or SilentRollout(), confirm)
+    options = RolloutOptions(revision, canary=None, parallel=parallel)
+    plan = _plan(ctx, found, "downgrade", target, _select(ctx, names, False), options)
+    return _run(ctx, found, plan, options, progress or SilentRollout(), confirm)
 
 
 def _select(ctx: Context, names: Sequence[str], active_only: bool) -> list[Stamp]:
     if names:
         return [ctx.catalog.stamp(name) for name in dict.fromkeys(names)]
-    return [s for s in ctx.catalog.stamps() if s.state == "active" or not active_only]
+    return [s for s in ctx.catalog.stamps() if s.state == StampState.ACTIVE or not active_only]
 
 
 def _survey(
@@ -275,11 +286,11 @@ def _plan(
     direction: str,
     target: str | None,
     chosen: list[Stamp],
-    canary: str | None,
-    parallel: int,
+    options: RolloutOptions,
     per_server: int | None = None,
 ) -> Plan:
     """Validate everything, then order the work: canary alone, the rest by fewest tenants, `parallel` a wave."""
+    canary, parallel = options.canary, options.parallel
     if parallel < 1:
         raise BadInput(f"--parallel must be at least 1, got {parallel}")
     names = [s.name for s in chosen]
@@ -291,7 +302,7 @@ def _plan(
     work = [r for r in rows if _needs_work(r, direction)]
     if canary is None:
         healthy = [r for r in work if r.state not in (UNREACHABLE, UNKNOWN)]
-        pool = [r for r in healthy if r.stamp_state == "active"] or healthy or work
+        pool = [r for r in healthy if r.stamp_state == StampState.ACTIVE] or healthy or work
         canary = min(pool, key=lambda r: (r.tenants, r.stamp)).stamp if pool else None
     elif canary not in {r.stamp for r in work}:
         canary = None  # already at the target: nothing left to prove on it
@@ -310,20 +321,14 @@ def _refuse_fenced(ctx: Context, names: list[str]) -> None:
 
 def fenced_moves(ctx: Context, names: list[str]) -> dict[str, str]:
     """Stamp name -> why it is blocked, for the given stamps."""
-    with ctx.catalog.transaction() as conn:
-        rows = conn.execute(
-            "SELECT id, tenant, source, target, mode, phase FROM moves"
-            " WHERE (phase = %s OR (mode = %s AND phase = ANY(%s)))"
-            " AND (source = ANY(%s) OR target = ANY(%s)) ORDER BY id",
-            (Phase.CUTOVER, Mode.OFFLINE, sorted(FENCED_OFFLINE), names, names),
-        ).fetchall()
     blocked: dict[str, str] = {}
-    for move_id, tenant, source, target, mode, phase in rows:
-        for name in (source, target):
+    for move in ctx.catalog.fenced_moves(names):
+        for name in (move.source, move.target):
             if name in names and name not in blocked:
                 blocked[name] = (
-                    f"stamp {name} has {mode} move {move_id} (tenant {tenant}, {source} -> {target}) in its fenced"
-                    f" {phase} phase; change its schema after the move finishes or is aborted"
+                    f"stamp {name} has {move.mode} move {move.id} ({list_tenants(move.tenants)}, {move.source} -> "
+                    f"{move.target}) in its fenced {move.phase} phase; change its schema after the move finishes or "
+                    "is aborted"
                 )
     return blocked
 
@@ -332,12 +337,11 @@ def _run(
     ctx: Context,
     found: History,
     plan: Plan,
-    parallel: int,
-    continue_on_error: bool,
-    dry_run: bool,
+    options: RolloutOptions,
     progress: RolloutProgress,
     confirm: Callable[[Plan], None] | None,
 ) -> Rollout:
+    dry_run = options.dry_run
     if confirm is not None and plan.waves and not dry_run:
         confirm(plan)
     log = RunLog(ctx.catalog, plan.run_id, plan.direction, plan.target)
@@ -346,25 +350,19 @@ def _run(
         if dry_run:
             ran = [_dry_run(log, found, plan.row(name), plan.targets[name]) for wave in plan.waves for name in wave]
             return Rollout(plan.run_id, plan.direction, plan.target, plan.canary, True, (*ran, *done), None)
-        outcomes, stopped = _waves(ctx, found, plan, log, parallel, continue_on_error, progress)
+        outcomes, stopped = _waves(ctx, found, plan, log, options, progress)
         return Rollout(plan.run_id, plan.direction, plan.target, plan.canary, False, (*outcomes, *done), stopped)
     finally:
         log.close()
 
 
 def _waves(
-    ctx: Context,
-    found: History,
-    plan: Plan,
-    log: RunLog,
-    parallel: int,
-    continue_on_error: bool,
-    progress: RolloutProgress,
+    ctx: Context, found: History, plan: Plan, log: RunLog, options: RolloutOptions, progress: RolloutProgress
 ) -> tuple[list[StampOutcome], str | None]:
     outcomes: list[StampOutcome] = []
     stopped: str | None = None
     wide = max((len(w) for w in plan.waves), default=0)
-    with Workers(min(parallel, wide)) as workers:
+    with Workers(min(options.parallel, wide)) as workers:
         for number, wave in enumerate(plan.waves):
             if stopped:
                 outcomes += [_not_run(log, plan.row(name), f"not tried: {stopped}") for name in wave]
@@ -375,18 +373,18 @@ def _waves(
             for outcome in finished:
                 progress.stamp_finished(outcome)
             row_ids = log.start([(n, plan.row(n).current) for n in wave if n not in refused])
-            for result in workers.run([_job(found, plan, n) for n in row_ids]):
-                if result.detail:
-                    logger.info("stamp %s failed:\n%s", result.stamp, result.detail)
-                outcome = _outcome(plan, number, result)
-                log.finish(row_ids[result.stamp], outcome.from_revision, outcome.result, outcome.error)
+            for done in workers.run([(_job(found, plan, n), plan.row(n).current) for n in row_ids]):
+                if done.detail:
+                    logger.info("stamp %s failed:\n%s", done.stamp, done.detail)
+                outcome = _outcome(plan, number, done)
+                log.finish(row_ids[done.stamp], outcome.from_revision, outcome.result, outcome.error)
                 progress.stamp_finished(outcome)
                 finished.append(outcome)
             progress.wave_finished(number)
             outcomes += sorted(finished, key=lambda o: o.stamp)
             failed = [o.stamp for o in finished if o.result == FAILED]
             canary = number == 0 and plan.canary is not None
-            if failed and (canary or not continue_on_error):
+            if failed and (canary or not options.continue_on_error):
                 which = "the canary" if canary else f"wave {number}"
                 stopped = f"stopped after {which} failed on {', '.join(failed)}"
     return outcomes, stopped
@@ -396,25 +394,20 @@ def _job(found: History, plan: Plan, name: str) -> Job:
     return Job(plan.targets[name], str(found.location), plan.direction, plan.target or "base")
 
 
-def _outcome(plan: Plan, wave: int, result: JobResult) -> StampOutcome:
-    error = result.error
-    if error and result.failed_in_migration:
-        step = result.failed_step or plan.direction  # None: env.py failed before any revision ran
-        error = f"{step} failed, stamp left at {result.at_revision or 'base'}: {error}"
-    row = plan.row(result.stamp)
-    read = result.from_revision is not None or result.failed_in_migration or result.ok  # else: lock or connect
+def _outcome(plan: Plan, wave: int, done: StepDone) -> StampOutcome:
+    row = plan.row(done.stamp)
     return StampOutcome(
-        result.stamp,
+        done.stamp,
         wave,
-        OK if result.ok else FAILED,
-        result.from_revision if read else row.current,
+        done.result,
+        done.from_revision,
         plan.target,
-        result.at_revision if read else row.current,
+        done.at_revision,
         row.pending,
-        error,
+        done.error,
         None,
-        result.started_at,
-        result.finished_at,
+        done.started_at,
+        done.finished_at,
     )
 
 

@@ -1,7 +1,8 @@
 """One stamp's schema change: take the stamp's lock, run Alembic on it, report where it ended up.
 
-`run_job` is what a rollout runs per stamp, inline for a wave of one (the canary) and in a worker
-process otherwise. Processes, not threads: Alembic's `op` and `context` are module-level proxies,
+`run_stamp_step` (`run_job`, its result in the one wording every record uses) is what a rollout
+runs per stamp: inline for a wave of one (the canary), in a worker process otherwise, and inline in
+a `migrator worker` for a queued step. Processes, not threads: Alembic's `op` and `context` are module-level proxies,
 so two `command.upgrade` calls running at once in one interpreter overwrite each other's migration
 context and can run DDL on the wrong connection. In-process calls are still serialised by
 `ALEMBIC_IN_PROCESS` for callers that use the engine from several threads.
@@ -17,7 +18,7 @@ import multiprocessing
 import threading
 import traceback
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from migrator import stamps
-from migrator.catalog import Stamp
+from migrator.catalog import Stamp, StepResult
 from migrator.db import alembic as migrations
 from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
@@ -158,6 +159,50 @@ def run_job(job: Job) -> JobResult:
     return JobResult(job.stamp.name, before, after, error, in_migration, started, datetime.now(UTC), step, detail)
 
 
+@dataclass(frozen=True)
+class StepDone:
+    """How one stamp's step ended, as every record of it says so (the rollout's report, `schema_runs`).
+
+    A step that failed inside a migration names the revision that failed and where the stamp was
+    left; one that never read the stamp (lock or connection) keeps the revision the plan saw.
+    """
+
+    stamp: str
+    result: StepResult  # OK or FAILED
+    from_revision: str | None
+    at_revision: str | None
+    error: str | None
+    started_at: datetime
+    finished_at: datetime
+    detail: str | None = None  # the traceback of an unexpected error, for `--verbose`
+
+
+def run_stamp_step(job: Job, current: str | None) -> StepDone:
+    """One stamp's step of a rollout, whoever schedules it: a local wave (inline or in a worker
+    process, see `Workers`) or a queued step on a `migrator worker`. `current` is the revision the
+    rollout's plan read on the stamp. Never raises."""
+    return step_done(run_job(job), job.direction, current)
+
+
+def step_done(result: JobResult, direction: str, current: str | None) -> StepDone:
+    """A job's result in the one wording of a step's outcome (see `StepDone`)."""
+    error = result.error
+    if error and result.failed_in_migration:
+        step = result.failed_step or direction  # None: env.py failed before any revision ran
+        error = f"{step} failed, stamp left at {result.at_revision or 'base'}: {error}"
+    read = result.from_revision is not None or result.failed_in_migration or result.ok  # else: lock or connect
+    return StepDone(
+        result.stamp,
+        StepResult.OK if result.ok else StepResult.FAILED,
+        result.from_revision if read else current,
+        result.at_revision if read else current,
+        error,
+        result.started_at,
+        result.finished_at,
+        result.detail,
+    )
+
+
 def _revision_after(conn: psycopg.Connection[Any]) -> str | None:
     """Re-read after the run; None (unknown) if the lock's session died as well."""
     try:
@@ -268,19 +313,21 @@ class Workers:
         for _ in range(self.size):
             self._pool.submit(_started)
 
-    def run(self, jobs: list[Job]) -> Iterator[JobResult]:
-        """Results in the order the jobs finish."""
-        if len(jobs) == 1:
-            yield run_job(jobs[0])
+    def run(self, steps: list[tuple[Job, str | None]]) -> Iterator[StepDone]:
+        """`run_stamp_step` of each (job, revision the plan read); results in the order they finish."""
+        if len(steps) == 1:
+            yield run_stamp_step(*steps[0])
             return
         assert self._pool is not None, "a wave wider than one needs Workers(size > 1)"
-        futures: dict[Future[JobResult], Job] = {self._pool.submit(run_job, job): job for job in jobs}
+        futures = {self._pool.submit(run_stamp_step, *step): step for step in steps}
         for future in as_completed(futures):
             try:
                 yield future.result()
             except BrokenProcessPool as exc:
+                job, current = futures[future]
                 now = datetime.now(UTC)
-                yield JobResult(futures[future].stamp.name, None, None, f"worker process died: {exc}", False, now, now)
+                died = JobResult(job.stamp.name, None, None, f"worker process died: {exc}", False, now, now)
+                yield step_done(died, job.direction, current)
 
     def __enter__(self) -> Workers:
         return self

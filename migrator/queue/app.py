@@ -1,0 +1,121 @@
+"""What is about the queue itself: task names and queues, the retry decision handed to procrastinate,
+what a worker's tasks run with, the catalog slots a job waits for, and reading procrastinate's tables
+(is the queue there, which workers live, which jobs no one claimed).
+
+It imports no other module of `migrator.queue`: the tasks (`tasks`), sending work (`enqueue`),
+following it (`follow`) and the worker process (`worker`) all build on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from procrastinate.exceptions import AlreadyEnqueued
+from procrastinate.retry import BaseRetryStrategy, RetryDecision
+
+from migrator.catalog.locks import take_slot
+from migrator.context import Context
+from migrator.errors import BadInput
+
+DEFAULT_QUEUE = "migrator"
+HOUSEKEEPING_QUEUE = "migrator-housekeeping"  # every worker listens to it, whatever its --queue
+RUN_ENTRY = "migrator.run_entry"
+SCHEMA_STEP = "migrator.schema_step"
+REQUEUE_STALLED = "migrator.requeue_stalled"
+BUSY_RETRY_S = 2
+NO_WORKER_GRACE_S = 3.0  # `--wait` says "waiting for a worker" when no worker is alive after this
+UNCLAIMED_GRACE_S = 30.0  # `apply --wait` names a queue whose due jobs no live worker claimed for this long
+
+
+class Requeue(Exception):
+    """The job goes back to the queue, to be claimed again (by any worker) after `after` seconds."""
+
+    def __init__(self, message: str, after: float) -> None:
+        super().__init__(message)
+        self.after = after
+
+
+class Retries(BaseRetryStrategy):
+    """Retry exactly what a task asked to retry (`Requeue`); procrastinate's attempt count plays no part."""
+
+    def get_retry_decision(self, *, exception: BaseException, job: Any) -> RetryDecision | None:
+        if isinstance(exception, Requeue):
+            return RetryDecision(retry_in={"seconds": int(exception.after)})
+        return None
+
+
+@dataclass
+class WorkerState:
+    """What this worker's tasks run with (procrastinate hands it over as additional context)."""
+
+    ctx: Context
+    stop: threading.Event
+    stalled_after_s: float
+    say: Callable[[str], None] = lambda line: None
+
+
+@contextlib.contextmanager
+def catalog_slot(ctx: Context, name: str, size: int, busy: str, retry_after: float) -> Iterator[None]:
+    """One of the `size` slots `name` (`catalog.locks.take_slot`) for the block; when every one is
+    taken the job is requeued (`busy` says why)."""
+    conn = take_slot(ctx.catalog.url, name, size)
+    if conn is None:
+        raise Requeue(busy, retry_after)
+    with conn:
+        yield
+
+
+def defer(app: Any, task: str, queue: str, lock: str, args: dict[str, Any]) -> bool:
+    """Queue one job of `task` under the queueing lock `lock`; False when that job already waits."""
+    try:
+        app.tasks[task].configure(queue=queue, queueing_lock=lock).defer(**args)
+    except AlreadyEnqueued:
+        return False
+    return True
+
+
+def step_lock(run_id: str, stamp: str) -> str:
+    """The queueing lock of a rollout's step: a step sent again while it waits is not queued twice."""
+    return f"migrator.schema:{run_id}:{stamp}"
+
+
+def check_queue(ctx: Context) -> None:
+    """Refuse before recording anything when the queue's tables are missing or out of the role's reach."""
+    with ctx.catalog.transaction() as conn:
+        row = conn.execute(
+            "SELECT CASE WHEN to_regclass('procrastinate_jobs') IS NULL THEN false"
+            " ELSE has_table_privilege('procrastinate_jobs', 'INSERT') END"
+        ).fetchone()
+    if not (row and row[0]):
+        raise BadInput(
+            "the catalog has no job queue this role may use: run `migrator catalog init` (as the catalog's owner) "
+            "and grant the queue's tables (README, 'Privileges a move needs')"
+        )
+
+
+def live_workers(ctx: Context, within_s: float = 30.0) -> int:
+    """Workers whose heartbeat is at most `within_s` old (procrastinate's `procrastinate_workers`)."""
+    with ctx.catalog.transaction() as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM procrastinate_workers WHERE last_heartbeat > now() - make_interval(secs => %s)",
+            (within_s,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def unclaimed(ctx: Context, plan_id: int, older_than_s: float) -> dict[str, int]:
+    """The plan's jobs due for `older_than_s` (since queued, retried or due) that no worker took, by queue."""
+    with ctx.catalog.transaction() as conn:
+        rows = conn.execute(
+            "SELECT j.queue_name, count(*) FROM procrastinate_jobs j"
+            " WHERE j.status = 'todo' AND j.task_name = %s AND (j.args->>'plan_id')::bigint = %s"
+            " AND greatest(j.scheduled_at, (SELECT max(e.at) FROM procrastinate_events e WHERE e.job_id = j.id))"
+            "  < now() - make_interval(secs => %s)"
+            " GROUP BY 1 ORDER BY 1",
+            (RUN_ENTRY, plan_id, older_than_s),
+        ).fetchall()
+    return {str(queue): int(count) for queue, count in rows}
