@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -55,3 +57,18 @@ def test_malformed_config_is_one_clear_line(
 def test_missing_config_file_is_reported(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["--config", str(tmp_path / "none.toml"), "route", "list"])
     assert result.exit_code == 2 and "no configuration file" in result.stderr
+
+
+def test_help_loads_no_engine_dependency() -> None:
+    """`migrator --help` and the groups' help answer fast: commands import their engine when they run (a
+    command's own help reads the engine's defaults, so it may load it)."""
+    probe = (
+        "import sys; from migrator.cli import main; sys.argv = ['migrator', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = {'psycopg', 'sqlalchemy', 'alembic', 'tqdm', 'prometheus_client', 'procrastinate', 'tenacity',"
+        " 'yaml'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy), file=sys.stderr)"
+    )
+    for args in (["--help"], ["schema", "--help"], ["plan", "--help"], ["move", "--help"]):
+        found = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True)
+        assert found.stderr.strip().splitlines()[-1] == "[]", (args, found.stderr)

@@ -7,17 +7,19 @@ machine output.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import psycopg
 
 from migrator import __version__
 from migrator.cli import render
-from migrator.context import Context
 from migrator.errors import Declined, MigratorError
+
+if TYPE_CHECKING:  # psycopg and the engine load when a command runs: `migrator --help` must stay fast
+    from migrator.context import Context
 
 JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 ALLOW_TRIGGERS = click.option(
@@ -49,10 +51,16 @@ def _failure(exc: Exception) -> Failure:
         return Failure(str(exc), exc.exit_code)
     if isinstance(exc, click.UsageError):
         return Failure(f"{typed_path(exc.ctx)}: {exc.format_message()}", exc.exit_code)
-    if isinstance(exc, psycopg.Error):
+    if _database_error(exc):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return Failure(f"database error: {first}", 1)
     return Failure(str(exc), 1)  # OSError: a file or directory the command needs
+
+
+def _database_error(exc: BaseException) -> bool:
+    """A psycopg error, told without importing psycopg: none can be raised before something imported it."""
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(exc, psycopg.Error)
 
 
 class MigratorGroup(click.Group):
@@ -76,8 +84,12 @@ class MigratorGroup(click.Group):
             return super().invoke(ctx)
         except click.exceptions.NoArgsIsHelpError:
             raise  # a group named alone (`migrator stamp`) shows its help
-        except (MigratorError, click.UsageError, psycopg.Error, OSError) as exc:
+        except (MigratorError, click.UsageError, OSError) as exc:
             raise _failure(exc) from None
+        except Exception as exc:
+            if _database_error(exc):
+                raise _failure(exc) from None
+            raise
 
 
 _IMPLIED = "migrator.implied_commands"  # ctx.meta key: paths of sub-commands DefaultGroup implied
@@ -132,6 +144,25 @@ class EngineDefault:
         return str(self())
 
 
+class EngineChoice(click.Choice):  # type: ignore[type-arg]
+    """A choice among values the engine defines (an enum's), read when first needed, not at import."""
+
+    def __init__(self, read: Callable[[], Sequence[str]]) -> None:
+        self._read = read
+        self._choices: tuple[str, ...] | None = None
+        super().__init__(())
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        if self._choices is None:
+            self._choices = tuple(self._read())
+        return self._choices
+
+    @choices.setter
+    def choices(self, value: Sequence[str]) -> None:
+        """click's own __init__ sets the (empty) choices it was given; the engine's are read instead."""
+
+
 def _default_jobs() -> int:
     from migrator.move.run import default_jobs
 
@@ -171,6 +202,9 @@ JOBS = click.option(
 
 
 def context_of(click_ctx: click.Context) -> Context:
+    """The operation's context, loaded (config validated) on a command's first use of it."""
+    from migrator.context import Context
+
     obj = click_ctx.find_root().obj
     if "context" not in obj:
         obj["context"] = Context.load(obj["config"])

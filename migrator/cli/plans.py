@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from migrator.catalog import StampState, name_tenants
 from migrator.cli import render
 from migrator.cli.base import (
     ALLOW_TRIGGERS,
@@ -17,6 +16,7 @@ from migrator.cli.base import (
     JSON,
     METRICS_PORT,
     NO_PROGRESS,
+    EngineChoice,
     EngineDefault,
     cli,
     confirm,
@@ -69,12 +69,18 @@ COHORT_TENANTS = click.option(
 )
 
 
+def _stamp_states() -> list[str]:
+    from migrator.catalog import StampState
+
+    return [s.value for s in StampState]
+
+
 # -- stamps -----------------------------------------------------------------------------------------------
 
 
 @stamp_group.command("set-state")
 @click.argument("name")
-@click.argument("state", type=click.Choice([s.value for s in StampState]))
+@click.argument("state", type=EngineChoice(_stamp_states))
 @click.pass_context
 def stamp_set_state(ctx: click.Context, name: str, state: str) -> None:
     """Mark a stamp active, draining (receives no tenants) or retired (refused while it holds any)."""
@@ -323,6 +329,8 @@ class ApplyBars:
             self._tenants += len(result.tenants) if result.status == "done" else 0
             if self._bar is not None:
                 self._bar.set_description(self._description())
+        from migrator.catalog import name_tenants
+
         where = f"{name_tenants(result.tenants)} {result.source} -> {result.target}"
         if result.status == "done":
             self._line(

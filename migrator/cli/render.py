@@ -14,10 +14,17 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
-from tqdm import tqdm
-
-from migrator.db.dsn import mask_text
 from migrator.progress import Progress, Silent
+
+# tqdm and the DSN helpers (psycopg) are imported where a line or a bar is drawn: `migrator --help`
+# draws none and must stay fast.
+
+
+def mask_text(text: str) -> str:
+    """The text with every DSN password masked (`migrator.db.dsn.mask_text`)."""
+    from migrator.db.dsn import mask_text as mask
+
+    return mask(text)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -133,6 +140,8 @@ def meter(
     """
     if not terminal():
         return LineMeter(desc, total, unit, initial)
+    from tqdm import tqdm
+
     return tqdm(
         total=total or None,
         initial=initial,
@@ -153,6 +162,8 @@ def tenants_cell(tenants: tuple[str, ...]) -> str:
 
 def say(message: str) -> None:
     """One masked line on stderr, above any bars being drawn."""
+    from tqdm import tqdm
+
     tqdm.write(mask_text(message), file=sys.stderr)
 
 
