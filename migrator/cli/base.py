@@ -28,6 +28,7 @@ ALLOW_TRIGGERS = click.option(
     help="Proceed although application triggers on tenant tables would fire for migrator's writes "
     "(copies, replays, deletes): for triggers known to be harmless. Without it such a move is refused.",
 )
+YES = click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 NO_PROGRESS = click.option(
     "--no-progress", is_flag=True, help="Print no progress (bars on a terminal, else a line every few seconds)."
 )

@@ -13,6 +13,7 @@ from migrator.cli.base import (
     JSON,
     METRICS_PORT,
     NO_PROGRESS,
+    YES,
     DefaultGroup,
     EngineDefault,
     cli,
@@ -100,7 +101,7 @@ def _read_tenants(path: str | None, listed: tuple[str, ...]) -> tuple[str, ...]:
 )
 @ALLOW_TRIGGERS
 @METRICS_PORT
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@YES
 @NO_PROGRESS
 @JSON
 @click.pass_context
@@ -284,7 +285,7 @@ def move_status(ctx: click.Context, move_id: int | None, as_json: bool) -> None:
     help="Rows per delete batch on the target.",
 )
 @ALLOW_TRIGGERS
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@YES
 @NO_PROGRESS
 @click.pass_context
 def move_abort(
@@ -355,7 +356,7 @@ def verify_cmd(ctx: click.Context, tenant: str, source: str, target: str, jobs: 
 @click.option("--batch-rows", type=click.IntRange(min=1), default=10_000, show_default=True, help="Rows per delete.")
 @ALLOW_TRIGGERS
 @click.option("--dry-run", is_flag=True, help="Prove the leftovers and show what would be deleted, per table.")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@YES
 @NO_PROGRESS
 @click.pass_context
 def cleanup_cmd(

@@ -16,6 +16,7 @@ from migrator.cli.base import (
     JSON,
     METRICS_PORT,
     NO_PROGRESS,
+    YES,
     EngineChoice,
     EngineDefault,
     cli,
@@ -498,7 +499,7 @@ def _queued_plan(context: Any, digest: str, file: Path, *, follow: bool, as_json
 @click.option("--status", "show_status", is_flag=True, help="Show the plan's progress as the catalog records it.")
 @ALLOW_TRIGGERS
 @METRICS_PORT
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@YES
 @NO_PROGRESS
 @JSON
 @click.pass_context

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from migrator.cli import render
-from migrator.cli.base import JSON, NO_PROGRESS, EngineDefault, cli, confirm, context_of, emit, queue_option
+from migrator.cli.base import JSON, NO_PROGRESS, YES, EngineDefault, cli, confirm, context_of, emit, queue_option
 from migrator.errors import BadInput, MigratorError, SchemaDrift
 
 if TYPE_CHECKING:  # the engine is imported when a command runs, which keeps `migrator --help` fast
@@ -97,7 +97,7 @@ def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> N
     help="With --queue: at most this many sessions on one database server at once (workers and planning).",
 )
 @click.option("--wait", is_flag=True, help="With --queue: follow the rollout until every stamp has run.")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@YES
 @NO_PROGRESS
 @JSON
 @click.pass_context
@@ -165,7 +165,7 @@ def _queued_upgrade(context: Any, options: Any, queue: str, wait: bool, confirm:
 @schema_group.command("downgrade")
 @click.argument("revision")
 @click.option("--stamp", "names", multiple=True, help="A stamp to downgrade (repeatable; default: every stamp).")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@YES
 @NO_PROGRESS
 @JSON
 @click.pass_context
