@@ -50,6 +50,13 @@ class Tenancy:
     follow: tuple[str, ...] = ()
     """Global tables whose rows tenants share (a `users` row of several organisations): a move copies
     the rows its tenants reference that the target lacks, and cleanup never deletes them."""
+    schemas: tuple[str, ...] = ()
+    """More PostgreSQL schemas whose tables are found like those of `db_schema` (the default one)."""
+
+    @property
+    def searched(self) -> list[str]:
+        """Every schema discovery reads: the default one first."""
+        return list(dict.fromkeys((self.db_schema, *self.schemas)))
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ class Config:
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a TOML comment
 _TOP_KEYS = {"catalog_url", "tenancy", "schema"}
-_TENANCY_KEYS = {"column", "root_table", "root_column", "schema", "exclude", "references", "follow"}
+_TENANCY_KEYS = {"column", "root_table", "root_column", "schema", "schemas", "exclude", "references", "follow"}
 _REFERENCE = re.compile(r"^([^.,\s]+)\.([^.,\s]+(?:,[^.,\s]+)*)$")  # table.column or table.col1,col2
 _SCHEMA_KEYS = {"script_location"}
 
@@ -126,9 +133,11 @@ def parse(text: str, path: Path) -> Config:
     _check_keys("tenancy", tenancy_raw, _TENANCY_KEYS, path)
     _check_keys("schema", schema_raw, _SCHEMA_KEYS, path)
     exclude, follow = tenancy_raw.get("exclude", []), tenancy_raw.get("follow", [])
-    for key, value in (("exclude", exclude), ("follow", follow)):
-        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-            raise ConfigError(f"{path}: [tenancy] {key} must be a list of table names, got {_shown(value)}")
+    schemas = tenancy_raw.get("schemas", [])
+    for key, value in (("exclude", exclude), ("follow", follow), ("schemas", schemas)):
+        if not isinstance(value, list) or not all(isinstance(t, str) and t for t in value):
+            what = "schema" if key == "schemas" else "table"
+            raise ConfigError(f"{path}: [tenancy] {key} must be a list of {what} names, got {_shown(value)}")
     tenancy = Tenancy(
         column=_string(tenancy_raw, "column", "tenant_id", "tenancy", path),
         root_table=_string(tenancy_raw, "root_table", "tenants", "tenancy", path),
@@ -137,6 +146,7 @@ def parse(text: str, path: Path) -> Config:
         exclude=tuple(exclude),
         references=_references(tenancy_raw.get("references", {}), path),
         follow=tuple(follow),
+        schemas=tuple(schemas),
     )
     file_url = raw.get("catalog_url")
     if file_url is not None and (not isinstance(file_url, str) or not file_url):
@@ -223,8 +233,9 @@ def render(
         "# The table whose key *is* the tenant id, and that key column.",
         f"root_table = {q(tenancy.root_table)}",
         f"root_column = {q(tenancy.root_column)}",
-        "# The schema holding the tenant tables.",
+        "# The schema holding the tenant tables (the root table's; `schemas` adds more to search).",
         f"schema = {q(tenancy.db_schema)}",
+        *([f"schemas = [{', '.join(q(s) for s in tenancy.schemas)}]"] if tenancy.schemas else []),
         "# Tables never moved even though they have the tenant column.",
         f"exclude = [{exclude}]",
     ]

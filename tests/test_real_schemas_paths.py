@@ -106,7 +106,8 @@ def orphans_and_revalidation(fleet: Shaped, stamp: str) -> list[str]:
         keys = conn.execute(
             "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(c.oid), r.relkind = 'p'"
             " FROM pg_constraint c JOIN pg_class r ON r.oid = c.conrelid"
-            " WHERE contype = 'f' AND connamespace = 'public'::regnamespace AND conparentid = 0 ORDER BY 1, 2"
+            " WHERE contype = 'f' AND connamespace::regnamespace::text IN ('public', 'billing') AND conparentid = 0"
+            " ORDER BY 1, 2"
         ).fetchall()
         for table, name, definition, partitioned in keys:
             recheck = sql.Identifier(f"{name}_recheck")
@@ -590,3 +591,66 @@ def _follow_users(fleet: Shaped) -> None:
     cleaned = fleet.run("cleanup", TENANT, "--stamp", "eu-1", "--yes")
     assert cleaned.exit_code == 0, cleaned.output
     assert fleet.query("eu-1", members) == [] and fleet.query("eu-1", shared) == on_source  # never deleted
+
+
+TWO_SCHEMAS = (
+    "CREATE TABLE invoices (id bigint PRIMARY KEY, tenant_id bigint NOT NULL REFERENCES tenants, number int)",
+    "CREATE SCHEMA billing",
+    "CREATE TABLE billing.currencies (code text PRIMARY KEY)",
+    "INSERT INTO billing.currencies VALUES ('EUR')",
+    "CREATE TABLE billing.lines (id bigint PRIMARY KEY, invoice_id bigint NOT NULL REFERENCES public.invoices"
+    " ON DELETE CASCADE, currency text NOT NULL REFERENCES billing.currencies, amount numeric NOT NULL)",
+    "CREATE TABLE billing.line_taxes (line_id bigint PRIMARY KEY REFERENCES billing.lines ON DELETE CASCADE,"
+    " rate numeric NOT NULL)",
+)
+TWO_SCHEMAS_ORACLE = (
+    "SELECT count(*), md5(string_agg(x::text, '|' ORDER BY x::text)) FROM ("
+    " SELECT l::text AS x FROM billing.lines l JOIN invoices i ON i.id = l.invoice_id WHERE i.tenant_id = 42"
+    " UNION ALL SELECT t::text FROM billing.line_taxes t JOIN billing.lines l ON l.id = t.line_id"
+    " JOIN invoices i ON i.id = l.invoice_id WHERE i.tenant_id = 42) s"
+)
+
+
+def test_tables_of_a_second_schema_are_found_through_their_foreign_keys(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    fleet = shaped(TWO_SCHEMAS)
+    operator = str(conninfo_to_dict(fleet.operator_dsns["eu-1"])["user"])
+    owner = operator.removesuffix("_migrator") + "_app_owner"  # the application's tables' owner
+    for stamp in STAMPS:
+        fleet.execute(stamp, sql.SQL("GRANT USAGE ON SCHEMA billing TO {}").format(sql.Identifier(owner)))
+    _tenants(fleet, TENANT, NEIGHBOUR)
+    for tenant in (TENANT, NEIGHBOUR):
+        base = int(tenant) * 1000
+        fleet.execute(
+            "eu-1",
+            f"INSERT INTO invoices SELECT {base} + g, {tenant}, g FROM generate_series(1, 10) g",
+            f"INSERT INTO billing.lines SELECT {base} * 10 + g, {base} + 1 + g % 10, 'EUR', g"
+            " FROM generate_series(1, 50) g",
+            f"INSERT INTO billing.line_taxes SELECT {base} * 10 + g, 0.2 FROM generate_series(1, 50) g",
+        )
+    before = fleet.snapshot()
+    line = _refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", "--yes"))
+    assert "table billing.lines references tenant table invoices" in line, line
+    assert "add billing to [tenancy] schemas" in line, line
+
+    text = fleet.config_path.read_text()
+    fleet.config_path.write_text(text.replace('schema = "public"', 'schema = "public"\nschemas = ["billing"]'))
+    checked = fleet.run("stamp", "check", "eu-1")  # the owner's membership gives USAGE on billing too
+    assert checked.exit_code == 0, checked.output
+    dry = fleet.run("move", TENANT, "--to", "eu-2", "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    planned = json.loads(dry.stdout)
+    assert planned["tables"]["billing.line_taxes"] == 50 and planned["global_tables"] == ["currencies"]
+    assert planned["reached"]["billing.lines"] == "path lines.invoice_id -> invoices.tenant_id"
+
+    source = fleet.query("eu-1", TWO_SCHEMAS_ORACLE)
+    moved = fleet.run("move", TENANT, "--to", "eu-2", "--yes")
+    assert moved.exit_code == 0, moved.output
+    assert fleet.query("eu-2", TWO_SCHEMAS_ORACLE) == source and source[0][0] == 100
+    cleaned = fleet.run("cleanup", TENANT, "--stamp", "eu-1", "--yes")
+    assert cleaned.exit_code == 0, cleaned.output
+    assert fleet.query("eu-1", TWO_SCHEMAS_ORACLE)[0][0] == 0
+    assert fleet.query("eu-1", "SELECT count(*) FROM billing.lines")[0][0] == 50  # the neighbour's
+    for stamp in STAMPS:
+        assert orphans_and_revalidation(fleet, stamp) == [], stamp

@@ -367,7 +367,7 @@ def _orphaned(table: Table, fk: ForeignKey) -> sql.Composed:
     )
     return sql.SQL("NOT ({} OR EXISTS (SELECT 1 FROM {} p WHERE {}){})").format(
         sql.SQL(" OR ").join(sql.SQL("s.{} IS NULL").format(c) for c, _ in cols),
-        sql.Identifier(table.schema, fk.parent),
+        fk.parent_ident,
         match,
         staged,
     )

@@ -19,7 +19,7 @@ from psycopg import sql
 
 from migrator.catalog import Cohort
 from migrator.db import dsn as dsnlib
-from migrator.stamps.discovery import ForeignKey, Layout, Table, label, tenant_filter, tenant_text
+from migrator.stamps.discovery import ForeignKey, Layout, Table, tenant_filter, tenant_text
 
 MAX_KEYS = 5  # keys named per problem
 
@@ -65,7 +65,7 @@ def unresolved(
         t=table.ident,
         tenants=tenant_filter(table, tenants, sql.Identifier("c")),
         set=_referenced(fk),
-        p=sql.Identifier(table.schema, fk.parent),
+        p=fk.parent_ident,
         match=_match(fk),
         of_tenant=of_tenant,
         n=sql.Literal(MAX_KEYS),
@@ -85,10 +85,7 @@ def dangling(target_dsn: str, layout: Layout, tenants: Cohort, jobs: int = 1) ->
             keys = unresolved(conn, table, fk, tenants)
         if not keys:
             return None
-        return (
-            f"rows {shown_keys(keys)} of {table.label} reference no row of {label(table.schema, fk.parent)} "
-            f"(foreign key {fk.name})"
-        )
+        return f"rows {shown_keys(keys)} of {table.label} reference no row of {fk.parent_label} (foreign key {fk.name})"
 
     with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(checks))), thread_name_prefix="references") as pool:
         return [p for p in pool.map(lambda c: check(*c), checks) if p is not None]
@@ -127,7 +124,7 @@ def missing_shared(
                 shown=sql.SQL(", ").join(sql.SQL("c.{}").format(n) for n in names),
                 arrays=sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in names),
                 names=sql.SQL(", ").join(names),
-                p=sql.Identifier(table.schema, fk.parent),
+                p=fk.parent_ident,
                 match=sql.SQL(" AND ").join(
                     sql.SQL("p.{}::text = c.{}").format(sql.Identifier(p), n)
                     for p, n in zip(fk.parent_columns, names, strict=True)
@@ -137,7 +134,7 @@ def missing_shared(
             absent = tgt.execute(query, [list(column) for column in columns]).fetchall()
             if absent:
                 problems.append(
-                    f"rows of {table.label} reference {shown_keys(absent)} in {label(table.schema, fk.parent)} "
+                    f"rows of {table.label} reference {shown_keys(absent)} in {fk.parent_label} "
                     f"(foreign key {fk.name}), which target {target_name} does not hold: add those rows there first, "
                     f"or, if tenants share them (users of several organisations), add {fk.parent} to [tenancy] follow "
                     "so a move copies them"

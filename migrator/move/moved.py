@@ -129,10 +129,12 @@ def _references_into(conn: psycopg.Connection[Any], layout: Layout, tenants: Coh
     owned = {t.name: t for t in layout.tables}
     problems = []
     for child_schema, child, name, cols, parent, parent_cols in conn.execute(
-        _REFERENCES, (layout.tables[0].schema, list(owned))
+        _REFERENCES, (sorted({t.schema for t in layout.tables}), list(owned))
     ):
         target = owned[parent]
-        child_table = owned.get(child) if child_schema == target.schema else None
+        child_table = owned.get(child)
+        if child_table is not None and child_table.schema != child_schema:  # another schema's table of that name
+            child_table = None
         stays = (
             sql.SQL("NOT coalesce({}, false)").format(tenant_filter(child_table, tenants, sql.Identifier("c")))
             if child_table is not None
@@ -171,6 +173,6 @@ SELECT rn.nspname, rc.relname, con.conname,
 FROM pg_constraint con
 JOIN pg_class rc ON rc.oid = con.conrelid JOIN pg_namespace rn ON rn.oid = rc.relnamespace
 JOIN pg_class pc ON pc.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
-WHERE con.contype = 'f' AND con.conparentid = 0 AND pn.nspname = %s AND pc.relname = ANY(%s)
+WHERE con.contype = 'f' AND con.conparentid = 0 AND pn.nspname = ANY(%s) AND pc.relname = ANY(%s)
 ORDER BY rn.nspname, rc.relname, con.conname
 """

@@ -32,33 +32,34 @@ from migrator.move.integrity import MAX_KEYS, shown_keys, unresolved
 from migrator.stamps.discovery import ForeignKey, Layout, Table, inspect, label, tenant_filter
 
 _LARGE_OBJECTS = """
-SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
+SELECT n.nspname, c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_type t ON t.oid = a.atttypid
-WHERE n.nspname = %s AND c.relname = ANY(%s) AND a.attnum > 0 AND NOT a.attisdropped
+WHERE n.nspname = ANY(%s) AND c.relname = ANY(%s) AND a.attnum > 0 AND NOT a.attisdropped
   AND (CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END) = 'oid'::regtype
-ORDER BY 1, 2
+ORDER BY 1, 2, 3
 """
 
 _OUTSIDE_REFERRERS = """
-SELECT rn.nspname, rc.relname, con.conname, c.relname
+SELECT rn.nspname, rc.relname, con.conname, n.nspname, c.relname
 FROM pg_constraint con JOIN pg_class rc ON rc.oid = con.conrelid JOIN pg_namespace rn ON rn.oid = rc.relnamespace
 JOIN pg_class c ON c.oid = con.confrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE con.contype = 'f' AND con.conparentid = 0 AND n.nspname = %s AND c.relname = ANY(%s) AND rn.nspname <> %s
+WHERE con.contype = 'f' AND con.conparentid = 0 AND n.nspname = ANY(%(s)s) AND c.relname = ANY(%(t)s)
+  AND rn.nspname <> ALL(%(s)s)
 ORDER BY 1, 2, 3
 """
 
 _FOREIGN_TABLES = """
-SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %s AND c.relkind = 'f'
+SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY(%s) AND c.relkind = 'f'
   AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = %s AND NOT a.attisdropped)
-ORDER BY 1
+ORDER BY 1, 2
 """
 
 _VIEWS = """
 SELECT CASE c.relkind WHEN 'v' THEN 'view ' ELSE 'materialized view ' END || c.relname
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %s AND c.relkind IN ('v', 'm')
+WHERE n.nspname = ANY(%s) AND c.relkind IN ('v', 'm')
 ORDER BY c.relname
 """
 
@@ -79,24 +80,25 @@ ORDER BY ic.relname
 
 def unmovable(conn: psycopg.Connection[Any], tenancy: Tenancy, layout: Layout) -> tuple[list[str], tuple[str, ...]]:
     """What COPY cannot carry (problems), and the views and materialized views left alone (skipped)."""
-    schema, names = tenancy.db_schema, [t.name for t in layout.tables]
+    searched, names = tenancy.searched, [t.name for t in layout.tables]
     problems = [
         f"table {label(schema, table)} column {column} is of type {typ}: it points to large objects, which live "
         "in pg_largeobject and are not copied with the rows; store the bytes in a bytea column, or exclude the table"
-        for table, column, typ in conn.execute(_LARGE_OBJECTS, (schema, names)).fetchall()
+        for schema, table, column, typ in conn.execute(_LARGE_OBJECTS, (searched, names)).fetchall()
     ]
     problems += [
         f"foreign table {label(schema, name)} has the tenant column {tenancy.column} but its rows live on "
         "another server, which a move cannot copy; move them by other means and add it to [tenancy] exclude"
-        for (name,) in conn.execute(_FOREIGN_TABLES, (schema, tenancy.column)).fetchall()
+        for schema, name in conn.execute(_FOREIGN_TABLES, (searched, tenancy.column)).fetchall()
     ]
+    outside = conn.execute(_OUTSIDE_REFERRERS, {"s": searched, "t": names}).fetchall()
     problems += [
         f"table {other_schema}.{other} references tenant table {label(schema, table)} (foreign key {conname}) "
-        f"from outside schema {schema}: its rows would stay behind and block the cleanup; move it into {schema} "
-        "with the tenant column, or drop the foreign key"
-        for other_schema, other, conname, table in conn.execute(_OUTSIDE_REFERRERS, (schema, names, schema)).fetchall()
+        f"from outside schema {' and '.join(searched)}: its rows would stay behind and block the cleanup; add "
+        f"{other_schema} to [tenancy] schemas, move the table, or drop the foreign key"
+        for other_schema, other, conname, schema, table in outside
     ]
-    skipped = tuple(row[0] for row in conn.execute(_VIEWS, (schema,)).fetchall())
+    skipped = tuple(row[0] for row in conn.execute(_VIEWS, (searched,)).fetchall())
     return problems, skipped
 
 
@@ -257,7 +259,7 @@ def foreign_tenant_references(conn: psycopg.Connection[Any], layout: Layout, ten
     whose = f"tenant {tenants[0]}'s" if len(tenants) == 1 else "their own tenant's"
     for table in layout.tables:
         for fk in table.foreign_keys:
-            parent = layout.table(label(table.schema, fk.parent))
+            parent = layout.table(fk.parent_label)
             if _same_tenant_by_construction(table, parent, fk):
                 continue
             keys = unresolved(conn, table, fk, tenants, parent)

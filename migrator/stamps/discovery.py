@@ -56,6 +56,15 @@ class ForeignKey:
     parent: str
     parent_columns: tuple[str, ...]
     deferrable: bool
+    parent_schema: str = "public"
+
+    @property
+    def parent_ident(self) -> sql.Identifier:
+        return sql.Identifier(self.parent_schema, self.parent)
+
+    @property
+    def parent_label(self) -> str:
+        return label(self.parent_schema, self.parent)
 
 
 @dataclass(frozen=True)
@@ -162,7 +171,7 @@ class Layout:
 _TABLES = """
 SELECT c.oid, n.nspname, c.relname
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %s AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT c.relispartition
 ORDER BY c.relname
 """
 
@@ -170,7 +179,7 @@ _PARTITIONS = """
 SELECT c.oid, ARRAY(SELECT p.relname FROM pg_partition_tree(c.oid) t JOIN pg_class p ON p.oid = t.relid
                     WHERE t.level > 0 ORDER BY p.relname)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %s AND c.relkind = 'p' AND NOT c.relispartition
+WHERE n.nspname = ANY(%s) AND c.relkind = 'p' AND NOT c.relispartition
 """
 
 _COLUMNS = """
@@ -178,7 +187,7 @@ SELECT a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod), a.attgenerat
        NOT a.attnotnull,
        pg_get_serial_sequence(quote_ident(n.nspname) || '.' || quote_ident(c.relname), a.attname)
 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %s AND a.attnum > 0 AND NOT a.attisdropped
+WHERE n.nspname = ANY(%s) AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attrelid, a.attnum
 """
 
@@ -193,7 +202,7 @@ CROSS JOIN LATERAL (
     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = u.attnum
     WHERE u.ord <= i.indnkeyatts
 ) k
-WHERE n.nspname = %s AND i.indisunique AND i.indimmediate AND i.indisvalid AND i.indpred IS NULL
+WHERE n.nspname = ANY(%s) AND i.indisunique AND i.indimmediate AND i.indisvalid AND i.indpred IS NULL
   AND i.indexprs IS NULL AND k.notnull
 ORDER BY i.indrelid, i.indnkeyatts, ic.relname
 """
@@ -206,7 +215,7 @@ SELECT con.conrelid, con.contype, con.confrelid,
              JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum ORDER BY k.ord),
        con.conname, con.condeferrable
 FROM pg_constraint con JOIN pg_namespace n ON n.oid = con.connamespace
-WHERE n.nspname = %s AND con.contype IN ('p', 'f') AND con.conparentid = 0
+WHERE n.nspname = ANY(%s) AND con.contype IN ('p', 'f') AND con.conparentid = 0
 ORDER BY con.conname
 """
 
@@ -232,26 +241,29 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
     Tables without a usable row key are left out of `tables` (and named in `problems`); only a missing
     root table is raised at once, as nothing else can be judged without it.
     """
-    schema = tenancy.db_schema
-    names = {oid: name for oid, _, name in conn.execute(_TABLES, (schema,)).fetchall()}
+    schema, searched = tenancy.db_schema, tenancy.searched
+    found = conn.execute(_TABLES, (searched,)).fetchall()
+    names = {oid: name for oid, _, name in found}
+    schema_of = {oid: nsp for oid, nsp, _ in found}
     columns: dict[int, list[Column]] = {oid: [] for oid in names}
-    for oid, name, typ, generated, identity, nullable, seq in conn.execute(_COLUMNS, (schema,)).fetchall():
+    for oid, name, typ, generated, identity, nullable, seq in conn.execute(_COLUMNS, (searched,)).fetchall():
         if oid in columns:
             columns[oid].append(Column(name, typ, generated, identity, nullable, seq))
     pkeys: dict[int, tuple[str, ...]] = {}
     foreign: dict[int, list[tuple[int, ForeignKey]]] = {oid: [] for oid in names}
-    for oid, kind, ref, cols, ref_cols, conname, deferrable in conn.execute(_CONSTRAINTS, (schema,)).fetchall():
+    for oid, kind, ref, cols, ref_cols, conname, deferrable in conn.execute(_CONSTRAINTS, (searched,)).fetchall():
         if oid not in names:
             continue
         if kind == "p":
             pkeys[oid] = tuple(cols)
         elif ref in names:
-            foreign[oid].append((ref, ForeignKey(conname, tuple(cols), names[ref], tuple(ref_cols), deferrable)))
+            fk = ForeignKey(conname, tuple(cols), names[ref], tuple(ref_cols), deferrable, schema_of[ref])
+            foreign[oid].append((ref, fk))
 
-    if tenancy.root_table not in names.values():
+    if not any(n == tenancy.root_table and schema_of[o] == schema for o, n in names.items()):
         raise PreflightError(f"root table {tenancy.root_table!r} not found in schema {schema!r}")
-    problems: list[str] = []
-    for oid, fk in _declared(conn, tenancy, names, columns, problems):
+    problems = _same_names(names, schema_of)
+    for oid, fk in _declared(conn, tenancy, names, schema_of, columns, problems):
         foreign[oid].append((next(o for o, n in names.items() if n == fk.parent), fk))
     tenant_oids: dict[int, str | None] = {}
     excluded: list[str] = []
@@ -270,16 +282,16 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
     candidates = {
         oid for oid, name in names.items() if oid not in tenant_oids and name not in tenancy.exclude
     } - followed
-    path_of = _find_paths(candidates, tenant_oids, foreign, names, schema, problems)
+    path_of = _find_paths(candidates, tenant_oids, foreign, names, schema_of, problems)
     global_tables = [name for oid, name in names.items() if oid in candidates and oid not in path_of]
     if len(tenant_oids) == 1 and not path_of:
         problems.append(
-            f"the tenancy finds tenants in no table but the root {tenancy.root_table}: no other table of schema "
-            f"{schema!r} has the column {tenancy.column!r} or a foreign key leading to a tenant table; check "
-            "[tenancy] column (a move would copy the root row alone)"
+            f"the tenancy finds tenants in no table but the root {tenancy.root_table}: no other table of "
+            f"{' or '.join(repr(n) for n in searched)} has the column {tenancy.column!r} or a foreign key leading "
+            "to a tenant table; check [tenancy] column (a move would copy the root row alone)"
         )
     unique_keys: dict[int, tuple[str, tuple[str, ...]]] = {}
-    for oid, index, cols in conn.execute(_UNIQUE_KEYS, (schema,)).fetchall():
+    for oid, index, cols in conn.execute(_UNIQUE_KEYS, (searched,)).fetchall():
         unique_keys.setdefault(oid, (index, tuple(cols)))  # fewest columns first, then by name
     key_index: dict[int, str | None] = {}
     owned = {**tenant_oids, **dict.fromkeys(path_of)}
@@ -290,20 +302,20 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
             key_index[oid], pkeys[oid] = unique_keys[oid]
         else:
             problems.append(
-                f"table {label(schema, names[oid])} has no primary key and no unique index on NOT NULL columns; "
-                "a move needs one to copy in resumable batches"
+                f"table {label(schema_of[oid], names[oid])} has no primary key and no unique index on NOT NULL "
+                "columns; a move needs one to copy in resumable batches"
             )
-    partitions = {oid: tuple(parts) for oid, parts in conn.execute(_PARTITIONS, (schema,)).fetchall()}
+    partitions = {oid: tuple(parts) for oid, parts in conn.execute(_PARTITIONS, (searched,)).fetchall()}
     keyed = {oid: key for oid, key in owned.items() if oid in pkeys}
     edges = {oid: [(ref, fk) for ref, fk in foreign[oid] if ref in keyed] for oid in keyed}
-    ordered, cycles = _copy_order(edges, names, schema, problems)
+    ordered, cycles = _copy_order(edges, names, schema_of, problems)
     follow_tables = {
-        oid: Table(schema, names[oid], None, tuple(columns[oid]), pkeys[oid], ())
+        oid: Table(schema_of[oid], names[oid], None, tuple(columns[oid]), pkeys[oid], ())
         for oid in sorted(followed, key=lambda o: names[o])
     }
     tables = tuple(
         Table(
-            schema=schema,
+            schema=schema_of[oid],
             name=names[oid],
             key=keyed[oid],
             columns=tuple(columns[oid]),
@@ -332,6 +344,20 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
 Edges = dict[int, list[tuple[int, ForeignKey]]]
 
 
+def _same_names(names: dict[int, str], schema_of: dict[int, str]) -> list[str]:
+    """Tables of one name in two searched schemas: a move names tables by name (its change log does, as
+    triggers report TG_TABLE_NAME), so they are refused rather than confused."""
+    seen: dict[str, list[str]] = {}
+    for oid, name in names.items():
+        seen.setdefault(name, []).append(schema_of[oid])
+    return [
+        f"table name {name} is in schemas {', '.join(sorted(schemas))}: a move needs table names unique across "
+        "[tenancy] schemas"
+        for name, schemas in sorted(seen.items())
+        if len(schemas) > 1
+    ]
+
+
 def _followed(
     tenancy: Tenancy,
     names: dict[int, str],
@@ -345,7 +371,9 @@ def _followed(
     for name in tenancy.follow:
         oid = oids.get(name)
         if oid is None:
-            problems.append(f"[tenancy] follow names {name}, which is no table of schema {tenancy.db_schema!r}")
+            problems.append(
+                f"[tenancy] follow names {name}, which is no table of {' or '.join(map(repr, tenancy.searched))}"
+            )
         elif oid in tenant_oids:
             problems.append(f"[tenancy] follow names {name}, which holds the tenant column: its rows are moved anyway")
         elif oid not in pkeys:
@@ -380,7 +408,7 @@ _UNIQUE_SETS = """
 SELECT i.indrelid, ARRAY(SELECT a.attname FROM unnest(i.indkey) u(attnum)
                          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = u.attnum ORDER BY a.attname)
 FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %s AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL
+WHERE n.nspname = ANY(%s) AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL
 """
 
 
@@ -388,6 +416,7 @@ def _declared(
     conn: psycopg.Connection[Any],
     tenancy: Tenancy,
     names: dict[int, str],
+    schema_of: dict[int, str],
     columns: dict[int, list[Column]],
     problems: list[str],
 ) -> list[tuple[int, ForeignKey]]:
@@ -396,7 +425,7 @@ def _declared(
     if not tenancy.references:
         return []
     oids = {name: oid for oid, name in names.items()}
-    unique = {(oid, tuple(cols)) for oid, cols in conn.execute(_UNIQUE_SETS, (tenancy.db_schema,)).fetchall()}
+    unique = {(oid, tuple(cols)) for oid, cols in conn.execute(_UNIQUE_SETS, (tenancy.searched,)).fetchall()}
     found = []
     for ref in tenancy.references:
         missing = [
@@ -406,14 +435,16 @@ def _declared(
             if table not in oids or col not in {c.name for c in columns[oids[table]]}
         ]
         if missing:
-            problems.append(f"{ref.name}: no {', '.join(dict.fromkeys(missing))} in schema {tenancy.db_schema!r}")
+            where = " or ".join(repr(s) for s in tenancy.searched)
+            problems.append(f"{ref.name}: no {', '.join(dict.fromkeys(missing))} in schema {where}")
         elif (oids[ref.parent], tuple(sorted(ref.parent_columns))) not in unique:
             problems.append(
                 f"{ref.name}: {ref.parent}.{','.join(ref.parent_columns)} is not a unique key, so a row could have "
                 "parents of several tenants; name the parent's primary key or a unique key"
             )
         else:
-            fk = ForeignKey(ref.name, ref.columns, ref.parent, ref.parent_columns, deferrable=True)
+            parent_schema = schema_of[oids[ref.parent]]
+            fk = ForeignKey(ref.name, ref.columns, ref.parent, ref.parent_columns, True, parent_schema)
             found.append((oids[ref.table], fk))
     return found
 
@@ -423,7 +454,7 @@ def _find_paths(
     tenant_oids: dict[int, str | None],
     foreign: Edges,
     names: dict[int, str],
-    schema: str,
+    schema_of: dict[int, str],
     problems: list[str],
 ) -> dict[int, tuple[Path, ...]]:
     """Every simple path of foreign keys from each candidate table to a table with the tenant column.
@@ -445,7 +476,7 @@ def _find_paths(
         for ref, fk in foreign[oid]:
             if ref in seen or ref == oid or not (ref in tenant_oids or ref in reaching):
                 continue
-            hop = Hop(fk.name, fk.columns, schema, names[ref], fk.parent_columns)
+            hop = Hop(fk.name, fk.columns, schema_of[ref], names[ref], fk.parent_columns)
             key = tenant_oids.get(ref)
             if key is not None:
                 found.append(Path((hop,), key))
@@ -458,20 +489,20 @@ def _find_paths(
         found = walk(oid, frozenset({oid}))
         if not found:
             problems.append(
-                f"table {label(schema, names[oid])} reaches tenant tables only through more than {MAX_HOPS} foreign "
-                "keys; a move does not follow paths that long"
+                f"table {label(schema_of[oid], names[oid])} reaches tenant tables only through more than "
+                f"{MAX_HOPS} foreign keys; a move does not follow paths that long"
             )
         elif len(found) > MAX_PATHS:
             problems.append(
-                f"table {label(schema, names[oid])} reaches tenant tables by {len(found)} foreign-key paths, more "
-                f"than the {MAX_PATHS} a move follows; exclude it or declare fewer references"
+                f"table {label(schema_of[oid], names[oid])} reaches tenant tables by {len(found)} foreign-key "
+                f"paths, more than the {MAX_PATHS} a move follows; exclude it or declare fewer references"
             )
         paths[oid] = tuple(found)
     return paths
 
 
 def _copy_order(
-    edges: Edges, names: dict[int, str], schema: str, problems: list[str]
+    edges: Edges, names: dict[int, str], schema_of: dict[int, str], problems: list[str]
 ) -> tuple[list[int], dict[int, tuple[str, ...]]]:
     """Parents first: the strongly connected components of the foreign-key graph in topological order
     (ties by name, so every run copies in the same order), each cycle's tables ordered by its NOT
@@ -504,14 +535,14 @@ def _copy_order(
             if not free:
                 tangled = sorted(strict, key=lambda o: names[o])
                 through = ", ".join(
-                    f"{fk.name} ({label(schema, names[o])} -> {label(schema, fk.parent)})"
+                    f"{fk.name} ({label(schema_of[o], names[o])} -> {fk.parent_label})"
                     for o in tangled
                     for ref, fk in edges[o]
                     if ref in strict and ref != o and not fk.deferrable
                 )
                 problems.append(
                     "foreign keys form a cycle between tenant tables "
-                    f"({', '.join(label(schema, names[o]) for o in tangled)}) through NOT DEFERRABLE constraints "
+                    f"({', '.join(label(schema_of[o], names[o]) for o in tangled)}) through NOT DEFERRABLE constraints "
                     f"{through}; make one of them DEFERRABLE (ALTER TABLE ... ALTER CONSTRAINT ... DEFERRABLE) so "
                     "the cycle can be copied in one transaction"
                 )

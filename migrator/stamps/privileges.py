@@ -72,7 +72,7 @@ def check_stamp(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Check:
     layout = discover(conn, tenancy)
     missing = [
         *_database(conn, role, database),
-        *_schema(conn, role, tenancy.db_schema),
+        *(missing for schema in tenancy.searched for missing in _schema(conn, role, schema)),
         *(tables := _tables(conn, role, layout)),
         *_sequences(conn, role, layout, owners := {m.owner for m in tables if m.owner}),
         *_alembic_version(conn, role, tenancy.db_schema, owners),
