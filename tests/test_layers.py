@@ -16,11 +16,15 @@ UPPER = ("migrator.move", "migrator.plans", "migrator.rollout", "migrator.queue"
 FLOORS = {
     "db": ("migrator.catalog", "migrator.stamps", *UPPER),
     "catalog": ("migrator.stamps", *UPPER),
+    "stamps": UPPER,
     "move": UPPER[1:],
     # The job queue runs plans and rollouts; they know nothing of it, and it knows nothing of the CLI.
-    "plans": ("migrator.queue", "migrator.cli"),
-    "rollout": ("migrator.queue", "migrator.cli"),
+    "plans": ("migrator.queue", "migrator.cli", "migrator.local"),
+    "rollout": ("migrator.queue", "migrator.cli", "migrator.local"),
     "queue": ("migrator.cli", "migrator.local"),
+    # The local-fleet tooling stands beside the product: it uses the catalog and the stamps' plumbing,
+    # never the jobs or the CLI (only the CLI's `fleet` commands import it).
+    "local": UPPER[:-1],
 }
 
 
