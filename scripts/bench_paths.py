@@ -11,8 +11,12 @@ in two variants that differ only in how the large child table reaches its tenant
 
 Each variant is one `migrator move` (online, --jobs 2) from a fresh source into a fresh target, then
 `migrator verify --jobs 2`; the copy step is `seconds.copy` of `--json`. Prints rows/s and the
-path/column ratios. `scripts/bench paths [--rows N] [--schemas orders,peer]`. Every server is
-stopped at the end; nothing is written to the repository.
+path/column ratios. Then the cost of another tenant's writes while a move's guard is installed:
+WRITES single-row inserts into `order_lines` by the neighbour (one PL/pgSQL loop in the server, so
+only the server's own work counts), without a guard and with the guard of a move of tenant 1, for
+both variants: the path table's guard looks the row's tenant up through `orders`.
+`scripts/bench paths [--rows N] [--schemas orders,peer] [--writes N]`. Every server is stopped at
+the end; nothing is written to the repository.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from benchschemas import PEER_DDL, PEER_SEED
 from migrator import config as configlib
 from migrator.db import dsn as dsnlib
 from migrator.local import pgserver, provision
+from migrator.move import fence
+from migrator.stamps.discovery import discover
 
 TENANT, NEIGHBOUR = 1, 2
 
@@ -134,10 +140,35 @@ def _variant(
     return total, copy_s, verify_s, json.loads(planned)["reached"]
 
 
+def _write_cost(server: pgserver.LocalServer, path: bool, writes: int) -> tuple[float, float]:
+    """Microseconds per neighbour insert into order_lines, without and with a move's guard on tenant 1."""
+    name = f"writes_{'path' if path else 'column'}"
+    dsn = _create(server, name, "orders", path)
+    _seed(dsn, "orders", path, 10_000)
+    tenancy = _tenancy("orders")
+    value = "" if path else f"{NEIGHBOUR},"
+    loop = (
+        f"DO $$ BEGIN FOR i IN 1..{writes} LOOP INSERT INTO order_lines VALUES "
+        f"(900000000 + i + %s, {value} {NEIGHBOUR} * 100000000 + 1 + i %% 100, 'w', 1, 1); END LOOP; END $$"
+    )
+    timings = []
+    with dsnlib.connect(dsn, autocommit=True) as conn:
+        layout = discover(conn, tenancy)
+        for guarded in (False, True):
+            if guarded:
+                fence.guard(conn, layout, (str(TENANT),), move_id=1, fenced=False, capture=True)
+                conn.commit()
+            started = time.monotonic()
+            conn.execute(loop.replace("%s", str(writes if guarded else 0)).replace("%%", "%"))
+            timings.append((time.monotonic() - started) / writes * 1e6)
+    return timings[0], timings[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the large child table of the tenant")
     parser.add_argument("--schemas", default="orders,peer", help="schema families to run, comma-separated")
+    parser.add_argument("--writes", type=int, default=50_000, help="neighbour inserts timed per guard state")
     args = parser.parse_args()
     results = []
     with benchlib.local_servers("migrator-bench-paths-", ["source", "target"]) as (base, servers):
@@ -145,6 +176,8 @@ def main() -> None:
             column = _variant(servers, base, family, False, args.rows)
             path = _variant(servers, base, family, True, args.rows)
             results.append((family, column, path))
+        print("timing a neighbour's writes under a move's guard ...", file=sys.stderr)
+        writes = {variant: _write_cost(servers[0], variant == "path", args.writes) for variant in ("column", "path")}
     print("schema  variant  tenant rows  copy s   copy rows/s  verify s  verify rows/s  the child table found by")
     for family, column, path in results:
         child = "clicks" if family == "peer" else "order_lines"
@@ -157,6 +190,10 @@ def main() -> None:
             f"{family:7} path/column: copy {column[1] / path[1]:.2f}x, verify {column[2] / path[2]:.2f}x"
             " the rows/s (target >= 0.7x)"
         )
+    print()
+    print(f"another tenant's insert into order_lines, {args.writes:,} in one server loop: us per insert")
+    for variant, (bare, guarded) in writes.items():
+        print(f"  {variant:7} no guard {bare:6.1f}   a move's guard installed {guarded:6.1f}   (+{guarded - bare:.1f})")
 
 
 if __name__ == "__main__":
