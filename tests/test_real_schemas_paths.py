@@ -304,6 +304,17 @@ def test_cleanup_refuses_rows_no_move_copied_and_rows_that_would_dangle_before_d
     assert oracle(fleet, "eu-1")["line_taxes"][0] == 120
 
 
+def move_and_clean(fleet: Shaped, digest: str, rows: int) -> None:
+    """Move the tenant to eu-2 and clean up eu-1, judged by `digest`: (count, md5) of its rows, by hand."""
+    source = fleet.query("eu-1", digest)
+    moved = fleet.run("move", TENANT, "--to", "eu-2", "--yes")
+    assert moved.exit_code == 0, moved.output
+    assert fleet.query("eu-2", digest) == source and source[0][0] == rows
+    cleaned = fleet.run("cleanup", TENANT, "--stamp", "eu-1", "--yes")
+    assert cleaned.exit_code == 0, cleaned.output
+    assert fleet.query("eu-1", digest)[0][0] == 0
+
+
 def _refused(fleet: Shaped, before: object, result: Any) -> str:
     assert result.exit_code == 2, result.output
     line = str(result.stderr).strip()
@@ -434,13 +445,7 @@ def test_declared_references_find_rows_of_tables_without_foreign_keys_and_bad_on
         "SELECT count(*), md5(string_agg(x::text, '|' ORDER BY x::text)) FROM line_taxes x"
         " JOIN invoice_lines l ON l.id = x.line_id JOIN invoices i ON i.id = l.invoice_id WHERE i.tenant_id = 42"
     )
-    source = fleet.query("eu-1", digest)
-    moved = fleet.run("move", TENANT, "--to", "eu-2", "--yes")
-    assert moved.exit_code == 0, moved.output
-    assert fleet.query("eu-2", digest) == source and source[0][0] == 100
-    cleaned = fleet.run("cleanup", TENANT, "--stamp", "eu-1", "--yes")
-    assert cleaned.exit_code == 0, cleaned.output
-    assert fleet.query("eu-1", digest)[0][0] == 0
+    move_and_clean(fleet, digest, rows=100)
     assert fleet.query("eu-1", "SELECT count(*) FROM line_taxes")[0][0] == 102  # the neighbour's and the orphans
     assert fleet.query("eu-1", "SELECT count(*) FROM invoice_lines WHERE invoice_id < 43000")[0][0] == 0
 
@@ -644,13 +649,7 @@ def test_tables_of_a_second_schema_are_found_through_their_foreign_keys(
     assert planned["tables"]["billing.line_taxes"] == 50 and planned["global_tables"] == ["currencies"]
     assert planned["reached"]["billing.lines"] == "path lines.invoice_id -> invoices.tenant_id"
 
-    source = fleet.query("eu-1", TWO_SCHEMAS_ORACLE)
-    moved = fleet.run("move", TENANT, "--to", "eu-2", "--yes")
-    assert moved.exit_code == 0, moved.output
-    assert fleet.query("eu-2", TWO_SCHEMAS_ORACLE) == source and source[0][0] == 100
-    cleaned = fleet.run("cleanup", TENANT, "--stamp", "eu-1", "--yes")
-    assert cleaned.exit_code == 0, cleaned.output
-    assert fleet.query("eu-1", TWO_SCHEMAS_ORACLE)[0][0] == 0
+    move_and_clean(fleet, TWO_SCHEMAS_ORACLE, rows=100)
     assert fleet.query("eu-1", "SELECT count(*) FROM billing.lines")[0][0] == 50  # the neighbour's
     for stamp in STAMPS:
         assert orphans_and_revalidation(fleet, stamp) == [], stamp
