@@ -51,7 +51,7 @@ class ApplyOptions:
     parallel: int = 1
     per_stamp: int = 1
     stop_on_error: bool = False
-    batch_rows: int = 50_000
+    batch_rows: int = MoveOptions.batch_rows  # each move's, see MoveOptions
     jobs: int = field(default_factory=default_jobs)  # each move's streams, see MoveOptions
     allow_triggers: bool = False  # each move's, see MoveOptions
     max_attempts: int = 3  # with --queue: runs of an entry that fail for a transient reason, at most
@@ -335,58 +335,26 @@ def _schedule(
     Returns the results of the entries run, those of the entries left unstarted, and why it stopped.
     """
     pending = list(prepared.todo)
-    running: dict[Future[EntryResult], Entry] = {}
-    slots: dict[Future[EntryResult], psycopg.Connection[Any]] = {}  # each running move's --per-stamp slot
-    per_target: Counter[str] = Counter()
     results: list[EntryResult] = []
     why_stopped = ""
-    held_elsewhere: dict[str, float] = {}  # target -> when to try again its slots other applies or workers hold
-    with _closing(slots), ThreadPoolExecutor(max_workers=options.parallel, thread_name_prefix="apply") as pool:
-        while pending or running:
+    starter = _Starter(ctx, plan_id, options, reporter)
+    # The pool shuts down (waiting for its moves) before the starter frees the slots still held.
+    with contextlib.closing(starter), ThreadPoolExecutor(options.parallel, thread_name_prefix="apply") as pool:
+        while pending or starter.running:
             if stop.is_set() and not why_stopped:
                 why_stopped = "interrupted"
                 reporter.note(
-                    f"interrupted: letting {len(running)} running move(s) finish, starting no more; "
+                    f"interrupted: letting {len(starter.running)} running move(s) finish, starting no more; "
                     f"re-run `migrator apply {prepared.path}` to continue"
                 )
             if not why_stopped:
-                busy = {t for e in running.values() for t in e.move.tenants}
-                now = time.monotonic()
-                for entry in list(pending):
-                    if len(running) >= options.parallel:
-                        break
-                    target = entry.move.target
-                    if per_target[target] >= options.per_stamp or held_elsewhere.get(target, 0.0) > now:
-                        continue
-                    if busy & set(entry.move.tenants):
-                        continue
-                    slot = take_slot(ctx.catalog.url, stamp_slot(target), options.per_stamp)
-                    if slot is None:
-                        if target not in held_elsewhere:
-                            reporter.note(
-                                f"waiting: {options.per_stamp} move(s) into {target} already running elsewhere "
-                                "(--per-stamp counts every apply and worker)"
-                            )
-                        held_elsewhere[target] = now + SLOT_POLL_S
-                        continue
-                    held_elsewhere.pop(target, None)
-                    pending.remove(entry)
-                    per_target[target] += 1
-                    busy |= set(entry.move.tenants)
-                    reporter.started(entry)
-                    future = pool.submit(_one, ctx, plan_id, entry, options, reporter)
-                    running[future], slots[future] = entry, slot
-            if not running:
+                starter.start_ready(pending, pool)
+            if not starter.running:
                 if pending and not why_stopped:  # every pending entry waits for a slot held elsewhere
                     stop.wait(SLOT_POLL_S)
                     continue
                 break
-            finished, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
-            for future in finished:
-                entry = running.pop(future)
-                slots.pop(future).close()
-                per_target[entry.move.target] -= 1
-                result = _result_of(future, entry)
+            for entry, result in starter.finished():
                 results.append(result)
                 reporter.finished(result)
                 if result.status == EntryStatus.FAILED and options.stop_on_error and not why_stopped:
@@ -401,13 +369,67 @@ def _schedule(
     return results, left, why_stopped
 
 
-@contextlib.contextmanager
-def _closing(slots: dict[Future[EntryResult], psycopg.Connection[Any]]) -> Iterator[None]:
-    """Free the slots still held when the scheduler leaves (an error, say); the server would at exit."""
-    try:
-        yield
-    finally:
-        for conn in slots.values():
+class _Starter:
+    """Starts a plan's entries within --parallel, --per-stamp (slots in the catalog, counted by every
+    apply and worker) and one move per tenant; frees each move's slot when it ends."""
+
+    def __init__(self, ctx: Context, plan_id: int, options: ApplyOptions, reporter: ApplyProgress) -> None:
+        self.ctx, self.plan_id, self.options, self.reporter = ctx, plan_id, options, reporter
+        self.running: dict[Future[EntryResult], Entry] = {}
+        self._slots: dict[Future[EntryResult], psycopg.Connection[Any]] = {}  # each running move's slot
+        self._per_target: Counter[str] = Counter()
+        self._held_elsewhere: dict[str, float] = {}  # target -> when to try again its slots held elsewhere
+
+    def start_ready(self, pending: list[Entry], pool: ThreadPoolExecutor) -> None:
+        """Start, in plan order, the pending entries the limits allow now (removed from `pending`)."""
+        busy = {t for e in self.running.values() for t in e.move.tenants}
+        for entry in list(pending):
+            if len(self.running) >= self.options.parallel:
+                break
+            if busy & set(entry.move.tenants):
+                continue
+            slot = self._slot(entry.move.target)
+            if slot is None:
+                continue
+            pending.remove(entry)
+            self._per_target[entry.move.target] += 1
+            busy |= set(entry.move.tenants)
+            self.reporter.started(entry)
+            future = pool.submit(_one, self.ctx, self.plan_id, entry, self.options, self.reporter)
+            self.running[future], self._slots[future] = entry, slot
+
+    def _slot(self, target: str) -> psycopg.Connection[Any] | None:
+        """One of the target's --per-stamp slots, or None (within this apply's count, or held elsewhere:
+        said once, and tried again after SLOT_POLL_S)."""
+        now = time.monotonic()
+        if self._per_target[target] >= self.options.per_stamp or self._held_elsewhere.get(target, 0.0) > now:
+            return None
+        slot = take_slot(self.ctx.catalog.url, stamp_slot(target), self.options.per_stamp)
+        if slot is None:
+            if target not in self._held_elsewhere:
+                self.reporter.note(
+                    f"waiting: {self.options.per_stamp} move(s) into {target} already running elsewhere "
+                    "(--per-stamp counts every apply and worker)"
+                )
+            self._held_elsewhere[target] = now + SLOT_POLL_S
+            return None
+        self._held_elsewhere.pop(target, None)
+        return slot
+
+    def finished(self) -> list[tuple[Entry, EntryResult]]:
+        """The entries whose move ended within a moment, their slots freed."""
+        done, _ = wait(self.running, timeout=0.2, return_when=FIRST_COMPLETED)
+        ended = []
+        for future in done:
+            entry = self.running.pop(future)
+            self._slots.pop(future).close()
+            self._per_target[entry.move.target] -= 1
+            ended.append((entry, _result_of(future, entry)))
+        return ended
+
+    def close(self) -> None:
+        """Free the slots still held when the scheduler leaves (an error, say); the server would at exit."""
+        for conn in self._slots.values():
             conn.close()
 
 

@@ -167,7 +167,7 @@ def plan_drain(
         f"{sum(len(m.tenants) for m in moves)} tenants in {len(moves)} moves, {sum(m.rows for m in moves):,} rows, "
         "largest first"
     )
-    return _plan("drain", ctx, sizes, rooms, moves, reason, notes=notes, by_region=by_region)
+    return _plan(ctx, sizes, rooms, moves, _Why("drain", reason, notes=notes), by_region)
 
 
 def plan_isolate(ctx: Context, tenant: str, target_name: str, by_region: bool = False) -> Plan:
@@ -197,7 +197,7 @@ def plan_isolate(ctx: Context, tenant: str, target_name: str, by_region: bool = 
         )
     move = _shift(rooms, route.stamp, target.name, size)
     reason = f"isolate tenant {tenant} ({size.rows:,} rows) from {route.stamp} on the dedicated stamp {target.name}"
-    return _plan("isolate", ctx, sizes, rooms, [move], reason, by_region=by_region)
+    return _plan(ctx, sizes, rooms, [move], _Why("isolate", reason), by_region)
 
 
 def plan_rebalance(
@@ -253,7 +253,7 @@ def plan_rebalance(
         f"rebalance {len(active)} active stamps to within {threshold} of the fleet's utilisation "
         f"{mean:.4f} (rows used / capacity_rows): {tenants} tenants in {len(moves)} moves"
     )
-    return _plan("rebalance", ctx, sizes, rooms, moves, reason, threshold, tuple(notes), by_region)
+    return _plan(ctx, sizes, rooms, moves, _Why("rebalance", reason, threshold, tuple(notes)), by_region)
 
 
 def _balanced(rooms: Rooms, mean: float, threshold: float) -> bool:
@@ -328,16 +328,18 @@ def group(moves: list[PlannedMove], cohorts: Cohorts) -> list[PlannedMove]:
     ]
 
 
+@dataclass(frozen=True)
+class _Why:
+    """What a planner says of its plan: its kind, reason, rebalance threshold and notes."""
+
+    kind: str
+    reason: str
+    threshold: float | None = None
+    notes: tuple[str, ...] = ()
+
+
 def _plan(
-    kind: str,
-    ctx: Context,
-    sizes: FleetSizes,
-    rooms: Rooms,
-    moves: list[PlannedMove],
-    reason: str,
-    threshold: float | None = None,
-    notes: tuple[str, ...] = (),
-    by_region: bool = False,
+    ctx: Context, sizes: FleetSizes, rooms: Rooms, moves: list[PlannedMove], why: _Why, by_region: bool = False
 ) -> Plan:
     """The plan of `moves`; `by_region` (`--queue-by-region`) names each entry's workers' queue after
     its target's region, so that under `apply --queue` a worker near the data copies it (a target
@@ -361,19 +363,19 @@ def _plan(
         for source, target in pairs
         if (problems := shapes.between(sizes.usage[source].stamp, ctx.catalog.stamp(target), ctx.config.tenancy))
     ]
-    notes += tuple(
+    notes = why.notes + tuple(
         f"moves from {source} to {target} will be refused by preflight: {problems_message(problems)}"
         for source, target, problems in refused
     )
     return Plan(
-        kind=kind,
+        kind=why.kind,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         catalog=dsnlib.mask(ctx.catalog.url),
         fleet_schema_revision=_revision(sizes.usage, moves),
-        reason=reason,
+        reason=why.reason,
         utilisation=utilisation,
         moves=tuple(moves),
-        threshold=threshold,
+        threshold=why.threshold,
         notes=notes,
     )
 
