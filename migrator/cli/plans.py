@@ -304,12 +304,14 @@ class ApplyBars:
         self._tenants_total = 0
 
     def begin(self, prepared: Prepared) -> None:
+        from migrator.plans.execute import Todo
+
         todo = prepared.todo
         self._total = len(todo)
         self._tenants_total = sum(len(e.move.tenants) for e in todo)
         self._bar = render.meter(self._description(), sum(e.move.rows for e in todo), "rows")
         for entry in prepared.entries:
-            if entry.todo == "done":
+            if entry.todo == Todo.DONE:
                 self._line(f"skip    {entry.move.who}: {entry.note}")
 
     def _description(self) -> str:
@@ -325,15 +327,15 @@ class ApplyBars:
                 self._bar.update(count)
 
     def finished(self, result: EntryResult) -> None:
+        from migrator.catalog import EntryStatus, name_tenants
+
         with self._lock:
             self._count += 1
-            self._tenants += len(result.tenants) if result.status == "done" else 0
+            self._tenants += len(result.tenants) if result.status == EntryStatus.DONE else 0
             if self._bar is not None:
                 self._bar.set_description(self._description())
-        from migrator.catalog import name_tenants
-
         where = f"{name_tenants(result.tenants)} {result.source} -> {result.target}"
-        if result.status == "done":
+        if result.status == EntryStatus.DONE:
             self._line(
                 f"done    {where} in {result.seconds:.1f} s (move {result.move_id}) [{self._count}/{self._total}]"
             )
@@ -364,8 +366,10 @@ def _notes_only() -> ApplyProgress:
 
 
 def _dry_run(as_json: bool, prepared: Prepared) -> None:
+    from migrator.plans.execute import Todo
+
     def action(entry: Entry) -> str:
-        return {"run": "would move", "resume": f"would {entry.note}"}.get(entry.todo, f"skip: {entry.note}")
+        return {Todo.RUN: "would move", Todo.RESUME: f"would {entry.note}"}.get(entry.todo, f"skip: {entry.note}")
 
     data = {
         "dry_run": True,
@@ -401,7 +405,11 @@ def _dry_run(as_json: bool, prepared: Prepared) -> None:
 
 
 def _summary(result: ApplyResult) -> str:
-    counts = ", ".join(f"{len(result.having(s))} {s}" for s in ("done", "failed", "skipped"))
+    from migrator.catalog import EntryStatus
+
+    counts = ", ".join(
+        f"{len(result.having(s))} {s}" for s in (EntryStatus.DONE, EntryStatus.FAILED, EntryStatus.SKIPPED)
+    )
     table = render.table(
         ["#", "tenants", "from", "to", "status", "move", "seconds", "reason"],
         [
@@ -423,7 +431,7 @@ def _summary(result: ApplyResult) -> str:
 
 def _queued_plan(context: Any, digest: str, file: Path, *, follow: bool, as_json: bool) -> None:
     """`apply --status` and `apply --wait`: the plan's entries as the catalog records them."""
-    from migrator.catalog import PlanStatus
+    from migrator.catalog import EntryStatus, PlanStatus
     from migrator.catalog.plans import Ledger
     from migrator.queue.app import live_workers
     from migrator.queue.follow import follow as follow_plan
@@ -454,10 +462,11 @@ def _queued_plan(context: Any, digest: str, file: Path, *, follow: bool, as_json
             for e in entries
         ],
     )
-    counts = ", ".join(f"{sum(e.status == s for e in entries)} {s}" for s in ("done", "running", "pending", "failed"))
+    shown = (EntryStatus.DONE, EntryStatus.RUNNING, EntryStatus.PENDING, EntryStatus.FAILED)
+    counts = ", ".join(f"{sum(e.status == s for e in entries)} {s}" for s in shown)
     emit(as_json, data, f"{table}\nplan {file}: {status} ({counts}); {workers} worker(s) running")
     if follow and status == PlanStatus.FAILED:
-        failed = sum(e.status == "failed" for e in entries)
+        failed = sum(e.status == EntryStatus.FAILED for e in entries)
         raise MigratorError(f"{failed} of {len(entries)} moves failed; `migrator apply {file} --status` shows why")
 
 

@@ -137,6 +137,7 @@ def schema_upgrade_cmd(
 
 
 def _queued_upgrade(context: Any, options: Any, queue: str, wait: bool, confirm: Any, as_json: bool) -> None:
+    from migrator.catalog import StepResult
     from migrator.queue.enqueue import enqueue_upgrade
     from migrator.queue.follow import follow_rollout
 
@@ -155,11 +156,12 @@ def _queued_upgrade(context: Any, options: Any, queue: str, wait: bool, confirm:
         )
         return
     rows = follow_rollout(context, queued.run_id, render.say)
-    counts = {r: sum(1 for _, result, _ in rows if result == r) for r in ("ok", "failed", "skipped")}
+    shown = (StepResult.OK, StepResult.FAILED, StepResult.SKIPPED)
+    counts = {r: sum(1 for _, result, _ in rows if result == r) for r in shown}
     data["stamps"] = [{"stamp": s, "result": r, "error": e} for s, r, e in rows]
     emit(as_json, data, f"rollout {queued.run_id}: " + ", ".join(f"{n} {r}" for r, n in counts.items()))
-    if counts["failed"]:
-        raise MigratorError(f"{counts['failed']} stamp(s) failed; `migrator schema log` shows why")
+    if counts[StepResult.FAILED]:
+        raise MigratorError(f"{counts[StepResult.FAILED]} stamp(s) failed; `migrator schema log` shows why")
 
 
 @schema_group.command("downgrade")
@@ -321,9 +323,11 @@ class _Bars:
             self._bar = render.meter(f"wave {number + 1}/{waves}", len(stamps), "stamps", scale=False)
 
     def stamp_finished(self, outcome: Any) -> None:
+        from migrator.catalog import StepResult
+
         if self._bar is not None:
             self._bar.update(1)
-            if outcome.result == "failed":
+            if outcome.result == StepResult.FAILED:
                 render.say(f"{outcome.stamp}: {outcome.error}")
 
     def wave_finished(self, number: int) -> None:

@@ -224,7 +224,7 @@ def downgrade_stamps(
     ctx: Context,
     revision: str,
     names: Sequence[str] = (),
-    parallel: int = 4,
+    parallel: int = RolloutOptions.parallel,
     progress: RolloutProgress | None = None,
     confirm: Callable[[Plan], None] | None = None,
 ) -> Rollout:
