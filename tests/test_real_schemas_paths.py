@@ -31,7 +31,7 @@ from test_real_schemas_shapes import (  # noqa: F401
 )
 
 from migrator.db import dsn as dsnlib
-from migrator.move import MoveOptions, move_tenants
+from migrator.move import MoveOptions, cleanup_tenants, move_tenants
 from migrator.move.fence import leftovers
 from migrator.progress import Silent
 
@@ -653,3 +653,36 @@ def test_tables_of_a_second_schema_are_found_through_their_foreign_keys(
     assert fleet.query("eu-1", "SELECT count(*) FROM billing.lines")[0][0] == 50  # the neighbour's
     for stamp in STAMPS:
         assert orphans_and_revalidation(fleet, stamp) == [], stamp
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptsTheDeletes(Silent):
+    """Stops a cleanup after its first committed batch of deletes, as Ctrl-C or a lost session would."""
+
+    def advance(self, table: str, rows: int) -> None:
+        if rows:
+            raise Interrupted(table)
+
+
+def test_an_interrupted_cleanup_finishes_when_run_again(shaped: ShapedFactory) -> None:  # noqa: F811
+    fleet = shaped(BILLING)
+    _tenants(fleet, TENANT, NEIGHBOUR)
+    seed(fleet, TENANT, invoices=4)
+    seed(fleet, NEIGHBOUR, invoices=4)
+    moved = fleet.run("move", TENANT, "--to", "eu-2", "--yes")
+    assert moved.exit_code == 0, moved.output
+    neighbour = oracle(fleet, "eu-1", NEIGHBOUR)
+    with pytest.raises(Interrupted):
+        cleanup_tenants(fleet.context(), (TENANT,), "eu-1", 5, InterruptsTheDeletes())
+    assert (
+        0 < sum(rows for rows, _ in oracle(fleet, "eu-1").values()) < sum(r for r, _ in oracle(fleet, "eu-2").values())
+    )
+
+    again = fleet.run("cleanup", TENANT, "--stamp", "eu-1", "--yes")
+    assert again.exit_code == 0, again.output
+    assert all(rows == 0 for rows, _ in oracle(fleet, "eu-1").values())
+    assert oracle(fleet, "eu-1", NEIGHBOUR) == neighbour
+    assert orphans_and_revalidation(fleet, "eu-1") == []

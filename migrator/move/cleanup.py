@@ -152,7 +152,7 @@ def cleanup_tenants(
         who = name_tenants(tenants)
         check_deletes(stamp, layout, allow_triggers=allow_triggers, what=f"cleanup of {who} on {stamp.name}")
         try:
-            proof = moved.prove(catalog, stamp, layout, tenants)
+            proof = moved.prove(catalog, stamp, layout, tenants, mark=not dry_run)
         except PreflightError as exc:
             raise PreflightError(f"cleanup of {who} on {stamp.name} was refused, {exc}") from None
         if dry_run:

@@ -13,7 +13,7 @@ goes (in `replica` mode nothing else checks that).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -25,7 +25,7 @@ from migrator.catalog.models import FLIPPED
 from migrator.db.retry import STAMP_STEP
 from migrator.errors import PreflightError
 from migrator.move.integrity import MAX_KEYS, shown_keys
-from migrator.move.verify import Checksum, tenant_checksums
+from migrator.move.verify import EMPTY, Checksum, tenant_checksums
 from migrator.stamps.discovery import Layout, Table, label, problems_message, tenant_filter
 
 
@@ -43,6 +43,7 @@ def record(catalog: Catalog, source: Stamp, layout: Layout, move: Move) -> None:
 
 
 def _recorded(progress: TableProgress, tenant: str) -> Checksum | None:
+    """The tenant's checksum of the table as its move recorded it at the flip (None: nothing recorded)."""
     if progress.source_checksum is None:
         return None
     rows, high, low = json.loads(progress.source_checksum).get(tenant, [0, "0", "0"])
@@ -56,66 +57,89 @@ class Proof:
     rows: dict[str, int]
 
 
-def prove(catalog: Catalog, stamp: Stamp, layout: Layout, tenants: Cohort) -> Proof:
-    """Refuse, before any delete, leftovers that are not exactly what a flipped move from `stamp` recorded."""
+PROVEN = "proven by cleanup"
+"""`move_tables.target_checksum` of a move whose leftovers a cleanup has proven: a cleanup resumed after
+an interruption finds fewer rows than recorded, never others (the source stays fenced meanwhile), so
+it finishes deleting instead of refusing."""
+
+
+def prove(catalog: Catalog, stamp: Stamp, layout: Layout, tenants: Cohort, *, mark: bool = True) -> Proof:
+    """Refuse, before any delete, leftovers that are not exactly what a flipped move from `stamp` recorded;
+    `mark` records the proof (not for a dry run)."""
     problems: list[str] = []
+    by_move: dict[int, tuple[Move, list[str]]] = {}
+    for tenant in tenants:
+        move = _flipped_from(catalog, tenant, stamp.name)
+        if move is None:
+            problems.append(
+                f"no flipped move of tenant {tenant} from {stamp.name} records its rows: cleanup deletes only "
+                "rows a move copied and proved equal"
+            )
+        else:
+            by_move.setdefault(move.id, (move, []))[1].append(tenant)
     rows: dict[str, int] = {}
+    recorded = {move_id: {p.table_name: p for p in catalog.tables(move_id)} for move_id in by_move}
     with stamps.connect(stamp) as conn:
-        for tenant in tenants:
-            move = _flipped_from(catalog, tenant, stamp.name)
-            if move is None:
-                problems.append(
-                    f"no flipped move of tenant {tenant} from {stamp.name} records its rows: cleanup deletes only "
-                    "rows a move copied and proved equal"
-                )
-                continue
-            recorded = {p.table_name: p for p in catalog.tables(move.id)}
-            current = {t.label: t for t in layout.tables}
-            now = {name: tenant_checksums(conn, t, (tenant,)).get(tenant) for name, t in current.items()}
-            for name, table in current.items():
-                found = now[name]
-                if name not in recorded:
-                    if found is not None:
-                        problems.append(
-                            f"table {name} holds {found.rows} rows of tenant {tenant} that move {move.id} did not copy "
-                            f"(it is a tenant table now: {table.reach}); move them first"
-                        )
-                    continue
-                expected = _recorded(recorded[name], tenant)
-                if expected is None:  # a move of an earlier migrator, or one killed right after its flip
-                    expected = _on_target(catalog, move, table, tenant)
-                if expected is None:
-                    problems.append(
-                        f"move {move.id} recorded no checksum of {name}, and the target's rows differ from these "
-                        f"now (`migrator verify {tenant} --source {stamp.name} --target {move.target}`)"
-                    )
-                elif (found or Checksum(0, 0, 0)) != expected:
-                    have = found.rows if found else 0
-                    problems.append(
-                        f"rows of tenant {tenant} in {name} on {stamp.name} differ from what move {move.id} copied "
-                        f"and verified ({have} rows now, {expected.rows} then)"
-                    )
-                else:
-                    rows[name] = rows.get(name, 0) + expected.rows
-            for name, progress in recorded.items():
-                expected = _recorded(progress, tenant)
-                if name not in current and expected is not None and expected.rows:
-                    problems.append(
-                        f"move {move.id} copied {expected.rows} rows of tenant {tenant} in {name}, which the tenancy "
-                        "no longer finds; restore the [tenancy] the move ran with"
-                    )
+        for move, cohort in by_move.values():
+            problems += _prove_move(catalog, conn, layout, move, tuple(cohort), recorded[move.id], rows)
         if not problems:
             problems += _references_into(conn, layout, tenants)
     if problems:
         raise PreflightError(problems_message(problems))
+    for move_id, tables in recorded.items() if mark else ():
+        catalog.save_tables(move_id, [replace(p, target_checksum=PROVEN) for p in tables.values()])
     return Proof(rows)
 
 
-def _on_target(catalog: Catalog, move: Move, table: Table, tenant: str) -> Checksum | None:
-    """Without a record: the target's rows of the tenant now, standing in for it only where they are
-    still what the source holds (checked by the caller's comparison)."""
+def _prove_move(
+    catalog: Catalog,
+    conn: psycopg.Connection[Any],
+    layout: Layout,
+    move: Move,
+    tenants: Cohort,
+    recorded: dict[str, TableProgress],
+    rows: dict[str, int],
+) -> list[str]:
+    """The problems of these tenants' leftovers against their move's record; adds the proven rows to `rows`."""
+    resumed = bool(recorded) and all(p.target_checksum == PROVEN for p in recorded.values())
+    problems = []
+    for table in layout.tables:
+        now = tenant_checksums(conn, table, tenants)  # one pass for the tenants of the move
+        progress = recorded.get(table.label)
+        for tenant in tenants:
+            found = now.get(tenant, EMPTY)
+            if progress is None:
+                if found.rows:
+                    problems.append(
+                        f"table {table.label} holds {found.rows} rows of tenant {tenant} that move {move.id} did not "
+                        f"copy (it is a tenant table now: {table.reach}); move them first"
+                    )
+                continue
+            expected = _recorded(progress, tenant) or _on_target(catalog, move, table, tenant)
+            if not resumed and found != expected:
+                what = "" if _recorded(progress, tenant) else " (no checksum was recorded: compared with the target)"
+                problems.append(
+                    f"rows of tenant {tenant} in {table.label} differ from what move {move.id} copied and verified "
+                    f"({found.rows} rows now, {expected.rows} then){what}"
+                )
+            rows[table.label] = rows.get(table.label, 0) + found.rows
+    current = {t.label for t in layout.tables}
+    for name, progress in recorded.items():
+        for tenant in tenants:
+            copied = _recorded(progress, tenant)
+            if name not in current and copied is not None and copied.rows:
+                problems.append(
+                    f"move {move.id} copied {copied.rows} rows of tenant {tenant} in {name}, which the tenancy "
+                    "no longer finds; restore the [tenancy] the move ran with"
+                )
+    return problems
+
+
+def _on_target(catalog: Catalog, move: Move, table: Table, tenant: str) -> Checksum:
+    """Without a record (a move of an earlier migrator, or one killed right after its flip): the
+    target's rows of the tenant now, standing in for it only where they still equal the source's."""
     with stamps.connect(catalog.stamp(move.target)) as tgt:
-        return tenant_checksums(tgt, table, (tenant,)).get(tenant, Checksum(0, 0, 0))
+        return tenant_checksums(tgt, table, (tenant,)).get(tenant, EMPTY)
 
 
 def _flipped_from(catalog: Catalog, tenant: str, stamp: str) -> Move | None:
