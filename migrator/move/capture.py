@@ -89,6 +89,11 @@ def expand(src: psycopg.Connection[Any], layout: Layout, move_id: int) -> int:
     return added
 
 
+def _as_logged(alias: str, column: str) -> sql.Composed:
+    """A key column's text as the guard logs it (`to_jsonb(NEW) ->> column`), so keys match the log's."""
+    return sql.SQL("to_jsonb({}.{}) #>> '{{}}'").format(sql.Identifier(alias), sql.Identifier(column))
+
+
 def _children(
     conn: psycopg.Connection[Any], child: Table, hop: Hop, parent: Table, parent_keys: list[list[str]]
 ) -> list[tuple[list[str], list[str]]]:
@@ -98,8 +103,8 @@ def _children(
         "SELECT ARRAY[{child_key}], ARRAY[{parent_key}] FROM {child} c JOIN {parent} p ON ({cols}) = ({refs})"
         " WHERE ({pk}) IN (SELECT {bare} FROM jsonb_populate_recordset(NULL::{parent}, %s))"
     ).format(
-        child_key=sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in child.primary_key),
-        parent_key=sql.SQL(", ").join(sql.SQL("p.{}::text").format(sql.Identifier(c)) for c in parent.primary_key),
+        child_key=sql.SQL(", ").join(_as_logged("c", c) for c in child.primary_key),
+        parent_key=sql.SQL(", ").join(_as_logged("p", c) for c in parent.primary_key),
         child=child.ident,
         parent=parent.ident,
         cols=sql.SQL(", ").join(sql.SQL("c.{}").format(sql.Identifier(c)) for c in hop.columns),
