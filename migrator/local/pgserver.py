@@ -2,9 +2,9 @@
 
 The local backend runs `initdb`/`pg_ctl` from the installed server binaries. PostgreSQL refuses to
 run as root, so when this process is root every server command runs as the `postgres` OS user, and
-the directories on the way to the data directory are made traversable for it. Where a Docker engine
-answers, testcontainers' `postgres:15` is used instead. Passwords never reach a command line, a log
-line or a repr.
+the directories on the way to the data directory are made traversable for it. Where testcontainers
+is installed (the `[test]` extra) and a Docker engine answers, its `postgres:15` is used instead.
+Passwords never reach a command line, a log line or a repr.
 
 Layout of `base_dir`: `data/` (the cluster), `sock/` (unix socket), `postgres.log`, and
 `server.json` (mode 0600), which lets `attach_server` reopen the server from another process.
@@ -13,6 +13,7 @@ Layout of `base_dir`: `data/` (the cluster), `sock/` (unix socket), `postgres.lo
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import pwd
@@ -130,11 +131,14 @@ def start_server(
     password: str | None = None,
     backend: str | None = None,
 ) -> LocalServer:
-    """Create and start a fresh server in `base_dir`; `backend` None means docker when it answers, else local."""
+    """Create and start a fresh server in `base_dir`; `backend` None means docker where testcontainers
+    is installed and a Docker engine answers, else local."""
     base_dir = Path(base_dir).resolve()
     password = password or secrets.token_urlsafe(24)
     merged = {**DEFAULT_SETTINGS, **(settings or {})}
-    chosen = backend or ("docker" if docker_available() else "local")
+    chosen = backend or ("docker" if containers_installed() and docker_available() else "local")
+    if chosen == "docker" and not containers_installed():
+        raise BadInput("the docker backend needs testcontainers (`pip install migrator[test]`)")
     if chosen == "docker":
         return _start_docker(base_dir, port, merged, password)
     if chosen != "local":
@@ -160,6 +164,11 @@ def attach_server(datadir: Path) -> LocalServer:
         backend=state["backend"],
         container_id=state.get("container_id"),
     )
+
+
+def containers_installed() -> bool:
+    """Whether testcontainers (only the `[test]` extra installs it) can be imported, without importing it."""
+    return importlib.util.find_spec("testcontainers") is not None
 
 
 @functools.cache
