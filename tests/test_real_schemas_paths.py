@@ -686,3 +686,44 @@ def test_an_interrupted_cleanup_finishes_when_run_again(shaped: ShapedFactory) -
     assert all(rows == 0 for rows, _ in oracle(fleet, "eu-1").values())
     assert oracle(fleet, "eu-1", NEIGHBOUR) == neighbour
     assert orphans_and_revalidation(fleet, "eu-1") == []
+
+
+class StopsInTheTaxes(WritesChildRows):
+    """Writes child rows once the copy of invoice_lines has begun (a new invoice and its line, which
+    the copy of lines takes before catch-up brings the invoice), then stops the move in line_taxes."""
+
+    def advance(self, table: str, rows: int) -> None:
+        super().advance(table, rows)
+        if table == "line_taxes" and rows:
+            raise Interrupted(table)
+
+
+def test_abort_as_replica_removes_path_rows_copied_before_their_parent(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    fleet = shaped(BILLING)
+    _tenants(fleet, TENANT, NEIGHBOUR)
+    seed(fleet, TENANT)
+    seed(fleet, NEIGHBOUR)
+    operator = grant_replica(fleet)
+    try:
+        with pytest.raises(Interrupted):
+            move_tenants(
+                fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=7), StopsInTheTaxes(fleet.admin["eu-1"])
+            )
+        new_line = "SELECT count(*) FROM invoice_lines WHERE id = 42000990"
+        assert fleet.query("eu-2", new_line) == [(1,)]  # copied, and its invoice not there yet
+        assert fleet.query("eu-2", "SELECT count(*) FROM invoices WHERE id = 4200099") == [(0,)]
+        move = fleet.catalog.open_move(TENANT)
+        assert move is not None and move.write_mode == "replica"
+        aborted = fleet.run("move", "abort", str(move.id), "--yes")
+        assert aborted.exit_code == 0, aborted.output
+        with dsnlib.connect(fleet.admin["eu-2"], autocommit=True) as conn:
+            counts = {
+                table: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))).fetchone()
+                for table in ORACLE
+            }
+        assert counts == {table: (0,) for table in ORACLE}, counts
+        assert orphans_and_revalidation(fleet, "eu-2") == []
+    finally:
+        revoke_replica(fleet, operator)

@@ -20,7 +20,8 @@ from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
 from migrator.errors import BadInput, PreflightError
-from migrator.move import fence, moved, tree
+from migrator.move import capture, fence, moved, tree
+from migrator.move.keys import by_key, keys_table, load_keys
 from migrator.move.preflight import check_deletes
 from migrator.progress import Progress
 from migrator.stamps.access import SCHEMA
@@ -109,6 +110,62 @@ def delete_tenant(
             counts[table.label] = delete_tenant_rows(stamp, table, tenants, batch_rows, progress, bypass_fence)
         progress.finish_table(table.label)
     return counts
+
+
+@STAMP_STEP.wraps
+def delete_debris(source: Stamp, target: Stamp, layout: Layout, tenants: Cohort, move_id: int) -> int:
+    """Abort: path rows the copy wrote on a `replica` target before their parent got there.
+
+    Online, a parent written after its table was copied reaches the target only with catch-up, but a
+    child under it is copied with its table; as replica nothing refuses it. The target finds a path
+    table's rows through their parents, so such a row is invisible to `delete_tenant` there. These
+    are the target's rows whose path parent is missing and whose key is the tenants' on the source
+    or was captured by the move (never another tenant's), taken parents first: a child of a row
+    removed here is missing its parent in turn. Returns how many rows were deleted.
+    """
+    deleted = 0
+    with stamps.connect(source, autocommit=False) as src, stamps.connect(target, autocommit=False) as tgt:
+        dsnlib.write_as_copies(tgt)
+        captured = capture.captured_keys(src, layout, move_id)
+        src.rollback()  # captured_keys logs path rows of moved rows: nothing of that is wanted here
+        for table in (t for t in layout.tables if t.paths):
+            orphans = [list(k) for (k,) in tgt.execute(_orphans(table)).fetchall()]
+            if not orphans:
+                continue
+            with src.transaction(force_rollback=True):
+                load_keys(src, table, orphans, keys_table(0))
+                owned = {tuple(k) for (k,) in src.execute(_owned(table, tenants)).fetchall()}
+            owned |= {tuple(k) for k in captured.get(table.name, [])} & {tuple(k) for k in orphans}
+            if owned:
+                with tgt.transaction():
+                    load_keys(tgt, table, [list(k) for k in owned], keys_table(0))
+                    deleted += tgt.execute(
+                        sql.SQL("DELETE FROM {} WHERE ({}) IN (SELECT {} FROM {})").format(
+                            table.ident, table.pk_cols(), table.pk_cols(), keys_table(0)
+                        )
+                    ).rowcount
+    return deleted
+
+
+def _orphans(table: Table) -> sql.Composed:
+    """Keys of the table's rows that have a path set whose first parent is not there."""
+    missing = sql.SQL(" OR ").join(
+        sql.SQL("({} AND NOT EXISTS (SELECT 1 FROM {} p WHERE ({}) = ({})))").format(
+            sql.SQL(" AND ").join(sql.SQL("t.{} IS NOT NULL").format(sql.Identifier(c)) for c in path.columns),
+            path.hops[0].parent_ident,
+            sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(c)) for c in path.hops[0].parent_columns),
+            sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in path.columns),
+        )
+        for path in table.paths
+    )
+    text = sql.SQL(", ").join(sql.SQL("t.{}::text").format(sql.Identifier(c)) for c in table.primary_key)
+    return sql.SQL("SELECT ARRAY[{}] FROM {} t WHERE {}").format(text, table.ident, missing)
+
+
+def _owned(table: Table, tenants: Cohort) -> sql.Composed:
+    """Keys of a temporary key table whose rows on the source are the tenants'."""
+    select = sql.SQL("ARRAY[{}] AS k").format(table.pk_text())
+    return sql.SQL("SELECT x.k FROM {}").format(by_key(table, keys_table(0), tenants, select))
 
 
 def forget_progress(conn: psycopg.Connection[Any], move_id: int) -> None:

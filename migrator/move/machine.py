@@ -34,7 +34,7 @@ from migrator.catalog import (
 from migrator.context import Context
 from migrator.errors import BadInput, MigratorError, PreflightError, VerifyMismatch
 from migrator.move import copy, fence, moved, streams
-from migrator.move.cleanup import delete_tenant, forget_progress
+from migrator.move.cleanup import delete_debris, delete_tenant, forget_progress
 from migrator.move.cutover import catch_up, check_references, flip, online_cutover, verify_before_freeze, verify_move
 from migrator.move.preflight import check_deletes, check_move, check_resume, check_schema_unchanged
 from migrator.move.run import MoveOptions, MoveRun
@@ -326,6 +326,8 @@ def abort_move(
         layout = stamps.layout(source, ctx.config.tenancy)
         check_deletes(target, layout, allow_triggers=allow_triggers, what=f"abort of move {move.id}")
         progress.phase(f"removing the partial copy of {move.who} from {target.name}")
+        if move.write_mode == "replica":  # path rows copied before their parents are found by key
+            delete_debris(source, target, layout, move.tenants, move.id)
         delete_tenant(target, layout, move.tenants, batch_rows, progress)
         with stamps.connect(target) as tgt:
             forget_progress(tgt, move.id)
