@@ -727,3 +727,34 @@ def test_abort_as_replica_removes_path_rows_copied_before_their_parent(
         assert orphans_and_revalidation(fleet, "eu-2") == []
     finally:
         revoke_replica(fleet, operator)
+
+
+class DeletesTheNewInvoice(WritesChildRows):
+    """As StopsInTheTaxes, but deletes the new invoice (its line cascading) instead of stopping: the
+    target holds the copied line whose invoice it will never get."""
+
+    def advance(self, table: str, rows: int) -> None:
+        super().advance(table, rows)
+        if table == "line_taxes" and rows and not getattr(self, "deleted", False):
+            self.deleted = True
+            with dsnlib.connect(self.dsn, autocommit=True) as conn:
+                conn.execute("DELETE FROM invoices WHERE id = 4200099")
+
+
+def test_a_path_row_copied_before_its_parent_and_deleted_with_it_leaves_no_orphan_as_replica(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    fleet = shaped(BILLING)
+    _tenants(fleet, TENANT, NEIGHBOUR)
+    seed(fleet, TENANT)
+    seed(fleet, NEIGHBOUR)
+    operator = grant_replica(fleet)
+    try:
+        writer = DeletesTheNewInvoice(fleet.admin["eu-1"])
+        outcome = move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=7), writer)
+        assert writer.deleted and outcome.move is not None and outcome.move.write_mode == "replica"
+        assert fleet.query("eu-2", "SELECT count(*) FROM invoice_lines WHERE id = 42000990") == [(0,)]
+        assert oracle(fleet, "eu-2") == oracle(fleet, "eu-1")
+        assert orphans_and_revalidation(fleet, "eu-2") == []
+    finally:
+        revoke_replica(fleet, operator)

@@ -32,7 +32,7 @@ from migrator.move import follow
 from migrator.move.keys import by_key, keys_table, load_keys, stage_rows
 from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Layout, Table
-from migrator.stamps.paths import Hop
+from migrator.stamps.paths import Hop, parent_missing
 
 UNPROVEN = sql.Identifier("migrator_unproven_keys")
 
@@ -212,9 +212,28 @@ def _delete_gone(
 
     A ctid names a row within one relation only: in a partitioned table the same ctid exists in
     every partition, so there the row is named by its partition (tableoid) and ctid together.
+    A path table's row of a captured key whose parent is missing on the target is no tenant's
+    there, yet the copy wrote it (as replica, before catch-up brought its parent, which was then
+    deleted on the source): it goes too.
     """
     staged = sql.SQL(" AND ").join(sql.SQL("s.{c} = k.{c}").format(c=sql.Identifier(c)) for c in table.primary_key)
     gone = sql.SQL("WHERE NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(stage, staged)
+    debris = 0
+    if table.paths:
+        match = sql.SQL(" AND ").join(sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in table.primary_key)
+        debris = tgt.execute(
+            sql.SQL(
+                "DELETE FROM {t} t USING {k} k WHERE {match} AND {orphan} AND NOT EXISTS"
+                " (SELECT 1 FROM {s} s WHERE {staged})"
+            ).format(
+                t=table.ident,
+                k=keys,
+                match=match,
+                orphan=parent_missing(table.paths, sql.Identifier("t")),
+                s=stage,
+                staged=staged,
+            )
+        ).rowcount
     if table.partitions:
         rows = by_key(table, keys, tenants, sql.SQL("tableoid AS rel, ctid AS tid"))
         query = sql.SQL(
@@ -224,7 +243,7 @@ def _delete_gone(
         query = sql.SQL("DELETE FROM {} WHERE ctid = ANY (ARRAY(SELECT x.ctid FROM {} {}))").format(
             table.ident, by_key(table, keys, tenants, sql.SQL("ctid")), gone
         )
-    return tgt.execute(query).rowcount
+    return debris + tgt.execute(query).rowcount
 
 
 def apply_keys(

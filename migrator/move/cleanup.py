@@ -26,6 +26,7 @@ from migrator.move.preflight import check_deletes
 from migrator.progress import Progress
 from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Layout, Table, tenant_filter
+from migrator.stamps.paths import parent_missing
 
 
 @STAMP_STEP.wraps
@@ -149,17 +150,10 @@ def delete_debris(source: Stamp, target: Stamp, layout: Layout, tenants: Cohort,
 
 def _orphans(table: Table) -> sql.Composed:
     """Keys of the table's rows that have a path set whose first parent is not there."""
-    missing = sql.SQL(" OR ").join(
-        sql.SQL("({} AND NOT EXISTS (SELECT 1 FROM {} p WHERE ({}) = ({})))").format(
-            sql.SQL(" AND ").join(sql.SQL("t.{} IS NOT NULL").format(sql.Identifier(c)) for c in path.columns),
-            path.hops[0].parent_ident,
-            sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(c)) for c in path.hops[0].parent_columns),
-            sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in path.columns),
-        )
-        for path in table.paths
-    )
     text = sql.SQL(", ").join(sql.SQL("t.{}::text").format(sql.Identifier(c)) for c in table.primary_key)
-    return sql.SQL("SELECT ARRAY[{}] FROM {} t WHERE {}").format(text, table.ident, missing)
+    return sql.SQL("SELECT ARRAY[{}] FROM {} t WHERE {}").format(
+        text, table.ident, parent_missing(table.paths, sql.Identifier("t"))
+    )
 
 
 def _owned(table: Table, tenants: Cohort) -> sql.Composed:

@@ -155,3 +155,24 @@ def any_path_set(paths: tuple[Path, ...], row: sql.Composable) -> sql.Composed:
             for path in paths
         )
     )
+
+
+def parent_missing(paths: tuple[Path, ...], row: sql.Composable) -> sql.Composed:
+    """True when the row has a path set whose first parent is not there: a row no tenant owns here.
+
+    A foreign key keeps the application from writing one; a copy as `replica` may, when it takes a
+    child before catch-up brings its parent (see `cleanup.delete_debris`).
+    """
+    return sql.SQL("({})").format(
+        sql.SQL(" OR ").join(
+            sql.SQL("({} AND NOT EXISTS (SELECT 1 FROM {} migrator_parent WHERE {} = {}))").format(
+                sql.SQL(" AND ").join(
+                    sql.SQL("{}.{} IS NOT NULL").format(row, sql.Identifier(c)) for c in path.columns
+                ),
+                path.hops[0].parent_ident,
+                _row_cols(sql.Identifier("migrator_parent"), path.hops[0].parent_columns),
+                _row_cols(row, path.columns),
+            )
+            for path in paths
+        )
+    )
