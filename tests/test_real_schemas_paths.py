@@ -758,3 +758,23 @@ def test_a_path_row_copied_before_its_parent_and_deleted_with_it_leaves_no_orpha
         assert orphans_and_revalidation(fleet, "eu-2") == []
     finally:
         revoke_replica(fleet, operator)
+
+
+def test_keys_of_path_rows_taken_on_the_target_by_another_tenant_are_refused_naming_them(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    fleet = shaped(BILLING)
+    _tenants(fleet, TENANT)
+    seed(fleet, TENANT, invoices=2)
+    # another tenant on the target whose invoice line and tax have keys the moving tenant uses too
+    fleet.execute(
+        "eu-2",
+        "INSERT INTO tenants VALUES (7, 'seven')",
+        "INSERT INTO invoices VALUES (700, 7, 1)",
+        "INSERT INTO invoice_lines VALUES (42000001, 700, 'EUR', 1)",
+        "INSERT INTO line_taxes VALUES (42000001, 'vat', 0.1)",
+    )
+    before = fleet.snapshot()
+    line = _refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", "--yes"))
+    assert "primary key collision in invoice_lines: key (42000001) of tenant 42 already exists on eu-2" in line, line
+    assert "primary key collision in line_taxes: key (42000001, vat)" in line, line
