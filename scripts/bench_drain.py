@@ -121,7 +121,9 @@ def drain(base: Path, label: str, args: argparse.Namespace, cohorts: Cohorts, pi
         for writer in writers:  # no acknowledged write lost
             if writer.errors:
                 raise SystemExit(f"{label}: the writer of tenant {writer.tenant} saw errors: {writer.errors[:3]}")
-            writer.assert_all_acknowledged_writes_on(stamps[ctx.catalog.route(str(writer.tenant)).stamp])
+            lost = writer.lost_writes(stamps[ctx.catalog.route(str(writer.tenant)).stamp])
+            if lost:
+                raise AssertionError("; ".join(lost))
         small = [r for r in reporter.results if int(r.tenants[0]) > args.large]
         moves = [m for m in ctx.catalog.moves(limit=len(reporter.results) + 10) if m.id > first_move]
         drained = Drain(

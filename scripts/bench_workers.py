@@ -676,7 +676,9 @@ def drain_run(directory: Path, label: str, queued: bool, args: argparse.Namespac
                 try:
                     if writer.errors:
                         raise AssertionError(f"errors: {writer.errors[:3]}")
-                    writer.assert_all_acknowledged_writes_on(stamps[ctx.catalog.route(str(writer.tenant)).stamp])
+                    lost = writer.lost_writes(stamps[ctx.catalog.route(str(writer.tenant)).stamp])
+                    if lost:
+                        raise AssertionError("; ".join(lost))
                 except AssertionError as exc:
                     run.problems.append(f"drain {label}: the writer of tenant {writer.tenant}: {exc}")
             print(

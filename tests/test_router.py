@@ -220,7 +220,7 @@ def test_a_writer_on_the_router_rides_through_an_online_move(fleet: Fleet) -> No
     writer.stop()
     assert writer.errors == [], writer.errors[:3]
     assert writer.acked > 100
-    writer.assert_all_acknowledged_writes_on(fleet.dsn("eu-2"))
+    assert not writer.lost_writes(fleet.dsn("eu-2"))
     freeze_ms = json.loads(result.stdout)["move"]["freeze_ms"]
     # The application's longest pause is the freeze plus its own retry back-off and re-routing.
     assert writer.longest_pause_s * 1000 < freeze_ms + 1000, (writer.longest_pause_s, freeze_ms)
