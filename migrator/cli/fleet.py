@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from migrator.cli import render
 from migrator.cli.base import cli, context_of
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # -- local fleet ------------------------------------------------------------------------------------------
 
@@ -18,15 +22,16 @@ def fleet_group() -> None:
     """A local fleet of real PostgreSQL servers for demos, tests and benchmarks."""
 
 
+def _fleet_dir(what: str) -> Callable[[F], F]:
+    """`--dir` of `fleet up` and `fleet down`: the fleet's directory (default .fleet)."""
+    return click.option(
+        "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path(".fleet"),
+        show_default=True, help=what,
+    )  # fmt: skip
+
+
 @fleet_group.command("up")
-@click.option(
-    "--dir",
-    "directory",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path(".fleet"),
-    show_default=True,
-    help="Where the servers' data and migrator.toml go.",
-)
+@_fleet_dir("Where the servers' data and migrator.toml go.")
 @click.option("--stamps", type=click.IntRange(min=1, max=64), default=3, show_default=True, help="How many stamps.")
 @click.option(
     "--servers",
@@ -50,14 +55,7 @@ def fleet_up(directory: Path, stamps: int, servers: int) -> None:
 
 
 @fleet_group.command("down")
-@click.option(
-    "--dir",
-    "directory",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path(".fleet"),
-    show_default=True,
-    help="The directory given to `fleet up`.",
-)
+@_fleet_dir("The directory given to `fleet up`.")
 def fleet_down(directory: Path) -> None:
     """Stop the local fleet's servers."""
     from migrator.local.fleet import fleet_down as down
