@@ -338,6 +338,28 @@ def test_a_tenancy_that_finds_tenants_in_no_table_but_the_root_is_refused_before
         assert "'tenantid'" in line, line
 
 
+def test_a_typo_in_the_tenancy_column_is_refused_even_where_foreign_keys_find_other_tables(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    fleet = shaped(
+        (
+            "CREATE TABLE appointments (id bigint PRIMARY KEY, tenant_id bigint NOT NULL REFERENCES tenants)",
+            "CREATE TABLE invoices (id bigint PRIMARY KEY, tenant_id bigint NOT NULL)",  # the key, no foreign key
+        )
+    )
+    _tenants(fleet, TENANT)
+    fleet.execute(
+        "eu-1",
+        "INSERT INTO appointments SELECT g, 42 FROM generate_series(1, 5) g",
+        "INSERT INTO invoices SELECT g, 42 FROM generate_series(1, 5) g",
+    )
+    set_tenancy(fleet, column="tenantid")  # appointments is still found, through its foreign key; invoices is not
+    before = fleet.snapshot()
+    for args in (("--dry-run",), ("--yes",)):
+        line = _refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", *args))
+        assert "[tenancy] column 'tenantid' is in no table of 'public': check its spelling" in line, line
+
+
 FENCED_WRITES = (
     "INSERT INTO invoice_lines VALUES (1, 4200000, 'EUR', 1)",  # under the tenant's invoice
     "UPDATE line_taxes SET rate = 0.3 WHERE line_id = 42000000",  # three levels down

@@ -290,6 +290,12 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
             f"{' or '.join(repr(n) for n in searched)} has the column {tenancy.column!r} or a foreign key leading "
             "to a tenant table; check [tenancy] column (a move would copy the root row alone)"
         )
+    elif len(tenant_oids) == 1:
+        # Tables found through foreign keys alone hide a typo: those holding the key without one stay behind.
+        problems.append(
+            f"[tenancy] column {tenancy.column!r} is in no table of {' or '.join(repr(n) for n in searched)}: "
+            "check its spelling (tables that carry the tenant key without a foreign key would be left behind)"
+        )
     unique_keys: dict[int, tuple[str, tuple[str, ...]]] = {}
     for oid, index, cols in conn.execute(_UNIQUE_KEYS, (searched,)).fetchall():
         unique_keys.setdefault(oid, (index, tuple(cols)))  # fewest columns first, then by name
