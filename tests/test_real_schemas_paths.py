@@ -31,6 +31,7 @@ from test_real_schemas_shapes import (  # noqa: F401
 )
 
 from migrator.db import dsn as dsnlib
+from migrator.errors import MigratorError
 from migrator.move import MoveOptions, cleanup_tenants, move_tenants
 from migrator.move.fence import leftovers
 from migrator.progress import Silent
@@ -370,6 +371,7 @@ FENCED_WRITES = (
     "UPDATE events SET what = 'x' WHERE id = 4200001",  # a partition
     "DELETE FROM line_comments WHERE id = -42000000",  # a tree
     "DELETE FROM invoices WHERE id = 4200002",  # a cascade into every path table
+    "INSERT INTO notes VALUES (9, 43000000, 4200000, 'cross')",  # the neighbour's line, the tenant's payment
 )
 
 
@@ -800,3 +802,71 @@ def test_keys_of_path_rows_taken_on_the_target_by_another_tenant_are_refused_nam
     line = _refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", "--yes"))
     assert "primary key collision in invoice_lines: key (42000001) of tenant 42 already exists on eu-2" in line, line
     assert "primary key collision in line_taxes: key (42000001, vat)" in line, line
+
+
+class DeletesAnInvoice(Silent):
+    """Once invoice_lines is being copied, deletes one invoice of the tenant; without a constraint nothing
+    cascades, so its lines stay on the source as rows of no tenant."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn, self.done = dsn, False
+
+    def advance(self, table: str, rows: int) -> None:
+        if self.done or table != "invoice_lines" or not rows:
+            return
+        self.done = True
+        with dsnlib.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("DELETE FROM invoices WHERE id = 42002")
+
+
+def test_children_of_a_parent_deleted_under_a_declared_reference_end_up_on_one_stamp(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    fleet = shaped(RAILS)
+    _tenants(fleet, TENANT)
+    fleet.execute(
+        "eu-1",
+        "INSERT INTO invoices SELECT 42000 + g, 42, g FROM generate_series(1, 10) g",
+        "INSERT INTO invoice_lines SELECT 420000 + g, 42001 + g % 10, g FROM generate_series(1, 60) g",
+    )
+    fleet.config_path.write_text(fleet.config_path.read_text() + "\n" + REFERENCES)
+    writer = DeletesAnInvoice(fleet.admin["eu-1"])
+    move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=5), writer)
+    assert writer.done
+    orphans = "SELECT count(*) FROM invoice_lines WHERE invoice_id = 42002"
+    assert fleet.query("eu-1", orphans) == [(6,)] and fleet.query("eu-2", orphans) == [(0,)]
+    cleaned = fleet.run("cleanup", TENANT, "--stamp", "eu-1", "--yes")
+    assert cleaned.exit_code == 0, cleaned.output
+    assert fleet.query("eu-1", "SELECT count(*) FROM invoice_lines") == [(6,)]  # rows of no tenant stay
+    assert fleet.query("eu-2", "SELECT count(*) FROM invoice_lines") == [(54,)]
+
+
+class WritesACrossTenantNote(Silent):
+    """During the copy of notes: a note whose line is the neighbour's and whose payment is the tenant's."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn, self.done = dsn, False
+
+    def advance(self, table: str, rows: int) -> None:
+        if self.done or not rows:
+            return
+        self.done = True
+        with dsnlib.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO notes VALUES (9, 43000000, 4200000, 'cross')")
+
+
+def test_a_row_of_two_tenants_written_during_the_move_stops_it_naming_the_reference(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    fleet = shaped(BILLING)
+    _tenants(fleet, TENANT, NEIGHBOUR)
+    seed(fleet, TENANT, invoices=2)
+    seed(fleet, NEIGHBOUR, invoices=2)
+    with pytest.raises(MigratorError) as caught:
+        move_tenants(
+            fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=5), WritesACrossTenantNote(fleet.admin["eu-1"])
+        )
+    message = str(caught.value)
+    assert "replaying the changes of notes on the target" in message, message
+    assert "references a row that is not its tenant's" in message and "(line_id)=(43000000)" in message, message
+    assert fleet.catalog.route(TENANT).stamp == "eu-1"

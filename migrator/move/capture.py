@@ -28,6 +28,7 @@ from psycopg.types.json import Jsonb
 from migrator.catalog import Cohort
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
+from migrator.errors import MigratorError
 from migrator.move import follow
 from migrator.move.keys import by_key, keys_table, load_keys, stage_rows
 from migrator.stamps.access import SCHEMA
@@ -57,10 +58,12 @@ def expand(src: psycopg.Connection[Any], layout: Layout, move_id: int) -> int:
     """Log, as changes of the same source transaction, the path rows of rows whose tenant changed.
 
     An update that moves an invoice to another tenant (or a line to another tenant's invoice) moves
-    its path rows with it, though no trigger of theirs fired: the guard marks such changes `moved`,
-    and here their children's keys are added to the log, down every path (a child of a moved row
-    moved too). Everything that reads the log (replay, verify, the freeze's proof) then sees them
-    as captured. Runs in the caller's transaction; returns how many keys it added.
+    its path rows with it, though no trigger of theirs fired, and so does a delete of a parent under
+    a declared reference (nothing cascades: its children belong to no tenant from then on). The guard
+    marks such changes `moved` (every delete, and updates that change the row's tenant), and here
+    their children's keys are added to the log, down every path (a child of a moved row moved too).
+    Everything that reads the log (replay, verify, the freeze's proof) then sees them as captured.
+    Runs in the caller's transaction; returns how many keys it added.
     """
     schema, added = sql.Identifier(SCHEMA), 0
     while moved := src.execute(
@@ -97,21 +100,31 @@ def _as_logged(alias: str, column: str) -> sql.Composed:
 def _children(
     conn: psycopg.Connection[Any], child: Table, hop: Hop, parent: Table, parent_keys: list[list[str]]
 ) -> list[tuple[list[str], list[str]]]:
-    """(child key, parent key) of `child`'s rows that reference, through `hop`, the `parent` rows of these keys."""
+    """(child key, parent key) of `child`'s rows that reference, through `hop`, the `parent` rows of these keys.
+
+    Where the hop references the parent's row key, the children are matched on it directly, so the
+    children of a deleted parent are found too (under a declared reference nothing deletes them);
+    otherwise through the parent row, which an update leaves in place.
+    """
     rows = Jsonb([dict(zip(parent.primary_key, key, strict=True)) for key in parent_keys])
-    query = sql.SQL(
-        "SELECT ARRAY[{child_key}], ARRAY[{parent_key}] FROM {child} c JOIN {parent} p ON ({cols}) = ({refs})"
-        " WHERE ({pk}) IN (SELECT {bare} FROM jsonb_populate_recordset(NULL::{parent}, %s))"
-    ).format(
-        child_key=sql.SQL(", ").join(_as_logged("c", c) for c in child.primary_key),
-        parent_key=sql.SQL(", ").join(_as_logged("p", c) for c in parent.primary_key),
-        child=child.ident,
-        parent=parent.ident,
-        cols=sql.SQL(", ").join(sql.SQL("c.{}").format(sql.Identifier(c)) for c in hop.columns),
-        refs=sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(c)) for c in hop.parent_columns),
-        pk=sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(c)) for c in parent.primary_key),
-        bare=parent.pk_cols(),
-    )
+    keys = sql.SQL("SELECT {} FROM jsonb_populate_recordset(NULL::{}, %s)").format(parent.pk_cols(), parent.ident)
+    child_key = sql.SQL(", ").join(_as_logged("c", c) for c in child.primary_key)
+    cols = sql.SQL(", ").join(sql.SQL("c.{}").format(sql.Identifier(c)) for c in hop.columns)
+    if tuple(hop.parent_columns) == parent.primary_key:
+        query = sql.SQL("SELECT ARRAY[{}], ARRAY[{}] FROM {} c WHERE ({}) IN ({})").format(
+            child_key, sql.SQL(", ").join(_as_logged("c", c) for c in hop.columns), child.ident, cols, keys
+        )
+    else:
+        query = sql.SQL("SELECT ARRAY[{}], ARRAY[{}] FROM {} c JOIN {} p ON ({}) = ({}) WHERE ({}) IN ({})").format(
+            child_key,
+            sql.SQL(", ").join(_as_logged("p", c) for c in parent.primary_key),
+            child.ident,
+            parent.ident,
+            cols,
+            sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(c)) for c in hop.parent_columns),
+            sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(c)) for c in parent.primary_key),
+            keys,
+        )
     return [(list(c), list(p)) for c, p in conn.execute(query, (rows,)).fetchall()]
 
 
@@ -272,7 +285,16 @@ def apply_keys(
         for fk, followed in table.follows:  # a user added during the move follows its membership
             values = follow.of_keys(table, fk, tenants, keys_table(i))
             follow.copy_missing(src, tgt, followed, [follow.referenced(table, fk, followed, values)])
-        upserted += _upsert(tgt, table, stage)
+        try:
+            with tgt.transaction():  # a savepoint: the error names the row instead of the raw violation
+                upserted += _upsert(tgt, table, stage)
+        except psycopg.errors.ForeignKeyViolation as exc:
+            detail = exc.diag.message_detail or ""
+            raise MigratorError(
+                f"replaying the changes of {table.label} on the target: {detail} A row written during the move "
+                "references a row that is not its tenant's (the target lacks it): fix that reference on the "
+                "source, then resume the move, or abort it"
+            ) from None
     for i, table in reversed(tables):
         deleted += _delete_gone(tgt, table, tenants, keys_table(i), sql.Identifier(f"migrator_stage_{i}"))
     return upserted, deleted

@@ -29,7 +29,7 @@ from migrator.db.retry import LOCK_YIELD
 from migrator.sqlstates import FENCED_SQLSTATE
 from migrator.stamps.access import SCHEMA, TRIGGER
 from migrator.stamps.discovery import Layout, Table
-from migrator.stamps.paths import any_path_set, owner_text
+from migrator.stamps.paths import any_path_set, owner_texts
 
 LOCK_CLASS = 0x6D67  # advisory lock namespace (classid) of migrator's per-move locks
 # Set (transaction-locally) only by `cleanup`, which must delete the fenced tenant's leftovers.
@@ -39,7 +39,7 @@ DDL_LOCK = lock_key("migrator.ddl")  # serialises migrator's own DDL on one stam
 _CHECK_WRITE = sql.SQL(
     """
 CREATE OR REPLACE FUNCTION {schema}.check_write(
-    tbl text, old_row jsonb, new_row jsonb, old_tenant text, new_tenant text,
+    tbl text, old_row jsonb, new_row jsonb, old_tenants text[], new_tenants text[],
     old_unknown boolean, new_unknown boolean, pk text[]
 ) RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -48,7 +48,7 @@ DECLARE
     snapshot_kept boolean := current_setting('transaction_isolation') <> 'read committed';
 BEGIN
     FOR g IN SELECT tenant, move_id FROM {schema}.guarded_tenants
-             WHERE tenant IN (new_tenant, old_tenant) ORDER BY move_id LOOP
+             WHERE tenant = ANY(old_tenants || new_tenants) ORDER BY move_id LOOP
         PERFORM pg_advisory_xact_lock_shared({lock_class}, g.move_id::integer);
         -- Read the guard again after the lock: a cutover may have fenced it while this write waited.
         -- READ COMMITTED reads with a new snapshot; a snapshot kept from before cannot see the fence.
@@ -69,14 +69,15 @@ BEGIN
                 HINT = 'Re-read the tenant''s route and retry against its new stamp.';
         END IF;
         IF f.capture THEN
-            -- `moved`: an update that changed the row's tenant, whose path rows changed tenant with it
+            -- `moved`: an update that changed the row's tenant, or a delete: its path rows may have
+            -- changed tenant without a write of their own (see `capture.expand`)
             INSERT INTO {schema}.changes (move_id, table_name, pk, moved)
             SELECT DISTINCT g.move_id, tbl, k,
-                   old_row IS NOT NULL AND new_row IS NOT NULL AND old_tenant IS DISTINCT FROM new_tenant
+                   old_row IS NOT NULL AND (new_row IS NULL OR old_tenants IS DISTINCT FROM new_tenants)
             FROM (VALUES
-                (CASE WHEN old_tenant = g.tenant
+                (CASE WHEN g.tenant = ANY(old_tenants)
                       THEN ARRAY(SELECT old_row ->> c FROM unnest(pk) WITH ORDINALITY u(c, i) ORDER BY i) END),
-                (CASE WHEN new_tenant = g.tenant
+                (CASE WHEN g.tenant = ANY(new_tenants)
                       THEN ARRAY(SELECT new_row ->> c FROM unnest(pk) WITH ORDINALITY u(c, i) ORDER BY i) END)
             ) v(k) WHERE k IS NOT NULL;
         END IF;
@@ -121,8 +122,8 @@ DECLARE
     new_row jsonb := CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END;
     old_row jsonb := CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END;
 BEGIN
-    PERFORM {schema}.check_write(TG_TABLE_NAME, old_row, new_row, old_row ->> TG_ARGV[0], new_row ->> TG_ARGV[0],
-                                 false, false, TG_ARGV[1:]);
+    PERFORM {schema}.check_write(TG_TABLE_NAME, old_row, new_row, ARRAY[old_row ->> TG_ARGV[0]],
+                                 ARRAY[new_row ->> TG_ARGV[0]], false, false, TG_ARGV[1:]);
     RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
 END
 $fn$
@@ -136,22 +137,22 @@ _PATH_GUARD = sql.SQL(
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    old_tenant text;
-    new_tenant text;
+    old_tenants text[];
+    new_tenants text[];
 BEGIN
     IF TG_OP <> 'INSERT' THEN
-        old_tenant := {old_owner};
+        old_tenants := {old_owners};
     END IF;
     IF TG_OP <> 'DELETE' THEN
-        new_tenant := {new_owner};
+        new_tenants := {new_owners};
     END IF;
     PERFORM {schema}.check_write(
         TG_TABLE_NAME,
         CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,
         CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END,
-        old_tenant, new_tenant,
-        TG_OP <> 'INSERT' AND old_tenant IS NULL AND {old_set},
-        TG_OP <> 'DELETE' AND new_tenant IS NULL AND {new_set},
+        old_tenants, new_tenants,
+        TG_OP <> 'INSERT' AND array_remove(old_tenants, NULL) = '{{}}' AND {old_set},
+        TG_OP <> 'DELETE' AND array_remove(new_tenants, NULL) = '{{}}' AND {new_set},
         TG_ARGV);
     RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
 END
@@ -172,8 +173,8 @@ def _path_guard(table: Table) -> sql.Composed:
     return _PATH_GUARD.format(
         function=path_guard_function(table),
         schema=sql.Identifier(SCHEMA),
-        old_owner=owner_text(table.paths, old, JSON_TEXT),
-        new_owner=owner_text(table.paths, new, JSON_TEXT),
+        old_owners=owner_texts(table.paths, old, JSON_TEXT),
+        new_owners=owner_texts(table.paths, new, JSON_TEXT),
         old_set=any_path_set(table.paths, old),
         new_set=any_path_set(table.paths, new),
     )

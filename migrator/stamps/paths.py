@@ -115,6 +115,18 @@ def owner_text(paths: tuple[Path, ...], row: sql.Composable, text: sql.SQL | Non
     `text` formats the tenant column into text; `{}::text` by default, as the rest of migrator reads
     tenant keys (preflight requires a tenant's spelling to equal that text).
     """
+    lookups = _lookups(paths, row, text)
+    return sql.SQL("COALESCE({})").format(sql.SQL(", ").join(lookups)) if len(lookups) > 1 else lookups[0]
+
+
+def owner_texts(paths: tuple[Path, ...], row: sql.Composable, text: sql.SQL | None = None) -> sql.Composed:
+    """The tenant each path of the row leads to, as an array (NULL where one does not resolve): the
+    guard fences and captures a write for every tenant any of its paths touches."""
+    return sql.SQL("ARRAY[{}]").format(sql.SQL(", ").join(_lookups(paths, row, text)))
+
+
+def _lookups(paths: tuple[Path, ...], row: sql.Composable, text: sql.SQL | None) -> list[sql.Composed]:
+    """Per path, a scalar subquery of the row's tenant: one index probe per hop."""
     fmt = text if text is not None else sql.SQL("{}::text")
     lookups = []
     for path in paths:
@@ -138,7 +150,7 @@ def owner_text(paths: tuple[Path, ...], row: sql.Composable, text: sql.SQL | Non
                 _row_cols(row, path.columns),
             )
         )
-    return sql.SQL("COALESCE({})").format(sql.SQL(", ").join(lookups)) if len(lookups) > 1 else lookups[0]
+    return lookups
 
 
 def _format(fmt: sql.SQL, alias: sql.Identifier, key: str) -> sql.Composed:
