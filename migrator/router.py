@@ -320,6 +320,11 @@ class Router:
                     if not self._retryable(exc, conn):
                         raise
                     last = exc
+                except BaseException:  # the application's own error: the connection goes back all the same
+                    with suppress(psycopg.Error):
+                        conn.rollback()
+                    pool.putconn(conn)
+                    raise
                 else:
                     try:
                         conn.commit()

@@ -191,6 +191,21 @@ def test_run_never_retries_an_error_that_is_not_the_fence(fleet: Fleet, router: 
     assert isinstance(router.run("7", _insert_task(7)), int)  # the pooled connection is usable again
 
 
+def test_an_application_error_in_run_returns_its_connection_to_the_pool(fleet: Fleet) -> None:
+    """More errors than the pool has connections: each one gave its connection back, rolled back."""
+    fleet.seed("eu-1", 7, 20)
+
+    def failing(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SELECT 1")  # a transaction is open when the application's own code fails
+        raise LookupError("not a database error")
+
+    with Router(fleet.catalog.url, fleet.stamps, pool_size=2) as router:
+        for _ in range(5):
+            with pytest.raises(LookupError):
+                router.run("7", failing, deadline_s=2.0)
+        assert isinstance(router.run("7", _insert_task(7), deadline_s=2.0), int)
+
+
 def test_run_gives_up_with_tenant_fenced_when_the_fence_outlasts_the_deadline(fleet: Fleet, router: Router) -> None:
     fleet.seed("eu-1", 7, 20)
     layout = fleet.layout()
