@@ -462,9 +462,14 @@ def test_declared_references_find_rows_of_tables_without_foreign_keys_and_bad_on
     assert "[tenancy.references] line_taxes.lineid: no line_taxes.lineid in schema 'public'" in line, line
 
     fleet.config_path.write_text(text + "\n" + REFERENCES)
+    for stamp in STAMPS:  # a constraint on a declared reference too (NOT VALID: the orphans above)
+        fleet.execute(stamp, "ALTER TABLE line_taxes ADD FOREIGN KEY (line_id) REFERENCES invoice_lines NOT VALID")
     dry = fleet.run("move", TENANT, "--to", "eu-2", "--dry-run", "--json")
     assert dry.exit_code == 0, dry.output
     assert json.loads(dry.stdout)["tables"] == {"invoices": 20, "invoice_lines": 100, "line_taxes": 100, "tenants": 1}
+    assert json.loads(dry.stdout)["reached"]["line_taxes"] == (  # one path, though declared and constrained
+        "path line_taxes.line_id -> invoice_lines.invoice_id -> invoices.tenant_id"
+    )
     digest = (
         "SELECT count(*), md5(string_agg(x::text, '|' ORDER BY x::text)) FROM line_taxes x"
         " JOIN invoice_lines l ON l.id = x.line_id JOIN invoices i ON i.id = l.invoice_id WHERE i.tenant_id = 42"

@@ -264,7 +264,9 @@ def inspect(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Layout:
         raise PreflightError(f"root table {tenancy.root_table!r} not found in schema {schema!r}")
     problems = _same_names(names, schema_of)
     for oid, fk in _declared(conn, tenancy, names, schema_of, columns, problems):
-        foreign[oid].append((next(o for o, n in names.items() if n == fk.parent), fk))
+        same = (fk.columns, fk.parent, fk.parent_columns)
+        if all((k.columns, k.parent, k.parent_columns) != same for _, k in foreign[oid]):  # not a constraint already
+            foreign[oid].append((next(o for o, n in names.items() if n == fk.parent), fk))
     tenant_oids: dict[int, str | None] = {}
     excluded: list[str] = []
     for oid, name in names.items():
