@@ -717,12 +717,24 @@ def test_an_interrupted_cleanup_finishes_when_run_again(shaped: ShapedFactory) -
     assert orphans_and_revalidation(fleet, "eu-1") == []
 
 
-class StopsInTheTaxes(WritesChildRows):
-    """Writes child rows once the copy of invoice_lines has begun (a new invoice and its line, which
-    the copy of lines takes before catch-up brings the invoice), then stops the move in line_taxes."""
+class NewInvoiceAfterItsTable(Silent):
+    """Once invoices is copied (its table complete), and before invoice_lines starts, writes a new
+    invoice with a line: the copy of lines takes the line before catch-up brings the invoice."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+
+    def finish_table(self, table: str) -> None:
+        if table == "invoices":
+            with dsnlib.connect(self.dsn, autocommit=True) as conn, conn.transaction():
+                conn.execute("INSERT INTO invoices VALUES (4200099, 42, 99)")
+                conn.execute("INSERT INTO invoice_lines VALUES (42000990, 4200099, 'EUR', 9.99)")
+
+
+class StopsInTheTaxes(NewInvoiceAfterItsTable):
+    """... then stops the move in line_taxes."""
 
     def advance(self, table: str, rows: int) -> None:
-        super().advance(table, rows)
         if table == "line_taxes" and rows:
             raise Interrupted(table)
 
@@ -758,13 +770,14 @@ def test_abort_as_replica_removes_path_rows_copied_before_their_parent(
         revoke_replica(fleet, operator)
 
 
-class DeletesTheNewInvoice(WritesChildRows):
-    """As StopsInTheTaxes, but deletes the new invoice (its line cascading) instead of stopping: the
-    target holds the copied line whose invoice it will never get."""
+class DeletesTheNewInvoice(NewInvoiceAfterItsTable):
+    """... then deletes the new invoice (its line cascading) once line_taxes is copying: the target holds
+    the copied line whose invoice it will never get."""
+
+    deleted = False
 
     def advance(self, table: str, rows: int) -> None:
-        super().advance(table, rows)
-        if table == "line_taxes" and rows and not getattr(self, "deleted", False):
+        if table == "line_taxes" and rows and not self.deleted:
             self.deleted = True
             with dsnlib.connect(self.dsn, autocommit=True) as conn:
                 conn.execute("DELETE FROM invoices WHERE id = 4200099")

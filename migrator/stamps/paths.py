@@ -102,6 +102,22 @@ def _path_in(hops: tuple[Hop, ...], key: str, tenants: tuple[str, ...], alias: s
     )
 
 
+def first_parents(path: Path, tenants: tuple[str, ...]) -> sql.Composed:
+    """SELECT of the referenced columns of the tenants' rows in the path's first parent table."""
+    hop, inner = path.hops[0], sql.Identifier("migrator_p0")
+    rest = (
+        tenants_match(sql.SQL("{}.{}").format(inner, sql.Identifier(path.key)), tenants)
+        if len(path.hops) == 1
+        else _path_in(path.hops[1:], path.key, tenants, inner)
+    )
+    return sql.SQL("SELECT {} FROM {} {} WHERE {}").format(
+        sql.SQL(", ").join(sql.SQL("{}.{}").format(inner, sql.Identifier(c)) for c in hop.parent_columns),
+        hop.parent_ident,
+        inner,
+        rest,
+    )
+
+
 def member_filter(paths: tuple[Path, ...], tenants: tuple[str, ...], alias: sql.Composable | None) -> sql.Composed:
     """The rows of a path table that belong to one of `tenants`: any of their paths leads there."""
     parts = [_path_in(p.hops, p.key, tenants, alias) for p in paths]
