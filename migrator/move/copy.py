@@ -139,8 +139,10 @@ def batch_filter(src: psycopg.Connection[Any], table: Table, tenants: Cohort) ->
     """Which rows a copy's batches select on the source: the tenants' (`tenant_filter`).
 
     For a path table, its paths' first parents of the tenants are read once, into temporary tables
-    of this session, and each batch hashes them: through the paths themselves every batch row probes
-    its parent (about 10 times a batch's work on a table with the tenant column, at 50,000 rows).
+    of this session, and each batch probes one hash of them while it reads its key range in order.
+    Through the paths themselves, the planner probed each row's parent by index (a batch of 50,000
+    rows took 87 ms against 13 ms with the tenant column; now 30 to 45 ms), and a plain IN over the
+    temporary table became a hash join over the whole range and a sort (200 to 570 ms).
     Parents written later are captured, and catch-up brings their rows.
     """
     if table.key is None:
@@ -151,7 +153,9 @@ def batch_filter(src: psycopg.Connection[Any], table: Table, tenants: Cohort) ->
             src.execute(sql.SQL("CREATE TEMPORARY TABLE {} AS {}").format(parents, first_parents(path, tenants)))
             src.execute(sql.SQL("ANALYZE {}").format(parents))
             columns = sql.SQL(", ").join(sql.Identifier(c) for c in path.columns)
-            found.append(sql.SQL("({}) IN (SELECT * FROM {})").format(columns, parents))
+            # IS TRUE keeps the planner from a semi-join (a hash of a whole key range, then a sort, per
+            # batch): the batch reads its range in key order and probes one hash of the parents.
+            found.append(sql.SQL("(({}) IN (SELECT * FROM {})) IS TRUE").format(columns, parents))
         return sql.SQL("({})").format(sql.SQL(" OR ").join(found))
     return tenant_filter(table, tenants)
 
