@@ -158,33 +158,44 @@ def seed(fleet: Shaped, tenant: str, invoices: int = 12) -> None:
         conn.execute("INSERT INTO notes VALUES (%s, NULL, NULL, 'nobody''s') ON CONFLICT DO NOTHING", (base - 1,))
 
 
-class WritesChildRows(Silent):
-    """Once the copy of invoice_lines has committed a batch, writes child rows as the application would."""
+class WritesOnce(Silent):
+    """The application writing during a move: `statements` in one transaction, once the copy has
+    committed a batch (of `table`, when given)."""
 
-    def __init__(self, dsn: str) -> None:
-        self.dsn, self.done = dsn, False
+    def __init__(self, dsn: str, *statements: str, table: str | None = None) -> None:
+        self.dsn, self.statements, self.table, self.done = dsn, statements, table, False
 
     def advance(self, table: str, rows: int) -> None:
-        if self.done or table != "invoice_lines" or not rows:
+        if self.done or not rows or self.table not in (None, table):
             return
         self.done = True
-        base, other = int(TENANT) * 100_000, int(NEIGHBOUR) * 100_000
-        with dsnlib.connect(self.dsn, autocommit=True) as conn:
-            # a new invoice with lines and taxes, after its table was copied
-            conn.execute("INSERT INTO invoices VALUES (%s, %s, 99)", (base + 99, TENANT))
-            conn.execute("INSERT INTO invoice_lines VALUES (%s, %s, 'EUR', 9.99)", (base * 10 + 990, base + 99))
-            conn.execute("INSERT INTO line_taxes VALUES (%s, 'vat', 0.2)", (base * 10 + 990,))
-            # a line re-parented to another invoice of the tenant, and one to the neighbour's invoice
-            conn.execute("UPDATE invoice_lines SET invoice_id = %s WHERE id = %s", (base + 1, base * 10 + 1))
-            conn.execute("UPDATE invoice_lines SET invoice_id = %s WHERE id = %s", (other + 1, base * 10 + 2))
-            # a line of the neighbour's moved into the tenant (its taxes come with it)
-            conn.execute("UPDATE invoice_lines SET invoice_id = %s WHERE id = %s", (base + 3, other * 10 + 4))
-            # an invoice deleted: lines, taxes, payments, comments and events cascade, notes are set NULL
-            conn.execute("DELETE FROM invoices WHERE id = %s", (base + 5,))
-            conn.execute("UPDATE line_taxes SET rate = 0.21 WHERE line_id = %s AND kind = 'vat'", (base * 10 + 3,))
-            conn.execute("DELETE FROM payments WHERE id = %s", (base + 6,))
-            # the neighbour keeps writing its own child rows
-            conn.execute("INSERT INTO line_taxes VALUES (%s, 'extra', 0.5)", (other * 10,))
+        with dsnlib.connect(self.dsn, autocommit=True) as conn, conn.transaction():
+            for statement in self.statements:
+                conn.execute(statement)
+
+
+CHILD_WRITES = (  # tenant 42's invoices are 4200000 + n, their lines (4200000 + n) * 10 + k; 43's alike
+    # a new invoice with a line and a tax, after its table was copied
+    "INSERT INTO invoices VALUES (4200099, 42, 99)",
+    "INSERT INTO invoice_lines VALUES (42000990, 4200099, 'EUR', 9.99)",
+    "INSERT INTO line_taxes VALUES (42000990, 'vat', 0.2)",
+    # a line re-parented to another invoice of the tenant, and one to the neighbour's invoice
+    "UPDATE invoice_lines SET invoice_id = 4200001 WHERE id = 42000001",
+    "UPDATE invoice_lines SET invoice_id = 4300001 WHERE id = 42000002",
+    # a line of the neighbour's moved into the tenant (its taxes come with it)
+    "UPDATE invoice_lines SET invoice_id = 4200003 WHERE id = 43000004",
+    # an invoice deleted: lines, taxes, payments, comments and events cascade, notes are set NULL
+    "DELETE FROM invoices WHERE id = 4200005",
+    "UPDATE line_taxes SET rate = 0.21 WHERE line_id = 42000003 AND kind = 'vat'",
+    "DELETE FROM payments WHERE id = 4200006",
+    # the neighbour keeps writing its own child rows
+    "INSERT INTO line_taxes VALUES (43000000, 'extra', 0.5)",
+)
+
+
+def writes_child_rows(dsn: str) -> WritesOnce:
+    """Child rows written as the application would, once the copy of invoice_lines has committed a batch."""
+    return WritesOnce(dsn, *CHILD_WRITES, table="invoice_lines")
 
 
 def grant_replica(fleet: Shaped) -> str:
@@ -234,14 +245,14 @@ def test_path_tables_move_exactly_and_cleanup_leaves_no_orphan(
         assert sizes[TENANT] == sum(rows for rows, _ in before.values()), (sizes, before)
 
         online = mode == "online"
-        writer = WritesChildRows(fleet.admin["eu-1"]) if online else Silent()
+        writer = writes_child_rows(fleet.admin["eu-1"]) if online else Silent()
         outcome = move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(online=online, batch_rows=7), writer)
         assert [r.stamp for r in outcome.routes] == ["eu-2"]
         assert outcome.move is not None and outcome.move.write_mode == write_mode
         source = oracle(fleet, "eu-1")
         assert oracle(fleet, "eu-2") == source
         if online:
-            assert isinstance(writer, WritesChildRows) and writer.done
+            assert isinstance(writer, WritesOnce) and writer.done
             assert source != before and source["invoice_lines"][0] == 60 + 1 - 1 + 1 - 5
         else:
             assert source == before
@@ -508,7 +519,7 @@ def test_a_cohort_with_path_tables_resumes_after_kill_9_with_child_writes_in_bet
     fleet = _cohort_fleet(shaped)
     neighbour = oracle(fleet, "eu-1", NEIGHBOUR)
     _kill_during_path_copy(fleet)
-    WritesChildRows(fleet.admin["eu-1"]).advance("invoice_lines", 1)  # while the move lies dead
+    writes_child_rows(fleet.admin["eu-1"]).advance("invoice_lines", 1)  # while the move lies dead
 
     resumed = fleet.run("move", *COHORT, "--to", "eu-2", "--yes", "--json")
     assert resumed.exit_code == 0, resumed.output
@@ -560,21 +571,6 @@ SHARED_USERS = (
 )
 
 
-class AddsAMember(Silent):
-    """During the copy: a new user joins the tenant (a users row the target cannot have yet)."""
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn, self.done = dsn, False
-
-    def advance(self, table: str, rows: int) -> None:
-        if self.done or not rows:
-            return
-        self.done = True
-        with dsnlib.connect(self.dsn, autocommit=True) as conn, conn.transaction():
-            conn.execute("INSERT INTO users VALUES (9, 'new@example.com', 'New')")
-            conn.execute("INSERT INTO memberships VALUES (42, 9, 'member')")
-
-
 @pytest.mark.parametrize("write_mode", ["replica", "checked"])
 def test_followed_users_travel_with_their_tenant_and_are_never_deleted(
     shaped: ShapedFactory,  # noqa: F811
@@ -614,7 +610,11 @@ def _follow_users(fleet: Shaped) -> None:
     assert "rows (4) of users (followed) differ between the source and target eu-2" in line, line
     fleet.execute("eu-2", "UPDATE users SET name = 'User 4' WHERE id = 4")
 
-    writer = AddsAMember(fleet.admin["eu-1"])
+    writer = WritesOnce(  # a new user joins the tenant during the copy: the target cannot have it yet
+        fleet.admin["eu-1"],
+        "INSERT INTO users VALUES (9, 'new@example.com', 'New')",
+        "INSERT INTO memberships VALUES (42, 9, 'member')",
+    )
     outcome = move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=1), writer)
     assert writer.done and outcome.move is not None
     shared = "SELECT id, email, name FROM users ORDER BY id"
@@ -822,21 +822,6 @@ def test_keys_of_path_rows_taken_on_the_target_by_another_tenant_are_refused_nam
     assert "primary key collision in line_taxes: key (42000001, vat)" in line, line
 
 
-class DeletesAnInvoice(Silent):
-    """Once invoice_lines is being copied, deletes one invoice of the tenant; without a constraint nothing
-    cascades, so its lines stay on the source as rows of no tenant."""
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn, self.done = dsn, False
-
-    def advance(self, table: str, rows: int) -> None:
-        if self.done or table != "invoice_lines" or not rows:
-            return
-        self.done = True
-        with dsnlib.connect(self.dsn, autocommit=True) as conn:
-            conn.execute("DELETE FROM invoices WHERE id = 42002")
-
-
 def test_children_of_a_parent_deleted_under_a_declared_reference_end_up_on_one_stamp(
     shaped: ShapedFactory,  # noqa: F811
 ) -> None:
@@ -848,7 +833,9 @@ def test_children_of_a_parent_deleted_under_a_declared_reference_end_up_on_one_s
         "INSERT INTO invoice_lines SELECT 420000 + g, 42001 + g % 10, g FROM generate_series(1, 60) g",
     )
     fleet.config_path.write_text(fleet.config_path.read_text() + "\n" + REFERENCES)
-    writer = DeletesAnInvoice(fleet.admin["eu-1"])
+    # during the copy of lines an invoice is deleted: without a constraint nothing cascades, so its
+    # lines stay on the source as rows of no tenant
+    writer = WritesOnce(fleet.admin["eu-1"], "DELETE FROM invoices WHERE id = 42002", table="invoice_lines")
     move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=5), writer)
     assert writer.done
     orphans = "SELECT count(*) FROM invoice_lines WHERE invoice_id = 42002"
@@ -859,20 +846,6 @@ def test_children_of_a_parent_deleted_under_a_declared_reference_end_up_on_one_s
     assert fleet.query("eu-2", "SELECT count(*) FROM invoice_lines") == [(54,)]
 
 
-class WritesACrossTenantNote(Silent):
-    """During the copy of notes: a note whose line is the neighbour's and whose payment is the tenant's."""
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn, self.done = dsn, False
-
-    def advance(self, table: str, rows: int) -> None:
-        if self.done or not rows:
-            return
-        self.done = True
-        with dsnlib.connect(self.dsn, autocommit=True) as conn:
-            conn.execute("INSERT INTO notes VALUES (9, 43000000, 4200000, 'cross')")
-
-
 def test_a_row_of_two_tenants_written_during_the_move_stops_it_naming_the_reference(
     shaped: ShapedFactory,  # noqa: F811
 ) -> None:
@@ -880,10 +853,9 @@ def test_a_row_of_two_tenants_written_during_the_move_stops_it_naming_the_refere
     _tenants(fleet, TENANT, NEIGHBOUR)
     seed(fleet, TENANT, invoices=2)
     seed(fleet, NEIGHBOUR, invoices=2)
-    with pytest.raises(MigratorError) as caught:
-        move_tenants(
-            fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=5), WritesACrossTenantNote(fleet.admin["eu-1"])
-        )
+    cross = WritesOnce(fleet.admin["eu-1"], "INSERT INTO notes VALUES (9, 43000000, 4200000, 'cross')")
+    with pytest.raises(MigratorError) as caught:  # the neighbour's line, the tenant's payment
+        move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=5), cross)
     message = str(caught.value)
     assert "replaying the changes of notes on the target" in message, message
     assert "references a row that is not its tenant's" in message and "(line_id)=(43000000)" in message, message
