@@ -14,6 +14,8 @@ import json
 import re
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -198,19 +200,18 @@ def writes_child_rows(dsn: str) -> WritesOnce:
     return WritesOnce(dsn, *CHILD_WRITES, table="invoice_lines")
 
 
-def grant_replica(fleet: Shaped) -> str:
-    operator = conninfo_to_dict(fleet.operator_dsns["eu-1"])["user"]
-    assert isinstance(operator, str)
-    fleet.execute(
-        "eu-1", sql.SQL("GRANT SET ON PARAMETER session_replication_role TO {}").format(sql.Identifier(operator))
-    )
-    return operator
-
-
-def revoke_replica(fleet: Shaped, operator: str) -> None:
-    fleet.execute(
-        "eu-1", sql.SQL("REVOKE SET ON PARAMETER session_replication_role FROM {}").format(sql.Identifier(operator))
-    )
+@contextmanager
+def replica_grant(fleet: Shaped, granted: bool = True) -> Iterator[None]:
+    """With `granted`, migrator's role may write as replica for the block (a superuser's grant, revoked after)."""
+    operator = sql.Identifier(str(conninfo_to_dict(fleet.operator_dsns["eu-1"])["user"]))
+    if not granted:
+        yield
+        return
+    fleet.execute("eu-1", sql.SQL("GRANT SET ON PARAMETER session_replication_role TO {}").format(operator))
+    try:
+        yield
+    finally:
+        fleet.execute("eu-1", sql.SQL("REVOKE SET ON PARAMETER session_replication_role FROM {}").format(operator))
 
 
 @pytest.mark.parametrize("mode", ["online", "offline"])
@@ -224,8 +225,7 @@ def test_path_tables_move_exactly_and_cleanup_leaves_no_orphan(
     _tenants(fleet, TENANT, NEIGHBOUR)
     seed(fleet, TENANT)
     seed(fleet, NEIGHBOUR)
-    operator = grant_replica(fleet) if write_mode == "replica" else None
-    try:
+    with replica_grant(fleet, write_mode == "replica"):
         layout = fleet.layout()
         assert {t.name for t in layout.tables if t.key is None} == set(PATH_TABLES)
         assert layout.global_tables == ("currencies",)
@@ -273,9 +273,6 @@ def test_path_tables_move_exactly_and_cleanup_leaves_no_orphan(
         for stamp in STAMPS:
             assert orphans_and_revalidation(fleet, stamp) == [], stamp
         fleet.assert_clean(layout, "eu-1")
-    finally:
-        if operator:
-            revoke_replica(fleet, operator)
 
 
 def set_tenancy(fleet: Shaped, *, column: str = "tenant_id", exclude: tuple[str, ...] = ()) -> None:
@@ -541,8 +538,7 @@ def test_abort_of_a_killed_cohort_copy_as_replica_leaves_no_path_row_on_the_targ
     shaped: ShapedFactory,  # noqa: F811
 ) -> None:
     fleet = _cohort_fleet(shaped)
-    operator = grant_replica(fleet)
-    try:
+    with replica_grant(fleet):
         source = {tenant: oracle(fleet, "eu-1", tenant) for tenant in COHORT}
         _kill_during_path_copy(fleet)
         move = fleet.catalog.open_move(TENANT)
@@ -560,8 +556,6 @@ def test_abort_of_a_killed_cohort_copy_as_replica_leaves_no_path_row_on_the_targ
         assert fleet.catalog.route(TENANT).stamp == "eu-1"
         with dsnlib.connect(fleet.admin["eu-1"], autocommit=True) as conn:
             assert leftovers(conn) == []
-    finally:
-        revoke_replica(fleet, operator)
 
 
 SHARED_USERS = (
@@ -578,13 +572,7 @@ def test_followed_users_travel_with_their_tenant_and_are_never_deleted(
 ) -> None:
     fleet = shaped(SHARED_USERS)
     _tenants(fleet, TENANT, NEIGHBOUR)
-    if write_mode == "replica":
-        operator = grant_replica(fleet)
-        try:
-            _follow_users(fleet)
-        finally:
-            revoke_replica(fleet, operator)
-    else:
+    with replica_grant(fleet, write_mode == "replica"):
         _follow_users(fleet)
 
 
@@ -746,8 +734,7 @@ def test_abort_as_replica_removes_path_rows_copied_before_their_parent(
     _tenants(fleet, TENANT, NEIGHBOUR)
     seed(fleet, TENANT)
     seed(fleet, NEIGHBOUR)
-    operator = grant_replica(fleet)
-    try:
+    with replica_grant(fleet):
         with pytest.raises(Interrupted):
             move_tenants(
                 fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=7), StopsInTheTaxes(fleet.admin["eu-1"])
@@ -766,8 +753,6 @@ def test_abort_as_replica_removes_path_rows_copied_before_their_parent(
             }
         assert counts == {table: (0,) for table in ORACLE}, counts
         assert orphans_and_revalidation(fleet, "eu-2") == []
-    finally:
-        revoke_replica(fleet, operator)
 
 
 class DeletesTheNewInvoice(NewInvoiceAfterItsTable):
@@ -790,16 +775,13 @@ def test_a_path_row_copied_before_its_parent_and_deleted_with_it_leaves_no_orpha
     _tenants(fleet, TENANT, NEIGHBOUR)
     seed(fleet, TENANT)
     seed(fleet, NEIGHBOUR)
-    operator = grant_replica(fleet)
-    try:
+    with replica_grant(fleet):
         writer = DeletesTheNewInvoice(fleet.admin["eu-1"])
         outcome = move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=7), writer)
         assert writer.deleted and outcome.move is not None and outcome.move.write_mode == "replica"
         assert fleet.query("eu-2", "SELECT count(*) FROM invoice_lines WHERE id = 42000990") == [(0,)]
         assert oracle(fleet, "eu-2") == oracle(fleet, "eu-1")
         assert orphans_and_revalidation(fleet, "eu-2") == []
-    finally:
-        revoke_replica(fleet, operator)
 
 
 def test_keys_of_path_rows_taken_on_the_target_by_another_tenant_are_refused_naming_them(
