@@ -160,6 +160,15 @@ def seed(fleet: Shaped, tenant: str, invoices: int = 12) -> None:
         conn.execute("INSERT INTO notes VALUES (%s, NULL, NULL, 'nobody''s') ON CONFLICT DO NOTHING", (base - 1,))
 
 
+def billing(build: ShapedFactory, invoices: int = 12) -> Shaped:
+    """Two stamps of the billing schema, the tenant and its neighbour seeded on eu-1."""
+    fleet = build(BILLING)
+    _tenants(fleet, TENANT, NEIGHBOUR)
+    seed(fleet, TENANT, invoices)
+    seed(fleet, NEIGHBOUR, invoices)
+    return fleet
+
+
 class WritesOnce(Silent):
     """The application writing during a move: `statements` in one transaction, once the copy has
     committed a batch (of `table`, when given)."""
@@ -221,10 +230,7 @@ def test_path_tables_move_exactly_and_cleanup_leaves_no_orphan(
     mode: str,
     write_mode: str,
 ) -> None:
-    fleet = shaped(BILLING)
-    _tenants(fleet, TENANT, NEIGHBOUR)
-    seed(fleet, TENANT)
-    seed(fleet, NEIGHBOUR)
+    fleet = billing(shaped)
     with replica_grant(fleet, write_mode == "replica"):
         layout = fleet.layout()
         assert {t.name for t in layout.tables if t.key is None} == set(PATH_TABLES)
@@ -291,10 +297,7 @@ def set_tenancy(fleet: Shaped, *, column: str = "tenant_id", exclude: tuple[str,
 def test_cleanup_refuses_rows_no_move_copied_and_rows_that_would_dangle_before_deleting_any(
     shaped: ShapedFactory,  # noqa: F811
 ) -> None:
-    fleet = shaped(BILLING)
-    _tenants(fleet, TENANT, NEIGHBOUR)
-    seed(fleet, TENANT)
-    seed(fleet, NEIGHBOUR)
+    fleet = billing(shaped)
     set_tenancy(fleet, exclude=("line_taxes",))  # the move misses a table
     moved = fleet.run("move", TENANT, "--to", "eu-2", "--offline", "--yes")
     assert moved.exit_code == 0, moved.output
@@ -386,10 +389,7 @@ FENCED_WRITES = (
 def test_once_fenced_writes_to_the_tenants_path_rows_fail_with_mgf01_and_other_tenants_write_on(
     shaped: ShapedFactory,  # noqa: F811
 ) -> None:
-    fleet = shaped(BILLING)
-    _tenants(fleet, TENANT, NEIGHBOUR)
-    seed(fleet, TENANT, invoices=3)
-    seed(fleet, NEIGHBOUR, invoices=3)
+    fleet = billing(shaped, invoices=3)
     moved = fleet.run("move", TENANT, "--to", "eu-2", "--yes")  # the source stays fenced until cleanup
     assert moved.exit_code == 0, moved.output
     before = oracle(fleet, "eu-1")
@@ -685,10 +685,7 @@ class InterruptsTheDeletes(Silent):
 
 
 def test_an_interrupted_cleanup_finishes_when_run_again(shaped: ShapedFactory) -> None:  # noqa: F811
-    fleet = shaped(BILLING)
-    _tenants(fleet, TENANT, NEIGHBOUR)
-    seed(fleet, TENANT, invoices=4)
-    seed(fleet, NEIGHBOUR, invoices=4)
+    fleet = billing(shaped, invoices=4)
     moved = fleet.run("move", TENANT, "--to", "eu-2", "--yes")
     assert moved.exit_code == 0, moved.output
     neighbour = oracle(fleet, "eu-1", NEIGHBOUR)
@@ -730,10 +727,7 @@ class StopsInTheTaxes(NewInvoiceAfterItsTable):
 def test_abort_as_replica_removes_path_rows_copied_before_their_parent(
     shaped: ShapedFactory,  # noqa: F811
 ) -> None:
-    fleet = shaped(BILLING)
-    _tenants(fleet, TENANT, NEIGHBOUR)
-    seed(fleet, TENANT)
-    seed(fleet, NEIGHBOUR)
+    fleet = billing(shaped)
     with replica_grant(fleet):
         with pytest.raises(Interrupted):
             move_tenants(
@@ -771,10 +765,7 @@ class DeletesTheNewInvoice(NewInvoiceAfterItsTable):
 def test_a_path_row_copied_before_its_parent_and_deleted_with_it_leaves_no_orphan_as_replica(
     shaped: ShapedFactory,  # noqa: F811
 ) -> None:
-    fleet = shaped(BILLING)
-    _tenants(fleet, TENANT, NEIGHBOUR)
-    seed(fleet, TENANT)
-    seed(fleet, NEIGHBOUR)
+    fleet = billing(shaped)
     with replica_grant(fleet):
         writer = DeletesTheNewInvoice(fleet.admin["eu-1"])
         outcome = move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=7), writer)
@@ -831,10 +822,7 @@ def test_children_of_a_parent_deleted_under_a_declared_reference_end_up_on_one_s
 def test_a_row_of_two_tenants_written_during_the_move_stops_it_naming_the_reference(
     shaped: ShapedFactory,  # noqa: F811
 ) -> None:
-    fleet = shaped(BILLING)
-    _tenants(fleet, TENANT, NEIGHBOUR)
-    seed(fleet, TENANT, invoices=2)
-    seed(fleet, NEIGHBOUR, invoices=2)
+    fleet = billing(shaped, invoices=2)
     cross = WritesOnce(fleet.admin["eu-1"], "INSERT INTO notes VALUES (9, 43000000, 4200000, 'cross')")
     with pytest.raises(MigratorError) as caught:  # the neighbour's line, the tenant's payment
         move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=5), cross)
