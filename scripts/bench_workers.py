@@ -83,7 +83,7 @@ from migrator.stamps import access
 from migrator.stamps.discovery import discover
 
 START = "0002_collaboration"
-HEAD = "0005_task_watchers"
+HEAD = "0006_task_checklists"
 TEMPLATE = "tpl_0002_collaboration"  # not `stamp_...`: never counted as a stamp's session
 STAMP_DB_PATTERN = r"stamp\_%"
 SAMPLE_S = 0.05

@@ -19,7 +19,7 @@ from migrator import config as configlib
 from migrator.db import dsn as dsnlib
 from migrator.local.provision import sample_app_env
 
-HEAD = "0005_task_watchers"
+HEAD = "0006_task_checklists"
 
 
 def migrator(config: Path, cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

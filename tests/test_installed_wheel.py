@@ -26,7 +26,7 @@ from migrator.local import pgserver, provision
 from migrator.local.seed import TenantSpec, seed_tenant
 from migrator.stamps.discovery import discover
 
-HEAD = "0005_task_watchers"
+HEAD = "0006_task_checklists"
 # The child processes see neither the source tree nor this interpreter's environment.
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "MIGRATOR_CONFIG")}
 

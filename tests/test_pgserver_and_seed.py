@@ -17,7 +17,7 @@ from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput, MigratorError
 from migrator.local import pgserver
 from migrator.local.provision import sample_app_env
-from migrator.local.seed import TENANT_TABLES, TenantSpec, demo_tenants, seed_fleet_stamp, seed_tenant
+from migrator.local.seed import PATH_TABLES, TENANT_TABLES, TenantSpec, demo_tenants, seed_fleet_stamp, seed_tenant
 from migrator.rollout.history import History
 
 STAMP = sample_app_env()
@@ -50,8 +50,8 @@ def test_stamp_schema_upgrades_to_head_and_downgrades_to_base(server: pgserver.L
     dsn = _new_database(server)
     assert migrations.current_revision(dsn) is None
     migrations.upgrade(dsn, STAMP)
-    assert migrations.current_revision(dsn) == History.load(STAMP).head == "0005_task_watchers"
-    assert set(TENANT_TABLES) | {"billing_plans", "feature_flags", "alembic_version"} == _tables(dsn)
+    assert migrations.current_revision(dsn) == History.load(STAMP).head == "0006_task_checklists"
+    assert set(TENANT_TABLES) | set(PATH_TABLES) | {"billing_plans", "feature_flags", "alembic_version"} == _tables(dsn)
 
     with dsnlib.engine(dsn).begin() as conn:
         command.downgrade(migrations.alembic_config(STAMP, conn), "base")
@@ -97,6 +97,11 @@ def test_seed_counts_match_the_database(server: pgserver.LocalServer) -> None:
                 ).fetchone()[0]
                 for table in TENANT_TABLES
             )
+            actual += conn.execute(  # the checklist items, which reach their tenant through tasks
+                "SELECT count(*) FROM task_checklist_items i JOIN tasks t"
+                " ON (t.tenant_id, t.id) = (i.task_tenant, i.task_id) WHERE t.tenant_id = %s",
+                (tenant,),
+            ).fetchone()[0]
             assert actual == expected
         assert abs(counts[1] - 3_000) < 150
         count, span = conn.execute("SELECT count(*), max(id) - min(id) + 1 FROM tasks WHERE tenant_id = 1").fetchone()

@@ -104,8 +104,8 @@ def test_a_schema_change_while_a_move_is_interrupted_stops_its_resume(fleet: Fle
     resumed = fleet.run("move", "7", "--to", "eu-2", "--yes")
     assert resumed.exit_code == 2, resumed.output
     assert (
-        f"schema changed during move {move.id}: eu-1 is at 0005_task_watchers, eu-2 at 0004_comments_search_index,"
-        f" the move started at 0005_task_watchers; abort it with `migrator move abort {move.id}`"
+        f"schema changed during move {move.id}: eu-1 is at 0006_task_checklists, eu-2 at 0004_comments_search_index,"
+        f" the move started at 0006_task_checklists; abort it with `migrator move abort {move.id}`"
     ) in resumed.stderr
     after = catalog_snapshot(fleet)
     assert after["routes"] == before["routes"] and fleet.catalog.route("7").stamp == "eu-1"

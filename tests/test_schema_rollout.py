@@ -34,7 +34,7 @@ from migrator.rollout.runner import (
 from migrator.rollout.worker import LOCK_KEY
 
 STAMP_ENV = sample_app_env()
-HEAD = "0005_task_watchers"
+HEAD = "0006_task_checklists"
 
 
 def put_at(fleet: Fleet, stamp: str, revision: str) -> None:
@@ -228,11 +228,15 @@ def test_dry_run_prints_sql_and_changes_nothing(fleet4: Fleet) -> None:
 
     result = fleet.run("schema", "upgrade", "--dry-run")  # no --yes needed: nothing runs
     assert result.exit_code == 0, result.output
-    assert "-- ap-1: 0004_comments_search_index -> 0005_task_watchers (pending: 0005_task_watchers)" in result.stdout
-    assert "-- eu-1, us-1: 0002_collaboration -> 0005_task_watchers" in result.stdout
+    assert (
+        "-- ap-1: 0004_comments_search_index -> 0006_task_checklists"
+        " (pending: 0005_task_watchers, 0006_task_checklists)" in result.stdout
+    )
+    assert "-- eu-1, us-1: 0002_collaboration -> 0006_task_checklists" in result.stdout
     assert "ALTER TABLE tasks ADD COLUMN priority smallint;" in result.stdout
     assert "CREATE INDEX CONCURRENTLY comments_body_search" in result.stdout
     assert "CREATE TABLE task_watchers" in result.stdout
+    assert "CREATE TABLE task_checklist_items" in result.stdout
     assert revisions(fleet) == before
     assert {name: stamp_snapshot(fleet.dsn(name)) for name in fleet.stamps} == snapshots
     assert sorted((r[0], r[1]) for r in schema_runs(fleet)) == [

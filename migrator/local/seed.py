@@ -6,8 +6,9 @@ quotes, NULLs, numerics with decimals, microsecond timestamps, empty and large b
 values, multi-line and non-ASCII text. Parent ids are looked up through arrays built once per
 statement (an InitPlan), never through per-row joins whose plan depends on stale statistics.
 Every 7th task (with its comments and attachments) is deleted afterwards, so ids have gaps.
-Stamps at older schema revisions can be seeded too: `tasks.priority` (0003) and `task_watchers`
-(0005) are filled only where they exist.
+Stamps at older schema revisions can be seeded too: `tasks.priority` (0003), `task_watchers`
+(0005) and `task_checklist_items` (0006, a table reached through tasks only) are filled only where
+they exist.
 """
 
 from __future__ import annotations
@@ -25,10 +26,19 @@ from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput
 
 # Shares of a tenant's rows per table; tasks dominate as in a real task tracker.
-SHARES = {"users": 0.05, "projects": 0.02, "tasks": 0.62, "comments": 0.20, "attachments": 0.08, "watchers": 0.03}
+SHARES = {
+    "users": 0.05,
+    "projects": 0.02,
+    "tasks": 0.58,
+    "comments": 0.20,
+    "attachments": 0.08,
+    "watchers": 0.03,
+    "checklist": 0.04,
+}
 GAP_EVERY = 7
 PLANS = ("free", "team", "enterprise")
 TENANT_TABLES = ("tenants", "users", "projects", "tasks", "comments", "attachments", "task_watchers")
+PATH_TABLES = ("task_checklist_items",)  # no tenant_id: their rows reach the tenant through tasks
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,7 @@ class _Plan:
     comments: int
     attachments: int
     watchers: int
+    checklist: int
 
     @classmethod
     def for_rows(cls, rows: int) -> _Plan:
@@ -61,6 +72,7 @@ class _Plan:
             comments=round(rows * SHARES["comments"] * refill),
             attachments=round(rows * SHARES["attachments"] * refill),
             watchers=round(rows * SHARES["watchers"]),  # inserted after the gaps: no refill
+            checklist=round(rows * SHARES["checklist"]),  # likewise
         )
 
 
@@ -175,6 +187,15 @@ FROM (SELECT array_agg(id ORDER BY id) AS ids FROM tasks WHERE tenant_id = %(t)s
      generate_series(1, %(n)s::bigint) AS g
 """
 
+# After the gaps too: items spread over the remaining tasks, several per task where there are more items.
+_CHECKLIST = """
+INSERT INTO task_checklist_items (id, task_tenant, task_id, position, label, done)
+SELECT md5(%(t)s || '/' || g)::uuid, %(t)s, t.ids[1 + mod(g - 1, cardinality(t.ids))], (g - 1) / cardinality(t.ids),
+       'step ' || g || (ARRAY['', ' — prüfen', ' "quoted"', E' two\nlines'])[1 + mod(g, 4)], mod(g, 3) = 0
+FROM (SELECT array_agg(id ORDER BY id) AS ids FROM tasks WHERE tenant_id = %(t)s) AS t,
+     generate_series(1, %(n)s::bigint) AS g
+"""
+
 # Children first: a task may only go once nothing references it.
 _GAPS = (
     "DELETE FROM comments WHERE tenant_id = %(t)s AND mod(task_id, %(gap)s) = 0",
@@ -245,6 +266,8 @@ def _insert_tenant(conn: psycopg.Connection[Any], spec: TenantSpec, plan: _Plan)
     watchers = min(plan.watchers, nt - removed[-1])  # at most one watcher per remaining task
     if watchers > 0 and _has(conn, "task_watchers"):
         total += conn.execute(_WATCHERS, {**params, "n": watchers}).rowcount
+    if plan.checklist > 0 and _has(conn, "task_checklist_items"):
+        total += conn.execute(_CHECKLIST, {**params, "n": plan.checklist}).rowcount
     return total
 
 
@@ -255,7 +278,7 @@ def seed_fleet_stamp(dsn: str, tenants: Sequence[TenantSpec]) -> dict[int, int]:
         for spec in tenants:
             counts[spec.tenant_id] = seed_tenant(conn, spec)
         # Fresh statistics, so the first move's queries are planned for the real table sizes.
-        tables = [table for table in TENANT_TABLES if _has(conn, table)]
+        tables = [table for table in (*TENANT_TABLES, *PATH_TABLES) if _has(conn, table)]
         conn.execute(sql.SQL("ANALYZE {}").format(sql.SQL(", ").join(map(sql.Identifier, tables))))
     return counts
 
