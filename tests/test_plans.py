@@ -17,6 +17,7 @@ from psycopg import sql
 
 from migrator.db import dsn as dsnlib
 from migrator.plans.planners import parse_plan, to_yaml
+from migrator.stamps.discovery import tenant_filter
 
 
 def _seed_many(fleet: Fleet, stamp: str, sizes: dict[int, int]) -> dict[str, int]:
@@ -257,7 +258,7 @@ def test_failed_move_does_not_stop_the_others_and_rerun_retries_it(fleet: Fleet,
 
     with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
         for table in reversed(fleet.layout().tables):
-            conn.execute(sql.SQL("DELETE FROM {} WHERE {} = 1").format(table.ident, sql.Identifier(table.key)))
+            conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(table.ident, tenant_filter(table, ("1",))))
     result = fleet.run("apply", plan_file, "--yes", "--json")
     assert result.exit_code == 0, result.output
     assert [s for _, _, s, _ in _plan_moves(fleet)] == ["done"] * 3 and fleet.catalog.routes("eu-1") == []
@@ -305,11 +306,13 @@ def test_isolate_needs_an_empty_stamp(fleet: Fleet, tmp_path: Path) -> None:
     assert listed.exit_code == 0, listed.output
     one = next(t for t in json.loads(listed.stdout) if t["tenant"] == "1")
     with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:  # independent: row by row, summed here
-        query = "SELECT pg_column_size(t.*) FROM {} t WHERE {} = 1"
+        query = "SELECT pg_column_size(t.*) FROM {} t WHERE {}"
         payload = sum(
             size
             for table in fleet.layout().tables
-            for (size,) in conn.execute(sql.SQL(query).format(table.ident, sql.Identifier(table.key)))
+            for (size,) in conn.execute(
+                sql.SQL(query).format(table.ident, tenant_filter(table, ("1",), sql.Identifier("t")))
+            )
         )
     assert one["bytes"] == payload == plan["moves"][0]["bytes"] == sum(one["table_bytes"].values())
     assert one["rows"] == plan["moves"][0]["rows"] == tenant_row_count(fleet.dsn("eu-1"), fleet.layout(), "1")

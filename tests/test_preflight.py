@@ -104,7 +104,7 @@ def test_a_schema_change_while_a_move_is_interrupted_stops_its_resume(fleet: Fle
     resumed = fleet.run("move", "7", "--to", "eu-2", "--yes")
     assert resumed.exit_code == 2, resumed.output
     assert (
-        f"schema changed during move {move.id}: eu-1 is at 0006_task_checklists, eu-2 at 0004_comments_search_index,"
+        f"schema changed during move {move.id}: eu-1 is at 0006_task_checklists, eu-2 at 0005_task_watchers,"
         f" the move started at 0006_task_checklists; abort it with `migrator move abort {move.id}`"
     ) in resumed.stderr
     after = catalog_snapshot(fleet)

@@ -91,8 +91,8 @@ def test_mixed_fleet_reaches_head_with_one_command_and_status_gates_on_drift(fle
 
     before = fleet.run("schema", "status")
     assert before.exit_code == 3, before.output
-    assert "eu-1 (behind 3)" in before.stdout and "eu-2 (behind 2)" in before.stdout
-    assert "ap-1 (behind 1)" in before.stdout and "us-1" not in before.stdout.splitlines()[-1]
+    assert "eu-1 (behind 4)" in before.stdout and "eu-2 (behind 3)" in before.stdout
+    assert "ap-1 (behind 2)" in before.stdout and "us-1" not in before.stdout.splitlines()[-1]
     data = json.loads(fleet.run("schema", "status", "--json").stdout)
     assert data["drift"] is True and data["head"] == HEAD
     assert {s["stamp"]: s["current"] for s in data["stamps"]}["eu-2"] == "0003_task_priority"
@@ -249,6 +249,7 @@ def test_dry_run_prints_sql_and_changes_nothing(fleet4: Fleet) -> None:
     assert {s["stamp"]: s["pending"] for s in data["stamps"]}["eu-1"] == [
         "0003_task_priority",
         "0004_comments_search_index",
+        "0005_task_watchers",
         HEAD,
     ]
 
@@ -324,8 +325,8 @@ def test_downgrade_and_back_keeps_data_and_the_log_tells_who_did_what(fleet: Fle
     assert text.exit_code == 0 and len(text.stdout.strip().splitlines()) == 3
 
     history = json.loads(fleet.run("schema", "history", "--json").stdout)
-    assert [r["revision"] for r in history][:2] == [HEAD, "0004_comments_search_index"]
-    assert [r["is_head"] for r in history] == [True, False, False, False, False]
+    assert [r["revision"] for r in history][:2] == [HEAD, "0005_task_watchers"]
+    assert [r["is_head"] for r in history] == [True, False, False, False, False, False]
     assert "head" in fleet.run("schema", "history").stdout.splitlines()[1]
 
 
@@ -347,7 +348,11 @@ def test_bad_input_exits_2(fleet: Fleet, args: tuple[str, ...], message: str) ->
 def test_engine_status_reads_every_stamp(fleet: Fleet) -> None:
     put_at(fleet, "eu-2", "0003_task_priority")
     rows = {r.stamp: r for r in schema_status(fleet.ctx)}
-    assert rows["eu-2"].state == "behind" and rows["eu-2"].pending == ("0004_comments_search_index", HEAD)
+    assert rows["eu-2"].state == "behind" and rows["eu-2"].pending == (
+        "0004_comments_search_index",
+        "0005_task_watchers",
+        HEAD,
+    )
     assert rows["eu-1"].state == "up to date" and not rows["eu-1"].drift
     rollout = downgrade_stamps(fleet.ctx, "0004_comments_search_index", ["eu-1", "eu-2"])
     assert [(o.stamp, o.result) for o in rollout.outcomes] == [("eu-1", OK), ("eu-2", SKIPPED)]
