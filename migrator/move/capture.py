@@ -33,7 +33,7 @@ from migrator.move import follow
 from migrator.move.keys import by_key, keys_table, load_keys, stage_rows
 from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Layout, Table
-from migrator.stamps.paths import Hop, parent_missing
+from migrator.stamps.paths import Hop, parent_missing, qualified
 
 UNPROVEN = sql.Identifier("migrator_unproven_keys")
 
@@ -109,7 +109,7 @@ def _children(
     rows = Jsonb([dict(zip(parent.primary_key, key, strict=True)) for key in parent_keys])
     keys = sql.SQL("SELECT {} FROM jsonb_populate_recordset(NULL::{}, %s)").format(parent.pk_cols(), parent.ident)
     child_key = sql.SQL(", ").join(_as_logged("c", c) for c in child.primary_key)
-    cols = sql.SQL(", ").join(sql.SQL("c.{}").format(sql.Identifier(c)) for c in hop.columns)
+    cols = qualified("c", hop.columns)
     if tuple(hop.parent_columns) == parent.primary_key:
         query = sql.SQL("SELECT ARRAY[{}], ARRAY[{}] FROM {} c WHERE ({}) IN ({})").format(
             child_key, sql.SQL(", ").join(_as_logged("c", c) for c in hop.columns), child.ident, cols, keys
@@ -121,8 +121,8 @@ def _children(
             child.ident,
             parent.ident,
             cols,
-            sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(c)) for c in hop.parent_columns),
-            sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(c)) for c in parent.primary_key),
+            qualified("p", hop.parent_columns),
+            qualified("p", parent.primary_key),
             keys,
         )
     return [(list(c), list(p)) for c, p in conn.execute(query, (rows,)).fetchall()]

@@ -21,6 +21,7 @@ from migrator.catalog import Cohort
 from migrator.move.integrity import MAX_KEYS, shown_keys
 from migrator.move.keys import by_key, load_keys, stage_rows
 from migrator.stamps.discovery import ForeignKey, Layout, Table, tenant_filter
+from migrator.stamps.paths import qualified
 
 
 def references(layout: Layout) -> list[tuple[Table, ForeignKey, Table]]:
@@ -35,33 +36,29 @@ def copy_for_batch(
     the target lacks: rows referenced since the copy of followed rows began (a user added meanwhile)."""
     copied = 0
     for fk, followed in table.follows:
-        values = sql.SQL("SELECT {} FROM ({}) b").format(_cols("b", fk.columns), batch)
+        values = sql.SQL("SELECT {} FROM ({}) b").format(qualified("b", fk.columns), batch)
         copied += copy_missing(src, tgt, followed, [referenced(table, fk, followed, values)])
     return copied
-
-
-def _cols(alias: str, columns: tuple[str, ...]) -> sql.Composed:
-    return sql.SQL(", ").join(sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(c)) for c in columns)
 
 
 def referenced(table: Table, fk: ForeignKey, followed: Table, values: sql.Composable) -> sql.Composed:
     """The followed table's rows whose key `fk` matches a row of `values` (a subquery of fk's columns)."""
     return sql.SQL("SELECT {} FROM {} f WHERE ({}) IN ({})").format(
-        _cols("f", followed.copy_columns), followed.ident, _cols("f", fk.parent_columns), values
+        qualified("f", followed.copy_columns), followed.ident, qualified("f", fk.parent_columns), values
     )
 
 
 def of_tenants(table: Table, fk: ForeignKey, tenants: Cohort) -> sql.Composed:
     """fk's values in the tenants' rows of `table`."""
     return sql.SQL("SELECT {} FROM {} c WHERE {}").format(
-        _cols("c", fk.columns), table.ident, tenant_filter(table, tenants, sql.Identifier("c"))
+        qualified("c", fk.columns), table.ident, tenant_filter(table, tenants, sql.Identifier("c"))
     )
 
 
 def of_keys(table: Table, fk: ForeignKey, tenants: Cohort, keys: sql.Identifier) -> sql.Composed:
     """fk's values in the tenants' rows of `table` whose keys are in a temporary key table (a replayed batch)."""
     select = sql.SQL(", ").join(sql.Identifier(c) for c in fk.columns)
-    return sql.SQL("SELECT {} FROM {}").format(_cols("x", fk.columns), by_key(table, keys, tenants, select))
+    return sql.SQL("SELECT {} FROM {}").format(qualified("x", fk.columns), by_key(table, keys, tenants, select))
 
 
 def copy_missing(
@@ -87,12 +84,14 @@ def copy_for_tenants(
     """Before the bulk copy: every followed row the tenants reference that the target lacks."""
     copied = 0
     for followed in layout.followed:
-        selects: list[sql.Composable] = [
-            referenced(t, fk, f, of_tenants(t, fk, tenants)) for t, fk, f in references(layout) if f is followed
-        ]
-        if selects:
+        if selects := _of_tenants_rows(layout, followed, tenants):
             copied += copy_missing(src, tgt, followed, selects)
     return copied
+
+
+def _of_tenants_rows(layout: Layout, followed: Table, tenants: Cohort) -> list[sql.Composable]:
+    """SELECTs of the followed table's rows that the tenants' rows reference, one per foreign key."""
+    return [referenced(t, fk, f, of_tenants(t, fk, tenants)) for t, fk, f in references(layout) if f is followed]
 
 
 def conflicts(
@@ -101,13 +100,11 @@ def conflicts(
     """Preflight: followed rows the tenants reference that the target holds with other content."""
     problems = []
     for followed in layout.followed:
-        selects: list[sql.Composable] = [
-            referenced(t, fk, f, of_tenants(t, fk, tenants)) for t, fk, f in references(layout) if f is followed
-        ]
+        selects = _of_tenants_rows(layout, followed, tenants)
         if not selects:
             continue
         by_name = sorted(followed.copy_columns)
-        digest = sql.SQL("md5(ROW({})::text)").format(_cols("r", tuple(by_name)))
+        digest = sql.SQL("md5(ROW({})::text)").format(qualified("r", tuple(by_name)))
         pk_text = sql.SQL(", ").join(sql.SQL("r.{}::text").format(sql.Identifier(c)) for c in followed.primary_key)
         rows = {
             tuple(key): value

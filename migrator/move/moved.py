@@ -27,6 +27,7 @@ from migrator.errors import PreflightError
 from migrator.move.integrity import MAX_KEYS, shown_keys
 from migrator.move.verify import EMPTY, Checksum, tenant_checksums
 from migrator.stamps.discovery import Layout, Table, label, problems_message, tenant_filter
+from migrator.stamps.paths import qualified
 
 
 @STAMP_STEP.wraps
@@ -171,8 +172,8 @@ def _references_into(conn: psycopg.Connection[Any], layout: Layout, tenants: Coh
             shown=sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in cols),
             child=sql.Identifier(child_schema, child),
             stays=stays,
-            cols=sql.SQL(", ").join(sql.SQL("c.{}").format(sql.Identifier(c)) for c in cols),
-            refs=sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(c)) for c in parent_cols),
+            cols=qualified("c", tuple(cols)),
+            refs=qualified("p", tuple(parent_cols)),
             parent=target.ident,
             gone=tenant_filter(target, tenants, sql.Identifier("p")),
             n=sql.Literal(MAX_KEYS),

@@ -30,6 +30,7 @@ from migrator.catalog import Cohort, Stamp, name_tenants
 from migrator.config import Tenancy
 from migrator.move.integrity import MAX_KEYS, shown_keys, unresolved
 from migrator.stamps.discovery import ForeignKey, Layout, Table, inspect, label, tenant_filter
+from migrator.stamps.paths import qualified
 
 _LARGE_OBJECTS = """
 SELECT n.nspname, c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
@@ -288,8 +289,8 @@ def _rows_below_a_tree_only(conn: psycopg.Connection[Any], layout: Layout, tenan
         )
         below = sql.SQL(" OR ").join(
             sql.SQL("({}) IN (SELECT {} FROM {} p WHERE {})").format(
-                sql.SQL(", ").join(sql.SQL("c.{}").format(sql.Identifier(col)) for col in fk.columns),
-                sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(col)) for col in fk.parent_columns),
+                qualified("c", fk.columns),
+                qualified("p", fk.parent_columns),
                 table.ident,
                 tenant_filter(table, tenants, sql.Identifier("p")),
             )

@@ -65,13 +65,17 @@ class Path:
         return " -> ".join(steps)
 
 
+def qualified(alias: str | sql.Composable, columns: tuple[str, ...]) -> sql.Composed:
+    """`a.c1, a.c2`: columns qualified by a table alias (a name, or SQL such as plpgsql's NEW)."""
+    prefix = sql.Identifier(alias) if isinstance(alias, str) else alias
+    return sql.SQL(", ").join(sql.SQL("{}.{}").format(prefix, sql.Identifier(c)) for c in columns)
+
+
 def _row_cols(alias: sql.Composable | None, columns: tuple[str, ...]) -> sql.Composed:
     """`(a.c1, a.c2)`: a row's columns, qualified by `alias` when given."""
     if alias is None:
         return sql.SQL("({})").format(sql.SQL(", ").join(sql.Identifier(c) for c in columns))
-    return sql.SQL("({})").format(
-        sql.SQL(", ").join(sql.SQL("{}.{}").format(alias, sql.Identifier(c)) for c in columns)
-    )
+    return sql.SQL("({})").format(qualified(alias, columns))
 
 
 def tenants_match(key: sql.Composable, tenants: tuple[str, ...]) -> sql.Composed:
