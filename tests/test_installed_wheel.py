@@ -62,7 +62,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
         ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".fleet", "migrator.toml"),
     )  # fmt: skip
     _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", base / "dist", source, cwd=base)
-    [wheel] = (base / "dist").glob("migrator-*.whl")
+    [wheel] = (base / "dist").glob("stamp_migrator-*.whl")  # the distribution's name on the package index
     _run(sys.executable, "-m", "venv", base / "venv", cwd=base)
     found = Installed(base / "venv")
     _run(found.python, "-m", "pip", "install", "-q", "--find-links", base / "dist", wheel, cwd=base)
@@ -101,6 +101,8 @@ def test_installed_wheel_runs_a_fleet_from_another_directory(
         return output
 
     assert migrator("--version").strip() == f"migrator, version {__version__}"
+    distribution = "import importlib.metadata as m; print(m.version('stamp-migrator'))"
+    assert _run(installed.python, "-c", distribution, cwd=tmp_path).stdout.strip() == __version__
     migrator("catalog", "init")
     for name in ("eu-1", "eu-2"):
         migrator("stamp", "add", name, "--dsn", databases[name], "--region", "eu")

@@ -138,7 +138,7 @@ def start_server(
     merged = {**DEFAULT_SETTINGS, **(settings or {})}
     chosen = backend or ("docker" if containers_installed() and docker_available() else "local")
     if chosen == "docker" and not containers_installed():
-        raise BadInput("the docker backend needs testcontainers (`pip install migrator[test]`)")
+        raise BadInput("the docker backend needs testcontainers (`pip install 'stamp-migrator[test]'`)")
     if chosen == "docker":
         return _start_docker(base_dir, port, merged, password)
     if chosen != "local":
