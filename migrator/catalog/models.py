@@ -117,6 +117,8 @@ class Stamp:
     capacity_rows: int | None
     capacity_bytes: int | None
     state: str
+    key_block: int | None = None
+    """Its block of sequence values (`migrator.stamps.sequences`); None until `keys stride`."""
 
     @property
     def masked_dsn(self) -> str:

@@ -39,6 +39,8 @@ from migrator.db import dsn as dsnlib
 from migrator.db.retry import CATALOG
 from migrator.errors import BadInput, LockBusy, MigratorError, RouteConflict
 
+_STAMP_COLUMNS = ", ".join(f.name for f in dataclass_fields(Stamp))  # as the Stamp dataclass lists them
+
 
 class Catalog:
     """Access to the catalog database; short transactions, retried when the link flaps.
@@ -184,7 +186,7 @@ class Catalog:
     def _stamp(conn: psycopg.Connection[Any], name: str) -> Stamp:
         with conn.cursor(row_factory=class_row(Stamp)) as cur:
             cur.execute(
-                "SELECT name, dsn, region, capacity_rows, capacity_bytes, state FROM stamps WHERE name = %s", (name,)
+                f"SELECT {_STAMP_COLUMNS} FROM stamps WHERE name = %s", (name,)
             )
             found = cur.fetchone()
         if found is None:
@@ -194,8 +196,25 @@ class Catalog:
     @CATALOG.wraps
     def stamps(self) -> list[Stamp]:
         with self.transaction() as conn, conn.cursor(row_factory=class_row(Stamp)) as cur:
-            cur.execute("SELECT name, dsn, region, capacity_rows, capacity_bytes, state FROM stamps ORDER BY name")
+            cur.execute(f"SELECT {_STAMP_COLUMNS} FROM stamps ORDER BY name")
             return cur.fetchall()
+
+    @CATALOG.wraps
+    def assign_key_blocks(self, names: Sequence[str]) -> list[Stamp]:
+        """Give each named stamp that has none the next block of sequence values, in the order given;
+        returns every stamp. One transaction: blocks are never shared (UNIQUE) and the stamps' rows
+        are locked, so two operators striding at once assign each block once."""
+        with self.transaction() as conn:
+            conn.execute("SELECT 1 FROM stamps ORDER BY name FOR UPDATE")
+            for name in names:
+                conn.execute(
+                    "UPDATE stamps SET key_block = (SELECT coalesce(max(key_block), 0) + 1 FROM stamps)"
+                    " WHERE name = %s AND key_block IS NULL",
+                    (name,),
+                )
+            with conn.cursor(row_factory=class_row(Stamp)) as cur:
+                cur.execute(f"SELECT {_STAMP_COLUMNS} FROM stamps ORDER BY name")
+                return cur.fetchall()
 
     # -- routes -------------------------------------------------------------------------------
 
