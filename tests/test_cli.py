@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from migrator.cli import cli
+from migrator.cli.base import summary
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
@@ -30,6 +31,22 @@ def test_every_command_has_help(path: tuple[str, ...], command: click.Command) -
     for param in command.params:
         if isinstance(param, click.Option) and not param.hidden and param.name not in ("help",):
             assert param.help, (path, param.name)
+    # Its one-line summary in its group's list is a whole sentence, not cut with `...` mid-word or mid-backtick.
+    line = summary(command)
+    assert line.endswith(".") and not line.endswith("..") and line.count("`") % 2 == 0, (path, line)
+    if not command.hidden:
+        listing = CliRunner().invoke(cli, [*path[:-1], "--help"], terminal_width=80).output
+        assert line in " ".join(listing.split()), (path, line)
+
+
+def test_move_help_shows_the_options_of_moving_and_its_other_commands() -> None:
+    result = CliRunner().invoke(cli, ["move", "--help"], prog_name="migrator", terminal_width=80)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Usage: migrator move [OPTIONS] [TENANTS]...")
+    options, commands = result.output.split("\nOptions:\n")[1].split("\nCommands:\n")
+    for option in ("--to", "--tenants-file", "--move", "--jobs", "--offline", "--dry-run", "--yes", "--json"):
+        assert f"  {option} " in options, option
+    assert [line.split()[0] for line in commands.splitlines() if line[:3].strip()] == ["abort", "status"]
 
 
 @pytest.mark.parametrize(
@@ -61,7 +78,8 @@ def test_missing_config_file_is_reported(tmp_path: Path) -> None:
 
 def test_help_loads_no_engine_dependency() -> None:
     """`migrator --help` and the groups' help answer fast: commands import their engine when they run (a
-    command's own help reads the engine's defaults, so it may load it)."""
+    command's own help reads the engine's defaults, so it may load it: `move --help` is the help of moving,
+    with the engine's defaults)."""
     probe = (
         "import sys; from migrator.cli import main; sys.argv = ['migrator', *sys.argv[1:]]\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
@@ -69,6 +87,6 @@ def test_help_loads_no_engine_dependency() -> None:
         " 'yaml'}\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & heavy), file=sys.stderr)"
     )
-    for args in (["--help"], ["schema", "--help"], ["plan", "--help"], ["move", "--help"]):
+    for args in (["--help"], ["schema", "--help"], ["plan", "--help"], ["stamp", "--help"]):
         found = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True)
         assert found.stderr.strip().splitlines()[-1] == "[]", (args, found.stderr)

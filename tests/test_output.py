@@ -55,7 +55,8 @@ def test_usage_errors_name_what_was_typed_in_one_line(args: list[str], where: st
 def test_a_group_named_alone_shows_its_help() -> None:
     result = CliRunner().invoke(cli, ["move"], prog_name="migrator")
     assert result.exit_code == 2 and "error" not in result.stderr
-    assert result.stderr.startswith("Usage: migrator move [OPTIONS] COMMAND [ARGS]...")
+    assert result.stderr.startswith("Usage: migrator move [OPTIONS] [TENANTS]...")  # the help of moving
+    assert "  --to TEXT " in result.stderr and "\nCommands:\n  abort " in result.stderr
 
 
 # -- one way to fail ----------------------------------------------------------------------------------

@@ -64,11 +64,33 @@ def _database_error(exc: BaseException) -> bool:
     return psycopg is not None and isinstance(exc, psycopg.Error)
 
 
-class MigratorGroup(click.Group):
+def summary(command: click.Command) -> str:
+    """A command's one-line summary in its group's list: the first sentence of its help, whole.
+
+    click cuts a summary at the terminal's width with `...`, mid-word or mid-backtick; a sentence that
+    does not fit wraps instead.
+    """
+    return command.get_short_help_str(limit=10_000)
+
+
+class SummaryGroup(click.Group):
+    """A group that lists its commands by their whole first sentence (`summary`)."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        listed = [(name, self.get_command(ctx, name)) for name in self.list_commands(ctx)]
+        rows = [(name, summary(command)) for name, command in listed if command is not None and not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class MigratorGroup(SummaryGroup):
     """Maps engine, usage, database and file errors of every command to `Failure` (never a traceback).
 
     Commands end non-zero only by raising: a `MigratorError` (its `exit_code`) or click's usage errors.
     """
+
+    group_class = SummaryGroup  # `migrator stamp`, `migrator plan`, ... list their commands the same way
 
     def make_context(
         self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
@@ -96,11 +118,21 @@ class MigratorGroup(click.Group):
 _IMPLIED = "migrator.implied_commands"  # ctx.meta key: paths of sub-commands DefaultGroup implied
 
 
-class DefaultGroup(click.Group):
+class DefaultGroup(SummaryGroup):
     """A group that runs its `run` sub-command when the first word is not a sub-command name.
 
-    So `migrator move 42 --to eu-2` moves, while `migrator move status` reports.
+    So `migrator move 42 --to eu-2` moves, while `migrator move status` reports. Its help is the help of
+    `run` (usage, text, options: what the group does by default) followed by the other sub-commands;
+    `run` itself is hidden.
     """
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        run = self.commands["run"]
+        run_ctx = run.make_context(ctx.info_name, [], parent=ctx.parent, resilient_parsing=True)
+        run.format_usage(run_ctx, formatter)
+        run.format_help_text(run_ctx, formatter)
+        run.format_options(run_ctx, formatter)
+        self.format_commands(ctx, formatter)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:

@@ -44,7 +44,7 @@ def _cutover_defaults() -> CutoverOptions:
 
 @cli.group("move", cls=DefaultGroup)
 def move_group() -> None:
-    """Move tenants: `migrator move TENANT... --to STAMP`; also `move status`, `move abort`."""
+    """Move tenants to another stamp; show or abort a move."""
 
 
 def _read_tenants(path: str | None, listed: tuple[str, ...]) -> tuple[str, ...]:
@@ -57,7 +57,7 @@ def _read_tenants(path: str | None, listed: tuple[str, ...]) -> tuple[str, ...]:
     return (*listed, *(t for t in from_file if t))
 
 
-@move_group.command("run")
+@move_group.command("run", hidden=True)  # `migrator move TENANT...`: the group's help shows its options
 @click.argument("tenants", nargs=-1)
 @click.option(
     "--tenants-file",
@@ -370,8 +370,10 @@ def cleanup_cmd(
     yes: bool,
     no_progress: bool,
 ) -> None:
-    """Delete moved tenants' leftover rows from their old stamp (TENANT... --stamp S, or --move ID for
-    a whole cohort), in batches, and lift the fence there. Only rows a flipped move copied and
+    """Delete moved tenants' leftover rows from their old stamp, and lift the fence there.
+
+    Name the tenants and their old stamp (`TENANT... --stamp S`), or a whole cohort (`--move ID`); rows
+    are deleted in batches. Only rows a flipped move copied and
     verified are deleted: anything else refuses the cleanup before the first delete."""
     from migrator.catalog import name_tenants
     from migrator.move import cleanup_move, cleanup_tenants
