@@ -64,7 +64,12 @@ class Unreachable(MigratorError):
 
 
 class Interrupted(MigratorError):
-    """A stop was asked for (a worker's SIGTERM): the move stopped at a safe point, unfenced and resumable."""
+    """A stop was asked for (a worker's SIGTERM, the command's Ctrl-C): the move stopped at a safe point,
+    resumable; `move_id` names it."""
+
+    def __init__(self, message: str, move_id: int | None = None) -> None:
+        super().__init__(message)
+        self.move_id = move_id
 
 
 class FreezeTooLong(MigratorError):

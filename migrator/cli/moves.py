@@ -22,7 +22,7 @@ from migrator.cli.base import (
     emit,
     route_dict,
 )
-from migrator.errors import BadInput, CheckFailed, VerifyMismatch
+from migrator.errors import BadInput, CheckFailed, Interrupted, VerifyMismatch
 
 if TYPE_CHECKING:
     from migrator.move import CutoverOptions, MoveOptions
@@ -130,7 +130,9 @@ def move_run(
     from dataclasses import replace
 
     from migrator.catalog import name_tenants
+    from migrator.interrupts import stop_on_signals
     from migrator.move import move_tenants, resume_move
+    from migrator.move.stopped import stopped_move
 
     cohort = _read_tenants(tenants_file, tenants)
     if move_id is not None and cohort:
@@ -163,12 +165,18 @@ def move_run(
         allow_triggers=allow_triggers,
         cutover=cutover,
     )
-    with context.metrics.serve(metrics_port), render.progress(not (as_json or no_progress)) as progress:
-        if move_id is not None:
-            outcome = resume_move(context, move_id, options, progress)
-        else:
-            assert target is not None
-            outcome = move_tenants(context, cohort, target, options, progress)
+    with stop_on_signals() as stop:  # Ctrl-C, SIGTERM: the move ends at its next safe point
+        try:
+            with context.metrics.serve(metrics_port), render.progress(not (as_json or no_progress)) as progress:
+                if move_id is not None:
+                    outcome = resume_move(context, move_id, options, progress, stop.event)
+                else:
+                    assert target is not None
+                    outcome = move_tenants(context, cohort, target, options, progress, stop.event)
+        except Interrupted as exc:
+            if not stop.asked or exc.move_id is None:
+                raise
+            raise stopped_move(context, exc.move_id, stop) from None
     who = name_tenants(outcome.tenants)
     if dry_run:
         text = (

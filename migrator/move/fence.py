@@ -446,6 +446,21 @@ def has_schema(conn: psycopg.Connection[Any]) -> bool:
     return bool(row and row[0])
 
 
+def guards_of(conn: psycopg.Connection[Any], move_id: int) -> tuple[int, int]:
+    """How many of the move's tenants this stamp fences, and how many it captures (an interrupted move's line)."""
+    if not has_schema(conn):
+        return 0, 0
+    row = conn.execute(
+        sql.SQL(
+            "SELECT count(*) FILTER (WHERE fenced), count(*) FILTER (WHERE capture) FROM {}.guarded_tenants"
+            " WHERE move_id = %s"
+        ).format(sql.Identifier(SCHEMA)),
+        (move_id,),
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
 def leftovers(conn: psycopg.Connection[Any]) -> list[str]:
     """migrator's objects still on a stamp: guards, triggers, change logs, copy cursors (`doctor`)."""
     found = [

@@ -123,13 +123,15 @@ def move_tenants(
         return replace(outcome, not_moved=checked.null_tenant_rows, skipped=checked.skipped)
 
 
-def resume_move(ctx: Context, move_id: int, options: MoveOptions, progress: Progress) -> MoveOutcome:
+def resume_move(
+    ctx: Context, move_id: int, options: MoveOptions, progress: Progress, stop: threading.Event | None = None
+) -> MoveOutcome:
     """`migrator move --move ID`: resume an unfinished move by its id (a cohort too long to list)."""
     move = ctx.catalog.move(move_id)
     if not move.is_open:
         raise BadInput(f"{describe_move(move)} is finished; nothing to resume")
     with ctx.catalog.lock_tenants(move.tenants) as lock:
-        return _resume(ctx, ctx.catalog.move(move_id), lock, options, progress)
+        return _resume(ctx, ctx.catalog.move(move_id), lock, options, progress, stop)
 
 
 def _resume(

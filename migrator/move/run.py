@@ -68,4 +68,4 @@ class MoveRun:
     def safe_point(self, move_id: int) -> None:
         """Between steps, batches and catch-up rounds (never inside the freeze): honour a stop."""
         if self.stop.is_set():
-            raise Interrupted(f"move {move_id}: stopped at a safe point; it resumes where it stood")
+            raise Interrupted(f"move {move_id}: stopped at a safe point; it resumes where it stood", move_id)
