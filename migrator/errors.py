@@ -45,6 +45,12 @@ class SchemaDrift(CheckFailed):
     exit_code = 3
 
 
+class KeysCollide(CheckFailed):
+    """`keys check`: some tenant's ids are taken on another stamp (exit 3, like schema drift)."""
+
+    exit_code = 3
+
+
 class Declined(MigratorError):
     """The operator answered no to a confirmation; nothing was changed."""
 

@@ -15,6 +15,7 @@ from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput
 from migrator.local import pgserver, provision
 from migrator.local.seed import demo_tenants, seed_fleet_stamp
+from migrator.stamps import keyspace
 
 STATE_FILE = "fleet.json"
 log = logging.getLogger("migrator.fleet")
@@ -67,10 +68,20 @@ def fleet_up(directory: Path, stamps: int = 3, servers: int = 1) -> FleetInfo:
         finally:
             catalog.close()
         config_path = provision.write_config(directory / configlib.DEFAULT_FILE, catalog_url)
+        _stride(config_path)
     except BaseException:
         _undo(started, created, directory / STATE_FILE)
         raise
     return FleetInfo(config_path, catalog_url, stamp_dsns)
+
+
+def _stride(config_path: Path) -> None:
+    """The local fleet starts strided (`migrator keys stride`): ids written on any stamp never collide."""
+    ctx = Context.load(config_path)
+    try:
+        keyspace.stride(ctx)
+    finally:
+        ctx.catalog.close()
 
 
 def _undo(started: list[pgserver.LocalServer], created: list[Path], state: Path) -> None:

@@ -32,6 +32,7 @@ from migrator.errors import MigratorError
 from migrator.move import follow, tree
 from migrator.move.keys import range_bounds, stage_rows
 from migrator.progress import Progress
+from migrator.stamps import sequences
 from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import ForeignKey, Layout, Table, key_after, key_upto, tenant_filter
 from migrator.stamps.paths import first_parents
@@ -497,16 +498,23 @@ def copy_followed(source_dsn: str, target_dsn: str, layout: Layout, tenants: Coh
     return copied
 
 
-def advance_sequences(tgt: psycopg.Connection[Any], tables: tuple[Table, ...], tenants: Cohort) -> list[str]:
-    """Move the target's sequences (serial and identity) past the copied keys; returns those advanced."""
+def advance_sequences(
+    tgt: psycopg.Connection[Any], tables: tuple[Table, ...], tenants: Cohort, block: int | None
+) -> list[str]:
+    """Move the target's sequences (serial and identity) past the copied keys; returns those advanced.
+
+    On a strided fleet (`block`, the target's block of ids) only past copied keys inside that block:
+    a key from the source's block is the source's to hand out, and raising the target's sequence past
+    it would put the target in the source's block.
+    """
     tops: dict[str, int] = {}
     for table in tables:
         for column in table.columns:
             if column.sequence is None:
                 continue
             row = tgt.execute(
-                sql.SQL("SELECT max({}) FROM {} WHERE {}").format(
-                    sql.Identifier(column.name), table.ident, tenant_filter(table, tenants)
+                sql.SQL("SELECT max({}) FROM {} WHERE {} AND {}").format(
+                    sql.Identifier(column.name), table.ident, tenant_filter(table, tenants), _within(column.name, block)
                 )
             ).fetchone()
             if row is not None and row[0] is not None:
@@ -515,20 +523,30 @@ def advance_sequences(tgt: psycopg.Connection[Any], tables: tuple[Table, ...], t
     return sorted(tops)
 
 
+def _within(column: str, block: int | None) -> sql.Composable:
+    """The copied keys a target's sequence may pass: all, or on a strided fleet those of its block."""
+    if block is None:
+        return sql.SQL("true")
+    low, high = sequences.block_range(block)
+    return sql.SQL("{} BETWEEN {} AND {}").format(sql.Identifier(column), sql.Literal(low), sql.Literal(high))
+
+
 def follow_source_sequences(
-    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], tables: tuple[Table, ...]
+    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], tables: tuple[Table, ...], block: int | None
 ) -> None:
     """Inside the cutover's freeze: raise the target's sequences to at least the source's, O(1) each.
 
     `advance_sequences` after the bulk copy scans the copied keys; every key the source's
     sequences handed out since (rows captured during catch-up) is at most their last value, so
-    reading that is enough here and keeps a scan of the tenant's rows out of the write freeze.
+    reading that is enough here and keeps a scan of the tenant's rows out of the write freeze. On a
+    strided fleet the source's values are in its own block, never raised into the target's (`block`).
     """
     names = sorted({c.sequence for t in tables for c in t.columns if c.sequence})
     if not names:
         return
     rows = src.execute("SELECT s, pg_sequence_last_value(s::regclass) FROM unnest(%s::text[]) AS s", (names,))
-    _raise_sequences(tgt, {name: value for name, value in rows.fetchall() if value is not None})
+    values = {name: value for name, value in rows.fetchall() if value is not None}
+    _raise_sequences(tgt, sequences.values_within(values, block))
 
 
 def _raise_sequences(tgt: psycopg.Connection[Any], values: dict[str, int]) -> None:

@@ -286,7 +286,7 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
             clock.step("drain")
             log.info("move %s: drained %d changes at %.0f ms", move.id, drained, elapsed_ms())
             with tgt.transaction():
-                copy.follow_source_sequences(src, tgt, layout.tables)
+                copy.follow_source_sequences(src, tgt, layout.tables, run.target.key_block)
             clock.step("sequences")
             report = _verify_captured(src, tgt, layout, move)
             clock.step("keys")

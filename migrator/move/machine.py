@@ -301,7 +301,7 @@ def _copy(run: MoveRun, move: Move) -> Move:
         copy.copy_followed(run.source.dsn, run.target.dsn, layout, move.tenants)
     streams.copy_tables(run, move.id, move.tenants, totals, run.options.jobs, finished)
     with stamps.connect(run.target, autocommit=False) as tgt:
-        copy.advance_sequences(tgt, layout.tables, move.tenants)
+        copy.advance_sequences(tgt, layout.tables, move.tenants, run.target.key_block)
     return catalog.update_move(move.id, phase=Phase.COPIED, rows_copied=sum(c.rows for c in cursors.values()))
 
 

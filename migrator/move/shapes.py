@@ -179,7 +179,7 @@ def unique_collisions(
             if primary:
                 problems.append(
                     f"primary key collision in {table.label}: key {shown} of {name_tenants(tenants)} already exists "
-                    f"on {target_name} (another tenant's row)"
+                    f"on {target_name} (another tenant's row){_KEYS_HINT if _sequence_fed(table, exprs) else ''}"
                 )
                 continue
             where = f" WHERE {predicate}" if predicate else ""
@@ -189,6 +189,18 @@ def unique_collisions(
                 "change them on one side first"
             )
     return problems
+
+
+# Ids from per-stamp sequences: every stamp hands out the same ones.
+_KEYS_HINT = (
+    "; its ids come from a sequence each stamp starts at 1: `migrator keys check` names every tenant whose "
+    "ids collide, `migrator keys stride` gives each stamp its own block of new ids"
+)
+
+
+def _sequence_fed(table: Table, exprs: list[str]) -> bool:
+    """A key of one column fed by a sequence (serial, bigserial, identity)."""
+    return len(exprs) == 1 and any(c.sequence and exprs[0] in (c.name, f'"{c.name}"') for c in table.columns)
 
 
 def _colliding(

@@ -23,7 +23,9 @@ from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput
 from migrator.move import shapes
 from migrator.plans.capacity import FleetSizes, StampUsage, measure_fleet, shift
+from migrator.stamps import keyspace
 from migrator.stamps.discovery import problems_message
+from migrator.stamps.keyspace import Blocked
 from migrator.stamps.sizes import TenantSize, human_bytes
 
 VERSION = 1
@@ -143,10 +145,13 @@ def plan_drain(
     tenants = _largest_first(sizes.routed_to(source.name))
     if not tenants:
         raise BadInput(f"stamp {source.name} has no tenant routed to it; nothing to drain")
+    blocked = _colliding(ctx, [source, *targets])
+    _refuse_colliding_everywhere(source.name, [t.tenant for t in tenants], [s.name for s in targets], blocked)
     rooms = dict(sizes.usage)
     moves = []
     for tenant in tenants:
-        fitting = [rooms[s.name] for s in targets if _fits(rooms[s.name], tenant)]
+        allowed = [s for s in targets if s.name not in blocked.get(tenant.tenant, {})]
+        fitting = [rooms[s.name] for s in allowed if _fits(rooms[s.name], tenant)]
         if not fitting:
             short = ", ".join(_shortfall(rooms[s.name], tenant) for s in targets)
             raise BadInput(
@@ -168,6 +173,26 @@ def plan_drain(
         "largest first"
     )
     return _plan(ctx, sizes, rooms, moves, _Why("drain", reason, notes=notes), by_region)
+
+
+def _colliding(ctx: Context, chosen: list[Stamp]) -> Blocked:
+    """Per tenant, the stamps among `chosen` where its sequence-backed ids are taken (`keys check`)."""
+    return keyspace.check(ctx, chosen=chosen).blocked()
+
+
+def _refuse_colliding_everywhere(source: str, tenants: list[str], targets: list[str], blocked: Blocked) -> None:
+    """Refuse, before anything is written, a plan with a tenant whose ids collide on every target."""
+    stuck = [t for t in tenants if targets and all(name in blocked.get(t, {}) for name in targets)]
+    if not stuck:
+        return
+    named = "; ".join(
+        f"tenant {t} ({', '.join(f'on {name}: {keyspace.describe(blocked[t][name])}' for name in targets)})"
+        for t in stuck
+    )
+    raise BadInput(
+        f"cannot place {len(stuck)} tenants of {source}: their ids collide with other tenants' on every "
+        f"target: {named}; see `migrator keys check`, and `migrator keys stride` so new ids never collide"
+    )
 
 
 def plan_isolate(ctx: Context, tenant: str, target_name: str, by_region: bool = False) -> Plan:
@@ -224,6 +249,7 @@ def plan_rebalance(
     if len(active) < 2:
         raise BadInput("rebalance needs at least two active stamps")
     sizes = measure_fleet(ctx, active)
+    blocked = _colliding(ctx, active)
     rooms = dict(sizes.usage)
     mean = sum(r.rows for r in rooms.values()) / sum(s.capacity_rows or 0 for s in active)
     moves: list[PlannedMove] = []
@@ -233,7 +259,7 @@ def plan_rebalance(
         if max_moves is not None and len(moves) >= max_moves:
             notes.append(f"stopped at --max-moves {max_moves}")
             break
-        step = _best_step(rooms, sizes, moved, mean)
+        step = _best_step(rooms, sizes, moved, mean, blocked)
         if step is None:
             notes.append("no remaining single move of an unmoved tenant narrows the gap")
             break
@@ -246,6 +272,11 @@ def plan_rebalance(
             0,
             f"threshold {threshold} NOT reached: {worst.stamp.name} ends at {worst.utilisation:.4f} "
             f"against the mean {mean:.4f}",
+        )
+    if blocked:
+        notes.append(
+            f"{len(blocked)} tenants have ids other tenants hold on some stamps; they were only placed where "
+            "they do not collide (`migrator keys check`)"
         )
     tenants = len(moves)
     moves = group(moves, cohorts or Cohorts())
@@ -260,8 +291,11 @@ def _balanced(rooms: Rooms, mean: float, threshold: float) -> bool:
     return all(abs((r.utilisation or 0) - mean) <= threshold + _EPSILON for r in rooms.values())
 
 
-def _best_step(rooms: Rooms, sizes: FleetSizes, moved: set[str], mean: float) -> tuple[TenantSize, str, str] | None:
-    """The most over- and least utilised pair (then the next pairs) and the tenant that best evens them."""
+def _best_step(
+    rooms: Rooms, sizes: FleetSizes, moved: set[str], mean: float, blocked: Blocked
+) -> tuple[TenantSize, str, str] | None:
+    """The most over- and least utilised pair (then the next pairs) and the tenant that best evens them,
+    among the tenants whose ids do not collide on that stamp."""
     order = sorted(rooms.values(), key=lambda r: (-(r.utilisation or 0), r.stamp.name))
     over = [r for r in order if (r.utilisation or 0) > mean + _EPSILON]
     under = [r for r in reversed(order) if (r.utilisation or 0) < mean - _EPSILON]
@@ -269,7 +303,8 @@ def _best_step(rooms: Rooms, sizes: FleetSizes, moved: set[str], mean: float) ->
         candidates = [t for t in sizes.routed_to(src.stamp.name) if t.tenant not in moved]
         for dst in under:
             now = max(abs((src.utilisation or 0) - mean), abs((dst.utilisation or 0) - mean))
-            gaps = {t.tenant: _gap_after(src, dst, t, mean) for t in candidates if _fits(dst, t)}
+            allowed = [t for t in candidates if dst.stamp.name not in blocked.get(t.tenant, {})]
+            gaps = {t.tenant: _gap_after(src, dst, t, mean) for t in allowed if _fits(dst, t)}
             fitting = [t for t in candidates if t.tenant in gaps and gaps[t.tenant] < now - _EPSILON]
             if fitting:
                 best = min(fitting, key=lambda t: (gaps[t.tenant], -t.rows, t.tenant))

@@ -185,7 +185,7 @@ def schema_step(
         if not found.known(target):
             return _finish(runs, stamp, f"revision {target} is not in this worker's {found.location}")
         result = _step(
-            ctx, runs, stamp, per_server, Job(ctx.catalog.stamp(stamp), str(found.location), "upgrade", target)
+            ctx, runs, stamp, per_server, Job.of(ctx, ctx.catalog.stamp(stamp), str(found.location), "upgrade", target)
         )
         if result is None:
             return "claimed by another worker"

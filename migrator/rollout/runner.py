@@ -12,13 +12,10 @@ table under a cutover would stall or break it.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Protocol
@@ -34,6 +31,7 @@ from migrator.db.alembic import read_revision
 from migrator.errors import BadInput, MigratorError
 from migrator.rollout.history import AHEAD, BEHIND, UNKNOWN, UNREACHABLE, UP_TO_DATE, History, Revision
 from migrator.rollout.worker import ALEMBIC_IN_PROCESS, Job, StepDone, Workers, reason, trace
+from migrator.stamps.fanout import each_stamp
 
 __all__ = [
     "AHEAD", "BEHIND", "UNKNOWN", "UNREACHABLE", "UP_TO_DATE", "Plan", "Revision", "Rollout", "RolloutFailed",
@@ -245,21 +243,13 @@ def _select(ctx: Context, names: Sequence[str], active_only: bool) -> list[Stamp
 def _survey(
     ctx: Context, found: History, chosen: Sequence[Stamp], target: str | None, per_server: int | None = None
 ) -> list[StampSchema]:
-    """Read every stamp's revision at once (threads: plain queries, no Alembic).
-
-    With `per_server`, at most that many sessions on one server at a time; the stamps are taken
-    round-robin across servers so that no thread waits on a busy server while another is idle.
-    """
+    """Read every stamp's revision at once (threads: plain queries, no Alembic), with at most
+    `per_server` sessions on one server at a time (`each_stamp`)."""
     tenants = Counter(route.stamp for route in ctx.catalog.routes())
-    by_server: dict[str, list[Stamp]] = {}
-    for stamp in chosen:
-        by_server.setdefault(dsnlib.server_of(stamp.dsn), []).append(stamp)
-    slots = {server: threading.BoundedSemaphore(per_server or len(chosen)) for server in by_server}
-    order = [s for batch in itertools.zip_longest(*by_server.values()) for s in batch if s is not None]
 
     def look(stamp: Stamp) -> StampSchema:
         try:
-            with slots[dsnlib.server_of(stamp.dsn)], stamps.connect(stamp) as conn:
+            with stamps.connect(stamp) as conn:
                 current = read_revision(conn)
         except (MigratorError, psycopg.Error) as exc:
             error = str(exc) if isinstance(exc, MigratorError) else reason(exc, stamp.dsn)
@@ -268,12 +258,7 @@ def _survey(
         unknown = f"revision {current} is not in {found.location}" if state == UNKNOWN else None
         return StampSchema(stamp.name, stamp.state, tenants[stamp.name], current, target, pending, state, unknown)
 
-    if not chosen:
-        return []
-    threads = min(16, len(chosen), (per_server or len(chosen)) * len(by_server))
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        surveyed = {row.stamp: row for row in pool.map(look, order)}
-    return [surveyed[stamp.name] for stamp in chosen]
+    return each_stamp(chosen, look, per_server)
 
 
 def _needs_work(row: StampSchema, direction: str) -> bool:
@@ -373,7 +358,7 @@ def _waves(
             for outcome in finished:
                 progress.stamp_finished(outcome)
             row_ids = log.start([(n, plan.row(n).current) for n in wave if n not in refused])
-            for done in workers.run([(_job(found, plan, n), plan.row(n).current) for n in row_ids]):
+            for done in workers.run([(_job(ctx, found, plan, n), plan.row(n).current) for n in row_ids]):
                 if done.detail:
                     logger.info("stamp %s failed:\n%s", done.stamp, done.detail)
                 outcome = _outcome(plan, number, done)
@@ -390,8 +375,8 @@ def _waves(
     return outcomes, stopped
 
 
-def _job(found: History, plan: Plan, name: str) -> Job:
-    return Job(plan.targets[name], str(found.location), plan.direction, plan.target or "base")
+def _job(ctx: Context, found: History, plan: Plan, name: str) -> Job:
+    return Job.of(ctx, plan.targets[name], str(found.location), plan.direction, plan.target or "base")
 
 
 def _outcome(plan: Plan, wave: int, done: StepDone) -> StampOutcome:

@@ -37,11 +37,14 @@ from sqlalchemy.pool import StaticPool
 
 from migrator import stamps
 from migrator.catalog import Stamp, StepResult
+from migrator.config import Tenancy
+from migrator.context import Context
 from migrator.db import alembic as migrations
 from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
 from migrator.db.locks import lock_key, try_lock
 from migrator.errors import LockBusy, MigratorError
+from migrator.stamps import keyspace
 
 LOCK_KEY = lock_key("migrator.schema")
 # Reentrant: a queued step takes it before its server slot (a step waiting for another's Alembic
@@ -53,12 +56,25 @@ PRELOAD = ["migrator.rollout.worker", "sqlalchemy.dialects.postgresql.psycopg"]
 
 @dataclass(frozen=True)
 class Job:
-    """Move one stamp to `target` (a revision id; "base" for a downgrade to nothing)."""
+    """Move one stamp to `target` (a revision id; "base" for a downgrade to nothing).
+
+    On a strided stamp (`stamp.key_block`), an upgrade then puts the sequences its revisions created
+    into the stamp's block: `tenancy` finds them, `known_blocks` are the fleet's blocks (see
+    `migrator.stamps.keyspace.place_sequences`).
+    """
 
     stamp: Stamp
     script_location: str
     direction: str  # "upgrade" or "downgrade"
     target: str
+    tenancy: Tenancy | None = None
+    known_blocks: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(cls, ctx: Context, stamp: Stamp, script_location: str, direction: str, target: str) -> Job:
+        return cls(
+            stamp, script_location, direction, target, ctx.config.tenancy, keyspace.known_blocks(ctx.catalog.stamps())
+        )
 
 
 @dataclass(frozen=True)
@@ -151,6 +167,7 @@ def run_job(job: Job) -> JobResult:
                 in_migration = False
             finally:
                 after = _revision_after(lock.conn)
+            _place_sequences(job, lock.conn)
     except MigratorError as exc:
         error = str(exc)
     except Exception as exc:  # a worker reports, it never takes the rollout down
@@ -201,6 +218,20 @@ def step_done(result: JobResult, direction: str, current: str | None) -> StepDon
         result.finished_at,
         result.detail,
     )
+
+
+def _place_sequences(job: Job, conn: psycopg.Connection[Any]) -> None:
+    """After an upgrade of a strided stamp: the sequences of tables its revisions created start in the
+    stamp's block (a failure is the step's: the stamp is upgraded, its new ids not yet apart)."""
+    if job.direction != "upgrade" or job.tenancy is None or job.stamp.key_block is None:
+        return
+    try:
+        keyspace.place_sequences(conn, job.tenancy, job.stamp, job.known_blocks)
+    except (MigratorError, psycopg.Error) as exc:
+        raise MigratorError(
+            f"stamp {job.stamp.name} is upgraded, but its sequences are not in its block {job.stamp.key_block}: "
+            f"{reason(exc, job.stamp.dsn) if isinstance(exc, psycopg.Error) else exc}"
+        ) from None
 
 
 def _revision_after(conn: psycopg.Connection[Any]) -> str | None:

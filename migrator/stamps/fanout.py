@@ -16,6 +16,7 @@ from migrator.db import dsn as dsnlib
 T = TypeVar("T")
 
 MAX_THREADS = 16
+PER_SERVER = 4  # a survey's sessions on one server at once, unless the operator says otherwise
 
 
 def each_stamp(chosen: Sequence[Stamp], look: Callable[[Stamp], T], per_server: int | None = None) -> list[T]:

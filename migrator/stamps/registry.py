@@ -14,6 +14,7 @@ from migrator import stamps
 from migrator.catalog import Stamp, StampState
 from migrator.context import Context
 from migrator.errors import BadInput, MigratorError
+from migrator.stamps import keyspace
 
 
 def check_connection(name: str, dsn: str, refused: str) -> None:
@@ -38,12 +39,19 @@ def add_stamp(
     *,
     check: bool = True,
 ) -> Stamp:
-    """`migrator stamp add`: register a stamp; with `check` (the default) only if its DSN connects."""
+    """`migrator stamp add`: register a stamp; with `check` (the default) only if its DSN connects.
+
+    On a strided fleet it gets the next block of ids, its sequences restarted there (`keys stride`).
+    """
     if any(known.name == name for known in ctx.catalog.stamps()):
         raise BadInput(f"stamp {name!r} already exists; change it with `migrator stamp update {name}`")
     if check:
         check_connection(name, dsn, "not added")
-    return ctx.catalog.add_stamp(name, dsn, region, capacity_rows, capacity_bytes)
+    joins_blocks = keyspace.strided(ctx)
+    if joins_blocks and check:
+        keyspace.check_new_stamp(ctx, Stamp(name, dsn, region, capacity_rows, capacity_bytes, StampState.ACTIVE))
+    stamp = ctx.catalog.add_stamp(name, dsn, region, capacity_rows, capacity_bytes)
+    return keyspace.place_new_stamp(ctx, stamp, reachable=check) if joins_blocks else stamp
 
 
 # -- routes of tenants the stamps already hold (`migrator route import`) ------------------------------------

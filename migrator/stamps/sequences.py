@@ -40,15 +40,16 @@ class KeySequence:
     `unique` says the column alone is a unique key (a primary key `id`): only such a key can collide
     with another stamp's rows; a key that includes the tenant column cannot. `lowest`/`highest` are
     the ids in use (None for an empty table, or a key that cannot collide: not read, as an unindexed
-    scan would cost a whole table for nothing). `last_value` is None while the sequence never handed
-    out a value.
+    scan would cost a whole table for nothing). `next_value` is what its next nextval returns;
+    `last_issued` the last value it handed out, None since a restart (or ever).
     """
 
     table: Table
     column: str
     sequence: str
     type: str
-    last_value: int | None
+    next_value: int
+    last_issued: int | None
     max_value: int
     increment: int
     unique: bool
@@ -74,8 +75,9 @@ class KeySequence:
 
 
 _SEQUENCES = """
-SELECT x, s.seqtypid::regtype::text, pg_sequence_last_value(s.seqrelid), s.seqmax, s.seqincrement
+SELECT x, n.nspname, c.relname, s.seqtypid::regtype::text, s.seqmax, s.seqincrement
 FROM unnest(%s::text[]) x JOIN pg_sequence s ON s.seqrelid = x::regclass
+JOIN pg_class c ON c.oid = s.seqrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 """
 
 # The columns that alone make a unique, non-partial index of each table: (table as given, column).
@@ -92,16 +94,28 @@ def read(conn: psycopg.Connection[Any], layout: Layout) -> list[KeySequence]:
     fed = [(t, c.name, c.sequence) for t in layout.tables for c in t.columns if c.sequence is not None]
     if not fed:
         return []
-    sequences = {row[0]: row[1:] for row in conn.execute(_SEQUENCES, (sorted({s for *_, s in fed}),)).fetchall()}
+    sequences = {
+        name: (typ, *_position(conn, sql.Identifier(schema, relname), step), top, step)
+        for name, schema, relname, typ, top, step in conn.execute(_SEQUENCES, (sorted({s for *_, s in fed}),))
+    }
     tables = {t.label: t.ident.as_string(conn) for t, *_ in fed}
     unique = {(table, column) for table, column in conn.execute(_UNIQUE_ALONE, (sorted(set(tables.values())),))}
     found = []
     for table, column, sequence in fed:
-        typ, last, top, step = sequences[sequence]
+        typ, position, issued, top, step = sequences[sequence]
         alone = (tables[table.label], column) in unique
         low, high = _in_use(conn, table, column) if alone else (None, None)
-        found.append(KeySequence(table, column, sequence, typ, last, top, step, alone, low, high))
+        found.append(KeySequence(table, column, sequence, typ, position, issued, top, step, alone, low, high))
     return found
+
+
+def _position(conn: psycopg.Connection[Any], sequence: sql.Identifier, increment: int) -> tuple[int, int | None]:
+    """What the sequence's next nextval returns, and the last value it handed out (None since a
+    restart by setval(..., false), when pg_sequence_last_value says NULL too)."""
+    row = conn.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(sequence)).fetchone()
+    assert row is not None
+    last, called = int(row[0]), bool(row[1])
+    return (last + increment, last) if called else (last, None)
 
 
 def _in_use(conn: psycopg.Connection[Any], table: Table, column: str) -> tuple[int | None, int | None]:
@@ -129,17 +143,21 @@ class Placement:
 
     sequence: str
     keys: tuple[str, ...]
-    last_value: int | None
+    next_value: int
     restart_at: int | None
 
 
-def plan_block(stamp: str, found: list[KeySequence], block: int) -> tuple[list[Placement], list[str]]:
+def plan_block(
+    stamp: str, found: list[KeySequence], block: int, known: frozenset[int] = frozenset()
+) -> tuple[list[Placement], list[str]]:
     """How to put a stamp's bigint sequences into block `block`, and the reasons it cannot be (refusals).
 
     A sequence already inside its block stays where it is (striding again changes nothing); one
-    below it restarts at the block's first value. Refused: ids issued at or past 2^48 outside the
-    stamp's own block (the blocks would overlap them), a MAXVALUE short of the block, a descending
-    sequence.
+    below it restarts at the block's first value. `known` are the blocks the catalog had given out
+    before: ids in them are rows that moved from another strided stamp. Refused: a sequence that
+    handed out ids at or past 2^48 outside its block, or ids in use there outside every known block
+    (the blocks are too small for the ids already issued); a MAXVALUE short of the block; a
+    descending sequence.
     """
     low, high = block_range(block)
     by_sequence: dict[str, list[KeySequence]] = {}
@@ -149,8 +167,9 @@ def plan_block(stamp: str, found: list[KeySequence], block: int) -> tuple[list[P
     placements, refused = [], []
     for sequence, keys in sorted(by_sequence.items()):
         first = keys[0]
-        issued = [v for k in keys for v in (k.last_value, k.highest) if v is not None]
-        outside = [v for v in issued if v >= BLOCK_SIZE and not low <= v <= high]
+        issued = [first.last_issued] if first.last_issued is not None and block_of(first.last_issued) != block else []
+        issued += [k.highest for k in keys if k.highest is not None and block_of(k.highest) not in known]
+        outside = [v for v in issued if v >= BLOCK_SIZE]
         labels = tuple(k.label for k in keys)
         if first.increment <= 0:
             refused.append(f"{sequence} on stamp {stamp} ({', '.join(labels)}) counts down; stride it by hand")
@@ -166,8 +185,8 @@ def plan_block(stamp: str, found: list[KeySequence], block: int) -> tuple[list[P
                 f"({low}..{high}): ALTER SEQUENCE {sequence} NO MAXVALUE first"
             )
         else:
-            inside = first.last_value is not None and low <= first.last_value <= high
-            placements.append(Placement(sequence, labels, first.last_value, None if inside else low))
+            inside = low <= first.next_value <= high
+            placements.append(Placement(sequence, labels, first.next_value, None if inside else low))
     return placements, refused
 
 
