@@ -69,12 +69,17 @@ class Config:
     path: Path | None = None
 
     def schema_env(self) -> Path:
-        """The stamps' Alembic environment, for `migrator schema`; refused when none is configured."""
+        """The stamps' Alembic environment, for `migrator schema`; refused when none is configured or it is
+        missing. Checked here, by the commands that use it, not on loading: a migrator.toml copied
+        elsewhere still lists routes and moves tenants."""
         if self.script_location is None:
             raise ConfigError(
                 f"{self.path or 'the configuration'}: no Alembic environment is configured for the stamps;"
                 ' add [schema] script_location = "DIR" (the directory holding env.py) to use `migrator schema`'
             )
+        if not self.script_location.is_dir():
+            where = self.path or "the configuration"
+            raise ConfigError(f"{where}: [schema] script_location: no such directory {self.script_location}")
         return self.script_location
 
 
@@ -157,8 +162,6 @@ def parse(text: str, path: Path) -> Config:
     script = None
     if "script_location" in schema_raw:
         script = _config_relative(Path(_string(schema_raw, "script_location", "", "schema", path)), path)
-        if not script.is_dir():
-            raise ConfigError(f"{path}: [schema] script_location: no such directory {script}")
     return Config(catalog_url=catalog_url, tenancy=tenancy, script_location=script, path=path)
 
 

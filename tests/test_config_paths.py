@@ -1,7 +1,8 @@
 """Paths in migrator.toml are relative to the file, and `[schema]` is optional.
 
 `script_location` resolves from the config file's own directory (never the current directory nor
-where migrator is installed), a missing one is refused before any connection, and a config without
+where migrator is installed), a missing one is refused before any connection by the commands that use
+it (a config copied elsewhere still lists routes and moves tenants), and a config without
 `[schema]` still moves tenants while `migrator schema` says that no environment is configured.
 """
 
@@ -62,13 +63,29 @@ def test_missing_script_location_is_refused_naming_the_path_before_any_connectio
         'catalog_url = "postgresql://operator:s3cr3t-pw@127.0.0.1:1/catalog"\n'
         '\n[schema]\nscript_location = "db/stamp"\n'
     )
-    for args in (("schema", "status"), ("schema", "upgrade", "--yes"), ("stamp", "list")):
+    for args in (("schema", "status"), ("schema", "upgrade", "--yes"), ("schema", "history")):
         result = migrator(config, elsewhere, *args)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr == (
             f"error: {config}: [schema] script_location: no such directory {project / 'db' / 'stamp'}\n"
         ), args
         assert result.stdout == "" and "s3cr3t-pw" not in result.stderr
+
+
+def test_a_config_copied_where_its_script_location_is_missing_still_runs_commands_that_do_not_use_it(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    fleet.seed("eu-1", 7, 300)
+    copied = tmp_path / "copied" / "migrator.toml"
+    copied.parent.mkdir()
+    copied.write_text(configlib.render(fleet.catalog.url, configlib.Tenancy(), Path("db/stamp")))
+    listed = migrator(copied, tmp_path, "route", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "eu-1" in listed.stdout
+    moved = migrator(copied, tmp_path, "move", "7", "--to", "eu-2", "--yes")
+    assert moved.returncode == 0, moved.stderr
+    status = migrator(copied, tmp_path, "schema", "status")
+    assert status.returncode == 2 and "[schema] script_location: no such directory" in status.stderr
 
 
 def test_without_schema_section_schema_commands_say_so_and_moves_still_work(fleet: Fleet, tmp_path: Path) -> None:

@@ -435,12 +435,18 @@ def test_a_misconfigured_catalog_fails_at_once_in_one_line_naming_it(
         assert elapsed < 2.0, (case, args, elapsed)  # not retried (it was: five warnings over three seconds)
 
 
-def test_a_catalog_that_refuses_connections_is_retried_then_named(first_hour: FirstHour, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("verbose", "retry_lines"), [((), 1), (("-v",), 5)], ids=["quiet", "verbose"])
+def test_a_catalog_that_refuses_connections_is_retried_with_one_line_then_named(
+    first_hour: FirstHour, tmp_path: Path, verbose: tuple[str, ...], retry_lines: int
+) -> None:
+    """One line while a restart is waited for (`-v`: one per attempt), then the one error line."""
     url = f"postgresql://u:{SECRET}@{first_hour.server.host}:1/catalog"
-    result = first_hour.run("stamp", "list", config=_write_config(tmp_path / "down.toml", url))
+    result = first_hour.run(*verbose, "stamp", "list", config=_write_config(tmp_path / "down.toml", url))
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
-    assert len([line for line in lines if "transient error" in line]) == 5, result.stderr  # a restart is waited for
+    assert len([line for line in lines if "transient error" in line]) == retry_lines, result.stderr
+    if not verbose:
+        assert len(lines) == 2, result.stderr
     assert lines[-1].startswith(f"error: cannot connect to the catalog ({dsnlib.mask(url)}): connection failed: ")
     assert "Connection refused" in lines[-1] and SECRET not in result.output
 

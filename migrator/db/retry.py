@@ -6,7 +6,8 @@ owns its connections (a public `Catalog` method, a stamp step that opens its own
 the helpers it calls, so attempts never multiply. A function handed a connection it cannot
 replace is not retried on transient errors: the caller that owns the connection retries the
 whole step or fails fast. Deadlines are computed by the caller, outside the retried call, so a
-retry never restarts the clock. Each transient retry is logged so an operator can see flapping links.
+retry never restarts the clock. A call that starts retrying logs one warning, so an operator can see
+flapping links; each further attempt is logged with `-v`.
 """
 
 from __future__ import annotations
@@ -73,11 +74,15 @@ def observe(callback: Callable[[str], None]) -> Iterator[None]:
 
 
 def _log_attempt(state: RetryCallState) -> None:
+    """One warning when a call starts retrying, then each further attempt at INFO (`-v`): an unreachable
+    catalog gives one line while it is waited for, and then the one error line, not a warning per attempt."""
     exc = state.outcome.exception() if state.outcome else None
     step = state.fn.__name__ if state.fn else "?"
-    log.warning(
-        "transient error in %s (attempt %d): %s", step, state.attempt_number, str(exc).splitlines()[0] if exc else ""
-    )
+    why = str(exc).splitlines()[0] if exc else ""
+    if state.attempt_number == 1:
+        log.warning("transient error in %s, retrying for a few seconds: %s", step, why)
+    else:
+        log.info("transient error in %s (attempt %d): %s", step, state.attempt_number, why)
     for callback in list(_observers):
         callback(step)
 
