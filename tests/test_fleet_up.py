@@ -88,6 +88,10 @@ def test_fleet_up_prints_the_export_line_the_next_commands_use(tmp_path: Path, m
         listed = CliRunner(env={"MIGRATOR_CONFIG": value}).invoke(cli, ["stamp", "list"])
         assert listed.exit_code == 0, listed.output
         assert "stamp-1" in listed.stdout and "stamp-2" in listed.stdout
+        keys = CliRunner(env={"MIGRATOR_CONFIG": value}).invoke(cli, ["keys", "check", "--json"])
+        assert keys.exit_code == 0, keys.output  # the local fleet starts strided: ids never collide
+        blocks = {s["stamp"]: s["block"] for s in json.loads(keys.stdout)["stamps"]}
+        assert blocks == {"stamp-1": 1, "stamp-2": 2}
     finally:
         CliRunner().invoke(cli, ["fleet", "down", "--dir", str(directory)])
     assert _postgres_processes(directory) == []

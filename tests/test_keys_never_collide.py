@@ -241,3 +241,25 @@ def test_a_table_a_schema_revision_adds_gets_its_sequence_in_each_stamps_block(
                 position = conn.execute("SELECT last_value, is_called FROM audit_log_id_seq").fetchone()
             assert position == ((block or 0) * BLOCK, False), stamp
         assert fleet.run("keys", "check").exit_code == 0
+
+
+def test_init_from_a_stamp_names_its_sequence_keys_and_whether_they_are_strided(
+    shaped: ShapedFactory,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    fleet = shaped((*SCHEMA, *NARROW))
+
+    def init(name: str) -> str:
+        path = tmp_path / f"{name}.toml"
+        result = fleet.run("init", "--from-stamp", fleet.operator_dsns["eu-1"], "--path", str(path))
+        assert result.exit_code == 0, result.output
+        assert fleet.password not in result.output
+        return result.stdout
+
+    before = init("before")
+    assert "projects.id (bigint, unique on its own: collides when tenants move; next id 1)" in before, before
+    assert "tasks.id (bigint, unique on its own" in before and "labels.id is integer: too narrow" in before, before
+    assert "not strided: once the stamps are added, `migrator keys check`" in before, before
+    assert fleet.run("keys", "stride", "--yes").exit_code == 0
+    after = init("after")
+    assert "this stamp's sequences are strided (block 1)" in after and "not strided" not in after, after

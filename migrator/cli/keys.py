@@ -7,15 +7,22 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from migrator.cli import render
-from migrator.cli.base import JSON, YES, cli, confirm, context_of, emit
+from migrator.cli.base import JSON, YES, EngineDefault, cli, confirm, context_of, emit
 
 if TYPE_CHECKING:  # the engine is imported when the command runs, which keeps `migrator --help` fast
     from migrator.stamps.keyspace import KeyReport, Stride
 
+
+def _per_server() -> int:
+    from migrator.stamps.fanout import PER_SERVER
+
+    return PER_SERVER
+
+
 PER_SERVER = click.option(
     "--connections-per-server",
     type=click.IntRange(min=1),
-    default=4,
+    default=EngineDefault(_per_server),
     show_default=True,
     help="Sessions on one PostgreSQL server at once while surveying.",
 )
@@ -101,9 +108,7 @@ def _check_text(report: KeyReport) -> str:
             )
         )
     for key in report.narrow:
-        parts.append(
-            f"{key.label} is {key.type}: too few ids to split across a fleet; widen it: {key.widen_hint()}"
-        )
+        parts.append(f"{key.label} is {key.type}: too few ids to split across a fleet; widen it: {key.widen_hint()}")
     tenants = len({c.tenant for c in report.collisions})
     strided = "strided (each stamp hands out ids from its own block)" if report.strided else "NOT strided"
     if tenants:

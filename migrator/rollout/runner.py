@@ -31,7 +31,7 @@ from migrator.db.alembic import read_revision
 from migrator.errors import BadInput, MigratorError
 from migrator.rollout.history import AHEAD, BEHIND, UNKNOWN, UNREACHABLE, UP_TO_DATE, History, Revision
 from migrator.rollout.worker import ALEMBIC_IN_PROCESS, Job, StepDone, Workers, reason, trace
-from migrator.stamps.fanout import each_stamp
+from migrator.stamps.fanout import PER_SERVER, each_stamp
 
 __all__ = [
     "AHEAD", "BEHIND", "UNKNOWN", "UNREACHABLE", "UP_TO_DATE", "Plan", "Revision", "Rollout", "RolloutFailed",
@@ -179,7 +179,7 @@ class RolloutOptions:
     continue_on_error: bool = False  # a failing canary still stops the rollout
     dry_run: bool = False
     active_only: bool = False
-    connections_per_server: int = 4  # a queued rollout's sessions on one server at once, planning included
+    connections_per_server: int = PER_SERVER  # a queued rollout's sessions on one server at once, planning included
 
 
 def upgrade_fleet(

@@ -18,8 +18,9 @@ from migrator import config as configlib
 from migrator.config import Tenancy
 from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput, PreflightError
+from migrator.stamps import sequences
 from migrator.stamps.access import connect_dsn
-from migrator.stamps.discovery import inspect
+from migrator.stamps.discovery import Layout, inspect
 
 # Names applications give the tenant key, best first (ties between equally common names go to the earlier).
 CANDIDATES = (
@@ -159,6 +160,25 @@ def placement(conn: psycopg.Connection[Any], tenancy: Tenancy) -> list[str]:
         lines.append("these look like references to tenant tables but are no foreign key; if they are, declare them")
         lines.append('in [tenancy.references] ("table.column" = "parent.column") or their rows stay behind:')
         lines += [f"  {suspect}" for suspect in layout.suspects]
+    return lines + _sequence_keys(conn, layout)
+
+
+def _sequence_keys(conn: psycopg.Connection[Any], layout: Layout) -> list[str]:
+    """The keys fed by sequences, and whether this stamp's are strided (in a block of their own)."""
+    found = sequences.read(conn, layout)
+    if not found:
+        return []
+    lines = ["keys fed by sequences (every stamp starts its own at 1: the same ids on every stamp):"]
+    for key in found:
+        risk = "unique on its own: collides when tenants move" if key.unique else "cannot collide (not unique alone)"
+        lines.append(f"  {key.label} ({key.type}, {risk}; next id {key.next_value})")
+    blocks = {sequences.block_of(k.next_value) for k in found if not k.narrow}
+    if blocks and 0 not in blocks:
+        lines.append(f"  this stamp's sequences are strided (block {', '.join(map(str, sorted(blocks)))})")
+    elif any(k.unique for k in found):
+        lines.append("  not strided: once the stamps are added, `migrator keys check` shows collisions and")
+        lines.append("  `migrator keys stride` gives each stamp its own block of new ids")
+    lines += [f"  {k.label} is {k.type}: too narrow to split across a fleet" for k in found if k.narrow]
     return lines
 
 
