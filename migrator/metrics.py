@@ -112,18 +112,24 @@ class _CountedCopy:
     def __init__(self, progress: Progress, rows: Counter) -> None:
         self._progress, self._rows = progress, rows
 
-    def begin(self, total: int) -> None:
-        self._progress.begin(total)
+    def begin(self, total: int, unit: str = "rows") -> None:
+        self._progress.begin(total, unit)
+
+    def describe(self, text: str) -> None:
+        self._progress.describe(text)
 
     def phase(self, message: str) -> None:
         self._progress.phase(message)
 
-    def start_table(self, table: str, total: int, done: int) -> None:
-        self._progress.start_table(table, total, done)
+    def note(self, message: str) -> None:
+        self._progress.note(message)
 
-    def advance(self, table: str, rows: int) -> None:
-        self._rows.inc(rows)
-        self._progress.advance(table, rows)
+    def start(self, part: str, total: int, done: int = 0, unit: str = "rows") -> None:
+        self._progress.start(part, total, done, unit)
 
-    def finish_table(self, table: str) -> None:
-        self._progress.finish_table(table)
+    def advance(self, part: str, count: int) -> None:
+        self._rows.inc(count)
+        self._progress.advance(part, count)
+
+    def finish(self, part: str) -> None:
+        self._progress.finish(part)

@@ -1,9 +1,11 @@
-"""How a move reports progress without knowing about terminals, and the one implementation that says nothing.
+"""The one way long work reports progress without knowing about terminals, and the one implementation that says nothing.
 
-The other kinds of work report through protocols beside the results they report (a schema
-rollout: `migrator.rollout.runner.RolloutProgress`; a plan's apply:
-`migrator.plans.apply.ApplyProgress`), each with its one silent implementation. The CLI renders
-them with tqdm bars or plain lines; tests, `--json` runs and benchmarks pass the silent ones.
+A move (and a cleanup or an abort), a plan's apply and a schema rollout all report through
+`Progress`: an overall counter (`begin`, `describe`), counters of the parts being worked on at once (a move's
+tables, a rollout's wave: `start`, `finish`), each `advance` counting on a part and the overall
+counter, and lines (`phase`; `note` for what must be read even without progress). The CLI renders
+it with tqdm bars or plain lines (`migrator.cli.render.Bars`); tests, `--json` runs and benchmarks
+pass `Silent`. It is called from several threads at once (a move's copy streams, apply's moves).
 """
 
 from __future__ import annotations
@@ -12,38 +14,51 @@ from typing import Protocol
 
 
 class Progress(Protocol):
-    """A move's (and a cleanup's or an abort's) progress, row by row."""
+    """Progress of a move, cleanup, abort, plan or rollout, in counted units (rows, stamps)."""
 
-    def begin(self, total: int) -> None:
-        """Work of `total` rows starts (called once preflight passed, so refusals print no bar)."""
+    def begin(self, total: int, unit: str = "rows") -> None:
+        """Work of `total` units starts (a move calls it once preflight passed, so refusals print no bar)."""
+
+    def describe(self, text: str) -> None:
+        """A new description of the overall counter (a plan's tenants and moves done so far)."""
 
     def phase(self, message: str) -> None:
         """A phase started or a notable event happened (one line)."""
 
-    def start_table(self, table: str, total: int, done: int) -> None:
-        """Copy of `table` starts (or resumes with `done` rows already on the target)."""
+    def note(self, message: str) -> None:
+        """Something to read even where progress is off (an interruption, what a plan waits for)."""
 
-    def advance(self, table: str, rows: int) -> None:
-        """`rows` more rows of `table` were committed on the target."""
+    def start(self, part: str, total: int, done: int = 0, unit: str = "rows") -> None:
+        """Work on `part` (a table, a wave) starts, or resumes with `done` units already done."""
 
-    def finish_table(self, table: str) -> None:
-        """Copy of `table` is complete."""
+    def advance(self, part: str, count: int) -> None:
+        """`count` more units of `part` are done (counted on the overall total too; a part never
+        started counts on the total alone)."""
+
+    def finish(self, part: str) -> None:
+        """Work on `part` is complete."""
 
 
 class Silent:
-    """Progress that goes nowhere: for tests and `--json` runs."""
+    """Progress that goes nowhere: for tests, `--json` runs and benchmarks."""
 
-    def begin(self, total: int) -> None:
+    def begin(self, total: int, unit: str = "rows") -> None:
+        pass
+
+    def describe(self, text: str) -> None:
         pass
 
     def phase(self, message: str) -> None:
         pass
 
-    def start_table(self, table: str, total: int, done: int) -> None:
+    def note(self, message: str) -> None:
         pass
 
-    def advance(self, table: str, rows: int) -> None:
+    def start(self, part: str, total: int, done: int = 0, unit: str = "rows") -> None:
         pass
 
-    def finish_table(self, table: str) -> None:
+    def advance(self, part: str, count: int) -> None:
+        pass
+
+    def finish(self, part: str) -> None:
         pass

@@ -38,18 +38,13 @@ from migrator.local.fleet import STATE_FILE
 from migrator.local.fleet import fleet_down as stop_fleet
 from migrator.local.seed import TenantSpec
 from migrator.local.writer import Workload
-from migrator.plans.apply import ApplyOptions, EntryResult, SilentApply, prepare, run
+from migrator.plans.apply import ApplyOptions, prepare, run
 from migrator.plans.planners import Cohorts, plan_drain, write_plan
+from migrator.progress import Silent
 
 
-class Quiet(SilentApply):
-    """An apply reporter that keeps the entries' results (the benchmark prints its own lines)."""
-
-    def __init__(self) -> None:
-        self.results: list[EntryResult] = []
-
-    def finished(self, result: EntryResult) -> None:
-        self.results.append(result)
+class Notes(Silent):
+    """The apply's progress: only its notes (the benchmark prints its own lines)."""
 
     def note(self, message: str) -> None:
         print(message, file=sys.stderr)
@@ -107,15 +102,15 @@ def drain(base: Path, label: str, args: argparse.Namespace, cohorts: Cohorts, pi
         writers = [Workload(ctx.catalog.url, stamps, t, seed=t, rate=args.writer_rate).start() for t in sample]
         plan_file = write_plan(plan_drain(ctx, "stamp-1", None, cohorts), directory / "drain-stamp-1.yaml")
         prepared = prepare(ctx, plan_file)
-        reporter = Quiet()
         first_move = max((m.id for m in ctx.catalog.moves(limit=1)), default=0)
         options = ApplyOptions(parallel=args.parallel, per_stamp=-(-args.parallel // 2))  # two targets
         started = time.perf_counter()
-        result = run(ctx, prepared, options, reporter)
+        result = run(ctx, prepared, options, Notes())
         wall = time.perf_counter() - started
+        ran = [r for r in result.results if r.status != "skipped"]
         for writer in writers:
             writer.stop()
-        failed = [r for r in reporter.results if r.status != "done"]
+        failed = [r for r in ran if r.status != "done"]
         if result.status != "done" or failed or ctx.catalog.routes("stamp-1"):
             raise SystemExit(f"{label}: the drain did not finish: {result.status}, {failed[:3]}")
         for writer in writers:  # no acknowledged write lost
@@ -124,11 +119,11 @@ def drain(base: Path, label: str, args: argparse.Namespace, cohorts: Cohorts, pi
             lost = writer.lost_writes(stamps[ctx.catalog.route(str(writer.tenant)).stamp])
             if lost:
                 raise AssertionError("; ".join(lost))
-        small = [r for r in reporter.results if int(r.tenants[0]) > args.large]
-        moves = [m for m in ctx.catalog.moves(limit=len(reporter.results) + 10) if m.id > first_move]
+        small = [r for r in ran if int(r.tenants[0]) > args.large]
+        moves = [m for m in ctx.catalog.moves(limit=len(ran) + 10) if m.id > first_move]
         drained = Drain(
             label,
-            len(reporter.results),
+            len(ran),
             len(counts),
             sum(counts.values()),
             wall,

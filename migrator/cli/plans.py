@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,7 @@ from migrator.cli.core import NO_CHECK, stamp_group
 from migrator.errors import MigratorError
 
 if TYPE_CHECKING:  # the engine is imported inside each command, which keeps `migrator --help` fast
-    from migrator.plans.apply import ApplyOptions, ApplyProgress, ApplyResult, Entry, EntryResult, Prepared
+    from migrator.plans.apply import ApplyOptions, ApplyResult, Entry, Prepared
     from migrator.plans.planners import Cohorts, Plan
 
 OUTPUT = click.option(
@@ -291,80 +290,6 @@ def _apply_defaults() -> ApplyOptions:
     return ApplyOptions()
 
 
-class ApplyBars:
-    """An overall counter of rows with an ETA on stderr (a bar, or periodic lines) that also counts
-    tenants moved, and one line per started and finished move (a cohort)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._bar: render.Meter | None = None
-        self._count = 0
-        self._total = 0
-        self._tenants = 0
-        self._tenants_total = 0
-
-    def begin(self, prepared: Prepared) -> None:
-        from migrator.plans.execute import Todo
-
-        todo = prepared.todo
-        self._total = len(todo)
-        self._tenants_total = sum(len(e.move.tenants) for e in todo)
-        self._bar = render.meter(self._description(), sum(e.move.rows for e in todo), "rows")
-        for entry in prepared.entries:
-            if entry.todo == Todo.DONE:
-                self._line(f"skip    {entry.move.who}: {entry.note}")
-
-    def _description(self) -> str:
-        return f"plan: {self._tenants}/{self._tenants_total} tenants, {self._count}/{self._total} moves"
-
-    def started(self, entry: Entry) -> None:
-        what = entry.note if entry.resume else f"{entry.move.rows:,} rows"
-        self._line(f"start   {entry.move.who} {entry.move.source} -> {entry.move.target} ({what})")
-
-    def rows(self, count: int) -> None:
-        with self._lock:
-            if self._bar is not None:
-                self._bar.update(count)
-
-    def finished(self, result: EntryResult) -> None:
-        from migrator.catalog import EntryStatus, name_tenants
-
-        with self._lock:
-            self._count += 1
-            self._tenants += len(result.tenants) if result.status == EntryStatus.DONE else 0
-            if self._bar is not None:
-                self._bar.set_description(self._description())
-        where = f"{name_tenants(result.tenants)} {result.source} -> {result.target}"
-        if result.status == EntryStatus.DONE:
-            self._line(
-                f"done    {where} in {result.seconds:.1f} s (move {result.move_id}) [{self._count}/{self._total}]"
-            )
-        else:
-            self._line(f"FAILED  {where}: {result.reason} [{self._count}/{self._total}]")
-
-    def note(self, message: str) -> None:
-        self._line(message)
-
-    def _line(self, text: str) -> None:
-        with self._lock:
-            render.say(text)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-def _notes_only() -> ApplyProgress:
-    """The reporter of --json and --no-progress runs: no progress, only notes (what an interrupt does)."""
-    from migrator.plans.apply import SilentApply
-
-    class NotesOnly(SilentApply):
-        def note(self, message: str) -> None:
-            render.say(message)
-
-    return NotesOnly()
-
-
 def _dry_run(as_json: bool, prepared: Prepared) -> None:
     from migrator.plans.execute import Todo
 
@@ -573,13 +498,8 @@ def apply_cmd(
         if wait:
             _queued_plan(context, prepared.digest, file, follow=True, as_json=as_json)
         return
-    reporter = _notes_only() if as_json or no_progress else ApplyBars()
-    try:
-        with context.metrics.serve(metrics_port):
-            result = run(context, prepared, options, reporter)
-    finally:
-        if isinstance(reporter, ApplyBars):
-            reporter.close()
+    with context.metrics.serve(metrics_port), render.progress(not (as_json or no_progress), "plan") as progress:
+        result = run(context, prepared, options, progress)
     data = {
         "path": result.path,
         "digest": result.digest,

@@ -168,46 +168,57 @@ def say(message: str) -> None:
 
 
 class Bars:
-    """Progress of a move, cleanup or abort on stderr: one overall counter and one per table, with rows/s.
+    """The CLI's `Progress` (`migrator.progress`) on stderr: one overall counter, one per part worked on
+    at once (a move's tables, a rollout's wave) with its rate, and lines.
 
-    Bars on a terminal, plain periodic lines elsewhere (see `meter`). Tables copying at once (the
+    Bars on a terminal, plain periodic lines elsewhere (see `meter`). Parts under way at once (the
     move's parallel streams report from their threads) each get their own line under the total.
     """
 
     def __init__(self, desc: str = "total") -> None:
         self._desc = desc
         self._overall: Meter | None = None
-        self._bars: dict[str, tuple[Meter, int]] = {}  # table -> its bar and the line it is drawn on
+        self._bars: dict[str, tuple[Meter, int]] = {}  # part -> its bar and the line it is drawn on
         self._lock = threading.Lock()
 
-    def begin(self, total: int) -> None:
+    def begin(self, total: int, unit: str = "rows") -> None:
         with self._lock:
             if self._overall is None:
-                self._overall = meter(self._desc, total, "rows")
+                self._overall = meter(self._desc, total, unit, scale=unit == "rows")
+
+    def describe(self, text: str) -> None:
+        with self._lock:
+            self._desc = text
+            if self._overall is not None:
+                self._overall.set_description(text)
 
     def phase(self, message: str) -> None:
         say(message)
 
-    def start_table(self, table: str, total: int, done: int) -> None:
+    def note(self, message: str) -> None:
+        say(message)
+
+    def start(self, part: str, total: int, done: int = 0, unit: str = "rows") -> None:
         if self._overall is None:  # cleanup and abort count rows without a total
-            self.begin(0)
+            self.begin(0, unit)
         with self._lock:
             taken = {line for _, line in self._bars.values()}
             line = next(n for n in range(1, len(taken) + 2) if n not in taken)
-            self._bars[table] = (meter(table, total, "rows", initial=done, position=line, leave=False), line)
+            bar = meter(part, total, unit, initial=done, position=line, leave=False, scale=unit == "rows")
+            self._bars[part] = (bar, line)
             if done and self._overall is not None:
                 self._overall.update(done)
 
-    def advance(self, table: str, rows: int) -> None:
+    def advance(self, part: str, count: int) -> None:
         with self._lock:
-            if table in self._bars:
-                self._bars[table][0].update(rows)
+            if part in self._bars:
+                self._bars[part][0].update(count)
             if self._overall is not None:
-                self._overall.update(rows)
+                self._overall.update(count)
 
-    def finish_table(self, table: str) -> None:
+    def finish(self, part: str) -> None:
         with self._lock:
-            bar = self._bars.pop(table, None)
+            bar = self._bars.pop(part, None)
             if bar is not None:
                 bar[0].close()
 
@@ -219,11 +230,19 @@ class Bars:
                 self._overall.close()
 
 
+class Notes(Silent):
+    """The `Progress` of --json and --no-progress runs: only its notes (what an interruption did, what a
+    plan waits for)."""
+
+    def note(self, message: str) -> None:
+        say(message)
+
+
 @contextmanager
 def progress(enabled: bool, desc: str = "total") -> Iterator[Progress]:
-    """`Bars` for one command, closed however it ends; `Silent` for --json and --no-progress."""
+    """`Bars` for one command, closed however it ends; `Notes` for --json and --no-progress."""
     if not enabled:
-        yield Silent()
+        yield Notes()
         return
     bars = Bars(desc)
     try:

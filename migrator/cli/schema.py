@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -128,11 +127,8 @@ def schema_upgrade_cmd(
         _queued_upgrade(context_of(ctx), options, queue, wait, None if yes else _confirm, as_json)
         return
 
-    bars = _Bars(enabled=not (as_json or no_progress))
-    try:
-        rollout = upgrade_fleet(context_of(ctx), options, bars, None if yes else _confirm)
-    finally:
-        bars.close()
+    with render.progress(not (as_json or no_progress), "stamps") as progress:
+        rollout = upgrade_fleet(context_of(ctx), options, progress, None if yes else _confirm)
     _report(rollout, as_json)
 
 
@@ -177,11 +173,10 @@ def schema_downgrade_cmd(
     """Downgrade stamps to REVISION (or base), canary first, with the same locks and log as upgrade."""
     from migrator.rollout.runner import downgrade_stamps
 
-    bars = _Bars(enabled=not (as_json or no_progress))
-    try:
-        rollout = downgrade_stamps(context_of(ctx), revision, names, progress=bars, confirm=None if yes else _confirm)
-    finally:
-        bars.close()
+    with render.progress(not (as_json or no_progress), "stamps") as progress:
+        rollout = downgrade_stamps(
+            context_of(ctx), revision, names, progress=progress, confirm=None if yes else _confirm
+        )
     _report(rollout, as_json)
 
 
@@ -309,31 +304,3 @@ def _dry_run_text(rollout: Any) -> str:
         pending = ", ".join(outcomes[0].pending)
         blocks.append(f"-- {names}: {start or 'base'} -> {rollout.target} (pending: {pending})\n{outcomes[0].sql}")
     return "\n".join(blocks) if blocks else "-- nothing to do"
-
-
-class _Bars:
-    """One counter per wave on stderr (a bar, or plain lines off a terminal); a failing stamp gets its own line."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._bar: render.Meter | None = None
-
-    def wave_started(self, number: int, waves: int, stamps: Sequence[str]) -> None:
-        if self.enabled:
-            self._bar = render.meter(f"wave {number + 1}/{waves}", len(stamps), "stamps", scale=False)
-
-    def stamp_finished(self, outcome: Any) -> None:
-        from migrator.catalog import StepResult
-
-        if self._bar is not None:
-            self._bar.update(1)
-            if outcome.result == StepResult.FAILED:
-                render.say(f"{outcome.stamp}: {outcome.error}")
-
-    def wave_finished(self, number: int) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None

@@ -104,12 +104,12 @@ def delete_tenant(
     """Delete all of the tenants' rows on the stamp, children before parents."""
     counts: dict[str, int] = {}
     for table in reversed(layout.tables):
-        progress.start_table(table.label, 0, 0)
+        progress.start(table.label, 0, 0)
         if table.cycle and table.label not in counts:  # the whole cycle at its last table in copy order
             counts.update(delete_cycle(stamp, layout.cycle_of(table), tenants, progress, bypass_fence))
         elif not table.cycle:
             counts[table.label] = delete_tenant_rows(stamp, table, tenants, batch_rows, progress, bypass_fence)
-        progress.finish_table(table.label)
+        progress.finish(table.label)
     return counts
 
 

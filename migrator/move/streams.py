@@ -84,7 +84,7 @@ def copy_tables(
                 for unit in [u for u in pending if (in_any_order or u.parents <= done) and u.path_parents <= done]:
                     pending.remove(unit)
                     for table in unit.tables:
-                        progress.start_table(table.label, totals.get(table.label, 0), cursors[table.label].rows)
+                        progress.start(table.label, totals.get(table.label, 0), cursors[table.label].rows)
                     for submit in _streams(run, move_id, tenants, unit, totals, jobs, rate, stop):
                         running[pool.submit(submit)] = unit
                         unit.streams += 1
@@ -116,7 +116,7 @@ def _replica_sessions(target_dsn: str) -> bool:
 def _complete(run: MoveRun, unit: _Unit, finished: Callable[[tuple[Table, ...]], None]) -> None:
     for table in unit.tables:
         copy.analyze(run.target.dsn, table)
-        run.progress.finish_table(table.label)
+        run.progress.finish(table.label)
     finished(unit.tables)
 
 

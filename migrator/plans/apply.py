@@ -22,11 +22,11 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import psycopg
 
-from migrator.catalog import Catalog, EntryStatus, PlanStatus, Stamp, StampState
+from migrator.catalog import Catalog, EntryStatus, PlanStatus, Stamp, StampState, name_tenants
 from migrator.catalog.locks import stamp_slot, take_slot
 from migrator.catalog.plans import EntryRecord, Ledger, PlanRecord
 from migrator.context import Context
@@ -38,7 +38,7 @@ from migrator.move.run import default_jobs
 from migrator.plans.capacity import measure_fleet, shift
 from migrator.plans.execute import Entry, Todo, execute_entry
 from migrator.plans.planners import Plan, PlannedMove, check_stamps, load_plan
-from migrator.progress import Silent
+from migrator.progress import Progress, Silent
 
 SLOT_POLL_S = 0.5  # how often the slots of a target held by other applies or workers are tried again
 
@@ -101,44 +101,6 @@ class ApplyResult:
 
     def having(self, status: str) -> list[EntryResult]:
         return [r for r in self.results if r.status == status]
-
-
-class ApplyProgress(Protocol):
-    """How `apply` reports, from any thread (the CLI draws an overall tqdm bar and one line per event)."""
-
-    def begin(self, prepared: Prepared) -> None:
-        """The plan's remaining entries are about to run."""
-
-    def started(self, entry: Entry) -> None:
-        """An entry's move (or its resume) started."""
-
-    def rows(self, count: int) -> None:
-        """`count` more rows were copied by any of the running moves."""
-
-    def finished(self, result: EntryResult) -> None:
-        """An entry's move ended, done or failed."""
-
-    def note(self, message: str) -> None:
-        """Something the operator should read (an interruption)."""
-
-
-class SilentApply:
-    """The apply reporter of `--json` runs and benchmarks: says nothing until the result."""
-
-    def begin(self, prepared: Prepared) -> None:
-        pass
-
-    def started(self, entry: Entry) -> None:
-        pass
-
-    def rows(self, count: int) -> None:
-        pass
-
-    def finished(self, result: EntryResult) -> None:
-        pass
-
-    def note(self, message: str) -> None:
-        pass
 
 
 # -- prepare: parse, validate, refuse stale plans -------------------------------------------------------
@@ -259,24 +221,24 @@ def record(prepared: Prepared) -> PlanRecord:
 
 
 class _MoveProgress(Silent):
-    """A move's Progress that only feeds the overall bar: parallel moves draw no per-table bars."""
+    """A move's Progress that only feeds the plan's overall counter: parallel moves draw no per-table bars."""
 
-    def __init__(self, reporter: ApplyProgress) -> None:
-        self.reporter = reporter
+    def __init__(self, plan: Progress, who: str) -> None:
+        self.plan, self.who = plan, who
         self.counted = 0
         self._lock = threading.Lock()  # the move's copy streams report from their own threads
 
-    def start_table(self, table: str, total: int, done: int) -> None:
-        self._count(done)
+    def start(self, part: str, total: int, done: int = 0, unit: str = "rows") -> None:
+        self.count(done)
 
-    def advance(self, table: str, rows: int) -> None:
-        self._count(rows)
+    def advance(self, part: str, count: int) -> None:
+        self.count(count)
 
-    def _count(self, rows: int) -> None:
+    def count(self, rows: int) -> None:
         if rows:
             with self._lock:
                 self.counted += rows
-                self.reporter.rows(rows)
+                self.plan.advance(self.who, rows)
 
 
 @contextlib.contextmanager
@@ -297,7 +259,7 @@ def run(
     ctx: Context,
     prepared: Prepared,
     options: ApplyOptions,
-    reporter: ApplyProgress,
+    progress: Progress,
     stop: threading.Event | None = None,
 ) -> ApplyResult:
     """Run the plan's remaining entries (see the module docstring); returns every entry's outcome."""
@@ -305,13 +267,17 @@ def run(
     ledger = Ledger(ctx.catalog)
     with _plan_lock(ctx.catalog, prepared.digest, prepared.path), _interrupts(stop):
         plan_id = ledger.open(record(prepared))
-        reporter.begin(prepared)
+        progress.begin(sum(e.move.rows for e in prepared.todo))
+        progress.describe(_counts([], prepared.todo))
+        for entry in prepared.entries:
+            if entry.todo == Todo.DONE:
+                progress.phase(f"skip    {entry.move.who}: {entry.note}")
         results = [
             EntryResult(e.position, e.move.tenants, e.move.source, e.move.target, EntryStatus.SKIPPED, e.note)
             for e in prepared.entries
             if e.todo == Todo.DONE
         ]
-        ran, left, why_stopped = _schedule(ctx, plan_id, prepared, options, reporter, stop)
+        ran, left, why_stopped = _schedule(ctx, plan_id, prepared, options, progress, stop)
         results += ran + left
         failed = any(r.status == EntryStatus.FAILED for r in results)
         status = PlanStatus.FAILED if failed else PlanStatus.STOPPED if left else PlanStatus.DONE
@@ -327,7 +293,7 @@ def _schedule(
     plan_id: int,
     prepared: Prepared,
     options: ApplyOptions,
-    reporter: ApplyProgress,
+    progress: Progress,
     stop: threading.Event,
 ) -> tuple[list[EntryResult], list[EntryResult], str]:
     """Start entries in plan order within the limits; on stop, start nothing more and drain the running.
@@ -337,13 +303,13 @@ def _schedule(
     pending = list(prepared.todo)
     results: list[EntryResult] = []
     why_stopped = ""
-    starter = _Starter(ctx, plan_id, options, reporter)
+    starter = _Starter(ctx, plan_id, options, progress)
     # The pool shuts down (waiting for its moves) before the starter frees the slots still held.
     with contextlib.closing(starter), ThreadPoolExecutor(options.parallel, thread_name_prefix="apply") as pool:
         while pending or starter.running:
             if stop.is_set() and not why_stopped:
                 why_stopped = "interrupted"
-                reporter.note(
+                progress.note(
                     f"interrupted: letting {len(starter.running)} running move(s) finish, starting no more; "
                     f"re-run `migrator apply {prepared.path}` to continue"
                 )
@@ -356,7 +322,8 @@ def _schedule(
                 break
             for entry, result in starter.finished():
                 results.append(result)
-                reporter.finished(result)
+                progress.describe(_counts(results, prepared.todo))
+                progress.phase(_finished_line(result, len(results), len(prepared.todo)))
                 if result.status == EntryStatus.FAILED and options.stop_on_error and not why_stopped:
                     why_stopped = f"--stop-on-error after the move of {entry.move.who} failed"
                     stop.set()
@@ -373,8 +340,8 @@ class _Starter:
     """Starts a plan's entries within --parallel, --per-stamp (slots in the catalog, counted by every
     apply and worker) and one move per tenant; frees each move's slot when it ends."""
 
-    def __init__(self, ctx: Context, plan_id: int, options: ApplyOptions, reporter: ApplyProgress) -> None:
-        self.ctx, self.plan_id, self.options, self.reporter = ctx, plan_id, options, reporter
+    def __init__(self, ctx: Context, plan_id: int, options: ApplyOptions, progress: Progress) -> None:
+        self.ctx, self.plan_id, self.options, self.progress = ctx, plan_id, options, progress
         self.running: dict[Future[EntryResult], Entry] = {}
         self._slots: dict[Future[EntryResult], psycopg.Connection[Any]] = {}  # each running move's slot
         self._per_target: Counter[str] = Counter()
@@ -394,8 +361,9 @@ class _Starter:
             pending.remove(entry)
             self._per_target[entry.move.target] += 1
             busy |= set(entry.move.tenants)
-            self.reporter.started(entry)
-            future = pool.submit(_one, self.ctx, self.plan_id, entry, self.options, self.reporter)
+            what = entry.note if entry.resume else f"{entry.move.rows:,} rows"
+            self.progress.phase(f"start   {entry.move.who} {entry.move.source} -> {entry.move.target} ({what})")
+            future = pool.submit(_one, self.ctx, self.plan_id, entry, self.options, self.progress)
             self.running[future], self._slots[future] = entry, slot
 
     def _slot(self, target: str) -> psycopg.Connection[Any] | None:
@@ -407,7 +375,7 @@ class _Starter:
         slot = take_slot(self.ctx.catalog.url, stamp_slot(target), self.options.per_stamp)
         if slot is None:
             if target not in self._held_elsewhere:
-                self.reporter.note(
+                self.progress.note(
                     f"waiting: {self.options.per_stamp} move(s) into {target} already running elsewhere "
                     "(--per-stamp counts every apply and worker)"
                 )
@@ -433,6 +401,20 @@ class _Starter:
             conn.close()
 
 
+def _counts(results: list[EntryResult], todo: list[Entry]) -> str:
+    """The overall counter's description: tenants moved and moves ended of this run's."""
+    tenants = sum(len(r.tenants) for r in results if r.status == EntryStatus.DONE)
+    return f"plan: {tenants}/{sum(len(e.move.tenants) for e in todo)} tenants, {len(results)}/{len(todo)} moves"
+
+
+def _finished_line(result: EntryResult, count: int, total: int) -> str:
+    """The line that says an entry's move ended, and how many of the run's have."""
+    where = f"{name_tenants(result.tenants)} {result.source} -> {result.target}"
+    if result.status == EntryStatus.DONE:
+        return f"done    {where} in {result.seconds:.1f} s (move {result.move_id}) [{count}/{total}]"
+    return f"FAILED  {where}: {result.reason} [{count}/{total}]"
+
+
 def _result_of(future: Future[EntryResult], entry: Entry) -> EntryResult:
     try:
         return future.result()
@@ -447,15 +429,15 @@ def _result_of(future: Future[EntryResult], entry: Entry) -> EntryResult:
         )
 
 
-def _one(ctx: Context, plan_id: int, entry: Entry, options: ApplyOptions, reporter: ApplyProgress) -> EntryResult:
+def _one(ctx: Context, plan_id: int, entry: Entry, options: ApplyOptions, progress: Progress) -> EntryResult:
     """Run (or resume) one entry's move in a worker thread (`execute_entry`); a failure is recorded at once."""
     move = entry.move
-    progress = _MoveProgress(reporter)
-    done = execute_entry(ctx, plan_id, entry, options.move_options(), progress)
+    counter = _MoveProgress(progress, move.who)
+    done = execute_entry(ctx, plan_id, entry, options.move_options(), counter)
     if done.status == EntryStatus.FAILED:
         Ledger(ctx.catalog).mark(plan_id, entry.position, EntryStatus.FAILED, done.move_id, done.reason)
     else:
-        progress._count(max(0, move.rows - progress.counted))
+        counter.count(max(0, move.rows - counter.counted))
     note = f"resumed move {done.move_id}" if done.resumed else ""
     return EntryResult(
         entry.position,

@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Protocol
 
 import psycopg
 
@@ -29,13 +28,14 @@ from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
 from migrator.errors import BadInput, MigratorError
+from migrator.progress import Progress, Silent
 from migrator.rollout.history import AHEAD, BEHIND, UNKNOWN, UNREACHABLE, UP_TO_DATE, History, Revision
 from migrator.rollout.worker import ALEMBIC_IN_PROCESS, Job, StepDone, Workers, reason, trace
 from migrator.stamps.fanout import PER_SERVER, each_stamp
 
 __all__ = [
     "AHEAD", "BEHIND", "UNKNOWN", "UNREACHABLE", "UP_TO_DATE", "Plan", "Revision", "Rollout", "RolloutFailed",
-    "RolloutOptions", "RolloutProgress", "SchemaRun", "StampOutcome", "StampSchema", "downgrade_stamps", "history",
+    "RolloutOptions", "SchemaRun", "StampOutcome", "StampSchema", "downgrade_stamps", "history",
     "runs", "schema_status", "upgrade_fleet",
 ]  # fmt: skip
 
@@ -125,32 +125,6 @@ class Rollout:
         return text + (f"; {self.stopped}" if self.stopped else "")
 
 
-class RolloutProgress(Protocol):
-    """A schema rollout's progress, wave by wave."""
-
-    def wave_started(self, number: int, waves: int, stamps: Sequence[str]) -> None:
-        """Wave `number` (0 is the canary) of `waves` starts on these stamps."""
-
-    def stamp_finished(self, outcome: StampOutcome) -> None:
-        """One stamp of the current wave is done (ok or failed)."""
-
-    def wave_finished(self, number: int) -> None:
-        """Every stamp of the wave is done."""
-
-
-class SilentRollout:
-    """No rollout progress output: for tests, `--json` and benchmarks."""
-
-    def wave_started(self, number: int, waves: int, stamps: Sequence[str]) -> None:
-        pass
-
-    def stamp_finished(self, outcome: StampOutcome) -> None:
-        pass
-
-    def wave_finished(self, number: int) -> None:
-        pass
-
-
 # -- read-only views -----------------------------------------------------------------------------
 
 
@@ -185,7 +159,7 @@ class RolloutOptions:
 def upgrade_fleet(
     ctx: Context,
     options: RolloutOptions = RolloutOptions(),
-    progress: RolloutProgress | None = None,
+    progress: Progress | None = None,
     confirm: Callable[[Plan], None] | None = None,
 ) -> Rollout:
     """`migrator schema upgrade`: the canary, then waves of `parallel` stamps, to `options.revision`.
@@ -196,7 +170,7 @@ def upgrade_fleet(
     found = History.load(ctx.config.schema_env())
     target = found.resolve(options.revision, allow_base=False)
     plan = _plan(ctx, found, "upgrade", target, _select(ctx, (), options.active_only), options)
-    return _run(ctx, found, plan, options, progress or SilentRollout(), confirm)
+    return _run(ctx, found, plan, options, progress or Silent(), confirm)
 
 
 def plan_upgrade(ctx: Context, options: RolloutOptions) -> tuple[History, Plan]:
@@ -223,7 +197,7 @@ def downgrade_stamps(
     revision: str,
     names: Sequence[str] = (),
     parallel: int = RolloutOptions.parallel,
-    progress: RolloutProgress | None = None,
+    progress: Progress | None = None,
     confirm: Callable[[Plan], None] | None = None,
 ) -> Rollout:
     """`migrator schema downgrade`: the named stamps (`--stamp`, default all) down to `revision` or "base"."""
@@ -231,7 +205,7 @@ def downgrade_stamps(
     target = found.resolve(revision, allow_base=True)
     options = RolloutOptions(revision, canary=None, parallel=parallel)
     plan = _plan(ctx, found, "downgrade", target, _select(ctx, names, False), options)
-    return _run(ctx, found, plan, options, progress or SilentRollout(), confirm)
+    return _run(ctx, found, plan, options, progress or Silent(), confirm)
 
 
 def _select(ctx: Context, names: Sequence[str], active_only: bool) -> list[Stamp]:
@@ -323,7 +297,7 @@ def _run(
     found: History,
     plan: Plan,
     options: RolloutOptions,
-    progress: RolloutProgress,
+    progress: Progress,
     confirm: Callable[[Plan], None] | None,
 ) -> Rollout:
     dry_run = options.dry_run
@@ -342,30 +316,32 @@ def _run(
 
 
 def _waves(
-    ctx: Context, found: History, plan: Plan, log: RunLog, options: RolloutOptions, progress: RolloutProgress
+    ctx: Context, found: History, plan: Plan, log: RunLog, options: RolloutOptions, progress: Progress
 ) -> tuple[list[StampOutcome], str | None]:
     outcomes: list[StampOutcome] = []
     stopped: str | None = None
     wide = max((len(w) for w in plan.waves), default=0)
+    progress.begin(sum(len(w) for w in plan.waves), "stamps")
     with Workers(min(options.parallel, wide)) as workers:
         for number, wave in enumerate(plan.waves):
             if stopped:
                 outcomes += [_not_run(log, plan.row(name), f"not tried: {stopped}") for name in wave]
                 continue
-            progress.wave_started(number, len(plan.waves), wave)
+            part = f"wave {number + 1}/{len(plan.waves)}"
+            progress.start(part, len(wave), unit="stamps")
             refused = fenced_moves(ctx, list(wave))  # a move may have reached its cutover meanwhile
             finished = [_refused(log, plan.row(n), number, refused[n]) for n in wave if n in refused]
             for outcome in finished:
-                progress.stamp_finished(outcome)
+                _finished(progress, part, outcome)
             row_ids = log.start([(n, plan.row(n).current) for n in wave if n not in refused])
             for done in workers.run([(_job(ctx, found, plan, n), plan.row(n).current) for n in row_ids]):
                 if done.detail:
                     logger.info("stamp %s failed:\n%s", done.stamp, done.detail)
                 outcome = _outcome(plan, number, done)
                 log.finish(row_ids[done.stamp], outcome.from_revision, outcome.result, outcome.error)
-                progress.stamp_finished(outcome)
+                _finished(progress, part, outcome)
                 finished.append(outcome)
-            progress.wave_finished(number)
+            progress.finish(part)
             outcomes += sorted(finished, key=lambda o: o.stamp)
             failed = [o.stamp for o in finished if o.result == FAILED]
             canary = number == 0 and plan.canary is not None
@@ -373,6 +349,13 @@ def _waves(
                 which = "the canary" if canary else f"wave {number}"
                 stopped = f"stopped after {which} failed on {', '.join(failed)}"
     return outcomes, stopped
+
+
+def _finished(progress: Progress, wave: str, outcome: StampOutcome) -> None:
+    """Count a stamp of the wave as done; a failing one gets its own line."""
+    progress.advance(wave, 1)
+    if outcome.result == FAILED:
+        progress.phase(f"{outcome.stamp}: {outcome.error}")
 
 
 def _job(ctx: Context, found: History, plan: Plan, name: str) -> Job:
