@@ -230,6 +230,31 @@ def move_run(
     )
 
 
+def _copy_rows(copied: Any) -> list[list[Any]]:
+    """A row per table of `move status`, and one per key range of a table copied in parts."""
+
+    def key(bound: list[str] | None, end: str) -> str:
+        return ", ".join(bound) if bound else end
+
+    rows: list[list[Any]] = []
+    for t in copied.tables:
+        rows.append(
+            [
+                t.table,
+                f"{t.rows:,}",
+                f"{t.at_start:,}",
+                f"{t.written_since:,}" if t.written_since else "",
+                "yes" if t.done else "",
+            ]
+        )
+        if len(t.ranges) > 1:
+            rows += [
+                [f"  ({key(r.lower, 'start')} .. {key(r.upto, 'end')}]", f"{r.rows:,}", "", "", "yes" if r.done else ""]
+                for r in t.ranges
+            ]
+    return rows
+
+
 def _move_dict(move: Any) -> dict[str, Any]:
     return {f.name: getattr(move, f.name) for f in move.__dataclass_fields__.values()}
 
@@ -240,23 +265,25 @@ def _move_dict(move: Any) -> dict[str, Any]:
 @click.pass_context
 def move_status(ctx: click.Context, move_id: int | None, as_json: bool) -> None:
     """Show one move with its per-table progress, or the latest moves."""
-    catalog = context_of(ctx).catalog
+    context = context_of(ctx)
+    catalog = context.catalog
     if move_id is not None:
+        from migrator.move.status import copy_status
+
         move = catalog.move(move_id)
-        tables = catalog.tables(move_id)
-        data = {**_move_dict(move), "tables": tables}
+        copied = copy_status(context, move)
+        data = {**_move_dict(move), "copy": copied}
         text = "\n".join(
             [
                 f"move {move.id}: {move.who} {move.source} -> {move.target} [{move.mode}] phase {move.phase}",
                 *([f"tenants: {' '.join(move.tenants)}"] if len(move.tenants) > 1 else []),
-                f"rows {move.rows_copied}/{move.rows_total}"
+                render.counted(copied.rows, copied.at_start, "rows")
+                + (f" committed on {move.target}" if copied.source == "target" else " copied, as the catalog recorded")
                 + (f", freeze {move.freeze_ms:.0f} ms" if move.freeze_ms else ""),
                 *([f"writes on the target: {move.write_mode} ({move.write_mode_reason})"] if move.write_mode else []),
                 *([f"error: {move.error}"] if move.error else []),
-                render.table(
-                    ["table", "copied", "total", "done"],
-                    [[t.table_name, t.rows_copied, t.rows_total, "yes" if t.done else ""] for t in tables],
-                ),
+                *([copied.note] if copied.note else []),
+                render.table(["table", "copied", "at start", "written since", "done"], _copy_rows(copied)),
             ]
         )
         emit(as_json, data, text)

@@ -113,10 +113,39 @@ class LineMeter:
         self._last = now
         elapsed = now - self._began
         rate = (self._done - self._start) / max(elapsed, 1e-6)
-        done = f"{self._done:,}/{self._total:,} {self._unit} ({self._done / self._total:.0%})" if self._total else ""
+        done = counted(self._done, self._total, self._unit) if self._total else ""
         left = (self._total - self._done) / rate if self._total and rate > 0 and self._done < self._total else None
         eta = f", ETA {left:.0f} s" if left is not None else ""
         say(f"{self._desc}: {done or f'{self._done:,} {self._unit}'}, {rate:,.0f} {self._unit}/s, {elapsed:.1f} s{eta}")
+
+
+def counted(done: int, total: int, unit: str) -> str:
+    """`350/1,000 rows (35%)`; past a total counted at the start, `382 rows: 350 at start + 32 written
+    since` (rows the application wrote during the copy), never more than 100%."""
+    if done > total:
+        return f"{done:,} {unit}: {total:,} at start + {done - total:,} written since"
+    return f"{done:,}/{total:,} {unit} ({done / total:.0%})"
+
+
+class _Bar:
+    """A tqdm bar whose total grows, saying why, when rows written during the copy pass the count
+    taken at the start (tqdm would show 109%)."""
+
+    def __init__(self, bar: Any, total: int | None) -> None:
+        self._bar, self._at_start = bar, total or 0
+
+    def update(self, n: int) -> None:
+        self._bar.update(n)
+        if self._at_start and self._bar.n > self._at_start:
+            self._bar.total = self._bar.n
+            written = self._bar.n - self._at_start
+            self._bar.set_postfix_str(f"{self._at_start:,} at start + {written:,} written since", refresh=False)
+
+    def set_description(self, desc: str) -> None:
+        self._bar.set_description(desc)
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 def terminal() -> bool:
@@ -142,7 +171,7 @@ def meter(
         return LineMeter(desc, total, unit, initial)
     from tqdm import tqdm
 
-    return tqdm(
+    bar = tqdm(
         total=total or None,
         initial=initial,
         desc=desc,
@@ -153,6 +182,7 @@ def meter(
         file=sys.stderr,
         dynamic_ncols=True,
     )
+    return _Bar(bar, total)
 
 
 def tenants_cell(tenants: tuple[str, ...]) -> str:

@@ -176,6 +176,8 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
     report = None
     timings: dict[str, float] = {}
     run.progress.begin(move.rows_total)
+    if move.phase not in (Phase.CREATED, Phase.COPYING):  # resumed after the copy: every row is copied
+        run.progress.advance("", move.rows_copied)
 
     def at(step: Move) -> Move:
         run.metrics.phase(step.id, step.phase, len(step.tenants))
@@ -297,9 +299,18 @@ def _copy(run: MoveRun, move: Move) -> Move:
         _save_progress(catalog, move, layout, totals, cursors)
 
     cursors = copy.read_cursors(run.target.dsn, move.id, layout.tables)
+    for table in layout.tables:  # resumed: the tables an earlier run completed count on the total
+        if cursors[table.label].done:
+            run.progress.advance(table.label, cursors[table.label].rows)
     if layout.followed:
         copy.copy_followed(run.source.dsn, run.target.dsn, layout, move.tenants)
-    streams.copy_tables(run, move.id, move.tenants, totals, run.options.jobs, finished)
+    try:
+        streams.copy_tables(run, move.id, move.tenants, totals, run.options.jobs, finished)
+    except BaseException:  # stopped or failed: the catalog keeps what the target committed (`move list`)
+        with contextlib.suppress(Exception):
+            finished(layout.tables)
+            catalog.update_move(move.id, rows_copied=sum(c.rows for c in cursors.values()))
+        raise
     with stamps.connect(run.target, autocommit=False) as tgt:
         copy.advance_sequences(tgt, layout.tables, move.tenants, run.target.key_block)
     return catalog.update_move(move.id, phase=Phase.COPIED, rows_copied=sum(c.rows for c in cursors.values()))

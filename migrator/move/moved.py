@@ -32,14 +32,18 @@ from migrator.stamps.paths import qualified
 
 @STAMP_STEP.wraps
 def record(catalog: Catalog, source: Stamp, layout: Layout, move: Move) -> None:
-    """After the flip: each table's checksum per tenant on the (fenced) source, in `move_tables`."""
+    """After the flip: each table's checksum per tenant on the (fenced) source, in `move_tables`, with
+    the rows moved beside the count at the start (rows written during the move make the difference)."""
+    at_start = {t.table_name: t.rows_total for t in catalog.tables(move.id)}
     rows = []
     with stamps.connect(source) as src:
         for position, table in enumerate(layout.tables):
             sums = tenant_checksums(src, table, move.tenants)
             total = sum(c.rows for c in sums.values())
             text = json.dumps({t: [c.rows, str(c.high), str(c.low)] for t, c in sorted(sums.items())})
-            rows.append(TableProgress(move.id, table.label, position, total, total, True, text, None))
+            rows.append(
+                TableProgress(move.id, table.label, position, at_start.get(table.label, total), total, True, text, None)
+            )
     catalog.save_tables(move.id, rows)
 
 
