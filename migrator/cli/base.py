@@ -92,6 +92,12 @@ class MigratorGroup(SummaryGroup):
 
     group_class = SummaryGroup  # `migrator stamp`, `migrator plan`, ... list their commands the same way
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        from migrator.cli.complete import attach
+
+        attach(self)  # stamp names, move ids and plan files complete too (`_MIGRATOR_COMPLETE`)
+        return super().main(*args, **kwargs)
+
     def make_context(
         self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
     ) -> click.Context:
