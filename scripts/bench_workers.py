@@ -25,7 +25,7 @@ stamp-1 holds TENANTS tenants of ROWS rows each, drained onto stamp-2 and stamp-
 most COHORT_TENANTS tenants (`plan_drain` + `write_plan`), twice on identical fresh fleets: (a) a
 local `migrator apply FILE --parallel WORKERS --per-stamp PER_STAMP --yes --json`; (b) WORKERS
 `migrator worker --concurrency 1` processes, once live, then `migrator apply FILE --queue
---per-stamp PER_STAMP --yes` and `migrator apply FILE --wait --json`, timed from the enqueue until
+--per-stamp PER_STAMP --yes` and `migrator plan wait FILE --json`, timed from the enqueue until
 the wait returns. A writer (`migrator.local.writer`) writes to WRITERS of the tenants in both;
 afterwards every write it was acknowledged must be on the tenant's new stamp. Checked for both:
 every tenant routed to the target the plan gave it, exactly one flipped move per tenant (catalog
@@ -626,7 +626,7 @@ def drain_run(directory: Path, label: str, queued: bool, args: argparse.Namespac
                         )
                         wait = None
                         if queue.returncode == 0:
-                            wait = run_cli(info.config_path, ["apply", str(plan_file), "--wait", "--json"], directory)
+                            wait = run_cli(info.config_path, ["plan", "wait", str(plan_file), "--json"], directory)
                     run.enqueue_s = queue.seconds
                     run.wall_s = queue.seconds + (wait.seconds if wait else 0.0)
                     print(
@@ -664,7 +664,7 @@ def drain_run(directory: Path, label: str, queued: bool, args: argparse.Namespac
                 return run
             if queued:
                 print(
-                    f"  workers (apply --queue, {args.workers} workers, then apply --wait): {run.moves} moves, "
+                    f"  workers (apply --queue, {args.workers} workers, then plan wait): {run.moves} moves, "
                     f"{run.wall_s:.2f} s wall from the enqueue (which took {run.enqueue_s:.2f} s)"
                 )
             else:

@@ -441,7 +441,7 @@ def test_a_plan_queued_and_run_by_a_worker_as_a_plain_role(fleet: Fleet, roles: 
     assert worker.returncode == 0 and roles.password not in stderr, stderr
     assert "error" not in stderr.lower(), stderr
     assert fleet.catalog.routes("eu-1") == []
-    status = roles.run("apply", str(plan_file), "--status")
+    status = roles.run("plan", "status", str(plan_file))
     assert status.exit_code == 0 and ": done" in status.stdout, status.stdout + status.stderr
     for tenant, digest in before.items():
         assert tenant_digest(fleet.dsn(fleet.catalog.route(tenant).stamp), layout, tenant) == digest

@@ -73,13 +73,13 @@ def _drain_plan(fleet: Fleet, path: Path, *args: str) -> dict[str, Any]:
 
 
 def _entries(fleet: Fleet, path: Path) -> list[dict[str, Any]]:
-    result = fleet.run("apply", str(path), "--status", "--json")
+    result = fleet.run("plan", "status", str(path), "--json")
     assert result.exit_code == 0, result.output + result.stderr
     return json.loads(result.stdout)["entries"]
 
 
 def _plan_status(fleet: Fleet, path: Path) -> str:
-    result = fleet.run("apply", str(path), "--status", "--json")
+    result = fleet.run("plan", "status", str(path), "--json")
     return json.loads(result.stdout)["status"] if result.exit_code == 0 else "unknown"
 
 
@@ -188,7 +188,7 @@ def test_entries_planned_by_region_are_run_only_by_a_worker_of_their_target_regi
             " or none takes eu (`migrator worker --queue eu`)"
         ], said
     with workers(fleet, 1, "--queue", "eu"):
-        result = fleet.run("apply", str(path), "--wait", "--json")
+        result = fleet.run("plan", "wait", str(path), "--json")
     assert result.exit_code == 0, result.output + result.stderr
     _assert_each_flipped_once(fleet, [str(t) for t in ids])
     assert {fleet.catalog.route(str(t)).stamp for t in ids} == {"eu-2", "us-1"}
@@ -303,13 +303,15 @@ def test_apply_queue_without_a_worker_says_so_and_wait_reports_waiting_for_a_wor
     assert queued.exit_code == 0 and "no worker is running" in queued.stderr, queued.stderr
     again = fleet.run("apply", str(tmp_path / "drain.yaml"), "--queue", "--yes")
     assert "no new jobs" in again.stderr and "already queued" in again.stderr  # nothing queued twice
-    waiting = fleet.popen("apply", str(tmp_path / "drain.yaml"), "--wait")
+    refused = fleet.run("apply", str(tmp_path / "drain.yaml"), "--wait")  # following is `plan wait`'s
+    assert refused.exit_code == 2 and f"`migrator plan wait {tmp_path / 'drain.yaml'}`" in refused.stderr
+    waiting = fleet.popen("plan", "wait", str(tmp_path / "drain.yaml"))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(waiting.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
     reader.start()
     started = time.monotonic()
     try:
-        wait_until(lambda: any("waiting for a worker" in line for line in lines), "--wait to say it waits", timeout=15)
+        wait_until(lambda: any("waiting for a worker" in line for line in lines), "a line saying it waits", timeout=15)
         assert time.monotonic() - started < 10
         with workers(fleet, 1):
             waiting.wait(timeout=90)
@@ -348,7 +350,7 @@ def test_a_failure_that_no_retry_cures_fails_the_entry_at_once_and_transient_one
     assert "target eu-2 already holds rows of tenant 601" in refused["error"]
     assert unreachable["status"] == "failed" and unreachable["failures"] == 2
     assert "failed 2 times, the limit" in unreachable["error"]
-    status = fleet.run("apply", str(tmp_path / "drain.yaml"), "--status")
+    status = fleet.run("plan", "status", str(tmp_path / "drain.yaml"))
     assert "plan " in status.stdout and ": failed" in status.stdout
 
 

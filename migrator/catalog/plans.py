@@ -1,7 +1,7 @@
 """The catalog's record of plans (`plans`, `plan_moves`): each entry's status, failures and move.
 
 A plan is keyed by the sha256 digest of its file's bytes, so running the same file again finds its
-record. Local applies and workers write it through `Ledger`; `apply --status` and `--wait` read it.
+record. Local applies and workers write it through `Ledger`; `plan status` and `plan wait` read it.
 It takes plain values (digests, positions, tenants), so the catalog knows nothing of the planners.
 """
 
@@ -41,7 +41,7 @@ class EntryRecord:
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """An entry as the catalog records it (`plan_moves`): what workers run and `apply --status` shows."""
+    """An entry as the catalog records it (`plan_moves`): what workers run and `plan status` shows."""
 
     position: int
     tenants: list[str]
@@ -118,7 +118,7 @@ class Ledger:
             conn.execute("UPDATE plans SET status = %s, updated_at = now() WHERE id = %s", (status, plan_id))
 
     def entries(self, plan_id: int, position: int | None = None) -> list[LedgerEntry]:
-        """The recorded entries of a plan (or one of them), as workers and `apply --status` read them."""
+        """The recorded entries of a plan (or one of them), as workers and `plan status` read them."""
         with self.catalog.transaction() as conn, conn.cursor(row_factory=class_row(LedgerEntry)) as cur:
             cur.execute(
                 "SELECT position, coalesce(tenants, ARRAY[tenant]) AS tenants, source, target, size_rows AS rows,"

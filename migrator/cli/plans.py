@@ -25,7 +25,7 @@ from migrator.cli.base import (
     queue_option,
 )
 from migrator.cli.core import NO_CHECK, stamp_group
-from migrator.errors import MigratorError
+from migrator.errors import BadInput, MigratorError
 
 if TYPE_CHECKING:  # the engine is imported inside each command, which keeps `migrator --help` fast
     from migrator.plans.apply import ApplyOptions, ApplyResult, Entry, Prepared
@@ -122,7 +122,11 @@ def stamp_update(
 
 @cli.group("plan")
 def plan_group() -> None:
-    """Write reviewable plans (drain, rebalance, isolate) to plans/; run them with `migrator apply`."""
+    """Write reviewable plans (drain, rebalance, isolate) to plans/, and follow them once applied.
+
+    Run a plan with `migrator apply FILE`; `plan status FILE` and `plan wait FILE` show and follow
+    its entries as the catalog records them, whoever runs them (a local apply or workers).
+    """
 
 
 def _written(as_json: bool, plan: Plan, path: Path) -> None:
@@ -218,6 +222,28 @@ def plan_isolate_cmd(
     plan = plan_isolate(context_of(ctx), tenant, target, by_region)
     path = write_plan(plan, output or Path("plans") / f"isolate-{tenant.replace('/', '-')}.yaml", force)
     _written(as_json, plan, path)
+
+
+@plan_group.command("status")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@JSON
+@click.pass_context
+def plan_status_cmd(ctx: click.Context, file: Path, as_json: bool) -> None:
+    """Show an applied or queued plan's entries as the catalog records them: status, move, failures, queue, error."""
+    from migrator.plans.apply import plan_digest
+
+    _recorded_plan(context_of(ctx), plan_digest(file), file, follow=False, as_json=as_json)
+
+
+@plan_group.command("wait")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@JSON
+@click.pass_context
+def plan_wait_cmd(ctx: click.Context, file: Path, as_json: bool) -> None:
+    """Follow an applied or queued plan until it ends, a line per change; exit 1 if a move failed."""
+    from migrator.plans.apply import plan_digest
+
+    _recorded_plan(context_of(ctx), plan_digest(file), file, follow=True, as_json=as_json)
 
 
 @plan_group.command("show")
@@ -354,8 +380,8 @@ def _summary(result: ApplyResult) -> str:
     return f"{table}\nplan {result.path}: {result.status} ({counts})"
 
 
-def _queued_plan(context: Any, digest: str, file: Path, *, follow: bool, as_json: bool) -> None:
-    """`apply --status` and `apply --wait`: the plan's entries as the catalog records them."""
+def _recorded_plan(context: Any, digest: str, file: Path, *, follow: bool, as_json: bool) -> None:
+    """`plan status` and `plan wait` (`apply --queue --wait`): the plan's entries as the catalog records them."""
     from migrator.catalog import EntryStatus, PlanStatus
     from migrator.catalog.plans import Ledger
     from migrator.queue.app import live_workers
@@ -392,7 +418,7 @@ def _queued_plan(context: Any, digest: str, file: Path, *, follow: bool, as_json
     emit(as_json, data, f"{table}\nplan {file}: {status} ({counts}); {workers} worker(s) running")
     if follow and status == PlanStatus.FAILED:
         failed = sum(e.status == EntryStatus.FAILED for e in entries)
-        raise MigratorError(f"{failed} of {len(entries)} moves failed; `migrator apply {file} --status` shows why")
+        raise MigratorError(f"{failed} of {len(entries)} moves failed; `migrator plan status {file}` shows why")
 
 
 @cli.command("apply")
@@ -429,8 +455,7 @@ def _queued_plan(context: Any, digest: str, file: Path, *, follow: bool, as_json
     show_default=True,
     help="With --queue: how many times workers run a move that fails for a transient reason.",
 )
-@click.option("--wait", is_flag=True, help="Follow the queued plan's progress until it ends; exit with its outcome.")
-@click.option("--status", "show_status", is_flag=True, help="Show the plan's progress as the catalog records it.")
+@click.option("--wait", is_flag=True, help="With --queue: follow the queued moves until they end (`plan wait`).")
 @ALLOW_TRIGGERS
 @METRICS_PORT
 @YES
@@ -449,7 +474,6 @@ def apply_cmd(
     queue: str | None,
     max_attempts: int,
     wait: bool,
-    show_status: bool,
     allow_triggers: bool,
     metrics_port: int | None,
     yes: bool,
@@ -458,17 +482,19 @@ def apply_cmd(
 ) -> None:
     """Carry out a plan file's moves; re-running it resumes where it stopped (Ctrl-C lets running moves end).
 
-    With --queue the moves go to `migrator worker` processes; --wait follows them, --status shows them.
+    With --queue the moves go to `migrator worker` processes and --wait follows them; `migrator plan
+    status FILE` shows a plan's entries and `plan wait FILE` follows them, however they run.
     """
     from dataclasses import replace
 
     from migrator.catalog import EntryStatus
-    from migrator.plans.apply import plan_digest, prepare, run
+    from migrator.plans.apply import prepare, run
 
     context = context_of(ctx)
-    if show_status or (wait and queue is None):
-        _queued_plan(context, plan_digest(file), file, follow=wait, as_json=as_json)
-        return
+    if wait and queue is None:
+        raise BadInput(
+            f"--wait follows the moves --queue sends to workers; to follow a plan, `migrator plan wait {file}`"
+        )
     prepared = prepare(context, file)
     if dry_run:
         _dry_run(as_json, prepared)
@@ -496,7 +522,7 @@ def apply_cmd(
         if not queued.workers:
             render.say("no worker is running: the moves wait until one starts (`migrator worker`)")
         if wait:
-            _queued_plan(context, prepared.digest, file, follow=True, as_json=as_json)
+            _recorded_plan(context, prepared.digest, file, follow=True, as_json=as_json)
         return
     with context.metrics.serve(metrics_port), render.progress(not (as_json or no_progress), "plan") as progress:
         result = run(context, prepared, options, progress)

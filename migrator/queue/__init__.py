@@ -6,7 +6,7 @@ PostgreSQL stays the one shared piece, no broker. `app` is what is about the que
 names, retries, slots, procrastinate's tables); `enqueue` sends a plan's entries (cohorts) or a
 rollout's steps as jobs; `tasks` runs one on a worker through the same executor a local run uses
 (`plans.execute.execute_entry`, `rollout.worker.run_stamp_step`); `follow` is the one loop of
-`apply --wait` and `schema upgrade --wait`; `worker` is the process.
+`plan wait` (and `apply --queue --wait`) and `schema upgrade --queue --wait`; `worker` is the process.
 
 The catalog stays the truth: the tenants' move locks and the open-move index keep two moves of a
 tenant apart whoever runs them, the per-stamp limit is a set of advisory-lock slots in the

@@ -28,7 +28,7 @@ SCHEMA_STEP = "migrator.schema_step"
 REQUEUE_STALLED = "migrator.requeue_stalled"
 BUSY_RETRY_S = 2
 NO_WORKER_GRACE_S = 3.0  # `--wait` says "waiting for a worker" when no worker is alive after this
-UNCLAIMED_GRACE_S = 30.0  # `apply --wait` names a queue whose due jobs no live worker claimed for this long
+UNCLAIMED_GRACE_S = 30.0  # `plan wait` names a queue whose due jobs no live worker claimed for this long
 
 
 class Requeue(Exception):

@@ -1,4 +1,4 @@
-"""`apply --wait` and `schema upgrade --queue --wait`: one loop follows queued work in the catalog.
+"""`plan wait` (`apply --queue --wait`) and `schema upgrade --queue --wait`: one loop follows queued work.
 
 Progress is read from the catalog, not from the queue: a plan or rollout queued by another
 operator, or by an earlier command, is followed the same way. While nothing runs and no worker is
@@ -66,7 +66,7 @@ def follow(
     timeout_s: float | None = None,
     unclaimed_after_s: float = UNCLAIMED_GRACE_S,
 ) -> tuple[PlanStatus, list[LedgerEntry]]:
-    """`apply --wait`: report each entry's changes until the plan is settled; returns how it ended.
+    """`plan wait`: report each entry's changes until the plan is settled; returns how it ended.
 
     Workers do not say which queues they take, so a queue no live worker serves shows as jobs left
     unclaimed: named once, after `unclaimed_after_s`.
