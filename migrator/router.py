@@ -120,16 +120,21 @@ def watch_routes(
                 backoff = 0.05
                 if on_listening is not None:
                     on_listening()
-                while not stop.is_set():
-                    for notify in conn.notifies(timeout=poll_s):
-                        yield RouteChange.parse(notify.payload)
-                    conn.execute("SELECT 1")  # notice a connection the server ended while we were idle
+                yield from _notified(conn, stop, poll_s)
         except psycopg.Error as exc:
             if on_lost is not None:
                 on_lost(exc)
             log.warning("route notifications lost (%s); reconnecting", (str(exc).strip() or repr(exc)).splitlines()[0])
             stop.wait(backoff)
             backoff = min(2.0, backoff * 2)
+
+
+def _notified(conn: psycopg.Connection[Any], stop: threading.Event, poll_s: float) -> Iterator[RouteChange]:
+    """The route changes notified on a listening connection, until `stop` is set or it is lost (raises)."""
+    while not stop.is_set():
+        for notify in conn.notifies(timeout=poll_s):
+            yield RouteChange.parse(notify.payload)
+        conn.execute("SELECT 1")  # notice a connection the server ended while we were idle
 
 
 class Router:

@@ -33,7 +33,7 @@ def test_catch_up_keeps_its_deadline_across_a_reconnect(fleet: Fleet, caplog: py
     started = time.monotonic()
     killer.start()
     try:
-        left = capture.catch_up(source, target, fleet.layout(), ("7",), 1, batch=100, until=-1, deadline=started + 2.0)
+        left = capture.catch_up(source, target, fleet.layout(), ("7",), 1, capture.Goal(-1, started + 2.0, 100))
     finally:
         killer.cancel()
     elapsed = time.monotonic() - started

@@ -346,6 +346,16 @@ def drain(
     return total
 
 
+@dataclass(frozen=True)
+class Goal:
+    """Where catch-up stops: at most `backlog` changes pending (--cutover-backlog), or `deadline` (a
+    `time.monotonic()` value) passed; it replays `batch` changes a round."""
+
+    backlog: int
+    deadline: float
+    batch: int
+
+
 @STAMP_STEP.wraps
 def catch_up(
     source_dsn: str,
@@ -353,14 +363,11 @@ def catch_up(
     layout: Layout,
     tenants: Cohort,
     move_id: int,
-    *,
-    batch: int,
-    until: int,
-    deadline: float,
+    goal: Goal,
     observe: Callable[[int], None] = lambda pending: None,
 ) -> int:
-    """Replay until at most `until` changes are pending or `deadline` (a `time.monotonic()` value)
-    has passed; returns the backlog left, which the caller judges. `observe` sees each round's backlog.
+    """Replay until the `goal` is reached; returns the backlog left, which the caller judges.
+    `observe` sees each round's backlog.
 
     Connections stay open across batches; a transient error reconnects and goes on (replay is
     idempotent) towards the same deadline, which the caller fixed before the first attempt.
@@ -371,6 +378,6 @@ def catch_up(
             pending = backlog(src, move_id)
             src.commit()
             observe(pending)
-            if pending <= until or time.monotonic() > deadline:
+            if pending <= goal.backlog or time.monotonic() > goal.deadline:
                 return pending
-            replay_once(src, tgt, layout, tenants, move_id, batch)
+            replay_once(src, tgt, layout, tenants, move_id, goal.batch)

@@ -53,6 +53,26 @@ START = Cursor(0, False)  # nothing of the table copied yet
 
 
 @dataclass(frozen=True)
+class Stream:
+    """What each copy stream of a move works with: both stamps, the tenants, the move, --batch-rows,
+    its share of --rate-limit (rows/s), its progress, and `stop`, which ends it after its current batch."""
+
+    source_dsn: str
+    target_dsn: str
+    tenants: Cohort
+    move_id: int
+    batch_rows: int
+    progress: Progress
+    rate_limit: float | None = None
+    stop: threading.Event | None = None
+
+    def pace(self, rows: int, started: float) -> None:
+        """Sleep as long as --rate-limit asks after a batch of `rows` begun at `started` (monotonic)."""
+        if self.rate_limit:
+            time.sleep(max(0.0, rows / self.rate_limit - (time.monotonic() - started)))
+
+
+@dataclass(frozen=True)
 class Part:
     """One key range of a table's copy, (lower bound, `upto`], and its cursor on the target.
 
@@ -261,18 +281,7 @@ def _stream_batch(
 
 
 @STAMP_STEP.wraps
-def copy_part(
-    source_dsn: str,
-    target_dsn: str,
-    table: Table,
-    tenants: Cohort,
-    move_id: int,
-    index: int,
-    batch_rows: int,
-    progress: Progress,
-    rate_limit: float | None = None,
-    stop: threading.Event | None = None,
-) -> int:
+def copy_part(stream: Stream, table: Table, index: int) -> int:
     """Copy one part of the table from where its cursor stands on the target; returns rows copied now.
 
     Retried on transient errors: every attempt re-reads the committed cursor, so a retry neither
@@ -284,9 +293,12 @@ def copy_part(
     source is asked for the batch's last key first (an OFFSET scan, a third of COPY's own work).
     """
     if table.self_references:
-        return _copy_tree(source_dsn, target_dsn, table, tenants, move_id, batch_rows, progress, rate_limit)
+        return _copy_tree(stream, table)
+    source_dsn, tenants, move_id, batch_rows, stop = (
+        stream.source_dsn, stream.tenants, stream.move_id, stream.batch_rows, stream.stop
+    )  # fmt: skip
     read_back = _orders_alike(table)
-    with dsnlib.connect(source_dsn, autocommit=True) as src, dsnlib.connect(target_dsn) as tgt:
+    with dsnlib.connect(source_dsn, autocommit=True) as src, dsnlib.connect(stream.target_dsn) as tgt:
         dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
         part = next(p for p in read_parts(tgt, move_id, table) if p.index == index)
         tgt.commit()
@@ -313,9 +325,8 @@ def copy_part(
                     rows = _insert_staged(tgt, table)
                     part = _next_part(tgt, move_id, table, part, upto, rows)
             copied += rows
-            progress.advance(table.label, rows)
-            if rate_limit:
-                time.sleep(max(0.0, rows / rate_limit - (time.monotonic() - started)))
+            stream.progress.advance(table.label, rows)
+            stream.pace(rows, started)
         return copied
 
 
@@ -401,22 +412,14 @@ def _orphaned(table: Table, fk: ForeignKey) -> sql.Composed:
     )
 
 
-def _copy_tree(
-    source_dsn: str,
-    target_dsn: str,
-    table: Table,
-    tenants: Cohort,
-    move_id: int,
-    batch_rows: int,
-    progress: Progress,
-    rate_limit: float | None,
-) -> int:
+def _copy_tree(stream: Stream, table: Table) -> int:
     """A self-referencing table, parents first, from one source snapshot (see `tree`).
 
     Its cursor only counts rows and says when the table is done: a new session orders the rows
     afresh and inserts the ones the target lacks (ON CONFLICT DO NOTHING on the row key).
     """
-    with dsnlib.connect(source_dsn) as src, dsnlib.connect(target_dsn) as tgt:
+    source_dsn, tenants, move_id = stream.source_dsn, stream.tenants, stream.move_id
+    with dsnlib.connect(source_dsn) as src, dsnlib.connect(stream.target_dsn) as tgt:
         dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
         cursor = read_cursor(tgt, move_id, table)
         tgt.commit()
@@ -425,7 +428,7 @@ def _copy_tree(
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         ordered, total = tree.order_rows(src, table, tenants)
         copied = 0
-        for after, upto in list(tree.batches(ordered, total, batch_rows)) or [(0, 0)]:
+        for after, upto in list(tree.batches(ordered, total, stream.batch_rows)) or [(0, 0)]:
             started = time.monotonic()
             with tgt.transaction():
                 stage_rows(src, tgt, table, tree.rows_between(table, tenants, after, upto), STAGE)
@@ -434,9 +437,8 @@ def _copy_tree(
                 cursor = Cursor(cursor.rows + rows, upto >= total)
                 _save_part(tgt, move_id, table, Part(0, None, None, cursor.rows, cursor.done))
             copied += rows
-            progress.advance(table.label, rows)
-            if rate_limit:
-                time.sleep(max(0.0, (upto - after) / rate_limit - (time.monotonic() - started)))
+            stream.progress.advance(table.label, rows)
+            stream.pace(upto - after, started)
         src.rollback()
         return copied
 

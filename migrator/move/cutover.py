@@ -193,9 +193,7 @@ def catch_up(run: MoveRun, move: Move) -> int:
         run.layout,
         move.tenants,
         move.id,
-        batch=options.replay_batch,
-        until=options.cutover_backlog,
-        deadline=deadline,
+        capture.Goal(options.cutover_backlog, deadline, options.replay_batch),
         observe=lambda pending: _observe_backlog(run, move, pending),
     )
     if pending > options.cutover_backlog:

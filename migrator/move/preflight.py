@@ -123,7 +123,7 @@ def check_move(
         if not (checks.rls_tables(src, layout) or checks.rls_tables(tgt, layout)):
             with problems.check():
                 rows, nulls, skipped = _check_rows(
-                    problems, src, tgt, layout, tenancy, tenants, source, target, same_schema
+                    problems, _Sides(source, target, src, tgt), layout, tenancy, tenants, same_schema
                 )
         problems.add(checks.move_problems(src, tgt, layout, source.name, target.name, allow_triggers))
         write_mode = dsnlib.write_mode(tgt)
@@ -136,21 +136,24 @@ def check_move(
     return Checked(tenants, routes, source, target, layout, src_rev, rows, write_mode, nulls, skipped)
 
 
+@dataclass(frozen=True)
+class _Sides:
+    """The move's two stamps and the read session preflight holds on each."""
+
+    source: Stamp
+    target: Stamp
+    src: psycopg.Connection[Any]
+    tgt: psycopg.Connection[Any]
+
+
 def _check_rows(
-    problems: Problems,
-    src: psycopg.Connection[Any],
-    tgt: psycopg.Connection[Any],
-    layout: Layout,
-    tenancy: Tenancy,
-    tenants: Cohort,
-    source: Stamp,
-    target: Stamp,
-    same_schema: bool,
+    problems: Problems, sides: _Sides, layout: Layout, tenancy: Tenancy, tenants: Cohort, same_schema: bool
 ) -> tuple[dict[str, int], dict[str, int], tuple[str, ...]]:
     """The checks of the tenants' rows and of what the schema lets a copy carry: each tenant's
     spelling, its rows on the source, none on the target, no value of a unique index taken there,
     columns alike on both stamps, nothing COPY cannot move; returns the cohort's row counts, the rows
     of no tenant per table, and the views left alone."""
+    source, target, src, tgt = sides.source, sides.target, sides.src, sides.tgt
     root = next((t for t in layout.tables if t.name == tenancy.root_table), None)
     if root is None:  # the root table has no row key: named among the layout's problems
         return {}, {}, ()

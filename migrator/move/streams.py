@@ -62,7 +62,7 @@ def copy_tables(
     streams already running finish their batch and the first error is raised; every part's
     committed cursor stays, so running the move again resumes each range where it stood.
     """
-    layout, options, progress = run.layout, run.options, run.progress
+    layout, options = run.layout, run.options
     in_any_order = _replica_sessions(run.target.dsn)  # the copy's sessions will be replica: no FK checks
     cursors = copy.read_cursors(run.target.dsn, move_id, layout.tables)
     pending: list[_Unit] = []
@@ -72,9 +72,18 @@ def copy_tables(
             done.add(table.name)
         elif not table.cycle or table.name == table.cycle[0]:
             pending.append(_Unit(layout.cycle_of(table)))
-    rate = options.rate_limit / jobs if options.rate_limit else None
-    running: dict[Future[int], _Unit] = {}
     stop = threading.Event()
+    stream = copy.Stream(
+        run.source.dsn,
+        run.target.dsn,
+        tenants,
+        move_id,
+        options.batch_rows,
+        run.metrics.counting_copy(run.progress, run.source.name, run.target.name),
+        options.rate_limit / jobs if options.rate_limit else None,
+        stop,
+    )
+    running: dict[Future[int], _Unit] = {}
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="copy") as pool:
         try:
             while pending or running:
@@ -83,23 +92,17 @@ def copy_tables(
                     pending.clear()
                 for unit in [u for u in pending if (in_any_order or u.parents <= done) and u.path_parents <= done]:
                     pending.remove(unit)
-                    for table in unit.tables:
-                        progress.start(table.label, totals.get(table.label, 0), cursors[table.label].rows)
-                    for submit in _streams(run, move_id, tenants, unit, totals, jobs, rate, stop):
-                        running[pool.submit(submit)] = unit
-                        unit.streams += 1
+                    _count_from(run, unit, totals, cursors)
+                    submits = _streams(stream, unit, totals, jobs)
+                    unit.streams = len(submits)
+                    running.update((pool.submit(submit), unit) for submit in submits)
+                if not (running or pending):  # stopped
+                    break
                 if not running:
-                    if not pending:  # stopped
-                        break
                     raise RuntimeError(f"copy order stuck at {[u.names for u in pending]}")  # cannot happen
                 complete, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in complete:
-                    unit = running.pop(future)
-                    future.result()
-                    unit.streams -= 1
-                    if unit.streams == 0 and not stop.is_set():
-                        _complete(run, unit, finished)
-                        done |= unit.names
+                    done |= _ended(run, running.pop(future), future, stop, finished)
         finally:  # on an error (or Ctrl-C) the other streams end after their current batch
             stop.set()
             pool.shutdown(cancel_futures=True)
@@ -113,6 +116,19 @@ def _replica_sessions(target_dsn: str) -> bool:
         return dsnlib.may_skip_triggers(tgt)
 
 
+def _ended(
+    run: MoveRun, unit: _Unit, future: Future[int], stop: threading.Event, finished: Callable[[tuple[Table, ...]], None]
+) -> set[str]:
+    """A stream of the unit ended (its error raised here); the unit's tables once its last one did,
+    unless the copy is stopping."""
+    future.result()
+    unit.streams -= 1
+    if unit.streams or stop.is_set():
+        return set()
+    _complete(run, unit, finished)
+    return unit.names
+
+
 def _complete(run: MoveRun, unit: _Unit, finished: Callable[[tuple[Table, ...]], None]) -> None:
     for table in unit.tables:
         copy.analyze(run.target.dsn, table)
@@ -120,28 +136,23 @@ def _complete(run: MoveRun, unit: _Unit, finished: Callable[[tuple[Table, ...]],
     finished(unit.tables)
 
 
-def _streams(
-    run: MoveRun,
-    move_id: int,
-    tenants: Cohort,
-    unit: _Unit,
-    totals: dict[str, int],
-    jobs: int,
-    rate: float | None,
-    stop: threading.Event,
-) -> list[Callable[[], int]]:
+def _count_from(run: MoveRun, unit: _Unit, totals: dict[str, int], cursors: dict[str, copy.Cursor]) -> None:
+    """Each table of the unit starts its counter, from the rows an earlier run copied."""
+    for table in unit.tables:
+        run.progress.start(table.label, totals.get(table.label, 0), cursors[table.label].rows)
+
+
+def _streams(stream: copy.Stream, unit: _Unit, totals: dict[str, int], jobs: int) -> list[Callable[[], int]]:
     """One callable per stream of the unit: one per part of a table, one for a whole cycle."""
-    source, target = run.source.dsn, run.target.dsn
-    progress = run.metrics.counting_copy(run.progress, run.source.name, run.target.name)
+    source, target, tenants, move_id = stream.source_dsn, stream.target_dsn, stream.tenants, stream.move_id
     if len(unit.tables) > 1:
-        return [lambda: copy.copy_cycle(source, target, unit.tables, tenants, move_id, progress)]
+        return [lambda: copy.copy_cycle(source, target, unit.tables, tenants, move_id, stream.progress)]
     table = unit.tables[0]
     rows = totals.get(table.label, 0)
     pieces = max(1, min(jobs, rows // MIN_PART_ROWS))
     parts = copy.plan_parts(source, target, table, tenants, move_id, pieces, rows)
-    batch = run.options.batch_rows
 
-    def stream(index: int) -> Callable[[], int]:
-        return lambda: copy.copy_part(source, target, table, tenants, move_id, index, batch, progress, rate, stop)
+    def part(index: int) -> Callable[[], int]:
+        return lambda: copy.copy_part(stream, table, index)
 
-    return [stream(part.index) for part in parts if not part.done]
+    return [part(p.index) for p in parts if not p.done]
