@@ -1,6 +1,7 @@
 # Sourced by scripts/*: create .venv and install the project (with EXTRAS) when it is missing or stale.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/_heartbeat.sh"
 VENV="$ROOT/.venv"
 EXTRAS="${EXTRAS:-}"
 stamp="$VENV/.installed${EXTRAS:+-$EXTRAS}"
@@ -17,10 +18,12 @@ need_postgres() {
 }
 need_postgres
 if [ ! -x "$VENV/bin/python" ]; then
+  echo "creating $VENV" >&2
   python3 -m venv "$VENV"
 fi
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT${EXTRAS:+[$EXTRAS]}" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  echo "installing migrator${EXTRAS:+[$EXTRAS]} and its dependencies into $VENV (pip)" >&2
+  with_heartbeat "installing" "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT${EXTRAS:+[$EXTRAS]}" 2>&1 | grep --line-buffered -v "^WARNING: Location" >&2 || true
   "$VENV/bin/python" -c "import migrator, psycopg, sqlalchemy, alembic, click, tenacity, tqdm, yaml" 
   touch "$stamp"
 fi
