@@ -709,8 +709,8 @@ class NewInvoiceAfterItsTable(Silent):
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
 
-    def finish_table(self, table: str) -> None:
-        if table == "invoices":
+    def finish(self, part: str) -> None:
+        if part == "invoices":
             with dsnlib.connect(self.dsn, autocommit=True) as conn, conn.transaction():
                 conn.execute("INSERT INTO invoices VALUES (4200099, 42, 99)")
                 conn.execute("INSERT INTO invoice_lines VALUES (42000990, 4200099, 'EUR', 9.99)")

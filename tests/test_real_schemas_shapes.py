@@ -437,9 +437,9 @@ class FailAfter(Silent):
     def __init__(self, table: str) -> None:
         self.table = table
 
-    def finish_table(self, table: str) -> None:
-        if table == self.table:
-            raise RuntimeError(f"interrupted after {table}")
+    def finish(self, part: str) -> None:
+        if part == self.table:
+            raise RuntimeError(f"interrupted after {part}")
 
 
 def test_abort_of_an_interrupted_deferrable_cycle_copy_removes_it(shaped: ShapedFactory) -> None:
