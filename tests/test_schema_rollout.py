@@ -13,10 +13,12 @@ from typing import Any
 import psycopg
 import pytest
 from alembic import command
+from click.testing import CliRunner
 from conftest import REPO, Fleet, stamp_snapshot
 
 from migrator import config as configlib
-from migrator.catalog import Mode
+from migrator.catalog import Mode, StampState
+from migrator.cli import cli
 from migrator.context import Context
 from migrator.db import alembic as migrations
 from migrator.db import dsn as dsnlib
@@ -358,3 +360,34 @@ def test_engine_status_reads_every_stamp(fleet: Fleet) -> None:
     assert [(o.stamp, o.result) for o in rollout.outcomes] == [("eu-1", OK), ("eu-2", SKIPPED)]
     with pytest.raises(psycopg.errors.UndefinedTable), dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
         conn.execute("SELECT 1 FROM task_watchers")
+
+
+def test_a_rollout_names_its_waves_one_way_skips_retired_stamps_saying_so_and_reports_a_failure_once(
+    fleet4: Fleet,
+) -> None:
+    fleet = fleet4
+    for name in fleet.stamps:
+        put_at(fleet, name, "0002_collaboration")
+    fleet.seed("eu-2", 2, 300)  # draining stamps still hold tenants: upgraded
+    fleet.seed("us-1", 3, 300)
+    fleet.catalog.set_stamp_state("eu-2", StampState.DRAINING)
+    fleet.catalog.set_stamp_state("eu-1", StampState.RETIRED)  # holds none: left out, and said so
+    with dsnlib.connect(fleet.dsn("us-1")) as conn:  # legacy data 0003 refuses to promote
+        conn.execute("UPDATE tasks SET meta = jsonb_build_object('priority', 9) WHERE tenant_id = 3 AND id % 5 = 1")
+
+    result = CliRunner().invoke(
+        cli, ["--config", str(fleet.config_path), "schema", "upgrade", "--parallel", "1"], input="y\n"
+    )
+    assert result.exit_code == 1, result.output
+    prompt = result.stderr.split("Upgrade 3 stamp(s)")[0]
+    assert "  canary: ap-1\n  wave 1: eu-2\n  wave 2: us-1\n  skipped (retired): eu-1\n" in prompt, prompt
+    assert "wave 0" not in result.output
+    table = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[1:] if line[:1].strip()}
+    assert table["ap-1"][:2] == ["canary", "0002_collaboration"]
+    assert table["eu-2"][:2] == ["wave", "1"] and table["us-1"][:2] == ["wave", "2"]
+    assert "retired: left out of rollouts" in " ".join(table["eu-1"])
+    assert revisions(fleet)["eu-1"] == "0002_collaboration" and revisions(fleet)["eu-2"] == HEAD
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("upgrade to ") and "failed: us-1" in summary
+    assert result.output.count("failed: us-1") == 1  # not again as an error line
+    assert result.output.count("tasks_priority_range") <= 2  # the stamp's live line and its row in the table

@@ -254,13 +254,15 @@ def _confirm(plan: Any) -> None:
     rest = len(plan.waves) - (1 if plan.canary else 0)
     click.echo(f"{plan.direction} {stamps} stamp(s) to {target}: {lead}{rest} wave(s)", err=True)
     for number, wave in enumerate(plan.waves):
-        click.echo(f"  wave {number}: {', '.join(wave)}", err=True)
+        click.echo(f"  {plan.wave_name(number)}: {', '.join(wave)}", err=True)
+    if plan.retired:
+        click.echo(f"  skipped (retired): {', '.join(plan.retired)}", err=True)
     confirm(f"{plan.direction.capitalize()} {stamps} stamp(s) to {target}?")
 
 
 def _report(rollout: Any, as_json: bool) -> None:
     """The final table, then exit 1 naming the failed stamps (after rendering, like `verify`)."""
-    from migrator.rollout.runner import RolloutFailed
+    from migrator.rollout.runner import RolloutFailed, wave_name
 
     data = {
         "run_id": rollout.run_id,
@@ -276,7 +278,7 @@ def _report(rollout: Any, as_json: bool) -> None:
         [
             [
                 o.stamp,
-                "canary" if o.wave == 0 and rollout.canary == o.stamp else o.wave,
+                "" if o.wave is None else wave_name(o.wave, rollout.canary is not None),
                 o.from_revision or "-",
                 o.to_revision or "base",
                 o.at_revision or "-",
@@ -289,7 +291,7 @@ def _report(rollout: Any, as_json: bool) -> None:
     parts = [_dry_run_text(rollout)] if rollout.dry_run else []
     emit(as_json, data, "\n".join([*parts, table, rollout.summary()]))
     if rollout.failed:
-        raise RolloutFailed(rollout.summary())
+        raise RolloutFailed("")  # exit 1; the summary above names the failures, once
 
 
 def _dry_run_text(rollout: Any) -> str:

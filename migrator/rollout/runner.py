@@ -76,9 +76,22 @@ class Plan:
     waves: tuple[tuple[str, ...], ...]  # stamp names; the first wave is the canary alone when there is one
     canary: str | None
     targets: dict[str, Stamp] = field(repr=False, compare=False)  # DSNs: never rendered
+    retired: tuple[str, ...] = ()  # retired stamps left out (not named with --stamp): skipped, and said so
 
     def row(self, name: str) -> StampSchema:
         return next(s for s in self.stamps if s.stamp == name)
+
+    def wave_name(self, number: int) -> str:
+        return wave_name(number, self.canary is not None)
+
+
+def wave_name(number: int, canary: bool) -> str:
+    """The one numbering of a rollout's waves, in its prompt, progress, table and messages: "canary" for
+    the canary's wave (index 0, when there is one), then "wave 1", "wave 2"... (`StampOutcome.wave` and
+    the JSON keep the index)."""
+    if canary and number == 0:
+        return "canary"
+    return f"wave {number if canary else number + 1}"
 
 
 @dataclass(frozen=True)
@@ -169,7 +182,8 @@ def upgrade_fleet(
     """
     found = History.load(ctx.config.schema_env())
     target = found.resolve(options.revision, allow_base=False)
-    plan = _plan(ctx, found, "upgrade", target, _select(ctx, (), options.active_only), options)
+    chosen, retired = _rollout_stamps(ctx, (), options.active_only)
+    plan = _plan(ctx, found, "upgrade", target, chosen, options, retired=retired)
     return _run(ctx, found, plan, options, progress or Silent(), confirm)
 
 
@@ -181,15 +195,28 @@ def plan_upgrade(ctx: Context, options: RolloutOptions) -> tuple[History, Plan]:
     """
     found = History.load(ctx.config.schema_env())
     target = found.resolve(options.revision, allow_base=False)
-    chosen = _select(ctx, (), options.active_only)
+    chosen, retired = _rollout_stamps(ctx, (), options.active_only)
     return found, _plan(
-        ctx, found, "upgrade", target, chosen, replace(options, parallel=1), options.connections_per_server
+        ctx,
+        found,
+        "upgrade",
+        target,
+        chosen,
+        replace(options, parallel=1),
+        options.connections_per_server,
+        retired=retired,
     )
 
 
 def record_not_run(log: RunLog, plan: Plan) -> list[StampOutcome]:
-    """The plan's stamps with nothing to do, recorded as skipped."""
-    return [_not_run(log, s) for s in plan.stamps if not any(s.stamp in w for w in plan.waves)]
+    """The plan's stamps with nothing to do, and the retired stamps it left out, recorded as skipped."""
+    idle = [_not_run(log, s) for s in plan.stamps if not any(s.stamp in w for w in plan.waves)]
+    retired = []
+    for name in plan.retired:
+        outcome = StampOutcome(name, None, SKIPPED, None, plan.target, None, (), "retired: left out of rollouts")
+        log.add(outcome.stamp, outcome.from_revision, outcome.result, outcome.error)
+        retired.append(outcome)
+    return [*idle, *retired]
 
 
 def downgrade_stamps(
@@ -204,7 +231,8 @@ def downgrade_stamps(
     found = History.load(ctx.config.schema_env())
     target = found.resolve(revision, allow_base=True)
     options = RolloutOptions(revision, canary=None, parallel=parallel)
-    plan = _plan(ctx, found, "downgrade", target, _select(ctx, names, False), options)
+    chosen, retired = _rollout_stamps(ctx, names, False)
+    plan = _plan(ctx, found, "downgrade", target, chosen, options, retired=retired)
     return _run(ctx, found, plan, options, progress or Silent(), confirm)
 
 
@@ -212,6 +240,17 @@ def _select(ctx: Context, names: Sequence[str], active_only: bool) -> list[Stamp
     if names:
         return [ctx.catalog.stamp(name) for name in dict.fromkeys(names)]
     return [s for s in ctx.catalog.stamps() if s.state == StampState.ACTIVE or not active_only]
+
+
+def _rollout_stamps(ctx: Context, names: Sequence[str], active_only: bool) -> tuple[list[Stamp], tuple[str, ...]]:
+    """The stamps a rollout changes, and the retired ones it leaves out: a retired stamp holds no tenant and
+    serves none, so its schema is left where it is, unless `--stamp` names it. Draining stamps still hold
+    tenants and are included."""
+    chosen = _select(ctx, names, active_only)
+    if names:
+        return chosen, ()
+    retired = tuple(s.name for s in chosen if s.state == StampState.RETIRED)
+    return [s for s in chosen if s.state != StampState.RETIRED], retired
 
 
 def _survey(
@@ -247,6 +286,8 @@ def _plan(
     chosen: list[Stamp],
     options: RolloutOptions,
     per_server: int | None = None,
+    *,
+    retired: tuple[str, ...] = (),
 ) -> Plan:
     """Validate everything, then order the work: canary alone, the rest by fewest tenants, `parallel` a wave."""
     canary, parallel = options.canary, options.parallel
@@ -255,7 +296,7 @@ def _plan(
     names = [s.name for s in chosen]
     if canary is not None and canary not in names:
         ctx.catalog.stamp(canary)  # unknown stamp: BadInput naming it
-        raise BadInput(f"canary {canary} is not among this rollout's stamps (draining or retired with --active-only?)")
+        raise BadInput(f"canary {canary} is not among this rollout's stamps (retired, or draining with --active-only?)")
     _refuse_fenced(ctx, names)
     rows = _survey(ctx, found, chosen, target, per_server)
     work = [r for r in rows if _needs_work(r, direction)]
@@ -268,7 +309,8 @@ def _plan(
     rest = sorted((r for r in work if r.stamp != canary), key=lambda r: (r.tenants, r.stamp))
     waves: list[tuple[str, ...]] = [(canary,)] if canary else []
     waves += [tuple(r.stamp for r in rest[i : i + parallel]) for i in range(0, len(rest), parallel)]
-    return Plan(str(uuid.uuid4()), direction, target, tuple(rows), tuple(waves), canary, {s.name: s for s in chosen})
+    targets = {s.name: s for s in chosen}
+    return Plan(str(uuid.uuid4()), direction, target, tuple(rows), tuple(waves), canary, targets, retired)
 
 
 def _refuse_fenced(ctx: Context, names: list[str]) -> None:
@@ -327,7 +369,9 @@ def _waves(
             if stopped:
                 outcomes += [_not_run(log, plan.row(name), f"not tried: {stopped}") for name in wave]
                 continue
-            part = f"wave {number + 1}/{len(plan.waves)}"
+            part = plan.wave_name(number)
+            if part != "canary":
+                part += f"/{len(plan.waves) - (1 if plan.canary else 0)}"  # wave 1/3
             progress.start(part, len(wave), unit="stamps")
             refused = fenced_moves(ctx, list(wave))  # a move may have reached its cutover meanwhile
             finished = [_refused(log, plan.row(n), number, refused[n]) for n in wave if n in refused]
@@ -346,7 +390,7 @@ def _waves(
             failed = [o.stamp for o in finished if o.result == FAILED]
             canary = number == 0 and plan.canary is not None
             if failed and (canary or not options.continue_on_error):
-                which = "the canary" if canary else f"wave {number}"
+                which = "the canary" if canary else plan.wave_name(number)
                 stopped = f"stopped after {which} failed on {', '.join(failed)}"
     return outcomes, stopped
 
