@@ -37,6 +37,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from migrator.catalog.routes import route_of
 from migrator.db.dsn import mask, normalize
 from migrator.sqlstates import FENCED_SQLSTATE
 
@@ -207,7 +208,7 @@ class Router:
         epoch = self._epoch
         try:
             with self._catalog.connection(timeout=CATALOG_TIMEOUT_S) as conn:
-                row = conn.execute("SELECT stamp, version FROM routes WHERE tenant = %s", (tenant,)).fetchone()
+                row = route_of(conn, tenant)
         except psycopg.OperationalError:
             entry = self._cache.get(tenant)
             if entry is None:
@@ -219,7 +220,7 @@ class Router:
         self._before_store(tenant)
         # Read while notifications were (or went) missing: keep it, but re-read it on next use.
         fresh = epoch == self._epoch and (self._listener is None or self._listening.is_set())
-        return self._store(tenant, str(row[0]), int(row[1]), fresh=fresh)
+        return self._store(tenant, row[0], row[1], fresh=fresh)
 
     def _before_store(self, tenant: str) -> None:
         """Between reading a route and caching it; a test hook to widen the race with a flip."""
