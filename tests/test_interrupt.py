@@ -9,7 +9,7 @@ import os
 import signal
 
 import pytest
-from conftest import Fleet, wait_until
+from conftest import Fleet, tenant_row_count, wait_until
 
 from migrator.db import dsn as dsnlib
 
@@ -57,3 +57,24 @@ def test_a_signal_stops_a_move_at_a_safe_point_with_one_line_saying_how_to_resum
     resumed = fleet.run("move", "--move", str(move.id), "--yes")  # the command the line gave
     assert resumed.exit_code == 0, resumed.output
     assert fleet.catalog.route("7").stamp == "eu-2"
+
+
+def test_ctrl_c_stops_a_cleanup_between_batches_and_the_same_command_finishes_it(fleet: Fleet) -> None:
+    total = fleet.seed("eu-1", 7, ROWS)
+    assert fleet.run("move", "7", "--to", "eu-2", "--yes").exit_code == 0
+    layout = fleet.layout()
+    proc = fleet.popen("cleanup", "7", "--stamp", "eu-1", "--batch-rows", "50", "--yes", start_new_session=True)
+    wait_until(lambda: 0 < tenant_row_count(fleet.dsn("eu-1"), layout, "7") < total, "deletes to start", proc=proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        "error: cleanup of tenant 7 on eu-1 stopped by SIGINT between two delete batches; left in place: the rows "
+        "not yet deleted and the fence on eu-1; resume: `migrator cleanup 7 --stamp eu-1`"
+    ), err
+    assert tenant_row_count(fleet.dsn("eu-1"), layout, "7") > 0
+
+    again = fleet.run("cleanup", "7", "--stamp", "eu-1", "--yes")  # the command the line gave
+    assert again.exit_code == 0, again.output
+    assert tenant_row_count(fleet.dsn("eu-1"), layout, "7") == 0

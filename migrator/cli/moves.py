@@ -411,6 +411,7 @@ def cleanup_cmd(
     are deleted in batches. Only rows a flipped move copied and
     verified are deleted: anything else refuses the cleanup before the first delete."""
     from migrator.catalog import name_tenants
+    from migrator.interrupts import Stopped, stop_on_signals
     from migrator.move import cleanup_move, cleanup_tenants
 
     context = context_of(ctx)
@@ -423,12 +424,39 @@ def cleanup_cmd(
     who = name_tenants(tenants)
     if not (yes or dry_run):
         confirm(f"Delete every row of {who} on {stamp}?")
-    with render.progress(not (no_progress or dry_run), "deleted") as progress:
-        options = {"allow_triggers": allow_triggers, "dry_run": dry_run}
-        if move_id is not None:
-            _, counts = cleanup_move(context, move_id, batch_rows, progress, **options)
-        else:
-            counts = cleanup_tenants(context, tenants, stamp, batch_rows, progress, **options)
+    with stop_on_signals() as stop:  # Ctrl-C, SIGTERM: the cleanup ends after its current delete batch
+        try:
+            with render.progress(not (no_progress or dry_run), "deleted") as progress:
+                if move_id is not None:
+                    _, counts = cleanup_move(
+                        context,
+                        move_id,
+                        batch_rows,
+                        progress,
+                        allow_triggers=allow_triggers,
+                        dry_run=dry_run,
+                        stop=stop.event,
+                    )
+                else:
+                    counts = cleanup_tenants(
+                        context,
+                        tenants,
+                        stamp,
+                        batch_rows,
+                        progress,
+                        allow_triggers=allow_triggers,
+                        dry_run=dry_run,
+                        stop=stop.event,
+                    )
+        except Interrupted:
+            if not stop.asked:
+                raise
+            again = f"--move {move_id}" if move_id is not None else f"{' '.join(tenants)} --stamp {stamp}"
+            raise Stopped(
+                f"cleanup of {who} on {stamp} stopped by {stop.name} between two delete batches; left in place: the "
+                f"rows not yet deleted and the fence on {stamp}; resume: `migrator cleanup {again}`",
+                stop.exit_code,
+            ) from None
     if dry_run:
         click.echo(
             f"dry run: would delete {sum(counts.values())} rows of {who} from {stamp}, each as copied and verified\n"

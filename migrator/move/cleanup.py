@@ -9,6 +9,7 @@ while its leftovers are deleted (only this transaction bypasses it) and is lifte
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import psycopg
@@ -19,7 +20,7 @@ from migrator.catalog import Cohort, Move, Phase, Stamp, describe_move, name_ten
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
-from migrator.errors import BadInput, PreflightError
+from migrator.errors import BadInput, Interrupted, PreflightError
 from migrator.move import capture, fence, moved, tree
 from migrator.move.keys import by_key, keys_table, load_keys
 from migrator.move.preflight import check_deletes
@@ -29,13 +30,25 @@ from migrator.stamps.discovery import Layout, Table, tenant_filter
 from migrator.stamps.paths import parent_missing
 
 
+def _safe_point(stop: threading.Event | None, stamp: Stamp, table: Table) -> None:
+    """Between two committed delete batches: honour a stop (Ctrl-C, SIGTERM); a re-run deletes the rest."""
+    if stop is not None and stop.is_set():
+        raise Interrupted(f"cleanup on {stamp.name}: stopped at a safe point in {table.label}; run it again to finish")
+
+
 @STAMP_STEP.wraps
 def delete_tenant_rows(
-    stamp: Stamp, table: Table, tenants: Cohort, batch_rows: int, progress: Progress, bypass_fence: bool = False
+    stamp: Stamp,
+    table: Table,
+    tenants: Cohort,
+    batch_rows: int,
+    progress: Progress,
+    bypass_fence: bool = False,
+    stop: threading.Event | None = None,
 ) -> int:
     """Delete the tenants' rows of one table in key batches; safe to repeat after an interruption."""
     if table.self_references:
-        return _delete_tree(stamp, table, tenants, batch_rows, progress, bypass_fence)
+        return _delete_tree(stamp, table, tenants, batch_rows, progress, bypass_fence, stop)
     deleted = 0
     query = sql.SQL("DELETE FROM {t} WHERE ({pk}) IN (SELECT {pk} FROM {t} WHERE {f} LIMIT %s)").format(
         t=table.ident, pk=table.pk_cols(), f=tenant_filter(table, tenants)
@@ -51,10 +64,17 @@ def delete_tenant_rows(
             progress.advance(table.label, rows)
             if rows < batch_rows:
                 return deleted
+            _safe_point(stop, stamp, table)
 
 
 def _delete_tree(
-    stamp: Stamp, table: Table, tenants: Cohort, batch_rows: int, progress: Progress, bypass_fence: bool
+    stamp: Stamp,
+    table: Table,
+    tenants: Cohort,
+    batch_rows: int,
+    progress: Progress,
+    bypass_fence: bool,
+    stop: threading.Event | None,
 ) -> int:
     """A self-referencing table backwards in its copy order: no batch deletes a row still referenced.
 
@@ -68,6 +88,7 @@ def _delete_tree(
         conn.commit()
         ranges = list(tree.batches(ordered, total, batch_rows))
         for after, upto in reversed(ranges):
+            _safe_point(stop, stamp, table)
             with conn.transaction():
                 if bypass_fence:
                     fence.bypass_for_cleanup(conn)
@@ -99,16 +120,23 @@ def delete_cycle(
 
 
 def delete_tenant(
-    stamp: Stamp, layout: Layout, tenants: Cohort, batch_rows: int, progress: Progress, bypass_fence: bool = False
+    stamp: Stamp,
+    layout: Layout,
+    tenants: Cohort,
+    batch_rows: int,
+    progress: Progress,
+    bypass_fence: bool = False,
+    stop: threading.Event | None = None,
 ) -> dict[str, int]:
-    """Delete all of the tenants' rows on the stamp, children before parents."""
+    """Delete all of the tenants' rows on the stamp, children before parents; `stop` ends it between batches
+    with `Interrupted`."""
     counts: dict[str, int] = {}
     for table in reversed(layout.tables):
         progress.start(table.label, 0, 0)
         if table.cycle and table.label not in counts:  # the whole cycle at its last table in copy order
             counts.update(delete_cycle(stamp, layout.cycle_of(table), tenants, progress, bypass_fence))
         elif not table.cycle:
-            counts[table.label] = delete_tenant_rows(stamp, table, tenants, batch_rows, progress, bypass_fence)
+            counts[table.label] = delete_tenant_rows(stamp, table, tenants, batch_rows, progress, bypass_fence, stop)
         progress.finish(table.label)
     return counts
 
@@ -179,6 +207,7 @@ def cleanup_tenants(
     *,
     allow_triggers: bool = False,
     dry_run: bool = False,
+    stop: threading.Event | None = None,
 ) -> dict[str, int]:
     """`migrator cleanup`: delete moved tenants' leftovers on their old stamp and lift the fence there.
 
@@ -209,7 +238,7 @@ def cleanup_tenants(
         if dry_run:
             return proof.rows
         progress.phase(f"deleting the rows of {who} on {stamp.name}")
-        counts = delete_tenant(stamp, layout, tenants, batch_rows, progress, bypass_fence=True)
+        counts = delete_tenant(stamp, layout, tenants, batch_rows, progress, bypass_fence=True, stop=stop)
         with stamps.connect(stamp, autocommit=False) as conn:
             fence.unguard(conn, layout, tenants)
             still_guarded = fence.guarded(conn)
@@ -225,13 +254,14 @@ def cleanup_move(
     *,
     allow_triggers: bool = False,
     dry_run: bool = False,
+    stop: threading.Event | None = None,
 ) -> tuple[Move, dict[str, int]]:
     """`migrator cleanup --move ID`: the leftovers of every tenant of a flipped move, on its source."""
     move = ctx.catalog.move(move_id)
     if move.phase != Phase.FLIPPED and move.phase != Phase.CLEANED:
         raise BadInput(f"{describe_move(move)} has not flipped; only a flipped move leaves rows to clean up")
     counts = cleanup_tenants(
-        ctx, move.tenants, move.source, batch_rows, progress, allow_triggers=allow_triggers, dry_run=dry_run
+        ctx, move.tenants, move.source, batch_rows, progress, allow_triggers=allow_triggers, dry_run=dry_run, stop=stop
     )
     return ctx.catalog.move(move_id), counts
 
