@@ -4,7 +4,7 @@ and with one move per tenant, against a raw `psql` binary COPY pipe of the same 
 Each drain gets a fresh local fleet (`migrator.local.fleet`: the catalog and 3 stamps, each stamp
 on its own PostgreSQL server) seeded the same way: stamp-1 holds TENANTS tenants of about ROWS
 rows and LARGE tenants of LARGE_ROWS rows; stamp-2 and stamp-3 can hold them all. While the drain
-runs, a writer (`migrator.local.writer`, through the router) writes to a sample of the tenants;
+runs, a writer (`migrator.testing.writer`, through the router) writes to a sample of the tenants;
 afterwards every write it was acknowledged must be on the tenant's new stamp. The drain is planned
 (`plan_drain`, with the default cohorts or `--cohort-tenants 1`) and applied through the engine
 (`apply.prepare` + `apply.run`), like `migrator plan drain stamp-1` then `migrator apply FILE`.
@@ -37,10 +37,10 @@ from migrator.local import provision
 from migrator.local.fleet import STATE_FILE
 from migrator.local.fleet import fleet_down as stop_fleet
 from migrator.local.seed import TenantSpec
-from migrator.local.writer import Workload
 from migrator.plans.apply import ApplyOptions, prepare, run
 from migrator.plans.planners import Cohorts, plan_drain, write_plan
 from migrator.progress import Silent
+from migrator.testing.writer import Workload
 
 
 class Notes(Silent):

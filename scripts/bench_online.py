@@ -3,7 +3,7 @@
 One run, on two local PostgreSQL servers (stamp `a` with the catalog, stamp `b`): a tenant of ROWS
 rows is seeded on `a`, then moved `a -> b -> a -> ...` MOVES times with `migrator move` (online, its
 own process), each followed by `migrator cleanup` of the old stamp. During every move a writer
-(migrator/local/writer.py, WRITERS threads) inserts, updates (primary-key changes included) and
+(migrator/testing/writer.py, WRITERS threads) inserts, updates (primary-key changes included) and
 deletes the tenant's tasks at RATE writes/s through `migrator.router.Router.run`, the library
 applications use: routes cached and updated by the catalog's notifications, fenced writes retried
 on the new stamp.
@@ -36,8 +36,8 @@ import benchlib  # scripts/, the directory of this script
 
 from migrator.local import provision
 from migrator.local.seed import TenantSpec, seed_fleet_stamp
-from migrator.local.writer import Workload
 from migrator.router import Router
+from migrator.testing.writer import Workload
 
 TENANT = 1
 

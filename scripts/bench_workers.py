@@ -26,7 +26,7 @@ most COHORT_TENANTS tenants (`plan_drain` + `write_plan`), twice on identical fr
 local `migrator apply FILE --parallel WORKERS --per-stamp PER_STAMP --yes --json`; (b) WORKERS
 `migrator worker --concurrency 1` processes, once live, then `migrator apply FILE --queue
 --per-stamp PER_STAMP --yes` and `migrator plan wait FILE --json`, timed from the enqueue until
-the wait returns. A writer (`migrator.local.writer`) writes to WRITERS of the tenants in both;
+the wait returns. A writer (`migrator.testing.writer`) writes to WRITERS of the tenants in both;
 afterwards every write it was acknowledged must be on the tenant's new stamp. Checked for both:
 every tenant routed to the target the plan gave it, exactly one flipped move per tenant (catalog
 `moves` / `move_tenants`), and each tenant's rows on the targets as many as were seeded (the
@@ -76,11 +76,11 @@ from migrator.local import pgserver, provision
 from migrator.local.fleet import STATE_FILE
 from migrator.local.fleet import fleet_down as stop_fleet
 from migrator.local.seed import TenantSpec
-from migrator.local.writer import Workload
 from migrator.plans.planners import Cohorts, load_plan, plan_drain, write_plan
 from migrator.queue.app import live_workers
 from migrator.stamps import access
 from migrator.stamps.discovery import discover
+from migrator.testing.writer import Workload
 
 START = "0002_collaboration"
 HEAD = "0006_task_checklists"

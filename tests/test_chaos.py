@@ -1,27 +1,12 @@
-"""The chaos engine (scripts/chaos.py) in small: every fault kind strikes once, no invariant breaks."""
+"""The chaos engine (`migrator.testing.chaos`, run by scripts/chaos) in small: every fault kind strikes
+once, no invariant breaks."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "chaos.py"
-
-
-def _chaos() -> ModuleType:
-    """scripts/ is not a package (chaos tooling stays out of `migrator`): load the script by path."""
-    spec = importlib.util.spec_from_file_location("migrator_chaos_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module while the class is created
-    spec.loader.exec_module(module)
-    return module
+from migrator.testing import chaos
 
 
 def test_every_fault_kind_once_breaks_no_invariant() -> None:
-    chaos = _chaos()
     report = chaos.run(moves=6, seed=2, small=2, medium=1, cover_all=True)
     print(report.table())
     assert report.problems == []
@@ -32,7 +17,6 @@ def test_every_fault_kind_once_breaks_no_invariant() -> None:
 
 def test_oracle_counts_what_it_must() -> None:
     """The invariant checks are not vacuous: a lost, changed or extra row and a lost write are all counted."""
-    chaos = _chaos()
     before = {"tasks": {"{1,1}": "a", "{1,2}": "b"}, "tenants": {"{1}": "t"}}
     after = {"tasks": {"{1,1}": "a", "{1,2}": "B", "{1,3}": "c"}, "tenants": {}}
     assert chaos.compare_rows(before, after) == (2, 1)  # {1,2} changed and {1} lost; {1,3} extra

@@ -26,10 +26,10 @@ from migrator.catalog import Phase
 from migrator.db import dsn as dsnlib
 from migrator.errors import RouteConflict
 from migrator.local.seed import TenantSpec, seed_tenant
-from migrator.local.writer import Workload
 from migrator.move import MoveOptions, move_tenants
 from migrator.move.fence import FENCED_SQLSTATE
 from migrator.progress import Silent
+from migrator.testing.writer import Workload
 
 
 def _routes(fleet: Fleet, tenants: list[str]) -> dict[str, tuple[str, int]]:

@@ -81,6 +81,14 @@ def databases(pg: pgserver.LocalServer) -> Iterator[dict[str, str]]:
             provision.drop_database(pg, db)
 
 
+def test_the_wheel_carries_no_test_tooling(installed: Installed, tmp_path: Path) -> None:
+    """migrator.testing (the writer and its oracle, the chaos engine) stays in the checkout; fleet up stays."""
+    found = "import importlib.util as u; print(u.find_spec('migrator.testing'), u.find_spec('migrator.local.fleet'))"
+    testing, fleet = _run(installed.python, "-c", found, cwd=tmp_path).stdout.split(maxsplit=1)
+    assert testing == "None" and str(installed.venv) in fleet
+    assert not list(installed.venv.rglob("migrator/testing"))
+
+
 def test_installed_wheel_runs_a_fleet_from_another_directory(
     installed: Installed, databases: dict[str, str], pg: pgserver.LocalServer, tmp_path: Path
 ) -> None:

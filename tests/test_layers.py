@@ -49,3 +49,16 @@ def test_a_lower_package_never_imports_an_upper_one(floor: str) -> None:
         if any(name == upper or name.startswith(f"{upper}.") for upper in forbidden)
     }
     assert not offending, sorted(offending)
+
+
+def test_nothing_in_the_wheel_imports_the_test_tooling() -> None:
+    """migrator.testing is left out of the wheel: a module of the product that imported it would fail
+    for every user (the writer's oracle and the chaos engine are for tests, benchmarks and the demo)."""
+    offending = {
+        f"{path.relative_to(PACKAGE.parent)}: {name}"
+        for path in PACKAGE.rglob("*.py")
+        if "testing" not in path.relative_to(PACKAGE).parts
+        for name in _imports(path)
+        if name == "migrator.testing" or name.startswith("migrator.testing.")
+    }
+    assert not offending, sorted(offending)

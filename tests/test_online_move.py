@@ -18,8 +18,8 @@ from psycopg import sql
 
 from migrator.catalog import Phase
 from migrator.db import dsn as dsnlib
-from migrator.local.writer import Workload
 from migrator.move.fence import FENCED_SQLSTATE
+from migrator.testing.writer import Workload
 
 
 def _phase(fleet: Fleet, tenant: str) -> str | None:

@@ -21,9 +21,9 @@ from conftest import REPO, Fleet
 from psycopg import sql
 
 from migrator.db import dsn as dsnlib
-from migrator.local.writer import Workload
 from migrator.move import fence
 from migrator.router import Router, TenantFenced, UnknownTenant
+from migrator.testing.writer import Workload
 
 
 def _wait(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:

@@ -25,11 +25,11 @@ from test_schema_rollout import HEAD, put_at, revisions, schema_runs
 
 from migrator.catalog import Phase
 from migrator.db import dsn as dsnlib
-from migrator.local.writer import Workload
 from migrator.plans.apply import plan_digest
 from migrator.queue.follow import follow
 from migrator.rollout.runner import FAILED, OK, SKIPPED, RolloutOptions, plan_upgrade
 from migrator.stamps.discovery import Layout
+from migrator.testing.writer import Workload
 
 STALLED_AFTER = "4"  # seconds without a heartbeat before a worker's jobs are queued again
 

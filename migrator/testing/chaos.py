@@ -14,7 +14,7 @@ before any move) and the writer's acknowledged writes are compared with the tena
 versions are checked (each flip adds exactly 1), and `migrator doctor` must find no leftovers.
 Every invariant counter must be 0; otherwise the exit code is 1 and the seed to reproduce is shown.
 
-    scripts/chaos [--moves N] [--seed S] [--keep]
+    scripts/chaos [--moves N] [--seed S] [--keep]      (python -m migrator.testing.chaos)
 
 The fault schedule depends only on the seed; whether a fault lands in its phase depends on timing
 (a fault whose move finished first is counted as missed). Every server is stopped at the end.
@@ -54,7 +54,7 @@ from migrator.router import Router, TenantFenced, UnknownTenant
 from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Layout, discover, tenant_filter
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the checkout (migrator/testing/ is in no wheel)
 KINDS = ("kill9", "terminate_source", "terminate_target", "terminate_catalog", "restart_target", "stop_catalog")
 # The phases (moves.phase) at which each kind of fault may strike; FLIPPED = right after the flip.
 PHASES: dict[str, tuple[Phase, ...]] = {

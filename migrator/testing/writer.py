@@ -1,7 +1,7 @@
 """The sample application's writer: one tenant's writes through `migrator.router`, as fast as it can.
 
 Used by the online-move tests, `scripts/bench online` and `scripts/demo` (`python -m
-migrator.local.writer`, which writes until it is stopped and then says what the application saw).
+migrator.testing.writer`, which writes until it is stopped and then says what the application saw).
 
 `rate` (writes/s) paces it instead, for `scripts/bench online`, which also reads `longest_pause_s`:
 the longest wait between two acknowledged writes, i.e. the freeze as the application saw it.
@@ -188,7 +188,7 @@ class Workload:
 
 
 def main() -> None:
-    """`python -m migrator.local.writer --config FILE --tenant T [--rate W]`: write until SIGTERM/SIGINT."""
+    """`python -m migrator.testing.writer --config FILE --tenant T [--rate W]`: write until SIGTERM/SIGINT."""
     import argparse
     import signal
 
