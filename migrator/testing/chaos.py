@@ -479,7 +479,7 @@ class Report:
         return "\n".join(lines)
 
 
-INVARIANTS: tuple[str, ...] = (
+INVARIANTS = (
     "rows lost",
     "rows duplicated",
     "acked writes missing",
