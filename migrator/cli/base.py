@@ -202,10 +202,29 @@ class EngineChoice(click.Choice):  # type: ignore[type-arg]
         """click's own __init__ sets the (empty) choices it was given; the engine's are read instead."""
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
 def _default_jobs() -> int:
     from migrator.move.run import default_jobs
 
     return default_jobs()
+
+
+def _default_batch_rows() -> int:
+    from migrator.move.run import MoveOptions
+
+    return MoveOptions.batch_rows
+
+
+def engine_option(
+    flag: str, read: Callable[[], Any], help: str, kind: click.ParamType | None = None
+) -> Callable[[F], F]:
+    """An option whose default the engine's options dataclass defines (`read` returns it when needed,
+    see `EngineDefault`); a positive whole number unless `kind` says otherwise."""
+    return click.option(
+        flag, type=kind or click.IntRange(min=1), default=EngineDefault(read), show_default=True, help=help
+    )
 
 
 METRICS_PORT = click.option(
@@ -214,7 +233,6 @@ METRICS_PORT = click.option(
     default=None,
     help="Serve Prometheus metrics on this port (all interfaces) while the command runs.",
 )
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def queue_option(what: str) -> Callable[[F], F]:
@@ -230,12 +248,13 @@ def queue_option(what: str) -> Callable[[F], F]:
     )
 
 
-JOBS = click.option(
+BATCH_ROWS = engine_option(
+    "--batch-rows", _default_batch_rows, "Rows per copy batch (each batch is one target transaction)."
+)
+JOBS = engine_option(
     "--jobs",
-    type=click.IntRange(min=1),
-    default=EngineDefault(_default_jobs),
-    show_default=True,
-    help="Parallel streams, each a source and a target connection: key ranges of large tables and "
+    _default_jobs,
+    "Parallel streams, each a source and a target connection: key ranges of large tables and "
     "independent tables copy (and verify) at once.",
 )
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from migrator.cli import render
-from migrator.cli.base import JSON, YES, EngineDefault, cli, confirm, context_of, emit
+from migrator.cli.base import JSON, YES, cli, confirm, context_of, emit, engine_option
 
 if TYPE_CHECKING:  # the engine is imported when the command runs, which keeps `migrator --help` fast
     from migrator.stamps.keyspace import KeyReport, Stride
@@ -19,12 +19,8 @@ def _per_server() -> int:
     return PER_SERVER
 
 
-PER_SERVER = click.option(
-    "--connections-per-server",
-    type=click.IntRange(min=1),
-    default=EngineDefault(_per_server),
-    show_default=True,
-    help="Sessions on one PostgreSQL server at once while surveying.",
+PER_SERVER = engine_option(
+    "--connections-per-server", _per_server, "Sessions on one PostgreSQL server at once while surveying."
 )
 
 

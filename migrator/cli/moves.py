@@ -9,17 +9,18 @@ import click
 from migrator.cli import render
 from migrator.cli.base import (
     ALLOW_TRIGGERS,
+    BATCH_ROWS,
     JOBS,
     JSON,
     METRICS_PORT,
     NO_PROGRESS,
     YES,
     DefaultGroup,
-    EngineDefault,
     cli,
     confirm,
     context_of,
     emit,
+    engine_option,
     route_dict,
 )
 from migrator.errors import BadInput, CheckFailed, Interrupted, VerifyMismatch
@@ -67,37 +68,28 @@ def _read_tenants(path: str | None, listed: tuple[str, ...]) -> tuple[str, ...]:
 )
 @click.option("--move", "move_id", type=int, default=None, help="Resume this unfinished move (a cohort) by its id.")
 @click.option("--to", "target", default=None, help="Target stamp.")
-@click.option(
-    "--batch-rows",
-    type=click.IntRange(min=1),
-    default=EngineDefault(lambda: _move_defaults().batch_rows),
-    show_default=True,
-    help="Rows per copy batch (each batch is one target transaction).",
-)
+@BATCH_ROWS
 @JOBS
 @click.option("--rate-limit", type=click.FloatRange(min=1), default=None, help="Copy at most this many rows/s.")
 @click.option("--dry-run", is_flag=True, help="Run the preflight checks and show the plan; change nothing.")
 @click.option("--offline", is_flag=True, help="Fence the tenant for the whole copy instead of only the cutover.")
-@click.option(
+@engine_option(
     "--cutover-backlog",
-    type=click.IntRange(min=0),
-    default=EngineDefault(lambda: _cutover_defaults().cutover_backlog),
-    show_default=True,
-    help="Online: enter the cutover once at most this many captured changes are pending.",
+    lambda: _cutover_defaults().cutover_backlog,
+    "Online: enter the cutover once at most this many captured changes are pending.",
+    click.IntRange(min=0),
 )
-@click.option(
+@engine_option(
     "--catchup-timeout",
-    type=click.FloatRange(min=1),
-    default=EngineDefault(lambda: _cutover_defaults().catchup_timeout_s),
-    show_default=True,
-    help="Online: seconds catch-up may take to reach the backlog before the move stops, resumable.",
+    lambda: _cutover_defaults().catchup_timeout_s,
+    "Online: seconds catch-up may take to reach the backlog before the move stops, resumable.",
+    click.FloatRange(min=1),
 )
-@click.option(
+@engine_option(
     "--max-freeze-ms",
-    type=click.FloatRange(min=1),
-    default=EngineDefault(lambda: _cutover_defaults().max_freeze_ms),
-    show_default=True,
-    help="Online: longest write freeze allowed; a longer cutover unfences, backs off and retries.",
+    lambda: _cutover_defaults().max_freeze_ms,
+    "Online: longest write freeze allowed; a longer cutover unfences, backs off and retries.",
+    click.FloatRange(min=1),
 )
 @ALLOW_TRIGGERS
 @METRICS_PORT

@@ -11,17 +11,18 @@ import click
 from migrator.cli import render
 from migrator.cli.base import (
     ALLOW_TRIGGERS,
+    BATCH_ROWS,
     JOBS,
     JSON,
     METRICS_PORT,
     NO_PROGRESS,
     YES,
     EngineChoice,
-    EngineDefault,
     cli,
     confirm,
     context_of,
     emit,
+    engine_option,
     queue_option,
 )
 from migrator.cli.core import NO_CHECK, stamp_group
@@ -53,19 +54,15 @@ def _cohort_defaults() -> Cohorts:
     return Cohorts()
 
 
-COHORT_ROWS = click.option(
+COHORT_ROWS = engine_option(
     "--cohort-rows",
-    type=click.IntRange(min=1),
-    default=EngineDefault(lambda: _cohort_defaults().rows),
-    show_default=True,
-    help="Small tenants moving between two stamps go in cohorts of at most this many rows (larger ones alone).",
+    lambda: _cohort_defaults().rows,
+    "Small tenants moving between two stamps go in cohorts of at most this many rows (larger ones alone).",
 )
-COHORT_TENANTS = click.option(
+COHORT_TENANTS = engine_option(
     "--cohort-tenants",
-    type=click.IntRange(min=1),
-    default=EngineDefault(lambda: _cohort_defaults().tenants),
-    show_default=True,
-    help="At most this many tenants per cohort (1: every tenant is its own move).",
+    lambda: _cohort_defaults().tenants,
+    "At most this many tenants per cohort (1: every tenant is its own move).",
 )
 
 
@@ -423,37 +420,26 @@ def _recorded_plan(context: Any, digest: str, file: Path, *, follow: bool, as_js
 
 @cli.command("apply")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
+@engine_option(
     "--parallel",
-    type=click.IntRange(min=1, max=64),
-    default=EngineDefault(lambda: _apply_defaults().parallel),
-    show_default=True,
-    help="Run at most this many moves at once.",
+    lambda: _apply_defaults().parallel,
+    "Run at most this many moves at once.",
+    click.IntRange(min=1, max=64),
 )
-@click.option(
+@engine_option(
     "--per-stamp",
-    type=click.IntRange(min=1),
-    default=EngineDefault(lambda: _apply_defaults().per_stamp),
-    show_default=True,
-    help="Run at most this many moves at once into one target stamp, counting every apply and worker.",
+    lambda: _apply_defaults().per_stamp,
+    "Run at most this many moves at once into one target stamp, counting every apply and worker.",
 )
-@click.option(
-    "--batch-rows",
-    type=click.IntRange(min=1),
-    default=EngineDefault(lambda: _apply_defaults().batch_rows),
-    show_default=True,
-    help="Rows per copy batch of each move.",
-)
+@BATCH_ROWS
 @JOBS
 @click.option("--stop-on-error", is_flag=True, help="Start no more moves once one has failed.")
 @click.option("--dry-run", is_flag=True, help="Check the plan is still current and show what would run.")
 @queue_option("the plan's moves (an entry's own `queue:` wins; --per-stamp then holds across all workers)")
-@click.option(
+@engine_option(
     "--max-attempts",
-    type=click.IntRange(min=1),
-    default=EngineDefault(lambda: _apply_defaults().max_attempts),
-    show_default=True,
-    help="With --queue: how many times workers run a move that fails for a transient reason.",
+    lambda: _apply_defaults().max_attempts,
+    "With --queue: how many times workers run a move that fails for a transient reason.",
 )
 @click.option("--wait", is_flag=True, help="With --queue: follow the queued moves until they end (`plan wait`).")
 @ALLOW_TRIGGERS
@@ -524,14 +510,8 @@ def apply_cmd(
         if wait:
             _recorded_plan(context, prepared.digest, file, follow=True, as_json=as_json)
         return
-    from migrator.interrupts import stop_on_signals
-
-    with (
-        stop_on_signals() as stop,  # Ctrl-C, SIGTERM: no more moves start, running ones stop at a safe point
-        context.metrics.serve(metrics_port),
-        render.progress(not (as_json or no_progress), "plan") as progress,
-    ):
-        result = run(context, prepared, options, progress, stop.event)
+    with context.metrics.serve(metrics_port), render.progress(not (as_json or no_progress), "plan") as progress:
+        result = run(context, prepared, options, progress)
     data = {
         "path": result.path,
         "digest": result.digest,
@@ -546,11 +526,6 @@ def apply_cmd(
             f"{len(failed)} of {len(result.results)} moves failed; fix the cause and re-run "
             f"`migrator apply {file}` to retry them"
         )
-    if result.interrupted and stop.asked:
-        from migrator.move.stopped import stopped_apply
-
-        moves = [r.move_id for r in result.results if r.stopped and r.move_id is not None]
-        raise stopped_apply(context, str(file), moves, result.not_started, stop)
     if result.interrupted or result.not_started:
         raise MigratorError(
             f"interrupted with {result.not_started} moves not started; re-run `migrator apply {file}` "

@@ -7,7 +7,17 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from migrator.cli import render
-from migrator.cli.base import JSON, NO_PROGRESS, YES, EngineDefault, cli, confirm, context_of, emit, queue_option
+from migrator.cli.base import (
+    JSON,
+    NO_PROGRESS,
+    YES,
+    cli,
+    confirm,
+    context_of,
+    emit,
+    engine_option,
+    queue_option,
+)
 from migrator.errors import BadInput, MigratorError, SchemaDrift
 
 if TYPE_CHECKING:  # the engine is imported when a command runs, which keeps `migrator --help` fast
@@ -73,13 +83,7 @@ def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> N
 @click.option(
     "--canary", default=None, help="Stamp to upgrade first, alone (default: the active one with fewest tenants)."
 )
-@click.option(
-    "--parallel",
-    type=click.IntRange(min=1),
-    default=EngineDefault(lambda: _rollout_defaults().parallel),
-    show_default=True,
-    help="Stamps upgraded at once per wave.",
-)
+@engine_option("--parallel", lambda: _rollout_defaults().parallel, "Stamps upgraded at once per wave.")
 @click.option(
     "--continue-on-error",
     is_flag=True,
@@ -88,12 +92,10 @@ def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> N
 @click.option("--dry-run", is_flag=True, help="Print each stamp's pending revisions and their SQL; change nothing.")
 @click.option("--active-only", is_flag=True, help="Leave draining and retired stamps out.")
 @queue_option("one step per stamp (the canary's first, the others once it succeeded; --parallel then does not apply)")
-@click.option(
+@engine_option(
     "--connections-per-server",
-    type=click.IntRange(min=1),
-    default=EngineDefault(lambda: _rollout_defaults().connections_per_server),
-    show_default=True,
-    help="With --queue: at most this many sessions on one database server at once (workers and planning).",
+    lambda: _rollout_defaults().connections_per_server,
+    "With --queue: at most this many sessions on one database server at once (workers and planning).",
 )
 @click.option("--wait", is_flag=True, help="With --queue: follow the rollout until every stamp has run.")
 @YES

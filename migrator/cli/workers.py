@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import click
 
 from migrator.cli import render
-from migrator.cli.base import METRICS_PORT, EngineDefault, cli, context_of
+from migrator.cli.base import METRICS_PORT, cli, context_of, engine_option
 
 if TYPE_CHECKING:  # the engine is imported when the command runs, which keeps `migrator --help` fast
     from migrator.queue.worker import WorkerOptions
@@ -27,19 +27,12 @@ def _worker_defaults() -> WorkerOptions:
     metavar="NAME",
     help="Claim work from this queue (repeatable; e.g. the queue of this machine's region). Default: every queue.",
 )
-@click.option(
-    "--concurrency",
-    type=click.IntRange(min=1, max=64),
-    default=EngineDefault(lambda: _worker_defaults().concurrency),
-    show_default=True,
-    help="Moves at once.",
-)
-@click.option(
+@engine_option("--concurrency", lambda: _worker_defaults().concurrency, "Moves at once.", click.IntRange(min=1, max=64))
+@engine_option(
     "--stalled-after",
-    type=click.FloatRange(min=1),
-    default=EngineDefault(lambda: _worker_defaults().stalled_after_s),
-    show_default=True,
-    help="Seconds without a heartbeat after which a worker counts as dead and its moves are queued again.",
+    lambda: _worker_defaults().stalled_after_s,
+    "Seconds without a heartbeat after which a worker counts as dead and its moves are queued again.",
+    click.FloatRange(min=1),
 )
 @click.option("--name", default=None, help="This worker's name in logs (default: host and process id).")
 @METRICS_PORT

@@ -479,7 +479,7 @@ class Report:
         return "\n".join(lines)
 
 
-INVARIANTS = (
+INVARIANTS: tuple[str, ...] = (
     "rows lost",
     "rows duplicated",
     "acked writes missing",
