@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import time
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import Fleet, catalog_snapshot, tenant_digest, tenant_row_count
+from conftest import Fleet, catalog_snapshot, copy_held, copy_waits_at_held_table, tenant_digest, tenant_row_count
 from psycopg import sql
 
 from migrator.db import dsn as dsnlib
@@ -264,19 +265,31 @@ def test_failed_move_does_not_stop_the_others_and_rerun_retries_it(fleet: Fleet,
     assert [s for _, _, s, _ in _plan_moves(fleet)] == ["done"] * 3 and fleet.catalog.routes("eu-1") == []
 
 
-def test_ctrl_c_lets_the_running_move_finish_and_says_how_to_resume(fleet: Fleet, tmp_path: Path) -> None:
+def test_ctrl_c_stops_the_running_move_at_a_safe_point_and_says_how_to_resume_or_abort(
+    fleet: Fleet, tmp_path: Path
+) -> None:
     _seed_many(fleet, "eu-1", {1: 4_000, 2: 3_000, 3: 2_000, 4: 1_000})
     _plan(fleet, tmp_path, "drain", "eu-1", "--to", "eu-2", "--cohort-tenants", "1")
-    args = ("apply", str(tmp_path / "plan.yaml"), "--batch-rows", "200", "--yes")
-    proc = fleet.popen(*args)
-    _wait(lambda: any(s == "running" for _, _, s, _ in _plan_moves(fleet)), "a running move", proc)
-    proc.send_signal(signal.SIGINT)
+    plan_file = str(tmp_path / "plan.yaml")
+    args = ("apply", plan_file, "--parallel", "1", "--batch-rows", "200", "--yes")
+    with copy_held(fleet, "eu-2"):  # the first move waits inside its copy until the signal is sent
+        proc = fleet.popen(*args, start_new_session=True)
+        _wait(lambda: copy_waits_at_held_table(fleet, "eu-2"), "the copy to wait at the held table", proc)
+        os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "re-run `migrator apply" in err, err
-    statuses = [s for _, _, s, _ in _plan_moves(fleet)]
-    assert "running" not in statuses and statuses[0] == "done" and "pending" in statuses
-    assert all(fleet.catalog.open_move(t) is None for t in "1234")  # the running one finished, none half-done
-    result = fleet.run(*args)
+
+    assert proc.returncode == 130, err
+    stopped = fleet.catalog.open_move("1")
+    assert stopped is not None and stopped.phase == "copying"
+    assert err.strip().splitlines()[-1] == (
+        f"error: apply {plan_file} stopped by SIGINT: 1 move(s) stopped at a safe point (move {stopped.id} of "
+        "tenant 1 (eu-1 -> eu-2) at phase copying: the capture trigger on eu-1 (writes go on and are recorded), "
+        f"no fence), 3 not started; resume: `migrator apply {plan_file}`, abort a stopped move: "
+        f"`migrator move abort {stopped.id}`"
+    ), err
+    assert [s for _, _, s, _ in _plan_moves(fleet)] == ["pending"] * 4
+    assert all(fleet.catalog.open_move(t) is None for t in "234")
+    result = fleet.run(*args)  # the command the line gave
     assert result.exit_code == 0, result.output
     assert fleet.catalog.routes("eu-1") == []
 

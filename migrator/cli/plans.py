@@ -510,8 +510,14 @@ def apply_cmd(
         if wait:
             _recorded_plan(context, prepared.digest, file, follow=True, as_json=as_json)
         return
-    with context.metrics.serve(metrics_port), render.progress(not (as_json or no_progress), "plan") as progress:
-        result = run(context, prepared, options, progress)
+    from migrator.interrupts import stop_on_signals
+
+    with (
+        stop_on_signals() as stop,  # Ctrl-C, SIGTERM: no more moves start, running ones stop at a safe point
+        context.metrics.serve(metrics_port),
+        render.progress(not (as_json or no_progress), "plan") as progress,
+    ):
+        result = run(context, prepared, options, progress, stop.event)
     data = {
         "path": result.path,
         "digest": result.digest,
@@ -526,6 +532,11 @@ def apply_cmd(
             f"{len(failed)} of {len(result.results)} moves failed; fix the cause and re-run "
             f"`migrator apply {file}` to retry them"
         )
+    if result.interrupted and stop.asked:
+        from migrator.move.stopped import stopped_apply
+
+        moves = [r.move_id for r in result.results if r.stopped and r.move_id is not None]
+        raise stopped_apply(context, str(file), moves, result.not_started, stop)
     if result.interrupted or result.not_started:
         raise MigratorError(
             f"interrupted with {result.not_started} moves not started; re-run `migrator apply {file}` "

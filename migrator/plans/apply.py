@@ -7,14 +7,14 @@ at most --per-stamp per target stamp (slots in the catalog, counted by every app
 the fleet), never two for one tenant, and records each entry's status
 in the catalog tables `plans` / `plan_moves`, keyed by the sha256 of the file's bytes. Running
 the same file again skips finished entries and resumes the rest (`move_tenants` resumes a
-cohort's unfinished move by itself). Ctrl-C stops starting moves and lets running ones finish.
+cohort's unfinished move by itself). A stop (`stop`, set by the CLI on Ctrl-C or SIGTERM) starts no
+more moves and stops the running ones at their next safe point, resumable by the same command.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import signal
 import threading
 import time
 from collections import Counter
@@ -32,7 +32,7 @@ from migrator.catalog.plans import EntryRecord, Ledger, PlanRecord
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.db.locks import lock_key, try_lock
-from migrator.errors import BadInput, LockBusy
+from migrator.errors import BadInput, Interrupted, LockBusy
 from migrator.move import MoveOptions
 from migrator.move.run import default_jobs
 from migrator.plans.capacity import measure_fleet, shift
@@ -88,6 +88,14 @@ class EntryResult:
     move_id: int | None = None
     rows: int = 0
     seconds: float = 0.0
+
+    @property
+    def stopped(self) -> bool:
+        """Its move stopped at a safe point (Ctrl-C, SIGTERM), unfinished and resumable."""
+        return self.status == EntryStatus.SKIPPED and self.move_id is not None and self.reason.startswith(STOPPED)
+
+
+STOPPED = "stopped at a safe point"
 
 
 @dataclass(frozen=True)
@@ -241,20 +249,6 @@ class _MoveProgress(Silent):
                 self.plan.advance(self.who, rows)
 
 
-@contextlib.contextmanager
-def _interrupts(stop: threading.Event) -> Iterator[None]:
-    """Ctrl-C (SIGINT) sets `stop` instead of raising, so no catalog write is cut in half."""
-    try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
-    except ValueError:  # not the main thread: the caller stops us through `stop`
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def run(
     ctx: Context,
     prepared: Prepared,
@@ -262,10 +256,13 @@ def run(
     progress: Progress,
     stop: threading.Event | None = None,
 ) -> ApplyResult:
-    """Run the plan's remaining entries (see the module docstring); returns every entry's outcome."""
+    """Run the plan's remaining entries (see the module docstring); returns every entry's outcome.
+
+    `stop` (the CLI sets it on Ctrl-C or SIGTERM) starts no more moves and stops the running ones at
+    their next safe point; they are reported skipped with their move id (`EntryResult.stopped`)."""
     stop = stop or threading.Event()
     ledger = Ledger(ctx.catalog)
-    with _plan_lock(ctx.catalog, prepared.digest, prepared.path), _interrupts(stop):
+    with _plan_lock(ctx.catalog, prepared.digest, prepared.path):
         plan_id = ledger.open(record(prepared))
         progress.begin(sum(e.move.rows for e in prepared.todo))
         progress.describe(_counts([], prepared.todo))
@@ -280,7 +277,8 @@ def run(
         ran, left, why_stopped = _schedule(ctx, plan_id, prepared, options, progress, stop)
         results += ran + left
         failed = any(r.status == EntryStatus.FAILED for r in results)
-        status = PlanStatus.FAILED if failed else PlanStatus.STOPPED if left else PlanStatus.DONE
+        stopped = left or any(r.stopped for r in ran)
+        status = PlanStatus.FAILED if failed else PlanStatus.STOPPED if stopped else PlanStatus.DONE
         ledger.close(plan_id, status)
     results.sort(key=lambda r: r.position)
     return ApplyResult(
@@ -303,15 +301,15 @@ def _schedule(
     pending = list(prepared.todo)
     results: list[EntryResult] = []
     why_stopped = ""
-    starter = _Starter(ctx, plan_id, options, progress)
+    starter = _Starter(ctx, plan_id, options, progress, stop)
     # The pool shuts down (waiting for its moves) before the starter frees the slots still held.
     with contextlib.closing(starter), ThreadPoolExecutor(options.parallel, thread_name_prefix="apply") as pool:
         while pending or starter.running:
             if stop.is_set() and not why_stopped:
                 why_stopped = "interrupted"
                 progress.note(
-                    f"interrupted: letting {len(starter.running)} running move(s) finish, starting no more; "
-                    f"re-run `migrator apply {prepared.path}` to continue"
+                    f"stopping: starting no more moves; {len(starter.running)} running move(s) stop at their next "
+                    "safe point"
                 )
             if not why_stopped:
                 starter.start_ready(pending, pool)
@@ -340,8 +338,10 @@ class _Starter:
     """Starts a plan's entries within --parallel, --per-stamp (slots in the catalog, counted by every
     apply and worker) and one move per tenant; frees each move's slot when it ends."""
 
-    def __init__(self, ctx: Context, plan_id: int, options: ApplyOptions, progress: Progress) -> None:
-        self.ctx, self.plan_id, self.options, self.progress = ctx, plan_id, options, progress
+    def __init__(
+        self, ctx: Context, plan_id: int, options: ApplyOptions, progress: Progress, stop: threading.Event
+    ) -> None:
+        self.ctx, self.plan_id, self.options, self.progress, self.stop = ctx, plan_id, options, progress, stop
         self.running: dict[Future[EntryResult], Entry] = {}
         self._slots: dict[Future[EntryResult], psycopg.Connection[Any]] = {}  # each running move's slot
         self._per_target: Counter[str] = Counter()
@@ -363,7 +363,7 @@ class _Starter:
             busy |= set(entry.move.tenants)
             what = entry.note if entry.resume else f"{entry.move.rows:,} rows"
             self.progress.phase(f"start   {entry.move.who} {entry.move.source} -> {entry.move.target} ({what})")
-            future = pool.submit(_one, self.ctx, self.plan_id, entry, self.options, self.progress)
+            future = pool.submit(_one, self.ctx, self.plan_id, entry, self.options, self.progress, self.stop)
             self.running[future], self._slots[future] = entry, slot
 
     def _slot(self, target: str) -> psycopg.Connection[Any] | None:
@@ -429,11 +429,20 @@ def _result_of(future: Future[EntryResult], entry: Entry) -> EntryResult:
         )
 
 
-def _one(ctx: Context, plan_id: int, entry: Entry, options: ApplyOptions, progress: Progress) -> EntryResult:
-    """Run (or resume) one entry's move in a worker thread (`execute_entry`); a failure is recorded at once."""
+def _one(
+    ctx: Context, plan_id: int, entry: Entry, options: ApplyOptions, progress: Progress, stop: threading.Event
+) -> EntryResult:
+    """Run (or resume) one entry's move in a worker thread (`execute_entry`); a failure is recorded at once,
+    a move stopped at a safe point is pending again."""
     move = entry.move
     counter = _MoveProgress(progress, move.who)
-    done = execute_entry(ctx, plan_id, entry, options.move_options(), counter)
+    done = execute_entry(ctx, plan_id, entry, options.move_options(), counter, stop)
+    if isinstance(done.error, Interrupted) and stop.is_set():
+        Ledger(ctx.catalog).mark(plan_id, entry.position, EntryStatus.PENDING, done.move_id)
+        reason = f"{STOPPED} (move {done.move_id})"
+        return EntryResult(
+            entry.position, move.tenants, move.source, move.target, EntryStatus.SKIPPED, reason, done.move_id
+        )
     if done.status == EntryStatus.FAILED:
         Ledger(ctx.catalog).mark(plan_id, entry.position, EntryStatus.FAILED, done.move_id, done.reason)
     else:
