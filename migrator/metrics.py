@@ -59,6 +59,18 @@ class Metrics:
         self.retries = Counter(
             "migrator_transient_retries", "Transient errors retried, by the retried step", ["step"], registry=r
         )
+        self.throttled = Counter(
+            "migrator_throttled_seconds",
+            "Seconds copies and catch-up rounds waited for a stamp's replicas, slots or load",
+            ["stamp", "reason"],
+            registry=r,
+        )
+        self.replica_lag = Gauge(
+            "migrator_replica_lag_seconds",
+            "A standby's replay lag behind its stamp's primary, at the throttle's last reading",
+            ["stamp", "standby"],
+            registry=r,
+        )
         self._phases: dict[int, tuple[str, int]] = {}  # move id -> (phase, tenants)
         self._lock = threading.Lock()
 

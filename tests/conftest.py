@@ -302,7 +302,9 @@ def stamp_snapshot(dsn: str) -> dict[str, Any]:
     return {"tables": digest, "triggers": triggers}
 
 
-CATALOG_TABLES = ("stamps", "routes", "moves", "move_tenants", "move_tables", "plans", "plan_moves", "schema_runs")
+CATALOG_TABLES = (
+    "stamps", "routes", "moves", "move_tenants", "move_tables", "plans", "plan_moves", "schema_runs", "throttle",
+)  # fmt: skip
 QUEUE_TABLES = ("procrastinate_jobs", "procrastinate_events", "procrastinate_periodic_defers", "procrastinate_workers")
 QUEUE_SEQUENCES = ("procrastinate_jobs_id_seq", "procrastinate_events_id_seq", "procrastinate_periodic_defers_id_seq")
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         UNFINISHED_STEPS,
         Cohort,
         EntryStatus,
+        Limits,
         Mode,
         Move,
         Phase,
@@ -43,6 +44,7 @@ _MODELS = (
     "UNFINISHED_STEPS",
     "Cohort",
     "EntryStatus",
+    "Limits",
     "Mode",
     "Move",
     "Phase",
@@ -70,7 +72,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "FENCED_OFFLINE", "FLIPPED", "TERMINAL", "UNFINISHED_STEPS", "Catalog", "Cohort", "EntryStatus", "Mode", "Move",
-    "Phase", "PlanStatus", "Route", "Stamp", "StampState", "StepResult", "TableProgress", "TenantLock",
+    "FENCED_OFFLINE", "FLIPPED", "TERMINAL", "UNFINISHED_STEPS", "Catalog", "Cohort", "EntryStatus", "Limits", "Mode",
+    "Move", "Phase", "PlanStatus", "Route", "Stamp", "StampState", "StepResult", "TableProgress", "TenantLock",
     "describe_move", "list_tenants", "name_tenants",
 ]  # fmt: skip

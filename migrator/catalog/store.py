@@ -11,7 +11,7 @@ import select
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from dataclasses import fields as dataclass_fields
 from typing import Any
 
@@ -25,6 +25,7 @@ from migrator.catalog.models import (
     FLIPPABLE,
     MOVE_FIELDS,
     TERMINAL,
+    Limits,
     Mode,
     Move,
     Phase,
@@ -39,6 +40,7 @@ from migrator.db import dsn as dsnlib
 from migrator.db.retry import CATALOG
 from migrator.errors import BadInput, LockBusy, MigratorError, RouteConflict
 
+_LIMIT_COLUMNS = ", ".join(f.name for f in dataclass_fields(Limits))
 _STAMP_COLUMNS = ", ".join(f.name for f in dataclass_fields(Stamp))  # as the Stamp dataclass lists them
 
 
@@ -185,9 +187,7 @@ class Catalog:
     @staticmethod
     def _stamp(conn: psycopg.Connection[Any], name: str) -> Stamp:
         with conn.cursor(row_factory=class_row(Stamp)) as cur:
-            cur.execute(
-                f"SELECT {_STAMP_COLUMNS} FROM stamps WHERE name = %s", (name,)
-            )
+            cur.execute(f"SELECT {_STAMP_COLUMNS} FROM stamps WHERE name = %s", (name,))
             found = cur.fetchone()
         if found is None:
             raise BadInput(f"unknown stamp {name!r}")
@@ -215,6 +215,28 @@ class Catalog:
             with conn.cursor(row_factory=class_row(Stamp)) as cur:
                 cur.execute(f"SELECT {_STAMP_COLUMNS} FROM stamps ORDER BY name")
                 return cur.fetchall()
+
+    # -- the fleet's throttle limits ------------------------------------------------------------
+
+    @CATALOG.wraps
+    def limits(self) -> Limits:
+        """The fleet's throttle limits (`migrator throttle show`); none set is no limit."""
+        with self.transaction() as conn:
+            row = conn.execute(f"SELECT {_LIMIT_COLUMNS} FROM throttle").fetchone()
+        return Limits(*row) if row else Limits()
+
+    @CATALOG.wraps
+    def set_limits(self, limits: Limits) -> Limits:
+        """Replace the fleet's throttle limits; running moves read them within seconds."""
+        with self.transaction() as conn:
+            values = astuple(limits)
+            conn.execute(
+                f"INSERT INTO throttle AS t ({_LIMIT_COLUMNS}) VALUES ({', '.join(['%s'] * len(values))})"
+                f" ON CONFLICT (id) DO UPDATE SET ({_LIMIT_COLUMNS}, updated_at) ="
+                f" ({', '.join(f'excluded.{f.name}' for f in dataclass_fields(Limits))}, now())",
+                values,
+            )
+        return limits
 
     # -- routes -------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ No logic lives here beyond presentation. Each module registers its commands on t
 
 from __future__ import annotations
 
-from migrator.cli import core, fleet, keys, moves, plans, schema, workers  # noqa: F401  (register commands)
+from migrator.cli import core, fleet, keys, moves, plans, schema, throttle, workers  # noqa: F401  (register commands)
 from migrator.cli.base import cli
 
 

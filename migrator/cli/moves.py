@@ -14,6 +14,7 @@ from migrator.cli.base import (
     JSON,
     METRICS_PORT,
     NO_PROGRESS,
+    RUN_FLAGS,
     YES,
     DefaultGroup,
     cli,
@@ -23,6 +24,7 @@ from migrator.cli.base import (
     engine_option,
     route_dict,
 )
+from migrator.cli.throttle import ThrottleFlags, throttle_flags
 from migrator.errors import BadInput, CheckFailed, Interrupted, VerifyMismatch
 
 if TYPE_CHECKING:
@@ -91,11 +93,10 @@ def _read_tenants(path: str | None, listed: tuple[str, ...]) -> tuple[str, ...]:
     "Online: longest write freeze allowed; a longer cutover unfences, backs off and retries.",
     click.FloatRange(min=1),
 )
+@throttle_flags
 @ALLOW_TRIGGERS
 @METRICS_PORT
-@YES
-@NO_PROGRESS
-@JSON
+@RUN_FLAGS
 @click.pass_context
 def move_run(
     ctx: click.Context,
@@ -116,6 +117,7 @@ def move_run(
     yes: bool,
     no_progress: bool,
     as_json: bool,
+    throttle: ThrottleFlags,
 ) -> None:
     """Move TENANTS to another stamp (online by default), several as one cohort: all their routes flip
     together or none does. Re-running it (or `--move ID`) resumes an interrupted move."""
@@ -146,6 +148,7 @@ def move_run(
         cutover_backlog=cutover_backlog,
         catchup_timeout_s=catchup_timeout,
         max_freeze_ms=max_freeze_ms,
+        replica_wait_s=throttle.replica_wait_s,
     )
     options = replace(
         defaults,
@@ -156,6 +159,7 @@ def move_run(
         online=not offline,
         allow_triggers=allow_triggers,
         cutover=cutover,
+        limits=throttle.limits,
     )
     with stop_on_signals() as stop:  # Ctrl-C, SIGTERM: the move ends at its next safe point
         try:

@@ -146,6 +146,59 @@ def start_server(
     return _start_local(base_dir, port, merged, password)
 
 
+def start_standby(
+    primary: LocalServer, base_dir: Path, name: str, settings: dict[str, str] | None = None
+) -> LocalServer:
+    """A streaming standby of a local `primary` in `base_dir` (pg_basebackup -R with a physical slot
+    named `name`, which is also its application_name in pg_stat_replication), started and streaming.
+
+    The replication password goes through a passfile (0600, the server's OS user's), never a
+    command line; `primary_conninfo` names that file.
+    """
+    if primary.backend != "local":
+        raise BadInput("standbys are only made for the local backend")
+    base_dir = Path(base_dir).resolve()
+    user = _server_os_user()
+    base_dir.mkdir(parents=True, exist_ok=True)
+    if user is not None:
+        _ensure_traversable(base_dir, user)
+    datadir = base_dir / "data"
+    datadir.mkdir(mode=0o700, exist_ok=True)
+    _own(datadir, user)
+    passfile = base_dir / ".pgpass"
+    passfile.write_text(f"{primary.host}:{primary.port}:*:{primary.user}:{primary.password}\n")
+    passfile.chmod(0o600)
+    _own(passfile, user)
+    conninfo = f"host={primary.host} port={primary.port} user={primary.user} application_name={name}"
+    result = _run(
+        [
+            str(pg_bindir() / "pg_basebackup"),
+            "-D", str(datadir), "-d", conninfo, "-R", "-X", "stream", "-C", "-S", name,
+            "--checkpoint=fast", "--no-sync",
+        ],
+        base_dir,
+        180,
+        {"PGPASSFILE": str(passfile)},
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise MigratorError(f"pg_basebackup failed for {datadir}: {_tail_text(result.stderr or result.stdout)}")
+    for stale in ("postmaster.pid", "postmaster.opts"):
+        (datadir / stale).unlink(missing_ok=True)
+    port = _free_port()
+    socket_dir = base_dir / "sock"
+    socket_dir.mkdir(exist_ok=True)
+    _own(socket_dir, user)
+    extra = {**(settings or {}), "port": str(port), "unix_socket_directories": str(socket_dir), "hot_standby": "on"}
+    with (datadir / "postgresql.auto.conf").open("a") as conf:  # after -R's primary_conninfo: later lines win
+        conf.write("".join(f"{key} = {_conf_value(value)}\n" for key, value in extra.items()))
+    (base_dir / LOG_FILE).touch(exist_ok=True)
+    _own(base_dir / LOG_FILE, user)
+    standby = LocalServer(datadir, port, primary.host, primary.user, primary.password, "local")
+    _write_state(standby)
+    standby.start()
+    return standby
+
+
 def attach_server(datadir: Path) -> LocalServer:
     """Reopen a server started earlier (possibly by another process) from its state file."""
     state_path = Path(datadir).resolve().parent / STATE_FILE
@@ -240,9 +293,11 @@ def _server_os_user() -> _OsUser | None:
     return _OsUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
 
 
-def _run(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run a server binary as the server's OS user, with no PG* variables leaking in."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+def _run(
+    args: list[str], cwd: Path, timeout: float, pg_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a server binary as the server's OS user, with no PG* variables leaking in but `pg_env`'s."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | (pg_env or {})
     kwargs: dict[str, Any] = {}
     user = _server_os_user()
     if user is not None:

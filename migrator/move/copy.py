@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -65,6 +65,12 @@ class Stream:
     progress: Progress
     rate_limit: float | None = None
     stop: threading.Event | None = None
+    throttle: Callable[[], None] | None = None  # before each batch: wait while the stamps are over the limits
+
+    def ready(self) -> None:
+        """Before a batch: yield to the stamps' replicas, slots and load (`migrator.move.throttle`)."""
+        if self.throttle is not None:
+            self.throttle()
 
     def pace(self, rows: int, started: float) -> None:
         """Sleep as long as --rate-limit asks after a batch of `rows` begun at `started` (monotonic)."""
@@ -305,6 +311,7 @@ def copy_part(stream: Stream, table: Table, index: int) -> int:
         of_tenants = batch_filter(src, table, tenants)
         copied = 0
         while not part.done and not (stop and stop.is_set()):
+            stream.ready()
             started = time.monotonic()
             bound = None if read_back else _batch_bound(src, table, of_tenants, part, batch_rows)
             select = _key_range(table, of_tenants, part.after, bound or part.upto, batch_rows if read_back else None)
@@ -429,6 +436,7 @@ def _copy_tree(stream: Stream, table: Table) -> int:
         ordered, total = tree.order_rows(src, table, tenants)
         copied = 0
         for after, upto in list(tree.batches(ordered, total, stream.batch_rows)) or [(0, 0)]:
+            stream.ready()
             started = time.monotonic()
             with tgt.transaction():
                 stage_rows(src, tgt, table, tree.rows_between(table, tenants, after, upto), STAGE)

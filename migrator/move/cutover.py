@@ -28,6 +28,7 @@ from migrator.move.keys import keys_table, load_keys, outside_keys
 from migrator.move.preflight import check_schema_unchanged
 from migrator.move.run import CutoverOptions as CutoverOptions  # re-exported: the CLI builds it from its flags
 from migrator.move.run import MoveRun
+from migrator.move.throttle import StandbyBehind
 from migrator.move.verify import (
     Checksum,
     Report,
@@ -81,6 +82,18 @@ def verify_move(run: MoveRun, move: Move) -> tuple[Move, Report]:
         move.id, phase=Phase.VERIFIED, source_checksum=source_sum, target_checksum=target_sum, error=None
     )
     return move, report
+
+
+def wait_for_replicas(run: MoveRun, what: str, timeout_s: float | None = None) -> bool:
+    """Wait until the target's standbys replayed everything written on it so far (`what`, for the
+    progress line), within `timeout_s` (default --replica-wait); none with --no-replica-wait.
+    Whether there was a standby to wait for."""
+    wait_s = run.options.cutover.replica_wait_s
+    if wait_s is None:
+        return False
+    target = run.target.name
+    timeout = wait_s if timeout_s is None else timeout_s
+    return run.throttle.wait_for_standbys(target, run.throttle.target_lsn(target), timeout, what) is not None
 
 
 def flip(run: MoveRun, move: Move, freeze_ms: float | None = None) -> list[Route]:
@@ -209,6 +222,7 @@ def _observe_backlog(run: MoveRun, move: Move, pending: int) -> None:
     """Each catch-up round: export the backlog, and stop here if asked (a round is a safe point)."""
     run.metrics.catchup_backlog.labels(run.source.name).set(pending)
     run.safe_point(move.id)
+    run.throttle.wait(move.id)
 
 
 def online_cutover(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, float]]:
@@ -236,6 +250,7 @@ def _attempt_cutover(run: MoveRun, move: Move, number: int) -> tuple[list[Route]
     capture.vacuum_changes(run.source.dsn)
     catch_up(run, move)
     run.safe_point(move.id)
+    wait_for_replicas(run, "the copy")  # so that the freeze only waits for the drain's few rows
     run.lock.check()
     try:
         return _freeze_and_flip(run, move)
@@ -295,6 +310,11 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
             src.commit()
             tgt.commit()
             clock.step("revisions")
+            try:
+                if wait_for_replicas(run, "the drain", max(0.0, options.max_freeze_ms - elapsed_ms()) / 1000):
+                    clock.step("standbys")
+            except StandbyBehind as exc:
+                raise FreezeTooLong(f"the target's standbys did not replay the drain in the freeze: {exc}") from None
             if elapsed_ms() > options.max_freeze_ms:
                 limit = options.max_freeze_ms
                 raise FreezeTooLong(f"freeze reached {elapsed_ms():.0f} ms > --max-freeze-ms {limit:.0f}")

@@ -33,9 +33,17 @@ from migrator.catalog import (
 )
 from migrator.context import Context
 from migrator.errors import BadInput, MigratorError, PreflightError, VerifyMismatch
-from migrator.move import copy, fence, moved, streams
+from migrator.move import copy, fence, moved, streams, throttle
 from migrator.move.cleanup import delete_debris, delete_tenant, forget_progress
-from migrator.move.cutover import catch_up, check_references, flip, online_cutover, verify_before_freeze, verify_move
+from migrator.move.cutover import (
+    catch_up,
+    check_references,
+    flip,
+    online_cutover,
+    verify_before_freeze,
+    verify_move,
+    wait_for_replicas,
+)
 from migrator.move.preflight import check_deletes, check_move, check_resume, check_schema_unchanged
 from migrator.move.run import MoveOptions, MoveRun
 from migrator.move.verify import Report
@@ -92,6 +100,8 @@ def move_tenants(
                 )
             return _resume(ctx, move, lock, options, progress, stop)
         checked = check_move(catalog, ctx.config.tenancy, tenants, target, allow_triggers=options.allow_triggers)
+        replica_wait = options.cutover.replica_wait_s is not None
+        throttle.check_visible(catalog, (checked.source, checked.target), options.limits, replica_wait)
         if options.dry_run:
             return MoveOutcome(
                 tenants,
@@ -145,6 +155,7 @@ def _resume(
     source, dest = ctx.catalog.stamp(move.source), ctx.catalog.stamp(move.target)
     layout = _resume_layout(ctx, move, source, dest)
     check_resume(source, dest, layout, allow_triggers=options.allow_triggers)
+    throttle.check_visible(ctx.catalog, (source, dest), options.limits, options.cutover.replica_wait_s is not None)
     if options.dry_run:
         return MoveOutcome(move.tenants, source.name, dest.name, move, [], True)
     progress.phase(f"resuming move {move.id} of {move.who} at phase {move.phase}")
@@ -205,6 +216,7 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
             if move.phase == Phase.VERIFIED:
                 run.progress.phase(f"flipping route of {move.who} to {run.target.name}")
                 with _timed(timings, "flip"):
+                    wait_for_replicas(run, "the copy")
                     routes = flip(run, move)
                 return _finished(run, move, routes, resumed, report, timings)
         else:
@@ -225,6 +237,8 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
     except Exception as exc:
         _failed(run, move, f"{type(exc).__name__}: {exc}", exc)
         raise
+    finally:
+        run.close()
 
 
 def _failed(run: MoveRun, move: Move, message: str, exc: Exception) -> None:
@@ -248,6 +262,7 @@ def _finished(
     run: MoveRun, move: Move, routes: list[Route], resumed: bool, report: Report | None, timings: dict[str, float]
 ) -> MoveOutcome:
     run.metrics.ended(move.id, "flipped", len(move.tenants))
+    timings.update(run.throttle_seconds())
     moved.record(run.catalog, run.source, run.layout, move)
     with stamps.connect(run.target) as tgt:
         forget_progress(tgt, move.id)

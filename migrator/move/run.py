@@ -7,13 +7,15 @@ lock. The move's catalog record is not part of it: each step returns it anew wit
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from dataclasses import dataclass, field
 
-from migrator.catalog import Catalog, Stamp, TenantLock
+from migrator.catalog import Catalog, Limits, Stamp, TenantLock
 from migrator.errors import Interrupted
 from migrator.metrics import Metrics
+from migrator.move.throttle import Throttle
 from migrator.progress import Progress
 from migrator.stamps.discovery import Layout
 
@@ -27,6 +29,7 @@ class CutoverOptions:
     max_freeze_ms: float = 2000.0
     attempts: int = 3
     replay_batch: int = 2000
+    replica_wait_s: float | None = 60.0  # --replica-wait; None (--no-replica-wait): flip without the standbys
 
 
 def default_jobs() -> int:
@@ -49,6 +52,7 @@ class MoveOptions:
     online: bool = True
     allow_triggers: bool = False  # proceed although application triggers would fire for migrator's writes
     cutover: CutoverOptions = field(default_factory=CutoverOptions)
+    limits: Limits = field(default_factory=Limits)  # --max-replica-lag, --max-slot-lag, --max-active-sessions, ...
 
 
 @dataclass(frozen=True)
@@ -69,3 +73,22 @@ class MoveRun:
         """Between steps, batches and catch-up rounds (never inside the freeze): honour a stop."""
         if self.stop.is_set():
             raise Interrupted(f"move {move_id}: stopped at a safe point; it resumes where it stood", move_id)
+
+    @functools.cached_property
+    def throttle(self) -> Throttle:
+        """The run's throttle on its source and target (its sessions are closed when the run ends)."""
+        return Throttle(self.catalog, (self.source, self.target), self.options.limits, self.progress, self.metrics)
+
+    def throttle_seconds(self) -> dict[str, float]:
+        """Seconds the run waited for the stamps' replicas, slots and load, and for the standbys at the flip."""
+        if "throttle" not in self.__dict__:  # never throttled: no session was opened
+            return {}
+        return {
+            "throttled": round(self.throttle.throttled_s, 3),
+            "standby_wait": round(self.throttle.standby_wait_s, 3),
+        }
+
+    def close(self) -> None:
+        """Close the throttle's sessions, if it opened any."""
+        if "throttle" in self.__dict__:
+            self.throttle.close()

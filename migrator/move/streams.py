@@ -82,6 +82,7 @@ def copy_tables(
         run.metrics.counting_copy(run.progress, run.source.name, run.target.name),
         options.rate_limit / jobs if options.rate_limit else None,
         stop,
+        lambda: run.throttle.wait(move_id),
     )
     running: dict[Future[int], _Unit] = {}
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="copy") as pool:

@@ -16,7 +16,9 @@ A stamp is a move's source one day and its target the next, so one set is checke
   triggers stay quiet; without it moves are refused (or forced with --allow-triggers). Where no such
   trigger exists it is not needed and not listed;
 - BYPASSRLS, only where row-level security on a tenant table applies to the role (forced on the
-  owner, or the role is not a member of the owner): it would otherwise read fewer rows.
+  owner, or the role is not a member of the owner): it would otherwise read fewer rows;
+- pg_monitor, only where the stamp has standbys: the cutover waits for their replay, which only a
+  role with pg_read_all_stats can see (and so do the throttle's lag and load limits).
 Each missing privilege becomes one `Missing` naming the object and the statement that grants it;
 the statements are composed with `psycopg.sql`, so they are quoted exactly as they must be run.
 """
@@ -79,6 +81,7 @@ def check_stamp(conn: psycopg.Connection[Any], tenancy: Tenancy) -> Check:
         *_migrator_schema(conn, role),
         *_replication_role(conn, layout),
         *_row_security(conn, role, layout),
+        *_monitoring(conn, role),
     ]
     return Check(role, database, missing)
 
@@ -241,6 +244,22 @@ def _replication_role(conn: psycopg.Connection[Any], layout: Layout) -> list[Mis
             checks.replica_grant(conn),
         )
     ]
+
+
+def _monitoring(conn: psycopg.Connection[Any], role: str) -> list[Missing]:
+    """pg_monitor, only where the stamp has standbys: the cutover waits for them to replay the move, and
+    the throttle limits read their lag and other roles' sessions, which an ordinary role cannot see."""
+    sees, standbys = _one(
+        conn,
+        "SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) OR pg_has_role('pg_read_all_stats',"
+        " 'MEMBER'), (SELECT count(*) FROM pg_stat_replication) + (SELECT count(*) FROM pg_replication_slots"
+        " WHERE slot_type = 'physical')",
+    )
+    if sees or not standbys:
+        return []
+    grant = sql.SQL("GRANT pg_monitor TO {}").format(sql.Identifier(role))
+    why = "pg_monitor (the cutover waits for this stamp's standbys; --max-replica-lag and the load limits read them)"
+    return [Missing(f"role {role}", why, _text(conn, grant))]
 
 
 def _row_security(conn: psycopg.Connection[Any], role: str, layout: Layout) -> list[Missing]:

@@ -1,0 +1,142 @@
+"""Throttling: the flags every command that copies takes (`throttle_flags`), and `migrator throttle`,
+the fleet's limits that running moves and workers re-read within seconds."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from migrator.cli import render
+from migrator.cli.base import JSON, EngineDefault, F, cli, context_of, emit
+
+if TYPE_CHECKING:  # the engine is imported when a command runs, which keeps `migrator --help` fast
+    from migrator.catalog import Limits
+
+
+def _replica_wait_default() -> float | None:
+    from migrator.move import MoveOptions
+
+    return MoveOptions().cutover.replica_wait_s
+
+
+_LIMIT_OPTIONS = (
+    click.option(
+        "--max-replica-lag",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        metavar="SECONDS",
+        help="Pause copying while a standby of the source or target replays more than this far behind.",
+    ),
+    click.option(
+        "--max-slot-lag",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="BYTES",
+        help="Pause copying while a logical replication slot of the source or target retains more WAL.",
+    ),
+    click.option(
+        "--max-active-sessions",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="Pause copying while more than N other sessions are active on the source or target.",
+    ),
+    click.option(
+        "--critical-load",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="Stop the move (unfenced, resumable) once N other sessions are active on a stamp.",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class ThrottleFlags:
+    """The throttle flags of one command: its own limits (the fleet's still apply) and the replica wait."""
+
+    limits: Limits
+    replica_wait_s: float | None
+
+
+def throttle_flags(command: F) -> F:
+    """Add the throttle flags to a command; it receives them as one `throttle: ThrottleFlags` argument."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from migrator.catalog import Limits
+
+        limits = Limits(
+            kwargs.pop("max_replica_lag"),
+            kwargs.pop("max_slot_lag"),
+            kwargs.pop("max_active_sessions"),
+            kwargs.pop("critical_load"),
+        )
+        wait, skip = kwargs.pop("replica_wait"), kwargs.pop("no_replica_wait")
+        return command(*args, throttle=ThrottleFlags(limits, None if skip else wait), **kwargs)
+
+    decorated: Any = wrapper
+    for option in (
+        *_LIMIT_OPTIONS,
+        click.option(
+            "--replica-wait",
+            type=click.FloatRange(min=0),
+            default=EngineDefault(_replica_wait_default),
+            show_default=True,
+            metavar="SECONDS",
+            help="Before the flip, wait this long at most for the target's standbys to replay the move.",
+        ),
+        click.option("--no-replica-wait", is_flag=True, help="Flip without waiting for the target's standbys."),
+    ):
+        decorated = option(decorated)
+    return decorated  # type: ignore[no-any-return]
+
+
+@cli.group("throttle")
+def throttle_group() -> None:
+    """Show or set the fleet's throttle limits, which running moves and workers follow within seconds."""
+
+
+@throttle_group.command("show")
+@JSON
+@click.pass_context
+def throttle_show(ctx: click.Context, as_json: bool) -> None:
+    """Print the fleet's throttle limits (a move's own flags can only make them stricter)."""
+    from dataclasses import asdict
+
+    from migrator.move.throttle import describe
+
+    limits = context_of(ctx).catalog.limits()
+    emit(as_json, asdict(limits), render.table(["limit", "value"], describe(limits)))
+
+
+@throttle_group.command("set")
+@_LIMIT_OPTIONS[0]
+@_LIMIT_OPTIONS[1]
+@_LIMIT_OPTIONS[2]
+@_LIMIT_OPTIONS[3]
+@click.option("--clear", is_flag=True, help="Remove every limit not given with this command.")
+@JSON
+@click.pass_context
+def throttle_set(ctx: click.Context, clear: bool, as_json: bool, **given: Any) -> None:
+    """Set the fleet's throttle limits; running moves and workers follow them within seconds."""
+    from dataclasses import asdict, replace
+
+    from migrator.catalog import Limits
+    from migrator.move.throttle import describe
+
+    catalog = context_of(ctx).catalog
+    base = Limits() if clear else catalog.limits()
+    fields = {
+        "max_replica_lag_s": given["max_replica_lag"],
+        "max_slot_lag_bytes": given["max_slot_lag"],
+        "max_active_sessions": given["max_active_sessions"],
+        "critical_load": given["critical_load"],
+    }
+    if not clear and all(value is None for value in fields.values()):
+        raise click.UsageError("give a limit to set (or --clear to remove them)")
+    limits = catalog.set_limits(replace(base, **{k: v for k, v in fields.items() if v is not None}))
+    emit(as_json, asdict(limits), render.table(["limit", "value"], describe(limits)))

@@ -1,0 +1,341 @@
+"""Gentle on production: copies yield to a real streaming standby's replay lag and to load, the cutover
+waits for the target's standby, and the fleet's limits change under a running move.
+
+A fresh PostgreSQL server per module with a streaming standby of it (`pg_basebackup -R`, a physical
+slot `r1`); lag is made honestly, by pausing the standby's replay or delaying it
+(`recovery_min_apply_delay`). Row counts on the standby are read on the standby itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import select
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import Fleet, new_fleet, tenant_row_count, wait_until
+from psycopg.conninfo import conninfo_to_dict
+from test_real_schemas_shapes import ShapedFactory, shaped  # noqa: F401
+
+from migrator.db import dsn as dsnlib
+from migrator.local import pgserver, provision
+from migrator.move.throttle import CHECK_EVERY_S
+
+ROWS = 3_000
+
+
+@pytest.fixture(scope="module")
+def primary() -> Iterator[tuple[pgserver.LocalServer, pgserver.LocalServer, dict[str, str]]]:
+    """A server of its own with template databases, and its streaming standby `r1`."""
+    base = Path(tempfile.mkdtemp(prefix="migrator-standby-"))
+    base.chmod(0o755)
+    server = pgserver.start_server(base / "primary")
+    standby = None
+    try:
+        provision.catalog_database(server, "tpl_catalog")
+        provision.stamp_database(server, "tpl_stamp")
+        standby = pgserver.start_standby(server, base / "standby", "r1")
+        yield server, standby, {"catalog": "tpl_catalog", "stamp": "tpl_stamp"}
+    finally:
+        if standby is not None:
+            standby.stop("immediate")
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def replicated(
+    primary: tuple[pgserver.LocalServer, pgserver.LocalServer, dict[str, str]], tmp_path: Path
+) -> Iterator[tuple[Fleet, pgserver.LocalServer]]:
+    """A fleet on the primary, tenant 7 seeded on eu-1; the standby streaming and replaying again after."""
+    server, standby, templates = primary
+    with new_fleet(server, templates, tmp_path) as fleet:
+        fleet.seed("eu-1", 7, ROWS)
+        try:
+            yield fleet, standby
+        finally:
+            standby.start()
+            _standby_sql(standby, "SELECT pg_wal_replay_resume()")
+            _standby_sql(standby, "ALTER SYSTEM RESET recovery_min_apply_delay")
+            _standby_sql(standby, "SELECT pg_reload_conf()")
+
+
+def _standby_sql(standby: pgserver.LocalServer, statement: str, db: str = "postgres") -> None:
+    with dsnlib.connect(standby.dsn(db), autocommit=True) as conn:
+        conn.execute(statement)
+
+
+def _copied(fleet: Fleet) -> int:
+    return tenant_row_count(fleet.dsn("eu-2"), fleet.layout(), "7")
+
+
+def _apply_delay(standby: pgserver.LocalServer, delay: str) -> None:
+    _standby_sql(standby, f"ALTER SYSTEM SET recovery_min_apply_delay = '{delay}'")
+    _standby_sql(standby, "SELECT pg_reload_conf()")
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def test_the_copy_pauses_while_the_standby_does_not_replay_and_resumes_after(
+    replicated: tuple[Fleet, pgserver.LocalServer],
+) -> None:
+    fleet, standby = replicated
+    total = tenant_row_count(fleet.dsn("eu-1"), fleet.layout(), "7")
+    limited = ("--batch-rows", "100", "--rate-limit", "400", "--max-replica-lag", "1")  # unthrottled: ~8 s
+    proc = fleet.popen("move", "7", "--to", "eu-2", "--yes", *limited)
+    try:
+        wait_until(lambda: _copied(fleet) > 0, "the first batch", 30, proc)
+        _standby_sql(standby, "SELECT pg_wal_replay_pause()")
+        time.sleep(2.5)  # the lag passes 1 s about a second after the pause
+        held = _copied(fleet)
+        time.sleep(3)
+        assert _copied(fleet) == held < total  # not a batch while the standby does not replay
+        _standby_sql(standby, "SELECT pg_wal_replay_resume()")
+        code, out, err = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err
+    assert "throttled: replica lag" in err and "> 1 s (eu-" in err and "standby r1)" in err, err
+    assert "throttle lifted" in err, err
+    assert _copied(fleet) == total and "rows copied and verified" in out
+
+
+COPIED = "SELECT (SELECT count(*) FROM tasks WHERE tenant_id = 7) + (SELECT count(*) FROM comments WHERE tenant_id = 7)"
+
+
+class LagSampler:
+    """The standby's replay lag while the copy into `target` runs, sampled every 0.1 s by hand: the
+    primary's WAL position is noted with its time, and the lag is how long ago the primary first
+    wrote past the standby's replay position. `peak` is the highest lag between the copy's first and
+    last committed batch (its rows on the target, counted)."""
+
+    def __init__(self, server: pgserver.LocalServer, target_dsn: str) -> None:
+        self.server, self.target_dsn = server, target_dsn
+        self.samples: list[tuple[float, float, int]] = []  # time, lag, rows on the target
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> LagSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    @property
+    def peak(self) -> float:
+        counts = [n for _, _, n in self.samples]
+        changed = [i for i in range(1, len(counts)) if counts[i] != counts[i - 1]]
+        if not changed:
+            return 0.0
+        return max(lag for _, lag, _ in self.samples[changed[0] - 1 : changed[-1] + 1])
+
+    def lag_at_batches(self) -> list[float]:
+        """For each batch committed between two samples, the lower lag of the two: the lag when it
+        could have started at the latest (the copy reads it before each batch, at most CHECK_EVERY_S apart)."""
+        return [
+            min(self.samples[i - 1][1], self.samples[i][1])
+            for i in range(1, len(self.samples))
+            if self.samples[i][2] != self.samples[i - 1][2]
+        ]
+
+    def _run(self) -> None:
+        timeline: list[tuple[float, int]] = []
+        with (
+            dsnlib.connect(self.server.dsn(), autocommit=True) as conn,
+            dsnlib.connect(self.target_dsn, autocommit=True) as target,
+        ):
+            while not self._stop.is_set():
+                row = conn.execute(
+                    "SELECT pg_current_wal_lsn() - '0/0', (SELECT replay_lsn - '0/0' FROM pg_stat_replication"
+                    " WHERE application_name = 'r1')"
+                ).fetchone()
+                copied = target.execute(COPIED).fetchone()
+                assert row is not None and copied is not None
+                now, lsn, replay = time.monotonic(), int(row[0]), row[1]
+                if not timeline or lsn > timeline[-1][1]:
+                    timeline.append((now, lsn))
+                behind = [t for t, at in timeline if replay is None or at > replay]
+                self.samples.append((now, now - behind[0] if behind else 0.0, int(copied[0])))
+                time.sleep(0.1)
+
+
+def test_with_a_delayed_standby_the_limit_keeps_its_lag_down_and_the_copy_slows(
+    replicated: tuple[Fleet, pgserver.LocalServer],
+) -> None:
+    fleet, standby = replicated
+    _apply_delay(standby, "2s")
+    paced = ("--batch-rows", "100", "--rate-limit", "600", "--json")  # ~5 s of copy unthrottled
+    with LagSampler(fleet.server, fleet.dsn("eu-2")) as unthrottled:
+        back = fleet.run("move", "7", "--to", "eu-2", "--yes", "--no-replica-wait", *paced)
+    assert back.exit_code == 0, back.output
+    free = json.loads(back.stdout)["seconds"]
+    assert fleet.run("cleanup", "7", "--stamp", "eu-1", "--yes").exit_code == 0
+    with LagSampler(fleet.server, fleet.dsn("eu-1")) as throttled:
+        moved = fleet.run("move", "7", "--to", "eu-1", "--yes", "--no-replica-wait", *paced, "--max-replica-lag", "1")
+    assert moved.exit_code == 0, moved.output
+    held = json.loads(moved.stdout)["seconds"]
+    # while copying: unthrottled, every write waits 2 s to be replayed and the copy writes on regardless;
+    # throttled, no batch starts while the lag is past 1 s (read every CHECK_EVERY_S)
+    assert unthrottled.peak >= 1.9, unthrottled.peak
+    assert max(throttled.lag_at_batches()) <= 1 + CHECK_EVERY_S + 0.1, throttled.samples
+    assert len(throttled.lag_at_batches()) >= 5 and max(unthrottled.lag_at_batches()) >= 1.5
+    assert held["throttled"] >= 2 and held["copy"] > free["copy"] + 1, (free, held)
+    assert tenant_row_count(fleet.dsn("eu-1"), fleet.layout(), "7") == ROWS + 1  # the tenant's row too
+
+
+def _count_at_flip(fleet: Fleet, standby: pgserver.LocalServer, seen: dict[str, int]) -> threading.Thread:
+    """Listen for the route's flip; at that moment count tenant 7's rows on the target's standby."""
+    target_db = conninfo_to_dict(fleet.dsn("eu-2"))["dbname"]
+    layout = fleet.layout()
+    ready = threading.Event()
+
+    def listen() -> None:
+        with dsnlib.connect(fleet.catalog.url, autocommit=True) as conn:
+            conn.execute("LISTEN migrator_routes")
+            ready.set()
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                select.select([conn.fileno()], [], [], 1)
+                for note in conn.notifies(timeout=0, stop_after=1):
+                    route = json.loads(note.payload)
+                    if route["tenant"] == "7" and route["stamp"] == "eu-2":
+                        seen["standby"] = tenant_row_count(standby.dsn(target_db), layout, "7")
+                        seen["primary"] = tenant_row_count(fleet.dsn("eu-2"), layout, "7")
+                        return
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    ready.wait(10)
+    return thread
+
+
+def test_the_route_flips_only_once_the_targets_standby_has_replayed_the_copy(
+    replicated: tuple[Fleet, pgserver.LocalServer],
+) -> None:
+    fleet, standby = replicated
+    _apply_delay(standby, "1500ms")
+    seen: dict[str, int] = {}
+    listener = _count_at_flip(fleet, standby, seen)
+    moved = fleet.run("move", "7", "--to", "eu-2", "--yes", "--json")
+    assert moved.exit_code == 0, moved.output
+    listener.join(30)
+    assert seen and seen["standby"] == seen["primary"] > 0, seen
+    seconds = json.loads(moved.stdout)["seconds"]
+    assert seconds["standby_wait"] >= 1.0, seconds
+
+
+def test_a_stopped_standby_stops_the_move_unflipped_naming_it(
+    replicated: tuple[Fleet, pgserver.LocalServer],
+) -> None:
+    fleet, standby = replicated
+    standby.stop()
+    moved = fleet.run("move", "7", "--to", "eu-2", "--yes", "--replica-wait", "2")
+    assert moved.exit_code == 1, moved.output
+    line = moved.stderr.strip().splitlines()[-1]
+    assert "the standbys of eu-2 did not replay the copy within 2 s: r1 (down)" in line, line
+    assert "not flipped" in line, line
+    assert fleet.catalog.route("7").stamp == "eu-1"
+    standby.start()
+    again = fleet.run("move", "7", "--to", "eu-2", "--yes")
+    assert again.exit_code == 0, again.output
+    assert fleet.catalog.route("7").stamp == "eu-2"
+
+
+def test_throttle_set_during_a_copy_takes_effect_without_a_restart(
+    replicated: tuple[Fleet, pgserver.LocalServer],
+) -> None:
+    fleet, standby = replicated
+    _standby_sql(standby, "SELECT pg_wal_replay_pause()")
+    proc = fleet.popen("move", "7", "--to", "eu-2", "--yes", "--batch-rows", "50", "--rate-limit", "200")
+    try:
+        wait_until(lambda: _copied(fleet) > 0, "the first batch", 30, proc)
+        assert fleet.run("throttle", "set", "--max-replica-lag", "1").exit_code == 0
+        time.sleep(4)  # the limits are re-read every 2 s; the lag is already past 1 s
+        held = _copied(fleet)
+        time.sleep(3)
+        assert _copied(fleet) == held  # paused by the fleet's limit, set while it ran
+        shown = fleet.run("throttle", "show", "--json")
+        assert json.loads(shown.stdout)["max_replica_lag_s"] == 1
+        assert fleet.run("throttle", "set", "--clear").exit_code == 0
+        wait_until(lambda: _copied(fleet) > held, "the copy to go on once lifted", 15, proc)  # replay still paused
+        _standby_sql(standby, "SELECT pg_wal_replay_resume()")
+        code, _, err = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err
+    assert "throttled: replica lag" in err, err
+
+
+def test_a_critical_load_stops_the_move_unfenced_and_it_resumes(
+    replicated: tuple[Fleet, pgserver.LocalServer],
+) -> None:
+    fleet, _ = replicated
+    sleeper = psycopg.connect(fleet.dsn("eu-1"), autocommit=True, application_name="app")
+    busy = threading.Thread(target=lambda: _sleep(sleeper), daemon=True)
+    busy.start()
+    try:
+        wait_until(lambda: _active(fleet) >= 1, "the application's session to be active", 10)
+        stopped = fleet.run("move", "7", "--to", "eu-2", "--yes", "--critical-load", "1")
+        assert stopped.exit_code == 1, stopped.output
+        line = stopped.stderr.strip().splitlines()[-1]
+        assert "stopped at critical load: 1 active sessions >= 1 (eu-1)" in line, line
+        assert "nothing is fenced" in line and "migrator move --move" in line, line
+    finally:
+        sleeper.cancel_safe()
+        busy.join(10)
+        sleeper.close()
+    assert fleet.catalog.route("7").stamp == "eu-1"
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:  # the tenant still writes on its source
+        conn.execute("UPDATE tenants SET name = name || '!' WHERE id = 7")
+    move_id = fleet.catalog.moves("7")[0].id
+    wait_until(lambda: _active(fleet) == 0, "the application's session to end", 10)
+    resumed = fleet.run("move", "--move", str(move_id), "--yes")
+    assert resumed.exit_code == 0, resumed.output
+    assert fleet.catalog.route("7").stamp == "eu-2"
+
+
+def _sleep(conn: psycopg.Connection[Any]) -> None:
+    """An application session busy for a while (cancelled by the test)."""
+    with contextlib.suppress(psycopg.errors.QueryCanceled):
+        conn.execute("SELECT pg_sleep(60)")
+
+
+def _active(fleet: Fleet) -> int:
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active'"
+            " AND pid <> pg_backend_pid() AND application_name <> 'migrator'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_limit_this_role_cannot_see_is_refused_before_anything_changes(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    fleet = shaped(("CREATE TABLE orders (id bigint PRIMARY KEY, tenant_id bigint NOT NULL REFERENCES tenants)",))
+    fleet.execute("eu-1", "INSERT INTO tenants VALUES (42, 'forty-two')")
+    fleet.catalog.set_route("42", "eu-1")
+    before = fleet.snapshot()
+    for flag in (("--max-replica-lag", "5"), ("--max-active-sessions", "10"), ("--critical-load", "50")):
+        refused = fleet.run("move", "42", "--to", "eu-2", "--yes", *flag)
+        assert refused.exit_code == 2, refused.output
+        line = refused.stderr.strip()
+        assert len(line.splitlines()) == 1 and "GRANT pg_monitor (or pg_read_all_stats)" in line, line
+        assert fleet.snapshot() == before
+    assert fleet.run("move", "42", "--to", "eu-2", "--yes", "--max-slot-lag", "1000000").exit_code == 0
