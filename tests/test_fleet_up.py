@@ -10,6 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from migrator.cli import cli
+from migrator.db import dsn as dsnlib
+from migrator.local import pgserver
 from migrator.local.fleet import STATE_FILE
 
 
@@ -92,6 +94,21 @@ def test_fleet_up_prints_the_export_line_the_next_commands_use(tmp_path: Path, m
         assert keys.exit_code == 0, keys.output  # the local fleet starts strided: ids never collide
         blocks = {s["stamp"]: s["block"] for s in json.loads(keys.stdout)["stamps"]}
         assert blocks == {"stamp-1": 1, "stamp-2": 2}
+    finally:
+        CliRunner().invoke(cli, ["fleet", "down", "--dir", str(directory)])
+    assert _postgres_processes(directory) == []
+
+
+def test_fleet_up_with_replicas_starts_a_streaming_standby_that_fleet_down_stops(tmp_path: Path) -> None:
+    directory = tmp_path / "replicated"
+    result = CliRunner().invoke(cli, ["fleet", "up", "--dir", str(directory), "--stamps", "1", "--replicas", "1"])
+    try:
+        assert result.exit_code == 0, result.output
+        assert "server-1 standby r1" in result.stdout
+        server = pgserver.attach_server(directory / "server-1" / "data")
+        with dsnlib.connect(server.dsn(), autocommit=True) as conn:
+            streaming = conn.execute("SELECT application_name, state FROM pg_stat_replication").fetchall()
+        assert streaming == [("r1", "streaming")]
     finally:
         CliRunner().invoke(cli, ["fleet", "down", "--dir", str(directory)])
     assert _postgres_processes(directory) == []

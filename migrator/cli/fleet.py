@@ -40,14 +40,21 @@ def _fleet_dir(what: str) -> Callable[[F], F]:
     show_default=True,
     help="Spread the stamps over this many PostgreSQL servers.",
 )
-def fleet_up(directory: Path, stamps: int, servers: int) -> None:
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=0, max=3),
+    default=0,
+    show_default=True,
+    help="Streaming standbys of each server (for the throttle and the cutover's replica wait).",
+)
+def fleet_up(directory: Path, stamps: int, servers: int, replicas: int) -> None:
     """Start local PostgreSQL, create the catalog and N stamps at head, write DIR/migrator.toml.
 
     On a failure every server it started is stopped again; on success it prints the `export` line to use it.
     """
     from migrator.local.fleet import fleet_up as up
 
-    info = up(directory, stamps, servers)
+    info = up(directory, stamps, servers, replicas)
     click.echo(f"fleet up: config {info.config_path}")
     click.echo(render.table(["name", "dsn"], [["catalog", info.masked_catalog], *info.masked_stamps]))
     click.echo("\nso that the next commands use this fleet, run:")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from migrator import config as configlib
@@ -26,6 +26,7 @@ class FleetInfo:
     config_path: Path
     catalog_url: str
     stamps: dict[str, str]
+    standbys: dict[str, str] = field(default_factory=dict)  # "server-1 standby r1" -> its DSN (postgres db)
 
     @property
     def masked_catalog(self) -> str:
@@ -33,11 +34,12 @@ class FleetInfo:
 
     @property
     def masked_stamps(self) -> list[list[str]]:
-        return [[name, dsnlib.mask(dsn)] for name, dsn in self.stamps.items()]
+        return [[name, dsnlib.mask(dsn)] for name, dsn in (self.stamps | self.standbys).items()]
 
 
-def fleet_up(directory: Path, stamps: int = 3, servers: int = 1) -> FleetInfo:
-    """Start servers, create and migrate the catalog and stamps, register them, write migrator.toml.
+def fleet_up(directory: Path, stamps: int = 3, servers: int = 1, replicas: int = 0) -> FleetInfo:
+    """Start servers, create and migrate the catalog and stamps, register them, write migrator.toml;
+    with `replicas`, that many streaming standbys of each server (`pgserver.start_standby`).
 
     All or nothing: if any step fails (or is interrupted), every server started so far is stopped and
     what this call created is removed before the error propagates, so no PostgreSQL is left running
@@ -69,10 +71,19 @@ def fleet_up(directory: Path, stamps: int = 3, servers: int = 1) -> FleetInfo:
             catalog.close()
         config_path = provision.write_config(directory / configlib.DEFAULT_FILE, catalog_url)
         _stride(config_path)
+        standbys = {}
+        for i, server in enumerate(list(started)):
+            for k in range(replicas):
+                base = directory / f"server-{i + 1}-standby-{k + 1}"
+                created.append(base)
+                standby = pgserver.start_standby(server, base, f"r{k + 1}")
+                started.insert(0, standby)  # stopped first
+                standbys[f"server-{i + 1} standby r{k + 1}"] = standby.dsn()
+                (directory / STATE_FILE).write_text(json.dumps({"servers": [str(s.datadir) for s in started]}))
     except BaseException:
         _undo(started, created, directory / STATE_FILE)
         raise
-    return FleetInfo(config_path, catalog_url, stamp_dsns)
+    return FleetInfo(config_path, catalog_url, stamp_dsns, standbys)
 
 
 def _stride(config_path: Path) -> None:
