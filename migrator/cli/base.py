@@ -235,9 +235,24 @@ METRICS_PORT = click.option(
 )
 
 
-def queue_option(what: str) -> Callable[[F], F]:
-    """`--queue [NAME]` of `apply` and `schema upgrade`: hand the work to `migrator worker` processes."""
-    return click.option(
+def options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """Several Click options as one decorator, listed in the order they would be stacked."""
+
+    def apply(command: F) -> F:
+        for decorate in reversed(decorators):
+            command = decorate(command)
+        return command
+
+    return apply
+
+
+RUN_FLAGS = options(YES, NO_PROGRESS, JSON)  # --yes, --no-progress, --json: a command that changes the fleet
+
+
+def queued(what: str, wait: str) -> Callable[[F], F]:
+    """`--queue [NAME]` of `apply` and `schema upgrade`, which hands the work to `migrator worker`
+    processes, and `--wait`, which follows it there."""
+    queue = click.option(
         "--queue",
         is_flag=False,
         flag_value="migrator",
@@ -246,6 +261,7 @@ def queue_option(what: str) -> Callable[[F], F]:
         help=f"Send {what} to `migrator worker` processes on this queue (default queue: migrator) instead of "
         "running them here.",
     )
+    return options(queue, click.option("--wait", is_flag=True, help=f"With --queue: {wait}"))
 
 
 BATCH_ROWS = engine_option(

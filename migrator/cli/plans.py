@@ -15,15 +15,15 @@ from migrator.cli.base import (
     JOBS,
     JSON,
     METRICS_PORT,
-    NO_PROGRESS,
-    YES,
+    RUN_FLAGS,
     EngineChoice,
     cli,
     confirm,
     context_of,
     emit,
     engine_option,
-    queue_option,
+    options,
+    queued,
 )
 from migrator.cli.core import NO_CHECK, stamp_group
 from migrator.errors import BadInput, MigratorError
@@ -54,15 +54,18 @@ def _cohort_defaults() -> Cohorts:
     return Cohorts()
 
 
-COHORT_ROWS = engine_option(
-    "--cohort-rows",
-    lambda: _cohort_defaults().rows,
-    "Small tenants moving between two stamps go in cohorts of at most this many rows (larger ones alone).",
-)
-COHORT_TENANTS = engine_option(
-    "--cohort-tenants",
-    lambda: _cohort_defaults().tenants,
-    "At most this many tenants per cohort (1: every tenant is its own move).",
+WRITES_PLAN = options(BY_REGION, OUTPUT, FORCE, JSON)  # how every planner writes its plan file
+COHORTS = options(
+    engine_option(
+        "--cohort-rows",
+        lambda: _cohort_defaults().rows,
+        "Small tenants moving between two stamps go in cohorts of at most this many rows (larger ones alone).",
+    ),
+    engine_option(
+        "--cohort-tenants",
+        lambda: _cohort_defaults().tenants,
+        "At most this many tenants per cohort (1: every tenant is its own move).",
+    ),
 )
 
 
@@ -137,12 +140,8 @@ def _written(as_json: bool, plan: Plan, path: Path) -> None:
 @plan_group.command("drain")
 @click.argument("stamp")
 @click.option("--to", "to", default=None, help="Comma-separated stamps to drain onto (default: every active stamp).")
-@COHORT_ROWS
-@COHORT_TENANTS
-@BY_REGION
-@OUTPUT
-@FORCE
-@JSON
+@COHORTS
+@WRITES_PLAN
 @click.pass_context
 def plan_drain_cmd(
     ctx: click.Context,
@@ -174,12 +173,8 @@ def plan_drain_cmd(
     help="Every active stamp must end within this of the fleet's utilisation (rows / capacity_rows).",
 )
 @click.option("--max-moves", type=click.IntRange(min=1), default=None, help="Move at most this many tenants.")
-@COHORT_ROWS
-@COHORT_TENANTS
-@BY_REGION
-@OUTPUT
-@FORCE
-@JSON
+@COHORTS
+@WRITES_PLAN
 @click.pass_context
 def plan_rebalance_cmd(
     ctx: click.Context,
@@ -205,10 +200,7 @@ def plan_rebalance_cmd(
 @plan_group.command("isolate")
 @click.argument("tenant")
 @click.option("--to", "target", required=True, help="The empty stamp that becomes the tenant's own.")
-@BY_REGION
-@OUTPUT
-@FORCE
-@JSON
+@WRITES_PLAN
 @click.pass_context
 def plan_isolate_cmd(
     ctx: click.Context, tenant: str, target: str, by_region: bool, output: Path | None, force: bool, as_json: bool
@@ -221,30 +213,33 @@ def plan_isolate_cmd(
     _written(as_json, plan, path)
 
 
-@plan_group.command("status")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@JSON
-@click.pass_context
-def plan_status_cmd(ctx: click.Context, file: Path, as_json: bool) -> None:
-    """Show an applied or queued plan's entries as the catalog records them: status, move, failures, queue, error."""
-    from migrator.plans.apply import plan_digest
-
-    _recorded_plan(context_of(ctx), plan_digest(file), file, follow=False, as_json=as_json)
+PLAN_FILE = click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 
 
-@plan_group.command("wait")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@JSON
-@click.pass_context
-def plan_wait_cmd(ctx: click.Context, file: Path, as_json: bool) -> None:
-    """Follow an applied or queued plan until it ends, a line per change; exit 1 if a move failed."""
-    from migrator.plans.apply import plan_digest
+def _recorded_command(name: str, follow: bool, summary: str) -> None:
+    """`plan status` and `plan wait`: the plan's entries as the catalog records them, once or followed."""
 
-    _recorded_plan(context_of(ctx), plan_digest(file), file, follow=True, as_json=as_json)
+    @plan_group.command(name, help=summary)
+    @PLAN_FILE
+    @JSON
+    @click.pass_context
+    def command(ctx: click.Context, file: Path, as_json: bool) -> None:
+        from migrator.plans.apply import plan_digest
+
+        _recorded_plan(context_of(ctx), plan_digest(file), file, follow=follow, as_json=as_json)
+
+
+_recorded_command(
+    "status", False, "Show an applied or queued plan's entries as the catalog records them: status, move, failures, "
+    "queue, error."
+)  # fmt: skip
+_recorded_command(
+    "wait", True, "Follow an applied or queued plan until it ends, a line per change; exit 1 if a move failed."
+)
 
 
 @plan_group.command("show")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@PLAN_FILE
 @JSON
 def plan_show_cmd(file: Path, as_json: bool) -> None:
     """Show a plan file as tables: its moves and each stamp's utilisation before and after (offline)."""
@@ -419,7 +414,7 @@ def _recorded_plan(context: Any, digest: str, file: Path, *, follow: bool, as_js
 
 
 @cli.command("apply")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@PLAN_FILE
 @engine_option(
     "--parallel",
     lambda: _apply_defaults().parallel,
@@ -435,18 +430,18 @@ def _recorded_plan(context: Any, digest: str, file: Path, *, follow: bool, as_js
 @JOBS
 @click.option("--stop-on-error", is_flag=True, help="Start no more moves once one has failed.")
 @click.option("--dry-run", is_flag=True, help="Check the plan is still current and show what would run.")
-@queue_option("the plan's moves (an entry's own `queue:` wins; --per-stamp then holds across all workers)")
+@queued(
+    "the plan's moves (an entry's own `queue:` wins; --per-stamp then holds across all workers)",
+    "follow the queued moves until they end (`plan wait`).",
+)
 @engine_option(
     "--max-attempts",
     lambda: _apply_defaults().max_attempts,
     "With --queue: how many times workers run a move that fails for a transient reason.",
 )
-@click.option("--wait", is_flag=True, help="With --queue: follow the queued moves until they end (`plan wait`).")
 @ALLOW_TRIGGERS
 @METRICS_PORT
-@YES
-@NO_PROGRESS
-@JSON
+@RUN_FLAGS
 @click.pass_context
 def apply_cmd(
     ctx: click.Context,

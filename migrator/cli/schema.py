@@ -9,14 +9,13 @@ import click
 from migrator.cli import render
 from migrator.cli.base import (
     JSON,
-    NO_PROGRESS,
-    YES,
+    RUN_FLAGS,
     cli,
     confirm,
     context_of,
     emit,
     engine_option,
-    queue_option,
+    queued,
 )
 from migrator.errors import BadInput, MigratorError, SchemaDrift
 
@@ -91,16 +90,16 @@ def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> N
 )
 @click.option("--dry-run", is_flag=True, help="Print each stamp's pending revisions and their SQL; change nothing.")
 @click.option("--active-only", is_flag=True, help="Leave draining and retired stamps out.")
-@queue_option("one step per stamp (the canary's first, the others once it succeeded; --parallel then does not apply)")
+@queued(
+    "one step per stamp (the canary's first, the others once it succeeded; --parallel then does not apply)",
+    "follow the rollout until every stamp has run.",
+)
 @engine_option(
     "--connections-per-server",
     lambda: _rollout_defaults().connections_per_server,
     "With --queue: at most this many sessions on one database server at once (workers and planning).",
 )
-@click.option("--wait", is_flag=True, help="With --queue: follow the rollout until every stamp has run.")
-@YES
-@NO_PROGRESS
-@JSON
+@RUN_FLAGS
 @click.pass_context
 def schema_upgrade_cmd(
     ctx: click.Context,
@@ -165,9 +164,7 @@ def _queued_upgrade(context: Any, options: Any, queue: str, wait: bool, confirm:
 @schema_group.command("downgrade")
 @click.argument("revision")
 @click.option("--stamp", "names", multiple=True, help="A stamp to downgrade (repeatable; default: every stamp).")
-@YES
-@NO_PROGRESS
-@JSON
+@RUN_FLAGS
 @click.pass_context
 def schema_downgrade_cmd(
     ctx: click.Context, revision: str, names: tuple[str, ...], yes: bool, no_progress: bool, as_json: bool
