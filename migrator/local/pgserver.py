@@ -188,7 +188,8 @@ def start_standby(
     socket_dir = base_dir / "sock"
     socket_dir.mkdir(exist_ok=True)
     _own(socket_dir, user)
-    extra = {**(settings or {}), "port": str(port), "unix_socket_directories": str(socket_dir), "hot_standby": "on"}
+    socket_setting = str(socket_dir) if len(str(socket_dir)) < _SOCKET_PATH_MAX - 20 else ""  # as for a primary
+    extra = {**(settings or {}), "port": str(port), "unix_socket_directories": socket_setting, "hot_standby": "on"}
     with (datadir / "postgresql.auto.conf").open("a") as conf:  # after -R's primary_conninfo: later lines win
         conf.write("".join(f"{key} = {_conf_value(value)}\n" for key, value in extra.items()))
     (base_dir / LOG_FILE).touch(exist_ok=True)
