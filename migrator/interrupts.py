@@ -75,3 +75,17 @@ def stop_on_signals() -> Iterator[Stop]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def prompting() -> Iterator[None]:
+    """Ctrl-C at a question (`schema upgrade` asks inside its stop block) answers no, as it does elsewhere,
+    instead of setting a stop nobody reads while the prompt waits."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

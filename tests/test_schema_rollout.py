@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -391,3 +393,36 @@ def test_a_rollout_names_its_waves_one_way_skips_retired_stamps_saying_so_and_re
     assert summary.startswith("upgrade to ") and "failed: us-1" in summary
     assert result.output.count("failed: us-1") == 1  # not again as an error line
     assert result.output.count("tasks_priority_range") <= 2  # the stamp's live line and its row in the table
+
+
+def test_ctrl_c_lets_the_running_step_end_starts_no_more_waves_and_says_how_to_resume(fleet4: Fleet) -> None:
+    fleet = fleet4
+    for name in fleet.stamps:
+        put_at(fleet, name, "0002_collaboration")
+    args = ["--config", str(fleet.config_path), "schema", "upgrade", "--yes", "--canary", "ap-1", "--parallel", "2"]
+    with dsnlib.connect(fleet.dsn("ap-1"), pinned=False) as hold:  # the canary's ALTER TABLE waits for it
+        hold.execute("LOCK TABLE tasks IN ACCESS SHARE MODE")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "migrator", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not hold.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.5)  # the step keeps waiting: a stop does not cut a revision in half
+        assert proc.poll() is None
+    out, err = proc.communicate(timeout=120)
+
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        "error: schema upgrade stopped by SIGINT at a safe point before wave 1: 1 stamp(s) ran their step, 3 not "
+        "tried (eu-1, eu-2, us-1); left in place: no lock and no half-applied revision (each started step ran to "
+        "its end); resume: `migrator schema upgrade head`"
+    ), err
+    assert revisions(fleet) == {"ap-1": HEAD, "eu-1": "0002_collaboration", "eu-2": "0002_collaboration",
+                                "us-1": "0002_collaboration"}  # fmt: skip
+    again = fleet.run("schema", "upgrade", "head", "--yes")  # the command the line gave
+    assert again.exit_code == 0, again.output
+    assert set(revisions(fleet).values()) == {HEAD}

@@ -157,8 +157,11 @@ def typed_path(ctx: click.Context | None) -> str:
 
 def confirm(question: str) -> None:
     """Ask before changing anything; no (or no terminal to answer) ends the command with `Declined`."""
+    from migrator.interrupts import prompting
+
     try:
-        agreed = click.confirm(question, err=True)
+        with prompting():
+            agreed = click.confirm(question, err=True)
     except click.Abort:  # end of input or Ctrl-C at the prompt: end the prompt's line
         click.echo(err=True)
         agreed = False

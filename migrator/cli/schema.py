@@ -128,9 +128,12 @@ def schema_upgrade_cmd(
         _queued_upgrade(context_of(ctx), options, queue, wait, None if yes else _confirm, as_json)
         return
 
-    with render.progress(not (as_json or no_progress), "stamps") as progress:
-        rollout = upgrade_fleet(context_of(ctx), options, progress, None if yes else _confirm)
-    _report(rollout, as_json)
+    from migrator.interrupts import stop_on_signals
+
+    # Ctrl-C, SIGTERM: the running wave's steps end, no more wave starts
+    with stop_on_signals() as stop, render.progress(not (as_json or no_progress), "stamps") as progress:
+        rollout = upgrade_fleet(context_of(ctx), options, progress, None if yes else _confirm, stop.event)
+    _report(rollout, as_json, stop, f"migrator schema upgrade {revision}")
 
 
 def _queued_upgrade(context: Any, options: Any, queue: str, wait: bool, confirm: Any, as_json: bool) -> None:
@@ -170,13 +173,15 @@ def schema_downgrade_cmd(
     ctx: click.Context, revision: str, names: tuple[str, ...], yes: bool, no_progress: bool, as_json: bool
 ) -> None:
     """Downgrade stamps to REVISION (or base), canary first, with the same locks and log as upgrade."""
+    from migrator.interrupts import stop_on_signals
     from migrator.rollout.runner import downgrade_stamps
 
-    with render.progress(not (as_json or no_progress), "stamps") as progress:
+    with stop_on_signals() as stop, render.progress(not (as_json or no_progress), "stamps") as progress:
         rollout = downgrade_stamps(
-            context_of(ctx), revision, names, progress=progress, confirm=None if yes else _confirm
+            context_of(ctx), revision, names, progress=progress, confirm=None if yes else _confirm, stop=stop.event
         )
-    _report(rollout, as_json)
+    again = " ".join(["migrator schema downgrade", revision, *(f"--stamp {name}" for name in names)])
+    _report(rollout, as_json, stop, again)
 
 
 @schema_group.command("history")
@@ -259,8 +264,10 @@ def _confirm(plan: Any) -> None:
     confirm(f"{plan.direction.capitalize()} {stamps} stamp(s) to {target}?")
 
 
-def _report(rollout: Any, as_json: bool) -> None:
-    """The final table, then exit 1 naming the failed stamps (after rendering, like `verify`)."""
+def _report(rollout: Any, as_json: bool, stop: Any = None, again: str = "") -> None:
+    """The final table, then exit 1 naming the failed stamps (after rendering, like `verify`), or, after a
+    stop (Ctrl-C, SIGTERM), the line saying where it stopped and the command (`again`) that goes on."""
+    from migrator.interrupts import Stopped
     from migrator.rollout.runner import RolloutFailed, wave_name
 
     data = {
@@ -289,6 +296,15 @@ def _report(rollout: Any, as_json: bool) -> None:
     )
     parts = [_dry_run_text(rollout)] if rollout.dry_run else []
     emit(as_json, data, "\n".join([*parts, table, rollout.summary()]))
+    if rollout.interrupted and stop is not None and stop.asked:
+        ran = sum(1 for o in rollout.outcomes if o.wave is not None)
+        left = [o.stamp for o in rollout.outcomes if (o.error or "").startswith("not tried")]
+        raise Stopped(
+            f"schema {rollout.direction} stopped by {stop.name} {rollout.stopped.removeprefix('stopped ')}: "
+            f"{ran} stamp(s) ran their step, {len(left)} not tried ({', '.join(left)}); left in place: no lock and "
+            f"no half-applied revision (each started step ran to its end); resume: `{again}`",
+            stop.exit_code,
+        )
     if rollout.failed:
         raise RolloutFailed("")  # exit 1; the summary above names the failures, once
 

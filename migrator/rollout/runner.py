@@ -13,6 +13,7 @@ table under a cutover would stall or break it.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -122,6 +123,7 @@ class Rollout:
     dry_run: bool
     outcomes: tuple[StampOutcome, ...]
     stopped: str | None  # why the rollout ended before every stamp was tried
+    interrupted: bool = False  # a stop (Ctrl-C, SIGTERM) ended it between two waves
 
     @property
     def failed(self) -> list[StampOutcome]:
@@ -174,17 +176,19 @@ def upgrade_fleet(
     options: RolloutOptions = RolloutOptions(),
     progress: Progress | None = None,
     confirm: Callable[[Plan], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> Rollout:
     """`migrator schema upgrade`: the canary, then waves of `parallel` stamps, to `options.revision`.
 
     A failing canary always stops the rollout; a failing later wave stops it unless
-    `continue_on_error`. `confirm` sees the plan before anything runs and may raise to abort.
+    `continue_on_error`. `confirm` sees the plan before anything runs and may raise to abort. `stop`
+    (Ctrl-C, SIGTERM) lets the running wave's steps end and starts no more waves.
     """
     found = History.load(ctx.config.schema_env())
     target = found.resolve(options.revision, allow_base=False)
     chosen, retired = _rollout_stamps(ctx, (), options.active_only)
     plan = _plan(ctx, found, "upgrade", target, chosen, options, retired=retired)
-    return _run(ctx, found, plan, options, progress or Silent(), confirm)
+    return _run(ctx, found, plan, options, progress or Silent(), confirm, stop)
 
 
 def plan_upgrade(ctx: Context, options: RolloutOptions) -> tuple[History, Plan]:
@@ -226,6 +230,7 @@ def downgrade_stamps(
     parallel: int = RolloutOptions.parallel,
     progress: Progress | None = None,
     confirm: Callable[[Plan], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> Rollout:
     """`migrator schema downgrade`: the named stamps (`--stamp`, default all) down to `revision` or "base"."""
     found = History.load(ctx.config.schema_env())
@@ -233,7 +238,7 @@ def downgrade_stamps(
     options = RolloutOptions(revision, canary=None, parallel=parallel)
     chosen, retired = _rollout_stamps(ctx, names, False)
     plan = _plan(ctx, found, "downgrade", target, chosen, options, retired=retired)
-    return _run(ctx, found, plan, options, progress or Silent(), confirm)
+    return _run(ctx, found, plan, options, progress or Silent(), confirm, stop)
 
 
 def _select(ctx: Context, names: Sequence[str], active_only: bool) -> list[Stamp]:
@@ -341,6 +346,7 @@ def _run(
     options: RolloutOptions,
     progress: Progress,
     confirm: Callable[[Plan], None] | None,
+    stop: threading.Event | None = None,
 ) -> Rollout:
     dry_run = options.dry_run
     if confirm is not None and plan.waves and not dry_run:
@@ -351,14 +357,25 @@ def _run(
         if dry_run:
             ran = [_dry_run(log, found, plan.row(name), plan.targets[name]) for wave in plan.waves for name in wave]
             return Rollout(plan.run_id, plan.direction, plan.target, plan.canary, True, (*ran, *done), None)
-        outcomes, stopped = _waves(ctx, found, plan, log, options, progress)
-        return Rollout(plan.run_id, plan.direction, plan.target, plan.canary, False, (*outcomes, *done), stopped)
+        outcomes, stopped = _waves(ctx, found, plan, log, options, progress, stop or threading.Event())
+        interrupted = stopped is not None and stopped.startswith(STOPPED)
+        outcomes_all = (*outcomes, *done)
+        return Rollout(plan.run_id, plan.direction, plan.target, plan.canary, False, outcomes_all, stopped, interrupted)
     finally:
         log.close()
 
 
+STOPPED = "stopped at a safe point"
+
+
 def _waves(
-    ctx: Context, found: History, plan: Plan, log: RunLog, options: RolloutOptions, progress: Progress
+    ctx: Context,
+    found: History,
+    plan: Plan,
+    log: RunLog,
+    options: RolloutOptions,
+    progress: Progress,
+    stop: threading.Event,
 ) -> tuple[list[StampOutcome], str | None]:
     outcomes: list[StampOutcome] = []
     stopped: str | None = None
@@ -366,6 +383,8 @@ def _waves(
     progress.begin(sum(len(w) for w in plan.waves), "stamps")
     with Workers(min(options.parallel, wide)) as workers:
         for number, wave in enumerate(plan.waves):
+            if stop.is_set() and not stopped:  # between two waves: every started step has ended
+                stopped = f"{STOPPED} before {plan.wave_name(number)}"
             if stopped:
                 outcomes += [_not_run(log, plan.row(name), f"not tried: {stopped}") for name in wave]
                 continue

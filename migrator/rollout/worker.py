@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 import threading
 import traceback
 from collections.abc import Iterator
@@ -334,7 +335,7 @@ class Workers:
         self._starter: threading.Thread | None = None
         if size > 1:
             warm_up()
-            self._pool = ProcessPoolExecutor(max_workers=size, mp_context=_context())
+            self._pool = ProcessPoolExecutor(max_workers=size, mp_context=_context(), initializer=_ignore_stop_signals)
             # Each submit starts a process while none is idle; in a thread, so it overlaps the canary.
             self._starter = threading.Thread(target=self._start_all, name="schema-workers", daemon=True)
             self._starter.start()
@@ -372,6 +373,13 @@ class Workers:
 
 def _started() -> int:
     return 0
+
+
+def _ignore_stop_signals() -> None:
+    """A worker process runs its stamp's step to the end: Ctrl-C and SIGTERM reach the whole process group,
+    and the main process decides what stops (it starts no more waves)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def warm_up() -> None:
