@@ -327,6 +327,7 @@ def _active(fleet: Fleet) -> int:
 
 def test_a_limit_this_role_cannot_see_is_refused_before_anything_changes(
     shaped: ShapedFactory,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     fleet = shaped(("CREATE TABLE orders (id bigint PRIMARY KEY, tenant_id bigint NOT NULL REFERENCES tenants)",))
     fleet.execute("eu-1", "INSERT INTO tenants VALUES (42, 'forty-two')")
@@ -338,4 +339,12 @@ def test_a_limit_this_role_cannot_see_is_refused_before_anything_changes(
         line = refused.stderr.strip()
         assert len(line.splitlines()) == 1 and "GRANT pg_monitor (or pg_read_all_stats)" in line, line
         assert fleet.snapshot() == before
+    plan = tmp_path / "drain.yaml"
+    assert fleet.run("plan", "drain", "eu-1", "--to", "eu-2", "-o", str(plan)).exit_code == 0
+    queued = fleet.run("apply", str(plan), "--yes", "--queue", "default", "--max-replica-lag", "5")
+    assert queued.exit_code == 2 and "throttled by the workers that run them" in queued.stderr, queued.output
+    applied = fleet.run("apply", str(plan), "--yes", "--json", "--max-replica-lag", "5")  # each move's flag
+    assert applied.exit_code == 1, applied.output
+    assert "GRANT pg_monitor" in json.dumps(json.loads(applied.stdout)["results"]), applied.stdout
+    assert fleet.catalog.route("42").stamp == "eu-1"
     assert fleet.run("move", "42", "--to", "eu-2", "--yes", "--max-slot-lag", "1000000").exit_code == 0

@@ -24,11 +24,12 @@ from migrator.cli.base import (
     engine_option,
     route_dict,
 )
-from migrator.cli.throttle import ThrottleFlags, throttle_flags
+from migrator.cli.throttle import throttle_flags
 from migrator.errors import BadInput, CheckFailed, Interrupted, VerifyMismatch
 
 if TYPE_CHECKING:
     from migrator.move import CutoverOptions, MoveOptions
+    from migrator.move.throttle import ThrottleOptions
 
 
 def _move_defaults() -> MoveOptions:
@@ -117,7 +118,7 @@ def move_run(
     yes: bool,
     no_progress: bool,
     as_json: bool,
-    throttle: ThrottleFlags,
+    throttle: ThrottleOptions,
 ) -> None:
     """Move TENANTS to another stamp (online by default), several as one cohort: all their routes flip
     together or none does. Re-running it (or `--move ID`) resumes an interrupted move."""
@@ -148,7 +149,6 @@ def move_run(
         cutover_backlog=cutover_backlog,
         catchup_timeout_s=catchup_timeout,
         max_freeze_ms=max_freeze_ms,
-        replica_wait_s=throttle.replica_wait_s,
     )
     options = replace(
         defaults,
@@ -159,7 +159,7 @@ def move_run(
         online=not offline,
         allow_triggers=allow_triggers,
         cutover=cutover,
-        limits=throttle.limits,
+        throttle=throttle,
     )
     with stop_on_signals() as stop:  # Ctrl-C, SIGTERM: the move ends at its next safe point
         try:

@@ -26,9 +26,11 @@ from migrator.cli.base import (
     queued,
 )
 from migrator.cli.core import NO_CHECK, stamp_group
+from migrator.cli.throttle import throttle_flags
 from migrator.errors import BadInput, MigratorError
 
 if TYPE_CHECKING:  # the engine is imported inside each command, which keeps `migrator --help` fast
+    from migrator.move.throttle import ThrottleOptions
     from migrator.plans.apply import ApplyOptions, ApplyResult, Entry, Prepared
     from migrator.plans.planners import Cohorts, Plan
 
@@ -441,6 +443,7 @@ def _recorded_plan(context: Any, digest: str, file: Path, *, follow: bool, as_js
 )
 @ALLOW_TRIGGERS
 @METRICS_PORT
+@throttle_flags
 @RUN_FLAGS
 @click.pass_context
 def apply_cmd(
@@ -460,6 +463,7 @@ def apply_cmd(
     yes: bool,
     no_progress: bool,
     as_json: bool,
+    throttle: ThrottleOptions,
 ) -> None:
     """Carry out a plan file's moves; re-running it resumes where it stopped (Ctrl-C lets running moves end).
 
@@ -475,6 +479,11 @@ def apply_cmd(
     if wait and queue is None:
         raise BadInput(
             f"--wait follows the moves --queue sends to workers; to follow a plan, `migrator plan wait {file}`"
+        )
+    if queue is not None and throttle != type(throttle)():
+        raise BadInput(
+            "queued moves are throttled by the workers that run them (`migrator worker --max-replica-lag ...`) "
+            "and the fleet's limits (`migrator throttle set`), not by apply's flags"
         )
     prepared = prepare(context, file)
     if dry_run:
@@ -493,6 +502,7 @@ def apply_cmd(
         jobs=jobs,
         allow_triggers=allow_triggers,
         max_attempts=max_attempts,
+        throttle=throttle,
     )
     if queue is not None:
         from migrator.queue.enqueue import enqueue

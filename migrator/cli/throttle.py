@@ -4,22 +4,18 @@ the fleet's limits that running moves and workers re-read within seconds."""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from migrator.cli import render
 from migrator.cli.base import JSON, EngineDefault, F, cli, context_of, emit
 
-if TYPE_CHECKING:  # the engine is imported when a command runs, which keeps `migrator --help` fast
-    from migrator.catalog import Limits
-
 
 def _replica_wait_default() -> float | None:
-    from migrator.move import MoveOptions
+    from migrator.move.throttle import ThrottleOptions
 
-    return MoveOptions().cutover.replica_wait_s
+    return ThrottleOptions().replica_wait_s
 
 
 _LIMIT_OPTIONS = (
@@ -54,20 +50,13 @@ _LIMIT_OPTIONS = (
 )
 
 
-@dataclass(frozen=True)
-class ThrottleFlags:
-    """The throttle flags of one command: its own limits (the fleet's still apply) and the replica wait."""
-
-    limits: Limits
-    replica_wait_s: float | None
-
-
 def throttle_flags(command: F) -> F:
-    """Add the throttle flags to a command; it receives them as one `throttle: ThrottleFlags` argument."""
+    """Add the throttle flags to a command; it receives them as one `throttle: ThrottleOptions` argument."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from migrator.catalog import Limits
+        from migrator.move.throttle import ThrottleOptions
 
         limits = Limits(
             kwargs.pop("max_replica_lag"),
@@ -76,7 +65,7 @@ def throttle_flags(command: F) -> F:
             kwargs.pop("critical_load"),
         )
         wait, skip = kwargs.pop("replica_wait"), kwargs.pop("no_replica_wait")
-        return command(*args, throttle=ThrottleFlags(limits, None if skip else wait), **kwargs)
+        return command(*args, throttle=ThrottleOptions(limits, None if skip else wait), **kwargs)
 
     decorated: Any = wrapper
     for option in (

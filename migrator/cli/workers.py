@@ -8,8 +8,10 @@ import click
 
 from migrator.cli import render
 from migrator.cli.base import METRICS_PORT, cli, context_of, engine_option
+from migrator.cli.throttle import throttle_flags
 
 if TYPE_CHECKING:  # the engine is imported when the command runs, which keeps `migrator --help` fast
+    from migrator.move.throttle import ThrottleOptions
     from migrator.queue.worker import WorkerOptions
 
 
@@ -35,6 +37,7 @@ def _worker_defaults() -> WorkerOptions:
     click.FloatRange(min=1),
 )
 @click.option("--name", default=None, help="This worker's name in logs (default: host and process id).")
+@throttle_flags
 @METRICS_PORT
 @click.pass_context
 def worker_cmd(
@@ -44,6 +47,7 @@ def worker_cmd(
     stalled_after: float,
     name: str | None,
     metrics_port: int | None,
+    throttle: ThrottleOptions,
 ) -> None:
     """Run plan moves from the catalog's job queue until SIGTERM (which stops them at a safe point)."""
     import os
@@ -53,7 +57,7 @@ def worker_cmd(
 
     context = context_of(ctx)
     name = name or f"{socket.gethostname()}:{os.getpid()}"
-    options = WorkerOptions(queues, concurrency, stalled_after, name)
+    options = WorkerOptions(queues, concurrency, stalled_after, name, throttle)
     render.say(
         f"worker {name} on {', '.join(queues) if queues else 'every queue'}: {concurrency} move(s) at a time; "
         "SIGTERM stops it at a safe point"

@@ -88,7 +88,7 @@ def wait_for_replicas(run: MoveRun, what: str, timeout_s: float | None = None) -
     """Wait until the target's standbys replayed everything written on it so far (`what`, for the
     progress line), within `timeout_s` (default --replica-wait); none with --no-replica-wait.
     Whether there was a standby to wait for."""
-    wait_s = run.options.cutover.replica_wait_s
+    wait_s = run.options.throttle.replica_wait_s
     if wait_s is None:
         return False
     target = run.target.name

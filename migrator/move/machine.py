@@ -100,8 +100,7 @@ def move_tenants(
                 )
             return _resume(ctx, move, lock, options, progress, stop)
         checked = check_move(catalog, ctx.config.tenancy, tenants, target, allow_triggers=options.allow_triggers)
-        replica_wait = options.cutover.replica_wait_s is not None
-        throttle.check_visible(catalog, (checked.source, checked.target), options.limits, replica_wait)
+        throttle.check_visible(catalog, (checked.source, checked.target), options.throttle)
         if options.dry_run:
             return MoveOutcome(
                 tenants,
@@ -155,7 +154,7 @@ def _resume(
     source, dest = ctx.catalog.stamp(move.source), ctx.catalog.stamp(move.target)
     layout = _resume_layout(ctx, move, source, dest)
     check_resume(source, dest, layout, allow_triggers=options.allow_triggers)
-    throttle.check_visible(ctx.catalog, (source, dest), options.limits, options.cutover.replica_wait_s is not None)
+    throttle.check_visible(ctx.catalog, (source, dest), options.throttle)
     if options.dry_run:
         return MoveOutcome(move.tenants, source.name, dest.name, move, [], True)
     progress.phase(f"resuming move {move.id} of {move.who} at phase {move.phase}")

@@ -12,10 +12,10 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from migrator.catalog import Catalog, Limits, Stamp, TenantLock
+from migrator.catalog import Catalog, Stamp, TenantLock
 from migrator.errors import Interrupted
 from migrator.metrics import Metrics
-from migrator.move.throttle import Throttle
+from migrator.move.throttle import Throttle, ThrottleOptions
 from migrator.progress import Progress
 from migrator.stamps.discovery import Layout
 
@@ -29,7 +29,6 @@ class CutoverOptions:
     max_freeze_ms: float = 2000.0
     attempts: int = 3
     replay_batch: int = 2000
-    replica_wait_s: float | None = 60.0  # --replica-wait; None (--no-replica-wait): flip without the standbys
 
 
 def default_jobs() -> int:
@@ -52,7 +51,7 @@ class MoveOptions:
     online: bool = True
     allow_triggers: bool = False  # proceed although application triggers would fire for migrator's writes
     cutover: CutoverOptions = field(default_factory=CutoverOptions)
-    limits: Limits = field(default_factory=Limits)  # --max-replica-lag, --max-slot-lag, --max-active-sessions, ...
+    throttle: ThrottleOptions = field(default_factory=ThrottleOptions)
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,9 @@ class MoveRun:
     @functools.cached_property
     def throttle(self) -> Throttle:
         """The run's throttle on its source and target (its sessions are closed when the run ends)."""
-        return Throttle(self.catalog, (self.source, self.target), self.options.limits, self.progress, self.metrics)
+        return Throttle(
+            self.catalog, (self.source, self.target), self.options.throttle.limits, self.progress, self.metrics
+        )
 
     def throttle_seconds(self) -> dict[str, float]:
         """Seconds the run waited for the stamps' replicas, slots and load, and for the standbys at the flip."""

@@ -61,6 +61,19 @@ SELECT pg_current_wal_lsn() - '0/0'::pg_lsn,
 """
 
 
+@dataclass(frozen=True)
+class ThrottleOptions:
+    """Flags --max-replica-lag, --max-slot-lag, --max-active-sessions, --critical-load (the move's own
+    `limits`: the fleet's still apply) and --replica-wait / --no-replica-wait (None)."""
+
+    limits: Limits = field(default_factory=Limits)
+    replica_wait_s: float | None = 60.0  # None: flip without waiting for the target's standbys
+
+    @property
+    def replica_wait(self) -> bool:
+        return self.replica_wait_s is not None
+
+
 class ThrottleStop(MigratorError):
     """A critical load: the move stopped at a safe point, unfenced, and resumes where it stood."""
 
@@ -361,12 +374,12 @@ class Throttle:
                 watched.conn = None
 
 
-def check_visible(catalog: Catalog, stamps: tuple[Stamp, ...], own: Limits, replica_wait: bool) -> None:
+def check_visible(catalog: Catalog, stamps: tuple[Stamp, ...], options: ThrottleOptions) -> None:
     """Before a move starts: refuse limits (or a replica wait) that migrator's role cannot see on these
     stamps, naming the GRANT; nothing is changed."""
-    throttle = Throttle(catalog, stamps, own, Silent(), Metrics())
+    throttle = Throttle(catalog, stamps, options.limits, Silent(), Metrics())
     try:
-        throttle.refuse_blind(throttle.limits(), replica_wait)
+        throttle.refuse_blind(throttle.limits(), options.replica_wait)
     finally:
         throttle.close()
 

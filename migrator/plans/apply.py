@@ -35,6 +35,7 @@ from migrator.db.locks import lock_key, try_lock
 from migrator.errors import BadInput, Interrupted, LockBusy
 from migrator.move import MoveOptions
 from migrator.move.run import default_jobs
+from migrator.move.throttle import ThrottleOptions
 from migrator.plans.capacity import measure_fleet, shift
 from migrator.plans.execute import Entry, Todo, execute_entry
 from migrator.plans.planners import Plan, PlannedMove, check_stamps, load_plan
@@ -46,7 +47,7 @@ SLOT_POLL_S = 0.5  # how often the slots of a target held by other applies or wo
 @dataclass(frozen=True)
 class ApplyOptions:
     """Flags of `migrator apply`: --parallel, --per-stamp, --stop-on-error, --batch-rows, --jobs,
-    --allow-triggers, --max-attempts."""
+    --allow-triggers, --max-attempts, the throttle's."""
 
     parallel: int = 1
     per_stamp: int = 1
@@ -55,10 +56,13 @@ class ApplyOptions:
     jobs: int = field(default_factory=default_jobs)  # each move's streams, see MoveOptions
     allow_triggers: bool = False  # each move's, see MoveOptions
     max_attempts: int = 3  # with --queue: runs of an entry that fail for a transient reason, at most
+    throttle: ThrottleOptions = field(default_factory=ThrottleOptions)  # each move's, see MoveOptions
 
     def move_options(self) -> MoveOptions:
         """What each of the plan's moves runs with."""
-        return MoveOptions(batch_rows=self.batch_rows, jobs=self.jobs, allow_triggers=self.allow_triggers)
+        return MoveOptions(
+            batch_rows=self.batch_rows, jobs=self.jobs, allow_triggers=self.allow_triggers, throttle=self.throttle
+        )
 
 
 @dataclass(frozen=True)

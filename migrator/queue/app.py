@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from procrastinate.exceptions import AlreadyEnqueued
@@ -20,6 +20,7 @@ from procrastinate.retry import BaseRetryStrategy, RetryDecision
 from migrator.catalog.locks import take_slot
 from migrator.context import Context
 from migrator.errors import BadInput
+from migrator.move.throttle import ThrottleOptions
 
 DEFAULT_QUEUE = "migrator"
 HOUSEKEEPING_QUEUE = "migrator-housekeeping"  # every worker listens to it, whatever its --queue
@@ -56,6 +57,7 @@ class WorkerState:
     stop: threading.Event
     stalled_after_s: float
     say: Callable[[str], None] = lambda line: None
+    throttle: ThrottleOptions = field(default_factory=ThrottleOptions)  # `migrator worker`'s throttle flags
 
 
 @contextlib.contextmanager

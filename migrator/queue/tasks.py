@@ -109,7 +109,7 @@ def run_entry(
             return classified.note
         what = f"plan {plan_id} #{position}: {planned.who} {entry.source} -> {entry.target}"
         state.say(f"start   {what}" + (f" ({classified.note})" if classified.resume else ""))
-        options = MoveOptions(batch_rows=batch_rows, jobs=jobs, allow_triggers=allow_triggers)
+        options = MoveOptions(batch_rows=batch_rows, jobs=jobs, allow_triggers=allow_triggers, throttle=state.throttle)
         done = execute_entry(ctx, plan_id, classified, options, Silent(), stop=state.stop)
         if done.status == EntryStatus.FAILED:
             _after_failure(state, ledger, plan_id, entry, done, max_attempts, what)

@@ -12,11 +12,12 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from procrastinate.worker import Worker
 
 from migrator.context import Context
+from migrator.move.throttle import ThrottleOptions
 from migrator.queue.app import HOUSEKEEPING_QUEUE, WorkerState
 from migrator.queue.tasks import make_app
 
@@ -31,6 +32,7 @@ class WorkerOptions:
     concurrency: int = 2  # entries (moves) at once in this process
     stalled_after_s: float = 30.0  # a worker silent this long is dead: its jobs are queued again
     name: str | None = None
+    throttle: ThrottleOptions = field(default_factory=ThrottleOptions)  # each of its moves' (and the fleet's)
 
 
 def run_worker(
@@ -49,7 +51,7 @@ def run_worker(
 async def _run(ctx: Context, options: WorkerOptions, stop: threading.Event, say: Callable[[str], None]) -> None:
     # One catalog connection per running entry's job bookkeeping, one for LISTEN, one for heartbeats.
     app = make_app(ctx.catalog.url, min_size=1, max_size=options.concurrency + 3)
-    state = WorkerState(ctx, stop, options.stalled_after_s, say)
+    state = WorkerState(ctx, stop, options.stalled_after_s, say, options.throttle)
     queues: Sequence[str] | None = [*options.queues, HOUSEKEEPING_QUEUE] if options.queues else None
     async with app.open_async():
         worker = Worker(
