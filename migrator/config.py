@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,41 @@ class Tenancy:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Throttle limits of a move: the fleet's (`throttle` in the catalog, `[throttle]` here) and its own
+    flags; None is no limit.
+
+    A copy batch or catch-up round waits while a standby's replay lag, a logical slot's retained WAL
+    or the active sessions of a stamp are over their limit; `critical_load` active sessions stop
+    the move (unfenced, resumable).
+    """
+
+    max_replica_lag_s: float | None = None
+    max_slot_lag_bytes: int | None = None
+    max_active_sessions: int | None = None
+    critical_load: int | None = None
+
+    def stricter(self, other: Limits) -> Limits:
+        """Each limit the lower of the two (a flag can tighten the fleet's limit, never loosen it)."""
+        return Limits(*(_lower(a, b) for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    @property
+    def any(self) -> bool:
+        return any(value is not None for value in astuple(self))
+
+    @property
+    def reads_activity(self) -> bool:
+        """Whether the limits need another role's sessions and replication state (pg_read_all_stats)."""
+        return (
+            self.max_replica_lag_s is not None or self.max_active_sessions is not None or self.critical_load is not None
+        )
+
+
+def _lower(a: Any, b: Any) -> Any:
+    return b if a is None else a if b is None else min(a, b)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; `path` is None when built from the environment alone."""
 
@@ -67,6 +102,7 @@ class Config:
     tenancy: Tenancy = field(default_factory=Tenancy)
     script_location: Path | None = None  # [schema]: the stamps' Alembic environment, if there is one
     path: Path | None = None
+    throttle: Limits = field(default_factory=Limits)  # [throttle]: every move's limits, at the least
 
     def schema_env(self) -> Path:
         """The stamps' Alembic environment, for `migrator schema`; refused when none is configured or it is
@@ -84,7 +120,14 @@ class Config:
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # not allowed in a TOML comment
-_TOP_KEYS = {"catalog_url", "tenancy", "schema"}
+_TOP_KEYS = {"catalog_url", "tenancy", "schema", "throttle"}
+# [throttle] key -> (Limits field, type, unit for messages)
+_THROTTLE_KEYS: dict[str, tuple[str, type | tuple[type, ...], str]] = {
+    "max_replica_lag": ("max_replica_lag_s", (int, float), "seconds"),
+    "max_slot_lag": ("max_slot_lag_bytes", int, "bytes"),
+    "max_active_sessions": ("max_active_sessions", int, "sessions"),
+    "critical_load": ("critical_load", int, "sessions"),
+}
 _TENANCY_KEYS = {"column", "root_table", "root_column", "schema", "schemas", "exclude", "references", "follow"}
 _REFERENCE = re.compile(r"^([^.,\s]+)\.([^.,\s]+(?:,[^.,\s]+)*)$")  # table.column or table.col1,col2
 _SCHEMA_KEYS = {"script_location"}
@@ -162,7 +205,23 @@ def parse(text: str, path: Path) -> Config:
     script = None
     if "script_location" in schema_raw:
         script = _config_relative(Path(_string(schema_raw, "script_location", "", "schema", path)), path)
-    return Config(catalog_url=catalog_url, tenancy=tenancy, script_location=script, path=path)
+    throttle = _throttle(raw.get("throttle", {}), path)
+    return Config(catalog_url=catalog_url, tenancy=tenancy, script_location=script, path=path, throttle=throttle)
+
+
+def _throttle(raw: Any, path: Path) -> Limits:
+    """`[throttle]`: the fleet's default limits (`max_replica_lag = 10`), a move's flags only stricter."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: throttle must be a table ([throttle]), got {_shown(raw)}")
+    _check_keys("throttle", raw, set(_THROTTLE_KEYS), path)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name, kind, unit = _THROTTLE_KEYS[key]
+        number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+        if number is None or number <= 0 or not isinstance(number, kind):
+            raise ConfigError(f"{path}: [throttle] {key} must be a positive number of {unit}, got {_shown(value)}")
+        values[name] = value
+    return Limits(**values)
 
 
 def _references(raw: Any, path: Path) -> tuple[Reference, ...]:

@@ -348,3 +348,21 @@ def test_a_limit_this_role_cannot_see_is_refused_before_anything_changes(
     assert "GRANT pg_monitor" in json.dumps(json.loads(applied.stdout)["results"]), applied.stdout
     assert fleet.catalog.route("42").stamp == "eu-1"
     assert fleet.run("move", "42", "--to", "eu-2", "--yes", "--max-slot-lag", "1000000").exit_code == 0
+
+
+def test_the_configs_throttle_section_is_every_moves_default_and_is_validated(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    fleet = shaped(("CREATE TABLE orders (id bigint PRIMARY KEY, tenant_id bigint NOT NULL REFERENCES tenants)",))
+    fleet.execute("eu-1", "INSERT INTO tenants VALUES (42, 'forty-two')")
+    fleet.catalog.set_route("42", "eu-1")
+    text = fleet.config_path.read_text()
+    for wrong, said in (("max_replica_lag = -1", "positive number of seconds, got -1"), ("max_lag = 1", "unknown key")):
+        fleet.config_path.write_text(f"{text}\n[throttle]\n{wrong}\n")
+        refused = fleet.run("route", "list")
+        assert refused.exit_code == 2 and said in refused.stderr and "[throttle]" in refused.stderr, refused.stderr
+    fleet.config_path.write_text(f"{text}\n[throttle]\nmax_replica_lag = 5\n")
+    before = fleet.snapshot()
+    refused = fleet.run("move", "42", "--to", "eu-2", "--yes")  # no flag: the config's limit applies
+    assert refused.exit_code == 2 and "GRANT pg_monitor" in refused.stderr, refused.output
+    assert fleet.snapshot() == before

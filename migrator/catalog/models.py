@@ -6,11 +6,11 @@ phases with the sets of phases the rest of the code asks about.
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
 
+from migrator.config import Limits as Limits  # re-exported: the catalog stores the fleet's limits
 from migrator.db import dsn as dsnlib
 
 
@@ -124,40 +124,6 @@ class Stamp:
     @property
     def masked_dsn(self) -> str:
         return dsnlib.mask(self.dsn)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Throttle limits of a move: the fleet's (`throttle` in the catalog) and its own flags; None is no limit.
-
-    A copy batch or catch-up round waits while a standby's replay lag, a logical slot's retained WAL
-    or the active sessions of a stamp are over their limit; `critical_load` active sessions stop
-    the move (unfenced, resumable).
-    """
-
-    max_replica_lag_s: float | None = None
-    max_slot_lag_bytes: int | None = None
-    max_active_sessions: int | None = None
-    critical_load: int | None = None
-
-    def stricter(self, other: Limits) -> Limits:
-        """Each limit the lower of the two (a flag can tighten the fleet's limit, never loosen it)."""
-        return Limits(*(_lower(a, b) for a, b in zip(astuple(self), astuple(other), strict=True)))
-
-    @property
-    def any(self) -> bool:
-        return any(value is not None for value in astuple(self))
-
-    @property
-    def reads_activity(self) -> bool:
-        """Whether the limits need another role's sessions and replication state (pg_read_all_stats)."""
-        return (
-            self.max_replica_lag_s is not None or self.max_active_sessions is not None or self.critical_load is not None
-        )
-
-
-def _lower(a: Any, b: Any) -> Any:
-    return b if a is None else a if b is None else min(a, b)
 
 
 @dataclass(frozen=True)

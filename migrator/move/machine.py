@@ -88,6 +88,7 @@ def move_tenants(
     """
     stop = stop or threading.Event()
     catalog = ctx.catalog
+    options = with_config_limits(ctx, options)
     with catalog.lock_tenants(tenants) as lock:
         unfinished = catalog.open_moves(tenants)
         if unfinished:
@@ -137,10 +138,17 @@ def resume_move(
 ) -> MoveOutcome:
     """`migrator move --move ID`: resume an unfinished move by its id (a cohort too long to list)."""
     move = ctx.catalog.move(move_id)
+    options = with_config_limits(ctx, options)
     if not move.is_open:
         raise BadInput(f"{describe_move(move)} is finished; nothing to resume")
     with ctx.catalog.lock_tenants(move.tenants) as lock:
         return _resume(ctx, ctx.catalog.move(move_id), lock, options, progress, stop)
+
+
+def with_config_limits(ctx: Context, options: MoveOptions) -> MoveOptions:
+    """The move's own limits made stricter by migrator.toml's `[throttle]` (the catalog's are read live)."""
+    limits = options.throttle.limits.stricter(ctx.config.throttle)
+    return replace(options, throttle=replace(options.throttle, limits=limits))
 
 
 def _resume(
