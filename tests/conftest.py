@@ -312,7 +312,7 @@ QUEUE_SEQUENCES = ("procrastinate_jobs_id_seq", "procrastinate_events_id_seq", "
 def operator_grants(
     operator: str, app_owner: str, stamp_dbs: list[str], catalog_db: str
 ) -> list[tuple[str, sql.Composed]]:
-    """README's "Privileges a move needs", statement by statement, each with the database it runs in."""
+    """docs/privileges.md ("Privileges a move needs"), statement by statement, each with the database it runs in."""
     role, public = sql.Identifier(operator), sql.Identifier("public")
     grants = [("postgres", sql.SQL("GRANT {} TO {}").format(sql.Identifier(app_owner), role))]
     for db in stamp_dbs:

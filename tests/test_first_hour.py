@@ -351,7 +351,8 @@ def test_stamp_remove_is_refused_while_a_route_move_or_plan_entry_refers_to_the_
 def test_stamp_remove_as_the_least_privilege_role_names_the_delete_grant_it_needs(
     first_hour: FirstHour, tmp_path: Path
 ) -> None:
-    """README: moves need SELECT, INSERT, UPDATE on the catalog; `stamp remove` also needs DELETE on stamps."""
+    """docs/privileges.md: moves need SELECT, INSERT, UPDATE on the catalog; `stamp remove` also needs DELETE on
+    stamps."""
     first_hour.add_stamps()
     role = first_hour.databases[0].removesuffix("_catalog") + "_migrator"
     admin = first_hour.server.dsn(first_hour.databases[0])

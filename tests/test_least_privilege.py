@@ -1,4 +1,4 @@
-"""Moves, verify, cleanup and abort run as a plain role holding exactly the grants README documents.
+"""Moves, verify, cleanup and abort run as a plain role holding exactly the grants docs/privileges.md documents.
 
 The fleet's tables are handed to a non-superuser application owner role (as on a managed
 PostgreSQL, where the application's migrations run as such a role), the migrator runs as a login
@@ -386,10 +386,10 @@ def test_grant_reader_reads_routes_only(fleet: Fleet, roles: Roles) -> None:
     assert fleet.catalog.route("7").stamp == "eu-1"
 
 
-def test_readme_documents_exactly_the_grants_these_tests_give() -> None:
-    """The statements in README's privileges section are the ones the fixture runs (no drift)."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Privileges a move needs", 1)[1].split("\n## ", 1)[0]
+def test_the_docs_document_exactly_the_grants_these_tests_give() -> None:
+    """The statements of docs/privileges.md are the ones the fixture runs (no drift)."""
+    section = (REPO / "docs" / "privileges.md").read_text()
+    assert section.startswith("# Privileges a move needs\n")
     block = section.split("```sql", 1)[1].split("```", 1)[0]
     documented = [
         line.split("--", 1)[0].strip().removesuffix(";")
@@ -422,7 +422,7 @@ def test_plan_and_apply_as_a_plain_role(fleet: Fleet, roles: Roles, tmp_path: Pa
 
 
 def test_a_plan_queued_and_run_by_a_worker_as_a_plain_role(fleet: Fleet, roles: Roles, tmp_path: Path) -> None:
-    """`apply --queue` and `migrator worker` need only README's grants on the queue's tables."""
+    """`apply --queue` and `migrator worker` need only the grants of docs/privileges.md on the queue's tables."""
     fleet.seed_many("eu-1", [11, 12, 13], 300)
     layout = fleet.layout()
     before = {t: tenant_digest(fleet.dsn("eu-1"), layout, t) for t in ("11", "12", "13")}
