@@ -9,12 +9,14 @@ SIGTERM leaves its move to another, which resumes it without losing or duplicati
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from test_schema_rollout import HEAD, put_at, revisions, schema_runs
 
 from migrator.catalog import Phase
 from migrator.db import dsn as dsnlib
+from migrator.local import provision
 from migrator.plans.apply import plan_digest
 from migrator.queue.follow import follow
 from migrator.rollout.runner import FAILED, OK, SKIPPED, RolloutOptions, plan_upgrade
@@ -388,6 +391,39 @@ def test_a_queued_rollout_upgrades_the_canary_first_then_every_stamp_once_within
     assert stamps["eu-2"]["result"] == FAILED and stamps["us-1"]["result"] == SKIPPED
     assert "stopped after the canary failed on eu-2" in stamps["us-1"]["error"]
     assert revisions(fleet)["us-1"] == "0002_collaboration"
+
+
+@dataclass
+class _DeployedElsewhere(RunsCli):
+    """Workers started with a config of their own (another deployment of the application's migrations)."""
+
+    config_path: Path
+
+
+def test_a_queued_rollout_whose_canary_worker_lacks_the_revision_skips_the_other_stamps(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    for name in fleet.stamps:
+        put_at(fleet, name, "0002_collaboration")
+    older = tmp_path / "older" / "sample_app"  # the worker's migrations stop before the head
+    shutil.copytree(provision.sample_app_env(), older, ignore=shutil.ignore_patterns("__pycache__", f"{HEAD}.py"))
+    elsewhere = _DeployedElsewhere(
+        provision.write_config(tmp_path / "older" / "migrator.toml", fleet.catalog.url, script_location=older)
+    )
+    with workers(elsewhere, 1):
+        waiting = fleet.popen("schema", "upgrade", "--queue", "--yes", "--wait", "--json")
+        try:
+            out, err = waiting.communicate(timeout=90)  # the other stamps were left queued for ever: no end
+        finally:
+            waiting.kill()
+    assert waiting.returncode == 1, err
+    result = json.loads(out)
+    stamps = {s["stamp"]: s for s in result["stamps"]}
+    canary = stamps.pop(result["canary"])
+    assert canary["result"] == FAILED and f"revision {HEAD} is not in this worker's" in canary["error"]
+    assert stamps and all(s["result"] == SKIPPED for s in stamps.values()), stamps
+    assert all(f"stopped after the canary failed on {result['canary']}" in s["error"] for s in stamps.values())
+    assert set(revisions(fleet).values()) == {"0002_collaboration"}
 
 
 def _survey_sessions(fleet: Fleet) -> int:

@@ -182,21 +182,20 @@ def schema_step(
         if target is None:
             raise MigratorError(f"rollout {run_id} has no target revision")
         found = History.load(ctx.config.schema_env())
-        if not found.known(target):
-            return _finish(runs, stamp, f"revision {target} is not in this worker's {found.location}")
-        result = _step(
-            ctx, runs, stamp, per_server, Job.of(ctx, ctx.catalog.stamp(stamp), str(found.location), "upgrade", target)
-        )
+        if found.known(target):
+            job = Job.of(ctx, ctx.catalog.stamp(stamp), str(found.location), "upgrade", target)
+            result = _step(ctx, runs, stamp, per_server, job)
+        else:  # a worker deployed with older migrations: the step fails here, and so does a canary
+            result = _finish(runs, stamp, f"revision {target} is not in this worker's {found.location}")
         if result is None:
             return "claimed by another worker"
-        if rest:  # the canary's job: the rest of the fleet now, or never
-            if result == StepResult.OK:
-                common = {"run_id": run_id, "per_server": per_server, "continue_on_error": continue_on_error}
-                for name in rest:
-                    args = {**common, "stamp": name, "queue": queue, "rest": []}
-                    defer(context.app, SCHEMA_STEP, queue, step_lock(run_id, name), args)
-            else:
-                runs.skip_queued(rest, f"not tried: stopped after the canary failed on {stamp}")
+        if rest and result == StepResult.OK:  # the canary's job: the rest of the fleet now, or never
+            common = {"run_id": run_id, "per_server": per_server, "continue_on_error": continue_on_error}
+            for name in rest:
+                args = {**common, "stamp": name, "queue": queue, "rest": []}
+                defer(context.app, SCHEMA_STEP, queue, step_lock(run_id, name), args)
+        elif rest:
+            runs.skip_queued(rest, f"not tried: stopped after the canary failed on {stamp}")
     finally:
         runs.close()
     state.say(f"schema  {stamp}: {result}")
@@ -225,11 +224,12 @@ def _step(ctx: Context, runs: RunLog, stamp: str, per_server: int, job: Job) -> 
         return done.result
 
 
-def _finish(runs: RunLog, stamp: str, error: str) -> str:
-    """A step that cannot run here, recorded failed."""
+def _finish(runs: RunLog, stamp: str, error: str) -> StepResult | None:
+    """A step that cannot run here, recorded failed; None: another worker has claimed it."""
     row_id = runs.claim(stamp)
-    if row_id is not None:
-        runs.finish(row_id, None, StepResult.FAILED, error)
+    if row_id is None:
+        return None
+    runs.finish(row_id, None, StepResult.FAILED, error)
     return StepResult.FAILED
 
 
