@@ -83,6 +83,13 @@ def log(message: str) -> None:
     print(f"[chaos {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def _holds(conn: psycopg.Connection[Any], query: sql.Composed, tenant: str) -> bool:
+    """Whether the query finds a row for the tenant (False when the session failed: polled again)."""
+    with contextlib.suppress(psycopg.Error):
+        return conn.execute(query, (tenant,)).fetchone() is not None
+    return False
+
+
 def _connect(dsn: str, app: str = HARNESS_APP) -> psycopg.Connection[Any]:
     """Harness connections are named apart from migrator's, so faults aimed at migrator spare them."""
     return dsnlib.connect(dsn, autocommit=True, application_name=app, connect_timeout=3)
@@ -636,10 +643,8 @@ class Engine:
                 phase = rows[0][0] if rows else None
                 if phase in ORDER and ORDER.index(phase) >= ORDER.index(wanted):
                     return str(phase) if proc.poll() is None else None
-                if wanted == Phase.CUTOVER and phase == Phase.SYNCED:
-                    with contextlib.suppress(psycopg.Error):
-                        if src.execute(fenced, (tenant,)).fetchone():
-                            return str(Phase.CUTOVER)
+                if wanted == Phase.CUTOVER and phase == Phase.SYNCED and _holds(src, fenced, tenant):
+                    return str(Phase.CUTOVER)
                 time.sleep(0.002)
         return None
 
