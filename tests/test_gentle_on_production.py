@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import select
 import shutil
 import subprocess
 import tempfile
@@ -29,6 +28,7 @@ from test_real_schemas_shapes import ShapedFactory, shaped  # noqa: F401
 from migrator.db import dsn as dsnlib
 from migrator.local import pgserver, provision
 from migrator.move.throttle import CHECK_EVERY_S
+from migrator.testing.standby import FlipWatch, LagSampler
 
 ROWS = 3_000
 
@@ -116,62 +116,15 @@ def test_the_copy_pauses_while_the_standby_does_not_replay_and_resumes_after(
 COPIED = "SELECT (SELECT count(*) FROM tasks WHERE tenant_id = 7) + (SELECT count(*) FROM comments WHERE tenant_id = 7)"
 
 
-class LagSampler:
-    """The standby's replay lag while the copy into `target` runs, sampled every 0.1 s by hand: the
-    primary's WAL position is noted with its time, and the lag is how long ago the primary first
-    wrote past the standby's replay position. `peak` is the highest lag between the copy's first and
-    last committed batch (its rows on the target, counted)."""
+def _sampler(fleet: Fleet, target: str) -> LagSampler:
+    """The standby's lag, with the copy's rows committed on `target` (two of the sample app's tables)."""
 
-    def __init__(self, server: pgserver.LocalServer, target_dsn: str) -> None:
-        self.server, self.target_dsn = server, target_dsn
-        self.samples: list[tuple[float, float, int]] = []  # time, lag, rows on the target
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    def copied() -> int:
+        with dsnlib.connect(fleet.dsn(target), autocommit=True) as conn:
+            row = conn.execute(COPIED).fetchone()
+        return int(row[0]) if row else 0
 
-    def __enter__(self) -> LagSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    @property
-    def peak(self) -> float:
-        counts = [n for _, _, n in self.samples]
-        changed = [i for i in range(1, len(counts)) if counts[i] != counts[i - 1]]
-        if not changed:
-            return 0.0
-        return max(lag for _, lag, _ in self.samples[changed[0] - 1 : changed[-1] + 1])
-
-    def lag_at_batches(self) -> list[float]:
-        """For each batch committed between two samples, the lower lag of the two: the lag when it
-        could have started at the latest (the copy reads it before each batch, at most CHECK_EVERY_S apart)."""
-        return [
-            min(self.samples[i - 1][1], self.samples[i][1])
-            for i in range(1, len(self.samples))
-            if self.samples[i][2] != self.samples[i - 1][2]
-        ]
-
-    def _run(self) -> None:
-        timeline: list[tuple[float, int]] = []
-        with (
-            dsnlib.connect(self.server.dsn(), autocommit=True) as conn,
-            dsnlib.connect(self.target_dsn, autocommit=True) as target,
-        ):
-            while not self._stop.is_set():
-                row = conn.execute(
-                    "SELECT pg_current_wal_lsn() - '0/0', (SELECT replay_lsn - '0/0' FROM pg_stat_replication"
-                    " WHERE application_name = 'r1')"
-                ).fetchone()
-                copied = target.execute(COPIED).fetchone()
-                assert row is not None and copied is not None
-                now, lsn, replay = time.monotonic(), int(row[0]), row[1]
-                if not timeline or lsn > timeline[-1][1]:
-                    timeline.append((now, lsn))
-                behind = [t for t, at in timeline if replay is None or at > replay]
-                self.samples.append((now, now - behind[0] if behind else 0.0, int(copied[0])))
-                time.sleep(0.1)
+    return LagSampler(fleet.server.dsn(), "r1", copied)
 
 
 def test_with_a_delayed_standby_the_limit_keeps_its_lag_down_and_the_copy_slows(
@@ -180,48 +133,22 @@ def test_with_a_delayed_standby_the_limit_keeps_its_lag_down_and_the_copy_slows(
     fleet, standby = replicated
     _apply_delay(standby, "2s")
     paced = ("--batch-rows", "100", "--rate-limit", "600", "--json")  # ~5 s of copy unthrottled
-    with LagSampler(fleet.server, fleet.dsn("eu-2")) as unthrottled:
+    with _sampler(fleet, "eu-2") as unthrottled:
         back = fleet.run("move", "7", "--to", "eu-2", "--yes", "--no-replica-wait", *paced)
     assert back.exit_code == 0, back.output
     free = json.loads(back.stdout)["seconds"]
     assert fleet.run("cleanup", "7", "--stamp", "eu-1", "--yes").exit_code == 0
-    with LagSampler(fleet.server, fleet.dsn("eu-1")) as throttled:
+    with _sampler(fleet, "eu-1") as throttled:
         moved = fleet.run("move", "7", "--to", "eu-1", "--yes", "--no-replica-wait", *paced, "--max-replica-lag", "1")
     assert moved.exit_code == 0, moved.output
     held = json.loads(moved.stdout)["seconds"]
     # while copying: unthrottled, every write waits 2 s to be replayed and the copy writes on regardless;
     # throttled, no batch starts while the lag is past 1 s (read every CHECK_EVERY_S)
-    assert unthrottled.peak >= 1.9, unthrottled.peak
+    assert max(lag for _, lag, _ in unthrottled.copying()) >= 1.9, unthrottled.samples
     assert max(throttled.lag_at_batches()) <= 1 + CHECK_EVERY_S + 0.1, throttled.samples
     assert len(throttled.lag_at_batches()) >= 5 and max(unthrottled.lag_at_batches()) >= 1.5
     assert held["throttled"] >= 2 and held["copy"] > free["copy"] + 1, (free, held)
     assert tenant_row_count(fleet.dsn("eu-1"), fleet.layout(), "7") == ROWS + 1  # the tenant's row too
-
-
-def _count_at_flip(fleet: Fleet, standby: pgserver.LocalServer, seen: dict[str, int]) -> threading.Thread:
-    """Listen for the route's flip; at that moment count tenant 7's rows on the target's standby."""
-    target_db = conninfo_to_dict(fleet.dsn("eu-2"))["dbname"]
-    layout = fleet.layout()
-    ready = threading.Event()
-
-    def listen() -> None:
-        with dsnlib.connect(fleet.catalog.url, autocommit=True) as conn:
-            conn.execute("LISTEN migrator_routes")
-            ready.set()
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                select.select([conn.fileno()], [], [], 1)
-                for note in conn.notifies(timeout=0, stop_after=1):
-                    route = json.loads(note.payload)
-                    if route["tenant"] == "7" and route["stamp"] == "eu-2":
-                        seen["standby"] = tenant_row_count(standby.dsn(target_db), layout, "7")
-                        seen["primary"] = tenant_row_count(fleet.dsn("eu-2"), layout, "7")
-                        return
-
-    thread = threading.Thread(target=listen, daemon=True)
-    thread.start()
-    ready.wait(10)
-    return thread
 
 
 def test_the_route_flips_only_once_the_targets_standby_has_replayed_the_copy(
@@ -229,12 +156,16 @@ def test_the_route_flips_only_once_the_targets_standby_has_replayed_the_copy(
 ) -> None:
     fleet, standby = replicated
     _apply_delay(standby, "1500ms")
-    seen: dict[str, int] = {}
-    listener = _count_at_flip(fleet, standby, seen)
-    moved = fleet.run("move", "7", "--to", "eu-2", "--yes", "--json")
-    assert moved.exit_code == 0, moved.output
-    listener.join(30)
-    assert seen and seen["standby"] == seen["primary"] > 0, seen
+    layout, database = fleet.layout(), conninfo_to_dict(fleet.dsn("eu-2"))["dbname"]
+
+    def counts() -> dict[str, int]:
+        standby_rows = tenant_row_count(standby.dsn(database), layout, "7")
+        return {"standby": standby_rows, "primary": tenant_row_count(fleet.dsn("eu-2"), layout, "7")}
+
+    with FlipWatch(fleet.catalog.url, "7", "eu-2", counts) as flip:
+        moved = fleet.run("move", "7", "--to", "eu-2", "--yes", "--json")
+        assert moved.exit_code == 0, moved.output
+    assert flip.seen and flip.seen["standby"] == flip.seen["primary"] > 0, flip.seen
     seconds = json.loads(moved.stdout)["seconds"]
     assert seconds["standby_wait"] >= 1.0, seconds
 
