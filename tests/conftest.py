@@ -268,6 +268,15 @@ def tenant_digest(dsn: str, layout: Layout, tenant: str, by_name: bool = False) 
     return out
 
 
+def copied_on(fleet: Fleet, stamp: str = "eu-2") -> dict[str, int]:
+    """Rows per table that the copy cursors on `stamp` say are committed (none before a copy starts)."""
+    with dsnlib.connect(fleet.dsn(stamp), autocommit=True) as conn:
+        if not conn.execute("SELECT to_regclass('_migrator.copy_progress') IS NOT NULL").fetchone()[0]:
+            return {}
+        rows = conn.execute("SELECT table_name, sum(rows_copied) FROM _migrator.copy_progress GROUP BY 1").fetchall()
+        return {table: int(n) for table, n in rows if n}
+
+
 def tenant_row_count(dsn: str, layout: Layout, tenant: str) -> int:
     return sum(rows for rows, _ in tenant_digest(dsn, layout, tenant).values())
 

@@ -9,18 +9,9 @@ import os
 import signal
 
 import pytest
-from conftest import Fleet, tenant_row_count, wait_until
-
-from migrator.db import dsn as dsnlib
+from conftest import Fleet, copied_on, tenant_row_count, wait_until
 
 ROWS = 60_000
-
-
-def _copied_so_far(fleet: Fleet) -> int:
-    with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
-        if not conn.execute("SELECT to_regclass('_migrator.copy_progress') IS NOT NULL").fetchone()[0]:
-            return 0
-        return int(conn.execute("SELECT coalesce(sum(rows_copied), 0) FROM _migrator.copy_progress").fetchone()[0])
 
 
 @pytest.mark.parametrize(
@@ -39,7 +30,7 @@ def test_a_signal_stops_a_move_at_a_safe_point_with_one_line_saying_how_to_resum
     flags = [mode] if mode == "--offline" else []
     args = ("move", "7", "--to", "eu-2", *flags, "--batch-rows", "500", "--rate-limit", "15000", "--yes")
     proc = fleet.popen(*args, start_new_session=True)  # its own process group, as a terminal's job
-    wait_until(lambda: _copied_so_far(fleet) > 0, "the copy to start", proc=proc)
+    wait_until(lambda: sum(copied_on(fleet).values()) > 0, "the copy to start", proc=proc)
     os.killpg(proc.pid, signum)
     out, err = proc.communicate(timeout=60)
 

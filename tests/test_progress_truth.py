@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from conftest import Fleet
+from conftest import Fleet, copied_on
 
 from migrator.cli import render
 from migrator.db import dsn as dsnlib
@@ -18,27 +18,18 @@ from migrator.move import MoveOptions, move_tenants
 ROWS = 80_000  # tasks: 46,400 rows, copied in two key ranges by --jobs 2
 
 
-def _committed(fleet: Fleet) -> dict[str, int]:
-    """Rows per table the target's copy cursors say are committed."""
-    with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
-        if not conn.execute("SELECT to_regclass('_migrator.copy_progress') IS NOT NULL").fetchone()[0]:
-            return {}
-        rows = conn.execute("SELECT table_name, sum(rows_copied) FROM _migrator.copy_progress GROUP BY 1").fetchall()
-        return {table: int(n) for table, n in rows if n}
-
-
 def test_status_after_kill_shows_committed_rows_and_the_resume_counts_them(fleet: Fleet) -> None:
     total = fleet.seed("eu-1", 7, ROWS)
     args = ("move", "7", "--to", "eu-2", "--batch-rows", "500", "--jobs", "2", "--rate-limit", "15000", "--yes")
     proc = fleet.popen(*args, "--json")
     deadline = time.monotonic() + 60
-    while _committed(fleet).get("tasks", 0) < 5_000:
+    while copied_on(fleet).get("tasks", 0) < 5_000:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "copy did not progress"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    committed = _committed(fleet)
+    committed = copied_on(fleet)
     move = fleet.catalog.open_move("7")
     assert move is not None and move.phase == "copying"
 

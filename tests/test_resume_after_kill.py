@@ -6,19 +6,12 @@ import json
 import signal
 import time
 
-from conftest import Fleet, tenant_digest
+from conftest import Fleet, copied_on, tenant_digest
 from psycopg import sql
 
 from migrator.db import dsn as dsnlib
 
 ROWS = 60_000
-
-
-def _copied_so_far(fleet: Fleet) -> int:
-    with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
-        if not conn.execute("SELECT to_regclass('_migrator.copy_progress') IS NOT NULL").fetchone()[0]:
-            return 0
-        return int(conn.execute("SELECT coalesce(sum(rows_copied), 0) FROM _migrator.copy_progress").fetchone()[0])
 
 
 def _row_versions(fleet: Fleet) -> set[tuple[str, str, str]]:
@@ -42,7 +35,7 @@ def test_resume_after_kill_does_not_duplicate_or_restart(fleet: Fleet) -> None:
     args = ("move", "7", "--to", "eu-2", "--batch-rows", "500", "--rate-limit", "15000", "--yes", "--json")
     proc = fleet.popen(*args)
     deadline = time.monotonic() + 60
-    while _copied_so_far(fleet) < total // 4:
+    while sum(copied_on(fleet).values()) < total // 4:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "copy did not progress"
         time.sleep(0.05)
@@ -51,7 +44,7 @@ def test_resume_after_kill_does_not_duplicate_or_restart(fleet: Fleet) -> None:
 
     interrupted = fleet.catalog.open_move("7")
     assert interrupted is not None and interrupted.phase == "copying"
-    partial = _copied_so_far(fleet)
+    partial = sum(copied_on(fleet).values())
     assert 0 < partial < total
     before_resume = _row_versions(fleet)
     assert len(before_resume) == partial
