@@ -313,7 +313,9 @@ def stamp_snapshot(dsn: str) -> dict[str, Any]:
 
 CATALOG_TABLES = (
     "stamps", "routes", "moves", "move_tenants", "move_tables", "plans", "plan_moves", "schema_runs", "throttle",
+    "tenants",
 )  # fmt: skip
+APPEND_ONLY_TABLES = ("audit",)  # SELECT, INSERT only: the audit trail
 QUEUE_TABLES = ("procrastinate_jobs", "procrastinate_events", "procrastinate_periodic_defers", "procrastinate_workers")
 QUEUE_SEQUENCES = ("procrastinate_jobs_id_seq", "procrastinate_events_id_seq", "procrastinate_periodic_defers_id_seq")
 
@@ -330,6 +332,7 @@ def operator_grants(
             (db, sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(public, role)),
         ]
     tables = sql.SQL(", ").join(sql.Identifier(t) for t in CATALOG_TABLES)
+    append_only = sql.SQL(", ").join(sql.Identifier(t) for t in APPEND_ONLY_TABLES)
     queue = sql.SQL(", ").join(sql.Identifier(t) for t in QUEUE_TABLES)
     sequences = sql.SQL(", ").join(sql.Identifier(s) for s in QUEUE_SEQUENCES)
     return [
@@ -337,6 +340,7 @@ def operator_grants(
         (catalog_db, sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(catalog_db), role)),
         (catalog_db, sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(public, role)),
         (catalog_db, sql.SQL("GRANT SELECT, INSERT, UPDATE ON {} TO {}").format(tables, role)),
+        (catalog_db, sql.SQL("GRANT SELECT, INSERT ON {} TO {}").format(append_only, role)),
         (catalog_db, sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(queue, role)),
         (catalog_db, sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(sequences, role)),
     ]

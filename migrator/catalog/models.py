@@ -120,6 +120,8 @@ class Stamp:
     state: str
     key_block: int | None = None
     """Its block of sequence values (`migrator.stamps.sequences`); None until `keys stride`."""
+    kind: str = "shared"
+    """`shared` (many tenants) or `dedicated` (one tenant at most): `migrator stamp add|update --kind`."""
 
     @property
     def masked_dsn(self) -> str:

@@ -1,0 +1,61 @@
+"""Placement: residency, tiers and anti-affinity checked before every write, and the audit trail."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from conftest import Fleet, operator_grants
+from psycopg import sql
+
+from migrator.db import dsn as dsnlib
+
+
+def _admin(fleet: Fleet, db: str, *statements: sql.Composable) -> None:
+    with dsnlib.connect(fleet.server.dsn(db), autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+@pytest.fixture
+def operator_catalog(fleet: Fleet) -> Iterator[str]:
+    """A catalog DSN of a plain role holding exactly the grants of docs/privileges.md."""
+    catalog_db = fleet.databases[0]
+    prefix = catalog_db.removesuffix("_catalog")
+    owner, operator = f"{prefix}_placement_owner", f"{prefix}_placement_migrator"
+    password = secrets.token_urlsafe(18)
+    _admin(
+        fleet,
+        "postgres",
+        sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner)),
+        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(operator), sql.Literal(password)),
+    )
+    try:
+        for db, statement in operator_grants(operator, owner, fleet.databases[1:], catalog_db):
+            _admin(fleet, db, statement)
+        server = fleet.server
+        yield f"postgresql://{operator}:{password}@{server.host}:{server.port}/{catalog_db}"
+    finally:
+        for db in fleet.databases:
+            _admin(fleet, db, sql.SQL("DROP OWNED BY {}, {}").format(sql.Identifier(owner), sql.Identifier(operator)))
+        for role in (operator, owner):
+            _admin(fleet, "postgres", sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def test_the_audit_trail_cannot_be_updated_or_deleted_by_migrators_role_nor_its_owner(
+    fleet: Fleet, operator_catalog: str
+) -> None:
+    with psycopg.connect(operator_catalog, autocommit=True) as conn:
+        conn.execute("INSERT INTO audit (actor, action, tenants) VALUES ('ops', 'route set', '{7}')")
+        assert conn.execute("SELECT actor, db_role FROM audit").fetchall() == [("ops", conn.info.user)]
+        conn.execute("INSERT INTO tenants (tenant, residency) VALUES ('7', '{eu}')")  # an ordinary table
+        for statement in ("UPDATE audit SET actor = 'someone else'", "DELETE FROM audit", "TRUNCATE audit"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+    with dsnlib.connect(fleet.catalog.url, autocommit=True) as owner:  # the catalog's owner, a superuser here
+        for statement in ("UPDATE audit SET actor = 'someone else'", "DELETE FROM audit", "TRUNCATE audit"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+                owner.execute(statement)
+        assert owner.execute("SELECT actor FROM audit").fetchall() == [("ops",)]
