@@ -10,6 +10,7 @@ import pytest
 from conftest import Fleet, operator_grants
 from psycopg import sql
 
+from migrator.catalog import audit, policy
 from migrator.db import dsn as dsnlib
 
 
@@ -59,3 +60,34 @@ def test_the_audit_trail_cannot_be_updated_or_deleted_by_migrators_role_nor_its_
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
                 owner.execute(statement)
         assert owner.execute("SELECT actor FROM audit").fetchall() == [("ops",)]
+
+
+def test_each_rule_names_the_tenant_the_rule_and_the_stamp(fleet: Fleet) -> None:
+    catalog = fleet.catalog
+    catalog.update_stamp("us-1", kind="dedicated")
+    for tenant in ("7", "8", "9"):
+        catalog.set_route(tenant, "eu-1")
+    policy.set_placement(catalog, ["7"], policy.Change(residency=("eu",), anti_affinity=("bank",)))
+    policy.set_placement(catalog, ["8"], policy.Change(tier=policy.Tier.DEDICATED))
+    policy.set_placement(catalog, ["9"], policy.Change(anti_affinity=("bank",)))
+    assert policy.check(catalog, ["7"], "us-1") == [
+        "tenant 7 -> stamp us-1: residency: it may live in eu only, us-1 is in region us"
+    ]
+    assert policy.check(catalog, ["8"], "eu-2") == [
+        "tenant 8 -> stamp eu-2: tier: a dedicated tenant needs a dedicated stamp, eu-2 is shared"
+    ]
+    assert policy.check(catalog, ["8"], "us-1") == []
+    assert policy.check(catalog, ["8", "9"], "us-1") == [
+        "tenant 8 -> stamp us-1: dedicated stamp: us-1 is dedicated and holds tenant 9",
+        "tenant 9 -> stamp us-1: dedicated stamp: us-1 is dedicated and holds tenant 8",
+    ]
+    assert policy.check(catalog, ["7", "9"], "eu-2") == [
+        "tenant 7 -> stamp eu-2: anti-affinity bank: eu-2 holds tenant 9",
+        "tenant 9 -> stamp eu-2: anti-affinity bank: eu-2 holds tenant 7",
+    ]
+    policy.set_placement(catalog, ["7"], policy.Change(anywhere=True))
+    assert policy.placements(catalog, ["7"])["7"] == policy.Placement("7", None, policy.Tier.SHARED, ("bank",))
+    assert [r.reason for r in audit.trail(catalog, tenant="7")] == [
+        "residency eu, anti-affinity bank",
+        "residency any",
+    ]

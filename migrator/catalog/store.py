@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row
 
+from migrator.catalog import audit
 from migrator.catalog.locks import TenantLock
 from migrator.catalog.models import (
     FENCED_OFFLINE,
@@ -51,8 +52,9 @@ class Catalog:
     take the step's connection and are never retried themselves, so attempts never multiply.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, actor: str | None = None) -> None:
         self.url = url
+        self.actor = actor or audit.default_actor()  # who the audit trail names (global --actor, else $USER)
         self._local = threading.local()
         self._sessions: list[psycopg.Connection[Any]] = []
         self._sessions_lock = threading.Lock()
@@ -133,7 +135,7 @@ class Catalog:
 
     @CATALOG.wraps
     def update_stamp(self, name: str, **fields: Any) -> Stamp:
-        allowed = {"dsn", "region", "capacity_rows", "capacity_bytes", "state"}
+        allowed = {"dsn", "region", "capacity_rows", "capacity_bytes", "state", "kind"}
         changes = {k: v for k, v in fields.items() if k in allowed and v is not None}
         with self.transaction() as conn:
             self._stamp(conn, name)
