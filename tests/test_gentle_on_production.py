@@ -38,7 +38,7 @@ def primary() -> Iterator[tuple[pgserver.LocalServer, pgserver.LocalServer, dict
     """A server of its own with template databases, and its streaming standby `r1`."""
     base = Path(tempfile.mkdtemp(prefix="migrator-standby-"))
     base.chmod(0o755)
-    server = pgserver.start_server(base / "primary")
+    server = pgserver.start_server(base / "primary", settings={"wal_level": "logical"})  # CDC slots too
     standby = None
     try:
         provision.catalog_database(server, "tpl_catalog")
@@ -185,6 +185,38 @@ def test_a_stopped_standby_stops_the_move_unflipped_naming_it(
     again = fleet.run("move", "7", "--to", "eu-2", "--yes")
     assert again.exit_code == 0, again.output
     assert fleet.catalog.route("7").stamp == "eu-2"
+
+
+def test_the_copy_waits_while_a_cdc_slot_retains_more_wal_than_allowed(
+    replicated: tuple[Fleet, pgserver.LocalServer],
+) -> None:
+    fleet, _ = replicated
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:  # a CDC consumer that stopped reading
+        conn.execute("SELECT pg_create_logical_replication_slot('cdc', 'test_decoding')")
+        conn.execute("CHECKPOINT")
+        row = conn.execute(
+            "SELECT pg_current_wal_lsn() - restart_lsn FROM pg_replication_slots WHERE slot_name = 'cdc'"
+        ).fetchone()
+    retained = int(row[0]) if row else 0
+    # the copy's own WAL passes this within a few batches (3,000 rows write a few MB); the slot keeps it all
+    limited = ("--batch-rows", "100", "--rate-limit", "400", "--max-slot-lag", str(retained + 500_000))
+    proc = fleet.popen("move", "7", "--to", "eu-2", "--yes", *limited)
+    try:
+        wait_until(lambda: _copied(fleet) > 0, "the first batch", 30, proc)
+        time.sleep(3)
+        held = _copied(fleet)
+        time.sleep(2)
+        assert _copied(fleet) == held < tenant_row_count(fleet.dsn("eu-1"), fleet.layout(), "7")
+        with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:  # the consumer catches up (or goes)
+            conn.execute("SELECT pg_drop_replication_slot('cdc')")
+        code, _, err = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
+            conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'cdc'")
+    assert code == 0, err
+    assert "throttled: slot lag" in err and "(eu-1, slot cdc)" in err, err
 
 
 def test_throttle_set_during_a_copy_takes_effect_without_a_restart(
