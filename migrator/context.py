@@ -18,7 +18,8 @@ class Context:
     metrics: Metrics = field(default_factory=Metrics)  # this process's; served by --metrics-port
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> Context:
-        """Validate the config (`--config`) before any connection is opened."""
+    def load(cls, path: str | Path | None = None, actor: str | None = None) -> Context:
+        """Validate the config (`--config`) before any connection is opened; `actor` (--actor) is who
+        the audit trail names, else $USER."""
         cfg = configlib.load(path)
-        return cls(cfg, Catalog(cfg.catalog_url))
+        return cls(cfg, Catalog(cfg.catalog_url, actor))

@@ -199,8 +199,11 @@ def test_route_import_from_a_csv_file_with_or_without_header_is_idempotent(
     [
         ("3,shop-a\n9,nowhere\n", "unknown stamp(s) nowhere; nothing imported"),
         ("3,shop-a\n1,shop-b\n", "already routed to another stamp: 1 (on shop-a, not shop-b)"),
-        ("tenant,stamp\n3,shop-a\n5,shop-b,extra\n", "line 3: expected `tenant,stamp`, found '5,shop-b,extra'"),
-        ("3,shop-a\n,shop-b\n", "line 2: expected `tenant,stamp`"),
+        (
+            "tenant,stamp\n3,shop-a\n5,shop-b,eu,extra\n",
+            "line 3: expected `tenant,stamp[,residency]`, found '5,shop-b,eu,extra'",
+        ),
+        ("3,shop-a\n,shop-b\n", "line 2: expected `tenant,stamp[,residency]`"),
         ("3,shop-a\n5,shop-b\n3,shop-b\n", "line 3: tenant 3 is given stamp shop-b, but shop-a on line 1"),
         ("tenant,stamp\n\n", "holds no routes"),
     ],

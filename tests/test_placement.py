@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -91,3 +93,27 @@ def test_each_rule_names_the_tenant_the_rule_and_the_stamp(fleet: Fleet) -> None
         "residency eu, anti-affinity bank",
         "residency any",
     ]
+
+
+def test_tenant_set_stamp_kind_and_route_import_with_residency(fleet: Fleet, tmp_path: Path) -> None:
+    result = fleet.run("stamp", "update", "us-1", "--kind", "dedicated")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "dedicated" in result.output
+    csv_file = tmp_path / "routes.csv"
+    csv_file.write_text("tenant,stamp,residency\n7,eu-1,eu\n8,eu-1,eu|us\n9,eu-1,\n")
+    result = fleet.run("route", "import", str(csv_file))
+    assert result.exit_code == 0, result.output + result.stderr
+    attrs = policy.placements(fleet.catalog)
+    assert (attrs["7"].residency, attrs["8"].residency, "9" in attrs) == (("eu",), ("eu", "us"), False)
+    result = fleet.run("tenant", "set", "9", "--residency", "us", "--tier", "dedicated")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert result.output == "tenant 9: residency us, tier dedicated, anti-affinity -\n"
+    outside = tmp_path / "outside.csv"
+    outside.write_text("10,eu-2,us\n")
+    result = fleet.run("route", "import", str(outside))
+    assert result.exit_code == 2
+    assert "tenant 10 -> stamp eu-2: residency" in result.stderr and "nothing imported" in result.stderr
+    assert fleet.catalog.find_route("10") is None
+    fleet.seed("eu-1", 7, 10)
+    result = fleet.run("tenant", "list", "--stamp", "eu-1", "--json")
+    assert [(r["tenant"], r["residency"], r["tier"]) for r in json.loads(result.output)] == [("7", ["eu"], "shared")]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import select
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import astuple, dataclass
 from dataclasses import fields as dataclass_fields
@@ -122,12 +122,14 @@ class Catalog:
         region: str | None = None,
         capacity_rows: int | None = None,
         capacity_bytes: int | None = None,
+        kind: str = "shared",
     ) -> Stamp:
         with self.transaction() as conn:
             try:
                 conn.execute(
-                    "INSERT INTO stamps (name, dsn, region, capacity_rows, capacity_bytes) VALUES (%s, %s, %s, %s, %s)",
-                    (name, dsn, region, capacity_rows, capacity_bytes),
+                    "INSERT INTO stamps (name, dsn, region, capacity_rows, capacity_bytes, kind)"
+                    " VALUES (%s, %s, %s, %s, %s, %s)",
+                    (name, dsn, region, capacity_rows, capacity_bytes, kind),
                 )
             except psycopg.errors.UniqueViolation:
                 raise BadInput(f"stamp {name!r} already exists") from None
@@ -257,8 +259,11 @@ class Catalog:
             return self._route(conn, tenant)  # type: ignore[return-value]
 
     @CATALOG.wraps
-    def import_routes(self, routes: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
-        """Register many (tenant, stamp) routes in one transaction: all of them, or none.
+    def import_routes(
+        self, routes: Sequence[tuple[str, str]], residency: Mapping[str, Sequence[str]] | None = None
+    ) -> tuple[list[str], list[str]]:
+        """Register many (tenant, stamp) routes in one transaction: all of them, or none, with the
+        `residency` of the tenants given one (`route import FILE`'s third column).
 
         Refused (nothing written) naming every unknown stamp, or every tenant already routed to
         another stamp; a tenant already routed to its stamp is left as it is, so a re-run changes
@@ -291,6 +296,13 @@ class Catalog:
                 raise BadInput(
                     f"{len(elsewhere)} tenant(s) already routed to another stamp: {shown}; nothing imported "
                     "(only `migrator move` changes a route; a moved tenant's leftover rows go with `migrator cleanup`)"
+                )
+            if residency:
+                conn.execute(
+                    "INSERT INTO tenants AS t (tenant, residency) SELECT u.tenant, string_to_array(u.regions, '|')"
+                    " FROM unnest(%s::text[], %s::text[]) AS u(tenant, regions) ON CONFLICT (tenant)"
+                    " DO UPDATE SET residency = EXCLUDED.residency, updated_at = now()",
+                    (list(residency), ["|".join(regions) for regions in residency.values()]),
                 )
         return [t for t in tenants if t in inserted], [t for t in tenants if t not in inserted]
 

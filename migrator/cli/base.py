@@ -284,7 +284,7 @@ def context_of(click_ctx: click.Context) -> Context:
 
     obj = click_ctx.find_root().obj
     if "context" not in obj:
-        obj["context"] = Context.load(obj["config"])
+        obj["context"] = Context.load(obj["config"], obj.get("actor"))
         click_ctx.find_root().call_on_close(obj["context"].catalog.close)
     return obj["context"]
 
@@ -302,12 +302,13 @@ def emit(as_json: bool, data: Any, text: str) -> None:
     help="Path of migrator.toml (else $MIGRATOR_CONFIG, else ./migrator.toml).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log retries and phases to stderr.")
+@click.option("--actor", default=None, help="Who the audit trail names for this command's changes (else $USER).")
 @click.version_option(__version__, prog_name="migrator")
 @click.pass_context
-def cli(ctx: click.Context, config_path: Path | None, verbose: bool) -> None:
+def cli(ctx: click.Context, config_path: Path | None, verbose: bool, actor: str | None) -> None:
     """Move tenants between deployment stamps, drain and rebalance stamps, migrate every stamp's schema."""
     render.setup_logging(verbose)
-    ctx.obj = {"config": config_path}
+    ctx.obj = {"config": config_path, "actor": actor}
 
 
 def route_dict(route: Any) -> dict[str, Any]:

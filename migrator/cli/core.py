@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -75,6 +76,12 @@ def catalog_grant_reader(ctx: click.Context, role: str) -> None:
 # -- stamps -----------------------------------------------------------------------------------------------
 
 NO_CHECK = click.option("--no-check", is_flag=True, help="Do not check that the DSN connects (record it as given).")
+KIND = click.option(
+    "--kind",
+    type=click.Choice(["shared", "dedicated"]),
+    default=None,
+    help="shared (many tenants; the default) or dedicated (one tenant at most): placement checks it.",
+)
 
 
 @cli.group("stamp")
@@ -88,6 +95,7 @@ def stamp_group() -> None:
 @click.option("--region", default=None, help="Region label, for placement and reports.")
 @click.option("--capacity-rows", type=click.IntRange(min=1), default=None, help="How many tenant rows it may hold.")
 @click.option("--capacity-bytes", type=click.IntRange(min=1), default=None, help="How many bytes of tenant data.")
+@KIND
 @NO_CHECK
 @click.pass_context
 def stamp_add(
@@ -97,12 +105,15 @@ def stamp_add(
     region: str | None,
     capacity_rows: int | None,
     capacity_bytes: int | None,
+    kind: str | None,
     no_check: bool,
 ) -> None:
     """Register a stamp in the catalog, once its DSN has connected."""
     from migrator.stamps.registry import add_stamp
 
-    stamp = add_stamp(context_of(ctx), name, dsn, region, capacity_rows, capacity_bytes, check=not no_check)
+    stamp = add_stamp(
+        context_of(ctx), name, dsn, region, capacity_rows, capacity_bytes, check=not no_check, kind=kind or "shared"
+    )
     click.echo(f"added stamp {stamp.name} ({stamp.masked_dsn})")
 
 
@@ -126,6 +137,7 @@ def stamp_list(ctx: click.Context, as_json: bool) -> None:
             "name": s.name,
             "dsn": s.masked_dsn,
             "region": s.region,
+            "kind": s.kind,
             "state": s.state,
             "capacity_rows": s.capacity_rows,
             "capacity_bytes": s.capacity_bytes,
@@ -136,8 +148,8 @@ def stamp_list(ctx: click.Context, as_json: bool) -> None:
         as_json,
         data,
         render.table(
-            ["stamp", "state", "region", "capacity rows", "dsn"],
-            [[d["name"], d["state"], d["region"], d["capacity_rows"], d["dsn"]] for d in data],
+            ["stamp", "state", "region", "kind", "capacity rows", "dsn"],
+            [[d["name"], d["state"], d["region"], d["kind"], d["capacity_rows"], d["dsn"]] for d in data],
         ),
     )
 
@@ -200,9 +212,10 @@ def route_set(ctx: click.Context, tenant: str, stamp: str) -> None:
 @JSON
 @click.pass_context
 def route_import(ctx: click.Context, file: Path | None, stamp: str | None, as_json: bool) -> None:
-    """Register the tenants stamps already hold: a CSV FILE of `tenant,stamp` lines (header optional) or
-    every tenant of --stamp NAME. One catalog transaction: refused whole if a stamp is unknown or a tenant
-    is routed elsewhere; re-running it changes nothing."""
+    """Register the tenants stamps already hold: a CSV FILE of `tenant,stamp[,residency]` lines (header
+    optional; residency `eu` or `eu|eu-west`, empty for anywhere) or every tenant of --stamp NAME. One catalog
+    transaction: refused whole if a stamp is unknown, a tenant is routed elsewhere or lives outside its
+    residency; re-running it changes nothing."""
     from migrator.stamps import registry
 
     if file is not None and stamp is None:
@@ -316,7 +329,7 @@ def tenant_list(ctx: click.Context, stamp: str | None, sizes: bool, as_json: boo
     from migrator.stamps.sizes import human_bytes
 
     rows = list_tenants(context_of(ctx), stamp, sizes=sizes)
-    headers = ["stamp", "tenant", "rows", *(["bytes"] if sizes else []), "routed here"]
+    headers = ["stamp", "tenant", "rows", *(["bytes"] if sizes else []), "routed here", "residency", "tier"]
     emit(
         as_json,
         rows,
@@ -329,8 +342,90 @@ def tenant_list(ctx: click.Context, stamp: str | None, sizes: bool, as_json: boo
                     r["rows"],
                     *([human_bytes(r["bytes"])] if sizes else []),
                     "yes" if r["routed"] else "NO",
+                    "|".join(r["residency"]) if r["residency"] else "any",
+                    r["tier"],
                 ]
                 for r in rows
+            ],
+        ),
+    )
+
+
+def _labels(value: str | None) -> tuple[str, ...] | None:
+    """A comma-separated option value as a tuple (None: the option was not given)."""
+    return None if value is None else tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+
+
+@tenant_group.command("set")
+@click.argument("tenant")
+@click.option("--residency", default=None, help="Regions the tenant's rows may live in (R[,R...]), or `any`.")
+@click.option(
+    "--tier", type=click.Choice(["shared", "dedicated"]), default=None, help="dedicated: a dedicated stamp of its own."
+)
+@click.option(
+    "--anti-affinity",
+    default=None,
+    help="Labels (L[,L...]; empty to clear): never on a stamp with a tenant sharing one.",
+)
+@click.pass_context
+def tenant_set(
+    ctx: click.Context, tenant: str, residency: str | None, tier: str | None, anti_affinity: str | None
+) -> None:
+    """Set where a tenant may live: its residency, tier and anti-affinity labels (checked by every move and plan)."""
+    from migrator.catalog import policy
+
+    regions = _labels(residency)
+    anywhere = regions == ("any",)
+    if regions == ():
+        raise click.UsageError("--residency needs at least one region, or `any`")
+    change = policy.Change(
+        None if anywhere else regions, anywhere, policy.Tier(tier) if tier else None, _labels(anti_affinity)
+    )
+    if change == policy.Change():
+        raise click.UsageError("nothing to set: give --residency, --tier or --anti-affinity")
+    (placed,) = policy.set_placement(context_of(ctx).catalog, [tenant], change)
+    click.echo(
+        f"tenant {placed.tenant}: residency {'|'.join(placed.residency) if placed.residency else 'any'}, "
+        f"tier {placed.tier}, anti-affinity {','.join(placed.anti_affinity) or '-'}"
+    )
+
+
+# -- audit ------------------------------------------------------------------------------------------------
+
+
+@cli.command("audit")
+@click.option("--tenant", default=None, help="Only records naming this tenant.")
+@click.option("--since", type=click.DateTime(), default=None, help="Only records from this date (or time) on.")
+@click.option("--cross-region", is_flag=True, help="Only moves whose source and target regions differ.")
+@JSON
+@click.pass_context
+def audit_cmd(
+    ctx: click.Context, tenant: str | None, since: datetime | None, cross_region: bool, as_json: bool
+) -> None:
+    """The audit trail: every route change, policy override and plan apply, who made it, when and why."""
+    from dataclasses import asdict
+
+    from migrator.catalog import audit
+
+    found = audit.trail(context_of(ctx).catalog, tenant, since and since.astimezone(), cross_region)
+    emit(
+        as_json,
+        [asdict(r) for r in found],
+        render.table(
+            ["at", "actor", "role", "action", "tenants", "from", "to", "move", "reason"],
+            [
+                [
+                    r.at.isoformat(timespec="seconds"),
+                    r.actor,
+                    r.db_role,
+                    r.action,
+                    ",".join(r.tenants),
+                    f"{r.from_stamp} ({r.from_region})" if r.from_stamp else "",
+                    f"{r.to_stamp} ({r.to_region})" if r.to_stamp else "",
+                    r.move_id or "",
+                    r.reason or "",
+                ]
+                for r in found
             ],
         ),
     )

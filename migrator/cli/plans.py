@@ -25,7 +25,7 @@ from migrator.cli.base import (
     options,
     queued,
 )
-from migrator.cli.core import NO_CHECK, stamp_group
+from migrator.cli.core import KIND, NO_CHECK, stamp_group
 from migrator.cli.throttle import throttle_flags
 from migrator.errors import BadInput, MigratorError
 
@@ -98,6 +98,7 @@ def stamp_set_state(ctx: click.Context, name: str, state: str) -> None:
 @click.option("--capacity-bytes", type=click.IntRange(min=1), default=None, help="How many bytes of tenant rows.")
 @click.option("--region", default=None, help="Region label, for placement and reports.")
 @click.option("--dsn", default=None, help="A new DSN (libpq URL, keyword string or service name); checked to connect.")
+@KIND
 @NO_CHECK
 @click.pass_context
 def stamp_update(
@@ -107,15 +108,19 @@ def stamp_update(
     capacity_bytes: int | None,
     region: str | None,
     dsn: str | None,
+    kind: str | None,
     no_check: bool,
 ) -> None:
-    """Change a stamp's capacity (used by `plan drain` and `plan rebalance`), region or DSN."""
+    """Change a stamp's capacity (used by `plan drain` and `plan rebalance`), region, DSN or kind."""
     from migrator.plans.capacity import update_stamp
 
-    stamp = update_stamp(context_of(ctx), name, capacity_rows, capacity_bytes, region, dsn, check=not no_check)
+    stamp = update_stamp(
+        context_of(ctx), name, capacity_rows, capacity_bytes, region, dsn, check=not no_check, kind=kind
+    )
     click.echo(
         f"stamp {stamp.name}: capacity {stamp.capacity_rows or 'unlimited'} rows, "
-        f"{stamp.capacity_bytes or 'unlimited'} bytes, region {stamp.region or '-'}, dsn {stamp.masked_dsn}"
+        f"{stamp.capacity_bytes or 'unlimited'} bytes, region {stamp.region or '-'}, {stamp.kind}, "
+        f"dsn {stamp.masked_dsn}"
     )
 
 

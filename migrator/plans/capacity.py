@@ -132,16 +132,18 @@ def update_stamp(
     dsn: str | None = None,
     *,
     check: bool = True,
+    kind: str | None = None,
 ) -> Stamp:
-    """Change a stamp's capacity (flags --capacity-rows, --capacity-bytes), region or DSN.
+    """Change a stamp's capacity (flags --capacity-rows, --capacity-bytes), region, DSN or kind (--kind:
+    shared, or dedicated to one tenant; placement checks it, see `migrator.catalog.policy`).
 
     A new DSN is first proven to connect, as for `stamp add` (unless `check` is off).
     """
-    if capacity_rows is None and capacity_bytes is None and region is None and dsn is None:
-        raise BadInput("nothing to update: give --capacity-rows, --capacity-bytes, --region or --dsn")
+    if capacity_rows is None and capacity_bytes is None and region is None and dsn is None and kind is None:
+        raise BadInput("nothing to update: give --capacity-rows, --capacity-bytes, --region, --dsn or --kind")
     if dsn is not None and check:
         ctx.catalog.stamp(name)  # an unknown stamp is named before any connection is tried
         check_connection(name, dsn, "not changed")
     return ctx.catalog.update_stamp(
-        name, capacity_rows=capacity_rows, capacity_bytes=capacity_bytes, region=region, dsn=dsn
+        name, capacity_rows=capacity_rows, capacity_bytes=capacity_bytes, region=region, dsn=dsn, kind=kind
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from migrator import stamps
+from migrator.catalog.policy import placements
 from migrator.context import Context
 from migrator.stamps.discovery import discover
 from migrator.stamps.sizes import measure
@@ -19,6 +20,7 @@ def list_tenants(ctx: Context, stamp_name: str | None = None, sizes: bool = Fals
     catalog = ctx.catalog
     chosen = [catalog.stamp(stamp_name)] if stamp_name else catalog.stamps()
     routes = {r.tenant: r.stamp for r in catalog.routes()}
+    attributes = placements(catalog)
     rows = []
     for stamp in chosen:
         with stamps.connect(stamp) as conn:
@@ -32,6 +34,8 @@ def list_tenants(ctx: Context, stamp_name: str | None = None, sizes: bool = Fals
                 "rows": size.rows,
                 "tables": {table: count for table, (count, _) in size.tables.items()},
                 "routed": routes.get(tenant) == stamp.name,
+                "residency": list(attributes[tenant].residency or ()) if tenant in attributes else None,
+                "tier": attributes[tenant].tier if tenant in attributes else "shared",
             }
             if sizes:
                 row["bytes"] = size.bytes

@@ -12,6 +12,7 @@ from psycopg import sql
 
 from migrator import stamps
 from migrator.catalog import Stamp, StampState
+from migrator.catalog.policy import Placement, violations
 from migrator.context import Context
 from migrator.errors import BadInput, MigratorError
 from migrator.stamps import keyspace
@@ -38,8 +39,10 @@ def add_stamp(
     capacity_bytes: int | None = None,
     *,
     check: bool = True,
+    kind: str = "shared",
 ) -> Stamp:
     """`migrator stamp add`: register a stamp; with `check` (the default) only if its DSN connects.
+    `kind` (--kind) is `shared` or `dedicated` (one tenant at most, see `migrator.catalog.policy`).
 
     On a strided fleet it gets the next block of ids, its sequences restarted there (`keys stride`).
     """
@@ -50,7 +53,7 @@ def add_stamp(
     joins_blocks = keyspace.strided(ctx)
     if joins_blocks and check:
         keyspace.check_new_stamp(ctx, Stamp(name, dsn, region, capacity_rows, capacity_bytes, StampState.ACTIVE))
-    stamp = ctx.catalog.add_stamp(name, dsn, region, capacity_rows, capacity_bytes)
+    stamp = ctx.catalog.add_stamp(name, dsn, region, capacity_rows, capacity_bytes, kind)
     return keyspace.place_new_stamp(ctx, stamp, reachable=check) if joins_blocks else stamp
 
 
@@ -90,17 +93,37 @@ def import_routes_from_stamp(ctx: Context, name: str) -> RouteImport:
 
 
 def import_routes_from_file(ctx: Context, path: Path) -> RouteImport:
-    """Register the `tenant,stamp` lines of a CSV file (header line optional) in one catalog transaction.
+    """Register the `tenant,stamp[,residency]` lines of a CSV file (header line optional) in one catalog
+    transaction, with each residency given (`eu`, or `eu|eu-west`; empty: anywhere), so an existing
+    fleet is onboarded with its policy in one step.
 
-    Refused (nothing written) for a malformed line, a tenant given two stamps, an unknown stamp or a
-    tenant already routed to another stamp.
+    Refused (nothing written) for a malformed line, a tenant given two stamps, an unknown stamp, a
+    tenant already routed to another stamp, or one whose stamp lies outside its residency.
     """
-    new, existing = ctx.catalog.import_routes(read_routes_csv(path))
+    lines = read_routes_csv(path)
+    routes = [(tenant, stamp) for tenant, stamp, _ in lines]
+    residency = {tenant: regions for tenant, _, regions in lines if regions}
+    regions = {s.name: s for s in ctx.catalog.stamps()}
+    outside = [
+        line
+        for tenant, stamp, allowed in lines
+        if allowed and stamp in regions
+        for line in violations(Placement(tenant, allowed), regions[stamp], ())
+    ]
+    if outside:
+        raise BadInput(
+            f"{path}: {len(outside)} tenant(s) outside their residency: {'; '.join(outside[:5])}; nothing imported"
+        )
+    new, existing = ctx.catalog.import_routes(routes, residency)
     return RouteImport(str(path), new, existing)
 
 
-def read_routes_csv(path: Path) -> list[tuple[str, str]]:
-    """(tenant, stamp) pairs of a CSV file, each tenant once; spaces around values and blank lines ignored."""
+Line = tuple[str, str, tuple[str, ...]]  # tenant, stamp, residency (empty: anywhere)
+
+
+def read_routes_csv(path: Path) -> list[Line]:
+    """The (tenant, stamp, residency) lines of a CSV file, each tenant once; spaces around values and
+    blank lines ignored."""
     rows: list[tuple[int, list[str]]] = []
     try:
         with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: the BOM spreadsheets write
@@ -109,15 +132,17 @@ def read_routes_csv(path: Path) -> list[tuple[str, str]]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise BadInput(f"cannot read {path}: {exc}") from None
     routes: dict[str, tuple[str, int]] = {}
+    residency: dict[str, tuple[str, ...]] = {}
     for number, row in rows:
         cells = [cell.strip() for cell in row]
         if not any(cells):
             continue
-        if not routes and [cell.lower() for cell in cells] == ["tenant", "stamp"]:
+        if not routes and [cell.lower() for cell in cells] in (["tenant", "stamp"], ["tenant", "stamp", "residency"]):
             continue
-        if len(cells) != 2 or not all(cells):
-            raise BadInput(f"{path}, line {number}: expected `tenant,stamp`, found {','.join(row)!r}")
-        tenant, stamp = cells
+        if len(cells) not in (2, 3) or not all(cells[:2]):
+            raise BadInput(f"{path}, line {number}: expected `tenant,stamp[,residency]`, found {','.join(row)!r}")
+        tenant, stamp = cells[:2]
+        residency[tenant] = _regions(cells[2]) if len(cells) == 3 else ()
         if tenant in routes and routes[tenant][0] != stamp:
             first_stamp, first_line = routes[tenant]
             raise BadInput(
@@ -125,5 +150,10 @@ def read_routes_csv(path: Path) -> list[tuple[str, str]]:
             )
         routes.setdefault(tenant, (stamp, number))
     if not routes:
-        raise BadInput(f"{path} holds no routes (expected lines `tenant,stamp`)")
-    return [(tenant, stamp) for tenant, (stamp, _) in routes.items()]
+        raise BadInput(f"{path} holds no routes (expected lines `tenant,stamp[,residency]`)")
+    return [(tenant, stamp, residency[tenant]) for tenant, (stamp, _) in routes.items()]
+
+
+def _regions(cell: str) -> tuple[str, ...]:
+    """`eu|eu-west` -> ("eu", "eu-west"); empty: anywhere."""
+    return tuple(dict.fromkeys(r.strip() for r in cell.split("|") if r.strip()))
