@@ -9,7 +9,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import Fleet, operator_grants
+from click.testing import Result
+from conftest import Fleet, catalog_snapshot, operator_grants
 from psycopg import sql
 
 from migrator.catalog import audit, policy
@@ -117,3 +118,100 @@ def test_tenant_set_stamp_kind_and_route_import_with_residency(fleet: Fleet, tmp
     fleet.seed("eu-1", 7, 10)
     result = fleet.run("tenant", "list", "--stamp", "eu-1", "--json")
     assert [(r["tenant"], r["residency"], r["tier"]) for r in json.loads(result.output)] == [("7", ["eu"], "shared")]
+
+
+def _plan(fleet: Fleet, out: Path, *args: str) -> Result:
+    return fleet.run("plan", *args, "-o", str(out), "--json")
+
+
+def test_drain_honours_residency_and_refuses_when_only_a_forbidden_stamp_has_room(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.seed("eu-1", 1, 2_000)
+    fleet.seed("eu-1", 2, 300)
+    assert fleet.run("tenant", "set", "1", "--residency", "eu").exit_code == 0
+    fleet.catalog.update_stamp("eu-2", capacity_rows=1_000)
+    out = tmp_path / "drain.yaml"
+    refused = _plan(fleet, out, "drain", "eu-1")
+    assert refused.exit_code == 2 and not out.exists()
+    line = refused.stderr.strip()
+    assert len(line.splitlines()) == 1
+    assert "tenant 1 " in line and "eu-2 is " in line and "rows short" in line
+    assert "policy forbids tenant 1 -> stamp us-1: residency: it may live in eu only, us-1 is in region us" in line
+
+    fleet.catalog.update_stamp("eu-2", capacity_rows=100_000)
+    fleet.catalog.update_stamp("us-1", capacity_rows=10_000_000)  # the roomier one, yet forbidden to tenant 1
+    result = _plan(fleet, out, "drain", "eu-1", "--cohort-tenants", "1")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert {m["tenant"]: m["to"] for m in json.loads(result.stdout)["moves"]} == {"1": "eu-2", "2": "us-1"}
+
+
+def test_rebalance_never_puts_a_second_tenant_on_a_dedicated_stamp(fleet: Fleet, tmp_path: Path) -> None:
+    for tenant in (1, 2, 3, 4):
+        fleet.seed("eu-1", tenant, 1_000)
+    fleet.seed("us-1", 9, 50)
+    for stamp in ("eu-1", "eu-2", "us-1"):
+        fleet.catalog.update_stamp(stamp, capacity_rows=5_000)
+    assert fleet.run("stamp", "update", "us-1", "--kind", "dedicated").exit_code == 0
+    result = _plan(fleet, tmp_path / "rebalance.yaml", "rebalance", "--threshold", "0.05", "--cohort-tenants", "1")
+    assert result.exit_code == 0, result.output + result.stderr
+    moves = json.loads(result.stdout)["moves"]
+    assert moves and all(m["to"] == "eu-2" for m in moves), moves  # us-1 is the emptiest, and dedicated
+
+
+def test_a_move_across_residency_is_refused_then_allowed_with_override_and_audited(fleet: Fleet) -> None:
+    fleet.seed("eu-1", 7, 60)
+    assert fleet.run("tenant", "set", "7", "--residency", "eu").exit_code == 0
+    snapshot = catalog_snapshot(fleet)
+    refused = fleet.run("move", "7", "--to", "us-1", "--yes")
+    assert refused.exit_code == 2
+    assert "tenant 7 -> stamp us-1: residency: it may live in eu only, us-1 is in region us" in refused.stderr
+    assert catalog_snapshot(fleet) == snapshot
+    unexplained = fleet.run("move", "7", "--to", "us-1", "--yes", "--override-policy")
+    assert unexplained.exit_code == 2 and "--override-policy needs --reason" in unexplained.stderr
+    assert catalog_snapshot(fleet) == snapshot
+
+    moved = fleet.run(
+        "--actor", "alice", "move", "7", "--to", "us-1", "--yes", "--override-policy", "--reason", "ticket 42"
+    )
+    assert moved.exit_code == 0, moved.output + moved.stderr
+    assert fleet.catalog.route("7").stamp == "us-1"
+    shown = fleet.run("audit", "--tenant", "7", "--json")
+    assert shown.exit_code == 0, shown.output + shown.stderr
+    records = json.loads(shown.stdout)
+    override = next(r for r in records if r["action"] == "policy override")
+    assert (override["actor"], override["from_stamp"], override["to_stamp"]) == ("alice", "eu-1", "us-1")
+    assert override["reason"].startswith("ticket 42: tenant 7 -> stamp us-1: residency")
+    assert override["move_id"] == fleet.catalog.moves("7")[0].id
+
+
+def test_a_plan_made_under_an_older_policy_is_stale_naming_the_entry(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.seed("eu-1", 7, 60)
+    fleet.seed("eu-1", 8, 40)
+    out = tmp_path / "drain.yaml"
+    made = _plan(fleet, out, "drain", "eu-1", "--to", "us-1")
+    assert made.exit_code == 0, made.output + made.stderr
+    assert [m["tenants"] for m in json.loads(made.stdout)["moves"]] == [["7", "8"]]  # one cohort, as planned
+    assert fleet.run("tenant", "set", "8", "--residency", "eu").exit_code == 0
+    snapshot = catalog_snapshot(fleet)
+    refused = fleet.run("apply", str(out), "--yes")
+    assert refused.exit_code == 2
+    assert f"stale plan {out}: moves[0] (line " in refused.stderr
+    assert "tenant 8 -> stamp us-1: residency: it may live in eu only" in refused.stderr
+    assert catalog_snapshot(fleet) == snapshot
+
+    applied = fleet.run("apply", str(out), "--yes", "--override-policy", "--reason", "eu-1 is going away")
+    assert applied.exit_code == 0, applied.output + applied.stderr
+    assert {r.tenant: r.stamp for r in fleet.catalog.routes_of(["7", "8"])} == {"7": "us-1", "8": "us-1"}
+    reasons = [r.reason or "" for r in audit.trail(fleet.catalog, tenant="8") if r.action == "policy override"]
+    assert len(reasons) == 2 and all(r.startswith("eu-1 is going away: ") for r in reasons)  # the plan, the move
+
+
+def test_a_cohort_never_mixes_residencies(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.seed_many("eu-1", list(range(101, 107)), 30)
+    assert fleet.run("tenant", "set", "102", "--residency", "eu,us").exit_code == 0
+    assert fleet.run("tenant", "set", "104", "--residency", "eu,us").exit_code == 0
+    assert fleet.run("tenant", "set", "105", "--residency", "eu").exit_code == 0
+    result = _plan(fleet, tmp_path / "drain.yaml", "drain", "eu-1", "--to", "eu-2", "--cohort-tenants", "10")
+    assert result.exit_code == 0, result.output + result.stderr
+    cohorts = sorted(sorted(m.get("tenants") or [m["tenant"]]) for m in json.loads(result.stdout)["moves"])
+    assert cohorts == [["101", "103", "106"], ["102", "104"], ["105"]]
+

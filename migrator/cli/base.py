@@ -249,6 +249,27 @@ def options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
     return apply
 
 
+OVERRIDE_POLICY = options(
+    click.option(
+        "--override-policy",
+        is_flag=True,
+        help="Proceed although the placement policy (residency, tier, anti-affinity) forbids it; needs --reason, "
+        "and the audit trail records both.",
+    ),
+    click.option("--reason", default=None, help="Why the placement policy is overridden (with --override-policy)."),
+)
+
+
+def override_reason(override_policy: bool, reason: str | None) -> str | None:
+    """The reason of `--override-policy --reason TEXT`, or None without the flag; one without the other is
+    a usage error (an override nobody explained is not recorded, it is refused)."""
+    if override_policy and not (reason or "").strip():
+        raise click.UsageError("--override-policy needs --reason TEXT (the audit trail records it)")
+    if reason is not None and not override_policy:
+        raise click.UsageError("--reason goes with --override-policy")
+    return reason.strip() if override_policy and reason else None
+
+
 RUN_FLAGS = options(YES, NO_PROGRESS, JSON)  # --yes, --no-progress, --json: a command that changes the fleet
 
 

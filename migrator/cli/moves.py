@@ -14,6 +14,7 @@ from migrator.cli.base import (
     JSON,
     METRICS_PORT,
     NO_PROGRESS,
+    OVERRIDE_POLICY,
     RUN_FLAGS,
     YES,
     DefaultGroup,
@@ -22,6 +23,7 @@ from migrator.cli.base import (
     context_of,
     emit,
     engine_option,
+    override_reason,
     route_dict,
 )
 from migrator.cli.throttle import throttle_flags
@@ -96,6 +98,7 @@ def _read_tenants(path: str | None, listed: tuple[str, ...]) -> tuple[str, ...]:
 )
 @throttle_flags
 @ALLOW_TRIGGERS
+@OVERRIDE_POLICY
 @METRICS_PORT
 @RUN_FLAGS
 @click.pass_context
@@ -114,6 +117,8 @@ def move_run(
     catchup_timeout: float,
     max_freeze_ms: float,
     allow_triggers: bool,
+    override_policy: bool,
+    reason: str | None,
     metrics_port: int | None,
     yes: bool,
     no_progress: bool,
@@ -136,6 +141,7 @@ def move_run(
         raise click.UsageError("Missing argument 'TENANTS...' (or --tenants-file FILE, or --move ID to resume)")
     if move_id is None and not target:
         raise click.UsageError("Missing option '--to'.")
+    override = override_reason(override_policy, reason)
     context = context_of(ctx)
     if not (yes or dry_run):
         if move_id is not None:
@@ -158,6 +164,7 @@ def move_run(
         dry_run=dry_run,
         online=not offline,
         allow_triggers=allow_triggers,
+        override_reason=override,
         cutover=cutover,
         throttle=throttle,
     )

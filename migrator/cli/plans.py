@@ -15,6 +15,7 @@ from migrator.cli.base import (
     JOBS,
     JSON,
     METRICS_PORT,
+    OVERRIDE_POLICY,
     RUN_FLAGS,
     EngineChoice,
     cli,
@@ -23,6 +24,7 @@ from migrator.cli.base import (
     emit,
     engine_option,
     options,
+    override_reason,
     queued,
 )
 from migrator.cli.core import KIND, NO_CHECK, stamp_group
@@ -447,6 +449,7 @@ def _recorded_plan(context: Any, digest: str, file: Path, *, follow: bool, as_js
     "With --queue: how many times workers run a move that fails for a transient reason.",
 )
 @ALLOW_TRIGGERS
+@OVERRIDE_POLICY
 @METRICS_PORT
 @throttle_flags
 @RUN_FLAGS
@@ -464,6 +467,8 @@ def apply_cmd(
     max_attempts: int,
     wait: bool,
     allow_triggers: bool,
+    override_policy: bool,
+    reason: str | None,
     metrics_port: int | None,
     yes: bool,
     no_progress: bool,
@@ -490,7 +495,10 @@ def apply_cmd(
             "queued moves are throttled by the workers that run them (`migrator worker --max-replica-lag ...`) "
             "and the fleet's limits (`migrator throttle set`), not by apply's flags"
         )
-    prepared = prepare(context, file)
+    override = override_reason(override_policy, reason)
+    if queue is not None and override is not None:
+        raise BadInput("--override-policy runs here, not on workers: apply the plan without --queue")
+    prepared = prepare(context, file, override is not None)
     if dry_run:
         _dry_run(as_json, prepared)
         return
@@ -506,6 +514,7 @@ def apply_cmd(
         batch_rows=batch_rows,
         jobs=jobs,
         allow_triggers=allow_triggers,
+        override_reason=override,
         max_attempts=max_attempts,
         throttle=throttle,
     )

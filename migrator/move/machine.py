@@ -29,6 +29,7 @@ from migrator.catalog import (
     Stamp,
     TableProgress,
     TenantLock,
+    audit,
     describe_move,
 )
 from migrator.context import Context
@@ -100,7 +101,14 @@ def move_tenants(
                     f"or run `migrator move abort {move.id}`"
                 )
             return _resume(ctx, move, lock, options, progress, stop)
-        checked = check_move(catalog, ctx.config.tenancy, tenants, target, allow_triggers=options.allow_triggers)
+        checked = check_move(
+            catalog,
+            ctx.config.tenancy,
+            tenants,
+            target,
+            allow_triggers=options.allow_triggers,
+            override_policy=options.override_reason is not None,
+        )
         throttle.check_visible(catalog, (checked.source, checked.target), options.throttle)
         if options.dry_run:
             return MoveOutcome(
@@ -119,6 +127,8 @@ def move_tenants(
             )
         mode = Mode.ONLINE if options.online else Mode.OFFLINE
         move = catalog.create_move(checked.routes, checked.target.name, mode, options.batch_rows, checked.revision)
+        if checked.overridden:
+            _record_override(catalog, move, options.override_reason, checked.overridden)
         write_mode, why = checked.write_mode
         move = catalog.update_move(move.id, rows_total=checked.total_rows, write_mode=write_mode, write_mode_reason=why)
         _save_progress(catalog, move, checked.layout, checked.rows, {})
@@ -131,6 +141,14 @@ def move_tenants(
         )
         outcome = _run(run, move, resumed=False)
         return replace(outcome, not_moved=checked.null_tenant_rows, skipped=checked.skipped)
+
+
+def _record_override(catalog: Catalog, move: Move, reason: str | None, overridden: tuple[str, ...]) -> None:
+    """The audit record of a move the placement policy forbids, allowed by --override-policy."""
+    event = audit.Event(
+        audit.Action.OVERRIDE, move.tenants, move.source, move.target, move.id, f"{reason}: {'; '.join(overridden)}"
+    )
+    audit.append(catalog, event)
 
 
 def resume_move(

@@ -10,7 +10,7 @@ import psycopg
 from psycopg import sql
 
 from migrator import stamps
-from migrator.catalog import Catalog, Cohort, Move, Route, Stamp, name_tenants
+from migrator.catalog import Catalog, Cohort, Move, Route, Stamp, name_tenants, policy
 from migrator.config import Tenancy
 from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
@@ -41,6 +41,8 @@ class Checked:
     """Rows of nullable tenant columns holding NULL, per table: they belong to no tenant and stay put."""
     skipped: tuple[str, ...] = ()
     """Views and materialized views of the tenancy schema: no rows of their own, not copied."""
+    overridden: tuple[str, ...] = ()
+    """The placement policy's violations that --override-policy allowed (the move records them)."""
 
     @property
     def total_rows(self) -> int:
@@ -94,14 +96,28 @@ def resolve(catalog: Catalog, tenants: Cohort, target_name: str) -> tuple[list[R
 
 
 def check_move(
-    catalog: Catalog, tenancy: Tenancy, tenants: Cohort, target_name: str, *, allow_triggers: bool = False
+    catalog: Catalog,
+    tenancy: Tenancy,
+    tenants: Cohort,
+    target_name: str,
+    *,
+    allow_triggers: bool = False,
+    override_policy: bool = False,
 ) -> Checked:
     """All preflight checks of a new move of a cohort, read-only on the catalog and both stamps.
 
     The catalog's checks come first (without a valid source and target nothing else can be
-    checked); every problem found on the stamps, for every tenant, is then reported together.
+    checked), the placement policy's among them (refused unless `override_policy`); every problem
+    found on the stamps, for every tenant, is then reported together.
     """
     routes, source, target = resolve(catalog, tenants, target_name)
+    overridden = tuple(policy.check(catalog, tenants, target.name))
+    if overridden and not override_policy:
+        raise BadInput(
+            f"the placement policy refuses the move of {name_tenants(tenants)} to {target.name}: "
+            f"{'; '.join(overridden)} (`migrator tenant set`, `migrator stamp update --kind`; or "
+            "--override-policy --reason TEXT, recorded in the audit trail)"
+        )
     problems = Problems()
     with stamps.connect(source) as src, stamps.connect(target) as tgt:
         src_rev, tgt_rev = read_revision(src), read_revision(tgt)
@@ -133,7 +149,7 @@ def check_move(
     for label, count in nulls.items():  # said only of a move that goes ahead: a refusal stays one line
         key = layout.table(label).key
         log.warning("table %s has %d rows with NULL %s; they are not moved", label, count, key)
-    return Checked(tenants, routes, source, target, layout, src_rev, rows, write_mode, nulls, skipped)
+    return Checked(tenants, routes, source, target, layout, src_rev, rows, write_mode, nulls, skipped, overridden)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ class MoveOptions:
     dry_run: bool = False
     online: bool = True
     allow_triggers: bool = False  # proceed although application triggers would fire for migrator's writes
+    override_reason: str | None = None  # --override-policy --reason: a placement the policy forbids, audited
     cutover: CutoverOptions = field(default_factory=CutoverOptions)
     throttle: ThrottleOptions = field(default_factory=ThrottleOptions)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import psycopg
 
-from migrator.catalog import Catalog, EntryStatus, PlanStatus, Stamp, StampState, name_tenants
+from migrator.catalog import Catalog, EntryStatus, PlanStatus, Stamp, StampState, audit, name_tenants, policy
 from migrator.catalog.locks import stamp_slot, take_slot
 from migrator.catalog.plans import EntryRecord, Ledger, PlanRecord
 from migrator.context import Context
@@ -55,13 +55,18 @@ class ApplyOptions:
     batch_rows: int = MoveOptions.batch_rows  # each move's, see MoveOptions
     jobs: int = field(default_factory=default_jobs)  # each move's streams, see MoveOptions
     allow_triggers: bool = False  # each move's, see MoveOptions
+    override_reason: str | None = None  # each move's, see MoveOptions (--override-policy --reason)
     max_attempts: int = 3  # with --queue: runs of an entry that fail for a transient reason, at most
     throttle: ThrottleOptions = field(default_factory=ThrottleOptions)  # each move's, see MoveOptions
 
     def move_options(self) -> MoveOptions:
         """What each of the plan's moves runs with."""
         return MoveOptions(
-            batch_rows=self.batch_rows, jobs=self.jobs, allow_triggers=self.allow_triggers, throttle=self.throttle
+            batch_rows=self.batch_rows,
+            jobs=self.jobs,
+            allow_triggers=self.allow_triggers,
+            override_reason=self.override_reason,
+            throttle=self.throttle,
         )
 
 
@@ -73,6 +78,7 @@ class Prepared:
     digest: str
     plan: Plan
     entries: tuple[Entry, ...]
+    overridden: tuple[str, ...] = ()  # the entries the placement policy forbids, allowed by --override-policy
 
     @property
     def todo(self) -> list[Entry]:
@@ -124,8 +130,9 @@ def plan_digest(path: Path) -> str:
     return hashlib.sha256(content).hexdigest()
 
 
-def prepare(ctx: Context, path: Path) -> Prepared:
-    """Parse the plan and check it still holds against the catalog and the stamps; changes nothing."""
+def prepare(ctx: Context, path: Path, override_policy: bool = False) -> Prepared:
+    """Parse the plan and check it still holds against the catalog, the stamps and the placement policy
+    as it is now (a plan made under an older policy is stale, unless `override_policy`); changes nothing."""
     plan, content = load_plan(path)
     where = str(path)
     known = check_stamps(plan, ctx.catalog, where)
@@ -141,9 +148,27 @@ def prepare(ctx: Context, path: Path) -> Prepared:
         entries.append(entry)
     if not stale:
         stale = _capacity_problems(ctx, entries, known)
-    if stale:
-        raise BadInput(f"stale plan {where}: {'; '.join(stale)}; make a new plan")
-    return Prepared(where, digest, plan, tuple(entries))
+    forbidden = [] if stale else _policy_problems(ctx.catalog, entries)
+    if stale or (forbidden and not override_policy):
+        raise BadInput(
+            f"stale plan {where}: {'; '.join(stale or forbidden)}; make a new plan"
+            + ("" if stale else " (or --override-policy --reason TEXT, recorded in the audit trail)")
+        )
+    return Prepared(where, digest, plan, tuple(entries), tuple(forbidden))
+
+
+def _policy_problems(catalog: Catalog, entries: list[Entry]) -> list[str]:
+    """The entries the placement policy forbids now, judged on the fleet as the plan leaves it (so an
+    entry that empties a dedicated stamp for a later one is no violation), each named with its line."""
+    todo = [e for e in entries if e.todo != Todo.DONE]
+    layout = policy.load_layout(catalog)
+    for entry in todo:
+        layout.place(entry.move.tenants, entry.move.source, entry.move.target)
+    return [
+        f"moves[{e.position}] (line {e.move.line}) {'; '.join(found)}"
+        for e in todo
+        if (found := layout.violations(e.move.tenants, e.move.target))
+    ]
 
 
 def classify_entry(
@@ -268,6 +293,10 @@ def run(
     ledger = Ledger(ctx.catalog)
     with _plan_lock(ctx.catalog, prepared.digest, prepared.path):
         plan_id = ledger.open(record(prepared))
+        if prepared.overridden:
+            tenants = [t for e in prepared.todo for t in e.move.tenants]
+            reason = f"{options.override_reason}: plan {prepared.path}: {'; '.join(prepared.overridden)}"
+            audit.append(ctx.catalog, audit.Event(audit.Action.OVERRIDE, tenants, reason=reason))
         progress.begin(sum(e.move.rows for e in prepared.todo))
         progress.describe(_counts([], prepared.todo))
         for entry in prepared.entries:

@@ -9,7 +9,7 @@ written and what is accepted are defined in one place; plans/README.md shows an 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from migrator.catalog import Catalog, Stamp, StampState, name_tenants
+from migrator.catalog import Catalog, Stamp, StampState, name_tenants, policy
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput
@@ -134,8 +134,9 @@ def plan_drain(
     cohorts: Cohorts | None = None,
     by_region: bool = False,
 ) -> Plan:
-    """`migrator plan drain`: every tenant routed to the stamp, largest first, onto the roomiest stamp;
-    then the small tenants going to one stamp are grouped into cohorts."""
+    """`migrator plan drain`: every tenant routed to the stamp, largest first, onto the roomiest stamp
+    the placement policy allows it; then the small tenants going to one stamp are grouped into cohorts.
+    A tenant with room only on stamps the policy forbids is refused, naming them: never placed there."""
     catalog = ctx.catalog
     source = catalog.stamp(stamp_name)
     targets = _active(catalog, to, source.name)
@@ -148,19 +149,25 @@ def plan_drain(
     blocked = _colliding(ctx, [source, *targets])
     _refuse_colliding_everywhere(source.name, [t.tenant for t in tenants], [s.name for s in targets], blocked)
     rooms = dict(sizes.usage)
+    layout = policy.load_layout(catalog)
     moves = []
     for tenant in tenants:
-        allowed = [s for s in targets if s.name not in blocked.get(tenant.tenant, {})]
+        forbidden = {s.name: found for s in targets if (found := layout.violations([tenant.tenant], s.name))}
+        allowed = [s for s in targets if s.name not in blocked.get(tenant.tenant, {}) and s.name not in forbidden]
         fitting = [rooms[s.name] for s in allowed if _fits(rooms[s.name], tenant)]
         if not fitting:
-            short = ", ".join(_shortfall(rooms[s.name], tenant) for s in targets)
+            short = [_shortfall(rooms[s.name], tenant) for s in targets if s.name not in forbidden]
+            refused = [line for found in forbidden.values() for line in found]
             raise BadInput(
                 f"cannot drain {source.name}: tenant {tenant.tenant} ({tenant.rows:,} rows, "
-                f"{human_bytes(tenant.bytes)}) fits on no active stamp: {short}; add capacity or stamps"
+                f"{human_bytes(tenant.bytes)}) fits on no stamp the placement policy allows: "
+                f"{'; '.join([*short, *(f'policy forbids {line}' for line in refused)])}; add capacity or stamps "
+                "it may live on"
             )
         room = max(fitting, key=lambda r: (r.free_rows, r.free_bytes, -r.rows))
         moves.append(_shift(rooms, source.name, room.stamp.name, tenant))
-    moves = group(moves, cohorts or Cohorts())
+        layout.place([tenant.tenant], source.name, room.stamp.name)
+    moves = group(moves, cohorts or Cohorts(), layout.residency_key)
     notes: tuple[str, ...] = ()
     if source.state == StampState.ACTIVE:
         notes = (
@@ -204,6 +211,11 @@ def plan_isolate(ctx: Context, tenant: str, target_name: str, by_region: bool = 
         raise BadInput(f"tenant {tenant} already lives on {target.name}")
     if target.state != StampState.ACTIVE:
         raise BadInput(f"stamp {target.name} is {target.state}; only active stamps receive tenants")
+    refused = policy.check(catalog, [tenant], target.name)
+    if refused:
+        raise BadInput(
+            f"cannot isolate tenant {tenant} on {target.name}: the placement policy forbids {'; '.join(refused)}"
+        )
     neighbours = catalog.routes(target.name)
     if neighbours:
         names = ", ".join(r.tenant for r in neighbours[:5]) + (", ..." if len(neighbours) > 5 else "")
@@ -251,6 +263,7 @@ def plan_rebalance(
     sizes = measure_fleet(ctx, active)
     blocked = _colliding(ctx, active)
     rooms = dict(sizes.usage)
+    layout = policy.load_layout(ctx.catalog)
     mean = sum(r.rows for r in rooms.values()) / sum(s.capacity_rows or 0 for s in active)
     moves: list[PlannedMove] = []
     moved: set[str] = set()
@@ -259,12 +272,13 @@ def plan_rebalance(
         if max_moves is not None and len(moves) >= max_moves:
             notes.append(f"stopped at --max-moves {max_moves}")
             break
-        step = _best_step(rooms, sizes, moved, mean, blocked)
+        step = _best_step(rooms, sizes, moved, mean, blocked, layout)
         if step is None:
-            notes.append("no remaining single move of an unmoved tenant narrows the gap")
+            notes.append("no remaining single move of an unmoved tenant the placement policy allows narrows the gap")
             break
         tenant, source, target = step
         moves.append(_shift(rooms, source, target, tenant))
+        layout.place([tenant.tenant], source, target)
         moved.add(tenant.tenant)
     if not _balanced(rooms, mean, threshold):
         worst = max(rooms.values(), key=lambda r: abs((r.utilisation or 0) - mean))
@@ -279,7 +293,7 @@ def plan_rebalance(
             "they do not collide (`migrator keys check`)"
         )
     tenants = len(moves)
-    moves = group(moves, cohorts or Cohorts())
+    moves = group(moves, cohorts or Cohorts(), layout.residency_key)
     reason = (
         f"rebalance {len(active)} active stamps to within {threshold} of the fleet's utilisation "
         f"{mean:.4f} (rows used / capacity_rows): {tenants} tenants in {len(moves)} moves"
@@ -292,10 +306,11 @@ def _balanced(rooms: Rooms, mean: float, threshold: float) -> bool:
 
 
 def _best_step(
-    rooms: Rooms, sizes: FleetSizes, moved: set[str], mean: float, blocked: Blocked
+    rooms: Rooms, sizes: FleetSizes, moved: set[str], mean: float, blocked: Blocked, layout: policy.Layout
 ) -> tuple[TenantSize, str, str] | None:
     """The most over- and least utilised pair (then the next pairs) and the tenant that best evens them,
-    among the tenants whose ids do not collide on that stamp."""
+    among the tenants whose ids do not collide on that stamp and whom the placement policy allows there
+    (as the steps before leave the fleet: a dedicated stamp never gets a second tenant)."""
     order = sorted(rooms.values(), key=lambda r: (-(r.utilisation or 0), r.stamp.name))
     over = [r for r in order if (r.utilisation or 0) > mean + _EPSILON]
     under = [r for r in reversed(order) if (r.utilisation or 0) < mean - _EPSILON]
@@ -303,7 +318,11 @@ def _best_step(
         candidates = [t for t in sizes.routed_to(src.stamp.name) if t.tenant not in moved]
         for dst in under:
             now = max(abs((src.utilisation or 0) - mean), abs((dst.utilisation or 0) - mean))
-            allowed = [t for t in candidates if dst.stamp.name not in blocked.get(t.tenant, {})]
+            allowed = [
+                t
+                for t in candidates
+                if dst.stamp.name not in blocked.get(t.tenant, {}) and not layout.violations([t.tenant], dst.stamp.name)
+            ]
             gaps = {t.tenant: _gap_after(src, dst, t, mean) for t in allowed if _fits(dst, t)}
             fitting = [t for t in candidates if t.tenant in gaps and gaps[t.tenant] < now - _EPSILON]
             if fitting:
@@ -325,23 +344,26 @@ def _shift(rooms: Rooms, source: str, target: str, tenant: TenantSize) -> Planne
     return PlannedMove((tenant.tenant,), source, target, tenant.rows, tenant.bytes)
 
 
-def group(moves: list[PlannedMove], cohorts: Cohorts) -> list[PlannedMove]:
-    """Group the planned single-tenant moves into cohorts, per (source, target), in plan order.
+def group(
+    moves: list[PlannedMove], cohorts: Cohorts, residency: Callable[[str], Hashable] = lambda tenant: None
+) -> list[PlannedMove]:
+    """Group the planned single-tenant moves into cohorts, per (source, target, residency), in plan order.
 
     A tenant of `cohorts.rows` rows or more stays alone; the others fill cohorts of at most
     `cohorts.tenants` tenants and `cohorts.rows` rows. Large tenants keep their place first (a
-    drain places largest first), the cohorts follow.
+    drain places largest first), the cohorts follow. A cohort never mixes residencies (`residency`
+    of a tenant, `Layout.residency_key`): an override or a later policy change then concerns whole cohorts.
     """
 
     def large(move: PlannedMove) -> bool:
         return move.rows >= cohorts.rows or cohorts.tenants <= 1
 
-    open_: dict[tuple[str, str], list[PlannedMove]] = {}
+    open_: dict[tuple[str, str, Hashable], list[PlannedMove]] = {}
     grouped: list[list[PlannedMove]] = []
     for move in moves:
         if large(move):
             continue
-        pair = (move.source, move.target)
+        pair = (move.source, move.target, residency(move.tenants[0]))
         current = open_.get(pair)
         if (
             current is None
