@@ -8,6 +8,7 @@ session fails loudly: these tests never skip and never mock the database.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -266,6 +267,16 @@ def tenant_digest(dsn: str, layout: Layout, tenant: str, by_name: bool = False) 
             assert row is not None
             out[table.label] = (int(row[0]), str(row[1]))
     return out
+
+
+def loaded_by(code: str, *modules: str) -> list[str]:
+    """Which of `modules` (a package's name counts for all of it) a fresh interpreter holds once it ran `code`."""
+    probe = (
+        f"import json, sys\n{code}\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m in {modules!r} or m.split('.')[0] in {modules!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    return list(json.loads(out.stdout.splitlines()[-1]))
 
 
 def copied_on(fleet: Fleet, stamp: str = "eu-2") -> dict[str, int]:
