@@ -90,7 +90,7 @@ def test_each_rule_names_the_tenant_the_rule_and_the_stamp(fleet: Fleet) -> None
     ]
     policy.set_placement(catalog, ["7"], policy.Change(anywhere=True))
     assert policy.placements(catalog, ["7"])["7"] == policy.Placement("7", None, policy.Tier.SHARED, ("bank",))
-    assert [r.reason for r in audit.trail(catalog, tenant="7")] == [
+    assert [r.reason for r in audit.trail(catalog, tenant="7") if r.action == "tenant set"] == [
         "residency eu, anti-affinity bank",
         "residency any",
     ]
@@ -203,6 +203,8 @@ def test_a_plan_made_under_an_older_policy_is_stale_naming_the_entry(fleet: Flee
     assert {r.tenant: r.stamp for r in fleet.catalog.routes_of(["7", "8"])} == {"7": "us-1", "8": "us-1"}
     reasons = [r.reason or "" for r in audit.trail(fleet.catalog, tenant="8") if r.action == "policy override"]
     assert len(reasons) == 2 and all(r.startswith("eu-1 is going away: ") for r in reasons)  # the plan, the move
+    applies = [r for r in audit.trail(fleet.catalog, tenant="8") if r.action == "plan apply"]
+    assert len(applies) == 1 and applies[0].reason == f"drain plan {out}: 1 of 1 moves to run"
 
 
 def test_a_cohort_never_mixes_residencies(fleet: Fleet, tmp_path: Path) -> None:
@@ -215,3 +217,32 @@ def test_a_cohort_never_mixes_residencies(fleet: Fleet, tmp_path: Path) -> None:
     cohorts = sorted(sorted(m.get("tenants") or [m["tenant"]]) for m in json.loads(result.stdout)["moves"])
     assert cohorts == [["101", "103", "106"], ["102", "104"], ["105"]]
 
+
+def test_the_audit_trail_records_moves_route_set_and_route_import(fleet: Fleet, tmp_path: Path) -> None:
+    assert fleet.run("--actor", "bob", "route", "set", "5", "eu-1").exit_code == 0
+    csv_file = tmp_path / "routes.csv"
+    csv_file.write_text("6,eu-2\n8,us-1,us\n")
+    assert fleet.run("route", "import", str(csv_file)).exit_code == 0
+    assert fleet.run("route", "import", str(csv_file)).exit_code == 0  # a re-run changes nothing, records nothing
+    fleet.seed("eu-1", 7, 60)  # routes through the catalog too
+    assert fleet.run("move", "7", "--to", "eu-2", "--yes").exit_code == 0
+    assert fleet.run("move", "7", "--to", "us-1", "--yes").exit_code == 0
+    records = audit.trail(fleet.catalog)
+    seen = [(r.action, r.tenants, r.from_stamp, r.to_stamp) for r in records]
+    assert seen == [
+        ("route set", ["5"], None, "eu-1"),
+        ("route import", ["6"], None, "eu-2"),
+        ("route import", ["8"], None, "us-1"),
+        ("route set", ["7"], None, "eu-1"),
+        ("move", ["7"], "eu-1", "eu-2"),
+        ("move", ["7"], "eu-2", "us-1"),
+    ]
+    assert records[0].actor == "bob" and all(r.db_role for r in records)
+    moves = [m.id for m in reversed(fleet.catalog.moves("7"))]
+    assert [r.move_id for r in records if r.action == "move"] == moves
+    crossed = json.loads(fleet.run("audit", "--cross-region", "--json").stdout)
+    assert [(r["tenants"], r["from_region"], r["to_region"]) for r in crossed] == [(["7"], "eu", "us")]
+    assert fleet.run("audit", "--tenant", "5", "--json").stdout.count('"action"') == 1
+    assert json.loads(fleet.run("audit", "--since", "2999-01-01", "--json").stdout) == []
+    shown = fleet.run("audit", "--tenant", "7")
+    assert shown.exit_code == 0 and "eu-2 (eu)" in shown.stdout and "us-1 (us)" in shown.stdout

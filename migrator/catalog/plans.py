@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from psycopg.rows import class_row
 
+from migrator.catalog import audit
 from migrator.catalog.models import EntryStatus, PlanStatus
 from migrator.catalog.store import Catalog
 
@@ -70,7 +71,8 @@ class Ledger:
         return {int(position): EntryStatus(status) for position, status in rows}
 
     def open(self, plan: PlanRecord, queue: str | None = None) -> int:
-        """Record the plan and its entries (once; a re-run keeps their status) and mark it running.
+        """Record the plan and its entries (once; a re-run keeps their status) and mark it running, with
+        the apply's audit record.
 
         With `queue` (`apply --queue`), each entry records the workers' queue it is sent to: its own
         `queue:` from the file, else `queue`.
@@ -101,6 +103,12 @@ class Ledger:
                         " WHERE plan_id = %(plan)s AND position = %(position)s AND status <> %(done)s",
                         {"done": EntryStatus.DONE, "plan": plan_id, "position": entry.position},
                     )
+            todo = [e for e in plan.entries if not e.done]
+            reason = f"{plan.kind} plan {plan.path}: {len(todo)} of {len(plan.entries)} moves to run" + (
+                f", queued on {queue}" if queue else ""
+            )
+            tenants = [t for e in todo for t in e.tenants]
+            audit.record(conn, self.catalog.actor, audit.Event(audit.Action.PLAN_APPLY, tenants, reason=reason))
         return plan_id
 
     def mark(

@@ -246,7 +246,8 @@ class Catalog:
 
     @CATALOG.wraps
     def set_route(self, tenant: str, stamp: str) -> Route:
-        """Register a tenant's home; changing an existing route this way is refused (use a move)."""
+        """Register a tenant's home (with its audit record); changing an existing route this way is
+        refused (use a move)."""
         with self.transaction() as conn:
             self._stamp(conn, stamp)
             current = self._route(conn, tenant)
@@ -256,6 +257,7 @@ class Catalog:
                 )
             if current is None:
                 conn.execute("INSERT INTO routes (tenant, stamp) VALUES (%s, %s)", (tenant, stamp))
+                audit.record(conn, self.actor, audit.Event(audit.Action.ROUTE_SET, [tenant], to_stamp=stamp))
             return self._route(conn, tenant)  # type: ignore[return-value]
 
     @CATALOG.wraps
@@ -297,6 +299,10 @@ class Catalog:
                     f"{len(elsewhere)} tenant(s) already routed to another stamp: {shown}; nothing imported "
                     "(only `migrator move` changes a route; a moved tenant's leftover rows go with `migrator cleanup`)"
                 )
+            for home in named:
+                arrived = [tenant for tenant, stamp in routes if stamp == home and tenant in inserted]
+                if arrived:
+                    audit.record(conn, self.actor, audit.Event(audit.Action.ROUTE_IMPORT, arrived, to_stamp=home))
             if residency:
                 conn.execute(
                     "INSERT INTO tenants AS t (tenant, residency) SELECT u.tenant, string_to_array(u.regions, '|')"
@@ -345,8 +351,8 @@ class Catalog:
             )
 
     def flip(self, move: Move, conn: psycopg.Connection[Any], freeze_ms: float | None = None) -> list[Route]:
-        """Compare-and-set every route of the move's cohort from its source to its target, and mark
-        the move flipped: all of them, or none.
+        """Compare-and-set every route of the move's cohort from its source to its target, mark the
+        move flipped and append its audit record: all of it, or none.
 
         One catalog transaction on `conn` (the tenant lock's own session, so no new connection is
         opened while writes are frozen): a crash leaves either the old routes with the move still
@@ -380,6 +386,8 @@ class Catalog:
                 (Phase.FLIPPED, freeze_ms, move.id, sorted(FLIPPABLE)),
             )
             conn.execute("UPDATE move_tenants SET open = false WHERE move_id = %s", (move.id,))
+            event = audit.Event(audit.Action.MOVE, move.tenants, move.source, move.target, move.id)
+            audit.record(conn, self.actor, event)
             return self._routes_of(conn, move.tenants)
 
     @staticmethod
