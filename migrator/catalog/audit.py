@@ -27,6 +27,7 @@ class Action(StrEnum):
     """What an audit record says happened (`audit.action`)."""
 
     MOVE = "move"  # a move's routes flipped to its target
+    REVERT = "revert"  # a revert's routes flipped back to the forward move's source
     ROUTE_SET = "route set"
     ROUTE_IMPORT = "route import"
     OVERRIDE = "policy override"  # a placement the policy forbids, allowed with --override-policy
@@ -98,14 +99,14 @@ def trail(
     catalog: Catalog, tenant: str | None = None, since: datetime | None = None, cross_region: bool = False
 ) -> list[Record]:
     """`migrator audit`: the records, oldest first, of one tenant (--tenant), from a time on (--since),
-    or only moves whose regions differ (--cross-region: which tenants' data left their region)."""
+    or only moves and reverts whose regions differ (--cross-region: which tenants' data left their region)."""
     with catalog.transaction() as conn, conn.cursor(row_factory=class_row(Record)) as cur:
         cur.execute(
             "SELECT id, at, actor, db_role, action, tenants, from_stamp, to_stamp, from_region, to_region, move_id,"
             " reason FROM audit WHERE (%(tenant)s::text IS NULL OR %(tenant)s = ANY(tenants))"
             " AND (%(since)s::timestamptz IS NULL OR at >= %(since)s)"
-            " AND (NOT %(cross)s OR (action = %(move)s AND from_region IS DISTINCT FROM to_region))"
+            " AND (NOT %(cross)s OR (action = ANY(%(moves)s) AND from_region IS DISTINCT FROM to_region))"
             " ORDER BY id",
-            {"tenant": tenant, "since": since, "cross": cross_region, "move": Action.MOVE},
+            {"tenant": tenant, "since": since, "cross": cross_region, "moves": [Action.MOVE, Action.REVERT]},
         )
         return cur.fetchall()

@@ -34,7 +34,8 @@ class Phase(StrEnum):
     """A move's phase as stored in `moves.phase`: the one truth that `move status` and resume read.
 
     In order: created, copying, copied, then online `synced` (caught up, untouched rows verified) and
-    `cutover` (fenced), or offline `verified`; then flipped and cleaned; or aborted.
+    `cutover` (fenced), or offline `verified`; then flipped and cleaned; or aborted. A flipped move
+    whose revert flipped is `reverted`. A revert starts at `synced`: its copy is the forward move's source.
     """
 
     CREATED = "created"
@@ -46,6 +47,7 @@ class Phase(StrEnum):
     FLIPPED = "flipped"
     CLEANED = "cleaned"
     ABORTED = "aborted"
+    REVERTED = "reverted"
 
 
 class PlanStatus(StrEnum):
@@ -82,7 +84,7 @@ class StepResult(StrEnum):
 UNFINISHED_STEPS: frozenset[StepResult] = frozenset({StepResult.QUEUED, StepResult.RUNNING})
 
 # A move in one of these is finished (see the index move_tenants_one_open).
-TERMINAL: frozenset[Phase] = frozenset({Phase.FLIPPED, Phase.CLEANED, Phase.ABORTED})
+TERMINAL: frozenset[Phase] = frozenset({Phase.FLIPPED, Phase.CLEANED, Phase.ABORTED, Phase.REVERTED})
 # The route points at the target from here on: abort is refused, cleanup may run.
 FLIPPED: frozenset[Phase] = frozenset({Phase.FLIPPED, Phase.CLEANED})
 # An offline move fences its source from its guard to its flip; an online one only in its cutover.
@@ -166,6 +168,9 @@ class Move:
     finished_at: datetime | None
     write_mode: str | None = None  # `WriteMode` of the target's writes, decided at the start
     write_mode_reason: str | None = None
+    reverts: int | None = None  # a revert: the flipped move it takes back (whose capture log it replays)
+    window_opened_at: datetime | None = None  # the flip opened a revert window (capture on the target)
+    window_closed_at: datetime | None = None  # cleanup dropped that capture, or a revert used it
     tenants: Cohort = ()
     route_versions: tuple[int, ...] = ()
 
@@ -183,6 +188,17 @@ class Move:
     @property
     def is_open(self) -> bool:
         return self.phase not in TERMINAL
+
+    @property
+    def capture_id(self) -> int:
+        """The id under which the move's source logs the tenants' writes (`_migrator.changes`): its
+        own; for a revert, the forward move's, whose window captured them on its target."""
+        return self.id if self.reverts is None else self.reverts
+
+    @property
+    def window_open(self) -> bool:
+        """The flip opened a revert window that no cleanup or revert has closed yet."""
+        return self.phase == Phase.FLIPPED and self.window_opened_at is not None and self.window_closed_at is None
 
 
 @dataclass(frozen=True)

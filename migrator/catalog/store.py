@@ -350,9 +350,12 @@ class Catalog:
                 "UPDATE routes SET state = %s, updated_at = now() WHERE tenant = ANY(%s)", (state, list(tenants))
             )
 
-    def flip(self, move: Move, conn: psycopg.Connection[Any], freeze_ms: float | None = None) -> list[Route]:
+    def flip(
+        self, move: Move, conn: psycopg.Connection[Any], freeze_ms: float | None = None, *, window: bool = False
+    ) -> list[Route]:
         """Compare-and-set every route of the move's cohort from its source to its target, mark the
-        move flipped and append its audit record: all of it, or none.
+        move flipped (with its revert window open, if `window`: the target captures already) and
+        append its audit record: all of it, or none. A revert also ends its forward move, `reverted`.
 
         One catalog transaction on `conn` (the tenant lock's own session, so no new connection is
         opened while writes are frozen): a crash leaves either the old routes with the move still
@@ -382,11 +385,18 @@ class Catalog:
                 )
             conn.execute(
                 "UPDATE moves SET phase = %s, updated_at = now(), finished_at = now(), error = NULL,"
-                " freeze_ms = coalesce(%s, freeze_ms) WHERE id = %s AND phase = ANY(%s)",
-                (Phase.FLIPPED, freeze_ms, move.id, sorted(FLIPPABLE)),
+                " freeze_ms = coalesce(%s, freeze_ms), window_opened_at = CASE WHEN %s THEN now() END"
+                " WHERE id = %s AND phase = ANY(%s)",
+                (Phase.FLIPPED, freeze_ms, window, move.id, sorted(FLIPPABLE)),
             )
             conn.execute("UPDATE move_tenants SET open = false WHERE move_id = %s", (move.id,))
-            event = audit.Event(audit.Action.MOVE, move.tenants, move.source, move.target, move.id)
+            if move.reverts is not None:
+                conn.execute(
+                    "UPDATE moves SET phase = %s, window_closed_at = now(), updated_at = now() WHERE id = %s",
+                    (Phase.REVERTED, move.reverts),
+                )
+            action = audit.Action.MOVE if move.reverts is None else audit.Action.REVERT
+            event = audit.Event(action, move.tenants, move.source, move.target, move.id)
             audit.record(conn, self.actor, event)
             return self._routes_of(conn, move.tenants)
 
@@ -435,8 +445,10 @@ class Catalog:
         mode: Mode,
         batch_rows: int,
         schema_revision: str | None = None,
+        reverts: int | None = None,
     ) -> Move:
-        """Record a new move of the cohort whose current routes are `routes` (all on one source).
+        """Record a new move of the cohort whose current routes are `routes` (all on one source); a
+        revert names the flipped move it takes back (`reverts`) and starts `synced`: it has no copy to make.
 
         Refused, naming the holder, when one of its tenants already has an unfinished move (the
         unique index over open `move_tenants` rows).
@@ -446,9 +458,9 @@ class Catalog:
             with self.transaction() as conn:
                 row = conn.execute(
                     "INSERT INTO moves (tenant, source, target, mode, phase, route_version, batch_rows,"
-                    " schema_revision) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                    (tenants[0], routes[0].stamp, target, mode, Phase.CREATED, routes[0].version, batch_rows,
-                     schema_revision),
+                    " schema_revision, reverts) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                    (tenants[0], routes[0].stamp, target, mode, Phase.CREATED if reverts is None else Phase.SYNCED,
+                     routes[0].version, batch_rows, schema_revision, reverts),
                 ).fetchone()  # fmt: skip
                 assert row is not None
                 conn.execute(
@@ -547,6 +559,33 @@ class Catalog:
             if fields.get("phase") in TERMINAL:
                 conn.execute("UPDATE move_tenants SET open = false WHERE move_id = %s", (move_id,))
             return self._select_moves(conn, "id = %s", (move_id,))[0]
+
+    @CATALOG.wraps
+    def open_windows(self, tenants: Sequence[str]) -> list[Move]:
+        """The flipped moves holding any of these tenants whose revert window is still open, by id."""
+        with self.transaction() as conn:
+            return self._select_moves(
+                conn,
+                "phase = %s AND window_opened_at IS NOT NULL AND window_closed_at IS NULL"
+                " AND id IN (SELECT move_id FROM move_tenants WHERE tenant = ANY(%s)) ORDER BY id",
+                (Phase.FLIPPED, list(tenants)),
+            )
+
+    @CATALOG.wraps
+    def reverts_of(self, move_id: int) -> list[Move]:
+        """The reverts of a move (an aborted one, then another), by id."""
+        with self.transaction() as conn:
+            return self._select_moves(conn, "reverts = %s ORDER BY id", (move_id,))
+
+    @CATALOG.wraps
+    def close_window(self, move_id: int) -> None:
+        """The move's revert window is closed: cleanup dropped the target's capture of its tenants."""
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE moves SET window_closed_at = now(), updated_at = now()"
+                " WHERE id = %s AND window_opened_at IS NOT NULL AND window_closed_at IS NULL",
+                (move_id,),
+            )
 
     @CATALOG.wraps
     def save_tables(self, move_id: int, tables: list[TableProgress]) -> None:

@@ -270,6 +270,12 @@ def override_reason(override_policy: bool, reason: str | None) -> str | None:
     return reason.strip() if override_policy and reason else None
 
 
+NO_REVERT_WINDOW = click.option(
+    "--no-revert-window",
+    is_flag=True,
+    help="Open no revert window at the flip: the target carries no capture trigger for the tenants, and "
+    "`migrator move revert` cannot take the move back.",
+)
 RUN_FLAGS = options(YES, NO_PROGRESS, JSON)  # --yes, --no-progress, --json: a command that changes the fleet
 
 

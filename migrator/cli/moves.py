@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -14,15 +15,18 @@ from migrator.cli.base import (
     JSON,
     METRICS_PORT,
     NO_PROGRESS,
+    NO_REVERT_WINDOW,
     OVERRIDE_POLICY,
     RUN_FLAGS,
     YES,
     DefaultGroup,
+    F,
     cli,
     confirm,
     context_of,
     emit,
     engine_option,
+    options,
     override_reason,
     route_dict,
 )
@@ -45,12 +49,49 @@ def _cutover_defaults() -> CutoverOptions:
     return _move_defaults().cutover
 
 
+def cutover_flags(command: F) -> F:
+    """The online cutover's flags (`move`, `move revert`), passed on as one `cutover: CutoverOptions`."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from dataclasses import replace
+
+        cutover = replace(
+            _cutover_defaults(),
+            cutover_backlog=kwargs.pop("cutover_backlog"),
+            catchup_timeout_s=kwargs.pop("catchup_timeout"),
+            max_freeze_ms=kwargs.pop("max_freeze_ms"),
+        )
+        return command(*args, cutover=cutover, **kwargs)
+
+    return options(
+        engine_option(
+            "--cutover-backlog",
+            lambda: _cutover_defaults().cutover_backlog,
+            "Online: enter the cutover once at most this many captured changes are pending.",
+            click.IntRange(min=0),
+        ),
+        engine_option(
+            "--catchup-timeout",
+            lambda: _cutover_defaults().catchup_timeout_s,
+            "Online: seconds catch-up may take to reach the backlog before the move stops, resumable.",
+            click.FloatRange(min=1),
+        ),
+        engine_option(
+            "--max-freeze-ms",
+            lambda: _cutover_defaults().max_freeze_ms,
+            "Online: longest write freeze allowed; a longer cutover unfences, backs off and retries.",
+            click.FloatRange(min=1),
+        ),
+    )(wrapper)  # type: ignore[return-value]
+
+
 # -- moves ------------------------------------------------------------------------------------------------
 
 
 @cli.group("move", cls=DefaultGroup)
 def move_group() -> None:
-    """Move tenants to another stamp; show or abort a move."""
+    """Move tenants to another stamp; show, abort or revert a move."""
 
 
 def _read_tenants(path: str | None, listed: tuple[str, ...]) -> tuple[str, ...]:
@@ -78,24 +119,8 @@ def _read_tenants(path: str | None, listed: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--rate-limit", type=click.FloatRange(min=1), default=None, help="Copy at most this many rows/s.")
 @click.option("--dry-run", is_flag=True, help="Run the preflight checks and show the plan; change nothing.")
 @click.option("--offline", is_flag=True, help="Fence the tenant for the whole copy instead of only the cutover.")
-@engine_option(
-    "--cutover-backlog",
-    lambda: _cutover_defaults().cutover_backlog,
-    "Online: enter the cutover once at most this many captured changes are pending.",
-    click.IntRange(min=0),
-)
-@engine_option(
-    "--catchup-timeout",
-    lambda: _cutover_defaults().catchup_timeout_s,
-    "Online: seconds catch-up may take to reach the backlog before the move stops, resumable.",
-    click.FloatRange(min=1),
-)
-@engine_option(
-    "--max-freeze-ms",
-    lambda: _cutover_defaults().max_freeze_ms,
-    "Online: longest write freeze allowed; a longer cutover unfences, backs off and retries.",
-    click.FloatRange(min=1),
-)
+@cutover_flags
+@NO_REVERT_WINDOW
 @throttle_flags
 @ALLOW_TRIGGERS
 @OVERRIDE_POLICY
@@ -113,9 +138,8 @@ def move_run(
     rate_limit: float | None,
     dry_run: bool,
     offline: bool,
-    cutover_backlog: int,
-    catchup_timeout: float,
-    max_freeze_ms: float,
+    cutover: CutoverOptions,
+    no_revert_window: bool,
     allow_triggers: bool,
     override_policy: bool,
     reason: str | None,
@@ -149,15 +173,8 @@ def move_run(
         else:
             homes = sorted({r.stamp for r in context.catalog.routes_of(cohort)}) or ["(unknown)"]
             confirm(f"Move {name_tenants(cohort)} from {', '.join(homes)} to {target}?")
-    defaults = _move_defaults()
-    cutover = replace(
-        defaults.cutover,
-        cutover_backlog=cutover_backlog,
-        catchup_timeout_s=catchup_timeout,
-        max_freeze_ms=max_freeze_ms,
-    )
     options = replace(
-        defaults,
+        _move_defaults(),
         batch_rows=batch_rows,
         jobs=jobs,
         rate_limit=rate_limit,
@@ -165,6 +182,7 @@ def move_run(
         online=not offline,
         allow_triggers=allow_triggers,
         override_reason=override,
+        revert_window=not no_revert_window,
         cutover=cutover,
         throttle=throttle,
     )
@@ -271,14 +289,17 @@ def move_status(ctx: click.Context, move_id: int | None, as_json: bool) -> None:
     context = context_of(ctx)
     catalog = context.catalog
     if move_id is not None:
-        from migrator.move.status import copy_status
+        from migrator.move.status import copy_status, window_status
 
         move = catalog.move(move_id)
         copied = copy_status(context, move)
-        data = {**_move_dict(move), "copy": copied}
+        window = window_status(context, move)
+        data = {**_move_dict(move), "copy": copied, "window": window}
         text = "\n".join(
             [
                 f"move {move.id}: {move.who} {move.source} -> {move.target} [{move.mode}] phase {move.phase}",
+                *([f"revert of move {move.reverts}"] if move.reverts is not None else []),
+                *([window.line(move)] if window else []),
                 *([f"tenants: {' '.join(move.tenants)}"] if len(move.tenants) > 1 else []),
                 render.counted(copied.rows, copied.at_start, "rows")
                 + (f" committed on {move.target}" if copied.source == "target" else " copied, as the catalog recorded")
@@ -334,11 +355,76 @@ def move_abort(
 
     context = context_of(ctx)
     if not yes:
-        confirm(f"Abort move {move_id} and delete its partial copy?")
+        revert = context.catalog.move(move_id).reverts is not None  # a revert's abort deletes nothing
+        confirm(f"Abort move {move_id}{'' if revert else ' and delete its partial copy'}?")
     with render.progress(not no_progress, "deleted") as progress:
         move = abort_move(context, move_id, batch_rows, progress, allow_triggers=allow_triggers)
     click.echo(
         f"move {move.id} aborted: {move.who} {'stays' if len(move.tenants) == 1 else 'stay'} on {move.source}, writable"
+    )
+
+
+@move_group.command("revert")
+@click.argument("move_id", type=int)
+@click.option("--dry-run", is_flag=True, help="Check that the move can be reverted; change nothing.")
+@cutover_flags
+@throttle_flags
+@RUN_FLAGS
+@click.pass_context
+def move_revert(
+    ctx: click.Context,
+    move_id: int,
+    dry_run: bool,
+    cutover: CutoverOptions,
+    throttle: ThrottleOptions,
+    yes: bool,
+    no_progress: bool,
+    as_json: bool,
+) -> None:
+    """Take a flipped move back within its revert window: replay the tenants' writes since the flip onto
+    their old stamp, then a cutover in reverse. Re-running it resumes an interrupted revert."""
+    from dataclasses import replace
+
+    from migrator.interrupts import stop_on_signals
+    from migrator.move import revert_move
+    from migrator.move.stopped import stopped_move
+
+    context = context_of(ctx)
+    if not (yes or dry_run):
+        forward = context.catalog.move(move_id)
+        confirm(f"Revert move {move_id}: {forward.who} back from {forward.target} to {forward.source}?")
+    options = replace(_move_defaults(), dry_run=dry_run, cutover=cutover, throttle=throttle)
+    with stop_on_signals() as stop:
+        try:
+            with render.progress(not (as_json or no_progress)) as progress:
+                outcome = revert_move(context, move_id, options, progress, stop.event)
+        except Interrupted as exc:
+            if not stop.asked or exc.move_id is None:
+                raise
+            raise stopped_move(context, exc.move_id, stop) from None
+    if outcome.move is None:
+        emit(
+            as_json,
+            {"dry_run": True, "move": move_id, "tenants": list(outcome.tenants), "from": outcome.source,
+             "to": outcome.target},
+            f"dry run: move {move_id} can be reverted: {render.tenants_cell(outcome.tenants)} "
+            f"{outcome.source} -> {outcome.target}",
+        )  # fmt: skip
+        return
+    first = outcome.routes[0]
+    emit(
+        as_json,
+        {
+            "move": outcome.move,
+            "reverts": move_id,
+            "routes": [route_dict(route) for route in outcome.routes],
+            "resumed": outcome.resumed,
+            "seconds": outcome.timings,
+            "freeze_steps_ms": outcome.freeze_steps_ms,
+        },
+        f"move {outcome.move.id}: reverted move {move_id}, {outcome.move.who} back on {first.stamp} ("
+        + (f"route version {first.version}" if len(outcome.routes) == 1 else "every route's version +1")
+        + (f"), writes were frozen {outcome.move.freeze_ms:.0f} ms" if outcome.move.freeze_ms else ")"),
     )
 
 

@@ -29,7 +29,7 @@ from migrator.catalog import Cohort
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
 from migrator.errors import MigratorError
-from migrator.move import follow
+from migrator.move import fence, follow
 from migrator.move.keys import by_key, keys_table, load_keys, stage_rows
 from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Layout, Table
@@ -374,6 +374,7 @@ def catch_up(
     """
     with dsnlib.connect(source_dsn) as src, dsnlib.connect(target_dsn) as tgt:
         dsnlib.write_as_copies(tgt)  # replayed rows are copies: the target's triggers do not fire
+        fence.bypass_for_replay(tgt)  # a revert's target is fenced until its flip
         while True:
             pending = backlog(src, move_id)
             src.commit()

@@ -21,7 +21,7 @@ from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
 from migrator.errors import BadInput, Interrupted, PreflightError
-from migrator.move import capture, fence, moved, tree
+from migrator.move import capture, fence, moved, revert, tree
 from migrator.move.keys import by_key, keys_table, load_keys
 from migrator.move.preflight import check_deletes
 from migrator.progress import Progress
@@ -209,7 +209,8 @@ def cleanup_tenants(
     dry_run: bool = False,
     stop: threading.Event | None = None,
 ) -> dict[str, int]:
-    """`migrator cleanup`: delete moved tenants' leftovers on their old stamp and lift the fence there.
+    """`migrator cleanup`: delete moved tenants' leftovers on their old stamp and lift the fence there;
+    first close the revert windows of their moves away from it (their targets capture no more).
 
     Refused before any delete where a tenant still lives on the stamp or has an unfinished move,
     where the stamp's triggers would fire for the deletes, where row-level security would hide
@@ -237,6 +238,8 @@ def cleanup_tenants(
             raise PreflightError(f"cleanup of {who} on {stamp.name} was refused, {exc}") from None
         if dry_run:
             return proof.rows
+        for closed in revert.close_windows(catalog, stamp.name, tenants, layout):
+            progress.phase(f"closed the revert window of move {closed}: its target captures no more")
         progress.phase(f"deleting the rows of {who} on {stamp.name}")
         counts = delete_tenant(stamp, layout, tenants, batch_rows, progress, bypass_fence=True, stop=stop)
         with stamps.connect(stamp, autocommit=False) as conn:
@@ -258,6 +261,13 @@ def cleanup_move(
 ) -> tuple[Move, dict[str, int]]:
     """`migrator cleanup --move ID`: the leftovers of every tenant of a flipped move, on its source."""
     move = ctx.catalog.move(move_id)
+    if move.phase == Phase.REVERTED:
+        reverts = [m.id for m in ctx.catalog.reverts_of(move.id) if m.phase in (Phase.FLIPPED, Phase.CLEANED)]
+        raise BadInput(
+            f"move {move.id} was reverted (by move {', '.join(map(str, reverts))}): {move.who} live on {move.source} "
+            f"again; the copy left on {move.target} is the revert's to clean up (`migrator cleanup --move "
+            f"{reverts[-1] if reverts else '?'}`)"
+        )
     if move.phase != Phase.FLIPPED and move.phase != Phase.CLEANED:
         raise BadInput(f"{describe_move(move)} has not flipped; only a flipped move leaves rows to clean up")
     counts = cleanup_tenants(

@@ -96,13 +96,33 @@ def wait_for_replicas(run: MoveRun, what: str, timeout_s: float | None = None) -
     return run.throttle.wait_for_standbys(target, run.throttle.target_lsn(target), timeout, what) is not None
 
 
-def flip(run: MoveRun, move: Move, freeze_ms: float | None = None) -> list[Route]:
-    """Compare-and-set the route, on the session that holds the tenant's lock.
+def flip(run: MoveRun, move: Move, freeze_ms: float | None = None, *, window: bool = False) -> list[Route]:
+    """Compare-and-set the route, on the session that holds the tenant's lock; `window`: the target
+    captures already (`prepare_window`), and the flip records the revert window open.
 
     Not retried: a session lost between the lock's check and the flip fails the step at once (the
     move stays resumable) rather than being retried, inside the write freeze, on a dead session.
     """
-    return run.catalog.flip(move, run.lock.check(), freeze_ms)
+    return run.catalog.flip(move, run.lock.check(), freeze_ms, window=window)
+
+
+def opens_window(run: MoveRun, move: Move) -> bool:
+    """Whether the move's flip opens a revert window: not with --no-revert-window, never for a revert."""
+    return run.options.revert_window and move.reverts is None
+
+
+def prepare_window(run: MoveRun, move: Move, *, capture: bool) -> None:
+    """Before the flip: the guard on the target that will capture the tenants' writes once they live
+    there (the revert window), installed outside any freeze, as its DDL yields to the target's writers.
+
+    Online, its capture starts in the freeze, after the drain (whose own writes are no business of the
+    window); offline nothing writes the tenants there before the flip, so it captures at once. A log an
+    earlier attempt left is dropped: nothing but migrator wrote the tenants on the target before the flip.
+    """
+    with stamps.connect(run.target, autocommit=False) as tgt:
+        fence.guard(tgt, run.layout, move.tenants, move.id, fenced=False, capture=capture)
+        with tgt.transaction():
+            fence.forget_changes(tgt, move.id)
 
 
 Hashes = dict[tuple[str, ...], str]
@@ -136,7 +156,7 @@ def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) ->
     layout, tenants, untouched = run.layout, move.tenants, not incremental
     with dsnlib.connect(run.source.dsn) as src:
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        keys = capture.captured_keys(src, layout, move.id, unverified_only=incremental)
+        keys = capture.captured_keys(src, layout, move.capture_id, unverified_only=incremental)
         snapshot = src.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
         jobs = min(run.options.jobs, len(layout.tables))
         with Streams(run.source.dsn, run.target.dsn, jobs, snapshot=snapshot) as streams:
@@ -152,7 +172,7 @@ def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) ->
 
             proofs = streams.map(prove, layout.tables)
         unproven = {table.name: differ for table, (_, differ) in zip(layout.tables, proofs, strict=True) if differ}
-        capture.mark_verified(src, layout, move.id, unproven)
+        capture.mark_verified(src, layout, move.capture_id, unproven)
         src.commit()
     results = [result for result, _ in proofs if result is not None]
     return Report(tenants, results), sum(len(v) for v in unproven.values())
@@ -176,7 +196,7 @@ def _verify_captured(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any],
 
     Both sides hash at once (the target's in a thread): this is the freeze's longest step.
     """
-    keys = capture.captured_keys(src, layout, move.id, unverified_only=True)
+    keys = capture.captured_keys(src, layout, move.capture_id, unverified_only=True)
     src.commit()
     with ThreadPoolExecutor(max_workers=1) as pool:
         target_future = pool.submit(_keyed_hashes, tgt, layout, move.tenants, keys)
@@ -205,7 +225,7 @@ def catch_up(run: MoveRun, move: Move) -> int:
         run.target.dsn,
         run.layout,
         move.tenants,
-        move.id,
+        move.capture_id,
         capture.Goal(options.cutover_backlog, deadline, options.replay_batch),
         observe=lambda pending: _observe_backlog(run, move, pending),
     )
@@ -250,6 +270,8 @@ def _attempt_cutover(run: MoveRun, move: Move, number: int) -> tuple[list[Route]
     capture.vacuum_changes(run.source.dsn)
     catch_up(run, move)
     run.safe_point(move.id)
+    if opens_window(run, move):
+        prepare_window(run, move, capture=False)
     wait_for_replicas(run, "the copy")  # so that the freeze only waits for the drain's few rows
     run.lock.check()
     try:
@@ -278,8 +300,10 @@ class FreezeClock:
 
 def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, float]]:
     catalog, layout, options = run.catalog, run.layout, run.options.cutover
+    window = opens_window(run, move)
     with dsnlib.connect(run.source.dsn) as src, dsnlib.connect(run.target.dsn) as tgt:
         dsnlib.write_as_copies(tgt)  # the drain's upserts and deletes are copies (before the freeze's clock)
+        fence.bypass_for_replay(tgt)  # a revert's target is fenced until its flip
         check_schema_unchanged(src, tgt, move, run.source.name, run.target.name, "not flipped")
         src.commit()
         tgt.commit()
@@ -292,10 +316,10 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
             clock.step("fence")
             budget = max(1, int(options.max_freeze_ms - elapsed_ms()))
             with src.transaction():
-                fence.wait_for_writers(src, move.id, budget)
+                fence.wait_for_writers(src, move.capture_id, budget)
             clock.step("writers")
             log.info("move %s: fenced, in-flight writes done at %.0f ms", move.id, elapsed_ms())
-            drained = capture.drain(src, tgt, layout, move.tenants, move.id, options.replay_batch)
+            drained = capture.drain(src, tgt, layout, move.tenants, move.capture_id, options.replay_batch)
             clock.step("drain")
             log.info("move %s: drained %d changes at %.0f ms", move.id, drained, elapsed_ms())
             with tgt.transaction():
@@ -315,18 +339,22 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
                     clock.step("standbys")
             except StandbyBehind as exc:
                 raise FreezeTooLong(f"the target's standbys did not replay the drain in the freeze: {exc}") from None
+            if window:  # from here on every write of the tenants on the target is captured
+                with tgt.transaction():
+                    fence.set_capture(tgt, move.tenants, True)
+                clock.step("window")
             if elapsed_ms() > options.max_freeze_ms:
                 limit = options.max_freeze_ms
                 raise FreezeTooLong(f"freeze reached {elapsed_ms():.0f} ms > --max-freeze-ms {limit:.0f}")
         except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
-            _unfence(src, move)
+            _unfence(src, tgt, move, window)
             run.metrics.freeze.labels("released").observe(elapsed_ms() / 1000)
             raise FreezeTooLong(f"in-flight writes did not finish within the freeze budget ({exc.sqlstate})") from None
         except BaseException:
-            _unfence(src, move)
+            _unfence(src, tgt, move, window)
             run.metrics.freeze.labels("released").observe(elapsed_ms() / 1000)
             raise
-        route = flip(run, move, freeze_ms=elapsed_ms())
+        route = flip(run, move, freeze_ms=elapsed_ms(), window=window)
         clock.step("flip")
         frozen_ms = elapsed_ms()  # fence to the flip's commit, which is when writers can go to the target
         run.metrics.freeze.labels("flipped").observe(frozen_ms / 1000)
@@ -336,12 +364,19 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
         run.progress.phase(f"flipped {move.who} to {run.target.name}; writes were frozen {frozen_ms:.0f} ms")
         with src.transaction():
             fence.stop_capture(src, move.tenants)
+        if move.reverts is not None:  # the tenants write again where they live now
+            fence.unguard(tgt, layout, move.tenants)
         return route, clock.steps
 
 
-def _unfence(src: psycopg.Connection[Any], move: Move) -> None:
-    """Lift the fence after a failed freeze, so the tenant writes again on its (unchanged) source."""
+def _unfence(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], move: Move, window: bool) -> None:
+    """Lift the fence after a failed freeze, so the tenant writes again on its (unchanged) source; and
+    stop the target's capture a window started (nothing of the tenants is written there meanwhile)."""
     if not src.closed:
         src.rollback()
         fence.set_fenced(src, move.tenants, False)
         src.commit()
+    if window and not tgt.closed:
+        tgt.rollback()
+        fence.set_capture(tgt, move.tenants, False)
+        tgt.commit()

@@ -32,7 +32,8 @@ from migrator.stamps.discovery import Layout, Table
 from migrator.stamps.paths import any_path_set, owner_texts
 
 LOCK_CLASS = 0x6D67  # advisory lock namespace (classid) of migrator's per-move locks
-# Set (transaction-locally) only by `cleanup`, which must delete the fenced tenant's leftovers.
+# Set only by migrator's own sessions that must write a fenced tenant's rows: cleanup deleting its
+# leftovers (transaction-locally), a revert replaying onto the forward move's fenced source.
 BYPASS_SETTING = "migrator.cleanup_bypass_fence"
 DDL_LOCK = lock_key("migrator.ddl")  # serialises migrator's own DDL on one stamp
 
@@ -352,6 +353,20 @@ def set_fenced(conn: psycopg.Connection[Any], tenants: Cohort, fenced: bool, tim
     )
 
 
+def set_capture(conn: psycopg.Connection[Any], tenants: Cohort, capture: bool) -> None:
+    """Start or stop logging the tenants' writes under their installed guards, keeping the fence as it
+    is (a revert window's capture starts in the freeze, just before the flip; in the caller's transaction)."""
+    conn.execute(
+        sql.SQL("UPDATE {}.guarded_tenants SET capture = %s WHERE tenant = ANY(%s)").format(sql.Identifier(SCHEMA)),
+        (capture, list(tenants)),
+    )
+
+
+def forget_changes(conn: psycopg.Connection[Any], move_id: int) -> None:
+    """Delete the move's captured changes on this stamp (in the caller's transaction)."""
+    conn.execute(sql.SQL("DELETE FROM {}.changes WHERE move_id = %s").format(sql.Identifier(SCHEMA)), (move_id,))
+
+
 def stop_capture(conn: psycopg.Connection[Any], tenants: Cohort) -> None:
     """After the flip: keep the fence, stop logging changes and forget the log."""
     schema = sql.Identifier(SCHEMA)
@@ -433,11 +448,29 @@ def bypass_for_cleanup(conn: psycopg.Connection[Any]) -> None:
     conn.execute("SELECT set_config(%s, 'on', true)", (BYPASS_SETTING,))
 
 
+def bypass_for_replay(conn: psycopg.Connection[Any]) -> None:
+    """Let this session's replay write a fenced tenant's rows: a revert replays onto the forward move's
+    source, which stays fenced against the application until the revert flips (see bypass_for_cleanup)."""
+    with conn.transaction():  # committed: a session setting
+        conn.execute("SELECT set_config(%s, 'on', false)", (BYPASS_SETTING,))
+
+
 def guarded(conn: psycopg.Connection[Any]) -> set[str]:
     """The tenants with a guard (fence or capture) on this stamp."""
     if not has_schema(conn):
         return set()
     rows = conn.execute(sql.SQL("SELECT tenant FROM {}.guarded_tenants").format(sql.Identifier(SCHEMA)))
+    return {row[0] for row in rows.fetchall()}
+
+
+def capturing(conn: psycopg.Connection[Any], move_id: int) -> set[str]:
+    """The tenants whose writes this stamp logs under `move_id` (a revert window's target)."""
+    if not has_schema(conn):
+        return set()
+    rows = conn.execute(
+        sql.SQL("SELECT tenant FROM {}.guarded_tenants WHERE move_id = %s AND capture").format(sql.Identifier(SCHEMA)),
+        (move_id,),
+    )
     return {row[0] for row in rows.fetchall()}
 
 

@@ -34,13 +34,15 @@ from migrator.catalog import (
 )
 from migrator.context import Context
 from migrator.errors import BadInput, MigratorError, PreflightError, VerifyMismatch
-from migrator.move import copy, fence, moved, streams, throttle
+from migrator.move import copy, fence, moved, revert, streams, throttle
 from migrator.move.cleanup import delete_debris, delete_tenant, forget_progress
 from migrator.move.cutover import (
     catch_up,
     check_references,
     flip,
     online_cutover,
+    opens_window,
+    prepare_window,
     verify_before_freeze,
     verify_move,
     wait_for_replicas,
@@ -163,6 +165,51 @@ def resume_move(
         return _resume(ctx, ctx.catalog.move(move_id), lock, options, progress, stop)
 
 
+def revert_move(
+    ctx: Context, move_id: int, options: MoveOptions, progress: Progress, stop: threading.Event | None = None
+) -> MoveOutcome:
+    """`migrator move revert ID`: take a flipped move back within its revert window (see `revert`).
+
+    The revert is a move of its own, back from the forward move's target to its source, run by the
+    same state machine from `synced`: resumable after any interruption by running this again, and
+    `migrator move abort` leaves the tenants on the target, writable. A revert whose flip was
+    interrupted before the source's fence was lifted is finished here.
+    """
+    catalog = ctx.catalog
+    options = replace(with_config_limits(ctx, options), revert_window=False)  # a revert opens no window
+    with catalog.lock_tenants(catalog.move(move_id).tenants) as lock:
+        forward = catalog.move(move_id)
+        reverts = catalog.reverts_of(forward.id)
+        pending = [m for m in reverts if m.is_open]
+        if pending:
+            return _resume(ctx, pending[0], lock, options, progress, stop)
+        if forward.phase == Phase.REVERTED:
+            done = next(m for m in reversed(reverts) if m.phase in FLIPPED)
+            _finish_revert(ctx, done)
+            routes = catalog.routes_of(done.tenants)
+            return MoveOutcome(done.tenants, done.source, done.target, done, routes, True)
+        checked = revert.check_revert(catalog, forward)
+        if options.dry_run:
+            return MoveOutcome(forward.tenants, forward.target, forward.source, None, [], False)
+        move = catalog.create_move(
+            checked.routes, forward.source, Mode.ONLINE, options.batch_rows, checked.revision, reverts=forward.id
+        )
+        write_mode, why = checked.write_mode
+        move = catalog.update_move(
+            move.id, rows_total=forward.rows_copied, write_mode=write_mode, write_mode_reason=why
+        )
+        source, target = catalog.stamp(move.source), catalog.stamp(move.target)
+        progress.phase(f"move {move.id}: reverting move {forward.id}, {move.who} {source.name} -> {target.name}")
+        layout = stamps.layout(source, ctx.config.tenancy)
+        run = MoveRun(catalog, source, target, layout, lock, options, progress, ctx.metrics, stop or threading.Event())
+        return _run(run, move, resumed=False)
+
+
+def _finish_revert(ctx: Context, move: Move) -> None:
+    """The end of a flipped revert, again (idempotent): a crash may have come before it."""
+    revert.finish(ctx.catalog, move, stamps.layout(ctx.catalog.stamp(move.target), ctx.config.tenancy))
+
+
 def with_config_limits(ctx: Context, options: MoveOptions) -> MoveOptions:
     """The move's own limits made stricter by migrator.toml's `[throttle]` (the catalog's are read live)."""
     limits = options.throttle.limits.stricter(ctx.config.throttle)
@@ -242,7 +289,10 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
                 run.progress.phase(f"flipping route of {move.who} to {run.target.name}")
                 with _timed(timings, "flip"):
                     wait_for_replicas(run, "the copy")
-                    routes = flip(run, move)
+                    window = opens_window(run, move)
+                    if window:  # the source is fenced: nothing writes the tenants until they live on the target
+                        prepare_window(run, move, capture=True)
+                    routes = flip(run, move, window=window)
                 return _finished(run, move, routes, resumed, report, timings)
         else:
             if move.phase == Phase.COPIED:
@@ -367,18 +417,23 @@ def abort_move(
     """
     catalog = ctx.catalog
     move = catalog.move(move_id)
-    if move.phase in FLIPPED:
+    if move.phase in FLIPPED or move.phase == Phase.REVERTED:
         raise MigratorError(
             f"move {move.id} already flipped {move.who} to {move.target}; it cannot be aborted "
-            f"(run `migrator cleanup --move {move.id}` to remove the old copy)"
+            f"(run `migrator cleanup --move {move.id}` to remove the old copy"
+            + (f", or `migrator move revert {move.id}` to take it back)" if move.window_open else ")")
         )
     if move.phase == Phase.ABORTED:
         return move
+    if move.reverts is not None:
+        return _abort_revert(ctx, move, progress)
     with catalog.lock_tenants(move.tenants):
         source, target = catalog.stamp(move.source), catalog.stamp(move.target)
         layout = stamps.layout(source, ctx.config.tenancy)
         check_deletes(target, layout, allow_triggers=allow_triggers, what=f"abort of move {move.id}")
         progress.phase(f"removing the partial copy of {move.who} from {target.name}")
+        with stamps.connect(target, autocommit=False) as tgt:  # a revert window's guard, made before the flip
+            fence.unguard(tgt, layout, move.tenants)
         if move.write_mode == "replica":  # path rows copied before their parents are found by key
             delete_debris(source, target, layout, move.tenants, move.id)
         delete_tenant(target, layout, move.tenants, batch_rows, progress)
@@ -388,3 +443,26 @@ def abort_move(
             fence.unguard(src, layout, move.tenants)
         catalog.set_route_state(move.tenants, "active")
         return catalog.update_move(move.id, phase=Phase.ABORTED, finished_at=datetime.now(UTC))
+
+
+def _abort_revert(ctx: Context, revert: Move, progress: Progress) -> Move:
+    """`migrator move abort` of an unfinished revert: the tenants stay where the forward move put them,
+    writable (its target's fence lifted), and its revert window stays open, with its log.
+
+    Nothing is deleted: the rows the revert replayed onto the forward move's source are copies of the
+    target's, as the forward move's own were, and the window's log still names every key written since
+    its flip (a next revert replays them again, idempotently). The forward move's record of its source
+    is taken again as the replay left it (still fenced, nothing else writes it), so that its cleanup
+    deletes exactly those rows.
+    """
+    catalog = ctx.catalog
+    with catalog.lock_tenants(revert.tenants):
+        live, old = catalog.stamp(revert.source), catalog.stamp(revert.target)
+        progress.phase(f"lifting the fence of {revert.who} on {live.name}; they stay there")
+        with stamps.connect(live, autocommit=False) as conn:
+            fence.set_fenced(conn, revert.tenants, False)
+            conn.commit()
+        catalog.set_route_state(revert.tenants, "active")
+        assert revert.reverts is not None
+        moved.record(catalog, old, stamps.layout(old, ctx.config.tenancy), catalog.move(revert.reverts))
+        return catalog.update_move(revert.id, phase=Phase.ABORTED, finished_at=datetime.now(UTC))

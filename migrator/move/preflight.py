@@ -10,7 +10,7 @@ import psycopg
 from psycopg import sql
 
 from migrator import stamps
-from migrator.catalog import Catalog, Cohort, Move, Route, Stamp, name_tenants, policy
+from migrator.catalog import Catalog, Cohort, Move, Route, Stamp, describe_move, name_tenants, policy
 from migrator.config import Tenancy
 from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
@@ -78,6 +78,12 @@ def resolve(catalog: Catalog, tenants: Cohort, target_name: str) -> tuple[list[R
         raise BadInput(
             f"unknown tenant(s) {', '.join(unknown[:10])}{', ...' if len(unknown) > 10 else ''} (no route in the "
             "catalog; register them with `migrator route set` or `migrator route import`)"
+        )
+    for window in catalog.open_windows(tenants):  # its capture on the target would fight a new move's
+        raise BadInput(
+            f"{describe_move(window)} keeps a revert window open on {window.target} (since "
+            f"{window.window_opened_at:%Y-%m-%d %H:%M:%S %Z}): take it back with `migrator move revert {window.id}`, "
+            f"or close it with `migrator cleanup --move {window.id}`, first"
         )
     homes = sorted({r.stamp for r in routes})
     if len(homes) > 1:

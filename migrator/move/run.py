@@ -42,7 +42,7 @@ def default_jobs() -> int:
 @dataclass(frozen=True)
 class MoveOptions:
     """Options of `migrator move` (flags --batch-rows, --jobs, --rate-limit, --dry-run, --offline,
-    --allow-triggers, cutover flags)."""
+    --allow-triggers, --no-revert-window, cutover flags)."""
 
     batch_rows: int = 50_000
     jobs: int = field(default_factory=default_jobs)  # parallel copy (and verify) streams
@@ -51,6 +51,7 @@ class MoveOptions:
     online: bool = True
     allow_triggers: bool = False  # proceed although application triggers would fire for migrator's writes
     override_reason: str | None = None  # --override-policy --reason: a placement the policy forbids, audited
+    revert_window: bool = True  # the flip opens a revert window (--no-revert-window: no capture on the target)
     cutover: CutoverOptions = field(default_factory=CutoverOptions)
     throttle: ThrottleOptions = field(default_factory=ThrottleOptions)
 

@@ -12,14 +12,15 @@ writes while it moves shows `382 rows: 350 at start + 32 written since`, never 1
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from psycopg import sql
 
 from migrator import stamps
-from migrator.catalog import Move
+from migrator.catalog import FLIPPED, Move, Phase
 from migrator.context import Context
 from migrator.errors import Unreachable
-from migrator.move import fence
+from migrator.move import capture, fence
 from migrator.stamps.access import SCHEMA
 
 
@@ -104,3 +105,47 @@ def _committed(ctx: Context, move: Move) -> dict[str, tuple[Range, ...]]:
         lower = ranges[-1].upto if ranges else None  # the ranges partition the key space in order
         ranges.append(Range(lower, upto, copied, done))
     return {table: tuple(ranges) for table, ranges in parts.items()}
+
+
+@dataclass(frozen=True)
+class Window:
+    """A flipped move's revert window: open (with the target's backlog of captured changes not yet
+    replayed onto the source), closed by cleanup, or used by a revert."""
+
+    state: str  # "open", "closed" or "reverted"
+    opened_at: datetime
+    closed_at: datetime | None
+    backlog: int | None  # open: changes captured on the target since the flip, not yet replayed
+    reverted_by: int | None
+    note: str = ""
+
+    def line(self, move: Move) -> str:
+        """The window as one line of `move status`."""
+        since = f"{self.opened_at:%Y-%m-%d %H:%M:%S %Z}"
+        if self.state == "reverted":
+            return f"revert window: used by move {self.reverted_by}, which took the move back"
+        if self.state == "closed":
+            return f"revert window: open from {since} until cleanup closed it at {self.closed_at:%Y-%m-%d %H:%M:%S %Z}"
+        backlog = "backlog unknown" if self.backlog is None else f"reverse backlog {self.backlog:,} changes"
+        return (
+            f"revert window: open since {since}; {backlog} captured on {move.target} "
+            f"(`migrator move revert {move.id}` takes it back, `migrator cleanup --move {move.id}` closes it)"
+            + (f"; {self.note}" if self.note else "")
+        )
+
+
+def window_status(ctx: Context, move: Move) -> Window | None:
+    """The move's revert window, if its flip opened one."""
+    if move.window_opened_at is None:
+        return None
+    if move.phase == Phase.REVERTED:
+        done = [m.id for m in ctx.catalog.reverts_of(move.id) if m.phase in FLIPPED]
+        return Window("reverted", move.window_opened_at, move.window_closed_at, None, done[-1] if done else None)
+    if not move.window_open:
+        return Window("closed", move.window_opened_at, move.window_closed_at, None, None)
+    try:
+        with stamps.connect(ctx.catalog.stamp(move.target)) as tgt:
+            backlog = capture.backlog(tgt, move.id) if fence.has_schema(tgt) else 0
+    except Unreachable as exc:
+        return Window("open", move.window_opened_at, None, None, None, str(exc))
+    return Window("open", move.window_opened_at, None, backlog, None)

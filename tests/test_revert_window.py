@@ -1,0 +1,139 @@
+"""The revert window: a flipped move taken back in seconds, with every write made on its target since.
+
+An application writes through `migrator.router` the whole time. The oracle is the writer's own
+record of what the database acknowledged, and the tables read with hand-written SQL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import Fleet, new_fleet, tenant_digest
+
+from migrator.db import dsn as dsnlib
+from migrator.local import pgserver, provision
+from migrator.local.seed import TenantSpec, seed_fleet_stamp
+from migrator.move.fence import FENCED_SQLSTATE
+from migrator.testing.writer import Workload
+
+
+@pytest.fixture(scope="module")
+def small_template(pg: pgserver.LocalServer, templates: dict[str, str]) -> str:
+    """A stamp at head holding tenants 7, 8 and 9, a few thousand rows each, seeded once for the module."""
+    dsn = provision.create_database(pg, "tpl_revert", template=templates["stamp"])
+    seed_fleet_stamp(dsn, [TenantSpec(7, 4_000), TenantSpec(8, 2_000), TenantSpec(9, 1_000)])
+    yield "tpl_revert"
+    provision.drop_database(pg, "tpl_revert")
+
+
+@pytest.fixture
+def small(pg: pgserver.LocalServer, templates: dict[str, str], small_template: str, tmp_path: Path) -> Iterator[Fleet]:
+    with new_fleet(pg, templates, tmp_path, clones={"eu-1": small_template}) as fleet:
+        for tenant in ("7", "8", "9"):
+            fleet.catalog.set_route(tenant, "eu-1")
+        yield fleet
+
+
+def _wait(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _writes_on(writer: Workload, stamp: str) -> int:
+    return sum(1 for s in writer.touched_on.values() if s == stamp)
+
+
+def _fenced(dsn: str, tenant: int) -> bool:
+    """Whether the stamp rejects an application's write of the tenant with the fence's SQLSTATE."""
+    with dsnlib.connect(dsn, autocommit=True, pinned=False) as conn:
+        try:
+            with conn.transaction(force_rollback=True):
+                conn.execute("UPDATE tenants SET name = name WHERE id = %s", (tenant,))
+        except psycopg.Error as exc:
+            assert exc.sqlstate == FENCED_SQLSTATE, exc
+            return True
+    return False
+
+
+def _guards(dsn: str) -> list[tuple[str, bool, bool]]:
+    """The stamp's guards (tenant, fenced, capture), read by hand; none without migrator's schema."""
+    with dsnlib.connect(dsn, autocommit=True) as conn:
+        if not conn.execute("SELECT to_regclass('_migrator.guarded_tenants') IS NOT NULL").fetchone()[0]:  # type: ignore[index]
+            return []
+        rows = conn.execute("SELECT tenant, fenced, capture FROM _migrator.guarded_tenants ORDER BY 1")
+        return [(r[0], r[1], r[2]) for r in rows]
+
+
+def _triggers(dsn: str) -> int:
+    with dsnlib.connect(dsn, autocommit=True) as conn:
+        return int(conn.execute("SELECT count(*) FROM pg_trigger WHERE tgname = 'migrator_guard'").fetchone()[0])  # type: ignore[index]
+
+
+def _move(fleet: Fleet, *args: str) -> dict:  # type: ignore[type-arg]
+    result = fleet.run("move", *args, "--yes", "--json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_revert_brings_every_write_made_on_the_target_back_then_forward_again(small: Fleet) -> None:
+    fleet = small
+    writer = Workload(fleet.catalog.url, fleet.stamps, 8, seed=8).start()
+    neighbour = Workload(fleet.catalog.url, fleet.stamps, 9, seed=9).start()
+    _wait(lambda: writer.acked > 50, "the writer to start")
+    forward = _move(fleet, "8", "--to", "eu-2")["move"]
+    assert forward["window_opened_at"] is not None
+    # Inserts, updates, key changes and deletes on the target, for a few seconds.
+    _wait(lambda: _writes_on(writer, "eu-2") > 200, "writes on the target")
+    assert _guards(fleet.dsn("eu-2")) == [("8", False, True)]  # the window captures on the target
+    assert _fenced(fleet.dsn("eu-1"), 8)  # the old copy stays fenced against the application
+    status = fleet.run("move", "status", str(forward["id"]))
+    assert "revert window: open since" in status.stdout and "reverse backlog" in status.stdout
+
+    reverted = _move(fleet, "revert", str(forward["id"]))
+    revert = reverted["move"]
+    assert revert["reverts"] == forward["id"] and revert["source"] == "eu-2" and revert["target"] == "eu-1"
+    assert reverted["routes"][0]["stamp"] == "eu-1"
+    assert reverted["routes"][0]["version"] == forward["route_version"] + 2
+    steps = reverted["freeze_steps_ms"]
+    assert {"fence", "writers", "drain", "keys", "flip"} <= set(steps) and "window" not in steps
+    assert revert["freeze_ms"] < 2000
+
+    _wait(lambda: writer.touched_on and _writes_on(writer, "eu-1") > 0 and writer.acked > 0, "writes back home")
+    writes_before = writer.acked
+    _wait(lambda: writer.acked > writes_before + 100, "writes after the revert")
+    writer.stop()
+    neighbour.stop()
+    assert writer.errors == [] and neighbour.errors == []
+    assert neighbour.fenced_errors == 0
+    assert writer.lost_writes(fleet.dsn("eu-1")) == []  # every acknowledged write, wherever it was made
+    assert not _fenced(fleet.dsn("eu-1"), 8) and _fenced(fleet.dsn("eu-2"), 8)
+    assert _guards(fleet.dsn("eu-1")) == [] and _triggers(fleet.dsn("eu-1")) == 0
+    assert _guards(fleet.dsn("eu-2")) == [("8", True, False)]  # the revert's leftover, fenced, no capture
+    with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM _migrator.changes").fetchone() == (0,)
+    shown = fleet.run("move", "status", str(forward["id"])).stdout
+    assert "phase reverted" in shown and f"used by move {revert['id']}" in shown
+    audit = fleet.run("audit", "--tenant", "8", "--json")
+    actions = [(r["action"], r["move_id"]) for r in json.loads(audit.stdout)]
+    assert actions[-2:] == [("move", forward["id"]), ("revert", revert["id"])]
+    again = fleet.run("move", "revert", str(forward["id"]), "--yes")
+    assert again.exit_code == 0 and "back on eu-1" in again.stdout  # a second run changes nothing
+
+    # Forward again: the revert's leftover goes, then a plain move carries everything back.
+    cleaned = fleet.run("cleanup", "--move", str(revert["id"]), "--yes")
+    assert cleaned.exit_code == 0, cleaned.stderr
+    second = _move(fleet, "8", "--to", "eu-2")["move"]
+    assert writer.lost_writes(fleet.dsn("eu-2")) == []
+    layout = fleet.layout()
+    assert tenant_digest(fleet.dsn("eu-2"), layout, "8") == tenant_digest(fleet.dsn("eu-1"), layout, "8")
+    cleaned = fleet.run("cleanup", "--move", str(second["id"]), "--yes")
+    assert cleaned.exit_code == 0, cleaned.stderr
+    assert _guards(fleet.dsn("eu-2")) == [] and _triggers(fleet.dsn("eu-2")) == 0
+    assert _guards(fleet.dsn("eu-1")) == [] and _triggers(fleet.dsn("eu-1")) == 0
