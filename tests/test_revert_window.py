@@ -137,3 +137,120 @@ def test_revert_brings_every_write_made_on_the_target_back_then_forward_again(sm
     assert cleaned.exit_code == 0, cleaned.stderr
     assert _guards(fleet.dsn("eu-2")) == [] and _triggers(fleet.dsn("eu-2")) == 0
     assert _guards(fleet.dsn("eu-1")) == [] and _triggers(fleet.dsn("eu-1")) == 0
+
+
+def _code(result: object) -> int:
+    return int(result.exit_code)  # type: ignore[attr-defined]
+
+
+def test_revert_refused_with_its_reason_before_anything_changes(small: Fleet) -> None:
+    fleet = small
+    plain = _move(fleet, "9", "--to", "eu-2", "--no-revert-window")["move"]
+    assert plain["window_opened_at"] is None
+    assert _triggers(fleet.dsn("eu-2")) == 0 and _guards(fleet.dsn("eu-2")) == []  # no trigger overhead there
+    refused = fleet.run("move", "revert", str(plain["id"]), "--yes")
+    assert _code(refused) == 2 and "flipped without a revert window (--no-revert-window)" in refused.stderr
+
+    forward = _move(fleet, "8", "--to", "eu-2")["move"]
+    # A forward move of a tenant inside an open window: refused naming the window, nothing written.
+    onward = fleet.run("move", "8", "--to", "us-1", "--yes")
+    assert _code(onward) == 2
+    assert f"move {forward['id']} of tenant 8 (eu-1 -> eu-2, phase flipped) keeps a revert window open" in onward.stderr
+    assert _guards(fleet.dsn("us-1")) == [] and fleet.catalog.route("8").stamp == "eu-2"
+    dry = fleet.run("move", "revert", str(forward["id"]), "--dry-run")
+    assert dry.exit_code == 0 and "can be reverted" in dry.stdout
+
+    # A route changed behind the window's back (by hand in the catalog): the revert will not flip it.
+    with dsnlib.connect(fleet.catalog.url, autocommit=True) as conn:
+        conn.execute("UPDATE routes SET version = version + 1 WHERE tenant = '8'")
+    moved_on = fleet.run("move", "revert", str(forward["id"]), "--yes")
+    assert _code(moved_on) == 2 and "the route of tenant 8 moved on since move" in moved_on.stderr
+    with dsnlib.connect(fleet.catalog.url, autocommit=True) as conn:
+        conn.execute("UPDATE routes SET version = version - 1 WHERE tenant = '8'")
+
+    cleaned = fleet.run("cleanup", "--move", str(forward["id"]), "--yes")
+    assert cleaned.exit_code == 0, cleaned.stderr
+    assert f"closed the revert window of move {forward['id']}" in cleaned.stderr
+    assert _guards(fleet.dsn("eu-2")) == [] and _triggers(fleet.dsn("eu-2")) == 0  # the capture went first
+    closed = fleet.run("move", "revert", str(forward["id"]), "--yes")
+    assert _code(closed) == 2 and f"the revert window of move {forward['id']} closed at" in closed.stderr
+    assert "until cleanup closed it" in fleet.run("move", "status", str(forward["id"])).stdout
+    assert [m.reverts for m in fleet.catalog.moves()] == [None, None]  # no revert was ever recorded
+
+
+def test_cohort_revert_flips_every_route_back_together(small: Fleet) -> None:
+    fleet = small
+    writers = [Workload(fleet.catalog.url, fleet.stamps, t, seed=t).start() for t in (7, 8)]
+    _wait(lambda: all(w.acked > 20 for w in writers), "the writers to start")
+    forward = _move(fleet, "7", "8", "--to", "eu-2")["move"]
+    _wait(lambda: all(_writes_on(w, "eu-2") > 50 for w in writers), "writes on the target")
+    reverted = _move(fleet, "revert", str(forward["id"]))
+    assert [(r["tenant"], r["stamp"]) for r in reverted["routes"]] == [("7", "eu-1"), ("8", "eu-1")]
+    _wait(lambda: all(_writes_on(w, "eu-1") > 0 for w in writers), "writes back home")
+    for writer in writers:
+        writer.stop()
+        assert writer.errors == [] and writer.lost_writes(fleet.dsn("eu-1")) == []
+    audit = json.loads(fleet.run("audit", "--json").stdout)
+    assert [(r["action"], r["tenants"]) for r in audit if r["action"] == "revert"] == [("revert", ["7", "8"])]
+
+
+def _revert_of(fleet: Fleet, move_id: int) -> object | None:
+    reverts = [m for m in fleet.catalog.moves() if m.reverts == move_id]
+    return reverts[0] if reverts else None
+
+
+def _lock_waits(dsn: str) -> int:
+    with dsnlib.connect(dsn, autocommit=True, pinned=False) as conn:
+        return int(conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0])  # type: ignore[index]
+
+
+def test_kill_9_in_each_phase_of_a_revert_then_resume_then_abort(small: Fleet) -> None:
+    fleet = small
+    writer = Workload(fleet.catalog.url, fleet.stamps, 7, seed=7).start()
+    _wait(lambda: writer.acked > 20, "the writer to start")
+    forward = _move(fleet, "7", "--to", "eu-2")["move"]
+    _wait(lambda: _writes_on(writer, "eu-2") > 100, "writes on the target")
+
+    # Killed in catch-up: the old source's table is held, so the replay waits there.
+    with dsnlib.connect(fleet.dsn("eu-1"), pinned=False) as hold:
+        hold.execute("LOCK TABLE tasks IN SHARE MODE")
+        proc = fleet.popen("move", "revert", str(forward["id"]), "--yes")
+        _wait(lambda: _revert_of(fleet, forward["id"]) is not None and _lock_waits(fleet.dsn("eu-1")) > 0, "catch-up")
+        proc.kill()
+        proc.wait()
+    revert = _revert_of(fleet, forward["id"])
+    assert revert is not None and revert.phase == "synced"  # type: ignore[attr-defined]
+    assert fleet.catalog.route("7").stamp == "eu-2" and not _fenced(fleet.dsn("eu-2"), 7)
+    acked = writer.acked
+    _wait(lambda: writer.acked > acked + 20, "writes on the target after the kill")
+
+    # Resumed, then killed in the freeze: an application transaction in flight on the target holds it.
+    held = dsnlib.connect(fleet.dsn("eu-2"), pinned=False)
+    held.execute("UPDATE projects SET name = 'held write' WHERE tenant_id = 7")
+    proc = fleet.popen("move", "revert", str(forward["id"]), "--yes", "--max-freeze-ms", "60000")
+    _wait(lambda: fleet.catalog.move(revert.id).phase == "cutover", "the freeze")  # type: ignore[attr-defined]
+    _wait(lambda: _lock_waits(fleet.dsn("eu-2")) > 0, "the freeze to wait for the held write")
+    proc.kill()
+    _, err = proc.communicate()
+    assert f"resuming move {revert.id}" in err  # type: ignore[attr-defined]
+    held.commit()  # it passed the guard before the fence: acknowledged, so it must survive
+    held.close()
+    assert _fenced(fleet.dsn("eu-2"), 7)  # killed inside the freeze: fenced until resumed or aborted
+
+    aborted = fleet.run("move", "abort", str(revert.id), "--yes")  # type: ignore[attr-defined]
+    assert aborted.exit_code == 0, aborted.stderr
+    assert "stays on eu-2, writable" in aborted.stdout
+    assert not _fenced(fleet.dsn("eu-2"), 7) and _guards(fleet.dsn("eu-2")) == [("7", False, True)]
+    assert fleet.catalog.route("7").stamp == "eu-2" and fleet.catalog.move(forward["id"]).window_open
+    acked = writer.acked
+    _wait(lambda: writer.acked > acked + 20, "writes on the target after the abort")
+
+    again = _move(fleet, "revert", str(forward["id"]))
+    assert again["move"]["id"] != revert.id and again["routes"][0]["stamp"] == "eu-1"  # type: ignore[attr-defined]
+    _wait(lambda: _writes_on(writer, "eu-1") > 0, "writes back home")
+    writer.stop()
+    assert writer.errors == [] and writer.lost_writes(fleet.dsn("eu-1")) == []
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
+        assert (
+            conn.execute("SELECT count(*) FROM projects WHERE tenant_id = 7 AND name = 'held write'").fetchone()[0] > 0
+        )  # type: ignore[index]

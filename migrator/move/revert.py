@@ -46,7 +46,7 @@ def check_revert(catalog: Catalog, forward: Move) -> Revertible:
             f"move {forward.id} is itself a revert (of move {forward.reverts}): it opened no revert window; "
             f"move the tenants with `migrator move`"
         )
-    if forward.phase != Phase.FLIPPED:
+    if forward.phase not in (Phase.FLIPPED, Phase.CLEANED):
         hint = "abort it with `migrator move abort`" if forward.is_open else "nothing to take back"
         raise BadInput(f"{describe_move(forward)} is not a flipped move; {hint}")
     if forward.window_opened_at is None:
@@ -54,10 +54,11 @@ def check_revert(catalog: Catalog, forward: Move) -> Revertible:
             f"move {forward.id} flipped without a revert window (--no-revert-window); move the tenants back "
             "with `migrator move`"
         )
-    if forward.window_closed_at is not None:
+    if forward.window_closed_at is not None or forward.phase == Phase.CLEANED:
+        closed = forward.window_closed_at or forward.updated_at
         raise BadInput(
-            f"the revert window of move {forward.id} closed at {forward.window_closed_at:%Y-%m-%d %H:%M:%S %Z} "
-            f"(cleanup removed the copy on {forward.source}); move the tenants back with `migrator move`"
+            f"the revert window of move {forward.id} closed at {closed:%Y-%m-%d %H:%M:%S %Z} (cleanup removed "
+            f"the copy on {forward.source}); move the tenants back with `migrator move`"
         )
     routes = catalog.routes_of(forward.tenants)
     for route, version in zip(routes, forward.route_versions, strict=True):
