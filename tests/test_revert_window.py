@@ -254,3 +254,27 @@ def test_kill_9_in_each_phase_of_a_revert_then_resume_then_abort(small: Fleet) -
         assert (
             conn.execute("SELECT count(*) FROM projects WHERE tenant_id = 7 AND name = 'held write'").fetchone()[0] > 0
         )  # type: ignore[index]
+
+
+def test_apply_revert_takes_back_every_move_of_a_plan_still_in_its_window(small: Fleet, tmp_path: Path) -> None:
+    fleet = small
+    plan = tmp_path / "drain.yaml"
+    assert fleet.run("plan", "drain", "eu-1", "--to", "eu-2,us-1", "-o", str(plan)).exit_code == 0
+    applied = fleet.run("apply", str(plan), "--yes", "--json")
+    assert applied.exit_code == 0, applied.stderr
+    moves = {r["move_id"] for r in json.loads(applied.stdout)["results"]}
+    assert {fleet.catalog.route(t).stamp for t in ("7", "8", "9")} <= {"eu-2", "us-1"}
+    closed = min(moves)  # one of them cleaned up: its window is closed, it stays
+    cleaned = fleet.run("cleanup", "--move", str(closed), "--yes")
+    assert cleaned.exit_code == 0, cleaned.stderr
+    stays = set(fleet.catalog.move(closed).tenants)
+
+    reverted = fleet.run("apply", str(plan), "--revert", "--yes", "--json")
+    assert reverted.exit_code == 0, reverted.stderr
+    results = json.loads(reverted.stdout)["results"]
+    assert sorted((r["move_id"] is not None, r["status"]) for r in results).count((True, "done")) == len(moves) - 1
+    assert [r["reason"] for r in results if r["status"] == "skipped"] == ["no open revert window"]
+    for tenant in ("7", "8", "9"):
+        assert (fleet.catalog.route(tenant).stamp == "eu-1") == (tenant not in stays)
+    again = fleet.run("apply", str(plan), "--revert", "--yes", "--json")
+    assert again.exit_code == 0 and all(r["status"] == "skipped" for r in json.loads(again.stdout)["results"])

@@ -15,6 +15,7 @@ from migrator.cli.base import (
     JOBS,
     JSON,
     METRICS_PORT,
+    NO_REVERT_WINDOW,
     OVERRIDE_POLICY,
     RUN_FLAGS,
     EngineChoice,
@@ -362,7 +363,36 @@ def _summary(result: ApplyResult) -> str:
     counts = ", ".join(
         f"{len(result.having(s))} {s}" for s in (EntryStatus.DONE, EntryStatus.FAILED, EntryStatus.SKIPPED)
     )
-    table = render.table(
+    return f"{_results_table(result.results)}\nplan {result.path}: {result.status} ({counts})"
+
+
+def _revert_plan(context: Any, file: Path, throttle: ThrottleOptions, *, yes: bool, show: bool, as_json: bool) -> None:
+    """`apply --revert`: every move of the plan still inside its revert window, taken back; exit 1 if one failed."""
+    from dataclasses import replace
+
+    from migrator.catalog import EntryStatus
+    from migrator.interrupts import stop_on_signals
+    from migrator.move import MoveOptions
+    from migrator.plans.revert import revert_plan
+
+    if not yes:
+        confirm(f"Revert every move of {file} still inside its revert window?")
+    with stop_on_signals() as stop, render.progress(show, "plan") as progress:
+        results = revert_plan(context, file, replace(MoveOptions(), throttle=throttle), progress, stop.event)
+    counts = {s: sum(1 for r in results if r.status == s) for s in (EntryStatus.DONE, EntryStatus.FAILED)}
+    emit(
+        as_json,
+        {"path": str(file), "results": results},
+        f"{_results_table(results)}\nplan {file}: {counts[EntryStatus.DONE]} reverted, "
+        f"{counts[EntryStatus.FAILED]} failed, {len(results) - sum(counts.values())} skipped",
+    )
+    if counts[EntryStatus.FAILED]:
+        raise MigratorError(f"{counts[EntryStatus.FAILED]} reverts failed; fix the cause and re-run it to retry them")
+
+
+def _results_table(results: Any) -> str:
+    """One line per entry of a plan's run: where it went, how it ended, its move."""
+    return render.table(
         ["#", "tenants", "from", "to", "status", "move", "seconds", "reason"],
         [
             [
@@ -375,10 +405,9 @@ def _summary(result: ApplyResult) -> str:
                 f"{r.seconds:.1f}" if r.seconds else "",
                 render.mask_text(r.reason),
             ]
-            for r in result.results
+            for r in results
         ],
     )
-    return f"{table}\nplan {result.path}: {result.status} ({counts})"
 
 
 def _recorded_plan(context: Any, digest: str, file: Path, *, follow: bool, as_json: bool) -> None:
@@ -450,6 +479,12 @@ def _recorded_plan(context: Any, digest: str, file: Path, *, follow: bool, as_js
 )
 @ALLOW_TRIGGERS
 @OVERRIDE_POLICY
+@NO_REVERT_WINDOW
+@click.option(
+    "--revert",
+    is_flag=True,
+    help="Take back every move of the plan still inside its revert window (`migrator move revert`), last first.",
+)
 @METRICS_PORT
 @throttle_flags
 @RUN_FLAGS
@@ -469,6 +504,8 @@ def apply_cmd(
     allow_triggers: bool,
     override_policy: bool,
     reason: str | None,
+    no_revert_window: bool,
+    revert: bool,
     metrics_port: int | None,
     yes: bool,
     no_progress: bool,
@@ -498,6 +535,11 @@ def apply_cmd(
     override = override_reason(override_policy, reason)
     if queue is not None and override is not None:
         raise BadInput("--override-policy runs here, not on workers: apply the plan without --queue")
+    if revert:
+        if queue is not None or dry_run:
+            raise BadInput("--revert runs here, one move at a time: give it without --queue and --dry-run")
+        _revert_plan(context, file, throttle, yes=yes, show=not (as_json or no_progress), as_json=as_json)
+        return
     prepared = prepare(context, file, override is not None)
     if dry_run:
         _dry_run(as_json, prepared)
@@ -515,6 +557,7 @@ def apply_cmd(
         jobs=jobs,
         allow_triggers=allow_triggers,
         override_reason=override,
+        revert_window=not no_revert_window,
         max_attempts=max_attempts,
         throttle=throttle,
     )

@@ -47,7 +47,7 @@ SLOT_POLL_S = 0.5  # how often the slots of a target held by other applies or wo
 @dataclass(frozen=True)
 class ApplyOptions:
     """Flags of `migrator apply`: --parallel, --per-stamp, --stop-on-error, --batch-rows, --jobs,
-    --allow-triggers, --max-attempts, the throttle's."""
+    --allow-triggers, --no-revert-window, --max-attempts, the throttle's."""
 
     parallel: int = 1
     per_stamp: int = 1
@@ -56,6 +56,7 @@ class ApplyOptions:
     jobs: int = field(default_factory=default_jobs)  # each move's streams, see MoveOptions
     allow_triggers: bool = False  # each move's, see MoveOptions
     override_reason: str | None = None  # each move's, see MoveOptions (--override-policy --reason)
+    revert_window: bool = True  # each move's, see MoveOptions (--no-revert-window)
     max_attempts: int = 3  # with --queue: runs of an entry that fail for a transient reason, at most
     throttle: ThrottleOptions = field(default_factory=ThrottleOptions)  # each move's, see MoveOptions
 
@@ -66,6 +67,7 @@ class ApplyOptions:
             jobs=self.jobs,
             allow_triggers=self.allow_triggers,
             override_reason=self.override_reason,
+            revert_window=self.revert_window,
             throttle=self.throttle,
         )
 

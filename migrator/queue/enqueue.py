@@ -63,6 +63,7 @@ def enqueue(
         "batch_rows": options.batch_rows,
         "jobs": options.jobs,
         "allow_triggers": options.allow_triggers,
+        "revert_window": options.revert_window,
     }
     try:
         with app.open():

@@ -83,6 +83,7 @@ def run_entry(
     batch_rows: int,
     jobs: int,
     allow_triggers: bool,
+    revert_window: bool = True,  # absent from jobs queued before the revert window existed
 ) -> str:
     """Run (or resume) one plan entry's move; returns how it ended, for the queue's own record."""
     state: WorkerState = context.additional_context["migrator"]
@@ -109,7 +110,13 @@ def run_entry(
             return classified.note
         what = f"plan {plan_id} #{position}: {planned.who} {entry.source} -> {entry.target}"
         state.say(f"start   {what}" + (f" ({classified.note})" if classified.resume else ""))
-        options = MoveOptions(batch_rows=batch_rows, jobs=jobs, allow_triggers=allow_triggers, throttle=state.throttle)
+        options = MoveOptions(
+            batch_rows=batch_rows,
+            jobs=jobs,
+            allow_triggers=allow_triggers,
+            revert_window=revert_window,
+            throttle=state.throttle,
+        )
         done = execute_entry(ctx, plan_id, classified, options, Silent(), stop=state.stop)
         if done.status == EntryStatus.FAILED:
             _after_failure(state, ledger, plan_id, entry, done, max_attempts, what)
