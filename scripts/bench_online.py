@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 
 import benchlib  # scripts/, the directory of this script
 
@@ -40,24 +38,6 @@ from migrator.router import Router
 from migrator.testing.writer import Workload
 
 TENANT = 1
-
-
-def _fenced_at(log: str) -> float:
-    """Wall-clock time the last cutover attempt fenced the tenant, from the move's --verbose log."""
-    found = re.findall(
-        r"^(\S+ \S+) INFO migrator\.cutover: move \d+: fenced, in-flight writes done at (\d+) ms", log, re.M
-    )
-    if not found:
-        raise SystemExit("the move's log has no cutover line")
-    stamp, after_ms = found[-1]
-    logged = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=UTC).timestamp()
-    return logged - int(after_ms) / 1000
-
-
-def _p99(values: list[float]) -> float:
-    """The 99th percentile (nearest rank): with a handful of moves, their maximum."""
-    ordered = sorted(values)
-    return ordered[max(0, -(-99 * len(ordered) // 100) - 1)]
 
 
 def _cached_lookup_us(catalog_url: str, stamps: dict[str, str], calls: int = 200_000) -> float:
@@ -148,7 +128,7 @@ def main() -> None:
             rate = sum(w.acked / (w.stopped_at - w.started_at) for w in writers)
             longest = max(writers, key=lambda w: w.longest_pause_s)
             pause_ms = longest.longest_pause_s * 1000
-            fenced_at = _fenced_at(moved.stderr)
+            fenced_at = benchlib.fenced_at(moved.stderr)
             pause_from = (longest.longest_pause_ended - longest.longest_pause_s - fenced_at) * 1000
             rejections = sum(w.fenced_errors for w in writers)
             flipped_at = fenced_at + freeze_ms / 1000
@@ -168,10 +148,13 @@ def main() -> None:
                 print(f"     writer error: {error}")
             subprocess.run([*cli, "cleanup", str(TENANT), "--stamp", source, "--yes"], check=True, capture_output=True)
             source = target
-        print(f"freeze window p50 {statistics.median(freezes):.1f} ms, p99 {_p99(freezes):.1f} ms (target < 100 ms)")
+        p50, p99 = statistics.median(freezes), benchlib.p99(freezes)
+        print(f"freeze window p50 {p50:.1f} ms, p99 {p99:.1f} ms (target < 100 ms)")
         print(
             "freeze steps, ms: "
-            + "; ".join(f"{step} p50 {statistics.median(ms):.1f} p99 {_p99(ms):.1f}" for step, ms in steps.items())
+            + "; ".join(
+                f"{step} p50 {statistics.median(ms):.1f} p99 {benchlib.p99(ms):.1f}" for step, ms in steps.items()
+            )
         )
         print(f"writer: slowest move {slowest_rate:.0f} writes/s (target >= 500); errors outside it {other_errors}")
         worst = max(p - f for p, f in zip(pauses, freezes, strict=True))

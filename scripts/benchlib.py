@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from psycopg import sql
@@ -133,3 +135,21 @@ def raw_pipe_seconds(
     for select, insert in statements:
         _pipe(psql, source, target, select, insert)
     return time.monotonic() - started
+
+
+def fenced_at(log: str) -> float:
+    """Wall-clock time the last cutover attempt fenced the tenant, from the move's --verbose log."""
+    found = re.findall(
+        r"^(\S+ \S+) INFO migrator\.cutover: move \d+: fenced, in-flight writes done at (\d+) ms", log, re.M
+    )
+    if not found:
+        raise SystemExit("the move's log has no cutover line")
+    stamp, after_ms = found[-1]
+    logged = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=UTC).timestamp()
+    return logged - int(after_ms) / 1000
+
+
+def p99(values: list[float]) -> float:
+    """The 99th percentile (nearest rank): with a handful of moves, their maximum."""
+    ordered = sorted(values)
+    return ordered[max(0, -(-99 * len(ordered) // 100) - 1)]
