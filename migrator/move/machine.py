@@ -185,12 +185,17 @@ def revert_move(
             return _resume(ctx, pending[0], lock, options, progress, stop)
         if forward.phase == Phase.REVERTED:
             done = next(m for m in reversed(reverts) if m.phase in FLIPPED)
-            _finish_revert(ctx, done)
+            if not options.dry_run:
+                _finish_revert(ctx, done)
             routes = catalog.routes_of(done.tenants)
             return MoveOutcome(done.tenants, done.source, done.target, done, routes, True)
         checked = revert.check_revert(catalog, forward)
+        source, target = catalog.stamp(forward.target), catalog.stamp(forward.source)
+        throttle.check_visible(catalog, (source, target), options.throttle)
         if options.dry_run:
             return MoveOutcome(forward.tenants, forward.target, forward.source, None, [], False)
+        with stamps.connect(source) as conn:  # a forward move killed right after its flip left them
+            forget_progress(conn, forward.id)
         move = catalog.create_move(
             checked.routes, forward.source, Mode.ONLINE, options.batch_rows, checked.revision, reverts=forward.id
         )
@@ -198,7 +203,6 @@ def revert_move(
         move = catalog.update_move(
             move.id, rows_total=forward.rows_copied, write_mode=write_mode, write_mode_reason=why
         )
-        source, target = catalog.stamp(move.source), catalog.stamp(move.target)
         progress.phase(f"move {move.id}: reverting move {forward.id}, {move.who} {source.name} -> {target.name}")
         layout = stamps.layout(source, ctx.config.tenancy)
         run = MoveRun(catalog, source, target, layout, lock, options, progress, ctx.metrics, stop or threading.Event())

@@ -8,6 +8,9 @@ records every write the database acknowledged. Then N moves run one after anothe
 source, target or catalog connections, a restart of the target server, or the catalog server
 stopped for a few seconds around the flip. Recovery uses only documented commands: the same
 `migrator move` again (resume) or `migrator move abort ID`, then `migrator cleanup` after a flip.
+Some flipped moves are taken back first (`migrator move revert ID`, within the revert window, while
+the writer writes on the target), a kill -9 striking some reverts in catch-up or in their freeze,
+recovered by running the revert again or aborting it; then the leftovers of whichever side lost go.
 
 At the end an oracle independent of migrator's own verification (md5 of every row's text, taken
 before any move) and the writer's acknowledged writes are compared with the tenants' homes, route
@@ -74,6 +77,9 @@ FAULT_PROBABILITY = 0.75
 ABORT_PROBABILITY = 0.3
 COHORT_PROBABILITY = 0.5  # a move takes 2 to 4 tenants of one stamp as one cohort
 COHORT_MAX = 4
+REVERT_PROBABILITY = 0.35  # a flipped move is taken back (`move revert`) before its cleanup
+REVERT_FAULT_PHASES = (Phase.SYNCED, Phase.CUTOVER)  # where a kill -9 may strike a revert
+WINDOW_S = 1.0  # how long the writer writes on the target before a revert
 RECOVERY_ATTEMPTS = 4
 MOVE_TIMEOUT_S = 300.0
 MOVE_FLAGS = ("--batch-rows", "200", "--rate-limit", "4000")  # many short batches: a kill lands mid-copy
@@ -440,6 +446,9 @@ class Report:
     flipped: int = 0
     aborted: int = 0
     resumed: int = 0
+    reverted: int = 0  # reverts that flipped the routes back
+    revert_aborted: int = 0  # reverts the operator aborted after a fault (the tenants stay on the target)
+    revert_faults: int = 0  # kill -9 of a running revert
     cleanups: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     fault_phases: Counter[str] = field(default_factory=Counter)
@@ -470,6 +479,8 @@ class Report:
             f"  {'flipped':<34}{self.flipped}",
             f"  {'aborted (operator abort)':<34}{self.aborted}",
             f"  {'resumed (operator re-run)':<34}{self.resumed}",
+            f"  {'reverted (move revert)':<34}{self.reverted}"
+            f" (killed -9 while reverting {self.revert_faults}, aborted after it {self.revert_aborted})",
             f"  {'cleanups':<34}{self.cleanups}",
             f"  {'faults injected':<34}{sum(self.faults.values())}"
             f" (finished anyway: {self.tolerated}; missed, move done first: {sum(self.missed.values())})",
@@ -510,6 +521,8 @@ class Plan:
     phase: Phase | None
     abort: bool
     outage_s: float
+    revert: bool = False  # once flipped, take the move back before cleaning up
+    revert_fault: Phase | None = None  # a kill -9 of the revert at this phase
 
 
 class Engine:
@@ -584,7 +597,10 @@ class Engine:
         target = rng.choice(sorted(s for s in self.fleet.stamps if s != source))
         fault = forced or (rng.choice(KINDS) if rng.random() < FAULT_PROBABILITY else None)
         phase = rng.choice(PHASES[fault]) if fault else None
-        return Plan(cohort, target, fault, phase, rng.random() < ABORT_PROBABILITY, rng.uniform(2.0, 4.0))
+        abort, outage = rng.random() < ABORT_PROBABILITY, rng.uniform(2.0, 4.0)
+        revert = rng.random() < REVERT_PROBABILITY
+        revert_fault = rng.choice(REVERT_FAULT_PHASES) if revert and rng.random() < 0.5 else None
+        return Plan(cohort, target, fault, phase, abort, outage, revert, revert_fault)
 
     def run_move(self, index: int, plan: Plan, writer: Writer) -> None:
         report = self.report
@@ -699,7 +715,7 @@ class Engine:
             move = self.latest_move(plan.tenants[0], before_id)
             if move is not None and move.phase in FLIPPED:
                 report.flipped += 1
-                self.cleanup(move, what)
+                self.cleanup((plan.revert and self.revert(move, plan, what)) or move, what)
                 return
             if move is not None and move.phase == Phase.ABORTED:
                 report.aborted += 1
@@ -717,6 +733,45 @@ class Engine:
                 log(f"{what}: recovery attempt {attempt + 1} failed: {result.stderr.strip()[-400:]}")
         move = self.latest_move(plan.tenants[0], before_id)
         report.violate("unrecovered moves", 1, f"{what}: still {move.phase if move else 'not created'} after recovery")
+
+    def revert(self, move: Move, plan: Plan, what: str) -> Move | None:
+        """As an operator taking a flipped move back within its window, while the writer writes on the
+        target; a kill -9 may strike the revert, recovered by running it again or aborting it. Returns
+        the revert that flipped (its leftovers are the target's copy), or None if it was aborted."""
+        report = self.report
+        time.sleep(WINDOW_S)  # the application writes on the target: the window captures it
+        before_id = self.last_move_id()
+        args = ("move", "revert", str(move.id), "--yes", "--json")
+        proc = self.proc = self.fleet.popen(*args, out=self.logs / f"revert-{move.id:03d}.log")
+        fault = f", kill -9 at {plan.revert_fault}" if plan.revert_fault else ""
+        log(f"{what}: operator reverts move {move.id}{fault}")
+        if plan.revert_fault:
+            hit = self._await_phase(proc, plan.tenants[0], plan.revert_fault, before_id, move.target)
+            if hit:
+                os.kill(proc.pid, signal.SIGKILL)
+                report.revert_faults += 1
+                log(f"{what}: revert killed -9 at phase {hit}")
+        self._wait(proc, what)
+        for attempt in range(RECOVERY_ATTEMPTS + 1):
+            revert = self.latest_move(plan.tenants[0], before_id)
+            if revert is not None and revert.phase in FLIPPED:
+                report.reverted += 1
+                return revert
+            if revert is not None and revert.phase == Phase.ABORTED:
+                report.revert_aborted += 1
+                return None
+            if attempt == RECOVERY_ATTEMPTS:
+                break
+            if revert is not None and plan.abort:
+                log(f"{what}: revert {revert.id} stopped at {revert.phase}; operator aborts it")
+                result = self.fleet.cli("move", "abort", str(revert.id), "--yes")
+            else:
+                log(f"{what}: revert stopped ({revert.phase if revert else 'no revert recorded'}); operator re-runs it")
+                result = self.fleet.cli(*args)
+            if result.returncode != 0:
+                log(f"{what}: revert recovery attempt {attempt + 1} failed: {result.stderr.strip()[-400:]}")
+        report.violate("unrecovered moves", 1, f"{what}: the revert of move {move.id} never ended")
+        return None
 
     def cleanup(self, move: Move, what: str) -> None:
         """A single tenant's leftovers by tenant and stamp, a cohort's by its move id (both documented ways)."""
@@ -736,22 +791,27 @@ class Engine:
     def check_move(self, plan: Plan, source: str, versions: dict[str, int], before_id: int, what: str) -> None:
         """Right after a move: each route's step (a cohort's all or none), the rows where the routes say,
         nothing left behind."""
-        move = self.latest_move(plan.tenants[0], before_id)
-        flipped = move is not None and move.phase in FLIPPED
+        moves = [m for m in self.catalog.moves(plan.tenants[0], limit=10) if m.id > before_id]
+        forward = min(moves, key=lambda m: m.id, default=None)
+        flipped = forward is not None and (forward.phase in FLIPPED or forward.phase == Phase.REVERTED)
+        reverted = forward is not None and any(m.reverts == forward.id and m.phase in FLIPPED for m in moves)
         homes = set()
         for tenant in plan.tenants:
             version = versions[tenant]
             stamp, now = self.route(tenant)
             homes.add(stamp)
+            if reverted:  # the forward flip's version, then the revert's
+                self.versions[tenant].append(version + 1)
             self.versions[tenant].append(now)
-            expected = (plan.target, version + 1) if flipped else (source, version)
+            expected = (
+                (source, version + 2) if reverted else (plan.target, version + 1) if flipped else (source, version)
+            )
             if (stamp, now) != expected:
                 if stamp == source and now == version and flipped:
                     self.report.violate("double flips", 1, f"{what}: move says flipped, {tenant} still {stamp} v{now}")
-                elif now - version > 1:
-                    self.report.violate(
-                        "route version skips", now - version - 1, f"{what}: {tenant} v{version} -> v{now}"
-                    )
+                elif now - version > 1 + reverted:
+                    skipped = now - version - 1 - reverted
+                    self.report.violate("route version skips", skipped, f"{what}: {tenant} v{version} -> v{now}")
                 else:
                     self.report.violate(
                         "double flips", 1, f"{what}: {tenant} {stamp} v{now}, expected {expected[0]} v{expected[1]}"
