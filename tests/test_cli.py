@@ -44,9 +44,10 @@ def test_move_help_shows_the_options_of_moving_and_its_other_commands() -> None:
     assert result.exit_code == 0, result.output
     assert result.output.startswith("Usage: migrator move [OPTIONS] [TENANTS]...")
     options, commands = result.output.split("\nOptions:\n")[1].split("\nCommands:\n")
-    for option in ("--to", "--tenants-file", "--move", "--jobs", "--offline", "--dry-run", "--yes", "--json"):
+    moving = ("--to", "--tenants-file", "--move", "--jobs", "--offline", "--dry-run", "--no-revert-window", "--yes")
+    for option in (*moving, "--json"):
         assert f"  {option} " in options, option
-    assert [line.split()[0] for line in commands.splitlines() if line[:3].strip()] == ["abort", "status"]
+    assert [line.split()[0] for line in commands.splitlines() if line[:3].strip()] == ["abort", "revert", "status"]
 
 
 @pytest.mark.parametrize(
