@@ -72,6 +72,7 @@ class EntryStatus(StrEnum):
 class StepResult(StrEnum):
     """A stamp's step of a schema rollout, as `schema_runs.result` records it."""
 
+    WAITING = "waiting"  # a queued rollout's step held back until the wave before it ended and its gate passed
     QUEUED = "queued"  # a queued rollout's step no worker has taken yet
     RUNNING = "running"
     OK = "ok"
@@ -81,7 +82,9 @@ class StepResult(StrEnum):
 
 
 # A rollout's step in one of these has not ended: a worker runs it, or will.
-UNFINISHED_STEPS: frozenset[StepResult] = frozenset({StepResult.QUEUED, StepResult.RUNNING})
+UNFINISHED_STEPS: frozenset[StepResult] = frozenset({StepResult.WAITING, StepResult.QUEUED, StepResult.RUNNING})
+# ... and in one of these a worker may take it now (a `running` one again when its worker died).
+CLAIMABLE_STEPS: frozenset[StepResult] = frozenset({StepResult.QUEUED, StepResult.RUNNING})
 
 # A move in one of these is finished (see the index move_tenants_one_open).
 TERMINAL: frozenset[Phase] = frozenset({Phase.FLIPPED, Phase.CLEANED, Phase.ABORTED, Phase.REVERTED})

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import class_row
 
-from migrator.catalog.models import UNFINISHED_STEPS, StepResult
+from migrator.catalog.models import CLAIMABLE_STEPS, StepResult
 from migrator.catalog.store import Catalog
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import CATALOG
@@ -36,6 +36,7 @@ class SchemaRun:
     operator: str
     started_at: datetime
     finished_at: datetime | None
+    wave: int | None = None  # the rollout's wave (0: the canary, when it had one); None: not run
 
 
 def runs(catalog: Catalog, stamp: str | None = None, limit: int = 50) -> list[SchemaRun]:
@@ -45,7 +46,7 @@ def runs(catalog: Catalog, stamp: str | None = None, limit: int = 50) -> list[Sc
     with catalog.transaction() as conn, conn.cursor(row_factory=class_row(SchemaRun)) as cur:
         cur.execute(
             "SELECT id, run_id::text AS run_id, stamp, direction, from_revision, to_revision, result, error, operator,"
-            " started_at, finished_at FROM schema_runs WHERE %(stamp)s::text IS NULL OR stamp = %(stamp)s"
+            " started_at, finished_at, wave FROM schema_runs WHERE %(stamp)s::text IS NULL OR stamp = %(stamp)s"
             " ORDER BY started_at DESC, id DESC LIMIT %(limit)s",
             {"stamp": stamp, "limit": limit},
         )
@@ -76,26 +77,28 @@ class RunLog:
             self.close()
             raise
 
-    def start(self, stamps: Sequence[tuple[str, str | None]]) -> dict[str, int]:
+    def start(self, stamps: Sequence[tuple[str, str | None]], wave: int) -> dict[str, int]:
         """Rows `running` for a wave's (stamp name, revision before the run): stamp name -> row id."""
-        return self._insert(stamps, StepResult.RUNNING)
+        return self._insert([(name, revision, wave) for name, revision in stamps], StepResult.RUNNING)
 
-    def queue(self, stamps: Sequence[tuple[str, str | None]]) -> None:
-        """Rows `queued` for a queued rollout's stamps (stamp name, revision now): workers run them."""
-        self._insert(stamps, StepResult.QUEUED)
+    def queue(self, stamps: Sequence[tuple[str, str | None, int]], result: StepResult) -> None:
+        """Rows of a queued rollout's (stamp name, revision now, wave): `queued` for workers to run now,
+        `waiting` for a later wave (see `release`)."""
+        self._insert(stamps, result)
 
-    def _insert(self, stamps: Sequence[tuple[str, str | None]], result: StepResult) -> dict[str, int]:
+    def _insert(self, stamps: Sequence[tuple[str, str | None, int]], result: StepResult) -> dict[str, int]:
         found = self._execute(
-            "INSERT INTO schema_runs (run_id, stamp, direction, from_revision, to_revision, result)"
-            " SELECT %s, u.stamp, %s, u.from_revision, %s, %s"
-            " FROM unnest(%s::text[], %s::text[]) AS u(stamp, from_revision) RETURNING stamp, id",
+            "INSERT INTO schema_runs (run_id, stamp, direction, from_revision, to_revision, result, wave)"
+            " SELECT %s, u.stamp, %s, u.from_revision, %s, %s, u.wave"
+            " FROM unnest(%s::text[], %s::text[], %s::int[]) AS u(stamp, from_revision, wave) RETURNING stamp, id",
             (
                 self.run_id,
                 self.direction,
                 self.target,
                 result,
-                [stamp for stamp, _ in stamps],
-                [revision for _, revision in stamps],
+                [stamp for stamp, _, _ in stamps],
+                [revision for _, revision, _ in stamps],
+                [wave for _, _, wave in stamps],
             ),
         )
         return {stamp: int(row_id) for stamp, row_id in found}
@@ -109,7 +112,7 @@ class RunLog:
         found = self._execute(
             "UPDATE schema_runs SET result = %s, started_at = now() WHERE run_id = %s AND stamp = %s"
             " AND result = ANY(%s) RETURNING id",
-            (StepResult.RUNNING, self.run_id, stamp, sorted(UNFINISHED_STEPS)),
+            (StepResult.RUNNING, self.run_id, stamp, sorted(CLAIMABLE_STEPS)),
         )
         return int(found[0][0]) if found else None
 
@@ -122,20 +125,57 @@ class RunLog:
             )
         ]
 
-    def skip_queued(self, stamps: Sequence[str], why: str) -> None:
-        """Queued stamps that will not run (the canary or an earlier stamp failed)."""
-        self._execute(
+    def skip_queued(self, stamps: Sequence[str] | None, why: str) -> list[str]:
+        """Queued or waiting stamps (`None`: all of the run's) that will not run (the canary, an earlier
+        stamp or a wave's check failed); returns those skipped now."""
+        found = self._execute(
             "UPDATE schema_runs SET result = %s, error = %s, finished_at = now() WHERE run_id = %s"
-            " AND stamp = ANY(%s) AND result = %s",
-            (StepResult.SKIPPED, why, self.run_id, list(stamps), StepResult.QUEUED),
+            " AND (%s::text[] IS NULL OR stamp = ANY(%s::text[])) AND result = ANY(%s) RETURNING stamp",
+            (
+                StepResult.SKIPPED,
+                why,
+                self.run_id,
+                None if stamps is None else list(stamps),
+                None if stamps is None else list(stamps),
+                [StepResult.QUEUED, StepResult.WAITING],
+            ),
         )
+        return [str(row[0]) for row in found]
 
-    def add(self, stamp: str, from_revision: str | None, result: StepResult, error: str | None) -> None:
+    def wave(self, number: int) -> list[tuple[str, StepResult]]:
+        """A queued rollout's wave: (stamp, result) of its stamps, by name."""
+        return [
+            (str(stamp), StepResult(result))
+            for stamp, result in self._execute(
+                "SELECT stamp, result FROM schema_runs WHERE run_id = %s AND wave = %s ORDER BY stamp",
+                (self.run_id, number),
+            )
+        ]
+
+    def wave_of(self, stamp: str) -> int | None:
+        """The wave a stamp of this run belongs to (None: not in a wave)."""
+        found = self._execute(
+            "SELECT wave FROM schema_runs WHERE run_id = %s AND stamp = %s ORDER BY id DESC LIMIT 1",
+            (self.run_id, stamp),
+        )
+        return None if not found or found[0][0] is None else int(found[0][0])
+
+    def release(self, wave: int) -> list[str]:
+        """The `waiting` stamps of `wave`, now `queued`: exactly one caller gets them (the others none)."""
+        found = self._execute(
+            "UPDATE schema_runs SET result = %s WHERE run_id = %s AND wave = %s AND result = %s RETURNING stamp",
+            (StepResult.QUEUED, self.run_id, wave, StepResult.WAITING),
+        )
+        return sorted(str(row[0]) for row in found)
+
+    def add(
+        self, stamp: str, from_revision: str | None, result: StepResult, error: str | None, wave: int | None = None
+    ) -> None:
         """A stamp that was not run (skipped, dry run, refused): recorded as finished at once."""
         self._execute(
             "INSERT INTO schema_runs (run_id, stamp, direction, from_revision, to_revision, result, error,"
-            " finished_at) VALUES (%s, %s, %s, %s, %s, %s, %s, now())",
-            (self.run_id, stamp, self.direction, from_revision, self.target, result, error),
+            " finished_at, wave) VALUES (%s, %s, %s, %s, %s, %s, %s, now(), %s)",
+            (self.run_id, stamp, self.direction, from_revision, self.target, result, error, wave),
         )
 
     def finish(self, row_id: int, from_revision: str | None, result: StepResult, error: str | None) -> None:

@@ -294,6 +294,69 @@ def queued(what: str, wait: str) -> Callable[[F], F]:
     return options(queue, click.option("--wait", is_flag=True, help=f"With --queue: {wait}"))
 
 
+def _rollout_default(name: str) -> Any:
+    from migrator.rollout.runner import RolloutOptions
+
+    return getattr(RolloutOptions, name)
+
+
+class EngineParsed(click.ParamType):
+    """A value the engine parses (`parse` imports it when a command runs): its one-line error is click's."""
+
+    def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
+        self.name = name
+        self._parse = parse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value  # a default, already the engine's value
+        try:
+            return self._parse(value)
+        except MigratorError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _parse_waves(text: str) -> Any:
+    from migrator.rollout.ripple import Waves
+
+    return Waves.parse(text)
+
+
+def _parse_duration(text: str) -> float:
+    from migrator.rollout.ripple import parse_duration
+
+    return parse_duration(text)
+
+
+RIPPLE = options(  # --waves, --bake, --check: a schema rollout that ripples (upgrade and downgrade)
+    click.option(
+        "--waves",
+        type=EngineParsed("waves", _parse_waves),
+        default=EngineDefault(lambda: _rollout_default("waves")),
+        metavar="SPEC",
+        help="Progressively larger waves after the canary, cumulative counts or percents of the stamps after it, "
+        "ending at 100% (e.g. 1,5%,25%,100%); --parallel still bounds the stamps at once in a wave. "
+        "Default: waves of --parallel stamps.",
+    ),
+    click.option(
+        "--bake",
+        "bake_s",
+        type=EngineParsed("duration", _parse_duration),
+        default=EngineDefault(lambda: _rollout_default("bake_s")),
+        metavar="DURATION",
+        help="Wait this long (30s, 5m, 1h) after the canary and after each wave but the last, before the next. "
+        "Default: no wait.",
+    ),
+    click.option(
+        "--check",
+        default=EngineDefault(lambda: _rollout_default("check")),
+        metavar="CMD",
+        help="Shell command run after the canary and after each wave but the last (after --bake), before the "
+        "next, with MIGRATOR_WAVE, MIGRATOR_WAVE_STAMPS and MIGRATOR_TARGET_REVISION in its environment; a non-zero "
+        "exit stops the rollout, leaving the stamps not started untouched.",
+    ),
+)
+
 BATCH_ROWS = engine_option(
     "--batch-rows", _default_batch_rows, "Rows per copy batch (each batch is one target transaction)."
 )

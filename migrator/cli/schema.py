@@ -9,6 +9,7 @@ import click
 from migrator.cli import render
 from migrator.cli.base import (
     JSON,
+    RIPPLE,
     RUN_FLAGS,
     cli,
     confirm,
@@ -90,8 +91,10 @@ def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> N
 )
 @click.option("--dry-run", is_flag=True, help="Print each stamp's pending revisions and their SQL; change nothing.")
 @click.option("--active-only", is_flag=True, help="Leave draining and retired stamps out.")
+@RIPPLE
 @queued(
-    "one step per stamp (the canary's first, the others once it succeeded; --parallel then does not apply)",
+    "one step per stamp, wave by wave (the canary's first; without --waves the others are one wave, and "
+    "--parallel does not apply)",
     "follow the rollout until every stamp has run.",
 )
 @engine_option(
@@ -109,6 +112,9 @@ def schema_upgrade_cmd(
     continue_on_error: bool,
     dry_run: bool,
     active_only: bool,
+    waves: Any,
+    bake_s: float,
+    check: str | None,
     queue: str | None,
     connections_per_server: int,
     wait: bool,
@@ -116,14 +122,17 @@ def schema_upgrade_cmd(
     no_progress: bool,
     as_json: bool,
 ) -> None:
-    """Upgrade every stamp to REVISION (default head): the canary first, then waves of --parallel stamps."""
+    """Upgrade every stamp to REVISION (default head): the canary first, then waves of --parallel stamps
+    (or --waves), with --bake and --check between two waves."""
     from migrator.rollout.runner import RolloutOptions, upgrade_fleet
 
     if wait and queue is None:
         raise BadInput("--wait follows a queued rollout: add --queue")
     options = RolloutOptions(
-        revision, canary, parallel, continue_on_error, dry_run, active_only, connections_per_server
-    )
+        revision, canary, parallel, continue_on_error, dry_run, active_only, connections_per_server, waves, bake_s,
+        check,
+    )  # fmt: skip
+    again = _again(f"migrator schema upgrade {revision}", options)
     if queue is not None and not dry_run:
         _queued_upgrade(context_of(ctx), options, queue, wait, None if yes else _confirm, as_json)
         return
@@ -133,16 +142,38 @@ def schema_upgrade_cmd(
     # Ctrl-C, SIGTERM: the running wave's steps end, no more wave starts
     with stop_on_signals() as stop, render.progress(not (as_json or no_progress), "stamps") as progress:
         rollout = upgrade_fleet(context_of(ctx), options, progress, None if yes else _confirm, stop.event)
-    _report(rollout, as_json, stop, f"migrator schema upgrade {revision}")
+    _report(rollout, as_json, stop, again, options.gate)
+
+
+def _again(command: str, options: Any) -> str:
+    """The command that resumes a stopped rollout: the same one, with the flags that shape what is left
+    (the stamps done are at the target then, and a new canary is chosen among the rest)."""
+    import shlex
+
+    from migrator.rollout.ripple import format_duration
+
+    parts = [command]
+    parts += ["--active-only"] if options.active_only else []
+    parts += ["--continue-on-error"] if options.continue_on_error else []
+    parts += [f"--waves {options.waves}"] if options.waves is not None else []
+    parts += [f"--bake {format_duration(options.bake_s)}"] if options.bake_s else []
+    parts += [f"--check {shlex.quote(options.check)}"] if options.check is not None else []
+    return " ".join(parts)
 
 
 def _queued_upgrade(context: Any, options: Any, queue: str, wait: bool, confirm: Any, as_json: bool) -> None:
     from migrator.catalog import StepResult
     from migrator.queue.enqueue import enqueue_upgrade
     from migrator.queue.follow import follow_rollout
+    from migrator.rollout.ripple import CHECK_FAILED
 
     queued = enqueue_upgrade(context, options, queue, confirm)
     first = f"canary {queued.canary} first" if queued.canary else "no canary"
+    sizes = queued.waves[1:] if queued.canary else queued.waves
+    if sizes:
+        first += f", then {len(sizes)} wave(s) of {', '.join(map(str, sizes))} stamp(s)"
+    if options.gate and len(queued.waves) > 1:
+        first += f"; between waves: {options.gate.describe()}"
     render.say(
         f"rollout {queued.run_id} to {queued.target}: {queued.steps} stamp(s) queued on {queue} ({first}), "
         f"{queued.skipped} with nothing to do"
@@ -160,6 +191,14 @@ def _queued_upgrade(context: Any, options: Any, queue: str, wait: bool, confirm:
     counts = {r: sum(1 for _, result, _ in rows if result == r) for r in shown}
     data["stamps"] = [{"stamp": s, "result": r, "error": e} for s, r, e in rows]
     emit(as_json, data, f"rollout {queued.run_id}: " + ", ".join(f"{n} {r}" for r, n in counts.items()))
+    gated = next((e for _, r, e in rows if r == StepResult.SKIPPED and CHECK_FAILED in (e or "")), None)
+    if gated is not None:
+        left = [s for s, r, e in rows if r == StepResult.SKIPPED and e == gated]
+        why = gated.removeprefix("not tried: ")
+        raise MigratorError(
+            f"rollout {queued.run_id} {why}; {len(left)} stamp(s) not tried ({', '.join(left)}), left untouched; "
+            f"resume: `{_again(f'migrator schema upgrade {options.revision}', options)} --queue {queue}`"
+        )
     if counts[StepResult.FAILED]:
         raise MigratorError(f"{counts[StepResult.FAILED]} stamp(s) failed; `migrator schema log` shows why")
 
@@ -167,21 +206,33 @@ def _queued_upgrade(context: Any, options: Any, queue: str, wait: bool, confirm:
 @schema_group.command("downgrade")
 @click.argument("revision")
 @click.option("--stamp", "names", multiple=True, help="A stamp to downgrade (repeatable; default: every stamp).")
+@engine_option("--parallel", lambda: _rollout_defaults().parallel, "Stamps downgraded at once per wave.")
+@RIPPLE
 @RUN_FLAGS
 @click.pass_context
 def schema_downgrade_cmd(
-    ctx: click.Context, revision: str, names: tuple[str, ...], yes: bool, no_progress: bool, as_json: bool
+    ctx: click.Context,
+    revision: str,
+    names: tuple[str, ...],
+    parallel: int,
+    waves: Any,
+    bake_s: float,
+    check: str | None,
+    yes: bool,
+    no_progress: bool,
+    as_json: bool,
 ) -> None:
-    """Downgrade stamps to REVISION (or base), canary first, with the same locks and log as upgrade."""
+    """Downgrade stamps to REVISION (or base), canary first, with the same waves, gate, locks and log as upgrade."""
     from migrator.interrupts import stop_on_signals
-    from migrator.rollout.runner import downgrade_stamps
+    from migrator.rollout.runner import RolloutOptions, downgrade_stamps
 
+    options = RolloutOptions(revision, parallel=parallel, waves=waves, bake_s=bake_s, check=check)
     with stop_on_signals() as stop, render.progress(not (as_json or no_progress), "stamps") as progress:
         rollout = downgrade_stamps(
-            context_of(ctx), revision, names, progress=progress, confirm=None if yes else _confirm, stop=stop.event
+            context_of(ctx), revision, names, options, progress, None if yes else _confirm, stop.event
         )
-    again = " ".join(["migrator schema downgrade", revision, *(f"--stamp {name}" for name in names)])
-    _report(rollout, as_json, stop, again)
+    again = _again(" ".join(["migrator schema downgrade", revision, *(f"--stamp {name}" for name in names)]), options)
+    _report(rollout, as_json, stop, again, options.gate)
 
 
 @schema_group.command("history")
@@ -259,14 +310,17 @@ def _confirm(plan: Any) -> None:
     click.echo(f"{plan.direction} {stamps} stamp(s) to {target}: {lead}{rest} wave(s)", err=True)
     for number, wave in enumerate(plan.waves):
         click.echo(f"  {plan.wave_name(number)}: {', '.join(wave)}", err=True)
+    if plan.gate and len(plan.waves) > 1:
+        click.echo(f"  between two waves: {plan.gate.describe()}", err=True)
     if plan.retired:
         click.echo(f"  skipped (retired): {', '.join(plan.retired)}", err=True)
     confirm(f"{plan.direction.capitalize()} {stamps} stamp(s) to {target}?")
 
 
-def _report(rollout: Any, as_json: bool, stop: Any = None, again: str = "") -> None:
-    """The final table, then exit 1 naming the failed stamps (after rendering, like `verify`), or, after a
-    stop (Ctrl-C, SIGTERM), the line saying where it stopped and the command (`again`) that goes on."""
+def _report(rollout: Any, as_json: bool, stop: Any = None, again: str = "", gate: Any = None) -> None:
+    """The final table, then exit 1 naming the failed stamps (after rendering, like `verify`) or the check
+    that failed, or, after a stop (Ctrl-C, SIGTERM), the line saying where it stopped; both with the
+    command (`again`) that goes on."""
     from migrator.interrupts import Stopped
     from migrator.rollout.runner import RolloutFailed, wave_name
 
@@ -294,7 +348,7 @@ def _report(rollout: Any, as_json: bool, stop: Any = None, again: str = "") -> N
             for o in rollout.outcomes
         ],
     )
-    parts = [_dry_run_text(rollout)] if rollout.dry_run else []
+    parts = [_dry_run_text(rollout, gate)] if rollout.dry_run else []
     emit(as_json, data, "\n".join([*parts, table, rollout.summary()]))
     if rollout.interrupted and stop is not None and stop.asked:
         ran = sum(1 for o in rollout.outcomes if o.wave is not None)
@@ -305,12 +359,22 @@ def _report(rollout: Any, as_json: bool, stop: Any = None, again: str = "") -> N
             f"no half-applied revision (each started step ran to its end); resume: `{again}`",
             stop.exit_code,
         )
+    if rollout.check is not None:
+        left = [o.stamp for o in rollout.outcomes if (o.error or "").startswith("not tried")]
+        raise RolloutFailed(
+            f"schema {rollout.direction} {rollout.stopped} after {rollout.check.seconds:.1f} s; its last output: "
+            f"{rollout.check.output(10)}; {len(left)} stamp(s) not tried ({', '.join(left)}), left untouched; "
+            f"resume: `{again}`"
+        )
     if rollout.failed:
         raise RolloutFailed("")  # exit 1; the summary above names the failures, once
 
 
-def _dry_run_text(rollout: Any) -> str:
-    """Pending revisions and SQL, once per script (stamps at the same revision usually share it)."""
+def _dry_run_text(rollout: Any, gate: Any) -> str:
+    """The waves, then pending revisions and SQL, once per script (stamps at the same revision usually
+    share it)."""
+    from migrator.rollout.runner import wave_name
+
     groups: dict[tuple[str | None, str], list[Any]] = {}
     for outcome in rollout.outcomes:
         if outcome.sql is not None:
@@ -320,4 +384,13 @@ def _dry_run_text(rollout: Any) -> str:
         names = ", ".join(sorted(o.stamp for o in outcomes))
         pending = ", ".join(outcomes[0].pending)
         blocks.append(f"-- {names}: {start or 'base'} -> {rollout.target} (pending: {pending})\n{outcomes[0].sql}")
-    return "\n".join(blocks) if blocks else "-- nothing to do"
+    if not blocks:
+        return "-- nothing to do"
+    waves: dict[int, list[str]] = {}
+    for outcome in rollout.outcomes:
+        if outcome.wave is not None:
+            waves.setdefault(outcome.wave, []).append(outcome.stamp)
+    lines = [f"-- {wave_name(n, rollout.canary is not None)}: {', '.join(names)}" for n, names in sorted(waves.items())]
+    if gate and len(waves) > 1:
+        lines.append(f"-- between two waves: {gate.describe()}")
+    return "\n".join([*lines, *blocks])

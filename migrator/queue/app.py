@@ -26,6 +26,7 @@ DEFAULT_QUEUE = "migrator"
 HOUSEKEEPING_QUEUE = "migrator-housekeeping"  # every worker listens to it, whatever its --queue
 RUN_ENTRY = "migrator.run_entry"
 SCHEMA_STEP = "migrator.schema_step"
+SCHEMA_GATE = "migrator.schema_gate"
 REQUEUE_STALLED = "migrator.requeue_stalled"
 BUSY_RETRY_S = 2
 NO_WORKER_GRACE_S = 3.0  # `--wait` says "waiting for a worker" when no worker is alive after this
@@ -71,10 +72,12 @@ def catalog_slot(ctx: Context, name: str, size: int, busy: str, retry_after: flo
         yield
 
 
-def defer(app: Any, task: str, queue: str, lock: str, args: dict[str, Any]) -> bool:
-    """Queue one job of `task` under the queueing lock `lock`; False when that job already waits."""
+def defer(app: Any, task: str, queue: str, lock: str, args: dict[str, Any], after_s: float = 0) -> bool:
+    """Queue one job of `task` under the queueing lock `lock`, due in `after_s` seconds; False when that
+    job already waits."""
+    when = {"schedule_in": {"seconds": after_s}} if after_s > 0 else {}
     try:
-        app.tasks[task].configure(queue=queue, queueing_lock=lock).defer(**args)
+        app.tasks[task].configure(queue=queue, queueing_lock=lock, **when).defer(**args)
     except AlreadyEnqueued:
         return False
     return True
@@ -83,6 +86,24 @@ def defer(app: Any, task: str, queue: str, lock: str, args: dict[str, Any]) -> b
 def step_lock(run_id: str, stamp: str) -> str:
     """The queueing lock of a rollout's step: a step sent again while it waits is not queued twice."""
     return f"migrator.schema:{run_id}:{stamp}"
+
+
+def gate_lock(run_id: str, wave: int) -> str:
+    """The queueing lock of the gate after a rollout's wave (several steps may each see the wave end)."""
+    return f"migrator.schema-gate:{run_id}:{wave}"
+
+
+@dataclass(frozen=True)
+class QueuedRun:
+    """What every job of a queued rollout carries (as JSON: `vars`): its run, budget and gate."""
+
+    run_id: str
+    queue: str
+    per_server: int
+    continue_on_error: bool
+    canary: str | None  # its wave (0) stops the rollout when it fails, whatever --continue-on-error
+    bake_s: float = 0.0
+    check: str | None = None
 
 
 def check_queue(ctx: Context) -> None:

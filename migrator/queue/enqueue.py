@@ -7,9 +7,11 @@ again while its jobs wait queues nothing twice.
 
 A rollout is planned and checked as a local one (`rollout.runner.plan_upgrade`: fenced stamps
 refused, the canary chosen, every stamp's revision read within the same per-server budget) and
-each stamp gets a `queued` row in `schema_runs`. Only the canary's step is queued at first; when
-it succeeds, its job queues every other stamp's step (when it fails, they are recorded as
-skipped). Each step holds one of --connections-per-server slots of the stamp's server,
+each stamp gets a row in `schema_runs` with its wave: `queued` for the first wave (the canary),
+`waiting` for the later ones. Only the first wave's steps are queued at first; the step that ends
+a wave queues the gate (`tasks.schema_gate`, due after --bake), which runs --check and, when it
+passes, releases the next wave (when a wave fails or its check does, the later waves are recorded
+as skipped). Each step holds one of --connections-per-server slots of the stamp's server,
 fleet-wide, so a thousand small stamps on a few servers never open more than that many sessions
 on any of them (see `tasks.schema_step`).
 """
@@ -17,18 +19,27 @@ on any of them (see `tasks.schema_step`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from procrastinate.exceptions import ConnectorException
 
-from migrator.catalog import PlanStatus
+from migrator.catalog import PlanStatus, StepResult
 from migrator.catalog.plans import Ledger
 from migrator.catalog.schema_runs import RunLog
 from migrator.context import Context
 from migrator.errors import MigratorError
 from migrator.plans.apply import ApplyOptions, Prepared, record
-from migrator.queue.app import DEFAULT_QUEUE, RUN_ENTRY, SCHEMA_STEP, check_queue, defer, live_workers, step_lock
+from migrator.queue.app import (
+    DEFAULT_QUEUE,
+    RUN_ENTRY,
+    SCHEMA_STEP,
+    QueuedRun,
+    check_queue,
+    defer,
+    live_workers,
+    step_lock,
+)
 from migrator.queue.tasks import make_app
 from migrator.rollout.runner import RolloutOptions, plan_upgrade, record_not_run
 
@@ -90,6 +101,7 @@ class QueuedRollout:
     steps: int  # stamps queued
     skipped: int  # stamps with nothing to do
     workers: int
+    waves: tuple[int, ...] = ()  # stamps per wave, the canary's first
 
 
 def enqueue_upgrade(
@@ -98,7 +110,7 @@ def enqueue_upgrade(
     queue: str = DEFAULT_QUEUE,
     confirm: Callable[[Any], None] | None = None,
 ) -> QueuedRollout:
-    """Plan and record the rollout, then queue its canary's step (or every step without a canary)."""
+    """Plan and record the rollout with each stamp's wave, then queue the first wave's steps (the canary's)."""
     check_queue(ctx)
     _, plan = plan_upgrade(ctx, options)
     steps = [name for wave in plan.waves for name in wave]
@@ -107,19 +119,23 @@ def enqueue_upgrade(
     runs = RunLog(ctx.catalog, plan.run_id, plan.direction, plan.target)
     try:
         skipped = record_not_run(runs, plan)
-        runs.queue([(name, plan.row(name).current) for name in steps])
+        for number, wave in enumerate(plan.waves):
+            result = StepResult.QUEUED if number == 0 else StepResult.WAITING
+            runs.queue([(name, plan.row(name).current, number) for name in wave], result)
     finally:
         runs.close()
-    common = {
-        "run_id": plan.run_id,
-        "per_server": options.connections_per_server,
-        "continue_on_error": options.continue_on_error,
-        "queue": queue,
-    }
-    first = [plan.canary] if plan.canary else steps
-    rest = [name for name in steps if name != plan.canary] if plan.canary else []
+    run = QueuedRun(
+        plan.run_id,
+        queue,
+        options.connections_per_server,
+        options.continue_on_error,
+        plan.canary,
+        plan.gate.bake_s,
+        plan.gate.check,
+    )
     app = make_app(ctx.catalog.url, min_size=1, max_size=1)
     with app.open():
-        for name in first:  # a canary's job sent again after its worker died is not queued twice
-            defer(app, SCHEMA_STEP, queue, step_lock(plan.run_id, name), {**common, "stamp": name, "rest": rest})
-    return QueuedRollout(plan.run_id, plan.target, plan.canary, len(steps), len(skipped), live_workers(ctx))
+        for name in plan.waves[0] if plan.waves else ():  # a job sent again after its worker died is not queued twice
+            defer(app, SCHEMA_STEP, queue, step_lock(plan.run_id, name), {"stamp": name, "run": asdict(run)})
+    sizes = tuple(len(wave) for wave in plan.waves)
+    return QueuedRollout(plan.run_id, plan.target, plan.canary, len(steps), len(skipped), live_workers(ctx), sizes)

@@ -110,12 +110,22 @@ def follow(
 def follow_rollout(
     ctx: Context, run_id: str, say: Callable[[str], None], poll_s: float = 1.0
 ) -> list[tuple[str, StepResult, str | None]]:
-    """`schema upgrade --queue --wait`: report stamps as they fail until none is queued or running."""
+    """`schema upgrade --queue --wait`: report stamps as they fail, and each later wave as its gate releases
+    it, until none is waiting, queued or running."""
     runs = RunLog(ctx.catalog, run_id, "upgrade", None)
     reported: set[str] = set()
+    waiting: set[str] = set()
 
     def read() -> Reading[list[tuple[str, StepResult, str | None]]]:
         rows = runs.rows()
+        now_waiting = {name for name, result, _ in rows if result == StepResult.WAITING}
+        released = sorted(
+            name for name, result, _ in rows if name in waiting - now_waiting and result != StepResult.SKIPPED
+        )
+        if released:
+            say(f"released {len(released)} stamp(s), the next wave: {', '.join(released)}")
+        waiting.clear()
+        waiting.update(now_waiting)
         for name, result, error in rows:
             if result not in UNFINISHED_STEPS and name not in reported:
                 reported.add(name)

@@ -9,7 +9,11 @@ entry at once, visibly, and is never retried.
 
 `schema_step` runs one stamp's step of a queued rollout through `rollout.worker.run_stamp_step`,
 the executor of a local rollout's waves, within --connections-per-server slots of the stamp's
-server; the canary's job queues the others once it succeeded (see `enqueue.enqueue_upgrade`).
+server. The step that ends a wave (the canary's, or the last of a wave to finish) either stops the
+rollout (a failure) or queues `schema_gate`, due after --bake, which runs --check
+(`rollout.ripple.run_check`, as a local rollout does) and releases the next wave's steps when it
+passes (see `enqueue.enqueue_upgrade`). The waves themselves are the rollout plan's, recorded with
+each stamp's row.
 
 `requeue_stalled` is procrastinate's recipe for jobs whose worker died (kill -9, a lost machine):
 every few seconds one worker sends back to the queue the running jobs of workers whose heartbeat
@@ -19,12 +23,14 @@ stopped. The move resumes from its catalog state on whichever worker claims it.
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from typing import Any, NoReturn
 
 import procrastinate
 
 from migrator.catalog import UNFINISHED_STEPS, EntryStatus, StepResult
 from migrator.catalog.locks import stamp_slot
+from migrator.catalog.models import CLAIMABLE_STEPS
 from migrator.catalog.plans import Ledger, LedgerEntry
 from migrator.catalog.schema_runs import RunLog
 from migrator.context import Context
@@ -40,16 +46,20 @@ from migrator.queue.app import (
     HOUSEKEEPING_QUEUE,
     REQUEUE_STALLED,
     RUN_ENTRY,
+    SCHEMA_GATE,
     SCHEMA_STEP,
+    QueuedRun,
     Requeue,
     Retries,
     WorkerState,
     catalog_slot,
     defer,
+    gate_lock,
     step_lock,
 )
 from migrator.rollout.history import History
-from migrator.rollout.runner import fenced_moves
+from migrator.rollout.ripple import check_env, run_check
+from migrator.rollout.runner import fenced_moves, wave_name
 from migrator.rollout.worker import ALEMBIC_IN_PROCESS, Job, run_stamp_step
 
 log = logging.getLogger("migrator.queue")
@@ -63,6 +73,7 @@ def make_app(catalog_url: str, **pool: Any) -> procrastinate.App:
     app = procrastinate.App(connector=connector)
     app.task(name=RUN_ENTRY, pass_context=True, retry=Retries())(run_entry)
     app.task(name=SCHEMA_STEP, pass_context=True, retry=Retries())(schema_step)
+    app.task(name=SCHEMA_GATE, pass_context=True, retry=Retries())(schema_gate)
     stalled = app.task(
         name=REQUEUE_STALLED, pass_context=True, queue=HOUSEKEEPING_QUEUE, queueing_lock=REQUEUE_STALLED
     )(requeue_stalled)
@@ -159,54 +170,117 @@ class EntryFailed(Exception):
 # -- a stamp's step of a queued rollout --------------------------------------------------------------
 
 
-def schema_step(
-    context: procrastinate.JobContext,
-    *,
-    run_id: str,
-    stamp: str,
-    per_server: int,
-    continue_on_error: bool,
-    queue: str,
-    rest: list[str],
-) -> str:
+def schema_step(context: procrastinate.JobContext, *, stamp: str, run: dict[str, Any]) -> str:
     """One stamp's step of a queued rollout, on a worker; returns its result.
 
     A row moves from queued to running exactly once (`RunLog.claim`), so a step delivered twice
-    runs once; a failed step stops the steps not yet started unless --continue-on-error.
+    runs once; a failed step stops the steps not yet started unless --continue-on-error. The step
+    that ends its wave decides what comes next (`_wave_ended`).
     """
     state: WorkerState = context.additional_context["migrator"]
-    ctx = state.ctx
-    runs = RunLog(ctx.catalog, run_id, "upgrade", None)
+    ctx, rollout = state.ctx, QueuedRun(**run)
+    runs = RunLog(ctx.catalog, rollout.run_id, "upgrade", None)
     try:
         rows = {name: result for name, result, _ in runs.rows()}
-        if rows.get(stamp) not in UNFINISHED_STEPS:  # running: its worker died
+        if rows.get(stamp) not in CLAIMABLE_STEPS:  # running: its worker died
+            _wave_ended(context.app, runs, rollout, stamp)  # the job that ended the wave may have died after it
             return f"stamp {stamp} is {rows.get(stamp, 'not in the run')}: nothing to do"
         failed = sorted(name for name, result in rows.items() if result == StepResult.FAILED)
-        if failed and not continue_on_error:
+        if failed and not rollout.continue_on_error:
             runs.skip_queued([stamp], f"not tried: stopped after {', '.join(failed)} failed")
-            return StepResult.SKIPPED
-        target = runs.target_of()
-        if target is None:
-            raise MigratorError(f"rollout {run_id} has no target revision")
-        found = History.load(ctx.config.schema_env())
-        if found.known(target):
-            job = Job.of(ctx, ctx.catalog.stamp(stamp), str(found.location), "upgrade", target)
-            result = _step(ctx, runs, stamp, per_server, job)
-        else:  # a worker deployed with older migrations: the step fails here, and so does a canary
-            result = _finish(runs, stamp, f"revision {target} is not in this worker's {found.location}")
+            result: StepResult | None = StepResult.SKIPPED
+        else:
+            result = _run_step(ctx, runs, stamp, rollout.per_server)
         if result is None:
             return "claimed by another worker"
-        if rest and result == StepResult.OK:  # the canary's job: the rest of the fleet now, or never
-            common = {"run_id": run_id, "per_server": per_server, "continue_on_error": continue_on_error}
-            for name in rest:
-                args = {**common, "stamp": name, "queue": queue, "rest": []}
-                defer(context.app, SCHEMA_STEP, queue, step_lock(run_id, name), args)
-        elif rest:
-            runs.skip_queued(rest, f"not tried: stopped after the canary failed on {stamp}")
+        _wave_ended(context.app, runs, rollout, stamp)
     finally:
         runs.close()
     state.say(f"schema  {stamp}: {result}")
     return result
+
+
+def _run_step(ctx: Context, runs: RunLog, stamp: str, per_server: int) -> StepResult | None:
+    """The stamp's step to the run's target, or a failure when this worker lacks that revision."""
+    target = runs.target_of()
+    if target is None:
+        raise MigratorError(f"rollout {runs.run_id} has no target revision")
+    found = History.load(ctx.config.schema_env())
+    if not found.known(target):  # a worker deployed with older migrations: the step fails here
+        return _finish(runs, stamp, f"revision {target} is not in this worker's {found.location}")
+    job = Job.of(ctx, ctx.catalog.stamp(stamp), str(found.location), "upgrade", target)
+    return _step(ctx, runs, stamp, per_server, job)
+
+
+def _wave_ended(app: procrastinate.App, runs: RunLog, rollout: QueuedRun, stamp: str) -> None:
+    """If the stamp's wave has ended: a failure stops the rollout (the canary's always, another wave's
+    unless --continue-on-error), else the gate of the next wave is queued, due after --bake. Several
+    steps may see the same wave end: the gate's queueing lock and `RunLog.release` keep it once."""
+    number = runs.wave_of(stamp)
+    if number is None:
+        return
+    wave = runs.wave(number)
+    if any(result in UNFINISHED_STEPS for _, result in wave):
+        return
+    failed = [name for name, result in wave if result == StepResult.FAILED]
+    canary = number == 0 and rollout.canary is not None
+    if failed and (canary or not rollout.continue_on_error):
+        which = "the canary" if canary else wave_name(number, rollout.canary is not None)
+        runs.skip_queued(None, f"not tried: stopped after {which} failed on {', '.join(failed)}")
+    elif any(result == StepResult.WAITING for _, result in runs.wave(number + 1)):
+        args = {"wave": number, "run": asdict(rollout)}
+        defer(app, SCHEMA_GATE, rollout.queue, gate_lock(rollout.run_id, number), args, rollout.bake_s)
+
+
+def schema_gate(context: procrastinate.JobContext, *, wave: int, run: dict[str, Any]) -> str:
+    """After a queued rollout's wave (and its bake: the job is due then): run --check, then release
+    the next wave's steps, or skip every step not yet started when the check fails.
+
+    One gate of a run at a time (a catalog slot); a gate whose next wave is no longer waiting
+    (released or skipped by another delivery) does nothing. A worker stopping mid-check ends the
+    check and sends the gate back to the queue.
+    """
+    state: WorkerState = context.additional_context["migrator"]
+    ctx, rollout = state.ctx, QueuedRun(**run)
+    runs = RunLog(ctx.catalog, rollout.run_id, "upgrade", None)
+    name = wave_name(wave, rollout.canary is not None)
+    busy = f"another gate of rollout {rollout.run_id} is running"
+    try:
+        with catalog_slot(ctx, f"migrator.schema-gate:{rollout.run_id}", 1, busy, BUSY_RETRY_S):
+            if not any(result == StepResult.WAITING for _, result in runs.wave(wave + 1)):
+                return f"after {name}: the next wave is no longer waiting"
+            if rollout.check is not None and not _check(state, runs, rollout, wave):
+                return f"after {name}: check failed"
+            released = runs.release(wave + 1)
+            for stamp in released:
+                lock = step_lock(rollout.run_id, stamp)
+                defer(context.app, SCHEMA_STEP, rollout.queue, lock, {"stamp": stamp, "run": run})
+    finally:
+        runs.close()
+    after = wave_name(wave + 1, rollout.canary is not None)
+    state.say(f"schema  rollout {rollout.run_id[:8]}: {after} released ({', '.join(released)})")
+    return f"{after} released"
+
+
+def _check(state: WorkerState, runs: RunLog, rollout: QueuedRun, wave: int) -> bool:
+    """The rollout's --check after `wave`, as a local rollout runs it; a failure skips every step not yet
+    started. Raises `Requeue` when the worker stops during it."""
+    assert rollout.check is not None
+    canary = rollout.canary is not None
+    after = "the canary" if wave == 0 and canary else wave_name(wave, canary)
+    stamps = [stamp for stamp, _ in runs.wave(wave)]
+    env = check_env(rollout.run_id, "upgrade", runs.target_of(), wave, wave_name(wave, canary), stamps)
+    state.say(f"schema  rollout {rollout.run_id[:8]}: check after {after}: {rollout.check}")
+    check = run_check(rollout.check, env, state.stop, lambda line: state.say(f"schema  {line}"))
+    if check.exit_code is None:
+        raise Requeue("worker stopping", 0)
+    if check.passed:
+        return True
+    output = "\n".join(check.tail)
+    log.warning("rollout %s: check after %s failed (%s):\n%s", rollout.run_id, after, check.status(), output)
+    runs.skip_queued(None, f"not tried: {check.stopped(after)}; its last output: {check.output()}")
+    state.say(f"schema  rollout {rollout.run_id[:8]}: {check.stopped(after)}")
+    return False
 
 
 def _step(ctx: Context, runs: RunLog, stamp: str, per_server: int, job: Job) -> StepResult | None:

@@ -2,7 +2,9 @@
 
 `schema_status` compares each stamp's revision with the head, so drift shows at a glance.
 `upgrade_fleet` upgrades a canary first (the active stamp with the fewest tenants: the smallest
-blast radius), stops if it fails, then upgrades the rest in waves of `--parallel` stamps. Each stamp
+blast radius), stops if it fails, then upgrades the rest in waves: of `--parallel` stamps, or
+progressively larger ones (`--waves`); between two waves it bakes and checks (`--bake`, `--check`:
+see `ripple`), and a failing check stops it with the later waves untouched. Each stamp
 runs under its own lock with one transaction per revision, so a failing revision leaves it at the
 previous one; every stamp's run is recorded in the catalog's `schema_runs`. `downgrade_stamps` is
 the same machinery in reverse. A dry run prints the pending revisions and their SQL (Alembic's
@@ -31,6 +33,7 @@ from migrator.db.alembic import read_revision
 from migrator.errors import BadInput, MigratorError
 from migrator.progress import Progress, Silent
 from migrator.rollout.history import AHEAD, BEHIND, UNKNOWN, UNREACHABLE, UP_TO_DATE, History, Revision
+from migrator.rollout.ripple import CheckRun, Gate, Waves, check_env, run_check, split
 from migrator.rollout.worker import ALEMBIC_IN_PROCESS, Job, StepDone, Workers, reason, trace
 from migrator.stamps.fanout import PER_SERVER, each_stamp
 
@@ -78,12 +81,20 @@ class Plan:
     canary: str | None
     targets: dict[str, Stamp] = field(repr=False, compare=False)  # DSNs: never rendered
     retired: tuple[str, ...] = ()  # retired stamps left out (not named with --stamp): skipped, and said so
+    gate: Gate = Gate()  # what runs after each wave but the last, before the next (--bake, --check)
 
     def row(self, name: str) -> StampSchema:
         return next(s for s in self.stamps if s.stamp == name)
 
     def wave_name(self, number: int) -> str:
         return wave_name(number, self.canary is not None)
+
+    def wave_of(self, name: str) -> int:
+        return next(number for number, wave in enumerate(self.waves) if name in wave)
+
+    def check_env(self, number: int) -> dict[str, str]:
+        """The environment `--check` sees after wave `number` (see `ripple.check_env`)."""
+        return check_env(self.run_id, self.direction, self.target, number, self.wave_name(number), self.waves[number])
 
 
 def wave_name(number: int, canary: bool) -> str:
@@ -124,6 +135,7 @@ class Rollout:
     outcomes: tuple[StampOutcome, ...]
     stopped: str | None  # why the rollout ended before every stamp was tried
     interrupted: bool = False  # a stop (Ctrl-C, SIGTERM) ended it between two waves
+    check: CheckRun | None = None  # the --check that failed and stopped it
 
     @property
     def failed(self) -> list[StampOutcome]:
@@ -160,15 +172,23 @@ def history(ctx: Context) -> list[Revision]:
 @dataclass(frozen=True)
 class RolloutOptions:
     """Flags of `migrator schema upgrade` (REVISION, --canary, --parallel, --continue-on-error,
-    --dry-run, --active-only; with --queue, --connections-per-server) and `schema downgrade`."""
+    --dry-run, --active-only, --waves, --bake, --check; with --queue, --connections-per-server) and
+    `schema downgrade` (REVISION, --parallel, --waves, --bake, --check)."""
 
     revision: str = "head"
     canary: str | None = None  # None: the active stamp with the fewest tenants
-    parallel: int = 4  # stamps a wave
+    parallel: int = 4  # stamps at once in a wave, and a wave's size without --waves
     continue_on_error: bool = False  # a failing canary still stops the rollout
     dry_run: bool = False
     active_only: bool = False
     connections_per_server: int = PER_SERVER  # a queued rollout's sessions on one server at once, planning included
+    waves: Waves | None = None  # None: equal waves of `parallel` (one wave with --queue) after the canary
+    bake_s: float = 0.0  # wait after the canary and after each wave but the last
+    check: str | None = None  # shell command gating the next wave; non-zero exit stops the rollout
+
+    @property
+    def gate(self) -> Gate:
+        return Gate(self.bake_s, self.check)
 
 
 def upgrade_fleet(
@@ -195,7 +215,8 @@ def plan_upgrade(ctx: Context, options: RolloutOptions) -> tuple[History, Plan]:
     """The checks and order of `upgrade_fleet` without running it: what `schema upgrade --queue` sends.
 
     Its survey of the stamps' revisions opens at most `connections_per_server` sessions on each
-    server at once, the budget the queued steps keep to.
+    server at once, the budget the queued steps keep to. Without `--waves` the stamps after the
+    canary are one wave: the workers and the per-server budget bound how many run at once.
     """
     found = History.load(ctx.config.schema_env())
     target = found.resolve(options.revision, allow_base=False)
@@ -206,7 +227,7 @@ def plan_upgrade(ctx: Context, options: RolloutOptions) -> tuple[History, Plan]:
         "upgrade",
         target,
         chosen,
-        replace(options, parallel=1),
+        replace(options, parallel=max(1, len(chosen))),
         options.connections_per_server,
         retired=retired,
     )
@@ -227,15 +248,16 @@ def downgrade_stamps(
     ctx: Context,
     revision: str,
     names: Sequence[str] = (),
-    parallel: int = RolloutOptions.parallel,
+    options: RolloutOptions = RolloutOptions(),
     progress: Progress | None = None,
     confirm: Callable[[Plan], None] | None = None,
     stop: threading.Event | None = None,
 ) -> Rollout:
-    """`migrator schema downgrade`: the named stamps (`--stamp`, default all) down to `revision` or "base"."""
+    """`migrator schema downgrade`: the named stamps (`--stamp`, default all) down to `revision` or "base",
+    canary first, then in waves (`options`: --parallel, --waves) with the same gate between them as an upgrade."""
     found = History.load(ctx.config.schema_env())
     target = found.resolve(revision, allow_base=True)
-    options = RolloutOptions(revision, canary=None, parallel=parallel)
+    options = replace(options, revision=revision)
     chosen, retired = _rollout_stamps(ctx, names, False)
     plan = _plan(ctx, found, "downgrade", target, chosen, options, retired=retired)
     return _run(ctx, found, plan, options, progress or Silent(), confirm, stop)
@@ -294,7 +316,8 @@ def _plan(
     *,
     retired: tuple[str, ...] = (),
 ) -> Plan:
-    """Validate everything, then order the work: canary alone, the rest by fewest tenants, `parallel` a wave."""
+    """Validate everything, then order the work: canary alone, the rest by fewest tenants, in `--waves` or
+    `parallel` a wave (`ripple.split`: the one place waves are decided, for local and queued rollouts)."""
     canary, parallel = options.canary, options.parallel
     if parallel < 1:
         raise BadInput(f"--parallel must be at least 1, got {parallel}")
@@ -313,9 +336,10 @@ def _plan(
         canary = None  # already at the target: nothing left to prove on it
     rest = sorted((r for r in work if r.stamp != canary), key=lambda r: (r.tenants, r.stamp))
     waves: list[tuple[str, ...]] = [(canary,)] if canary else []
-    waves += [tuple(r.stamp for r in rest[i : i + parallel]) for i in range(0, len(rest), parallel)]
+    waves += split([r.stamp for r in rest], options.waves, parallel)
     targets = {s.name: s for s in chosen}
-    return Plan(str(uuid.uuid4()), direction, target, tuple(rows), tuple(waves), canary, targets, retired)
+    plan_id = str(uuid.uuid4())
+    return Plan(plan_id, direction, target, tuple(rows), tuple(waves), canary, targets, retired, options.gate)
 
 
 def _refuse_fenced(ctx: Context, names: list[str]) -> None:
@@ -355,12 +379,14 @@ def _run(
     try:
         done = record_not_run(log, plan)
         if dry_run:
-            ran = [_dry_run(log, found, plan.row(name), plan.targets[name]) for wave in plan.waves for name in wave]
+            ran = [_dry_run(log, found, plan, name) for wave in plan.waves for name in wave]
             return Rollout(plan.run_id, plan.direction, plan.target, plan.canary, True, (*ran, *done), None)
-        outcomes, stopped = _waves(ctx, found, plan, log, options, progress, stop or threading.Event())
+        outcomes, stopped, check = _waves(ctx, found, plan, log, options, progress, stop or threading.Event())
         interrupted = stopped is not None and stopped.startswith(STOPPED)
         outcomes_all = (*outcomes, *done)
-        return Rollout(plan.run_id, plan.direction, plan.target, plan.canary, False, outcomes_all, stopped, interrupted)
+        return Rollout(
+            plan.run_id, plan.direction, plan.target, plan.canary, False, outcomes_all, stopped, interrupted, check
+        )
     finally:
         log.close()
 
@@ -376,9 +402,10 @@ def _waves(
     options: RolloutOptions,
     progress: Progress,
     stop: threading.Event,
-) -> tuple[list[StampOutcome], str | None]:
+) -> tuple[list[StampOutcome], str | None, CheckRun | None]:
     outcomes: list[StampOutcome] = []
     stopped: str | None = None
+    check: CheckRun | None = None
     wide = max((len(w) for w in plan.waves), default=0)
     progress.begin(sum(len(w) for w in plan.waves), "stamps")
     with Workers(min(options.parallel, wide)) as workers:
@@ -386,7 +413,8 @@ def _waves(
             if stop.is_set() and not stopped:  # between two waves: every started step has ended
                 stopped = f"{STOPPED} before {plan.wave_name(number)}"
             if stopped:
-                outcomes += [_not_run(log, plan.row(name), f"not tried: {stopped}") for name in wave]
+                why = f"not tried: {stopped}" + (f"; its last output: {check.output()}" if check else "")
+                outcomes += [_not_run(log, plan.row(name), why) for name in wave]
                 continue
             part = plan.wave_name(number)
             if part != "canary":
@@ -396,7 +424,7 @@ def _waves(
             finished = [_refused(log, plan.row(n), number, refused[n]) for n in wave if n in refused]
             for outcome in finished:
                 _finished(progress, part, outcome)
-            row_ids = log.start([(n, plan.row(n).current) for n in wave if n not in refused])
+            row_ids = log.start([(n, plan.row(n).current) for n in wave if n not in refused], number)
             for done in workers.run([(_job(ctx, found, plan, n), plan.row(n).current) for n in row_ids]):
                 if done.detail:
                     logger.info("stamp %s failed:\n%s", done.stamp, done.detail)
@@ -411,7 +439,29 @@ def _waves(
             if failed and (canary or not options.continue_on_error):
                 which = "the canary" if canary else plan.wave_name(number)
                 stopped = f"stopped after {which} failed on {', '.join(failed)}"
-    return outcomes, stopped
+            elif plan.gate and number + 1 < len(plan.waves):
+                stopped, check = _gate(plan, number, progress, stop)
+    return outcomes, stopped, check
+
+
+def _gate(plan: Plan, number: int, progress: Progress, stop: threading.Event) -> tuple[str | None, CheckRun | None]:
+    """After wave `number`, before the next: the bake, then the check. Returns why the rollout stops
+    (None: go on) and the check that failed. A stop during either is a stop between two waves."""
+    before = plan.wave_name(number + 1)
+    if not plan.gate.bake(before, stop, progress.phase):
+        return f"{STOPPED} before {before}", None
+    if plan.gate.check is None:
+        return None, None
+    after = "the canary" if number == 0 and plan.canary else plan.wave_name(number)
+    progress.phase(f"check after {after}: {plan.gate.check}")
+    check = run_check(plan.gate.check, plan.check_env(number), stop, progress.phase)
+    if check.exit_code is None:
+        return f"{STOPPED} before {before}", None
+    if check.passed:
+        progress.phase(f"check after {after} passed in {check.seconds:.1f} s")
+        return None, None
+    logger.info("check after %s failed (%s); its last output:\n%s", after, check.status(), "\n".join(check.tail))
+    return check.stopped(after), check
 
 
 def _finished(progress: Progress, wave: str, outcome: StampOutcome) -> None:
@@ -457,14 +507,16 @@ def _not_run(log: RunLog, row: StampSchema, why: str | None = None) -> StampOutc
 
 def _refused(log: RunLog, row: StampSchema, wave: int, why: str) -> StampOutcome:
     outcome = StampOutcome(row.stamp, wave, FAILED, row.current, row.target, row.current, row.pending, why)
-    log.add(outcome.stamp, outcome.from_revision, outcome.result, outcome.error)
+    log.add(outcome.stamp, outcome.from_revision, outcome.result, outcome.error, wave)
     return outcome
 
 
-def _dry_run(log: RunLog, found: History, row: StampSchema, stamp: Stamp) -> StampOutcome:
+def _dry_run(log: RunLog, found: History, plan: Plan, name: str) -> StampOutcome:
     """Pending revisions and their SQL, rendered by the stamp's env.py in offline mode with the stamp's
-    URL minus its password; unreachable or unknown stamps, or an env.py that fails, fail here as for real."""
-    outcome = StampOutcome(row.stamp, None, FAILED, row.current, row.target, row.current, (), row.error)
+    URL minus its password; unreachable or unknown stamps, or an env.py that fails, fail here as for real.
+    The outcome names the wave the stamp would run in."""
+    row, stamp, wave = plan.row(name), plan.targets[name], plan.wave_of(name)
+    outcome = StampOutcome(row.stamp, wave, FAILED, row.current, row.target, row.current, (), row.error)
     if row.state not in (UNREACHABLE, UNKNOWN):
         try:
             with ALEMBIC_IN_PROCESS:
@@ -475,5 +527,5 @@ def _dry_run(log: RunLog, found: History, row: StampSchema, stamp: Stamp) -> Sta
             outcome = replace(outcome, error=f"{log.direction} --dry-run failed: {reason(exc, stamp.dsn)}")
         else:
             outcome = replace(outcome, result=DRY_RUN, pending=row.pending, sql=text)
-    log.add(outcome.stamp, outcome.from_revision, outcome.result, outcome.error)
+    log.add(outcome.stamp, outcome.from_revision, outcome.result, outcome.error, wave)
     return outcome

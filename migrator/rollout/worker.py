@@ -322,7 +322,8 @@ def trace(exc: BaseException, *dsns: str) -> str:
 
 
 class Workers:
-    """Runs a wave's jobs: a wave of one inline, wider waves in up to `size` worker processes.
+    """Runs a wave's jobs: a wave of one (or every wave when `size` is 1) inline, wider waves in up to `size`
+    worker processes.
 
     Workers fork from a fork server that imported `PRELOAD` once (fast, and no connection of this
     process is inherited). They are started in the background before the canary runs, so their
@@ -346,11 +347,13 @@ class Workers:
             self._pool.submit(_started)
 
     def run(self, steps: list[tuple[Job, str | None]]) -> Iterator[StepDone]:
-        """`run_stamp_step` of each (job, revision the plan read); results in the order they finish."""
-        if len(steps) == 1:
-            yield run_stamp_step(*steps[0])
+        """`run_stamp_step` of each (job, revision the plan read); results in the order they finish. Inline,
+        one after the other, for a wave of one or without worker processes (`size` 1: --parallel 1 with
+        --waves wider than one)."""
+        if len(steps) == 1 or self._pool is None:
+            for step in steps:
+                yield run_stamp_step(*step)
             return
-        assert self._pool is not None, "a wave wider than one needs Workers(size > 1)"
         futures = {self._pool.submit(run_stamp_step, *step): step for step in steps}
         for future in as_completed(futures):
             try:
