@@ -271,8 +271,11 @@ def test_a_queued_rollout_whose_check_fails_after_the_canary_leaves_the_others_u
     fleet, root = fleet7.fleet, fleet7.root
     check = recording_check(root, exit_code=4)
     with workers(fleet7, 2):
-        result = fleet7.run("schema", "upgrade", "--queue", "--yes", "--check", check, "--wait", "--json")
+        result = fleet7.run(
+            "schema", "upgrade", "--queue", "--yes", "--bake", "3s", "--check", check, "--wait", "--json"
+        )
     assert result.exit_code == 1, result.output + result.stderr
+    assert "before the next wave, baking: " in result.stderr  # --wait says the bake as it goes
     data = json.loads(result.stdout)
     assert revisions(fleet) == {name: TARGET if name == "ap-1" else HEAD for name in ORDER}
     assert checked(root) == [["0", "canary", "ap-1", TARGET]]
@@ -284,5 +287,5 @@ def test_a_queued_rollout_whose_check_fails_after_the_canary_leaves_the_others_u
     line = result.stderr.strip().splitlines()[-1]
     assert "stopped after check failed on the canary (exit 4); its last output: checked canary" in line
     assert "6 stamp(s) not tried" in line and line.endswith(
-        f"resume: `migrator schema upgrade head --check {shlex.quote(check)} --queue migrator`"
+        f"resume: `migrator schema upgrade head --bake 3s --check {shlex.quote(check)} --queue migrator`"
     )

@@ -142,3 +142,15 @@ def unclaimed(ctx: Context, plan_id: int, older_than_s: float) -> dict[str, int]
             (RUN_ENTRY, plan_id, older_than_s),
         ).fetchall()
     return {str(queue): int(count) for queue, count in rows}
+
+
+def gate_due(ctx: Context, run_id: str) -> float | None:
+    """Seconds until the rollout's pending gate is due (0 or less: due, or a worker runs it); None: no gate
+    waits (procrastinate's `procrastinate_jobs`)."""
+    with ctx.catalog.transaction() as conn:
+        row = conn.execute(
+            "SELECT extract(epoch FROM min(coalesce(scheduled_at, now())) - now()) FROM procrastinate_jobs"
+            " WHERE task_name = %s AND status IN ('todo', 'doing') AND args->'run'->>'run_id' = %s",
+            (SCHEMA_GATE, run_id),
+        ).fetchone()
+    return None if row is None or row[0] is None else float(row[0])

@@ -7,6 +7,7 @@ alive, the loop says so once (`waiting for a worker`).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from migrator.catalog.plans import Ledger, LedgerEntry
 from migrator.catalog.schema_runs import RunLog
 from migrator.context import Context
 from migrator.errors import BadInput
-from migrator.queue.app import NO_WORKER_GRACE_S, UNCLAIMED_GRACE_S, live_workers, unclaimed
+from migrator.queue.app import NO_WORKER_GRACE_S, UNCLAIMED_GRACE_S, gate_due, live_workers, unclaimed
+from migrator.rollout.ripple import SAY_EVERY_S, format_duration
 
 T = TypeVar("T")
 
@@ -115,6 +117,17 @@ def follow_rollout(
     runs = RunLog(ctx.catalog, run_id, "upgrade", None)
     reported: set[str] = set()
     waiting: set[str] = set()
+    said_gate = 0.0  # when the gate's wait was last said
+
+    def between_waves() -> None:
+        """Between two waves: the bake's time left, or the check, every few seconds."""
+        nonlocal said_gate
+        due = gate_due(ctx, run_id)
+        if due is None or time.monotonic() - said_gate < SAY_EVERY_S:
+            return
+        said_gate = time.monotonic()
+        left = f"baking: {format_duration(math.ceil(due))} left" if due > 0 else "its gate runs (the check)"
+        say(f"before the next wave, {left}")
 
     def read() -> Reading[list[tuple[str, StepResult, str | None]]]:
         rows = runs.rows()
@@ -132,6 +145,8 @@ def follow_rollout(
                 if result == StepResult.FAILED:
                     say(f"FAILED  {name}: {error}")
         pending = [r for r in rows if r[1] in UNFINISHED_STEPS]
+        if now_waiting and all(r[1] == StepResult.WAITING for r in pending):
+            between_waves()
         return Reading(None if pending else rows, any(r[1] == StepResult.RUNNING for r in rows))
 
     try:

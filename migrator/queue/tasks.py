@@ -276,8 +276,6 @@ def _check(state: WorkerState, runs: RunLog, rollout: QueuedRun, wave: int) -> b
         raise Requeue("worker stopping", 0)
     if check.passed:
         return True
-    output = "\n".join(check.tail)
-    log.warning("rollout %s: check after %s failed (%s):\n%s", rollout.run_id, after, check.status(), output)
     runs.skip_queued(None, f"not tried: {check.stopped(after)}; its last output: {check.output()}")
     state.say(f"schema  rollout {rollout.run_id[:8]}: {check.stopped(after)}")
     return False
