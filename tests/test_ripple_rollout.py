@@ -205,6 +205,24 @@ def test_ctrl_c_during_a_bake_stops_before_the_next_wave_at_once_and_says_how_to
     assert revisions(fleet) == {name: TARGET if name == "ap-1" else HEAD for name in ORDER}
 
 
+def test_ctrl_c_during_a_check_ends_the_check_and_stops_before_the_next_wave(fleet7: Rippling) -> None:
+    fleet, started = fleet7.fleet, fleet7.root / "check-started"
+    check = f"touch {shlex.quote(str(started))}; sleep 313"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migrator", "--config", str(fleet7.config_path), "schema", "upgrade", "--yes",
+         "--check", check],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True,
+    )  # fmt: skip
+    wait_until(started.exists, "the check after the canary", proc=proc)
+    os.killpg(proc.pid, signal.SIGINT)  # the check runs in a session of its own: migrator ends it
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "at a safe point before wave 1: 1 stamp(s) ran their step, 6 not tried" in err.strip().splitlines()[-1]
+    assert revisions(fleet) == {name: TARGET if name == "ap-1" else HEAD for name in ORDER}
+    survivors = subprocess.run(["pgrep", "-f", "sleep 313"], capture_output=True, text=True).stdout.split()
+    assert not survivors, f"the check's sleep outlived the rollout: {survivors}"
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
