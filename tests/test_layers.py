@@ -12,19 +12,30 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "migrator"
-UPPER = ("migrator.move", "migrator.plans", "migrator.rollout", "migrator.queue", "migrator.cli", "migrator.local")
+UPPER = (
+    "migrator.move",
+    "migrator.plans",
+    "migrator.rollout",
+    "migrator.queue",
+    "migrator.provision",
+    "migrator.cli",
+    "migrator.local",
+)
 FLOORS = {
     "db": ("migrator.catalog", "migrator.stamps", *UPPER),
     "catalog": ("migrator.stamps", *UPPER),
     "stamps": UPPER,
     "move": UPPER[1:],
     # The job queue runs plans and rollouts; they know nothing of it, and it knows nothing of the CLI.
-    "plans": ("migrator.queue", "migrator.cli", "migrator.local"),
-    "rollout": ("migrator.queue", "migrator.cli", "migrator.local"),
-    "queue": ("migrator.cli", "migrator.local"),
-    # The local-fleet tooling stands beside the product: it uses the catalog and the stamps' plumbing,
-    # never the jobs or the CLI (only the CLI's `fleet` commands import it).
-    "local": UPPER[:-1],
+    "plans": ("migrator.queue", "migrator.provision", "migrator.cli", "migrator.local"),
+    "rollout": ("migrator.queue", "migrator.provision", "migrator.cli", "migrator.local"),
+    "queue": ("migrator.provision", "migrator.cli", "migrator.local"),
+    # Provisioning runs a stamp's upgrade as a rollout's step does, and registers it; nothing below uses it.
+    "provision": ("migrator.move", "migrator.plans", "migrator.queue", "migrator.cli", "migrator.local"),
+    # The local-fleet tooling stands beside the product: it uses the catalog, the stamps' plumbing and
+    # provisioning (`fleet up` creates its stamps as users' are created), never the jobs or the CLI (only
+    # the CLI's `fleet` commands import it).
+    "local": tuple(upper for upper in UPPER[:-1] if upper != "migrator.provision"),
 }
 
 

@@ -136,6 +136,35 @@ class Catalog:
             return self._stamp(conn, name)
 
     @CATALOG.wraps
+    def register_stamp(self, stamp: Stamp) -> Stamp:
+        """Record a provisioned stamp (`stamp create`) with all its attributes, its state and key block
+        included, in one transaction: either the whole row is there or nothing is.
+
+        A name or key block another stamp took meanwhile is refused naming which (UNIQUE).
+        """
+        with self.transaction() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO stamps (name, dsn, region, capacity_rows, capacity_bytes, state, key_block, kind)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    (
+                        stamp.name,
+                        stamp.dsn,
+                        stamp.region,
+                        stamp.capacity_rows,
+                        stamp.capacity_bytes,
+                        stamp.state,
+                        stamp.key_block,
+                        stamp.kind,
+                    ),
+                )
+            except psycopg.errors.UniqueViolation as exc:
+                if "key_block" in (exc.diag.constraint_name or ""):
+                    raise BadInput(f"key block {stamp.key_block} was given to another stamp meanwhile") from None
+                raise BadInput(f"stamp {stamp.name!r} already exists") from None
+            return self._stamp(conn, stamp.name)
+
+    @CATALOG.wraps
     def update_stamp(self, name: str, **fields: Any) -> Stamp:
         allowed = {"dsn", "region", "capacity_rows", "capacity_bytes", "state", "kind"}
         changes = {k: v for k, v in fields.items() if k in allowed and v is not None}

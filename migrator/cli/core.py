@@ -117,6 +117,58 @@ def stamp_add(
     click.echo(f"added stamp {stamp.name} ({stamp.masked_dsn})")
 
 
+@stamp_group.command("create")
+@click.argument("name")
+@click.option("--dsn", required=True, help="libpq URL, keyword string or service name of the new stamp's database.")
+@click.option("--region", default=None, help="Region label, for placement and reports.")
+@click.option("--capacity-rows", type=click.IntRange(min=1), default=None, help="How many tenant rows it may hold.")
+@click.option("--capacity-bytes", type=click.IntRange(min=1), default=None, help="How many bytes of tenant data.")
+@click.option(
+    "--state",
+    type=click.Choice(["active", "draining"]),
+    default="active",
+    show_default=True,
+    help="draining: provisioned and registered, but receiving no tenants yet.",
+)
+@KIND
+@click.option(
+    "--adopt", is_flag=True, help="Take a database that already holds the application's tables (else refused)."
+)
+@click.pass_context
+def stamp_create(
+    ctx: click.Context,
+    name: str,
+    dsn: str,
+    region: str | None,
+    capacity_rows: int | None,
+    capacity_bytes: int | None,
+    state: str,
+    kind: str | None,
+    adopt: bool,
+) -> None:
+    """Provision a stamp: bring an empty database to the fleet's revision with the stamps' Alembic
+    environment, check it matches the fleet, then register it (one catalog transaction).
+
+    A failure at any step registers nothing and says where the database was left.
+    """
+    from migrator.catalog import StampState
+    from migrator.provision.create import NewStamp, create_stamp
+
+    new = NewStamp(name, dsn, region, capacity_rows, capacity_bytes, StampState(state), kind or "shared", adopt)
+    created = create_stamp(context_of(ctx), new)
+    stamp = created.stamp
+    came = f"adopted at {created.from_revision or 'base'}, now" if adopt and created.adopted_tables else "provisioned"
+    block = f", key block {stamp.key_block}" if stamp.key_block is not None else ""
+    click.echo(
+        f"created stamp {stamp.name}: {came} at revision {created.revision}, {stamp.state}, region "
+        f"{stamp.region or '-'}, capacity {stamp.capacity_rows or 'unlimited'} rows, {stamp.kind}{block} "
+        f"({stamp.masked_dsn})"
+    )
+    if created.revision != created.head:
+        ahead = f"the fleet is at {created.revision}, behind head {created.head}"
+        click.echo(f"{ahead}: `migrator schema upgrade` brings the fleet and this stamp along")
+
+
 @stamp_group.command("remove")
 @click.argument("name")
 @click.pass_context

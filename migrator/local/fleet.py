@@ -15,6 +15,7 @@ from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput
 from migrator.local import pgserver, provision
 from migrator.local.seed import demo_tenants, seed_fleet_stamp
+from migrator.provision.create import NewStamp, create_stamp
 from migrator.stamps import keyspace
 
 STATE_FILE = "fleet.json"
@@ -59,16 +60,7 @@ def fleet_up(directory: Path, stamps: int = 3, servers: int = 1, replicas: int =
             started.append(pgserver.start_server(base))
             (directory / STATE_FILE).write_text(json.dumps({"servers": [str(s.datadir) for s in started]}))
         catalog_url = provision.catalog_database(started[0])
-        catalog = Catalog(catalog_url)
-        stamp_dsns = {}
-        try:
-            for i in range(stamps):
-                name = f"stamp-{i + 1}"
-                stamp_dsn = provision.stamp_database(started[i % servers], f"stamp_{i + 1}")
-                catalog.add_stamp(name, stamp_dsn, region="local")
-                stamp_dsns[name] = stamp_dsn
-        finally:
-            catalog.close()
+        stamp_dsns = _create_stamps(catalog_url, started, stamps)
         config_path = provision.write_config(directory / configlib.DEFAULT_FILE, catalog_url)
         _stride(config_path)
         standbys = {}
@@ -84,6 +76,21 @@ def fleet_up(directory: Path, stamps: int = 3, servers: int = 1, replicas: int =
         _undo(started, created, directory / STATE_FILE)
         raise
     return FleetInfo(config_path, catalog_url, stamp_dsns, standbys)
+
+
+def _create_stamps(catalog_url: str, servers: list[pgserver.LocalServer], count: int) -> dict[str, str]:
+    """Empty databases spread over the servers, each provisioned by `stamp create` (as users' stamps
+    are: the sample application's environment run to the fleet's revision, then registered)."""
+    config = configlib.Config(catalog_url, script_location=provision.sample_app_env())
+    ctx = Context(config, Catalog(catalog_url))
+    created = {}
+    try:
+        for i in range(count):
+            dsn = provision.create_database(servers[i % len(servers)], f"stamp_{i + 1}")
+            created[f"stamp-{i + 1}"] = create_stamp(ctx, NewStamp(f"stamp-{i + 1}", dsn, region="local")).stamp.dsn
+    finally:
+        ctx.catalog.close()
+    return created
 
 
 def _stride(config_path: Path) -> None:

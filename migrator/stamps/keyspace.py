@@ -268,13 +268,18 @@ def check_new_stamp(ctx: Context, stamp: Stamp) -> None:
     """Before a stamp joins a strided fleet: refuse, with nothing recorded, when its sequences cannot
     be put into the next block (ids already issued past it)."""
     fleet = ctx.catalog.stamps()
-    block = max((s.key_block or 0 for s in fleet), default=0) + 1
+    block = next_block(fleet)
     with stamps.connect(stamp) as conn:
         _, refused = sequences.plan_block(
             stamp.name, _keys_if_any(conn, ctx.config.tenancy), block, known_blocks(fleet)
         )
     if refused:
         raise BadInput(f"stamp {stamp.name} not added: {'; '.join(refused)}")
+
+
+def next_block(fleet: Iterable[Stamp]) -> int:
+    """The block a stamp joining a strided fleet gets: the one after the highest given out."""
+    return max((s.key_block or 0 for s in fleet), default=0) + 1
 
 
 def place_new_stamp(ctx: Context, stamp: Stamp, *, reachable: bool = True) -> Stamp:

@@ -1,0 +1,239 @@
+"""`migrator stamp create`: a new stamp provisioned at the fleet's revision, registered only once it matches.
+
+Every check comes before the first change, and the catalog is written last, in one transaction:
+1. the name and database are new to the catalog, and the stamps' Alembic environment is configured;
+2. the fleet's revision: every stamp that is not retired at one revision (else refused: a rollout is
+   under way, or stamps drifted); a fleet without stamps takes the environment's head;
+3. the database holds no application tables and no revision, unless `adopt`;
+4. the upgrade runs as a rollout's step does (`run_stamp_step`: the stamp's schema lock, one
+   transaction per revision), its sequences put into the stamp's key block on a strided fleet;
+5. the new stamp matches the fleet: it is at the fleet's revision;
+6. the stamp is registered with its attributes and key block at once (`Catalog.register_stamp`).
+
+A failure after step 3 registers nothing and says where the database was left and what to do.
+`fleet up` provisions its stamps through here, and `fleet apply` creates declared stamps through here.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import conninfo
+
+from migrator import stamps
+from migrator.catalog import Stamp, StampState, StepResult
+from migrator.context import Context
+from migrator.db import dsn as dsnlib
+from migrator.db.alembic import read_revision
+from migrator.errors import BadInput, ConfigError, MigratorError
+from migrator.rollout.history import AHEAD, UNKNOWN, History
+from migrator.rollout.worker import Job, reason, run_stamp_step
+from migrator.stamps import keyspace
+from migrator.stamps.fanout import PER_SERVER, each_stamp
+
+# Tables, views and foreign tables of the application: outside the system schemas and migrator's own,
+# not Alembic's version table, not a partition (its parent counts), not an extension's own.
+APPLICATION_TABLES = r"""
+SELECT format('%I.%I', n.nspname, c.relname)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND NOT c.relispartition
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', '_migrator') AND n.nspname NOT LIKE 'pg\_%'
+  AND c.relname <> 'alembic_version'
+  AND NOT EXISTS (
+    SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'
+  )
+ORDER BY 1
+"""
+
+
+@dataclass(frozen=True)
+class NewStamp:
+    """A stamp to create: the flags of `migrator stamp create` (an entry of `fleet apply`'s file)."""
+
+    name: str
+    dsn: str
+    region: str | None = None
+    capacity_rows: int | None = None
+    capacity_bytes: int | None = None
+    state: StampState = StampState.ACTIVE
+    kind: str = "shared"
+    adopt: bool = False  # --adopt: take a database that already holds the application's tables
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What `prepare` checked, nothing changed yet: the stamp as it will be registered (with its key
+    block on a strided fleet), the revision to bring it to and the one it is at."""
+
+    stamp: Stamp
+    target: str
+    current: str | None
+    location: Path
+    known_blocks: frozenset[int]
+    head: str  # the environment's head; the target is the fleet's revision, which may be older
+    tables: int  # application tables it held (adopted)
+
+
+@dataclass(frozen=True)
+class Created:
+    """What `stamp create` did: the stamp as registered, and its revision before and after."""
+
+    stamp: Stamp
+    from_revision: str | None
+    revision: str
+    head: str
+    adopted_tables: int
+
+
+def create_stamp(ctx: Context, new: NewStamp) -> Created:
+    """`migrator stamp create`: every check, then the upgrade, then the one catalog transaction."""
+    return provision(ctx, prepare(ctx, new))
+
+
+def prepare(ctx: Context, new: NewStamp) -> Prepared:
+    """Every check of `stamp create` before anything changes (refused: BadInput, nothing changed)."""
+    found = _history(ctx)
+    fleet = ctx.catalog.stamps()
+    _refuse_known(new, fleet)
+    target = fleet_revision(fleet, found)
+    block = keyspace.next_block(fleet) if any(s.key_block is not None for s in fleet) else None
+    stamp = Stamp(new.name, new.dsn, new.region, new.capacity_rows, new.capacity_bytes, new.state, block, new.kind)
+    with stamps.connect(stamp) as conn:
+        current = read_revision(conn)
+        tables = [row[0] for row in conn.execute(APPLICATION_TABLES)]
+    if (tables or current is not None) and not new.adopt:
+        held = f"{len(tables)} application table(s) ({_some(tables)})" if tables else "no application table"
+        raise BadInput(
+            f"database of stamp {new.name} ({stamp.masked_dsn}) is not empty: it holds {held} and is at revision "
+            f"{current or 'base (none)'}; give --adopt to take it as it is, brought to the fleet's revision "
+            f"{target}, or use an empty database; nothing changed"
+        )
+    state, _ = found.classify(current, target)
+    if state in (AHEAD, UNKNOWN):
+        where = "past" if state == AHEAD else "not on the way to"
+        raise BadInput(
+            f"database of stamp {new.name} is at revision {current}, {where} the fleet's revision {target}; "
+            "nothing changed"
+        )
+    known = keyspace.known_blocks(fleet)
+    return Prepared(stamp, target, current, found.location, known, found.head, len(tables))
+
+
+def provision(ctx: Context, prepared: Prepared) -> Created:
+    """Upgrade the prepared database, check it matches the fleet, register it; a failure registers nothing."""
+    stamp = prepared.stamp
+    job = Job(stamp, str(prepared.location), "upgrade", prepared.target, ctx.config.tenancy, prepared.known_blocks)
+    done = run_stamp_step(job, prepared.current)
+    if done.result != StepResult.OK:
+        raise MigratorError(f"stamp {stamp.name} not created: {done.error}; {_left_at(done.at_revision)}")
+    _check_matches_fleet(stamp, prepared.target)
+    try:
+        registered = ctx.catalog.register_stamp(stamp)
+    except MigratorError as exc:
+        raise MigratorError(f"stamp {stamp.name} not registered: {exc}; {_left_at(prepared.target)}") from None
+    return Created(registered, prepared.current, prepared.target, prepared.head, prepared.tables)
+
+
+def fleet_revision(fleet: Sequence[Stamp], found: History, per_server: int = PER_SERVER) -> str:
+    """The revision a new stamp is brought to: the one every stamp that is not retired is at (retired
+    stamps are left out of rollouts too); the environment's head for a fleet without stamps.
+
+    Refused when the fleet is not at one revision (a rollout under way, or drift), when a stamp cannot
+    be read (it might be elsewhere), or when the fleet is at a revision the environment does not know.
+    """
+    serving = [s for s in fleet if s.state != StampState.RETIRED]
+    if not serving:
+        return found.head
+    read = each_stamp(serving, _revision_of, per_server)
+    unreachable = [f"{name}: {error}" for name, _, error in read if error]
+    if unreachable:
+        raise BadInput(
+            f"cannot tell the fleet's revision, a stamp cannot be read ({'; '.join(unreachable[:3])}); nothing changed"
+        )
+    at: dict[str | None, list[str]] = {}
+    for name, revision, _ in read:
+        at.setdefault(revision, []).append(name)
+    if len(at) > 1:
+        counts = Counter({revision: len(names) for revision, names in at.items()})
+        groups = ", ".join(
+            f"{n} at {revision or 'base'}" + ("" if n == counts.most_common(1)[0][1] else f" ({_some(at[revision])})")
+            for revision, n in counts.most_common()
+        )
+        raise BadInput(
+            f"the fleet is not at one revision ({groups}): a rollout is under way or stamps drifted; bring them "
+            "to one revision (`migrator schema status`, `migrator schema upgrade`) before creating a stamp; "
+            "nothing changed"
+        )
+    (revision,) = at
+    if revision is None:
+        raise BadInput("the fleet's stamps were never migrated (no revision): run `migrator schema upgrade` first")
+    if not found.known(revision):
+        raise BadInput(f"the fleet is at revision {revision}, which {found.location} does not know; nothing changed")
+    return revision
+
+
+def _revision_of(stamp: Stamp) -> tuple[str, str | None, str | None]:
+    """(name, revision, error) of one stamp, for the survey: a failure is its result, never raised."""
+    try:
+        with stamps.connect(stamp) as conn:
+            return stamp.name, read_revision(conn), None
+    except (MigratorError, psycopg.Error) as exc:
+        return stamp.name, None, str(exc) if isinstance(exc, MigratorError) else reason(exc, stamp.dsn)
+
+
+def _history(ctx: Context) -> History:
+    """The stamps' Alembic environment; without one, a refusal that says why it is needed."""
+    try:
+        return History.load(ctx.config.schema_env())
+    except ConfigError as exc:
+        raise ConfigError(
+            f"stamp create brings a new stamp to the fleet's revision with the stamps' Alembic environment, "
+            f"and there is none: {exc}; to register a database migrated by other means, use `migrator stamp add`"
+        ) from None
+
+
+def _refuse_known(new: NewStamp, fleet: Sequence[Stamp]) -> None:
+    """A name the catalog has, or a database another stamp already is, is refused before any connection."""
+    if any(s.name == new.name for s in fleet):
+        raise BadInput(f"stamp {new.name!r} already exists; change it with `migrator stamp update {new.name}`")
+    database = _database(new.dsn)
+    same = [s.name for s in fleet if database is not None and _database(s.dsn) == database]
+    if same:
+        raise BadInput(f"the database of stamp {new.name} is already stamp {same[0]}'s; nothing changed")
+
+
+def _database(dsn: str) -> tuple[Any, ...] | None:
+    """Where a DSN points (service, host, port, database), to tell two names for one database apart."""
+    try:
+        params = conninfo.conninfo_to_dict(dsnlib.normalize(dsn))
+    except psycopg.Error:
+        return None
+    return tuple(params.get(k) for k in ("service", "host", "port", "dbname"))
+
+
+def _check_matches_fleet(stamp: Stamp, target: str) -> None:
+    """The new stamp must stand where the fleet stands: at its revision (a user's env.py could end
+    elsewhere without failing)."""
+    with stamps.connect(stamp) as conn:
+        revision = read_revision(conn)
+    if revision != target:
+        raise MigratorError(
+            f"stamp {stamp.name} not created: its database ended at revision {revision or 'base'}, not the fleet's "
+            f"{target}; {_left_at(revision)}"
+        )
+
+
+def _left_at(revision: str | None) -> str:
+    """What a failed `stamp create` left behind, and the two ways on."""
+    if revision is None:
+        return "nothing registered; the database has no revision: fix the cause and run it again"
+    return f"nothing registered; database left at revision {revision}: drop it, or fix the cause and rerun with --adopt"
+
+
+def _some(items: Sequence[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
