@@ -165,6 +165,18 @@ class Catalog:
             return self._stamp(conn, stamp.name)
 
     @CATALOG.wraps
+    def retire_refusal(self, name: str) -> str | None:
+        """Why retiring the stamp would be refused now (`set_stamp_state`'s own check), or None: for a
+        plan that names what it cannot do before changing anything."""
+        with self.transaction() as conn:
+            self._stamp(conn, name)
+            try:
+                _refuse_retire(conn, name)
+            except BadInput as exc:
+                return str(exc)
+        return None
+
+    @CATALOG.wraps
     def update_stamp(self, name: str, **fields: Any) -> Stamp:
         allowed = {"dsn", "region", "capacity_rows", "capacity_bytes", "state", "kind"}
         changes = {k: v for k, v in fields.items() if k in allowed and v is not None}

@@ -1,25 +1,100 @@
-"""The local fleet commands."""
+"""The fleet commands: stamps as code (`fleet plan`, `fleet apply`) and the local fleet (`fleet up|down|seed`)."""
 
 from __future__ import annotations
 
 import shlex
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from migrator.cli import render
-from migrator.cli.base import cli, context_of
+from migrator.cli.base import JSON, cli, context_of, emit
+from migrator.errors import BadInput
+
+if TYPE_CHECKING:
+    from migrator.provision.reconcile import Change, FleetPlan
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# -- local fleet ------------------------------------------------------------------------------------------
 
 
 @cli.group("fleet")
 def fleet_group() -> None:
-    """A local fleet of real PostgreSQL servers for demos, tests and benchmarks."""
+    """The fleet as code (plan, apply a file of stamps), and a local fleet of real PostgreSQL servers
+    for demos, tests and benchmarks (up, down, seed)."""
+
+
+# -- stamps as code ---------------------------------------------------------------------------------------
+
+FLEET_FILE = click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+SIGNS = {"create": "+", "update": "~", "drain": "~", "activate": "~", "retire": "-"}
+
+
+@fleet_group.command("plan")
+@FLEET_FILE
+@JSON
+@click.pass_context
+def fleet_plan(ctx: click.Context, file: Path, as_json: bool) -> None:
+    """Show what `fleet apply FILE` would create, update, set draining or retire (changes nothing).
+
+    FILE (YAML, or TOML by its suffix) lists the stamps; stamps the catalog has and the file does not
+    are listed and left as they are. Exit 2 when the catalog would refuse a change.
+    """
+    from migrator.provision.reconcile import plan
+
+    found = plan(context_of(ctx), file)
+    emit(as_json, _plan_data(found), _plan_text(found))
+    if found.refused:
+        raise BadInput(f"{len(found.refused)} change(s) refused; `fleet apply` would change nothing")
+
+
+@fleet_group.command("apply")
+@FLEET_FILE
+@click.pass_context
+def fleet_apply(ctx: click.Context, file: Path) -> None:
+    """Make the catalog match FILE: create stamps (as `stamp create` does), change their attributes and states.
+
+    Everything that can be checked is checked before the first change: a refused change (retiring a
+    stamp that holds tenants), a DSN that does not connect, a database `stamp create` would refuse.
+    """
+    from migrator.provision.reconcile import apply
+
+    applied = apply(context_of(ctx), file)
+    if not applied.done:
+        click.echo("nothing to change")
+        return
+    click.echo(_plan_text(applied.plan))
+    click.echo(f"applied {len(applied.done)} change(s)")
+
+
+def _line(change: Change) -> str:
+    text = f"{SIGNS[change.action]} {change.action} {change.stamp}: {', '.join(change.details)}"
+    return text + (f" (refused: {change.refused})" if change.refused else "")
+
+
+def _plan_text(found: FleetPlan) -> str:
+    lines = [_line(c) for c in found.changes]
+    if found.not_in_file:
+        lines.append(f"  not in {found.source.name}, left as they are: {', '.join(found.not_in_file)}")
+    if not found.changes:
+        return "\n".join([*lines, "nothing to change"])
+    counts = {action: sum(1 for c in found.changes if c.action == action) for action in SIGNS}
+    wording = {"create": "to create", "update": "to update", "drain": "to set draining", "activate": "to set active",
+               "retire": "to retire"}  # fmt: skip
+    summary = ", ".join(f"{n} {wording[action]}" for action, n in counts.items() if n)
+    return "\n".join([*lines, f"plan: {summary}"])
+
+
+def _plan_data(found: FleetPlan) -> dict[str, Any]:
+    changes = [
+        {"stamp": c.stamp, "action": str(c.action), "details": list(c.details), "refused": c.refused}
+        for c in found.changes
+    ]
+    return {"file": str(found.source), "changes": changes, "not_in_file": list(found.not_in_file)}
+
+
+# -- local fleet ------------------------------------------------------------------------------------------
 
 
 def _fleet_dir(what: str) -> Callable[[F], F]:
