@@ -36,6 +36,8 @@ from psycopg import sql
 
 from migrator import config as configlib
 from migrator.db import dsn as dsnlib
+from migrator.db.alembic import read_revision
+from migrator.local import provision
 from migrator.local.provision import sample_app_env
 from migrator.move import fence
 from migrator.move.fence import FENCED_SQLSTATE
@@ -463,3 +465,22 @@ def test_apply_queue_without_the_queue_grants_is_refused_in_one_line_before_reco
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "no job queue this role may use" in result.stderr
     assert catalog_snapshot(fleet) == before
+
+
+def test_stamp_create_as_a_plain_role_provisions_and_registers_a_new_stamp(fleet: Fleet, roles: Roles) -> None:
+    """`stamp create` needs on the new database what a move and the application's migrations need there
+    (the grants of docs/privileges.md, and CREATE on its schema for the application's owner), and on the
+    catalog only the INSERT into stamps that `stamp add` needs."""
+    db = fleet.databases[0].removesuffix("_catalog") + "_created"
+    fleet.databases.append(db)
+    provision.create_database(fleet.server, db)
+    grants = operator_grants(roles.operator, roles.owner, [db], "-")
+    statements = [statement for target, statement in grants if target == db]
+    _admin(fleet, db, *statements, sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(sql.Identifier(roles.owner)))
+
+    result = roles.run("stamp", "create", "eu-3", "--dsn", roles.url(roles.operator, db), "--region", "eu")
+
+    assert result.exit_code == 0, result.output + result.stderr
+    assert fleet.catalog.stamp("eu-3").region == "eu"
+    with dsnlib.connect(fleet.server.dsn(db), autocommit=True) as conn:
+        assert read_revision(conn) == "0006_task_checklists"
