@@ -4,6 +4,7 @@ where the database was left."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -129,6 +130,22 @@ def test_without_an_alembic_environment_stamp_create_refuses_and_explains(fleet:
     assert result.exit_code == 2
     assert "no Alembic environment" in result.stderr and "script_location" in result.stderr
     assert "migrator stamp add" in result.stderr
+    assert _names(fleet) == ["eu-1", "eu-2", "us-1"] and current_revision(dsn) is None
+
+
+def test_a_broken_env_py_registers_nothing_and_says_the_database_has_no_revision(fleet: Fleet, tmp_path: Path) -> None:
+    env = tmp_path / "broken_env"
+    shutil.copytree(provision.sample_app_env(), env)
+    (env / "env.py").write_text("raise RuntimeError('env.py cannot reach the secrets vault')\n")
+    config = provision.write_config(tmp_path / "broken.toml", fleet.catalog.url, script_location=env)
+    dsn = _empty_database(fleet, "broken_env")
+
+    result = CliRunner().invoke(cli, ["--config", str(config), "stamp", "create", "eu-3", "--dsn", dsn])
+
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and "env.py cannot reach the secrets vault" in line, line
+    assert line.endswith("nothing registered; the database has no revision: fix the cause and run it again"), line
     assert _names(fleet) == ["eu-1", "eu-2", "us-1"] and current_revision(dsn) is None
 
 

@@ -16,6 +16,7 @@ A failure after step 3 registers nothing and says where the database was left an
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from migrator.rollout.history import AHEAD, UNKNOWN, History
 from migrator.rollout.worker import Job, reason, run_stamp_step
 from migrator.stamps import keyspace
 from migrator.stamps.fanout import PER_SERVER, each_stamp
+
+logger = logging.getLogger(__name__)  # INFO (`migrator -v`): the traceback behind a one-line failure
 
 # Tables, views and foreign tables of the application: outside the system schemas and migrator's own,
 # not Alembic's version table, not a partition (its parent counts), not an extension's own.
@@ -129,6 +132,8 @@ def provision(ctx: Context, prepared: Prepared) -> Created:
     stamp = prepared.stamp
     job = Job(stamp, str(prepared.location), "upgrade", prepared.target, ctx.config.tenancy, prepared.known_blocks)
     done = run_stamp_step(job, prepared.current)
+    if done.detail:
+        logger.info("stamp create %s failed:\n%s", stamp.name, done.detail)
     if done.result != StepResult.OK:
         raise MigratorError(f"stamp {stamp.name} not created: {done.error}; {_left_at(done.at_revision)}")
     _check_matches_fleet(stamp, prepared.target)
