@@ -1,0 +1,263 @@
+"""A stamp's structural fingerprint: what its application schemas contain, read from `pg_catalog` in one
+statement, normalised, and hashed, so that stamps at the same revision can be told apart when a hand,
+an incident or an old tool changed one of them.
+
+Counted: tables and their partitioning, columns (type, nullability, default, generated, identity,
+collation), constraints with their definitions, indexes (`pg_get_indexdef`), triggers, views and
+materialized views, functions, sequences, types (enums, domains, composites, ranges), extensions with
+their versions and row-level security (the tables' switches and their policies).
+
+Normalised: columns are keyed by name (their physical order does not count); a partition is named by
+its parent and bounds, never its own name; what PostgreSQL derives for partitions (their columns,
+the indexes, constraints and triggers cloned from the parent) is left out; OIDs never appear. Left
+out too: migrator's own `_migrator` schema and the guard triggers it installs on tenant tables,
+objects that belong to an extension (the extension and its version count instead), ownership and
+grants (`migrator stamp check` judges the privileges a move needs), and sequences' start values
+(`keys stride` restarts them per stamp).
+
+    found = fingerprint(conn)             # every application schema; or fingerprint(conn, ["public"])
+    found.digest                          # 12 hex digits, equal on structurally equal stamps
+    compare(found, other)                 # the objects that differ, each with the DDL of both sides
+
+Used by `schema status` (one digest per stamp), `schema diff`, a move's preflight and `stamp create`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from migrator.stamps.access import SCHEMA
+
+DIGEST_LENGTH = 12  # hex digits: ample to tell the structures of a fleet apart
+SHORT = 4  # hex digits `schema status` shows, unless two structures share them
+
+# Kinds of objects, as messages name them.
+TABLE, COLUMN, CONSTRAINT, INDEX, TRIGGER, POLICY = "table", "column", "constraint", "index", "trigger", "policy"
+VIEW, FUNCTION, SEQUENCE, TYPE, EXTENSION = "view", "function", "sequence", "type", "extension"
+
+# One row per object: kind, name, the table it belongs to (None for free-standing objects), whether
+# it is a unique index, its DDL, and its normal form (what the digest counts) when that differs.
+_OBJECTS = r"""
+WITH RECURSIVE ns AS (
+    SELECT oid, nspname FROM pg_namespace
+    WHERE nspname <> %(own)s AND CASE WHEN %(schemas)s::text[] IS NULL
+        THEN nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') AND nspname NOT LIKE 'pg\_%%'
+        ELSE nspname = ANY(%(schemas)s::text[]) END
+),
+member AS (SELECT classid, objid FROM pg_depend WHERE deptype = 'e'),
+rel AS (
+    SELECT c.oid, c.relkind, c.relname, c.relispartition, c.relpersistence, c.relrowsecurity,
+           c.relforcerowsecurity, c.relpartbound,
+           CASE WHEN n.nspname = 'public' THEN c.relname::text ELSE n.nspname || '.' || c.relname END AS label
+    FROM pg_class c JOIN ns n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'p', 'f', 'v', 'm', 'S')
+      AND NOT EXISTS (SELECT 1 FROM member m WHERE m.classid = 'pg_class'::regclass AND m.objid = c.oid)
+),
+named (oid, name, parent) AS (  -- a partition is named by its parent and bounds, never its own name
+    SELECT oid, label COLLATE "C", NULL::text COLLATE "C" FROM rel WHERE NOT relispartition
+    UNION ALL
+    SELECT r.oid, p.name || ' ' || pg_get_expr(r.relpartbound, r.oid), p.name
+    FROM named p JOIN pg_inherits i ON i.inhparent = p.oid JOIN rel r ON r.oid = i.inhrelid AND r.relispartition
+),
+tab AS (SELECT r.*, n.name, n.parent FROM rel r JOIN named n USING (oid))
+SELECT 'table', t.name, t.name, false, d.head || ' ' || t.label || d.body,
+       CASE WHEN t.relispartition THEN d.head || d.body END
+FROM tab t, LATERAL (SELECT
+    'CREATE ' || CASE t.relpersistence WHEN 'u' THEN 'UNLOGGED ' ELSE '' END
+    || CASE t.relkind WHEN 'f' THEN 'FOREIGN ' ELSE '' END || 'TABLE' AS head,
+    CASE WHEN t.relispartition THEN ' PARTITION OF ' || t.parent || ' ' || pg_get_expr(t.relpartbound, t.oid)
+         ELSE '' END
+    || CASE WHEN t.relkind = 'p' THEN ' PARTITION BY ' || pg_get_partkeydef(t.oid) ELSE '' END
+    || CASE WHEN t.relrowsecurity THEN '; ROW LEVEL SECURITY ENABLED' ELSE '' END
+    || CASE WHEN t.relforcerowsecurity THEN '; ROW LEVEL SECURITY FORCED' ELSE '' END AS body) d
+WHERE t.relkind IN ('r', 'p', 'f')
+UNION ALL
+SELECT 'column', t.name || '.' || a.attname, t.name, false,
+       format_type(a.atttypid, a.atttypmod)
+       || CASE WHEN a.attcollation <> 0 AND a.attcollation <> ty.typcollation
+               THEN ' COLLATE ' || a.attcollation::regcollation::text ELSE '' END
+       || CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE '' END
+       || CASE WHEN a.attgenerated = 's' THEN ' GENERATED ALWAYS AS (' || pg_get_expr(d.adbin, d.adrelid) || ') STORED'
+               WHEN d.adbin IS NOT NULL THEN ' DEFAULT ' || pg_get_expr(d.adbin, d.adrelid) ELSE '' END
+       || CASE a.attidentity WHEN 'a' THEN ' GENERATED ALWAYS AS IDENTITY'
+                             WHEN 'd' THEN ' GENERATED BY DEFAULT AS IDENTITY' ELSE '' END,
+       NULL
+FROM tab t JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped
+JOIN pg_type ty ON ty.oid = a.atttypid
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE t.relkind IN ('r', 'p', 'f') AND NOT t.relispartition
+UNION ALL
+SELECT 'constraint', t.name || '.' || c.conname, t.name, false, pg_get_constraintdef(c.oid), NULL
+FROM tab t JOIN pg_constraint c ON c.conrelid = t.oid
+WHERE c.conparentid = 0 AND c.conislocal
+UNION ALL
+SELECT 'index', CASE WHEN t.relispartition THEN t.name || '.' || i.relname
+                    WHEN n.nspname = 'public' THEN i.relname::text ELSE n.nspname || '.' || i.relname END,
+       t.name, x.indisunique, pg_get_indexdef(x.indexrelid), NULL
+FROM tab t JOIN pg_index x ON x.indrelid = t.oid JOIN pg_class i ON i.oid = x.indexrelid
+JOIN pg_namespace n ON n.oid = i.relnamespace
+WHERE NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid AND c.contype IN ('p', 'u', 'x'))
+  AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = x.indexrelid)
+UNION ALL
+SELECT 'trigger', t.name || '.' || g.tgname, t.name, false,
+       pg_get_triggerdef(g.oid)
+       || CASE g.tgenabled WHEN 'D' THEN '; DISABLED' WHEN 'A' THEN '; ENABLED ALWAYS'
+                           WHEN 'R' THEN '; ENABLED REPLICA' ELSE '' END,
+       NULL
+FROM tab t JOIN pg_trigger g ON g.tgrelid = t.oid JOIN pg_proc p ON p.oid = g.tgfoid
+JOIN pg_namespace pn ON pn.oid = p.pronamespace
+WHERE NOT g.tgisinternal AND g.tgparentid = 0 AND pn.nspname <> %(own)s
+UNION ALL
+SELECT 'policy', t.name || '.' || p.policyname, t.name, false,
+       format('CREATE POLICY %%I ON %%s AS %%s FOR %%s TO %%s', p.policyname, t.label, p.permissive, p.cmd,
+              array_to_string(p.roles, ', '))
+       || coalesce(' USING (' || p.qual || ')', '') || coalesce(' WITH CHECK (' || p.with_check || ')', ''),
+       NULL
+FROM tab t JOIN pg_class c ON c.oid = t.oid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_policies p ON p.schemaname = n.nspname AND p.tablename = c.relname
+UNION ALL
+SELECT 'view', t.name, NULL, false,
+       'CREATE ' || CASE t.relkind WHEN 'm' THEN 'MATERIALIZED ' ELSE '' END || 'VIEW ' || t.label
+       || ' AS ' || pg_get_viewdef(t.oid),
+       NULL
+FROM tab t WHERE t.relkind IN ('v', 'm')
+UNION ALL
+SELECT 'sequence', t.name, NULL, false,
+       format('CREATE SEQUENCE %%s AS %%s INCREMENT BY %%s MINVALUE %%s MAXVALUE %%s CACHE %%s%%s', t.label,
+              format_type(s.seqtypid, NULL), s.seqincrement, s.seqmin, s.seqmax, s.seqcache,
+              CASE WHEN s.seqcycle THEN ' CYCLE' ELSE '' END),
+       NULL
+FROM tab t JOIN pg_sequence s ON s.seqrelid = t.oid
+UNION ALL
+SELECT 'function',
+       CASE WHEN n.nspname = 'public' THEN '' ELSE n.nspname || '.' END || p.proname
+       || '(' || pg_get_function_identity_arguments(p.oid) || ')',
+       NULL, false,
+       CASE WHEN p.prokind = 'a' THEN 'CREATE AGGREGATE ' || p.oid::regprocedure::text
+            ELSE pg_get_functiondef(p.oid) END,
+       NULL
+FROM pg_proc p JOIN ns n ON n.oid = p.pronamespace
+WHERE NOT EXISTS (SELECT 1 FROM member m WHERE m.classid = 'pg_proc'::regclass AND m.objid = p.oid)
+UNION ALL
+SELECT 'type', CASE WHEN n.nspname = 'public' THEN '' ELSE n.nspname || '.' END || ty.typname, NULL, false,
+       CASE ty.typtype
+           WHEN 'e' THEN format('CREATE TYPE %%s AS ENUM (%%s)', ty.oid::regtype,
+               (SELECT string_agg(quote_literal(e.enumlabel), ', ' ORDER BY e.enumsortorder)
+                FROM pg_enum e WHERE e.enumtypid = ty.oid))
+           WHEN 'd' THEN format('CREATE DOMAIN %%s AS %%s', ty.oid::regtype, format_type(ty.typbasetype, ty.typtypmod))
+               || CASE WHEN ty.typnotnull THEN ' NOT NULL' ELSE '' END
+               || coalesce(' DEFAULT ' || ty.typdefault, '')
+               || coalesce((SELECT string_agg(' CONSTRAINT ' || quote_ident(c.conname) || ' '
+                                              || pg_get_constraintdef(c.oid), '' ORDER BY c.conname)
+                            FROM pg_constraint c WHERE c.contypid = ty.oid), '')
+           WHEN 'c' THEN format('CREATE TYPE %%s AS (%%s)', ty.oid::regtype,
+               (SELECT string_agg(quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.atttypmod), ', '
+                                  ORDER BY a.attnum)
+                FROM pg_attribute a WHERE a.attrelid = ty.typrelid AND a.attnum > 0 AND NOT a.attisdropped))
+           WHEN 'r' THEN format('CREATE TYPE %%s AS RANGE (SUBTYPE = %%s)', ty.oid::regtype,
+               (SELECT format_type(r.rngsubtype, NULL) FROM pg_range r WHERE r.rngtypid = ty.oid))
+           ELSE 'CREATE TYPE ' || ty.oid::regtype::text
+       END,
+       NULL
+FROM pg_type ty JOIN ns n ON n.oid = ty.typnamespace
+WHERE ty.typtype IN ('e', 'd', 'c', 'r', 'b')
+  AND (ty.typrelid = 0 OR (SELECT c.relkind FROM pg_class c WHERE c.oid = ty.typrelid) = 'c')
+  AND NOT EXISTS (SELECT 1 FROM pg_type el WHERE el.typarray = ty.oid)
+  AND NOT EXISTS (SELECT 1 FROM member m WHERE m.classid = 'pg_type'::regclass AND m.objid = ty.oid)
+UNION ALL
+SELECT 'extension', e.extname, NULL, false,
+       format('CREATE EXTENSION %%I VERSION %%L SCHEMA %%I', e.extname, e.extversion, n.nspname), NULL
+FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+"""
+
+
+@dataclass(frozen=True)
+class SchemaObject:
+    """One object of a stamp's structure, named as messages name it (`notes.body`, `tasks_due_idx`)."""
+
+    kind: str
+    name: str
+    table: str | None  # the table it belongs to (a column's, an index's...), None for free-standing objects
+    ddl: str  # what it is: a column's type and modifiers, the CREATE statement of anything else
+    normal: str  # what the digest counts: the DDL without what may differ between equal stamps
+    unique: bool = False  # a unique index
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.kind, self.name
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A stamp's structure: its objects by (kind, name), and their digest."""
+
+    objects: Mapping[tuple[str, str], SchemaObject]
+    digest: str
+
+    @classmethod
+    def of(cls, objects: Iterable[SchemaObject]) -> Fingerprint:
+        found = {o.key: o for o in objects}
+        lines = sorted(f"{kind}\x1f{name}\x1f{o.normal}\x1f{o.unique}" for (kind, name), o in found.items())
+        digest = hashlib.sha256("\x1e".join(lines).encode()).hexdigest()[:DIGEST_LENGTH]
+        return cls(found, digest)
+
+
+def fingerprint(conn: psycopg.Connection[Any], schemas: Sequence[str] | None = None) -> Fingerprint:
+    """The stamp's fingerprint over `schemas` (default: every schema but PostgreSQL's and `_migrator`);
+    one statement, read-only."""
+    rows = conn.execute(_OBJECTS, {"schemas": list(schemas) if schemas is not None else None, "own": SCHEMA})
+    return Fingerprint.of(
+        SchemaObject(kind, name, table, ddl, normal if normal is not None else ddl, unique)
+        for kind, name, table, unique, ddl, normal in rows.fetchall()
+    )
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One object that differs between two stamps: missing on one side (None), or defined otherwise."""
+
+    kind: str
+    name: str
+    ours: SchemaObject | None
+    theirs: SchemaObject | None
+
+    @property
+    def table(self) -> str | None:
+        return (self.ours or self.theirs).table  # type: ignore[union-attr]  # one side always exists
+
+    def describe(self, ours: str, theirs: str) -> str:
+        """`index tasks_due_idx: only on eu-7 (CREATE INDEX …)`, `column notes.body: text on eu-1,
+        character varying(2000) on eu-7`: one line, whatever the DDL's own lines."""
+        if self.theirs is None:
+            return f"{self.kind} {self.name}: only on {ours} ({_one_line(self.ours)})"
+        if self.ours is None:
+            return f"{self.kind} {self.name}: only on {theirs} ({_one_line(self.theirs)})"
+        return f"{self.kind} {self.name}: {_one_line(self.ours)} on {ours}, {_one_line(self.theirs)} on {theirs}"
+
+
+def _one_line(found: SchemaObject | None) -> str:
+    return " ".join(found.ddl.split()) if found is not None else ""
+
+
+def compare(ours: Fingerprint, theirs: Fingerprint) -> list[Difference]:
+    """Every object that differs, in kind and name order."""
+    found = []
+    for key in sorted(set(ours.objects) | set(theirs.objects)):
+        a, b = ours.objects.get(key), theirs.objects.get(key)
+        if a is None or b is None or (a.normal, a.unique) != (b.normal, b.unique):
+            found.append(Difference(key[0], key[1], a, b))
+    return found
+
+
+def short_length(digests: Iterable[str]) -> int:
+    """How many leading hex digits tell these digests apart (at least SHORT): what `schema status` shows."""
+    distinct = set(digests)
+    for length in range(SHORT, DIGEST_LENGTH):
+        if len({d[:length] for d in distinct}) == len(distinct):
+            return length
+    return DIGEST_LENGTH
