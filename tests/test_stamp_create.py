@@ -9,6 +9,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 from conftest import Fleet
+from psycopg import sql
 
 from migrator.cli import cli
 from migrator.db import dsn as dsnlib
@@ -152,19 +153,49 @@ def test_a_broken_env_py_registers_nothing_and_says_the_database_has_no_revision
 def test_a_fleet_mid_rollout_is_refused_and_a_fleet_behind_head_gives_its_own_revision(fleet: Fleet) -> None:
     dsn = _empty_database(fleet, "mid")
 
-    def set_revision(stamp: str, revision: str) -> None:
-        with dsnlib.connect(fleet.dsn(stamp), autocommit=True) as conn:
-            conn.execute("UPDATE alembic_version SET version_num = %s", (revision,))
-
-    set_revision("us-1", "0005_task_watchers")
+    assert fleet.run("schema", "downgrade", "0005_task_watchers", "--stamp", "us-1", "--yes").exit_code == 0
     refused = fleet.run("stamp", "create", "eu-3", "--dsn", dsn)
     assert refused.exit_code == 2
     assert f"the fleet is not at one revision (2 at {HEAD}, 1 at 0005_task_watchers (us-1))" in refused.stderr
     assert current_revision(dsn) is None and _names(fleet) == ["eu-1", "eu-2", "us-1"]
 
-    for stamp in ("eu-1", "eu-2"):
-        set_revision(stamp, "0005_task_watchers")
+    assert fleet.run("schema", "downgrade", "0005_task_watchers", "--yes").exit_code == 0
     created = fleet.run("stamp", "create", "eu-3", "--dsn", dsn)
     assert created.exit_code == 0, created.stderr
     assert "at revision 0005_task_watchers" in created.stdout and f"behind head {HEAD}" in created.stdout
     assert current_revision(dsn) == "0005_task_watchers"
+
+
+def _index(fleet: Fleet, stamp: str, name: str, column: str) -> None:
+    with dsnlib.connect(fleet.dsn(stamp), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE INDEX {} ON tasks ({})").format(sql.Identifier(name), sql.Identifier(column)))
+
+
+def test_a_new_stamp_must_have_the_structure_most_of_the_fleet_shares(fleet: Fleet) -> None:
+    for stamp in ("eu-1", "eu-2"):  # a hot-fix index made by hand on two stamps of three, never in a revision
+        _index(fleet, stamp, "tasks_due_hotfix", "due_at")
+    dsn = _empty_database(fleet, "shaped")
+
+    differs = fleet.run("stamp", "create", "eu-3", "--dsn", dsn)
+
+    assert differs.exit_code == 1
+    line = differs.stderr.strip()
+    assert "its structure differs from the fleet's (2 of 3 stamps share" in line and "like eu-1" in line, line
+    assert "index tasks_due_hotfix: only on eu-1 (CREATE INDEX tasks_due_hotfix ON public.tasks" in line, line
+    assert line.endswith(f"database left at revision {HEAD}: drop it, or fix the cause and rerun with --adopt")
+    assert _names(fleet) == ["eu-1", "eu-2", "us-1"] and current_revision(dsn) == HEAD
+
+    _index(fleet, "us-1", "tasks_due_hotfix", "due_at")  # now on every stamp: the new one gets it too
+    with dsnlib.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE INDEX tasks_due_hotfix ON tasks (due_at)")
+    adopted = fleet.run("stamp", "create", "eu-3", "--dsn", dsn, "--adopt")
+    assert adopted.exit_code == 0, adopted.stderr
+
+    for stamp in ("eu-1", "eu-2"):  # eu-1 and eu-2 against us-1 and eu-3: two ties two
+        _index(fleet, stamp, "tasks_title", "title")
+    tie = _empty_database(fleet, "tie")
+    refused = fleet.run("stamp", "create", "eu-4", "--dsn", tie)
+    assert refused.exit_code == 2
+    assert "have 2 structures and none is shared by more stamps than the others" in refused.stderr
+    assert "(eu-1, eu-2)" in refused.stderr and "(eu-3, us-1)" in refused.stderr
+    assert current_revision(tie) is None and "eu-4" not in _names(fleet)

@@ -2,12 +2,15 @@
 
 Every check comes before the first change, and the catalog is written last, in one transaction:
 1. the name and database are new to the catalog, and the stamps' Alembic environment is configured;
-2. the fleet's revision: every stamp that is not retired at one revision (else refused: a rollout is
-   under way, or stamps drifted); a fleet without stamps takes the environment's head;
+2. the fleet's revision and structure: every stamp that is not retired at one revision (else refused:
+   a rollout is under way, or stamps drifted), and a fingerprint most of them share (a tie is refused:
+   nothing says which is right); a fleet without stamps takes the environment's head;
 3. the database holds no application tables and no revision, unless `adopt`;
 4. the upgrade runs as a rollout's step does (`run_stamp_step`: the stamp's schema lock, one
    transaction per revision), its sequences put into the stamp's key block on a strided fleet;
-5. the new stamp matches the fleet: it is at the fleet's revision;
+5. the new stamp matches the fleet: it is at the fleet's revision, and its structural fingerprint
+   (`migrator.stamps.fingerprint`) equals the one most of the fleet's stamps share (else refused,
+   naming each object that differs);
 6. the stamp is registered with its attributes and key block at once (`Catalog.register_stamp`).
 
 A failure after step 3 registers nothing and says where the database was left and what to do.
@@ -17,7 +20,6 @@ A failure after step 3 registers nothing and says where the database was left an
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ from migrator.rollout.history import AHEAD, UNKNOWN, History
 from migrator.rollout.worker import Job, reason, run_stamp_step
 from migrator.stamps import keyspace
 from migrator.stamps.fanout import PER_SERVER, each_stamp
+from migrator.stamps.fingerprint import Fingerprint, compare, fingerprint
 
 logger = logging.getLogger(__name__)  # INFO (`migrator -v`): the traceback behind a one-line failure
 
@@ -69,17 +72,32 @@ class NewStamp:
 
 
 @dataclass(frozen=True)
+class FleetShape:
+    """What a new stamp must match: the one revision of the stamps that are not retired, and the
+    structure most of them share, with a stamp of theirs to name (None: a fleet without stamps)."""
+
+    revision: str
+    structure: Fingerprint | None = None
+    like: str | None = None
+    share: str = ""  # "3 of 4 stamps"
+
+
+@dataclass(frozen=True)
 class Prepared:
     """What `prepare` checked, nothing changed yet: the stamp as it will be registered (with its key
-    block on a strided fleet), the revision to bring it to and the one it is at."""
+    block on a strided fleet), the fleet it must match and the revision it is at."""
 
     stamp: Stamp
-    target: str
+    fleet: FleetShape
     current: str | None
     location: Path
     known_blocks: frozenset[int]
-    head: str  # the environment's head; the target is the fleet's revision, which may be older
+    head: str  # the environment's head; the fleet's revision may be older
     tables: int  # application tables it held (adopted)
+
+    @property
+    def target(self) -> str:
+        return self.fleet.revision
 
 
 @dataclass(frozen=True)
@@ -103,7 +121,8 @@ def prepare(ctx: Context, new: NewStamp) -> Prepared:
     found = _history(ctx)
     fleet = ctx.catalog.stamps()
     _refuse_known(new, fleet)
-    target = fleet_revision(fleet, found)
+    shape = fleet_shape(fleet, found)
+    target = shape.revision
     block = keyspace.next_block(fleet) if any(s.key_block is not None for s in fleet) else None
     stamp = Stamp(new.name, new.dsn, new.region, new.capacity_rows, new.capacity_bytes, new.state, block, new.kind)
     with stamps.connect(stamp) as conn:
@@ -124,7 +143,7 @@ def prepare(ctx: Context, new: NewStamp) -> Prepared:
             "nothing changed"
         )
     known = keyspace.known_blocks(fleet)
-    return Prepared(stamp, target, current, found.location, known, found.head, len(tables))
+    return Prepared(stamp, shape, current, found.location, known, found.head, len(tables))
 
 
 def provision(ctx: Context, prepared: Prepared) -> Created:
@@ -136,7 +155,7 @@ def provision(ctx: Context, prepared: Prepared) -> Created:
         logger.info("stamp create %s failed:\n%s", stamp.name, done.detail)
     if done.result != StepResult.OK:
         raise MigratorError(f"stamp {stamp.name} not created: {done.error}; {_left_at(done.at_revision)}")
-    _check_matches_fleet(stamp, prepared.target)
+    _check_matches_fleet(stamp, prepared.fleet)
     try:
         registered = ctx.catalog.register_stamp(stamp)
     except MigratorError as exc:
@@ -144,34 +163,31 @@ def provision(ctx: Context, prepared: Prepared) -> Created:
     return Created(registered, prepared.current, prepared.target, prepared.head, prepared.tables)
 
 
-def fleet_revision(fleet: Sequence[Stamp], found: History, per_server: int = PER_SERVER) -> str:
-    """The revision a new stamp is brought to: the one every stamp that is not retired is at (retired
-    stamps are left out of rollouts too); the environment's head for a fleet without stamps.
+def fleet_shape(fleet: Sequence[Stamp], found: History, per_server: int = PER_SERVER) -> FleetShape:
+    """What a new stamp is brought to and checked against: the revision every stamp that is not retired
+    is at (retired stamps are left out of rollouts too) and the structure most of them share; the
+    environment's head for a fleet without stamps.
 
     Refused when the fleet is not at one revision (a rollout under way, or drift), when a stamp cannot
-    be read (it might be elsewhere), or when the fleet is at a revision the environment does not know.
+    be read (it might be elsewhere), when the fleet is at a revision the environment does not know, or
+    when no structure is shared by more stamps than any other.
     """
     serving = [s for s in fleet if s.state != StampState.RETIRED]
     if not serving:
-        return found.head
-    read = each_stamp(serving, _revision_of, per_server)
-    unreachable = [f"{name}: {error}" for name, _, error in read if error]
+        return FleetShape(found.head)
+    read = each_stamp(serving, _look, per_server)
+    unreachable = [f"{seen.name}: {seen.error}" for seen in read if seen.error]
     if unreachable:
         raise BadInput(
             f"cannot tell the fleet's revision, a stamp cannot be read ({'; '.join(unreachable[:3])}); nothing changed"
         )
     at: dict[str | None, list[str]] = {}
-    for name, revision, _ in read:
-        at.setdefault(revision, []).append(name)
+    for seen in read:
+        at.setdefault(seen.revision, []).append(seen.name)
     if len(at) > 1:
-        counts = Counter({revision: len(names) for revision, names in at.items()})
-        groups = ", ".join(
-            f"{n} at {revision or 'base'}" + ("" if n == counts.most_common(1)[0][1] else f" ({_some(at[revision])})")
-            for revision, n in counts.most_common()
-        )
         raise BadInput(
-            f"the fleet is not at one revision ({groups}): a rollout is under way or stamps drifted; bring them "
-            "to one revision (`migrator schema status`, `migrator schema upgrade`) before creating a stamp; "
+            f"the fleet is not at one revision ({_groups(at)}): a rollout is under way or stamps drifted; bring "
+            "them to one revision (`migrator schema status`, `migrator schema upgrade`) before creating a stamp; "
             "nothing changed"
         )
     (revision,) = at
@@ -179,16 +195,56 @@ def fleet_revision(fleet: Sequence[Stamp], found: History, per_server: int = PER
         raise BadInput("the fleet's stamps were never migrated (no revision): run `migrator schema upgrade` first")
     if not found.known(revision):
         raise BadInput(f"the fleet is at revision {revision}, which {found.location} does not know; nothing changed")
-    return revision
+    return _majority(revision, read)
 
 
-def _revision_of(stamp: Stamp) -> tuple[str, str | None, str | None]:
-    """(name, revision, error) of one stamp, for the survey: a failure is its result, never raised."""
+@dataclass(frozen=True)
+class _Seen:
+    """One stamp as the survey read it: its revision and fingerprint, or why it could not."""
+
+    name: str
+    revision: str | None = None
+    structure: Fingerprint | None = None
+    error: str | None = None
+
+
+def _look(stamp: Stamp) -> _Seen:
+    """A stamp's revision and fingerprint, in one session; a failure is its result, never raised."""
     try:
         with stamps.connect(stamp) as conn:
-            return stamp.name, read_revision(conn), None
+            return _Seen(stamp.name, read_revision(conn), fingerprint(conn))
     except (MigratorError, psycopg.Error) as exc:
-        return stamp.name, None, str(exc) if isinstance(exc, MigratorError) else reason(exc, stamp.dsn)
+        return _Seen(stamp.name, error=str(exc) if isinstance(exc, MigratorError) else reason(exc, stamp.dsn))
+
+
+def _majority(revision: str, read: Sequence[_Seen]) -> FleetShape:
+    """The structure more stamps share than any other; a tie is refused (nothing says which is right)."""
+    names: dict[str, list[str]] = {}
+    structures: dict[str, Fingerprint] = {}
+    for seen in read:
+        if seen.structure is not None:
+            names.setdefault(seen.structure.digest, []).append(seen.name)
+            structures[seen.structure.digest] = seen.structure
+    ranked = sorted(names, key=lambda digest: (-len(names[digest]), digest))
+    if len(ranked) > 1 and len(names[ranked[0]]) == len(names[ranked[1]]):
+        groups = ", ".join(f"{len(names[digest])} ×{digest[:4]} ({_some(names[digest])})" for digest in ranked)
+        raise BadInput(
+            f"the fleet's stamps at {revision} have {len(ranked)} structures and none is shared by more stamps than "
+            f"the others ({groups}): a new stamp cannot tell which to match; see `migrator schema diff --fleet`; "
+            "nothing changed"
+        )
+    leader = ranked[0]
+    return FleetShape(revision, structures[leader], names[leader][0], f"{len(names[leader])} of {len(read)} stamps")
+
+
+def _groups(at: dict[str | None, list[str]]) -> str:
+    """`2 at 0006, 1 at 0005 (us-1)`: each group's size, the minorities' stamps named."""
+    ranked = sorted(at.items(), key=lambda item: (-len(item[1]), str(item[0])))
+    top = len(ranked[0][1])
+    return ", ".join(
+        f"{len(names)} at {key or 'base'}" + ("" if len(names) == top else f" ({_some(names)})")
+        for key, names in ranked
+    )
 
 
 def _history(ctx: Context) -> History:
@@ -221,15 +277,27 @@ def _database(dsn: str) -> tuple[Any, ...] | None:
     return tuple(params.get(k) for k in ("service", "host", "port", "dbname"))
 
 
-def _check_matches_fleet(stamp: Stamp, target: str) -> None:
+def _check_matches_fleet(stamp: Stamp, fleet: FleetShape) -> None:
     """The new stamp must stand where the fleet stands: at its revision (a user's env.py could end
-    elsewhere without failing)."""
+    elsewhere without failing), with the structure most of its stamps share."""
     with stamps.connect(stamp) as conn:
         revision = read_revision(conn)
-    if revision != target:
+        structure = fingerprint(conn) if fleet.structure is not None else None
+    if revision != fleet.revision:
         raise MigratorError(
             f"stamp {stamp.name} not created: its database ended at revision {revision or 'base'}, not the fleet's "
-            f"{target}; {_left_at(revision)}"
+            f"{fleet.revision}; {_left_at(revision)}"
+        )
+    if fleet.structure is None or structure is None or fleet.like is None:
+        return
+    differences = compare(fleet.structure, structure)
+    if differences:
+        listed = "; ".join(d.describe(fleet.like, stamp.name) for d in differences[:5])
+        more = f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
+        raise MigratorError(
+            f"stamp {stamp.name} not created: its structure differs from the fleet's ({fleet.share} share "
+            f"{fleet.structure.digest[:4]}, like {fleet.like}): {listed}{more} "
+            f"{_left_at(revision)}"
         )
 
 
