@@ -182,6 +182,7 @@ def test_a_new_stamp_must_have_the_structure_most_of_the_fleet_shares(fleet: Fle
     line = differs.stderr.strip()
     assert "its structure differs from the fleet's (2 of 3 stamps share" in line and "like eu-1" in line, line
     assert "index tasks_due_hotfix: only on eu-1 (CREATE INDEX tasks_due_hotfix ON public.tasks" in line, line
+    assert "USING btree (due_at)); nothing registered;" in line, line
     assert line.endswith(f"database left at revision {HEAD}: drop it, or fix the cause and rerun with --adopt")
     assert _names(fleet) == ["eu-1", "eu-2", "us-1"] and current_revision(dsn) == HEAD
 

@@ -15,7 +15,7 @@ from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput
 from migrator.local import pgserver, provision
 from migrator.local.seed import demo_tenants, seed_fleet_stamp
-from migrator.provision.create import NewStamp, create_stamp
+from migrator.provision.create import FleetShape, NewStamp, create_stamp
 from migrator.stamps import keyspace
 
 STATE_FILE = "fleet.json"
@@ -80,14 +80,18 @@ def fleet_up(directory: Path, stamps: int = 3, servers: int = 1, replicas: int =
 
 def _create_stamps(catalog_url: str, servers: list[pgserver.LocalServer], count: int) -> dict[str, str]:
     """Empty databases spread over the servers, each provisioned by `stamp create` (as users' stamps
-    are: the sample application's environment run to the fleet's revision, then registered)."""
+    are: the sample application's environment run to the fleet's revision, checked, then registered);
+    each after the first matches the first, without surveying the stamps made so far again."""
     config = configlib.Config(catalog_url, script_location=provision.sample_app_env())
     ctx = Context(config, Catalog(catalog_url))
-    created = {}
+    created: dict[str, str] = {}
+    shape: FleetShape | None = None  # the first stamp's revision and structure, which the others must match
     try:
         for i in range(count):
             dsn = provision.create_database(servers[i % len(servers)], f"stamp_{i + 1}")
-            created[f"stamp-{i + 1}"] = create_stamp(ctx, NewStamp(f"stamp-{i + 1}", dsn, region="local")).stamp.dsn
+            stamp = create_stamp(ctx, NewStamp(f"stamp-{i + 1}", dsn, region="local"), shape)
+            shape = shape or stamp.shape()
+            created[stamp.stamp.name] = stamp.stamp.dsn
     finally:
         ctx.catalog.close()
     return created

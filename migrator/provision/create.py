@@ -79,7 +79,7 @@ class FleetShape:
     revision: str
     structure: Fingerprint | None = None
     like: str | None = None
-    share: str = ""  # "3 of 4 stamps"
+    share: str = ""  # how messages name it: "3 of 4 stamps share ×a1f3, like eu-1"
 
 
 @dataclass(frozen=True)
@@ -109,19 +109,29 @@ class Created:
     revision: str
     head: str
     adopted_tables: int
+    structure: Fingerprint  # its fingerprint, as checked against the fleet's
+
+    def shape(self) -> FleetShape:
+        """The fleet as this stamp now shows it, for a caller creating more stamps alike (`fleet up`)."""
+        share = f"that of stamp {self.stamp.name}, ×{self.structure.digest[:4]}"
+        return FleetShape(self.revision, self.structure, self.stamp.name, share)
 
 
-def create_stamp(ctx: Context, new: NewStamp) -> Created:
-    """`migrator stamp create`: every check, then the upgrade, then the one catalog transaction."""
-    return provision(ctx, prepare(ctx, new))
+def create_stamp(ctx: Context, new: NewStamp, fleet: FleetShape | None = None) -> Created:
+    """`migrator stamp create`: every check, then the upgrade, then the one catalog transaction.
+
+    `fleet`: the revision and structure to match when the caller knows them (`fleet up`, building the
+    fleet stamp by stamp, gives the first stamp's); else the survey of the fleet (`fleet_shape`) reads them.
+    """
+    return provision(ctx, prepare(ctx, new, fleet))
 
 
-def prepare(ctx: Context, new: NewStamp) -> Prepared:
+def prepare(ctx: Context, new: NewStamp, known_shape: FleetShape | None = None) -> Prepared:
     """Every check of `stamp create` before anything changes (refused: BadInput, nothing changed)."""
     found = _history(ctx)
     fleet = ctx.catalog.stamps()
     _refuse_known(new, fleet)
-    shape = fleet_shape(fleet, found)
+    shape = known_shape or fleet_shape(fleet, found)
     target = shape.revision
     block = keyspace.next_block(fleet) if any(s.key_block is not None for s in fleet) else None
     stamp = Stamp(new.name, new.dsn, new.region, new.capacity_rows, new.capacity_bytes, new.state, block, new.kind)
@@ -155,12 +165,12 @@ def provision(ctx: Context, prepared: Prepared) -> Created:
         logger.info("stamp create %s failed:\n%s", stamp.name, done.detail)
     if done.result != StepResult.OK:
         raise MigratorError(f"stamp {stamp.name} not created: {done.error}; {_left_at(done.at_revision)}")
-    _check_matches_fleet(stamp, prepared.fleet)
+    structure = _check_matches_fleet(stamp, prepared.fleet)
     try:
         registered = ctx.catalog.register_stamp(stamp)
     except MigratorError as exc:
         raise MigratorError(f"stamp {stamp.name} not registered: {exc}; {_left_at(prepared.target)}") from None
-    return Created(registered, prepared.current, prepared.target, prepared.head, prepared.tables)
+    return Created(registered, prepared.current, prepared.target, prepared.head, prepared.tables, structure)
 
 
 def fleet_shape(fleet: Sequence[Stamp], found: History, per_server: int = PER_SERVER) -> FleetShape:
@@ -234,7 +244,9 @@ def _majority(revision: str, read: Sequence[_Seen]) -> FleetShape:
             "nothing changed"
         )
     leader = ranked[0]
-    return FleetShape(revision, structures[leader], names[leader][0], f"{len(names[leader])} of {len(read)} stamps")
+    like = names[leader][0]
+    share = f"{len(names[leader])} of {len(read)} stamps share ×{leader[:4]}, like {like}"
+    return FleetShape(revision, structures[leader], like, share)
 
 
 def _groups(at: dict[str | None, list[str]]) -> str:
@@ -277,28 +289,28 @@ def _database(dsn: str) -> tuple[Any, ...] | None:
     return tuple(params.get(k) for k in ("service", "host", "port", "dbname"))
 
 
-def _check_matches_fleet(stamp: Stamp, fleet: FleetShape) -> None:
+def _check_matches_fleet(stamp: Stamp, fleet: FleetShape) -> Fingerprint:
     """The new stamp must stand where the fleet stands: at its revision (a user's env.py could end
-    elsewhere without failing), with the structure most of its stamps share."""
+    elsewhere without failing), with the structure most of its stamps share; returns its structure."""
     with stamps.connect(stamp) as conn:
         revision = read_revision(conn)
-        structure = fingerprint(conn) if fleet.structure is not None else None
+        structure = fingerprint(conn)
     if revision != fleet.revision:
         raise MigratorError(
             f"stamp {stamp.name} not created: its database ended at revision {revision or 'base'}, not the fleet's "
             f"{fleet.revision}; {_left_at(revision)}"
         )
-    if fleet.structure is None or structure is None or fleet.like is None:
-        return
+    if fleet.structure is None or fleet.like is None:
+        return structure
     differences = compare(fleet.structure, structure)
     if differences:
         listed = "; ".join(d.describe(fleet.like, stamp.name) for d in differences[:5])
         more = f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
         raise MigratorError(
-            f"stamp {stamp.name} not created: its structure differs from the fleet's ({fleet.share} share "
-            f"{fleet.structure.digest[:4]}, like {fleet.like}): {listed}{more} "
-            f"{_left_at(revision)}"
+            f"stamp {stamp.name} not created: its structure differs from the fleet's ({fleet.share}): "
+            f"{listed}{more}; {_left_at(revision)}"
         )
+    return structure
 
 
 def _left_at(revision: str | None) -> str:
