@@ -197,7 +197,23 @@ def start_standby(
     standby = LocalServer(datadir, port, primary.host, primary.user, primary.password, "local")
     _write_state(standby)
     standby.start()
+    _wait_streaming(primary, name)
     return standby
+
+
+def _wait_streaming(primary: LocalServer, name: str, timeout: float = START_TIMEOUT_S) -> None:
+    """Until the primary sees standby `name` streaming: accepting connections, it may still be in
+    `startup` or `catchup`, and a caller (a test, the throttle's demo) expects it streaming."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(primary.dsn(), autocommit=True, connect_timeout=5) as conn:
+        query = "SELECT state FROM pg_stat_replication WHERE application_name = %s"
+        while (row := conn.execute(query, (name,)).fetchone()) is None or row[0] != "streaming":
+            if time.monotonic() > deadline:
+                state = row[0] if row else "not connected"
+                raise MigratorError(f"standby {name} of port {primary.port} is {state}, not streaming, in {timeout}s")
+            time.sleep(0.1)
 
 
 def attach_server(datadir: Path) -> LocalServer:
