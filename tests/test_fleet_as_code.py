@@ -171,3 +171,33 @@ def test_a_file_that_is_not_a_list_of_stamps_or_names_an_unset_variable_is_refus
         declared.write_text(text)
         result = fleet.run("fleet", "plan", str(declared))
         assert result.exit_code == 2 and expected in result.stderr, (text, result.stderr)
+
+
+def test_apply_checks_every_new_stamp_before_the_first_change_and_adopt_takes_a_migrated_database(
+    fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = fleet.databases[0].removesuffix("_catalog") + "_migrated"
+    fleet.databases.append(db)
+    monkeypatch.setenv("EU3_DSN", provision.create_database(fleet.server, db, template="tpl_stamp"))
+    declared = tmp_path / "fleet.yaml"
+    text = "stamps:\n  - name: eu-1\n    region: eu-west\n  - name: eu-3\n    dsn: ${EU3_DSN}\n    region: eu\n"
+    declared.write_text(text)
+    before = catalog_snapshot(fleet)
+
+    refused = fleet.run("fleet", "apply", str(declared))
+
+    assert refused.exit_code == 2
+    assert "database of stamp eu-3" in refused.stderr and "is not empty" in refused.stderr
+    assert catalog_snapshot(fleet) == before  # eu-1's update waited for every check, and did not happen
+
+    declared.write_text(text + "    adopt: true\n")
+    applied = fleet.run("fleet", "apply", str(declared))
+    assert applied.exit_code == 0, applied.stderr
+    assert "+ create eu-3: region eu, capacity unlimited, shared, active, dsn ${EU3_DSN}, adopting its database" in (
+        applied.stdout
+    )
+    assert _attributes(fleet)["eu-1"][0] == "eu-west" and _attributes(fleet)["eu-3"][0] == "eu"
+    assert fleet.run("fleet", "plan", str(declared)).stdout.splitlines() == [
+        "  not in fleet.yaml, left as they are: eu-2, us-1",
+        "nothing to change",
+    ]
