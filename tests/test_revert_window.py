@@ -278,3 +278,24 @@ def test_apply_revert_takes_back_every_move_of_a_plan_still_in_its_window(small:
         assert (fleet.catalog.route(tenant).stamp == "eu-1") == (tenant not in stays)
     again = fleet.run("apply", str(plan), "--revert", "--yes", "--json")
     assert again.exit_code == 0 and all(r["status"] == "skipped" for r in json.loads(again.stdout)["results"])
+
+
+def test_revert_refused_across_schema_revisions_and_two_operators_never_both_win(small: Fleet) -> None:
+    fleet = small
+    forward = _move(fleet, "8", "--to", "eu-2")["move"]
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:  # as if a rollout reached eu-1 only
+        (revision,) = conn.execute("SELECT version_num FROM alembic_version").fetchone()  # type: ignore[misc]
+        conn.execute("UPDATE alembic_version SET version_num = 'elsewhere'")
+    refused = fleet.run("move", "revert", str(forward["id"]), "--yes")
+    assert _code(refused) == 2 and "schema revisions differ: eu-2 is at" in refused.stderr
+    assert fleet.catalog.route("8").stamp == "eu-2" and _fenced(fleet.dsn("eu-1"), 8)
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = %s", (revision,))
+
+    operators = [fleet.popen("move", "revert", str(forward["id"]), "--yes") for _ in range(2)]
+    codes = [proc.wait(timeout=120) for proc in operators]
+    assert 0 in codes
+    flipped = [m for m in fleet.catalog.moves() if m.reverts == forward["id"] and m.phase == "flipped"]
+    assert len(flipped) == 1  # one revert flipped the route back; the other found it done or the tenant locked
+    route = fleet.catalog.route("8")
+    assert (route.stamp, route.version) == ("eu-1", forward["route_version"] + 2)
