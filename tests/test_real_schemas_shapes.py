@@ -594,8 +594,9 @@ def test_a_real_difference_in_columns_or_types_is_refused_naming_the_columns(sha
         fleet,
         before,
         fleet.run("move", TENANT, "--to", "eu-2", "--yes"),
-        "columns of notes differ between eu-1 and eu-2: body (text on eu-1, character varying(20) on eu-2),"
-        " extra (only on eu-2), stars (missing on eu-2)",
+        "3 problems: (1) column notes.body: text on eu-1, character varying(20) on eu-2 (`migrator schema diff",
+        "(2) column notes.extra: only on eu-2 (integer) (`migrator schema diff eu-1 eu-2` shows every difference)",
+        "(3) column notes.stars: only on eu-1 (integer DEFAULT 0) (`migrator schema diff eu-1 eu-2`",
     )
 
 
@@ -617,7 +618,7 @@ def test_plan_notes_the_schema_problems_its_moves_would_be_refused_for(shaped: S
     for expected in (
         "moves from eu-1 to eu-2 will be refused by preflight: 2 problems",
         "table scans column image is of type lo",
-        "columns of notes differ between eu-1 and eu-2: stars",
+        "column notes.stars: only on eu-1 (integer DEFAULT 0)",
     ):
         assert expected in text, text
         assert expected in planned.output, planned.output

@@ -1,4 +1,4 @@
-"""Fleet schema commands: status (drift), upgrade (canary, then waves), downgrade, history, log."""
+"""Fleet schema commands: status (drift), diff (structures), upgrade (canary, then waves), downgrade, history, log."""
 
 from __future__ import annotations
 
@@ -39,24 +39,31 @@ def schema_group() -> None:
 @click.option(
     "--active-only", is_flag=True, help="Only active stamps (draining and retired ones are shown by default)."
 )
+@engine_option(
+    "--connections-per-server",
+    lambda: _rollout_defaults().connections_per_server,
+    "At most this many sessions on one database server at once.",
+)
 @JSON
 @click.pass_context
-def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> None:
-    """Each stamp's revision against head; exit 3 when an active stamp drifts (behind, ahead, unknown, unreachable)."""
+def schema_status_cmd(ctx: click.Context, active_only: bool, connections_per_server: int, as_json: bool) -> None:
+    """Each stamp's revision against head and its structure's fingerprint; exit 3 when an active stamp drifts
+    (behind, ahead, unknown, unreachable, or a fingerprint other than the majority's at its revision)."""
     from migrator.catalog import StampState
-    from migrator.rollout.runner import schema_status
+    from migrator.rollout.drift import fleet_status
 
-    rows = schema_status(context_of(ctx), active_only)
+    status = fleet_status(context_of(ctx), active_only, connections_per_server)
+    rows, short = status.stamps, status.short
     drifting = [r for r in rows if r.drift]
     gating = [r for r in drifting if r.stamp_state == StampState.ACTIVE]
     head = rows[0].target if rows else None
     if drifting:
-        names = ", ".join(f"{r.stamp} ({r.state}{f' {len(r.pending)}' if r.pending else ''})" for r in drifting)
+        names = ", ".join(f"{r.stamp} ({_drift_note(r, short)})" for r in drifting)
         summary = f"{len(drifting)} of {len(rows)} stamps drift from head {head}: {names}"
     else:
         summary = f"all {len(rows)} stamps at head {head}"
     text = render.table(
-        ["", "stamp", "state", "tenants", "revision", "head", "pending", "status", "error"],
+        ["", "stamp", "state", "tenants", "revision", "fingerprint", "head", "pending", "status", "error"],
         [
             [
                 "!!" if r.drift else "",
@@ -64,17 +71,75 @@ def schema_status_cmd(ctx: click.Context, active_only: bool, as_json: bool) -> N
                 r.stamp_state,
                 r.tenants,
                 r.current or "-",
+                r.fingerprint[:short] if r.fingerprint else "-",
                 r.target,
                 len(r.pending) if r.state in ("behind", "ahead") else "",
-                r.state.upper() if r.drift else r.state,
+                _status_cell(r),
                 r.error,
             ]
             for r in rows
         ],
     )
-    data = {"head": head, "drift": bool(gating), "stamps": [{**_fields(r), "drift": r.drift} for r in rows]}
-    emit(as_json, data, f"{text}\n{summary}")
+    lines = [text, summary, *_structure_lines(status.structures, short)]
+    if any(r.odd for r in rows):
+        lines.append("`migrator schema diff --fleet` shows how each drifted group differs from the majority")
+    data = {
+        "head": head,
+        "drift": bool(gating),
+        "stamps": [{**_fields(r), "drift": r.drift} for r in rows],
+        "structures": [
+            {
+                "revision": s.revision,
+                "fingerprint": s.digest,
+                "count": len(s.stamps),
+                "stamps": list(s.stamps),
+                "majority": s.majority,
+            }
+            for s in status.structures
+        ],
+    }
+    emit(as_json, data, "\n".join(lines))
     if gating:
+        raise SchemaDrift()
+
+
+@schema_group.command("diff")
+@click.argument("names", metavar="[STAMP_A STAMP_B]", nargs=-1)
+@click.option("--fleet", is_flag=True, help="Each minority group of stamps against its revision's majority.")
+@click.option("--active-only", is_flag=True, help="With --fleet: only active stamps.")
+@engine_option(
+    "--connections-per-server",
+    lambda: _rollout_defaults().connections_per_server,
+    "With --fleet: at most this many sessions on one database server at once.",
+)
+@JSON
+@click.pass_context
+def schema_diff_cmd(
+    ctx: click.Context,
+    names: tuple[str, ...],
+    fleet: bool,
+    active_only: bool,
+    connections_per_server: int,
+    as_json: bool,
+) -> None:
+    """The structural differences of two stamps, object by object with the DDL of each side; exit 3 when
+    they differ. With --fleet, each drifted group against the majority of its revision."""
+    from migrator.rollout.drift import diff_fleet, diff_stamps
+
+    if fleet and names:
+        raise BadInput("give two stamps, or --fleet, not both")
+    if not fleet and len(names) != 2:
+        raise BadInput("give two stamps to compare (`migrator schema diff STAMP_A STAMP_B`), or --fleet")
+    if fleet:
+        groups = diff_fleet(context_of(ctx), active_only, connections_per_server)
+        blocks = [_group_text(g) for g in groups] or ["every revision's stamps share one fingerprint"]
+        emit(as_json, groups, "\n".join(blocks))
+        if groups:
+            raise SchemaDrift()
+        return
+    found = diff_stamps(context_of(ctx), names[0], names[1])
+    emit(as_json, {**_fields(found), "lines": found.lines()}, _diff_text(found))
+    if found.differences:
         raise SchemaDrift()
 
 
@@ -291,6 +356,65 @@ def schema_log_cmd(ctx: click.Context, stamp: str | None, limit: int, as_json: b
 
 def _fields(value: Any) -> dict[str, Any]:
     return {name: getattr(value, name) for name in value.__dataclass_fields__}
+
+
+def _drift_note(row: Any, short: int) -> str:
+    """Why a stamp drifts: `behind 2`, `fingerprint ×9c0e`, or both."""
+    parts = []
+    if row.state != "up to date":
+        parts.append(f"{row.state}{f' {len(row.pending)}' if row.pending else ''}")
+    if row.odd:
+        parts.append(f"fingerprint ×{row.fingerprint[:short]}")
+    return ", ".join(parts)
+
+
+def _status_cell(row: Any) -> str:
+    if not row.drift:
+        return str(row.state)
+    if not row.odd:
+        return str(row.state).upper()
+    return "DRIFTED" if row.state == "up to date" else f"{str(row.state).upper()}, DRIFTED"
+
+
+def _structure_lines(structures: Any, short: int) -> list[str]:
+    """`412 stamps at 0042, 3 fingerprints: 409 ×a1f3, 2 ×9c0e, 1 ×77b2`, one line per revision."""
+    by_revision: dict[str | None, list[Any]] = {}
+    for structure in structures:
+        by_revision.setdefault(structure.revision, []).append(structure)
+    lines = []
+    for revision, found in by_revision.items():
+        count = sum(len(s.stamps) for s in found)
+        groups = ", ".join(f"{len(s.stamps)} ×{s.digest[:short]}" for s in found)
+        majority = "" if len(found) == 1 or found[0].majority else " (no majority: every group drifts)"
+        lines.append(
+            f"{count} stamp{'s' * (count != 1)} at {revision or 'no revision'}, {len(found)} "
+            f"fingerprint{'s' * (len(found) != 1)}: {groups}{majority}"
+        )
+    return lines
+
+
+def _diff_text(found: Any) -> str:
+    revisions = ""
+    if found.our_revision != found.their_revision:
+        revisions = (
+            f" ({found.ours} is at {found.our_revision or 'no revision'}, {found.theirs} at "
+            f"{found.their_revision or 'no revision'}: the revisions between them differ too)"
+        )
+    if not found.differences:
+        return f"{found.ours} and {found.theirs} have the same structure{revisions}"
+    count = len(found.differences)
+    head = f"{found.ours} and {found.theirs} differ in {count} object{'s' * (count != 1)}{revisions}:"
+    return "\n".join([head, *(f"  {line}" for line in found.lines())])
+
+
+def _group_text(group: Any) -> str:
+    minority, majority = group.minority, group.majority
+    lead = "the majority" if majority.majority else "the largest group (no majority)"
+    head = (
+        f"at {group.revision or 'no revision'}: {', '.join(minority.stamps)} (×{minority.digest}) against {lead} "
+        f"×{majority.digest} of {len(majority.stamps)} stamp(s), compared as {group.diff.ours} and {group.diff.theirs}:"
+    )
+    return "\n".join([head, *(f"  {line}" for line in group.diff.lines())])
 
 
 def _short(text: str | None, width: int = 100) -> str:

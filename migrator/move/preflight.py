@@ -137,6 +137,13 @@ def check_move(
             )
         layout = inspect(src, tenancy)  # raises only without a root table: nothing else can be judged
         problems.add(list(layout.problems))
+        # At different revisions the structures differ as the revisions do: that is refused above.
+        differences, notes = (
+            shapes.compare_structures(src, tgt, layout, tenancy, (source.name, target.name))
+            if same_schema
+            else (None, [])
+        )
+        problems.add(differences or [])
         rows: dict[str, int] = {}
         nulls: dict[str, int] = {}
         skipped: tuple[str, ...] = ()
@@ -145,11 +152,13 @@ def check_move(
         if not (checks.rls_tables(src, layout) or checks.rls_tables(tgt, layout)):
             with problems.check():
                 rows, nulls, skipped = _check_rows(
-                    problems, _Sides(source, target, src, tgt), layout, tenancy, tenants, same_schema
+                    problems, _Sides(source, target, src, tgt), layout, tenancy, tenants, differences
                 )
         problems.add(checks.move_problems(src, tgt, layout, source.name, target.name, allow_triggers))
         write_mode = dsnlib.write_mode(tgt)
     problems.raise_any(f"preflight refused the move of {name_tenants(tenants)} to {target.name}")
+    for note in notes:  # said only of a move that goes ahead, like the lines below
+        log.warning("%s and %s differ where a move neither writes nor checks: %s", source.name, target.name, note)
     for suspect in layout.suspects:
         log.warning("%s looks like a reference to a tenant table but is no foreign key: it stays global", suspect)
     for label, count in nulls.items():  # said only of a move that goes ahead: a refusal stays one line
@@ -169,12 +178,18 @@ class _Sides:
 
 
 def _check_rows(
-    problems: Problems, sides: _Sides, layout: Layout, tenancy: Tenancy, tenants: Cohort, same_schema: bool
+    problems: Problems,
+    sides: _Sides,
+    layout: Layout,
+    tenancy: Tenancy,
+    tenants: Cohort,
+    differences: list[str] | None,
 ) -> tuple[dict[str, int], dict[str, int], tuple[str, ...]]:
     """The checks of the tenants' rows and of what the schema lets a copy carry: each tenant's
     spelling, its rows on the source, none on the target, no value of a unique index taken there,
-    columns alike on both stamps, nothing COPY cannot move; returns the cohort's row counts, the rows
-    of no tenant per table, and the views left alone."""
+    nothing COPY cannot move; returns the cohort's row counts, the rows of no tenant per table, and the
+    views left alone. `differences` are the structures' refused differences (None at different
+    revisions): the target's rows are judged only where the tables match."""
     source, target, src, tgt = sides.source, sides.target, sides.src, sides.tgt
     root = next((t for t in layout.tables if t.name == tenancy.root_table), None)
     if root is None:  # the root table has no row key: named among the layout's problems
@@ -196,10 +211,8 @@ def _check_rows(
     unmovable, skipped = shapes.unmovable(src, tenancy, layout)
     problems.add(list(unmovable))
     problems.add(list(shapes.foreign_tenant_references(src, layout, tenants)))
-    if not same_schema:  # the target's tables may not match the source's
+    if differences is None:  # the target's tables may not match the source's
         return rows, nulls, skipped
-    differences = shapes.compare_layouts(layout, inspect(tgt, tenancy), source.name, target.name)
-    problems.add(list(differences))
     held: dict[str, list[str]] = {}
     for table in layout.tables:
         on_target = _counts(tgt, table, tenants)

@@ -9,8 +9,10 @@ They read both stamps and change nothing (temporary tables live in rolled-back t
   live elsewhere), and tables of other schemas whose foreign keys reference tenant tables (their
   rows would be left behind, and would block the cleanup). Views and materialized views hold no
   rows of their own; they are listed as skipped.
-- `compare_layouts`: the target's tenant tables against the source's: the same tables, columns
-  (by name, of the same types; their physical order may differ) and row keys.
+- `compare_structures`: the two stamps' fingerprints (`migrator.stamps.fingerprint`): a difference in
+  the tenant tables (their columns, constraints, unique indexes, triggers) or the types their columns
+  use is refused, any other (a plain index, say) only noted; columns are compared by name, so their
+  physical order may differ.
 - `foreign_tenant_references`: rows of the moving tenant whose foreign keys point to rows of another
   tenant (or of none): the target would lack the parents.
 - `unique_collisions`: every unique index of the target (primary keys, unique constraints, unique
@@ -29,6 +31,7 @@ from migrator import stamps
 from migrator.catalog import Cohort, Stamp, name_tenants
 from migrator.config import Tenancy
 from migrator.move.integrity import MAX_KEYS, shown_keys, unresolved
+from migrator.stamps import fingerprint as structure
 from migrator.stamps.discovery import ForeignKey, Layout, Table, inspect, label, tenant_filter
 from migrator.stamps.paths import qualified
 
@@ -109,51 +112,58 @@ def between(source: Stamp, target: Stamp, tenancy: Tenancy) -> list[str]:
     with stamps.connect(source) as src, stamps.connect(target) as tgt:
         layout = inspect(src, tenancy)
         problems = [*layout.problems, *unmovable(src, tenancy, layout)[0]]
-        return problems + compare_layouts(layout, inspect(tgt, tenancy), source.name, target.name)
+        return problems + compare_structures(src, tgt, layout, tenancy, (source.name, target.name))[0]
 
 
-def compare_layouts(source: Layout, target: Layout, source_name: str, target_name: str) -> list[str]:
-    """Differences in tenant tables, their columns (by name and type) and row keys between two stamps."""
-    problems = [f"on {target_name}: {p}" for p in target.problems if p not in source.problems]
-    theirs = {t.label: t for t in target.tables}
-    for extra in sorted(set(theirs) - {t.label for t in source.tables}):
-        problems.append(f"tenant table {extra} exists on {target_name} but not on {source_name}")
-    for table in source.tables:
-        other = theirs.get(table.label)
-        if other is None:
-            if not any(table.label in p for p in target.problems):
-                problems.append(f"tenant table {table.label} is missing on {target_name}")
-            continue
-        differ = _column_differences(table, other, source_name, target_name)
-        if differ:
-            problems.append(
-                f"columns of {table.label} differ between {source_name} and {target_name}: {', '.join(differ)}; "
-                "bring both stamps to the same schema first"
-            )
-        if table.primary_key != other.primary_key:
-            problems.append(
-                f"row key of {table.label} differs: ({', '.join(table.primary_key)}) on {source_name}, "
-                f"({', '.join(other.primary_key)}) on {target_name}"
-            )
-    return problems
+def compare_structures(
+    src: psycopg.Connection[Any],
+    tgt: psycopg.Connection[Any],
+    layout: Layout,
+    tenancy: Tenancy,
+    names: tuple[str, str],
+) -> tuple[list[str], list[str]]:
+    """The two stamps' fingerprints compared: the differences that change what a move writes or checks
+    (refused), and the others (noted). Refused: a tenant table missing on one side (a table with the
+    tenant column counts), its columns (type, nullability, default, generated, identity), constraints,
+    unique indexes, triggers and row-level security, and a type one of its columns uses; noted: the
+    rest, such as a plain index or a function no tenant table's column uses."""
+    ours, theirs = structure.fingerprint(src), structure.fingerprint(tgt)
+    one_sided = set(ours.objects).symmetric_difference(theirs.objects)
+    tenant_tables = {t.label for t in layout.tables} | {
+        name for kind, name in one_sided
+        if kind == structure.TABLE and ((structure.COLUMN, f"{name}.{tenancy.column}") in one_sided)
+    }  # fmt: skip  # a table on one side only is a tenant table when it has the tenant column
+    used_types = {
+        o.ddl.split(" ")[0].removesuffix("[]")
+        for o in (*ours.objects.values(), *theirs.objects.values())
+        if o.kind == structure.COLUMN and _owner(o.table) in tenant_tables
+    }
+    refused, noted = [], []
+    source, target = names
+    for difference in structure.compare(ours, theirs):
+        line = difference.describe(source, target)
+        if _changes_a_move(difference, tenant_tables, used_types):
+            refused.append(f"{line} (`migrator schema diff {source} {target}` shows every difference)")
+        else:
+            noted.append(line)
+    return refused, noted
 
 
-def _column_differences(source: Table, target: Table, source_name: str, target_name: str) -> list[str]:
-    mine = {c.name: c for c in source.columns}
-    theirs = {c.name: c for c in target.columns}
-    found = []
-    for name in sorted(set(mine) | set(theirs)):
-        a, b = mine.get(name), theirs.get(name)
-        if b is None:
-            found.append(f"{name} (missing on {target_name})")
-        elif a is None:
-            found.append(f"{name} (only on {target_name})")
-        elif (a.type, a.generated) != (b.type, b.generated):
-            what = {True: " generated", False: ""}
-            found.append(
-                f"{name} ({a.type}{what[a.generated]} on {source_name}, {b.type}{what[b.generated]} on {target_name})"
-            )
-    return found
+_MOVED_WITH_THE_TABLE = (structure.TABLE, structure.COLUMN, structure.CONSTRAINT, structure.TRIGGER, structure.POLICY)
+
+
+def _changes_a_move(difference: structure.Difference, tenant_tables: set[str], used_types: set[str]) -> bool:
+    if difference.kind == structure.TYPE:
+        return difference.name in used_types
+    if _owner(difference.table) not in tenant_tables:
+        return False
+    sides = (difference.ours, difference.theirs)
+    return difference.kind in _MOVED_WITH_THE_TABLE or any(o is not None and o.unique for o in sides)
+
+
+def _owner(table: str | None) -> str | None:
+    """The table a partition belongs to (partitions are named by their parent and bounds)."""
+    return table.split(" ", 1)[0] if table else None
 
 
 def unique_collisions(

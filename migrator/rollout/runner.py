@@ -36,6 +36,7 @@ from migrator.rollout.history import AHEAD, BEHIND, UNKNOWN, UNREACHABLE, UP_TO_
 from migrator.rollout.ripple import CheckRun, Gate, Waves, check_env, run_check, split
 from migrator.rollout.worker import ALEMBIC_IN_PROCESS, Job, StepDone, Workers, reason, trace
 from migrator.stamps.fanout import PER_SERVER, each_stamp
+from migrator.stamps.fingerprint import fingerprint
 
 __all__ = [
     "AHEAD", "BEHIND", "UNKNOWN", "UNREACHABLE", "UP_TO_DATE", "Plan", "Revision", "Rollout", "RolloutFailed",
@@ -63,10 +64,12 @@ class StampSchema:
     pending: tuple[str, ...]  # to apply (oldest first) when behind, to undo (newest first) when ahead
     state: str
     error: str | None = None
+    fingerprint: str | None = None  # the structure's digest (`schema status`; None where not read)
+    odd: bool = False  # its fingerprint is not the majority's among the stamps at its revision
 
     @property
     def drift(self) -> bool:
-        return self.state != UP_TO_DATE
+        return self.state != UP_TO_DATE or self.odd
 
 
 @dataclass(frozen=True)
@@ -155,10 +158,14 @@ class Rollout:
 # -- read-only views -----------------------------------------------------------------------------
 
 
-def schema_status(ctx: Context, active_only: bool = False) -> list[StampSchema]:
-    """Every stamp (`--active-only`: active ones) against the head; unreachable ones are reported too."""
+def schema_status(
+    ctx: Context, active_only: bool = False, per_server: int | None = None, *, fingerprints: bool = False
+) -> list[StampSchema]:
+    """Every stamp (`--active-only`: active ones) against the head, with its structure's fingerprint
+    (`fingerprints`: see `migrator.rollout.drift`, which groups them) read in the same session; at most
+    `per_server` sessions on one server at once. Unreachable stamps are reported too."""
     found = History.load(ctx.config.schema_env())
-    return _survey(ctx, found, _select(ctx, (), active_only), found.head)
+    return _survey(ctx, found, _select(ctx, (), active_only), found.head, per_server, fingerprints=fingerprints)
 
 
 def history(ctx: Context) -> list[Revision]:
@@ -281,22 +288,34 @@ def _rollout_stamps(ctx: Context, names: Sequence[str], active_only: bool) -> tu
 
 
 def _survey(
-    ctx: Context, found: History, chosen: Sequence[Stamp], target: str | None, per_server: int | None = None
+    ctx: Context,
+    found: History,
+    chosen: Sequence[Stamp],
+    target: str | None,
+    per_server: int | None = None,
+    *,
+    fingerprints: bool = False,
 ) -> list[StampSchema]:
-    """Read every stamp's revision at once (threads: plain queries, no Alembic), with at most
-    `per_server` sessions on one server at a time (`each_stamp`)."""
+    """Read every stamp's revision at once (threads: plain queries, no Alembic), and its structure's
+    fingerprint in the same session (`fingerprints`), with at most `per_server` sessions on one server
+    at a time (`each_stamp`)."""
     tenants = Counter(route.stamp for route in ctx.catalog.routes())
 
     def look(stamp: Stamp) -> StampSchema:
+        digest = None
         try:
             with stamps.connect(stamp) as conn:
                 current = read_revision(conn)
+                if fingerprints:
+                    digest = fingerprint(conn).digest
         except (MigratorError, psycopg.Error) as exc:
             error = str(exc) if isinstance(exc, MigratorError) else reason(exc, stamp.dsn)
             return StampSchema(stamp.name, stamp.state, tenants[stamp.name], None, target, (), UNREACHABLE, error)
         state, pending = found.classify(current, target)
         unknown = f"revision {current} is not in {found.location}" if state == UNKNOWN else None
-        return StampSchema(stamp.name, stamp.state, tenants[stamp.name], current, target, pending, state, unknown)
+        return StampSchema(
+            stamp.name, stamp.state, tenants[stamp.name], current, target, pending, state, unknown, digest
+        )
 
     return each_stamp(chosen, look, per_server)
 
