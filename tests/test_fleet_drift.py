@@ -256,3 +256,25 @@ def test_plan_names_a_structural_difference_its_moves_would_be_refused_for(fleet
     planned = fleet.run("plan", "isolate", "1", "--to", "eu-2", "-o", str(tmp_path / "isolate.yaml"))
     assert planned.exit_code == 0, planned.output
     assert "column tasks.title: text NOT NULL on eu-1, character varying(20) NOT NULL on eu-2" in planned.output
+
+
+def test_an_extra_trigger_on_the_target_is_refused_unless_the_operator_vouches_for_it(fleet: Fleet) -> None:
+    rows = fleet.seed("eu-1", 1, 60)
+    execute(
+        fleet,
+        ("eu-2",),
+        "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$",
+        "CREATE TRIGGER tasks_touch BEFORE INSERT ON tasks FOR EACH ROW EXECUTE FUNCTION touch()",
+    )
+    refused = fleet.run("move", "1", "--to", "eu-2", "--yes")
+    assert refused.exit_code == 2, refused.output
+    assert "trigger tasks.tasks_touch: only on eu-2 (CREATE TRIGGER tasks_touch BEFORE INSERT ON public.tasks" in (
+        refused.stderr
+    )
+    assert "--allow-triggers for a trigger known to be harmless" in refused.stderr
+    assert "function touch()" not in refused.stderr  # a function is only noted
+    assert tenant_row_count(fleet.dsn("eu-2"), fleet.layout(), "1") == 0
+    moved = fleet.run("move", "1", "--to", "eu-2", "--allow-triggers", "--yes")
+    assert moved.exit_code == 0, moved.output
+    assert "differ where a move neither writes nor checks: trigger tasks.tasks_touch: only on eu-2" in moved.stderr
+    assert tenant_row_count(fleet.dsn("eu-2"), fleet.layout(), "1") == rows

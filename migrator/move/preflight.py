@@ -139,7 +139,9 @@ def check_move(
         problems.add(list(layout.problems))
         # At different revisions the structures differ as the revisions do: that is refused above.
         differences, notes = (
-            shapes.compare_structures(src, tgt, layout, tenancy, (source.name, target.name))
+            shapes.compare_structures(
+                src, tgt, layout, tenancy, (source.name, target.name), allow_triggers=allow_triggers
+            )
             if same_schema
             else (None, [])
         )

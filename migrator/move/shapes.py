@@ -121,12 +121,15 @@ def compare_structures(
     layout: Layout,
     tenancy: Tenancy,
     names: tuple[str, str],
+    *,
+    allow_triggers: bool = False,
 ) -> tuple[list[str], list[str]]:
     """The two stamps' fingerprints compared: the differences that change what a move writes or checks
     (refused), and the others (noted). Refused: a tenant table missing on one side (a table with the
     tenant column counts), its columns (type, nullability, default, generated, identity), constraints,
-    unique indexes, triggers and row-level security, and a type one of its columns uses; noted: the
-    rest, such as a plain index or a function no tenant table's column uses."""
+    unique indexes, triggers (unless `allow_triggers`: the operator vouches for them, as for those
+    `checks` finds) and row-level security, and a type one of its columns uses; noted: the rest, such
+    as a plain index or a function."""
     ours, theirs = structure.fingerprint(src), structure.fingerprint(tgt)
     one_sided = set(ours.objects).symmetric_difference(theirs.objects)
     tenant_tables = {t.label for t in layout.tables} | {
@@ -142,10 +145,12 @@ def compare_structures(
     source, target = names
     for difference in structure.compare(ours, theirs):
         line = difference.describe(source, target)
-        if _changes_a_move(difference, tenant_tables, used_types):
-            refused.append(f"{line} (`migrator schema diff {source} {target}` shows every difference)")
-        else:
+        trigger = difference.kind == structure.TRIGGER
+        if not _changes_a_move(difference, tenant_tables, used_types) or (trigger and allow_triggers):
             noted.append(line)
+            continue
+        vouch = "; --allow-triggers for a trigger known to be harmless" if trigger else ""
+        refused.append(f"{line} (`migrator schema diff {source} {target}` shows every difference{vouch})")
     return refused, noted
 
 

@@ -49,14 +49,14 @@ WITH RECURSIVE ns AS (
         THEN nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') AND nspname NOT LIKE 'pg\_%%'
         ELSE nspname = ANY(%(schemas)s::text[]) END
 ),
-member AS (SELECT classid, objid FROM pg_depend WHERE deptype = 'e'),
 rel AS (
     SELECT c.oid, c.relkind, c.relname, c.relispartition, c.relpersistence, c.relrowsecurity,
            c.relforcerowsecurity, c.relpartbound,
            CASE WHEN n.nspname = 'public' THEN c.relname::text ELSE n.nspname || '.' || c.relname END AS label
     FROM pg_class c JOIN ns n ON n.oid = c.relnamespace
     WHERE c.relkind IN ('r', 'p', 'f', 'v', 'm', 'S')
-      AND NOT EXISTS (SELECT 1 FROM member m WHERE m.classid = 'pg_class'::regclass AND m.objid = c.oid)
+      AND NOT EXISTS (SELECT 1 FROM pg_depend m WHERE m.classid = 'pg_class'::regclass AND m.objid = c.oid
+      AND m.deptype = 'e')
 ),
 named (oid, name, parent) AS (  -- a partition is named by its parent and bounds, never its own name
     SELECT oid, label COLLATE "C", NULL::text COLLATE "C" FROM rel WHERE NOT relispartition
@@ -113,13 +113,18 @@ FROM tab t JOIN pg_trigger g ON g.tgrelid = t.oid JOIN pg_proc p ON p.oid = g.tg
 JOIN pg_namespace pn ON pn.oid = p.pronamespace
 WHERE NOT g.tgisinternal AND g.tgparentid = 0 AND pn.nspname <> %(own)s
 UNION ALL
-SELECT 'policy', t.name || '.' || p.policyname, t.name, false,
-       format('CREATE POLICY %%I ON %%s AS %%s FOR %%s TO %%s', p.policyname, t.label, p.permissive, p.cmd,
-              array_to_string(p.roles, ', '))
-       || coalesce(' USING (' || p.qual || ')', '') || coalesce(' WITH CHECK (' || p.with_check || ')', ''),
+SELECT 'policy', t.name || '.' || p.polname, t.name, false,
+       format('CREATE POLICY %%I ON %%s AS %%s FOR %%s TO %%s', p.polname, t.label,
+              CASE WHEN p.polpermissive THEN 'PERMISSIVE' ELSE 'RESTRICTIVE' END,
+              CASE p.polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT' WHEN 'w' THEN 'UPDATE'
+                            WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
+              (SELECT string_agg(CASE WHEN r = 0 THEN 'public' ELSE quote_ident(pg_get_userbyid(r)) END, ', '
+                                 ORDER BY 1)
+               FROM unnest(p.polroles) r))
+       || coalesce(' USING (' || pg_get_expr(p.polqual, p.polrelid) || ')', '')
+       || coalesce(' WITH CHECK (' || pg_get_expr(p.polwithcheck, p.polrelid) || ')', ''),
        NULL
-FROM tab t JOIN pg_class c ON c.oid = t.oid JOIN pg_namespace n ON n.oid = c.relnamespace
-JOIN pg_policies p ON p.schemaname = n.nspname AND p.tablename = c.relname
+FROM tab t JOIN pg_policy p ON p.polrelid = t.oid
 UNION ALL
 SELECT 'view', t.name, NULL, false,
        'CREATE ' || CASE t.relkind WHEN 'm' THEN 'MATERIALIZED ' ELSE '' END || 'VIEW ' || t.label
@@ -142,7 +147,8 @@ SELECT 'function',
             ELSE pg_get_functiondef(p.oid) END,
        NULL
 FROM pg_proc p JOIN ns n ON n.oid = p.pronamespace
-WHERE NOT EXISTS (SELECT 1 FROM member m WHERE m.classid = 'pg_proc'::regclass AND m.objid = p.oid)
+WHERE NOT EXISTS (SELECT 1 FROM pg_depend m WHERE m.classid = 'pg_proc'::regclass AND m.objid = p.oid
+      AND m.deptype = 'e')
 UNION ALL
 SELECT 'type', CASE WHEN n.nspname = 'public' THEN '' ELSE n.nspname || '.' END || ty.typname, NULL, false,
        CASE ty.typtype
@@ -168,7 +174,8 @@ FROM pg_type ty JOIN ns n ON n.oid = ty.typnamespace
 WHERE ty.typtype IN ('e', 'd', 'c', 'r', 'b')
   AND (ty.typrelid = 0 OR (SELECT c.relkind FROM pg_class c WHERE c.oid = ty.typrelid) = 'c')
   AND NOT EXISTS (SELECT 1 FROM pg_type el WHERE el.typarray = ty.oid)
-  AND NOT EXISTS (SELECT 1 FROM member m WHERE m.classid = 'pg_type'::regclass AND m.objid = ty.oid)
+  AND NOT EXISTS (SELECT 1 FROM pg_depend m WHERE m.classid = 'pg_type'::regclass AND m.objid = ty.oid
+      AND m.deptype = 'e')
 UNION ALL
 SELECT 'extension', e.extname, NULL, false,
        format('CREATE EXTENSION %%I VERSION %%L SCHEMA %%I', e.extname, e.extversion, n.nspname), NULL
@@ -228,7 +235,8 @@ class Difference:
 
     @property
     def table(self) -> str | None:
-        return (self.ours or self.theirs).table  # type: ignore[union-attr]  # one side always exists
+        side = self.ours if self.ours is not None else self.theirs
+        return side.table if side is not None else None
 
     def describe(self, ours: str, theirs: str) -> str:
         """`index tasks_due_idx: only on eu-7 (CREATE INDEX …)`, `column notes.body: text on eu-1,
