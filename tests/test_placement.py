@@ -226,6 +226,7 @@ def test_the_audit_trail_records_moves_route_set_and_route_import(fleet: Fleet, 
     assert fleet.run("route", "import", str(csv_file)).exit_code == 0  # a re-run changes nothing, records nothing
     fleet.seed("eu-1", 7, 60)  # routes through the catalog too
     assert fleet.run("move", "7", "--to", "eu-2", "--yes").exit_code == 0
+    assert fleet.run("cleanup", "7", "--stamp", "eu-1", "--yes").exit_code == 0  # closes its revert window
     assert fleet.run("move", "7", "--to", "us-1", "--yes").exit_code == 0
     records = audit.trail(fleet.catalog)
     seen = [(r.action, r.tenants, r.from_stamp, r.to_stamp) for r in records]

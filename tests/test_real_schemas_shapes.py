@@ -573,8 +573,8 @@ def test_columns_in_another_physical_order_and_dropped_columns_move_exactly(shap
     assert fleet.digest("eu-2", layout) == source
     verified = fleet.run("verify", TENANT, "--source", "eu-1", "--target", "eu-2", "--json")
     assert verified.exit_code == 0 and json.loads(verified.stdout)["equal"] is True, verified.output
-    moved_back = fleet.run("move", TENANT, "--to", "eu-1", "--yes")  # the other way, after a cleanup
-    assert moved_back.exit_code == 2 and "already holds rows of tenant 42" in moved_back.stderr
+    moved_back = fleet.run("move", TENANT, "--to", "eu-1", "--yes")  # the other way, only after a cleanup
+    assert moved_back.exit_code == 2 and "keeps a revert window open on eu-2" in moved_back.stderr
     assert fleet.run("cleanup", TENANT, "--stamp", "eu-1", "--yes").exit_code == 0
     moved_back = fleet.run("move", TENANT, "--to", "eu-1", "--batch-rows", "4", "--yes")
     assert moved_back.exit_code == 0, moved_back.output

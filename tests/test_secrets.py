@@ -31,12 +31,12 @@ def test_no_command_prints_a_dsn_password(fleet: Fleet) -> None:
         ["tenant", "list"],
         ["tenant", "list", "--json"],
         ["move", "7", "--to", "eu-2", "--dry-run"],
+        ["move", "7", "--to", "broken", "--yes"],  # before the move, whose revert window would refuse it
         ["-v", "move", "7", "--to", "eu-2", "--yes"],
         ["move", "status"],
         ["move", "status", "1", "--json"],
         ["verify", "7", "--source", "eu-1", "--target", "eu-2"],
         ["doctor"],
-        ["move", "7", "--to", "broken", "--yes"],
         ["tenant", "list", "--stamp", "broken"],
         ["stamp", "add", "x", "--dsn", f"postgresql://u:{secret}@127.0.0.1:1/db"],
     ):
