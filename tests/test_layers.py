@@ -73,3 +73,111 @@ def test_nothing_in_the_wheel_imports_the_test_tooling() -> None:
         if name == "migrator.testing" or name.startswith("migrator.testing.")
     }
     assert not offending, sorted(offending)
+
+
+# -- one way to open a stamp session ----------------------------------------------------------------------------
+
+# Packages whose sessions are stamp sessions (the catalog, db plumbing, the local fleet and the test
+# tooling open their own, which are not).
+STAMP_USERS = ("move", "plans", "rollout", "queue", "stamps")
+# Still opening stamp sessions with migrator.db.dsn.connect, to be switched with the lead's change to them.
+NOT_YET_SWITCHED = {"migrator/move/capture.py", "migrator/move/cutover.py"}
+
+
+def _direct_connects(path: Path) -> list[int]:
+    """Lines where `path` calls migrator.db.dsn's connect (under whatever name it imported it)."""
+    tree = ast.parse(path.read_text(), str(path))
+    modules, functions = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "migrator.db":
+            modules.update(alias.asname or alias.name for alias in node.names if alias.name == "dsn")
+        elif isinstance(node, ast.ImportFrom) and node.module == "migrator.db.dsn":
+            functions.update(alias.asname or alias.name for alias in node.names if alias.name == "connect")
+        elif isinstance(node, ast.Import):
+            modules.update(alias.asname or alias.name for alias in node.names if alias.name == "migrator.db.dsn")
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and (
+            (isinstance(node.func, ast.Name) and node.func.id in functions)
+            or (
+                isinstance(node.func, ast.Attribute)
+                and node.func.attr == "connect"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id in modules
+            )
+        )
+    ]
+
+
+def test_stamp_sessions_open_one_way_through_migrator_stamps() -> None:
+    """Every stamp session opens through `stamps.connect` / `stamps.access.connect_dsn`: the pinned settings,
+    a failure naming the stamp with its password masked, and a refused connection transient for the retried
+    step, all in one place (db.dsn.connect used directly defaulted otherwise and named nothing)."""
+    offending = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}"
+        for package in STAMP_USERS
+        for path in sorted((PACKAGE / package).rglob("*.py"))
+        if path != PACKAGE / "stamps" / "access.py" and str(path.relative_to(PACKAGE.parent)) not in NOT_YET_SWITCHED
+        for line in _direct_connects(path)
+    ]
+    assert not offending, offending
+    pending = [name for name in sorted(NOT_YET_SWITCHED) if _direct_connects(PACKAGE.parent / name)]
+    assert pending == sorted(NOT_YET_SWITCHED), f"switched: drop {set(NOT_YET_SWITCHED) - set(pending)} from the list"
+
+
+# -- short signatures, shallow functions ------------------------------------------------------------------------
+
+_BLOCKS = (ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try, ast.TryStar, ast.Match)
+
+
+def _nesting(body: list[ast.stmt], level: int = 0) -> int:
+    """How deep blocks nest in `body` (an `elif` is its `if`'s level; nested functions count on their own)."""
+    deepest = level
+    for node in body:
+        if not isinstance(node, _BLOCKS):
+            continue
+        if isinstance(node, ast.If):
+            bodies, orelse = [node.body], node.orelse
+            while len(orelse) == 1 and isinstance(orelse[0], ast.If):
+                bodies.append(orelse[0].body)
+                orelse = orelse[0].orelse
+            bodies.append(orelse)
+        elif isinstance(node, ast.Try | ast.TryStar):
+            bodies = [node.body, node.orelse, node.finalbody, *(handler.body for handler in node.handlers)]
+        elif isinstance(node, ast.Match):
+            bodies = [case.body for case in node.cases]
+        else:
+            bodies = [node.body, getattr(node, "orelse", [])]
+        deepest = max(deepest, *(_nesting(inner, level + 1) for inner in bodies))
+    return deepest
+
+
+# Still too deep, to be split with the lead's change to the file: (file, function).
+NOT_YET_SHALLOW = {("migrator/move/machine.py", "_run")}
+
+
+def test_no_engine_function_takes_more_than_8_parameters_or_nests_more_than_4_levels() -> None:
+    """The command layer parses many options; below it they travel as options dataclasses, and a step
+    that nests deeper than four blocks is split into named pieces."""
+    offending, pending = [], set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "cli" in path.relative_to(PACKAGE).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            args = node.args
+            named = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs) if a.arg not in ("self", "cls")]
+            count = len(named) + (args.vararg is not None) + (args.kwarg is not None)
+            depth = _nesting(node.body)
+            where = str(path.relative_to(PACKAGE.parent))
+            if count <= 8 and depth <= 4:
+                continue
+            if (where, node.name) in NOT_YET_SHALLOW:
+                pending.add((where, node.name))
+            else:
+                offending.append(f"{where}:{node.lineno} {node.name}: {count} parameters, {depth} levels")
+    assert not offending, offending
+    assert pending == NOT_YET_SHALLOW, f"now within the limits: drop {NOT_YET_SHALLOW - pending} from the list"

@@ -11,16 +11,25 @@ from __future__ import annotations
 import getpass
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg.rows import class_row
 
-if TYPE_CHECKING:
-    from migrator.catalog.store import Catalog
+
+class Catalog(Protocol):
+    """What the trail needs of the catalog (`store.Catalog` is one): its transactions and its actor.
+
+    Declared here, below the store, because the store writes its own records through this module.
+    """
+
+    actor: str
+
+    def transaction(self) -> AbstractContextManager[psycopg.Connection[Any]]: ...
 
 
 class Action(StrEnum):

@@ -27,7 +27,7 @@ from tenacity import (
     wait_incrementing,
 )
 
-from migrator.errors import FreezeTooLong
+from migrator.errors import FreezeTooLong, Unreachable
 
 log = logging.getLogger("migrator.retry")
 
@@ -49,7 +49,10 @@ _MISCONFIGURED = (
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for errors that a fresh connection or a new transaction can cure."""
+    """True for errors that a fresh connection or a new transaction can cure (a stamp session that
+    could not open, `Unreachable`, when its cause was)."""
+    if isinstance(exc, Unreachable):
+        return exc.transient
     if not isinstance(exc, psycopg.Error):
         return False
     state = exc.sqlstate

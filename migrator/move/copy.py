@@ -33,7 +33,7 @@ from migrator.move import follow, tree
 from migrator.move.keys import range_bounds, stage_rows
 from migrator.progress import Progress
 from migrator.stamps import sequences
-from migrator.stamps.access import SCHEMA
+from migrator.stamps.access import SCHEMA, connect_dsn
 from migrator.stamps.discovery import ForeignKey, Layout, Table, key_after, key_upto, tenant_filter
 from migrator.stamps.paths import first_parents
 
@@ -118,7 +118,7 @@ def read_cursor(tgt: psycopg.Connection[Any], move_id: int, table: Table) -> Cur
 def read_cursors(target_dsn: str, move_id: int, tables: Sequence[Table]) -> dict[str, Cursor]:
     """The tables' cursors as committed on the target, read on a session of their own (a read:
     retried whole when the session is lost, as every copy step is)."""
-    with dsnlib.connect(target_dsn) as tgt:
+    with connect_dsn(target_dsn, "the target", autocommit=False) as tgt:
         return {table.label: read_cursor(tgt, move_id, table) for table in tables}
 
 
@@ -146,13 +146,13 @@ def plan_parts(
     not by key). Rows written since preflight only make the ranges less even, never inexact.
     Retried whole on a lost session: the parts are saved in one transaction or not at all.
     """
-    with dsnlib.connect(target_dsn) as tgt:
+    with connect_dsn(target_dsn, "the target", autocommit=False) as tgt:
         parts = read_parts(tgt, move_id, table)
         if parts:
             return parts
         bounds: list[list[str]] = []
         if pieces > 1 and rows >= pieces and not (table.self_references or table.cycle):
-            with dsnlib.connect(source_dsn, autocommit=True) as src:
+            with connect_dsn(source_dsn, "the source", autocommit=True) as src:
                 bounds = range_bounds(src, table, tenants, pieces)
         edges: list[list[str] | None] = [None, *bounds, None]
         parts = [Part(i, edges[i], edges[i + 1], 0, False) for i in range(len(edges) - 1)]
@@ -304,7 +304,10 @@ def copy_part(stream: Stream, table: Table, index: int) -> int:
         stream.source_dsn, stream.tenants, stream.move_id, stream.batch_rows, stream.stop
     )  # fmt: skip
     read_back = _orders_alike(table)
-    with dsnlib.connect(source_dsn, autocommit=True) as src, dsnlib.connect(stream.target_dsn) as tgt:
+    with (
+        connect_dsn(source_dsn, "the source", autocommit=True) as src,
+        connect_dsn(stream.target_dsn, "the target", autocommit=False) as tgt,
+    ):
         dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
         part = next(p for p in read_parts(tgt, move_id, table) if p.index == index)
         tgt.commit()
@@ -382,7 +385,7 @@ def defer_orphans(source_dsn: str, tgt: psycopg.Connection[Any], table: Table, m
         keys += batch  # again: rows that referenced the ones just taken out
     if not keys:
         return 0
-    with dsnlib.connect(source_dsn, autocommit=True) as src, src.transaction():
+    with connect_dsn(source_dsn, "the source", autocommit=True) as src, src.transaction():
         row = src.execute(
             sql.SQL("SELECT capture FROM {}.guarded_tenants WHERE move_id = %s").format(sql.Identifier(SCHEMA)),
             (move_id,),
@@ -426,7 +429,10 @@ def _copy_tree(stream: Stream, table: Table) -> int:
     afresh and inserts the ones the target lacks (ON CONFLICT DO NOTHING on the row key).
     """
     source_dsn, tenants, move_id = stream.source_dsn, stream.tenants, stream.move_id
-    with dsnlib.connect(source_dsn) as src, dsnlib.connect(stream.target_dsn) as tgt:
+    with (
+        connect_dsn(source_dsn, "the source", autocommit=False) as src,
+        connect_dsn(stream.target_dsn, "the target", autocommit=False) as tgt,
+    ):
         dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
         cursor = read_cursor(tgt, move_id, table)
         tgt.commit()
@@ -462,7 +468,10 @@ def copy_cycle(
     target and it is copied again. All tables are read in one source snapshot, so the references
     between them hold; later changes are captured.
     """
-    with dsnlib.connect(source_dsn) as src, dsnlib.connect(target_dsn) as tgt:
+    with (
+        connect_dsn(source_dsn, "the source", autocommit=False) as src,
+        connect_dsn(target_dsn, "the target", autocommit=False) as tgt,
+    ):
         dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
         if all(read_cursor(tgt, move_id, table).done for table in tables):
             return 0
@@ -491,7 +500,7 @@ def analyze(target_dsn: str, table: Table) -> None:
     of a second. (A role that does not own the table gets a server warning and no statistics.)
     Its own connection, idempotent: retried on a lost connection like the copy's other steps.
     """
-    with dsnlib.connect(target_dsn, autocommit=True) as tgt:
+    with connect_dsn(target_dsn, "the target", autocommit=True) as tgt:
         tgt.execute(sql.SQL("ANALYZE {}").format(table.ident))
 
 
@@ -499,7 +508,10 @@ def analyze(target_dsn: str, table: Table) -> None:
 def copy_followed(source_dsn: str, target_dsn: str, layout: Layout, tenants: Cohort) -> int:
     """Before the tenant tables: the followed rows they reference that the target lacks (`follow`), in one
     target transaction (idempotent: a retry inserts what is still missing)."""
-    with dsnlib.connect(source_dsn) as src, dsnlib.connect(target_dsn) as tgt:
+    with (
+        connect_dsn(source_dsn, "the source", autocommit=False) as src,
+        connect_dsn(target_dsn, "the target", autocommit=False) as tgt,
+    ):
         dsnlib.write_as_copies(tgt)  # copies, not business events: the target's triggers do not fire
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         with tgt.transaction():

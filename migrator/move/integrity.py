@@ -18,7 +18,7 @@ import psycopg
 from psycopg import sql
 
 from migrator.catalog import Cohort
-from migrator.db import dsn as dsnlib
+from migrator.stamps.access import connect_dsn
 from migrator.stamps.discovery import ForeignKey, Layout, Table, tenant_filter, tenant_text
 
 MAX_KEYS = 5  # keys named per problem
@@ -81,7 +81,7 @@ def dangling(target_dsn: str, layout: Layout, tenants: Cohort, jobs: int = 1) ->
     checks = [(table, fk) for table in layout.tables for fk in (*table.foreign_keys, *table.shared_keys)]
 
     def check(table: Table, fk: ForeignKey) -> str | None:
-        with dsnlib.connect(target_dsn, autocommit=True) as conn:
+        with connect_dsn(target_dsn, "the target", autocommit=True) as conn:
             keys = unresolved(conn, table, fk, tenants)
         if not keys:
             return None

@@ -21,6 +21,7 @@ from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
 from migrator.move import copy
 from migrator.move.run import MoveRun
+from migrator.stamps.access import connect_dsn
 from migrator.stamps.discovery import Table
 
 MIN_PART_ROWS = 20_000  # smaller ranges are not worth a stream's two connections
@@ -113,7 +114,7 @@ def copy_tables(
 @STAMP_STEP.wraps
 def _replica_sessions(target_dsn: str) -> bool:
     """Whether the copy's target sessions will write as replica (a read, retried like every copy step)."""
-    with dsnlib.connect(target_dsn) as tgt:
+    with connect_dsn(target_dsn, "the target", autocommit=False) as tgt:
         return dsnlib.may_skip_triggers(tgt)
 
 

@@ -35,10 +35,10 @@ from typing import Any
 import psycopg
 
 from migrator.catalog import Catalog, Limits, Stamp
-from migrator.db import dsn as dsnlib
-from migrator.errors import BadInput, MigratorError
+from migrator.errors import BadInput, MigratorError, Unreachable
 from migrator.metrics import Metrics
 from migrator.progress import Progress, Silent
+from migrator.stamps.access import connect
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +195,10 @@ class Throttle:
         for attempt in (1, 2):
             try:
                 if watched.conn is None or watched.conn.closed or watched.conn.broken:
-                    watched.conn = dsnlib.connect(watched.stamp.dsn, autocommit=True)
+                    watched.conn = connect(watched.stamp, autocommit=True)
                 row = watched.conn.execute(_READ).fetchone()
                 break
-            except psycopg.OperationalError:
+            except (psycopg.OperationalError, Unreachable):
                 watched.conn = None
                 if attempt == 2:
                     raise

@@ -23,9 +23,9 @@ from psycopg import sql
 from migrator import stamps
 from migrator.catalog import Cohort, name_tenants
 from migrator.context import Context
-from migrator.db import dsn as dsnlib
 from migrator.errors import BadInput
 from migrator.move.keys import by_key, key_quantiles
+from migrator.stamps.access import connect_dsn
 from migrator.stamps.discovery import (
     Column,
     Layout,
@@ -319,8 +319,8 @@ class Streams:
         autocommit = self._snapshot is None
         with self._stack as stack:
             for _ in range(self._count):
-                src = stack.enter_context(dsnlib.connect(self._dsns[0], autocommit=autocommit))
-                tgt = stack.enter_context(dsnlib.connect(self._dsns[1], autocommit=autocommit))
+                src = stack.enter_context(connect_dsn(self._dsns[0], "the source", autocommit=autocommit))
+                tgt = stack.enter_context(connect_dsn(self._dsns[1], "the target", autocommit=autocommit))
                 if self._snapshot is not None:
                     src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                     src.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self._snapshot)))

@@ -30,7 +30,6 @@ from migrator.catalog import Catalog, EntryStatus, PlanStatus, Stamp, StampState
 from migrator.catalog.locks import stamp_slot, take_slot
 from migrator.catalog.plans import EntryRecord, Ledger, PlanRecord
 from migrator.context import Context
-from migrator.db import dsn as dsnlib
 from migrator.db.locks import lock_key, try_lock
 from migrator.errors import BadInput, Interrupted, LockBusy
 from migrator.move import MoveOptions
@@ -233,7 +232,7 @@ def _capacity_problems(ctx: Context, entries: list[Entry], known: dict[str, Stam
 @contextlib.contextmanager
 def _plan_lock(catalog: Catalog, digest: str, where: str) -> Iterator[None]:
     """One `apply` of a plan at a time: a session advisory lock, released when the process dies."""
-    conn = dsnlib.connect(catalog.url, autocommit=True)
+    conn = catalog.connect(autocommit=True)
     try:
         if not try_lock(conn, lock_key(f"migrator.plan:{digest}")):
             raise LockBusy(f"plan {where} is being applied by another running migrator")

@@ -37,6 +37,7 @@ from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.errors import Interrupted, LockBusy, MigratorError
 from migrator.move import MoveOptions
+from migrator.move.throttle import ThrottleOptions
 from migrator.plans.apply import classify_entry
 from migrator.plans.execute import EntryRun, Failure, Todo, execute_entry
 from migrator.plans.planners import PlannedMove
@@ -91,12 +92,11 @@ def run_entry(
     position: int,
     per_stamp: int,
     max_attempts: int,
-    batch_rows: int,
-    jobs: int,
-    allow_triggers: bool,
-    revert_window: bool = True,  # absent from jobs queued before the revert window existed
+    **move: Any,
 ) -> str:
-    """Run (or resume) one plan entry's move; returns how it ended, for the queue's own record."""
+    """Run (or resume) one plan entry's move; returns how it ended, for the queue's own record.
+
+    `move` holds the job's move options as `apply --queue` deferred them (`_move_options`)."""
     state: WorkerState = context.additional_context["migrator"]
     ctx = state.ctx
     ledger = Ledger(ctx.catalog)
@@ -121,19 +121,25 @@ def run_entry(
             return classified.note
         what = f"plan {plan_id} #{position}: {planned.who} {entry.source} -> {entry.target}"
         state.say(f"start   {what}" + (f" ({classified.note})" if classified.resume else ""))
-        options = MoveOptions(
-            batch_rows=batch_rows,
-            jobs=jobs,
-            allow_triggers=allow_triggers,
-            revert_window=revert_window,
-            throttle=state.throttle,
-        )
+        options = _move_options(move, state.throttle)
         done = execute_entry(ctx, plan_id, classified, options, Silent(), stop=state.stop)
         if done.status == EntryStatus.FAILED:
             _after_failure(state, ledger, plan_id, entry, done, max_attempts, what)
     state.say(f"done    {what} (move {done.move_id})")
     ledger.settle(plan_id)
     return f"move {done.move_id} flipped"
+
+
+def _move_options(job: dict[str, Any], throttle: ThrottleOptions) -> MoveOptions:
+    """A queued entry's move options: batch_rows, jobs, allow_triggers, and revert_window (absent from
+    jobs queued before the revert window existed: on); the worker's own throttle."""
+    return MoveOptions(
+        batch_rows=job["batch_rows"],
+        jobs=job["jobs"],
+        allow_triggers=job["allow_triggers"],
+        revert_window=job.get("revert_window", True),
+        throttle=throttle,
+    )
 
 
 def _after_failure(

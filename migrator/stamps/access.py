@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import psycopg
@@ -21,22 +19,22 @@ SCHEMA = "_migrator"  # migrator's own schema on each stamp (guard function, cha
 TRIGGER = "migrator_guard"  # migrator's own trigger on a moving tenant's tables (see migrator.move.fence)
 
 
-def connect(stamp: Stamp, *, autocommit: bool = True) -> AbstractContextManager[psycopg.Connection[Any]]:
-    """A connection to the stamp; a failure names the stamp and never the password."""
+def connect(stamp: Stamp, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+    """A session on the stamp; a failure names the stamp and never the password."""
     return connect_dsn(stamp.dsn, f"stamp {stamp.name}", autocommit=autocommit)
 
 
-@contextmanager
-def connect_dsn(dsn: str, what: str, *, autocommit: bool = True) -> Iterator[psycopg.Connection[Any]]:
-    """A connection to `dsn`; a failure names `what` and the masked DSN, never the password."""
+def connect_dsn(dsn: str, what: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+    """The one way a stamp session opens (pinned settings, bounded connect timeout): a failure names
+    `what` and the masked DSN, never the password, and stays transient when a later attempt may
+    connect (a retried step runs again). Use it as `with connect_dsn(...) as conn:`, which commits
+    (or rolls back) and closes, or keep the session open."""
     try:
-        conn = dsnlib.connect(dsn, autocommit=autocommit)
+        return dsnlib.connect(dsn, autocommit=autocommit)
     except psycopg.Error as exc:
         raise Unreachable(
             f"cannot connect to {what} ({dsnlib.mask(dsn)}): {dsnlib.reason(exc, dsn)}", transient=is_transient(exc)
         ) from None
-    with conn:
-        yield conn
 
 
 def layout(stamp: Stamp, tenancy: Tenancy) -> Layout:
