@@ -7,6 +7,7 @@ machine output.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -247,6 +248,25 @@ def options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
         return command
 
     return apply
+
+
+def bundle(into: str, build: Callable[..., Any], *decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """Several Click options whose values reach the command as one argument, `into=build(**values)`
+    (a dataclass of the engine, built when the command runs, so `--help` imports no engine)."""
+
+    def probe() -> None: ...
+
+    names = [param.name for param in getattr(options(*decorators)(probe), "__click_params__", [])]  # type: ignore[arg-type]
+
+    def decorate(command: F) -> F:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name in names if name}
+            return command(*args, **{into: build(**values)}, **kwargs)
+
+        return options(*decorators)(wrapper)  # type: ignore[arg-type,return-value]
+
+    return decorate
 
 
 OVERRIDE_POLICY = options(

@@ -10,13 +10,10 @@ import click
 from migrator.cli import render
 from migrator.cli.base import (
     ALLOW_TRIGGERS,
-    BATCH_ROWS,
     JOBS,
     JSON,
-    METRICS_PORT,
     NO_PROGRESS,
     NO_REVERT_WINDOW,
-    OVERRIDE_POLICY,
     RUN_FLAGS,
     YES,
     DefaultGroup,
@@ -27,10 +24,9 @@ from migrator.cli.base import (
     emit,
     engine_option,
     options,
-    override_reason,
     route_dict,
 )
-from migrator.cli.throttle import throttle_flags
+from migrator.cli.throttle import MoveFlags, move_flags, throttle_flags
 from migrator.errors import BadInput, CheckFailed, Interrupted, VerifyMismatch
 
 if TYPE_CHECKING:
@@ -114,17 +110,12 @@ def _read_tenants(path: str | None, listed: tuple[str, ...]) -> tuple[str, ...]:
 )
 @click.option("--move", "move_id", type=int, default=None, help="Resume this unfinished move (a cohort) by its id.")
 @click.option("--to", "target", default=None, help="Target stamp.")
-@BATCH_ROWS
-@JOBS
 @click.option("--rate-limit", type=click.FloatRange(min=1), default=None, help="Copy at most this many rows/s.")
 @click.option("--dry-run", is_flag=True, help="Run the preflight checks and show the plan; change nothing.")
 @click.option("--offline", is_flag=True, help="Fence the tenant for the whole copy instead of only the cutover.")
 @cutover_flags
 @NO_REVERT_WINDOW
-@throttle_flags
-@ALLOW_TRIGGERS
-@OVERRIDE_POLICY
-@METRICS_PORT
+@move_flags
 @RUN_FLAGS
 @click.pass_context
 def move_run(
@@ -133,21 +124,15 @@ def move_run(
     tenants_file: str | None,
     move_id: int | None,
     target: str | None,
-    batch_rows: int,
-    jobs: int,
     rate_limit: float | None,
     dry_run: bool,
     offline: bool,
     cutover: CutoverOptions,
     no_revert_window: bool,
-    allow_triggers: bool,
-    override_policy: bool,
-    reason: str | None,
-    metrics_port: int | None,
+    flags: MoveFlags,
     yes: bool,
     no_progress: bool,
     as_json: bool,
-    throttle: ThrottleOptions,
 ) -> None:
     """Move TENANTS to another stamp (online by default), several as one cohort: all their routes flip
     together or none does. Re-running it (or `--move ID`) resumes an interrupted move."""
@@ -165,7 +150,6 @@ def move_run(
         raise click.UsageError("Missing argument 'TENANTS...' (or --tenants-file FILE, or --move ID to resume)")
     if move_id is None and not target:
         raise click.UsageError("Missing option '--to'.")
-    override = override_reason(override_policy, reason)
     context = context_of(ctx)
     if not (yes or dry_run):
         if move_id is not None:
@@ -175,20 +159,20 @@ def move_run(
             confirm(f"Move {name_tenants(cohort)} from {', '.join(homes)} to {target}?")
     options = replace(
         _move_defaults(),
-        batch_rows=batch_rows,
-        jobs=jobs,
+        batch_rows=flags.batch_rows,
+        jobs=flags.jobs,
         rate_limit=rate_limit,
         dry_run=dry_run,
         online=not offline,
-        allow_triggers=allow_triggers,
-        override_reason=override,
+        allow_triggers=flags.allow_triggers,
+        override_reason=flags.override_reason,
         revert_window=not no_revert_window,
         cutover=cutover,
-        throttle=throttle,
+        throttle=flags.throttle,
     )
     with stop_on_signals() as stop:  # Ctrl-C, SIGTERM: the move ends at its next safe point
         try:
-            with context.metrics.serve(metrics_port), render.progress(not (as_json or no_progress)) as progress:
+            with context.metrics.serve(flags.metrics_port), render.progress(not (as_json or no_progress)) as progress:
                 if move_id is not None:
                     outcome = resume_move(context, move_id, options, progress, stop.event)
                 else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,26 +11,20 @@ import click
 
 from migrator.cli import render
 from migrator.cli.base import (
-    ALLOW_TRIGGERS,
-    BATCH_ROWS,
-    JOBS,
     JSON,
-    METRICS_PORT,
     NO_REVERT_WINDOW,
-    OVERRIDE_POLICY,
     RUN_FLAGS,
     EngineChoice,
+    bundle,
     cli,
     confirm,
     context_of,
     emit,
     engine_option,
-    options,
-    override_reason,
     queued,
 )
 from migrator.cli.core import KIND, NO_CHECK, stamp_group
-from migrator.cli.throttle import throttle_flags
+from migrator.cli.throttle import MoveFlags, move_flags
 from migrator.errors import BadInput, MigratorError
 
 if TYPE_CHECKING:  # the engine is imported inside each command, which keeps `migrator --help` fast
@@ -59,8 +54,37 @@ def _cohort_defaults() -> Cohorts:
     return Cohorts()
 
 
-WRITES_PLAN = options(BY_REGION, OUTPUT, FORCE, JSON)  # how every planner writes its plan file
-COHORTS = options(
+@dataclass(frozen=True)
+class PlanOutput:
+    """How a planner command writes its plan file (--queue-by-region, -o, --force, --json)."""
+
+    by_region: bool
+    output: Path | None
+    force: bool
+    as_json: bool
+
+    def write(self, plan: Plan, default: Path) -> None:
+        """Write the plan (to -o, else `default` under plans/), show it and say what to run next."""
+        from migrator.plans.planners import write_plan
+
+        path = write_plan(plan, self.output or default, self.force)
+        emit(
+            self.as_json,
+            {"path": str(path), **_plan_dict(plan)},
+            f"{_plan_text(plan)}\n\nwrote {path}; review it, then run `migrator apply {path}`",
+        )
+
+
+def _cohorts(cohort_rows: int, cohort_tenants: int) -> Cohorts:
+    from migrator.plans.planners import Cohorts
+
+    return Cohorts(cohort_rows, cohort_tenants)
+
+
+WRITES_PLAN = bundle("out", PlanOutput, BY_REGION, OUTPUT, FORCE, JSON)  # how every planner writes its plan file
+COHORTS = bundle(
+    "cohorts",
+    _cohorts,
     engine_option(
         "--cohort-rows",
         lambda: _cohort_defaults().rows,
@@ -139,14 +163,6 @@ def plan_group() -> None:
     """
 
 
-def _written(as_json: bool, plan: Plan, path: Path) -> None:
-    emit(
-        as_json,
-        {"path": str(path), **_plan_dict(plan)},
-        f"{_plan_text(plan)}\n\nwrote {path}; review it, then run `migrator apply {path}`",
-    )
-
-
 @plan_group.command("drain")
 @click.argument("stamp")
 @click.option("--to", "to", default=None, help="Comma-separated stamps to drain onto (default: every active stamp).")
@@ -157,21 +173,16 @@ def plan_drain_cmd(
     ctx: click.Context,
     stamp: str,
     to: str | None,
-    cohort_rows: int,
-    cohort_tenants: int,
-    by_region: bool,
-    output: Path | None,
-    force: bool,
-    as_json: bool,
+    cohorts: Cohorts,
+    out: PlanOutput,
 ) -> None:
     """Plan moving every tenant off STAMP, largest first, onto the active stamp with most free capacity;
     small tenants go together in cohorts (one move each)."""
-    from migrator.plans.planners import Cohorts, plan_drain, write_plan
+    from migrator.plans.planners import plan_drain
 
     targets = [name.strip() for name in to.split(",") if name.strip()] if to else None
-    plan = plan_drain(context_of(ctx), stamp, targets, Cohorts(cohort_rows, cohort_tenants), by_region)
-    path = write_plan(plan, output or Path("plans") / f"drain-{stamp.replace('/', '-')}.yaml", force)
-    _written(as_json, plan, path)
+    plan = plan_drain(context_of(ctx), stamp, targets, cohorts, out.by_region)
+    out.write(plan, Path("plans") / f"drain-{stamp.replace('/', '-')}.yaml")
 
 
 @plan_group.command("rebalance")
@@ -190,21 +201,15 @@ def plan_rebalance_cmd(
     ctx: click.Context,
     threshold: float,
     max_moves: int | None,
-    cohort_rows: int,
-    cohort_tenants: int,
-    by_region: bool,
-    output: Path | None,
-    force: bool,
-    as_json: bool,
+    cohorts: Cohorts,
+    out: PlanOutput,
 ) -> None:
     """Plan the fewest tenant moves (greedy) that bring every active stamp near the fleet's mean
     utilisation; small tenants going the same way go together in cohorts."""
-    from migrator.plans.planners import Cohorts, plan_rebalance, write_plan
+    from migrator.plans.planners import plan_rebalance
 
-    plan = plan_rebalance(context_of(ctx), threshold, max_moves, Cohorts(cohort_rows, cohort_tenants), by_region)
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    path = write_plan(plan, output or Path("plans") / f"rebalance-{stamp}.yaml", force)
-    _written(as_json, plan, path)
+    plan = plan_rebalance(context_of(ctx), threshold, max_moves, cohorts, out.by_region)
+    out.write(plan, Path("plans") / f"rebalance-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}.yaml")
 
 
 @plan_group.command("isolate")
@@ -212,15 +217,12 @@ def plan_rebalance_cmd(
 @click.option("--to", "target", required=True, help="The empty stamp that becomes the tenant's own.")
 @WRITES_PLAN
 @click.pass_context
-def plan_isolate_cmd(
-    ctx: click.Context, tenant: str, target: str, by_region: bool, output: Path | None, force: bool, as_json: bool
-) -> None:
+def plan_isolate_cmd(ctx: click.Context, tenant: str, target: str, out: PlanOutput) -> None:
     """Plan moving one (heavy) tenant to a dedicated stamp that holds no tenant yet."""
-    from migrator.plans.planners import plan_isolate, write_plan
+    from migrator.plans.planners import plan_isolate
 
-    plan = plan_isolate(context_of(ctx), tenant, target, by_region)
-    path = write_plan(plan, output or Path("plans") / f"isolate-{tenant.replace('/', '-')}.yaml", force)
-    _written(as_json, plan, path)
+    plan = plan_isolate(context_of(ctx), tenant, target, out.by_region)
+    out.write(plan, Path("plans") / f"isolate-{tenant.replace('/', '-')}.yaml")
 
 
 PLAN_FILE = click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
@@ -464,8 +466,6 @@ def _recorded_plan(context: Any, digest: str, file: Path, *, follow: bool, as_js
     lambda: _apply_defaults().per_stamp,
     "Run at most this many moves at once into one target stamp, counting every apply and worker.",
 )
-@BATCH_ROWS
-@JOBS
 @click.option("--stop-on-error", is_flag=True, help="Start no more moves once one has failed.")
 @click.option("--dry-run", is_flag=True, help="Check the plan is still current and show what would run.")
 @queued(
@@ -477,16 +477,13 @@ def _recorded_plan(context: Any, digest: str, file: Path, *, follow: bool, as_js
     lambda: _apply_defaults().max_attempts,
     "With --queue: how many times workers run a move that fails for a transient reason.",
 )
-@ALLOW_TRIGGERS
-@OVERRIDE_POLICY
 @NO_REVERT_WINDOW
 @click.option(
     "--revert",
     is_flag=True,
     help="Take back every move of the plan still inside its revert window (`migrator move revert`), last first.",
 )
-@METRICS_PORT
-@throttle_flags
+@move_flags
 @RUN_FLAGS
 @click.pass_context
 def apply_cmd(
@@ -494,23 +491,17 @@ def apply_cmd(
     file: Path,
     parallel: int,
     per_stamp: int,
-    batch_rows: int,
-    jobs: int,
     stop_on_error: bool,
     dry_run: bool,
     queue: str | None,
     max_attempts: int,
     wait: bool,
-    allow_triggers: bool,
-    override_policy: bool,
-    reason: str | None,
     no_revert_window: bool,
     revert: bool,
-    metrics_port: int | None,
+    flags: MoveFlags,
     yes: bool,
     no_progress: bool,
     as_json: bool,
-    throttle: ThrottleOptions,
 ) -> None:
     """Carry out a plan file's moves; re-running it resumes where it stopped (Ctrl-C lets running moves end).
 
@@ -527,18 +518,18 @@ def apply_cmd(
         raise BadInput(
             f"--wait follows the moves --queue sends to workers; to follow a plan, `migrator plan wait {file}`"
         )
-    if queue is not None and throttle != type(throttle)():
+    if queue is not None and flags.throttle != type(flags.throttle)():
         raise BadInput(
             "queued moves are throttled by the workers that run them (`migrator worker --max-replica-lag ...`) "
             "and the fleet's limits (`migrator throttle set`), not by apply's flags"
         )
-    override = override_reason(override_policy, reason)
+    override = flags.override_reason
     if queue is not None and override is not None:
         raise BadInput("--override-policy runs here, not on workers: apply the plan without --queue")
     if revert:
         if queue is not None or dry_run:
             raise BadInput("--revert runs here, one move at a time: give it without --queue and --dry-run")
-        _revert_plan(context, file, throttle, yes=yes, show=not (as_json or no_progress), as_json=as_json)
+        _revert_plan(context, file, flags.throttle, yes=yes, show=not (as_json or no_progress), as_json=as_json)
         return
     prepared = prepare(context, file, override is not None)
     if dry_run:
@@ -553,13 +544,13 @@ def apply_cmd(
         parallel=parallel,
         per_stamp=per_stamp,
         stop_on_error=stop_on_error,
-        batch_rows=batch_rows,
-        jobs=jobs,
-        allow_triggers=allow_triggers,
+        batch_rows=flags.batch_rows,
+        jobs=flags.jobs,
+        allow_triggers=flags.allow_triggers,
         override_reason=override,
         revert_window=not no_revert_window,
         max_attempts=max_attempts,
-        throttle=throttle,
+        throttle=flags.throttle,
     )
     if queue is not None:
         from migrator.queue.enqueue import enqueue
@@ -576,7 +567,7 @@ def apply_cmd(
 
     with (
         stop_on_signals() as stop,  # Ctrl-C, SIGTERM: no more moves start, running ones stop at a safe point
-        context.metrics.serve(metrics_port),
+        context.metrics.serve(flags.metrics_port),
         render.progress(not (as_json or no_progress), "plan") as progress,
     ):
         result = run(context, prepared, options, progress, stop.event)

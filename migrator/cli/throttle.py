@@ -1,15 +1,34 @@
-"""Throttling: the flags every command that copies takes (`throttle_flags`), and `migrator throttle`,
-the fleet's limits that running moves and workers re-read within seconds."""
+"""Throttling: the flags every command that copies takes (`throttle_flags`, within `move_flags`, the
+bundle of `move` and `apply`), and `migrator throttle`, the fleet's limits that running moves and
+workers re-read within seconds."""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from migrator.cli import render
-from migrator.cli.base import JSON, EngineDefault, F, cli, context_of, emit
+from migrator.cli.base import (
+    ALLOW_TRIGGERS,
+    BATCH_ROWS,
+    JOBS,
+    JSON,
+    METRICS_PORT,
+    OVERRIDE_POLICY,
+    EngineDefault,
+    F,
+    cli,
+    context_of,
+    emit,
+    options,
+    override_reason,
+)
+
+if TYPE_CHECKING:
+    from migrator.move.throttle import ThrottleOptions
 
 
 def _replica_wait_default() -> float | None:
@@ -18,35 +37,35 @@ def _replica_wait_default() -> float | None:
     return ThrottleOptions().replica_wait_s
 
 
-_LIMIT_OPTIONS = (
-    click.option(
-        "--max-replica-lag",
-        type=click.FloatRange(min=0, min_open=True),
-        default=None,
-        metavar="SECONDS",
-        help="Pause copying while a standby of the source or target replays more than this far behind.",
-    ),
-    click.option(
-        "--max-slot-lag",
-        type=click.IntRange(min=1),
-        default=None,
-        metavar="BYTES",
-        help="Pause copying while a logical replication slot of the source or target retains more WAL.",
-    ),
-    click.option(
-        "--max-active-sessions",
-        type=click.IntRange(min=1),
-        default=None,
-        metavar="N",
-        help="Pause copying while more than N other sessions are active on the source or target.",
-    ),
-    click.option(
-        "--critical-load",
-        type=click.IntRange(min=1),
-        default=None,
-        metavar="N",
-        help="Stop the move (unfenced, resumable) once N other sessions are active on a stamp.",
-    ),
+# The fleet's limits as a move's own flags (each stricter than the fleet's): flag, type, metavar, help.
+_LIMIT_OPTIONS = tuple(
+    click.option(flag, type=kind, default=None, metavar=metavar, help=text)
+    for flag, kind, metavar, text in (
+        (
+            "--max-replica-lag",
+            click.FloatRange(min=0, min_open=True),
+            "SECONDS",
+            "Pause copying while a standby of the source or target replays more than this far behind.",
+        ),
+        (
+            "--max-slot-lag",
+            click.IntRange(min=1),
+            "BYTES",
+            "Pause copying while a logical replication slot of the source or target retains more WAL.",
+        ),
+        (
+            "--max-active-sessions",
+            click.IntRange(min=1),
+            "N",
+            "Pause copying while more than N other sessions are active on the source or target.",
+        ),
+        (
+            "--critical-load",
+            click.IntRange(min=1),
+            "N",
+            "Stop the move (unfenced, resumable) once N other sessions are active on a stamp.",
+        ),
+    )
 )
 
 
@@ -67,8 +86,7 @@ def throttle_flags(command: F) -> F:
         wait, skip = kwargs.pop("replica_wait"), kwargs.pop("no_replica_wait")
         return command(*args, throttle=ThrottleOptions(limits, None if skip else wait), **kwargs)
 
-    decorated: Any = wrapper
-    for option in (
+    bundle = options(
         *_LIMIT_OPTIONS,
         click.option(
             "--replica-wait",
@@ -79,9 +97,40 @@ def throttle_flags(command: F) -> F:
             help="Before the flip, wait this long at most for the target's standbys to replay the move.",
         ),
         click.option("--no-replica-wait", is_flag=True, help="Flip without waiting for the target's standbys."),
-    ):
-        decorated = option(decorated)
-    return decorated  # type: ignore[no-any-return]
+    )
+    return bundle(wrapper)  # type: ignore[arg-type,return-value]
+
+
+@dataclass(frozen=True)
+class MoveFlags:
+    """The flags of every command that runs moves here (`move`, `apply`), as one argument `flags`."""
+
+    batch_rows: int
+    jobs: int
+    allow_triggers: bool
+    override_reason: str | None  # --override-policy --reason TEXT (None without the flag)
+    metrics_port: int | None
+    throttle: ThrottleOptions
+
+
+def move_flags(command: F) -> F:
+    """Add --batch-rows, --jobs, --allow-triggers, --override-policy/--reason, --metrics-port and the
+    throttle flags to a command; it receives them as one `flags: MoveFlags` argument."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        flags = MoveFlags(
+            batch_rows=kwargs.pop("batch_rows"),
+            jobs=kwargs.pop("jobs"),
+            allow_triggers=kwargs.pop("allow_triggers"),
+            override_reason=override_reason(kwargs.pop("override_policy"), kwargs.pop("reason")),
+            metrics_port=kwargs.pop("metrics_port"),
+            throttle=kwargs.pop("throttle"),
+        )
+        return command(*args, flags=flags, **kwargs)
+
+    bundle = options(BATCH_ROWS, JOBS, throttle_flags, ALLOW_TRIGGERS, OVERRIDE_POLICY, METRICS_PORT)
+    return bundle(wrapper)  # type: ignore[arg-type,return-value]
 
 
 @cli.group("throttle")
