@@ -9,11 +9,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from click.testing import Result
+from click.testing import CliRunner, Result
 from conftest import Fleet, catalog_snapshot, operator_grants
 from psycopg import sql
 
 from migrator.catalog import audit, policy
+from migrator.cli import cli
 from migrator.db import dsn as dsnlib
 
 
@@ -118,6 +119,61 @@ def test_tenant_set_stamp_kind_and_route_import_with_residency(fleet: Fleet, tmp
     fleet.seed("eu-1", 7, 10)
     result = fleet.run("tenant", "list", "--stamp", "eu-1", "--json")
     assert [(r["tenant"], r["residency"], r["tier"]) for r in json.loads(result.output)] == [("7", ["eu"], "shared")]
+
+
+def _root_rows(fleet: Fleet, stamp: str, *rows: tuple[int, str | None]) -> None:
+    """Tenants the stamp's root table holds before migrator knows them, each with a residency column."""
+    with dsnlib.connect(fleet.dsn(stamp), autocommit=True) as conn:
+        conn.execute("ALTER TABLE tenants ADD COLUMN IF NOT EXISTS data_region text")
+        for tenant, region in rows:
+            conn.execute("INSERT INTO tenants (id, name, data_region) VALUES (%s, 't', %s)", (tenant, region))
+
+
+def test_route_import_from_a_stamp_takes_each_tenants_residency_and_refuses_one_outside_it_whole(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    _root_rows(fleet, "eu-1", (21, "eu"), (22, "eu, us"), (23, None))
+    _root_rows(fleet, "us-1", (31, "us"), (32, "eu"), (33, "us|ap"))
+    init = CliRunner().invoke(
+        cli, ["init", "--from-stamp", fleet.dsn("eu-1"), "--path", str(tmp_path / "guessed.toml")]
+    )
+    assert init.exit_code == 0, init.output
+    assert "migrator route import --stamp NAME --residency-column data_region" in init.stdout, init.stdout
+
+    before = catalog_snapshot(fleet)
+    refused = fleet.run("route", "import", "--stamp", "us-1", "--residency-column", "data_region")
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr.count("\n") == 1
+    assert "stamp us-1: 1 tenant(s) outside their residency: tenant 32 -> stamp us-1: residency" in refused.stderr
+    assert "nothing imported" in refused.stderr
+    assert catalog_snapshot(fleet) == before  # tenants 31 and 33 were not routed either, no audit record
+    refused = fleet.run("route", "import", "--stamp", "us-1", "--residency", "eu")
+    assert refused.exit_code == 2 and "3 tenant(s) outside their residency" in refused.stderr, refused.stderr
+    assert catalog_snapshot(fleet) == before
+
+    done = fleet.run("route", "import", "--stamp", "eu-1", "--residency-column", "data_region", "--json")
+    assert done.exit_code == 0, done.output + done.stderr
+    assert json.loads(done.stdout) == {"source": "stamp eu-1", "new": ["21", "22", "23"], "existing": []}
+    attrs = policy.placements(fleet.catalog)
+    assert (attrs["21"].residency, attrs["22"].residency, "23" in attrs) == (("eu",), ("eu", "us"), False)
+    done = fleet.run("route", "import", "--stamp", "us-1", "--residency", "us,eu")
+    assert done.exit_code == 0, done.output + done.stderr
+    attrs = policy.placements(fleet.catalog)
+    assert [attrs[t].residency for t in ("31", "32", "33")] == [("us", "eu")] * 3
+    imports = [(r.tenants, r.to_stamp) for r in audit.trail(fleet.catalog) if r.action == "route import"]
+    assert imports == [(["21", "22", "23"], "eu-1"), (["31", "32", "33"], "us-1")]
+    again = fleet.run("route", "import", "--stamp", "eu-1", "--residency-column", "data_region", "--json")
+    assert json.loads(again.stdout)["new"] == []  # a re-run changes nothing, records nothing
+    assert len([r for r in audit.trail(fleet.catalog) if r.action == "route import"]) == 2
+
+    missing = fleet.run("route", "import", "--stamp", "eu-2", "--residency-column", "data_region")
+    assert missing.exit_code == 2
+    assert missing.stderr == "error: stamp eu-2: table public.tenants has no column data_region (--residency-column)\n"
+    both = fleet.run("route", "import", "--stamp", "eu-2", "--residency", "eu", "--residency-column", "data_region")
+    assert both.exit_code == 2 and "not both" in both.stderr
+    moved = fleet.run("move", "22", "--to", "us-1", "--yes")  # the residency imported is the one moves honour
+    assert moved.exit_code == 0, moved.output + moved.stderr
+    assert fleet.run("move", "21", "--to", "us-1", "--yes").exit_code == 2
 
 
 def _plan(fleet: Fleet, out: Path, *args: str) -> Result:

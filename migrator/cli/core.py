@@ -261,19 +261,47 @@ def route_set(ctx: click.Context, tenant: str, stamp: str) -> None:
 @route_group.command("import")
 @click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--stamp", default=None, help="Register every tenant of this stamp's root table ([tenancy] root_table).")
+@click.option(
+    "--residency",
+    default=None,
+    metavar="R[,R]",
+    help="With --stamp: the regions every one of its tenants may live in (as `tenant set --residency`).",
+)
+@click.option(
+    "--residency-column",
+    default=None,
+    metavar="COLUMN",
+    help="With --stamp: each tenant's residency from this column of the root table (`eu`, `eu,us`; empty: anywhere).",
+)
 @JSON
 @click.pass_context
-def route_import(ctx: click.Context, file: Path | None, stamp: str | None, as_json: bool) -> None:
-    """Register the tenants stamps already hold: a CSV FILE of `tenant,stamp[,residency]` lines (header
-    optional; residency `eu` or `eu|eu-west`, empty for anywhere) or every tenant of --stamp NAME. One catalog
-    transaction: refused whole if a stamp is unknown, a tenant is routed elsewhere or lives outside its
-    residency; re-running it changes nothing."""
+def route_import(
+    ctx: click.Context,
+    file: Path | None,
+    stamp: str | None,
+    residency: str | None,
+    residency_column: str | None,
+    as_json: bool,
+) -> None:
+    """Register the tenants stamps already hold, with their residency: a CSV FILE of `tenant,stamp[,residency]`
+    lines (header optional; residency `eu` or `eu|eu-west`, empty for anywhere) or every tenant of --stamp NAME
+    (--residency for all, or --residency-column). One catalog transaction: refused whole if a stamp is unknown,
+    a tenant is routed elsewhere or lives outside its residency; re-running it changes nothing."""
     from migrator.stamps import registry
 
     if file is not None and stamp is None:
+        if residency is not None or residency_column is not None:
+            raise click.UsageError("a CSV FILE gives each tenant's residency in its third column; --residency and "
+                                   "--residency-column go with --stamp")  # fmt: skip
         done = registry.import_routes_from_file(context_of(ctx), file)
     elif stamp is not None and file is None:
-        done = registry.import_routes_from_stamp(context_of(ctx), stamp)
+        if residency is not None and residency_column is not None:
+            raise click.UsageError("give --residency (every tenant) or --residency-column (each its own), not both")
+        regions = tuple(dict.fromkeys(r.strip() for r in (residency or "").split(",") if r.strip()))
+        if residency is not None and not regions:
+            raise click.UsageError("--residency needs a region, or several separated by commas")
+        chosen = registry.StampResidency(regions, residency_column)
+        done = registry.import_routes_from_stamp(context_of(ctx), stamp, chosen)
     else:
         raise click.UsageError("give a CSV FILE of `tenant,stamp` lines or --stamp NAME, one of the two")
     emit(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -69,27 +70,68 @@ class RouteImport:
     existing: list[str]
 
 
-def import_routes_from_stamp(ctx: Context, name: str) -> RouteImport:
-    """Route to stamp `name` every tenant in its root table (`[tenancy] root_table`, `root_column`).
+@dataclass(frozen=True)
+class StampResidency:
+    """The residency `route import --stamp` gives each tenant: the same regions for all (--residency), or
+    each tenant's own, read from a column of the root table (--residency-column); neither: anywhere."""
 
-    One catalog transaction; refused (nothing written) if any of them is routed to another stamp.
+    regions: tuple[str, ...] = ()
+    column: str | None = None
+
+
+def import_routes_from_stamp(ctx: Context, name: str, residency: StampResidency | None = None) -> RouteImport:
+    """Route to stamp `name` every tenant in its root table (`[tenancy] root_table`, `root_column`), each
+    with its residency (`StampResidency`), so a stamp's tenants are onboarded with their policy in one step.
+
+    One catalog transaction; refused (nothing written) if any of them is routed to another stamp, or if
+    the stamp lies outside a tenant's residency.
     """
     stamp = ctx.catalog.stamp(name)
+    residency = residency or StampResidency()
+    lines = [(tenant, name, regions or residency.regions) for tenant, regions in _root_tenants(ctx, stamp, residency)]
+    lines.sort(key=lambda line: (len(line[0]), line[0]))
+    return _import(ctx, f"stamp {name}", lines)
+
+
+def _root_tenants(ctx: Context, stamp: Stamp, residency: StampResidency) -> list[tuple[str, tuple[str, ...]]]:
+    """Every tenant of the stamp's root table, with the regions of its residency column (if one is named)."""
     tenancy = ctx.config.tenancy
-    query = sql.SQL("SELECT DISTINCT {col}::text FROM {table} WHERE {col} IS NOT NULL").format(
-        col=sql.Identifier(tenancy.root_column), table=sql.Identifier(tenancy.db_schema, tenancy.root_table)
+    column = sql.Identifier(residency.column) if residency.column else sql.NULL
+    query = sql.SQL("SELECT DISTINCT {col}::text, {residency}::text FROM {table} WHERE {col} IS NOT NULL").format(
+        col=sql.Identifier(tenancy.root_column),
+        residency=column,
+        table=sql.Identifier(tenancy.db_schema, tenancy.root_table),
     )
+    table = f"{tenancy.db_schema}.{tenancy.root_table}"
     with stamps.connect(stamp) as conn:
         try:
-            tenants = [row[0] for row in conn.execute(query)]
+            rows = conn.execute(query).fetchall()
         except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.errors.InvalidSchemaName):
+            if residency.column and _has_column(conn, tenancy.db_schema, tenancy.root_table, tenancy.root_column):
+                raise BadInput(
+                    f"stamp {stamp.name}: table {table} has no column {residency.column} (--residency-column)"
+                ) from None
             raise BadInput(
-                f"stamp {name} has no table {tenancy.db_schema}.{tenancy.root_table} with a column "
-                f"{tenancy.root_column} ([tenancy] root_table and root_column of migrator.toml)"
+                f"stamp {stamp.name} has no table {table} with a column {tenancy.root_column} "
+                "([tenancy] root_table and root_column of migrator.toml)"
             ) from None
-    tenants.sort(key=lambda t: (len(t), t))
-    new, existing = ctx.catalog.import_routes([(tenant, name) for tenant in tenants])
-    return RouteImport(f"stamp {name}", new, existing)
+    found: dict[str, tuple[str, ...]] = {}
+    for tenant, cell in rows:
+        regions = _regions(cell or "", ",|")
+        if found.setdefault(tenant, regions) != regions:
+            raise BadInput(
+                f"stamp {stamp.name}: tenant {tenant} has two residencies in {table}.{residency.column} "
+                f"({'|'.join(found[tenant]) or 'empty'} and {'|'.join(regions) or 'empty'}); nothing imported"
+            )
+    return list(found.items())
+
+
+def _has_column(conn: psycopg.Connection[Any], schema: str, table: str, column: str) -> bool:
+    found = conn.execute(
+        "SELECT 1 FROM information_schema.columns WHERE table_schema = %s AND table_name = %s AND column_name = %s",
+        (schema, table, column),
+    ).fetchone()
+    return found is not None
 
 
 def import_routes_from_file(ctx: Context, path: Path) -> RouteImport:
@@ -100,22 +142,26 @@ def import_routes_from_file(ctx: Context, path: Path) -> RouteImport:
     Refused (nothing written) for a malformed line, a tenant given two stamps, an unknown stamp, a
     tenant already routed to another stamp, or one whose stamp lies outside its residency.
     """
-    lines = read_routes_csv(path)
-    routes = [(tenant, stamp) for tenant, stamp, _ in lines]
-    residency = {tenant: regions for tenant, _, regions in lines if regions}
-    regions = {s.name: s for s in ctx.catalog.stamps()}
+    return _import(ctx, str(path), read_routes_csv(path))
+
+
+def _import(ctx: Context, source: str, lines: list[Line]) -> RouteImport:
+    """Register the routes with their residencies in one catalog transaction (its audit records too),
+    refused whole, before anything is written, when a tenant's stamp lies outside its residency."""
+    stamps_by_name = {s.name: s for s in ctx.catalog.stamps()}
     outside = [
         line
         for tenant, stamp, allowed in lines
-        if allowed and stamp in regions
-        for line in violations(Placement(tenant, allowed), regions[stamp], ())
+        if allowed and stamp in stamps_by_name
+        for line in violations(Placement(tenant, allowed), stamps_by_name[stamp], ())
     ]
     if outside:
         raise BadInput(
-            f"{path}: {len(outside)} tenant(s) outside their residency: {'; '.join(outside[:5])}; nothing imported"
+            f"{source}: {len(outside)} tenant(s) outside their residency: {'; '.join(outside[:5])}; nothing imported"
         )
-    new, existing = ctx.catalog.import_routes(routes, residency)
-    return RouteImport(str(path), new, existing)
+    residency = {tenant: regions for tenant, _, regions in lines if regions}
+    new, existing = ctx.catalog.import_routes([(tenant, stamp) for tenant, stamp, _ in lines], residency)
+    return RouteImport(source, new, existing)
 
 
 Line = tuple[str, str, tuple[str, ...]]  # tenant, stamp, residency (empty: anywhere)
@@ -154,6 +200,8 @@ def read_routes_csv(path: Path) -> list[Line]:
     return [(tenant, stamp, residency[tenant]) for tenant, (stamp, _) in routes.items()]
 
 
-def _regions(cell: str) -> tuple[str, ...]:
-    """`eu|eu-west` -> ("eu", "eu-west"); empty: anywhere."""
-    return tuple(dict.fromkeys(r.strip() for r in cell.split("|") if r.strip()))
+def _regions(cell: str, separators: str = "|") -> tuple[str, ...]:
+    """`eu|eu-west` -> ("eu", "eu-west") (a residency column may also use commas); empty: anywhere."""
+    for separator in separators[1:]:
+        cell = cell.replace(separator, separators[0])
+    return tuple(dict.fromkeys(r.strip() for r in cell.split(separators[0]) if r.strip()))

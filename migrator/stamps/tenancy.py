@@ -37,6 +37,8 @@ CANDIDATES = (
     "tenant",
 )
 _ALEMBIC = "alembic_version"
+# Names of a root table's column that says where a tenant's data must live, best first.
+RESIDENCY_CANDIDATES = ("residency", "data_residency", "data_region", "residency_region", "home_region", "region")
 
 _TABLES = """
 SELECT c.oid, n.nspname, c.relname
@@ -163,6 +165,33 @@ def placement(conn: psycopg.Connection[Any], tenancy: Tenancy) -> list[str]:
     return lines + _sequence_keys(conn, layout)
 
 
+def residency_column(conn: psycopg.Connection[Any], tenancy: Tenancy) -> str | None:
+    """The root table's column that looks like each tenant's residency (`RESIDENCY_CANDIDATES`), if any."""
+    found = {
+        row[0].lower(): row[0]
+        for row in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
+            (tenancy.db_schema, tenancy.root_table),
+        )
+    }
+    return next((found[name] for name in RESIDENCY_CANDIDATES if name in found), None)
+
+
+def onboarding(column: str | None, tenancy: Tenancy) -> list[str]:
+    """The step after `catalog init` and `stamp add` that routes a stamp's tenants with their residency."""
+    if column is None:
+        return [
+            f"no residency column in {tenancy.root_table} (looked for {', '.join(RESIDENCY_CANDIDATES[:3])}, ...):",
+            "  once a stamp is added, `migrator route import --stamp NAME` routes its tenants"
+            " (--residency R[,R] gives them all one)",
+        ]
+    return [
+        f"residency column {column} of {tenancy.root_table}: once a stamp is added, route its tenants each with",
+        "  its residency (values name stamp regions: eu, or eu,us; empty: anywhere) with",
+        f"  migrator route import --stamp NAME --residency-column {column}",
+    ]
+
+
 def _sequence_keys(conn: psycopg.Connection[Any], layout: Layout) -> list[str]:
     """The keys fed by sequences, and whether this stamp's are strided (in a block of their own)."""
     found = sequences.read(conn, layout)
@@ -206,8 +235,9 @@ def init_config(path: Path, catalog_url: str | None, from_stamp: str | None, for
         with connect_dsn(from_stamp, "the stamp given by --from-stamp") as conn:
             guess = guess_tenancy(conn)
             placed = placement(conn, guess.tenancy)
+            residency = residency_column(conn, guess.tenancy)
         notes = [f"[tenancy] guessed from the stamp {dsnlib.mask(from_stamp)}:", *(f"  {r}" for r in guess.reasons)]
-        notes += placed
+        notes += placed + onboarding(residency, guess.tenancy)
     if catalog_url is None:
         notes.append("catalog_url is a placeholder: set it (or pass --catalog, or $MIGRATOR_CATALOG_URL)")
     text = configlib.render(
