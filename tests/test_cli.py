@@ -31,9 +31,11 @@ def test_every_command_has_help(path: tuple[str, ...], command: click.Command) -
     for param in command.params:
         if isinstance(param, click.Option) and not param.hidden and param.name not in ("help",):
             assert param.help, (path, param.name)
-    # Its one-line summary in its group's list is a whole sentence, not cut with `...` mid-word or mid-backtick.
+    # Its one-line summary in its group's list is a whole sentence (a capital letter to a full stop), not cut
+    # with `...` mid-word or mid-backtick.
     line = summary(command)
-    assert line.endswith(".") and not line.endswith("..") and line.count("`") % 2 == 0, (path, line)
+    assert line[:1].isupper() and line.endswith(".") and not line.endswith(".."), (path, line)
+    assert line.count("`") % 2 == 0 and line.count("(") == line.count(")"), (path, line)
     if not command.hidden:
         listing = CliRunner().invoke(cli, [*path[:-1], "--help"], terminal_width=80).output
         assert line in " ".join(listing.split()), (path, line)
