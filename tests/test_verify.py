@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from click.testing import Result
 from conftest import Fleet
 from psycopg import sql
 
@@ -17,27 +18,36 @@ def _moved(fleet: Fleet, rows: int = 6_000) -> None:
     move_tenants(fleet.ctx, ("7",), "eu-2", MoveOptions(batch_rows=1_000), Silent())
 
 
-def test_verify_names_table_and_key_of_altered_row(fleet: Fleet) -> None:
+def _verify_after_changing_a_row(fleet: Fleet, pick: str, change: str) -> tuple[int, Result]:
+    """Move tenant 7, change one of its rows on the target (`pick` finds its id, `change` alters that row),
+    then `verify --json`, which must fail."""
     _moved(fleet)
     with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
-        key = conn.execute("SELECT id FROM tasks WHERE tenant_id = 7 ORDER BY id OFFSET 2500 LIMIT 1").fetchone()[0]
-        conn.execute("UPDATE tasks SET estimate_hours = 0.01 WHERE tenant_id = 7 AND id = %s", (key,))
+        key = conn.execute(pick).fetchone()[0]
+        conn.execute(change, (key,))
     result = fleet.run("verify", "7", "--source", "eu-1", "--target", "eu-2", "--json")
     assert result.exit_code == 1
-    report = json.loads(result.stdout)
-    bad = [t for t in report["tables"] if not t["equal"]]
+    return key, result
+
+
+def test_verify_names_table_and_key_of_altered_row(fleet: Fleet) -> None:
+    key, result = _verify_after_changing_a_row(
+        fleet,
+        "SELECT id FROM tasks WHERE tenant_id = 7 ORDER BY id OFFSET 2500 LIMIT 1",
+        "UPDATE tasks SET estimate_hours = 0.01 WHERE tenant_id = 7 AND id = %s",
+    )
+    bad = [t for t in json.loads(result.stdout)["tables"] if not t["equal"]]
     assert [t["table"] for t in bad] == ["tasks"]
     assert bad[0]["changed"] == [["7", str(key)]]
     assert f"(7, {key})" in result.stderr
 
 
 def test_verify_names_table_and_key_of_missing_row(fleet: Fleet) -> None:
-    _moved(fleet)
-    with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
-        key = conn.execute("SELECT id FROM comments WHERE tenant_id = 7 ORDER BY id DESC LIMIT 1").fetchone()[0]
-        conn.execute("DELETE FROM comments WHERE tenant_id = 7 AND id = %s", (key,))
-    result = fleet.run("verify", "7", "--source", "eu-1", "--target", "eu-2", "--json")
-    assert result.exit_code == 1
+    key, result = _verify_after_changing_a_row(
+        fleet,
+        "SELECT id FROM comments WHERE tenant_id = 7 ORDER BY id DESC LIMIT 1",
+        "DELETE FROM comments WHERE tenant_id = 7 AND id = %s",
+    )
     bad = [t for t in json.loads(result.stdout)["tables"] if not t["equal"]]
     assert [(t["table"], t["missing"], t["target_rows"] + 1 == t["source_rows"]) for t in bad] == [
         ("comments", [["7", str(key)]], True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from migrator.cli import render
-from migrator.cli.base import JSON, cli, context_of, emit
+from migrator.cli.base import JSON, cli, context_of, emit, engine_option
 from migrator.errors import BadInput
 
 if TYPE_CHECKING:
@@ -105,23 +106,42 @@ def _fleet_dir(what: str) -> Callable[[F], F]:
     )  # fmt: skip
 
 
+def _up_default(name: str) -> Callable[[], Any]:
+    """A default of `fleet_up`'s own parameter, defined there once."""
+
+    def read() -> Any:
+        from migrator.local.fleet import fleet_up
+
+        return inspect.signature(fleet_up).parameters[name].default
+
+    return read
+
+
+def _seed_default(name: str) -> Callable[[], Any]:
+    """A default of `demo_tenants`' own parameter (the demo's tenants), defined there once."""
+
+    def read() -> Any:
+        from migrator.local.seed import demo_tenants
+
+        return inspect.signature(demo_tenants).parameters[name].default
+
+    return read
+
+
 @fleet_group.command("up")
 @_fleet_dir("Where the servers' data and migrator.toml go.")
-@click.option("--stamps", type=click.IntRange(min=1, max=64), default=3, show_default=True, help="How many stamps.")
-@click.option(
+@engine_option("--stamps", _up_default("stamps"), "How many stamps.", click.IntRange(min=1, max=64))
+@engine_option(
     "--servers",
-    type=click.IntRange(min=1, max=16),
-    default=1,
-    show_default=True,
-    help="Spread the stamps over this many PostgreSQL servers.",
+    _up_default("servers"),
+    "Spread the stamps over this many PostgreSQL servers.",
+    click.IntRange(min=1, max=16),
 )
-@click.option(
-    "--replicas",
-    type=click.IntRange(min=0, max=3),
-    default=0,
-    show_default=True,
-    help="Streaming standbys of each server (for the throttle and the cutover's replica wait).",
-)
+@engine_option(
+    "--replicas", _up_default("replicas"),
+    "Streaming standbys of each server (for the throttle and the cutover's replica wait).",
+    click.IntRange(min=0, max=3),
+)  # fmt: skip
 def fleet_up(directory: Path, stamps: int, servers: int, replicas: int) -> None:
     """Start local PostgreSQL, create the catalog and N stamps at head, write DIR/migrator.toml.
 
@@ -147,15 +167,11 @@ def fleet_down(directory: Path) -> None:
 
 @fleet_group.command("seed")
 @click.argument("stamp")
-@click.option(
-    "--heavy-rows",
-    type=click.IntRange(min=0),
-    default=1_000_000,
-    show_default=True,
-    help="Rows of the heavy tenant (the first id).",
+@engine_option(
+    "--heavy-rows", _seed_default("heavy_rows"), "Rows of the heavy tenant (the first id).", click.IntRange(min=0)
 )
-@click.option("--small", type=click.IntRange(min=0), default=30, show_default=True, help="How many small tenants.")
-@click.option("--first-id", type=click.IntRange(min=1), default=1, show_default=True, help="Id of the first tenant.")
+@engine_option("--small", _seed_default("small"), "How many small tenants.", click.IntRange(min=0))
+@engine_option("--first-id", _seed_default("first_id"), "Id of the first tenant.")
 @click.pass_context
 def fleet_seed(ctx: click.Context, stamp: str, heavy_rows: int, small: int, first_id: int) -> None:
     """Fill a stamp with one heavy tenant and many small ones, and route them there."""
