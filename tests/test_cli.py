@@ -53,6 +53,24 @@ def test_move_help_shows_the_options_of_moving_and_its_other_commands() -> None:
 
 
 @pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["apply", "plans/x.yaml", "--wait"],
+            "--wait follows the moves --queue sends to workers; to follow a plan, `migrator plan wait plans/x.yaml`",
+        ),
+        (["schema", "upgrade", "--wait"], "--wait follows a queued rollout: add --queue"),
+    ],
+)
+def test_wait_without_queue_is_refused_before_anything_is_read(args: list[str], message: str) -> None:
+    """--queue and --wait arrive as one `Queued` argument, checked once for both commands: no config, plan
+    file or catalog is read first (the config named here does not exist)."""
+    result = CliRunner().invoke(cli, ["--config", "/nonexistent/migrator.toml", *args])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ("catalog_url = 'x'\n[tenancy\ncolumn = 'a'", "malformed TOML"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -17,7 +18,7 @@ import click
 
 from migrator import __version__
 from migrator.cli import render
-from migrator.errors import Declined, MigratorError
+from migrator.errors import BadInput, Declined, MigratorError
 
 if TYPE_CHECKING:  # psycopg and the engine load when a command runs: `migrator --help` must stay fast
     from migrator.context import Context
@@ -299,10 +300,26 @@ NO_REVERT_WINDOW = click.option(
 RUN_FLAGS = options(YES, NO_PROGRESS, JSON)  # --yes, --no-progress, --json: a command that changes the fleet
 
 
-def queued(what: str, wait: str) -> Callable[[F], F]:
+@dataclass(frozen=True)
+class Queued:
+    """`--queue [NAME]` and `--wait`: hand the work to `migrator worker` processes on queue `name`, and
+    follow it there (`wait`)."""
+
+    name: str
+    wait: bool
+
+
+def queued(what: str, wait: str, alone: str) -> Callable[[F], F]:
     """`--queue [NAME]` of `apply` and `schema upgrade`, which hands the work to `migrator worker`
-    processes, and `--wait`, which follows it there."""
-    queue = click.option(
+    processes, and `--wait`, which follows it there: one argument `queue: Queued | None` (None: run
+    here). `alone` is the error for --wait without --queue, formatted with the command's parameters."""
+
+    def build(queue: str | None, wait: bool) -> Queued | None:
+        if wait and queue is None:
+            raise BadInput(alone.format(**click.get_current_context().params))
+        return None if queue is None else Queued(queue, wait)
+
+    option = click.option(
         "--queue",
         is_flag=False,
         flag_value="migrator",
@@ -311,7 +328,7 @@ def queued(what: str, wait: str) -> Callable[[F], F]:
         help=f"Send {what} to `migrator worker` processes on this queue (default queue: migrator) instead of "
         "running them here.",
     )
-    return options(queue, click.option("--wait", is_flag=True, help=f"With --queue: {wait}"))
+    return bundle("queue", build, option, click.option("--wait", is_flag=True, help=f"With --queue: {wait}"))
 
 
 def _rollout_default(name: str) -> Any:

@@ -15,6 +15,7 @@ from migrator.cli.base import (
     NO_REVERT_WINDOW,
     RUN_FLAGS,
     EngineChoice,
+    Queued,
     bundle,
     cli,
     confirm,
@@ -471,6 +472,7 @@ def _recorded_plan(context: Any, digest: str, file: Path, *, follow: bool, as_js
 @queued(
     "the plan's moves (an entry's own `queue:` wins; --per-stamp then holds across all workers)",
     "follow the queued moves until they end (`plan wait`).",
+    "--wait follows the moves --queue sends to workers; to follow a plan, `migrator plan wait {file}`",
 )
 @engine_option(
     "--max-attempts",
@@ -493,9 +495,8 @@ def apply_cmd(
     per_stamp: int,
     stop_on_error: bool,
     dry_run: bool,
-    queue: str | None,
+    queue: Queued | None,
     max_attempts: int,
-    wait: bool,
     no_revert_window: bool,
     revert: bool,
     flags: MoveFlags,
@@ -514,10 +515,6 @@ def apply_cmd(
     from migrator.plans.apply import prepare, run
 
     context = context_of(ctx)
-    if wait and queue is None:
-        raise BadInput(
-            f"--wait follows the moves --queue sends to workers; to follow a plan, `migrator plan wait {file}`"
-        )
     if queue is not None and flags.throttle != type(flags.throttle)():
         raise BadInput(
             "queued moves are throttled by the workers that run them (`migrator worker --max-replica-lag ...`) "
@@ -555,12 +552,12 @@ def apply_cmd(
     if queue is not None:
         from migrator.queue.enqueue import enqueue
 
-        queued = enqueue(context, prepared, options, queue)
+        queued = enqueue(context, prepared, options, queue.name)
         made = ", ".join(f"{n} on queue {q}" for q, n in sorted(queued.jobs.items())) or "no new jobs"
         render.say(f"queued plan {file}: {made}" + (f"; {queued.already} already queued" if queued.already else ""))
         if not queued.workers:
             render.say("no worker is running: the moves wait until one starts (`migrator worker`)")
-        if wait:
+        if queue.wait:
             _recorded_plan(context, prepared.digest, file, follow=True, as_json=as_json)
         return
     from migrator.interrupts import stop_on_signals

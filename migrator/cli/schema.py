@@ -11,6 +11,7 @@ from migrator.cli.base import (
     JSON,
     RIPPLE,
     RUN_FLAGS,
+    Queued,
     cli,
     confirm,
     context_of,
@@ -161,6 +162,7 @@ def schema_diff_cmd(
     "one step per stamp, wave by wave (the canary's first; without --waves the others are one wave, and "
     "--parallel does not apply)",
     "follow the rollout until every stamp has run.",
+    "--wait follows a queued rollout: add --queue",
 )
 @engine_option(
     "--connections-per-server",
@@ -180,9 +182,8 @@ def schema_upgrade_cmd(
     waves: Any,
     bake_s: float,
     check: str | None,
-    queue: str | None,
+    queue: Queued | None,
     connections_per_server: int,
-    wait: bool,
     yes: bool,
     no_progress: bool,
     as_json: bool,
@@ -191,15 +192,13 @@ def schema_upgrade_cmd(
     (or --waves), with --bake and --check between two waves."""
     from migrator.rollout.runner import RolloutOptions, upgrade_fleet
 
-    if wait and queue is None:
-        raise BadInput("--wait follows a queued rollout: add --queue")
     options = RolloutOptions(
         revision, canary, parallel, continue_on_error, dry_run, active_only, connections_per_server, waves, bake_s,
         check,
     )  # fmt: skip
     again = _again(f"migrator schema upgrade {revision}", options)
     if queue is not None and not dry_run:
-        _queued_upgrade(context_of(ctx), options, queue, wait, None if yes else _confirm, as_json)
+        _queued_upgrade(context_of(ctx), options, queue, None if yes else _confirm, as_json)
         return
 
     from migrator.interrupts import stop_on_signals
@@ -226,13 +225,13 @@ def _again(command: str, options: Any) -> str:
     return " ".join(parts)
 
 
-def _queued_upgrade(context: Any, options: Any, queue: str, wait: bool, confirm: Any, as_json: bool) -> None:
+def _queued_upgrade(context: Any, options: Any, queue: Queued, confirm: Any, as_json: bool) -> None:
     from migrator.catalog import StepResult
     from migrator.queue.enqueue import enqueue_upgrade
     from migrator.queue.follow import follow_rollout
     from migrator.rollout.ripple import CHECK_FAILED
 
-    queued = enqueue_upgrade(context, options, queue, confirm)
+    queued = enqueue_upgrade(context, options, queue.name, confirm)
     first = f"canary {queued.canary} first" if queued.canary else "no canary"
     sizes = queued.waves[1:] if queued.canary else queued.waves
     if sizes:
@@ -240,13 +239,13 @@ def _queued_upgrade(context: Any, options: Any, queue: str, wait: bool, confirm:
     if options.gate and len(queued.waves) > 1:
         first += f"; between waves: {options.gate.describe()}"
     render.say(
-        f"rollout {queued.run_id} to {queued.target}: {queued.steps} stamp(s) queued on {queue} ({first}), "
+        f"rollout {queued.run_id} to {queued.target}: {queued.steps} stamp(s) queued on {queue.name} ({first}), "
         f"{queued.skipped} with nothing to do"
     )
     if not queued.workers:
         render.say("no worker is running: the stamps wait until one starts (`migrator worker`)")
     data: dict[str, Any] = {"run_id": queued.run_id, "target": queued.target, "canary": queued.canary}
-    if not wait:
+    if not queue.wait:
         emit(
             as_json, {**data, "queued": queued.steps}, f"queued rollout {queued.run_id}; `migrator schema log` shows it"
         )
@@ -262,7 +261,7 @@ def _queued_upgrade(context: Any, options: Any, queue: str, wait: bool, confirm:
         why = gated.removeprefix("not tried: ")
         raise MigratorError(
             f"rollout {queued.run_id} {why}; {len(left)} stamp(s) not tried ({', '.join(left)}), left untouched; "
-            f"resume: `{_again(f'migrator schema upgrade {options.revision}', options)} --queue {queue}`"
+            f"resume: `{_again(f'migrator schema upgrade {options.revision}', options)} --queue {queue.name}`"
         )
     if counts[StepResult.FAILED]:
         raise MigratorError(f"{counts[StepResult.FAILED]} stamp(s) failed; `migrator schema log` shows why")
