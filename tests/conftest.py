@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -329,6 +330,36 @@ CATALOG_TABLES = (
 APPEND_ONLY_TABLES = ("audit",)  # SELECT, INSERT only: the audit trail
 QUEUE_TABLES = ("procrastinate_jobs", "procrastinate_events", "procrastinate_periodic_defers", "procrastinate_workers")
 QUEUE_SEQUENCES = ("procrastinate_jobs_id_seq", "procrastinate_events_id_seq", "procrastinate_periodic_defers_id_seq")
+
+
+def as_superuser(server: pgserver.LocalServer, db: str, *statements: str | sql.Composable) -> None:
+    """Run statements in database `db` of the server as its superuser, each committed on its own."""
+    with dsnlib.connect(server.dsn(db), autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+def create_roles(server: pgserver.LocalServer, owner: str, *logins: str) -> str:
+    """An application's owner role (NOLOGIN, it owns the tables) and LOGIN roles (migrator's, the
+    application's) sharing a new random password, which is returned."""
+    password = secrets.token_urlsafe(18)
+    login = sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}")
+    as_superuser(
+        server,
+        "postgres",
+        sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner)),
+        *(login.format(sql.Identifier(role), sql.Literal(password)) for role in logins),
+    )
+    return password
+
+
+def drop_roles(server: pgserver.LocalServer, databases: Sequence[str], *roles: str) -> None:
+    """Drop what the roles own or were granted in each database, then the roles."""
+    everyone = sql.SQL(", ").join(map(sql.Identifier, roles))
+    for db in databases:
+        as_superuser(server, db, sql.SQL("DROP OWNED BY {}").format(everyone))
+    for role in roles:
+        as_superuser(server, "postgres", sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
 def operator_grants(

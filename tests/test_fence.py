@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -150,16 +152,26 @@ def _begin(app: psycopg.Connection[Any], isolation: str) -> None:
     app.execute("SELECT count(*) FROM tasks WHERE tenant_id = 5").fetchone()
 
 
+@contextmanager
+def _refused_on_a_stale_snapshot(
+    fleet: Fleet, isolation: str, change: Callable[[], None]
+) -> Iterator[psycopg.Connection[Any]]:
+    """An application transaction takes its snapshot, `change` guards or fences tenant 5 meanwhile, and the
+    transaction's write to tenant 5 fails with a serialization failure; yields the session, rolled back."""
+    with dsnlib.connect(fleet.dsn("eu-1"), pinned=False) as app:
+        _begin(app, isolation)
+        change()
+        with pytest.raises(psycopg.errors.SerializationFailure):
+            app.execute("UPDATE tenants SET name = 'stale snapshot' WHERE id = 5")
+        app.rollback()
+        yield app
+
+
 @pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
 def test_a_transaction_whose_snapshot_predates_the_fence_cannot_write(fleet: Fleet, isolation: str) -> None:
     fleet.seed("eu-1", 5, 200)
     _guard(fleet, "5")
-    with dsnlib.connect(fleet.dsn("eu-1"), pinned=False) as app:
-        _begin(app, isolation)  # its snapshot: unfenced
-        _set_fenced(fleet, "5")
-        with pytest.raises(psycopg.errors.SerializationFailure):
-            app.execute("UPDATE tenants SET name = 'stale snapshot' WHERE id = 5")
-        app.rollback()
+    with _refused_on_a_stale_snapshot(fleet, isolation, lambda: _set_fenced(fleet, "5")) as app:  # was unfenced
         _begin(app, isolation)
         with pytest.raises(psycopg.Error) as caught:  # retried on a new snapshot: fenced
             app.execute("UPDATE tenants SET name = 'retried' WHERE id = 5")
@@ -170,12 +182,7 @@ def test_a_transaction_whose_snapshot_predates_the_fence_cannot_write(fleet: Fle
 def test_a_transaction_whose_snapshot_predates_the_guard_cannot_write_uncaptured(fleet: Fleet, isolation: str) -> None:
     fleet.seed("eu-1", 5, 200)
     fleet.seed("eu-1", 6, 200)
-    with dsnlib.connect(fleet.dsn("eu-1"), pinned=False) as app:
-        _begin(app, isolation)  # its snapshot: unguarded
-        _guard(fleet, "5")
-        with pytest.raises(psycopg.errors.SerializationFailure):
-            app.execute("UPDATE tenants SET name = 'stale snapshot' WHERE id = 5")
-        app.rollback()
+    with _refused_on_a_stale_snapshot(fleet, isolation, lambda: _guard(fleet, "5")) as app:  # was unguarded
         assert _captured(fleet) == 0
         _begin(app, isolation)
         app.execute("UPDATE tenants SET name = 'retried' WHERE id = 5")  # a new snapshot sees the guard

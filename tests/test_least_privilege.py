@@ -9,7 +9,6 @@ its tables: the fence must still work for it, and capture must log its writes.
 from __future__ import annotations
 
 import json
-import secrets
 import signal
 import time
 from collections.abc import Iterator
@@ -26,8 +25,11 @@ from conftest import (
     STAMP_NAMES,
     Fleet,
     RunsCli,
+    as_superuser,
     catalog_snapshot,
     copy_held,
+    create_roles,
+    drop_roles,
     operator_grants,
     tenant_digest,
     tenant_row_count,
@@ -69,27 +71,12 @@ class Roles(RunsCli):
         return self.url(self.app, self.stamp_db(stamp))
 
 
-def _admin(fleet: Fleet, db: str, *statements: sql.Composable) -> None:
-    with dsnlib.connect(fleet.server.dsn(db), autocommit=True) as conn:
-        for statement in statements:
-            conn.execute(statement)
-
-
 @pytest.fixture
 def roles(fleet: Fleet, tmp_path: Path) -> Iterator[Roles]:
     prefix = fleet.databases[0].removesuffix("_catalog")
     owner, operator, app = f"{prefix}_app_owner", f"{prefix}_migrator", f"{prefix}_app"
-    password = secrets.token_urlsafe(18)
     catalog_db, stamp_dbs = fleet.databases[0], fleet.databases[1:]
-    _admin(
-        fleet,
-        "postgres",
-        sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner)),
-        *(
-            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(r), sql.Literal(password))
-            for r in (operator, app)
-        ),
-    )
+    password = create_roles(fleet.server, owner, operator, app)
     created = Roles(fleet, owner, operator, app, password, tmp_path / "operator.toml")
     try:
         for db in stamp_dbs:  # the application's owner role owns its tables; the application only writes
@@ -107,7 +94,7 @@ def roles(fleet: Fleet, tmp_path: Path) -> Iterator[Roles]:
                     )
                 )
         for db, statement in operator_grants(operator, owner, stamp_dbs, catalog_db):
-            _admin(fleet, db, statement)
+            as_superuser(fleet.server, db, statement)
         for name in STAMP_NAMES:
             fleet.catalog.update_stamp(name, dsn=created.operator_dsn(name))
         created.config_path.write_text(
@@ -118,11 +105,7 @@ def roles(fleet: Fleet, tmp_path: Path) -> Iterator[Roles]:
             assert row == (False, False)
         yield created
     finally:
-        everyone = [owner, operator, app, *created.extra]
-        for db in fleet.databases:
-            _admin(fleet, db, sql.SQL("DROP OWNED BY {}").format(sql.SQL(", ").join(map(sql.Identifier, everyone))))
-        for role in everyone:
-            _admin(fleet, "postgres", sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        drop_roles(fleet.server, fleet.databases, owner, operator, app, *created.extra)
 
 
 def _write(dsn: str, statement: str, params: tuple[Any, ...]) -> int:
@@ -229,8 +212,8 @@ def test_offline_move_and_abort_as_a_plain_role(fleet: Fleet, roles: Roles) -> N
 
     # A faulty target (installed by its administrator) makes the next move fail verification; abort it.
     # (Preflight refuses a target whose triggers would fire for copied rows: --allow-triggers forces it.)
-    _admin(
-        fleet,
+    as_superuser(
+        fleet.server,
         roles.stamp_db("eu-2"),
         sql.SQL(
             "CREATE FUNCTION corrupt() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
@@ -301,13 +284,13 @@ def test_stamp_check_names_each_missing_grant(fleet: Fleet, roles: Roles) -> Non
     partial = roles.owner.removesuffix("_app_owner") + "_partial"
     roles.extra.append(partial)
     db = roles.stamp_db("eu-1")
-    _admin(
-        fleet,
+    as_superuser(
+        fleet.server,
         "postgres",
         sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(partial), sql.Literal(roles.password)),
     )
-    _admin(
-        fleet,
+    as_superuser(
+        fleet.server,
         db,
         sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(sql.Identifier(db), sql.Identifier(partial)),
     )  # neither CREATE nor membership of the owner
@@ -329,8 +312,14 @@ def test_stamp_check_names_each_missing_grant(fleet: Fleet, roles: Roles) -> Non
     assert data["ok"] is False and data["role"] == partial
     assert {"object": f"database {db}", "privilege": "CREATE"}.items() <= data["missing"][0].items()
 
-    _admin(fleet, db, sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(sql.Identifier(db), sql.Identifier(partial)))
-    _admin(fleet, "postgres", sql.SQL("GRANT {} TO {}").format(sql.Identifier(roles.owner), sql.Identifier(partial)))
+    as_superuser(
+        fleet.server,
+        db,
+        sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(sql.Identifier(db), sql.Identifier(partial)),
+    )
+    as_superuser(
+        fleet.server, "postgres", sql.SQL("GRANT {} TO {}").format(sql.Identifier(roles.owner), sql.Identifier(partial))
+    )
     result = roles.run("stamp", "check", "eu-1")
     assert result.exit_code == 0, result.output
     result = roles.run("stamp", "check", "eu-1", "--json")
@@ -352,8 +341,8 @@ def test_grant_reader_reads_routes_only(fleet: Fleet, roles: Roles) -> None:
     fleet.seed("eu-1", 7, 10)
     reader = roles.owner.removesuffix("_app_owner") + ' app "reader"'  # quoting proves sql.Identifier
     roles.extra.append(reader)
-    _admin(
-        fleet,
+    as_superuser(
+        fleet.server,
         "postgres",
         sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(reader), sql.Literal(roles.password)),
     )
@@ -455,8 +444,8 @@ def test_apply_queue_without_the_queue_grants_is_refused_in_one_line_before_reco
     fleet.seed("eu-1", 21, 100)
     plan_file = tmp_path / "drain.yaml"
     assert roles.run("plan", "drain", "eu-1", "--to", "eu-2", "-o", str(plan_file)).exit_code == 0
-    _admin(
-        fleet,
+    as_superuser(
+        fleet.server,
         fleet.databases[0],
         sql.SQL("REVOKE INSERT ON procrastinate_jobs FROM {}").format(sql.Identifier(roles.operator)),
     )
@@ -476,7 +465,12 @@ def test_stamp_create_as_a_plain_role_provisions_and_registers_a_new_stamp(fleet
     provision.create_database(fleet.server, db)
     grants = operator_grants(roles.operator, roles.owner, [db], "-")
     statements = [statement for target, statement in grants if target == db]
-    _admin(fleet, db, *statements, sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(sql.Identifier(roles.owner)))
+    as_superuser(
+        fleet.server,
+        db,
+        *statements,
+        sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(sql.Identifier(roles.owner)),
+    )
 
     result = roles.run("stamp", "create", "eu-3", "--dsn", roles.url(roles.operator, db), "--region", "eu")
 

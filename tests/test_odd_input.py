@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import RunsCli, catalog_snapshot, stamp_snapshot, tenant_digest
+from conftest import RunsCli, as_superuser, catalog_snapshot, stamp_snapshot, tenant_digest
 from psycopg import sql
 
 from migrator import config as configlib
@@ -25,7 +25,7 @@ from migrator.cli import cli
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.errors import PreflightError
-from migrator.local import pgserver
+from migrator.local import pgserver, provision
 from migrator.local.provision import sample_app_env
 from migrator.move import MoveOptions, move_tenants
 from migrator.move.fence import leftovers
@@ -145,11 +145,6 @@ class OddFleet(RunsCli):
 OddFleetFactory = Callable[..., OddFleet]
 
 
-def _admin(server: pgserver.LocalServer, statement: sql.Composable) -> None:
-    with dsnlib.connect(server.dsn("postgres"), autocommit=True) as conn:
-        conn.execute(statement)
-
-
 @pytest.fixture
 def odd_fleet_factory(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) -> Iterator[OddFleetFactory]:
     """Builds OddFleets for a key type (and optional extra DDL); drops every database afterwards."""
@@ -159,24 +154,23 @@ def odd_fleet_factory(pg: pgserver.LocalServer, templates: dict[str, str], tmp_p
     def build(key_type: str = "bigint", extra: tuple[sql.Composable, ...] = (), db_schema: str = "public") -> OddFleet:
         n = next(_ids)
         catalog_db = f"odd{n}_catalog"
-        _admin(
-            pg,
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(catalog_db), sql.Identifier(templates["catalog"])
-            ),
-        )
+        provision.create_database(pg, catalog_db, template=templates["catalog"])
         databases.append(catalog_db)
         catalog = Catalog(pg.dsn(catalog_db))
         catalogs.append(catalog)
         stamps = {}
         for name in ("eu-1", "eu-2"):
             db = f"odd{n}_{name.replace('-', '_')}"
-            _admin(pg, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+            provision.create_database(pg, db)
             databases.append(db)
             stamps[name] = pg.dsn(db)
             if db_schema != "public":  # unqualified names (the schema, the seed) resolve to db_schema first
                 ident = sql.Identifier(db_schema)
-                _admin(pg, sql.SQL("ALTER DATABASE {} SET search_path TO {}, public").format(sql.Identifier(db), ident))
+                as_superuser(
+                    pg,
+                    "postgres",
+                    sql.SQL("ALTER DATABASE {} SET search_path TO {}, public").format(sql.Identifier(db), ident),
+                )
                 with dsnlib.connect(stamps[name], autocommit=True) as conn:
                     conn.execute(sql.SQL("CREATE SCHEMA {}").format(ident))
             with dsnlib.connect(stamps[name], autocommit=True) as conn:
@@ -194,7 +188,7 @@ def odd_fleet_factory(pg: pgserver.LocalServer, templates: dict[str, str], tmp_p
     for catalog in catalogs:
         catalog.close()
     for db in databases:
-        _admin(pg, sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
+        provision.drop_database(pg, db)
 
 
 class WritesDuringCopy(Silent):

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
-from conftest import Fleet, catalog_snapshot, operator_grants
-from psycopg import sql
+from conftest import Fleet, as_superuser, catalog_snapshot, create_roles, drop_roles, operator_grants
 
 from migrator.catalog import audit, policy
 from migrator.cli import cli
 from migrator.db import dsn as dsnlib
-
-
-def _admin(fleet: Fleet, db: str, *statements: sql.Composable) -> None:
-    with dsnlib.connect(fleet.server.dsn(db), autocommit=True) as conn:
-        for statement in statements:
-            conn.execute(statement)
 
 
 @pytest.fixture
@@ -30,23 +22,14 @@ def operator_catalog(fleet: Fleet) -> Iterator[str]:
     catalog_db = fleet.databases[0]
     prefix = catalog_db.removesuffix("_catalog")
     owner, operator = f"{prefix}_placement_owner", f"{prefix}_placement_migrator"
-    password = secrets.token_urlsafe(18)
-    _admin(
-        fleet,
-        "postgres",
-        sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner)),
-        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(operator), sql.Literal(password)),
-    )
+    server = fleet.server
+    password = create_roles(server, owner, operator)
     try:
         for db, statement in operator_grants(operator, owner, fleet.databases[1:], catalog_db):
-            _admin(fleet, db, statement)
-        server = fleet.server
+            as_superuser(server, db, statement)
         yield f"postgresql://{operator}:{password}@{server.host}:{server.port}/{catalog_db}"
     finally:
-        for db in fleet.databases:
-            _admin(fleet, db, sql.SQL("DROP OWNED BY {}, {}").format(sql.Identifier(owner), sql.Identifier(operator)))
-        for role in (operator, owner):
-            _admin(fleet, "postgres", sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        drop_roles(server, fleet.databases, operator, owner)
 
 
 def test_the_audit_trail_cannot_be_updated_or_deleted_by_migrators_role_nor_its_owner(

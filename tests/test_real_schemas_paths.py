@@ -437,6 +437,15 @@ RAILS = (  # no foreign-key constraints at all, as Rails apps often have
     "CREATE TABLE invoice_lines (id bigint PRIMARY KEY, invoice_id bigint NOT NULL, amount numeric NOT NULL)",
     "CREATE TABLE line_taxes (id bigint PRIMARY KEY, line_id bigint, rate numeric NOT NULL)",
 )
+
+
+def _for_both_tenants(fleet: Shaped, *statements: str) -> None:
+    """Run the statements on eu-1 for TENANT and then NEIGHBOUR, with `{tenant}` and `{base}` (the tenant's
+    id times 1000, so their keys never meet) filled in."""
+    for tenant in (TENANT, NEIGHBOUR):
+        fleet.execute("eu-1", *(s.format(tenant=tenant, base=int(tenant) * 1000) for s in statements))
+
+
 REFERENCES = (
     '[tenancy.references]\n"invoice_lines.invoice_id" = "invoices.id"\n"line_taxes.line_id" = "invoice_lines.id"\n'
 )
@@ -447,14 +456,12 @@ def test_declared_references_find_rows_of_tables_without_foreign_keys_and_bad_on
 ) -> None:
     fleet = shaped(RAILS)
     _tenants(fleet, TENANT, NEIGHBOUR)
-    for tenant in (TENANT, NEIGHBOUR):
-        base = int(tenant) * 1000
-        fleet.execute(
-            "eu-1",
-            f"INSERT INTO invoices SELECT {base} + g, {tenant}, g FROM generate_series(1, 20) g",
-            f"INSERT INTO invoice_lines SELECT {base} * 10 + g, {base} + 1 + g % 20, g FROM generate_series(1, 100) g",
-            f"INSERT INTO line_taxes SELECT {base} * 10 + g, {base} * 10 + g, 0.2 FROM generate_series(1, 100) g",
-        )
+    _for_both_tenants(
+        fleet,
+        "INSERT INTO invoices SELECT {base} + g, {tenant}, g FROM generate_series(1, 20) g",
+        "INSERT INTO invoice_lines SELECT {base} * 10 + g, {base} + 1 + g % 20, g FROM generate_series(1, 100) g",
+        "INSERT INTO line_taxes SELECT {base} * 10 + g, {base} * 10 + g, 0.2 FROM generate_series(1, 100) g",
+    )
     fleet.execute("eu-1", "INSERT INTO line_taxes VALUES (1, 999999, 0.1), (2, NULL, 0.1)")  # orphans: no tenant's
     without = fleet.run("move", TENANT, "--to", "eu-2", "--dry-run", "--json")  # invoices alone: no path
     assert without.exit_code == 0 and json.loads(without.stdout)["global_tables"] == ["invoice_lines", "line_taxes"]
@@ -642,15 +649,12 @@ def test_tables_of_a_second_schema_are_found_through_their_foreign_keys(
     for stamp in STAMPS:
         fleet.execute(stamp, sql.SQL("GRANT USAGE ON SCHEMA billing TO {}").format(sql.Identifier(owner)))
     _tenants(fleet, TENANT, NEIGHBOUR)
-    for tenant in (TENANT, NEIGHBOUR):
-        base = int(tenant) * 1000
-        fleet.execute(
-            "eu-1",
-            f"INSERT INTO invoices SELECT {base} + g, {tenant}, g FROM generate_series(1, 10) g",
-            f"INSERT INTO billing.lines SELECT {base} * 10 + g, {base} + 1 + g % 10, 'EUR', g"
-            " FROM generate_series(1, 50) g",
-            f"INSERT INTO billing.line_taxes SELECT {base} * 10 + g, 0.2 FROM generate_series(1, 50) g",
-        )
+    _for_both_tenants(
+        fleet,
+        "INSERT INTO invoices SELECT {base} + g, {tenant}, g FROM generate_series(1, 10) g",
+        "INSERT INTO billing.lines SELECT {base} * 10 + g, {base} + 1 + g % 10, 'EUR', g FROM generate_series(1, 50) g",
+        "INSERT INTO billing.line_taxes SELECT {base} * 10 + g, 0.2 FROM generate_series(1, 50) g",
+    )
     before = fleet.snapshot()
     line = _refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", "--yes"))
     assert "table billing.lines references tenant table invoices" in line, line

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import secrets
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,14 +23,23 @@ from urllib.parse import quote
 
 import pytest
 from click.testing import Result
-from conftest import RunsCli, catalog_snapshot, operator_grants, stamp_snapshot, tenant_digest
+from conftest import (
+    RunsCli,
+    as_superuser,
+    catalog_snapshot,
+    create_roles,
+    drop_roles,
+    operator_grants,
+    stamp_snapshot,
+    tenant_digest,
+)
 from psycopg import sql
 
 from migrator import config as configlib
 from migrator.catalog import Catalog
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
-from migrator.local import pgserver
+from migrator.local import pgserver, provision
 from migrator.local.provision import sample_app_env
 from migrator.move import MoveOptions, move_tenants
 from migrator.move.fence import leftovers
@@ -90,12 +98,6 @@ class Shaped(RunsCli):
 ShapedFactory = Callable[..., Shaped]
 
 
-def _admin(server: pgserver.LocalServer, db: str, *statements: str | sql.Composable) -> None:
-    with dsnlib.connect(server.dsn(db), autocommit=True) as conn:
-        for statement in statements:
-            conn.execute(statement)
-
-
 @pytest.fixture
 def shaped(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) -> Iterator[ShapedFactory]:
     """Builds a Shaped from DDL (the same on both stamps unless `target_ddl` is given); drops it all after."""
@@ -107,27 +109,15 @@ def shaped(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) 
         n = next(_ids)
         prefix = f"shape{n}"
         catalog_db = f"{prefix}_catalog"
-        _admin(
-            pg,
-            "postgres",
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(catalog_db), sql.Identifier(templates["catalog"])
-            ),
-        )
+        provision.create_database(pg, catalog_db, template=templates["catalog"])
         databases.append(catalog_db)
         owner, operator = f"{prefix}_app_owner", f"{prefix}_migrator"
-        password = secrets.token_urlsafe(18)
-        _admin(
-            pg,
-            "postgres",
-            sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner)),
-            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(operator), sql.Literal(password)),
-        )
+        password = create_roles(pg, owner, operator)
         roles.extend([owner, operator])
         admin, operator_dsns, stamp_dbs = {}, {}, []
         for stamp, statements in zip(STAMPS, (ddl, target_ddl if target_ddl is not None else ddl), strict=True):
             db = f"{prefix}_{stamp.replace('-', '_')}"
-            _admin(pg, "postgres", sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+            provision.create_database(pg, db)
             databases.append(db)
             stamp_dbs.append(db)
             admin[stamp] = pg.dsn(db)
@@ -148,7 +138,7 @@ def shaped(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) 
                     )
             operator_dsns[stamp] = f"postgresql://{quote(operator)}:{quote(password, safe='')}@{pg.host}:{pg.port}/{db}"
         for db, statement in operator_grants(operator, owner, stamp_dbs, catalog_db):
-            _admin(pg, db, statement)
+            as_superuser(pg, db, statement)
         catalog = Catalog(pg.dsn(catalog_db))
         catalogs.append(catalog)
         for stamp in STAMPS:
@@ -162,9 +152,8 @@ def shaped(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) 
     for catalog in catalogs:
         catalog.close()
     for db in databases:
-        _admin(pg, "postgres", sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
-    for role in reversed(roles):
-        _admin(pg, "postgres", sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        provision.drop_database(pg, db)
+    drop_roles(pg, ["postgres"], *reversed(roles))
 
 
 def _tenants(fleet: Shaped, *tenants: str) -> None:

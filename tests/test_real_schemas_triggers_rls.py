@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,14 +21,23 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
-from conftest import RunsCli, catalog_snapshot, operator_grants, stamp_snapshot, tenant_digest
+from conftest import (
+    RunsCli,
+    as_superuser,
+    catalog_snapshot,
+    create_roles,
+    drop_roles,
+    operator_grants,
+    stamp_snapshot,
+    tenant_digest,
+)
 from psycopg import sql
 
 from migrator import config as configlib
 from migrator.catalog import Catalog
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
-from migrator.local import pgserver
+from migrator.local import pgserver, provision
 from migrator.local.provision import sample_app_env
 from migrator.move import MoveOptions, move_tenants
 from migrator.move.fence import leftovers
@@ -141,12 +149,6 @@ class Shop(RunsCli):
 ShopFactory = Callable[..., Shop]
 
 
-def _admin(server: pgserver.LocalServer, db: str, *statements: sql.Composable | str) -> None:
-    with psycopg.connect(server.dsn(db), autocommit=True) as conn:
-        for statement in statements:
-            conn.execute(statement)
-
-
 @pytest.fixture
 def shop_factory(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) -> Iterator[ShopFactory]:
     """Builds a Shop with extra DDL per stamp; drops its databases and roles afterwards."""
@@ -156,27 +158,17 @@ def shop_factory(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: 
         n = next(_ids)
         prefix = f"trg{n}"
         owner, operator, app = f"{prefix}_app_owner", f"{prefix}_migrator", f"{prefix}_app"
-        password = secrets.token_urlsafe(18)
         databases = {"catalog": f"{prefix}_catalog", **{s: f"{prefix}_{s.replace('-', '_')}" for s in STAMPS}}
-        _admin(
-            pg,
-            "postgres",
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(databases["catalog"]), sql.Identifier(templates["catalog"])
-            ),
-            *(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(databases[s])) for s in STAMPS),
-            sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner)),
-            *(
-                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(r), sql.Literal(password))
-                for r in (operator, app)
-            ),
-        )
+        provision.create_database(pg, databases["catalog"], template=templates["catalog"])
+        for stamp in STAMPS:
+            provision.create_database(pg, databases[stamp])
+        password = create_roles(pg, owner, operator, app)
         for i, stamp in enumerate(STAMPS):
             owned = [
                 sql.SQL("ALTER TABLE {} OWNER TO {}").format(sql.Identifier(t), sql.Identifier(owner))
                 for t in ("tenants", "notes", "audit", "fired")
             ]
-            _admin(
+            as_superuser(
                 pg,
                 databases[stamp],
                 *SCHEMA,
@@ -189,7 +181,7 @@ def shop_factory(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: 
                 sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {}").format(sql.Identifier(app)),
             )
         for db, statement in operator_grants(operator, owner, [databases[s] for s in STAMPS], databases["catalog"]):
-            _admin(pg, db, statement)
+            as_superuser(pg, db, statement)
         catalog = Catalog(pg.dsn(databases["catalog"]))
         config_path = tmp_path / f"{prefix}.toml"
         shop = Shop(pg, databases, owner, operator, app, password, config_path, catalog, Layout((), (), ()))
@@ -209,11 +201,8 @@ def shop_factory(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: 
     for shop in built:
         shop.catalog.close()
         for db in shop.databases.values():
-            _admin(pg, "postgres", sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
-        roles = [shop.owner, shop.operator, shop.app]
-        _admin(pg, "postgres", sql.SQL("DROP OWNED BY {}").format(sql.SQL(", ").join(map(sql.Identifier, roles))))
-        for role in roles:
-            _admin(pg, "postgres", sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+            provision.drop_database(pg, db)
+        drop_roles(pg, ["postgres"], shop.owner, shop.operator, shop.app)
 
 
 def _grant_replica(shop: Shop) -> None:

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
-from conftest import REPO, Fleet, loaded_by
+from conftest import REPO, Fleet, as_superuser, loaded_by
 from psycopg import sql
 
 from migrator.db import dsn as dsnlib
@@ -43,21 +43,19 @@ def _flip_in_catalog(fleet: Fleet, tenant: str, stamp: str) -> int:
     return int(row[0])
 
 
-def _admin(fleet: Fleet, *statements: sql.Composable) -> None:
-    with dsnlib.connect(fleet.server.dsn("postgres"), autocommit=True) as conn:
-        for statement in statements:
-            conn.execute(statement)
-
-
 @pytest.fixture
 def reader(fleet: Fleet) -> Iterator[tuple[str, str]]:
     """A login role given exactly `migrator catalog grant-reader`; yields (role, its catalog URL)."""
     role, password = f"reader_{secrets.token_hex(4)}", secrets.token_urlsafe(12)
-    _admin(fleet, sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
+    as_superuser(
+        fleet.server,
+        "postgres",
+        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)),
+    )
     assert fleet.run("catalog", "grant-reader", role).exit_code == 0
     server = fleet.server
     yield role, f"postgresql://{role}:{quote(password, safe='')}@{server.host}:{server.port}/{fleet.databases[0]}"
-    _admin(fleet, sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(role)))
+    as_superuser(fleet.server, "postgres", sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(role)))
 
 
 @pytest.fixture
@@ -102,7 +100,7 @@ def test_lost_notifications_converge_by_re_reading_and_reconnecting(fleet: Fleet
     with Router(url, fleet.stamps) as router:
         assert router.stamp_of("7") == "eu-1"
         # Cut the notifications: the listener's session ends and it cannot log in again for now.
-        _admin(fleet, sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
+        as_superuser(fleet.server, "postgres", sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
         with dsnlib.connect(fleet.server.dsn("postgres"), autocommit=True) as conn:
             ended = conn.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
@@ -116,7 +114,7 @@ def test_lost_notifications_converge_by_re_reading_and_reconnecting(fleet: Fleet
         # (on the router's pooled catalog session, which survived).
         assert router.stamp_of("7") == "eu-2"
         assert router.stats.lookups == 2
-        _admin(fleet, sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(role)))
+        as_superuser(fleet.server, "postgres", sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(role)))
         _wait(lambda: router.stats.listener_reconnects == 1 and router._listening.is_set(), "the reconnect", 15)
         router.stamp_of("7")  # the reconnect marked entries stale again: one more read
         lookups = router.stats.lookups

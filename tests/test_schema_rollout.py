@@ -41,14 +41,16 @@ STAMP_ENV = sample_app_env()
 HEAD = "0006_task_checklists"
 
 
-def put_at(fleet: Fleet, stamp: str, revision: str) -> None:
-    """Downgrade one stamp with Alembic directly (test setup independent of the engine)."""
-    engine = dsnlib.engine(fleet.dsn(stamp))
-    try:
-        with engine.connect() as conn:
-            command.downgrade(migrations.alembic_config(STAMP_ENV, conn), revision)
-    finally:
-        engine.dispose()
+def put_at(fleet: Fleet, revision: str, *stamps: str) -> None:
+    """Downgrade stamps (default: every stamp of the fleet) to `revision` with Alembic directly (test setup
+    independent of the engine)."""
+    for stamp in stamps or fleet.stamps:
+        engine = dsnlib.engine(fleet.dsn(stamp))
+        try:
+            with engine.connect() as conn:
+                command.downgrade(migrations.alembic_config(STAMP_ENV, conn), revision)
+        finally:
+            engine.dispose()
 
 
 def revisions(fleet: Fleet) -> dict[str, str | None]:
@@ -84,9 +86,9 @@ def history_plus(tmp_path: Path, revision: str, body: str) -> Path:
 
 def test_mixed_fleet_reaches_head_with_one_command_and_status_gates_on_drift(fleet4: Fleet) -> None:
     fleet = fleet4
-    put_at(fleet, "eu-1", "0002_collaboration")
-    put_at(fleet, "eu-2", "0003_task_priority")
-    put_at(fleet, "ap-1", "0004_comments_search_index")
+    put_at(fleet, "0002_collaboration", "eu-1")
+    put_at(fleet, "0003_task_priority", "eu-2")
+    put_at(fleet, "0004_comments_search_index", "ap-1")
     fleet.seed("eu-1", 1, 600)
     fleet.seed("eu-1", 2, 300)
     fleet.seed("eu-2", 3, 300)
@@ -126,8 +128,7 @@ def test_mixed_fleet_reaches_head_with_one_command_and_status_gates_on_drift(fle
 
 def test_failing_revision_keeps_stamp_at_previous_revision_and_stops_later_waves(fleet4: Fleet) -> None:
     fleet = fleet4
-    for name in fleet.stamps:
-        put_at(fleet, name, "0002_collaboration")
+    put_at(fleet, "0002_collaboration")
     fleet.seed("eu-1", 1, 300)
     fleet.seed("eu-2", 2, 300)
     fleet.seed("eu-2", 3, 300)
@@ -205,8 +206,7 @@ def test_second_upgrade_of_a_stamp_fails_fast_and_the_revision_applies_once(flee
 
 def test_held_lock_fails_that_stamp_in_a_parallel_wave_naming_it(fleet4: Fleet) -> None:
     fleet = fleet4
-    for name in fleet.stamps:
-        put_at(fleet, name, "0004_comments_search_index")
+    put_at(fleet, "0004_comments_search_index")
     with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
         pid = holder.info.backend_pid
@@ -223,9 +223,8 @@ def test_held_lock_fails_that_stamp_in_a_parallel_wave_naming_it(fleet4: Fleet) 
 
 def test_dry_run_prints_sql_and_changes_nothing(fleet4: Fleet) -> None:
     fleet = fleet4
-    put_at(fleet, "eu-1", "0002_collaboration")
-    put_at(fleet, "us-1", "0002_collaboration")
-    put_at(fleet, "ap-1", "0004_comments_search_index")
+    put_at(fleet, "0002_collaboration", "eu-1", "us-1")
+    put_at(fleet, "0004_comments_search_index", "ap-1")
     fleet.seed("eu-1", 1, 300)
     before = revisions(fleet)
     snapshots = {name: stamp_snapshot(fleet.dsn(name)) for name in fleet.stamps}
@@ -267,7 +266,7 @@ def test_unreachable_stamp_is_reported_and_fails_the_rollout_without_its_passwor
         fleet.catalog.add_stamp("lost-1", server.dsn("lost"))
     finally:
         server.stop()
-    put_at(fleet, "eu-1", "0004_comments_search_index")
+    put_at(fleet, "0004_comments_search_index", "eu-1")
 
     status = fleet.run("schema", "status")
     assert status.exit_code == 3
@@ -286,7 +285,7 @@ def test_unreachable_stamp_is_reported_and_fails_the_rollout_without_its_passwor
 
 def test_stamp_with_a_fenced_move_is_refused(fleet: Fleet) -> None:
     fleet.seed("eu-1", 1, 200)
-    put_at(fleet, "us-1", "0004_comments_search_index")
+    put_at(fleet, "0004_comments_search_index", "us-1")
     route = fleet.catalog.route("1")
     move = fleet.catalog.create_move([route], "us-1", Mode.ONLINE, 1000)
     fleet.catalog.update_move(move.id, phase="cutover")
@@ -350,7 +349,7 @@ def test_bad_input_exits_2(fleet: Fleet, args: tuple[str, ...], message: str) ->
 
 
 def test_engine_status_reads_every_stamp(fleet: Fleet) -> None:
-    put_at(fleet, "eu-2", "0003_task_priority")
+    put_at(fleet, "0003_task_priority", "eu-2")
     rows = {r.stamp: r for r in schema_status(fleet.ctx)}
     assert rows["eu-2"].state == "behind" and rows["eu-2"].pending == (
         "0004_comments_search_index",
@@ -368,8 +367,7 @@ def test_a_rollout_names_its_waves_one_way_skips_retired_stamps_saying_so_and_re
     fleet4: Fleet,
 ) -> None:
     fleet = fleet4
-    for name in fleet.stamps:
-        put_at(fleet, name, "0002_collaboration")
+    put_at(fleet, "0002_collaboration")
     fleet.seed("eu-2", 2, 300)  # draining stamps still hold tenants: upgraded
     fleet.seed("us-1", 3, 300)
     fleet.catalog.set_stamp_state("eu-2", StampState.DRAINING)
@@ -397,8 +395,7 @@ def test_a_rollout_names_its_waves_one_way_skips_retired_stamps_saying_so_and_re
 
 def test_ctrl_c_lets_the_running_step_end_starts_no_more_waves_and_says_how_to_resume(fleet4: Fleet) -> None:
     fleet = fleet4
-    for name in fleet.stamps:
-        put_at(fleet, name, "0002_collaboration")
+    put_at(fleet, "0002_collaboration")
     args = ["--config", str(fleet.config_path), "schema", "upgrade", "--yes", "--canary", "ap-1", "--parallel", "2"]
     with dsnlib.connect(fleet.dsn("ap-1"), pinned=False) as hold:  # the canary's ALTER TABLE waits for it
         hold.execute("LOCK TABLE tasks IN ACCESS SHARE MODE")

@@ -361,8 +361,7 @@ def test_a_queued_rollout_upgrades_the_canary_first_then_every_stamp_once_within
     fleet4: Fleet,
 ) -> None:
     fleet = fleet4
-    for name in fleet.stamps:
-        put_at(fleet, name, "0002_collaboration")
+    put_at(fleet, "0002_collaboration")
     fleet.seed("eu-1", 1, 50)  # the others hold no tenant: the canary is the emptiest, ap-1 (by name)
     args = ("schema", "upgrade", "--queue", "--connections-per-server", "1", "--yes")
     with workers(fleet, 2):
@@ -379,8 +378,7 @@ def test_a_queued_rollout_upgrades_the_canary_first_then_every_stamp_once_within
         assert end <= start  # one connection per server: the steps never overlapped, whichever worker ran them
 
     # A failing canary: nothing else is tried, every other stamp is recorded as skipped.
-    put_at(fleet, "eu-2", "0002_collaboration")
-    put_at(fleet, "us-1", "0002_collaboration")
+    put_at(fleet, "0002_collaboration", "eu-2", "us-1")
     fleet.seed("eu-2", 2, 300)
     with dsnlib.connect(fleet.dsn("eu-2")) as conn:  # legacy data that 0003 refuses to promote
         conn.execute("UPDATE tasks SET meta = jsonb_build_object('priority', 9) WHERE tenant_id = 2 AND id % 5 = 1")
@@ -403,8 +401,7 @@ class _DeployedElsewhere(RunsCli):
 def test_a_queued_rollout_whose_canary_worker_lacks_the_revision_skips_the_other_stamps(
     fleet: Fleet, tmp_path: Path
 ) -> None:
-    for name in fleet.stamps:
-        put_at(fleet, name, "0002_collaboration")
+    put_at(fleet, "0002_collaboration")
     older = tmp_path / "older" / "sample_app"  # the worker's migrations stop before the head
     shutil.copytree(provision.sample_app_env(), older, ignore=shutil.ignore_patterns("__pycache__", f"{HEAD}.py"))
     elsewhere = _DeployedElsewhere(
