@@ -27,13 +27,10 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import time
 
 import benchlib  # scripts/, the directory of this script
 
-from migrator.local import provision
-from migrator.local.seed import TenantSpec, seed_fleet_stamp
 from migrator.router import Router
 from migrator.testing.writer import Workload
 
@@ -58,19 +55,8 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=2, help="writer threads (connections) sharing --rate")
     parser.add_argument("--max-freeze-ms", type=float, default=1000.0)
     args = parser.parse_args()
-    with benchlib.local_servers("migrator-bench-online-", ["a", "b"]) as (base, servers):
-        stamps = {
-            "a": provision.stamp_database(servers[0], "stamp_a"),
-            "b": provision.stamp_database(servers[1], "stamp_b"),
-        }
-        catalog, config = benchlib.catalog_with_config(servers[0], base)
-        for name, dsn in stamps.items():
-            catalog.add_stamp(name, dsn)
-        print(f"seeding tenant {TENANT} with ~{args.rows:,} rows ...", file=sys.stderr)
-        rows = seed_fleet_stamp(stamps["a"], [TenantSpec(TENANT, args.rows), TenantSpec(2, 1_000)])[TENANT]
-        for tenant in (TENANT, 2):
-            catalog.set_route(str(tenant), "a")
-        cli = [sys.executable, "-m", "migrator", "--config", str(config)]
+    with benchlib.moving_pair("migrator-bench-online-", TENANT, args.rows) as pair:
+        stamps, catalog, cli, rows = pair.stamps, pair.catalog, pair.cli, pair.rows
 
         print(f"tenant rows {rows:,}; writer target {args.rate:.0f} writes/s; --max-freeze-ms {args.max_freeze_ms:.0f}")
         header = (

@@ -24,14 +24,11 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import time
 from typing import Any
 
 import benchlib  # scripts/, the directory of this script
 
-from migrator.local import provision
-from migrator.local.seed import TenantSpec, seed_fleet_stamp
 from migrator.testing.writer import Workload
 
 TENANT = 1
@@ -79,19 +76,8 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=3.0, help="seconds of writes on the target before a revert")
     parser.add_argument("--seconds", type=float, default=8.0, help="each overhead measurement")
     args = parser.parse_args()
-    with benchlib.local_servers("migrator-bench-revert-", ["a", "b"]) as (base, servers):
-        stamps = {
-            "a": provision.stamp_database(servers[0], "stamp_a"),
-            "b": provision.stamp_database(servers[1], "stamp_b"),
-        }
-        catalog, config = benchlib.catalog_with_config(servers[0], base)
-        for name, dsn in stamps.items():
-            catalog.add_stamp(name, dsn)
-        print(f"seeding tenant {TENANT} with ~{args.rows:,} rows ...", file=sys.stderr)
-        rows = seed_fleet_stamp(stamps["a"], [TenantSpec(TENANT, args.rows), TenantSpec(2, 1_000)])[TENANT]
-        for tenant in (TENANT, 2):
-            catalog.set_route(str(tenant), "a")
-        cli = [sys.executable, "-m", "migrator", "--config", str(config)]
+    with benchlib.moving_pair("migrator-bench-revert-", TENANT, args.rows) as pair:
+        stamps, catalog, cli, rows = pair.stamps, pair.catalog, pair.cli, pair.rows
         print(f"tenant rows {rows:,}; writers {args.rate:.0f} writes/s; {args.window:.0f} s of writes on b per window")
         print(
             f"{'round':>5} {'move ms':>8} {'app pause':>10} {'revert ms':>10} {'app pause':>10}"

@@ -7,10 +7,12 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -60,6 +62,35 @@ def catalog_with_config(
     catalog = Catalog(provision.catalog_database(server, name))
     config = "migrator.toml" if name == "catalog" else f"{name}.toml"
     return catalog, provision.write_config(base / config, catalog.url, tenancy)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two stamps on two servers, `a` holding the moving tenant, and how to run migrator against them."""
+
+    stamps: dict[str, str]  # name -> DSN
+    catalog: Catalog
+    cli: list[str]  # `python -m migrator --config ...`
+    rows: int  # the moving tenant's rows, as seeded
+
+
+@contextmanager
+def moving_pair(prefix: str, tenant: int, rows: int) -> Iterator[Pair]:
+    """Stamps `a` and `b` on servers of their own, registered in a catalog with its config; `tenant`
+    seeded on `a` with about `rows` rows beside a small tenant 2, both routed to `a`."""
+    with local_servers(prefix, ["a", "b"]) as (base, servers):
+        stamps = {
+            "a": provision.stamp_database(servers[0], "stamp_a"),
+            "b": provision.stamp_database(servers[1], "stamp_b"),
+        }
+        catalog, config = catalog_with_config(servers[0], base)
+        for name, dsn in stamps.items():
+            catalog.add_stamp(name, dsn)
+        print(f"seeding tenant {tenant} with ~{rows:,} rows ...", file=sys.stderr)
+        seeded = seed_fleet_stamp(stamps["a"], [TenantSpec(tenant, rows), TenantSpec(2, 1_000)])[tenant]
+        for routed in (tenant, 2):
+            catalog.set_route(str(routed), "a")
+        yield Pair(stamps, catalog, [sys.executable, "-m", "migrator", "--config", str(config)], seeded)
 
 
 def drain_fleet(directory: Path, specs: Sequence[TenantSpec]) -> tuple[FleetInfo, Context, dict[int, int]]:
