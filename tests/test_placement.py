@@ -156,7 +156,8 @@ def test_route_import_from_a_stamp_takes_each_tenants_residency_and_refuses_one_
     assert both.exit_code == 2 and "not both" in both.stderr
     moved = fleet.run("move", "22", "--to", "us-1", "--yes")  # the residency imported is the one moves honour
     assert moved.exit_code == 0, moved.output + moved.stderr
-    assert fleet.run("move", "21", "--to", "us-1", "--yes").exit_code == 2
+    refused = fleet.run("move", "21", "--to", "us-1", "--yes")
+    assert refused.exit_code == 2 and "tenant 21 -> stamp us-1: residency" in refused.stderr, refused.stderr
 
 
 def _plan(fleet: Fleet, out: Path, *args: str) -> Result:
