@@ -11,7 +11,7 @@ import click
 
 from migrator import config as configlib
 from migrator.cli import render
-from migrator.cli.base import JSON, cli, context_of, emit, route_dict
+from migrator.cli.base import JSON, cli, context_of, emit, options, route_dict
 from migrator.errors import CheckFailed
 
 # -- init -------------------------------------------------------------------------------------------------
@@ -89,12 +89,18 @@ def stamp_group() -> None:
     """Register and list stamps."""
 
 
+# Where a new stamp sits and how much it may hold (`stamp add`, `stamp create`).
+PLACED = options(
+    click.option("--region", default=None, help="Region label, for placement and reports."),
+    click.option("--capacity-rows", type=click.IntRange(min=1), default=None, help="How many tenant rows it may hold."),
+    click.option("--capacity-bytes", type=click.IntRange(min=1), default=None, help="How many bytes of tenant data."),
+)
+
+
 @stamp_group.command("add")
 @click.argument("name")
 @click.option("--dsn", required=True, help="libpq URL, keyword string or service name of the stamp's database.")
-@click.option("--region", default=None, help="Region label, for placement and reports.")
-@click.option("--capacity-rows", type=click.IntRange(min=1), default=None, help="How many tenant rows it may hold.")
-@click.option("--capacity-bytes", type=click.IntRange(min=1), default=None, help="How many bytes of tenant data.")
+@PLACED
 @KIND
 @NO_CHECK
 @click.pass_context
@@ -120,9 +126,7 @@ def stamp_add(
 @stamp_group.command("create")
 @click.argument("name")
 @click.option("--dsn", required=True, help="libpq URL, keyword string or service name of the new stamp's database.")
-@click.option("--region", default=None, help="Region label, for placement and reports.")
-@click.option("--capacity-rows", type=click.IntRange(min=1), default=None, help="How many tenant rows it may hold.")
-@click.option("--capacity-bytes", type=click.IntRange(min=1), default=None, help="How many bytes of tenant data.")
+@PLACED
 @click.option(
     "--state",
     type=click.Choice(["active", "draining"]),
