@@ -31,7 +31,7 @@ from migrator.db.retry import STAMP_STEP
 from migrator.errors import MigratorError
 from migrator.move import fence, follow
 from migrator.move.keys import by_key, keys_table, load_keys, stage_rows
-from migrator.stamps.access import SCHEMA
+from migrator.stamps.access import SCHEMA, connect_dsn
 from migrator.stamps.discovery import Layout, Table
 from migrator.stamps.paths import Hop, parent_missing, qualified
 
@@ -160,7 +160,7 @@ def vacuum_changes(source_dsn: str) -> None:
     SKIP_LOCKED: the change log is shared by the source's moves, and another move's vacuum already
     serves this one (they queued behind each other, three cohorts' cutovers 15 s apart).
     """
-    with dsnlib.connect(source_dsn, autocommit=True) as src:
+    with connect_dsn(source_dsn, "the source", autocommit=True) as src:
         src.execute(sql.SQL("VACUUM (ANALYZE, SKIP_LOCKED, TRUNCATE false) {}.changes").format(sql.Identifier(SCHEMA)))
 
 
@@ -372,7 +372,10 @@ def catch_up(
     Connections stay open across batches; a transient error reconnects and goes on (replay is
     idempotent) towards the same deadline, which the caller fixed before the first attempt.
     """
-    with dsnlib.connect(source_dsn) as src, dsnlib.connect(target_dsn) as tgt:
+    with (
+        connect_dsn(source_dsn, "the source", autocommit=False) as src,
+        connect_dsn(target_dsn, "the target", autocommit=False) as tgt,
+    ):
         dsnlib.write_as_copies(tgt)  # replayed rows are copies: the target's triggers do not fire
         fence.bypass_for_replay(tgt)  # a revert's target is fenced until its flip
         while True:

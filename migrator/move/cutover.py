@@ -154,7 +154,7 @@ def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) ->
     connection reading in the snapshot this transaction exports.
     """
     layout, tenants, untouched = run.layout, move.tenants, not incremental
-    with dsnlib.connect(run.source.dsn) as src:
+    with stamps.connect(run.source, autocommit=False) as src:
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         keys = capture.captured_keys(src, layout, move.capture_id, unverified_only=incremental)
         snapshot = src.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
@@ -301,7 +301,7 @@ class FreezeClock:
 def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, float]]:
     catalog, layout, options = run.catalog, run.layout, run.options.cutover
     window = opens_window(run, move)
-    with dsnlib.connect(run.source.dsn) as src, dsnlib.connect(run.target.dsn) as tgt:
+    with stamps.connect(run.source, autocommit=False) as src, stamps.connect(run.target, autocommit=False) as tgt:
         dsnlib.write_as_copies(tgt)  # the drain's upserts and deletes are copies (before the freeze's clock)
         fence.bypass_for_replay(tgt)  # a revert's target is fenced until its flip
         check_schema_unchanged(src, tgt, move, run.source.name, run.target.name, "not flipped")

@@ -292,11 +292,7 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
             if move.phase == Phase.VERIFIED:
                 run.progress.phase(f"flipping route of {move.who} to {run.target.name}")
                 with _timed(timings, "flip"):
-                    wait_for_replicas(run, "the copy")
-                    window = opens_window(run, move)
-                    if window:  # the source is fenced: nothing writes the tenants until they live on the target
-                        prepare_window(run, move, capture=True)
-                    routes = flip(run, move, window=window)
+                    routes = _offline_flip(run, move)
                 return _finished(run, move, routes, resumed, report, timings)
         else:
             if move.phase == Phase.COPIED:
@@ -318,6 +314,16 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
         raise
     finally:
         run.close()
+
+
+def _offline_flip(run: MoveRun, move: Move) -> list[Route]:
+    """Offline, once verified: wait for the target's standbys, open the revert window (the source is
+    fenced: nothing writes the tenants until they live on the target, so it captures at once), flip."""
+    wait_for_replicas(run, "the copy")
+    window = opens_window(run, move)
+    if window:
+        prepare_window(run, move, capture=True)
+    return flip(run, move, window=window)
 
 
 def _failed(run: MoveRun, move: Move, message: str, exc: Exception) -> None:
