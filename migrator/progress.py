@@ -10,7 +10,13 @@ pass `Silent`. It is called from several threads at once (a move's copy streams,
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
+
+TICK_S = 5.0  # while a step counts nothing (a verify, a wait), a line this often: a log never goes quiet long
 
 
 class Progress(Protocol):
@@ -62,3 +68,24 @@ class Silent:
 
     def finish(self, part: str) -> None:
         pass
+
+
+@contextmanager
+def ticking(progress: Progress, what: str, every_s: float = TICK_S) -> Iterator[None]:
+    """A line (`what: 12 s`) every `every_s` seconds while the block runs: for steps that count
+    nothing (verifying a copy, waiting for standbys), so a terminal or a log never goes quiet for
+    long. Nothing is said of a block shorter than `every_s`."""
+    done = threading.Event()
+    started = time.monotonic()
+
+    def tick() -> None:
+        while not done.wait(every_s):
+            progress.phase(f"{what}: {time.monotonic() - started:.0f} s")
+
+    thread = threading.Thread(target=tick, name="progress-tick", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()

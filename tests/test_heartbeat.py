@@ -40,3 +40,23 @@ def test_the_demo_wraps_its_quiet_steps() -> None:
         [line] = [line for line in demo.splitlines() if step in line]
         assert line.startswith("with_heartbeat "), line
     assert 'with_heartbeat "installing"' in (REPO / "scripts" / "_venv.sh").read_text()
+
+
+def test_a_step_that_counts_nothing_says_it_is_still_running_every_few_seconds() -> None:
+    from migrator.progress import Silent, ticking
+
+    class Lines(Silent):
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def phase(self, message: str) -> None:
+            self.lines.append(message)
+
+    progress = Lines()
+    with ticking(progress, "verifying the bulk copy of tenant 7", every_s=0.1):
+        time.sleep(0.35)
+    ticks = len(progress.lines)
+    assert ticks >= 3 and all(line.startswith("verifying the bulk copy of tenant 7: ") for line in progress.lines)
+    with ticking(progress, "a short step", every_s=1.0):  # shorter than its interval: nothing said
+        time.sleep(0.05)
+    assert len(progress.lines) == ticks

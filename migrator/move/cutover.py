@@ -40,6 +40,7 @@ from migrator.move.verify import (
     tenant_checksums,
     verify_tenants,
 )
+from migrator.progress import ticking
 from migrator.stamps.discovery import Layout, Table, problems_message
 
 log = logging.getLogger("migrator.cutover")
@@ -272,7 +273,8 @@ def _attempt_cutover(run: MoveRun, move: Move, number: int) -> tuple[list[Route]
     run.safe_point(move.id)
     if opens_window(run, move):
         prepare_window(run, move, capture=False)
-    wait_for_replicas(run, "the copy")  # so that the freeze only waits for the drain's few rows
+    with ticking(run.progress, f"waiting for {run.target.name}'s standbys to replay the copy"):
+        wait_for_replicas(run, "the copy")  # so that the freeze only waits for the drain's few rows
     run.lock.check()
     try:
         return _freeze_and_flip(run, move)

@@ -50,7 +50,7 @@ from migrator.move.cutover import (
 from migrator.move.preflight import check_deletes, check_move, check_resume, check_schema_unchanged
 from migrator.move.run import MoveOptions, MoveRun
 from migrator.move.verify import Report
-from migrator.progress import Progress
+from migrator.progress import Progress, ticking
 from migrator.stamps.discovery import Layout, Table
 
 
@@ -286,7 +286,7 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
             if move.phase == Phase.COPIED:
                 run.lock.check()
                 run.progress.phase(f"verifying {move.who} on {run.source.name} and {run.target.name}")
-                with _timed(timings, "verify"):
+                with _timed(timings, "verify"), ticking(run.progress, f"verifying {move.who}"):
                     move, report = verify_move(run, move)
                     at(move)
             if move.phase == Phase.VERIFIED:
@@ -319,7 +319,8 @@ def _run(run: MoveRun, move: Move, *, resumed: bool) -> MoveOutcome:
 def _offline_flip(run: MoveRun, move: Move) -> list[Route]:
     """Offline, once verified: wait for the target's standbys, open the revert window (the source is
     fenced: nothing writes the tenants until they live on the target, so it captures at once), flip."""
-    wait_for_replicas(run, "the copy")
+    with ticking(run.progress, f"waiting for {run.target.name}'s standbys to replay the copy"):
+        wait_for_replicas(run, "the copy")
     window = opens_window(run, move)
     if window:
         prepare_window(run, move, capture=True)
@@ -360,10 +361,13 @@ def _finished(
 def _sync(run: MoveRun, move: Move) -> tuple[Move, Report]:
     """Online: catch up, then verify every row the application has not touched, while it writes."""
     run.progress.phase(f"catching up with the writes of {move.who} on {run.source.name}")
-    catch_up(run, move)
-    check_references(run, move)
+    with ticking(run.progress, f"catching up with the writes of {move.who}"):
+        catch_up(run, move)
+    with ticking(run.progress, f"checking the references of {move.who} on {run.target.name}"):
+        check_references(run, move)
     run.progress.phase(f"verifying the bulk copy of {move.who} (writes continue)")
-    report, unproven = verify_before_freeze(run, move)
+    with ticking(run.progress, f"verifying the bulk copy of {move.who}"):
+        report, unproven = verify_before_freeze(run, move)
     run.progress.phase(f"bulk copy verified; {unproven} keys in flux are checked again in the freeze")
     if not report.equal:
         message = f"move {move.id}: verification of the bulk copy failed, route not flipped: {report.summary()}"

@@ -711,28 +711,36 @@ class Engine:
     def recover(self, plan: Plan, before_id: int, code: int, what: str, args: tuple[str, ...]) -> None:
         """As an operator: read `move status`; resume or abort an unfinished move; clean up after a flip."""
         report = self.report
+        move = self.settle(plan.tenants[0], before_id, args, plan.abort, what)
+        if move is None:
+            latest = self.latest_move(plan.tenants[0], before_id)
+            report.violate("unrecovered moves", 1, f"{what}: still {latest.phase if latest else 'not created'}")
+        elif move.phase == Phase.ABORTED:
+            report.aborted += 1
+        else:
+            report.flipped += 1
+            self.cleanup((plan.revert and self.revert(move, plan, what)) or move, what)
+
+    def settle(self, tenant: str, before_id: int, args: tuple[str, ...], abort: bool, what: str) -> Move | None:
+        """Until the latest move of the tenant after `before_id` flipped or was aborted, as an operator
+        would: re-run its command (`args`: a move, or a revert), or abort it (`abort`). That move, or
+        None if it never settled within RECOVERY_ATTEMPTS."""
         for attempt in range(RECOVERY_ATTEMPTS + 1):
-            move = self.latest_move(plan.tenants[0], before_id)
-            if move is not None and move.phase in FLIPPED:
-                report.flipped += 1
-                self.cleanup((plan.revert and self.revert(move, plan, what)) or move, what)
-                return
-            if move is not None and move.phase == Phase.ABORTED:
-                report.aborted += 1
-                return
+            move = self.latest_move(tenant, before_id)
+            if move is not None and (move.phase in FLIPPED or move.phase == Phase.ABORTED):
+                return move
             if attempt == RECOVERY_ATTEMPTS:
                 break
-            if move is not None and plan.abort:
+            if move is not None and abort:
                 log(f"{what}: move {move.id} stopped at {move.phase}; operator aborts it")
                 result = self.fleet.cli("move", "abort", str(move.id), "--yes")
             else:
-                log(f"{what}: move stopped ({'no move recorded' if move is None else move.phase}); operator re-runs it")
-                report.resumed += 1
+                log(f"{what}: stopped ({'no move recorded' if move is None else move.phase}); operator re-runs it")
+                self.report.resumed += 1
                 result = self.fleet.cli(*args)
             if result.returncode != 0:
                 log(f"{what}: recovery attempt {attempt + 1} failed: {result.stderr.strip()[-400:]}")
-        move = self.latest_move(plan.tenants[0], before_id)
-        report.violate("unrecovered moves", 1, f"{what}: still {move.phase if move else 'not created'} after recovery")
+        return None
 
     def revert(self, move: Move, plan: Plan, what: str) -> Move | None:
         """As an operator taking a flipped move back within its window, while the writer writes on the
@@ -752,25 +760,14 @@ class Engine:
                 report.revert_faults += 1
                 log(f"{what}: revert killed -9 at phase {hit}")
         self._wait(proc, what)
-        for attempt in range(RECOVERY_ATTEMPTS + 1):
-            revert = self.latest_move(plan.tenants[0], before_id)
-            if revert is not None and revert.phase in FLIPPED:
-                report.reverted += 1
-                return revert
-            if revert is not None and revert.phase == Phase.ABORTED:
-                report.revert_aborted += 1
-                return None
-            if attempt == RECOVERY_ATTEMPTS:
-                break
-            if revert is not None and plan.abort:
-                log(f"{what}: revert {revert.id} stopped at {revert.phase}; operator aborts it")
-                result = self.fleet.cli("move", "abort", str(revert.id), "--yes")
-            else:
-                log(f"{what}: revert stopped ({revert.phase if revert else 'no revert recorded'}); operator re-runs it")
-                result = self.fleet.cli(*args)
-            if result.returncode != 0:
-                log(f"{what}: revert recovery attempt {attempt + 1} failed: {result.stderr.strip()[-400:]}")
-        report.violate("unrecovered moves", 1, f"{what}: the revert of move {move.id} never ended")
+        revert = self.settle(plan.tenants[0], before_id, args, plan.abort, f"{what} (revert of move {move.id})")
+        if revert is None:
+            report.violate("unrecovered moves", 1, f"{what}: the revert of move {move.id} never ended")
+        elif revert.phase == Phase.ABORTED:
+            report.revert_aborted += 1
+        else:
+            report.reverted += 1
+            return revert
         return None
 
     def cleanup(self, move: Move, what: str) -> None:
