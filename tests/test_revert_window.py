@@ -299,3 +299,62 @@ def test_revert_refused_across_schema_revisions_and_two_operators_never_both_win
     assert len(flipped) == 1  # one revert flipped the route back; the other found it done or the tenant locked
     route = fleet.catalog.route("8")
     assert (route.stamp, route.version) == ("eu-1", forward["route_version"] + 2)
+
+
+def _items(dsn: str, tenant: int) -> list[tuple[str, int, str]]:
+    """The tenant's checklist items (a path table: no tenant column), found by hand through their task."""
+    with dsnlib.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT i.id::text, i.task_id, i.label || ':' || i.done FROM task_checklist_items i"
+            " JOIN tasks t ON (t.tenant_id, t.id) = (i.task_tenant, i.task_id) WHERE t.tenant_id = %s ORDER BY 1",
+            (tenant,),
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+
+def test_revert_carries_rows_reached_only_through_foreign_keys_and_cleanup_leaves_no_orphan(small: Fleet) -> None:
+    fleet = small
+    seeded = _items(fleet.dsn("eu-1"), 8)
+    assert seeded  # the seed gives tenant 8 checklist items, some of which the application deletes below
+    forward = _move(fleet, "8", "--to", "eu-2")["move"]
+    with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True, pinned=False) as app:  # the application, on the target
+        project = app.execute("SELECT min(id) FROM projects WHERE tenant_id = 8").fetchone()[0]  # type: ignore[index]
+        task = app.execute(
+            "INSERT INTO tasks (tenant_id, project_id, title) VALUES (8, %s, 'after the flip') RETURNING id", (project,)
+        ).fetchone()[0]  # type: ignore[index]
+        app.execute(
+            "INSERT INTO task_checklist_items SELECT gen_random_uuid(), 8, %s, n, 'item ' || n"
+            " FROM generate_series(1, 3) n",
+            (task,),
+        )
+        app.execute("UPDATE task_checklist_items SET done = true WHERE task_tenant = 8 AND task_id = %s", (task,))
+        app.execute("UPDATE tasks SET id = DEFAULT WHERE tenant_id = 8 AND id = %s", (task,))  # items follow (cascade)
+        app.execute(  # items written before the move, deleted on the target
+            "DELETE FROM task_checklist_items WHERE task_tenant = 8 AND task_id ="
+            " (SELECT min(task_id) FROM task_checklist_items WHERE task_tenant = 8 AND task_id <> %s)",
+            (task,),
+        )
+        doomed = app.execute(
+            "INSERT INTO tasks (tenant_id, project_id, title) VALUES (8, %s, 'doomed') RETURNING id", (project,)
+        ).fetchone()[0]  # type: ignore[index]
+        app.execute("INSERT INTO task_checklist_items VALUES (gen_random_uuid(), 8, %s, 1, 'gone')", (doomed,))
+        app.execute("DELETE FROM tasks WHERE tenant_id = 8 AND id = %s", (doomed,))  # its item goes by cascade
+    on_target = _items(fleet.dsn("eu-2"), 8)
+    assert len(on_target) < len(seeded) + 3  # some of the seeded items went
+    assert sum(1 for _, _, label in on_target if label.endswith(":true")) >= 3
+
+    revert = _move(fleet, "revert", str(forward["id"]))["move"]
+    assert _items(fleet.dsn("eu-1"), 8) == on_target  # every path row as the application left it, found by hand
+    layout = fleet.layout()
+    assert tenant_digest(fleet.dsn("eu-1"), layout, "8") == tenant_digest(fleet.dsn("eu-2"), layout, "8")
+
+    cleaned = fleet.run("cleanup", "--move", str(revert["id"]), "--yes")
+    assert cleaned.exit_code == 0, cleaned.stderr
+    with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
+        left = conn.execute("SELECT count(*) FROM task_checklist_items WHERE task_tenant = 8").fetchone()
+        orphans = conn.execute(
+            "SELECT count(*) FROM task_checklist_items i WHERE NOT EXISTS"
+            " (SELECT 1 FROM tasks t WHERE (t.tenant_id, t.id) = (i.task_tenant, i.task_id))"
+        ).fetchone()
+    assert left == (0,) and orphans == (0,)
+    assert _items(fleet.dsn("eu-1"), 8) == on_target
