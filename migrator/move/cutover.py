@@ -23,7 +23,7 @@ from migrator.db import dsn as dsnlib
 from migrator.db.dsn import WriteMode
 from migrator.db.retry import freeze_attempts
 from migrator.errors import FreezeTooLong, NotConverging, VerifyMismatch
-from migrator.move import capture, copy, fence, integrity
+from migrator.move import capture, copy, fence, integrity, revert
 from migrator.move.keys import keys_table, load_keys, outside_keys
 from migrator.move.preflight import check_schema_unchanged
 from migrator.move.run import CutoverOptions as CutoverOptions  # re-exported: the CLI builds it from its flags
@@ -364,10 +364,11 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
         log.info("move %s: freeze steps (ms): %s", move.id, steps)
         catalog.update_move(move.id, freeze_ms=frozen_ms)
         run.progress.phase(f"flipped {move.who} to {run.target.name}; writes were frozen {frozen_ms:.0f} ms")
-        with src.transaction():
-            fence.stop_capture(src, move.tenants)
-        if move.reverts is not None:  # the tenants write again where they live now
-            fence.unguard(tgt, layout, move.tenants)
+        if move.reverts is None:
+            with src.transaction():
+                fence.stop_capture(src, move.tenants)
+        else:  # the tenants write again where they live now
+            revert.lift(src, tgt, layout, move.tenants)
         return route, clock.steps
 
 

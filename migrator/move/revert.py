@@ -16,9 +16,12 @@ and what closes a window (cleanup).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import psycopg
 
 from migrator import stamps
-from migrator.catalog import Catalog, Move, Phase, Route, describe_move
+from migrator.catalog import Catalog, Cohort, Move, Phase, Route, describe_move
 from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
 from migrator.db.dsn import WriteMode
@@ -87,15 +90,23 @@ def check_revert(catalog: Catalog, forward: Move) -> Revertible:
     return Revertible(routes, revisions[0], write_mode)
 
 
-def finish(catalog: Catalog, revert: Move, layout: Layout) -> None:
+def lift(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], layout: Layout, tenants: Cohort) -> None:
     """After a revert flipped: its source (the forward move's target) keeps its fence and stops
     capturing, and the tenants' guard on its target (the forward move's source) goes, so they write
-    there again. Done in the freeze's own sessions as the flip commits; run again by `move revert`
-    when a crash came between the flip and this. Idempotent."""
-    with stamps.connect(catalog.stamp(revert.source), autocommit=False) as src, src.transaction():
-        fence.stop_capture(src, revert.tenants)
-    with stamps.connect(catalog.stamp(revert.target), autocommit=False) as tgt:
-        fence.unguard(tgt, layout, revert.tenants)
+    there again. Run in the freeze's own sessions as the flip commits, and by `finish`. Idempotent."""
+    with src.transaction():
+        fence.stop_capture(src, tenants)
+    fence.unguard(tgt, layout, tenants)
+
+
+def finish(catalog: Catalog, revert: Move, layout: Layout) -> None:
+    """`lift` again, in sessions of its own, for `move revert` when a crash came between a revert's
+    flip and its lift."""
+    with (
+        stamps.connect(catalog.stamp(revert.source), autocommit=False) as src,
+        stamps.connect(catalog.stamp(revert.target), autocommit=False) as tgt,
+    ):
+        lift(src, tgt, layout, revert.tenants)
 
 
 def close_windows(catalog: Catalog, stamp_name: str, tenants: tuple[str, ...], layout: Layout) -> list[int]:
