@@ -16,7 +16,6 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import psycopg
 import pytest
@@ -27,7 +26,10 @@ from test_real_schemas_shapes import (  # noqa: F401
     TENANT,
     Shaped,
     ShapedFactory,
+    WritesOnce,
+    _assert_refused,
     _copied,
+    _move_refused,
     _tenants,
     shaped,
 )
@@ -169,22 +171,6 @@ def billing(build: ShapedFactory, invoices: int = 12) -> Shaped:
     return fleet
 
 
-class WritesOnce(Silent):
-    """The application writing during a move: `statements` in one transaction, once the copy has
-    committed a batch (of `table`, when given)."""
-
-    def __init__(self, dsn: str, *statements: str, table: str | None = None) -> None:
-        self.dsn, self.statements, self.table, self.done = dsn, statements, table, False
-
-    def advance(self, table: str, rows: int) -> None:
-        if self.done or not rows or self.table not in (None, table):
-            return
-        self.done = True
-        with dsnlib.connect(self.dsn, autocommit=True) as conn, conn.transaction():
-            for statement in self.statements:
-                conn.execute(statement)
-
-
 CHILD_WRITES = (  # tenant 42's invoices are 4200000 + n, their lines (4200000 + n) * 10 + k; 43's alike
     # a new invoice with a line and a tax, after its table was copied
     "INSERT INTO invoices VALUES (4200099, 42, 99)",
@@ -305,14 +291,14 @@ def test_cleanup_refuses_rows_no_move_copied_and_rows_that_would_dangle_before_d
     before = fleet.snapshot()
 
     dangling = fleet.run("cleanup", TENANT, "--stamp", "eu-1", "--yes")
-    line = _refused(fleet, before, dangling)
-    assert "rows of line_taxes that stay reference rows of tenant 42 in invoice_lines" in line, line
+    _assert_refused(
+        fleet, before, dangling, "rows of line_taxes that stay reference rows of tenant 42 in invoice_lines"
+    )
 
     set_tenancy(fleet)  # the configuration changed since the move: line_taxes is a tenant table now
     for args in (("--yes",), ("--dry-run",)):
         missed = fleet.run("cleanup", TENANT, "--stamp", "eu-1", *args)
-        line = _refused(fleet, before, missed)
-        assert "table line_taxes holds 120 rows of tenant 42 that move 1 did not copy" in line, line
+        _assert_refused(fleet, before, missed, "table line_taxes holds 120 rows of tenant 42 that move 1 did not copy")
     assert oracle(fleet, "eu-1")["line_taxes"][0] == 120
 
 
@@ -327,14 +313,6 @@ def move_and_clean(fleet: Shaped, digest: str, rows: int) -> None:
     assert fleet.query("eu-1", digest)[0][0] == 0
 
 
-def _refused(fleet: Shaped, before: object, result: Any) -> str:
-    assert result.exit_code == 2, result.output
-    line = str(result.stderr).strip()
-    assert len(line.splitlines()) == 1, line
-    assert fleet.snapshot() == before
-    return line
-
-
 def test_a_tenancy_that_finds_tenants_in_no_table_but_the_root_is_refused_before_any_write(
     shaped: ShapedFactory,  # noqa: F811
 ) -> None:
@@ -342,12 +320,8 @@ def test_a_tenancy_that_finds_tenants_in_no_table_but_the_root_is_refused_before
     _tenants(fleet, TENANT)
     fleet.execute("eu-1", "INSERT INTO orders SELECT g, 42, g FROM generate_series(1, 50) g")
     set_tenancy(fleet, column="tenantid")  # a typo: no table has it, and no foreign key leads to tenants
-    before = fleet.snapshot()
     for args in (("--dry-run",), ("--yes",), ("--offline", "--yes")):
-        result = fleet.run("move", TENANT, "--to", "eu-2", *args)
-        line = _refused(fleet, before, result)
-        assert "the tenancy finds tenants in no table but the root tenants" in line, line
-        assert "'tenantid'" in line, line
+        _move_refused(fleet, "the tenancy finds tenants in no table but the root tenants", "'tenantid'", args=args)
 
 
 def test_a_typo_in_the_tenancy_column_is_refused_even_where_foreign_keys_find_other_tables(
@@ -366,10 +340,8 @@ def test_a_typo_in_the_tenancy_column_is_refused_even_where_foreign_keys_find_ot
         "INSERT INTO invoices SELECT g, 42 FROM generate_series(1, 5) g",
     )
     set_tenancy(fleet, column="tenantid")  # appointments is still found, through its foreign key; invoices is not
-    before = fleet.snapshot()
     for args in (("--dry-run",), ("--yes",)):
-        line = _refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", *args))
-        assert "[tenancy] column 'tenantid' is in no table of 'public': check its spelling" in line, line
+        _move_refused(fleet, "[tenancy] column 'tenantid' is in no table of 'public': check its spelling", args=args)
 
 
 FENCED_WRITES = (
@@ -425,11 +397,11 @@ def test_rows_of_two_tenants_and_tree_rows_without_a_path_are_refused_naming_the
     fleet.execute("eu-1", "INSERT INTO notes VALUES (7, 42000000, 4300000, 'both tenants')")
     # a folder tree whose sub-folders reach the tenant only through their parent folder
     fleet.execute("eu-1", "INSERT INTO folders VALUES (1, 4200000, NULL), (2, NULL, 1), (3, NULL, 2)")
-    before = fleet.snapshot()
-    result = fleet.run("move", TENANT, "--to", "eu-2", "--yes")
-    line = _refused(fleet, before, result)
-    assert "rows (7) of notes reference rows of payments that are not tenant 42's" in line, line
-    assert "rows (2) of folders reach their tenant only through their parent row in folders" in line, line
+    _move_refused(
+        fleet,
+        "rows (7) of notes reference rows of payments that are not tenant 42's",
+        "rows (2) of folders reach their tenant only through their parent row in folders",
+    )
 
 
 RAILS = (  # no foreign-key constraints at all, as Rails apps often have
@@ -469,12 +441,9 @@ def test_declared_references_find_rows_of_tables_without_foreign_keys_and_bad_on
 
     text = fleet.config_path.read_text()
     fleet.config_path.write_text(text + "\n" + REFERENCES.replace("invoices.id", "invoices.number"))
-    before = fleet.snapshot()
-    line = _refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", "--yes"))
-    assert "invoices.number is not a unique key" in line, line
+    _move_refused(fleet, "invoices.number is not a unique key")
     fleet.config_path.write_text(text + "\n" + REFERENCES.replace("line_taxes.line_id", "line_taxes.lineid"))
-    line = _refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", "--yes"))
-    assert "[tenancy.references] line_taxes.lineid: no line_taxes.lineid in schema 'public'" in line, line
+    _move_refused(fleet, "[tenancy.references] line_taxes.lineid: no line_taxes.lineid in schema 'public'")
 
     fleet.config_path.write_text(text + "\n" + REFERENCES)
     for stamp in STAMPS:  # a constraint on a declared reference too (NOT VALID: the orphans above)
@@ -594,15 +563,15 @@ def _follow_users(fleet: Shaped) -> None:
         "INSERT INTO memberships VALUES (42, 1, 'owner'), (42, 3, 'member'), (42, 4, 'member'), (43, 1, 'member'),"
         " (43, 2, 'owner')",
     )
-    before = fleet.snapshot()
-    line = _refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", "--yes"))
-    assert "reference (1) in users (foreign key memberships_user_id_fkey), which target eu-2 does not hold" in line
-    assert "add users to [tenancy] follow" in line, line
+    _move_refused(
+        fleet,
+        "reference (1) in users (foreign key memberships_user_id_fkey), which target eu-2 does not hold",
+        "add users to [tenancy] follow",
+    )
 
     text = fleet.config_path.read_text()
     fleet.config_path.write_text(text.replace("exclude = []", 'exclude = []\nfollow = ["users"]'))
-    line = _refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", "--yes"))
-    assert "rows (4) of users (followed) differ between the source and target eu-2" in line, line
+    _move_refused(fleet, "rows (4) of users (followed) differ between the source and target eu-2")
     fleet.execute("eu-2", "UPDATE users SET name = 'User 4' WHERE id = 4")
 
     writer = WritesOnce(  # a new user joins the tenant during the copy: the target cannot have it yet
@@ -655,10 +624,7 @@ def test_tables_of_a_second_schema_are_found_through_their_foreign_keys(
         "INSERT INTO billing.lines SELECT {base} * 10 + g, {base} + 1 + g % 10, 'EUR', g FROM generate_series(1, 50) g",
         "INSERT INTO billing.line_taxes SELECT {base} * 10 + g, 0.2 FROM generate_series(1, 50) g",
     )
-    before = fleet.snapshot()
-    line = _refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", "--yes"))
-    assert "table billing.lines references tenant table invoices" in line, line
-    assert "add billing to [tenancy] schemas" in line, line
+    _move_refused(fleet, "table billing.lines references tenant table invoices", "add billing to [tenancy] schemas")
 
     text = fleet.config_path.read_text()
     fleet.config_path.write_text(text.replace('schema = "public"', 'schema = "public"\nschemas = ["billing"]'))
@@ -793,10 +759,11 @@ def test_keys_of_path_rows_taken_on_the_target_by_another_tenant_are_refused_nam
         "INSERT INTO invoice_lines VALUES (42000001, 700, 'EUR', 1)",
         "INSERT INTO line_taxes VALUES (42000001, 'vat', 0.1)",
     )
-    before = fleet.snapshot()
-    line = _refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", "--yes"))
-    assert "primary key collision in invoice_lines: key (42000001) of tenant 42 already exists on eu-2" in line, line
-    assert "primary key collision in line_taxes: key (42000001, vat)" in line, line
+    _move_refused(
+        fleet,
+        "primary key collision in invoice_lines: key (42000001) of tenant 42 already exists on eu-2",
+        "primary key collision in line_taxes: key (42000001, vat)",
+    )
 
 
 def test_children_of_a_parent_deleted_under_a_declared_reference_end_up_on_one_stamp(

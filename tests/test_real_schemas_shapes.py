@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import pytest
@@ -43,7 +43,7 @@ from migrator.local import pgserver, provision
 from migrator.local.provision import sample_app_env
 from migrator.move import MoveOptions, move_tenants
 from migrator.move.fence import leftovers
-from migrator.progress import Silent
+from migrator.progress import Progress, Silent
 from migrator.stamps.discovery import Layout, discover
 
 TENANT, NEIGHBOUR = "42", "43"
@@ -173,6 +173,56 @@ def _assert_refused(fleet: Shaped, before: tuple[Any, ...], result: Result, *exp
     return line
 
 
+def _move_refused(fleet: Shaped, *expected: str, args: Sequence[str] = ("--yes",)) -> str:
+    """Moving the tenant to eu-2 (with `args`) exits 2 naming every expected problem, and changes nothing."""
+    before = fleet.snapshot()
+    return _assert_refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", *args), *expected)
+
+
+class Writer(Progress, Protocol):
+    """Progress that writes on the source during the copy, as the application would; `done` once it has."""
+
+    done: bool
+
+
+class WritesOnce(Silent):
+    """The application writing during a move: `statements` in one transaction, once the copy has
+    committed a batch (of `table`, when given)."""
+
+    def __init__(self, dsn: str, *statements: str, table: str | None = None) -> None:
+        self.dsn, self.statements, self.table, self.done = dsn, statements, table, False
+
+    def advance(self, table: str, rows: int) -> None:
+        if self.done or not rows or self.table not in (None, table):
+            return
+        self.done = True
+        with dsnlib.connect(self.dsn, autocommit=True) as conn, conn.transaction():
+            for statement in self.statements:
+                conn.execute(statement)
+
+
+def _moved_while_writing(fleet: Shaped, layout: Layout, writer: Writer, batch_rows: int) -> dict[str, tuple[int, str]]:
+    """Move the tenant to eu-2 online while `writer` writes; the target must end up exactly as the source,
+    whose digest is returned."""
+    outcome = move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=batch_rows), writer)
+    assert writer.done and [r.stamp for r in outcome.routes] == ["eu-2"]
+    source = fleet.digest("eu-1", layout)
+    assert fleet.digest("eu-2", layout) == source
+    return source
+
+
+def _abort_leaves_the_source_as_it_was(fleet: Shaped, layout: Layout, source: dict[str, tuple[int, str]]) -> None:
+    """`move abort` of the tenant's open move removes its partial copy from eu-2 and changes nothing on eu-1."""
+    move = fleet.catalog.open_move(TENANT)
+    assert move is not None
+    aborted = fleet.run("move", "abort", str(move.id), "--batch-rows", "2", "--yes")
+    assert aborted.exit_code == 0, aborted.output
+    fleet.assert_clean(layout, "eu-2")
+    with dsnlib.connect(fleet.admin["eu-1"], autocommit=True) as conn:
+        assert leftovers(conn) == []
+    assert fleet.digest("eu-1", layout) == source
+
+
 # -- self-referencing foreign keys -------------------------------------------------------------------------
 
 TREE = (
@@ -280,11 +330,7 @@ def test_self_referencing_trees_move_exactly_at_any_batch_size_with_reparenting_
     assert [t.name for t in layout.tables] == ["tenants", "comments", "folders", "tasks"]
     neighbour = fleet.digest("eu-1", layout, NEIGHBOUR)
 
-    writer = ReparentDuringCopy(fleet.admin["eu-1"], parents)
-    outcome = move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=batch_rows), writer)
-    assert writer.done and [r.stamp for r in outcome.routes] == ["eu-2"]
-    source = fleet.digest("eu-1", layout)
-    assert fleet.digest("eu-2", layout) == source
+    source = _moved_while_writing(fleet, layout, ReparentDuringCopy(fleet.admin["eu-1"], parents), batch_rows)
     assert source["folders"][0] == FOLDERS  # one inserted, one deleted
     verified = fleet.run("verify", TENANT, "--source", "eu-1", "--target", "eu-2", "--json")
     assert verified.exit_code == 0 and json.loads(verified.stdout)["equal"] is True, verified.output
@@ -341,14 +387,7 @@ def test_abort_of_a_killed_tree_copy_removes_the_partial_copy_children_first(sha
     layout = fleet.layout()
     source = fleet.digest("eu-1", layout)
     _kill_during_tree_copy(fleet)
-    move = fleet.catalog.open_move(TENANT)
-    assert move is not None
-    aborted = fleet.run("move", "abort", str(move.id), "--batch-rows", "2", "--yes")
-    assert aborted.exit_code == 0, aborted.output
-    fleet.assert_clean(layout, "eu-2")
-    with dsnlib.connect(fleet.admin["eu-1"], autocommit=True) as conn:
-        assert leftovers(conn) == []
-    assert fleet.digest("eu-1", layout) == source
+    _abort_leaves_the_source_as_it_was(fleet, layout, source)
     assert fleet.catalog.route(TENANT).stamp == "eu-1"
 
 
@@ -408,11 +447,7 @@ def test_deferrable_foreign_key_cycle_moves_exactly_and_cleans_up(shaped: Shaped
     layout = fleet.layout()
     assert [t.name for t in layout.tables] == ["tenants", "members", "teams", "badges"]
     assert layout.table("teams").cycle == ("members", "teams")
-    writer = WritesInTheCycle(fleet.admin["eu-1"])
-    outcome = move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=4), writer)
-    assert writer.done and [r.stamp for r in outcome.routes] == ["eu-2"]
-    source = fleet.digest("eu-1", layout)
-    assert fleet.digest("eu-2", layout) == source
+    source = _moved_while_writing(fleet, layout, WritesInTheCycle(fleet.admin["eu-1"]), batch_rows=4)
     assert source["teams"][0] == 6 and source["members"][0] == 15
     cleaned = fleet.run("cleanup", TENANT, "--stamp", "eu-1", "--yes")
     assert cleaned.exit_code == 0, cleaned.output
@@ -440,29 +475,20 @@ def test_abort_of_an_interrupted_deferrable_cycle_copy_removes_it(shaped: Shaped
     with pytest.raises(RuntimeError, match="interrupted after badges"):
         move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=2), FailAfter("badges"))
     assert fleet.digest("eu-2", layout) == source  # the whole copy is there, unverified
-    move = fleet.catalog.open_move(TENANT)
-    assert move is not None
-    aborted = fleet.run("move", "abort", str(move.id), "--batch-rows", "2", "--yes")
-    assert aborted.exit_code == 0, aborted.output
-    fleet.assert_clean(layout, "eu-2")
-    with dsnlib.connect(fleet.admin["eu-1"], autocommit=True) as conn:
-        assert leftovers(conn) == []
-    assert fleet.digest("eu-1", layout) == source
+    _abort_leaves_the_source_as_it_was(fleet, layout, source)
 
 
 def test_non_deferrable_foreign_key_cycle_is_refused_naming_it(shaped: ShapedFactory) -> None:
     fleet = shaped([statement.replace(" DEFERRABLE", "") for statement in CYCLE])
     _tenants(fleet, TENANT)
-    before = fleet.snapshot()
     for args in (("--dry-run",), ("--yes",)):
-        _assert_refused(
+        _move_refused(
             fleet,
-            before,
-            fleet.run("move", TENANT, "--to", "eu-2", *args),
             "foreign keys form a cycle between tenant tables (members, teams) through NOT DEFERRABLE constraints",
             "members_team_id_fkey (members -> teams)",
             "teams_lead (teams -> members)",
             "make one of them DEFERRABLE",
+            args=args,
         )
 
 
@@ -499,16 +525,14 @@ def test_unique_values_taken_by_other_tenants_on_the_target_are_refused_naming_t
         " (7, 'y@example.com', 'y', true, 'di'),"  # an active handle our active di also holds
         " (7, 'w@example.com', 'w', true, 'cy')",  # cy is inactive here: the partial index does not apply
     )
-    before = fleet.snapshot()
     for args in (("--dry-run",), ("--yes",)):
-        line = _assert_refused(
+        line = _move_refused(
             fleet,
-            before,
-            fleet.run("move", TENANT, "--to", "eu-2", *args),
             "3 problems",
             "unique index users_email_key on users (email): values (ann@example.com) of tenant 42",
             "unique index users_slug_lower on users (lower(slug)): values (bob) of tenant 42",
             "unique index users_active_handle on users (handle) WHERE active: values (di) of tenant 42",
+            args=args,
         )
         assert "(cy)" not in line and "users_per_tenant" not in line and "primary key" not in line
 
@@ -527,20 +551,6 @@ NOTES_REORDERED = (  # the same columns, added by migrations in another order, a
 )
 
 
-class WritesToNotes(Silent):
-    def __init__(self, dsn: str) -> None:
-        self.dsn, self.done = dsn, False
-
-    def advance(self, table: str, rows: int) -> None:
-        if self.done:
-            return
-        self.done = True
-        with dsnlib.connect(self.dsn) as conn:
-            conn.execute("UPDATE notes SET body = 'edited', stars = 5 WHERE tenant_id = 42 AND id % 4 = 0")
-            conn.execute("INSERT INTO notes (tenant_id, title, body, tags) VALUES (42, 'new', NULL, '{x,y}')")
-            conn.execute("DELETE FROM notes WHERE tenant_id = 42 AND id % 5 = 0")
-
-
 def test_columns_in_another_physical_order_and_dropped_columns_move_exactly(shaped: ShapedFactory) -> None:
     fleet = shaped(NOTES, NOTES_REORDERED)
     _tenants(fleet, TENANT)
@@ -554,12 +564,14 @@ def test_columns_in_another_physical_order_and_dropped_columns_move_exactly(shap
     assert physical != [c.name for c in layout.table("notes").columns] and sorted(physical) == sorted(
         c.name for c in layout.table("notes").columns
     )
-    writer = WritesToNotes(fleet.admin["eu-1"])
-    outcome = move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=7), writer)
-    assert writer.done and [r.stamp for r in outcome.routes] == ["eu-2"]
-    source = fleet.digest("eu-1", layout)
+    writer = WritesOnce(
+        fleet.admin["eu-1"],
+        "UPDATE notes SET body = 'edited', stars = 5 WHERE tenant_id = 42 AND id % 4 = 0",
+        "INSERT INTO notes (tenant_id, title, body, tags) VALUES (42, 'new', NULL, '{x,y}')",
+        "DELETE FROM notes WHERE tenant_id = 42 AND id % 5 = 0",
+    )
+    source = _moved_while_writing(fleet, layout, writer, batch_rows=7)
     assert source["notes"][0] == 30 + 1 - 6
-    assert fleet.digest("eu-2", layout) == source
     verified = fleet.run("verify", TENANT, "--source", "eu-1", "--target", "eu-2", "--json")
     assert verified.exit_code == 0 and json.loads(verified.stdout)["equal"] is True, verified.output
     moved_back = fleet.run("move", TENANT, "--to", "eu-1", "--yes")  # the other way, only after a cleanup
@@ -578,11 +590,8 @@ def test_a_real_difference_in_columns_or_types_is_refused_naming_the_columns(sha
     fleet = shaped(NOTES, target)
     _tenants(fleet, TENANT)
     fleet.execute("eu-1", "INSERT INTO notes (tenant_id, title) VALUES (42, 'x')")
-    before = fleet.snapshot()
-    _assert_refused(
+    _move_refused(
         fleet,
-        before,
-        fleet.run("move", TENANT, "--to", "eu-2", "--yes"),
         "3 problems: (1) column notes.body: text on eu-1, character varying(20) on eu-2 (`migrator schema diff",
         "(2) column notes.extra: only on eu-2 (integer) (`migrator schema diff eu-1 eu-2` shows every difference)",
         "(3) column notes.stars: only on eu-1 (integer DEFAULT 0) (`migrator schema diff eu-1 eu-2`",
@@ -635,7 +644,6 @@ def test_what_copy_cannot_move_is_refused_with_every_problem_in_one_run(shaped: 
     fleet = shaped(UNMOVABLE)
     _tenants(fleet, TENANT)
     fleet.execute("eu-1", "INSERT INTO documents VALUES (1, 42, NULL, NULL)")
-    before = fleet.snapshot()
     expected = (
         "6 problems",
         "table no_key has no primary key and no unique index on NOT NULL columns",
@@ -646,7 +654,7 @@ def test_what_copy_cannot_move_is_refused_with_every_problem_in_one_run(shaped: 
         "table reporting.exports references tenant table documents (foreign key exports_document_id_fkey)",
     )
     for args in (("--dry-run",), ("--dry-run", "--json"), ("--yes",)):
-        _assert_refused(fleet, before, fleet.run("move", TENANT, "--to", "eu-2", *args), *expected)
+        _move_refused(fleet, *expected, args=args)
 
 
 def test_views_are_listed_as_skipped_in_dry_run_and_json(shaped: ShapedFactory) -> None:
@@ -737,21 +745,6 @@ PROJECTS = (
 )
 
 
-class NewParentDuringChildCopy(Silent):
-    """Once `tasks` (the child) has committed a batch: a new project with a task, as an application writes them."""
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn, self.done = dsn, False
-
-    def advance(self, table: str, rows: int) -> None:
-        if self.done or table != "tasks":
-            return
-        self.done = True
-        with dsnlib.connect(self.dsn) as conn:
-            conn.execute("INSERT INTO projects VALUES (1, 42, 'new')")
-            conn.execute("INSERT INTO tasks VALUES (999, 42, 1, 'in the new project')")  # a key not copied yet
-
-
 def test_a_child_written_under_a_new_parent_during_the_copy_moves_exactly(shaped: ShapedFactory) -> None:
     fleet = shaped(PROJECTS)
     _tenants(fleet, TENANT)
@@ -760,11 +753,13 @@ def test_a_child_written_under_a_new_parent_during_the_copy_moves_exactly(shaped
         "INSERT INTO projects SELECT i, 42, 'p' || i FROM generate_series(10, 14) i",
         "INSERT INTO tasks SELECT i, 42, 10 + i % 5, 't' || i FROM generate_series(100, 140) i",
     )
-    layout = fleet.layout()
-    writer = NewParentDuringChildCopy(fleet.admin["eu-1"])
-    outcome = move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=5), writer)
-    assert writer.done and [r.stamp for r in outcome.routes] == ["eu-2"]
-    assert fleet.digest("eu-2", layout) == fleet.digest("eu-1", layout)
+    writer = WritesOnce(  # once `tasks` (the child) has committed a batch: a new project with a task
+        fleet.admin["eu-1"],
+        "INSERT INTO projects VALUES (1, 42, 'new')",
+        "INSERT INTO tasks VALUES (999, 42, 1, 'in the new project')",  # a key not copied yet
+        table="tasks",
+    )
+    _moved_while_writing(fleet, fleet.layout(), writer, batch_rows=5)
 
 
 def test_rows_referencing_another_tenants_rows_are_refused_naming_them(shaped: ShapedFactory) -> None:
@@ -775,31 +770,10 @@ def test_rows_referencing_another_tenants_rows_are_refused_naming_them(shaped: S
         "INSERT INTO projects VALUES (10, 42, 'ours'), (20, 43, 'theirs')",
         "INSERT INTO tasks VALUES (1, 42, 10, 'fine'), (2, 42, 20, 'points across tenants')",
     )
-    before = fleet.snapshot()
-    _assert_refused(
+    _move_refused(
         fleet,
-        before,
-        fleet.run("move", TENANT, "--to", "eu-2", "--yes"),
         "rows (2) of tasks reference rows of projects that are not tenant 42's (foreign key tasks_project_id_fkey)",
     )
-
-
-class WritesToPartitions(Silent):
-    """During the copy: rows of the tenant inserted, updated (one across partitions) and deleted. The guard
-    trigger fires on the partitions (and logs their names), and ctids repeat from one partition to the next."""
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn, self.done = dsn, False
-
-    def advance(self, table: str, rows: int) -> None:
-        if self.done or table != "events":
-            return
-        self.done = True
-        with dsnlib.connect(self.dsn) as conn:
-            conn.execute("UPDATE events SET email = 'changed@example.com' WHERE tenant_id = 42 AND id = 20")
-            conn.execute("UPDATE events SET at = '2001-01-01' WHERE tenant_id = 42 AND id = 21")  # to the old one
-            conn.execute("DELETE FROM events WHERE tenant_id = 42 AND id = 2")
-            conn.execute("INSERT INTO events (tenant_id, id, at, took) VALUES (42, 100, now(), '1 day')")
 
 
 def test_writes_to_partitions_during_an_online_copy_are_replayed(shaped: ShapedFactory) -> None:
@@ -810,10 +784,16 @@ def test_writes_to_partitions_during_an_online_copy_are_replayed(shaped: ShapedF
         "INSERT INTO events (tenant_id, id, at, email) SELECT 42, i,"
         " timestamptz '2023-06-01' + i * interval '40 days', 'e' || i FROM generate_series(1, 25) i",
     )
-    layout = fleet.layout()
-    writer = WritesToPartitions(fleet.admin["eu-1"])
-    outcome = move_tenants(fleet.context(), (TENANT,), "eu-2", MoveOptions(batch_rows=6), writer)
-    assert writer.done and [r.stamp for r in outcome.routes] == ["eu-2"]
-    assert fleet.digest("eu-2", layout) == fleet.digest("eu-1", layout)
+    # during the copy: rows of the tenant inserted, updated (one across partitions) and deleted; the guard
+    # trigger fires on the partitions (and logs their names), and ctids repeat from one partition to the next
+    writer = WritesOnce(
+        fleet.admin["eu-1"],
+        "UPDATE events SET email = 'changed@example.com' WHERE tenant_id = 42 AND id = 20",
+        "UPDATE events SET at = '2001-01-01' WHERE tenant_id = 42 AND id = 21",  # to the old one
+        "DELETE FROM events WHERE tenant_id = 42 AND id = 2",
+        "INSERT INTO events (tenant_id, id, at, took) VALUES (42, 100, now(), '1 day')",
+        table="events",
+    )
+    _moved_while_writing(fleet, fleet.layout(), writer, batch_rows=6)
     query = "SELECT tableoid::regclass::text, id FROM events WHERE tenant_id = 42 ORDER BY 2"
     assert fleet.query("eu-2", query) == fleet.query("eu-1", query)
