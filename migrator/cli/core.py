@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import click
 
 from migrator import config as configlib
 from migrator.cli import render
-from migrator.cli.base import JSON, cli, context_of, emit, options, route_dict
+from migrator.cli.base import JSON, bundle, cli, context_of, emit, route_dict
 from migrator.errors import CheckFailed
 
 # -- init -------------------------------------------------------------------------------------------------
@@ -89,8 +90,18 @@ def stamp_group() -> None:
     """Register and list stamps."""
 
 
-# Where a new stamp sits and how much it may hold (`stamp add`, `stamp create`).
-PLACED = options(
+@dataclass(frozen=True)
+class Placed:
+    """Where a new stamp sits and how much it may hold (`stamp add`, `stamp create`)."""
+
+    region: str | None
+    capacity_rows: int | None
+    capacity_bytes: int | None
+
+
+PLACED = bundle(
+    "placed",
+    Placed,
     click.option("--region", default=None, help="Region label, for placement and reports."),
     click.option("--capacity-rows", type=click.IntRange(min=1), default=None, help="How many tenant rows it may hold."),
     click.option("--capacity-bytes", type=click.IntRange(min=1), default=None, help="How many bytes of tenant data."),
@@ -104,22 +115,12 @@ PLACED = options(
 @KIND
 @NO_CHECK
 @click.pass_context
-def stamp_add(
-    ctx: click.Context,
-    name: str,
-    dsn: str,
-    region: str | None,
-    capacity_rows: int | None,
-    capacity_bytes: int | None,
-    kind: str | None,
-    no_check: bool,
-) -> None:
+def stamp_add(ctx: click.Context, name: str, dsn: str, placed: Placed, kind: str | None, no_check: bool) -> None:
     """Register a stamp in the catalog, once its DSN has connected."""
     from migrator.stamps.registry import add_stamp
 
-    stamp = add_stamp(
-        context_of(ctx), name, dsn, region, capacity_rows, capacity_bytes, check=not no_check, kind=kind or "shared"
-    )
+    where = (placed.region, placed.capacity_rows, placed.capacity_bytes)
+    stamp = add_stamp(context_of(ctx), name, dsn, *where, check=not no_check, kind=kind or "shared")
     click.echo(f"added stamp {stamp.name} ({stamp.masked_dsn})")
 
 
@@ -140,15 +141,7 @@ def stamp_add(
 )
 @click.pass_context
 def stamp_create(
-    ctx: click.Context,
-    name: str,
-    dsn: str,
-    region: str | None,
-    capacity_rows: int | None,
-    capacity_bytes: int | None,
-    state: str,
-    kind: str | None,
-    adopt: bool,
+    ctx: click.Context, name: str, dsn: str, placed: Placed, state: str, kind: str | None, adopt: bool
 ) -> None:
     """Provision a stamp: bring an empty database to the fleet's revision with the stamps' Alembic
     environment, check it matches the fleet, then register it (one catalog transaction).
@@ -158,7 +151,8 @@ def stamp_create(
     from migrator.catalog import StampState
     from migrator.provision.create import NewStamp, create_stamp
 
-    new = NewStamp(name, dsn, region, capacity_rows, capacity_bytes, StampState(state), kind or "shared", adopt)
+    where = (placed.region, placed.capacity_rows, placed.capacity_bytes)
+    new = NewStamp(name, dsn, *where, StampState(state), kind or "shared", adopt)
     created = create_stamp(context_of(ctx), new)
     stamp = created.stamp
     came = f"adopted at {created.from_revision or 'base'}, now" if adopt and created.adopted_tables else "provisioned"
