@@ -39,16 +39,18 @@ class CheckFailed(MigratorError):
     """A check (`stamp check`, `doctor`) found problems and printed them; the exit code says so."""
 
 
-class SchemaDrift(CheckFailed):
-    """`schema status`: an active stamp is not at head (exit 3, a pipeline gate)."""
+class GateFailed(CheckFailed):
+    """A check that pipelines gate on failed (exit 3, apart from the 1 of any other failure)."""
 
     exit_code = 3
 
 
-class KeysCollide(CheckFailed):
-    """`keys check`: some tenant's ids are taken on another stamp (exit 3, like schema drift)."""
+class SchemaDrift(GateFailed):
+    """`schema status`: an active stamp is not at head."""
 
-    exit_code = 3
+
+class KeysCollide(GateFailed):
+    """`keys check`: some tenant's ids are taken on another stamp."""
 
 
 class Declined(MigratorError):
