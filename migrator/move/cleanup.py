@@ -191,11 +191,16 @@ def _owned(table: Table, tenants: Cohort) -> sql.Composed:
 
 
 def forget_progress(conn: psycopg.Connection[Any], move_id: int) -> None:
-    """Drop the target's copy cursors of a finished or aborted move."""
+    """Drop the target's copy cursors and batch proofs of a finished or aborted move."""
     if fence.has_schema(conn):
-        conn.execute(
-            sql.SQL("DELETE FROM {}.copy_progress WHERE move_id = %s").format(sql.Identifier(SCHEMA)), (move_id,)
-        )
+        for table in ("copy_progress", "copy_batches"):
+            if conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.{table}",)).fetchone() != (None,):
+                conn.execute(
+                    sql.SQL("DELETE FROM {}.{} WHERE move_id = %s").format(
+                        sql.Identifier(SCHEMA), sql.Identifier(table)
+                    ),
+                    (move_id,),
+                )
 
 
 def cleanup_tenants(

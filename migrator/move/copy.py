@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,7 +30,7 @@ from migrator.catalog import Cohort
 from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
 from migrator.errors import MigratorError
-from migrator.move import follow, tree
+from migrator.move import follow, proof, tree
 from migrator.move.keys import range_bounds, stage_rows
 from migrator.progress import Progress
 from migrator.stamps import sequences
@@ -307,8 +308,10 @@ def copy_part(stream: Stream, table: Table, index: int) -> int:
     with (
         connect_dsn(source_dsn, "the source", autocommit=True) as src,
         connect_dsn(stream.target_dsn, "the target", autocommit=False) as tgt,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-proof") as beside,
     ):
         dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
+        src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # a batch's COPY and its checksum: one snapshot
         part = next(p for p in read_parts(tgt, move_id, table) if p.index == index)
         tgt.commit()
         of_tenants = batch_filter(src, table, tenants)
@@ -316,28 +319,65 @@ def copy_part(stream: Stream, table: Table, index: int) -> int:
         while not part.done and not (stop and stop.is_set()):
             stream.ready()
             started = time.monotonic()
-            bound = None if read_back else _batch_bound(src, table, of_tenants, part, batch_rows)
-            select = _key_range(table, of_tenants, part.after, bound or part.upto, batch_rows if read_back else None)
             try:
-                with tgt.transaction():
+                with src.transaction(), tgt.transaction():
+                    bound = None if read_back else _batch_bound(src, table, of_tenants, part, batch_rows)
+                    select = _key_range(
+                        table, of_tenants, part.after, bound or part.upto, batch_rows if read_back else None
+                    )
                     follow.copy_for_batch(src, tgt, table, select)  # the shared rows it references, first
                     rows = _stream_batch(src, tgt, table, select)
                     upto = (
                         _last_key(tgt, table.ident, table, tenants, part) if read_back and rows == batch_rows else bound
                     )
+                    _prove_range(src, tgt, stream, table, (of_tenants, part, upto), beside)
                     part = _next_part(tgt, move_id, table, part, upto, rows)
             except psycopg.errors.ForeignKeyViolation:  # a parent written since its table was copied
-                with tgt.transaction():
+                with src.transaction(), tgt.transaction():
+                    bound = None if read_back else _batch_bound(src, table, of_tenants, part, batch_rows)
+                    select = _key_range(
+                        table, of_tenants, part.after, bound or part.upto, batch_rows if read_back else None
+                    )
                     follow.copy_for_batch(src, tgt, table, select)  # a followed row referenced since
                     staged = stage_rows(src, tgt, table, select, STAGE)
                     upto = _last_key(tgt, STAGE, table, tenants, part) if read_back and staged == batch_rows else bound
-                    defer_orphans(source_dsn, tgt, table, move_id)
+                    deferred = defer_orphans(source_dsn, tgt, table, move_id)
                     rows = _insert_staged(tgt, table)
+                    # rows left to catch-up are missing here: the batch is compared again before the flip
+                    _prove_range(src, tgt, stream, table, (of_tenants, part, upto), beside, proven=not deferred)
                     part = _next_part(tgt, move_id, table, part, upto, rows)
             copied += rows
             stream.progress.advance(table.label, rows)
             stream.pace(rows, started)
         return copied
+
+
+Batch = tuple[sql.Composable, Part, list[str] | None]  # the source's filter, the part, the batch's last key
+
+
+def _prove_range(
+    src: psycopg.Connection[Any],
+    tgt: psycopg.Connection[Any],
+    stream: Stream,
+    table: Table,
+    batch: Batch,
+    beside: ThreadPoolExecutor,
+    *,
+    proven: bool = True,
+) -> None:
+    """Checksum the batch just written, the part's key range up to `upto` (None: to the part's end), on
+    both sides, and record it with the batch (`proof`)."""
+    of_tenants, part, upto = batch
+    span = sql.SQL("{} AND {}").format(key_after(table, part.after), key_upto(table, upto or part.upto))
+    sums = proof.prove_batch(
+        src,
+        tgt,
+        table,
+        sql.SQL("{} AND {}").format(of_tenants, span),
+        sql.SQL("{} AND {}").format(proof.WRITTEN_HERE, span),
+        beside,
+    )
+    proof.record_batch(tgt, stream.move_id, table, sums, proven)
 
 
 def _next_part(
@@ -444,10 +484,21 @@ def _copy_tree(stream: Stream, table: Table) -> int:
         for after, upto in list(tree.batches(ordered, total, stream.batch_rows)) or [(0, 0)]:
             stream.ready()
             started = time.monotonic()
-            with tgt.transaction():
+            with tgt.transaction(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-proof") as beside:
                 stage_rows(src, tgt, table, tree.rows_between(table, tenants, after, upto), STAGE)
-                defer_orphans(source_dsn, tgt, table, move_id)
+                deferred = defer_orphans(source_dsn, tgt, table, move_id)
                 rows = _insert_staged(tgt, table)
+                # rows a resumed copy inserted before, or left to catch-up, are missing from the sums:
+                # such a batch is compared again before the flip
+                sums = proof.prove_batch(
+                    src,
+                    tgt,
+                    table,
+                    sql.SQL("{} AND {}").format(tenant_filter(table, tenants), tree.numbered(table, after, upto)),
+                    sql.SQL("{} AND {}").format(proof.WRITTEN_HERE, tree.staged_in(table, STAGE)),
+                    beside,
+                )
+                proof.record_batch(tgt, move_id, table, sums, proven=not deferred)
                 cursor = Cursor(cursor.rows + rows, upto >= total)
                 _save_part(tgt, move_id, table, Part(0, None, None, cursor.rows, cursor.done))
             copied += rows
@@ -478,11 +529,13 @@ def copy_cycle(
         tgt.commit()
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         copied: dict[str, int] = {}
-        with tgt.transaction():
+        with tgt.transaction(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-proof") as beside:
             tgt.execute("SET CONSTRAINTS ALL DEFERRED")
             for table in tables:
                 select = _key_range(table, tenant_filter(table, tenants), None, None)
                 copied[table.label] = _stream_batch(src, tgt, table, select)
+                sums = proof.prove_batch(src, tgt, table, tenant_filter(table, tenants), proof.WRITTEN_HERE, beside)
+                proof.record_batch(tgt, move_id, table, sums)
                 _save_part(tgt, move_id, table, Part(0, None, None, copied[table.label], True))
         src.rollback()
         for table in tables:

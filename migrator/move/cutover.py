@@ -23,21 +23,18 @@ from migrator.db import dsn as dsnlib
 from migrator.db.dsn import WriteMode
 from migrator.db.retry import freeze_attempts
 from migrator.errors import FreezeTooLong, NotConverging, VerifyMismatch
-from migrator.move import capture, copy, fence, integrity, revert
-from migrator.move.keys import keys_table, load_keys, outside_keys
+from migrator.move import capture, copy, fence, integrity, proof, revert
+from migrator.move.keys import keys_table, load_keys
 from migrator.move.preflight import check_schema_unchanged
 from migrator.move.run import CutoverOptions as CutoverOptions  # re-exported: the CLI builds it from its flags
 from migrator.move.run import MoveRun
 from migrator.move.throttle import StandbyBehind
 from migrator.move.verify import (
-    Checksum,
     Report,
     Streams,
     TableResult,
     compare_hashes,
     keyed_row_hashes,
-    table_result,
-    tenant_checksums,
     verify_tenants,
 )
 from migrator.progress import ticking
@@ -132,44 +129,53 @@ Hashes = dict[tuple[str, ...], str]
 Proof = tuple[TableResult | None, list[list[str]]]  # untouched rows' result (if asked), keys still unproven
 
 
-def _table_sets(
-    conn: psycopg.Connection[Any], index: int, table: Table, tenants: Cohort, keys: list[list[str]], untouched: bool
-) -> tuple[dict[str, Checksum] | None, Hashes]:
-    """In the caller's transaction: row hashes of the table's rows in `keys`, and (if asked) the
-    checksums per tenant of the rows outside them."""
+def _captured_hashes(
+    conn: psycopg.Connection[Any], index: int, table: Table, tenants: Cohort, keys: list[list[str]],
+    excluded: list[list[str]] | None,
+) -> Hashes:  # fmt: skip
+    """In the caller's transaction: row hashes of the table's rows in `keys`, and (for the bulk proof)
+    the captured keys its rows are proven outside of, loaded as `proof.captured_table(index)`."""
     load_keys(conn, table, keys, keys_table(index))
-    where = outside_keys(table, keys_table(index))
-    outside = tenant_checksums(conn, table, tenants, where=where) if untouched else None
-    return outside, keyed_row_hashes(conn, table, tenants, keys_table(index)) if keys else {}
+    if excluded is not None:
+        load_keys(conn, table, excluded, proof.captured_table(index))
+    return keyed_row_hashes(conn, table, tenants, keys_table(index)) if keys else {}
 
 
 def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) -> tuple[Report, int]:
     """Online, before the freeze: prove as much as possible while the application keeps writing.
 
-    In one source snapshot, rows never written since capture began are compared by checksum, and
-    rows of captured keys row by row. No replay runs meanwhile, so the target is static. Changes
-    whose rows proved equal are marked; the freeze then re-checks only keys with unproven changes
-    (written since, or still in flux). Returns the report of untouched rows and the unproven count.
-    `incremental` proves only keys with unproven changes (run again just before each freeze, so the
-    freeze itself has little left to check). Tables are compared --jobs at a time, every source
-    connection reading in the snapshot this transaction exports.
+    In one source snapshot, the rows of captured keys are compared row by row, and (but for a revert)
+    every other row by what the copy's batches proved (`proof.prove_untouched`: a count on each side,
+    and a key-by-key compare of target rows no proven batch wrote). No replay runs meanwhile, so the
+    target is static. Changes whose rows proved equal are marked; the freeze then re-checks only keys
+    with unproven changes (written since, or still in flux). Returns the report of untouched rows
+    and the unproven count. `incremental` compares only keys with unproven changes (run again just
+    before each freeze, so the freeze itself has little left to check). Tables are compared --jobs
+    at a time, every source connection reading in the snapshot this transaction exports.
+
+    A revert proves no bulk: its rows outside the window's log are the forward move's, proven at its flip.
     """
-    layout, tenants, untouched = run.layout, move.tenants, not incremental
+    layout, tenants, bulk = run.layout, move.tenants, move.reverts is None
     with stamps.connect(run.source, autocommit=False) as src:
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        keys = capture.captured_keys(src, layout, move.capture_id, unverified_only=incremental)
+        captured = capture.captured_keys(src, layout, move.capture_id)
+        keys = capture.captured_keys(src, layout, move.capture_id, unverified_only=True) if incremental else captured
         snapshot = src.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
         jobs = min(run.options.jobs, len(layout.tables))
         with Streams(run.source.dsn, run.target.dsn, jobs, snapshot=snapshot) as streams:
 
             def prove(s: psycopg.Connection[Any], t: psycopg.Connection[Any], index: int, table: Table) -> Proof:
-                own = keys.get(table.name, [])
-                target = streams.sides.submit(_table_sets, t, index, table, tenants, own, untouched)
-                s_sum, s_rows = _table_sets(s, index, table, tenants, own, untouched)
-                t_sum, t_rows = target.result()
+                own, excluded = keys.get(table.name, []), captured.get(table.name, []) if bulk else None
+                target = streams.sides.submit(_captured_hashes, t, index, table, tenants, own, excluded)
+                s_rows = _captured_hashes(s, index, table, tenants, own, excluded)
+                t_rows = target.result()
                 differ = [list(k) for k in set(s_rows) | set(t_rows) if s_rows.get(k) != t_rows.get(k)]
-                result = table_result(table.label, s_sum, t_sum) if s_sum is not None and t_sum is not None else None
-                return result, differ
+                untouched = (
+                    proof.prove_untouched(s, t, index, table, tenants, move.id, streams.sides, bool(excluded))
+                    if bulk
+                    else None
+                )
+                return untouched, differ
 
             proofs = streams.map(prove, layout.tables)
         unproven = {table.name: differ for table, (_, differ) in zip(layout.tables, proofs, strict=True) if differ}

@@ -213,6 +213,10 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> None:
         "CREATE TABLE IF NOT EXISTS {}.copy_progress (move_id bigint NOT NULL, table_name text NOT NULL,"
         " part integer NOT NULL DEFAULT 0, cursor text[], upto text[], rows_copied bigint NOT NULL DEFAULT 0,"
         " done boolean NOT NULL DEFAULT false, PRIMARY KEY (move_id, table_name, part))",
+        # One row per committed copy batch: its transaction and both sides' checksums (`proof`).
+        "CREATE TABLE IF NOT EXISTS {}.copy_batches (move_id bigint NOT NULL, table_name text NOT NULL,"
+        " xid xid8 NOT NULL DEFAULT pg_current_xact_id(), rows bigint NOT NULL, proven boolean NOT NULL,"
+        " source_sum numeric[] NOT NULL, PRIMARY KEY (move_id, table_name, xid))",
         # One row, updated whenever the set of guarded tenants changes (see the trigger's locking read).
         "CREATE TABLE IF NOT EXISTS {}.guard_state (one boolean PRIMARY KEY DEFAULT true CHECK (one),"
         " changed_at timestamptz NOT NULL DEFAULT now())",
@@ -226,7 +230,14 @@ def _schema_current(conn: psycopg.Connection[Any]) -> bool:
     """Every object `ensure_schema` creates is there, in its latest shape (copy parts)."""
     names = [
         f"{SCHEMA}.{n}"
-        for n in ("guarded_tenants", "guard_state", "changes_pending", "changes_unverified", "changes_moved")
+        for n in (
+            "guarded_tenants",
+            "guard_state",
+            "changes_pending",
+            "changes_unverified",
+            "changes_moved",
+            "copy_batches",
+        )
     ]
     row = conn.execute(
         "SELECT bool_and(to_regclass(n) IS NOT NULL) AND EXISTS (SELECT 1 FROM pg_attribute"
@@ -376,7 +387,8 @@ def stop_capture(conn: psycopg.Connection[Any], tenants: Cohort) -> None:
         ),
         (list(tenants),),
     ).fetchall()
-    conn.execute(sql.SQL("DELETE FROM {}.changes WHERE move_id = ANY(%s)").format(schema), ([m for (m,) in moves],))
+    if forget:
+        conn.execute(sql.SQL("DELETE FROM {}.changes WHERE move_id = ANY(%s)").format(schema), ([m for (m,) in moves],))
 
 
 def wait_for_writers(conn: psycopg.Connection[Any], move_id: int, timeout_ms: int) -> None:
@@ -519,4 +531,9 @@ def leftovers(conn: psycopg.Connection[Any]) -> list[str]:
             sql.SQL("SELECT DISTINCT move_id, table_name FROM {}.copy_progress ORDER BY 1, 2").format(schema)
         ).fetchall():
             found.append(f"copy progress of move {move_id} for {table}")
+        if conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.copy_batches",)).fetchone() != (None,):
+            for move_id, count in conn.execute(
+                sql.SQL("SELECT move_id, count(*) FROM {}.copy_batches GROUP BY 1 ORDER BY 1").format(schema)
+            ).fetchall():
+                found.append(f"{count} copy batch proofs of move {move_id}")
     return found

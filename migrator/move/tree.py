@@ -151,20 +151,36 @@ def rows_between(table: Table, tenants: Cohort, after: int, upto: int) -> sql.Co
         o=ORDER,
         cols=table.cols(),
         t=table.ident,
-        match=sql.SQL(" AND ").join(
-            sql.SQL("{t}.{c} = o.{c}").format(t=table.ident, c=sql.Identifier(c)) for c in table.primary_key
-        ),
+        match=_matches(table, "o"),
         f=tenant_filter(table, tenants),
         a=sql.Literal(after),
         u=sql.Literal(upto),
     )
 
 
+def numbered(table: Table, after: int, upto: int) -> sql.Composed:
+    """A WHERE condition: the rows numbered (after, upto] by `order_rows` (a batch's, for its checksum)."""
+    return sql.SQL("EXISTS (SELECT 1 FROM {o} o WHERE o.seq > {a} AND o.seq <= {u} AND {match})").format(
+        o=ORDER, a=sql.Literal(after), u=sql.Literal(upto), match=_matches(table, "o")
+    )
+
+
+def staged_in(table: Table, stage: sql.Identifier) -> sql.Composed:
+    """A WHERE condition: rows whose key is in a staging table of the batch (see `copy`)."""
+    return sql.SQL("EXISTS (SELECT 1 FROM {} s WHERE {})").format(stage, _matches(table, "s"))
+
+
+def _matches(table: Table, alias: str) -> sql.Composed:
+    """The table's row has the key of `alias`'s row."""
+    return sql.SQL(" AND ").join(
+        sql.SQL("{t}.{c} = {a}.{c}").format(t=table.ident, a=sql.Identifier(alias), c=sql.Identifier(c))
+        for c in table.primary_key
+    )
+
+
 def delete_between(table: Table, tenants: Cohort, after: int, upto: int) -> sql.Composed:
     """DELETE of the tenant's rows numbered (after, upto]."""
-    match = sql.SQL(" AND ").join(
-        sql.SQL("{t}.{c} = o.{c}").format(t=table.ident, c=sql.Identifier(c)) for c in table.primary_key
-    )
+    match = _matches(table, "o")
     return sql.SQL("DELETE FROM {t} USING {o} o WHERE {match} AND {f} AND o.seq > {a} AND o.seq <= {u}").format(
         t=table.ident,
         o=ORDER,

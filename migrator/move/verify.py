@@ -189,10 +189,15 @@ def checksum(
 
     sum(bigint) is exact (a 128-bit accumulator, numeric result): no cast per row is needed.
     """
+    return rows_checksum(conn, table, _in_span(table, tenants, span, where))
+
+
+def rows_checksum(conn: psycopg.Connection[Any], table: Table, rows: sql.Composable) -> Checksum:
+    """`checksum` of the table's rows matching `rows`, a WHERE condition (a copy batch's, see `copy`)."""
     query = sql.SQL(
         "SELECT count(*), coalesce(sum(hash_record_extended(r, 0)), 0), coalesce(sum(hash_record_extended(r, 1)), 0)"
         " FROM (SELECT {} AS r FROM {} WHERE {}) rows"
-    ).format(_hashed_row(table), table.ident, _in_span(table, tenants, span, where))
+    ).format(_hashed_row(table), table.ident, rows)
     row = conn.execute(query).fetchone()
     assert row is not None
     return Checksum(int(row[0]), int(row[1]), int(row[2]))
@@ -258,27 +263,39 @@ def row_hashes(
     return {tuple(key): digest for key, digest in conn.execute(query).fetchall()}
 
 
-def _split(conn: psycopg.Connection[Any], table: Table, tenants: Cohort, span: Range, rows: int) -> list[Range]:
+def _split(
+    conn: psycopg.Connection[Any], table: Table, tenants: Cohort, span: Range, rows: int, where: sql.Composable
+) -> list[Range]:
     """Cut a range into about FANOUT sub-ranges at the source's key quantiles."""
-    bounds = key_quantiles(conn, table, _in_span(table, tenants, span), max(1, rows // FANOUT))
+    bounds = key_quantiles(conn, table, _in_span(table, tenants, span, where), max(1, rows // FANOUT))
     edges: list[list[str] | None] = [span[0], *bounds, span[1]]
     return [(edges[i], edges[i + 1]) for i in range(len(edges) - 1) if edges[i] != edges[i + 1]]
+
+
+@dataclass(frozen=True)
+class Differing:
+    """A range of one table whose checksums differ, to narrow down to keys: the rows of `tenants`
+    in `span` that match `where` (rows outside a move's captured keys, or all)."""
+
+    table: Table
+    tenants: Cohort
+    span: Range = (None, None)
+    where: sql.Composable = field(default_factory=lambda: ALL_ROWS)  # a Composable is not hashable
 
 
 def _narrow(
     src: psycopg.Connection[Any],
     tgt: psycopg.Connection[Any],
-    table: Table,
-    tenants: Cohort,
-    span: Range,
+    rows: Differing,
     src_sum: Checksum,
     tgt_sum: Checksum,
     found: dict[str, list[list[str]]],
 ) -> None:
+    table, tenants, span, where = rows.table, rows.tenants, rows.span, rows.where
     if sum(len(v) for v in found.values()) >= MAX_KEYS:
         return
     if max(src_sum.rows, tgt_sum.rows) <= LEAF_ROWS or src_sum.rows == 0:
-        src_rows, tgt_rows = row_hashes(src, table, tenants, span), row_hashes(tgt, table, tenants, span)
+        src_rows, tgt_rows = row_hashes(src, table, tenants, span, where), row_hashes(tgt, table, tenants, span, where)
         for key in sorted(set(src_rows) | set(tgt_rows)):
             kind = (
                 "missing"
@@ -290,10 +307,10 @@ def _narrow(
             if kind and sum(len(v) for v in found.values()) < MAX_KEYS:
                 found[kind].append(list(key))
         return
-    for sub in _split(src, table, tenants, span, src_sum.rows):
-        s, t = checksum(src, table, tenants, sub), checksum(tgt, table, tenants, sub)
+    for sub in _split(src, table, tenants, span, src_sum.rows, where):
+        s, t = checksum(src, table, tenants, sub, where), checksum(tgt, table, tenants, sub, where)
         if s != t:
-            _narrow(src, tgt, table, tenants, sub, s, t, found)
+            _narrow(src, tgt, replace(rows, span=sub), s, t, found)
 
 
 Pair = tuple[psycopg.Connection[Any], psycopg.Connection[Any]]
@@ -348,19 +365,25 @@ class Streams:
 
 
 def compare_table(
-    src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], table: Table, tenants: Cohort, sides: ThreadPoolExecutor
+    src: psycopg.Connection[Any],
+    tgt: psycopg.Connection[Any],
+    table: Table,
+    tenants: Cohort,
+    sides: ThreadPoolExecutor,
+    where: sql.Composable = ALL_ROWS,
 ) -> TableResult:
-    """Checksum one table per tenant on both sides concurrently; narrow down to keys where they differ."""
-    s_future = sides.submit(tenant_checksums, src, table, tenants)
-    t_sums = tenant_checksums(tgt, table, tenants)
+    """Checksum one table's rows (those matching `where`) per tenant on both sides concurrently;
+    narrow down to keys where they differ."""
+    s_future = sides.submit(tenant_checksums, src, table, tenants, where)
+    t_sums = tenant_checksums(tgt, table, tenants, where)
     s_sums = s_future.result()
     result = table_result(table.label, s_sums, t_sums)
     if result.equal:
         return result
     found: dict[str, list[list[str]]] = {"missing": [], "extra": [], "changed": []}
     for tenant in result.tenants:
-        one = (tenant,)
-        _narrow(src, tgt, table, one, (None, None), s_sums.get(tenant, EMPTY), t_sums.get(tenant, EMPTY), found)
+        rows = Differing(table, (tenant,), where=where)
+        _narrow(src, tgt, rows, s_sums.get(tenant, EMPTY), t_sums.get(tenant, EMPTY), found)
     return replace(result, missing=found["missing"], extra=found["extra"], changed=found["changed"])
 
 
