@@ -370,9 +370,9 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
         log.info("move %s: freeze steps (ms): %s", move.id, steps)
         catalog.update_move(move.id, freeze_ms=frozen_ms)
         run.progress.phase(f"flipped {move.who} to {run.target.name}; writes were frozen {frozen_ms:.0f} ms")
-        if move.reverts is None:
+        if move.reverts is None:  # the log stays until `moved.record` has read which tables it names
             with src.transaction():
-                fence.stop_capture(src, move.tenants)
+                fence.stop_capture(src, move.tenants, forget=False)
         else:  # the tenants write again where they live now
             revert.lift(src, tgt, layout, move.tenants)
         return route, clock.steps

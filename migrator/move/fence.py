@@ -378,8 +378,8 @@ def forget_changes(conn: psycopg.Connection[Any], move_id: int) -> None:
     conn.execute(sql.SQL("DELETE FROM {}.changes WHERE move_id = %s").format(sql.Identifier(SCHEMA)), (move_id,))
 
 
-def stop_capture(conn: psycopg.Connection[Any], tenants: Cohort) -> None:
-    """After the flip: keep the fence, stop logging changes and forget the log."""
+def stop_capture(conn: psycopg.Connection[Any], tenants: Cohort, *, forget: bool = True) -> None:
+    """After the flip: keep the fence, stop logging changes and (unless not `forget`) forget the log."""
     schema = sql.Identifier(SCHEMA)
     moves = conn.execute(
         sql.SQL("UPDATE {}.guarded_tenants SET capture = false WHERE tenant = ANY(%s) RETURNING move_id").format(

@@ -34,7 +34,7 @@ from migrator.catalog import (
 )
 from migrator.context import Context
 from migrator.errors import BadInput, MigratorError, PreflightError, VerifyMismatch
-from migrator.move import copy, fence, moved, revert, streams, throttle
+from migrator.move import copy, fence, moved, proof, revert, streams, throttle
 from migrator.move.cleanup import delete_debris, delete_tenant, forget_progress
 from migrator.move.cutover import (
     catch_up,
@@ -349,7 +349,11 @@ def _finished(
 ) -> MoveOutcome:
     run.metrics.ended(move.id, "flipped", len(move.tenants))
     timings.update(run.throttle_seconds())
-    moved.record(run.catalog, run.source, run.layout, move)
+    with stamps.connect(run.target) as tgt:
+        copied = proof.copied_sums(tgt, move.id)
+    moved.record(run.catalog, run.source, run.layout, move, copied)
+    with stamps.connect(run.source) as src:  # the log `record` read (a revert's is gone with its window)
+        fence.forget_changes(src, move.capture_id)
     with stamps.connect(run.target) as tgt:
         forget_progress(tgt, move.id)
     move = run.catalog.move(move.id)
@@ -478,5 +482,5 @@ def _abort_revert(ctx: Context, revert: Move, progress: Progress) -> Move:
             conn.commit()
         catalog.set_route_state(revert.tenants, "active")
         assert revert.reverts is not None
-        moved.record(catalog, old, stamps.layout(old, ctx.config.tenancy), catalog.move(revert.reverts))
+        moved.record(catalog, old, stamps.layout(old, ctx.config.tenancy), catalog.move(revert.reverts), {})
         return catalog.update_move(revert.id, phase=Phase.ABORTED, finished_at=datetime.now(UTC))

@@ -24,27 +24,63 @@ from migrator.catalog import Catalog, Cohort, Move, Stamp, TableProgress, name_t
 from migrator.catalog.models import FLIPPED
 from migrator.db.retry import STAMP_STEP
 from migrator.errors import PreflightError
+from migrator.move import fence
 from migrator.move.integrity import MAX_KEYS, shown_keys
 from migrator.move.verify import EMPTY, Checksum, tenant_checksums
+from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Layout, Table, label, problems_message, tenant_filter
 from migrator.stamps.paths import qualified
 
 
 @STAMP_STEP.wraps
-def record(catalog: Catalog, source: Stamp, layout: Layout, move: Move) -> None:
+def record(catalog: Catalog, source: Stamp, layout: Layout, move: Move, copied: dict[str, Checksum]) -> None:
     """After the flip: each table's checksum per tenant on the (fenced) source, in `move_tables`, with
-    the rows moved beside the count at the start (rows written during the move make the difference)."""
+    the rows moved beside the count at the start (rows written during the move make the difference).
+
+    Where a move of one tenant changed no row of a table while it ran (its change log names none)
+    and the copy's batches read as many rows as the table holds now, the sum of the batches' source
+    checksums (`copied`, see `proof.copied_sums`) is that checksum: every row was read by exactly one
+    batch and has not changed since. Those tables are counted, not hashed again. The caller deletes
+    the change log, kept for this, once the record is saved.
+    """
     at_start = {t.table_name: t.rows_total for t in catalog.tables(move.id)}
     rows = []
     with stamps.connect(source) as src:
+        changed = _logged_tables(src, layout, move)
         for position, table in enumerate(layout.tables):
-            sums = tenant_checksums(src, table, move.tenants)
+            sums = _sums_at_flip(
+                src, table, move.tenants, copied.get(table.label) if table.name not in changed else None
+            )
             total = sum(c.rows for c in sums.values())
             text = json.dumps({t: [c.rows, str(c.high), str(c.low)] for t, c in sorted(sums.items())})
             rows.append(
                 TableProgress(move.id, table.label, position, at_start.get(table.label, total), total, True, text, None)
             )
     catalog.save_tables(move.id, rows)
+
+
+def _logged_tables(src: psycopg.Connection[Any], layout: Layout, move: Move) -> set[str]:
+    """The tenant tables (by name) the move's change log names on the source: rows changed while it ran."""
+    if not fence.has_schema(src):
+        return set()
+    rows = src.execute(
+        sql.SQL("SELECT DISTINCT table_name FROM {}.changes WHERE move_id = %s").format(sql.Identifier(SCHEMA)),
+        (move.capture_id,),
+    )
+    return {layout.owner_of(name) for (name,) in rows.fetchall()}
+
+
+def _sums_at_flip(
+    src: psycopg.Connection[Any], table: Table, tenants: Cohort, copied: Checksum | None
+) -> dict[str, Checksum]:
+    """`tenant_checksums` of the table on the source, or the copy's sum where it is exactly that (see `record`)."""
+    if copied is not None and len(tenants) == 1:
+        row = src.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table.ident, tenant_filter(table, tenants))
+        ).fetchone()
+        if row is not None and row[0] == copied.rows:
+            return {tenants[0]: copied} if copied.rows else {}
+    return tenant_checksums(src, table, tenants)
 
 
 def _recorded(progress: TableProgress, tenant: str) -> Checksum | None:
