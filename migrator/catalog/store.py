@@ -404,26 +404,15 @@ class Catalog:
         flip) fails the whole transaction, naming it. Never retried: a retry could not replace
         `conn`, so a lost session fails at once and the caller's move stays resumable.
         """
-        with conn.transaction():
-            flipped = {
-                row[0]
-                for row in conn.execute(
-                    "UPDATE routes r SET stamp = %(target)s, version = r.version + 1, state = 'active',"
-                    " updated_at = now() FROM move_tenants mt WHERE mt.move_id = %(move)s AND r.tenant = mt.tenant"
-                    " AND r.stamp = %(source)s AND r.version = mt.route_version RETURNING r.tenant",
-                    {"target": move.target, "source": move.source, "move": move.id},
-                )
-            }
-            changed = [tenant for tenant in move.tenants if tenant not in flipped]
-            if changed:
-                current = self._route(conn, changed[0])
-                where = f"{current.stamp} v{current.version}" if current else "nowhere"
-                expected = move.route_versions[move.tenants.index(changed[0])]
-                raise RouteConflict(
-                    f"route of tenant {changed[0]} changed under move {move.id}: expected {move.source} "
-                    f"v{expected}, found {where}; "
-                    + ("not flipped" if len(move.tenants) == 1 else f"none of its {len(move.tenants)} routes flipped")
-                )
+        # One round trip for all of it (a pipeline: this is the write freeze's last step); a route
+        # found changed rolls back what was sent after it.
+        with conn.pipeline(), conn.transaction():
+            cas = conn.execute(
+                "UPDATE routes r SET stamp = %(target)s, version = r.version + 1, state = 'active',"
+                " updated_at = now() FROM move_tenants mt WHERE mt.move_id = %(move)s AND r.tenant = mt.tenant"
+                " AND r.stamp = %(source)s AND r.version = mt.route_version RETURNING r.tenant",
+                {"target": move.target, "source": move.source, "move": move.id},
+            )
             conn.execute(
                 "UPDATE moves SET phase = %s, updated_at = now(), finished_at = now(), error = NULL,"
                 " freeze_ms = coalesce(%s, freeze_ms), window_opened_at = CASE WHEN %s THEN now() END"
@@ -439,18 +428,36 @@ class Catalog:
             action = audit.Action.MOVE if move.reverts is None else audit.Action.REVERT
             event = audit.Event(action, move.tenants, move.source, move.target, move.id)
             audit.record(conn, self.actor, event)
-            return self._routes_of(conn, move.tenants)
+            routes = self._routes_cursor(conn, move.tenants)
+            flipped = {row[0] for row in cas.fetchall()}
+            changed = [tenant for tenant in move.tenants if tenant not in flipped]
+            if changed:
+                current = self._route(conn, changed[0])
+                where = f"{current.stamp} v{current.version}" if current else "nowhere"
+                expected = move.route_versions[move.tenants.index(changed[0])]
+                raise RouteConflict(
+                    f"route of tenant {changed[0]} changed under move {move.id}: expected {move.source} "
+                    f"v{expected}, found {where}; "
+                    + ("not flipped" if len(move.tenants) == 1 else f"none of its {len(move.tenants)} routes flipped")
+                )
+            return routes.fetchall()
 
     @staticmethod
     def _routes_of(conn: psycopg.Connection[Any], tenants: Sequence[str]) -> list[Route]:
         """The routes of these tenants, in their order."""
-        with conn.cursor(row_factory=class_row(Route)) as cur:
-            cur.execute(
-                "SELECT r.tenant, r.stamp, r.version, r.state, r.updated_at FROM unnest(%s::text[])"
-                " WITH ORDINALITY AS t(tenant, n) JOIN routes r USING (tenant) ORDER BY t.n",
-                (list(tenants),),
-            )
+        with Catalog._routes_cursor(conn, tenants) as cur:
             return cur.fetchall()
+
+    @staticmethod
+    def _routes_cursor(conn: psycopg.Connection[Any], tenants: Sequence[str]) -> psycopg.Cursor[Route]:
+        """A cursor reading the routes of these tenants, in their order (fetched when the caller needs them)."""
+        cur = conn.cursor(row_factory=class_row(Route))
+        cur.execute(
+            "SELECT r.tenant, r.stamp, r.version, r.state, r.updated_at FROM unnest(%s::text[])"
+            " WITH ORDINALITY AS t(tenant, n) JOIN routes r USING (tenant) ORDER BY t.n",
+            (list(tenants),),
+        )
+        return cur
 
     @CATALOG.wraps
     def routes_of(self, tenants: Sequence[str]) -> list[Route]:

@@ -271,16 +271,20 @@ def online_cutover(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, flo
 
 
 def _attempt_cutover(run: MoveRun, move: Move, number: int) -> tuple[list[Route], dict[str, float]]:
-    """One attempt: catch up and re-verify the keys in flux while writes go on, then the freeze."""
+    """One attempt: catch up and re-verify the keys in flux while writes go on, then the freeze.
+
+    The last catch-up comes right before the freeze, after everything else that takes time (the
+    window's guard, the standbys), so that the freeze drains and proves as few changes as possible.
+    """
     catch_up(run, move)
     verify_before_freeze(run, move, incremental=True)
     capture.vacuum_changes(run.source.dsn)
-    catch_up(run, move)
     run.safe_point(move.id)
     if opens_window(run, move):
         prepare_window(run, move, capture=False)
     with ticking(run.progress, f"waiting for {run.target.name}'s standbys to replay the copy"):
         wait_for_replicas(run, "the copy")  # so that the freeze only waits for the drain's few rows
+    catch_up(run, move)
     run.lock.check()
     try:
         return _freeze_and_flip(run, move)
@@ -319,11 +323,13 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
         clock = FreezeClock()
         elapsed_ms = clock.elapsed_ms
         try:
-            with src.transaction():  # waits (within the budget) for snapshot-keeping writers' row locks
+            # Each step's statements in one round trip (a pipeline), here and below: under load every
+            # round trip waits for the CPU.
+            with src.pipeline(), src.transaction():  # waits (within the budget) for snapshot-keeping writers
                 fence.set_fenced(src, move.tenants, True, timeout_ms=int(options.max_freeze_ms))
             clock.step("fence")
             budget = max(1, int(options.max_freeze_ms - elapsed_ms()))
-            with src.transaction():
+            with src.pipeline(), src.transaction():
                 fence.wait_for_writers(src, move.capture_id, budget)
             clock.step("writers")
             log.info("move %s: fenced, in-flight writes done at %.0f ms", move.id, elapsed_ms())
@@ -348,7 +354,7 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
             except StandbyBehind as exc:
                 raise FreezeTooLong(f"the target's standbys did not replay the drain in the freeze: {exc}") from None
             if window:  # from here on every write of the tenants on the target is captured
-                with tgt.transaction():
+                with tgt.pipeline(), tgt.transaction():
                     fence.set_capture(tgt, move.tenants, True)
                 clock.step("window")
             if elapsed_ms() > options.max_freeze_ms:
