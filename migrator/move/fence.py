@@ -491,6 +491,12 @@ def has_schema(conn: psycopg.Connection[Any]) -> bool:
     return bool(row and row[0])
 
 
+def has_table(conn: psycopg.Connection[Any], name: str) -> bool:
+    """Whether `_migrator.<name>` exists: a stamp prepared by an older migrator lacks the newer ones."""
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.{name}",)).fetchone()
+    return bool(row and row[0])
+
+
 def guards_of(conn: psycopg.Connection[Any], move_id: int) -> tuple[int, int]:
     """How many of the move's tenants this stamp fences, and how many it captures (an interrupted move's line)."""
     if not has_schema(conn):
@@ -531,7 +537,7 @@ def leftovers(conn: psycopg.Connection[Any]) -> list[str]:
             sql.SQL("SELECT DISTINCT move_id, table_name FROM {}.copy_progress ORDER BY 1, 2").format(schema)
         ).fetchall():
             found.append(f"copy progress of move {move_id} for {table}")
-        if conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.copy_batches",)).fetchone() != (None,):
+        if has_table(conn, "copy_batches"):
             for move_id, count in conn.execute(
                 sql.SQL("SELECT move_id, count(*) FROM {}.copy_batches GROUP BY 1 ORDER BY 1").format(schema)
             ).fetchall():

@@ -31,6 +31,7 @@ import psycopg
 from psycopg import sql
 
 from migrator.catalog import Cohort
+from migrator.move import fence
 from migrator.move.keys import load_keys, outside_keys
 from migrator.move.verify import (
     ALL_ROWS,
@@ -84,7 +85,7 @@ def captured_table(index: int) -> sql.Identifier:
 
 def proven_xids(tgt: psycopg.Connection[Any], move_id: int, table: Table) -> list[str]:
     """The transactions of the table's proven batches (as xid text, what a row's xmin reads)."""
-    if tgt.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.copy_batches",)).fetchone() == (None,):
+    if not fence.has_table(tgt, "copy_batches"):
         return []  # a stamp prepared by an older migrator: nothing proven, every row compared
     rows = tgt.execute(
         sql.SQL("SELECT xid::xid::text FROM {}.copy_batches WHERE move_id = %s AND table_name = %s AND proven").format(
@@ -163,7 +164,7 @@ def prove_untouched(
 
 def copied_sums(tgt: psycopg.Connection[Any], move_id: int) -> dict[str, Checksum]:
     """Per table, the sum of the source checksums of the move's batches (what the copy read, all tenants)."""
-    if tgt.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.copy_batches",)).fetchone() == (None,):
+    if not fence.has_table(tgt, "copy_batches"):
         return {}
     rows = tgt.execute(
         sql.SQL(
