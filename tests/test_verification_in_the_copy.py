@@ -3,6 +3,7 @@ what the batches did not prove is compared; a target row written by anything but
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -11,6 +12,7 @@ from conftest import Fleet, tenant_digest
 from migrator.db import dsn as dsnlib
 from migrator.errors import Interrupted
 from migrator.move import MoveOptions, move_tenants
+from migrator.move.verify import tenant_checksums
 from migrator.progress import Silent
 
 ROWS, BATCH = 6_000, 1_000
@@ -114,3 +116,23 @@ def test_a_target_row_written_between_the_copy_and_the_flip_stops_the_flip_namin
     assert fleet.catalog.route("7").stamp == "eu-1"
     move = fleet.catalog.open_move("7")
     assert move is not None and f"(7, {key})" in (move.error or "")
+
+
+def test_the_record_of_what_moved_equals_the_sources_checksums_whether_hashed_or_taken_from_the_batches(
+    fleet: Fleet,
+) -> None:
+    """Cleanup's proof compares the source with this record: tables the move changed nothing of take it
+    from the copy's batches, `tasks`, written during the move, from a hash; both must be the truth."""
+    move_id = _copied(fleet)
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:  # captured: catch-up replays them
+        conn.execute("UPDATE tasks SET title = title || ' (after the copy)' WHERE tenant_id = 7 AND id % 7 = 0")
+    moved = fleet.run("move", "7", "--to", "eu-2", "--yes")
+    assert moved.exit_code == 0, moved.output + moved.stderr
+    recorded = {t.table_name: json.loads(t.source_checksum or "{}") for t in fleet.catalog.tables(move_id)}
+    layout = fleet.layout()
+    with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:
+        for table in layout.tables:
+            truth = tenant_checksums(conn, table, ("7",))
+            assert recorded[table.label] == {t: [c.rows, str(c.high), str(c.low)] for t, c in truth.items()}, table
+    cleaned = fleet.run("cleanup", "7", "--stamp", "eu-1", "--yes")
+    assert cleaned.exit_code == 0, cleaned.output + cleaned.stderr
