@@ -125,7 +125,11 @@ def test_the_record_of_what_moved_equals_the_sources_checksums_whether_hashed_or
     from the copy's batches, `tasks`, written during the move, from a hash; both must be the truth."""
     move_id = _copied(fleet)
     with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:  # captured: catch-up replays them
-        conn.execute("UPDATE tasks SET title = title || ' (after the copy)' WHERE tenant_id = 7 AND id % 7 = 0")
+        updated = conn.execute(
+            "UPDATE tasks SET title = title || ' (after the copy)' WHERE tenant_id = 7"
+            " AND id IN (SELECT id FROM tasks WHERE tenant_id = 7 ORDER BY id LIMIT 50)"
+        )
+        assert updated.rowcount == 50
     moved = fleet.run("move", "7", "--to", "eu-2", "--yes")
     assert moved.exit_code == 0, moved.output + moved.stderr
     recorded = {t.table_name: json.loads(t.source_checksum or "{}") for t in fleet.catalog.tables(move_id)}
