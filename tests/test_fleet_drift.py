@@ -17,7 +17,9 @@ from migrator.db import dsn as dsnlib
 from migrator.local import pgserver, provision
 from migrator.move import fence
 from migrator.rollout.drift import fleet_status
-from migrator.stamps.fingerprint import fingerprint
+from migrator.stamps import access
+from migrator.stamps import fingerprint as fingerprints
+from migrator.stamps.fingerprint import cached_digest, fingerprint
 
 HEAD = "0006_task_checklists"
 DRIFTED = "us-1"  # the one stamp changed by hand; eu-1, eu-2 and ap-1 are the majority
@@ -132,6 +134,73 @@ def test_a_hand_made_change_on_one_stamp_shows_in_status_and_diff(fleet4m: Fleet
     after = fleet.run("schema", "status")
     assert after.exit_code == 0 and f"all 4 stamps at head {HEAD}" in after.stdout, after.output
     assert re.search(rf"4 stamps at {HEAD}, 1 fingerprint: 4 ×[0-9a-f]{{4}}\n?", after.stdout)
+
+
+def cached(fleet: Fleet, stamp: str) -> str:
+    """The digest as `schema status` reads it, in a new session: from the stamp's cache if it holds."""
+    with dsnlib.connect(fleet.dsn(stamp), autocommit=True) as conn:
+        return cached_digest(conn)
+
+
+# Changes that rewrite one catalog row or delete some, beside the kinds above: (statements, undo)
+MORE_CHANGES = {
+    "dropped index": (["DROP INDEX users_tenant_id"], ["CREATE INDEX users_tenant_id ON users (tenant_id)"]),
+    "renamed index": (
+        ["ALTER INDEX users_tenant_id RENAME TO users_tenant"],
+        ["ALTER INDEX users_tenant RENAME TO users_tenant_id"],
+    ),
+    "renamed enum label": (
+        ["ALTER TYPE task_status RENAME VALUE 'done' TO 'finished'"],
+        ["ALTER TYPE task_status RENAME VALUE 'finished' TO 'done'"],
+    ),
+}
+CHANGES = {**{name: (change[1], change[2]) for name, change in DRIFTS.items()}, **MORE_CHANGES}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_each_structural_change_is_seen_through_the_stamps_fingerprint_cache(fleet4m: Fleet, change: str) -> None:
+    """The cached digest is believed while the catalog is unchanged (a planted one comes back), and
+    after each change, and its undo, the digest read in full comes back instead."""
+    fleet = fleet4m
+    statements, undo = CHANGES[change]
+    before = digest(fleet, DRIFTED)
+    assert cached(fleet, DRIFTED) == before
+    execute(fleet, (DRIFTED,), "UPDATE _migrator.fingerprint SET digest = 'planted'")
+    assert cached(fleet, DRIFTED) == "planted"
+    execute(fleet, (DRIFTED,), *statements)
+    try:
+        changed = digest(fleet, DRIFTED)
+        assert changed != before
+        assert cached(fleet, DRIFTED) == changed
+        execute(fleet, (DRIFTED,), "UPDATE _migrator.fingerprint SET digest = 'planted'")
+        assert cached(fleet, DRIFTED) == "planted"
+    finally:
+        execute(fleet, (DRIFTED,), *undo)
+    assert cached(fleet, DRIFTED) == before
+
+
+def test_the_fingerprint_cache_watches_every_catalog_the_fingerprint_reads(fleet4m: Fleet) -> None:
+    named = set(re.findall(r"\bpg_[a-z_]+\b", fingerprints._OBJECTS))
+    with dsnlib.connect(fleet4m.dsn("eu-1"), autocommit=True) as conn:
+        catalogs = {
+            row[0]
+            for row in conn.execute(
+                "SELECT relname::text FROM pg_class WHERE relnamespace = 'pg_catalog'::regnamespace"
+                " AND relkind = 'r' AND relname = ANY(%s)",
+                (sorted(named),),
+            )
+        }
+    assert "pg_attrdef" in catalogs and catalogs <= set(fingerprints.WATCHED)
+    assert access.DDL_LOCK == fence.DDL_LOCK  # the cache's table is made under a move's DDL lock
+
+
+def test_a_session_that_may_not_write_reads_the_fingerprint_in_full(fleet4m: Fleet) -> None:
+    fleet = fleet4m
+    execute(fleet, ("eu-2",), "DROP SCHEMA IF EXISTS _migrator CASCADE")
+    with dsnlib.connect(fleet.dsn("eu-2"), autocommit=True) as conn:
+        conn.execute("SET default_transaction_read_only = on")
+        assert cached_digest(conn) == fingerprint(conn).digest
+        assert conn.execute("SELECT to_regnamespace('_migrator')").fetchone() == (None,)
 
 
 def test_column_order_partition_names_and_migrators_own_objects_do_not_count(fleet4m: Fleet) -> None:

@@ -36,7 +36,7 @@ from migrator.rollout.history import AHEAD, BEHIND, UNKNOWN, UNREACHABLE, UP_TO_
 from migrator.rollout.ripple import CheckRun, Gate, Waves, check_env, run_check, split
 from migrator.rollout.worker import ALEMBIC_IN_PROCESS, Job, StepDone, Workers, reason, trace
 from migrator.stamps.fanout import PER_SERVER, each_stamp
-from migrator.stamps.fingerprint import fingerprint
+from migrator.stamps.fingerprint import cached_digest
 
 __all__ = [
     "AHEAD", "BEHIND", "UNKNOWN", "UNREACHABLE", "UP_TO_DATE", "Plan", "Revision", "Rollout", "RolloutFailed",
@@ -297,7 +297,8 @@ def _survey(
     fingerprints: bool = False,
 ) -> list[StampSchema]:
     """Read every stamp's revision at once (threads: plain queries, no Alembic), and its structure's
-    fingerprint in the same session (`fingerprints`), with at most `per_server` sessions on one server
+    fingerprint in the same session (`fingerprints`: the digest the stamp keeps while its catalog is
+    unchanged, `cached_digest`), with at most `per_server` sessions on one server
     at a time (`each_stamp`)."""
     tenants = Counter(route.stamp for route in ctx.catalog.routes())
 
@@ -307,7 +308,7 @@ def _survey(
             with stamps.connect(stamp) as conn:
                 current = read_revision(conn)
                 if fingerprints:
-                    digest = fingerprint(conn).digest
+                    digest = cached_digest(conn)
         except (MigratorError, psycopg.Error) as exc:
             error = str(exc) if isinstance(exc, MigratorError) else reason(exc, stamp.dsn)
             return StampSchema(stamp.name, stamp.state, tenants[stamp.name], None, target, (), UNREACHABLE, error)

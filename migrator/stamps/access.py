@@ -11,11 +11,13 @@ from psycopg import sql
 from migrator.catalog import Stamp
 from migrator.config import Tenancy
 from migrator.db import dsn as dsnlib
+from migrator.db.locks import lock_key
 from migrator.db.retry import is_transient
 from migrator.errors import Unreachable
 from migrator.stamps.discovery import Layout, discover, tenant_filter, tenant_text
 
-SCHEMA = "_migrator"  # migrator's own schema on each stamp (guard function, change log, copy cursors)
+SCHEMA = "_migrator"  # migrator's own schema on each stamp (guard function, change log, copy cursors, fingerprint)
+DDL_LOCK = lock_key("migrator.ddl")  # serialises migrator's own DDL on one stamp (`_migrator` made at once by two)
 TRIGGER = "migrator_guard"  # migrator's own trigger on a moving tenant's tables (see migrator.move.fence)
 
 

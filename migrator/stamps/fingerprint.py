@@ -20,18 +20,31 @@ grants (`migrator stamp check` judges the privileges a move needs), and sequence
     compare(found, other)                 # the objects that differ, each with the DDL of both sides
 
 Used by `schema status` (one digest per stamp), `schema diff`, a move's preflight and `stamp create`.
+
+`schema status` reads a stamp's digest through `cached_digest`: the digest last read there is kept in
+the stamp (`_migrator.fingerprint`) with a marker of its catalog, the (ctid, xmin) of every row of the
+catalogs the fingerprint reads. Any DDL writes, replaces or deletes such a row, and a row written
+later has another xmin, so the marker is exact: equal markers, same catalog rows, same structure. It
+costs a few scans of small catalogs instead of the fingerprint's deparsing, which in a new session
+(every stamp's: a session serves one database) mostly fills catalog caches.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import errors, sql
 
-from migrator.stamps.access import SCHEMA
+import migrator
+from migrator.db.locks import xact_lock
+from migrator.stamps.access import DDL_LOCK, SCHEMA
+
+logger = logging.getLogger(__name__)
 
 DIGEST_LENGTH = 12  # hex digits: ample to tell the structures of a fleet apart
 SHORT = 4  # hex digits `schema status` shows, unless two structures share them
@@ -222,6 +235,125 @@ def fingerprint(conn: psycopg.Connection[Any], schemas: Sequence[str] | None = N
         SchemaObject(kind, name, table, ddl, normal if normal is not None else ddl, unique)
         for kind, name, table, unique, ddl, normal in rows.fetchall()
     )
+
+
+# The catalogs the fingerprint reads, directly or through the deparsers (pg_get_viewdef reads pg_rewrite;
+# pg_get_indexdef and pg_get_constraintdef name operator classes, operators and collations; pg_get_expr
+# names text search configurations; pg_get_functiondef names languages), with, for the three large
+# ones, the column whose values under 16384 (PostgreSQL's FirstNormalObjectId) are initdb's own objects,
+# which only a superuser could change: they are left out of the marker. Any other row counts.
+WATCHED: dict[str, str | None] = {
+    "pg_namespace": None,
+    "pg_extension": None,
+    "pg_class": None,
+    "pg_attribute": "attrelid",
+    "pg_attrdef": None,
+    "pg_constraint": None,
+    "pg_index": None,
+    "pg_inherits": None,
+    "pg_partitioned_table": None,
+    "pg_trigger": None,
+    "pg_policy": None,
+    "pg_rewrite": None,
+    "pg_sequence": None,
+    "pg_proc": "oid",
+    "pg_type": None,
+    "pg_enum": None,
+    "pg_range": None,
+    "pg_depend": "objid",
+    "pg_collation": None,
+    "pg_opclass": None,
+    "pg_operator": None,
+    "pg_am": None,
+    "pg_language": None,
+    "pg_ts_config": None,
+    "pg_ts_dict": None,
+}
+FIRST_NORMAL_OID = 16384
+CACHE = "fingerprint"  # `_migrator.fingerprint`: one row, the digest last read and the marker it was read at
+# What else decides the digest: this query and migrator's version (a newer one may count otherwise).
+_READER = hashlib.sha256(f"{migrator.__version__}\x1e{_OBJECTS}".encode()).hexdigest()[:12]
+
+
+def _marker() -> sql.Composed:
+    """One row: the marker of the session's view of the catalog. Besides the rows' versions, the roles
+    policies name (pg_authid cannot be read) and the settings the deparsers follow: the search path
+    (which names they qualify) and the server's version. Rows are hashed in scan order: another order
+    only changes the marker, which costs a fingerprint read in full, never a stale digest."""
+    parts: list[sql.Composable] = [
+        sql.SQL("SELECT {name}, md5(string_agg(ctid::text || xmin::text, ',')) FROM {table}{where}").format(
+            name=sql.Literal(table),
+            table=sql.Identifier("pg_catalog", table),
+            where=sql.SQL(" WHERE {} >= {}").format(sql.Identifier(column), sql.Literal(FIRST_NORMAL_OID))
+            if column
+            else sql.SQL(""),
+        )
+        for table, column in WATCHED.items()
+    ]
+    parts.append(sql.SQL("SELECT 'roles', string_agg(r::regrole::text, ',') FROM pg_policy, unnest(polroles) r"))
+    return sql.SQL(
+        "SELECT md5(string_agg(part || ':' || coalesce(hash, ''), ',') || current_setting('search_path')"
+        " || current_setting('server_version_num')) || ':' || {reader} FROM ({parts}) m (part, hash)"
+    ).format(reader=sql.Literal(_READER), parts=sql.SQL(" UNION ALL ").join(parts))
+
+
+_MARKER = _marker()
+_CACHED = sql.SQL(
+    "SELECT m.marker, (SELECT f.digest FROM {cache} f WHERE f.marker = m.marker) FROM ({marker}) m (marker)"
+).format(cache=sql.Identifier(SCHEMA, CACHE), marker=_MARKER)
+
+
+def cached_digest(conn: psycopg.Connection[Any]) -> str:
+    """`fingerprint(conn).digest`, from the stamp's cache when its catalog has not changed since it was
+    read (one statement), else read in full and kept there. Without the right to keep it (no CREATE on
+    the database, a read-only server) the fingerprint is read in full every time. `conn`: autocommit."""
+    try:
+        row = conn.execute(_CACHED).fetchone()
+        marker, digest = (row[0], row[1]) if row else (None, None)
+    except (errors.UndefinedTable, errors.InvalidSchemaName):  # the stamp's first: make the cache
+        marker, digest = _make_cache(conn), None
+    except errors.InsufficientPrivilege as exc:
+        logger.info("fingerprint cache not readable: %s", exc)
+        marker, digest = None, None
+    if digest is not None:
+        return str(digest)
+    found = fingerprint(conn).digest  # after the marker: a change in between only makes the marker older
+    if marker is not None:
+        _keep(conn, str(marker), found)
+    return found
+
+
+def _make_cache(conn: psycopg.Connection[Any]) -> str | None:
+    """Create `_migrator.fingerprint` under migrator's DDL lock; the marker after it (its own rows
+    count), or None when this role may not."""
+    try:
+        with conn.transaction():
+            xact_lock(conn, DDL_LOCK)
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (one boolean PRIMARY KEY DEFAULT true CHECK (one),"
+                    " marker text NOT NULL, digest text NOT NULL, read_at timestamptz NOT NULL DEFAULT now())"
+                ).format(sql.Identifier(SCHEMA, CACHE))
+            )
+    except (errors.InsufficientPrivilege, errors.ReadOnlySqlTransaction) as exc:
+        logger.info("no fingerprint cache: %s", exc)
+        return None
+    row = conn.execute(_MARKER).fetchone()
+    return str(row[0]) if row else None
+
+
+def _keep(conn: psycopg.Connection[Any], marker: str, digest: str) -> None:
+    try:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (marker, digest) VALUES (%s, %s)"
+                " ON CONFLICT (one) DO UPDATE SET marker = excluded.marker, digest = excluded.digest, read_at = now()"
+            ).format(sql.Identifier(SCHEMA, CACHE)),
+            (marker, digest),
+        )
+    except (errors.InsufficientPrivilege, errors.ReadOnlySqlTransaction) as exc:
+        logger.info("fingerprint not kept: %s", exc)
 
 
 @dataclass(frozen=True)
