@@ -34,6 +34,7 @@ from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.db.alembic import read_revision
 from migrator.errors import BadInput, ConfigError, MigratorError
+from migrator.rollout.drift import structures
 from migrator.rollout.history import AHEAD, UNKNOWN, History
 from migrator.rollout.worker import Job, reason, run_stamp_step
 from migrator.stamps import keyspace
@@ -186,14 +187,14 @@ def fleet_shape(fleet: Sequence[Stamp], found: History, per_server: int = PER_SE
     if not serving:
         return FleetShape(found.head)
     read = each_stamp(serving, _look, per_server)
-    unreachable = [f"{seen.name}: {seen.error}" for seen in read if seen.error]
+    unreachable = [f"{seen.stamp}: {seen.error}" for seen in read if seen.error]
     if unreachable:
         raise BadInput(
             f"cannot tell the fleet's revision, a stamp cannot be read ({'; '.join(unreachable[:3])}); nothing changed"
         )
     at: dict[str | None, list[str]] = {}
     for seen in read:
-        at.setdefault(seen.revision, []).append(seen.name)
+        at.setdefault(seen.current, []).append(seen.stamp)
     if len(at) > 1:
         raise BadInput(
             f"the fleet is not at one revision ({_groups(at)}): a rollout is under way or stamps drifted; bring "
@@ -212,10 +213,14 @@ def fleet_shape(fleet: Sequence[Stamp], found: History, per_server: int = PER_SE
 class _Seen:
     """One stamp as the survey read it: its revision and fingerprint, or why it could not."""
 
-    name: str
-    revision: str | None = None
+    stamp: str
+    current: str | None = None
     structure: Fingerprint | None = None
     error: str | None = None
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.structure.digest if self.structure is not None else None
 
 
 def _look(stamp: Stamp) -> _Seen:
@@ -228,25 +233,21 @@ def _look(stamp: Stamp) -> _Seen:
 
 
 def _majority(revision: str, read: Sequence[_Seen]) -> FleetShape:
-    """The structure more stamps share than any other; a tie is refused (nothing says which is right)."""
-    names: dict[str, list[str]] = {}
-    structures: dict[str, Fingerprint] = {}
-    for seen in read:
-        if seen.structure is not None:
-            names.setdefault(seen.structure.digest, []).append(seen.name)
-            structures[seen.structure.digest] = seen.structure
-    ranked = sorted(names, key=lambda digest: (-len(names[digest]), digest))
-    if len(ranked) > 1 and len(names[ranked[0]]) == len(names[ranked[1]]):
-        groups = ", ".join(f"{len(names[digest])} ×{digest[:4]} ({_some(names[digest])})" for digest in ranked)
+    """The structure more stamps share than any other (`rollout.drift`'s majority, as `schema status`
+    shows it); a tie is refused (nothing says which is right)."""
+    found = structures(read)
+    leader = found[0]
+    if not leader.majority:
+        groups = ", ".join(f"{len(s.stamps)} ×{s.digest[:4]} ({_some(s.stamps)})" for s in found)
         raise BadInput(
-            f"the fleet's stamps at {revision} have {len(ranked)} structures and none is shared by more stamps than "
+            f"the fleet's stamps at {revision} have {len(found)} structures and none is shared by more stamps than "
             f"the others ({groups}): a new stamp cannot tell which to match; see `migrator schema diff --fleet`; "
             "nothing changed"
         )
-    leader = ranked[0]
-    like = names[leader][0]
-    share = f"{len(names[leader])} of {len(read)} stamps share ×{leader[:4]}, like {like}"
-    return FleetShape(revision, structures[leader], like, share)
+    like = leader.stamps[0]
+    structure = next(seen.structure for seen in read if seen.stamp == like)
+    share = f"{len(leader.stamps)} of {len(read)} stamps share ×{leader.digest[:4]}, like {like}"
+    return FleetShape(revision, structure, like, share)
 
 
 def _groups(at: dict[str | None, list[str]]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from migrator import stamps
 from migrator.catalog import Stamp
@@ -20,6 +21,17 @@ from migrator.db.alembic import read_revision
 from migrator.rollout.runner import StampSchema, schema_status
 from migrator.stamps.fanout import PER_SERVER, each_stamp
 from migrator.stamps.fingerprint import Difference, Fingerprint, compare, fingerprint, short_length
+
+
+class Surveyed(Protocol):
+    """A stamp as a survey read it (`StampSchema`, `stamp create`'s look at the fleet)."""
+
+    @property
+    def stamp(self) -> str: ...
+    @property
+    def current(self) -> str | None: ...  # its revision
+    @property
+    def fingerprint(self) -> str | None: ...  # its structure's digest, None where not read
 
 
 @dataclass(frozen=True)
@@ -52,7 +64,7 @@ def fleet_status(ctx: Context, active_only: bool = False, per_server: int = PER_
     return FleetStatus(marked, tuple(found), short_length(s.digest for s in found))
 
 
-def structures(rows: Sequence[StampSchema]) -> list[Structure]:
+def structures(rows: Sequence[Surveyed]) -> list[Structure]:
     """The stamps grouped by revision (in order of first appearance) and fingerprint (largest first);
     unreachable stamps, which have no fingerprint, are in no group."""
     groups: dict[str | None, dict[str, list[str]]] = {}
