@@ -17,7 +17,6 @@ from migrator.db import dsn as dsnlib
 from migrator.local import pgserver, provision
 from migrator.move import fence
 from migrator.rollout.drift import fleet_status
-from migrator.stamps import access
 from migrator.stamps import fingerprint as fingerprints
 from migrator.stamps.fingerprint import cached_digest, fingerprint
 
@@ -191,7 +190,6 @@ def test_the_fingerprint_cache_watches_every_catalog_the_fingerprint_reads(fleet
             )
         }
     assert "pg_attrdef" in catalogs and catalogs <= set(fingerprints.WATCHED)
-    assert access.DDL_LOCK == fence.DDL_LOCK  # the cache's table is made under a move's DDL lock
 
 
 def test_a_session_that_may_not_write_reads_the_fingerprint_in_full(fleet4m: Fleet) -> None:

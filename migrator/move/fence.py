@@ -24,10 +24,10 @@ import psycopg
 from psycopg import sql
 
 from migrator.catalog import Cohort
-from migrator.db.locks import lock_key, xact_lock
+from migrator.db.locks import xact_lock
 from migrator.db.retry import LOCK_YIELD
 from migrator.sqlstates import FENCED_SQLSTATE
-from migrator.stamps.access import SCHEMA, TRIGGER
+from migrator.stamps.access import DDL_LOCK, SCHEMA, TRIGGER
 from migrator.stamps.discovery import Layout, Table
 from migrator.stamps.paths import any_path_set, owner_texts
 
@@ -35,7 +35,6 @@ LOCK_CLASS = 0x6D67  # advisory lock namespace (classid) of migrator's per-move 
 # Set only by migrator's own sessions that must write a fenced tenant's rows: cleanup deleting its
 # leftovers (transaction-locally), a revert replaying onto the forward move's fenced source.
 BYPASS_SETTING = "migrator.cleanup_bypass_fence"
-DDL_LOCK = lock_key("migrator.ddl")  # serialises migrator's own DDL on one stamp
 
 _CHECK_WRITE = sql.SQL(
     """
