@@ -141,7 +141,9 @@ def _captured_hashes(
     return keyed_row_hashes(conn, table, tenants, keys_table(index)) if keys else {}
 
 
-def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) -> tuple[Report, int]:
+def verify_before_freeze(
+    run: MoveRun, move: Move, incremental: bool = False, *, bulk: bool = True
+) -> tuple[Report, int]:
     """Online, before the freeze: prove as much as possible while the application keeps writing.
 
     In one source snapshot, the rows of captured keys are compared row by row, and (but for a revert)
@@ -153,13 +155,17 @@ def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) ->
     before each freeze, so the freeze itself has little left to check). Tables are compared --jobs
     at a time, every source connection reading in the snapshot this transaction exports.
 
-    A revert proves no bulk: its rows outside the window's log are the forward move's, proven at its flip.
+    Without `bulk` only the captured keys are compared (the last pass before a freeze). A revert
+    proves no bulk: its rows outside the window's log are the forward move's, proven at its flip.
     """
-    layout, tenants, bulk = run.layout, move.tenants, move.reverts is None
+    layout, tenants, bulk = run.layout, move.tenants, bulk and move.reverts is None
     with stamps.connect(run.source, autocommit=False) as src:
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         captured = capture.captured_keys(src, layout, move.capture_id)
         keys = capture.captured_keys(src, layout, move.capture_id, unverified_only=True) if incremental else captured
+        if not (bulk or any(keys.values())):  # nothing to prove: no streams opened
+            src.commit()
+            return Report(tenants, []), 0
         snapshot = src.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
         jobs = min(run.options.jobs, len(layout.tables))
         with Streams(run.source.dsn, run.target.dsn, jobs, snapshot=snapshot) as streams:
@@ -273,8 +279,9 @@ def online_cutover(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, flo
 def _attempt_cutover(run: MoveRun, move: Move, number: int) -> tuple[list[Route], dict[str, float]]:
     """One attempt: catch up and re-verify the keys in flux while writes go on, then the freeze.
 
-    The last catch-up comes right before the freeze, after everything else that takes time (the
-    window's guard, the standbys), so that the freeze drains and proves as few changes as possible.
+    The last catch-up, and a proof of the keys it replayed, come right before the freeze, after
+    everything else that takes time (the window's guard, the standbys), so that the freeze drains and
+    proves only what arrived since.
     """
     catch_up(run, move)
     verify_before_freeze(run, move, incremental=True)
@@ -284,6 +291,8 @@ def _attempt_cutover(run: MoveRun, move: Move, number: int) -> tuple[list[Route]
         prepare_window(run, move, capture=False)
     with ticking(run.progress, f"waiting for {run.target.name}'s standbys to replay the copy"):
         wait_for_replicas(run, "the copy")  # so that the freeze only waits for the drain's few rows
+    catch_up(run, move)
+    verify_before_freeze(run, move, incremental=True, bulk=False)
     catch_up(run, move)
     run.lock.check()
     try:
