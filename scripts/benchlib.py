@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from benchschemas import SCHEMAS, BenchSchema
 from psycopg import sql
 
 from migrator import config as configlib
@@ -75,19 +76,18 @@ class Pair:
 
 
 @contextmanager
-def moving_pair(prefix: str, tenant: int, rows: int) -> Iterator[Pair]:
-    """Stamps `a` and `b` on servers of their own, registered in a catalog with its config; `tenant`
-    seeded on `a` with about `rows` rows beside a small tenant 2, both routed to `a`."""
+def moving_pair(prefix: str, tenant: int, rows: int, schema: BenchSchema = SCHEMAS["sample"]) -> Iterator[Pair]:
+    """Stamps `a` and `b` of `schema` on servers of their own, registered in a catalog whose config
+    carries the schema's tenancy; `tenant` seeded on `a` with about `rows` rows beside a small
+    tenant 2, both routed to `a`."""
     with local_servers(prefix, ["a", "b"]) as (base, servers):
-        stamps = {
-            "a": provision.stamp_database(servers[0], "stamp_a"),
-            "b": provision.stamp_database(servers[1], "stamp_b"),
-        }
-        catalog, config = catalog_with_config(servers[0], base)
+        stamps = {"a": schema.create(servers[0], "stamp_a"), "b": schema.create(servers[1], "stamp_b")}
+        catalog, config = catalog_with_config(servers[0], base, tenancy=schema.tenancy)
         for name, dsn in stamps.items():
             catalog.add_stamp(name, dsn)
-        print(f"seeding tenant {tenant} with ~{rows:,} rows ...", file=sys.stderr)
-        seeded = seed_fleet_stamp(stamps["a"], [TenantSpec(tenant, rows), TenantSpec(2, 1_000)])[tenant]
+        print(f"seeding tenant {tenant} of the {schema.name} schema with ~{rows:,} rows ...", file=sys.stderr)
+        seeded = schema.seed(stamps["a"], tenant, rows)
+        schema.seed(stamps["a"], 2, 1_000)
         for routed in (tenant, 2):
             catalog.set_route(str(routed), "a")
         yield Pair(stamps, catalog, [sys.executable, "-m", "migrator", "--config", str(config)], seeded)
