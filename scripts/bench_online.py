@@ -12,16 +12,16 @@ applications use: routes cached and updated by the catalog's notifications, fenc
 on the new stamp.
 
 Per move it prints the freeze the move measured (fence to flip, `freeze_ms`, and each of its
-steps, `freeze_steps_ms`; at the end, p50 and p99 of them), the application's
-pause at the cutover (from its last write acknowledged before the fence to its first after the
-flip's commit, over all writers: the freeze plus the re-route), the longest pause between two
-acknowledged writes at any time of the move and when it began relative to the fence (from the
-move's log; the machine's clock serves both), how long after
-the flip's commit the writers' routers had the new route cached (the latest of them), the writer's
-achieved rate, its fence rejections (inside the window by construction: the source rejects only
-while fenced) and its other errors (outside the window; the target is 0), and checks that every
-acknowledged write is on the new stamp; at the end also p50 and p99 of the application's pause
-minus the freeze (issue 28's goals: freeze p99 < 50 ms, pause at most 30 ms more than the freeze).
+steps, `freeze_steps_ms`, with the changes its drain replayed; at the end, p50 and p99 of them),
+the application's pause at the cutover (from its last write acknowledged before the fence to its
+first after the flip's commit, over all writers: the freeze plus the re-route), the longest pause
+between two acknowledged writes at any time of the move and when it began relative to the fence
+(from the move's log; the machine's clock serves both), how long after the flip's commit the
+writers' routers had the new route cached (the latest of them), the writer's achieved rate, its
+fence rejections (inside the window by construction: the source rejects only while fenced) and its
+other errors (outside the window; the target is 0), and checks that every acknowledged write is on
+the new stamp; at the end also p50 and p99 of the application's pause minus the freeze (issue 28's
+goals: freeze p99 < 50 ms, pause at most 30 ms more than the freeze).
 `scripts/bench online [--schema sample|peer] [--rows N] [--moves N] [--rate W]`.
 Every server is stopped at the end; nothing is written to the repository.
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import time
@@ -51,6 +52,14 @@ def _cached_lookup_us(catalog_url: str, stamps: dict[str, str], calls: int = 200
         for _ in range(calls):
             router.stamp_of(str(TENANT))
         return (time.perf_counter() - started) / calls * 1e6
+
+
+def _drained(log: str) -> int:
+    """Changes the flipping attempt replayed inside the freeze (its `drain` step), from the move's --verbose log."""
+    found = re.findall(r"^\S+ \S+ INFO migrator\.cutover: move \d+: drained (\d+) changes at", log, re.M)
+    if not found:
+        raise SystemExit("the move's log has no drain line")
+    return int(found[-1])
 
 
 def main() -> None:
@@ -152,7 +161,11 @@ def main() -> None:
                 f" {len(errors):>13} {move_s:>7.1f}",
                 flush=True,
             )
-            print("     freeze steps ms: " + ", ".join(f"{step} {ms:.1f}" for step, ms in freeze_steps.items()))
+            print(
+                "     freeze steps ms: "
+                + ", ".join(f"{step} {ms:.1f}" for step, ms in freeze_steps.items())
+                + f"; the drain replayed {_drained(moved.stderr)} changes"
+            )
             for error in errors[:3]:
                 print(f"     writer error: {error}")
             subprocess.run([*cli, "cleanup", str(TENANT), "--stamp", source, "--yes"], check=True, capture_output=True)
