@@ -11,13 +11,13 @@ inserts, updates (primary-key changes included) and deletes the tenant's rows at
 applications use: routes cached and updated by the catalog's notifications, fenced writes retried
 on the new stamp.
 
-Per move it prints the freeze the move measured (fence to flip, `freeze_ms`, and each of its
-steps, `freeze_steps_ms`, with the changes its drain replayed; at the end, p50 and p99 of them),
-the application's pause at the cutover (from its last write acknowledged before the fence to its
-first after the flip's commit, over all writers: the freeze plus the re-route), the longest pause
-between two acknowledged writes at any time of the move and when it began relative to the fence
-(from the move's log; the machine's clock serves both), how long after the flip's commit the
-writers' routers had the new route cached (the latest of them), the writer's achieved rate, its
+Per move it prints the freeze the move measured (fence to flip, `freeze_ms`, and each of its steps,
+`freeze_steps_ms`, with the changes its drain replayed and how many times it fenced; at the end, p50
+and p99 of them), the application's pause at the cutover (from its last write acknowledged before
+the fence to its first after the flip's commit, over all writers: the freeze plus the re-route), the
+longest pause between two acknowledged writes at any time of the move and when it began relative to
+the fence (from the move's log; the machine's clock serves both), how long after the flip's commit
+the writers' routers had the new route cached (the latest of them), the writer's achieved rate, its
 fence rejections (inside the window by construction: the source rejects only while fenced) and its
 other errors (outside the window; the target is 0), and checks that every acknowledged write is on
 the new stamp; at the end also p50 and p99 of the application's pause minus the freeze (issue 28's
@@ -60,6 +60,12 @@ def _drained(log: str) -> int:
     if not found:
         raise SystemExit("the move's log has no drain line")
     return int(found[-1])
+
+
+def _freezes(log: str) -> int:
+    """Cutover attempts that fenced the tenant, from the move's --verbose log: all but the last were
+    released (over --max-freeze-ms), each a pause of the application before the one that flipped."""
+    return len(re.findall(r"^\S+ \S+ INFO migrator\.cutover: move \d+: fenced, in-flight", log, re.M))
 
 
 def main() -> None:
@@ -164,7 +170,7 @@ def main() -> None:
             print(
                 "     freeze steps ms: "
                 + ", ".join(f"{step} {ms:.1f}" for step, ms in freeze_steps.items())
-                + f"; the drain replayed {_drained(moved.stderr)} changes"
+                + f"; the drain replayed {_drained(moved.stderr)} changes; {_freezes(moved.stderr)} freeze(s)"
             )
             for error in errors[:3]:
                 print(f"     writer error: {error}")
