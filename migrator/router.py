@@ -37,7 +37,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from migrator.catalog.routes import route_of
+from migrator.catalog.routes import CUTOVER_CHANNEL, route_of
 from migrator.db.dsn import mask, normalize
 from migrator.sqlstates import FENCED_SQLSTATE
 
@@ -101,11 +101,13 @@ def watch_routes(
     on_listening: Callable[[], None] | None = None,
     on_lost: Callable[[BaseException], None] | None = None,
     poll_s: float = 0.5,
+    on_cutover: Callable[[str, str], None] | None = None,
 ) -> Iterator[RouteChange]:
     """Every route change as it commits, until `stop` is set; reconnects when the connection drops.
 
     `on_listening` runs each time LISTEN is in place (after a reconnect too: changes made while it
-    was away were not seen, so a cache must re-read); `on_lost` when the connection was lost.
+    was away were not seen, so a cache must re-read); `on_lost` when the connection was lost;
+    `on_cutover(tenant, stamp)` (listened to only if given) when a move is about to flip a tenant to `stamp`.
     """
     stop = stop or threading.Event()
     backoff = 0.05
@@ -118,10 +120,12 @@ def watch_routes(
                 application_name=f"{APPLICATION_NAME}-listen",
             ) as conn:
                 conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+                if on_cutover is not None:
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CUTOVER_CHANNEL)))
                 backoff = 0.05
                 if on_listening is not None:
                     on_listening()
-                yield from _notified(conn, stop, poll_s)
+                yield from _notified(conn, stop, poll_s, on_cutover)
         except psycopg.Error as exc:
             if on_lost is not None:
                 on_lost(exc)
@@ -130,10 +134,18 @@ def watch_routes(
             backoff = min(2.0, backoff * 2)
 
 
-def _notified(conn: psycopg.Connection[Any], stop: threading.Event, poll_s: float) -> Iterator[RouteChange]:
-    """The route changes notified on a listening connection, until `stop` is set or it is lost (raises)."""
+def _notified(
+    conn: psycopg.Connection[Any], stop: threading.Event, poll_s: float, cutover: Callable[[str, str], None] | None
+) -> Iterator[RouteChange]:
+    """The route changes notified on a listening connection, until `stop` is set or it is lost (raises);
+    announced cutovers go to `cutover`."""
     while not stop.is_set():
         for notify in conn.notifies(timeout=poll_s):
+            if notify.channel == CUTOVER_CHANNEL:
+                if cutover is not None:
+                    data = json.loads(notify.payload)
+                    cutover(str(data["tenant"]), str(data["stamp"]))
+                continue
             yield RouteChange.parse(notify.payload)
         conn.execute("SELECT 1")  # notice a connection the server ended while we were idle
 
@@ -268,7 +280,7 @@ class Router:
             self._listening.clear()
             self._stale()
 
-        for change in watch_routes(self._catalog_url, self._closed, listening, lost):
+        for change in watch_routes(self._catalog_url, self._closed, listening, lost, on_cutover=self._warm_up):
             self._count("notifications")
             if change.op == "delete":
                 with self._lock:
@@ -277,6 +289,29 @@ class Router:
                 self._store(change.tenant, change.stamp, change.version, fresh=True)
 
     # -- connections --------------------------------------------------------------------------
+
+    def _warm_up(self, tenant: str, stamp: str) -> None:
+        """A tenant this application uses is about to flip to `stamp`: open as many connections there as
+        it holds on its current stamp, in the background, so the first writes after the flip do not
+        wait for new connections (they were most of the pause beyond the freeze)."""
+        entry = self._cache.get(tenant)
+        if entry is None or entry.stamp == stamp:
+            return
+        with self._lock:
+            current = self._pools.get(entry.stamp)
+        wanted = max(1, current.get_stats().get("pool_size", 1)) if current is not None else 1
+        threading.Thread(target=self._open, args=(stamp, wanted), name="migrator-router-warm", daemon=True).start()
+
+    def _open(self, stamp: str, count: int) -> None:
+        """Open `count` connections of the stamp's pool and leave them idle in it (best effort)."""
+        try:
+            pool = self._pool(stamp)
+            held = [pool.getconn(timeout=CATALOG_TIMEOUT_S) for _ in range(min(count, self._pool_size))]
+        except (KeyError, psycopg.Error) as exc:  # a stamp this application has no DSN for, or unreachable
+            log.info("no connections opened ahead of a cutover to %s: %s", stamp, exc)
+            return
+        for conn in held:
+            pool.putconn(conn)
 
     def _pool(self, stamp: str) -> ConnectionPool[psycopg.Connection[Any]]:
         with self._lock:

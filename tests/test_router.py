@@ -20,6 +20,7 @@ import pytest
 from conftest import REPO, Fleet, as_superuser, loaded_by
 from psycopg import sql
 
+from migrator.catalog.routes import announce_cutover
 from migrator.db import dsn as dsnlib
 from migrator.move import fence
 from migrator.router import Router, TenantFenced, UnknownTenant
@@ -92,6 +93,33 @@ def test_a_flip_by_another_process_reaches_the_cache_without_a_lookup(fleet: Fle
         _wait(lambda: router.version_of("7") == 2, "the flip's notification")
         assert router.stamp_of("7") == "eu-2"
         assert router.stats.lookups == 1 and router.stats.notifications >= 1
+
+
+def _router_sessions(fleet: Fleet, stamp: str) -> int:
+    """Sessions the router has open on a stamp (its pools' application_name)."""
+    with dsnlib.connect(fleet.dsn(stamp), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = %s",
+            ("migrator-router",),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_an_announced_cutover_opens_connections_to_the_target_before_the_flip(
+    fleet: Fleet, reader: tuple[str, str]
+) -> None:
+    """The move announces its target before the freeze: the router connects there while the route
+    still points at the source, so the first writes after the flip wait for no new connection."""
+    _, url = reader  # the catalog's reader role may listen, as it may read routes
+    fleet.seed("eu-1", 7, 20)
+    with Router(url, fleet.stamps) as router:
+        router.run("7", lambda conn: conn.execute("SELECT 1"))  # the application uses eu-1
+        assert _router_sessions(fleet, "eu-2") == 0
+        with fleet.catalog.transaction() as conn:
+            announce_cutover(conn, ["7", "404"], "eu-2")  # 404: a tenant this application never used
+        _wait(lambda: _router_sessions(fleet, "eu-2") >= 1, "connections opened on the target")
+        assert router.stamp_of("7") == "eu-1" and router.version_of("7") == 1  # the route is untouched
+        assert router.stats.lookups == 1
 
 
 def test_lost_notifications_converge_by_re_reading_and_reconnecting(fleet: Fleet, reader: tuple[str, str]) -> None:

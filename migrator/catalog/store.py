@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row
 
-from migrator.catalog import audit
+from migrator.catalog import audit, routes
 from migrator.catalog.locks import TenantLock
 from migrator.catalog.models import (
     FENCED_OFFLINE,
@@ -390,6 +390,11 @@ class Catalog:
             conn.execute(
                 "UPDATE routes SET state = %s, updated_at = now() WHERE tenant = ANY(%s)", (state, list(tenants))
             )
+
+    def announce_cutover(self, move: Move) -> None:
+        """Tell routers the move's tenants are about to live on its target (`routes.announce_cutover`)."""
+        with self.transaction() as conn:
+            routes.announce_cutover(conn, list(move.tenants), move.target)
 
     def flip(
         self, move: Move, conn: psycopg.Connection[Any], freeze_ms: float | None = None, *, window: bool = False

@@ -346,6 +346,7 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
         src.commit()
         tgt.commit()
         move = catalog.update_move(move.id, phase=Phase.CUTOVER)
+        catalog.announce_cutover(move)  # routers open connections to the target while this settles
         _settle(run, src, tgt, move)
         clock = FreezeClock()
         elapsed_ms = clock.elapsed_ms
