@@ -12,6 +12,7 @@ every reference into shared tables is proved to have its row on the target (`mis
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from queue import Empty, SimpleQueue
 from typing import Any
 
 import psycopg
@@ -76,19 +77,39 @@ def unresolved(
 def dangling(target_dsn: str, layout: Layout, tenants: Cohort, jobs: int = 1) -> list[str]:
     """On the target: the tenant's rows whose foreign keys find no parent row, one problem per key.
 
-    One anti-join per foreign key, `jobs` at a time, each on its own connection.
+    One anti-join per foreign key, `jobs` at a time: each of the `jobs` sessions takes the next check
+    until none is left, so a move opens `jobs` sessions here, not one per foreign key (a session costs
+    more than most of these checks).
     """
-    checks = [(table, fk) for table in layout.tables for fk in (*table.foreign_keys, *table.shared_keys)]
+    checks: SimpleQueue[tuple[int, Table, ForeignKey]] = SimpleQueue()
+    count = 0
+    for table in layout.tables:
+        for fk in (*table.foreign_keys, *table.shared_keys):
+            checks.put((count, table, fk))
+            count += 1
+    found: dict[int, str] = {}
 
-    def check(table: Table, fk: ForeignKey) -> str | None:
+    def session() -> None:
         with connect_dsn(target_dsn, "the target", autocommit=True) as conn:
-            keys = unresolved(conn, table, fk, tenants)
-        if not keys:
-            return None
-        return f"rows {shown_keys(keys)} of {table.label} reference no row of {fk.parent_label} (foreign key {fk.name})"
+            while True:
+                try:
+                    position, table, fk = checks.get_nowait()
+                except Empty:
+                    return
+                keys = unresolved(conn, table, fk, tenants)
+                if keys:
+                    found[position] = (
+                        f"rows {shown_keys(keys)} of {table.label} reference no row of {fk.parent_label} "
+                        f"(foreign key {fk.name})"
+                    )
 
-    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(checks))), thread_name_prefix="references") as pool:
-        return [p for p in pool.map(lambda c: check(*c), checks) if p is not None]
+    if not count:
+        return []
+    sessions = max(1, min(jobs, count))
+    with ThreadPoolExecutor(max_workers=sessions, thread_name_prefix="references") as pool:
+        for ended in [pool.submit(session) for _ in range(sessions)]:
+            ended.result()
+    return [found[position] for position in sorted(found)]
 
 
 def missing_shared(
