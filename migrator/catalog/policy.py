@@ -11,6 +11,7 @@ Each violation is one line naming the tenant, the rule and the stamp.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -73,8 +74,9 @@ def violations(tenant: Placement, target: Stamp, on_target: Iterable[Placement])
         )
     if target.kind == Tier.DEDICATED and others:
         found.append(f"{where}: {Rule.DEDICATED}: {target.name} is dedicated and holds tenant {others[0].tenant}")
-    for other in others:
-        shared = sorted(set(tenant.anti_affinity) & set(other.anti_affinity))
+    labels = set(tenant.anti_affinity)
+    for other in others if labels else ():  # a tenant without labels conflicts with none
+        shared = sorted(labels & set(other.anti_affinity))
         if shared:
             found.append(f"{where}: {Rule.ANTI_AFFINITY} {shared[0]}: {target.name} holds tenant {other.tenant}")
     return found
@@ -90,15 +92,31 @@ class Layout:
     stamps: dict[str, Stamp]
     placements: dict[str, Placement]
     homes: dict[str, set[str]] = field(default_factory=dict)  # stamp -> tenants routed (or planned) there
+    _plain: dict[str, Placement] = field(default_factory=dict, repr=False, compare=False)
 
     def of(self, tenant: str) -> Placement:
-        return self.placements.get(tenant) or Placement(tenant)
+        """The tenant's attributes; those of a tenant without any are made once (a plan asks for every
+        tenant of a target for each tenant it places: thousands of times)."""
+        found = self.placements.get(tenant) or self._plain.get(tenant)
+        if found is None:
+            found = self._plain[tenant] = Placement(tenant)
+        return found
+
+    @functools.cached_property
+    def _labelled(self) -> set[str]:
+        """The tenants with anti-affinity labels (the attributes do not change while a plan is made)."""
+        return {t for t, p in self.placements.items() if p.anti_affinity}
 
     def violations(self, tenants: Sequence[str], target: str) -> list[str]:
-        """Why this cohort may not go to `target` together (each member beside the others)."""
-        beside = {*self.homes.get(target, set()), *tenants}
+        """Why this cohort may not go to `target` together (each member beside the others).
+
+        Of the tenants beside it, the rules read only the first other one (a dedicated stamp's) and
+        those with anti-affinity labels, so only they are handed over, in order: a planner asks this
+        of every tenant it places, with hundreds of tenants on each target."""
+        names = sorted({*self.homes.get(target, set()), *tenants})
+        beside = [self.of(o) for i, o in enumerate(names) if i < 2 or o in self._labelled]
         stamp = self.stamps[target]
-        return [line for t in tenants for line in violations(self.of(t), stamp, [self.of(o) for o in sorted(beside)])]
+        return [line for t in tenants for line in violations(self.of(t), stamp, beside)]
 
     def place(self, tenants: Sequence[str], source: str, target: str) -> None:
         self.homes.setdefault(source, set()).difference_update(tenants)
