@@ -359,6 +359,25 @@ def test_tenant_spelled_unlike_its_stored_key_is_refused(
     assert result.exit_code == 2 and "is not a valid value of Tenants.Id" in result.stderr, result.output
 
 
+def test_a_cohort_names_each_tenant_spelled_unlike_its_stored_key_or_of_no_key_value(
+    odd_fleet_factory: OddFleetFactory,
+) -> None:
+    """The cohort's spellings are read in one query; a tenant it cannot find by its exact spelling, or that is
+    no value of the key's type (which fails that query), is still named, and a well-spelled one is not."""
+    fleet = odd_fleet_factory("bigint")
+    for stored in ("42", "43"):
+        _seed(fleet.dsn("eu-1"), stored)
+    for routed in ("042", "43", "not-a-bigint"):
+        fleet.catalog.set_route(routed, "eu-1")
+    with pytest.raises(PreflightError) as refused:
+        check_move(fleet.catalog, TENANCY, ("042", "43", "not-a-bigint"), "eu-2")
+    message = str(refused.value)
+    assert "2 problems" in message, message
+    assert "(1) tenant 042 is stored as 42 in Tenants.Id" in message, message
+    assert "(2) tenant not-a-bigint is not a valid value of Tenants.Id" in message, message
+    assert "tenant 43 " not in message, message
+
+
 def test_tenant_key_type_with_two_text_forms_is_refused(odd_fleet_factory: OddFleetFactory) -> None:
     """A timestamptz key prints differently as text and as JSON (what the fence compares): refused."""
     fleet = odd_fleet_factory("timestamptz")

@@ -197,9 +197,7 @@ def _check_rows(
     if root is None:  # the root table has no row key: named among the layout's problems
         return {}, {}, ()
     before = len(problems.found)
-    for tenant in tenants:
-        with problems.check():
-            _check_spelling(src, root, tenant, source.name)
+    _check_spellings(problems, src, root, tenants, source.name)
     if len(problems.found) > before:  # no value of the key, or spelled otherwise: counting would mislead
         return {}, {}, ()
     counts = {table.label: _counts(src, table, tenants) for table in layout.tables}
@@ -250,26 +248,57 @@ def _rev(revision: str | None) -> str:
     return revision if revision is not None else "no Alembic revision"
 
 
+def _check_spellings(
+    problems: Problems, conn: psycopg.Connection[Any], root: Table, tenants: Cohort, stamp: str
+) -> None:
+    """Each tenant of the cohort spelled as its root row's key is stored (`_check_spelling`), read in one
+    query for the cohort: a cohort of 100 tenants pays one round trip, not 100. A tenant not found by
+    its exact spelling (absent, spelled otherwise, or no value of the key's type) is looked up alone,
+    to be named."""
+    try:
+        with conn.transaction():
+            stored = {row[0]: row for row in conn.execute(_spelling_query(root, tenants))}
+    except psycopg.errors.DataError:  # a tenant is no value of the key's type: each is judged alone
+        stored = {}
+    for tenant in tenants:
+        with problems.check():
+            if tenant in stored:
+                _judge_spelling(stored[tenant], tenant, root, stamp)
+            else:
+                _check_spelling(conn, root, tenant, stamp)
+
+
+def _spelling_query(root: Table, tenants: Cohort) -> sql.Composed:
+    """Each of the tenants' root rows' key as text, as JSON text and its type."""
+    return sql.SQL("SELECT {k}::text, to_jsonb({k}) #>> '{{}}', pg_typeof({k})::text FROM {t} WHERE {f}").format(
+        k=sql.Identifier(str(root.key)), t=root.ident, f=tenant_filter(root, tenants)
+    )
+
+
 def _check_spelling(conn: psycopg.Connection[Any], root: Table, tenant: str, stamp: str) -> None:
     """Refuse a tenant id spelled differently from its stored text form (`042` for 42, an upper-case uuid).
 
     The rows would match by value, but the fence and capture trigger compare the stored key's text
     with the guarded tenant's text: a different spelling would leave the tenant's writes unfenced.
     """
-    query = sql.SQL(
-        "SELECT {k}::text, to_jsonb({k}) #>> '{{}}', pg_typeof({k})::text FROM {t} WHERE {f} LIMIT 1"
-    ).format(k=sql.Identifier(str(root.key)), t=root.ident, f=tenant_filter(root, (tenant,)))
     try:
         with conn.transaction():
-            row = conn.execute(query).fetchone()
+            row = conn.execute(_spelling_query(root, (tenant,)) + sql.SQL(" LIMIT 1")).fetchone()
     except psycopg.errors.DataError:
         raise PreflightError(f"tenant {tenant} is not a valid value of {root.label}.{root.key} on {stamp}") from None
-    if row and row[0] == tenant and row[1] != tenant:
+    if row:
+        _judge_spelling(row, tenant, root, stamp)
+
+
+def _judge_spelling(row: tuple[Any, ...], tenant: str, root: Table, stamp: str) -> None:
+    """Refuse the tenant's root row's key (text, JSON text, type) if it is stored otherwise than spelled, or
+    if its type prints differently as JSON (which the fence compares)."""
+    if row[0] == tenant and row[1] != tenant:
         raise PreflightError(
             f"tenant keys of type {row[2]} are not supported: the fence reads {row[0]} as {row[1]} "
             "(use a key type with one text form, such as bigint, uuid or text)"
         )
-    if row and row[0] != tenant:
+    if row[0] != tenant:
         raise PreflightError(
             f"tenant {tenant} is stored as {row[0]} in {root.label}.{root.key} on {stamp}; "
             "route and move it by that exact spelling"
