@@ -6,15 +6,20 @@ on its own PostgreSQL server) seeded the same way: stamp-1 holds TENANTS tenants
 rows and LARGE tenants of LARGE_ROWS rows; stamp-2 and stamp-3 can hold them all. While the drain
 runs, a writer (`migrator.testing.writer`, through the router) writes to a sample of the tenants;
 afterwards every write it was acknowledged must be on the tenant's new stamp. The drain is planned
-(`plan_drain`, with the default cohorts or `--cohort-tenants 1`) and applied through the engine
-(`apply.prepare` + `apply.run`), like `migrator plan drain stamp-1` then `migrator apply FILE`.
-Only the apply is timed. The baseline pipes all of stamp-1's tenant rows, table by table, into an
-empty database on a server of its own, before the first drain. "wall per tenant" is the drain's
-wall time over its tenants (amortized, with --parallel moves at once); "move s per small tenant"
-is a small tenant's share of its own move's time (the move's seconds over its tenants).
+(with the default cohorts or `--cohort-tenants 1`) and applied as an operator does it: `migrator plan
+drain stamp-1` then `migrator apply FILE --parallel N`, each a process of its own (`--via cli`,
+the default: process start, imports and connections are part of every drain), or through the
+engine in this process (`--via engine`: `plan_drain` + `apply.prepare` + `apply.run`). The plan
+and the apply are timed apart and together ("whole"). The baseline pipes all of stamp-1's tenant
+rows, table by table, into an empty database on a server of its own, just before the first drain
+and again just after it (a shared machine's load drifts; the mean of the two is the baseline);
+"speed" is the pipe's seconds over the whole drain's (1x: as fast as the pipe). "whole per
+tenant" is the whole drain's wall time over its tenants (amortized, with --parallel moves at
+once); "move s per small tenant" is a small tenant's share of its own move's time (the move's
+seconds over its tenants).
 
     scripts/bench drain [--tenants 1000 --rows 1000 --large 3 --large-rows 50000 --parallel 4]
-                        [--cohort-rows N --cohort-tenants K] [--skip-single]
+                        [--cohort-rows N --cohort-tenants K] [--skip-single] [--via cli|engine]
 
 Every server is stopped at the end; nothing is written to the repository.
 """
@@ -22,8 +27,10 @@ Every server is stopped at the end; nothing is written to the repository.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +41,7 @@ import benchlib  # scripts/, the directory of this script
 
 from migrator.context import Context
 from migrator.local import provision
-from migrator.local.fleet import STATE_FILE
+from migrator.local.fleet import STATE_FILE, FleetInfo
 from migrator.local.fleet import fleet_down as stop_fleet
 from migrator.local.seed import TenantSpec
 from migrator.plans.apply import ApplyOptions, prepare, run
@@ -51,15 +58,29 @@ class Notes(Silent):
 
 
 @dataclass(frozen=True)
+class Ran:
+    """One entry of the apply, as `migrator apply --json` reports it."""
+
+    tenants: tuple[str, ...]
+    status: str
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Drain:
     label: str
     moves: int
     tenants: int
     rows: int
-    wall_s: float
+    plan_s: float
+    apply_s: float
     small_s_per_tenant: float  # a small tenant's share of its move's time (its move's seconds / its tenants)
     longest_freeze_ms: float
     acknowledged: int
+
+    @property
+    def whole_s(self) -> float:
+        return self.plan_s + self.apply_s
 
 
 def tenant_specs(args: argparse.Namespace) -> list[TenantSpec]:
@@ -73,12 +94,12 @@ def tenant_specs(args: argparse.Namespace) -> list[TenantSpec]:
     return large + small
 
 
-def seeded_fleet(directory: Path, args: argparse.Namespace) -> tuple[Context, dict[int, int]]:
+def seeded_fleet(directory: Path, args: argparse.Namespace) -> tuple[FleetInfo, Context, dict[int, int]]:
     started = time.monotonic()
-    _, ctx, counts = benchlib.drain_fleet(directory, tenant_specs(args))
+    info, ctx, counts = benchlib.drain_fleet(directory, tenant_specs(args))
     print(f"seeded {len(counts)} tenants, {sum(counts.values()):,} rows in {time.monotonic() - started:.0f} s",
           file=sys.stderr)  # fmt: skip
-    return ctx, counts
+    return info, ctx, counts
 
 
 def raw_pipe(ctx: Context) -> float:
@@ -90,29 +111,81 @@ def raw_pipe(ctx: Context) -> float:
         )
 
 
-def drain(base: Path, label: str, args: argparse.Namespace, cohorts: Cohorts, pipe: bool) -> tuple[Drain, float]:
-    """A fresh fleet, seeded, (with `pipe`, piped first) then drained under a writer; returns what the
-    drain took and the pipe's seconds."""
+def _options(args: argparse.Namespace) -> ApplyOptions:
+    return ApplyOptions(parallel=args.parallel, per_stamp=-(-args.parallel // 2))  # two targets
+
+
+def via_engine(
+    ctx: Context, plan_file: Path, args: argparse.Namespace, cohorts: Cohorts
+) -> tuple[float, float, list[Ran]]:
+    """Plan and apply through the engine in this process; the plan's and the apply's seconds and the entries run."""
+    started = time.perf_counter()
+    write_plan(plan_drain(ctx, "stamp-1", None, cohorts), plan_file)
+    planned = time.perf_counter()
+    result = run(ctx, prepare(ctx, plan_file), _options(args), Notes())
+    applied = time.perf_counter()
+    if result.status != "done":
+        raise SystemExit(f"the drain did not finish: {result.status}")
+    return planned - started, applied - planned, [Ran(r.tenants, r.status, r.seconds) for r in result.results]
+
+
+def via_cli(
+    info: FleetInfo, plan_file: Path, args: argparse.Namespace, cohorts: Cohorts
+) -> tuple[float, float, list[Ran]]:
+    """`migrator plan drain` then `migrator apply`, each a process; the plan's and the apply's seconds and the
+    entries run."""
+    cli = [sys.executable, "-m", "migrator", "--config", str(info.config_path)]
+    cohort_flags = ["--cohort-rows", str(cohorts.rows), "--cohort-tenants", str(cohorts.tenants)]
+    options = _options(args)
+    started = time.perf_counter()
+    subprocess.run(
+        [*cli, "plan", "drain", "stamp-1", "-o", str(plan_file), *cohort_flags], check=True, stdout=subprocess.DEVNULL
+    )
+    planned = time.perf_counter()
+    applied = subprocess.run(
+        [
+            *cli,
+            "apply",
+            str(plan_file),
+            "--parallel",
+            str(options.parallel),
+            "--per-stamp",
+            str(options.per_stamp),
+            "--yes",
+            "--json",
+        ],
+        check=True,
+        stdout=subprocess.PIPE,
+    )
+    done = time.perf_counter()
+    results = json.loads(applied.stdout)["results"]
+    return planned - started, done - planned, [Ran(tuple(r["tenants"]), r["status"], r["seconds"]) for r in results]
+
+
+def drain(
+    base: Path, label: str, args: argparse.Namespace, cohorts: Cohorts, pipe: bool
+) -> tuple[Drain, tuple[float, ...]]:
+    """A fresh fleet, seeded, (with `pipe`, piped before and after) then drained under a writer; returns what
+    the drain took and the pipes' seconds."""
     directory = base / label
     try:
-        ctx, counts = seeded_fleet(directory, args)
-        pipe_s = raw_pipe(ctx) if pipe else 0.0
+        info, ctx, counts = seeded_fleet(directory, args)
+        pipes = [raw_pipe(ctx)] if pipe else []
         stamps = {s.name: s.dsn for s in ctx.catalog.stamps()}
         sample = random.Random(7).sample(sorted(counts)[args.large :], min(args.writers, args.tenants))
         writers = [Workload(ctx.catalog.url, stamps, t, seed=t, rate=args.writer_rate).start() for t in sample]
-        plan_file = write_plan(plan_drain(ctx, "stamp-1", None, cohorts), directory / "drain-stamp-1.yaml")
-        prepared = prepare(ctx, plan_file)
         first_move = max((m.id for m in ctx.catalog.moves(limit=1)), default=0)
-        options = ApplyOptions(parallel=args.parallel, per_stamp=-(-args.parallel // 2))  # two targets
-        started = time.perf_counter()
-        result = run(ctx, prepared, options, Notes())
-        wall = time.perf_counter() - started
-        ran = [r for r in result.results if r.status != "skipped"]
+        plan_file = directory / "drain-stamp-1.yaml"
+        if args.via == "cli":
+            plan_s, apply_s, results = via_cli(info, plan_file, args, cohorts)
+        else:
+            plan_s, apply_s, results = via_engine(ctx, plan_file, args, cohorts)
+        ran = [r for r in results if r.status != "skipped"]
         for writer in writers:
             writer.stop()
         failed = [r for r in ran if r.status != "done"]
-        if result.status != "done" or failed or ctx.catalog.routes("stamp-1"):
-            raise SystemExit(f"{label}: the drain did not finish: {result.status}, {failed[:3]}")
+        if failed or ctx.catalog.routes("stamp-1"):
+            raise SystemExit(f"{label}: the drain did not finish: {failed[:3]}")
         for writer in writers:  # no acknowledged write lost
             if writer.errors:
                 raise SystemExit(f"{label}: the writer of tenant {writer.tenant} saw errors: {writer.errors[:3]}")
@@ -126,14 +199,17 @@ def drain(base: Path, label: str, args: argparse.Namespace, cohorts: Cohorts, pi
             len(ran),
             len(counts),
             sum(counts.values()),
-            wall,
+            plan_s,
+            apply_s,
             sum(r.seconds for r in small) / max(1, sum(len(r.tenants) for r in small)),
             max((m.freeze_ms or 0.0) for m in moves),
             sum(w.acked for w in writers),
         )
+        print(f"{label}: planned in {plan_s:.1f} s, {drained.moves} moves in {apply_s:.1f} s", file=sys.stderr)
+        if pipe:  # the source still holds every row (no cleanup), and the writers' few more
+            pipes.append(raw_pipe(ctx))
         ctx.catalog.close()
-        print(f"{label}: {drained.moves} moves in {wall:.1f} s", file=sys.stderr)
-        return drained, pipe_s
+        return drained, tuple(pipes)
     finally:
         if (directory / STATE_FILE).exists():  # also when fleet_up failed half-way
             stop_fleet(directory)
@@ -152,11 +228,14 @@ def main() -> int:
     parser.add_argument("--cohort-rows", type=int, default=Cohorts().rows, help="plan drain --cohort-rows")
     parser.add_argument("--cohort-tenants", type=int, default=Cohorts().tenants, help="plan drain --cohort-tenants")
     parser.add_argument("--skip-single", action="store_true", help="only the drain with cohorts")
+    parser.add_argument(
+        "--via", choices=["cli", "engine"], default="cli", help="`migrator` processes, or the engine in this process"
+    )
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="migrator-bench-drain-"))
     base.chmod(0o755)
     try:
-        cohorts, pipe_s = drain(base, "cohorts", args, Cohorts(args.cohort_rows, args.cohort_tenants), pipe=True)
+        cohorts, pipes = drain(base, "cohorts", args, Cohorts(args.cohort_rows, args.cohort_tenants), pipe=True)
         runs = [cohorts]
         if not args.skip_single:
             runs.append(drain(base, "one-per-tenant", args, Cohorts(tenants=1), pipe=False)[0])
@@ -164,19 +243,25 @@ def main() -> int:
         shutil.rmtree(base, ignore_errors=True)
     rows = cohorts.rows
     print(f"stamp-1: {args.tenants} tenants x ~{args.rows:,} rows + {args.large} x {args.large_rows:,} = {rows:,} rows")
-    print(f"raw psql binary COPY pipe of the stamp's rows  {pipe_s:8.2f} s  {rows / pipe_s:12,.0f} rows/s")
+    pipe_s = sum(pipes) / len(pipes)
+    print(
+        f"raw psql binary COPY pipe of the stamp's rows  {pipe_s:8.2f} s  {rows / pipe_s:12,.0f} rows/s"
+        f"  (before the drain {pipes[0]:.2f} s, after it {pipes[1]:.2f} s)"
+    )
+    print(f"drains via {args.via}, --parallel {args.parallel} --per-stamp {_options(args).per_stamp}")
     print()
     print(
-        "drain            moves  wall s  wall/pipe  wall per tenant ms  move s per small tenant ms  longest freeze ms"
-        "  acked writes"
+        "drain            moves  plan s  apply s  whole s  speed  whole per tenant ms  move s per small tenant ms"
+        "  longest freeze ms  acked writes"
     )
     for d in runs:
         print(
-            f"{d.label:15} {d.moves:6}  {d.wall_s:6.1f}  {d.wall_s / pipe_s:8.1f}x  {d.wall_s / d.tenants * 1000:18.0f}"
-            f"  {d.small_s_per_tenant * 1000:26.0f}  {d.longest_freeze_ms:17.1f}  {d.acknowledged:12,}"
+            f"{d.label:15} {d.moves:6}  {d.plan_s:6.2f}  {d.apply_s:7.2f}  {d.whole_s:7.2f}  {pipe_s / d.whole_s:4.2f}x"
+            f"  {d.whole_s / d.tenants * 1000:19.1f}  {d.small_s_per_tenant * 1000:26.1f}  {d.longest_freeze_ms:17.1f}"
+            f"  {d.acknowledged:12,}"
         )
     if len(runs) == 2:
-        print(f"\ncohorts drain {runs[1].wall_s / runs[0].wall_s:.1f}x faster than one move per tenant")
+        print(f"\ncohorts drain {runs[1].whole_s / runs[0].whole_s:.1f}x faster than one move per tenant")
     return 0
 
 
