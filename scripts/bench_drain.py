@@ -74,7 +74,7 @@ class Drain:
     rows: int
     plan_s: float
     apply_s: float
-    small_s_per_tenant: float  # a small tenant's share of its move's time (its move's seconds / its tenants)
+    small_s_per_tenant: float | None  # a small tenant's share of its move's time (its move's seconds / its tenants)
     longest_freeze_ms: float
     acknowledged: int
 
@@ -201,7 +201,7 @@ def drain(
             sum(counts.values()),
             plan_s,
             apply_s,
-            sum(r.seconds for r in small) / max(1, sum(len(r.tenants) for r in small)),
+            sum(r.seconds for r in small) / sum(len(r.tenants) for r in small) if small else None,
             max((m.freeze_ms or 0.0) for m in moves),
             sum(w.acked for w in writers),
         )
@@ -213,6 +213,11 @@ def drain(
     finally:
         if (directory / STATE_FILE).exists():  # also when fleet_up failed half-way
             stop_fleet(directory)
+
+
+def _ms(seconds: float | None) -> str:
+    """Milliseconds, or `-` where no move held only small tenants (a large one leads every cohort)."""
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
 
 
 def main() -> int:
@@ -257,7 +262,7 @@ def main() -> int:
     for d in runs:
         print(
             f"{d.label:15} {d.moves:6}  {d.plan_s:6.2f}  {d.apply_s:7.2f}  {d.whole_s:7.2f}  {pipe_s / d.whole_s:4.2f}x"
-            f"  {d.whole_s / d.tenants * 1000:19.1f}  {d.small_s_per_tenant * 1000:26.1f}  {d.longest_freeze_ms:17.1f}"
+            f"  {d.whole_s / d.tenants * 1000:19.1f}  {_ms(d.small_s_per_tenant):>26}  {d.longest_freeze_ms:17.1f}"
             f"  {d.acknowledged:12,}"
         )
     if len(runs) == 2:
