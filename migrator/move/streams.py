@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from migrator.catalog import Cohort
 from migrator.db import dsn as dsnlib
@@ -33,6 +33,7 @@ class _Unit:
 
     tables: tuple[Table, ...]
     streams: int = 0  # parts still copying
+    rows: dict[str, int] = field(default_factory=dict)  # per table, the rows preflight counted
 
     @property
     def names(self) -> set[str]:
@@ -95,6 +96,7 @@ def copy_tables(
                 for unit in [u for u in pending if (in_any_order or u.parents <= done) and u.path_parents <= done]:
                     pending.remove(unit)
                     _count_from(run, unit, totals, cursors)
+                    unit.rows = {t.label: totals.get(t.label, 0) for t in unit.tables}
                     submits = _streams(stream, unit, totals, jobs)
                     unit.streams = len(submits)
                     running.update((pool.submit(submit), unit) for submit in submits)
@@ -133,7 +135,7 @@ def _ended(
 
 def _complete(run: MoveRun, unit: _Unit, finished: Callable[[tuple[Table, ...]], None]) -> None:
     for table in unit.tables:
-        copy.analyze(run.target.dsn, table)
+        copy.analyze(run.target.dsn, table, unit.rows.get(table.label, 0))
         run.progress.finish(table.label)
     finished(unit.tables)
 
