@@ -321,10 +321,7 @@ def copy_part(stream: Stream, table: Table, index: int) -> int:
             started = time.monotonic()
             try:
                 with src.transaction(), tgt.transaction():
-                    bound = None if read_back else _batch_bound(src, table, of_tenants, part, batch_rows)
-                    select = _key_range(
-                        table, of_tenants, part.after, bound or part.upto, batch_rows if read_back else None
-                    )
+                    bound, select = _next_batch(src, table, of_tenants, part, batch_rows, read_back)
                     follow.copy_for_batch(src, tgt, table, select)  # the shared rows it references, first
                     rows = _stream_batch(src, tgt, table, select)
                     upto = (
@@ -334,10 +331,7 @@ def copy_part(stream: Stream, table: Table, index: int) -> int:
                     part = _next_part(tgt, move_id, table, part, upto, rows)
             except psycopg.errors.ForeignKeyViolation:  # a parent written since its table was copied
                 with src.transaction(), tgt.transaction():
-                    bound = None if read_back else _batch_bound(src, table, of_tenants, part, batch_rows)
-                    select = _key_range(
-                        table, of_tenants, part.after, bound or part.upto, batch_rows if read_back else None
-                    )
+                    bound, select = _next_batch(src, table, of_tenants, part, batch_rows, read_back)
                     follow.copy_for_batch(src, tgt, table, select)  # a followed row referenced since
                     staged = stage_rows(src, tgt, table, select, STAGE)
                     upto = _last_key(tgt, STAGE, table, tenants, part) if read_back and staged == batch_rows else bound
@@ -350,6 +344,16 @@ def copy_part(stream: Stream, table: Table, index: int) -> int:
             stream.progress.advance(table.label, rows)
             stream.pace(rows, started)
         return copied
+
+
+def _next_batch(
+    src: psycopg.Connection[Any], table: Table, of_tenants: sql.Composable, part: Part, batch_rows: int,
+    read_back: bool,
+) -> tuple[list[str] | None, sql.Composed]:  # fmt: skip
+    """The part's next batch on the source, in the caller's snapshot: its last key (None where it is
+    read back from the target, or the part's rest is smaller) and the SELECT of its rows."""
+    bound = None if read_back else _batch_bound(src, table, of_tenants, part, batch_rows)
+    return bound, _key_range(table, of_tenants, part.after, bound or part.upto, batch_rows if read_back else None)
 
 
 Batch = tuple[sql.Composable, Part, list[str] | None]  # the source's filter, the part, the batch's last key

@@ -131,14 +131,20 @@ Proof = tuple[TableResult | None, list[list[str]]]  # untouched rows' result (if
 
 def _captured_hashes(
     conn: psycopg.Connection[Any], index: int, table: Table, tenants: Cohort, keys: list[list[str]],
-    excluded: list[list[str]] | None,
+    others: list[list[str]],
 ) -> Hashes:  # fmt: skip
-    """In the caller's transaction: row hashes of the table's rows in `keys`, and (for the bulk proof)
-    the captured keys its rows are proven outside of, loaded as `proof.captured_table(index)`."""
+    """In the caller's transaction: row hashes of the table's rows in `keys` (loaded as
+    `keys_table(index)`); and the captured keys the bulk proof's rows lie outside of, where they are
+    `others` than `keys` (an incremental pass: loaded as `proof.captured_table(index)`)."""
     load_keys(conn, table, keys, keys_table(index))
-    if excluded is not None:
-        load_keys(conn, table, excluded, proof.captured_table(index))
+    if others:
+        load_keys(conn, table, others, proof.captured_table(index))
     return keyed_row_hashes(conn, table, tenants, keys_table(index)) if keys else {}
+
+
+def _differing(source: Hashes, target: Hashes) -> list[list[str]]:
+    """The keys whose rows differ between two key -> row hash maps (missing on one side included)."""
+    return [list(k) for k in set(source) | set(target) if source.get(k) != target.get(k)]
 
 
 def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) -> tuple[Report, int]:
@@ -158,24 +164,21 @@ def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) ->
     layout, tenants, bulk = run.layout, move.tenants, move.reverts is None
     with stamps.connect(run.source, autocommit=False) as src:
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        captured = capture.captured_keys(src, layout, move.capture_id)
+        captured = capture.captured_keys(src, layout, move.capture_id) if bulk or not incremental else {}
         keys = capture.captured_keys(src, layout, move.capture_id, unverified_only=True) if incremental else captured
         snapshot = src.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
         jobs = min(run.options.jobs, len(layout.tables))
         with Streams(run.source.dsn, run.target.dsn, jobs, snapshot=snapshot) as streams:
 
             def prove(s: psycopg.Connection[Any], t: psycopg.Connection[Any], index: int, table: Table) -> Proof:
-                own, excluded = keys.get(table.name, []), captured.get(table.name, []) if bulk else None
-                target = streams.sides.submit(_captured_hashes, t, index, table, tenants, own, excluded)
-                s_rows = _captured_hashes(s, index, table, tenants, own, excluded)
-                t_rows = target.result()
-                differ = [list(k) for k in set(s_rows) | set(t_rows) if s_rows.get(k) != t_rows.get(k)]
-                untouched = (
-                    proof.prove_untouched(s, t, index, table, tenants, move.id, streams.sides, bool(excluded))
-                    if bulk
-                    else None
-                )
-                return untouched, differ
+                own = keys.get(table.name, [])
+                others = captured.get(table.name, []) if bulk and incremental else []
+                target = streams.sides.submit(_captured_hashes, t, index, table, tenants, own, others)
+                differ = _differing(_captured_hashes(s, index, table, tenants, own, others), target.result())
+                if not bulk:
+                    return None, differ
+                outside = proof.captured_table(index) if others else keys_table(index) if own else None
+                return proof.prove_untouched(s, t, index, table, tenants, move.id, streams.sides, outside), differ
 
             proofs = streams.map(prove, layout.tables)
         unproven = {table.name: differ for table, (_, differ) in zip(layout.tables, proofs, strict=True) if differ}
@@ -239,7 +242,7 @@ def _settle(run: MoveRun, src: psycopg.Connection[Any], tgt: psycopg.Connection[
         src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         keys = capture.captured_keys(src, layout, move.capture_id, unverified_only=True)
         hashes = _hash_keys(src, tgt, layout, tenants, keys)
-        unproven = {name: [list(k) for k in set(s) | set(t) if s.get(k) != t.get(k)] for name, (s, t) in hashes.items()}
+        unproven = {name: _differing(*both) for name, both in hashes.items()}
         capture.mark_verified(src, layout, move.capture_id, {name: k for name, k in unproven.items() if k})
 
 

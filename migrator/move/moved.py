@@ -24,7 +24,7 @@ from migrator.catalog import Catalog, Cohort, Move, Stamp, TableProgress, name_t
 from migrator.catalog.models import FLIPPED
 from migrator.db.retry import STAMP_STEP
 from migrator.errors import PreflightError
-from migrator.move import fence
+from migrator.move import fence, proof
 from migrator.move.integrity import MAX_KEYS, shown_keys
 from migrator.move.verify import EMPTY, Checksum, tenant_checksums
 from migrator.stamps.access import SCHEMA
@@ -74,12 +74,8 @@ def _sums_at_flip(
     src: psycopg.Connection[Any], table: Table, tenants: Cohort, copied: Checksum | None
 ) -> dict[str, Checksum]:
     """`tenant_checksums` of the table on the source, or the copy's sum where it is exactly that (see `record`)."""
-    if copied is not None and len(tenants) == 1:
-        row = src.execute(
-            sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table.ident, tenant_filter(table, tenants))
-        ).fetchone()
-        if row is not None and row[0] == copied.rows:
-            return {tenants[0]: copied} if copied.rows else {}
+    if copied is not None and len(tenants) == 1 and proof.counts(src, table, tenants)[0] == copied.rows:
+        return {tenants[0]: copied} if copied.rows else {}
     return tenant_checksums(src, table, tenants)
 
 

@@ -96,10 +96,12 @@ def proven_xids(tgt: psycopg.Connection[Any], move_id: int, table: Table) -> lis
     return [xid for (xid,) in rows.fetchall()]
 
 
-def _counts(conn: psycopg.Connection[Any], table: Table, tenants: Cohort, outside: sql.Composable,
-            xids: list[str] | None) -> tuple[int, int]:  # fmt: skip
-    """The tenant's rows outside the captured keys, and (given proven batches' `xids`) how many of
-    them no proven batch wrote."""
+def counts(
+    conn: psycopg.Connection[Any], table: Table, tenants: Cohort, outside: sql.Composable = ALL_ROWS,
+    xids: list[str] | None = None,
+) -> tuple[int, int]:  # fmt: skip
+    """The tenant's rows (outside the captured keys, if `outside` says so), and (given proven
+    batches' `xids`) how many of them no proven batch wrote."""
     unproven = sql.SQL("count(*) FILTER (WHERE xmin <> ALL(%s::xid[]))") if xids is not None else sql.SQL("0")
     row = conn.execute(
         sql.SQL("SELECT count(*), {} FROM {} WHERE {} AND {}").format(
@@ -132,9 +134,10 @@ def prove_untouched(
     tenants: Cohort,
     move_id: int,
     sides: ThreadPoolExecutor,
-    captured: bool,
+    captured: sql.Identifier | None,
 ) -> TableResult:
-    """The table's rows outside the captured keys (loaded as `captured_table(index)` on both sides),
+    """The table's rows outside the captured keys (loaded as the temporary table `captured` on both
+    sides; None where none was captured),
     proven equal on both stamps as the module says; the source in the caller's snapshot, the target static.
 
     Where they are equal the result's checksums count the rows; where not, its keys name the first
@@ -142,9 +145,9 @@ def prove_untouched(
     """
     xids = proven_xids(tgt, move_id, table)
     # no anti-join with an empty key table: the planner probes it once per row (1.1 s on 700,000 rows)
-    outside = outside_keys(table, captured_table(index)) if captured else ALL_ROWS
-    source = sides.submit(_counts, src, table, tenants, outside, None)
-    target_rows, unproven = _counts(tgt, table, tenants, outside, xids)
+    outside = outside_keys(table, captured) if captured is not None else ALL_ROWS
+    source = sides.submit(counts, src, table, tenants, outside, None)
+    target_rows, unproven = counts(tgt, table, tenants, outside, xids)
     source_rows = source.result()[0]
     if source_rows == target_rows and unproven == 0:
         return TableResult(table.label, Checksum(source_rows, 0, 0), Checksum(target_rows, 0, 0))
