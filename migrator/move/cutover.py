@@ -24,7 +24,7 @@ from migrator.db.dsn import WriteMode
 from migrator.db.retry import freeze_attempts
 from migrator.errors import FreezeTooLong, NotConverging, VerifyMismatch
 from migrator.move import capture, copy, fence, integrity, proof, revert
-from migrator.move.keys import keys_table, load_keys
+from migrator.move.keys import key_set, keys_table, load_keys
 from migrator.move.preflight import check_schema_unchanged
 from migrator.move.run import CutoverOptions as CutoverOptions  # re-exported: the CLI builds it from its flags
 from migrator.move.run import MoveRun
@@ -192,13 +192,12 @@ def _keyed_hashes(
     conn: psycopg.Connection[Any], layout: Layout, tenants: Cohort, keys: dict[str, list[list[str]]]
 ) -> dict[str, Hashes]:
     """Per table with keys, the row hash of each key's row, all in one transaction of `conn`."""
-    out = {}
     with conn.transaction(force_rollback=True):
-        for i, table in enumerate(layout.tables):
-            if keys.get(table.name):
-                load_keys(conn, table, keys[table.name], keys_table(i))
-                out[table.name] = keyed_row_hashes(conn, table, tenants, keys_table(i))
-    return out
+        return {
+            table.name: keyed_row_hashes(conn, table, tenants, key_set(table, keys[table.name]))
+            for table in layout.tables
+            if keys.get(table.name)
+        }
 
 
 def _hash_keys(
@@ -369,6 +368,8 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
             log.info("move %s: drained %d changes at %.0f ms", move.id, drained, elapsed_ms())
             with tgt.transaction():
                 copy.follow_source_sequences(src, tgt, layout.tables, run.target.key_block)
+                if window:  # from here on every write of the tenants on the target is captured (after the
+                    fence.set_capture(tgt, move.tenants, True)  # drain's; until the flip nothing else writes them)
             clock.step("sequences")
             report = _verify_captured(src, tgt, layout, move)
             clock.step("keys")
@@ -384,10 +385,6 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
                     clock.step("standbys")
             except StandbyBehind as exc:
                 raise FreezeTooLong(f"the target's standbys did not replay the drain in the freeze: {exc}") from None
-            if window:  # from here on every write of the tenants on the target is captured
-                with tgt.pipeline(), tgt.transaction():
-                    fence.set_capture(tgt, move.tenants, True)
-                clock.step("window")
             if elapsed_ms() > options.max_freeze_ms:
                 limit = options.max_freeze_ms
                 raise FreezeTooLong(f"freeze reached {elapsed_ms():.0f} ms > --max-freeze-ms {limit:.0f}")

@@ -55,8 +55,8 @@ def of_tenants(table: Table, fk: ForeignKey, tenants: Cohort) -> sql.Composed:
     )
 
 
-def of_keys(table: Table, fk: ForeignKey, tenants: Cohort, keys: sql.Identifier) -> sql.Composed:
-    """fk's values in the tenants' rows of `table` whose keys are in a temporary key table (a replayed batch)."""
+def of_keys(table: Table, fk: ForeignKey, tenants: Cohort, keys: sql.Composable) -> sql.Composed:
+    """fk's values in the tenants' rows of `table` whose keys are in `keys` (a replayed batch's `key_set`)."""
     select = sql.SQL(", ").join(sql.Identifier(c) for c in fk.columns)
     return sql.SQL("SELECT {} FROM {}").format(qualified("x", fk.columns), by_key(table, keys, tenants, select))
 

@@ -47,8 +47,24 @@ def load_keys(conn: psycopg.Connection[Any], table: Table, keys: list[list[str]]
         conn.execute(sql.SQL("ANALYZE {}").format(name))  # real row counts, so the planner hashes the keys
 
 
-def by_key(table: Table, keys: sql.Identifier, tenants: Cohort, select: sql.Composable) -> sql.Composed:
-    """A FROM clause: `select` over the tenant's row of each key in a temporary key table, as `x`.
+def key_set(table: Table, keys: list[list[str]]) -> sql.Composed:
+    """The given text keys as a relation typed like the table's key, written into the statement itself.
+
+    For the few keys of a replay or of the freeze's proof: a temporary table (`load_keys`) costs its
+    creation, ANALYZE and drop in the catalog, 2 to 5 ms each, about 30 ms of a freeze that drains
+    and proves three tables on two sides; this costs nothing but the parse. Keys parse back as in
+    `load_keys`. The planner guesses 100 rows, which `by_key`'s index probe per key does not mind;
+    a large set compared against a whole tenant (an anti-join) wants `load_keys`' real counts.
+    """
+    rows = Jsonb([dict(zip(table.primary_key, key, strict=True)) for key in keys])
+    return sql.SQL("(SELECT DISTINCT {} FROM jsonb_populate_recordset(NULL::{}, {}))").format(
+        table.pk_cols(), table.ident, sql.Literal(rows)
+    )
+
+
+def by_key(table: Table, keys: sql.Composable, tenants: Cohort, select: sql.Composable) -> sql.Composed:
+    """A FROM clause: `select` over the tenant's row of each key in a key relation (a temporary key
+    table, or a `key_set`), as `x`.
 
     One index probe per key (LATERAL ... LIMIT 1; a key names at most one row), never a plain join:
     given a few thousand keys the planner hashes them against a scan of the whole tenant, which in
@@ -113,14 +129,31 @@ def stage_rows(
     table: Table,
     select: sql.Composable,
     stage: sql.Identifier,
+    *,
+    reuse: bool = False,
 ) -> int:
-    """A temporary table `stage` on the target (until its transaction ends) holding the rows `select`
-    returns on the source (the table's copy columns, by name); returns how many."""
-    tgt.execute(
-        sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
-            stage, table.cols(), table.ident
+    """A temporary table `stage` on the target holding the rows `select` returns on the source (the
+    table's copy columns, by name); returns how many.
+
+    It lives until the transaction ends; with `reuse`, it stays for the session, emptied at every
+    commit (ON COMMIT DELETE ROWS) and here: a replay stages each table in every round, and
+    creating and dropping the table cost 2 to 5 ms a round of the freeze's drain. Only a name that
+    always stages the same table in a session may be reused.
+    """
+    if reuse:
+        with tgt.pipeline():
+            tgt.execute(
+                sql.SQL(
+                    "CREATE TEMPORARY TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS SELECT {} FROM {} WITH NO DATA"
+                ).format(stage, table.cols(), table.ident)
+            )
+            tgt.execute(sql.SQL("DELETE FROM {}").format(stage))
+    else:
+        tgt.execute(
+            sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+                stage, table.cols(), table.ident
+            )
         )
-    )
     out = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(select)
     with src.cursor() as scur, tgt.cursor() as tcur:
         with (

@@ -163,9 +163,9 @@ def _row_hash(table: Table) -> sql.Composed:
 
 
 def keyed_row_hashes(
-    conn: psycopg.Connection[Any], table: Table, tenants: Cohort, keys: sql.Identifier
+    conn: psycopg.Connection[Any], table: Table, tenants: Cohort, keys: sql.Composable
 ) -> dict[tuple[str, ...], str]:
-    """Key -> hash of the row, for the tenant's rows whose key is in a temporary key table."""
+    """Key -> hash of the row, for the tenant's rows whose key is in `keys` (a key relation, see `by_key`)."""
     select = sql.SQL("ARRAY[{}] AS key, {} AS hash").format(table.pk_text(), _row_hash(table))
     query = sql.SQL("SELECT x.key, x.hash FROM {}").format(by_key(table, keys, tenants, select))
     return {tuple(key): digest for key, digest in conn.execute(query).fetchall()}
