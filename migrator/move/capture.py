@@ -279,9 +279,8 @@ def apply_keys(
         for fk, followed in table.follows:  # a user added during the move follows its membership
             values = follow.of_keys(table, fk, tenants, found[table.name])
             follow.copy_missing(src, tgt, followed, [follow.referenced(table, fk, followed, values)])
-        try:
-            with tgt.transaction():  # a savepoint: the error names the row instead of the raw violation
-                upserted += _upsert(tgt, table, stage)
+        try:  # the error names the row instead of the raw violation (the caller's transaction rolls back)
+            upserted += _upsert(tgt, table, stage)
         except psycopg.errors.ForeignKeyViolation as exc:
             detail = exc.diag.message_detail or ""
             raise MigratorError(
@@ -317,11 +316,11 @@ def replay_once(
             keys[layout.owner_of(table_name)].append(list(pk))
         with tgt.transaction():
             upserted, deleted = apply_keys(src, tgt, layout, tenants, keys)
-    src.execute(
-        sql.SQL("UPDATE {}.changes SET applied = true WHERE id = ANY(%s)").format(sql.Identifier(SCHEMA)),
-        ([change_id for change_id, _, _ in batch],),
-    )
-    src.commit()
+    with src.pipeline(), src.transaction():  # one round trip
+        src.execute(
+            sql.SQL("UPDATE {}.changes SET applied = true WHERE id = ANY(%s)").format(sql.Identifier(SCHEMA)),
+            ([change_id for change_id, _, _ in batch],),
+        )
     return Applied(len(batch), upserted, deleted)
 
 

@@ -162,13 +162,17 @@ def _row_hash(table: Table) -> sql.Composed:
     ).format(r=_hashed_row(table))
 
 
+def keyed_hash_query(table: Table, tenants: Cohort, keys: sql.Composable) -> sql.Composed:
+    """(key, hash of the row) of the tenant's rows whose key is in `keys` (a key relation, see `by_key`)."""
+    select = sql.SQL("ARRAY[{}] AS key, {} AS hash").format(table.pk_text(), _row_hash(table))
+    return sql.SQL("SELECT x.key, x.hash FROM {}").format(by_key(table, keys, tenants, select))
+
+
 def keyed_row_hashes(
     conn: psycopg.Connection[Any], table: Table, tenants: Cohort, keys: sql.Composable
 ) -> dict[tuple[str, ...], str]:
-    """Key -> hash of the row, for the tenant's rows whose key is in `keys` (a key relation, see `by_key`)."""
-    select = sql.SQL("ARRAY[{}] AS key, {} AS hash").format(table.pk_text(), _row_hash(table))
-    query = sql.SQL("SELECT x.key, x.hash FROM {}").format(by_key(table, keys, tenants, select))
-    return {tuple(key): digest for key, digest in conn.execute(query).fetchall()}
+    """Key -> hash of the row, for the tenant's rows whose key is in `keys` (`keyed_hash_query`)."""
+    return {tuple(key): digest for key, digest in conn.execute(keyed_hash_query(table, tenants, keys)).fetchall()}
 
 
 def _in_span(table: Table, tenants: Cohort, span: Range, where: sql.Composable = ALL_ROWS) -> sql.Composed:
