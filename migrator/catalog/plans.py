@@ -7,7 +7,9 @@ It takes plain values (digests, positions, tenants), so the catalog knows nothin
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from psycopg.rows import class_row
 
@@ -17,11 +19,23 @@ from migrator.catalog.store import Catalog
 
 
 @dataclass(frozen=True)
+class PlanFile:
+    """A plan file's identity: the path it was read from (for messages) and the sha256 of its bytes, the key
+    of its record, so a re-run of the same bytes finds its record wherever the file now lies."""
+
+    path: str
+    digest: str
+
+    @classmethod
+    def of(cls, path: Path, content: bytes) -> PlanFile:
+        return cls(str(path), hashlib.sha256(content).hexdigest())
+
+
+@dataclass(frozen=True)
 class PlanRecord:
     """A plan file as the catalog records it (`plans`): its identity and its entries."""
 
-    digest: str
-    path: str
+    file: PlanFile
     kind: str
     entries: tuple[EntryRecord, ...]
 
@@ -81,7 +95,7 @@ class Ledger:
             row = conn.execute(
                 "INSERT INTO plans (digest, path, kind) VALUES (%s, %s, %s) ON CONFLICT (digest)"
                 " DO UPDATE SET status = %s, path = EXCLUDED.path, updated_at = now() RETURNING id",
-                (plan.digest, plan.path, plan.kind, PlanStatus.RUNNING),
+                (plan.file.digest, plan.file.path, plan.kind, PlanStatus.RUNNING),
             ).fetchone()
             assert row is not None
             plan_id = int(row[0])
@@ -104,7 +118,7 @@ class Ledger:
                         {"done": EntryStatus.DONE, "plan": plan_id, "position": entry.position},
                     )
             todo = [e for e in plan.entries if not e.done]
-            reason = f"{plan.kind} plan {plan.path}: {len(todo)} of {len(plan.entries)} moves to run" + (
+            reason = f"{plan.kind} plan {plan.file.path}: {len(todo)} of {len(plan.entries)} moves to run" + (
                 f", queued on {queue}" if queue else ""
             )
             tenants = [t for e in todo for t in e.tenants]

@@ -329,8 +329,8 @@ def _dry_run(as_json: bool, prepared: Prepared) -> None:
 
     data = {
         "dry_run": True,
-        "path": prepared.path,
-        "digest": prepared.digest,
+        "path": prepared.file.path,
+        "digest": prepared.file.digest,
         "entries": [
             {
                 "position": e.position,
@@ -357,7 +357,7 @@ def _dry_run(as_json: bool, prepared: Prepared) -> None:
             for e in prepared.entries
         ],
     )
-    emit(as_json, data, f"dry run of {prepared.path}: the plan is current\n{text}")
+    emit(as_json, data, f"dry run of {prepared.file.path}: the plan is current\n{text}")
 
 
 def _summary(result: ApplyResult) -> str:
@@ -366,7 +366,7 @@ def _summary(result: ApplyResult) -> str:
     counts = ", ".join(
         f"{len(result.having(s))} {s}" for s in (EntryStatus.DONE, EntryStatus.FAILED, EntryStatus.SKIPPED)
     )
-    return f"{_results_table(result.results)}\nplan {result.path}: {result.status} ({counts})"
+    return f"{_results_table(result.results)}\nplan {result.file.path}: {result.status} ({counts})"
 
 
 def _revert_plan(context: Any, file: Path, throttle: ThrottleOptions, *, yes: bool, show: bool, as_json: bool) -> None:
@@ -558,7 +558,7 @@ def apply_cmd(
         if not queued.workers:
             render.say("no worker is running: the moves wait until one starts (`migrator worker`)")
         if queue.wait:
-            _recorded_plan(context, prepared.digest, file, follow=True, as_json=as_json)
+            _recorded_plan(context, prepared.file.digest, file, follow=True, as_json=as_json)
         return
     from migrator.interrupts import stop_on_signals
 
@@ -569,8 +569,8 @@ def apply_cmd(
     ):
         result = run(context, prepared, options, progress, stop.event)
     data = {
-        "path": result.path,
-        "digest": result.digest,
+        "path": result.file.path,
+        "digest": result.file.digest,
         "status": result.status,
         "interrupted": result.interrupted,
         "results": list(result.results),

@@ -14,7 +14,6 @@ more moves and stops the running ones at their next safe point, resumable by the
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import threading
 import time
 from collections import Counter
@@ -28,7 +27,7 @@ import psycopg
 
 from migrator.catalog import Catalog, EntryStatus, PlanStatus, Stamp, StampState, audit, name_tenants, policy
 from migrator.catalog.locks import stamp_slot, take_slot
-from migrator.catalog.plans import EntryRecord, Ledger, PlanRecord
+from migrator.catalog.plans import EntryRecord, Ledger, PlanFile, PlanRecord
 from migrator.context import Context
 from migrator.db.locks import lock_key, try_lock
 from migrator.errors import BadInput, Interrupted, LockBusy
@@ -73,10 +72,9 @@ class ApplyOptions:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A validated plan ready to run: its entries and the identity of the file (path, digest)."""
+    """A validated plan ready to run: its entries and the identity of its file."""
 
-    path: str
-    digest: str
+    file: PlanFile
     plan: Plan
     entries: tuple[Entry, ...]
     overridden: tuple[str, ...] = ()  # the entries the placement policy forbids, allowed by --override-policy
@@ -111,8 +109,7 @@ STOPPED = "stopped at a safe point"
 
 @dataclass(frozen=True)
 class ApplyResult:
-    path: str
-    digest: str
+    file: PlanFile
     status: PlanStatus
     results: tuple[EntryResult, ...]
     interrupted: bool = False
@@ -126,19 +123,18 @@ class ApplyResult:
 
 
 def plan_digest(path: Path) -> str:
-    """The key of a plan's run in the catalog: the sha256 of the file's bytes."""
+    """The key of a plan's run in the catalog (`PlanFile.digest`), for the commands that only read its record."""
     _, content = load_plan(path)
-    return hashlib.sha256(content).hexdigest()
+    return PlanFile.of(path, content).digest
 
 
 def prepare(ctx: Context, path: Path, override_policy: bool = False) -> Prepared:
     """Parse the plan and check it still holds against the catalog, the stamps and the placement policy
     as it is now (a plan made under an older policy is stale, unless `override_policy`); changes nothing."""
     plan, content = load_plan(path)
-    where = str(path)
-    known = check_stamps(plan, ctx.catalog, where)
-    digest = hashlib.sha256(content).hexdigest()
-    recorded = Ledger(ctx.catalog).statuses(digest)
+    file = PlanFile.of(path, content)
+    known = check_stamps(plan, ctx.catalog, file.path)
+    recorded = Ledger(ctx.catalog).statuses(file.digest)
     entries, stale = [], []
     for position, move in enumerate(plan.moves):
         entry, problem = classify_entry(ctx.catalog, position, move, recorded.get(position))
@@ -152,10 +148,10 @@ def prepare(ctx: Context, path: Path, override_policy: bool = False) -> Prepared
     forbidden = [] if stale else _policy_problems(ctx.catalog, entries)
     if stale or (forbidden and not override_policy):
         raise BadInput(
-            f"stale plan {where}: {'; '.join(stale or forbidden)}; make a new plan"
+            f"stale plan {file.path}: {'; '.join(stale or forbidden)}; make a new plan"
             + ("" if stale else " (or --override-policy --reason TEXT, recorded in the audit trail)")
         )
-    return Prepared(where, digest, plan, tuple(entries), tuple(forbidden))
+    return Prepared(file, plan, tuple(entries), tuple(forbidden))
 
 
 def _policy_problems(catalog: Catalog, entries: list[Entry]) -> list[str]:
@@ -230,12 +226,12 @@ def _capacity_problems(ctx: Context, entries: list[Entry], known: dict[str, Stam
 
 
 @contextlib.contextmanager
-def _plan_lock(catalog: Catalog, digest: str, where: str) -> Iterator[None]:
+def _plan_lock(catalog: Catalog, file: PlanFile) -> Iterator[None]:
     """One `apply` of a plan at a time: a session advisory lock, released when the process dies."""
     conn = catalog.connect(autocommit=True)
     try:
-        if not try_lock(conn, lock_key(f"migrator.plan:{digest}")):
-            raise LockBusy(f"plan {where} is being applied by another running migrator")
+        if not try_lock(conn, lock_key(f"migrator.plan:{file.digest}")):
+            raise LockBusy(f"plan {file.path} is being applied by another running migrator")
         yield
     finally:
         conn.close()
@@ -244,8 +240,7 @@ def _plan_lock(catalog: Catalog, digest: str, where: str) -> Iterator[None]:
 def record(prepared: Prepared) -> PlanRecord:
     """The plan as the catalog's ledger records it."""
     return PlanRecord(
-        prepared.digest,
-        prepared.path,
+        prepared.file,
         prepared.plan.kind,
         tuple(
             EntryRecord(e.position, e.move.tenants, e.move.source, e.move.target, e.move.rows, e.move.bytes,
@@ -292,11 +287,11 @@ def run(
     their next safe point; they are reported skipped with their move id (`EntryResult.stopped`)."""
     stop = stop or threading.Event()
     ledger = Ledger(ctx.catalog)
-    with _plan_lock(ctx.catalog, prepared.digest, prepared.path):
+    with _plan_lock(ctx.catalog, prepared.file):
         plan_id = ledger.open(record(prepared))
         if prepared.overridden:
             tenants = [t for e in prepared.todo for t in e.move.tenants]
-            reason = f"{options.override_reason}: plan {prepared.path}: {'; '.join(prepared.overridden)}"
+            reason = f"{options.override_reason}: plan {prepared.file.path}: {'; '.join(prepared.overridden)}"
             audit.append(ctx.catalog, audit.Event(audit.Action.OVERRIDE, tenants, reason=reason))
         progress.begin(sum(e.move.rows for e in prepared.todo))
         progress.describe(_counts([], prepared.todo))
@@ -315,9 +310,7 @@ def run(
         status = PlanStatus.FAILED if failed else PlanStatus.STOPPED if stopped else PlanStatus.DONE
         ledger.close(plan_id, status)
     results.sort(key=lambda r: r.position)
-    return ApplyResult(
-        prepared.path, prepared.digest, status, tuple(results), why_stopped == "interrupted", not_started=len(left)
-    )
+    return ApplyResult(prepared.file, status, tuple(results), why_stopped == "interrupted", not_started=len(left))
 
 
 def _schedule(

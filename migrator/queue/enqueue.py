@@ -80,7 +80,7 @@ def enqueue(
         with app.open():
             for entry in prepared.todo:
                 where = entry.move.queue or queue
-                lock = f"migrator.plan:{prepared.digest}:{entry.position}"
+                lock = f"migrator.plan:{prepared.file.digest}:{entry.position}"
                 if defer(app, RUN_ENTRY, where, lock, {**args, "position": entry.position}):
                     jobs[where] = jobs.get(where, 0) + 1
                 else:
@@ -88,7 +88,7 @@ def enqueue(
     except ConnectorException as exc:  # the queue's own wrapper: say what the database said, in one line
         ledger.close(plan_id, PlanStatus.STOPPED)
         cause = str(exc.__cause__ or exc).strip().splitlines()[0]
-        raise MigratorError(f"cannot queue plan {prepared.path}: {cause}") from None
+        raise MigratorError(f"cannot queue plan {prepared.file.path}: {cause}") from None
     ledger.settle(plan_id)  # a plan with nothing left to run is done now
     return Queued(plan_id, jobs, already, live_workers(ctx))
 
