@@ -21,15 +21,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from click.testing import CliRunner, Result
 from psycopg import conninfo, sql
 
+from migrator import config as configlib
 from migrator.catalog import Catalog
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
 from migrator.local import pgserver, provision
+from migrator.local.provision import sample_app_env
 from migrator.local.seed import TenantSpec, seed_fleet_stamp, seed_tenant
 from migrator.stamps.discovery import Layout, discover, tenant_filter
 
@@ -386,6 +389,84 @@ def operator_grants(
         (catalog_db, sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(queue, role)),
         (catalog_db, sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(sequences, role)),
     ]
+
+
+def grant_operator(
+    server: pgserver.LocalServer, operator: str, app_owner: str, stamp_dbs: list[str], catalog_db: str
+) -> None:
+    """Give `operator` exactly docs/privileges.md's grants (`operator_grants`), as the superuser."""
+    for db, statement in operator_grants(operator, app_owner, stamp_dbs, catalog_db):
+        as_superuser(server, db, statement)
+
+
+def login_url(server: pgserver.LocalServer, user: str, password: str, db: str) -> str:
+    """The URL of a login role a test made (`create_roles`), password quoted, as a configuration names it."""
+    return f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{server.host}:{server.port}/{db}"
+
+
+@dataclass
+class Bespoke(RunsCli):
+    """A catalog and stamps holding a schema a test writes by hand (no Alembic), reached as README's roles:
+    `owner` owns the application's tables, migrator logs in as `operator` with exactly `operator_grants`.
+    The catalog lists the stamps by the operator's URLs; `config_path` reaches it as the operator."""
+
+    server: pgserver.LocalServer
+    databases: dict[str, str]  # "catalog" and each stamp -> its database
+    owner: str
+    operator: str
+    password: str = field(repr=False)  # of every login role made with the operator
+    catalog: Catalog = field(repr=False)  # the superuser's: routes for the test, snapshots
+    config_path: Path
+
+    def url(self, user: str, db: str) -> str:
+        return login_url(self.server, user, self.password, db)
+
+    def admin(self, stamp: str) -> str:
+        """The superuser's DSN of a stamp: the tests' oracle, independent of migrator's role."""
+        return self.server.dsn(self.databases[stamp])
+
+    def operator_dsn(self, stamp: str) -> str:
+        return self.url(self.operator, self.databases[stamp])
+
+
+BespokeFactory = Callable[..., Bespoke]
+
+
+@pytest.fixture
+def bespoke(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) -> Iterator[BespokeFactory]:
+    """Builds a Bespoke named by `prefix` with empty `stamps`, `schema(made, stamp)` writing each stamp's
+    tables (as the superuser, for `owner`) before the operator's grants; `logins` are more login roles (the
+    application's). Drops every database and role it made after the test."""
+    databases: list[str] = []
+    roles: list[str] = []
+    catalogs: list[Catalog] = []
+
+    def build(prefix: str, stamps: Sequence[str], schema: Callable[[Bespoke, str], None], *logins: str) -> Bespoke:
+        names = {"catalog": f"{prefix}_catalog", **{s: f"{prefix}_{s.replace('-', '_')}" for s in stamps}}
+        for stamp, db in names.items():
+            provision.create_database(pg, db, template=templates["catalog"] if stamp == "catalog" else None)
+            databases.append(db)
+        owner, operator = f"{prefix}_app_owner", f"{prefix}_migrator"
+        password = create_roles(pg, owner, operator, *logins)
+        roles.extend([owner, operator, *logins])
+        catalog = Catalog(pg.dsn(names["catalog"]))
+        catalogs.append(catalog)
+        made = Bespoke(pg, names, owner, operator, password, catalog, tmp_path / f"{prefix}.toml")
+        for stamp in stamps:
+            schema(made, stamp)
+        grant_operator(pg, operator, owner, [names[s] for s in stamps], names["catalog"])
+        for stamp in stamps:
+            catalog.add_stamp(stamp, made.operator_dsn(stamp), region="eu")
+        catalog_url = made.url(operator, names["catalog"])
+        made.config_path.write_text(configlib.render(catalog_url, configlib.Tenancy(), sample_app_env()))
+        return made
+
+    yield build
+    for catalog in catalogs:
+        catalog.close()
+    for db in databases:
+        provision.drop_database(pg, db)
+    drop_roles(pg, ["postgres"], *reversed(roles))
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -30,6 +29,8 @@ from conftest import (
     copy_held,
     create_roles,
     drop_roles,
+    grant_operator,
+    login_url,
     operator_grants,
     tenant_digest,
     tenant_row_count,
@@ -58,8 +59,7 @@ class Roles(RunsCli):
     extra: list[str] = field(default_factory=list)
 
     def url(self, user: str, db: str) -> str:
-        server = self.fleet.server
-        return f"postgresql://{quote(user, safe='')}:{quote(self.password, safe='')}@{server.host}:{server.port}/{db}"
+        return login_url(self.fleet.server, user, self.password, db)
 
     def stamp_db(self, stamp: str) -> str:
         return self.fleet.databases[1 + STAMP_NAMES.index(stamp)]
@@ -93,8 +93,7 @@ def roles(fleet: Fleet, tmp_path: Path) -> Iterator[Roles]:
                         sql.Identifier(app)
                     )
                 )
-        for db, statement in operator_grants(operator, owner, stamp_dbs, catalog_db):
-            as_superuser(fleet.server, db, statement)
+        grant_operator(fleet.server, operator, owner, stamp_dbs, catalog_db)
         for name in STAMP_NAMES:
             fleet.catalog.update_stamp(name, dsn=created.operator_dsn(name))
         created.config_path.write_text(

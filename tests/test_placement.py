@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
-from conftest import Fleet, as_superuser, catalog_snapshot, create_roles, drop_roles, operator_grants
+from conftest import Fleet, catalog_snapshot, create_roles, drop_roles, grant_operator, login_url
 
 from migrator.catalog import audit, policy
 from migrator.cli import cli
@@ -25,9 +25,8 @@ def operator_catalog(fleet: Fleet) -> Iterator[str]:
     server = fleet.server
     password = create_roles(server, owner, operator)
     try:
-        for db, statement in operator_grants(operator, owner, fleet.databases[1:], catalog_db):
-            as_superuser(server, db, statement)
-        yield f"postgresql://{operator}:{password}@{server.host}:{server.port}/{catalog_db}"
+        grant_operator(server, operator, owner, fleet.databases[1:], catalog_db)
+        yield login_url(server, operator, password, catalog_db)
     finally:
         drop_roles(server, fleet.databases, operator, owner)
 

@@ -15,21 +15,18 @@ import json
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote
 
 import pytest
 from click.testing import Result
 from conftest import (
+    Bespoke,
+    BespokeFactory,
     RunsCli,
-    as_superuser,
     catalog_snapshot,
-    create_roles,
-    drop_roles,
-    operator_grants,
     stamp_snapshot,
     tenant_digest,
 )
@@ -39,8 +36,7 @@ from migrator import config as configlib
 from migrator.catalog import Catalog
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
-from migrator.local import pgserver, provision
-from migrator.local.provision import sample_app_env
+from migrator.local import pgserver
 from migrator.move import MoveOptions, move_tenants
 from migrator.move.fence import leftovers
 from migrator.progress import Progress, Silent
@@ -99,61 +95,35 @@ ShapedFactory = Callable[..., Shaped]
 
 
 @pytest.fixture
-def shaped(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) -> Iterator[ShapedFactory]:
-    """Builds a Shaped from DDL (the same on both stamps unless `target_ddl` is given); drops it all after."""
-    databases: list[str] = []
-    roles: list[str] = []
-    catalogs: list[Catalog] = []
+def shaped(pg: pgserver.LocalServer, bespoke: BespokeFactory) -> ShapedFactory:
+    """Builds a Shaped from DDL (the same on both stamps unless `target_ddl` is given); `bespoke` drops it all after."""
 
     def build(ddl: Sequence[str], target_ddl: Sequence[str] | None = None) -> Shaped:
-        n = next(_ids)
-        prefix = f"shape{n}"
-        catalog_db = f"{prefix}_catalog"
-        provision.create_database(pg, catalog_db, template=templates["catalog"])
-        databases.append(catalog_db)
-        owner, operator = f"{prefix}_app_owner", f"{prefix}_migrator"
-        password = create_roles(pg, owner, operator)
-        roles.extend([owner, operator])
-        admin, operator_dsns, stamp_dbs = {}, {}, []
-        for stamp, statements in zip(STAMPS, (ddl, target_ddl if target_ddl is not None else ddl), strict=True):
-            db = f"{prefix}_{stamp.replace('-', '_')}"
-            provision.create_database(pg, db)
-            databases.append(db)
-            stamp_dbs.append(db)
-            admin[stamp] = pg.dsn(db)
-            with dsnlib.connect(admin[stamp], autocommit=True) as conn:
-                for statement in (ROOT, *statements):
+        statements = dict(zip(STAMPS, (ddl, target_ddl if target_ddl is not None else ddl), strict=True))
+
+        def schema(made: Bespoke, stamp: str) -> None:
+            with dsnlib.connect(made.admin(stamp), autocommit=True) as conn:
+                for statement in (ROOT, *statements[stamp]):
                     conn.execute(statement)
                 relations = conn.execute(
                     "SELECT n.nspname, c.relname, c.relkind FROM pg_class c"
                     " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p', 'f', 'v', 'm')"
                     " AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'"
                 ).fetchall()
-                for schema, name, kind in relations:
+                for namespace, name, kind in relations:
                     what = {"v": "VIEW", "m": "MATERIALIZED VIEW", "f": "FOREIGN TABLE"}.get(kind, "TABLE")
                     conn.execute(
                         sql.SQL("ALTER {} {} OWNER TO {}").format(
-                            sql.SQL(what), sql.Identifier(schema, name), sql.Identifier(owner)
+                            sql.SQL(what), sql.Identifier(namespace, name), sql.Identifier(made.owner)
                         )
                     )
-            operator_dsns[stamp] = f"postgresql://{quote(operator)}:{quote(password, safe='')}@{pg.host}:{pg.port}/{db}"
-        for db, statement in operator_grants(operator, owner, stamp_dbs, catalog_db):
-            as_superuser(pg, db, statement)
-        catalog = Catalog(pg.dsn(catalog_db))
-        catalogs.append(catalog)
-        for stamp in STAMPS:
-            catalog.add_stamp(stamp, operator_dsns[stamp], region="eu")
-        config_path = tmp_path / f"{prefix}.toml"
-        catalog_url = f"postgresql://{quote(operator)}:{quote(password, safe='')}@{pg.host}:{pg.port}/{catalog_db}"
-        config_path.write_text(configlib.render(catalog_url, configlib.Tenancy(), sample_app_env()))
-        return Shaped(pg, config_path, catalog, admin, operator_dsns, password)
 
-    yield build
-    for catalog in catalogs:
-        catalog.close()
-    for db in databases:
-        provision.drop_database(pg, db)
-    drop_roles(pg, ["postgres"], *reversed(roles))
+        made = bespoke(f"shape{next(_ids)}", STAMPS, schema)
+        admin = {stamp: made.admin(stamp) for stamp in STAMPS}
+        operator_dsns = {stamp: made.operator_dsn(stamp) for stamp in STAMPS}
+        return Shaped(pg, made.config_path, made.catalog, admin, operator_dsns, made.password)
+
+    return build
 
 
 def _tenants(fleet: Shaped, *tenants: str) -> None:

@@ -13,32 +13,26 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import psycopg
 import pytest
 from conftest import (
-    RunsCli,
+    Bespoke,
+    BespokeFactory,
     as_superuser,
     catalog_snapshot,
-    create_roles,
-    drop_roles,
-    operator_grants,
     stamp_snapshot,
     tenant_digest,
 )
 from psycopg import sql
 
 from migrator import config as configlib
-from migrator.catalog import Catalog
 from migrator.context import Context
 from migrator.db import dsn as dsnlib
-from migrator.local import pgserver, provision
-from migrator.local.provision import sample_app_env
+from migrator.local import pgserver
 from migrator.move import MoveOptions, move_tenants
 from migrator.move.fence import leftovers
 from migrator.progress import Silent
@@ -80,29 +74,12 @@ RLS_NOT_FORCED = [  # the owner (and its inheriting members) are exempt: migrato
 
 
 @dataclass
-class Shop(RunsCli):
-    """A catalog and two stamps of the bespoke schema; migrator connects as `operator`, a plain role."""
+class Shop(Bespoke):
+    """A catalog and two stamps of the bespoke schema; migrator connects as `operator`, a plain role, and the
+    application as `app`."""
 
-    server: pgserver.LocalServer
-    databases: dict[str, str]  # stamp (or "catalog") -> database
-    owner: str
-    operator: str
     app: str
-    password: str = field(repr=False)
-    config_path: Path
-    catalog: Catalog = field(repr=False)  # the catalog's owner (superuser): routes, snapshots
     layout: Layout = field(repr=False)
-
-    def url(self, user: str, db: str) -> str:
-        s = self.server
-        return f"postgresql://{quote(user, safe='')}:{quote(self.password, safe='')}@{s.host}:{s.port}/{db}"
-
-    def admin(self, stamp: str) -> str:
-        """The superuser's DSN: the tests' oracle, independent of migrator's role."""
-        return self.server.dsn(self.databases[stamp])
-
-    def operator_dsn(self, stamp: str) -> str:
-        return self.url(self.operator, self.databases[stamp])
 
     def app_dsn(self, stamp: str) -> str:
         return self.url(self.app, self.databases[stamp])
@@ -150,59 +127,41 @@ ShopFactory = Callable[..., Shop]
 
 
 @pytest.fixture
-def shop_factory(pg: pgserver.LocalServer, templates: dict[str, str], tmp_path: Path) -> Iterator[ShopFactory]:
-    """Builds a Shop with extra DDL per stamp; drops its databases and roles afterwards."""
-    built: list[Shop] = []
+def shop_factory(pg: pgserver.LocalServer, bespoke: BespokeFactory) -> ShopFactory:
+    """Builds a Shop with extra DDL per stamp; `bespoke` drops its databases and roles afterwards."""
 
     def build(extra: tuple[str, ...] = ()) -> Shop:
-        n = next(_ids)
-        prefix = f"trg{n}"
-        owner, operator, app = f"{prefix}_app_owner", f"{prefix}_migrator", f"{prefix}_app"
-        databases = {"catalog": f"{prefix}_catalog", **{s: f"{prefix}_{s.replace('-', '_')}" for s in STAMPS}}
-        provision.create_database(pg, databases["catalog"], template=templates["catalog"])
-        for stamp in STAMPS:
-            provision.create_database(pg, databases[stamp])
-        password = create_roles(pg, owner, operator, app)
-        for i, stamp in enumerate(STAMPS):
+        prefix = f"trg{next(_ids)}"
+        app = f"{prefix}_app"
+
+        def schema(made: Bespoke, stamp: str) -> None:
             owned = [
-                sql.SQL("ALTER TABLE {} OWNER TO {}").format(sql.Identifier(t), sql.Identifier(owner))
+                sql.SQL("ALTER TABLE {} OWNER TO {}").format(sql.Identifier(t), sql.Identifier(made.owner))
                 for t in ("tenants", "notes", "audit", "fired")
             ]
             as_superuser(
                 pg,
-                databases[stamp],
+                made.databases[stamp],
                 *SCHEMA,
                 *extra,
                 *owned,
-                f"ALTER SEQUENCE audit_id_seq RESTART WITH {i * 1_000_000 + 1}",  # stamps hand out distinct keys
+                # stamps hand out distinct keys
+                f"ALTER SEQUENCE audit_id_seq RESTART WITH {STAMPS.index(stamp) * 1_000_000 + 1}",
                 sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {}").format(
                     sql.Identifier(app)
                 ),
                 sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {}").format(sql.Identifier(app)),
             )
-        for db, statement in operator_grants(operator, owner, [databases[s] for s in STAMPS], databases["catalog"]):
-            as_superuser(pg, db, statement)
-        catalog = Catalog(pg.dsn(databases["catalog"]))
-        config_path = tmp_path / f"{prefix}.toml"
-        shop = Shop(pg, databases, owner, operator, app, password, config_path, catalog, Layout((), (), ()))
-        built.append(shop)
-        for stamp in STAMPS:
-            catalog.add_stamp(stamp, shop.operator_dsn(stamp), region="eu")
-        shop.config_path.write_text(
-            configlib.render(shop.url(operator, databases["catalog"]), configlib.Tenancy(), sample_app_env())
-        )
+
+        made = bespoke(prefix, STAMPS, schema, app)
+        shop = Shop(**vars(made), app=app, layout=Layout((), (), ()))
         with dsnlib.connect(shop.admin("eu-1"), autocommit=True) as conn:
             shop.layout = discover(conn, configlib.Tenancy())
         assert {t.name for t in shop.layout.tables} == {"tenants", "audit", "notes"}
         assert shop.layout.global_tables == ("fired",)
         return shop
 
-    yield build
-    for shop in built:
-        shop.catalog.close()
-        for db in shop.databases.values():
-            provision.drop_database(pg, db)
-        drop_roles(pg, ["postgres"], shop.owner, shop.operator, shop.app)
+    return build
 
 
 def _grant_replica(shop: Shop) -> None:
