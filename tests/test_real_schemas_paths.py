@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 import pytest
@@ -36,7 +37,7 @@ from test_real_schemas_shapes import (  # noqa: F401
 
 from migrator.db import dsn as dsnlib
 from migrator.errors import MigratorError
-from migrator.move import MoveOptions, cleanup_tenants, move_tenants
+from migrator.move import MoveOptions, cleanup_tenants, copy, move_tenants
 from migrator.move.fence import leftovers
 from migrator.progress import Silent
 
@@ -801,3 +802,52 @@ def test_a_row_of_two_tenants_written_during_the_move_stops_it_naming_the_refere
     assert "replaying the changes of notes on the target" in message, message
     assert "references a row that is not its tenant's" in message and "(line_id)=(43000000)" in message, message
     assert fleet.catalog.route(TENANT).stamp == "eu-1"
+
+
+BULK = (  # 20,000 more invoices of the tenant, each with a line, a tax, a payment and a note on both paths
+    "INSERT INTO invoices SELECT 5000000 + g, 42, 1000 + g FROM generate_series(1, 20000) g",
+    "INSERT INTO invoice_lines SELECT 70000000 + g, 5000000 + g, 'EUR', g FROM generate_series(1, 20000) g",
+    "INSERT INTO line_taxes SELECT 70000000 + g, 'vat', 0.2 FROM generate_series(1, 20000) g",
+    "INSERT INTO payments SELECT 5000000 + g, 5000000 + g, g FROM generate_series(1, 20000) g",
+    "INSERT INTO notes SELECT 80000000 + g, 70000000 + g, 5000000 + g, 'bulk' FROM generate_series(1, 20000) g",
+    "ANALYZE",
+)
+
+
+def _subplans(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The SubPlans of an EXPLAIN (FORMAT JSON) plan node, at any depth."""
+    for child in node.get("Plans", ()):
+        if child.get("Parent Relationship") == "SubPlan":
+            yield child
+        yield from _subplans(child)
+
+
+def test_a_path_tables_copy_batch_probes_its_parents_by_hash_or_index_however_many_outgrow_work_mem(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    """20,000 first parents are about 640 kB to hash; the stamp's work_mem of 64 kB allows a 128 kB hash.
+    An uncorrelated IN over them then rescans them all for every row of the batch (a 1,000,000-row
+    tenant of the sample copied its 40,000 checklist items in 191 s): each batch must probe them
+    by a hash or by an index. EXPLAIN only: the plan is the finding, and planning takes no time."""
+    fleet = billing(shaped)
+    fleet.execute("eu-1", *BULK)
+    database = sql.Identifier(conninfo_to_dict(fleet.admin["eu-1"])["dbname"])
+    fleet.execute("eu-1", sql.SQL("ALTER DATABASE {} SET work_mem = '64kB'").format(database))
+    tables = [t for t in fleet.layout().tables if t.key is None and not t.self_references]
+    assert {t.name for t in tables} == {"events", "invoice_lines", "line_taxes", "notes", "payments", "shipments"}
+    with dsnlib.connect(fleet.operator_dsns["eu-1"], autocommit=True) as src:
+        assert src.execute("SHOW work_mem").fetchone() == ("64kB",)
+        for table in tables:
+            of_tenants = copy.batch_filter(src, table, (TENANT,))
+            for limit in (50_000, None):  # a batch read back from the target, and one bounded on the source
+                select = copy._key_range(table, of_tenants, None, None, limit)
+                plan = src.execute(sql.SQL("EXPLAIN (FORMAT JSON) {}").format(select)).fetchone()
+                assert plan is not None
+                subplans = list(_subplans(plan[0][0]["Plan"]))
+                assert len({s["Subplan Name"] for s in subplans}) >= len(table.paths), (table.name, plan)
+                for subplan in subplans:
+                    probes = subplan["Subplan Name"].startswith("hashed ") or subplan["Node Type"] in (
+                        "Index Scan",
+                        "Index Only Scan",
+                    )
+                    assert probes, (table.name, limit, subplan)
