@@ -30,7 +30,7 @@ from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
 from migrator.errors import MigratorError
 from migrator.move import fence, follow
-from migrator.move.keys import by_key, key_set, stage_rows
+from migrator.move.keys import by_key, copy_rows, keep_stage, key_set
 from migrator.stamps.access import SCHEMA, connect_dsn
 from migrator.stamps.discovery import Layout, Table
 from migrator.stamps.paths import Hop, parent_missing, qualified
@@ -218,23 +218,22 @@ def _upsert(tgt: psycopg.Connection[Any], table: Table, stage: sql.Identifier) -
     ).rowcount
 
 
-def _delete_gone(
-    tgt: psycopg.Connection[Any], table: Table, tenants: Cohort, keys: sql.Composable, stage: sql.Identifier
-) -> int:
-    """Delete keyed rows of the tenant that no longer exist on the source (found by key, deleted by ctid).
+def _gone(table: Table, tenants: Cohort, keys: sql.Composable, stage: sql.Identifier) -> list[sql.Composed]:
+    """Statements deleting keyed rows of the tenant that no longer exist on the source (found by key,
+    deleted by ctid).
 
     A ctid names a row within one relation only: in a partitioned table the same ctid exists in
     every partition, so there the row is named by its partition (tableoid) and ctid together.
     A path table's row of a captured key whose parent is missing on the target is no tenant's
     there, yet the copy wrote it (as replica, before catch-up brought its parent, which was then
-    deleted on the source): it goes too.
+    deleted on the source): it goes too, first.
     """
     staged = sql.SQL(" AND ").join(sql.SQL("s.{c} = k.{c}").format(c=sql.Identifier(c)) for c in table.primary_key)
     gone = sql.SQL("WHERE NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(stage, staged)
-    debris = 0
+    statements = []
     if table.paths:
         match = sql.SQL(" AND ").join(sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in table.primary_key)
-        debris = tgt.execute(
+        statements.append(
             sql.SQL(
                 "DELETE FROM {t} t USING {k} k WHERE {match} AND {orphan} AND NOT EXISTS"
                 " (SELECT 1 FROM {s} s WHERE {staged})"
@@ -246,17 +245,21 @@ def _delete_gone(
                 s=stage,
                 staged=staged,
             )
-        ).rowcount
+        )
     if table.partitions:
         rows = by_key(table, keys, tenants, sql.SQL("tableoid AS rel, ctid AS tid"))
-        query = sql.SQL(
-            "DELETE FROM {} d USING (SELECT x.rel, x.tid FROM {} {}) g WHERE d.tableoid = g.rel AND d.ctid = g.tid"
-        ).format(table.ident, rows, gone)
-    else:
-        query = sql.SQL("DELETE FROM {} WHERE ctid = ANY (ARRAY(SELECT x.ctid FROM {} {}))").format(
-            table.ident, by_key(table, keys, tenants, sql.SQL("ctid")), gone
+        statements.append(
+            sql.SQL(
+                "DELETE FROM {} d USING (SELECT x.rel, x.tid FROM {} {}) g WHERE d.tableoid = g.rel AND d.ctid = g.tid"
+            ).format(table.ident, rows, gone)
         )
-    return debris + tgt.execute(query).rowcount
+    else:
+        statements.append(
+            sql.SQL("DELETE FROM {} WHERE ctid = ANY (ARRAY(SELECT x.ctid FROM {} {}))").format(
+                table.ident, by_key(table, keys, tenants, sql.SQL("ctid")), gone
+            )
+        )
+    return statements
 
 
 def apply_keys(
@@ -266,21 +269,30 @@ def apply_keys(
     tenants: Cohort,
     keys: dict[str, list[list[str]]],
 ) -> tuple[int, int]:
-    """Make the target's rows of these keys equal to the source's, inside both open transactions."""
+    """Make the target's rows of these keys equal to the source's, inside both open transactions
+    (the target's its own: its stages are empty at its start).
+
+    Inside the freeze each round trip waits for a busy CPU, so the stages are made ready in one,
+    and all deletes go in one (children first); each table's rows take a COPY, and its upsert one
+    round trip, after the rows it follows.
+    """
     tables = [(i, t) for i, t in enumerate(layout.tables) if keys.get(t.name)]
     found = {t.name: key_set(t, keys[t.name]) for _, t in tables}
-    upserted = deleted = 0
-    if any(t.cycle for t in layout.tables):  # a cycle's rows may reference each other in any order: check at commit
-        tgt.execute("SET CONSTRAINTS ALL DEFERRED")
-    for i, table in tables:
-        stage = sql.Identifier(f"migrator_stage_{i}")  # one table of the move's layout per name, kept
+    stages = {t.name: sql.Identifier(f"migrator_stage_{i}") for i, t in tables}  # a name a table of the layout
+    upserted = 0
+    with tgt.pipeline():
+        if any(t.cycle for t in layout.tables):  # a cycle's rows may reference each other in any order
+            tgt.execute("SET CONSTRAINTS ALL DEFERRED")
+        for _, table in tables:
+            keep_stage(tgt, table, stages[table.name])
+    for _, table in tables:
         select = sql.SQL("SELECT x.* FROM {}").format(by_key(table, found[table.name], tenants, table.cols()))
-        stage_rows(src, tgt, table, select, stage, reuse=True)
+        copy_rows(src, tgt, table, select, stages[table.name])
         for fk, followed in table.follows:  # a user added during the move follows its membership
             values = follow.of_keys(table, fk, tenants, found[table.name])
             follow.copy_missing(src, tgt, followed, [follow.referenced(table, fk, followed, values)])
         try:  # the error names the row instead of the raw violation (the caller's transaction rolls back)
-            upserted += _upsert(tgt, table, stage)
+            upserted += _upsert(tgt, table, stages[table.name])
         except psycopg.errors.ForeignKeyViolation as exc:
             detail = exc.diag.message_detail or ""
             raise MigratorError(
@@ -288,9 +300,13 @@ def apply_keys(
                 "references a row that is not its tenant's (the target lacks it): fix that reference on the "
                 "source, then resume the move, or abort it"
             ) from None
-    for i, table in reversed(tables):
-        deleted += _delete_gone(tgt, table, tenants, found[table.name], sql.Identifier(f"migrator_stage_{i}"))
-    return upserted, deleted
+    with tgt.pipeline():
+        deletes = [
+            tgt.execute(statement)
+            for _, table in reversed(tables)
+            for statement in _gone(table, tenants, found[table.name], stages[table.name])
+        ]
+    return upserted, sum(max(cur.rowcount, 0) for cur in deletes)
 
 
 def replay_once(

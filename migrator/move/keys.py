@@ -123,37 +123,46 @@ def range_bounds(conn: psycopg.Connection[Any], table: Table, tenants: Cohort, p
     return [list(r[0]) for r in conn.execute(query, {"p": pieces}).fetchall()]
 
 
+def keep_stage(tgt: psycopg.Connection[Any], table: Table, stage: sql.Identifier) -> None:
+    """A temporary table `stage` on the target, empty, for `copy_rows`: kept for the session and
+    emptied at every commit (ON COMMIT DELETE ROWS) and here, so that a replay, which stages each
+    table in every round, does not create and drop it each time (2 to 5 ms a round of the freeze's
+    drain). Only a name that always stages the same table in a session may be kept. Two statements
+    the caller may pipeline."""
+    tgt.execute(
+        sql.SQL(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS SELECT {} FROM {} WITH NO DATA"
+        ).format(stage, table.cols(), table.ident)
+    )
+    tgt.execute(sql.SQL("DELETE FROM {}").format(stage))
+
+
 def stage_rows(
     src: psycopg.Connection[Any],
     tgt: psycopg.Connection[Any],
     table: Table,
     select: sql.Composable,
     stage: sql.Identifier,
-    *,
-    reuse: bool = False,
 ) -> int:
-    """A temporary table `stage` on the target holding the rows `select` returns on the source (the
-    table's copy columns, by name); returns how many.
-
-    It lives until the transaction ends; with `reuse`, it stays for the session, emptied at every
-    commit (ON COMMIT DELETE ROWS) and here: a replay stages each table in every round, and
-    creating and dropping the table cost 2 to 5 ms a round of the freeze's drain. Only a name that
-    always stages the same table in a session may be reused.
-    """
-    if reuse:
-        with tgt.pipeline():
-            tgt.execute(
-                sql.SQL(
-                    "CREATE TEMPORARY TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS SELECT {} FROM {} WITH NO DATA"
-                ).format(stage, table.cols(), table.ident)
-            )
-            tgt.execute(sql.SQL("DELETE FROM {}").format(stage))
-    else:
-        tgt.execute(
-            sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
-                stage, table.cols(), table.ident
-            )
+    """A temporary table `stage` on the target (until its transaction ends) holding the rows `select`
+    returns on the source (the table's copy columns, by name); returns how many."""
+    tgt.execute(
+        sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+            stage, table.cols(), table.ident
         )
+    )
+    return copy_rows(src, tgt, table, select, stage)
+
+
+def copy_rows(
+    src: psycopg.Connection[Any],
+    tgt: psycopg.Connection[Any],
+    table: Table,
+    select: sql.Composable,
+    stage: sql.Identifier,
+) -> int:
+    """Append the rows `select` returns on the source to the target's table `stage`, byte-exact
+    (binary COPY); returns how many."""
     out = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(select)
     with src.cursor() as scur, tgt.cursor() as tcur:
         with (
