@@ -63,8 +63,11 @@ def expand(src: psycopg.Connection[Any], layout: Layout, move_id: int) -> int:
     marks such changes `moved` (every delete, and updates that change the row's tenant), and here
     their children's keys are added to the log, down every path (a child of a moved row moved too).
     Everything that reads the log (replay, verify, the freeze's proof) then sees them as captured.
-    Runs in the caller's transaction; returns how many keys it added.
+    Runs in the caller's transaction; returns how many keys it added. Where no table has a path
+    there is nothing to add, and no statement is sent (every replay round and proof runs this).
     """
+    if not any(t.paths for t in layout.tables):
+        return 0
     schema, added = sql.Identifier(SCHEMA), 0
     while moved := src.execute(
         sql.SQL(
@@ -201,7 +204,8 @@ def mark_verified(
     )
 
 
-def _upsert(tgt: psycopg.Connection[Any], table: Table, stage: sql.Identifier) -> int:
+def _upsert(table: Table, stage: sql.Identifier) -> sql.Composed:
+    """The statement writing a table's staged rows over the target's (inserted, or updated by key)."""
     identity = {c.name for c in table.columns if c.identity}
     updatable = [c for c in table.copy_columns if c not in table.primary_key and c not in identity]
     action = (
@@ -211,11 +215,9 @@ def _upsert(tgt: psycopg.Connection[Any], table: Table, stage: sql.Identifier) -
         if updatable
         else sql.SQL("DO NOTHING")
     )
-    return tgt.execute(
-        sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} ON CONFLICT ({}) {}").format(
-            table.ident, table.cols(), table.cols(), stage, table.pk_cols(), action
-        )
-    ).rowcount
+    return sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} ON CONFLICT ({}) {}").format(
+        table.ident, table.cols(), table.cols(), stage, table.pk_cols(), action
+    )
 
 
 def _gone(table: Table, tenants: Cohort, keys: sql.Composable, stage: sql.Identifier) -> list[sql.Composed]:
@@ -270,43 +272,60 @@ def apply_keys(
     keys: dict[str, list[list[str]]],
 ) -> tuple[int, int]:
     """Make the target's rows of these keys equal to the source's, inside both open transactions
-    (the target's its own: its stages are empty at its start).
+    (the target's its own: its stages are empty at its start); returns (upserted, deleted).
 
     Inside the freeze each round trip waits for a busy CPU, so the stages are made ready in one,
-    and all deletes go in one (children first); each table's rows take a COPY, and its upsert one
-    round trip, after the rows it follows.
+    each table's rows take a COPY, and the upserts (parents first) and deletes (children first) go
+    in one, but for a table that follows rows of another: those are inserted after the upserts
+    before it, as they may reference them.
     """
     tables = [(i, t) for i, t in enumerate(layout.tables) if keys.get(t.name)]
     found = {t.name: key_set(t, keys[t.name]) for _, t in tables}
     stages = {t.name: sql.Identifier(f"migrator_stage_{i}") for i, t in tables}  # a name a table of the layout
-    upserted = 0
     with tgt.pipeline():
         if any(t.cycle for t in layout.tables):  # a cycle's rows may reference each other in any order
             tgt.execute("SET CONSTRAINTS ALL DEFERRED")
         for _, table in tables:
             keep_stage(tgt, table, stages[table.name])
+    upserted = deleted = 0
+    upserts: list[Table] = []  # staged, not yet upserted
     for _, table in tables:
         select = sql.SQL("SELECT x.* FROM {}").format(by_key(table, found[table.name], tenants, table.cols()))
         copy_rows(src, tgt, table, select, stages[table.name])
-        for fk, followed in table.follows:  # a user added during the move follows its membership
-            values = follow.of_keys(table, fk, tenants, found[table.name])
-            follow.copy_missing(src, tgt, followed, [follow.referenced(table, fk, followed, values)])
-        try:  # the error names the row instead of the raw violation (the caller's transaction rolls back)
-            upserted += _upsert(tgt, table, stages[table.name])
-        except psycopg.errors.ForeignKeyViolation as exc:
-            detail = exc.diag.message_detail or ""
-            raise MigratorError(
-                f"replaying the changes of {table.label} on the target: {detail} A row written during the move "
-                "references a row that is not its tenant's (the target lacks it): fix that reference on the "
-                "source, then resume the move, or abort it"
-            ) from None
-    with tgt.pipeline():
-        deletes = [
-            tgt.execute(statement)
-            for _, table in reversed(tables)
-            for statement in _gone(table, tenants, found[table.name], stages[table.name])
-        ]
-    return upserted, sum(max(cur.rowcount, 0) for cur in deletes)
+        if table.follows:  # a user added during the move follows its membership
+            upserted += _apply(tgt, upserts, [], stages)[0]
+            upserts = []
+            for fk, followed in table.follows:
+                values = follow.of_keys(table, fk, tenants, found[table.name])
+                follow.copy_missing(src, tgt, followed, [follow.referenced(table, fk, followed, values)])
+        upserts.append(table)
+    deletes = [s for _, t in reversed(tables) for s in _gone(t, tenants, found[t.name], stages[t.name])]
+    more, deleted = _apply(tgt, upserts, deletes, stages)
+    return upserted + more, deleted
+
+
+def _apply(
+    tgt: psycopg.Connection[Any], upserts: list[Table], deletes: list[sql.Composed], stages: dict[str, sql.Identifier]
+) -> tuple[int, int]:
+    """Upsert these tables' staged rows, then run the deletes, all in one round trip; returns how
+    many rows each part wrote. A foreign key an upsert violates is named with its table's changes
+    (the caller's transaction rolls back)."""
+    cursors: list[psycopg.Cursor[Any]] = []
+    try:
+        with tgt.pipeline():
+            cursors += [tgt.execute(_upsert(t, stages[t.name])) for t in upserts]
+            cursors += [tgt.execute(statement) for statement in deletes]
+    except psycopg.errors.ForeignKeyViolation as exc:
+        failed = sum(1 for cur in cursors if cur.pgresult is not None)  # the statements before it have results
+        if failed >= len(upserts):
+            raise
+        raise MigratorError(
+            f"replaying the changes of {upserts[failed].label} on the target: {exc.diag.message_detail or ''} A row "
+            "written during the move references a row that is not its tenant's (the target lacks it): fix that "
+            "reference on the source, then resume the move, or abort it"
+        ) from None
+    rows = [max(cur.rowcount, 0) for cur in cursors]
+    return sum(rows[: len(upserts)]), sum(rows[len(upserts) :])
 
 
 def replay_once(
@@ -321,17 +340,21 @@ def replay_once(
 
     A crash before the final mark on the source only causes a harmless second replay.
     """
-    with src.transaction():
-        src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        expand(src, layout, move_id)
-        batch = _take_batch(src, move_id, limit)
-        if not batch:
-            return Applied(0, 0, 0)
-        keys: dict[str, list[list[str]]] = defaultdict(list)
-        for _, table_name, pk in batch:
-            keys[layout.owner_of(table_name)].append(list(pk))
-        with tgt.transaction():
-            upserted, deleted = apply_keys(src, tgt, layout, tenants, keys)
+    src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # in its BEGIN: one round trip less
+    try:
+        with src.transaction():
+            expand(src, layout, move_id)
+            batch = _take_batch(src, move_id, limit)
+            if not batch:
+                return Applied(0, 0, 0)
+            keys: dict[str, list[list[str]]] = defaultdict(list)
+            for _, table_name, pk in batch:
+                keys[layout.owner_of(table_name)].append(list(pk))
+            with tgt.transaction():
+                upserted, deleted = apply_keys(src, tgt, layout, tenants, keys)
+    finally:  # the session's other transactions (the fence's among them) keep the default; a lost one is gone
+        if src.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            src.isolation_level = None
     with src.pipeline(), src.transaction():  # one round trip
         src.execute(
             sql.SQL("UPDATE {}.changes SET applied = true WHERE id = ANY(%s)").format(sql.Identifier(SCHEMA)),

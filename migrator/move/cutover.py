@@ -217,9 +217,9 @@ def _hash_keys(
 
 
 def _verify_captured(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], layout: Layout, move: Move) -> Report:
-    """In the freeze: compare the rows of every captured key not yet proven, naming the keys that differ."""
+    """In the freeze: compare the rows of every captured key not yet proven, naming the keys that differ
+    (in the source's transaction that reads them, which the caller commits)."""
     keys = capture.captured_keys(src, layout, move.capture_id, unverified_only=True)
-    src.commit()
     hashes = _hash_keys(src, tgt, layout, move.tenants, keys)
     results = [compare_hashes(table.label, *hashes[table.name]) for table in layout.tables if table.name in hashes]
     return Report(move.tenants, results)
