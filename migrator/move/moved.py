@@ -196,23 +196,8 @@ def _references_into(conn: psycopg.Connection[Any], layout: Layout, tenants: Coh
         child_table = owned.get(child)
         if child_table is not None and child_table.schema != child_schema:  # another schema's table of that name
             child_table = None
-        stays = (
-            sql.SQL("NOT coalesce({}, false)").format(tenant_filter(child_table, tenants, sql.Identifier("c")))
-            if child_table is not None
-            else sql.SQL("true")
-        )
-        query = sql.SQL(
-            "SELECT ARRAY[{shown}] FROM {child} c WHERE {stays} AND ({cols}) IN"
-            " (SELECT {refs} FROM {parent} p WHERE {gone}) LIMIT {n}"
-        ).format(
-            shown=sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in cols),
-            child=sql.Identifier(child_schema, child),
-            stays=stays,
-            cols=qualified("c", tuple(cols)),
-            refs=qualified("p", tuple(parent_cols)),
-            parent=target.ident,
-            gone=tenant_filter(target, tenants, sql.Identifier("p")),
-            n=sql.Literal(MAX_KEYS),
+        query = _references_query(
+            sql.Identifier(child_schema, child), child_table, tuple(cols), target, tuple(parent_cols), tenants
         )
         found = [list(r[0]) for r in conn.execute(query).fetchall()]
         if found:
@@ -221,6 +206,36 @@ def _references_into(conn: psycopg.Connection[Any], layout: Layout, tenants: Coh
                 f"{target.label} through {name} (values {shown_keys(found)}); cleanup would leave them dangling"
             )
     return problems
+
+
+def _references_query(
+    child: sql.Identifier,
+    child_table: Table | None,
+    cols: tuple[str, ...],
+    target: Table,
+    parent_cols: tuple[str, ...],
+    tenants: Cohort,
+) -> sql.Composed:
+    """The first rows of `child` (`child_table` where it is a tenant table) that stay but reference,
+    through `cols`, rows of `target` that cleanup deletes."""
+    stays = (
+        sql.SQL("NOT coalesce({}, false)").format(tenant_filter(child_table, tenants, sql.Identifier("c")))
+        if child_table is not None
+        else sql.SQL("true")
+    )
+    return sql.SQL(
+        "SELECT ARRAY[{shown}] FROM {child} c WHERE {stays} AND ({cols}) IN"
+        " (SELECT {refs} FROM {parent} p WHERE {gone}) LIMIT {n}"
+    ).format(
+        shown=sql.SQL(", ").join(sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in cols),
+        child=child,
+        stays=stays,
+        cols=qualified("c", cols),
+        refs=qualified("p", parent_cols),
+        parent=target.ident,
+        gone=tenant_filter(target, tenants, sql.Identifier("p")),
+        n=sql.Literal(MAX_KEYS),
+    )
 
 
 # Every foreign key into the tenancy schema's tables named, from any schema.

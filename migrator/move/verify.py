@@ -198,13 +198,17 @@ def checksum(
 
 def rows_checksum(conn: psycopg.Connection[Any], table: Table, rows: sql.Composable) -> Checksum:
     """`checksum` of the table's rows matching `rows`, a WHERE condition (a copy batch's, see `copy`)."""
-    query = sql.SQL(
+    row = conn.execute(checksum_query(table, rows)).fetchone()
+    assert row is not None
+    return Checksum(int(row[0]), int(row[1]), int(row[2]))
+
+
+def checksum_query(table: Table, rows: sql.Composable) -> sql.Composed:
+    """Count and the sums of both halves of the row hashes of the table's rows matching `rows`."""
+    return sql.SQL(
         "SELECT count(*), coalesce(sum(hash_record_extended(r, 0)), 0), coalesce(sum(hash_record_extended(r, 1)), 0)"
         " FROM (SELECT {} AS r FROM {} WHERE {}) rows"
     ).format(_hashed_row(table), table.ident, rows)
-    row = conn.execute(query).fetchone()
-    assert row is not None
-    return Checksum(int(row[0]), int(row[1]), int(row[2]))
 
 
 def tenant_checksums(
