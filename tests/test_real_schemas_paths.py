@@ -37,7 +37,7 @@ from test_real_schemas_shapes import (  # noqa: F401
 
 from migrator.db import dsn as dsnlib
 from migrator.errors import MigratorError
-from migrator.move import MoveOptions, cleanup_tenants, copy, move_tenants
+from migrator.move import MoveOptions, cleanup_tenants, copy, move_tenants, moved, verify
 from migrator.move.fence import leftovers
 from migrator.progress import Silent
 
@@ -851,3 +851,48 @@ def test_a_path_tables_copy_batch_probes_its_parents_by_hash_or_index_however_ma
                         "Index Only Scan",
                     )
                     assert probes, (table.name, limit, subplan)
+
+
+def test_a_path_tables_rows_are_found_by_hash_or_index_inside_or_and_not_however_many_outgrow_work_mem(
+    shaped: ShapedFactory,  # noqa: F811
+) -> None:
+    """A path table's tenant filter under OR (notes' two paths, in verify's checksums) or under NOT
+    (cleanup's proof that no staying row references a deleted one) is no semi-join: PostgreSQL runs
+    it once per row. An uncorrelated IN over the tenant's parents, once they outgrow hash_mem, then
+    rescans all of them for every row (a Materialize of 580,000 tasks in a 1,000,000-row tenant of
+    the sample): each must probe them by a hash or by an index. EXPLAIN only, as above."""
+    fleet = billing(shaped)
+    fleet.execute("eu-1", *BULK)
+    database = sql.Identifier(conninfo_to_dict(fleet.admin["eu-1"])["dbname"])
+    fleet.execute("eu-1", sql.SQL("ALTER DATABASE {} SET work_mem = '64kB'").format(database))
+    layout = fleet.layout()
+    owned = {t.name: t for t in layout.tables}
+    statements = {}
+    for table in layout.tables:
+        if table.key is not None:
+            continue
+        statements[f"checksum of {table.name}"] = verify.checksum_query(
+            table, verify._in_span(table, (TENANT,), (None, None))
+        )
+        for path in table.paths:  # the foreign keys a staying row of the table could hold into the tenant's rows
+            hop = path.hops[0]
+            statements[f"references of {table.name} into {hop.parent}"] = moved._references_query(
+                table.ident, table, hop.columns, owned[hop.parent], hop.parent_columns, (TENANT,)
+            )
+    assert len(statements) == 15
+    with dsnlib.connect(fleet.operator_dsns["eu-1"], autocommit=True) as src:
+        assert src.execute("SHOW work_mem").fetchone() == ("64kB",)
+        subplans = {}
+        for name, statement in statements.items():
+            plan = src.execute(sql.SQL("EXPLAIN (FORMAT JSON) {}").format(statement)).fetchone()
+            assert plan is not None
+            subplans[name] = list(_subplans(plan[0][0]["Plan"]))
+    # run per row: the OR of notes' paths, and every NOT (each path table is some staying row's child)
+    assert len(subplans["checksum of notes"]) >= 2 and all(subplans[n] for n in statements if "references" in n)
+    rescanning = [
+        (name, s["Subplan Name"])
+        for name, found in subplans.items()
+        for s in found
+        if not s["Subplan Name"].startswith("hashed ") and "Materialize" in json.dumps(s)
+    ]
+    assert not rescanning

@@ -72,7 +72,7 @@ def by_key(table: Table, keys: sql.Composable, tenants: Cohort, select: sql.Comp
     """
     match = sql.SQL(" AND ").join(sql.SQL("t.{c} = k.{c}").format(c=sql.Identifier(c)) for c in table.primary_key)
     return sql.SQL("{} k CROSS JOIN LATERAL (SELECT {} FROM {} t WHERE {} AND {} LIMIT 1) x").format(
-        keys, select, table.ident, match, tenant_filter(table, tenants)
+        keys, select, table.ident, match, tenant_filter(table, tenants, sql.Identifier("t"))
     )
 
 

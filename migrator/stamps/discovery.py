@@ -603,10 +603,11 @@ def _components(parents: dict[int, set[int]], names: dict[int, str]) -> list[lis
 
 def tenant_filter(table: Table, tenants: Cohort, alias: sql.Composable | None = None) -> sql.Composed:
     """The tenants' rows of `table`: `"key" = 'tenant'` (`IN (...)` for a cohort), or for a path table
-    its paths' semi-joins (`paths.member_filter`); `alias` qualifies the row's columns where a join
-    makes them ambiguous."""
+    its paths' EXISTS (`paths.member_filter`). `alias` qualifies the row's columns: required where
+    the query reads the table under an alias; without one, a path table's columns are qualified by
+    the table's name (its paths' subqueries read parents with columns of the same names)."""
     if table.key is None:
-        return member_filter(table.paths, tuple(tenants), alias)
+        return member_filter(table.paths, tuple(tenants), alias if alias is not None else table.ident)
     key = sql.SQL("{}.{}").format(alias, sql.Identifier(table.key)) if alias is not None else sql.Identifier(table.key)
     return tenants_match(key, tuple(tenants))
 

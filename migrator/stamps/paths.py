@@ -9,10 +9,14 @@ of its non-NULL paths leads to, and preflight refuses rows whose paths lead to d
 
 The SQL is built from the paths alone, so every step of a move (copy, capture, verify, cleanup)
 asks "is this row the tenant's" the same way:
-- `member_filter`: nested semi-joins, `(line_id) IN (SELECT id FROM invoice_lines WHERE (invoice_id)
-  IN (SELECT id FROM invoices WHERE account_id = 7))`. PostgreSQL hashes the tenant's parent keys
-  once and probes them per row: a path table copies and verifies at about the speed of a table
-  carrying the tenant column (see `scripts/bench move --schema paths`).
+- `member_filter`: nested correlated EXISTS, `EXISTS (SELECT FROM invoice_lines p2 WHERE (p2.id) =
+  (notes.line_id) AND EXISTS (SELECT FROM invoices p1 WHERE (p1.id) = (p2.invoice_id) AND
+  p1.account_id = 7))`. Where it is the whole condition, PostgreSQL makes it a semi-join and hashes
+  the tenant's parent keys once: a path table copies and verifies at about the speed of a table
+  carrying the tenant column (see `scripts/bench move --schema paths`). Under OR (several paths) or
+  NOT (cleanup's proof) it is run per row: by one hash of the parents where they fit in hash_mem
+  (work_mem x hash_mem_multiplier), else by an index probe per hop. An uncorrelated IN there,
+  once the parents outgrew hash_mem, rescanned all of them for every row.
 - `owner_text`: the tenant of one row as text, by one index probe per hop (the guard trigger's
   lookup, and per-tenant figures of a cohort).
 """
@@ -71,10 +75,8 @@ def qualified(alias: str | sql.Composable, columns: tuple[str, ...]) -> sql.Comp
     return sql.SQL(", ").join(sql.SQL("{}.{}").format(prefix, sql.Identifier(c)) for c in columns)
 
 
-def _row_cols(alias: sql.Composable | None, columns: tuple[str, ...]) -> sql.Composed:
-    """`(a.c1, a.c2)`: a row's columns, qualified by `alias` when given."""
-    if alias is None:
-        return sql.SQL("({})").format(sql.SQL(", ").join(sql.Identifier(c) for c in columns))
+def _row_cols(alias: sql.Composable, columns: tuple[str, ...]) -> sql.Composed:
+    """`(a.c1, a.c2)`: a row's columns, qualified by `alias`."""
     return sql.SQL("({})").format(qualified(alias, columns))
 
 
@@ -89,20 +91,17 @@ def tenants_match(key: sql.Composable, tenants: tuple[str, ...]) -> sql.Composed
     return sql.SQL("{} IN ({})").format(key, sql.SQL(", ").join(sql.Literal(t) for t in tenants))
 
 
-def _path_in(hops: tuple[Hop, ...], key: str, tenants: tuple[str, ...], alias: sql.Composable | None) -> sql.Composed:
+def _path_exists(hops: tuple[Hop, ...], key: str, tenants: tuple[str, ...], row: sql.Composable) -> sql.Composed:
+    """The row (its columns qualified by `row`) has its parent on the path, of one of `tenants`."""
     hop, depth = hops[0], len(hops)
     inner = sql.Identifier(f"migrator_p{depth}")
     condition = (
         tenants_match(sql.SQL("{}.{}").format(inner, sql.Identifier(key)), tenants)
         if depth == 1
-        else _path_in(hops[1:], key, tenants, inner)
+        else _path_exists(hops[1:], key, tenants, inner)
     )
-    return sql.SQL("{} IN (SELECT {} FROM {} {} WHERE {})").format(
-        _row_cols(alias, hop.columns),
-        sql.SQL(", ").join(sql.SQL("{}.{}").format(inner, sql.Identifier(c)) for c in hop.parent_columns),
-        hop.parent_ident,
-        inner,
-        condition,
+    return sql.SQL("EXISTS (SELECT FROM {} {} WHERE {} = {} AND {})").format(
+        hop.parent_ident, inner, _row_cols(inner, hop.parent_columns), _row_cols(row, hop.columns), condition
     )
 
 
@@ -112,7 +111,7 @@ def first_parents(path: Path, tenants: tuple[str, ...]) -> sql.Composed:
     rest = (
         tenants_match(sql.SQL("{}.{}").format(inner, sql.Identifier(path.key)), tenants)
         if len(path.hops) == 1
-        else _path_in(path.hops[1:], path.key, tenants, inner)
+        else _path_exists(path.hops[1:], path.key, tenants, inner)
     )
     return sql.SQL("SELECT {} FROM {} {} WHERE {}").format(
         sql.SQL(", ").join(sql.SQL("{}.{}").format(inner, sql.Identifier(c)) for c in hop.parent_columns),
@@ -122,9 +121,13 @@ def first_parents(path: Path, tenants: tuple[str, ...]) -> sql.Composed:
     )
 
 
-def member_filter(paths: tuple[Path, ...], tenants: tuple[str, ...], alias: sql.Composable | None) -> sql.Composed:
-    """The rows of a path table that belong to one of `tenants`: any of their paths leads there."""
-    parts = [_path_in(p.hops, p.key, tenants, alias) for p in paths]
+def member_filter(paths: tuple[Path, ...], tenants: tuple[str, ...], row: sql.Composable) -> sql.Composed:
+    """The rows of a path table that belong to one of `tenants`: any of their paths leads there.
+
+    `row` qualifies the row's columns (the table's alias, or its name): inside EXISTS an unqualified
+    `id` would be the parent's.
+    """
+    parts = [_path_exists(p.hops, p.key, tenants, row) for p in paths]
     return sql.SQL("({})").format(sql.SQL(" OR ").join(parts))
 
 
