@@ -81,6 +81,14 @@ class TenantLock:
         assert self._conn is not None
         return self._conn
 
+    def held(self) -> psycopg.Connection[Any]:
+        """The lock's session as it is, with no round trip to check it (inside the write freeze, whose
+        caller checked it just before): a statement on a lost session fails, and nothing re-acquires
+        the lock behind the caller's back."""
+        if self._conn is None or self._conn.closed:
+            raise psycopg.OperationalError("the tenant lock's catalog session was lost")
+        return self._conn
+
     def release(self) -> None:
         if self._conn is not None:
             try:

@@ -324,6 +324,7 @@ def _offline_flip(run: MoveRun, move: Move) -> list[Route]:
     window = opens_window(run, move)
     if window:
         prepare_window(run, move, capture=True)
+    run.lock.check()  # a lock lost during the long verify is taken again here, outside any freeze
     return flip(run, move, window=window)
 
 
