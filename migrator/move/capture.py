@@ -167,16 +167,24 @@ def vacuum_changes(source_dsn: str) -> None:
         src.execute(sql.SQL("VACUUM (ANALYZE, SKIP_LOCKED, TRUNCATE false) {}.changes").format(sql.Identifier(SCHEMA)))
 
 
-def _take_batch(src: psycopg.Connection[Any], move_id: int, limit: int) -> list[tuple[int, str, list[str]]]:
-    """The oldest unapplied changes, extended to whole source transactions."""
-    return src.execute(
-        sql.SQL(
-            "WITH head AS (SELECT xid FROM {s}.changes WHERE move_id = %(m)s AND NOT applied ORDER BY id LIMIT %(n)s)"
-            " SELECT id, table_name, pk FROM {s}.changes WHERE move_id = %(m)s AND NOT applied"
-            " AND xid IN (SELECT xid FROM head) ORDER BY id"
-        ).format(s=sql.Identifier(SCHEMA)),
-        {"m": move_id, "n": limit},
-    ).fetchall()
+def _begin_batch(
+    src: psycopg.Connection[Any], layout: Layout, move_id: int, limit: int
+) -> list[tuple[int, str, list[str]]]:
+    """On an idle source session, open a REPEATABLE READ transaction and read in it the oldest
+    unapplied changes, extended to whole source transactions (after `expand`): one round trip
+    where no table has a path."""
+    with src.pipeline():  # psycopg sends the BEGIN in the same round trip
+        src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        expand(src, layout, move_id)
+        taken = src.execute(
+            sql.SQL(
+                "WITH head AS (SELECT xid FROM {s}.changes WHERE move_id = %(m)s AND NOT applied ORDER BY id"
+                " LIMIT %(n)s) SELECT id, table_name, pk FROM {s}.changes WHERE move_id = %(m)s AND NOT applied"
+                " AND xid IN (SELECT xid FROM head) ORDER BY id"
+            ).format(s=sql.Identifier(SCHEMA)),
+            {"m": move_id, "n": limit},
+        )
+    return taken.fetchall()
 
 
 def mark_verified(
@@ -328,6 +336,47 @@ def _apply(
     return sum(rows[: len(upserts)]), sum(rows[len(upserts) :])
 
 
+def _replay_open(
+    src: psycopg.Connection[Any],
+    tgt: psycopg.Connection[Any],
+    layout: Layout,
+    tenants: Cohort,
+    move_id: int,
+    limit: int,
+) -> tuple[list[int], int, int]:
+    """Replay one batch over idle sessions, leaving both transactions open: the source's snapshot
+    that read it and the target's that wrote it. Returns the batch's change ids, and how many rows
+    were upserted and deleted."""
+    batch = _begin_batch(src, layout, move_id, limit)
+    if not batch:
+        return [], 0, 0
+    keys: dict[str, list[list[str]]] = defaultdict(list)
+    for _, table_name, pk in batch:
+        keys[layout.owner_of(table_name)].append(list(pk))
+    upserted, deleted = apply_keys(src, tgt, layout, tenants, keys)
+    return [change_id for change_id, _, _ in batch], upserted, deleted
+
+
+def _commit_replayed(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], changes: list[int]) -> None:
+    """Commit a replayed batch, the target first, then mark its changes applied. A crash before the
+    mark only causes a harmless second replay."""
+    tgt.commit()
+    src.commit()
+    if changes:
+        with src.pipeline(), src.transaction():  # one round trip
+            src.execute(
+                sql.SQL("UPDATE {}.changes SET applied = true WHERE id = ANY(%s)").format(sql.Identifier(SCHEMA)),
+                (changes,),
+            )
+
+
+def _roll_back(*conns: psycopg.Connection[Any]) -> None:
+    """End the sessions' open transactions after a failure, where they can still be reached."""
+    for conn in conns:
+        if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.UNKNOWN:
+            conn.rollback()
+
+
 def replay_once(
     src: psycopg.Connection[Any],
     tgt: psycopg.Connection[Any],
@@ -336,31 +385,14 @@ def replay_once(
     move_id: int,
     limit: int,
 ) -> Applied:
-    """Replay one batch over open connections (idle, not in a transaction); commits on both.
-
-    A crash before the final mark on the source only causes a harmless second replay.
-    """
-    src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # in its BEGIN: one round trip less
+    """Replay one batch over open connections (idle, not in a transaction); commits on both."""
     try:
-        with src.transaction():
-            expand(src, layout, move_id)
-            batch = _take_batch(src, move_id, limit)
-            if not batch:
-                return Applied(0, 0, 0)
-            keys: dict[str, list[list[str]]] = defaultdict(list)
-            for _, table_name, pk in batch:
-                keys[layout.owner_of(table_name)].append(list(pk))
-            with tgt.transaction():
-                upserted, deleted = apply_keys(src, tgt, layout, tenants, keys)
-    finally:  # the session's other transactions (the fence's among them) keep the default; a lost one is gone
-        if src.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-            src.isolation_level = None
-    with src.pipeline(), src.transaction():  # one round trip
-        src.execute(
-            sql.SQL("UPDATE {}.changes SET applied = true WHERE id = ANY(%s)").format(sql.Identifier(SCHEMA)),
-            ([change_id for change_id, _, _ in batch],),
-        )
-    return Applied(len(batch), upserted, deleted)
+        changes, upserted, deleted = _replay_open(src, tgt, layout, tenants, move_id, limit)
+        _commit_replayed(src, tgt, changes)
+    except BaseException:
+        _roll_back(tgt, src)
+        raise
+    return Applied(len(changes), upserted, deleted)
 
 
 def drain(
@@ -371,7 +403,10 @@ def drain(
     move_id: int,
     limit: int,
 ) -> int:
-    """Replay until nothing is pending (used while fenced, when nothing new can arrive).
+    """Replay until nothing is pending (used while fenced, when nothing new can arrive), leaving the
+    last batch's transactions open: the caller proves the captured keys in them and commits both
+    (the target first), so that no commit or mark of the drain's is spent inside the freeze. On
+    failure the caller rolls them back; a batch replayed again later is harmless.
 
     A batch of fewer than `limit` changes took every one pending (in its snapshot, after `expand`),
     so no round is spent finding the log empty. Should one be missed after all, the freeze's proof of
@@ -379,10 +414,11 @@ def drain(
     """
     total = 0
     while True:
-        applied = replay_once(src, tgt, layout, tenants, move_id, limit).changes
-        total += applied
-        if applied < limit:
+        changes, _, _ = _replay_open(src, tgt, layout, tenants, move_id, limit)
+        total += len(changes)
+        if len(changes) < limit:
             return total
+        _commit_replayed(src, tgt, changes)
 
 
 @dataclass(frozen=True)

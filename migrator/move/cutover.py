@@ -374,10 +374,11 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
             drained = capture.drain(src, tgt, layout, move.tenants, move.capture_id, options.replay_batch)
             clock.step("drain")
             log.info("move %s: drained %d changes at %.0f ms", move.id, drained, elapsed_ms())
-            with tgt.transaction():
-                copy.follow_source_sequences(src, tgt, layout.tables, run.target.key_block)
-                if window:  # from here on every write of the tenants on the target is captured (after the
-                    fence.set_capture(tgt, move.tenants, True)  # drain's; until the flip nothing else writes them)
+            # The drain's transactions are still open on both sides: the rest of the freeze's work on
+            # the stamps runs in them, and they commit after the revisions' check.
+            copy.follow_source_sequences(src, tgt, layout.tables, run.target.key_block)
+            if window:  # from the commit on, every write of the tenants on the target is captured (not
+                fence.set_capture(tgt, move.tenants, True)  # the drain's; until the flip nothing else writes them)
             clock.step("sequences")
             report = _verify_captured(src, tgt, layout, move)
             clock.step("keys")
@@ -385,8 +386,8 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
             if not report.equal:
                 raise VerifyMismatch(f"move {move.id}: verification failed, route not flipped: {report.summary()}")
             check_schema_unchanged(src, tgt, move, run.source.name, run.target.name, "not flipped")
+            tgt.commit()  # the drained rows, the sequences and the window's capture
             src.commit()
-            tgt.commit()
             clock.step("revisions")
             try:
                 if wait_for_replicas(run, "the drain", max(0.0, options.max_freeze_ms - elapsed_ms()) / 1000):
@@ -422,12 +423,14 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
 
 def _unfence(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], move: Move, window: bool) -> None:
     """Lift the fence after a failed freeze, so the tenant writes again on its (unchanged) source; and
-    stop the target's capture a window started (nothing of the tenants is written there meanwhile)."""
+    stop the target's capture a window started (nothing of the tenants is written there meanwhile).
+    The drain's transactions, if still open, roll back: its batch is replayed again next time."""
     if not src.closed:
         src.rollback()
         fence.set_fenced(src, move.tenants, False)
         src.commit()
-    if window and not tgt.closed:
+    if not tgt.closed:
         tgt.rollback()
-        fence.set_capture(tgt, move.tenants, False)
-        tgt.commit()
+        if window:
+            fence.set_capture(tgt, move.tenants, False)
+            tgt.commit()
