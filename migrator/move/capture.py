@@ -272,44 +272,103 @@ def _gone(table: Table, tenants: Cohort, keys: sql.Composable, stage: sql.Identi
     return statements
 
 
-def apply_keys(
-    src: psycopg.Connection[Any],
-    tgt: psycopg.Connection[Any],
-    layout: Layout,
-    tenants: Cohort,
-    keys: dict[str, list[list[str]]],
-) -> tuple[int, int]:
-    """Make the target's rows of these keys equal to the source's, inside both open transactions
-    (the target's its own: its stages are empty at its start); returns (upserted, deleted).
+@dataclass(frozen=True)
+class Replay:
+    """A move's replay of its captured changes over two open sessions, at most `batch` changes a
+    round: the source's, which reads them, and the target's, which writes them (as copies)."""
 
-    Inside the freeze each round trip waits for a busy CPU, so the stages are made ready in one,
-    each table's rows take a COPY, and the upserts (parents first) and deletes (children first) go
-    in one, but for a table that follows rows of another: those are inserted after the upserts
-    before it, as they may reference them.
-    """
-    tables = [(i, t) for i, t in enumerate(layout.tables) if keys.get(t.name)]
-    found = {t.name: key_set(t, keys[t.name]) for _, t in tables}
-    stages = {t.name: sql.Identifier(f"migrator_stage_{i}") for i, t in tables}  # a name a table of the layout
-    with tgt.pipeline():
-        if any(t.cycle for t in layout.tables):  # a cycle's rows may reference each other in any order
-            tgt.execute("SET CONSTRAINTS ALL DEFERRED")
+    src: psycopg.Connection[Any]
+    tgt: psycopg.Connection[Any]
+    layout: Layout
+    tenants: Cohort
+    move_id: int
+    batch: int
+
+    def once(self) -> Applied:
+        """Replay one round over idle sessions; commits on both."""
+        try:
+            changes, upserted, deleted = self._open()
+            self._commit(changes)
+        except BaseException:
+            _roll_back(self.tgt, self.src)
+            raise
+        return Applied(len(changes), upserted, deleted)
+
+    def drain(self) -> int:
+        """Replay until nothing is pending (used while fenced, when nothing new can arrive), leaving
+        the last round's transactions open: the caller proves the captured keys in them and commits
+        both (the target first), so that no commit or mark of the drain's is spent inside the freeze.
+        On failure the caller rolls them back; a round replayed again later is harmless.
+
+        A round of fewer than `batch` changes took every one pending (in its snapshot, after
+        `expand`), so no round is spent finding the log empty. Should one be missed after all, the
+        freeze's proof of the captured keys finds its row unequal and the route is not flipped.
+        """
+        total = 0
+        while True:
+            changes, _, _ = self._open()
+            total += len(changes)
+            if len(changes) < self.batch:
+                return total
+            self._commit(changes)
+
+    def _open(self) -> tuple[list[int], int, int]:
+        """Replay one round, leaving both transactions open: the source's snapshot that read it and
+        the target's that wrote it. Returns its change ids, and how many rows were upserted and deleted."""
+        taken = _begin_batch(self.src, self.layout, self.move_id, self.batch)
+        if not taken:
+            return [], 0, 0
+        keys: dict[str, list[list[str]]] = defaultdict(list)
+        for _, table_name, pk in taken:
+            keys[self.layout.owner_of(table_name)].append(list(pk))
+        upserted, deleted = self._apply_keys(keys)
+        return [change_id for change_id, _, _ in taken], upserted, deleted
+
+    def _commit(self, changes: list[int]) -> None:
+        """Commit a replayed round, the target first, then mark its changes applied. A crash before
+        the mark only causes a harmless second replay."""
+        self.tgt.commit()
+        self.src.commit()
+        if changes:
+            with self.src.pipeline(), self.src.transaction():  # one round trip
+                self.src.execute(
+                    sql.SQL("UPDATE {}.changes SET applied = true WHERE id = ANY(%s)").format(sql.Identifier(SCHEMA)),
+                    (changes,),
+                )
+
+    def _apply_keys(self, keys: dict[str, list[list[str]]]) -> tuple[int, int]:
+        """Make the target's rows of these keys equal to the source's, inside both open transactions
+        (the target's its own: its stages are empty at its start); returns (upserted, deleted).
+
+        Inside the freeze each round trip waits for a busy CPU, so the stages are made ready in one,
+        each table's rows take a COPY, and the upserts (parents first) and deletes (children first) go
+        in one, but for a table that follows rows of another: those are inserted after the upserts
+        before it, as they may reference them.
+        """
+        src, tgt, layout, tenants = self.src, self.tgt, self.layout, self.tenants
+        tables = [(i, t) for i, t in enumerate(layout.tables) if keys.get(t.name)]
+        found = {t.name: key_set(t, keys[t.name]) for _, t in tables}
+        stages = {t.name: sql.Identifier(f"migrator_stage_{i}") for i, t in tables}  # a name a table of the layout
+        with tgt.pipeline():
+            if any(t.cycle for t in layout.tables):  # a cycle's rows may reference each other in any order
+                tgt.execute("SET CONSTRAINTS ALL DEFERRED")
+            for _, table in tables:
+                keep_stage(tgt, table, stages[table.name])
+        upserted = 0
+        upserts: list[Table] = []  # staged, not yet upserted
         for _, table in tables:
-            keep_stage(tgt, table, stages[table.name])
-    upserted = deleted = 0
-    upserts: list[Table] = []  # staged, not yet upserted
-    for _, table in tables:
-        select = sql.SQL("SELECT x.* FROM {}").format(by_key(table, found[table.name], tenants, table.cols()))
-        copy_rows(src, tgt, table, select, stages[table.name])
-        if table.follows:  # a user added during the move follows its membership
-            upserted += _apply(tgt, upserts, [], stages)[0]
-            upserts = []
-            for fk, followed in table.follows:
-                values = follow.of_keys(table, fk, tenants, found[table.name])
-                follow.copy_missing(src, tgt, followed, [follow.referenced(table, fk, followed, values)])
-        upserts.append(table)
-    deletes = [s for _, t in reversed(tables) for s in _gone(t, tenants, found[t.name], stages[t.name])]
-    more, deleted = _apply(tgt, upserts, deletes, stages)
-    return upserted + more, deleted
+            select = sql.SQL("SELECT x.* FROM {}").format(by_key(table, found[table.name], tenants, table.cols()))
+            copy_rows(src, tgt, table, select, stages[table.name])
+            if table.follows:  # a user added during the move follows its membership
+                upserted += _apply(tgt, upserts, [], stages)[0]
+                upserts = []
+                for fk, followed in table.follows:
+                    values = follow.of_keys(table, fk, tenants, found[table.name])
+                    follow.copy_missing(src, tgt, followed, [follow.referenced(table, fk, followed, values)])
+            upserts.append(table)
+        deletes = [s for _, t in reversed(tables) for s in _gone(t, tenants, found[t.name], stages[t.name])]
+        more, deleted = _apply(tgt, upserts, deletes, stages)
+        return upserted + more, deleted
 
 
 def _apply(
@@ -336,89 +395,11 @@ def _apply(
     return sum(rows[: len(upserts)]), sum(rows[len(upserts) :])
 
 
-def _replay_open(
-    src: psycopg.Connection[Any],
-    tgt: psycopg.Connection[Any],
-    layout: Layout,
-    tenants: Cohort,
-    move_id: int,
-    limit: int,
-) -> tuple[list[int], int, int]:
-    """Replay one batch over idle sessions, leaving both transactions open: the source's snapshot
-    that read it and the target's that wrote it. Returns the batch's change ids, and how many rows
-    were upserted and deleted."""
-    batch = _begin_batch(src, layout, move_id, limit)
-    if not batch:
-        return [], 0, 0
-    keys: dict[str, list[list[str]]] = defaultdict(list)
-    for _, table_name, pk in batch:
-        keys[layout.owner_of(table_name)].append(list(pk))
-    upserted, deleted = apply_keys(src, tgt, layout, tenants, keys)
-    return [change_id for change_id, _, _ in batch], upserted, deleted
-
-
-def _commit_replayed(src: psycopg.Connection[Any], tgt: psycopg.Connection[Any], changes: list[int]) -> None:
-    """Commit a replayed batch, the target first, then mark its changes applied. A crash before the
-    mark only causes a harmless second replay."""
-    tgt.commit()
-    src.commit()
-    if changes:
-        with src.pipeline(), src.transaction():  # one round trip
-            src.execute(
-                sql.SQL("UPDATE {}.changes SET applied = true WHERE id = ANY(%s)").format(sql.Identifier(SCHEMA)),
-                (changes,),
-            )
-
-
 def _roll_back(*conns: psycopg.Connection[Any]) -> None:
     """End the sessions' open transactions after a failure, where they can still be reached."""
     for conn in conns:
         if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.UNKNOWN:
             conn.rollback()
-
-
-def replay_once(
-    src: psycopg.Connection[Any],
-    tgt: psycopg.Connection[Any],
-    layout: Layout,
-    tenants: Cohort,
-    move_id: int,
-    limit: int,
-) -> Applied:
-    """Replay one batch over open connections (idle, not in a transaction); commits on both."""
-    try:
-        changes, upserted, deleted = _replay_open(src, tgt, layout, tenants, move_id, limit)
-        _commit_replayed(src, tgt, changes)
-    except BaseException:
-        _roll_back(tgt, src)
-        raise
-    return Applied(len(changes), upserted, deleted)
-
-
-def drain(
-    src: psycopg.Connection[Any],
-    tgt: psycopg.Connection[Any],
-    layout: Layout,
-    tenants: Cohort,
-    move_id: int,
-    limit: int,
-) -> int:
-    """Replay until nothing is pending (used while fenced, when nothing new can arrive), leaving the
-    last batch's transactions open: the caller proves the captured keys in them and commits both
-    (the target first), so that no commit or mark of the drain's is spent inside the freeze. On
-    failure the caller rolls them back; a batch replayed again later is harmless.
-
-    A batch of fewer than `limit` changes took every one pending (in its snapshot, after `expand`),
-    so no round is spent finding the log empty. Should one be missed after all, the freeze's proof of
-    the captured keys finds its row unequal and the route is not flipped.
-    """
-    total = 0
-    while True:
-        changes, _, _ = _replay_open(src, tgt, layout, tenants, move_id, limit)
-        total += len(changes)
-        if len(changes) < limit:
-            return total
-        _commit_replayed(src, tgt, changes)
 
 
 @dataclass(frozen=True)
@@ -453,10 +434,11 @@ def catch_up(
     ):
         dsnlib.write_as_copies(tgt)  # replayed rows are copies: the target's triggers do not fire
         fence.bypass_for_replay(tgt)  # a revert's target is fenced until its flip
+        replay = Replay(src, tgt, layout, tenants, move_id, goal.batch)
         while True:
             pending = backlog(src, move_id)
             src.commit()
             observe(pending)
             if pending <= goal.backlog or time.monotonic() > goal.deadline:
                 return pending
-            replay_once(src, tgt, layout, tenants, move_id, goal.batch)
+            replay.once()

@@ -31,7 +31,7 @@ from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
 from migrator.errors import MigratorError
 from migrator.move import follow, proof, tree
-from migrator.move.keys import range_bounds, stage_rows
+from migrator.move.keys import copy_rows, new_stage, range_bounds
 from migrator.progress import Progress
 from migrator.stamps import sequences
 from migrator.stamps.access import SCHEMA, connect_dsn
@@ -345,7 +345,8 @@ def copy_part(stream: Stream, table: Table, index: int) -> int:
                 with src.transaction(), tgt.transaction():
                     bound, select = _next_batch(src, table, of_tenants, part, batch_rows, read_back)
                     follow.copy_for_batch(src, tgt, table, select)  # a followed row referenced since
-                    staged = stage_rows(src, tgt, table, select, STAGE)
+                    new_stage(tgt, table, STAGE)
+                    staged = copy_rows(src, tgt, table, select, STAGE)
                     upto = _last_key(tgt, STAGE, table, tenants, part) if read_back and staged == batch_rows else bound
                     deferred = defer_orphans(source_dsn, tgt, table, move_id)
                     rows = _insert_staged(tgt, table)
@@ -501,7 +502,8 @@ def _copy_tree(stream: Stream, table: Table) -> int:
             stream.ready()
             started = time.monotonic()
             with tgt.transaction(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-proof") as beside:
-                stage_rows(src, tgt, table, tree.rows_between(table, tenants, after, upto), STAGE)
+                new_stage(tgt, table, STAGE)
+                copy_rows(src, tgt, table, tree.rows_between(table, tenants, after, upto), STAGE)
                 deferred = defer_orphans(source_dsn, tgt, table, move_id)
                 rows = _insert_staged(tgt, table)
                 # rows a resumed copy inserted before, or left to catch-up, are missing from the sums:

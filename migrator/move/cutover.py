@@ -239,9 +239,10 @@ def _settle(run: MoveRun, src: psycopg.Connection[Any], tgt: psycopg.Connection[
     what arrived during that one (a writer that never sleeps, one cycle: 90 to 530 changes in the
     freeze's drain, 12 to 43 ms)."""
     layout, tenants, batch = run.layout, move.tenants, run.options.cutover.replay_batch
+    replay = capture.Replay(src, tgt, layout, tenants, move.capture_id, batch)
     for _ in range(SETTLE_CYCLES):
         for _ in range(SETTLE_ROUNDS):
-            if capture.replay_once(src, tgt, layout, tenants, move.capture_id, batch).changes < batch:
+            if replay.once().changes < batch:
                 break  # it took all that was pending
         with src.transaction():
             src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -371,7 +372,7 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
                 fence.wait_for_writers(src, move.capture_id, budget)
             clock.step("writers")
             log.info("move %s: fenced, in-flight writes done at %.0f ms", move.id, elapsed_ms())
-            drained = capture.drain(src, tgt, layout, move.tenants, move.capture_id, options.replay_batch)
+            drained = capture.Replay(src, tgt, layout, move.tenants, move.capture_id, options.replay_batch).drain()
             clock.step("drain")
             log.info("move %s: drained %d changes at %.0f ms", move.id, drained, elapsed_ms())
             # The drain's transactions are still open on both sides: the rest of the freeze's work on

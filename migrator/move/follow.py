@@ -19,7 +19,7 @@ from psycopg import sql
 
 from migrator.catalog import Cohort
 from migrator.move.integrity import MAX_KEYS, shown_keys
-from migrator.move.keys import by_key, load_keys, stage_rows
+from migrator.move.keys import by_key, copy_rows, load_keys, new_stage
 from migrator.stamps.discovery import ForeignKey, Layout, Table, tenant_filter
 from migrator.stamps.paths import qualified
 
@@ -68,7 +68,8 @@ def copy_missing(
     source that the target lacks (by primary key); returns how many."""
     stage = sql.Identifier(f"migrator_follow_{followed.name}"[:63])
     union = sql.SQL(" UNION ").join(selects)
-    stage_rows(src, tgt, followed, union, stage)
+    new_stage(tgt, followed, stage)
+    copy_rows(src, tgt, followed, union, stage)
     inserted = tgt.execute(
         sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} ON CONFLICT ({}) DO NOTHING").format(
             followed.ident, followed.cols(), followed.cols(), stage, followed.pk_cols()

@@ -1,9 +1,10 @@
-"""Rows by primary key: temporary key tables and the SQL that reaches a tenant's rows through them.
+"""Rows by primary key: key relations (temporary key tables, or key sets written into a statement)
+and the SQL that reaches a tenant's rows through them.
 
 Catch-up (`capture`) replays captured keys, the freeze (`cutover`) re-verifies them and `verify`
-hashes them; all three load the keys the same way and select the rows the same way, from here.
-`stage_rows` carries selected source rows into a staging table on the target (catch-up, and the
-copy of self-referencing tables), byte-exact by binary COPY.
+hashes them; all three select the rows the same way, from here. `copy_rows` carries selected
+source rows into a staging table on the target (`new_stage` for a transaction, `keep_stage` for a
+session: catch-up, the copy's batches, followed rows), byte-exact by binary COPY.
 """
 
 from __future__ import annotations
@@ -124,11 +125,11 @@ def range_bounds(conn: psycopg.Connection[Any], table: Table, tenants: Cohort, p
 
 
 def keep_stage(tgt: psycopg.Connection[Any], table: Table, stage: sql.Identifier) -> None:
-    """A temporary table `stage` on the target, empty, for `copy_rows`: kept for the session and
-    emptied at every commit (ON COMMIT DELETE ROWS) and here, so that a replay, which stages each
-    table in every round, does not create and drop it each time (2 to 5 ms a round of the freeze's
-    drain). Only a name that always stages the same table in a session may be kept. Two statements
-    the caller may pipeline."""
+    """A temporary table `stage` on the target, empty, for `copy_rows`: unlike `new_stage`'s, kept
+    for the session and emptied at every commit (ON COMMIT DELETE ROWS) and here, so that a replay,
+    which stages each table in every round, does not create and drop it each time (2 to 5 ms a
+    round of the freeze's drain). Only a name that always stages the same table in a session may
+    be kept. Two statements the caller may pipeline."""
     tgt.execute(
         sql.SQL(
             "CREATE TEMPORARY TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS SELECT {} FROM {} WITH NO DATA"
@@ -137,21 +138,13 @@ def keep_stage(tgt: psycopg.Connection[Any], table: Table, stage: sql.Identifier
     tgt.execute(sql.SQL("DELETE FROM {}").format(stage))
 
 
-def stage_rows(
-    src: psycopg.Connection[Any],
-    tgt: psycopg.Connection[Any],
-    table: Table,
-    select: sql.Composable,
-    stage: sql.Identifier,
-) -> int:
-    """A temporary table `stage` on the target (until its transaction ends) holding the rows `select`
-    returns on the source (the table's copy columns, by name); returns how many."""
+def new_stage(tgt: psycopg.Connection[Any], table: Table, stage: sql.Identifier) -> None:
+    """A temporary table `stage` on the target for `copy_rows`, until its transaction ends."""
     tgt.execute(
         sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
             stage, table.cols(), table.ident
         )
     )
-    return copy_rows(src, tgt, table, select, stage)
 
 
 def copy_rows(
