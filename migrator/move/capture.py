@@ -348,7 +348,7 @@ class Replay:
         src, tgt, layout, tenants = self.src, self.tgt, self.layout, self.tenants
         tables = [(i, t) for i, t in enumerate(layout.tables) if keys.get(t.name)]
         found = {t.name: key_set(t, keys[t.name]) for _, t in tables}
-        stages = {t.name: sql.Identifier(f"migrator_stage_{i}") for i, t in tables}  # a name a table of the layout
+        stages = {t.name: sql.Identifier(f"migrator_stage_{i}") for i, t in tables}  # one name per table: kept
         with tgt.pipeline():
             if any(t.cycle for t in layout.tables):  # a cycle's rows may reference each other in any order
                 tgt.execute("SET CONSTRAINTS ALL DEFERRED")

@@ -3,8 +3,9 @@ and the SQL that reaches a tenant's rows through them.
 
 Catch-up (`capture`) replays captured keys, the freeze (`cutover`) re-verifies them and `verify`
 hashes them; all three select the rows the same way, from here. `copy_rows` carries selected
-source rows into a staging table on the target (`new_stage` for a transaction, `keep_stage` for a
-session: catch-up, the copy's batches, followed rows), byte-exact by binary COPY.
+source rows into a staging table on the target, byte-exact by binary COPY: one `keep_stage` keeps
+for the session (a replay's, every round), one `new_stage` makes for a transaction (the copy's
+batches, followed rows).
 """
 
 from __future__ import annotations
