@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -272,11 +273,21 @@ def test_ctrl_c_stops_the_running_move_at_a_safe_point_and_says_how_to_resume_or
     _plan(fleet, tmp_path, "drain", "eu-1", "--to", "eu-2", "--cohort-tenants", "1")
     plan_file = str(tmp_path / "plan.yaml")
     args = ("apply", plan_file, "--parallel", "1", "--batch-rows", "200", "--yes")
-    with copy_held(fleet, "eu-2"):  # the first move waits inside its copy until the signal is sent
+    heard: list[str] = []  # the run's stderr, line by line as it comes
+    with copy_held(fleet, "eu-2"):  # the first move waits inside its copy until the signal is heard
         proc = fleet.popen(*args, start_new_session=True)
+        reader = threading.Thread(target=heard.extend, args=(proc.stderr,), daemon=True)
+        reader.start()
         _wait(lambda: copy_waits_at_held_table(fleet, "eu-2"), "the copy to wait at the held table", proc)
         os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+        # Held until the handler ran: on a loaded machine it may run late, and a copy let go first
+        # could finish and go on past the next safe point before the stop is set.
+        _wait(lambda: any("stopping at the next safe point" in line for line in heard), "the signal heard", proc)
+    assert proc.stdout is not None
+    proc.stdout.read()
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    err = "".join(heard)
 
     assert proc.returncode == 130, err
     stopped = fleet.catalog.open_move("1")
