@@ -15,6 +15,7 @@ from psycopg import sql
 
 from migrator.db import dsn as dsnlib
 from migrator.move import copy, fence, keys
+from migrator.stamps.access import ThreadSessions
 from migrator.stamps.discovery import Table, key_after, key_upto, tenant_filter
 
 
@@ -86,22 +87,26 @@ def test_a_large_table_is_cut_into_ranges_that_partition_its_keys(
     tasks = next(t for t in busy.layout().tables if t.name == "tasks")
     with dsnlib.connect(busy.dsn("eu-2")) as tgt, tgt.transaction():
         fence.ensure_schema(tgt)
-    with dsnlib.connect(busy.dsn("eu-1"), autocommit=True) as src:
+    with (
+        dsnlib.connect(busy.dsn("eu-1"), autocommit=True) as src,
+        ThreadSessions(busy.dsn("eu-1"), "eu-1") as sources,
+        ThreadSessions(busy.dsn("eu-2"), "eu-2") as targets,
+    ):
         total = src.execute("SELECT count(*) FROM tasks WHERE tenant_id = 7").fetchone()[0]
         pages = src.execute("SELECT pg_relation_size('tasks') / 8192").fetchone()[0]
         assert (pages > keys.SAMPLE_PAGES) is sampled  # the fixture's table is larger than the sample
-        parts = copy.plan_parts(busy.dsn("eu-1"), busy.dsn("eu-2"), tasks, ("7",), 99, 3, total)
+        parts = copy.plan_parts(sources, targets, tasks, ("7",), 99, 3, total)
         assert [p.index for p in parts] == [0, 1, 2]
         assert parts[0].after is None and parts[-1].upto is None
         assert all(parts[i].upto == parts[i + 1].after for i in range(2))  # contiguous, no gap, no overlap
         sizes = _range_sizes(src, tasks, parts)
+        # Planned once: a second call (a resume, with any --jobs) returns the saved ranges.
+        assert copy.plan_parts(sources, targets, tasks, ("7",), 99, 4, total) == parts
     assert sum(sizes) == total
     if sampled:
         assert max(sizes) - min(sizes) <= total * 0.15, sizes  # about even
     else:
         assert max(sizes) - min(sizes) <= 1, sizes  # even to the row
-    # Planned once: a second call (a resume, with any --jobs) returns the saved ranges.
-    assert copy.plan_parts(busy.dsn("eu-1"), busy.dsn("eu-2"), tasks, ("7",), 99, 4, total) == parts
 
 
 def test_copy_cursors_of_an_earlier_migrator_become_the_first_range(fleet: Fleet) -> None:

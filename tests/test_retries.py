@@ -88,8 +88,8 @@ def test_flip_on_a_lost_lock_session_fails_at_once_and_changes_nothing(
 @pytest.mark.parametrize(
     ("step", "lock", "waiting"),
     [
-        # ANALYZE after each copied table: SHARE UPDATE EXCLUSIVE holds it up, not the COPY.
-        ("analyze", "{first} IN SHARE UPDATE EXCLUSIVE MODE", "ANALYZE%"),
+        # ANALYZE after each copied table (complete_tables): SHARE UPDATE EXCLUSIVE holds it up, not the COPY.
+        ("complete_tables", "{first} IN SHARE UPDATE EXCLUSIVE MODE", "ANALYZE%"),
         # The first read of the target's cursors: ACCESS EXCLUSIVE holds up any read.
         ("read_cursors", "_migrator.copy_progress IN ACCESS EXCLUSIVE MODE", "SELECT part, cursor%"),
         # Saving a table's parts, the first write of its progress: EXCLUSIVE lets the reads pass.

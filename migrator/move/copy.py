@@ -34,7 +34,7 @@ from migrator.move import follow, proof, tree
 from migrator.move.keys import copy_rows, new_stage, range_bounds
 from migrator.progress import Progress
 from migrator.stamps import sequences
-from migrator.stamps.access import SCHEMA, connect_dsn
+from migrator.stamps.access import SCHEMA, ThreadSessions, connect_dsn
 from migrator.stamps.discovery import ForeignKey, Layout, Table, key_after, key_upto, tenant_filter
 from migrator.stamps.paths import first_parents
 
@@ -55,11 +55,12 @@ START = Cursor(0, False)  # nothing of the table copied yet
 
 @dataclass(frozen=True)
 class Stream:
-    """What each copy stream of a move works with: both stamps, the tenants, the move, --batch-rows,
-    its share of --rate-limit (rows/s), its progress, and `stop`, which ends it after its current batch."""
+    """What each copy stream of a move works with: both stamps' sessions, the tenants, the move,
+    --batch-rows, its share of --rate-limit (rows/s), its progress, and `stop`, which ends it after its
+    current batch."""
 
-    source_dsn: str
-    target_dsn: str
+    sources: ThreadSessions
+    targets: ThreadSessions
     tenants: Cohort
     move_id: int
     batch_rows: int
@@ -116,11 +117,11 @@ def read_cursor(tgt: psycopg.Connection[Any], move_id: int, table: Table) -> Cur
 
 
 @STAMP_STEP.wraps
-def read_cursors(target_dsn: str, move_id: int, tables: Sequence[Table]) -> dict[str, Cursor]:
-    """The tables' cursors as committed on the target, read on a session of their own (a read:
-    retried whole when the session is lost, as every copy step is)."""
-    with connect_dsn(target_dsn, "the target", autocommit=False) as tgt:
-        return {table.label: read_cursor(tgt, move_id, table) for table in tables}
+def read_cursors(targets: ThreadSessions, move_id: int, tables: Sequence[Table]) -> dict[str, Cursor]:
+    """The tables' cursors as committed on the target (a read: retried whole when the session is
+    lost, as every copy step is)."""
+    tgt = targets.session(autocommit=True)
+    return {table.label: read_cursor(tgt, move_id, table) for table in tables}
 
 
 def _save_part(tgt: psycopg.Connection[Any], move_id: int, table: Table, part: Part) -> None:
@@ -137,7 +138,13 @@ def _save_part(tgt: psycopg.Connection[Any], move_id: int, table: Table, part: P
 
 @STAMP_STEP.wraps
 def plan_parts(
-    source_dsn: str, target_dsn: str, table: Table, tenants: Cohort, move_id: int, pieces: int, rows: int
+    sources: ThreadSessions,
+    targets: ThreadSessions,
+    table: Table,
+    tenants: Cohort,
+    move_id: int,
+    pieces: int,
+    rows: int,
 ) -> list[Part]:
     """The table's parts: those already on the target, or up to `pieces` new ranges of about
     `rows / pieces` rows each (`rows`: preflight's count), cut at keys of a sample of the source's
@@ -147,20 +154,19 @@ def plan_parts(
     not by key). Rows written since preflight only make the ranges less even, never inexact.
     Retried whole on a lost session: the parts are saved in one transaction or not at all.
     """
-    with connect_dsn(target_dsn, "the target", autocommit=False) as tgt:
-        parts = read_parts(tgt, move_id, table)
-        if parts:
-            return parts
-        bounds: list[list[str]] = []
-        if pieces > 1 and rows >= pieces and not (table.self_references or table.cycle):
-            with connect_dsn(source_dsn, "the source", autocommit=True) as src:
-                bounds = range_bounds(src, table, tenants, pieces)
-        edges: list[list[str] | None] = [None, *bounds, None]
-        parts = [Part(i, edges[i], edges[i + 1], 0, False) for i in range(len(edges) - 1)]
-        with tgt.transaction():
-            for part in parts:
-                _save_part(tgt, move_id, table, part)
+    tgt = targets.session(autocommit=True)
+    parts = read_parts(tgt, move_id, table)
+    if parts:
         return parts
+    bounds: list[list[str]] = []
+    if pieces > 1 and rows >= pieces and not (table.self_references or table.cycle):
+        bounds = range_bounds(sources.session(autocommit=True), table, tenants, pieces)
+    edges: list[list[str] | None] = [None, *bounds, None]
+    parts = [Part(i, edges[i], edges[i + 1], 0, False) for i in range(len(edges) - 1)]
+    with tgt.transaction():
+        for part in parts:
+            _save_part(tgt, move_id, table, part)
+    return parts
 
 
 def batch_filter(src: psycopg.Connection[Any], table: Table, tenants: Cohort) -> sql.Composable:
@@ -304,7 +310,7 @@ def copy_part(stream: Stream, table: Table, index: int) -> int:
     """Copy one part of the table from where its cursor stands on the target; returns rows copied now.
 
     Retried on transient errors: every attempt re-reads the committed cursor, so a retry neither
-    repeats nor skips a batch. Parts of one table copy concurrently, each on its own connections;
+    repeats nor skips a batch. Parts of one table copy concurrently, each on its thread's sessions;
     `stop` ends the part after its current batch (another stream failed, or the operator stopped).
 
     Where the key orders alike on every server, a batch is the first `batch_rows` rows past the
@@ -313,15 +319,10 @@ def copy_part(stream: Stream, table: Table, index: int) -> int:
     """
     if table.self_references:
         return _copy_tree(stream, table)
-    source_dsn, tenants, move_id, batch_rows, stop = (
-        stream.source_dsn, stream.tenants, stream.move_id, stream.batch_rows, stream.stop
-    )  # fmt: skip
+    tenants, move_id, batch_rows, stop = stream.tenants, stream.move_id, stream.batch_rows, stream.stop
     read_back = _orders_alike(table)
-    with (
-        connect_dsn(source_dsn, "the source", autocommit=True) as src,
-        connect_dsn(stream.target_dsn, "the target", autocommit=False) as tgt,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-proof") as beside,
-    ):
+    src, tgt = stream.sources.session(autocommit=True), stream.targets.session(autocommit=False)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-proof") as beside:
         dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
         src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # a batch's COPY and its checksum: one snapshot
         part = next(p for p in read_parts(tgt, move_id, table) if p.index == index)
@@ -348,7 +349,7 @@ def copy_part(stream: Stream, table: Table, index: int) -> int:
                     new_stage(tgt, table, STAGE)
                     staged = copy_rows(src, tgt, table, select, STAGE)
                     upto = _last_key(tgt, STAGE, table, tenants, part) if read_back and staged == batch_rows else bound
-                    deferred = defer_orphans(source_dsn, tgt, table, move_id)
+                    deferred = defer_orphans(stream.sources.dsn, tgt, table, move_id)
                     rows = _insert_staged(tgt, table)
                     # rows left to catch-up are missing here: the batch is compared again before the flip
                     _prove_range(src, tgt, stream, table, (of_tenants, part, upto), beside, proven=not deferred)
@@ -482,53 +483,55 @@ def _orphaned(table: Table, fk: ForeignKey) -> sql.Composed:
 def _copy_tree(stream: Stream, table: Table) -> int:
     """A self-referencing table, parents first, from one source snapshot (see `tree`).
 
-    Its cursor only counts rows and says when the table is done: a new session orders the rows
+    Its cursor only counts rows and says when the table is done: a new snapshot orders the rows
     afresh and inserts the ones the target lacks (ON CONFLICT DO NOTHING on the row key).
     """
-    source_dsn, tenants, move_id = stream.source_dsn, stream.tenants, stream.move_id
-    with (
-        connect_dsn(source_dsn, "the source", autocommit=False) as src,
-        connect_dsn(stream.target_dsn, "the target", autocommit=False) as tgt,
-    ):
-        dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
-        cursor = read_cursor(tgt, move_id, table)
-        tgt.commit()
-        if cursor.done:
-            return 0
-        src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        ordered, total = tree.order_rows(src, table, tenants)
-        copied = 0
-        for after, upto in list(tree.batches(ordered, total, stream.batch_rows)) or [(0, 0)]:
-            stream.ready()
-            started = time.monotonic()
-            with tgt.transaction(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-proof") as beside:
-                new_stage(tgt, table, STAGE)
-                copy_rows(src, tgt, table, tree.rows_between(table, tenants, after, upto), STAGE)
-                deferred = defer_orphans(source_dsn, tgt, table, move_id)
-                rows = _insert_staged(tgt, table)
-                # rows a resumed copy inserted before, or left to catch-up, are missing from the sums:
-                # such a batch is compared again before the flip
-                sums = proof.prove_batch(
-                    src,
-                    tgt,
-                    table,
-                    sql.SQL("{} AND {}").format(tenant_filter(table, tenants), tree.numbered(table, after, upto)),
-                    sql.SQL("{} AND {}").format(proof.WRITTEN_HERE, tree.staged_in(table, STAGE)),
-                    beside,
-                )
-                proof.record_batch(tgt, move_id, table, sums, proven=not deferred)
-                cursor = Cursor(cursor.rows + rows, upto >= total)
-                _save_part(tgt, move_id, table, Part(0, None, None, cursor.rows, cursor.done))
-            copied += rows
-            stream.progress.advance(table.label, rows)
-            stream.pace(upto - after, started)
-        src.rollback()
-        return copied
+    tenants, move_id = stream.tenants, stream.move_id
+    src, tgt = stream.sources.session(autocommit=False), stream.targets.session(autocommit=False)
+    dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
+    cursor = read_cursor(tgt, move_id, table)
+    tgt.commit()
+    if cursor.done:
+        return 0
+    src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    ordered, total = tree.order_rows(src, table, tenants)
+    copied = 0
+    for after, upto in list(tree.batches(ordered, total, stream.batch_rows)) or [(0, 0)]:
+        stream.ready()
+        started = time.monotonic()
+        with tgt.transaction(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-proof") as beside:
+            new_stage(tgt, table, STAGE)
+            copy_rows(src, tgt, table, tree.rows_between(table, tenants, after, upto), STAGE)
+            deferred = defer_orphans(stream.sources.dsn, tgt, table, move_id)
+            rows = _insert_staged(tgt, table)
+            # rows a resumed copy inserted before, or left to catch-up, are missing from the sums:
+            # such a batch is compared again before the flip
+            sums = proof.prove_batch(
+                src,
+                tgt,
+                table,
+                sql.SQL("{} AND {}").format(tenant_filter(table, tenants), tree.numbered(table, after, upto)),
+                sql.SQL("{} AND {}").format(proof.WRITTEN_HERE, tree.staged_in(table, STAGE)),
+                beside,
+            )
+            proof.record_batch(tgt, move_id, table, sums, proven=not deferred)
+            cursor = Cursor(cursor.rows + rows, upto >= total)
+            _save_part(tgt, move_id, table, Part(0, None, None, cursor.rows, cursor.done))
+        copied += rows
+        stream.progress.advance(table.label, rows)
+        stream.pace(upto - after, started)
+    src.rollback()
+    return copied
 
 
 @STAMP_STEP.wraps
 def copy_cycle(
-    source_dsn: str, target_dsn: str, tables: tuple[Table, ...], tenants: Cohort, move_id: int, progress: Progress
+    sources: ThreadSessions,
+    targets: ThreadSessions,
+    tables: tuple[Table, ...],
+    tenants: Cohort,
+    move_id: int,
+    progress: Progress,
 ) -> int:
     """The tables of a DEFERRABLE foreign-key cycle, whole, in one target transaction; returns rows copied.
 
@@ -537,71 +540,80 @@ def copy_cycle(
     target and it is copied again. All tables are read in one source snapshot, so the references
     between them hold; later changes are captured.
     """
-    with (
-        connect_dsn(source_dsn, "the source", autocommit=False) as src,
-        connect_dsn(target_dsn, "the target", autocommit=False) as tgt,
-    ):
-        dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
-        if all(read_cursor(tgt, move_id, table).done for table in tables):
-            return 0
-        tgt.commit()
-        src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        copied: dict[str, int] = {}
-        with tgt.transaction(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-proof") as beside:
-            tgt.execute("SET CONSTRAINTS ALL DEFERRED")
-            for table in tables:
-                select = _key_range(table, tenant_filter(table, tenants), None, None)
-                copied[table.label] = _stream_batch(src, tgt, table, select)
-                sums = proof.prove_batch(src, tgt, table, tenant_filter(table, tenants), proof.WRITTEN_HERE, beside)
-                proof.record_batch(tgt, move_id, table, sums)
-                _save_part(tgt, move_id, table, Part(0, None, None, copied[table.label], True))
-        src.rollback()
+    src, tgt = sources.session(autocommit=False), targets.session(autocommit=False)
+    dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
+    if all(read_cursor(tgt, move_id, table).done for table in tables):
+        return 0
+    tgt.commit()
+    src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    copied: dict[str, int] = {}
+    with tgt.transaction(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-proof") as beside:
+        tgt.execute("SET CONSTRAINTS ALL DEFERRED")
         for table in tables:
-            progress.advance(table.label, copied[table.label])
-        return sum(copied.values())
+            select = _key_range(table, tenant_filter(table, tenants), None, None)
+            copied[table.label] = _stream_batch(src, tgt, table, select)
+            sums = proof.prove_batch(src, tgt, table, tenant_filter(table, tenants), proof.WRITTEN_HERE, beside)
+            proof.record_batch(tgt, move_id, table, sums)
+            _save_part(tgt, move_id, table, Part(0, None, None, copied[table.label], True))
+    src.rollback()
+    for table in tables:
+        progress.advance(table.label, copied[table.label])
+    return sum(copied.values())
 
 
 @STAMP_STEP.wraps
-def analyze(target_dsn: str, table: Table, copied: int) -> None:
+def complete_tables(
+    targets: ThreadSessions, move_id: int, tables: Sequence[Table], copied: dict[str, int]
+) -> dict[str, Cursor]:
+    """Once a table (or a cycle) is copied: statistics for its new size (`_analyze`), then its
+    cursors as committed. Idempotent: retried whole on a lost connection like the copy's other steps."""
+    tgt = targets.session(autocommit=True)
+    for table in tables:
+        _analyze(tgt, table, copied.get(table.label, 0))
+    return {table.label: read_cursor(tgt, move_id, table) for table in tables}
+
+
+def _analyze(tgt: psycopg.Connection[Any], table: Table, copied: int) -> None:
     """Give the target's planner the copied table's real size before its children are copied.
 
     A table emptied by an earlier cleanup keeps statistics saying it is empty; the foreign-key
     checks of the next table's COPY are then planned against that, and one plan seen here walked
-    the whole tenant's index for every child row (minutes per batch). Sampling costs a fraction
-    of a second. (A role that does not own the table gets a server warning and no statistics.)
+    the whole tenant's index for every child row (minutes per batch). Only the columns migrator's
+    own statements and the foreign-key checks look rows up by are sampled (key, tenant and
+    foreign-key columns): the row count comes with any column list, and the others (long texts)
+    were most of the cost (296 ms against 29 ms for a 37,000-row table of the sample schema).
+    (A role that does not own the table gets a server warning and no statistics.)
     Skipped where the `copied` rows are at most ANALYZE_SHARE (autovacuum's own default share for a
     new sample) of the rows the statistics count: they still describe the table, and a small tenant
     moved into a large shared table costs no sample of it (177 ms a table, eight per move, in a drain
     of small tenants). Statistics that say empty are always refreshed.
-    Its own connection, idempotent: retried on a lost connection like the copy's other steps.
     """
-    with connect_dsn(target_dsn, "the target", autocommit=True) as tgt:
-        row = tgt.execute(
-            "SELECT greatest(c.reltuples, 0) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = %s AND c.relname = %s",
-            (table.schema, table.name),
-        ).fetchone()
-        if row is not None and copied <= ANALYZE_SHARE * float(row[0]):
-            return
-        tgt.execute(sql.SQL("ANALYZE {}").format(table.ident))
+    row = tgt.execute(
+        "SELECT greatest(c.reltuples, 0) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s",
+        (table.schema, table.name),
+    ).fetchone()
+    if row is not None and copied <= ANALYZE_SHARE * float(row[0]):
+        return
+    columns = [*table.primary_key, *([table.key] if table.key else [])]
+    columns += [c for fk in (*table.foreign_keys, *table.shared_keys) for c in fk.columns]
+    listed = sql.SQL(", ").join(sql.Identifier(c) for c in dict.fromkeys(columns))
+    tgt.execute(sql.SQL("ANALYZE {} ({})").format(table.ident, listed))
 
 
 ANALYZE_SHARE = 0.1  # autovacuum_analyze_scale_factor's default
 
 
 @STAMP_STEP.wraps
-def copy_followed(source_dsn: str, target_dsn: str, layout: Layout, tenants: Cohort) -> int:
+def copy_followed(sources: ThreadSessions, targets: ThreadSessions, layout: Layout, tenants: Cohort) -> int:
     """Before the tenant tables: the followed rows they reference that the target lacks (`follow`), in one
     target transaction (idempotent: a retry inserts what is still missing)."""
-    with (
-        connect_dsn(source_dsn, "the source", autocommit=False) as src,
-        connect_dsn(target_dsn, "the target", autocommit=False) as tgt,
-    ):
-        dsnlib.write_as_copies(tgt)  # copies, not business events: the target's triggers do not fire
-        src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        with tgt.transaction():
-            copied = follow.copy_for_tenants(src, tgt, layout, tenants)
-        src.commit()
+    src, tgt = sources.session(autocommit=False), targets.session(autocommit=False)
+    dsnlib.write_as_copies(tgt)  # copies, not business events: the target's triggers do not fire
+    src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    with tgt.transaction():
+        copied = follow.copy_for_tenants(src, tgt, layout, tenants)
+    src.commit()
     return copied
 
 

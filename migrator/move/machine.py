@@ -51,7 +51,8 @@ from migrator.move.preflight import check_deletes, check_move, check_resume, che
 from migrator.move.run import MoveOptions, MoveRun
 from migrator.move.verify import Report
 from migrator.progress import Progress, ticking
-from migrator.stamps.discovery import Layout, Table
+from migrator.stamps.access import ThreadSessions
+from migrator.stamps.discovery import Layout
 
 
 @dataclass(frozen=True)
@@ -403,25 +404,30 @@ def _copy(run: MoveRun, move: Move) -> Move:
     catalog, layout = run.catalog, run.layout
     totals = {t.table_name: t.rows_total for t in catalog.tables(move.id)}
 
-    def finished(tables: tuple[Table, ...]) -> None:
-        cursors.update(copy.read_cursors(run.target.dsn, move.id, tables))
+    def finished(completed: dict[str, copy.Cursor]) -> None:
+        cursors.update(completed)
         _save_progress(catalog, move, layout, totals, cursors)
 
-    cursors = copy.read_cursors(run.target.dsn, move.id, layout.tables)
-    for table in layout.tables:  # resumed: the tables an earlier run completed count on the total
-        if cursors[table.label].done:
-            run.progress.advance(table.label, cursors[table.label].rows)
-    if layout.followed:
-        copy.copy_followed(run.source.dsn, run.target.dsn, layout, move.tenants)
-    try:
-        streams.copy_tables(run, move.id, move.tenants, totals, run.options.jobs, finished)
-    except BaseException:  # stopped or failed: the catalog keeps what the target committed (`move list`)
-        with contextlib.suppress(Exception):
-            finished(layout.tables)
-            catalog.update_move(move.id, rows_copied=sum(c.rows for c in cursors.values()))
-        raise
-    with stamps.connect(run.target, autocommit=False) as tgt:
+    with (  # the copy's steps on each stamp share a session per thread (`ThreadSessions`)
+        ThreadSessions(run.source.dsn, f"stamp {run.source.name}") as sources,
+        ThreadSessions(run.target.dsn, f"stamp {run.target.name}") as targets,
+    ):
+        cursors = copy.read_cursors(targets, move.id, layout.tables)
+        for table in layout.tables:  # resumed: the tables an earlier run completed count on the total
+            if cursors[table.label].done:
+                run.progress.advance(table.label, cursors[table.label].rows)
+        if layout.followed:
+            copy.copy_followed(sources, targets, layout, move.tenants)
+        try:
+            streams.copy_tables(run, sources, targets, move.id, move.tenants, totals, finished)
+        except BaseException:  # stopped or failed: the catalog keeps what the target committed (`move list`)
+            with contextlib.suppress(Exception):
+                finished(copy.read_cursors(targets, move.id, layout.tables))
+                catalog.update_move(move.id, rows_copied=sum(c.rows for c in cursors.values()))
+            raise
+        tgt = targets.session(autocommit=False)
         copy.advance_sequences(tgt, layout.tables, move.tenants, run.target.key_block)
+        tgt.commit()
     return catalog.update_move(move.id, phase=Phase.COPIED, rows_copied=sum(c.rows for c in cursors.values()))
 
 

@@ -21,10 +21,12 @@ from migrator.db import dsn as dsnlib
 from migrator.db.retry import STAMP_STEP
 from migrator.move import copy
 from migrator.move.run import MoveRun
-from migrator.stamps.access import connect_dsn
+from migrator.stamps.access import ThreadSessions
 from migrator.stamps.discovery import Table
 
 MIN_PART_ROWS = 20_000  # smaller ranges are not worth a stream's two connections
+
+Finished = Callable[[dict[str, copy.Cursor]], None]  # told each completed table's (or cycle's) cursors
 
 
 @dataclass
@@ -52,21 +54,23 @@ class _Unit:
 
 def copy_tables(
     run: MoveRun,
+    sources: ThreadSessions,
+    targets: ThreadSessions,
     move_id: int,
     tenants: Cohort,
     totals: dict[str, int],
-    jobs: int,
-    finished: Callable[[tuple[Table, ...]], None],
+    finished: Finished,
 ) -> None:
-    """Copy every table of the layout not yet complete on the target, `jobs` streams at a time.
+    """Copy every table of the layout not yet complete on the target, --jobs streams at a time, each
+    stream on its thread's sessions.
 
     `finished` is called (in this thread) as each table, or cycle, completes. On an error the
     streams already running finish their batch and the first error is raised; every part's
     committed cursor stays, so running the move again resumes each range where it stood.
     """
-    layout, options = run.layout, run.options
-    in_any_order = _replica_sessions(run.target.dsn)  # the copy's sessions will be replica: no FK checks
-    cursors = copy.read_cursors(run.target.dsn, move_id, layout.tables)
+    layout, options, jobs = run.layout, run.options, run.options.jobs
+    in_any_order = _replica_sessions(targets)  # the copy's sessions will be replica: no FK checks
+    cursors = copy.read_cursors(targets, move_id, layout.tables)
     pending: list[_Unit] = []
     done: set[str] = set()
     for table in layout.tables:
@@ -76,8 +80,8 @@ def copy_tables(
             pending.append(_Unit(layout.cycle_of(table)))
     stop = threading.Event()
     stream = copy.Stream(
-        run.source.dsn,
-        run.target.dsn,
+        sources,
+        targets,
         tenants,
         move_id,
         options.batch_rows,
@@ -106,7 +110,7 @@ def copy_tables(
                     raise RuntimeError(f"copy order stuck at {[u.names for u in pending]}")  # cannot happen
                 complete, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in complete:
-                    done |= _ended(run, running.pop(future), future, stop, finished)
+                    done |= _ended(run, stream, running.pop(future), future, finished)
         finally:  # on an error (or Ctrl-C) the other streams end after their current batch
             stop.set()
             pool.shutdown(cancel_futures=True)
@@ -114,30 +118,27 @@ def copy_tables(
 
 
 @STAMP_STEP.wraps
-def _replica_sessions(target_dsn: str) -> bool:
+def _replica_sessions(targets: ThreadSessions) -> bool:
     """Whether the copy's target sessions will write as replica (a read, retried like every copy step)."""
-    with connect_dsn(target_dsn, "the target", autocommit=False) as tgt:
-        return dsnlib.may_skip_triggers(tgt)
+    return dsnlib.may_skip_triggers(targets.session(autocommit=True))
 
 
-def _ended(
-    run: MoveRun, unit: _Unit, future: Future[int], stop: threading.Event, finished: Callable[[tuple[Table, ...]], None]
-) -> set[str]:
+def _ended(run: MoveRun, stream: copy.Stream, unit: _Unit, future: Future[int], finished: Finished) -> set[str]:
     """A stream of the unit ended (its error raised here); the unit's tables once its last one did,
     unless the copy is stopping."""
     future.result()
     unit.streams -= 1
-    if unit.streams or stop.is_set():
+    if unit.streams or (stream.stop and stream.stop.is_set()):
         return set()
-    _complete(run, unit, finished)
+    _complete(run, stream, unit, finished)
     return unit.names
 
 
-def _complete(run: MoveRun, unit: _Unit, finished: Callable[[tuple[Table, ...]], None]) -> None:
+def _complete(run: MoveRun, stream: copy.Stream, unit: _Unit, finished: Finished) -> None:
+    cursors = copy.complete_tables(stream.targets, stream.move_id, unit.tables, unit.rows)
     for table in unit.tables:
-        copy.analyze(run.target.dsn, table, unit.rows.get(table.label, 0))
         run.progress.finish(table.label)
-    finished(unit.tables)
+    finished(cursors)
 
 
 def _count_from(run: MoveRun, unit: _Unit, totals: dict[str, int], cursors: dict[str, copy.Cursor]) -> None:
@@ -148,13 +149,13 @@ def _count_from(run: MoveRun, unit: _Unit, totals: dict[str, int], cursors: dict
 
 def _streams(stream: copy.Stream, unit: _Unit, totals: dict[str, int], jobs: int) -> list[Callable[[], int]]:
     """One callable per stream of the unit: one per part of a table, one for a whole cycle."""
-    source, target, tenants, move_id = stream.source_dsn, stream.target_dsn, stream.tenants, stream.move_id
+    sources, targets, tenants, move_id = stream.sources, stream.targets, stream.tenants, stream.move_id
     if len(unit.tables) > 1:
-        return [lambda: copy.copy_cycle(source, target, unit.tables, tenants, move_id, stream.progress)]
+        return [lambda: copy.copy_cycle(sources, targets, unit.tables, tenants, move_id, stream.progress)]
     table = unit.tables[0]
     rows = totals.get(table.label, 0)
     pieces = max(1, min(jobs, rows // MIN_PART_ROWS))
-    parts = copy.plan_parts(source, target, table, tenants, move_id, pieces, rows)
+    parts = copy.plan_parts(sources, targets, table, tenants, move_id, pieces, rows)
 
     def part(index: int) -> Callable[[], int]:
         return lambda: copy.copy_part(stream, table, index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from typing import Any
 
@@ -37,6 +38,47 @@ def connect_dsn(dsn: str, what: str, *, autocommit: bool = True) -> psycopg.Conn
         raise Unreachable(
             f"cannot connect to {what} ({dsnlib.mask(dsn)}): {dsnlib.reason(exc, dsn)}", transient=is_transient(exc)
         ) from None
+
+
+class ThreadSessions:
+    """Sessions on one stamp kept for a job of several steps (a move's copy), one per thread.
+
+    A step asks for its thread's session instead of opening one: a connection costs tens of
+    milliseconds on a loaded machine (SCRAM's key derivation on both ends, a new server process),
+    and a copy of many small tables paid about 30 of them per move. A session found lost (a retried
+    step's) or left in a transaction is replaced or rolled back; all of them close with the job.
+    """
+
+    def __init__(self, dsn: str, what: str) -> None:
+        self.dsn, self.what = dsn, what
+        self._mine = threading.local()
+        self._opened: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+
+    def session(self, *, autocommit: bool) -> psycopg.Connection[Any]:
+        """This thread's session, idle, in the given mode and the server's default isolation level."""
+        conn: psycopg.Connection[Any] | None = getattr(self._mine, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = connect_dsn(self.dsn, self.what, autocommit=autocommit)
+            self._mine.conn = conn
+            with self._lock:
+                self._opened.append(conn)
+            return conn
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.rollback()
+        conn.autocommit = autocommit
+        conn.isolation_level = None
+        return conn
+
+    def __enter__(self) -> ThreadSessions:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close every session (after the threads that used them are done)."""
+        with self._lock:
+            for conn in self._opened:
+                conn.close()
+            self._opened.clear()
 
 
 def layout(stamp: Stamp, tenancy: Tenancy) -> Layout:
