@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
 from psycopg import sql
@@ -468,21 +468,13 @@ def bypass_for_replay(conn: psycopg.Connection[Any]) -> None:
 
 def guarded(conn: psycopg.Connection[Any]) -> set[str]:
     """The tenants with a guard (fence or capture) on this stamp."""
-    if not has_schema(conn):
-        return set()
-    rows = conn.execute(sql.SQL("SELECT tenant FROM {}.guarded_tenants").format(sql.Identifier(SCHEMA)))
-    return {row[0] for row in rows.fetchall()}
+    return {tenant for (tenant,) in own_rows(conn, "guarded_tenants", "SELECT tenant FROM {}")}
 
 
 def capturing(conn: psycopg.Connection[Any], move_id: int) -> set[str]:
     """The tenants whose writes this stamp logs under `move_id` (a revert window's target)."""
-    if not has_schema(conn):
-        return set()
-    rows = conn.execute(
-        sql.SQL("SELECT tenant FROM {}.guarded_tenants WHERE move_id = %s AND capture").format(sql.Identifier(SCHEMA)),
-        (move_id,),
-    )
-    return {row[0] for row in rows.fetchall()}
+    rows = own_rows(conn, "guarded_tenants", "SELECT tenant FROM {} WHERE move_id = %s AND capture", (move_id,))
+    return {tenant for (tenant,) in rows}
 
 
 def has_schema(conn: psycopg.Connection[Any]) -> bool:
@@ -496,19 +488,25 @@ def has_table(conn: psycopg.Connection[Any], name: str) -> bool:
     return bool(row and row[0])
 
 
+def own_rows(
+    conn: psycopg.Connection[Any], name: str, query: LiteralString, params: tuple[Any, ...] | None = None
+) -> list[tuple[Any, ...]]:
+    """The rows `query` reads from migrator's own table `_migrator.<name>` (its `{}`) on a stamp; none
+    where the stamp lacks the table (no move ever prepared it, or an older migrator did)."""
+    if not has_table(conn, name):
+        return []
+    return conn.execute(sql.SQL(query).format(sql.Identifier(SCHEMA, name)), params).fetchall()
+
+
 def guards_of(conn: psycopg.Connection[Any], move_id: int) -> tuple[int, int]:
     """How many of the move's tenants this stamp fences, and how many it captures (an interrupted move's line)."""
-    if not has_schema(conn):
-        return 0, 0
-    row = conn.execute(
-        sql.SQL(
-            "SELECT count(*) FILTER (WHERE fenced), count(*) FILTER (WHERE capture) FROM {}.guarded_tenants"
-            " WHERE move_id = %s"
-        ).format(sql.Identifier(SCHEMA)),
+    rows = own_rows(
+        conn,
+        "guarded_tenants",
+        "SELECT count(*) FILTER (WHERE fenced), count(*) FILTER (WHERE capture) FROM {} WHERE move_id = %s",
         (move_id,),
-    ).fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
+    )
+    return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
 
 
 def leftovers(conn: psycopg.Connection[Any]) -> list[str]:
@@ -521,24 +519,15 @@ def leftovers(conn: psycopg.Connection[Any]) -> list[str]:
             (TRIGGER,),
         ).fetchall()
     ]
-    if has_schema(conn):
-        schema = sql.Identifier(SCHEMA)
-        for tenant, move_id, fenced, capture in conn.execute(
-            sql.SQL("SELECT tenant, move_id, fenced, capture FROM {}.guarded_tenants ORDER BY tenant").format(schema)
-        ).fetchall():
-            what = " and ".join(w for w, on in (("fence", fenced), ("capture", capture)) if on) or "guard"
-            found.append(f"{what} on tenant {tenant} (move {move_id})")
-        for move_id, count in conn.execute(
-            sql.SQL("SELECT move_id, count(*) FROM {}.changes GROUP BY 1 ORDER BY 1").format(schema)
-        ).fetchall():
-            found.append(f"{count} captured changes of move {move_id}")
-        for move_id, table in conn.execute(
-            sql.SQL("SELECT DISTINCT move_id, table_name FROM {}.copy_progress ORDER BY 1, 2").format(schema)
-        ).fetchall():
-            found.append(f"copy progress of move {move_id} for {table}")
-        if has_table(conn, "copy_batches"):
-            for move_id, count in conn.execute(
-                sql.SQL("SELECT move_id, count(*) FROM {}.copy_batches GROUP BY 1 ORDER BY 1").format(schema)
-            ).fetchall():
-                found.append(f"{count} copy batch proofs of move {move_id}")
+    guards = "SELECT tenant, move_id, fenced, capture FROM {} ORDER BY tenant"
+    for tenant, move_id, fenced, capture in own_rows(conn, "guarded_tenants", guards):
+        what = " and ".join(w for w, on in (("fence", fenced), ("capture", capture)) if on) or "guard"
+        found.append(f"{what} on tenant {tenant} (move {move_id})")
+    for move_id, count in own_rows(conn, "changes", "SELECT move_id, count(*) FROM {} GROUP BY 1 ORDER BY 1"):
+        found.append(f"{count} captured changes of move {move_id}")
+    cursors = "SELECT DISTINCT move_id, table_name FROM {} ORDER BY 1, 2"
+    for move_id, table in own_rows(conn, "copy_progress", cursors):
+        found.append(f"copy progress of move {move_id} for {table}")
+    for move_id, count in own_rows(conn, "copy_batches", "SELECT move_id, count(*) FROM {} GROUP BY 1 ORDER BY 1"):
+        found.append(f"{count} copy batch proofs of move {move_id}")
     return found

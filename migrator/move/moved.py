@@ -27,7 +27,6 @@ from migrator.errors import PreflightError
 from migrator.move import fence, proof
 from migrator.move.integrity import MAX_KEYS, shown_keys
 from migrator.move.verify import EMPTY, Checksum, tenant_checksums
-from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Layout, Table, label, problems_message, tenant_filter
 from migrator.stamps.paths import qualified
 
@@ -61,13 +60,8 @@ def record(catalog: Catalog, source: Stamp, layout: Layout, move: Move, copied: 
 
 def _logged_tables(src: psycopg.Connection[Any], layout: Layout, move: Move) -> set[str]:
     """The tenant tables (by name) the move's change log names on the source: rows changed while it ran."""
-    if not fence.has_schema(src):
-        return set()
-    rows = src.execute(
-        sql.SQL("SELECT DISTINCT table_name FROM {}.changes WHERE move_id = %s").format(sql.Identifier(SCHEMA)),
-        (move.capture_id,),
-    )
-    return {layout.owner_of(name) for (name,) in rows.fetchall()}
+    rows = fence.own_rows(src, "changes", "SELECT DISTINCT table_name FROM {} WHERE move_id = %s", (move.capture_id,))
+    return {layout.owner_of(name) for (name,) in rows}
 
 
 def _sums_at_flip(

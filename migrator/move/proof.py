@@ -85,15 +85,9 @@ def captured_table(index: int) -> sql.Identifier:
 
 def proven_xids(tgt: psycopg.Connection[Any], move_id: int, table: Table) -> list[str]:
     """The transactions of the table's proven batches (as xid text, what a row's xmin reads)."""
-    if not fence.has_table(tgt, "copy_batches"):
-        return []  # a stamp prepared by an older migrator: nothing proven, every row compared
-    rows = tgt.execute(
-        sql.SQL("SELECT xid::xid::text FROM {}.copy_batches WHERE move_id = %s AND table_name = %s AND proven").format(
-            sql.Identifier(SCHEMA)
-        ),
-        (move_id, table.label),
-    )
-    return [xid for (xid,) in rows.fetchall()]
+    # a stamp prepared by an older migrator has no batches: nothing proven, every row compared
+    query = "SELECT xid::xid::text FROM {} WHERE move_id = %s AND table_name = %s AND proven"
+    return [xid for (xid,) in fence.own_rows(tgt, "copy_batches", query, (move_id, table.label))]
 
 
 def counts(
@@ -167,13 +161,9 @@ def prove_untouched(
 
 def copied_sums(tgt: psycopg.Connection[Any], move_id: int) -> dict[str, Checksum]:
     """Per table, the sum of the source checksums of the move's batches (what the copy read, all tenants)."""
-    if not fence.has_table(tgt, "copy_batches"):
-        return {}
-    rows = tgt.execute(
-        sql.SQL(
-            "SELECT table_name, sum(source_sum[1]), sum(source_sum[2]), sum(source_sum[3]) FROM {}.copy_batches"
-            " WHERE move_id = %s GROUP BY table_name"
-        ).format(sql.Identifier(SCHEMA)),
-        (move_id,),
+    query = (
+        "SELECT table_name, sum(source_sum[1]), sum(source_sum[2]), sum(source_sum[3]) FROM {}"
+        " WHERE move_id = %s GROUP BY table_name"
     )
-    return {label: Checksum(int(n), int(high), int(low)) for label, n, high, low in rows.fetchall()}
+    rows = fence.own_rows(tgt, "copy_batches", query, (move_id,))
+    return {label: Checksum(int(n), int(high), int(low)) for label, n, high, low in rows}

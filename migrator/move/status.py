@@ -14,14 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from psycopg import sql
-
 from migrator import stamps
 from migrator.catalog import FLIPPED, Move, Phase
 from migrator.context import Context
 from migrator.errors import Unreachable
 from migrator.move import capture, fence
-from migrator.stamps.access import SCHEMA
 
 
 @dataclass(frozen=True)
@@ -89,16 +86,9 @@ def copy_status(ctx: Context, move: Move) -> CopyStatus:
 
 def _committed(ctx: Context, move: Move) -> dict[str, tuple[Range, ...]]:
     """Each table's ranges as committed on the target (none before the copy starts or after the flip)."""
+    query = "SELECT table_name, upto, rows_copied, done FROM {} WHERE move_id = %s ORDER BY table_name, part"
     with stamps.connect(ctx.catalog.stamp(move.target)) as tgt:
-        if not fence.has_schema(tgt):
-            return {}
-        rows = tgt.execute(
-            sql.SQL(
-                "SELECT table_name, upto, rows_copied, done FROM {}.copy_progress WHERE move_id = %s"
-                " ORDER BY table_name, part"
-            ).format(sql.Identifier(SCHEMA)),
-            (move.id,),
-        ).fetchall()
+        rows = fence.own_rows(tgt, "copy_progress", query, (move.id,))
     parts: dict[str, list[Range]] = {}
     for table, upto, copied, done in rows:
         ranges = parts.setdefault(table, [])
