@@ -32,6 +32,7 @@ from migrator.db.retry import STAMP_STEP
 from migrator.errors import MigratorError
 from migrator.move import follow, proof, tree
 from migrator.move.keys import copy_rows, new_stage, range_bounds
+from migrator.move.verify import Sides
 from migrator.progress import Progress
 from migrator.stamps import sequences
 from migrator.stamps.access import SCHEMA, ThreadSessions, connect_dsn
@@ -325,6 +326,7 @@ def copy_part(stream: Stream, table: Table, index: int) -> int:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy-proof") as beside:
         dsnlib.write_as_copies(tgt)  # the target's application triggers do not fire for copied rows
         src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # a batch's COPY and its checksum: one snapshot
+        sides = Sides(src, tgt, beside)
         part = next(p for p in read_parts(tgt, move_id, table) if p.index == index)
         tgt.commit()
         of_tenants = batch_filter(src, table, tenants)
@@ -340,7 +342,7 @@ def copy_part(stream: Stream, table: Table, index: int) -> int:
                     upto = (
                         _last_key(tgt, table.ident, table, tenants, part) if read_back and rows == batch_rows else bound
                     )
-                    _prove_range(src, tgt, stream, table, (of_tenants, part, upto), beside)
+                    _prove_range(sides, stream, table, (of_tenants, part, upto))
                     part = _next_part(tgt, move_id, table, part, upto, rows)
             except psycopg.errors.ForeignKeyViolation:  # a parent written since its table was copied
                 with src.transaction(), tgt.transaction():
@@ -352,7 +354,7 @@ def copy_part(stream: Stream, table: Table, index: int) -> int:
                     deferred = defer_orphans(stream.sources.dsn, tgt, table, move_id)
                     rows = _insert_staged(tgt, table)
                     # rows left to catch-up are missing here: the batch is compared again before the flip
-                    _prove_range(src, tgt, stream, table, (of_tenants, part, upto), beside, proven=not deferred)
+                    _prove_range(sides, stream, table, (of_tenants, part, upto), proven=not deferred)
                     part = _next_part(tgt, move_id, table, part, upto, rows)
             copied += rows
             stream.progress.advance(table.label, rows)
@@ -373,29 +375,18 @@ def _next_batch(
 Batch = tuple[sql.Composable, Part, list[str] | None]  # the source's filter, the part, the batch's last key
 
 
-def _prove_range(
-    src: psycopg.Connection[Any],
-    tgt: psycopg.Connection[Any],
-    stream: Stream,
-    table: Table,
-    batch: Batch,
-    beside: ThreadPoolExecutor,
-    *,
-    proven: bool = True,
-) -> None:
+def _prove_range(sides: Sides, stream: Stream, table: Table, batch: Batch, *, proven: bool = True) -> None:
     """Checksum the batch just written, the part's key range up to `upto` (None: to the part's end), on
     both sides, and record it with the batch (`proof`)."""
     of_tenants, part, upto = batch
     span = sql.SQL("{} AND {}").format(key_after(table, part.after), key_upto(table, upto or part.upto))
     sums = proof.prove_batch(
-        src,
-        tgt,
+        sides,
         table,
         sql.SQL("{} AND {}").format(of_tenants, span),
         sql.SQL("{} AND {}").format(proof.WRITTEN_HERE, span),
-        beside,
     )
-    proof.record_batch(tgt, stream.move_id, table, sums, proven)
+    proof.record_batch(sides.tgt, stream.move_id, table, sums, proven)
 
 
 def _next_part(
@@ -507,12 +498,10 @@ def _copy_tree(stream: Stream, table: Table) -> int:
             # rows a resumed copy inserted before, or left to catch-up, are missing from the sums:
             # such a batch is compared again before the flip
             sums = proof.prove_batch(
-                src,
-                tgt,
+                Sides(src, tgt, beside),
                 table,
                 sql.SQL("{} AND {}").format(tenant_filter(table, tenants), tree.numbered(table, after, upto)),
                 sql.SQL("{} AND {}").format(proof.WRITTEN_HERE, tree.staged_in(table, STAGE)),
-                beside,
             )
             proof.record_batch(tgt, move_id, table, sums, proven=not deferred)
             cursor = Cursor(cursor.rows + rows, upto >= total)
@@ -552,7 +541,7 @@ def copy_cycle(
         for table in tables:
             select = _key_range(table, tenant_filter(table, tenants), None, None)
             copied[table.label] = _stream_batch(src, tgt, table, select)
-            sums = proof.prove_batch(src, tgt, table, tenant_filter(table, tenants), proof.WRITTEN_HERE, beside)
+            sums = proof.prove_batch(Sides(src, tgt, beside), table, tenant_filter(table, tenants), proof.WRITTEN_HERE)
             proof.record_batch(tgt, move_id, table, sums)
             _save_part(tgt, move_id, table, Part(0, None, None, copied[table.label], True))
     src.rollback()

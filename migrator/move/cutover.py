@@ -31,6 +31,7 @@ from migrator.move.run import MoveRun
 from migrator.move.throttle import StandbyBehind
 from migrator.move.verify import (
     Report,
+    Sides,
     Streams,
     TableResult,
     compare_hashes,
@@ -171,15 +172,15 @@ def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) ->
         jobs = min(run.options.jobs, len(layout.tables))
         with Streams(run.source.dsn, run.target.dsn, jobs, snapshot=snapshot) as streams:
 
-            def prove(s: psycopg.Connection[Any], t: psycopg.Connection[Any], index: int, table: Table) -> Proof:
+            def prove(sides: Sides, index: int, table: Table) -> Proof:
                 own = keys.get(table.name, [])
                 others = captured.get(table.name, []) if bulk and incremental else []
-                target = streams.sides.submit(_captured_hashes, t, index, table, tenants, own, others)
-                differ = _differing(_captured_hashes(s, index, table, tenants, own, others), target.result())
+                target = sides.beside.submit(_captured_hashes, sides.tgt, index, table, tenants, own, others)
+                differ = _differing(_captured_hashes(sides.src, index, table, tenants, own, others), target.result())
                 if not bulk:
                     return None, differ
                 outside = proof.captured_table(index) if others else keys_table(index) if own else None
-                return proof.prove_untouched(s, t, index, table, tenants, move.id, streams.sides, outside), differ
+                return proof.prove_untouched(sides, index, table, tenants, move.id, outside), differ
 
             proofs = streams.map(prove, layout.tables)
         unproven = {table.name: differ for table, (_, differ) in zip(layout.tables, proofs, strict=True) if differ}

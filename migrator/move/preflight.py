@@ -126,6 +126,7 @@ def check_move(
         )
     problems = Problems()
     with stamps.connect(source) as src, stamps.connect(target) as tgt:
+        sides = _Sides(source, target, src, tgt)
         src_rev, tgt_rev = read_revision(src), read_revision(tgt)
         same_schema = src_rev == tgt_rev  # two stamps without Alembic (None) count as the same schema
         if not same_schema:
@@ -153,10 +154,8 @@ def check_move(
         # is reported with the other side effects below, and the checks of the rows wait for its fix.
         if not (checks.rls_tables(src, layout) or checks.rls_tables(tgt, layout)):
             with problems.check():
-                rows, nulls, skipped = _check_rows(
-                    problems, _Sides(source, target, src, tgt), layout, tenancy, tenants, differences
-                )
-        problems.add(checks.move_problems(src, tgt, layout, source.name, target.name, allow_triggers))
+                rows, nulls, skipped = _check_rows(problems, sides, layout, tenancy, tenants, differences)
+        problems.add(_move_problems(sides, layout, allow_triggers))
         write_mode = dsnlib.write_mode(tgt)
     problems.raise_any(f"preflight refused the move of {name_tenants(tenants)} to {target.name}")
     for note in notes:  # said only of a move that goes ahead, like the lines below
@@ -177,6 +176,15 @@ class _Sides:
     target: Stamp
     src: psycopg.Connection[Any]
     tgt: psycopg.Connection[Any]
+
+
+def _move_problems(sides: _Sides, layout: Layout, allow_triggers: bool) -> list[str]:
+    """A move's trigger and row-level security problems: the target takes copies, replays and abort's
+    deletes; the source later takes cleanup's deletes and is read throughout."""
+    return [
+        *checks.stamp_problems(sides.tgt, layout, sides.target.name, checks.TARGET_WRITES, allow_triggers),
+        *checks.stamp_problems(sides.src, layout, sides.source.name, checks.DELETES, allow_triggers),
+    ]
 
 
 def _check_rows(
@@ -232,7 +240,7 @@ def check_resume(source: Stamp, target: Stamp, layout: Layout, *, allow_triggers
     """A resumed move's side-effect checks: triggers and row-level security may have changed since it began."""
     problems = Problems()
     with stamps.connect(source) as src, stamps.connect(target) as tgt:
-        problems.add(checks.move_problems(src, tgt, layout, source.name, target.name, allow_triggers))
+        problems.add(_move_problems(_Sides(source, target, src, tgt), layout, allow_triggers))
     problems.raise_any(f"resuming the move to {target.name} was refused")
 
 

@@ -24,7 +24,6 @@ differing keys, as `migrator verify` does (which always compares everything).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -36,6 +35,7 @@ from migrator.move.keys import load_keys, outside_keys
 from migrator.move.verify import (
     ALL_ROWS,
     Checksum,
+    Sides,
     TableResult,
     compare_hashes,
     compare_table,
@@ -50,17 +50,12 @@ KEYED_MAX = 20_000  # rows not proven by a batch compared key by key; beyond, th
 
 
 def prove_batch(
-    src: psycopg.Connection[Any],
-    tgt: psycopg.Connection[Any],
-    table: Table,
-    source_rows: sql.Composable,
-    target_rows: sql.Composable,
-    beside: ThreadPoolExecutor,
+    sides: Sides, table: Table, source_rows: sql.Composable, target_rows: sql.Composable
 ) -> tuple[Checksum, Checksum]:
     """Checksums of a batch: its rows on the source (`source_rows`, in the snapshot of its COPY) and on
     the target (`target_rows`, in the batch's open transaction), both sides at once."""
-    source = beside.submit(rows_checksum, src, table, source_rows)
-    target = rows_checksum(tgt, table, target_rows)
+    source = sides.beside.submit(rows_checksum, sides.src, table, source_rows)
+    target = rows_checksum(sides.tgt, table, target_rows)
     return source.result(), target
 
 
@@ -121,14 +116,7 @@ def _unproven_keys(
 
 
 def prove_untouched(
-    src: psycopg.Connection[Any],
-    tgt: psycopg.Connection[Any],
-    index: int,
-    table: Table,
-    tenants: Cohort,
-    move_id: int,
-    sides: ThreadPoolExecutor,
-    captured: sql.Identifier | None,
+    sides: Sides, index: int, table: Table, tenants: Cohort, move_id: int, captured: sql.Identifier | None
 ) -> TableResult:
     """The table's rows outside the captured keys (loaded as the temporary table `captured` on both
     sides; None where none was captured),
@@ -137,26 +125,23 @@ def prove_untouched(
     Where they are equal the result's checksums count the rows; where not, its keys name the first
     that differ.
     """
-    xids = proven_xids(tgt, move_id, table)
+    xids = proven_xids(sides.tgt, move_id, table)
     # no anti-join with an empty key table: the planner probes it once per row (1.1 s on 700,000 rows)
     outside = outside_keys(table, captured) if captured is not None else ALL_ROWS
-    source = sides.submit(counts, src, table, tenants, outside, None)
-    target_rows, unproven = counts(tgt, table, tenants, outside, xids)
+    source = sides.beside.submit(counts, sides.src, table, tenants, outside, None)
+    target_rows, unproven = counts(sides.tgt, table, tenants, outside, xids)
     source_rows = source.result()[0]
     if source_rows == target_rows and unproven == 0:
         return TableResult(table.label, Checksum(source_rows, 0, 0), Checksum(target_rows, 0, 0))
     if source_rows == target_rows and unproven <= KEYED_MAX:
-        keys = _unproven_keys(tgt, table, tenants, outside, xids)
+        keys = _unproven_keys(sides.tgt, table, tenants, outside, xids)
         name = sql.Identifier(f"migrator_unproven_{index}")
-        load = sides.submit(load_keys, src, table, keys, name)
-        load_keys(tgt, table, keys, name)
-        load.result()
-        source_hashes = sides.submit(keyed_row_hashes, src, table, tenants, name)
-        found = compare_hashes(table.label, source_hashes.result(), keyed_row_hashes(tgt, table, tenants, name))
+        sides.both(load_keys, table, keys, name)
+        found = compare_hashes(table.label, *sides.both(keyed_row_hashes, table, tenants, name))
         if found.equal:
             return TableResult(table.label, Checksum(source_rows, 0, 0), Checksum(target_rows, 0, 0))
         return found
-    return compare_table(src, tgt, table, tenants, sides, outside)
+    return compare_table(sides, table, tenants, outside)
 
 
 def copied_sums(tgt: psycopg.Connection[Any], move_id: int) -> dict[str, Checksum]:

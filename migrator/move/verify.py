@@ -15,7 +15,7 @@ import queue
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -38,6 +38,7 @@ from migrator.stamps.discovery import (
 )
 
 R = TypeVar("R")
+P = ParamSpec("P")
 LEAF_ROWS = 2000
 FANOUT = 16
 MAX_KEYS = 5
@@ -281,6 +282,24 @@ def _split(
 
 
 @dataclass(frozen=True)
+class Sides:
+    """A session on the source and one on the target, and the thread that runs the source's half of
+    a comparison or proof beside the target's (both sides at once)."""
+
+    src: psycopg.Connection[Any]
+    tgt: psycopg.Connection[Any]
+    beside: ThreadPoolExecutor
+
+    def both(
+        self, read: Callable[Concatenate[psycopg.Connection[Any], P], R], *args: P.args, **kwargs: P.kwargs
+    ) -> tuple[R, R]:
+        """`read` on the source (in the thread beside) and on the target at once: (the source's, the target's)."""
+        source = self.beside.submit(read, self.src, *args, **kwargs)
+        target = read(self.tgt, *args, **kwargs)
+        return source.result(), target
+
+
+@dataclass(frozen=True)
 class Differing:
     """A range of one table whose checksums differ, to narrow down to keys: the rows of `tenants`
     in `span` that match `where` (rows outside a move's captured keys, or all)."""
@@ -292,18 +311,13 @@ class Differing:
 
 
 def _narrow(
-    src: psycopg.Connection[Any],
-    tgt: psycopg.Connection[Any],
-    rows: Differing,
-    src_sum: Checksum,
-    tgt_sum: Checksum,
-    found: dict[str, list[list[str]]],
+    sides: Sides, rows: Differing, src_sum: Checksum, tgt_sum: Checksum, found: dict[str, list[list[str]]]
 ) -> None:
     table, tenants, span, where = rows.table, rows.tenants, rows.span, rows.where
     if sum(len(v) for v in found.values()) >= MAX_KEYS:
         return
     if max(src_sum.rows, tgt_sum.rows) <= LEAF_ROWS or src_sum.rows == 0:
-        src_rows, tgt_rows = row_hashes(src, table, tenants, span, where), row_hashes(tgt, table, tenants, span, where)
+        src_rows, tgt_rows = sides.both(row_hashes, table, tenants, span, where)
         for key in sorted(set(src_rows) | set(tgt_rows)):
             kind = (
                 "missing"
@@ -315,20 +329,17 @@ def _narrow(
             if kind and sum(len(v) for v in found.values()) < MAX_KEYS:
                 found[kind].append(list(key))
         return
-    for sub in _split(src, table, tenants, span, src_sum.rows, where):
-        s, t = checksum(src, table, tenants, sub, where), checksum(tgt, table, tenants, sub, where)
+    for sub in _split(sides.src, table, tenants, span, src_sum.rows, where):
+        s, t = sides.both(checksum, table, tenants, sub, where)
         if s != t:
-            _narrow(src, tgt, replace(rows, span=sub), s, t, found)
-
-
-Pair = tuple[psycopg.Connection[Any], psycopg.Connection[Any]]
+            _narrow(sides, replace(rows, span=sub), s, t, found)
 
 
 class Streams:
     """`count` pairs of (source, target) connections, each comparing one table at a time in its own thread.
 
-    A pair is reused from table to table (connecting costs more than checksumming a small table);
-    `sides` runs a table's source side beside its target side. With `snapshot` (exported by a
+    A pair is reused from table to table (connecting costs more than checksumming a small table), as
+    `Sides` whose threads run a table's source side beside its target side. With `snapshot` (exported by a
     source transaction that stays open meanwhile) every source connection reads in that snapshot,
     so all tables are compared as of one moment, and every connection holds a transaction until
     the block ends (temporary key tables live in it).
@@ -337,8 +348,8 @@ class Streams:
     def __init__(self, source_dsn: str, target_dsn: str, count: int, snapshot: str | None = None) -> None:
         self._dsns, self._count, self._snapshot = (source_dsn, target_dsn), max(1, count), snapshot
         self._stack = contextlib.ExitStack()
-        self._pairs: queue.SimpleQueue[Pair] = queue.SimpleQueue()
-        self.sides = ThreadPoolExecutor(max_workers=self._count, thread_name_prefix="verify-side")
+        self._pairs: queue.SimpleQueue[Sides] = queue.SimpleQueue()
+        self._beside = ThreadPoolExecutor(max_workers=self._count, thread_name_prefix="verify-side")
 
     def __enter__(self) -> Streams:
         autocommit = self._snapshot is None
@@ -349,57 +360,46 @@ class Streams:
                 if self._snapshot is not None:
                     src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                     src.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self._snapshot)))
-                self._pairs.put((src, tgt))
+                self._pairs.put(Sides(src, tgt, self._beside))
             self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.sides.shutdown()
+        self._beside.shutdown()
         self._stack.close()  # closing a connection rolls back what it holds
 
-    def map(self, work: Callable[[psycopg.Connection[Any], psycopg.Connection[Any], int, Table], R],
-            tables: Sequence[Table]) -> list[R]:  # fmt: skip
-        """`work(source, target, index, table)` for each table, `count` at a time; results in table order."""
+    def map(self, work: Callable[[Sides, int, Table], R], tables: Sequence[Table]) -> list[R]:
+        """`work(sides, index, table)` for each table, `count` at a time; results in table order."""
 
         def one(index: int, table: Table) -> R:
-            src, tgt = self._pairs.get()
+            sides = self._pairs.get()
             try:
-                return work(src, tgt, index, table)
+                return work(sides, index, table)
             finally:
-                self._pairs.put((src, tgt))
+                self._pairs.put(sides)
 
         with ThreadPoolExecutor(max_workers=self._count, thread_name_prefix="verify") as pool:
             return list(pool.map(one, range(len(tables)), tables))
 
 
-def compare_table(
-    src: psycopg.Connection[Any],
-    tgt: psycopg.Connection[Any],
-    table: Table,
-    tenants: Cohort,
-    sides: ThreadPoolExecutor,
-    where: sql.Composable = ALL_ROWS,
-) -> TableResult:
+def compare_table(sides: Sides, table: Table, tenants: Cohort, where: sql.Composable = ALL_ROWS) -> TableResult:
     """Checksum one table's rows (those matching `where`) per tenant on both sides concurrently;
     narrow down to keys where they differ."""
-    s_future = sides.submit(tenant_checksums, src, table, tenants, where)
-    t_sums = tenant_checksums(tgt, table, tenants, where)
-    s_sums = s_future.result()
+    s_sums, t_sums = sides.both(tenant_checksums, table, tenants, where)
     result = table_result(table.label, s_sums, t_sums)
     if result.equal:
         return result
     found: dict[str, list[list[str]]] = {"missing": [], "extra": [], "changed": []}
     for tenant in result.tenants:
         rows = Differing(table, (tenant,), where=where)
-        _narrow(src, tgt, rows, s_sums.get(tenant, EMPTY), t_sums.get(tenant, EMPTY), found)
+        _narrow(sides, rows, s_sums.get(tenant, EMPTY), t_sums.get(tenant, EMPTY), found)
     return replace(result, missing=found["missing"], extra=found["extra"], changed=found["changed"])
 
 
 def verify_tenants(source_dsn: str, target_dsn: str, layout: Layout, tenants: Cohort, jobs: int = 1) -> Report:
     """Compare every tenant table of `layout` between two stamps (read-only on both), `jobs` tables at a time."""
     with Streams(source_dsn, target_dsn, min(jobs, len(layout.tables))) as streams:
-        results = streams.map(lambda src, tgt, _, table: compare_table(src, tgt, table, tenants, streams.sides),
-                              layout.tables)  # fmt: skip
+        results = streams.map(lambda sides, _, table: compare_table(sides, table, tenants), layout.tables)
     return Report(tenants, results)
 
 

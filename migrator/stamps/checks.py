@@ -186,22 +186,6 @@ def stamp_problems(
     return [*trigger_problems(conn, layout, stamp, writes, allow_triggers), *rls_problems(conn, layout, stamp)]
 
 
-def move_problems(
-    src: psycopg.Connection[Any],
-    tgt: psycopg.Connection[Any],
-    layout: Layout,
-    source: str,
-    target: str,
-    allow_triggers: bool,
-) -> list[str]:
-    """A move's trigger and row-level security problems: the target takes copies, replays and abort's
-    deletes; the source later takes cleanup's deletes and is read throughout."""
-    return [
-        *stamp_problems(tgt, layout, target, TARGET_WRITES, allow_triggers),
-        *stamp_problems(src, layout, source, DELETES, allow_triggers),
-    ]
-
-
 class Problems:
     """Preflight's findings, gathered so one run reports every problem instead of one per attempt."""
 
