@@ -41,13 +41,19 @@ class PlanRecord:
 
 
 @dataclass(frozen=True)
-class EntryRecord:
-    """A plan entry to record (`plan_moves`); `done` marks one found finished before this run."""
+class EntryIdentity:
+    """Which entry of a plan: its position in the file, its tenants, and the stamps they move from and to."""
 
     position: int
     tenants: tuple[str, ...]
     source: str
     target: str
+
+
+@dataclass(frozen=True)
+class EntryRecord(EntryIdentity):
+    """A plan entry to record (`plan_moves`); `done` marks one found finished before this run."""
+
     rows: int
     bytes: int
     queue: str | None  # the entry's own `queue:` in the file

@@ -27,7 +27,7 @@ import psycopg
 
 from migrator.catalog import Catalog, EntryStatus, PlanStatus, Stamp, StampState, audit, name_tenants, policy
 from migrator.catalog.locks import stamp_slot, take_slot
-from migrator.catalog.plans import EntryRecord, Ledger, PlanFile, PlanRecord
+from migrator.catalog.plans import EntryIdentity, EntryRecord, Ledger, PlanFile, PlanRecord
 from migrator.context import Context
 from migrator.db.locks import lock_key, try_lock
 from migrator.errors import BadInput, Interrupted, LockBusy
@@ -85,18 +85,23 @@ class Prepared:
 
 
 @dataclass(frozen=True)
-class EntryResult:
+class EntryResult(EntryIdentity):
     """How one entry ended in this run: done, failed or skipped, and why."""
 
-    position: int
-    tenants: tuple[str, ...]
-    source: str
-    target: str
     status: EntryStatus
     reason: str = ""
     move_id: int | None = None
     rows: int = 0
     seconds: float = 0.0
+
+    @classmethod
+    def of(
+        cls, entry: Entry, status: EntryStatus, reason: str = "", *, move_id: int | None = None, rows: int = 0,
+        seconds: float = 0.0,
+    ) -> EntryResult:  # fmt: skip
+        """The result of a plan's entry, under its position, tenants, source and target."""
+        move = entry.move
+        return cls(entry.position, move.tenants, move.source, move.target, status, reason, move_id, rows, seconds)
 
     @property
     def stopped(self) -> bool:
@@ -298,11 +303,7 @@ def run(
         for entry in prepared.entries:
             if entry.todo == Todo.DONE:
                 progress.phase(f"skip    {entry.move.who}: {entry.note}")
-        results = [
-            EntryResult(e.position, e.move.tenants, e.move.source, e.move.target, EntryStatus.SKIPPED, e.note)
-            for e in prepared.entries
-            if e.todo == Todo.DONE
-        ]
+        results = [EntryResult.of(e, EntryStatus.SKIPPED, e.note) for e in prepared.entries if e.todo == Todo.DONE]
         ran, left, why_stopped = _schedule(ctx, plan_id, prepared, options, progress, stop)
         results += ran + left
         failed = any(r.status == EntryStatus.FAILED for r in results)
@@ -352,12 +353,7 @@ def _schedule(
                 if result.status == EntryStatus.FAILED and options.stop_on_error and not why_stopped:
                     why_stopped = f"--stop-on-error after the move of {entry.move.who} failed"
                     stop.set()
-    left = [
-        EntryResult(
-            e.position, e.move.tenants, e.move.source, e.move.target, EntryStatus.SKIPPED, f"not started: {why_stopped}"
-        )
-        for e in pending
-    ]
+    left = [EntryResult.of(e, EntryStatus.SKIPPED, f"not started: {why_stopped}") for e in pending]
     return results, left, why_stopped
 
 
@@ -446,14 +442,7 @@ def _result_of(future: Future[EntryResult], entry: Entry) -> EntryResult:
     try:
         return future.result()
     except Exception as exc:  # _one records its own failures; this is the catalog failing under it
-        return EntryResult(
-            entry.position,
-            entry.move.tenants,
-            entry.move.source,
-            entry.move.target,
-            EntryStatus.FAILED,
-            f"{type(exc).__name__}: {exc}",
-        )
+        return EntryResult.of(entry, EntryStatus.FAILED, f"{type(exc).__name__}: {exc}")
 
 
 def _one(
@@ -467,22 +456,11 @@ def _one(
     if isinstance(done.error, Interrupted) and stop.is_set():
         Ledger(ctx.catalog).mark(plan_id, entry.position, EntryStatus.PENDING, done.move_id)
         reason = f"{STOPPED} (move {done.move_id})"
-        return EntryResult(
-            entry.position, move.tenants, move.source, move.target, EntryStatus.SKIPPED, reason, done.move_id
-        )
+        return EntryResult.of(entry, EntryStatus.SKIPPED, reason, move_id=done.move_id)
     if done.status == EntryStatus.FAILED:
         Ledger(ctx.catalog).mark(plan_id, entry.position, EntryStatus.FAILED, done.move_id, done.reason)
     else:
         counter.count(max(0, move.rows - counter.counted))
     note = f"resumed move {done.move_id}" if done.resumed else ""
-    return EntryResult(
-        entry.position,
-        move.tenants,
-        move.source,
-        move.target,
-        done.status,
-        done.reason or note,
-        done.move_id,
-        done.rows,
-        done.seconds,
-    )
+    reason = done.reason or note
+    return EntryResult.of(entry, done.status, reason, move_id=done.move_id, rows=done.rows, seconds=done.seconds)
