@@ -7,18 +7,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from migrator.cli import render
-from migrator.cli.base import (
-    JSON,
-    RIPPLE,
-    RUN_FLAGS,
-    Queued,
-    cli,
-    confirm,
-    context_of,
-    emit,
-    engine_option,
-    queued,
-)
+from migrator.cli.base import JSON, RIPPLE, RUN_FLAGS, Queued, cli, confirm, context_of, emit, engine_option, queued
 from migrator.errors import BadInput, MigratorError, SchemaDrift
 
 if TYPE_CHECKING:  # the engine is imported when a command runs, which keeps `migrator --help` fast
