@@ -37,7 +37,7 @@ from test_real_schemas_shapes import (  # noqa: F401
 
 from migrator.db import dsn as dsnlib
 from migrator.errors import MigratorError
-from migrator.move import MoveOptions, cleanup_tenants, copy, move_tenants, moved, verify
+from migrator.move import CleanupOptions, MoveOptions, cleanup_tenants, copy, move_tenants, moved, verify
 from migrator.move.fence import leftovers
 from migrator.progress import Silent
 
@@ -661,7 +661,7 @@ def test_an_interrupted_cleanup_finishes_when_run_again(shaped: ShapedFactory) -
     assert moved.exit_code == 0, moved.output
     neighbour = oracle(fleet, "eu-1", NEIGHBOUR)
     with pytest.raises(Interrupted):
-        cleanup_tenants(fleet.context(), (TENANT,), "eu-1", 5, InterruptsTheDeletes())
+        cleanup_tenants(fleet.context(), (TENANT,), "eu-1", CleanupOptions(batch_rows=5), InterruptsTheDeletes())
     assert (
         0 < sum(rows for rows, _ in oracle(fleet, "eu-1").values()) < sum(r for r, _ in oracle(fleet, "eu-2").values())
     )

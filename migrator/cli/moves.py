@@ -485,7 +485,7 @@ def cleanup_cmd(
     verified are deleted: anything else refuses the cleanup before the first delete."""
     from migrator.catalog import name_tenants
     from migrator.interrupts import Stopped, stop_on_signals
-    from migrator.move import cleanup_move, cleanup_tenants
+    from migrator.move import CleanupOptions, cleanup_move, cleanup_tenants
 
     context = context_of(ctx)
     if (move_id is not None and (tenants or stamp)) or (move_id is None and not (tenants and stamp)):
@@ -500,27 +500,11 @@ def cleanup_cmd(
     with stop_on_signals() as stop:  # Ctrl-C, SIGTERM: the cleanup ends after its current delete batch
         try:
             with render.progress(not (no_progress or dry_run), "deleted") as progress:
+                options = CleanupOptions(batch_rows, allow_triggers=allow_triggers, dry_run=dry_run)
                 if move_id is not None:
-                    _, counts = cleanup_move(
-                        context,
-                        move_id,
-                        batch_rows,
-                        progress,
-                        allow_triggers=allow_triggers,
-                        dry_run=dry_run,
-                        stop=stop.event,
-                    )
+                    _, counts = cleanup_move(context, move_id, options, progress, stop.event)
                 else:
-                    counts = cleanup_tenants(
-                        context,
-                        tenants,
-                        stamp,
-                        batch_rows,
-                        progress,
-                        allow_triggers=allow_triggers,
-                        dry_run=dry_run,
-                        stop=stop.event,
-                    )
+                    counts = cleanup_tenants(context, tenants, stamp, options, progress, stop.event)
         except Interrupted:
             if not stop.asked:
                 raise

@@ -12,12 +12,12 @@ runs them.
 The entry points below are what the command line and the plans call.
 """
 
-from migrator.move.cleanup import cleanup_move, cleanup_tenants, leftovers
+from migrator.move.cleanup import CleanupOptions, cleanup_move, cleanup_tenants, leftovers
 from migrator.move.machine import MoveOutcome, abort_move, move_tenants, resume_move, revert_move
 from migrator.move.run import CutoverOptions, MoveOptions
 from migrator.move.verify import Report, verify_between
 
 __all__ = [
-    "CutoverOptions", "MoveOptions", "MoveOutcome", "Report", "abort_move", "cleanup_move", "cleanup_tenants",
-    "leftovers", "move_tenants", "resume_move", "revert_move", "verify_between",
+    "CleanupOptions", "CutoverOptions", "MoveOptions", "MoveOutcome", "Report", "abort_move", "cleanup_move",
+    "cleanup_tenants", "leftovers", "move_tenants", "resume_move", "revert_move", "verify_between",
 ]  # fmt: skip

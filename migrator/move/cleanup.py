@@ -10,6 +10,7 @@ while its leftovers are deleted (only this transaction bypasses it) and is lifte
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -197,15 +198,21 @@ def forget_progress(conn: psycopg.Connection[Any], move_id: int) -> None:
             conn.execute(sql.SQL("DELETE FROM {} WHERE move_id = %s").format(sql.Identifier(SCHEMA, name)), (move_id,))
 
 
+@dataclass(frozen=True)
+class CleanupOptions:
+    """Flags of `migrator cleanup`: --batch-rows (rows per delete), --allow-triggers, --dry-run."""
+
+    batch_rows: int
+    allow_triggers: bool = False
+    dry_run: bool = False
+
+
 def cleanup_tenants(
     ctx: Context,
     tenants: Cohort,
     stamp_name: str,
-    batch_rows: int,
+    options: CleanupOptions,
     progress: Progress,
-    *,
-    allow_triggers: bool = False,
-    dry_run: bool = False,
     stop: threading.Event | None = None,
 ) -> dict[str, int]:
     """`migrator cleanup`: delete moved tenants' leftovers on their old stamp and lift the fence there;
@@ -230,17 +237,17 @@ def cleanup_tenants(
                 raise BadInput(f"{describe_move(open_move)} is unfinished; finish or abort it first")
         layout = stamps.layout(stamp, ctx.config.tenancy)
         who = name_tenants(tenants)
-        check_deletes(stamp, layout, allow_triggers=allow_triggers, what=f"cleanup of {who} on {stamp.name}")
+        check_deletes(stamp, layout, allow_triggers=options.allow_triggers, what=f"cleanup of {who} on {stamp.name}")
         try:
-            proof = moved.prove(catalog, stamp, layout, tenants, mark=not dry_run)
+            proof = moved.prove(catalog, stamp, layout, tenants, mark=not options.dry_run)
         except PreflightError as exc:
             raise PreflightError(f"cleanup of {who} on {stamp.name} was refused, {exc}") from None
-        if dry_run:
+        if options.dry_run:
             return proof.rows
         for closed in revert.close_windows(catalog, stamp.name, tenants, layout):
             progress.phase(f"closed the revert window of move {closed}: its target captures no more")
         progress.phase(f"deleting the rows of {who} on {stamp.name}")
-        counts = delete_tenant(stamp, layout, tenants, batch_rows, progress, bypass_fence=True, stop=stop)
+        counts = delete_tenant(stamp, layout, tenants, options.batch_rows, progress, bypass_fence=True, stop=stop)
         with stamps.connect(stamp, autocommit=False) as conn:
             fence.unguard(conn, layout, tenants)
             still_guarded = fence.guarded(conn)
@@ -249,14 +256,7 @@ def cleanup_tenants(
 
 
 def cleanup_move(
-    ctx: Context,
-    move_id: int,
-    batch_rows: int,
-    progress: Progress,
-    *,
-    allow_triggers: bool = False,
-    dry_run: bool = False,
-    stop: threading.Event | None = None,
+    ctx: Context, move_id: int, options: CleanupOptions, progress: Progress, stop: threading.Event | None = None
 ) -> tuple[Move, dict[str, int]]:
     """`migrator cleanup --move ID`: the leftovers of every tenant of a flipped move, on its source."""
     move = ctx.catalog.move(move_id)
@@ -269,9 +269,7 @@ def cleanup_move(
         )
     if move.phase != Phase.FLIPPED and move.phase != Phase.CLEANED:
         raise BadInput(f"{describe_move(move)} has not flipped; only a flipped move leaves rows to clean up")
-    counts = cleanup_tenants(
-        ctx, move.tenants, move.source, batch_rows, progress, allow_triggers=allow_triggers, dry_run=dry_run, stop=stop
-    )
+    counts = cleanup_tenants(ctx, move.tenants, move.source, options, progress, stop)
     return ctx.catalog.move(move_id), counts
 
 
