@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -26,50 +27,38 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.rows_copied = Counter(
-            "migrator_rows_copied", "Rows committed on a target by the bulk copy", ["source", "target"], registry=r
-        )
-        self.moves = Gauge("migrator_moves", "Moves (cohorts) this process is running, by phase", ["phase"], registry=r)
-        self.move_tenants = Gauge(
-            "migrator_move_tenants", "Tenants of the moves this process is running, by phase", ["phase"], registry=r
-        )
-        self.tenants_moved = Counter(
-            "migrator_tenants_moved", "Tenants whose route a move of this process flipped", registry=r
-        )
-        self.moves_ended = Counter(
-            "migrator_moves_ended", "Moves this process ran to their end, by outcome", ["outcome"], registry=r
-        )
-        self.catchup_backlog = Gauge(
-            "migrator_catchup_backlog_changes",
+        # Every metric is migrator's (the `migrator_` prefix) and this process's alone (its registry).
+        counter = partial(Counter, namespace="migrator", registry=self.registry)
+        gauge = partial(Gauge, namespace="migrator", registry=self.registry)
+        self.rows_copied = counter("rows_copied", "Rows committed on a target by the bulk copy", ["source", "target"])
+        self.moves = gauge("moves", "Moves (cohorts) this process is running, by phase", ["phase"])
+        self.move_tenants = gauge("move_tenants", "Tenants of the moves this process is running, by phase", ["phase"])
+        self.tenants_moved = counter("tenants_moved", "Tenants whose route a move of this process flipped")
+        self.moves_ended = counter("moves_ended", "Moves this process ran to their end, by outcome", ["outcome"])
+        self.catchup_backlog = gauge(
+            "catchup_backlog_changes",
             "Captured changes not yet replayed on the target, at the last catch-up round",
             ["source"],
-            registry=r,
         )
         self.freeze = Histogram(
-            "migrator_freeze_duration_seconds",
+            "freeze_duration_seconds",
             "Writes frozen by a cutover, from the fence to the flip's commit or the fence's release",
             ["outcome"],
             buckets=FREEZE_BUCKETS,
-            registry=r,
+            namespace="migrator",
+            registry=self.registry,
         )
-        self.verify_mismatches = Counter(
-            "migrator_verify_mismatches", "Verifications that found a tenant's rows unequal", registry=r
-        )
-        self.retries = Counter(
-            "migrator_transient_retries", "Transient errors retried, by the retried step", ["step"], registry=r
-        )
-        self.throttled = Counter(
-            "migrator_throttled_seconds",
+        self.verify_mismatches = counter("verify_mismatches", "Verifications that found a tenant's rows unequal")
+        self.retries = counter("transient_retries", "Transient errors retried, by the retried step", ["step"])
+        self.throttled = counter(
+            "throttled_seconds",
             "Seconds copies and catch-up rounds waited for a stamp's replicas, slots or load",
             ["stamp", "reason"],
-            registry=r,
         )
-        self.replica_lag = Gauge(
-            "migrator_replica_lag_seconds",
+        self.replica_lag = gauge(
+            "replica_lag_seconds",
             "A standby's replay lag behind its stamp's primary, at the throttle's last reading",
             ["stamp", "standby"],
-            registry=r,
         )
         self._phases: dict[int, tuple[str, int]] = {}  # move id -> (phase, tenants)
         self._lock = threading.Lock()
