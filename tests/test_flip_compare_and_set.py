@@ -87,3 +87,34 @@ def test_a_route_changed_under_a_move_is_not_flipped_and_the_move_can_be_aborted
     assert tenant_row_count(fleet.dsn("eu-2"), layout, "6") == 0
     with dsnlib.connect(fleet.dsn("eu-1"), autocommit=True) as conn:  # the source takes writes again
         conn.execute("UPDATE tenants SET name = 'still here' WHERE id = 6")
+
+
+def test_a_rehearsed_flip_changes_nothing_and_finds_a_changed_route_before_the_freeze(fleet: Fleet) -> None:
+    """The flip's statements run once before the freeze, rolled back, on the session that will flip (its
+    first statements there cost the freeze several ms): routes, the move and the audit stay as they
+    were, and a route changed meanwhile fails the rehearsal already; the flip itself still decides."""
+    fleet.seed("eu-1", 8, 50)
+    route = fleet.catalog.route("8")
+    move = fleet.catalog.update_move(fleet.catalog.create_move([route], "eu-2", Mode.OFFLINE, 100).id, phase="verified")
+    with dsnlib.connect(fleet.catalog.url, autocommit=True) as conn:
+        audited = conn.execute("SELECT count(*), coalesce(max(id), 0) FROM audit").fetchone()
+        fleet.catalog.rehearse_flip(move, conn)
+        assert fleet.catalog.route("8") == route
+        assert fleet.catalog.move(move.id).phase == "verified"
+        assert conn.execute("SELECT count(*), coalesce(max(id), 0) FROM audit").fetchone() == audited
+        flipped = fleet.catalog.flip(move, conn)  # the rehearsal's session flips for real
+        assert [(r.stamp, r.version) for r in flipped] == [("eu-2", route.version + 1)]
+        # The next audit id follows the last one: the rehearsal drew none (an append-only trail has no gaps).
+        assert conn.execute("SELECT count(*), max(id) FROM audit").fetchone() == (audited[0] + 1, audited[1] + 1)
+
+    back = fleet.catalog.update_move(
+        fleet.catalog.create_move([fleet.catalog.route("8")], "eu-1", Mode.OFFLINE, 100).id, phase="verified"
+    )
+    with dsnlib.connect(fleet.catalog.url, autocommit=True) as other:
+        other.execute("UPDATE routes SET version = version + 1 WHERE tenant = '8'")  # another operator's change
+    with (
+        dsnlib.connect(fleet.catalog.url, autocommit=True) as conn,
+        pytest.raises(RouteConflict, match=r"route of tenant 8 changed under move \d+: expected eu-2"),
+    ):
+        fleet.catalog.rehearse_flip(back, conn)
+    assert fleet.catalog.route("8").stamp == "eu-2" and fleet.catalog.move(back.id).phase == "verified"

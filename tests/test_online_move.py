@@ -99,7 +99,7 @@ def test_online_move_keeps_every_acknowledged_write(busy: Fleet) -> None:
     assert move["mode"] == "online" and move["phase"] == "flipped"
     assert 0 < move["freeze_ms"] < 2000
     steps = outcome["freeze_steps_ms"]  # where the freeze's time went, step by step, adding up to it
-    assert set(steps) == {"fence", "writers", "drain", "sequences", "keys", "revisions", "flip"}
+    assert set(steps) == {"fence", "writers", "drain", "sequences", "keys", "revisions", "standbys", "flip"}
     assert all(ms >= 0 for ms in steps.values())
     assert abs(sum(steps.values()) - move["freeze_ms"]) < 1
     _finish(busy, mover, neighbour)

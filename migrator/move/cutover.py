@@ -93,7 +93,7 @@ def wait_for_replicas(run: MoveRun, what: str, timeout_s: float | None = None) -
         return False
     target = run.target.name
     timeout = wait_s if timeout_s is None else timeout_s
-    return run.throttle.wait_for_standbys(target, run.throttle.target_lsn(target), timeout, what) is not None
+    return run.throttle.wait_for_standbys(target, timeout, what) is not None
 
 
 def flip(run: MoveRun, move: Move, freeze_ms: float | None = None, *, window: bool = False) -> list[Route]:
@@ -360,6 +360,7 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
         move = catalog.update_move(move.id, phase=Phase.CUTOVER)
         catalog.announce_cutover(move)  # routers open connections to the target while this settles
         _settle(run, src, tgt, move)
+        catalog.rehearse_flip(move, run.lock.held(), window=window)  # the flip's session warm, its routes unchanged
         clock = FreezeClock()
         elapsed_ms = clock.elapsed_ms
         try:
@@ -392,7 +393,8 @@ def _freeze_and_flip(run: MoveRun, move: Move) -> tuple[list[Route], dict[str, f
             src.commit()
             clock.step("revisions")
             try:
-                if wait_for_replicas(run, "the drain", max(0.0, options.max_freeze_ms - elapsed_ms()) / 1000):
+                if run.options.throttle.replica_wait:  # a step of its own, waited or not (a query on the target)
+                    wait_for_replicas(run, "the drain", max(0.0, options.max_freeze_ms - elapsed_ms()) / 1000)
                     clock.step("standbys")
             except StandbyBehind as exc:
                 raise FreezeTooLong(f"the target's standbys did not replay the drain in the freeze: {exc}") from None

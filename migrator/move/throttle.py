@@ -307,15 +307,19 @@ class Throttle:
 
     # -- the cutover ------------------------------------------------------------------------------
 
-    def wait_for_standbys(self, name: str, lsn: int, timeout_s: float, what: str = "the move") -> float | None:
+    def wait_for_standbys(self, name: str, timeout_s: float, what: str = "the move") -> float | None:
         """Wait until every standby of stamp `name` (streaming now, or seen streaming during the move,
-        or holding a physical slot) replayed past `lsn`; returns the seconds waited. Raises
-        StandbyBehind naming those that did not within `timeout_s`; None when the stamp has no standby."""
+        or holding a physical slot) replayed all that was written on it when this was called (the first
+        reading's WAL position: one query, where there is no standby to wait for, inside a write freeze);
+        returns the seconds waited. Raises StandbyBehind naming those that did not within `timeout_s`;
+        None when the stamp has no standby."""
         started = time.monotonic()
         watched = self._watched[name]
         announced = False
+        lsn: int | None = None
         while True:
             reading = self.read(name)
+            lsn = reading.lsn if lsn is None else lsn
             if watched.seen or reading.standbys:
                 self._refuse_blind(name, reading)
             behind = {n: s for n, s in reading.standbys.items() if s.replay is None or s.replay < lsn} | {
@@ -342,9 +346,6 @@ class Throttle:
                     "--no-replica-wait to flip without them"
                 )
             time.sleep(min(POLL_S / 5, max(0.0, timeout_s - waited)))
-
-    def target_lsn(self, name: str) -> int:
-        return self.read(name).lsn
 
     @staticmethod
     def _refuse_blind(name: str, reading: Reading) -> None:
