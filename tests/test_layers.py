@@ -7,6 +7,7 @@ the upper package a change to the lower one's meaning; these tests keep the floo
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,38 @@ def test_no_engine_function_takes_more_than_8_parameters_or_nests_more_than_4_le
                 offending.append(f"{where}:{node.lineno} {node.name}: {count} parameters, {depth} levels")
     assert not offending, offending
     assert pending == NOT_YET_SHALLOW, f"now within the limits: drop {NOT_YET_SHALLOW - pending} from the list"
+
+
+# -- the catalog's SQL in one place ---------------------------------------------------------------------------
+
+CATALOG_TABLES = sorted(
+    {
+        match.group(1)
+        for path in (PACKAGE / "catalog" / "migrations" / "versions").glob("*.py")
+        for match in re.finditer(r"CREATE TABLE (\w+)", path.read_text())
+    }
+    - {"tenants"}  # also the sample application's table on every stamp (local/seed.py writes that one)
+)
+
+
+def _catalog_statements(path: Path) -> list[str]:
+    """String constants of `path` that read or write one of the catalog's tables."""
+    naming = re.compile(rf"\b(?:FROM|JOIN|UPDATE|INTO|TABLE)\s+(?:{'|'.join(CATALOG_TABLES)})\b")
+    return [
+        f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and naming.search(node.value)
+    ]
+
+
+def test_every_statement_on_the_catalogs_tables_lives_in_migrator_catalog() -> None:
+    """Plans, stamps' states, schema runs and moves are read and written through `migrator.catalog`
+    alone, so a change to a catalog table has one place to look (the chaos oracle's reads included)."""
+    assert {"routes", "moves", "move_tenants", "plans", "audit"} <= set(CATALOG_TABLES)  # the pattern finds them
+    offending = [
+        where
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if "catalog" not in path.relative_to(PACKAGE).parts[:1]
+        for where in _catalog_statements(path)
+    ]
+    assert not offending, offending

@@ -39,16 +39,16 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import conninfo, sql
 
 from migrator import config as configlib
-from migrator.catalog import FLIPPED, TERMINAL, Catalog, Move, Phase
+from migrator.catalog import FLIPPED, Catalog, Move, Phase, routes, watch
 from migrator.db import dsn as dsnlib
 from migrator.local import pgserver, provision
 from migrator.local.seed import TenantSpec, seed_fleet_stamp
@@ -56,6 +56,8 @@ from migrator.move import fence
 from migrator.router import Router, TenantFenced, UnknownTenant
 from migrator.stamps.access import SCHEMA
 from migrator.stamps.discovery import Layout, discover, tenant_filter
+
+R = TypeVar("R")
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout (migrator/testing/ is in no wheel)
 KINDS = ("kill9", "terminate_source", "terminate_target", "terminate_catalog", "restart_target", "stop_catalog")
@@ -543,12 +545,14 @@ class Engine:
 
     # -- reading the catalog, robust to the catalog's own outages --
 
-    def _query(self, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]] | None:
+    def _query(self, read: Callable[..., R], *args: Any) -> R | None:
+        """`read` (of `migrator.catalog.watch` or `routes`) on the oracle's own session; None while the
+        catalog is away."""
         for _ in range(2):
             try:
                 if self._poll is None or self._poll.closed or self._poll.broken:
                     self._poll = _connect(self.fleet.catalog_url)
-                return self._poll.execute(query, params).fetchall()
+                return read(self._poll, *args)
             except psycopg.Error:
                 if self._poll is not None:
                     with contextlib.suppress(Exception):
@@ -557,17 +561,16 @@ class Engine:
         return None
 
     def route(self, tenant: str) -> tuple[str, int]:
-        rows = self._query("SELECT stamp, version FROM routes WHERE tenant = %s", (tenant,))
-        assert rows, f"no route for tenant {tenant}"
-        return str(rows[0][0]), int(rows[0][1])
+        found = self._query(routes.route_of, tenant)
+        assert found, f"no route for tenant {tenant}"
+        return found
 
     def latest_move(self, tenant: str, after_id: int) -> Move | None:
         found = [m for m in self.catalog.moves(tenant, limit=5) if m.id > after_id]
         return found[0] if found else None
 
     def last_move_id(self) -> int:
-        rows = self._query("SELECT coalesce(max(id), 0) FROM moves", ())
-        return int(rows[0][0]) if rows else 0
+        return self._query(watch.last_move_id) or 0
 
     # -- the oracle's before picture --
 
@@ -651,12 +654,7 @@ class Engine:
         fenced = sql.SQL("SELECT 1 FROM {}.guarded_tenants WHERE tenant = %s AND fenced").format(sql.Identifier(SCHEMA))
         with _connect(self.fleet.stamps[source]) as src:
             while proc.poll() is None and time.monotonic() < deadline:
-                rows = self._query(
-                    "SELECT phase FROM moves WHERE id > %s"
-                    " AND id IN (SELECT move_id FROM move_tenants WHERE tenant = %s) ORDER BY id DESC LIMIT 1",
-                    (after_id, tenant),
-                )
-                phase = rows[0][0] if rows else None
+                phase = self._query(watch.latest_phase, tenant, after_id)
                 if phase in ORDER and ORDER.index(phase) >= ORDER.index(wanted):
                     return str(phase) if proc.poll() is None else None
                 if wanted == Phase.CUTOVER and phase == Phase.SYNCED and _holds(src, fenced, tenant):
@@ -842,9 +840,7 @@ class Engine:
 
     def check_leftovers(self, what: str) -> None:
         """Between moves nothing of migrator may remain: no guard, trigger, change log or copy cursor."""
-        open_moves = (
-            self._query("SELECT id, tenant, phase FROM moves WHERE phase <> ALL(%s)", (sorted(TERMINAL),)) or []
-        )
+        open_moves = self._query(watch.unfinished_move_ids) or []
         for name, dsn in self.fleet.stamps.items():
             with _connect(dsn) as conn:
                 items = [item for item in fence.leftovers(conn) if (name, item) not in self.reported]
