@@ -35,6 +35,7 @@ class _Unit:
 
     tables: tuple[Table, ...]
     streams: int = 0  # parts still copying
+    lock: threading.Lock = field(default_factory=threading.Lock)  # over `streams`, counted down by each
     rows: dict[str, int] = field(default_factory=dict)  # per table, the rows preflight counted
 
     @property
@@ -90,7 +91,7 @@ def copy_tables(
         stop,
         lambda: run.throttle.wait(move_id),
     )
-    running: dict[Future[int], _Unit] = {}
+    running: dict[Future[dict[str, copy.Cursor] | None], _Unit] = {}
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="copy") as pool:
         try:
             while pending or running:
@@ -103,14 +104,14 @@ def copy_tables(
                     unit.rows = {t.label: totals.get(t.label, 0) for t in unit.tables}
                     submits = _streams(stream, unit, totals, jobs)
                     unit.streams = len(submits)
-                    running.update((pool.submit(submit), unit) for submit in submits)
+                    running.update((pool.submit(_completing(stream, unit, submit)), unit) for submit in submits)
                 if not (running or pending):  # stopped
                     break
                 if not running:
                     raise RuntimeError(f"copy order stuck at {[u.names for u in pending]}")  # cannot happen
                 complete, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in complete:
-                    done |= _ended(run, stream, running.pop(future), future, finished)
+                    done |= _ended(run, running.pop(future), future, finished)
         finally:  # on an error (or Ctrl-C) the other streams end after their current batch
             stop.set()
             pool.shutdown(cancel_futures=True)
@@ -123,22 +124,34 @@ def _replica_sessions(targets: ThreadSessions) -> bool:
     return dsnlib.may_skip_triggers(targets.session(autocommit=True))
 
 
-def _ended(run: MoveRun, stream: copy.Stream, unit: _Unit, future: Future[int], finished: Finished) -> set[str]:
-    """A stream of the unit ended (its error raised here); the unit's tables once its last one did,
-    unless the copy is stopping."""
-    future.result()
-    unit.streams -= 1
-    if unit.streams or (stream.stop and stream.stop.is_set()):
+def _completing(
+    stream: copy.Stream, unit: _Unit, submit: Callable[[], int]
+) -> Callable[[], dict[str, copy.Cursor] | None]:
+    """A stream of the unit; the one that ends last, unless the copy is stopping, then completes the
+    unit's tables in its own thread (`complete_tables`: their statistics, then their cursors), while
+    the other streams go on: in the scheduler's thread, each table's ANALYZE held up every start."""
+
+    def run() -> dict[str, copy.Cursor] | None:
+        submit()
+        with unit.lock:
+            unit.streams -= 1
+            last = unit.streams == 0
+        if not last or (stream.stop and stream.stop.is_set()):
+            return None
+        return copy.complete_tables(stream.targets, stream.move_id, unit.tables, unit.rows)
+
+    return run
+
+
+def _ended(run: MoveRun, unit: _Unit, future: Future[dict[str, copy.Cursor] | None], finished: Finished) -> set[str]:
+    """A stream of the unit ended (its error raised here); the unit's tables once its last one completed them."""
+    cursors = future.result()
+    if cursors is None:
         return set()
-    _complete(run, stream, unit, finished)
-    return unit.names
-
-
-def _complete(run: MoveRun, stream: copy.Stream, unit: _Unit, finished: Finished) -> None:
-    cursors = copy.complete_tables(stream.targets, stream.move_id, unit.tables, unit.rows)
     for table in unit.tables:
         run.progress.finish(table.label)
     finished(cursors)
+    return unit.names
 
 
 def _count_from(run: MoveRun, unit: _Unit, totals: dict[str, int], cursors: dict[str, copy.Cursor]) -> None:
