@@ -28,6 +28,7 @@ from migrator.move.keys import key_set, keys_table, load_keys
 from migrator.move.preflight import check_schema_unchanged
 from migrator.move.run import CutoverOptions as CutoverOptions  # re-exported: the CLI builds it from its flags
 from migrator.move.run import MoveRun
+from migrator.move.streams import MIN_PART_ROWS
 from migrator.move.throttle import StandbyBehind
 from migrator.move.verify import (
     Report,
@@ -159,7 +160,8 @@ def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) ->
     with unproven changes (written since, or still in flux). Returns the report of untouched rows
     and the unproven count. `incremental` compares only keys with unproven changes (run again just
     before each freeze, so the freeze itself has little left to check). Tables are compared --jobs
-    at a time, every source connection reading in the snapshot this transaction exports.
+    at a time (fewer for a small tenant), every source connection reading in the snapshot this
+    transaction exports.
 
     A revert proves no bulk: its rows outside the window's log are the forward move's, proven at its flip.
     """
@@ -169,7 +171,9 @@ def verify_before_freeze(run: MoveRun, move: Move, incremental: bool = False) ->
         captured = capture.captured_keys(src, layout, move.capture_id) if bulk or not incremental else {}
         keys = capture.captured_keys(src, layout, move.capture_id, unverified_only=True) if incremental else captured
         snapshot = src.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
-        jobs = min(run.options.jobs, len(layout.tables))
+        # a pair of sessions per MIN_PART_ROWS rows at most, as the copy's parts: connecting costs more
+        # than comparing a small tenant's tables
+        jobs = max(1, min(run.options.jobs, len(layout.tables), move.rows_total // MIN_PART_ROWS))
         with Streams(run.source.dsn, run.target.dsn, jobs, snapshot=snapshot) as streams:
 
             def prove(sides: Sides, index: int, table: Table) -> Proof:

@@ -353,10 +353,9 @@ def _finished(
     timings.update(run.throttle_seconds())
     with stamps.connect(run.target) as tgt:
         copied = proof.copied_sums(tgt, move.id)
-    moved.record(run.catalog, run.source, run.layout, move, copied)
-    with stamps.connect(run.source) as src:  # the log `record` read (a revert's is gone with its window)
-        fence.forget_changes(src, move.capture_id)
-    with stamps.connect(run.target) as tgt:
+        moved.record(run.catalog, run.source, run.layout, move, copied)
+        with stamps.connect(run.source) as src:  # the log `record` read (a revert's is gone with its window)
+            fence.forget_changes(src, move.capture_id)
         forget_progress(tgt, move.id)
     move = run.catalog.move(move.id)
     return MoveOutcome(
