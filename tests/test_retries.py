@@ -32,10 +32,12 @@ def test_catch_up_keeps_its_deadline_across_a_reconnect(fleet: Fleet, caplog: py
     killer = threading.Timer(1.5, lambda: killed.append(terminate_migrator_sessions(fleet, source)))
     started = time.monotonic()
     killer.start()
+    sessions = capture.ReplaySessions(source, target)
     try:
-        left = capture.catch_up(source, target, fleet.layout(), ("7",), 1, capture.Goal(-1, started + 2.0, 100))
+        left = capture.catch_up(sessions, fleet.layout(), ("7",), 1, capture.Goal(-1, started + 2.0, 100))
     finally:
         killer.cancel()
+        sessions.close()
     elapsed = time.monotonic() - started
     assert killed == [1] and len(_retries(caplog)) == 1, (killed, _retries(caplog))  # it did reconnect once
     assert left == 0

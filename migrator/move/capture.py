@@ -15,6 +15,7 @@ order within a batch; where tables form a (DEFERRABLE) cycle, the batch defers i
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -412,10 +413,42 @@ class Goal:
     batch: int
 
 
+class ReplaySessions:
+    """A move's replay sessions, on its source and its target, kept for the whole run: a move catches
+    up two or three times, and each catch-up opened both (tens of milliseconds a connect under load)
+    and set the target's up again. A pair found lost (a retried catch-up's) is opened afresh; one left
+    in a transaction is rolled back. The replay's stages stay with the target's session (`keep_stage`)."""
+
+    def __init__(self, source_dsn: str, target_dsn: str) -> None:
+        self._dsns = (source_dsn, target_dsn)
+        self._pair: tuple[psycopg.Connection[Any], psycopg.Connection[Any]] | None = None
+
+    def pair(self) -> tuple[psycopg.Connection[Any], psycopg.Connection[Any]]:
+        """The source's and the target's session, idle, the target's writing as copies past a fence."""
+        if self._pair is None or any(conn.closed or conn.broken for conn in self._pair):
+            self.close()
+            with contextlib.ExitStack() as opened:
+                src = opened.enter_context(connect_dsn(self._dsns[0], "the source", autocommit=False))
+                tgt = opened.enter_context(connect_dsn(self._dsns[1], "the target", autocommit=False))
+                dsnlib.write_as_copies(tgt)  # replayed rows are copies: the target's triggers do not fire
+                fence.bypass_for_replay(tgt)  # a revert's target is fenced until its flip
+                opened.pop_all()
+            self._pair = (src, tgt)
+        for conn in self._pair:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.rollback()
+        return self._pair
+
+    def close(self) -> None:
+        if self._pair is not None:
+            for conn in self._pair:
+                conn.close()
+            self._pair = None
+
+
 @STAMP_STEP.wraps
 def catch_up(
-    source_dsn: str,
-    target_dsn: str,
+    sessions: ReplaySessions,
     layout: Layout,
     tenants: Cohort,
     move_id: int,
@@ -425,20 +458,15 @@ def catch_up(
     """Replay until the `goal` is reached; returns the backlog left, which the caller judges.
     `observe` sees each round's backlog.
 
-    Connections stay open across batches; a transient error reconnects and goes on (replay is
-    idempotent) towards the same deadline, which the caller fixed before the first attempt.
+    The sessions stay open across batches and catch-ups; a transient error reconnects and goes on
+    (replay is idempotent) towards the same deadline, which the caller fixed before the first attempt.
     """
-    with (
-        connect_dsn(source_dsn, "the source", autocommit=False) as src,
-        connect_dsn(target_dsn, "the target", autocommit=False) as tgt,
-    ):
-        dsnlib.write_as_copies(tgt)  # replayed rows are copies: the target's triggers do not fire
-        fence.bypass_for_replay(tgt)  # a revert's target is fenced until its flip
-        replay = Replay(src, tgt, layout, tenants, move_id, goal.batch)
-        while True:
-            pending = backlog(src, move_id)
-            src.commit()
-            observe(pending)
-            if pending <= goal.backlog or time.monotonic() > goal.deadline:
-                return pending
-            replay.once()
+    src, tgt = sessions.pair()
+    replay = Replay(src, tgt, layout, tenants, move_id, goal.batch)
+    while True:
+        pending = backlog(src, move_id)
+        src.commit()
+        observe(pending)
+        if pending <= goal.backlog or time.monotonic() > goal.deadline:
+            return pending
+        replay.once()

@@ -270,8 +270,7 @@ def catch_up(run: MoveRun, move: Move) -> int:
     options = run.options.cutover
     deadline = time.monotonic() + options.catchup_timeout_s
     pending = capture.catch_up(
-        run.source.dsn,
-        run.target.dsn,
+        run.replay,
         run.layout,
         move.tenants,
         move.capture_id,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from migrator.catalog import Catalog, Stamp, TenantLock
 from migrator.errors import Interrupted
 from migrator.metrics import Metrics
+from migrator.move.capture import ReplaySessions
 from migrator.move.throttle import Throttle, ThrottleOptions
 from migrator.progress import Progress
 from migrator.stamps.discovery import Layout
@@ -82,6 +83,11 @@ class MoveRun:
             self.catalog, (self.source, self.target), self.options.throttle.limits, self.progress, self.metrics
         )
 
+    @functools.cached_property
+    def replay(self) -> ReplaySessions:
+        """The run's replay sessions, kept from one catch-up to the next (closed when the run ends)."""
+        return ReplaySessions(self.source.dsn, self.target.dsn)
+
     def throttle_seconds(self) -> dict[str, float]:
         """Seconds the run waited for the stamps' replicas, slots and load, and for the standbys at the flip."""
         if "throttle" not in self.__dict__:  # never throttled: no session was opened
@@ -92,6 +98,8 @@ class MoveRun:
         }
 
     def close(self) -> None:
-        """Close the throttle's sessions, if it opened any."""
+        """Close the throttle's and the replay's sessions, if they opened any."""
         if "throttle" in self.__dict__:
             self.throttle.close()
+        if "replay" in self.__dict__:
+            self.replay.close()
