@@ -15,7 +15,6 @@ order within a batch; where tables form a (DEFERRABLE) cycle, the batch defers i
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from migrator.db.retry import STAMP_STEP
 from migrator.errors import MigratorError
 from migrator.move import fence, follow
 from migrator.move.keys import by_key, copy_rows, keep_stage, key_set
-from migrator.stamps.access import SCHEMA, connect_dsn
+from migrator.stamps.access import SCHEMA, ThreadSessions, connect_dsn
 from migrator.stamps.discovery import Layout, Table
 from migrator.stamps.paths import Hop, parent_missing, qualified
 
@@ -416,34 +415,27 @@ class Goal:
 class ReplaySessions:
     """A move's replay sessions, on its source and its target, kept for the whole run: a move catches
     up two or three times, and each catch-up opened both (tens of milliseconds a connect under load)
-    and set the target's up again. A pair found lost (a retried catch-up's) is opened afresh; one left
-    in a transaction is rolled back. The replay's stages stay with the target's session (`keep_stage`)."""
+    and set the target's up again. A session found lost (a retried catch-up's) is opened afresh, one
+    left in a transaction is rolled back (`ThreadSessions`); the replay's stages stay with the
+    target's session (`keep_stage`)."""
 
     def __init__(self, source_dsn: str, target_dsn: str) -> None:
-        self._dsns = (source_dsn, target_dsn)
-        self._pair: tuple[psycopg.Connection[Any], psycopg.Connection[Any]] | None = None
+        self._sources = ThreadSessions(source_dsn, "the source")
+        self._targets = ThreadSessions(target_dsn, "the target", setup=_replays_here)
 
     def pair(self) -> tuple[psycopg.Connection[Any], psycopg.Connection[Any]]:
         """The source's and the target's session, idle, the target's writing as copies past a fence."""
-        if self._pair is None or any(conn.closed or conn.broken for conn in self._pair):
-            self.close()
-            with contextlib.ExitStack() as opened:
-                src = opened.enter_context(connect_dsn(self._dsns[0], "the source", autocommit=False))
-                tgt = opened.enter_context(connect_dsn(self._dsns[1], "the target", autocommit=False))
-                dsnlib.write_as_copies(tgt)  # replayed rows are copies: the target's triggers do not fire
-                fence.bypass_for_replay(tgt)  # a revert's target is fenced until its flip
-                opened.pop_all()
-            self._pair = (src, tgt)
-        for conn in self._pair:
-            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                conn.rollback()
-        return self._pair
+        return self._sources.session(autocommit=False), self._targets.session(autocommit=False)
 
     def close(self) -> None:
-        if self._pair is not None:
-            for conn in self._pair:
-                conn.close()
-            self._pair = None
+        self._sources.close()
+        self._targets.close()
+
+
+def _replays_here(tgt: psycopg.Connection[Any]) -> None:
+    """A target session's setup for replays."""
+    dsnlib.write_as_copies(tgt)  # replayed rows are copies: the target's triggers do not fire
+    fence.bypass_for_replay(tgt)  # a revert's target is fenced until its flip
 
 
 @STAMP_STEP.wraps

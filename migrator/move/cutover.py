@@ -85,16 +85,15 @@ def verify_move(run: MoveRun, move: Move) -> tuple[Move, Report]:
     return move, report
 
 
-def wait_for_replicas(run: MoveRun, what: str, timeout_s: float | None = None) -> bool:
+def wait_for_replicas(run: MoveRun, what: str, timeout_s: float | None = None) -> None:
     """Wait until the target's standbys replayed everything written on it so far (`what`, for the
-    progress line), within `timeout_s` (default --replica-wait); none with --no-replica-wait.
-    Whether there was a standby to wait for."""
+    progress line), within `timeout_s` (default --replica-wait); none with --no-replica-wait."""
     wait_s = run.options.throttle.replica_wait_s
     if wait_s is None:
-        return False
+        return
     target = run.target.name
     timeout = wait_s if timeout_s is None else timeout_s
-    return run.throttle.wait_for_standbys(target, timeout, what) is not None
+    run.throttle.wait_for_standbys(target, timeout, what)
 
 
 def flip(run: MoveRun, move: Move, freeze_ms: float | None = None, *, window: bool = False) -> list[Route]:

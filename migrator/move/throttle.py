@@ -307,12 +307,12 @@ class Throttle:
 
     # -- the cutover ------------------------------------------------------------------------------
 
-    def wait_for_standbys(self, name: str, timeout_s: float, what: str = "the move") -> float | None:
+    def wait_for_standbys(self, name: str, timeout_s: float, what: str = "the move") -> None:
         """Wait until every standby of stamp `name` (streaming now, or seen streaming during the move,
         or holding a physical slot) replayed all that was written on it when this was called (the first
         reading's WAL position: one query, where there is no standby to wait for, inside a write freeze);
-        returns the seconds waited. Raises StandbyBehind naming those that did not within `timeout_s`;
-        None when the stamp has no standby."""
+        the seconds waited add to `standby_wait_s`. Raises StandbyBehind naming those that did not
+        within `timeout_s`."""
         started = time.monotonic()
         watched = self._watched[name]
         announced = False
@@ -328,7 +328,7 @@ class Throttle:
             waited = time.monotonic() - started
             if not behind:
                 self.standby_wait_s += waited
-                return waited if reading.standbys or watched.seen else None
+                return
             if not announced:
                 self._progress.phase(
                     f"waiting for the standbys of {name} to replay {what}: {', '.join(sorted(behind))}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -49,8 +50,8 @@ class ThreadSessions:
     step's) or left in a transaction is replaced or rolled back; all of them close with the job.
     """
 
-    def __init__(self, dsn: str, what: str) -> None:
-        self.dsn, self.what = dsn, what
+    def __init__(self, dsn: str, what: str, setup: Callable[[psycopg.Connection[Any]], object] | None = None) -> None:
+        self.dsn, self.what, self._setup = dsn, what, setup  # `setup`: run on each session opened
         self._mine = threading.local()
         self._opened: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
@@ -60,9 +61,11 @@ class ThreadSessions:
         conn: psycopg.Connection[Any] | None = getattr(self._mine, "conn", None)
         if conn is None or conn.closed or conn.broken:
             conn = connect_dsn(self.dsn, self.what, autocommit=autocommit)
-            self._mine.conn = conn
             with self._lock:
                 self._opened.append(conn)
+            if self._setup is not None:
+                self._setup(conn)
+            self._mine.conn = conn
             return conn
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             conn.rollback()
@@ -74,6 +77,9 @@ class ThreadSessions:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         """Close every session (after the threads that used them are done)."""
         with self._lock:
             for conn in self._opened:
